@@ -1,0 +1,41 @@
+//! `tandem-model`: the trainable Llama-family transformer every part of Tandem runs.
+//!
+//! - [`Model`] — parameters, training forward, per-token logprobs and entropies with
+//!   gradients to every weight ([`Model::completion_logprobs`]).
+//! - [`generate`] — batched KV-cache sampling that records behaviour logprobs.
+//! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2).
+//! - [`optim`] — AdamW (fused, state saved and restored), SGD, gradient clipping.
+//! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod logprob;
+pub mod optim;
+pub mod params;
+pub mod preset;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod transformer;
+
+pub use checkpoint::{load, save_hf, Pretrained};
+pub use config::{Architecture, ModelConfig};
+pub use error::{Error, Result};
+pub use generate::{generate, Completion, FinishReason, Session};
+pub use sampling::SamplingParams;
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use transformer::{CompletionLogprobs, Model, Weights};
+
+/// The dtype a device computes in: f32 on CPU, bf16 on CUDA.
+pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}

@@ -1,0 +1,324 @@
+//! Per-token log-probabilities and entropies of target tokens, fused.
+//!
+//! For logits l (N, V), targets y (N,) and temperature τ, with z = l / τ:
+//!
+//!   logprob_n = z_{n,y_n} − logsumexp(z_n)
+//!   entropy_n = −Σ_j p_{n,j} log p_{n,j} = logsumexp(z_n) − Σ_j p_{n,j} z_{n,j}
+//!
+//! The CPU path is one custom op whose backward computes
+//!
+//!   ∂L/∂l_{n,j} = ( g_lp·(δ_{j,y} − p_j) − g_H·p_j·(log p_j + H) ) / τ
+//!
+//! directly from the logits, so no full-vocabulary log-softmax (nor its exp, sum and
+//! difference intermediates) is ever kept for the batch: only the logits themselves.
+//! Other devices use the same formula composed of differentiable candle ops.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// logprob and entropy of each row's target, each (N,). Gradients flow to `logits`.
+pub fn token_logprobs(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::invalid(format!(
+            "temperature must be positive and finite, got {temperature}"
+        )));
+    }
+    let (n, v) = logits.dims2()?;
+    if targets.dims() != [n] {
+        return Err(Error::invalid(format!(
+            "targets have shape {:?}, expected [{n}]",
+            targets.dims()
+        )));
+    }
+    if n == 0 {
+        let empty = Tensor::zeros(0, logits.dtype(), logits.device())?;
+        return Ok((empty.clone(), empty));
+    }
+    let out = if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        logits.contiguous()?.apply_op2(
+            &targets.to_dtype(DType::U32)?,
+            LogprobEntropy {
+                temperature,
+                vocab: v,
+            },
+        )?
+    } else {
+        composed(logits, targets, temperature)?
+    };
+    Ok((
+        out.narrow(1, 0, 1)?.squeeze(1)?,
+        out.narrow(1, 1, 1)?.squeeze(1)?,
+    ))
+}
+
+/// The same (N, 2) result from differentiable candle ops (any device, any dtype).
+fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    let z = (logits.to_dtype(DType::F32)? / temperature)?;
+    let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+    let lp = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    let ent = (logp.exp()? * &logp)?.sum_keepdim(1)?.neg()?;
+    Ok(Tensor::cat(&[lp, ent], 1)?.to_dtype(logits.dtype())?)
+}
+
+struct LogprobEntropy {
+    temperature: f64,
+    vocab: usize,
+}
+
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("logprob op: input must be contiguous"),
+    }
+}
+
+/// (logsumexp, Σ p·z) of one row of z = l / τ.
+fn row_stats<T: Float>(row: &[T], inv_t: T) -> (T, T) {
+    let m = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x)) * inv_t;
+    let (mut s, mut sz) = (T::zero(), T::zero());
+    for &x in row {
+        let z = x * inv_t;
+        let e = (z - m).exp();
+        s = s + e;
+        sz = sz + e * z;
+    }
+    (m + s.ln(), sz / s)
+}
+
+fn fwd_kernel<T: Float + candle_core::WithDType + Send + Sync>(
+    logits: &[T],
+    targets: &[u32],
+    vocab: usize,
+    temperature: f64,
+) -> candle_core::Result<Vec<T>> {
+    let inv_t = T::from(1.0 / temperature).unwrap_or_else(T::one);
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target token id {bad} is not below the vocabulary size {vocab}")
+    }
+    let mut out = vec![T::zero(); targets.len() * 2];
+    out.par_chunks_mut(2)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .for_each(|((o, row), &t)| {
+            let (lse, pz) = row_stats(row, inv_t);
+            o[0] = row[t as usize] * inv_t - lse;
+            o[1] = lse - pz;
+        });
+    Ok(out)
+}
+
+impl CustomOp2 for LogprobEntropy {
+    fn name(&self) -> &'static str {
+        "token-logprob-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let targets = slice::<u32>(s2, l2)?;
+        let n = targets.len();
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(fwd_kernel(
+                slice::<f32>(s1, l1)?,
+                targets,
+                self.vocab,
+                self.temperature,
+            )?),
+            CpuStorage::F64(_) => CpuStorage::F64(fwd_kernel(
+                slice::<f64>(s1, l1)?,
+                targets,
+                self.vocab,
+                self.temperature,
+            )?),
+            _ => candle_core::bail!("token-logprob-entropy: only f32/f64 on CPU"),
+        };
+        Ok((storage, Shape::from((n, 2))))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = Tensor::cat(&[res, grad], 1)?.contiguous()?;
+        let g = logits.apply_op3_no_bwd(
+            targets,
+            &packed,
+            &LogprobEntropyGrad {
+                temperature: self.temperature,
+                vocab: self.vocab,
+            },
+        )?;
+        Ok((Some(g), None))
+    }
+}
+
+/// Backward of [`LogprobEntropy`]: inputs logits, targets, and (N, 4) = [logprob,
+/// entropy, grad_logprob, grad_entropy].
+struct LogprobEntropyGrad {
+    temperature: f64,
+    vocab: usize,
+}
+
+fn bwd_kernel<T: Float + candle_core::WithDType + Send + Sync>(
+    logits: &[T],
+    targets: &[u32],
+    packed: &[T],
+    vocab: usize,
+    temperature: f64,
+) -> Vec<T> {
+    let inv_t = T::from(1.0 / temperature).unwrap_or_else(T::one);
+    let mut out = vec![T::zero(); logits.len()];
+    out.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter().zip(packed.par_chunks(4)))
+        .for_each(|((o, row), (&t, p))| {
+            let (lp, h, g_lp, g_h) = (p[0], p[1], p[2], p[3]);
+            // logsumexp recovered from the forward result: lse = z_t − logprob_t.
+            let lse = row[t as usize] * inv_t - lp;
+            for (oj, &x) in o.iter_mut().zip(row) {
+                let log_p = x * inv_t - lse;
+                let pj = log_p.exp();
+                *oj = (-(g_lp * pj) - g_h * pj * (log_p + h)) * inv_t;
+            }
+            o[t as usize] = o[t as usize] + g_lp * inv_t;
+        });
+    out
+}
+
+impl CustomOp3 for LogprobEntropyGrad {
+    fn name(&self) -> &'static str {
+        "token-logprob-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let targets = slice::<u32>(s2, l2)?;
+        let shape = Shape::from((targets.len(), self.vocab));
+        let storage = match (s1, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(bwd_kernel(
+                slice::<f32>(s1, l1)?,
+                targets,
+                slice::<f32>(s3, l3)?,
+                self.vocab,
+                self.temperature,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(bwd_kernel(
+                slice::<f64>(s1, l1)?,
+                targets,
+                slice::<f64>(s3, l3)?,
+                self.vocab,
+                self.temperature,
+            )),
+            _ => candle_core::bail!("token-logprob-entropy-grad: only f32/f64 on CPU"),
+        };
+        Ok((storage, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random_logits(n: usize, v: usize, dtype: DType) -> Tensor {
+        let data: Vec<f64> = (0..n * v)
+            .map(|i| ((i * 7919 % 1000) as f64 / 100.0) - 5.0)
+            .collect();
+        Tensor::from_vec(data, (n, v), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// The fused op and the composed ops agree on values and on gradients.
+    #[test]
+    fn fused_matches_composed_values_and_gradients() {
+        let (n, v) = (5, 37);
+        let logits = Var::from_tensor(&random_logits(n, v, DType::F64)).unwrap();
+        let targets = Tensor::new(&[0u32, 36, 5, 17, 5], &Device::Cpu).unwrap();
+        let w_lp = Tensor::new(&[1.0f64, -2.0, 0.5, 3.0, 1.5], &Device::Cpu).unwrap();
+        let w_h = Tensor::new(&[0.3f64, 1.0, -1.0, 2.0, 0.25], &Device::Cpu).unwrap();
+        let loss = |lp: &Tensor, h: &Tensor| {
+            ((lp * &w_lp).unwrap().sum_all().unwrap() + (h * &w_h).unwrap().sum_all().unwrap())
+                .unwrap()
+        };
+
+        let (lp, h) = token_logprobs(&logits, &targets, 0.7).unwrap();
+        let g_fused = loss(&lp, &h)
+            .backward()
+            .unwrap()
+            .get(&logits)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        let out = composed(&logits, &targets, 0.7).unwrap();
+        let (lp2, h2) = (
+            out.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(),
+            out.narrow(1, 1, 1).unwrap().squeeze(1).unwrap(),
+        );
+        let g_comp = loss(&lp2, &h2)
+            .backward()
+            .unwrap()
+            .get(&logits)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+
+        for (a, b) in lp
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .zip(lp2.to_vec1::<f64>().unwrap())
+        {
+            assert!((a - b).abs() < 1e-12, "logprob {a} vs {b}");
+        }
+        for (a, b) in h
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .zip(h2.to_vec1::<f64>().unwrap())
+        {
+            assert!((a - b).abs() < 1e-12, "entropy {a} vs {b}");
+        }
+        for (ra, rb) in g_fused.iter().zip(&g_comp) {
+            for (a, b) in ra.iter().zip(rb) {
+                assert!((a - b).abs() < 1e-12, "grad {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_out_of_range_targets_and_bad_temperature() {
+        let logits = random_logits(2, 4, DType::F32);
+        let bad = Tensor::new(&[0u32, 4], &Device::Cpu).unwrap();
+        assert!(token_logprobs(&logits, &bad, 1.0).is_err());
+        let ok = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+        assert!(token_logprobs(&logits, &ok, 0.0).is_err());
+        assert!(token_logprobs(&logits, &ok, f64::NAN).is_err());
+    }
+}

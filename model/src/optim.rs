@@ -1,0 +1,386 @@
+//! Optimizers whose state can be saved and restored: AdamW (fused on CPU) and SGD,
+//! with global-norm gradient clipping.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{read_file, write_file, Error, Result};
+
+/// AdamW hyper-parameters (defaults as `torch.optim.AdamW`, lr as common for RL fine-tuning).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to norms or biases),
+    /// as the Hugging Face Trainer does.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-6,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(Error::invalid(format!("`lr` must be ≥ 0, got {}", self.lr)));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(format!(
+                    "`{name}` must be in [0, 1), got {b}"
+                )));
+            }
+        }
+        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) {
+            return Err(Error::invalid("`eps` must be > 0 and `weight_decay` ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of the gradients of `params`: sqrt(Σ_p ‖g_p‖²).
+pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for (_, v) in params {
+        if let Some(g) = grads.get(v) {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq.sqrt())
+}
+
+/// The factor that brings the global norm down to `max_norm` (1 when already below),
+/// as `torch.nn.utils.clip_grad_norm_`: max_norm / (norm + 1e-6), capped at 1.
+pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(m) if norm > m => m / (norm + 1e-6),
+        _ => 1.0,
+    }
+}
+
+/// Statistics of one optimizer step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Scale applied to the gradients (1 when not clipped).
+    pub clip_coef: f64,
+}
+
+/// AdamW (Loshchilov & Hutter), exactly as `torch.optim.AdamW`:
+///
+///   θ ← θ·(1 − lr·λ)
+///   m ← β₁m + (1 − β₁)g,   v ← β₂v + (1 − β₂)g²
+///   θ ← θ − lr/(1 − β₁ᵗ) · m / (sqrt(v)/sqrt(1 − β₂ᵗ) + ε)
+///
+/// On CPU with f32 parameters the whole update of a tensor is one pass over
+/// (θ, g, m, v) in place, parallel over chunks; elsewhere it is composed of tensor ops.
+pub struct AdamW {
+    params: Vec<(String, Var)>,
+    /// (m, v) per parameter, same dtype and device as the parameter.
+    state: Vec<(Var, Var)>,
+    step: u64,
+    pub config: AdamWConfig,
+}
+
+/// The parameter update, given moments already updated by [`Moment`].
+struct FusedAdamW {
+    lr: f32,
+    eps: f32,
+    decay: f32,
+    bc1: f32,
+    bc2_sqrt: f32,
+}
+
+fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused AdamW: f32 contiguous tensors only"),
+    }
+}
+
+/// θ ← θ·decay − lr/bc₁ · m / (sqrt(v)/sqrt(bc₂) + ε), in place on θ.
+impl InplaceOp3 for FusedAdamW {
+    fn name(&self) -> &'static str {
+        "fused-adamw-param"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = contiguous_slice(s2, l2)?;
+        let v = contiguous_slice(s3, l3)?;
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fused AdamW: param not contiguous".into()))?;
+        let CpuStorage::F32(p) = s1 else {
+            candle_core::bail!("fused AdamW: f32 only")
+        };
+        let step = self.lr / self.bc1;
+        p[a..b]
+            .par_chunks_mut(1 << 14)
+            .zip(m.par_chunks(1 << 14).zip(v.par_chunks(1 << 14)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * self.decay - step * m / (v.sqrt() / self.bc2_sqrt + self.eps);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// Moment update: m ← β₁m + (1 − β₁)·s·g in place on m; v likewise with g².
+struct Moment {
+    beta: f32,
+    square: bool,
+    grad_scale: f32,
+}
+
+impl candle_core::InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "fused-adamw-moment"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = contiguous_slice(s2, l2)?;
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fused AdamW: moment not contiguous".into()))?;
+        let CpuStorage::F32(m) = s1 else {
+            candle_core::bail!("fused AdamW: f32 only")
+        };
+        let (beta, one_minus) = (self.beta, 1.0 - self.beta);
+        let s = self.grad_scale;
+        m[a..b]
+            .par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14))
+            .for_each(|(m, g)| {
+                if self.square {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        let g = g * s;
+                        *m = beta * *m + one_minus * g * g;
+                    }
+                } else {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = beta * *m + one_minus * g * s;
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        let state = params
+            .iter()
+            .map(|(_, p)| {
+                Ok((
+                    Var::zeros(p.shape(), p.dtype(), p.device())?,
+                    Var::zeros(p.shape(), p.dtype(), p.device())?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW {
+            params,
+            state,
+            step: 0,
+            config,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update from `grads`, clipping the global norm to `max_grad_norm` first.
+    /// Parameters without a gradient are left untouched (their moments too).
+    pub fn step(&mut self, grads: &GradStore, max_grad_norm: Option<f64>) -> Result<StepStats> {
+        let norm = grad_norm(&self.params, grads)?;
+        if !norm.is_finite() {
+            return Err(Error::invalid(format!(
+                "gradient norm is {norm}: refusing to update (check the loss and learning rate)"
+            )));
+        }
+        let coef = clip_coefficient(norm, max_grad_norm);
+        self.step += 1;
+        let c = &self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for ((_, p), (m, v)) in self.params.iter().zip(&self.state) {
+            let Some(g) = grads.get(p) else { continue };
+            let decay = if p.rank() >= 2 {
+                1.0 - c.lr * c.weight_decay
+            } else {
+                1.0
+            };
+            let fused = p.device().is_cpu()
+                && p.dtype() == DType::F32
+                && p.is_contiguous()
+                && g.is_contiguous()
+                && g.dtype() == DType::F32;
+            if fused {
+                m.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: c.beta1 as f32,
+                        square: false,
+                        grad_scale: coef as f32,
+                    },
+                )?;
+                v.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: c.beta2 as f32,
+                        square: true,
+                        grad_scale: coef as f32,
+                    },
+                )?;
+                p.inplace_op3(
+                    m.as_tensor(),
+                    v.as_tensor(),
+                    &FusedAdamW {
+                        lr: c.lr as f32,
+                        eps: c.eps as f32,
+                        decay: decay as f32,
+                        bc1: bc1 as f32,
+                        bc2_sqrt: bc2.sqrt() as f32,
+                    },
+                )?;
+            } else {
+                let g = (g.to_dtype(p.dtype())? * coef)?;
+                let new_m = ((m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                let new_v = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                let denom = ((new_v.sqrt()? / bc2.sqrt())? + c.eps)?;
+                let update = (new_m.broadcast_div(&denom)? * (c.lr / bc1))?;
+                let new_p = ((p.as_tensor() * decay)? - update)?;
+                m.set(&new_m)?;
+                v.set(&new_v)?;
+                p.set(&new_p)?;
+            }
+        }
+        Ok(StepStats {
+            grad_norm: norm,
+            clip_coef: coef,
+        })
+    }
+
+    /// Saves the moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) to `dir/optimizer.safetensors`
+    /// and the step and hyper-parameters to `dir/optimizer.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for ((name, _), (m, v)) in self.params.iter().zip(&self.state) {
+            tensors.insert(format!("{name}.exp_avg"), m.as_tensor().detach());
+            tensors.insert(format!("{name}.exp_avg_sq"), v.as_tensor().detach());
+        }
+        let st = dir.join("optimizer.safetensors");
+        candle_core::safetensors::save(&tensors, &st)
+            .map_err(|e| Error::format(&st, e.to_string()))?;
+        let meta = serde_json::json!({"kind": "adamw", "step": self.step, "config": self.config});
+        write_file(
+            &dir.join("optimizer.json"),
+            serde_json::to_string_pretty(&meta).map_err(|e| Error::invalid(e.to_string()))?,
+        )
+    }
+
+    /// Restores what [`AdamW::save`] wrote. Every parameter's moments must be present
+    /// with the parameter's shape.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let meta_path = dir.join("optimizer.json");
+        let meta: serde_json::Value = serde_json::from_slice(&read_file(&meta_path)?)
+            .map_err(|e| Error::format(&meta_path, format!("not valid JSON: {e}")))?;
+        if meta.get("kind").and_then(|k| k.as_str()) != Some("adamw") {
+            return Err(Error::format(&meta_path, "`kind` must be \"adamw\""));
+        }
+        let step = meta
+            .get("step")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| Error::format(&meta_path, "missing integer `step`"))?;
+        let config: AdamWConfig =
+            serde_json::from_value(meta.get("config").cloned().unwrap_or_default())
+                .map_err(|e| Error::format(&meta_path, format!("`config`: {e}")))?;
+        let st = dir.join("optimizer.safetensors");
+        let tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu)
+            .map_err(|e| Error::format(&st, e.to_string()))?;
+        for ((name, p), (m, v)) in self.params.iter().zip(&self.state) {
+            for (suffix, var) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let key = format!("{name}.{suffix}");
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| Error::format(&st, format!("missing tensor `{key}`")))?;
+                if t.dims() != p.dims() {
+                    return Err(Error::format(
+                        &st,
+                        format!(
+                            "`{key}` has shape {:?}, parameter has {:?}",
+                            t.dims(),
+                            p.dims()
+                        ),
+                    ));
+                }
+                var.set(&t.to_dtype(p.dtype())?.to_device(p.device())?)?;
+            }
+        }
+        self.step = step;
+        self.config = config;
+        Ok(())
+    }
+}
+
+/// Plain stochastic gradient descent: θ ← θ − lr·g (after clipping).
+pub struct Sgd {
+    params: Vec<(String, Var)>,
+    pub lr: f64,
+}
+
+impl Sgd {
+    pub fn new(params: Vec<(String, Var)>, lr: f64) -> Self {
+        Sgd { params, lr }
+    }
+
+    pub fn step(&mut self, grads: &GradStore, max_grad_norm: Option<f64>) -> Result<StepStats> {
+        let norm = grad_norm(&self.params, grads)?;
+        let coef = clip_coefficient(norm, max_grad_norm);
+        for (_, p) in &self.params {
+            if let Some(g) = grads.get(p) {
+                p.set(&(p.as_tensor() - (g.to_dtype(p.dtype())? * (self.lr * coef))?)?)?;
+            }
+        }
+        Ok(StepStats {
+            grad_norm: norm,
+            clip_coef: coef,
+        })
+    }
+}

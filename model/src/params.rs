@@ -1,0 +1,158 @@
+//! The parameters of a model: named, ordered, trainable tensors.
+//!
+//! Names are the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`), so a
+//! checkpoint is a plain `model.safetensors` that `transformers` loads. The order is
+//! stable (embeddings, layers in order, final norm, head): weight buckets, optimizer
+//! state and checksums rely on it.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Name and shape of every parameter the config implies, in the stable order.
+pub fn expected_params(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q_out, d]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv_out, d]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv_out, d]));
+        if cfg.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q_out]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv_out]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv_out]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q_out]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, d]));
+    }
+    out
+}
+
+/// Ordered, named trainable tensors.
+#[derive(Clone, Debug)]
+pub struct ParamStore {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    index: HashMap<String, usize>,
+}
+
+impl ParamStore {
+    /// Builds the store from loaded tensors, checking that every expected tensor is
+    /// present with the right shape, and converting to `dtype` on `device`.
+    /// `lm_head.weight` in a tied model is ignored (some exporters write it).
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let expected = expected_params(cfg);
+        let mut names = Vec::with_capacity(expected.len());
+        let mut vars = Vec::with_capacity(expected.len());
+        for (name, shape) in &expected {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| Error::invalid(format!("weights: missing tensor `{name}`")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::invalid(format!(
+                    "weights: tensor `{name}` has shape {:?}, the config implies {:?}",
+                    t.dims(),
+                    shape
+                )));
+            }
+            let t = t.to_dtype(dtype)?.to_device(device)?;
+            names.push(name.clone());
+            vars.push(Var::from_tensor(&t)?);
+        }
+        if cfg.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        // Rotary caches some exporters include are derived, not parameters.
+        tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if let Some(extra) = tensors.keys().min() {
+            return Err(Error::invalid(format!(
+                "weights: unexpected tensor `{extra}` ({} unexpected in all); does the config match the weights?",
+                tensors.len()
+            )));
+        }
+        Ok(Self::from_parts(names, vars))
+    }
+
+    fn from_parts(names: Vec<String>, vars: Vec<Var>) -> Self {
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        ParamStore { names, vars, index }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.names.iter().map(|s| s.as_str()).zip(self.vars.iter())
+    }
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.index.get(name).map(|&i| &self.vars[i])
+    }
+    /// Total number of scalar parameters.
+    pub fn numel(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Copies `tensors` into the existing parameters in place (same storage, so every
+    /// holder of these parameters sees the new values). Every name must be known and
+    /// every shape must match; nothing is written unless all are valid.
+    pub fn assign(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, t) in tensors {
+            let var = self
+                .get(name)
+                .ok_or_else(|| Error::invalid(format!("weights: unknown tensor `{name}`")))?;
+            if var.dims() != t.dims() {
+                return Err(Error::invalid(format!(
+                    "weights: tensor `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        for (name, t) in tensors {
+            let var = &self.vars[self.index[name]];
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// A copy of the current values (new storage), detached from autograd.
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.iter()
+            .map(|(n, v)| Ok((n.to_string(), v.as_tensor().detach().copy()?)))
+            .collect()
+    }
+}

@@ -1,0 +1,213 @@
+//! Choosing the next token from one row of logits, and the logprob it is recorded with.
+//!
+//! The recorded logprob is that of the chosen token under the distribution it was
+//! actually drawn from (DESIGN decision 1): softmax(logits / τ), restricted to the
+//! top-k / top-p set and renormalised when those are enabled. Greedy decoding
+//! (τ = 0) records the logprob under softmax(logits) (τ = 1, untruncated), which is
+//! what `tandem score` computes at its default temperature.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How to sample completions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1 = off).
+    pub top_p: f64,
+    /// Upper bound on completion length.
+    pub max_new_tokens: usize,
+    /// A completion ends after any of these tokens (the token is kept in the completion).
+    pub stop_token_ids: Vec<u32>,
+    /// Seed of the per-sequence random streams: sequence i of a request draws from
+    /// stream i, so its tokens do not depend on what else is in the batch.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 256,
+            stop_token_ids: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::invalid(format!(
+                "`temperature` must be ≥ 0 and finite, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(format!(
+                "`top_p` must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(Error::invalid("`max_new_tokens` must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// log Σ exp(x) over `xs` (numerically stable); −∞ for an empty slice.
+fn logsumexp(xs: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = xs.clone().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + xs.map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// Picks a token from `logits` and returns it with its recorded logprob.
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f32) {
+    if p.is_greedy() {
+        let (best, _) =
+            logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                });
+        let lse = logsumexp(logits.iter().map(|&x| x as f64));
+        return (best as u32, (logits[best] as f64 - lse) as f32);
+    }
+    let inv_t = 1.0 / p.temperature;
+    let z = |i: usize| logits[i] as f64 * inv_t;
+    // The candidate set, most likely first when truncation needs an order.
+    let candidates: Vec<usize> = if p.top_k > 0 || p.top_p < 1.0 {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+            idx.truncate(p.top_k);
+        }
+        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if p.top_p < 1.0 {
+            let lse = logsumexp(idx.iter().map(|&i| z(i)));
+            let mut cum = 0.0;
+            let mut keep = idx.len();
+            for (n, &i) in idx.iter().enumerate() {
+                cum += (z(i) - lse).exp();
+                if cum >= p.top_p {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            idx.truncate(keep);
+        }
+        idx
+    } else {
+        (0..logits.len()).collect()
+    };
+    let lse = logsumexp(candidates.iter().map(|&i| z(i)));
+    let u: f64 = rng.random();
+    let mut cum = 0.0;
+    let mut chosen = *candidates.last().unwrap_or(&0);
+    for &i in &candidates {
+        cum += (z(i) - lse).exp();
+        if u < cum {
+            chosen = i;
+            break;
+        }
+    }
+    (chosen as u32, (z(chosen) - lse) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn params(t: f64, k: usize, p: f64) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_untruncated_logprob() {
+        let logits = [0.0f32, 2.0, 1.0];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let (tok, lp) = sample(&logits, &params(0.0, 0, 1.0), &mut rng);
+        assert_eq!(tok, 1);
+        let lse = (1f64 + 2f64.exp() + 1f64.exp()).ln();
+        assert!((lp as f64 - (2.0 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_one_is_deterministic_with_logprob_zero() {
+        let logits = [0.5f32, 0.1, 3.0, 2.9];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..20 {
+            let (tok, lp) = sample(&logits, &params(1.0, 1, 1.0), &mut rng);
+            assert_eq!((tok, lp), (2, 0.0));
+        }
+    }
+
+    #[test]
+    fn top_p_restricts_to_the_nucleus_and_renormalises() {
+        // probabilities ≈ [0.64, 0.24, 0.09, 0.03]; top_p 0.8 keeps the first two.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let kept_lse = (3f64.exp() + 2f64.exp()).ln();
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            let (tok, lp) = sample(&logits, &params(1.0, 0, 0.8), &mut rng);
+            seen[tok as usize] += 1;
+            assert!((lp as f64 - (logits[tok as usize] as f64 - kept_lse)).abs() < 1e-6);
+        }
+        assert_eq!(seen[2] + seen[3], 0);
+        let frac = seen[0] as f64 / 2000.0;
+        let expect = 3f64.exp() / (3f64.exp() + 2f64.exp());
+        assert!((frac - expect).abs() < 0.05, "{frac} vs {expect}");
+    }
+
+    #[test]
+    fn temperature_sampling_matches_the_distribution() {
+        let logits = [1.0f32, 0.0, -1.0];
+        let t = 0.5;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut seen = [0usize; 3];
+        let n = 4000;
+        for _ in 0..n {
+            seen[sample(&logits, &params(t, 0, 1.0), &mut rng).0 as usize] += 1;
+        }
+        let z: Vec<f64> = logits.iter().map(|&l| (l as f64 / t).exp()).collect();
+        let s: f64 = z.iter().sum();
+        for i in 0..3 {
+            assert!((seen[i] as f64 / n as f64 - z[i] / s).abs() < 0.03);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = params(-1.0, 0, 1.0).validate().unwrap_err().to_string();
+        assert!(e.contains("temperature"));
+        let e = params(1.0, 0, 0.0).validate().unwrap_err().to_string();
+        assert!(e.contains("top_p"));
+    }
+}

@@ -1,0 +1,297 @@
+//! Text ↔ token ids, and the chat template.
+//!
+//! One tokenizer type for every source: an HF `tokenizer.json` (+ `tokenizer_config.json`
+//! for the chat template and special tokens), or a byte-level BPE built from a vocabulary
+//! and merges (GGUF files and the tiny preset take that path).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::{read_file, write_file, Error, Result};
+
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// How a byte-level BPE splits text into words before merging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreTokenizer {
+    /// GPT-2's regex.
+    Gpt2,
+    /// GPT-2's regex after splitting every digit apart (SmolLM2).
+    Gpt2Digits,
+    /// The Llama 3 regex (numbers in groups of up to three).
+    Llama3,
+    /// The Qwen2 regex (single digits).
+    Qwen2,
+}
+
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl PreTokenizer {
+    /// From GGUF's `tokenizer.ggml.pre`.
+    pub fn from_gguf_name(name: &str) -> Option<Self> {
+        match name {
+            "gpt2" | "default" | "gpt-2" | "olmo" | "refact" => Some(PreTokenizer::Gpt2),
+            "smollm" | "starcoder" => Some(PreTokenizer::Gpt2Digits),
+            "llama3" | "llama-bpe" | "llama-v3" => Some(PreTokenizer::Llama3),
+            "qwen2" | "qwen35" => Some(PreTokenizer::Qwen2),
+            _ => None,
+        }
+    }
+
+    fn build(self) -> Result<PreTokenizerWrapper> {
+        let regex_then_bytes = |re: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            ])))
+        };
+        Ok(match self {
+            PreTokenizer::Gpt2 => PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            PreTokenizer::Gpt2Digits => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ])),
+            PreTokenizer::Llama3 => regex_then_bytes(LLAMA3_REGEX)?,
+            PreTokenizer::Qwen2 => regex_then_bytes(QWEN2_REGEX)?,
+        })
+    }
+}
+
+/// A tokenizer with its special tokens and chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("eos_token", &self.eos_token)
+            .field("chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present beside it, `tokenizer_config.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let bytes = read_file(&path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::format(&path, e.to_string()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            serde_json::from_slice(&read_file(&cfg_path)?)
+                .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?
+        } else {
+            json!({})
+        };
+        // The template is a string, or a list of named templates ("default" first).
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match chat_template {
+            Some(t) => Some(t),
+            None => {
+                let jinja = dir.join("chat_template.jinja");
+                if jinja.exists() {
+                    Some(String::from_utf8_lossy(&read_file(&jinja)?).into_owned())
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: token_string(cfg.get("bos_token")),
+            eos_token: token_string(cfg.get("eos_token")),
+        })
+    }
+
+    /// A byte-level BPE from `tokens` (id = index), `merges` (in rank order) and the ids
+    /// of special tokens (matched whole in text, never split).
+    pub fn from_vocab_and_merges(
+        tokens: &[String],
+        merges: Vec<(String, String)>,
+        special_ids: &[u32],
+        pre: PreTokenizer,
+        chat_template: Option<String>,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+    ) -> Result<Self> {
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("building BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre.build()?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = special_ids
+            .iter()
+            .filter_map(|&id| tokens.get(id as usize))
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| Error::Tokenizer(format!("adding special tokens: {e}")))?;
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: name(bos_id),
+            eos_token: name(eos_id),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Token ids of `text`; special-token strings in it become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Renders `messages` with the model's chat template (Jinja, as `transformers`'
+    /// `apply_chat_template`), ending with the assistant's turn header when
+    /// `add_generation_prompt`.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let source = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template("this model has no chat template; drop --chat or add one".into())
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", source)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.
+    pub fn save(&self, dir: &Path, model_max_length: usize) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|e| Error::format(&path, e.to_string()))?;
+        let mut cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": false,
+            "add_bos_token": false,
+            "add_eos_token": false,
+        });
+        if let Some(t) = &self.chat_template {
+            cfg["chat_template"] = json!(t);
+        }
+        if let Some(t) = &self.bos_token {
+            cfg["bos_token"] = json!(t);
+        }
+        if let Some(t) = &self.eos_token {
+            cfg["eos_token"] = json!(t);
+            cfg["pad_token"] = json!(t);
+        }
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid(e.to_string()))?;
+        write_file(&dir.join("tokenizer_config.json"), text)
+    }
+}

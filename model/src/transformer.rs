@@ -1,0 +1,447 @@
+//! The Llama-family decoder, written with differentiable candle ops.
+//!
+//! One forward serves training (full sequences, gradients to every parameter) and
+//! decoding (a KV cache, candle's fused inference kernels). The fused kernels have no
+//! backward, so they are only used on detached weights (`Model::inference_weights`);
+//! a test checks that both paths give the same logits.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::logprob;
+use crate::params::{expected_params, ParamStore};
+use crate::rope::{self, Rope};
+
+/// Added to attention scores of keys a query must not see. Finite, so that a fully
+/// masked row (a padding query) yields a uniform softmax instead of NaN.
+pub const MASKED: f64 = -1e9;
+
+/// The tensors of one decoder block.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub input_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+/// Views of the parameters for one forward pass: tracked (training) or detached
+/// (inference). Cheap to build: tensors share storage with the parameters.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    pub embed: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    /// Use candle's fused (non-differentiable) kernels.
+    pub fused: bool,
+}
+
+impl Weights {
+    /// The output projection (V, d).
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// A loaded model: configuration, parameters and RoPE tables on one device.
+#[derive(Clone, Debug)]
+pub struct Model {
+    config: ModelConfig,
+    params: ParamStore,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// x (..., d) @ wᵀ (+ b).
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, d))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// RMSNorm: x / sqrt(mean(x²) + ε) · w, computed in at least f32.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if fused && x.dtype() != DType::F64 {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
+    }
+    let dtype = x.dtype();
+    let compute = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let xf = x.to_dtype(compute)?;
+    let denom = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let normed = xf.broadcast_div(&denom)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(w)?)
+}
+
+impl Model {
+    /// Builds a model from named tensors (HF names), checking names and shapes.
+    pub fn from_tensors(
+        config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let params = ParamStore::from_tensors(&config, tensors, dtype, device)?;
+        let rope = Rope::new(&config, dtype, device)?;
+        Ok(Model {
+            config,
+            params,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Random initialisation as `transformers` does for Llama: N(0, 0.02) matrices,
+    /// norms at one, biases at zero. Deterministic for a seed on any machine.
+    pub fn random(config: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::invalid(e.to_string()))?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in expected_params(&config) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(config, tensors, dtype, device)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn collect_weights(&self, view: impl Fn(&Tensor) -> Tensor, fused: bool) -> Weights {
+        let get = |name: &str| -> Tensor {
+            // Every expected name is present: `ParamStore::from_tensors` checked it.
+            view(
+                self.params
+                    .get(name)
+                    .expect("parameter checked at load")
+                    .as_tensor(),
+            )
+        };
+        let layers = (0..self.config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                LayerWeights {
+                    input_norm: get(&format!("{p}.input_layernorm.weight")),
+                    q: get(&format!("{p}.self_attn.q_proj.weight")),
+                    k: get(&format!("{p}.self_attn.k_proj.weight")),
+                    v: get(&format!("{p}.self_attn.v_proj.weight")),
+                    qkv_bias: self.config.attention_bias.then(|| {
+                        (
+                            get(&format!("{p}.self_attn.q_proj.bias")),
+                            get(&format!("{p}.self_attn.k_proj.bias")),
+                            get(&format!("{p}.self_attn.v_proj.bias")),
+                        )
+                    }),
+                    o: get(&format!("{p}.self_attn.o_proj.weight")),
+                    post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
+                    gate: get(&format!("{p}.mlp.gate_proj.weight")),
+                    up: get(&format!("{p}.mlp.up_proj.weight")),
+                    down: get(&format!("{p}.mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        Weights {
+            embed: get("model.embed_tokens.weight"),
+            layers,
+            norm: get("model.norm.weight"),
+            lm_head: (!self.config.tie_word_embeddings).then(|| get("lm_head.weight")),
+            fused,
+        }
+    }
+
+    /// Weights whose use records the autograd graph (for training).
+    pub fn weights(&self) -> Weights {
+        self.collect_weights(|t| t.clone(), false)
+    }
+
+    /// Detached weights and fused kernels (for sampling and scoring without gradients).
+    /// They share storage with the parameters: an in-place weight update is visible to
+    /// the next forward that builds its views again.
+    pub fn inference_weights(&self) -> Weights {
+        self.collect_weights(|t| t.detach(), true)
+    }
+
+    fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        if let Some((pos, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::invalid(format!(
+                "{what}: token id {id} at position {pos} is not below the vocabulary size {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hidden states after the final norm, (B, T, d).
+    ///
+    /// `input_ids` (B, T) u32; `positions` (B, T) u32 (RoPE positions); `mask`
+    /// (B, 1, T, S) additive (0 or [`MASKED`]) where S = cached + T. With a cache, the
+    /// new keys and values are appended and the cache advanced by T.
+    pub fn forward_hidden(
+        &self,
+        w: &Weights,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = input_ids.dims2()?;
+        let (h, kv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let groups = h / kv;
+        let max_pos = positions.max_all()?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.rope.max_positions() {
+            return Err(Error::invalid(format!(
+                "position {max_pos} is beyond the model's `max_position_embeddings` ({})",
+                self.rope.max_positions()
+            )));
+        }
+        let (cos, sin) = self.rope.at(positions)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = w
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        for (li, lw) in w.layers.iter().enumerate() {
+            let residual = x.clone();
+            let xn = rms_norm(&x, &lw.input_norm, cfg.rms_norm_eps, w.fused)?;
+            let (qb, kb, vb) = match &lw.qkv_bias {
+                Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+                None => (None, None, None),
+            };
+            let q = linear(&xn, &lw.q, qb)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = linear(&xn, &lw.k, kb)?
+                .reshape((b, t, kv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = linear(&xn, &lw.v, vb)?
+                .reshape((b, t, kv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = rope::apply(&q, &cos, &sin, w.fused)?;
+            let k = rope::apply(&k, &cos, &sin, w.fused)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, &k, &v)?,
+                None => (k, v),
+            };
+            let s = k.dim(2)?;
+            // Grouped-query attention without repeating K/V: the `groups` query heads
+            // that share a KV head are stacked along the query axis.
+            let qg = q.reshape((b, kv, groups * t, hd))?;
+            let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
+            let scores = scores.broadcast_add(mask)?;
+            let probs = if w.fused {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            };
+            let attn = probs.reshape((b, kv, groups * t, s))?.matmul(&v)?;
+            let attn = attn
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))?;
+            x = (linear(&attn, &lw.o, None)? + residual)?;
+            let residual = x.clone();
+            let xn = rms_norm(&x, &lw.post_norm, cfg.rms_norm_eps, w.fused)?;
+            let mlp = (linear(&xn, &lw.gate, None)?.silu()? * linear(&xn, &lw.up, None)?)?;
+            x = (linear(&mlp, &lw.down, None)? + residual)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        rms_norm(&x, &w.norm, cfg.rms_norm_eps, w.fused)
+    }
+
+    /// Logits of hidden states (..., d) → (..., V).
+    pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, w.head(), None)
+    }
+
+    /// Additive attention mask (B, 1, T, S): query i of row b (at cache index
+    /// `offset + i`) sees key j when `key_valid[b][j]` and j ≤ offset + i.
+    pub fn attention_mask(
+        &self,
+        key_valid: &[Vec<bool>],
+        offset: usize,
+        t: usize,
+    ) -> Result<Tensor> {
+        let b = key_valid.len();
+        let s = key_valid.first().map_or(0, |r| r.len());
+        let mut data = vec![0f32; b * t * s];
+        for (bi, valid) in key_valid.iter().enumerate() {
+            for i in 0..t {
+                for (j, &ok) in valid.iter().enumerate() {
+                    if !ok || j > offset + i {
+                        data[(bi * t + i) * s + j] = MASKED as f32;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (b, 1, t, s), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Right-pads `seqs` into a batch: (ids, positions, mask) with positions 0..len.
+    pub fn pack(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if seqs.is_empty() || t == 0 {
+            return Err(Error::invalid(
+                "empty batch: at least one non-empty sequence is needed",
+            ));
+        }
+        let pad = self.config.pad_token_id.unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut pos = Vec::with_capacity(seqs.len() * t);
+        let mut valid = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            self.check_ids(s, &format!("sequence {i}"))?;
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(
+                pad.min(self.config.vocab_size as u32 - 1),
+                t - s.len(),
+            ));
+            pos.extend((0..t as u32).map(|p| p.min(s.len().saturating_sub(1) as u32)));
+            valid.push((0..t).map(|j| j < s.len()).collect::<Vec<_>>());
+        }
+        let ids = Tensor::from_vec(ids, (seqs.len(), t), &self.device)?;
+        let pos = Tensor::from_vec(pos, (seqs.len(), t), &self.device)?;
+        let mask = self.attention_mask(&valid, 0, t)?;
+        Ok((ids, pos, mask))
+    }
+
+    /// Full logits (B, T, V) of right-padded sequences.
+    pub fn sequence_logits(&self, w: &Weights, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        let (ids, pos, mask) = self.pack(seqs)?;
+        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
+        self.logits(w, &hidden)
+    }
+
+    /// Log-probabilities and entropies of the completion tokens of each sequence.
+    ///
+    /// `seqs[i]` is prompt + completion; its completion starts at `completion_start[i]`
+    /// (≥ 1). For every completion token at index t the result holds
+    /// log softmax(logits[t − 1] / τ)[seqs[i][t]] and the entropy of that distribution,
+    /// concatenated in order: sequence i occupies `offsets[i]..offsets[i + 1]`.
+    /// Only the positions that predict completion tokens go through the LM head.
+    pub fn completion_logprobs(
+        &self,
+        w: &Weights,
+        seqs: &[Vec<u32>],
+        completion_start: &[usize],
+        temperature: f64,
+    ) -> Result<CompletionLogprobs> {
+        if seqs.len() != completion_start.len() {
+            return Err(Error::invalid(
+                "one completion start is needed per sequence",
+            ));
+        }
+        let (ids, pos, mask) = self.pack(seqs)?;
+        let (b, t) = ids.dims2()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut offsets = vec![0];
+        for (i, (s, &start)) in seqs.iter().zip(completion_start).enumerate() {
+            if start == 0 || start > s.len() {
+                return Err(Error::invalid(format!(
+                    "sequence {i}: completion start {start} must be in 1..={} (a prompt token must precede it)",
+                    s.len()
+                )));
+            }
+            for (j, &tok) in s.iter().enumerate().skip(start) {
+                rows.push((i * t + j - 1) as u32);
+                targets.push(tok);
+            }
+            offsets.push(targets.len());
+        }
+        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
+        let d = self.config.hidden_size;
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let picked = hidden.reshape((b * t, d))?.index_select(&rows, 0)?;
+        let logits = self.logits(w, &picked)?;
+        let targets = Tensor::from_vec(targets, n, &self.device)?;
+        let (logprobs, entropy) = logprob::token_logprobs(&logits, &targets, temperature)?;
+        Ok(CompletionLogprobs {
+            logprobs,
+            entropy,
+            offsets,
+        })
+    }
+}
+
+/// Result of [`Model::completion_logprobs`].
+#[derive(Debug, Clone)]
+pub struct CompletionLogprobs {
+    /// (N,) log π(token) for every completion token of every sequence.
+    pub logprobs: Tensor,
+    /// (N,) entropy of the distribution that predicted it.
+    pub entropy: Tensor,
+    /// Sequence i's tokens are `offsets[i]..offsets[i + 1]`.
+    pub offsets: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// Per-sequence values of a (N,) tensor, as host vectors.
+    pub fn split(&self, t: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let all = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(self
+            .offsets
+            .windows(2)
+            .map(|w| all[w[0]..w[1]].to_vec())
+            .collect())
+    }
+}

@@ -1,0 +1,90 @@
+//! `tandem generate`: sample completions for one prompt.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_model::{ChatMessage, SamplingParams};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// HF model folder, .gguf file, or `smollm2` (fetched on first use).
+    #[arg(long)]
+    model: String,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Optional system message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Number of samples (generated together in one batch).
+    #[arg(short = 'n', long = "samples", default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.samples == 0 {
+        anyhow::bail!("-n/--samples must be at least 1");
+    }
+    let p = crate::load_model(&a.model)?;
+    let text = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(ChatMessage::user(a.prompt.clone()));
+        p.tokenizer.apply_chat_template(&messages, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = p.tokenizer.encode(&text)?;
+    if ids.is_empty() {
+        anyhow::bail!("--prompt is empty after tokenization");
+    }
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        stop_token_ids: p.stop_token_ids(),
+        seed: a.seed,
+    };
+    let start = std::time::Instant::now();
+    let out =
+        tandem_model::generate(&p.model, vec![ids; a.samples], params).context("generating")?;
+    let tokens: usize = out.iter().map(|c| c.tokens.len()).sum();
+    for (i, c) in out.iter().enumerate() {
+        if a.samples > 1 {
+            println!(
+                "--- sample {} ({:?}, {} tokens)",
+                i + 1,
+                c.finish_reason,
+                c.tokens.len()
+            );
+        }
+        println!("{}", p.tokenizer.decode(&c.tokens, true)?.trim_end());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tracing::info!(
+        tokens,
+        seconds = format!("{secs:.2}"),
+        tok_per_s = format!("{:.1}", tokens as f64 / secs),
+        "generated"
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
+
+mod bench;
+mod generate;
+mod model_cmd;
+mod score;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Asynchronous actor-learner RL post-training for language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, convert and fetch models.
+    Model(model_cmd::ModelArgs),
+    /// Sample completions for a prompt.
+    Generate(generate::GenerateArgs),
+    /// Per-token logprobs and entropies of completions (JSONL in, JSONL out).
+    Score(score::ScoreArgs),
+    /// Benchmarks (side by side with a reference where one is given).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Model(a) => model_cmd::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The device commands run on: CPU unless built with CUDA and one is present.
+pub(crate) fn device() -> Result<candle_core::Device> {
+    Ok(candle_core::Device::Cpu)
+}
+
+/// Loads a model argument (folder, .gguf, or a fetchable name) with context for errors.
+pub(crate) fn load_model(spec: &str) -> Result<tandem_model::Pretrained> {
+    use anyhow::Context;
+    let device = device()?;
+    let dtype = tandem_model::default_dtype(&device);
+    tandem_model::load(spec, dtype, &device).with_context(|| format!("loading model `{spec}`"))
+}
