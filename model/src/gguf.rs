@@ -137,17 +137,18 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         .opt_str("general.architecture")
         .unwrap_or("")
         .to_string();
-    let architecture =
-        match arch_name.as_str() {
-            "llama" | "mistral" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            other => return Err(Error::format(
+    let architecture = match arch_name.as_str() {
+        "llama" | "mistral" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => {
+            return Err(Error::format(
                 path,
                 format!(
                     "unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let a = |k: &str| format!("{arch_name}.{k}");
     let hidden = meta.u64(&a("embedding_length"))? as usize;
     let heads = meta.u64(&a("attention.head_count"))? as usize;

@@ -1,0 +1,132 @@
+//! Logprobs, entropies, logits and tokenization against transformers (fixtures written
+//! by tools/make_fixtures.py).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use tandem_model::ChatMessage;
+
+fn check_tokenizer(tok: &tandem_model::Tokenizer, fx: &serde_json::Value) {
+    for case in fx["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            u32s(&case["ids"]),
+            "tokenization of {text:?}"
+        );
+    }
+    let msgs: Vec<ChatMessage> = serde_json::from_value(fx["chat"]["messages"].clone()).unwrap();
+    assert_eq!(
+        tok.apply_chat_template(&msgs, true).unwrap(),
+        fx["chat"]["rendered"].as_str().unwrap()
+    );
+}
+
+/// A preset written as an HF folder, loaded back, compared with transformers loading
+/// the same folder.
+fn preset_parity(preset: &str) {
+    let fx = fixture(&format!("{preset}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(preset, 0);
+    tandem_model::save_hf(&p.model, &p.tokenizer, &dir.path().join("m")).unwrap();
+    let loaded = tandem_model::load(
+        dir.path().join("m").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        weights_hash(&loaded.model),
+        fx["weights_sha256"].as_str().unwrap(),
+        "the {preset} preset's weights changed: regenerate the fixtures with tools/make_fixtures.py"
+    );
+    for case in fx["cases"].as_array().unwrap() {
+        let ids = u32s(&case["ids"]);
+        let t = case["temperature"].as_f64().unwrap();
+        let (lp, ent) = score(&loaded.model, &ids, t);
+        let d_lp = max_abs_diff(&lp, &f64s(&case["logprobs"]));
+        let d_ent = max_abs_diff(&ent, &f64s(&case["entropy"]));
+        assert!(
+            d_lp <= 1e-4,
+            "{preset}: logprobs differ by {d_lp} (len {}, T {t})",
+            ids.len()
+        );
+        assert!(
+            d_ent <= 1e-4,
+            "{preset}: entropies differ by {d_ent} (len {}, T {t})",
+            ids.len()
+        );
+    }
+    // Full logits, on both forward paths (differentiable and fused inference kernels).
+    let ids = u32s(&fx["logits"]["ids"]);
+    let expect: Vec<f64> = fx["logits"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(f64s)
+        .collect();
+    for w in [loaded.model.weights(), loaded.model.inference_weights()] {
+        let logits = loaded.model.sequence_logits(&w, &[ids.clone()]).unwrap();
+        let got: Vec<f64> = logits
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = max_abs_diff(&got, &expect);
+        assert!(
+            d <= 1e-4,
+            "{preset}: logits differ by {d} (fused = {})",
+            w.fused
+        );
+    }
+    check_tokenizer(&loaded.tokenizer, &fx["tokenizer"]);
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    preset_parity("tiny");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    preset_parity("tiny-qwen2");
+}
+
+/// SmolLM2-135M-Instruct from its Q4_1 GGUF (fetched into the cache on first use),
+/// dequantized to f32, against transformers' own GGUF loader.
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let fx = fixture("smollm2.json");
+    let p =
+        tandem_model::load("smollm2", DType::F32, &Device::Cpu).expect("fetch and load smollm2");
+    for case in fx["cases"].as_array().unwrap() {
+        let ids = u32s(&case["ids"]);
+        let t = case["temperature"].as_f64().unwrap();
+        let (lp, ent) = score(&p.model, &ids, t);
+        let d_lp = max_abs_diff(&lp, &f64s(&case["logprobs"]));
+        let d_ent = max_abs_diff(&ent, &f64s(&case["entropy"]));
+        eprintln!(
+            "smollm2 len {} T {t}: max |dlogprob| {d_lp:.2e}, max |dentropy| {d_ent:.2e}",
+            ids.len()
+        );
+        assert!(
+            d_lp <= 2e-3,
+            "smollm2: logprobs differ by {d_lp} (len {}, T {t})",
+            ids.len()
+        );
+        assert!(
+            d_ent <= 2e-3,
+            "smollm2: entropies differ by {d_ent} (len {}, T {t})",
+            ids.len()
+        );
+    }
+    check_tokenizer(&p.tokenizer, &fx["tokenizer"]);
+    assert_eq!(
+        p.stop_token_ids(),
+        vec![2],
+        "eos of SmolLM2 is <|im_end|> = 2"
+    );
+}
