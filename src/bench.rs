@@ -1,5 +1,316 @@
-pub fn run(_a: BenchArgs) -> anyhow::Result<()> {
+//! `tandem bench model`: decode, fwd+bwd and optimizer-step speed of the model engine,
+//! side by side with the transformers reference (tools/bench_transformers.py) in the
+//! same run, on the same GGUF, thread count, prompt, lengths and batch sizes.
+//!
+//! Each phase runs in its own child process so that its peak RSS is its own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tandem_model::optim::{AdamW, AdamWConfig};
+use tandem_model::SamplingParams;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// The model engine: decode tok/s, fwd+bwd time, optimizer step time, peak RSS.
+    Model(ModelBench),
+}
+
+#[derive(Args, Clone)]
+struct ModelBench {
+    /// Model: `smollm2`, a .gguf file or an HF folder.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, default_value = "1,8")]
+    decode_batches: String,
+    #[arg(long, default_value_t = 4)]
+    train_batch: usize,
+    #[arg(long, default_value_t = 128)]
+    train_len: usize,
+    /// Timed repetitions per phase (median reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Threads for both engines.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Reference script to run side by side (tools/bench_transformers.py).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Python interpreter with torch + transformers for --reference.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Write the combined JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one phase in this process and print its JSON.
+    #[arg(long, hide = true)]
+    phase: Option<String>,
+}
+
+/// The fixed 16-token prompt both engines decode from.
+const PROMPT: std::ops::Range<u32> = 100..116;
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Model(m) => match m.phase.clone() {
+            Some(phase) => run_phase(&m, &phase),
+            None => run_all(&m),
+        },
+    }
+}
+
+fn phases(m: &ModelBench) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in m
+        .decode_batches
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let b: usize = b
+            .parse()
+            .with_context(|| format!("--decode-batches: `{b}` is not a batch size"))?;
+        if b == 0 {
+            bail!("--decode-batches: batch sizes must be positive");
+        }
+        out.push(format!("decode_b{b}"));
+    }
+    out.push("fwd_bwd".into());
+    out.push("optimizer_step".into());
+    Ok(out)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Runs `f` once untimed, then `reps` times; the median seconds.
+fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// Peak resident set size so far (VmHWM), MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Resets the peak-RSS watermark (Linux): later peaks exclude the load transient.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
+    let t = Instant::now();
+    let p = crate::load_model(&m.model)?;
+    let model = &p.model;
+    let load_peak = peak_rss_mib();
+    let mut out =
+        json!({"load_seconds": t.elapsed().as_secs_f64(), "load_peak_rss_mib": load_peak});
+    let can_reset = reset_peak_rss();
+    if let Some(b) = phase.strip_prefix("decode_b") {
+        let b: usize = b.parse()?;
+        let params = |n| SamplingParams {
+            temperature: 0.0,
+            max_new_tokens: n,
+            stop_token_ids: vec![],
+            ..Default::default()
+        };
+        let prompts = vec![PROMPT.collect::<Vec<u32>>(); b];
+        tandem_model::generate(model, prompts.clone(), params(4))?;
+        let secs = timed(m.reps, || {
+            let c = tandem_model::generate(model, prompts.clone(), params(m.new_tokens))?;
+            anyhow::ensure!(
+                c.iter().all(|c| c.tokens.len() == m.new_tokens),
+                "short completion"
+            );
+            Ok(())
+        })?;
+        out["seconds"] = json!(secs);
+        out["tokens_per_s"] = json!((b * m.new_tokens) as f64 / secs);
+    } else if phase == "fwd_bwd" {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let vocab = model.config().vocab_size as u32;
+        let seqs: Vec<Vec<u32>> = (0..m.train_batch)
+            .map(|_| {
+                (0..m.train_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect()
+            })
+            .collect();
+        let starts = vec![1; m.train_batch];
+        let mut loss_value = 0.0;
+        let secs = timed(m.reps, || {
+            let out = model.completion_logprobs(&model.weights(), &seqs, &starts, 1.0)?;
+            let loss = out.logprobs.mean_all()?.neg()?;
+            loss_value = loss.to_scalar::<f32>()?;
+            let _grads = loss.backward()?;
+            Ok(())
+        })?;
+        out["seconds"] = json!(secs);
+        out["tokens_per_s"] = json!((m.train_batch * m.train_len) as f64 / secs);
+        out["loss"] = json!(loss_value);
+    } else if phase == "optimizer_step" {
+        let seq: Vec<u32> = PROMPT.collect();
+        let lp = model.completion_logprobs(&model.weights(), &[seq], &[1], 1.0)?;
+        let grads = lp.logprobs.mean_all()?.neg()?.backward()?;
+        let named = model
+            .params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        let mut opt = AdamW::new(
+            named,
+            AdamWConfig {
+                lr: 1e-6,
+                ..Default::default()
+            },
+        )?;
+        let secs = timed(m.reps, || {
+            opt.step(&grads, None)?;
+            Ok(())
+        })?;
+        out["seconds"] = json!(secs);
+        out["n_params"] = json!(model.params().numel());
+    } else {
+        bail!("unknown phase `{phase}`");
+    }
+    out["peak_rss_mib"] = json!(load_peak.max(peak_rss_mib()));
+    if can_reset {
+        out["phase_peak_rss_mib"] = json!(peak_rss_mib());
+    }
+    println!("{out}");
     Ok(())
 }
-#[derive(clap::Args)]
-pub struct BenchArgs {}
+
+fn run_child(mut cmd: Command, what: &str) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("{what}: output is not JSON: {text}"))
+}
+
+fn run_all(m: &ModelBench) -> Result<()> {
+    let phases = phases(m)?;
+    let exe = std::env::current_exe()?;
+    let threads = m.threads.to_string();
+    let bar = indicatif::ProgressBar::new(
+        phases.len() as u64 * if m.reference.is_some() { 2 } else { 1 },
+    );
+    let mut tandem = serde_json::Map::new();
+    for ph in &phases {
+        bar.set_message(format!("tandem {ph}"));
+        let mut cmd = Command::new(&exe);
+        cmd.env("RAYON_NUM_THREADS", &threads)
+            .args(["bench", "model", "--model", &m.model, "--phase", ph]);
+        cmd.args([
+            "--new-tokens",
+            &m.new_tokens.to_string(),
+            "--train-batch",
+            &m.train_batch.to_string(),
+        ]);
+        cmd.args([
+            "--train-len",
+            &m.train_len.to_string(),
+            "--reps",
+            &m.reps.to_string(),
+        ]);
+        tandem.insert(ph.clone(), run_child(cmd, &format!("tandem phase {ph}"))?);
+        bar.inc(1);
+    }
+    let mut result = json!({"threads": m.threads, "model": m.model, "tandem": {"engine": "tandem", "phases": tandem}});
+    if let Some(script) = &m.reference {
+        let gguf = tandem_model::fetch::resolve(&m.model)?;
+        bar.set_message("transformers (all phases)");
+        let mut cmd = Command::new(&m.python);
+        cmd.arg(script).arg("--gguf").arg(&gguf);
+        cmd.args([
+            "--threads",
+            &threads,
+            "--new-tokens",
+            &m.new_tokens.to_string(),
+            "--decode-batches",
+            &m.decode_batches,
+        ]);
+        cmd.args([
+            "--train-batch",
+            &m.train_batch.to_string(),
+            "--train-len",
+            &m.train_len.to_string(),
+            "--reps",
+            &m.reps.to_string(),
+        ]);
+        result["reference"] = run_child(cmd, "the reference script")?;
+        bar.inc(phases.len() as u64);
+    }
+    bar.finish_and_clear();
+    print_table(&result, &phases);
+    if let Some(path) = &m.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A markdown table: one row per phase, Tandem beside the reference.
+fn print_table(result: &Value, phases: &[String]) {
+    let get = |side: &str, ph: &str, key: &str| result[side]["phases"][ph][key].as_f64();
+    println!("| phase | tandem s | ref s | tandem tok/s | ref tok/s | speed-up | tandem peak RSS MiB | ref peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let f = |x: Option<f64>, p: usize| x.map_or("–".to_string(), |v| format!("{v:.p$}"));
+    for ph in phases {
+        let (ts, rs) = (
+            get("tandem", ph, "seconds"),
+            get("reference", ph, "seconds"),
+        );
+        let speedup = match (ts, rs) {
+            (Some(t), Some(r)) if t > 0.0 => Some(r / t),
+            _ => None,
+        };
+        let rss = |side| get(side, ph, "phase_peak_rss_mib").or(get(side, ph, "peak_rss_mib"));
+        println!(
+            "| {ph} | {} | {} | {} | {} | {} | {} | {} |",
+            f(ts, 3),
+            f(rs, 3),
+            f(get("tandem", ph, "tokens_per_s"), 1),
+            f(get("reference", ph, "tokens_per_s"), 1),
+            speedup.map_or("–".into(), |s| format!("{s:.2}×")),
+            f(rss("tandem"), 0),
+            f(rss("reference"), 0),
+        );
+    }
+}

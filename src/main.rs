@@ -6,6 +6,7 @@ mod model_cmd;
 mod score;
 
 use anyhow::Result;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

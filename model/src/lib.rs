@@ -9,11 +9,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decode_matmul;
 pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
+pub mod linear;
 pub mod logprob;
 pub mod optim;
 pub mod params;

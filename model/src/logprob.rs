@@ -60,7 +60,13 @@ pub fn token_logprobs(
 
 /// The same (N, 2) result from differentiable candle ops (any device, any dtype).
 fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    let z = (logits.to_dtype(DType::F32)? / temperature)?;
+    // Half precisions are widened; f32 and f64 stay as they are.
+    let compute = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let z = (logits.to_dtype(compute)? / temperature)?;
     let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
     let lp = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     let ent = (logp.exp()? * &logp)?.sum_keepdim(1)?.neg()?;

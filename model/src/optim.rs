@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -54,19 +54,52 @@ impl AdamWConfig {
     }
 }
 
-/// Global L2 norm of the gradients of `params`: sqrt(Σ_p ‖g_p‖²).
+/// Global L2 norm of the gradients of `params`: sqrt(Σ_p ‖g_p‖²), accumulated in f64.
 pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64> {
     let mut sq = 0.0f64;
     for (_, v) in params {
         if let Some(g) = grads.get(v) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += sum_of_squares(g)?;
         }
     }
     Ok(sq.sqrt())
+}
+
+/// Σ x² in f64, without an f64 copy of the tensor on CPU.
+fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        return Ok(t
+            .contiguous()?
+            .apply_op1_no_bwd(&SumOfSquares)?
+            .to_vec1::<f64>()?[0]);
+    }
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
+struct SumOfSquares;
+
+impl CustomOp1 for SumOfSquares {
+    fn name(&self) -> &'static str {
+        "sum-of-squares"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice(s, l)?;
+        let total: f64 = x
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+            .sum();
+        Ok((CpuStorage::F64(vec![total]), Shape::from(1)))
+    }
+}
+
+fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("optimizer kernel: f32 contiguous tensors only"),
+    }
 }
 
 /// The factor that brings the global norm down to `max_norm` (1 when already below),
@@ -93,77 +126,39 @@ pub struct StepStats {
 ///   m ← β₁m + (1 − β₁)g,   v ← β₂v + (1 − β₂)g²
 ///   θ ← θ − lr/(1 − β₁ᵗ) · m / (sqrt(v)/sqrt(1 − β₂ᵗ) + ε)
 ///
-/// On CPU with f32 parameters the whole update of a tensor is one pass over
-/// (θ, g, m, v) in place, parallel over chunks; elsewhere it is composed of tensor ops.
+/// On CPU with f32 parameters the moments live in host memory and the whole update of
+/// a tensor is one parallel pass over (θ, g, m, v), θ written in place; elsewhere it is
+/// composed of tensor ops on device-resident moments.
 pub struct AdamW {
     params: Vec<(String, Var)>,
-    /// (m, v) per parameter, same dtype and device as the parameter.
-    state: Vec<(Var, Var)>,
+    state: Vec<Moments>,
     step: u64,
     pub config: AdamWConfig,
 }
 
-/// The parameter update, given moments already updated by [`Moment`].
-struct FusedAdamW {
+/// First and second moments of one parameter.
+enum Moments {
+    Host { m: Vec<f32>, v: Vec<f32> },
+    Device { m: Tensor, v: Tensor },
+}
+
+/// One fused AdamW update of a parameter, in place; the moments are borrowed mutably
+/// for the duration of the op.
+struct FusedAdamW<'a> {
+    moments: std::sync::Mutex<(&'a mut [f32], &'a mut [f32])>,
     lr: f32,
+    beta1: f32,
+    beta2: f32,
     eps: f32,
     decay: f32,
     bc1: f32,
     bc2_sqrt: f32,
-}
-
-fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused AdamW: f32 contiguous tensors only"),
-    }
-}
-
-/// θ ← θ·decay − lr/bc₁ · m / (sqrt(v)/sqrt(bc₂) + ε), in place on θ.
-impl InplaceOp3 for FusedAdamW {
-    fn name(&self) -> &'static str {
-        "fused-adamw-param"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let m = contiguous_slice(s2, l2)?;
-        let v = contiguous_slice(s3, l3)?;
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fused AdamW: param not contiguous".into()))?;
-        let CpuStorage::F32(p) = s1 else {
-            candle_core::bail!("fused AdamW: f32 only")
-        };
-        let step = self.lr / self.bc1;
-        p[a..b]
-            .par_chunks_mut(1 << 14)
-            .zip(m.par_chunks(1 << 14).zip(v.par_chunks(1 << 14)))
-            .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * self.decay - step * m / (v.sqrt() / self.bc2_sqrt + self.eps);
-                }
-            });
-        Ok(())
-    }
-}
-
-/// Moment update: m ← β₁m + (1 − β₁)·s·g in place on m; v likewise with g².
-struct Moment {
-    beta: f32,
-    square: bool,
     grad_scale: f32,
 }
 
-impl candle_core::InplaceOp2 for Moment {
+impl InplaceOp2 for FusedAdamW<'_> {
     fn name(&self) -> &'static str {
-        "fused-adamw-moment"
+        "fused-adamw"
     }
     fn cpu_fwd(
         &self,
@@ -175,25 +170,28 @@ impl candle_core::InplaceOp2 for Moment {
         let g = contiguous_slice(s2, l2)?;
         let (a, b) = l1
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fused AdamW: moment not contiguous".into()))?;
-        let CpuStorage::F32(m) = s1 else {
+            .ok_or_else(|| candle_core::Error::Msg("fused AdamW: param not contiguous".into()))?;
+        let CpuStorage::F32(p) = s1 else {
             candle_core::bail!("fused AdamW: f32 only")
         };
-        let (beta, one_minus) = (self.beta, 1.0 - self.beta);
-        let s = self.grad_scale;
-        m[a..b]
-            .par_chunks_mut(1 << 14)
-            .zip(g.par_chunks(1 << 14))
-            .for_each(|(m, g)| {
-                if self.square {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        let g = g * s;
-                        *m = beta * *m + one_minus * g * g;
-                    }
-                } else {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        *m = beta * *m + one_minus * g * s;
-                    }
+        let mut guard = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused AdamW: poisoned lock".into()))?;
+        let (m, v) = &mut *guard;
+        let step = self.lr / self.bc1;
+        const CHUNK: usize = 1 << 14;
+        p[a..b]
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let g = g[i] * self.grad_scale;
+                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g;
+                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g * g;
+                    p[i] =
+                        p[i] * self.decay - step * m[i] / (v[i].sqrt() / self.bc2_sqrt + self.eps);
                 }
             });
         Ok(())
@@ -205,12 +203,7 @@ impl AdamW {
         config.validate()?;
         let state = params
             .iter()
-            .map(|(_, p)| {
-                Ok((
-                    Var::zeros(p.shape(), p.dtype(), p.device())?,
-                    Var::zeros(p.shape(), p.dtype(), p.device())?,
-                ))
-            })
+            .map(|(_, p)| Self::zero_moments(p))
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             params,
@@ -218,6 +211,22 @@ impl AdamW {
             step: 0,
             config,
         })
+    }
+
+    fn zero_moments(p: &Var) -> Result<Moments> {
+        Ok(
+            if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
+                Moments::Host {
+                    m: vec![0.0; p.elem_count()],
+                    v: vec![0.0; p.elem_count()],
+                }
+            } else {
+                Moments::Device {
+                    m: p.zeros_like()?,
+                    v: p.zeros_like()?,
+                }
+            },
+        )
     }
 
     pub fn step_count(&self) -> u64 {
@@ -239,56 +248,40 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for ((_, p), (m, v)) in self.params.iter().zip(&self.state) {
+        for ((_, p), state) in self.params.iter().zip(self.state.iter_mut()) {
             let Some(g) = grads.get(p) else { continue };
             let decay = if p.rank() >= 2 {
                 1.0 - c.lr * c.weight_decay
             } else {
                 1.0
             };
-            let fused = p.device().is_cpu()
-                && p.dtype() == DType::F32
-                && p.is_contiguous()
-                && g.is_contiguous()
-                && g.dtype() == DType::F32;
-            if fused {
-                m.inplace_op2(
-                    g,
-                    &Moment {
-                        beta: c.beta1 as f32,
-                        square: false,
-                        grad_scale: coef as f32,
-                    },
-                )?;
-                v.inplace_op2(
-                    g,
-                    &Moment {
-                        beta: c.beta2 as f32,
-                        square: true,
-                        grad_scale: coef as f32,
-                    },
-                )?;
-                p.inplace_op3(
-                    m.as_tensor(),
-                    v.as_tensor(),
-                    &FusedAdamW {
-                        lr: c.lr as f32,
-                        eps: c.eps as f32,
-                        decay: decay as f32,
-                        bc1: bc1 as f32,
-                        bc2_sqrt: bc2.sqrt() as f32,
-                    },
-                )?;
-            } else {
-                let g = (g.to_dtype(p.dtype())? * coef)?;
-                let new_m = ((m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-                let new_v = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                let denom = ((new_v.sqrt()? / bc2.sqrt())? + c.eps)?;
-                let update = (new_m.broadcast_div(&denom)? * (c.lr / bc1))?;
-                let new_p = ((p.as_tensor() * decay)? - update)?;
-                m.set(&new_m)?;
-                v.set(&new_v)?;
-                p.set(&new_p)?;
+            match state {
+                Moments::Host { m, v } => {
+                    // Weight gradients of x·Wᵀ arrive transposed: one copy makes them streamable.
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
+                    p.inplace_op2(
+                        &g,
+                        &FusedAdamW {
+                            moments: std::sync::Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                            lr: c.lr as f32,
+                            beta1: c.beta1 as f32,
+                            beta2: c.beta2 as f32,
+                            eps: c.eps as f32,
+                            decay: decay as f32,
+                            bc1: bc1 as f32,
+                            bc2_sqrt: bc2.sqrt() as f32,
+                            grad_scale: coef as f32,
+                        },
+                    )?;
+                }
+                Moments::Device { m, v } => {
+                    let g = (g.to_dtype(p.dtype())? * coef)?;
+                    *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                    *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                    let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+                    let update = (m.broadcast_div(&denom)? * (c.lr / bc1))?;
+                    p.set(&((p.as_tensor() * decay)? - update)?)?;
+                }
             }
         }
         Ok(StepStats {
@@ -301,9 +294,16 @@ impl AdamW {
     /// and the step and hyper-parameters to `dir/optimizer.json`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for ((name, _), (m, v)) in self.params.iter().zip(&self.state) {
-            tensors.insert(format!("{name}.exp_avg"), m.as_tensor().detach());
-            tensors.insert(format!("{name}.exp_avg_sq"), v.as_tensor().detach());
+        for ((name, p), state) in self.params.iter().zip(&self.state) {
+            let (m, v) = match state {
+                Moments::Host { m, v } => (
+                    Tensor::from_slice(m, p.shape(), &candle_core::Device::Cpu)?,
+                    Tensor::from_slice(v, p.shape(), &candle_core::Device::Cpu)?,
+                ),
+                Moments::Device { m, v } => (m.clone(), v.clone()),
+            };
+            tensors.insert(format!("{name}.exp_avg"), m);
+            tensors.insert(format!("{name}.exp_avg_sq"), v);
         }
         let st = dir.join("optimizer.safetensors");
         candle_core::safetensors::save(&tensors, &st)
@@ -316,7 +316,7 @@ impl AdamW {
     }
 
     /// Restores what [`AdamW::save`] wrote. Every parameter's moments must be present
-    /// with the parameter's shape.
+    /// with the parameter's shape; nothing changes unless all are.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let meta_path = dir.join("optimizer.json");
         let meta: serde_json::Value = serde_json::from_slice(&read_file(&meta_path)?)
@@ -334,8 +334,9 @@ impl AdamW {
         let st = dir.join("optimizer.safetensors");
         let tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu)
             .map_err(|e| Error::format(&st, e.to_string()))?;
-        for ((name, p), (m, v)) in self.params.iter().zip(&self.state) {
-            for (suffix, var) in [("exp_avg", m), ("exp_avg_sq", v)] {
+        let mut restored = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            let get = |suffix: &str| -> Result<Tensor> {
                 let key = format!("{name}.{suffix}");
                 let t = tensors
                     .get(&key)
@@ -350,9 +351,18 @@ impl AdamW {
                         ),
                     ));
                 }
-                var.set(&t.to_dtype(p.dtype())?.to_device(p.device())?)?;
-            }
+                Ok(t.to_dtype(p.dtype())?.to_device(p.device())?)
+            };
+            let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+            restored.push(match Self::zero_moments(p)? {
+                Moments::Host { .. } => Moments::Host {
+                    m: m.flatten_all()?.to_vec1::<f32>()?,
+                    v: v.flatten_all()?.to_vec1::<f32>()?,
+                },
+                Moments::Device { .. } => Moments::Device { m, v },
+            });
         }
+        self.state = restored;
         self.step = step;
         self.config = config;
         Ok(())

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
+use crate::decode_matmul;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::logprob;
@@ -65,12 +66,18 @@ pub struct Model {
     device: Device,
 }
 
-/// x (..., d) @ wᵀ (+ b).
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// x (..., d) @ wᵀ (+ b). `fused` lets a decode-sized input take the bandwidth-bound
+/// kernel of [`decode_matmul`].
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, d))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, d))?;
+    let y = if fused && decode_matmul::applies(&x2, w) {
+        decode_matmul::matmul_t(&x2, w)?
+    } else {
+        crate::linear::linear(&x2.contiguous()?, w)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -261,15 +268,15 @@ impl Model {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
-            let q = linear(&xn, &lw.q, qb)?
+            let q = linear(&xn, &lw.q, qb, w.fused)?
                 .reshape((b, t, h, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let k = linear(&xn, &lw.k, kb)?
+            let k = linear(&xn, &lw.k, kb, w.fused)?
                 .reshape((b, t, kv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let v = linear(&xn, &lw.v, vb)?
+            let v = linear(&xn, &lw.v, vb, w.fused)?
                 .reshape((b, t, kv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -295,11 +302,12 @@ impl Model {
                 .reshape((b, h, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, h * hd))?;
-            x = (linear(&attn, &lw.o, None)? + residual)?;
+            x = (linear(&attn, &lw.o, None, w.fused)? + residual)?;
             let residual = x.clone();
             let xn = rms_norm(&x, &lw.post_norm, cfg.rms_norm_eps, w.fused)?;
-            let mlp = (linear(&xn, &lw.gate, None)?.silu()? * linear(&xn, &lw.up, None)?)?;
-            x = (linear(&mlp, &lw.down, None)? + residual)?;
+            let mlp = (linear(&xn, &lw.gate, None, w.fused)?.silu()?
+                * linear(&xn, &lw.up, None, w.fused)?)?;
+            x = (linear(&mlp, &lw.down, None, w.fused)? + residual)?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -309,7 +317,7 @@ impl Model {
 
     /// Logits of hidden states (..., d) → (..., V).
     pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, w.head(), None)
+        linear(hidden, w.head(), None, w.fused)
     }
 
     /// Additive attention mask (B, 1, T, S): query i of row b (at cache index

@@ -1,0 +1,161 @@
+//! y = x·Wᵀ for the few rows of a decode step, on CPU.
+//!
+//! A decode step multiplies 1–16 activation rows by every weight matrix: the work is
+//! reading the weights, not arithmetic. This kernel streams each weight row once,
+//! dots it with every activation row while it is in L1, and splits the weight rows
+//! across threads, so a step costs about one pass over the weights at the memory
+//! bandwidth of all cores. Inference only (no backward); `transformer::linear` uses it
+//! on detached weights and its results match the differentiable matmul (tested).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// The largest number of activation rows the kernel takes.
+pub const MAX_ROWS: usize = 16;
+
+/// Whether x (rows, k) · wᵀ can take this kernel.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && x.rank() == 2
+        && w.rank() == 2
+        && x.dim(0).is_ok_and(|r| r <= MAX_ROWS)
+        && w.is_contiguous()
+}
+
+/// x (rows, k) · wᵀ with w (n, k) → (rows, n).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2_no_bwd(w, &DecodeMatmul)?)
+}
+
+struct DecodeMatmul;
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    // 16 independent accumulators let the compiler vectorise without reassociation.
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+fn dot(a: &[f32], b: &[f32], avx2: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: only called when the CPU reports AVX2 and FMA.
+        return unsafe { dot_avx2(a, b) };
+    }
+    let _ = avx2;
+    dot_portable(a, b)
+}
+
+impl CustomOp2 for DecodeMatmul {
+    fn name(&self) -> &'static str {
+        "decode-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("decode-matmul: x has {k} columns, w has {k2}")
+        }
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("decode-matmul: f32 only")
+        };
+        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("decode-matmul: contiguous inputs only")
+        };
+        let (x, w) = (&x[xa..xb], &w[wa..wb]);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        // Output transposed (n, rows) so each task writes one contiguous block.
+        const BLOCK: usize = 64;
+        let mut yt = vec![0f32; n * rows];
+        yt.par_chunks_mut(BLOCK * rows)
+            .enumerate()
+            .for_each(|(blk, out)| {
+                let first = blk * BLOCK;
+                for (j, o) in out.chunks_mut(rows).enumerate() {
+                    let wr = &w[(first + j) * k..(first + j + 1) * k];
+                    for (r, o) in o.iter_mut().enumerate() {
+                        *o = dot(wr, &x[r * k..(r + 1) * k], avx2);
+                    }
+                }
+            });
+        let y = if rows == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; rows * n];
+            for j in 0..n {
+                for r in 0..rows {
+                    y[r * n + j] = yt[j * rows + r];
+                }
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_matmul() {
+        for rows in [1, 3, 16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 77), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (130, 77), &Device::Cpu).unwrap();
+            let a = matmul_t(&x, &w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "rows {rows}: {d}");
+        }
+    }
+}
