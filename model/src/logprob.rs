@@ -89,21 +89,20 @@ fn slice<'a, T: candle_core::WithDType>(
     }
 }
 
-/// (logsumexp, Σ p·z) of one row of z = l / τ, accumulated in f64: over a 50k-token
-/// vocabulary an f32 running sum loses ~1e-3 of entropy to rounding.
-fn row_stats<T: candle_core::WithDType>(row: &[T], inv_t: f64) -> (f64, f64) {
-    let m = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()))
-        * inv_t;
+/// (logsumexp, Σ p·z) of one row of z = l / τ. Terms are computed in the input's
+/// precision and accumulated in f64: over a 50k-token vocabulary an f32 running sum
+/// loses ~1e-3 of entropy to rounding.
+fn row_stats<T: candle_core::WithDType + Float>(row: &[T], inv_t: f64) -> (f64, f64) {
+    let inv = T::from_f64(inv_t);
+    let m = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x)) * inv;
     let (mut s, mut sz) = (0.0f64, 0.0f64);
     for &x in row {
-        let z = x.to_f64() * inv_t;
-        let e = (z - m).exp();
+        let z = x * inv;
+        let e = (z - m).exp().to_f64();
         s += e;
-        sz += e * z;
+        sz += e * z.to_f64();
     }
-    (m + s.ln(), sz / s)
+    (m.to_f64() + s.ln(), sz / s)
 }
 
 fn fwd_kernel<T: Float + candle_core::WithDType + Send + Sync>(

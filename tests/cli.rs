@@ -1,0 +1,355 @@
+//! The `tandem` binary as a user runs it: real processes, real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .env("TANDEM_LOG", "warn")
+        .output()
+        .expect("run tandem")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails with a message that contains every `needle`, without a panic.
+fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panicked instead of an error: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "error should mention `{n}`: {err}");
+    }
+}
+
+fn init_tiny(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let o = tandem(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+fn fixture() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `tandem score` on the tiny model gives transformers' logprobs (fixture), per line.
+#[test]
+fn score_matches_the_reference_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let fx = fixture();
+    let cases: Vec<&serde_json::Value> = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["temperature"] == 0.7)
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            let ids: Vec<u64> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            serde_json::json!({"prompt_ids": &ids[..1], "completion_ids": &ids[1..]}).to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let o = tandem(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--temperature",
+        "0.7",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), cases.len());
+    for (g, c) in got.iter().zip(&cases) {
+        for key in ["logprobs", "entropy"] {
+            let a = g[key].as_array().unwrap();
+            let b = c[key].as_array().unwrap();
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= 1e-4,
+                    "{key}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn score_accepts_text_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"What is 2 + 3?\", \"completion\": \" 5\"}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let o = tandem(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+    let n = line["logprobs"].as_array().unwrap().len();
+    assert!(n >= 1 && n == line["entropy"].as_array().unwrap().len());
+    assert!(line["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x.as_f64().unwrap() <= 0.0));
+}
+
+/// Bad input: each case fails with a message naming the file, line or field; the
+/// output file is not written.
+#[test]
+fn score_rejects_bad_input_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("{\"prompt_ids\": [1, 2], \"completion_ids\": [3, 99999]}\n", &["in.jsonl:1", "completion_ids[1]", "vocabulary"]),
+        ("{\"prompt_ids\": [1], \"completion_ids\": [3]}\n{\"prompt_ids\": [1], \"completion_ids\": []}\n", &["in.jsonl:2", "completion is empty"]),
+        ("{\"prompt_ids\": [1], \"completion_ids\": [3]}\n{not json\n", &["in.jsonl:2", "not valid JSON"]),
+        ("{\"prompt_ids\": [1, -4], \"completion_ids\": [3]}\n", &["in.jsonl:1", "prompt_ids[1]"]),
+        ("{\"completion_ids\": [3]}\n", &["in.jsonl:1", "prompt_ids"]),
+        ("[1, 2]\n", &["in.jsonl:1", "JSON object"]),
+    ];
+    for (content, needles) in cases {
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, content).unwrap();
+        let output = dir.path().join("out.jsonl");
+        let o = tandem(&[
+            "score",
+            "--model",
+            m,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&o, needles);
+        assert!(!output.exists(), "no output on failure");
+    }
+}
+
+#[test]
+fn bad_models_are_reported_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let o = tandem(&[
+        "score",
+        "--model",
+        missing.to_str().unwrap(),
+        "--input",
+        "x",
+        "--output",
+        "y",
+    ]);
+    assert_clean_failure(&o, &["nope", "no such file"]);
+
+    let model = init_tiny(dir.path());
+    let cfg_path = model.join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let o = tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(
+        &o,
+        &[
+            "config.json",
+            "unsupported architecture `GPTNeoXForCausalLM`",
+        ],
+    );
+
+    let model = init_tiny(&dir.path().join("b"));
+    std::fs::write(
+        model.join("config.json"),
+        "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 64}",
+    )
+    .unwrap();
+    let o = tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&o, &["config.json", "missing field `num_attention_heads`"]);
+
+    let model = init_tiny(&dir.path().join("c"));
+    std::fs::write(model.join("model.safetensors"), b"garbage").unwrap();
+    let o = tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&o, &["model.safetensors"]);
+
+    let bogus = dir.path().join("bogus.gguf");
+    std::fs::write(&bogus, b"not a gguf").unwrap();
+    let o = tandem(&[
+        "model",
+        "convert",
+        "--input",
+        bogus.to_str().unwrap(),
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, &["bogus.gguf", "GGUF"]);
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let m = model.to_str().unwrap();
+    assert_clean_failure(
+        &tandem(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--temperature=-1",
+        ]),
+        &["temperature"],
+    );
+    assert_clean_failure(
+        &tandem(&["generate", "--model", m, "--prompt", "hi", "--top-p", "1.5"]),
+        &["top_p"],
+    );
+    assert_clean_failure(
+        &tandem(&["generate", "--model", m, "--prompt", "hi", "-n", "0"]),
+        &["--samples"],
+    );
+    assert_clean_failure(
+        &tandem(&[
+            "model",
+            "init",
+            "--preset",
+            "huge",
+            "--out",
+            dir.path().join("h").to_str().unwrap(),
+        ]),
+        &["unknown preset `huge`"],
+    );
+}
+
+#[test]
+fn generate_prints_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let o = tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "What is 1 + 1?",
+        "--chat",
+        "-n",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("--- sample").count(), 3, "{text}");
+}
+
+/// `tandem model convert` writes an HF folder whose scores equal the GGUF's.
+#[test]
+fn convert_smollm2_then_score_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tandem(&["model", "fetch", "smollm2"]);
+    assert!(gguf.status.success(), "{}", stderr(&gguf));
+    let gguf = String::from_utf8_lossy(&gguf.stdout).trim().to_string();
+    let hf = dir.path().join("smollm2-hf");
+    let o = tandem(&[
+        "model",
+        "convert",
+        "--input",
+        &gguf,
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"<|im_start|>user\\nWhat is 2+3?<|im_end|>\\n<|im_start|>assistant\\n\", \"completion\": \"2 + 3 = 5<|im_end|>\"}\n").unwrap();
+    let mut outs = Vec::new();
+    for (k, model) in [gguf.as_str(), hf.to_str().unwrap()]
+        .into_iter()
+        .enumerate()
+    {
+        let out = dir.path().join(format!("out{k}.jsonl"));
+        let o = tandem(&[
+            "score",
+            "--model",
+            model,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(std::fs::read_to_string(out).unwrap());
+    }
+    assert_eq!(outs[0], outs[1]);
+}
