@@ -233,19 +233,25 @@ impl ModelConfig {
                 return Err(Error::invalid(format!("`{name}` must be positive")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::invalid(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::invalid(format!(
                 "`head_dim` ({}) must be even for RoPE",
                 self.head_dim
             )));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if [self.rms_norm_eps, self.rope_theta]
+            .iter()
+            .any(|x| x.is_nan() || *x <= 0.0)
+        {
             return Err(Error::invalid(
                 "`rms_norm_eps` and `rope_theta` must be positive",
             ));

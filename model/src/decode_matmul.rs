@@ -33,39 +33,47 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct DecodeMatmul;
 
+/// Dots one weight row with up to four activation rows at once: each weight element
+/// is loaded once for four multiply-adds, and eight independent lanes per row let the
+/// compiler vectorise without reassociating.
 #[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    // 16 independent accumulators let the compiler vectorise without reassociation.
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+fn dot4_portable(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; 8]; 4];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        let wc = &w[c * 8..c * 8 + 8];
+        for (r, a) in acc.iter_mut().enumerate().take(n) {
+            let xc = &xs[r][c * 8..c * 8 + 8];
+            for i in 0..8 {
+                a[i] += wc[i] * xc[i];
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    for (r, o) in out.iter_mut().enumerate().take(n) {
+        let tail: f32 = w[chunks * 8..]
+            .iter()
+            .zip(&xs[r][chunks * 8..])
+            .map(|(a, b)| a * b)
+            .sum();
+        *o = acc[r].iter().sum::<f32>() + tail;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+unsafe fn dot4_avx2(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
+    dot4_portable(w, xs, n, out)
 }
 
-fn dot(a: &[f32], b: &[f32], avx2: bool) -> f32 {
+/// out[r] = w · x_r for the (up to four) rows in `xs`; `n` of them are real.
+fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: only called when the CPU reports AVX2 and FMA.
-        return unsafe { dot_avx2(a, b) };
+        return unsafe { dot4_avx2(w, xs, n, out) };
     }
     let _ = avx2;
-    dot_portable(a, b)
+    dot4_portable(w, xs, n, out)
 }
 
 impl CustomOp2 for DecodeMatmul {
@@ -107,8 +115,12 @@ impl CustomOp2 for DecodeMatmul {
                 let first = blk * BLOCK;
                 for (j, o) in out.chunks_mut(rows).enumerate() {
                     let wr = &w[(first + j) * k..(first + j + 1) * k];
-                    for (r, o) in o.iter_mut().enumerate() {
-                        *o = dot(wr, &x[r * k..(r + 1) * k], avx2);
+                    for (g, o) in o.chunks_mut(4).enumerate() {
+                        let row = |i: usize| {
+                            let r = (g * 4 + i).min(rows - 1);
+                            &x[r * k..(r + 1) * k]
+                        };
+                        dot4(wr, [row(0), row(1), row(2), row(3)], o.len(), o, avx2);
                     }
                 }
             });

@@ -208,7 +208,7 @@ fn bwd_kernel<T: Float + candle_core::WithDType + Send + Sync>(
                 let pj = log_p.exp();
                 *oj = (-(g_lp * pj) - g_h * pj * (log_p + h)) * inv_t;
             }
-            o[t as usize] = o[t as usize] + g_lp * inv_t;
+            o[t as usize] += g_lp * inv_t;
         });
     out
 }

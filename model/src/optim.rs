@@ -47,7 +47,11 @@ impl AdamWConfig {
                 )));
             }
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) {
+        if self.eps.is_nan()
+            || self.eps <= 0.0
+            || self.weight_decay.is_nan()
+            || self.weight_decay < 0.0
+        {
             return Err(Error::invalid("`eps` must be > 0 and `weight_decay` ≥ 0"));
         }
         Ok(())
