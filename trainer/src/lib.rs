@@ -1,3 +1,19 @@
-//! `tandem-trainer`: rollout buffer, advantages, losses, KL, optimizer steps,
-//! checkpoints and the weight publisher; offline stages (SFT, RM, DPO). The model,
-//! its logprobs and the optimizer come from `tandem_model`.
+//! `tandem-trainer`: the learner. One module per concept of the algorithms, each with
+//! its formula in the doc comment of the function that computes it:
+//!
+//! - [`advantage`] — REINFORCE, RLOO, GRPO, Dr. GRPO, REINFORCE++
+//! - [`policy_loss`] — PPO clip (clip-higher, dual clip), REINFORCE
+//! - [`correction`] — behaviour weights: none, truncated IS, IcePop; token or sequence level
+//! - [`kl`] — k1, k2, k3 estimators
+//! - [`aggregate`] — token mean, sequence mean of token means, Dr. GRPO's constant normaliser
+//!
+//! The rollout buffer, the train step, checkpoints and the weight publisher come next.
+
+pub mod advantage;
+pub mod aggregate;
+pub mod correction;
+pub mod error;
+pub mod kl;
+pub mod policy_loss;
+
+pub use error::{Error, Result};

@@ -1,0 +1,348 @@
+//! The RL functions against golden values from tools/rl_reference.py (PyTorch), ≤ 1e-6,
+//! and the properties the algorithms promise.
+
+use candle_core::{Device, Tensor, Var};
+use serde_json::Value;
+use tandem_trainer::advantage::{self, Estimator};
+use tandem_trainer::aggregate::{aggregate, LossAgg};
+use tandem_trainer::correction::{behaviour_weights, Correction, Level};
+use tandem_trainer::kl::{self, KlEstimator};
+use tandem_trainer::policy_loss::{self, PolicyLoss};
+
+const TOL: f64 = 1e-6;
+
+fn golden() -> Value {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/rl_golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn t(v: &[f64]) -> Tensor {
+    Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap()
+}
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    t.to_vec1::<f64>().unwrap()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= TOL, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+fn offsets(lengths: &[usize]) -> Vec<usize> {
+    let mut o = vec![0];
+    for l in lengths {
+        o.push(o.last().unwrap() + l);
+    }
+    o
+}
+
+fn correction(name: &str, p: &Value) -> (Correction, Level) {
+    let (kind, level) = name.split_once('/').unwrap();
+    let c = match kind {
+        "none" => Correction::None,
+        "tis" => Correction::Tis {
+            cap: p["tis_cap"].as_f64().unwrap(),
+        },
+        _ => Correction::Icepop {
+            low: p["icepop_low"].as_f64().unwrap(),
+            high: p["icepop_high"].as_f64().unwrap(),
+        },
+    };
+    (
+        c,
+        if level == "token" {
+            Level::Token
+        } else {
+            Level::Sequence
+        },
+    )
+}
+
+#[test]
+fn advantages_match_reference() {
+    let g = golden();
+    let rewards = f64s(&g["rewards"]);
+    let groups: Vec<usize> = g["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    for (name, est) in [
+        ("reinforce", Estimator::Reinforce),
+        ("reinforce_no_baseline", Estimator::ReinforceNoBaseline),
+        ("rloo", Estimator::Rloo),
+        ("grpo", Estimator::Grpo),
+        ("drgrpo", Estimator::Drgrpo),
+        ("reinforce_pp", Estimator::ReinforcePp),
+    ] {
+        let a = advantage::compute(est, &rewards, &groups).unwrap();
+        assert_close(&a.values, &f64s(&g["advantages"][name]), name);
+        assert_eq!(a.zero_std_groups, 1, "{name}: group 1 has equal rewards");
+    }
+}
+
+#[test]
+fn kl_estimators_match_reference() {
+    let g = golden();
+    let (logp, r) = (
+        t(&f64s(&g["tokens"]["logp"])),
+        t(&f64s(&g["tokens"]["ref_logp"])),
+    );
+    for (name, est) in [
+        ("k1", KlEstimator::K1),
+        ("k2", KlEstimator::K2),
+        ("k3", KlEstimator::K3),
+    ] {
+        assert_close(
+            &vals(&kl::per_token(est, &logp, &r).unwrap()),
+            &f64s(&g["kl"][name]),
+            name,
+        );
+    }
+}
+
+#[test]
+fn behaviour_weights_match_reference() {
+    let g = golden();
+    let tok = &g["tokens"];
+    let lengths: Vec<usize> = tok["lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let (prox, mu) = (
+        t(&f64s(&tok["prox_logp"])),
+        t(&f64s(&tok["behaviour_logp"])),
+    );
+    for (name, expect) in g["weights"].as_object().unwrap() {
+        let (c, level) = correction(name, &g["params"]);
+        let w = behaviour_weights(c, level, &prox, &mu, &offsets(&lengths)).unwrap();
+        assert_close(&vals(&w.weights), &f64s(expect), name);
+    }
+}
+
+/// Per-token policy losses, aggregated losses and d(loss)/d(logp), for every policy
+/// loss × correction × aggregation combination the reference wrote.
+#[test]
+fn policy_losses_and_gradients_match_reference() {
+    let g = golden();
+    let tok = &g["tokens"];
+    let p = &g["params"];
+    let lengths: Vec<usize> = tok["lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let off = offsets(&lengths);
+    let max_len = tok["max_completion_len"].as_u64().unwrap() as usize;
+    let (prox, mu, adv) = (
+        t(&f64s(&tok["prox_logp"])),
+        t(&f64s(&tok["behaviour_logp"])),
+        t(&f64s(&tok["advantages"])),
+    );
+    for (key, expect) in g["policy"].as_object().unwrap() {
+        let mut parts = key.split('|');
+        let (pl, corr, agg) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let kind = match pl {
+            "reinforce" => PolicyLoss::Reinforce,
+            "ppo_clip" => PolicyLoss::PpoClip {
+                eps_low: p["eps_low"].as_f64().unwrap(),
+                eps_high: p["eps_high"].as_f64().unwrap(),
+                dual_clip: None,
+            },
+            _ => PolicyLoss::PpoClip {
+                eps_low: p["eps_low"].as_f64().unwrap(),
+                eps_high: p["eps_high"].as_f64().unwrap(),
+                dual_clip: p["clip_c"].as_f64(),
+            },
+        };
+        let agg = match agg {
+            "token_mean" => LossAgg::TokenMean,
+            "seq_mean_token_mean" => LossAgg::SeqMeanTokenMean,
+            _ => LossAgg::SeqSumNorm,
+        };
+        let (c, level) = correction(corr, p);
+        let w = behaviour_weights(c, level, &prox, &mu, &off).unwrap();
+        let logp = Var::from_tensor(&t(&f64s(&tok["logp"]))).unwrap();
+        let out = policy_loss::per_token(kind, logp.as_tensor(), &prox, &adv, &w.weights).unwrap();
+        let total = aggregate(agg, &out.loss, &off, max_len).unwrap();
+        assert_close(
+            &vals(&out.loss),
+            &f64s(&expect["per_token"]),
+            &format!("{key}: per-token loss"),
+        );
+        assert_close(
+            &[total.to_scalar::<f64>().unwrap()],
+            &[expect["loss"].as_f64().unwrap()],
+            &format!("{key}: loss"),
+        );
+        let grad = total.backward().unwrap();
+        assert_close(
+            &vals(grad.get(&logp).unwrap()),
+            &f64s(&expect["grad_logp"]),
+            &format!("{key}: gradient"),
+        );
+    }
+}
+
+/// With μ = π_prox every correction is the identity (no truncation, nothing masked).
+#[test]
+fn corrections_equal_none_when_on_policy() {
+    let lp = t(&[-0.1, -2.0, -0.7, -3.3, -1.2]);
+    let off = [0, 2, 5];
+    for level in [Level::Token, Level::Sequence] {
+        for c in [
+            Correction::Tis { cap: 2.0 },
+            Correction::Icepop {
+                low: 0.5,
+                high: 2.0,
+            },
+        ] {
+            let w = behaviour_weights(c, level, &lp, &lp, &off).unwrap();
+            assert_eq!(vals(&w.weights), vec![1.0; 5], "{c:?} {level:?}");
+            assert_eq!(w.masked_fraction, 0.0);
+        }
+    }
+}
+
+/// All rewards of a group equal: GRPO advantages are 0, so the policy term has zero gradient.
+#[test]
+fn equal_rewards_give_zero_grpo_gradient() {
+    let a = advantage::compute(Estimator::Grpo, &[0.7; 4], &[0; 4]).unwrap();
+    let adv = t(&[
+        a.values[0],
+        a.values[0],
+        a.values[1],
+        a.values[2],
+        a.values[3],
+    ]);
+    let logp = Var::from_tensor(&t(&[-0.5, -1.0, -0.2, -2.0, -0.9])).unwrap();
+    let old = t(&[-0.6, -0.9, -0.2, -1.5, -1.0]);
+    let kind = PolicyLoss::PpoClip {
+        eps_low: 0.2,
+        eps_high: 0.2,
+        dual_clip: None,
+    };
+    let out = policy_loss::per_token(
+        kind,
+        logp.as_tensor(),
+        &old,
+        &adv,
+        &adv.ones_like().unwrap(),
+    )
+    .unwrap();
+    let g = aggregate(LossAgg::TokenMean, &out.loss, &[0, 2, 5], 3)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(vals(g.get(&logp).unwrap()).iter().all(|&x| x == 0.0));
+}
+
+/// PPO's clip: the gradient is exactly zero when A > 0 and ρ > 1 + ε, or A < 0 and
+/// ρ < 1 − ε; it is not zero in the other four cases.
+#[test]
+fn ppo_clip_zeroes_the_gradient_exactly_where_the_table_says() {
+    let eps = 0.2;
+    // (advantage, ratio, gradient should be zero)
+    let cases = [
+        (1.0, 1.5, true),
+        (-1.0, 0.5, true),
+        (1.0, 0.5, false),
+        (-1.0, 1.5, false),
+        (1.0, 1.1, false),
+        (-1.0, 0.9, false),
+    ];
+    let adv = t(&cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    let old = t(&[-1.0; 6]);
+    let logp = Var::from_tensor(&t(&cases
+        .iter()
+        .map(|c| -1.0 + f64::ln(c.1))
+        .collect::<Vec<_>>()))
+    .unwrap();
+    let kind = PolicyLoss::PpoClip {
+        eps_low: eps,
+        eps_high: eps,
+        dual_clip: None,
+    };
+    let out = policy_loss::per_token(
+        kind,
+        logp.as_tensor(),
+        &old,
+        &adv,
+        &adv.ones_like().unwrap(),
+    )
+    .unwrap();
+    assert!(
+        (out.clip_fraction_high - 1.0 / 6.0).abs() < 1e-12
+            && (out.clip_fraction_low - 1.0 / 6.0).abs() < 1e-12
+    );
+    let g = vals(
+        out.loss
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&logp)
+            .unwrap(),
+    );
+    for (c, gi) in cases.iter().zip(&g) {
+        assert_eq!(*gi == 0.0, c.2, "A {} ratio {}: gradient {gi}", c.0, c.1);
+    }
+}
+
+#[test]
+fn bad_parameters_are_errors() {
+    let x = t(&[-1.0, -2.0]);
+    assert!(
+        behaviour_weights(Correction::Tis { cap: 0.0 }, Level::Token, &x, &x, &[0, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("tis_cap")
+    );
+    assert!(behaviour_weights(
+        Correction::Icepop {
+            low: 2.0,
+            high: 1.0
+        },
+        Level::Token,
+        &x,
+        &x,
+        &[0, 2]
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("icepop_low"));
+    let bad = PolicyLoss::PpoClip {
+        eps_low: 0.2,
+        eps_high: 0.2,
+        dual_clip: Some(0.5),
+    };
+    assert!(policy_loss::per_token(bad, &x, &x, &x, &x)
+        .unwrap_err()
+        .to_string()
+        .contains("clip_c"));
+    assert!(aggregate(LossAgg::SeqSumNorm, &x, &[0, 2], 1)
+        .unwrap_err()
+        .to_string()
+        .contains("max_completion_len"));
+    assert!(aggregate(LossAgg::TokenMean, &x, &[0, 3], 3).is_err());
+}
