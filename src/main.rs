@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod model_cmd;
 mod score;
+mod train_step;
 
 use anyhow::Result;
 
@@ -28,6 +29,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Per-token logprobs and entropies of completions (JSONL in, JSONL out).
     Score(score::ScoreArgs),
+    /// One optimizer step of the configured RL algorithm on a rollout file.
+    TrainStep(train_step::TrainStepArgs),
     /// Benchmarks (side by side with a reference where one is given).
     Bench(bench::BenchArgs),
 }
@@ -59,6 +62,7 @@ fn main() {
         Command::Model(a) => model_cmd::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::TrainStep(a) => train_step::run(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {

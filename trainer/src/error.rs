@@ -7,6 +7,8 @@ pub enum Error {
     Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] tandem_model::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,13 +7,17 @@
 //! - [`kl`] — k1, k2, k3 estimators
 //! - [`aggregate`] — token mean, sequence mean of token means, Dr. GRPO's constant normaliser
 //!
-//! The rollout buffer, the train step, checkpoints and the weight publisher come next.
+//! [`config`] holds the `[algorithm]` and `[optimizer]` sections, [`rollout`] the
+//! rollout record, [`step`] one training step. The rollout buffer, checkpoints and the weight publisher come next.
 
 pub mod advantage;
 pub mod aggregate;
+pub mod config;
 pub mod correction;
 pub mod error;
 pub mod kl;
 pub mod policy_loss;
+pub mod rollout;
+pub mod step;
 
 pub use error::{Error, Result};

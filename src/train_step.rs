@@ -1,0 +1,64 @@
+//! `tandem train-step`: one optimizer step of the configured algorithm on a rollout
+//! file — how a run's dumped batches are replayed and debugged.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_trainer::config::TrainConfig;
+use tandem_trainer::rollout;
+use tandem_trainer::step::{train_step, Optimizer};
+
+#[derive(Args)]
+pub struct TrainStepArgs {
+    /// The policy to start from (HF folder or .gguf); also the KL reference.
+    #[arg(long)]
+    model: String,
+    /// Rollout JSONL: {"group", "prompt_ids", "completion_ids", "behavior_logprobs", "reward"[, "versions"]}.
+    #[arg(long)]
+    rollouts: PathBuf,
+    /// TOML with [algorithm] and [optimizer] sections (every key optional).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output HF folder; metrics go to OUT/metrics.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: TrainStepArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg =
+        TrainConfig::from_toml(&text).with_context(|| format!("in {}", a.config.display()))?;
+    let p = crate::load_model(&a.model)?;
+    let text = std::fs::read_to_string(&a.rollouts)
+        .with_context(|| format!("reading {}", a.rollouts.display()))?;
+    let rollouts = rollout::parse_jsonl(
+        &text,
+        &a.rollouts.display().to_string(),
+        p.model.config().vocab_size,
+    )?;
+    // The reference is a frozen copy of the starting weights.
+    let reference = if cfg.algorithm.kl_coef > 0.0 {
+        Some(crate::load_model(&a.model)?)
+    } else {
+        None
+    };
+    let mut opt = Optimizer::new(&cfg.optimizer, &p.model)?;
+    let metrics = train_step(
+        &p.model,
+        reference.as_ref().map(|r| &r.model),
+        &rollouts,
+        &cfg.algorithm,
+        &cfg.optimizer,
+        &mut opt,
+        0,
+    )?;
+    tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let path = a.out.join("metrics.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(loss = metrics.loss, grad_norm = metrics.grad_norm, out = %a.out.display(), "step done");
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! A rollout: one completion of one prompt, with what the generator recorded.
+//!
+//! JSONL form (one per line), as `tandem train-step` reads and the trainer dumps:
+//! `{"group": "g0", "prompt_ids": [...], "completion_ids": [...],
+//!   "behavior_logprobs": [...], "reward": 1.0, "versions": [...]}` (`versions` optional).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// One sampled completion and its score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Completions of the same prompt share a group (GRPO / RLOO statistics).
+    pub group: String,
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    /// log μ of each completion token, as the generator sampled it.
+    pub behavior_logprobs: Vec<f64>,
+    pub reward: f64,
+    /// Policy version that produced each completion token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<u64>>,
+}
+
+impl Rollout {
+    /// Checks internal consistency and token ids against `vocab_size`; the message names the field.
+    pub fn validate(&self, vocab_size: usize) -> Result<()> {
+        if self.prompt_ids.is_empty() {
+            return Err(invalid("`prompt_ids` is empty"));
+        }
+        if self.completion_ids.is_empty() {
+            return Err(invalid("`completion_ids` is empty"));
+        }
+        if self.behavior_logprobs.len() != self.completion_ids.len() {
+            return Err(invalid(format!(
+                "`behavior_logprobs` has {} values for {} `completion_ids`",
+                self.behavior_logprobs.len(),
+                self.completion_ids.len()
+            )));
+        }
+        if let Some((i, lp)) = self
+            .behavior_logprobs
+            .iter()
+            .enumerate()
+            .find(|(_, lp)| !lp.is_finite() || **lp > 0.0)
+        {
+            return Err(invalid(format!(
+                "`behavior_logprobs[{i}]` = {lp} must be finite and ≤ 0"
+            )));
+        }
+        if !self.reward.is_finite() {
+            return Err(invalid(format!(
+                "`reward` = {} must be finite",
+                self.reward
+            )));
+        }
+        for (field, ids) in [
+            ("prompt_ids", &self.prompt_ids),
+            ("completion_ids", &self.completion_ids),
+        ] {
+            if let Some((i, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id as usize >= vocab_size)
+            {
+                return Err(invalid(format!(
+                    "`{field}[{i}]` = {id} is not below the vocabulary size {vocab_size}"
+                )));
+            }
+        }
+        if let Some(v) = &self.versions {
+            if v.len() != self.completion_ids.len() {
+                return Err(invalid(format!(
+                    "`versions` has {} values for {} `completion_ids`",
+                    v.len(),
+                    self.completion_ids.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses rollout JSONL text; `source` names the file in errors (`FILE:LINE: ...`).
+pub fn parse_jsonl(text: &str, source: &str, vocab_size: usize) -> Result<Vec<Rollout>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{source}:{}", n + 1);
+        let r: Rollout = serde_json::from_str(line).map_err(|e| invalid(format!("{at}: {e}")))?;
+        r.validate(vocab_size)
+            .map_err(|e| invalid(format!("{at}: {e}")))?;
+        out.push(r);
+    }
+    if out.is_empty() {
+        return Err(invalid(format!("{source}: no rollouts")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"{"group":"g0","prompt_ids":[1,2],"completion_ids":[3,4],"behavior_logprobs":[-0.5,-1.0],"reward":1.0}"#;
+
+    #[test]
+    fn parses_and_locates_errors() {
+        assert_eq!(parse_jsonl(OK, "r.jsonl", 10).unwrap().len(), 1);
+        let cases = [
+            (
+                OK.replace("[-0.5,-1.0]", "[-0.5]"),
+                "behavior_logprobs` has 1",
+            ),
+            (OK.replace("-1.0]", "0.5]"), "behavior_logprobs[1]"),
+            (OK.replace("[3,4]", "[3,40]"), "completion_ids[1]"),
+            (OK.replace("\"reward\"", "\"rewards\""), "rewards"),
+            (OK.replace("[1,2]", "[]"), "prompt_ids"),
+        ];
+        for (line, needle) in cases {
+            let text = format!("{OK}\n{line}\n");
+            let e = parse_jsonl(&text, "r.jsonl", 10).unwrap_err().to_string();
+            assert!(e.contains("r.jsonl:2") && e.contains(needle), "{e}");
+        }
+        // NaN is not JSON; a non-number reward is a type error on the line.
+        assert!(parse_jsonl(&OK.replace("1.0}", "NaN}"), "r.jsonl", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("r.jsonl:1"));
+    }
+}

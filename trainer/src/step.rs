@@ -1,0 +1,310 @@
+//! One training step: rollouts in, an optimizer update and its metrics out.
+//!
+//! 1. π_prox = the current policy's logprobs of the completions, without gradient
+//!    (decoupled mode); π_old = π_prox, or μ in bypass mode.
+//! 2. With a KL in the reward: rᵢ ← rᵢ − β·Σₜ KLₜ(π_old ‖ π_ref).
+//! 3. Advantages per completion, shared by its tokens.
+//! 4. Behaviour weights w from π_prox / μ (decoupled mode).
+//! 5. For each epoch and minibatch: ℓ = agg(policy loss) + β·agg(KL) (KL in the loss)
+//!    − entropy_coef·agg(entropy); backward; clip; optimizer step.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::Serialize;
+use tandem_model::optim::{AdamW, AdamWConfig, Sgd, StepStats};
+use tandem_model::Model;
+
+use crate::advantage;
+use crate::aggregate::aggregate;
+use crate::config::{AlgorithmConfig, CorrectionMode, KlIn, OptimizerConfig, OptimizerName};
+use crate::correction::behaviour_weights;
+use crate::error::{invalid, Result};
+use crate::kl;
+use crate::policy_loss;
+use crate::rollout::Rollout;
+
+/// The configured optimizer.
+pub enum Optimizer {
+    AdamW(AdamW),
+    Sgd(Sgd),
+}
+
+impl Optimizer {
+    pub fn new(cfg: &OptimizerConfig, model: &Model) -> Result<Self> {
+        let params: Vec<(String, Var)> = model
+            .params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        Ok(match cfg.name {
+            OptimizerName::Adamw => Optimizer::AdamW(AdamW::new(
+                params,
+                AdamWConfig {
+                    lr: cfg.lr,
+                    beta1: cfg.betas[0],
+                    beta2: cfg.betas[1],
+                    eps: cfg.eps,
+                    weight_decay: cfg.weight_decay,
+                },
+            )?),
+            OptimizerName::Sgd => Optimizer::Sgd(Sgd::new(params, cfg.lr)),
+        })
+    }
+
+    fn step(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> Result<StepStats> {
+        Ok(match self {
+            Optimizer::AdamW(o) => {
+                o.config.lr = lr;
+                o.step(grads, max_grad_norm)?
+            }
+            Optimizer::Sgd(o) => {
+                o.lr = lr;
+                o.step(grads, max_grad_norm)?
+            }
+        })
+    }
+}
+
+/// What one step measured (means over its optimizer updates where there are several).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepMetrics {
+    pub loss: f64,
+    pub policy_loss: f64,
+    pub kl: f64,
+    pub entropy: f64,
+    /// Global L2 norm of the gradient before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub clip_fraction_low: f64,
+    pub clip_fraction_high: f64,
+    /// Raw behaviour weights π_prox/μ (before truncation or masking).
+    pub behaviour_weight_mean: f64,
+    pub behaviour_weight_max: f64,
+    pub behaviour_weight_min: f64,
+    /// (Σw)² / (N·Σw²): 1 when on-policy, → 1/N when one token dominates.
+    pub behaviour_weight_ess: f64,
+    pub masked_fraction: f64,
+    /// k3 estimate of KL(μ ‖ π_prox): how far the sampler's numbers are from the trainer's.
+    pub mismatch_kl: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub advantage_mean: f64,
+    pub advantage_std: f64,
+    pub zero_std_groups: usize,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub optimizer_steps: usize,
+}
+
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let m = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len().max(1) as f64;
+    (m, v.sqrt())
+}
+
+/// Runs one step of the configured algorithm on `rollouts`, updating `policy` in place.
+/// `reference` is required when `kl_coef > 0`. `step_index` drives the lr schedule.
+pub fn train_step(
+    policy: &Model,
+    reference: Option<&Model>,
+    rollouts: &[Rollout],
+    cfg: &AlgorithmConfig,
+    opt_cfg: &OptimizerConfig,
+    opt: &mut Optimizer,
+    step_index: u64,
+) -> Result<StepMetrics> {
+    cfg.validate()?;
+    if rollouts.is_empty() {
+        return Err(invalid("no rollouts to train on"));
+    }
+    let vocab = policy.config().vocab_size;
+    for (i, r) in rollouts.iter().enumerate() {
+        r.validate(vocab)
+            .map_err(|e| invalid(format!("rollout {i}: {e}")))?;
+    }
+    let device = policy.device();
+    let dtype = policy.dtype();
+    let seqs: Vec<Vec<u32>> = rollouts
+        .iter()
+        .map(|r| [r.prompt_ids.as_slice(), r.completion_ids.as_slice()].concat())
+        .collect();
+    let starts: Vec<usize> = rollouts.iter().map(|r| r.prompt_ids.len()).collect();
+    let mut offsets = vec![0usize];
+    for r in rollouts {
+        offsets.push(offsets.last().copied().unwrap_or(0) + r.completion_ids.len());
+    }
+    let n_tokens = *offsets.last().unwrap_or(&0);
+    let to_tensor = |v: Vec<f64>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, n_tokens, device)?.to_dtype(dtype)?)
+    };
+    let mu = to_tensor(
+        rollouts
+            .iter()
+            .flat_map(|r| r.behavior_logprobs.iter().copied())
+            .collect(),
+    )?;
+
+    // 1. π_prox (no gradient) and π_old.
+    let prox = policy
+        .completion_logprobs(&policy.inference_weights(), &seqs, &starts, cfg.temperature)?
+        .logprobs;
+    let old = match cfg.correction_mode {
+        CorrectionMode::Decoupled => prox.clone(),
+        CorrectionMode::Bypass => mu.clone(),
+    };
+    let ref_logp = if cfg.kl_coef > 0.0 {
+        let reference = reference.ok_or_else(|| invalid("kl_coef > 0 needs a reference model"))?;
+        Some(
+            reference
+                .completion_logprobs(
+                    &reference.inference_weights(),
+                    &seqs,
+                    &starts,
+                    cfg.temperature,
+                )?
+                .logprobs,
+        )
+    } else {
+        None
+    };
+
+    // 2. Rewards, with the KL penalty when it goes into the reward.
+    let mut rewards: Vec<f64> = rollouts.iter().map(|r| r.reward).collect();
+    if let (Some(rl), KlIn::Reward) = (&ref_logp, cfg.kl_in) {
+        let k = host(&kl::per_token(cfg.kl_estimator, &old, rl)?)?;
+        for (i, w) in offsets.windows(2).enumerate() {
+            rewards[i] -= cfg.kl_coef * k[w[0]..w[1]].iter().sum::<f64>();
+        }
+    }
+
+    // 3. Advantages, per completion then per token.
+    let mut group_ids: HashMap<&str, usize> = HashMap::new();
+    let group_of: Vec<usize> = rollouts
+        .iter()
+        .map(|r| {
+            let next = group_ids.len();
+            *group_ids.entry(r.group.as_str()).or_insert(next)
+        })
+        .collect();
+    let adv = advantage::compute(cfg.advantage, &rewards, &group_of)?;
+    let adv_tokens = to_tensor(
+        rollouts
+            .iter()
+            .zip(&adv.values)
+            .flat_map(|(r, &a)| std::iter::repeat_n(a, r.completion_ids.len()))
+            .collect(),
+    )?;
+
+    // 4. Behaviour weights.
+    let bw = behaviour_weights(cfg.correction(), cfg.correction_level, &prox, &mu, &offsets)?;
+    let weights = match cfg.correction_mode {
+        CorrectionMode::Decoupled => bw.weights.clone(),
+        CorrectionMode::Bypass => mu.ones_like()?,
+    };
+    let raw = host(&bw.raw)?;
+    let (sum_w, sum_w2) = raw
+        .iter()
+        .fold((0.0, 0.0), |(s, s2), w| (s + w, s2 + w * w));
+    let log_ratio = host(&(&prox - &mu)?)?;
+    let (reward_mean, reward_std) = mean_std(&rewards);
+    let (advantage_mean, advantage_std) = mean_std(&adv.values);
+    let mut m = StepMetrics {
+        behaviour_weight_mean: sum_w / n_tokens as f64,
+        behaviour_weight_max: raw.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        behaviour_weight_min: raw.iter().copied().fold(f64::INFINITY, f64::min),
+        behaviour_weight_ess: sum_w * sum_w / (n_tokens as f64 * sum_w2),
+        masked_fraction: bw.masked_fraction,
+        mismatch_kl: log_ratio.iter().map(|d| d.exp() - d - 1.0).sum::<f64>() / n_tokens as f64,
+        reward_mean,
+        reward_std,
+        advantage_mean,
+        advantage_std,
+        zero_std_groups: adv.zero_std_groups,
+        sequences: rollouts.len(),
+        tokens: n_tokens,
+        ..Default::default()
+    };
+
+    // 5. Epochs × minibatches of whole completions.
+    let n_seq = rollouts.len();
+    let mb = cfg.minibatches.min(n_seq);
+    let policy_kind = cfg.policy_loss();
+    let mut updates = 0usize;
+    for _ in 0..cfg.ppo_epochs {
+        for b in 0..mb {
+            let (s0, s1) = (b * n_seq / mb, (b + 1) * n_seq / mb);
+            let (t0, t1) = (offsets[s0], offsets[s1]);
+            let local: Vec<usize> = offsets[s0..=s1].iter().map(|o| o - t0).collect();
+            let slice = |t: &Tensor| t.narrow(0, t0, t1 - t0);
+            let out = policy.completion_logprobs(
+                &policy.weights(),
+                &seqs[s0..s1],
+                &starts[s0..s1],
+                cfg.temperature,
+            )?;
+            let pl = policy_loss::per_token(
+                policy_kind,
+                &out.logprobs,
+                &slice(&old)?,
+                &slice(&adv_tokens)?,
+                &slice(&weights)?,
+            )?;
+            let policy_term = aggregate(cfg.loss_agg, &pl.loss, &local, cfg.max_completion_len)?;
+            let mut loss = policy_term.clone();
+            let mut kl_value = 0.0;
+            if let Some(rl) = &ref_logp {
+                let k = kl::per_token(cfg.kl_estimator, &out.logprobs, &slice(rl)?)?;
+                let k_agg = aggregate(cfg.loss_agg, &k, &local, cfg.max_completion_len)?;
+                kl_value = k_agg.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if cfg.kl_in == KlIn::Loss {
+                    loss = (loss + (k_agg * cfg.kl_coef)?)?;
+                }
+            }
+            let ent = aggregate(cfg.loss_agg, &out.entropy, &local, cfg.max_completion_len)?;
+            if cfg.entropy_coef != 0.0 {
+                loss = (loss - (&ent * cfg.entropy_coef)?)?;
+            }
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_value.is_finite() {
+                return Err(invalid(format!("loss is {loss_value}: refusing to update")));
+            }
+            let grads = loss.backward()?;
+            let lr = opt_cfg.lr_at(step_index + updates as u64);
+            let stats = opt.step(&grads, lr, opt_cfg.max_grad_norm())?;
+            updates += 1;
+            m.loss += loss_value;
+            m.policy_loss += policy_term.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            m.kl += kl_value;
+            m.entropy += ent.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            m.grad_norm += stats.grad_norm;
+            m.lr = lr;
+            m.clip_fraction_low += pl.clip_fraction_low;
+            m.clip_fraction_high += pl.clip_fraction_high;
+        }
+    }
+    let k = updates as f64;
+    for x in [
+        &mut m.loss,
+        &mut m.policy_loss,
+        &mut m.kl,
+        &mut m.entropy,
+        &mut m.grad_norm,
+        &mut m.clip_fraction_low,
+        &mut m.clip_fraction_high,
+    ] {
+        *x /= k;
+    }
+    m.optimizer_steps = updates;
+    Ok(m)
+}
