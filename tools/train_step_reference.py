@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Reference for `tandem train-step`: one SGD step of each algorithm configuration on
+the tiny preset, computed with transformers + PyTorch independently of Tandem.
+Writes tests/fixtures/train_step.json (rollouts, configs, loss, grad norm, and the
+weight change Δ of a few tensors).
+
+    python tools/train_step_reference.py --tandem target/release/tandem
+"""
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import rl_reference as ref
+
+torch.set_default_dtype(torch.float64)
+
+ROLLOUTS = [
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [60, 61, 62, 2], "behavior_logprobs": [-6.0, -6.5, -5.8, -6.2], "reward": 1.0},
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [70, 71, 2], "behavior_logprobs": [-6.1, -6.4, -6.3], "reward": 0.0},
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [80, 81, 82, 83, 2], "behavior_logprobs": [-6.2, -6.0, -6.6, -6.1, -6.3], "reward": 0.5},
+    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [90, 91], "behavior_logprobs": [-6.3, -6.2], "reward": 0.2},
+    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [92, 93, 94], "behavior_logprobs": [-5.9, -6.4, -6.0], "reward": 0.9},
+]
+
+CONFIGS = {
+    "grpo_decoupled_tis_kl_loss": {"advantage": "grpo", "policy_loss": "ppo_clip", "correction": "tis", "correction_level": "sequence",
+                                   "loss_agg": "token_mean", "kl_coef": 0.1, "kl_estimator": "k3", "kl_in": "loss", "entropy_coef": 0.01, "temperature": 0.9},
+    "rloo_bypass_kl_reward": {"advantage": "rloo", "policy_loss": "ppo_clip", "correction_mode": "bypass", "clip_eps_high": 0.28,
+                              "loss_agg": "seq_mean_token_mean", "kl_coef": 0.05, "kl_estimator": "k1", "kl_in": "reward"},
+    "reinforce_pp_icepop_seq_sum": {"advantage": "reinforce_pp", "policy_loss": "reinforce", "correction": "icepop",
+                                    "loss_agg": "seq_sum_norm", "max_completion_len": 8},
+    "drgrpo_dual_clip_bypass": {"advantage": "drgrpo", "policy_loss": "ppo_clip", "clip_c": 3.0, "correction_mode": "bypass",
+                                "loss_agg": "token_mean", "kl_coef": 0.02, "kl_estimator": "k2"},
+}
+LR = 0.1
+WATCH = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight", "model.layers.1.mlp.down_proj.weight",
+         "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+
+
+def token_stats(model, rollouts, temperature):
+    lps, ents = [], []
+    for r in rollouts:
+        ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
+        logits = model(ids).logits[0].to(torch.float64)
+        p = len(r["prompt_ids"])
+        z = logits[p - 1:-1] / temperature
+        logp = torch.log_softmax(z, -1)
+        lps.append(logp.gather(1, torch.tensor(r["completion_ids"])[:, None])[:, 0])
+        ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(lps), torch.cat(ents)
+
+
+def step(folder, cfg):
+    c = {"policy_loss": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2, "clip_c": None, "correction_mode": "decoupled",
+         "correction": "none", "correction_level": "token", "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0,
+         "loss_agg": "token_mean", "max_completion_len": 1024, "kl_coef": 0.0, "kl_estimator": "k3", "kl_in": "loss",
+         "entropy_coef": 0.0, "temperature": 1.0, **cfg}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    lengths = [len(r["completion_ids"]) for r in ROLLOUTS]
+    t = c["temperature"]
+    mu = torch.tensor([x for r in ROLLOUTS for x in r["behavior_logprobs"]])
+    with torch.no_grad():
+        prox, _ = token_stats(model, ROLLOUTS, t)
+        ref_lp, _ = token_stats(reference, ROLLOUTS, t)
+    old = prox if c["correction_mode"] == "decoupled" else mu
+    rewards = [r["reward"] for r in ROLLOUTS]
+    if c["kl_coef"] > 0 and c["kl_in"] == "reward":
+        k = ref.kl(c["kl_estimator"], old, ref_lp)
+        rewards = [rw - c["kl_coef"] * part.sum().item() for rw, part in zip(rewards, torch.split(k, lengths))]
+    groups = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in ROLLOUTS))}
+    adv = ref.advantages(c["advantage"], rewards, [groups[r["group"]] for r in ROLLOUTS])
+    tok_adv = torch.cat([torch.full((n,), a) for a, n in zip(adv, lengths)])
+    if c["correction_mode"] == "decoupled":
+        w = ref.weights(c["correction"], c["correction_level"], prox, mu, lengths, c["tis_cap"], c["icepop_low"], c["icepop_high"])
+    else:
+        w = torch.ones_like(mu)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logp, ent = token_stats(model, ROLLOUTS, t)
+    pl = ref.policy_loss(c["policy_loss"], logp, old, tok_adv, w, c["clip_eps_low"], c["clip_eps_high"], c["clip_c"])
+    agg = lambda x: ref.aggregate(c["loss_agg"], x, lengths, c["max_completion_len"])
+    loss = agg(pl)
+    if c["kl_coef"] > 0 and c["kl_in"] == "loss":
+        loss = loss + c["kl_coef"] * agg(ref.kl(c["kl_estimator"], logp, ref_lp))
+    if c["entropy_coef"]:
+        loss = loss - c["entropy_coef"] * agg(ent)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
+    delta = {n: (p.detach() - before[n]).flatten()[:512].tolist() for n, p in model.named_parameters() if n in WATCH}
+    return {"config": cfg, "loss": loss.item(), "grad_norm": grad_norm, "delta": delta}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tandem", default="target/release/tandem")
+    ap.add_argument("--out", default="tests/fixtures/train_step.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "tiny")
+        subprocess.run([args.tandem, "model", "init", "--preset", "tiny", "--seed", "0", "--out", folder], check=True)
+        cases = {name: step(folder, cfg) for name, cfg in CONFIGS.items()}
+    with open(args.out, "w") as f:
+        json.dump({"preset": "tiny", "seed": 0, "lr": LR, "rollouts": ROLLOUTS, "cases": cases}, f)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

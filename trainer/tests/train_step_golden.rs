@@ -1,0 +1,97 @@
+//! One SGD train step per algorithm configuration on the tiny preset, against the
+//! post-step weights of tools/train_step_reference.py (transformers + PyTorch, f64):
+//! relative error ≤ 1e-3 on the loss, the gradient norm and the weight changes.
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, OptimizerName};
+use tandem_trainer::rollout::Rollout;
+use tandem_trainer::step::{train_step, Optimizer};
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+#[test]
+fn train_step_matches_reference_for_every_configuration() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
+    let lr = fx["lr"].as_f64().unwrap();
+    for (name, case) in fx["cases"].as_object().unwrap() {
+        let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
+        let opt_cfg = OptimizerConfig {
+            name: OptimizerName::Sgd,
+            lr,
+            max_grad_norm: 0.0,
+            ..Default::default()
+        };
+        let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
+            .unwrap()
+            .model;
+        let reference = tandem_model::preset::init("tiny", 0, &Device::Cpu)
+            .unwrap()
+            .model;
+        let before = policy.params().snapshot().unwrap();
+        let mut opt = Optimizer::new(&opt_cfg, &policy).unwrap();
+        let m = train_step(
+            &policy,
+            Some(&reference),
+            &rollouts,
+            &algo,
+            &opt_cfg,
+            &mut opt,
+            0,
+        )
+        .unwrap();
+        let (loss, gn) = (
+            case["loss"].as_f64().unwrap(),
+            case["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            rel(m.loss, loss) <= 1e-3,
+            "{name}: loss {} vs {loss}",
+            m.loss
+        );
+        assert!(
+            rel(m.grad_norm, gn) <= 1e-3,
+            "{name}: grad norm {} vs {gn}",
+            m.grad_norm
+        );
+        for (tensor, expect) in case["delta"].as_object().unwrap() {
+            let expect: Vec<f64> = expect
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let after = policy
+                .params()
+                .get(tensor)
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap();
+            let start = before[tensor].flatten_all().unwrap();
+            let delta: Vec<f64> = (after - start)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = delta
+                .iter()
+                .zip(&expect)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm = expect.iter().map(|b| b * b).sum::<f64>().sqrt();
+            assert!(norm > 0.0, "{name}: {tensor} did not move in the reference");
+            assert!(
+                diff <= 1e-3 * norm,
+                "{name}: {tensor}: |Δ − Δ_ref| = {diff:e}, |Δ_ref| = {norm:e}"
+            );
+        }
+    }
+}
