@@ -34,6 +34,10 @@ CONFIGS = {
                               "loss_agg": "seq_mean_token_mean", "kl_coef": 0.05, "kl_estimator": "k1", "kl_in": "reward"},
     "reinforce_pp_icepop_seq_sum": {"advantage": "reinforce_pp", "policy_loss": "reinforce", "correction": "icepop",
                                     "loss_agg": "seq_sum_norm", "max_completion_len": 8},
+    "reinforce_tis_token": {"advantage": "reinforce", "policy_loss": "ppo_clip", "correction": "tis", "correction_level": "token",
+                                   "tis_cap": 1.5, "loss_agg": "seq_mean_token_mean", "entropy_coef": -0.02},
+    "reinforce_no_baseline_icepop_sequence": {"advantage": "reinforce_no_baseline", "policy_loss": "reinforce", "correction": "icepop",
+                                              "correction_level": "sequence", "icepop_low": 0.9, "icepop_high": 1.1, "loss_agg": "token_mean"},
     "drgrpo_dual_clip_bypass": {"advantage": "drgrpo", "policy_loss": "ppo_clip", "clip_c": 3.0, "correction_mode": "bypass",
                                 "loss_agg": "token_mean", "kl_coef": 0.02, "kl_estimator": "k2"},
 }
