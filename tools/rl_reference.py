@@ -79,6 +79,28 @@ def aggregate(kind, loss, lengths, max_len):
     return torch.stack([p.mean() for p in torch.split(loss, lengths)]).mean()
 
 
+def gae(values, rewards, lengths, gamma, lam):
+    """Textbook GAE, one completion at a time, reward on the last token, V_T = 0."""
+    adv, ret = [], []
+    for v, r in zip(torch.split(values, lengths), rewards):
+        T = len(v)
+        rew = torch.zeros(T)
+        rew[-1] = r
+        nxt = torch.cat([v[1:], torch.zeros(1)])
+        delta = rew + gamma * nxt - v
+        a = torch.zeros(T)
+        for t in range(T):
+            a[t] = sum((gamma * lam) ** l * delta[t + l] for l in range(T - t))
+        adv.append(a)
+        ret.append(a + v)
+    return torch.cat(adv), torch.cat(ret)
+
+
+def value_loss(new, old, returns, clip):
+    clipped = old + torch.clamp(new - old, -clip, clip)
+    return 0.5 * torch.maximum((new - returns) ** 2, (clipped - returns) ** 2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures/rl_golden.json")
@@ -115,7 +137,17 @@ def main():
                 total.backward()
                 losses[f"{pl}|{corr}|{agg}"] = {"per_token": per_tok.detach().tolist(), "loss": total.item(),
                                                  "grad_logp": theta.grad.tolist()}
-    out = {"rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
+    values = torch.randn(n, generator=g) * 0.5
+    new_values = values + torch.randn(n, generator=g) * 0.4
+    seq_rewards = [1.0, -0.5, 0.25]
+    a_gae, r_gae = gae(values, seq_rewards, lengths, 0.99, 0.95)
+    nv = new_values.clone().requires_grad_(True)
+    vl = value_loss(nv, values, r_gae, 0.2)
+    vl.sum().backward()
+    critic = {"values": values.tolist(), "new_values": new_values.tolist(), "rewards": seq_rewards, "gamma": 0.99,
+              "lambda": 0.95, "value_clip": 0.2, "advantages": a_gae.tolist(), "returns": r_gae.tolist(),
+              "value_loss": vl.detach().tolist(), "value_loss_grad": nv.grad.tolist()}
+    out = {"critic": critic, "rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
            "weights": ws, "policy": losses,
            "params": {"eps_low": 0.2, "eps_high": 0.28, "clip_c": 3.0, "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}}
     with open(args.out, "w") as f:

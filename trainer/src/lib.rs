@@ -6,6 +6,7 @@
 //! - [`correction`] — behaviour weights: none, truncated IS, IcePop; token or sequence level
 //! - [`kl`] — k1, k2, k3 estimators
 //! - [`aggregate`] — token mean, sequence mean of token means, Dr. GRPO's constant normaliser
+//! - [`gae`] — GAE(γ, λ) over tokens and PPO's clipped value loss (the critic side)
 //!
 //! [`config`] holds the `[algorithm]` and `[optimizer]` sections, [`rollout`] the
 //! rollout record, [`step`] one training step. The rollout buffer, checkpoints and the weight publisher come next.
@@ -15,6 +16,7 @@ pub mod aggregate;
 pub mod config;
 pub mod correction;
 pub mod error;
+pub mod gae;
 pub mod kl;
 pub mod policy_loss;
 pub mod rollout;

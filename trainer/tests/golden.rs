@@ -346,3 +346,42 @@ fn bad_parameters_are_errors() {
         .contains("max_completion_len"));
     assert!(aggregate(LossAgg::TokenMean, &x, &[0, 3], 3).is_err());
 }
+
+/// GAE(γ, λ) and the clipped value loss (with its gradient) against the reference.
+#[test]
+fn gae_and_value_loss_match_reference() {
+    let g = golden();
+    let c = &g["critic"];
+    let lengths: Vec<usize> = g["tokens"]["lengths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let values = f64s(&c["values"]);
+    let (adv, ret) = tandem_trainer::gae::gae(
+        &values,
+        &f64s(&c["rewards"]),
+        &offsets(&lengths),
+        c["gamma"].as_f64().unwrap(),
+        c["lambda"].as_f64().unwrap(),
+    )
+    .unwrap();
+    assert_close(&adv, &f64s(&c["advantages"]), "gae advantages");
+    assert_close(&ret, &f64s(&c["returns"]), "gae returns");
+    let new_values = Var::from_tensor(&t(&f64s(&c["new_values"]))).unwrap();
+    let vl = tandem_trainer::gae::value_loss(
+        new_values.as_tensor(),
+        &t(&values),
+        &t(&ret),
+        c["value_clip"].as_f64().unwrap(),
+    )
+    .unwrap();
+    assert_close(&vals(&vl), &f64s(&c["value_loss"]), "value loss");
+    let grad = vl.sum_all().unwrap().backward().unwrap();
+    assert_close(
+        &vals(grad.get(&new_values).unwrap()),
+        &f64s(&c["value_loss_grad"]),
+        "value loss gradient",
+    );
+}
