@@ -1,35 +1,10 @@
 //! The `tandem` binary as a user runs it: real processes, real files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .env("TANDEM_LOG", "warn")
-        .output()
-        .expect("run tandem")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Fails with a message that contains every `needle`, without a panic.
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panicked instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "error should mention `{n}`: {err}");
-    }
-}
+use common::{assert_clean_failure, stderr, tandem};
 
 fn init_tiny(dir: &Path) -> PathBuf {
     let out = dir.join("tiny");

@@ -1,20 +1,10 @@
 //! `tandem train-step` as a user runs it.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .env("TANDEM_LOG", "warn")
-        .output()
-        .expect("run tandem")
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
+use common::{assert_clean_failure, ok, tandem};
 
 fn weights(dir: &Path) -> Vec<f32> {
     let t =
@@ -132,10 +122,6 @@ fn bad_rollouts_and_configs_are_located() {
             "--out",
             dir.path().join("o").to_str().unwrap(),
         ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
-        for n in needles {
-            assert!(err.contains(n), "`{n}` missing: {err}");
-        }
+        assert_clean_failure(&o, needles);
     }
 }

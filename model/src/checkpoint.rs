@@ -95,15 +95,7 @@ fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Pretrained> 
     if gen_path.exists() {
         let v: Value = serde_json::from_slice(&read_file(&gen_path)?)
             .map_err(|e| Error::format(&gen_path, format!("not valid JSON: {e}")))?;
-        let ids: Vec<u32> = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect(),
-            _ => Vec::new(),
-        };
+        let ids = crate::config::token_ids(v.get("eos_token_id"));
         for id in ids {
             if !config.eos_token_ids.contains(&id) {
                 config.eos_token_ids.push(id);

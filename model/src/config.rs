@@ -98,7 +98,7 @@ fn f64_field_or(v: &Value, key: &str, default: f64, path: &Path) -> Result<f64> 
 }
 
 /// `eos_token_id` is an integer or a list of integers in HF files.
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
+pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a
