@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::TrainConfig;
 use tandem_trainer::rollout;
 use tandem_trainer::step::{train_step, Optimizer};
+use tandem_trainer::value::ValueHead;
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -44,10 +46,28 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     } else {
         None
     };
-    let mut opt = Optimizer::new(&cfg.optimizer, &p.model)?;
+    // PPO with GAE trains a value head that lives beside the model (zeros when new).
+    let critic = if cfg.algorithm.advantage == Estimator::Gae {
+        let (d, dtype, device) = (
+            p.model.config().hidden_size,
+            p.model.dtype(),
+            p.model.device(),
+        );
+        Some(
+            match ValueHead::load(std::path::Path::new(&a.model), d, dtype, device)? {
+                Some(head) => head,
+                None => ValueHead::zeros(d, dtype, device)?,
+            },
+        )
+    } else {
+        None
+    };
+    let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
+    let mut opt = Optimizer::new(&cfg.optimizer, &p.model, extra)?;
     let metrics = train_step(
         &p.model,
         reference.as_ref().map(|r| &r.model),
+        critic.as_ref(),
         &rollouts,
         &cfg.algorithm,
         &cfg.optimizer,
@@ -56,6 +76,10 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     )?;
     tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    if let Some(c) = &critic {
+        c.save(&a.out)
+            .with_context(|| format!("writing the value head into {}", a.out.display()))?;
+    }
     let path = a.out.join("metrics.json");
     std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)
         .with_context(|| format!("writing {}", path.display()))?;

@@ -71,6 +71,55 @@ fn sgd_step_moves_weights_by_lr_times_grad_norm() {
     }
 }
 
+/// PPO with GAE trains a value head and saves it beside the model; a second step
+/// starts from it.
+#[test]
+fn gae_step_writes_and_reuses_the_value_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    ok(tandem(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let rollouts = dir.path().join("r.jsonl");
+    write_rollouts(&rollouts);
+    let cfg = dir.path().join("gae.toml");
+    std::fs::write(
+        &cfg,
+        "[algorithm]\nadvantage = \"gae\"\ngamma = 0.99\n\n[optimizer]\nname = \"sgd\"\nlr = 0.1\n",
+    )
+    .unwrap();
+    let step = |from: &Path, to: &Path| {
+        ok(tandem(&[
+            "train-step",
+            "--model",
+            from.to_str().unwrap(),
+            "--rollouts",
+            rollouts.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            to.to_str().unwrap(),
+        ]));
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(to.join("metrics.json")).unwrap())
+                .unwrap();
+        m["value_loss"].as_f64().unwrap()
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let first = step(&model, &one);
+    assert!(one.join("value_head.safetensors").exists());
+    let second = step(&one, &two);
+    assert!(
+        first > 0.0 && second < first,
+        "the critic learns: value loss {first} then {second}"
+    );
+}
+
 #[test]
 fn bad_rollouts_and_configs_are_located() {
     let dir = tempfile::tempdir().unwrap();

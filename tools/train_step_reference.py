@@ -38,6 +38,8 @@ CONFIGS = {
                                    "tis_cap": 1.5, "loss_agg": "seq_mean_token_mean", "entropy_coef": -0.02},
     "reinforce_no_baseline_icepop_sequence": {"advantage": "reinforce_no_baseline", "policy_loss": "reinforce", "correction": "icepop",
                                               "correction_level": "sequence", "icepop_low": 0.9, "icepop_high": 1.1, "loss_agg": "token_mean"},
+    "gae_ppo_value_head": {"advantage": "gae", "policy_loss": "ppo_clip", "gamma": 0.99, "lambda": 0.9, "value_clip": 0.2, "vf_coef": 0.5,
+                           "loss_agg": "token_mean", "kl_coef": 0.05, "kl_estimator": "k1", "kl_in": "reward"},
     "drgrpo_dual_clip_bypass": {"advantage": "drgrpo", "policy_loss": "ppo_clip", "clip_c": 3.0, "correction_mode": "bypass",
                                 "loss_agg": "token_mean", "kl_coef": 0.02, "kl_estimator": "k2"},
 }
@@ -46,16 +48,29 @@ WATCH = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "lm_head.
          "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
 
 
-def token_stats(model, rollouts, temperature):
-    lps, ents = [], []
+def value_head(hidden_size):
+    """The value head's starting values; tests/ build the same from this formula."""
+    w = torch.tensor([0.05 * torch.sin(torch.tensor(i + 1.0)).item() for i in range(hidden_size)], requires_grad=True)
+    b = torch.tensor([0.1], requires_grad=True)
+    return w, b
+
+
+def token_stats(model, rollouts, temperature, head=None):
+    lps, ents, vals = [], [], []
     for r in rollouts:
         ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
-        logits = model(ids).logits[0].to(torch.float64)
+        out = model(ids, output_hidden_states=True)
+        logits = out.logits[0].to(torch.float64)
         p = len(r["prompt_ids"])
         z = logits[p - 1:-1] / temperature
         logp = torch.log_softmax(z, -1)
         lps.append(logp.gather(1, torch.tensor(r["completion_ids"])[:, None])[:, 0])
         ents.append(-(logp.exp() * logp).sum(-1))
+        if head is not None:
+            h = out.hidden_states[-1][0, p - 1:-1]  # after the final norm
+            vals.append(h @ head[0] + head[1])
+    if head is not None:
+        return torch.cat(lps), torch.cat(ents), torch.cat(vals)
     return torch.cat(lps), torch.cat(ents)
 
 
@@ -63,7 +78,7 @@ def step(folder, cfg):
     c = {"policy_loss": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2, "clip_c": None, "correction_mode": "decoupled",
          "correction": "none", "correction_level": "token", "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0,
          "loss_agg": "token_mean", "max_completion_len": 1024, "kl_coef": 0.0, "kl_estimator": "k3", "kl_in": "loss",
-         "entropy_coef": 0.0, "temperature": 1.0, **cfg}
+         "entropy_coef": 0.0, "temperature": 1.0, "gamma": 1.0, "lambda": 0.95, "value_clip": 0.2, "vf_coef": 0.5, **cfg}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     lengths = [len(r["completion_ids"]) for r in ROLLOUTS]
@@ -77,15 +92,24 @@ def step(folder, cfg):
     if c["kl_coef"] > 0 and c["kl_in"] == "reward":
         k = ref.kl(c["kl_estimator"], old, ref_lp)
         rewards = [rw - c["kl_coef"] * part.sum().item() for rw, part in zip(rewards, torch.split(k, lengths))]
-    groups = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in ROLLOUTS))}
-    adv = ref.advantages(c["advantage"], rewards, [groups[r["group"]] for r in ROLLOUTS])
-    tok_adv = torch.cat([torch.full((n,), a) for a, n in zip(adv, lengths)])
+    head = value_head(model.config.hidden_size) if c["advantage"] == "gae" else None
+    if head is not None:
+        with torch.no_grad():
+            _, _, old_values = token_stats(model, ROLLOUTS, t, head)
+        tok_adv, returns = ref.gae(old_values, rewards, lengths, c["gamma"], c["lambda"])
+    else:
+        groups = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in ROLLOUTS))}
+        adv = ref.advantages(c["advantage"], rewards, [groups[r["group"]] for r in ROLLOUTS])
+        tok_adv = torch.cat([torch.full((n,), a) for a, n in zip(adv, lengths)])
     if c["correction_mode"] == "decoupled":
         w = ref.weights(c["correction"], c["correction_level"], prox, mu, lengths, c["tis_cap"], c["icepop_low"], c["icepop_high"])
     else:
         w = torch.ones_like(mu)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logp, ent = token_stats(model, ROLLOUTS, t)
+    if head is not None:
+        logp, ent, new_values = token_stats(model, ROLLOUTS, t, head)
+    else:
+        logp, ent = token_stats(model, ROLLOUTS, t)
     pl = ref.policy_loss(c["policy_loss"], logp, old, tok_adv, w, c["clip_eps_low"], c["clip_eps_high"], c["clip_c"])
     agg = lambda x: ref.aggregate(c["loss_agg"], x, lengths, c["max_completion_len"])
     loss = agg(pl)
@@ -93,14 +117,21 @@ def step(folder, cfg):
         loss = loss + c["kl_coef"] * agg(ref.kl(c["kl_estimator"], logp, ref_lp))
     if c["entropy_coef"]:
         loss = loss - c["entropy_coef"] * agg(ent)
+    if head is not None:
+        loss = loss + c["vf_coef"] * agg(ref.value_loss(new_values, old_values, returns, c["value_clip"]))
     loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = list(model.parameters()) + (list(head) if head is not None else [])
+    grads = [p.grad for p in params if p.grad is not None]
     grad_norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in params:
             if p.grad is not None:
                 p -= LR * p.grad
     delta = {n: (p.detach() - before[n]).flatten()[:512].tolist() for n, p in model.named_parameters() if n in WATCH}
+    if head is not None:
+        start_w, start_b = value_head(model.config.hidden_size)
+        delta["value_head.weight"] = (head[0].detach() - start_w.detach()).tolist()
+        delta["value_head.bias"] = (head[1].detach() - start_b.detach()).tolist()
     return {"config": cfg, "loss": loss.item(), "grad_norm": grad_norm, "delta": delta}
 
 

@@ -426,6 +426,7 @@ impl Model {
         Ok(CompletionLogprobs {
             logprobs,
             entropy,
+            hidden: picked,
             offsets,
         })
     }
@@ -438,6 +439,9 @@ pub struct CompletionLogprobs {
     pub logprobs: Tensor,
     /// (N,) entropy of the distribution that predicted it.
     pub entropy: Tensor,
+    /// (N, d) final hidden state at the position that predicts each token: the state
+    /// before the token is emitted, which a value head reads.
+    pub hidden: Tensor,
     /// Sequence i's tokens are `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
 }

@@ -25,6 +25,9 @@ pub enum Estimator {
     /// REINFORCE++ with baseline (Hu 2025; OpenRLHF): aᵢ = rᵢ − mean_g, then whitened
     /// over the batch: Aᵢ = (aᵢ − mean(a)) / (std(a) + 1e-8), std biased.
     ReinforcePp,
+    /// PPO with a value head: per-token GAE(γ, λ), see [`crate::gae`]; computed by the
+    /// train step from the critic's values, not by [`compute`].
+    Gae,
 }
 
 /// GRPO's ε in the denominator, as TRL.
@@ -82,6 +85,11 @@ pub fn compute(estimator: Estimator, rewards: &[f64], group_of: &[usize]) -> Res
             rewards[i]
         )));
     }
+    if estimator == Estimator::Gae {
+        return Err(invalid(
+            "gae advantages are per token: they come from gae::gae with the critic's values",
+        ));
+    }
     let mut values = vec![0.0; rewards.len()];
     let mut zero_std_groups = 0;
     let all_groups = groups(group_of);
@@ -97,6 +105,7 @@ pub fn compute(estimator: Estimator, rewards: &[f64], group_of: &[usize]) -> Res
             values.iter_mut().zip(rewards).for_each(|(a, r)| *a = r - m);
         }
         Estimator::ReinforceNoBaseline => values.copy_from_slice(rewards),
+        Estimator::Gae => unreachable!("returned above"),
         Estimator::Rloo | Estimator::Grpo | Estimator::Drgrpo | Estimator::ReinforcePp => {
             for members in &all_groups {
                 let k = members.len();

@@ -50,8 +50,16 @@ pub enum CorrectionKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlgorithmConfig {
-    /// reinforce | reinforce_no_baseline | rloo | grpo | drgrpo | reinforce_pp.
+    /// reinforce | reinforce_no_baseline | rloo | grpo | drgrpo | reinforce_pp | gae.
     pub advantage: Estimator,
+    /// GAE discount γ (advantage = "gae").
+    pub gamma: f64,
+    /// GAE λ.
+    pub lambda: f64,
+    /// Value-loss clip ε_v around the step's starting values.
+    pub value_clip: f64,
+    /// Weight of the value loss in the total loss.
+    pub vf_coef: f64,
     /// ppo_clip | reinforce.
     pub policy_loss: PolicyLossKind,
     /// PPO ε below 1 (Schulman et al. 2017).
@@ -95,6 +103,10 @@ impl Default for AlgorithmConfig {
     fn default() -> Self {
         AlgorithmConfig {
             advantage: Estimator::Grpo,
+            gamma: 1.0,
+            lambda: 0.95,
+            value_clip: 0.2,
+            vf_coef: 0.5,
             policy_loss: PolicyLossKind::PpoClip,
             clip_eps_low: 0.2,
             clip_eps_high: 0.2,
@@ -152,6 +164,15 @@ impl AlgorithmConfig {
         }
         if self.entropy_coef.is_nan() {
             return bad("entropy_coef", "must be a number");
+        }
+        if !(0.0..=1.0).contains(&self.gamma) || !(0.0..=1.0).contains(&self.lambda) {
+            return bad("gamma", "gamma and lambda must be in [0, 1]");
+        }
+        if self.value_clip.is_nan() || self.value_clip <= 0.0 {
+            return bad("value_clip", "must be > 0");
+        }
+        if self.vf_coef.is_nan() || self.vf_coef < 0.0 {
+            return bad("vf_coef", "must be ≥ 0");
         }
         if self.ppo_epochs == 0 {
             return bad("ppo_epochs", "must be ≥ 1");

@@ -21,5 +21,6 @@ pub mod kl;
 pub mod policy_loss;
 pub mod rollout;
 pub mod step;
+pub mod value;
 
 pub use error::{Error, Result};

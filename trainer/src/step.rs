@@ -16,14 +16,16 @@ use serde::Serialize;
 use tandem_model::optim::{AdamW, AdamWConfig, Sgd, StepStats};
 use tandem_model::Model;
 
-use crate::advantage;
+use crate::advantage::{self, Estimator};
 use crate::aggregate::aggregate;
 use crate::config::{AlgorithmConfig, CorrectionMode, KlIn, OptimizerConfig, OptimizerName};
 use crate::correction::behaviour_weights;
 use crate::error::{invalid, Result};
+use crate::gae;
 use crate::kl;
 use crate::policy_loss;
 use crate::rollout::Rollout;
+use crate::value::ValueHead;
 
 /// The configured optimizer.
 pub enum Optimizer {
@@ -32,12 +34,14 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(cfg: &OptimizerConfig, model: &Model) -> Result<Self> {
-        let params: Vec<(String, Var)> = model
+    /// An optimizer over the model's parameters and `extra` ones (a value head).
+    pub fn new(cfg: &OptimizerConfig, model: &Model, extra: Vec<(String, Var)>) -> Result<Self> {
+        let mut params: Vec<(String, Var)> = model
             .params()
             .iter()
             .map(|(n, v)| (n.to_string(), v.clone()))
             .collect();
+        params.extend(extra);
         Ok(match cfg.name {
             OptimizerName::Adamw => Optimizer::AdamW(AdamW::new(
                 params,
@@ -79,6 +83,8 @@ pub struct StepMetrics {
     pub policy_loss: f64,
     pub kl: f64,
     pub entropy: f64,
+    /// Clipped value loss (advantage = "gae").
+    pub value_loss: f64,
     /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
     pub lr: f64,
@@ -114,10 +120,13 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 /// Runs one step of the configured algorithm on `rollouts`, updating `policy` in place.
-/// `reference` is required when `kl_coef > 0`. `step_index` drives the lr schedule.
+/// `reference` is required when `kl_coef > 0`, `critic` when `advantage = "gae"`.
+/// `step_index` drives the lr schedule.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     policy: &Model,
     reference: Option<&Model>,
+    critic: Option<&ValueHead>,
     rollouts: &[Rollout],
     cfg: &AlgorithmConfig,
     opt_cfg: &OptimizerConfig,
@@ -156,9 +165,9 @@ pub fn train_step(
     )?;
 
     // 1. π_prox (no gradient) and π_old.
-    let prox = policy
-        .completion_logprobs(&policy.inference_weights(), &seqs, &starts, cfg.temperature)?
-        .logprobs;
+    let start =
+        policy.completion_logprobs(&policy.inference_weights(), &seqs, &starts, cfg.temperature)?;
+    let prox = start.logprobs.clone();
     let old = match cfg.correction_mode {
         CorrectionMode::Decoupled => prox.clone(),
         CorrectionMode::Bypass => mu.clone(),
@@ -188,23 +197,38 @@ pub fn train_step(
         }
     }
 
-    // 3. Advantages, per completion then per token.
-    let mut group_ids: HashMap<&str, usize> = HashMap::new();
-    let group_of: Vec<usize> = rollouts
-        .iter()
-        .map(|r| {
-            let next = group_ids.len();
-            *group_ids.entry(r.group.as_str()).or_insert(next)
-        })
-        .collect();
-    let adv = advantage::compute(cfg.advantage, &rewards, &group_of)?;
-    let adv_tokens = to_tensor(
-        rollouts
-            .iter()
-            .zip(&adv.values)
-            .flat_map(|(r, &a)| std::iter::repeat_n(a, r.completion_ids.len()))
-            .collect(),
-    )?;
+    // 3. Advantages per token: GAE from the critic's starting values, or one per
+    //    completion shared by its tokens.
+    let critic = match (cfg.advantage, critic) {
+        (Estimator::Gae, Some(c)) => Some(c),
+        (Estimator::Gae, None) => return Err(invalid("advantage = \"gae\" needs a value head")),
+        _ => None,
+    };
+    let (adv_values, zero_std_groups, value_targets) = match critic {
+        Some(c) => {
+            let old_values = host(&c.values(&start.hidden)?)?;
+            let (a, returns) = gae::gae(&old_values, &rewards, &offsets, cfg.gamma, cfg.lambda)?;
+            (a, 0, Some((to_tensor(old_values)?, to_tensor(returns)?)))
+        }
+        None => {
+            let mut group_ids: HashMap<&str, usize> = HashMap::new();
+            let group_of: Vec<usize> = rollouts
+                .iter()
+                .map(|r| {
+                    let next = group_ids.len();
+                    *group_ids.entry(r.group.as_str()).or_insert(next)
+                })
+                .collect();
+            let adv = advantage::compute(cfg.advantage, &rewards, &group_of)?;
+            let per_token = rollouts
+                .iter()
+                .zip(&adv.values)
+                .flat_map(|(r, &a)| std::iter::repeat_n(a, r.completion_ids.len()))
+                .collect();
+            (per_token, adv.zero_std_groups, None)
+        }
+    };
+    let adv_tokens = to_tensor(adv_values.clone())?;
 
     // 4. Behaviour weights.
     let bw = behaviour_weights(cfg.correction(), cfg.correction_level, &prox, &mu, &offsets)?;
@@ -218,7 +242,7 @@ pub fn train_step(
         .fold((0.0, 0.0), |(s, s2), w| (s + w, s2 + w * w));
     let log_ratio = host(&(&prox - &mu)?)?;
     let (reward_mean, reward_std) = mean_std(&rewards);
-    let (advantage_mean, advantage_std) = mean_std(&adv.values);
+    let (advantage_mean, advantage_std) = mean_std(&adv_values);
     let mut m = StepMetrics {
         behaviour_weight_mean: sum_w / n_tokens as f64,
         behaviour_weight_max: raw.iter().copied().fold(f64::NEG_INFINITY, f64::max),
@@ -230,7 +254,7 @@ pub fn train_step(
         reward_std,
         advantage_mean,
         advantage_std,
-        zero_std_groups: adv.zero_std_groups,
+        zero_std_groups,
         sequences: rollouts.len(),
         tokens: n_tokens,
         ..Default::default()
@@ -271,6 +295,13 @@ pub fn train_step(
                     loss = (loss + (k_agg * cfg.kl_coef)?)?;
                 }
             }
+            if let (Some(c), Some((old_v, returns))) = (critic, &value_targets) {
+                let v = c.values(&out.hidden)?;
+                let vl = gae::value_loss(&v, &slice(old_v)?, &slice(returns)?, cfg.value_clip)?;
+                let v_agg = aggregate(cfg.loss_agg, &vl, &local, cfg.max_completion_len)?;
+                m.value_loss += v_agg.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                loss = (loss + (v_agg * cfg.vf_coef)?)?;
+            }
             let ent = aggregate(cfg.loss_agg, &out.entropy, &local, cfg.max_completion_len)?;
             if cfg.entropy_coef != 0.0 {
                 loss = (loss - (&ent * cfg.entropy_coef)?)?;
@@ -299,6 +330,7 @@ pub fn train_step(
         &mut m.policy_loss,
         &mut m.kl,
         &mut m.entropy,
+        &mut m.value_loss,
         &mut m.grad_norm,
         &mut m.clip_fraction_low,
         &mut m.clip_fraction_high,

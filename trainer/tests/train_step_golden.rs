@@ -4,9 +4,21 @@
 
 use candle_core::{DType, Device};
 use serde_json::Value;
+use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, OptimizerName};
 use tandem_trainer::rollout::Rollout;
 use tandem_trainer::step::{train_step, Optimizer};
+use tandem_trainer::value::ValueHead;
+
+/// The value head's starting values, by the formula tools/train_step_reference.py uses.
+fn value_head(d: usize) -> ValueHead {
+    let w: Vec<f32> = (0..d)
+        .map(|i| (0.05 * ((i + 1) as f64).sin()) as f32)
+        .collect();
+    let w = candle_core::Tensor::from_vec(w, d, &Device::Cpu).unwrap();
+    let b = candle_core::Tensor::new(&[0.1f32], &Device::Cpu).unwrap();
+    ValueHead::from_tensors(&w, &b).unwrap()
+}
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
@@ -33,11 +45,22 @@ fn train_step_matches_reference_for_every_configuration() {
         let reference = tandem_model::preset::init("tiny", 0, &Device::Cpu)
             .unwrap()
             .model;
-        let before = policy.params().snapshot().unwrap();
-        let mut opt = Optimizer::new(&opt_cfg, &policy).unwrap();
+        let mut before = policy.params().snapshot().unwrap();
+        let critic =
+            (algo.advantage == Estimator::Gae).then(|| value_head(policy.config().hidden_size));
+        let mut current = std::collections::HashMap::new();
+        if let Some(c) = &critic {
+            for (n, v) in c.named_vars() {
+                before.insert(n.clone(), v.as_tensor().copy().unwrap());
+                current.insert(n, v);
+            }
+        }
+        let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
+        let mut opt = Optimizer::new(&opt_cfg, &policy, extra).unwrap();
         let m = train_step(
             &policy,
             Some(&reference),
+            critic.as_ref(),
             &rollouts,
             &algo,
             &opt_cfg,
@@ -66,14 +89,21 @@ fn train_step_matches_reference_for_every_configuration() {
                 .iter()
                 .map(|x| x.as_f64().unwrap())
                 .collect();
-            let after = policy
-                .params()
+            let var = current
                 .get(tensor)
-                .unwrap()
+                .or_else(|| policy.params().get(tensor))
+                .unwrap();
+            let after = var
                 .as_tensor()
                 .flatten_all()
+                .unwrap()
+                .narrow(0, 0, expect.len())
                 .unwrap();
-            let start = before[tensor].flatten_all().unwrap();
+            let start = before[tensor]
+                .flatten_all()
+                .unwrap()
+                .narrow(0, 0, expect.len())
+                .unwrap();
             let delta: Vec<f64> = (after - start)
                 .unwrap()
                 .to_dtype(DType::F64)
@@ -117,14 +147,15 @@ fn epochs_and_minibatches_multiply_the_updates() {
     let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
         .unwrap()
         .model;
-    let mut opt = Optimizer::new(&opt_cfg, &policy).unwrap();
-    let m = train_step(&policy, None, &rollouts, &algo, &opt_cfg, &mut opt, 0).unwrap();
+    let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
+    let m = train_step(&policy, None, None, &rollouts, &algo, &opt_cfg, &mut opt, 0).unwrap();
     assert_eq!(m.optimizer_steps, 4);
     assert!(m.loss.is_finite() && m.grad_norm > 0.0);
     // The synthetic μ is not the model's own: weights spread, ESS is below 1.
     assert!(m.behaviour_weight_ess > 0.0 && m.behaviour_weight_ess < 1.0);
     assert!(train_step(
         &policy,
+        None,
         None,
         &rollouts,
         &AlgorithmConfig {
