@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_storage::contiguous;
 use crate::error::Result;
 
 /// The largest number of activation rows the kernel takes.
@@ -93,14 +94,8 @@ impl CustomOp2 for DecodeMatmul {
         if k != k2 {
             candle_core::bail!("decode-matmul: x has {k} columns, w has {k2}")
         }
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("decode-matmul: f32 only")
-        };
-        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("decode-matmul: contiguous inputs only")
-        };
-        let (x, w) = (&x[xa..xb], &w[wa..wb]);
+        let x = contiguous::<f32>(s1, l1, self.name())?;
+        let w = contiguous::<f32>(s2, l2, self.name())?;
         #[cfg(target_arch = "x86_64")]
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");

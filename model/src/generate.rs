@@ -64,12 +64,7 @@ impl Session {
                     "prompt {i} is empty: at least one token is needed"
                 )));
             }
-            if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(Error::invalid(format!(
-                    "prompt {i}: token id {bad} is not below the vocabulary size {}",
-                    cfg.vocab_size
-                )));
-            }
+            model.check_ids(p, &format!("prompt {i}"))?;
             if p.len() + params.max_new_tokens > cfg.max_position_embeddings {
                 return Err(Error::invalid(format!(
                     "prompt {i}: {} tokens + max_new_tokens {} exceed the model's context of {}",

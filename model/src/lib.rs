@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod cpu_storage;
 pub mod decode_matmul;
 pub mod error;
 pub mod fetch;

@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::cpu_storage::contiguous;
 use crate::error::{Error, Result};
 
 /// logprob and entropy of each row's target, each (N,). Gradients flow to `logits`.
@@ -78,17 +79,6 @@ struct LogprobEntropy {
     vocab: usize,
 }
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let data = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("logprob op: input must be contiguous"),
-    }
-}
-
 /// (logsumexp, Σ p·z) of one row of z = l / τ. Terms are computed in the input's
 /// precision and accumulated in f64: over a 50k-token vocabulary an f32 running sum
 /// loses ~1e-3 of entropy to rounding.
@@ -140,17 +130,17 @@ impl CustomOp2 for LogprobEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let targets = slice::<u32>(s2, l2)?;
+        let targets = contiguous::<u32>(s2, l2, self.name())?;
         let n = targets.len();
         let storage = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(fwd_kernel(
-                slice::<f32>(s1, l1)?,
+                contiguous::<f32>(s1, l1, self.name())?,
                 targets,
                 self.vocab,
                 self.temperature,
             )?),
             CpuStorage::F64(_) => CpuStorage::F64(fwd_kernel(
-                slice::<f64>(s1, l1)?,
+                contiguous::<f64>(s1, l1, self.name())?,
                 targets,
                 self.vocab,
                 self.temperature,
@@ -227,20 +217,20 @@ impl CustomOp3 for LogprobEntropyGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let targets = slice::<u32>(s2, l2)?;
+        let targets = contiguous::<u32>(s2, l2, self.name())?;
         let shape = Shape::from((targets.len(), self.vocab));
         let storage = match (s1, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(bwd_kernel(
-                slice::<f32>(s1, l1)?,
+                contiguous::<f32>(s1, l1, self.name())?,
                 targets,
-                slice::<f32>(s3, l3)?,
+                contiguous::<f32>(s3, l3, self.name())?,
                 self.vocab,
                 self.temperature,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(bwd_kernel(
-                slice::<f64>(s1, l1)?,
+                contiguous::<f64>(s1, l1, self.name())?,
                 targets,
-                slice::<f64>(s3, l3)?,
+                contiguous::<f64>(s3, l3, self.name())?,
                 self.vocab,
                 self.temperature,
             )),

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tenso
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu_storage::contiguous;
 use crate::error::{read_file, write_file, Error, Result};
 
 /// AdamW hyper-parameters (defaults as `torch.optim.AdamW`, lr as common for RL fine-tuning).
@@ -90,19 +91,12 @@ impl CustomOp1 for SumOfSquares {
         "sum-of-squares"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s, l)?;
+        let x = contiguous::<f32>(s, l, self.name())?;
         let total: f64 = x
             .par_chunks(1 << 14)
             .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
             .sum();
         Ok((CpuStorage::F64(vec![total]), Shape::from(1)))
-    }
-}
-
-fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("optimizer kernel: f32 contiguous tensors only"),
     }
 }
 
@@ -171,7 +165,7 @@ impl InplaceOp2 for FusedAdamW<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let g = contiguous_slice(s2, l2)?;
+        let g = contiguous::<f32>(s2, l2, self.name())?;
         let (a, b) = l1
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("fused AdamW: param not contiguous".into()))?;

@@ -213,7 +213,8 @@ impl Model {
         self.collect_weights(|t| t.detach(), true)
     }
 
-    fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+    /// Every id below the vocabulary size; `what` names the sequence in the error.
+    pub(crate) fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
         if let Some((pos, &id)) = ids
             .iter()
             .enumerate()
@@ -248,13 +249,8 @@ impl Model {
             cfg.head_dim,
         );
         let groups = h / kv;
-        let max_pos = positions.max_all()?.to_scalar::<u32>()? as usize;
-        if max_pos >= self.rope.max_positions() {
-            return Err(Error::invalid(format!(
-                "position {max_pos} is beyond the model's `max_position_embeddings` ({})",
-                self.rope.max_positions()
-            )));
-        }
+        // Positions are checked against the context where they are built (`pack`,
+        // `Session::new`), on the host; an out-of-range one still fails in the RoPE gather.
         let (cos, sin) = self.rope.at(positions)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = w
@@ -350,6 +346,12 @@ impl Model {
             return Err(Error::invalid(
                 "empty batch: at least one non-empty sequence is needed",
             ));
+        }
+        if t > self.config.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "a sequence of {t} tokens exceeds the model's context of {} (`max_position_embeddings`)",
+                self.config.max_position_embeddings
+            )));
         }
         let pad = self.config.pad_token_id.unwrap_or(0);
         let mut ids = Vec::with_capacity(seqs.len() * t);

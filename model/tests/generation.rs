@@ -167,4 +167,10 @@ fn bad_requests_are_errors_not_panics() {
         .completion_logprobs(&p.model.weights(), &[vec![1, vocab + 3]], &[1], 1.0)
         .unwrap_err();
     assert!(err.to_string().contains("sequence 0"), "{err}");
+    let long = vec![1u32; p.model.config().max_position_embeddings + 1];
+    let err = p
+        .model
+        .completion_logprobs(&p.model.weights(), &[long], &[1], 1.0)
+        .unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
 }
