@@ -2,25 +2,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{assert_clean_failure, stderr, tandem};
-
-fn init_tiny(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny");
-    let o = tandem(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    out
-}
+use common::{assert_clean_failure, init_tiny, stderr, tandem};
 
 fn fixture() -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.json");

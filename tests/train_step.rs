@@ -4,7 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_clean_failure, ok, tandem};
+use common::{assert_clean_failure, init_tiny, ok, train_step};
+
+fn metrics(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+}
 
 fn weights(dir: &Path) -> Vec<f32> {
     let t =
@@ -41,15 +45,7 @@ fn write_rollouts(path: &Path) {
 #[test]
 fn sgd_step_moves_weights_by_lr_times_grad_norm() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    ok(tandem(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
+    let model = init_tiny(dir.path());
     let rollouts = dir.path().join("r.jsonl");
     write_rollouts(&rollouts);
     for (name, algo) in [
@@ -60,8 +56,8 @@ fn sgd_step_moves_weights_by_lr_times_grad_norm() {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, format!("[algorithm]\n{algo}\n\n[optimizer]\nname = \"sgd\"\nlr = 0.5\nmax_grad_norm = 0\n")).unwrap();
         let out = dir.path().join(name);
-        ok(tandem(&["train-step", "--model", model.to_str().unwrap(), "--rollouts", rollouts.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]));
-        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        ok(train_step(&model, &rollouts, &cfg, &out));
+        let m = metrics(&out);
         let grad_norm = m["grad_norm"].as_f64().unwrap();
         assert!(m["loss"].as_f64().unwrap().is_finite() && grad_norm > 0.0, "{name}: {m}");
         let (before, after) = (weights(&model), weights(&out));
@@ -76,15 +72,7 @@ fn sgd_step_moves_weights_by_lr_times_grad_norm() {
 #[test]
 fn gae_step_writes_and_reuses_the_value_head() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    ok(tandem(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
+    let model = init_tiny(dir.path());
     let rollouts = dir.path().join("r.jsonl");
     write_rollouts(&rollouts);
     let cfg = dir.path().join("gae.toml");
@@ -94,21 +82,8 @@ fn gae_step_writes_and_reuses_the_value_head() {
     )
     .unwrap();
     let step = |from: &Path, to: &Path| {
-        ok(tandem(&[
-            "train-step",
-            "--model",
-            from.to_str().unwrap(),
-            "--rollouts",
-            rollouts.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            to.to_str().unwrap(),
-        ]));
-        let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(to.join("metrics.json")).unwrap())
-                .unwrap();
-        m["value_loss"].as_f64().unwrap()
+        ok(train_step(from, &rollouts, &cfg, to));
+        metrics(to)["value_loss"].as_f64().unwrap()
     };
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let first = step(&model, &one);
@@ -123,15 +98,7 @@ fn gae_step_writes_and_reuses_the_value_head() {
 #[test]
 fn bad_rollouts_and_configs_are_located() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
-    ok(tandem(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        model.to_str().unwrap(),
-    ]));
+    let model = init_tiny(dir.path());
     let good = r#"{"group":"g","prompt_ids":[1],"completion_ids":[5,6],"behavior_logprobs":[-1.0,-2.0],"reward":1.0}"#;
     let cfg = dir.path().join("c.toml");
     let cases: [(&str, &str, &[&str]); 4] = [
@@ -160,17 +127,7 @@ fn bad_rollouts_and_configs_are_located() {
         std::fs::write(&cfg, config).unwrap();
         let r = dir.path().join("r.jsonl");
         std::fs::write(&r, format!("{good}\n{second}\n")).unwrap();
-        let o = tandem(&[
-            "train-step",
-            "--model",
-            model.to_str().unwrap(),
-            "--rollouts",
-            r.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            dir.path().join("o").to_str().unwrap(),
-        ]);
+        let o = train_step(&model, &r, &cfg, &dir.path().join("o"));
         assert_clean_failure(&o, needles);
     }
 }
