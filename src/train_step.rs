@@ -25,6 +25,10 @@ pub struct TrainStepArgs {
     /// Output HF folder; metrics go to OUT/metrics.json.
     #[arg(long)]
     out: PathBuf,
+    /// The policy version the model holds, for `prox_logp = "loglinear"`
+    /// (default: the newest of the rollouts' `versions`).
+    #[arg(long)]
+    policy_version: Option<u64>,
 }
 
 pub fn run(a: TrainStepArgs) -> Result<()> {
@@ -73,6 +77,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         &cfg.optimizer,
         &mut opt,
         0,
+        a.policy_version,
     )?;
     tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;

@@ -101,7 +101,7 @@ fn bad_rollouts_and_configs_are_located() {
     let model = init_tiny(dir.path());
     let good = r#"{"group":"g","prompt_ids":[1],"completion_ids":[5,6],"behavior_logprobs":[-1.0,-2.0],"reward":1.0}"#;
     let cfg = dir.path().join("c.toml");
-    let cases: [(&str, &str, &[&str]); 4] = [
+    let cases: [(&str, &str, &[&str]); 5] = [
         (
             "",
             &good.replace("[-1.0,-2.0]", "[-1.0]"),
@@ -116,6 +116,11 @@ fn bad_rollouts_and_configs_are_located() {
             "[algorithm]\nadvantage = \"rloo\"\n",
             &good.replace("\"g\"", "\"h\""),
             &["rloo", "group"],
+        ),
+        (
+            "[algorithm]\nprox_logp = \"loglinear\"\n",
+            good,
+            &["loglinear", "versions"],
         ),
         (
             "[algorithm]\nclip_epsilon = 0.2\n",

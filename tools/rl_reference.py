@@ -59,6 +59,19 @@ def weights(kind, level, prox, mu, lengths, cap=2.0, low=0.5, high=2.0):
     return torch.where((w >= low) & (w <= high), w, torch.zeros_like(w))
 
 
+def loglinear_prox(mu, logp, versions, policy_version):
+    """AReaL's proximal approximation: log pi_prox = log mu + alpha (log pi_theta - log mu),
+    alpha = (v_prox - v_b) / (v_theta - v_b) with v_prox = v_theta - 1, 0 when v_b >= v_theta."""
+    alpha = []
+    for v in versions:
+        if v >= policy_version:
+            alpha.append(0.0)
+        else:
+            alpha.append(min(max((policy_version - 1 - v) / (policy_version - v), 0.0), 1.0))
+    alpha = torch.tensor(alpha)
+    return mu + alpha * (logp.detach() - mu), alpha
+
+
 def policy_loss(kind, logp, old, adv, w, eps_low=0.2, eps_high=0.28, clip_c=None):
     if kind == "reinforce":
         return -w * adv * torch.exp(logp - logp.detach())
@@ -147,7 +160,10 @@ def main():
     critic = {"values": values.tolist(), "new_values": new_values.tolist(), "rewards": seq_rewards, "gamma": 0.99,
               "lambda": 0.95, "value_clip": 0.2, "advantages": a_gae.tolist(), "returns": r_gae.tolist(),
               "value_loss": vl.detach().tolist(), "value_loss_grad": nv.grad.tolist()}
-    out = {"critic": critic, "rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
+    versions = [6, 6, 5, 4, 3, 5, 5, 0, 2, 6, 1, 4]
+    approx, alpha = loglinear_prox(mu, logp, versions, 6)
+    loglinear = {"versions": versions, "policy_version": 6, "alpha": alpha.tolist(), "prox_logp": approx.tolist()}
+    out = {"critic": critic, "loglinear": loglinear, "rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
            "weights": ws, "policy": losses,
            "params": {"eps_low": 0.2, "eps_high": 0.28, "clip_c": 3.0, "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}}
     with open(args.out, "w") as f:

@@ -20,11 +20,11 @@ import rl_reference as ref
 torch.set_default_dtype(torch.float64)
 
 ROLLOUTS = [
-    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [60, 61, 62, 2], "behavior_logprobs": [-6.0, -6.5, -5.8, -6.2], "reward": 1.0},
-    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [70, 71, 2], "behavior_logprobs": [-6.1, -6.4, -6.3], "reward": 0.0},
-    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [80, 81, 82, 83, 2], "behavior_logprobs": [-6.2, -6.0, -6.6, -6.1, -6.3], "reward": 0.5},
-    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [90, 91], "behavior_logprobs": [-6.3, -6.2], "reward": 0.2},
-    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [92, 93, 94], "behavior_logprobs": [-5.9, -6.4, -6.0], "reward": 0.9},
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [60, 61, 62, 2], "behavior_logprobs": [-6.0, -6.5, -5.8, -6.2], "reward": 1.0, "versions": [3, 3, 4, 4]},
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [70, 71, 2], "behavior_logprobs": [-6.1, -6.4, -6.3], "reward": 0.0, "versions": [2, 2, 2]},
+    {"group": "a", "prompt_ids": [1, 40, 41, 42], "completion_ids": [80, 81, 82, 83, 2], "behavior_logprobs": [-6.2, -6.0, -6.6, -6.1, -6.3], "reward": 0.5, "versions": [4, 4, 4, 4, 4]},
+    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [90, 91], "behavior_logprobs": [-6.3, -6.2], "reward": 0.2, "versions": [1, 2]},
+    {"group": "b", "prompt_ids": [1, 50, 51], "completion_ids": [92, 93, 94], "behavior_logprobs": [-5.9, -6.4, -6.0], "reward": 0.9, "versions": [5, 5, 5]},
 ]
 
 CONFIGS = {
@@ -40,6 +40,9 @@ CONFIGS = {
                                               "correction_level": "sequence", "icepop_low": 0.9, "icepop_high": 1.1, "loss_agg": "token_mean"},
     "gae_ppo_value_head": {"advantage": "gae", "policy_loss": "ppo_clip", "gamma": 0.99, "lambda": 0.9, "value_clip": 0.2, "vf_coef": 0.5,
                            "loss_agg": "token_mean", "kl_coef": 0.05, "kl_estimator": "k1", "kl_in": "reward"},
+    "grpo_loglinear_icepop": {"advantage": "grpo", "policy_loss": "ppo_clip", "prox_logp": "loglinear", "correction": "icepop",
+                              "icepop_low": 0.8, "icepop_high": 1.25, "loss_agg": "token_mean", "kl_coef": 0.05, "kl_estimator": "k3",
+                              "kl_in": "reward"},
     "drgrpo_dual_clip_bypass": {"advantage": "drgrpo", "policy_loss": "ppo_clip", "clip_c": 3.0, "correction_mode": "bypass",
                                 "loss_agg": "token_mean", "kl_coef": 0.02, "kl_estimator": "k2"},
 }
@@ -74,11 +77,16 @@ def token_stats(model, rollouts, temperature, head=None):
     return torch.cat(lps), torch.cat(ents)
 
 
-def step(folder, cfg):
+POLICY_VERSION = {"grpo_loglinear_icepop": 5}
+
+
+def step(folder, cfg, policy_version=None):
     c = {"policy_loss": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2, "clip_c": None, "correction_mode": "decoupled",
          "correction": "none", "correction_level": "token", "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0,
          "loss_agg": "token_mean", "max_completion_len": 1024, "kl_coef": 0.0, "kl_estimator": "k3", "kl_in": "loss",
-         "entropy_coef": 0.0, "temperature": 1.0, "gamma": 1.0, "lambda": 0.95, "value_clip": 0.2, "vf_coef": 0.5, **cfg}
+         "entropy_coef": 0.0, "temperature": 1.0, "gamma": 1.0, "lambda": 0.95, "value_clip": 0.2, "vf_coef": 0.5,
+         "prox_logp": "recompute", **cfg}
+    loglinear = c["prox_logp"] == "loglinear"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     lengths = [len(r["completion_ids"]) for r in ROLLOUTS]
@@ -87,10 +95,10 @@ def step(folder, cfg):
     with torch.no_grad():
         prox, _ = token_stats(model, ROLLOUTS, t)
         ref_lp, _ = token_stats(reference, ROLLOUTS, t)
-    old = prox if c["correction_mode"] == "decoupled" else mu
+    old = prox if c["correction_mode"] == "decoupled" and not loglinear else mu
     rewards = [r["reward"] for r in ROLLOUTS]
     if c["kl_coef"] > 0 and c["kl_in"] == "reward":
-        k = ref.kl(c["kl_estimator"], old, ref_lp)
+        k = ref.kl(c["kl_estimator"], old, ref_lp)  # loglinear has no pi_prox yet: mu
         rewards = [rw - c["kl_coef"] * part.sum().item() for rw, part in zip(rewards, torch.split(k, lengths))]
     head = value_head(model.config.hidden_size) if c["advantage"] == "gae" else None
     if head is not None:
@@ -101,15 +109,19 @@ def step(folder, cfg):
         groups = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in ROLLOUTS))}
         adv = ref.advantages(c["advantage"], rewards, [groups[r["group"]] for r in ROLLOUTS])
         tok_adv = torch.cat([torch.full((n,), a) for a, n in zip(adv, lengths)])
-    if c["correction_mode"] == "decoupled":
-        w = ref.weights(c["correction"], c["correction_level"], prox, mu, lengths, c["tis_cap"], c["icepop_low"], c["icepop_high"])
-    else:
-        w = torch.ones_like(mu)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if head is not None:
         logp, ent, new_values = token_stats(model, ROLLOUTS, t, head)
     else:
         logp, ent = token_stats(model, ROLLOUTS, t)
+    if loglinear:
+        versions = [v for r in ROLLOUTS for v in r["versions"]]
+        prox, _ = ref.loglinear_prox(mu, logp, versions, policy_version)
+        old = prox
+    if c["correction_mode"] == "decoupled":
+        w = ref.weights(c["correction"], c["correction_level"], prox, mu, lengths, c["tis_cap"], c["icepop_low"], c["icepop_high"])
+    else:
+        w = torch.ones_like(mu)
     pl = ref.policy_loss(c["policy_loss"], logp, old, tok_adv, w, c["clip_eps_low"], c["clip_eps_high"], c["clip_c"])
     agg = lambda x: ref.aggregate(c["loss_agg"], x, lengths, c["max_completion_len"])
     loss = agg(pl)
@@ -132,7 +144,10 @@ def step(folder, cfg):
         start_w, start_b = value_head(model.config.hidden_size)
         delta["value_head.weight"] = (head[0].detach() - start_w.detach()).tolist()
         delta["value_head.bias"] = (head[1].detach() - start_b.detach()).tolist()
-    return {"config": cfg, "loss": loss.item(), "grad_norm": grad_norm, "delta": delta}
+    out = {"config": cfg, "loss": loss.item(), "grad_norm": grad_norm, "delta": delta}
+    if policy_version is not None:
+        out["policy_version"] = policy_version
+    return out
 
 
 def main():
@@ -143,7 +158,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "tiny")
         subprocess.run([args.tandem, "model", "init", "--preset", "tiny", "--seed", "0", "--out", folder], check=True)
-        cases = {name: step(folder, cfg) for name, cfg in CONFIGS.items()}
+        cases = {name: step(folder, cfg, POLICY_VERSION.get(name)) for name, cfg in CONFIGS.items()}
     with open(args.out, "w") as f:
         json.dump({"preset": "tiny", "seed": 0, "lr": LR, "rollouts": ROLLOUTS, "cases": cases}, f)
     print(f"wrote {args.out}")

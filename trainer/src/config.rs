@@ -9,6 +9,7 @@ use crate::correction::{Correction, Level};
 use crate::error::{invalid, Result};
 use crate::kl::KlEstimator;
 use crate::policy_loss::PolicyLoss;
+use crate::proximal::ProxLogp;
 
 /// Which policy π_old the ratio is taken against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +71,9 @@ pub struct AlgorithmConfig {
     pub clip_c: Option<f64>,
     /// decoupled (π_prox recomputed, AReaL) | bypass (ratio against μ).
     pub correction_mode: CorrectionMode,
+    /// recompute (a forward pass at the step's start) | loglinear (AReaL's
+    /// interpolation by token version, no extra pass); decoupled mode only.
+    pub prox_logp: ProxLogp,
     /// none | tis (truncated IS) | icepop (mask outside a band); decoupled mode only.
     pub correction: CorrectionKind,
     /// token | sequence (geometric mean of the token weights).
@@ -112,6 +116,7 @@ impl Default for AlgorithmConfig {
             clip_eps_high: 0.2,
             clip_c: None,
             correction_mode: CorrectionMode::Decoupled,
+            prox_logp: ProxLogp::Recompute,
             correction: CorrectionKind::None,
             correction_level: Level::Token,
             tis_cap: 2.0,
@@ -191,6 +196,12 @@ impl AlgorithmConfig {
             return bad(
                 "correction",
                 "needs correction_mode = \"decoupled\" (bypass takes the ratio against μ directly)",
+            );
+        }
+        if self.correction_mode == CorrectionMode::Bypass && self.prox_logp == ProxLogp::Loglinear {
+            return bad(
+                "prox_logp",
+                "\"loglinear\" needs correction_mode = \"decoupled\" (bypass has no π_prox)",
             );
         }
         if !(0.0..1.0).contains(&self.clip_eps_low)

@@ -6,6 +6,7 @@
 //! - [`correction`] — behaviour weights: none, truncated IS, IcePop; token or sequence level
 //! - [`kl`] — k1, k2, k3 estimators
 //! - [`aggregate`] — token mean, sequence mean of token means, Dr. GRPO's constant normaliser
+//! - [`proximal`] — π_prox recomputed, or AReaL's log-linear approximation by version
 //! - [`gae`] — GAE(γ, λ) over tokens and PPO's clipped value loss (the critic side)
 //!
 //! [`config`] holds the `[algorithm]` and `[optimizer]` sections, [`rollout`] the
@@ -19,6 +20,7 @@ pub mod error;
 pub mod gae;
 pub mod kl;
 pub mod policy_loss;
+pub mod proximal;
 pub mod rollout;
 pub mod step;
 pub mod value;

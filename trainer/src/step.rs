@@ -1,9 +1,11 @@
 //! One training step: rollouts in, an optimizer update and its metrics out.
 //!
 //! 1. π_prox = the current policy's logprobs of the completions, without gradient
-//!    (decoupled mode); π_old = π_prox, or μ in bypass mode.
-//! 2. With a KL in the reward: rᵢ ← rᵢ − β·Σₜ KLₜ(π_old ‖ π_ref).
-//! 3. Advantages per completion, shared by its tokens.
+//!    (`prox_logp = "recompute"`), or per minibatch log μ + α(log π_θ − log μ) from the
+//!    token versions (`"loglinear"`); π_old = π_prox, or μ in bypass mode.
+//! 2. With a KL in the reward: rᵢ ← rᵢ − β·Σₜ KLₜ(π_old ‖ π_ref) (π_old = μ with
+//!    `loglinear`, which has no π_prox before the minibatches).
+//! 3. Advantages per completion, shared by its tokens (or per token from GAE).
 //! 4. Behaviour weights w from π_prox / μ (decoupled mode).
 //! 5. For each epoch and minibatch: ℓ = agg(policy loss) + β·agg(KL) (KL in the loss)
 //!    − entropy_coef·agg(entropy); backward; clip; optimizer step.
@@ -19,11 +21,12 @@ use tandem_model::Model;
 use crate::advantage::{self, Estimator};
 use crate::aggregate::aggregate;
 use crate::config::{AlgorithmConfig, CorrectionMode, KlIn, OptimizerConfig, OptimizerName};
-use crate::correction::behaviour_weights;
+use crate::correction::{behaviour_weights, BehaviourWeights};
 use crate::error::{invalid, Result};
 use crate::gae;
 use crate::kl;
 use crate::policy_loss;
+use crate::proximal::{self, ProxLogp};
 use crate::rollout::Rollout;
 use crate::value::ValueHead;
 
@@ -121,7 +124,8 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 
 /// Runs one step of the configured algorithm on `rollouts`, updating `policy` in place.
 /// `reference` is required when `kl_coef > 0`, `critic` when `advantage = "gae"`.
-/// `step_index` drives the lr schedule.
+/// `step_index` drives the lr schedule; `policy_version` is the version `policy` holds
+/// (for `prox_logp = "loglinear"`; default: the newest token version in `rollouts`).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     policy: &Model,
@@ -132,6 +136,7 @@ pub fn train_step(
     opt_cfg: &OptimizerConfig,
     opt: &mut Optimizer,
     step_index: u64,
+    policy_version: Option<u64>,
 ) -> Result<StepMetrics> {
     cfg.validate()?;
     if rollouts.is_empty() {
@@ -164,13 +169,29 @@ pub fn train_step(
             .collect(),
     )?;
 
-    // 1. π_prox (no gradient) and π_old.
-    let start =
-        policy.completion_logprobs(&policy.inference_weights(), &seqs, &starts, cfg.temperature)?;
-    let prox = start.logprobs.clone();
-    let old = match cfg.correction_mode {
-        CorrectionMode::Decoupled => prox.clone(),
-        CorrectionMode::Bypass => mu.clone(),
+    // 1. π_prox without gradient: recomputed here, or approximated per minibatch from
+    //    the versions (log-linear). The pass also gives the critic's starting values.
+    let loglinear = cfg.prox_logp == ProxLogp::Loglinear;
+    let alpha = if loglinear {
+        Some(to_tensor(loglinear_alpha_of(rollouts, policy_version)?)?)
+    } else {
+        None
+    };
+    let start = if !loglinear || cfg.advantage == Estimator::Gae {
+        Some(policy.completion_logprobs(
+            &policy.inference_weights(),
+            &seqs,
+            &starts,
+            cfg.temperature,
+        )?)
+    } else {
+        None
+    };
+    // The logprobs the reward's KL is taken from: π_old, or μ when π_prox is only
+    // known per minibatch.
+    let old_for_reward = match (&start, cfg.correction_mode) {
+        (Some(s), CorrectionMode::Decoupled) if !loglinear => s.logprobs.clone(),
+        _ => mu.clone(),
     };
     let ref_logp = if cfg.kl_coef > 0.0 {
         let reference = reference.ok_or_else(|| invalid("kl_coef > 0 needs a reference model"))?;
@@ -191,7 +212,7 @@ pub fn train_step(
     // 2. Rewards, with the KL penalty when it goes into the reward.
     let mut rewards: Vec<f64> = rollouts.iter().map(|r| r.reward).collect();
     if let (Some(rl), KlIn::Reward) = (&ref_logp, cfg.kl_in) {
-        let k = host(&kl::per_token(cfg.kl_estimator, &old, rl)?)?;
+        let k = host(&kl::per_token(cfg.kl_estimator, &old_for_reward, rl)?)?;
         for (i, w) in offsets.windows(2).enumerate() {
             rewards[i] -= cfg.kl_coef * k[w[0]..w[1]].iter().sum::<f64>();
         }
@@ -206,7 +227,11 @@ pub fn train_step(
     };
     let (adv_values, zero_std_groups, value_targets) = match critic {
         Some(c) => {
-            let old_values = host(&c.values(&start.hidden)?)?;
+            let hidden = &start
+                .as_ref()
+                .ok_or_else(|| invalid("the critic needs the starting forward pass"))?
+                .hidden;
+            let old_values = host(&c.values(hidden)?)?;
             let (a, returns) = gae::gae(&old_values, &rewards, &offsets, cfg.gamma, cfg.lambda)?;
             (a, 0, Some((to_tensor(old_values)?, to_tensor(returns)?)))
         }
@@ -230,26 +255,9 @@ pub fn train_step(
     };
     let adv_tokens = to_tensor(adv_values.clone())?;
 
-    // 4. Behaviour weights.
-    let bw = behaviour_weights(cfg.correction(), cfg.correction_level, &prox, &mu, &offsets)?;
-    let weights = match cfg.correction_mode {
-        CorrectionMode::Decoupled => bw.weights.clone(),
-        CorrectionMode::Bypass => mu.ones_like()?,
-    };
-    let raw = host(&bw.raw)?;
-    let (sum_w, sum_w2) = raw
-        .iter()
-        .fold((0.0, 0.0), |(s, s2), w| (s + w, s2 + w * w));
-    let log_ratio = host(&(&prox - &mu)?)?;
     let (reward_mean, reward_std) = mean_std(&rewards);
     let (advantage_mean, advantage_std) = mean_std(&adv_values);
     let mut m = StepMetrics {
-        behaviour_weight_mean: sum_w / n_tokens as f64,
-        behaviour_weight_max: raw.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        behaviour_weight_min: raw.iter().copied().fold(f64::INFINITY, f64::min),
-        behaviour_weight_ess: sum_w * sum_w / (n_tokens as f64 * sum_w2),
-        masked_fraction: bw.masked_fraction,
-        mismatch_kl: log_ratio.iter().map(|d| d.exp() - d - 1.0).sum::<f64>() / n_tokens as f64,
         reward_mean,
         reward_std,
         advantage_mean,
@@ -259,13 +267,15 @@ pub fn train_step(
         tokens: n_tokens,
         ..Default::default()
     };
+    // Behaviour-weight statistics over the first pass (each token once).
+    let mut seen = WeightStats::default();
 
     // 5. Epochs × minibatches of whole completions.
     let n_seq = rollouts.len();
     let mb = cfg.minibatches.min(n_seq);
     let policy_kind = cfg.policy_loss();
     let mut updates = 0usize;
-    for _ in 0..cfg.ppo_epochs {
+    for epoch in 0..cfg.ppo_epochs {
         for b in 0..mb {
             let (s0, s1) = (b * n_seq / mb, (b + 1) * n_seq / mb);
             let (t0, t1) = (offsets[s0], offsets[s1]);
@@ -277,12 +287,33 @@ pub fn train_step(
                 &starts[s0..s1],
                 cfg.temperature,
             )?;
+            // 4. π_prox and the behaviour weights w = π_prox/μ of this minibatch.
+            let mu_mb = slice(&mu)?;
+            let prox = match (&alpha, &start) {
+                (Some(a), _) => proximal::loglinear(&mu_mb, &out.logprobs, &slice(a)?)?,
+                (None, Some(s)) => slice(&s.logprobs)?,
+                (None, None) => return Err(invalid("no proximal logprobs")),
+            };
+            let bw = behaviour_weights(
+                cfg.correction(),
+                cfg.correction_level,
+                &prox,
+                &mu_mb,
+                &local,
+            )?;
+            if epoch == 0 {
+                seen.add(&bw, &prox, &mu_mb)?;
+            }
+            let (old, weights) = match cfg.correction_mode {
+                CorrectionMode::Decoupled => (prox, bw.weights),
+                CorrectionMode::Bypass => (mu_mb.clone(), mu_mb.ones_like()?),
+            };
             let pl = policy_loss::per_token(
                 policy_kind,
                 &out.logprobs,
-                &slice(&old)?,
+                &old,
                 &slice(&adv_tokens)?,
-                &slice(&weights)?,
+                &weights,
             )?;
             let policy_term = aggregate(cfg.loss_agg, &pl.loss, &local, cfg.max_completion_len)?;
             let mut loss = policy_term.clone();
@@ -338,5 +369,68 @@ pub fn train_step(
         *x /= k;
     }
     m.optimizer_steps = updates;
+    seen.finish(&mut m);
     Ok(m)
+}
+
+/// α of every completion token, from the rollouts' `versions`; the policy's version
+/// defaults to the newest token version.
+fn loglinear_alpha_of(rollouts: &[Rollout], policy_version: Option<u64>) -> Result<Vec<f64>> {
+    let mut versions = Vec::new();
+    for (i, r) in rollouts.iter().enumerate() {
+        let v = r.versions.as_ref().ok_or_else(|| {
+            invalid(format!(
+                "rollout {i}: prox_logp = \"loglinear\" needs `versions` on every rollout"
+            ))
+        })?;
+        versions.extend_from_slice(v);
+    }
+    let current = policy_version.unwrap_or_else(|| versions.iter().copied().max().unwrap_or(0));
+    proximal::loglinear_alpha(&versions, current)
+}
+
+/// Running sums for the behaviour-weight metrics.
+#[derive(Default)]
+struct WeightStats {
+    n: usize,
+    sum: f64,
+    sum_sq: f64,
+    max: f64,
+    min: f64,
+    masked: f64,
+    mismatch_k3: f64,
+}
+
+impl WeightStats {
+    fn add(&mut self, bw: &BehaviourWeights, prox: &Tensor, mu: &Tensor) -> Result<()> {
+        let raw = host(&bw.raw)?;
+        if self.n == 0 {
+            (self.max, self.min) = (f64::NEG_INFINITY, f64::INFINITY);
+        }
+        for &w in &raw {
+            self.sum += w;
+            self.sum_sq += w * w;
+            self.max = self.max.max(w);
+            self.min = self.min.min(w);
+        }
+        self.masked += bw.masked_fraction * raw.len() as f64;
+        self.mismatch_k3 += host(&(prox - mu)?)?
+            .iter()
+            .map(|d| d.exp() - d - 1.0)
+            .sum::<f64>();
+        self.n += raw.len();
+        Ok(())
+    }
+
+    /// mean, max, min, ESS = (Σw)² / (N·Σw²), masked fraction and the mismatch KL
+    /// k3(μ ‖ π_prox) averaged over tokens.
+    fn finish(&self, m: &mut StepMetrics) {
+        let n = self.n.max(1) as f64;
+        m.behaviour_weight_mean = self.sum / n;
+        m.behaviour_weight_max = self.max;
+        m.behaviour_weight_min = self.min;
+        m.behaviour_weight_ess = self.sum * self.sum / (n * self.sum_sq);
+        m.masked_fraction = self.masked / n;
+        m.mismatch_kl = self.mismatch_k3 / n;
+    }
 }

@@ -8,6 +8,7 @@ use tandem_trainer::aggregate::{aggregate, LossAgg};
 use tandem_trainer::correction::{behaviour_weights, Correction, Level};
 use tandem_trainer::kl::{self, KlEstimator};
 use tandem_trainer::policy_loss::{self, PolicyLoss};
+use tandem_trainer::proximal;
 
 const TOL: f64 = 1e-6;
 
@@ -133,6 +134,29 @@ fn behaviour_weights_match_reference() {
         let w = behaviour_weights(c, level, &prox, &mu, &offsets(&lengths)).unwrap();
         assert_close(&vals(&w.weights), &f64s(expect), name);
     }
+}
+
+/// AReaL's log-linear proximal approximation: α per token and log π_prox.
+#[test]
+fn loglinear_proximal_matches_reference() {
+    let g = golden();
+    let (tok, ll) = (&g["tokens"], &g["loglinear"]);
+    let versions: Vec<u64> = ll["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let alpha =
+        proximal::loglinear_alpha(&versions, ll["policy_version"].as_u64().unwrap()).unwrap();
+    assert_close(&alpha, &f64s(&ll["alpha"]), "alpha");
+    let prox = proximal::loglinear(
+        &t(&f64s(&tok["behaviour_logp"])),
+        &t(&f64s(&tok["logp"])),
+        &t(&alpha),
+    )
+    .unwrap();
+    assert_close(&vals(&prox), &f64s(&ll["prox_logp"]), "prox_logp");
 }
 
 /// Per-token policy losses, aggregated losses and d(loss)/d(logp), for every policy

@@ -66,6 +66,7 @@ fn train_step_matches_reference_for_every_configuration() {
             &opt_cfg,
             &mut opt,
             0,
+            case["policy_version"].as_u64(),
         )
         .unwrap();
         let (loss, gn) = (
@@ -148,7 +149,10 @@ fn epochs_and_minibatches_multiply_the_updates() {
         .unwrap()
         .model;
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
-    let m = train_step(&policy, None, None, &rollouts, &algo, &opt_cfg, &mut opt, 0).unwrap();
+    let m = train_step(
+        &policy, None, None, &rollouts, &algo, &opt_cfg, &mut opt, 0, None,
+    )
+    .unwrap();
     assert_eq!(m.optimizer_steps, 4);
     assert!(m.loss.is_finite() && m.grad_norm > 0.0);
     // The synthetic μ is not the model's own: weights spread, ESS is below 1.
@@ -164,9 +168,92 @@ fn epochs_and_minibatches_multiply_the_updates() {
         },
         &opt_cfg,
         &mut opt,
-        1
+        1,
+        None
     )
     .unwrap_err()
     .to_string()
     .contains("reference"));
+}
+
+/// With every token from the version just before the policy's, the log-linear π_prox
+/// is μ itself, so decoupled PPO on it is the two-policy (bypass) update; without
+/// `versions` the mode is an error naming the field.
+#[test]
+fn loglinear_from_the_previous_version_is_the_bypass_update() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
+    for r in &mut rollouts {
+        r.versions = Some(vec![6; r.completion_ids.len()]);
+    }
+    let opt_cfg = OptimizerConfig {
+        name: OptimizerName::Sgd,
+        lr: 0.5,
+        max_grad_norm: 0.0,
+        ..Default::default()
+    };
+    let run = |algo: AlgorithmConfig, rollouts: &[Rollout]| {
+        let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
+            .unwrap()
+            .model;
+        let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
+        train_step(
+            &policy,
+            None,
+            None,
+            rollouts,
+            &algo,
+            &opt_cfg,
+            &mut opt,
+            0,
+            Some(7),
+        )
+        .map(|m| (m, policy.params().snapshot().unwrap()))
+    };
+    let (a, wa) = run(
+        AlgorithmConfig {
+            prox_logp: tandem_trainer::proximal::ProxLogp::Loglinear,
+            ..Default::default()
+        },
+        &rollouts,
+    )
+    .unwrap();
+    let (b, wb) = run(
+        AlgorithmConfig {
+            correction_mode: tandem_trainer::config::CorrectionMode::Bypass,
+            ..Default::default()
+        },
+        &rollouts,
+    )
+    .unwrap();
+    assert!(rel(a.loss, b.loss) < 1e-6, "{} vs {}", a.loss, b.loss);
+    assert!(a.grad_norm > 0.0 && rel(a.grad_norm, b.grad_norm) < 1e-5);
+    assert!(a.behaviour_weight_max == 1.0 && a.behaviour_weight_min == 1.0);
+    for (name, t) in &wa {
+        let d = (t - &wb[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    for r in &mut rollouts {
+        r.versions = None;
+    }
+    let e = run(
+        AlgorithmConfig {
+            prox_logp: tandem_trainer::proximal::ProxLogp::Loglinear,
+            ..Default::default()
+        },
+        &rollouts,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("versions"), "{e}");
 }
