@@ -149,10 +149,80 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Every parameter's values, concatenated in parameter order as little-endian bytes
+    /// of their dtype (how weights travel between processes), and the dtype's name.
+    pub fn to_bytes(&self) -> Result<(Vec<u8>, &'static str)> {
+        let dtype = self.vars.first().map_or(DType::F32, |v| v.dtype());
+        let mut out = Vec::with_capacity(self.numel() * dtype.size_in_bytes());
+        for v in &self.vars {
+            let flat = v.as_tensor().flatten_all()?;
+            match dtype {
+                DType::F32 => flat
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                DType::BF16 => flat
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                DType::F16 => flat
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "weights: cannot serialise parameters of dtype {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok((out, dtype_name(dtype)))
+    }
+
+    /// Assigns weights from [`Self::to_bytes`]'s form in place. The length must match
+    /// this model's parameters exactly; nothing is written otherwise.
+    pub fn assign_bytes(&self, bytes: &[u8], dtype: &str) -> Result<()> {
+        let dt = match dtype {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => {
+                return Err(Error::invalid(format!(
+                    "weights: unknown dtype {other:?} (expected f32, bf16 or f16)"
+                )))
+            }
+        };
+        let need = self.numel() * dt.size_in_bytes();
+        if bytes.len() != need {
+            return Err(Error::invalid(format!(
+                "weights: {} bytes of {dtype}, but this model's {} parameters need {need}",
+                bytes.len(),
+                self.numel()
+            )));
+        }
+        let mut tensors = HashMap::with_capacity(self.vars.len());
+        let mut at = 0;
+        for (name, v) in self.iter() {
+            let n = v.elem_count() * dt.size_in_bytes();
+            let t = Tensor::from_raw_buffer(&bytes[at..at + n], dt, v.dims(), &Device::Cpu)?;
+            tensors.insert(name.to_string(), t);
+            at += n;
+        }
+        self.assign(&tensors)
+    }
+
     /// A copy of the current values (new storage), detached from autograd.
     pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
         self.iter()
             .map(|(n, v)| Ok((n.to_string(), v.as_tensor().detach().copy()?)))
             .collect()
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
     }
 }

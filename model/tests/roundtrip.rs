@@ -95,3 +95,23 @@ fn smollm2_gguf_to_hf_folder_gives_identical_logits() {
             .unwrap()
     );
 }
+
+/// Weights serialised to bytes (how they travel in buckets) and assigned into another
+/// model give identical logits; a wrong length or dtype is refused and writes nothing.
+#[test]
+fn weight_bytes_round_trip_into_another_model() {
+    let a = tandem_model::preset::init("tiny", 1, &Device::Cpu).unwrap();
+    let b = tandem_model::preset::init("tiny", 2, &Device::Cpu).unwrap();
+    let ids = [1u32, 40, 41, 42, 60];
+    assert_ne!(logits(&a, &ids), logits(&b, &ids));
+    let (bytes, dtype) = a.model.params().to_bytes().unwrap();
+    assert_eq!(dtype, "f32");
+    assert_eq!(bytes.len(), a.model.params().numel() * 4);
+    let before = logits(&b, &ids);
+    let e = b.model.params().assign_bytes(&bytes[..bytes.len() - 4], "f32").unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+    assert!(b.model.params().assign_bytes(&bytes, "f64").is_err());
+    assert_eq!(logits(&b, &ids), before, "a refused assignment writes nothing");
+    b.model.params().assign_bytes(&bytes, dtype).unwrap();
+    assert_eq!(logits(&b, &ids), logits(&a, &ids));
+}

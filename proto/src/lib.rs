@@ -1,7 +1,20 @@
 //! `tandem-proto`: the only wire contract between Tandem's services. The `.proto`
-//! files under `proto/` are the source of truth; this crate is their generated code.
+//! files under `proto/` are the source of truth; this crate is their generated code,
+//! plus the two rules every endpoint shares: the shared-token check and the message
+//! size limit.
+
+pub mod auth;
+pub mod bucket;
 
 /// Messages and services of package `tandem.v1`.
 pub mod v1 {
     tonic::include_proto!("tandem.v1");
 }
+
+/// The largest message any Tandem endpoint sends or accepts (a weight bucket is at
+/// most [`WEIGHT_BUCKET_BYTES`] plus a small header; a rollout group of 64 × 8k tokens
+/// is about 6 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The size of one weight bucket's payload.
+pub const WEIGHT_BUCKET_BYTES: usize = 32 << 20;

@@ -1,0 +1,388 @@
+//! Prompt datasets: a JSONL file with TRL's fields, or the built-in synthetic
+//! arithmetic task. The coordinator walks them with a cursor (prompt index 0, 1, …;
+//! a file repeats in a new order each epoch).
+//!
+//! JSONL lines: `{"prompt": "text"}` or `{"prompt": [{"role":..,"content":..}, ...]}`
+//! or `{"messages": [...]}`, plus an optional reference answer `"answer"` or
+//! `"ground_truth"` (string or number). A `messages` conversation that ends with an
+//! assistant turn has that turn removed (it is the completion to learn, not the prompt).
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// `[data]`: where prompts come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// arithmetic | jsonl.
+    pub kind: DataKind,
+    /// The JSONL file (kind = "jsonl").
+    pub path: Option<PathBuf>,
+    /// Digits of each operand (arithmetic): 1 → 0..=9, 2 → 10..=99.
+    pub digits: u32,
+    /// Operators to draw from (arithmetic): any of "+", "-", "*".
+    pub operators: Vec<String>,
+    /// The prompt text; `{question}` becomes "a + b".
+    pub template: String,
+    /// Render prompts with the model's chat template (a user turn), or feed raw text.
+    pub chat: bool,
+    /// An optional system turn before each prompt (chat only).
+    pub system: Option<String>,
+    /// Seed of the arithmetic draws and of the per-epoch order of a file.
+    pub seed: u64,
+    /// Visit a file's rows in a new random order each epoch.
+    pub shuffle: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    Arithmetic,
+    Jsonl,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            kind: DataKind::Arithmetic,
+            path: None,
+            digits: 1,
+            operators: vec!["+".into()],
+            template: "What is {question}? Answer with the number only.".into(),
+            chat: true,
+            system: None,
+            seed: 0,
+            shuffle: true,
+        }
+    }
+}
+
+/// One turn of a prompt conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A prompt as the dataset gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromptBody {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prompt {
+    pub body: PromptBody,
+    /// Reference answer for verifiers.
+    pub answer: Option<String>,
+}
+
+/// A prompt stream indexed from 0.
+pub enum Dataset {
+    Arithmetic(Arithmetic),
+    Rows {
+        rows: Vec<Prompt>,
+        shuffle: bool,
+        seed: u64,
+    },
+}
+
+impl Dataset {
+    /// Builds the configured dataset; a file is read and checked line by line now.
+    pub fn load(cfg: &DataConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(match cfg.kind {
+            DataKind::Arithmetic => Dataset::Arithmetic(Arithmetic {
+                digits: cfg.digits,
+                operators: cfg.operators.clone(),
+                template: cfg.template.clone(),
+                seed: cfg.seed,
+            }),
+            DataKind::Jsonl => {
+                let path = cfg.path.as_deref().ok_or_else(|| {
+                    invalid("[data] path: required with kind = \"jsonl\"")
+                })?;
+                Dataset::Rows {
+                    rows: read_jsonl(path)?,
+                    shuffle: cfg.shuffle,
+                    seed: cfg.seed,
+                }
+            }
+        })
+    }
+
+    /// The prompt at stream position `index` (files wrap around, one epoch per pass).
+    pub fn get(&self, index: u64) -> Prompt {
+        match self {
+            Dataset::Arithmetic(a) => a.get(index),
+            Dataset::Rows {
+                rows,
+                shuffle,
+                seed,
+            } => {
+                let n = rows.len() as u64;
+                let (epoch, pos) = (index / n, (index % n) as usize);
+                if !shuffle {
+                    return rows[pos].clone();
+                }
+                let mut order: Vec<usize> = (0..rows.len()).collect();
+                order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                rows[order[pos]].clone()
+            }
+        }
+    }
+
+    /// Rows in one epoch (None: endless).
+    pub fn len(&self) -> Option<usize> {
+        match self {
+            Dataset::Arithmetic(_) => None,
+            Dataset::Rows { rows, .. } => Some(rows.len()),
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(invalid(format!("[data] {key}: {why}")));
+        if !(1..=9).contains(&self.digits) {
+            return bad("digits", "must be in 1..=9");
+        }
+        if self.operators.is_empty() {
+            return bad("operators", "needs at least one of \"+\", \"-\", \"*\"");
+        }
+        if let Some(op) = self.operators.iter().find(|o| !["+", "-", "*"].contains(&o.as_str())) {
+            return bad("operators", &format!("unknown operator {op:?}; use \"+\", \"-\" or \"*\""));
+        }
+        if self.kind == DataKind::Arithmetic && !self.template.contains("{question}") {
+            return bad("template", "must contain `{question}`");
+        }
+        if self.kind == DataKind::Jsonl && self.path.is_none() {
+            return bad("path", "required with kind = \"jsonl\"");
+        }
+        Ok(())
+    }
+}
+
+/// Synthetic arithmetic: prompt i is drawn from a stream seeded by (seed, i), so the
+/// same index always gives the same problem, whichever generator asks.
+pub struct Arithmetic {
+    digits: u32,
+    operators: Vec<String>,
+    template: String,
+    seed: u64,
+}
+
+impl Arithmetic {
+    /// Operands uniform over the numbers with `digits` digits (0..=9 for one digit);
+    /// for "-" the larger comes first, so answers are never negative.
+    pub fn get(&self, index: u64) -> Prompt {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ index);
+        let lo = if self.digits == 1 { 0 } else { 10i64.pow(self.digits - 1) };
+        let hi = 10i64.pow(self.digits) - 1;
+        let mut a = rng.random_range(lo..=hi);
+        let mut b = rng.random_range(lo..=hi);
+        let op = &self.operators[rng.random_range(0..self.operators.len())];
+        let answer = match op.as_str() {
+            "+" => a + b,
+            "-" => {
+                if a < b {
+                    std::mem::swap(&mut a, &mut b);
+                }
+                a - b
+            }
+            _ => a * b,
+        };
+        Prompt {
+            body: PromptBody::Text(self.template.replace("{question}", &format!("{a} {op} {b}"))),
+            answer: Some(answer.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    prompt: Option<serde_json::Value>,
+    messages: Option<Vec<Message>>,
+    answer: Option<serde_json::Value>,
+    ground_truth: Option<serde_json::Value>,
+    /// Ignored here (SFT data carries it).
+    #[allow(dead_code)]
+    completion: Option<serde_json::Value>,
+}
+
+fn answer_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads and checks a prompt file; errors name `FILE:LINE` and the field.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(format!("[data] path: cannot read {}: {e}", path.display())))?;
+    let mut rows = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let line: Line = serde_json::from_str(raw).map_err(|e| invalid(format!("{at}: {e}")))?;
+        let body = match (line.prompt, line.messages) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!("{at}: give `prompt` or `messages`, not both")))
+            }
+            (None, None) => return Err(invalid(format!("{at}: needs `prompt` or `messages`"))),
+            (Some(serde_json::Value::String(s)), None) => PromptBody::Text(s),
+            (Some(v @ serde_json::Value::Array(_)), None) => PromptBody::Messages(
+                serde_json::from_value(v)
+                    .map_err(|e| invalid(format!("{at}: `prompt` as a conversation: {e}")))?,
+            ),
+            (Some(_), None) => {
+                return Err(invalid(format!(
+                    "{at}: `prompt` must be a string or a list of {{role, content}} messages"
+                )))
+            }
+            (None, Some(mut m)) => {
+                if m.last().is_some_and(|t| t.role == "assistant") {
+                    m.pop();
+                }
+                PromptBody::Messages(m)
+            }
+        };
+        match &body {
+            PromptBody::Text(s) if s.trim().is_empty() => {
+                return Err(invalid(format!("{at}: `prompt` is empty")))
+            }
+            PromptBody::Messages(m) if m.is_empty() => {
+                return Err(invalid(format!("{at}: the conversation has no prompt turn")))
+            }
+            PromptBody::Messages(m) => {
+                if let Some((i, t)) = m
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| !["system", "user", "assistant", "tool"].contains(&t.role.as_str()))
+                {
+                    return Err(invalid(format!(
+                        "{at}: message {i} has role {:?}; use system, user, assistant or tool",
+                        t.role
+                    )));
+                }
+            }
+            _ => {}
+        }
+        let answer = match line.answer.or(line.ground_truth) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(answer_text(&v).ok_or_else(|| {
+                invalid(format!("{at}: `answer` must be a string or a number"))
+            })?),
+        };
+        rows.push(Prompt { body, answer });
+    }
+    if rows.is_empty() {
+        return Err(invalid(format!("{}: no prompts", path.display())));
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_is_deterministic_and_correct() {
+        let cfg = DataConfig {
+            operators: vec!["+".into(), "-".into(), "*".into()],
+            digits: 2,
+            ..Default::default()
+        };
+        let d = Dataset::load(&cfg).unwrap();
+        for i in 0..200 {
+            let p = d.get(i);
+            assert_eq!(p, d.get(i));
+            let PromptBody::Text(t) = &p.body else { panic!() };
+            let q = t.strip_prefix("What is ").unwrap().split('?').next().unwrap();
+            let parts: Vec<&str> = q.split(' ').collect();
+            let (a, b): (i64, i64) = (parts[0].parse().unwrap(), parts[2].parse().unwrap());
+            assert!((10..=99).contains(&a) && (10..=99).contains(&b), "{q}");
+            let expect = match parts[1] {
+                "+" => a + b,
+                "-" => a - b,
+                _ => a * b,
+            };
+            assert_eq!(p.answer.as_deref(), Some(expect.to_string().as_str()));
+            assert!(expect >= 0);
+        }
+        assert_ne!(d.get(0), d.get(1));
+    }
+
+    #[test]
+    fn jsonl_fields_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"prompt": "2+2?", "answer": 4}"#, "\n",
+                r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "ground_truth": "x"}"#, "\n",
+                "\n",
+                r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#, "\n",
+            ),
+        )
+        .unwrap();
+        let rows = read_jsonl(&path).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].body, PromptBody::Text("2+2?".into()));
+        assert_eq!(rows[0].answer.as_deref(), Some("4"));
+        let PromptBody::Messages(m) = &rows[1].body else { panic!() };
+        assert_eq!(m.len(), 1, "the assistant turn is the completion, not the prompt");
+        assert_eq!(rows[2].answer, None);
+        let cfg = DataConfig {
+            kind: DataKind::Jsonl,
+            path: Some(path.clone()),
+            ..Default::default()
+        };
+        let d = Dataset::load(&cfg).unwrap();
+        let mut epoch: Vec<_> = (0..3).map(|i| format!("{:?}", d.get(i))).collect();
+        epoch.sort();
+        let mut all: Vec<_> = rows.iter().map(|r| format!("{r:?}")).collect();
+        all.sort();
+        assert_eq!(epoch, all, "an epoch visits every row once");
+
+        for (line, needle) in [
+            (r#"{"answer": 3}"#, "needs `prompt` or `messages`"),
+            (r#"{"prompt": 5}"#, "`prompt` must be"),
+            (r#"{"prompt": "x", "answer": [1]}"#, "`answer`"),
+            (r#"{"prompt": "x", "colour": 1}"#, "colour"),
+            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, "robot"),
+            (r#"{"prompt": "   "}"#, "empty"),
+            ("{not json", "p.jsonl:2"),
+        ] {
+            std::fs::write(&path, format!("{{\"prompt\": \"ok\"}}\n{line}\n")).unwrap();
+            let e = read_jsonl(&path).unwrap_err().to_string();
+            assert!(e.contains("p.jsonl:2") && e.contains(needle), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_config_is_named() {
+        for (cfg, needle) in [
+            (DataConfig { digits: 0, ..Default::default() }, "digits"),
+            (DataConfig { operators: vec!["/".into()], ..Default::default() }, "operators"),
+            (DataConfig { template: "no slot".into(), ..Default::default() }, "template"),
+            (DataConfig { kind: DataKind::Jsonl, ..Default::default() }, "path"),
+        ] {
+            let e = Dataset::load(&cfg).err().unwrap().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Rewards: built-in verifiers combined with weights, plus an optional external reward
+//! service (the `Reward` gRPC service; see `service` in `[reward]`).
+//!
+//!   r = w_math·math + w_format·format + w_exact·exact_match (+ w_service·service)
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// `[reward]`: the weight of each verifier (0 = off).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// 1 when the final answer equals the reference numerically (or as text).
+    pub math: f64,
+    /// 1 when the completion has the expected form (`format_kind`).
+    pub format: f64,
+    /// answer_tags | boxed | number.
+    pub format_kind: FormatKind,
+    /// 1 when the trimmed completion equals the trimmed reference.
+    pub exact_match: f64,
+    /// An external reward service (`http://host:port`), scored per group.
+    pub service: Option<String>,
+    pub service_weight: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FormatKind {
+    /// `<answer>…</answer>` with something inside.
+    AnswerTags,
+    /// `\boxed{…}`.
+    Boxed,
+    /// Any number.
+    Number,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            math: 1.0,
+            format: 0.0,
+            format_kind: FormatKind::AnswerTags,
+            exact_match: 0.0,
+            service: None,
+            service_weight: 1.0,
+        }
+    }
+}
+
+impl RewardConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (key, w) in [
+            ("math", self.math),
+            ("format", self.format),
+            ("exact_match", self.exact_match),
+            ("service_weight", self.service_weight),
+        ] {
+            if !w.is_finite() {
+                return Err(invalid(format!("[reward] {key}: must be a finite weight")));
+            }
+        }
+        if self.math == 0.0 && self.format == 0.0 && self.exact_match == 0.0 && self.service.is_none() {
+            return Err(invalid(
+                "[reward]: every weight is 0; set math, format or exact_match, or a service",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The built-in part of the reward of one completion.
+    pub fn score(&self, completion: &str, answer: Option<&str>) -> f64 {
+        let mut r = 0.0;
+        if self.math != 0.0 {
+            r += self.math * answer.map_or(0.0, |a| f64::from(math_correct(completion, a)));
+        }
+        if self.format != 0.0 {
+            r += self.format * f64::from(format_ok(completion, self.format_kind));
+        }
+        if self.exact_match != 0.0 {
+            r += self.exact_match
+                * answer.map_or(0.0, |a| f64::from(completion.trim() == a.trim()));
+        }
+        r
+    }
+}
+
+/// The final answer of a completion: the inside of the last `<answer>…</answer>`, else
+/// of the last `\boxed{…}`, else the last number in the text.
+pub fn final_answer(text: &str) -> Option<String> {
+    if let Some(inner) = last_answer_tag(text) {
+        return Some(last_number(inner).unwrap_or_else(|| inner.trim().to_string()));
+    }
+    if let Some(inner) = last_boxed(text) {
+        return Some(last_number(inner).unwrap_or_else(|| inner.trim().to_string()));
+    }
+    last_number(text)
+}
+
+/// Whether the final answer equals `reference`: as numbers (|a − b| ≤ 1e-6·max(1, |b|),
+/// thousands separators ignored) when both parse, else as trimmed text.
+pub fn math_correct(completion: &str, reference: &str) -> bool {
+    let Some(got) = final_answer(completion) else {
+        return false;
+    };
+    let num = |s: &str| s.trim().replace(',', "").parse::<f64>().ok();
+    match (num(&got), num(reference)) {
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+        _ => got.trim() == reference.trim(),
+    }
+}
+
+pub fn format_ok(completion: &str, kind: FormatKind) -> bool {
+    match kind {
+        FormatKind::AnswerTags => last_answer_tag(completion).is_some_and(|s| !s.trim().is_empty()),
+        FormatKind::Boxed => last_boxed(completion).is_some(),
+        FormatKind::Number => last_number(completion).is_some(),
+    }
+}
+
+fn last_answer_tag(text: &str) -> Option<&str> {
+    let start = text.rfind("<answer>")? + "<answer>".len();
+    let end = text[start..].find("</answer>")? + start;
+    Some(&text[start..end])
+}
+
+/// The inside of the last `\boxed{…}`, braces balanced.
+fn last_boxed(text: &str) -> Option<&str> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let mut depth = 1usize;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The last number: an optional minus, digits (commas between digit groups allowed)
+/// and an optional decimal part.
+fn last_number(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut found = None;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            let start = if i > 0 && b[i - 1] == b'-' { i - 1 } else { i };
+            let mut j = i;
+            while j < b.len()
+                && (b[j].is_ascii_digit()
+                    || (b[j] == b',' && j + 1 < b.len() && b[j + 1].is_ascii_digit() && j > i))
+            {
+                j += 1;
+            }
+            if j + 1 < b.len() && b[j] == b'.' && b[j + 1].is_ascii_digit() {
+                j += 1;
+                while j < b.len() && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+            }
+            found = Some(text[start..j].replace(',', ""));
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_answers() {
+        for (text, expect) in [
+            ("The answer is 42.", Some("42")),
+            ("3 + 4 = 7", Some("7")),
+            ("It is -5", Some("-5")),
+            ("about 1,234.5 units", Some("1234.5")),
+            ("so \\boxed{\\frac{1}{2}} done 9", Some("\\frac{1}{2}")),
+            ("\\boxed{12} and later 13", Some("12")),
+            ("<answer> 8 </answer> then 9", Some("8")),
+            ("<answer>x=3</answer>", Some("3")),
+            ("<answer>yes</answer>", Some("yes")),
+            ("no digits here", None),
+            ("3. Then", Some("3")),
+        ] {
+            assert_eq!(final_answer(text).as_deref(), expect, "{text}");
+        }
+    }
+
+    #[test]
+    fn weighted_verifiers() {
+        let cfg = RewardConfig {
+            math: 1.0,
+            format: 0.5,
+            format_kind: FormatKind::AnswerTags,
+            exact_match: 0.25,
+            ..Default::default()
+        };
+        assert_eq!(cfg.score("<answer>7</answer>", Some("7")), 1.5);
+        assert_eq!(cfg.score("7", Some("7")), 1.25);
+        assert_eq!(cfg.score("7.0", Some("7")), 1.0);
+        assert_eq!(cfg.score("<answer>8</answer>", Some("7")), 0.5);
+        assert_eq!(cfg.score("nothing", None), 0.0);
+        assert!(math_correct("1,000", "1000"));
+        assert!(!math_correct("100", "1000"));
+        assert!(format_ok("x \\boxed{3}", FormatKind::Boxed));
+        assert!(!format_ok("x \\boxed{3", FormatKind::Boxed));
+        assert!(format_ok("a 3", FormatKind::Number));
+        assert!(!format_ok("<answer> </answer>", FormatKind::AnswerTags));
+        let off = RewardConfig {
+            math: 0.0,
+            ..Default::default()
+        };
+        assert!(off.validate().unwrap_err().to_string().contains("every weight is 0"));
+        let nan = RewardConfig {
+            format: f64::NAN,
+            ..Default::default()
+        };
+        assert!(nan.validate().unwrap_err().to_string().contains("[reward] format"));
+    }
+}

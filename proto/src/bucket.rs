@@ -1,0 +1,129 @@
+//! Weight buckets: a policy version's parameters, concatenated in the model's stable
+//! parameter order, travel as a sequence of checksummed slices. The receiver checks
+//! every slice (version, position, CRC-32) and only a complete, verified sequence
+//! becomes new weights.
+
+use crate::v1::WeightBucket;
+
+/// Cuts `bytes` into buckets of at most `bucket_bytes` for version `version`.
+pub fn split(version: u64, dtype: &str, bytes: &[u8], bucket_bytes: usize) -> Vec<WeightBucket> {
+    let bucket_bytes = bucket_bytes.max(1);
+    let count = bytes.len().div_ceil(bucket_bytes).max(1);
+    (0..count)
+        .map(|i| {
+            let start = i * bucket_bytes;
+            let data = bytes[start..(start + bucket_bytes).min(bytes.len())].to_vec();
+            WeightBucket {
+                version,
+                index: i as u32,
+                count: count as u32,
+                offset: start as u64,
+                total_bytes: bytes.len() as u64,
+                dtype: dtype.to_string(),
+                crc32: crc32fast::hash(&data),
+                data,
+            }
+        })
+        .collect()
+}
+
+/// Reassembles one version; every error names what did not match.
+#[derive(Default)]
+pub struct Assembler {
+    buf: Vec<u8>,
+    version: u64,
+    dtype: String,
+    count: u32,
+    next: u32,
+    total: u64,
+}
+
+impl Assembler {
+    /// The largest concatenation accepted (refuses a bucket header that would allocate more).
+    pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
+
+    pub fn push(&mut self, b: WeightBucket) -> Result<(), String> {
+        if self.next == 0 {
+            if b.index != 0 {
+                return Err(format!("weights: first bucket has index {}, expected 0", b.index));
+            }
+            if b.count == 0 || b.total_bytes > Self::MAX_TOTAL_BYTES {
+                return Err(format!(
+                    "weights: bucket header says {} buckets of {} bytes in all",
+                    b.count, b.total_bytes
+                ));
+            }
+            self.version = b.version;
+            self.dtype = b.dtype.clone();
+            self.count = b.count;
+            self.total = b.total_bytes;
+            self.buf = Vec::with_capacity(b.total_bytes as usize);
+        }
+        let at = format!("weights v{} bucket {}/{}", b.version, b.index, b.count);
+        if b.version != self.version || b.count != self.count || b.total_bytes != self.total || b.dtype != self.dtype {
+            return Err(format!("{at}: header differs from the first bucket's"));
+        }
+        if b.index != self.next || b.offset != self.buf.len() as u64 {
+            return Err(format!(
+                "{at}: out of order (expected bucket {} at byte {})",
+                self.next,
+                self.buf.len()
+            ));
+        }
+        if self.buf.len() as u64 + b.data.len() as u64 > self.total {
+            return Err(format!("{at}: more bytes than the announced {}", self.total));
+        }
+        let crc = crc32fast::hash(&b.data);
+        if crc != b.crc32 {
+            return Err(format!("{at}: checksum {crc:08x} ≠ announced {:08x}", b.crc32));
+        }
+        self.buf.extend_from_slice(&b.data);
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The version, dtype and bytes, once every bucket has arrived.
+    pub fn finish(self) -> Result<(u64, String, Vec<u8>), String> {
+        if self.next == 0 || self.next != self.count || self.buf.len() as u64 != self.total {
+            return Err(format!(
+                "weights v{}: stream ended after {} of {} buckets ({} of {} bytes)",
+                self.version,
+                self.next,
+                self.count,
+                self.buf.len(),
+                self.total
+            ));
+        }
+        Ok((self.version, self.dtype, self.buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let parts = split(3, "f32", &bytes, 300);
+        assert_eq!(parts.len(), 4);
+        let mut a = Assembler::default();
+        for p in parts.clone() {
+            a.push(p).unwrap();
+        }
+        assert_eq!(a.finish().unwrap(), (3, "f32".to_string(), bytes.clone()));
+
+        let mut bad = parts.clone();
+        bad[2].data[5] ^= 1;
+        let mut a = Assembler::default();
+        let e = bad.into_iter().map(|p| a.push(p)).find_map(|r| r.err()).unwrap();
+        assert!(e.contains("bucket 2/4") && e.contains("checksum"), "{e}");
+
+        let mut a = Assembler::default();
+        a.push(parts[0].clone()).unwrap();
+        assert!(a.push(parts[2].clone()).unwrap_err().contains("out of order"));
+        let mut a = Assembler::default();
+        a.push(parts[0].clone()).unwrap();
+        assert!(a.finish().unwrap_err().contains("1 of 4"));
+    }
+}
