@@ -1,0 +1,117 @@
+//! The `[run]` and `[coordinator]` sections: the shape of a run and the control
+//! plane's own settings. (Each part defines its own section; the binary assembles
+//! the whole file.)
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// `[run]`: what every part of a run agrees on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    /// Optimizer steps to run.
+    pub steps: u64,
+    /// Prompt groups per step (B).
+    pub batch_groups: u64,
+    /// Completions per prompt (K).
+    pub group_size: u32,
+    /// η: a sample may be at most this many versions older than the policy it trains
+    /// (0 = synchronous on-policy).
+    pub max_staleness: u64,
+    /// Generators `tandem run` starts on this machine.
+    pub generators: u32,
+    /// Where checkpoints, logs, metrics and dumps go.
+    pub run_dir: String,
+    /// The shared token (prefer the TANDEM_TOKEN environment variable; `tandem run`
+    /// makes one when neither is set).
+    pub token: Option<String>,
+    /// Seed of sampling and of the data order.
+    pub seed: u64,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            steps: 20,
+            batch_groups: 4,
+            group_size: 8,
+            max_staleness: 1,
+            generators: 2,
+            run_dir: "runs/latest".into(),
+            token: None,
+            seed: 0,
+        }
+    }
+}
+
+/// `[coordinator]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address (port 0 = any free port).
+    pub listen: String,
+    /// HTTP address of /metrics, /status, /healthz, /readyz.
+    pub http_listen: String,
+    /// How often workers beat.
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent this long is dropped and its leases re-issued.
+    pub heartbeat_timeout_ms: u64,
+    /// A lease older than this is re-issued even if its worker still beats.
+    pub lease_timeout_s: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: "127.0.0.1:0".into(),
+            http_listen: "127.0.0.1:0".into(),
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 5000,
+            lease_timeout_s: 900,
+        }
+    }
+}
+
+impl RunSection {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(invalid(format!("[run] {key}: {why}")));
+        if self.steps == 0 {
+            return bad("steps", "must be ≥ 1");
+        }
+        if self.batch_groups == 0 {
+            return bad("batch_groups", "must be ≥ 1");
+        }
+        if self.group_size == 0 {
+            return bad("group_size", "must be ≥ 1 (GRPO and RLOO need ≥ 2)");
+        }
+        if self.run_dir.trim().is_empty() {
+            return bad("run_dir", "must name a folder");
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(invalid(format!("[coordinator] {key}: {why}")));
+        if self.heartbeat_interval_ms == 0 {
+            return bad("heartbeat_interval_ms", "must be ≥ 1");
+        }
+        if self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return bad(
+                "heartbeat_timeout_ms",
+                "must be at least twice heartbeat_interval_ms",
+            );
+        }
+        if self.lease_timeout_s == 0 {
+            return bad("lease_timeout_s", "must be ≥ 1");
+        }
+        for (key, addr) in [("listen", &self.listen), ("http_listen", &self.http_listen)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(key, &format!("{addr:?} is not an address like 127.0.0.1:50051"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,101 @@
+//! Membership: who is in the run, what version each holds, when each was last heard.
+//! A worker silent past the timeout is dropped (its leases expire); it may register
+//! again and gets a new id.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1::Role;
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub name: String,
+    pub role: Role,
+    pub address: String,
+    pub policy_version: u64,
+    pub generated_tokens: u64,
+    pub last_seen: Instant,
+}
+
+#[derive(Default)]
+pub struct Members {
+    workers: BTreeMap<u64, Worker>,
+    next_id: u64,
+}
+
+impl Members {
+    pub fn register(&mut self, name: String, role: Role, address: String, now: Instant) -> u64 {
+        self.next_id += 1;
+        self.workers.insert(
+            self.next_id,
+            Worker {
+                name,
+                role,
+                address,
+                policy_version: 0,
+                generated_tokens: 0,
+                last_seen: now,
+            },
+        );
+        self.next_id
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Worker> {
+        self.workers.get_mut(&id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Worker> {
+        self.workers.get(&id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &Worker)> {
+        self.workers.iter()
+    }
+
+    /// The live trainer's address, if one has registered.
+    pub fn trainer_address(&self) -> Option<&str> {
+        self.workers
+            .values()
+            .rev()
+            .find(|w| w.role == Role::Trainer)
+            .map(|w| w.address.as_str())
+    }
+
+    /// Drops workers silent for longer than `timeout`; returns them.
+    pub fn reap(&mut self, timeout: Duration, now: Instant) -> Vec<(u64, Worker)> {
+        let gone: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        gone.into_iter()
+            .filter_map(|id| self.workers.remove(&id).map(|w| (id, w)))
+            .collect()
+    }
+
+    pub fn generators(&self) -> usize {
+        self.workers.values().filter(|w| w.role == Role::Generator).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silent_workers_are_dropped() {
+        let t0 = Instant::now();
+        let mut m = Members::default();
+        let a = m.register("gen-0".into(), Role::Generator, String::new(), t0);
+        let b = m.register("trainer".into(), Role::Trainer, "127.0.0.1:9".into(), t0);
+        assert_ne!(a, b);
+        assert_eq!(m.trainer_address(), Some("127.0.0.1:9"));
+        m.get_mut(b).unwrap().last_seen = t0 + Duration::from_secs(4);
+        let gone = m.reap(Duration::from_secs(3), t0 + Duration::from_secs(5));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, a);
+        assert!(m.get(a).is_none() && m.get(b).is_some());
+        assert_eq!(m.generators(), 0);
+    }
+}

@@ -1,0 +1,80 @@
+//! The lag metrics of a run, exported in Prometheus text format at `/metrics`.
+//! Every name is prefixed `tandem_`; the coordinator is the one scrape target (workers
+//! report to it in heartbeats and publishes).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const POLICY_VERSION: &str = "tandem_policy_version";
+pub const STEP: &str = "tandem_step";
+pub const GENERATOR_POLICY_VERSION: &str = "tandem_generator_policy_version";
+pub const GENERATOR_LAG: &str = "tandem_generator_lag";
+pub const ROLLOUT_STALENESS: &str = "tandem_rollout_staleness";
+pub const BUFFER_GROUPS: &str = "tandem_buffer_groups";
+pub const LEASES_RUNNING: &str = "tandem_leases_running";
+pub const GROUPS_ACCEPTED: &str = "tandem_groups_accepted_total";
+pub const GROUPS_DROPPED: &str = "tandem_groups_dropped_total";
+pub const LEASES_REISSUED: &str = "tandem_leases_reissued_total";
+pub const WEIGHT_SYNC_SECONDS: &str = "tandem_weight_sync_seconds";
+pub const WEIGHT_SYNC_BYTES: &str = "tandem_weight_sync_bytes_total";
+pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
+pub const TRAINER_WAIT: &str = "tandem_trainer_wait_seconds_total";
+pub const GENERATOR_WAIT: &str = "tandem_generator_wait_seconds_total";
+pub const WORKERS: &str = "tandem_workers";
+/// Per-step training metrics become `tandem_train_<name>` gauges.
+pub const TRAIN_PREFIX: &str = "tandem_train_";
+
+/// Installs the process-wide recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(ROLLOUT_STALENESS.into()),
+                    &[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(WEIGHT_SYNC_SECONDS.into()),
+                        &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+                    )
+                })
+                .expect("bucket lists are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder already installed (a test harness) keeps its own.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Describes every metric so `/metrics` carries HELP lines.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(POLICY_VERSION, "Newest published policy version");
+    describe_gauge!(STEP, "Optimizer steps done");
+    describe_gauge!(GENERATOR_POLICY_VERSION, "Policy version each generator holds");
+    describe_gauge!(GENERATOR_LAG, "Published version minus the generator's version");
+    describe_histogram!(ROLLOUT_STALENESS, "Versions between a trained sample's oldest token and the policy");
+    describe_gauge!(BUFFER_GROUPS, "Groups waiting in the trainer's buffer");
+    describe_gauge!(LEASES_RUNNING, "Prompt leases outstanding");
+    describe_counter!(GROUPS_ACCEPTED, "Groups committed into the trainer's buffer");
+    describe_counter!(GROUPS_DROPPED, "Groups refused or dropped, by reason");
+    describe_counter!(LEASES_REISSUED, "Leases expired and their prompts leased again");
+    describe_histogram!(WEIGHT_SYNC_SECONDS, "Duration of a generator's weight fetch");
+    describe_counter!(WEIGHT_SYNC_BYTES, "Bytes of weights fetched by generators");
+    describe_counter!(GENERATED_TOKENS, "Completion tokens generated, per generator");
+    describe_gauge!(WORKERS, "Registered workers by role");
+}
+
+/// A Prometheus-safe metric name from a training metric's name.
+pub fn train_metric_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    format!("{TRAIN_PREFIX}{clean}")
+}

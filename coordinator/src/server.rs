@@ -1,0 +1,177 @@
+//! Starting the coordinator: the gRPC service (token-checked), the HTTP endpoints
+//! (`/metrics`, `/status`, `/healthz`, `/readyz`) and the reaper that drops silent
+//! workers and re-issues their leases.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tandem_proto::auth::RequireToken;
+use tandem_proto::health::HealthService;
+use tandem_proto::v1::coordinator_server::CoordinatorServer;
+use tandem_proto::v1::health_server::HealthServer;
+use tandem_proto::v1::Role;
+use tandem_proto::MAX_MESSAGE_BYTES;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::service::{Core, CoordinatorService, Settings};
+
+/// A coordinator that is serving.
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub core: Arc<Mutex<Core>>,
+}
+
+/// Binds both listeners and starts serving; returns once they accept connections.
+pub async fn start(settings: Settings, dataset: Dataset, token: &str) -> Result<Running> {
+    let handle = metrics::install();
+    metrics::describe();
+    let grpc_listener = bind(&settings.coordinator.listen, "listen").await?;
+    let http_listener = bind(&settings.coordinator.http_listen, "http_listen").await?;
+    let grpc = grpc_listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    let http = http_listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    let core = Arc::new(Mutex::new(Core::new(settings, dataset)));
+
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(CoordinatorService { core: core.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        RequireToken::new(token),
+    );
+    let health = HealthServer::with_interceptor(
+        HealthService {
+            service: "coordinator",
+        },
+        RequireToken::new(token),
+    );
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(grpc_listener))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("coordinator gRPC server stopped: {e}");
+        }
+    });
+
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status_json))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(HttpState {
+            core: core.clone(),
+            handle,
+        });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app).await {
+            tracing::error!("coordinator HTTP server stopped: {e}");
+        }
+    });
+
+    let reaper = core.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok(mut c) = reaper.lock() {
+                c.reap(Instant::now());
+            }
+        }
+    });
+    Ok(Running { grpc, http, core })
+}
+
+async fn bind(addr: &str, key: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io(format!("[coordinator] {key}: cannot listen on {addr}: {e}")))
+}
+
+impl Running {
+    /// Waits until the run is finished and every worker has left (or a 30 s grace).
+    pub async fn wait_finished(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(c) = self.core.lock() else { return };
+            if let Some(at) = c.finished_at {
+                let left = c.members.iter().count();
+                if left == 0 || at.elapsed() > Duration::from_secs(30) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    core: Arc<Mutex<Core>>,
+    handle: PrometheusHandle,
+}
+
+async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
+    let extra = s
+        .core
+        .lock()
+        .map(|c| c.render_seconds_counters())
+        .unwrap_or_default();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        format!("{}{extra}", s.handle.render()),
+    )
+}
+
+async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
+    match s.core.lock() {
+        Ok(_) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state poisoned\n"),
+    }
+}
+
+async fn status_json(State(s): State<HttpState>) -> impl IntoResponse {
+    let Ok(c) = s.core.lock() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string());
+    };
+    let st = c.status(Instant::now());
+    let workers: Vec<serde_json::Value> = st
+        .workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "id": w.worker_id,
+                "name": w.name,
+                "role": if w.role == Role::Trainer as i32 { "trainer" } else { "generator" },
+                "policy_version": w.policy_version,
+                "lag": w.lag,
+                "generated_tokens": w.generated_tokens,
+                "last_seen_ms": w.last_seen_ms,
+                "leases": w.leases,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "policy_version": st.policy_version,
+        "step": st.step,
+        "total_steps": st.total_steps,
+        "finished": st.finished,
+        "groups_accepted": st.groups_accepted,
+        "leases_running": st.leases_running,
+        "buffer_groups": st.buffer_groups,
+        "tokens_per_second": st.tokens_per_second,
+        "max_staleness_seen": st.max_staleness_seen,
+        "dropped": st.dropped,
+        "metrics": st.metrics,
+        "workers": workers,
+    });
+    (StatusCode::OK, body.to_string())
+}

@@ -1,0 +1,393 @@
+//! The Coordinator gRPC service and its state: membership, leases under the admission
+//! rule, the published version, and what workers report (exported as metrics).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1::coordinator_server::Coordinator;
+use tandem_proto::v1::{
+    ChatMessage, CommitReply, CommitRequest, HeartbeatReply, HeartbeatRequest, LeaseReply,
+    LeaseRequest, PromptLease, PublishVersionReply, PublishVersionRequest, RegisterReply,
+    RegisterRequest, Role, StatusReply, StatusRequest, WorkerStatus,
+};
+use tonic::{Request, Response, Status};
+
+use crate::config::{CoordinatorConfig, RunSection};
+use crate::dataset::{Dataset, PromptBody};
+use crate::lease::{admission_capacity, Leases};
+use crate::membership::Members;
+use crate::metrics as m;
+
+/// What the coordinator serves.
+pub struct Settings {
+    pub run: RunSection,
+    pub coordinator: CoordinatorConfig,
+    /// The whole config file, handed to workers when they register.
+    pub config_toml: String,
+}
+
+/// The mutable state behind the service.
+pub struct Core {
+    pub settings: Settings,
+    dataset: Dataset,
+    pub leases: Leases,
+    pub members: Members,
+    pub version: u64,
+    pub step: u64,
+    pub finished: bool,
+    pub train_metrics: BTreeMap<String, f64>,
+    pub dropped: BTreeMap<String, u64>,
+    pub buffer_groups: u64,
+    pub max_staleness_seen: u32,
+    tokens: VecDeque<(Instant, u64)>,
+    pub finished_at: Option<Instant>,
+    /// Seconds counters (Prometheus counters are float; the `metrics` crate's are not).
+    pub trainer_wait_s: f64,
+    pub generator_wait_s: BTreeMap<String, f64>,
+}
+
+impl Core {
+    pub fn new(settings: Settings, dataset: Dataset) -> Self {
+        Core {
+            settings,
+            dataset,
+            leases: Leases::starting_at(0, 0),
+            members: Members::default(),
+            version: 0,
+            step: 0,
+            finished: false,
+            train_metrics: BTreeMap::new(),
+            dropped: BTreeMap::new(),
+            buffer_groups: 0,
+            max_staleness_seen: 0,
+            tokens: VecDeque::new(),
+            finished_at: None,
+            trainer_wait_s: 0.0,
+            generator_wait_s: BTreeMap::new(),
+        }
+    }
+
+    fn count_dropped(&mut self, reason: &str, n: u64) {
+        *self.dropped.entry(reason.to_string()).or_default() += n;
+        metrics::counter!(m::GROUPS_DROPPED, "reason" => reason.to_string()).increment(n);
+    }
+
+    /// Drops silent workers and re-issues their leases and over-age leases.
+    pub fn reap(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(self.settings.coordinator.heartbeat_timeout_ms);
+        for (id, w) in self.members.reap(timeout, now) {
+            let n = self.leases.expire_worker(id);
+            tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
+            metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+        }
+        let n = self
+            .leases
+            .expire_older_than(Duration::from_secs(self.settings.coordinator.lease_timeout_s), now);
+        if n > 0 {
+            tracing::warn!(leases = n, "leases past lease_timeout_s re-issued");
+            metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+        }
+        self.export_gauges();
+    }
+
+    fn export_gauges(&self) {
+        metrics::gauge!(m::LEASES_RUNNING).set(self.leases.running() as f64);
+        metrics::gauge!(m::POLICY_VERSION).set(self.version as f64);
+        metrics::gauge!(m::STEP).set(self.step as f64);
+        metrics::gauge!(m::BUFFER_GROUPS).set(self.buffer_groups as f64);
+        metrics::gauge!(m::WORKERS, "role" => "generator").set(self.members.generators() as f64);
+        let trainers = self.members.iter().filter(|(_, w)| w.role == Role::Trainer).count();
+        metrics::gauge!(m::WORKERS, "role" => "trainer").set(trainers as f64);
+    }
+
+    fn tokens_per_second(&self, now: Instant) -> f64 {
+        let window = Duration::from_secs(10);
+        let recent: Vec<&(Instant, u64)> = self
+            .tokens
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= window)
+            .collect();
+        let Some(first) = recent.first() else { return 0.0 };
+        let span = now.duration_since(first.0).as_secs_f64().max(1.0);
+        recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span
+    }
+
+    /// The float-valued counters, in Prometheus text format.
+    pub fn render_seconds_counters(&self) -> String {
+        let mut out = format!(
+            "# HELP {t} Seconds the trainer waited for data\n# TYPE {t} counter\n{t} {}\n",
+            self.trainer_wait_s,
+            t = m::TRAINER_WAIT
+        );
+        if !self.generator_wait_s.is_empty() {
+            out += &format!(
+                "# HELP {g} Seconds generators waited for leases\n# TYPE {g} counter\n",
+                g = m::GENERATOR_WAIT
+            );
+            for (name, v) in &self.generator_wait_s {
+                out += &format!("{}{{generator=\"{}\"}} {v}\n", m::GENERATOR_WAIT, escape_label(name));
+            }
+        }
+        out
+    }
+
+    pub fn status(&self, now: Instant) -> StatusReply {
+        StatusReply {
+            policy_version: self.version,
+            step: self.step,
+            total_steps: self.settings.run.steps,
+            workers: self
+                .members
+                .iter()
+                .map(|(&id, w)| WorkerStatus {
+                    worker_id: id,
+                    name: w.name.clone(),
+                    role: w.role as i32,
+                    policy_version: w.policy_version,
+                    lag: self.version.saturating_sub(w.policy_version),
+                    generated_tokens: w.generated_tokens,
+                    last_seen_ms: now.duration_since(w.last_seen).as_millis() as u64,
+                    leases: self.leases.held_by(id) as u32,
+                })
+                .collect(),
+            groups_accepted: self.leases.accepted,
+            leases_running: self.leases.running(),
+            buffer_groups: self.buffer_groups,
+            metrics: self.train_metrics.clone().into_iter().collect(),
+            dropped: self.dropped.clone().into_iter().collect(),
+            finished: self.finished,
+            tokens_per_second: self.tokens_per_second(now),
+            max_staleness_seen: self.max_staleness_seen,
+        }
+    }
+}
+
+/// The gRPC face of [`Core`].
+#[derive(Clone)]
+pub struct CoordinatorService {
+    pub core: Arc<Mutex<Core>>,
+}
+
+impl CoordinatorService {
+    fn lock(&self) -> Result<MutexGuard<'_, Core>, Status> {
+        self.core
+            .lock()
+            .map_err(|_| Status::internal("coordinator state poisoned by an earlier panic"))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        let r = req.into_inner();
+        let role = Role::try_from(r.role).unwrap_or(Role::Unspecified);
+        if role == Role::Unspecified {
+            return Err(Status::invalid_argument("role: must be ROLE_GENERATOR or ROLE_TRAINER"));
+        }
+        if r.name.is_empty() || r.name.len() > 128 {
+            return Err(Status::invalid_argument("name: 1 to 128 characters"));
+        }
+        if role == Role::Trainer && r.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "address: the trainer must give its gRPC address as host:port, got {:?}",
+                r.address
+            )));
+        }
+        let mut core = self.lock()?;
+        let id = core.members.register(r.name.clone(), role, r.address, Instant::now());
+        tracing::info!(name = %r.name, id, ?role, "worker registered");
+        core.export_gauges();
+        Ok(Response::new(RegisterReply {
+            worker_id: id,
+            config_toml: core.settings.config_toml.clone(),
+            heartbeat_interval_ms: core.settings.coordinator.heartbeat_interval_ms,
+            policy_version: core.version,
+            trainer_address: core.members.trainer_address().unwrap_or_default().to_string(),
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let now = Instant::now();
+        let mut core = self.lock()?;
+        let version = core.version;
+        if r.policy_version > version {
+            return Err(Status::invalid_argument(format!(
+                "policy_version: {} is newer than the published {version}",
+                r.policy_version
+            )));
+        }
+        if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
+            return Err(Status::invalid_argument("wait_seconds: must be finite and ≥ 0"));
+        }
+        if r.weight_sync_seconds.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return Err(Status::invalid_argument("weight_sync_seconds: must be finite and ≥ 0"));
+        }
+        let trainer_address = core.members.trainer_address().unwrap_or_default().to_string();
+        let stop = core.finished;
+        let Some(w) = core.members.get_mut(r.worker_id) else {
+            return Ok(Response::new(HeartbeatReply {
+                policy_version: version,
+                trainer_address,
+                stop,
+                known: false,
+            }));
+        };
+        w.last_seen = now;
+        w.policy_version = r.policy_version;
+        w.generated_tokens += r.generated_tokens;
+        let (name, role) = (w.name.clone(), w.role);
+        if role == Role::Generator {
+            metrics::gauge!(m::GENERATOR_POLICY_VERSION, "generator" => name.clone()).set(r.policy_version as f64);
+            metrics::gauge!(m::GENERATOR_LAG, "generator" => name.clone()).set((version - r.policy_version) as f64);
+            metrics::counter!(m::GENERATED_TOKENS, "generator" => name.clone()).increment(r.generated_tokens);
+            *core.generator_wait_s.entry(name.clone()).or_default() += r.wait_seconds;
+            for s in &r.weight_sync_seconds {
+                metrics::histogram!(m::WEIGHT_SYNC_SECONDS).record(*s);
+            }
+            metrics::counter!(m::WEIGHT_SYNC_BYTES).increment(r.weight_sync_bytes);
+            if r.generated_tokens > 0 {
+                core.tokens.push_back((now, r.generated_tokens));
+                while core.tokens.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(30)) {
+                    core.tokens.pop_front();
+                }
+            }
+        }
+        Ok(Response::new(HeartbeatReply {
+            policy_version: version,
+            trainer_address,
+            stop,
+            known: true,
+        }))
+    }
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        let r = req.into_inner();
+        let now = Instant::now();
+        let mut core = self.lock()?;
+        let version = core.version;
+        if core.finished {
+            return Ok(Response::new(LeaseReply {
+                stop: true,
+                policy_version: version,
+                ..Default::default()
+            }));
+        }
+        match core.members.get_mut(r.worker_id) {
+            Some(w) if w.role == Role::Generator => w.last_seen = now,
+            Some(_) => return Err(Status::permission_denied("only generators take leases")),
+            None => return Err(Status::not_found(format!("worker_id: {} is not registered (register again)", r.worker_id))),
+        }
+        if r.max_groups == 0 || r.max_groups > 4096 {
+            return Err(Status::invalid_argument("max_groups: must be in 1..=4096"));
+        }
+        let run = &core.settings.run;
+        let capacity = admission_capacity(run.max_staleness, version, run.batch_groups, core.leases.accepted, core.leases.running());
+        let n = capacity.min(r.max_groups as u64);
+        let granted = core.leases.grant(r.worker_id, n, now);
+        let leases = granted
+            .into_iter()
+            .map(|(lease_id, prompt_index)| {
+                let p = core.dataset.get(prompt_index);
+                let (text, messages) = match p.body {
+                    PromptBody::Text(t) => (t, vec![]),
+                    PromptBody::Messages(ms) => (
+                        String::new(),
+                        ms.into_iter()
+                            .map(|x| ChatMessage {
+                                role: x.role,
+                                content: x.content,
+                            })
+                            .collect(),
+                    ),
+                };
+                PromptLease {
+                    lease_id,
+                    prompt_index,
+                    text,
+                    messages,
+                    answer: p.answer.unwrap_or_default(),
+                }
+            })
+            .collect::<Vec<_>>();
+        metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
+        Ok(Response::new(LeaseReply {
+            retry_after_ms: if leases.is_empty() { 100 } else { 0 },
+            leases,
+            policy_version: version,
+            stop: false,
+        }))
+    }
+
+    async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<CommitReply>, Status> {
+        let r = req.into_inner();
+        let mut core = self.lock()?;
+        match core.leases.commit(r.lease_id, r.prompt_index) {
+            Ok(_) => {
+                metrics::counter!(m::GROUPS_ACCEPTED).increment(1);
+                metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
+                Ok(Response::new(CommitReply {
+                    accepted: true,
+                    reason: String::new(),
+                }))
+            }
+            Err(why) => {
+                core.count_dropped(why.as_str(), 1);
+                tracing::info!(lease = r.lease_id, reason = why.as_str(), "group refused");
+                Ok(Response::new(CommitReply {
+                    accepted: false,
+                    reason: why.as_str().to_string(),
+                }))
+            }
+        }
+    }
+
+    async fn publish_version(&self, req: Request<PublishVersionRequest>) -> Result<Response<PublishVersionReply>, Status> {
+        let r = req.into_inner();
+        let mut core = self.lock()?;
+        if r.version < core.version {
+            return Err(Status::failed_precondition(format!(
+                "version: {} is older than the published {}",
+                r.version, core.version
+            )));
+        }
+        if let Some((k, _)) = r.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Status::invalid_argument(format!("metrics[{k}]: must be finite")));
+        }
+        core.version = r.version;
+        core.step = r.step;
+        core.buffer_groups = r.buffer_groups;
+        for (k, v) in &r.metrics {
+            metrics::gauge!(m::train_metric_name(k)).set(*v);
+            core.train_metrics.insert(k.clone(), *v);
+        }
+        core.max_staleness_seen = r.staleness.iter().copied().max().unwrap_or(0);
+        for s in &r.staleness {
+            metrics::histogram!(m::ROLLOUT_STALENESS).record(*s as f64);
+        }
+        for (reason, n) in &r.dropped {
+            core.count_dropped(reason, *n);
+        }
+        if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
+            return Err(Status::invalid_argument("wait_seconds: must be finite and ≥ 0"));
+        }
+        core.trainer_wait_s += r.wait_seconds;
+        if r.finished && !core.finished {
+            core.finished = true;
+            core.finished_at = Some(Instant::now());
+            tracing::info!(step = r.step, version = r.version, "run finished");
+        }
+        core.export_gauges();
+        Ok(Response::new(PublishVersionReply {}))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let core = self.lock()?;
+        Ok(Response::new(core.status(Instant::now())))
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
