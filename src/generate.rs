@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tandem_model::{ChatMessage, SamplingParams};
+use tandem_model::SamplingParams;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -39,23 +39,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         anyhow::bail!("-n/--samples must be at least 1");
     }
     let p = crate::load_model(&a.model)?;
-    let text = if a.chat {
-        let mut messages = Vec::new();
-        if let Some(s) = &a.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: s.clone(),
-            });
-        }
-        messages.push(ChatMessage::user(a.prompt.clone()));
-        p.tokenizer.apply_chat_template(&messages, true)?
-    } else {
-        a.prompt.clone()
-    };
-    let ids = p.tokenizer.encode(&text)?;
-    if ids.is_empty() {
-        anyhow::bail!("--prompt is empty after tokenization");
-    }
+    let ids = tandem_generator::render::prompt_ids(
+        &p.tokenizer,
+        tandem_generator::render::PromptInput::Text(&a.prompt),
+        a.chat,
+        a.system.as_deref(),
+    )
+    .context("--prompt")?;
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

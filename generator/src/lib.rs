@@ -1,3 +1,16 @@
-//! `tandem-generator`: the rollout worker (prompt leases, sampling, rewards, rollout
-//! stream, weight receiver). Sampling itself is `tandem_model::generate`; the service
-//! around it arrives with the distributed-system work.
+//! `tandem-generator`: the rollout worker.
+//!
+//! - [`worker`] — leases, batched sampling with per-token versions, the rollout
+//!   stream to the trainer, weight swaps (between batches or in flight)
+//! - [`reward`] — built-in verifiers (math final answer, format, exact match) and
+//!   the external reward service
+//! - [`render`] — prompts to token ids (chat template or raw text)
+//! - [`config`] — the `[generator]` section
+
+pub mod config;
+pub mod error;
+pub mod render;
+pub mod reward;
+pub mod worker;
+
+pub use error::{Error, Result};

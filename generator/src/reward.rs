@@ -85,14 +85,15 @@ impl RewardConfig {
     }
 }
 
-/// The final answer of a completion: the inside of the last `<answer>…</answer>`, else
-/// of the last `\boxed{…}`, else the last number in the text.
+/// The final answer of a completion: the last number inside the last
+/// `<answer>…</answer>` (or its text when it holds none), else the inside of the last
+/// `\boxed{…}`, else the last number in the text.
 pub fn final_answer(text: &str) -> Option<String> {
     if let Some(inner) = last_answer_tag(text) {
         return Some(last_number(inner).unwrap_or_else(|| inner.trim().to_string()));
     }
     if let Some(inner) = last_boxed(text) {
-        return Some(last_number(inner).unwrap_or_else(|| inner.trim().to_string()));
+        return Some(inner.trim().to_string());
     }
     last_number(text)
 }

@@ -193,6 +193,11 @@ impl Session {
     }
 
     /// The completions, in prompt order (unfinished ones have no finish reason).
+    /// The completions so far (tokens sampled up to the last `step`).
+    pub fn completions(&self) -> &[Completion] {
+        &self.out
+    }
+
     pub fn into_completions(self) -> Vec<Completion> {
         self.out
     }

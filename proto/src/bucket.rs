@@ -5,25 +5,32 @@
 
 use crate::v1::WeightBucket;
 
+/// How many buckets `total` bytes make (at least one, even when empty).
+pub fn count(total: usize, bucket_bytes: usize) -> usize {
+    total.div_ceil(bucket_bytes.max(1)).max(1)
+}
+
+/// Bucket `index` of `bytes` for version `version`.
+pub fn bucket(version: u64, dtype: &str, bytes: &[u8], bucket_bytes: usize, index: usize) -> WeightBucket {
+    let bucket_bytes = bucket_bytes.max(1);
+    let start = (index * bucket_bytes).min(bytes.len());
+    let data = bytes[start..(start + bucket_bytes).min(bytes.len())].to_vec();
+    WeightBucket {
+        version,
+        index: index as u32,
+        count: count(bytes.len(), bucket_bytes) as u32,
+        offset: start as u64,
+        total_bytes: bytes.len() as u64,
+        dtype: dtype.to_string(),
+        crc32: crc32fast::hash(&data),
+        data,
+    }
+}
+
 /// Cuts `bytes` into buckets of at most `bucket_bytes` for version `version`.
 pub fn split(version: u64, dtype: &str, bytes: &[u8], bucket_bytes: usize) -> Vec<WeightBucket> {
-    let bucket_bytes = bucket_bytes.max(1);
-    let count = bytes.len().div_ceil(bucket_bytes).max(1);
-    (0..count)
-        .map(|i| {
-            let start = i * bucket_bytes;
-            let data = bytes[start..(start + bucket_bytes).min(bytes.len())].to_vec();
-            WeightBucket {
-                version,
-                index: i as u32,
-                count: count as u32,
-                offset: start as u64,
-                total_bytes: bytes.len() as u64,
-                dtype: dtype.to_string(),
-                crc32: crc32fast::hash(&data),
-                data,
-            }
-        })
+    (0..count(bytes.len(), bucket_bytes))
+        .map(|i| bucket(version, dtype, bytes, bucket_bytes, i))
         .collect()
 }
 

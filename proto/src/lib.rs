@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod bucket;
+pub mod client;
 pub mod health;
 
 /// Messages and services of package `tandem.v1`.

@@ -9,19 +9,27 @@
 //! - [`proximal`] — π_prox recomputed, or AReaL's log-linear approximation by version
 //! - [`gae`] — GAE(γ, λ) over tokens and PPO's clipped value loss (the critic side)
 //!
-//! [`config`] holds the `[algorithm]` and `[optimizer]` sections, [`rollout`] the
-//! rollout record, [`step`] one training step. The rollout buffer, checkpoints and the weight publisher come next.
+//! [`config`] holds the `[algorithm]`, `[optimizer]` and `[trainer]` sections,
+//! [`rollout`] the rollout record, [`step`] one training step.
+//!
+//! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
+//! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
+//! [`learner`] the loop that turns batches into versions.
 
 pub mod advantage;
 pub mod aggregate;
+pub mod buffer;
 pub mod config;
 pub mod correction;
 pub mod error;
 pub mod gae;
+pub mod ingest;
 pub mod kl;
+pub mod learner;
 pub mod policy_loss;
 pub mod proximal;
 pub mod rollout;
+pub mod service;
 pub mod step;
 pub mod value;
 

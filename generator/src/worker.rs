@@ -1,0 +1,491 @@
+//! The generator service: lease prompt groups, sample `group_size` completions each,
+//! score them, stream the groups to the trainer, and take new weights when they are
+//! published — between batches, or between decode steps (`in_flight`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_model::{ChatMessage, Pretrained, SamplingParams, Session};
+use tandem_proto::auth::WithToken;
+use tandem_proto::bucket::Assembler;
+use tandem_proto::client::{self, Authed};
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tandem_proto::v1::reward_client::RewardClient;
+use tandem_proto::v1::{
+    Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest,
+    Role, RolloutGroup, ScoreRequest,
+};
+use tokio::runtime::Handle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::config::{GeneratorConfig, WeightUpdate};
+use crate::error::{Error, Result};
+use crate::render::{prompt_ids, PromptInput};
+use crate::reward::RewardConfig;
+
+/// Everything a generator needs besides its model.
+#[derive(Clone)]
+pub struct Settings {
+    pub name: String,
+    pub generator: GeneratorConfig,
+    pub reward: RewardConfig,
+    /// `[data] chat` and `[data] system`.
+    pub chat: bool,
+    pub system: Option<String>,
+    pub group_size: u32,
+    pub seed: u64,
+    pub heartbeat_interval: Duration,
+    /// How long a weight fetch may take before it is abandoned with an error.
+    pub weight_sync_timeout: Duration,
+}
+
+/// What the heartbeat task and the sampling loop share.
+#[derive(Default)]
+struct Beat {
+    worker_id: AtomicU64,
+    held: AtomicU64,
+    latest: AtomicU64,
+    tokens: AtomicU64,
+    wait_us: AtomicU64,
+    sync_bytes: AtomicU64,
+    syncs: Mutex<Vec<f64>>,
+    trainer: Mutex<String>,
+    stop: AtomicBool,
+}
+
+fn rpc(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Rpc(format!("{what}: {e}"))
+}
+
+/// Registers with the coordinator; returns the worker id and the run's config text.
+pub async fn register(
+    coordinator: &mut CoordinatorClient<Authed>,
+    name: &str,
+) -> Result<(u64, String, u64, String, Duration)> {
+    let r = coordinator
+        .register(RegisterRequest {
+            role: Role::Generator as i32,
+            name: name.to_string(),
+            address: String::new(),
+        })
+        .await
+        .map_err(|e| rpc("registering with the coordinator", e.message()))?
+        .into_inner();
+    Ok((
+        r.worker_id,
+        r.config_toml,
+        r.policy_version,
+        r.trainer_address,
+        Duration::from_millis(r.heartbeat_interval_ms.max(1)),
+    ))
+}
+
+/// Streams groups to the trainer and keeps each until it is acknowledged, so a broken
+/// stream (a restarted trainer) resends what was not acknowledged.
+struct Pusher {
+    tx: tokio::sync::mpsc::Sender<RolloutGroup>,
+    pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Pusher {
+    fn open(rt: &Handle, addr: &str, token: &WithToken, pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>) -> Result<Self> {
+        let ch = rt.block_on(client::connect(addr)).map_err(|e| rpc("trainer", e))?;
+        let mut trainer = client::trainer(ch, token);
+        let (tx, rx) = tokio::sync::mpsc::channel::<RolloutGroup>(4);
+        let broken = Arc::new(AtomicBool::new(false));
+        let (p, b) = (pending.clone(), broken.clone());
+        let addr_owned = addr.to_string();
+        rt.spawn(async move {
+            match trainer.push_rollouts(ReceiverStream::new(rx)).await {
+                Ok(resp) => {
+                    let mut acks = resp.into_inner();
+                    while let Some(ack) = acks.next().await {
+                        match ack {
+                            Ok(a) => {
+                                if let Ok(mut p) = p.lock() {
+                                    p.remove(&a.seq);
+                                }
+                                if !a.accepted {
+                                    tracing::warn!(seq = a.seq, reason = %a.reason, "the trainer refused a group");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(trainer = %addr_owned, "rollout stream broke: {}", e.message());
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(trainer = %addr_owned, "cannot open the rollout stream: {}", e.message()),
+            }
+            b.store(true, Ordering::SeqCst);
+        });
+        let this = Pusher { tx, pending, broken };
+        let resend: Vec<RolloutGroup> = this.pending.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        for g in resend {
+            this.tx.blocking_send(g).map_err(|_| rpc("trainer", "rollout stream closed"))?;
+        }
+        Ok(this)
+    }
+}
+
+pub struct Worker {
+    settings: Settings,
+    model: Pretrained,
+    rt: Handle,
+    token: WithToken,
+    coordinator: CoordinatorClient<Authed>,
+    beat: Arc<Beat>,
+    pusher: Option<Pusher>,
+    pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    reward_service: Option<RewardClient<Authed>>,
+    next_seq: u64,
+}
+
+impl Worker {
+    /// A registered worker; starts its heartbeat task on `rt`.
+    pub fn new(
+        settings: Settings,
+        model: Pretrained,
+        rt: Handle,
+        token: WithToken,
+        coordinator: CoordinatorClient<Authed>,
+        worker_id: u64,
+        latest_version: u64,
+        trainer_address: String,
+    ) -> Result<Self> {
+        settings.generator.validate()?;
+        settings.reward.validate()?;
+        let beat = Arc::new(Beat::default());
+        beat.worker_id.store(worker_id, Ordering::SeqCst);
+        beat.latest.store(latest_version, Ordering::SeqCst);
+        if let Ok(mut t) = beat.trainer.lock() {
+            *t = trainer_address;
+        }
+        let reward_service = match &settings.reward.service {
+            Some(addr) => {
+                let ch = rt.block_on(client::connect(addr)).map_err(|e| rpc("[reward] service", e))?;
+                Some(client::reward(ch, &token))
+            }
+            None => None,
+        };
+        let w = Worker {
+            settings,
+            model,
+            rt,
+            token,
+            coordinator,
+            beat,
+            pusher: None,
+            pending: Arc::new(Mutex::new(BTreeMap::new())),
+            reward_service,
+            next_seq: 1,
+        };
+        w.spawn_heartbeat();
+        Ok(w)
+    }
+
+    fn spawn_heartbeat(&self) {
+        let beat = self.beat.clone();
+        let mut coord = self.coordinator.clone();
+        let interval = self.settings.heartbeat_interval;
+        let name = self.settings.name.clone();
+        self.rt.spawn(async move {
+            let mut failures = 0u32;
+            while !beat.stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(interval).await;
+                let req = HeartbeatRequest {
+                    worker_id: beat.worker_id.load(Ordering::SeqCst),
+                    policy_version: beat.held.load(Ordering::SeqCst),
+                    generated_tokens: beat.tokens.swap(0, Ordering::SeqCst),
+                    wait_seconds: beat.wait_us.swap(0, Ordering::SeqCst) as f64 / 1e6,
+                    weight_sync_seconds: beat.syncs.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default(),
+                    weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
+                };
+                match coord.heartbeat(req).await {
+                    Ok(r) => {
+                        failures = 0;
+                        let r = r.into_inner();
+                        beat.latest.fetch_max(r.policy_version, Ordering::SeqCst);
+                        if let Ok(mut t) = beat.trainer.lock() {
+                            *t = r.trainer_address;
+                        }
+                        if r.stop {
+                            beat.stop.store(true, Ordering::SeqCst);
+                        }
+                        if !r.known {
+                            tracing::warn!("the coordinator dropped this generator; registering again");
+                            if let Ok((id, ..)) = register(&mut coord, &name).await {
+                                beat.worker_id.store(id, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!("heartbeat failed ({failures}): {}", e.message());
+                        if failures >= 20 {
+                            tracing::error!("the coordinator is unreachable; stopping");
+                            beat.stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn trainer_address(&self) -> Result<String> {
+        let t = self.beat.trainer.lock().map(|t| t.clone()).unwrap_or_default();
+        if t.is_empty() {
+            return Err(rpc("trainer", "no trainer has registered with the coordinator yet"));
+        }
+        Ok(t)
+    }
+
+    /// Fetches version `want` (or the newest) and assigns it in place.
+    fn sync_weights(&mut self, want: u64) -> Result<()> {
+        let addr = self.trainer_address()?;
+        let t0 = Instant::now();
+        let token = self.token.clone();
+        let timeout = self.settings.weight_sync_timeout;
+        let fetched = self.rt.block_on(async {
+            let fetch = async {
+                let ch = client::connect(&addr).await.map_err(|e| rpc("weights", e))?;
+                let mut t = client::trainer(ch, &token);
+                let mut stream = t
+                    .fetch_weights(FetchWeightsRequest { version: want })
+                    .await
+                    .map_err(|e| rpc(&format!("fetching weights v{want} from the trainer at {addr}"), e.message()))?
+                    .into_inner();
+                let mut asm = Assembler::default();
+                while let Some(b) = stream
+                    .message()
+                    .await
+                    .map_err(|e| rpc(&format!("weights stream from the trainer at {addr}"), e.message()))?
+                {
+                    asm.push(b).map_err(|e| rpc(&format!("trainer at {addr}"), e))?;
+                }
+                asm.finish().map_err(|e| rpc(&format!("trainer at {addr}"), e))
+            };
+            tokio::time::timeout(timeout, fetch).await.map_err(|_| {
+                rpc(
+                    "weights",
+                    format!("the fetch of v{want} from the trainer at {addr} stalled for {timeout:?}"),
+                )
+            })?
+        })?;
+        let (version, dtype, bytes) = fetched;
+        self.model.model.params().assign_bytes(&bytes, &dtype)?;
+        self.beat.held.store(version, Ordering::SeqCst);
+        self.beat.sync_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        let secs = t0.elapsed().as_secs_f64();
+        if let Ok(mut s) = self.beat.syncs.lock() {
+            s.push(secs);
+        }
+        tracing::info!(version, mib = bytes.len() as f64 / (1 << 20) as f64, seconds = secs, "weights updated");
+        Ok(())
+    }
+
+    fn maybe_sync(&mut self, at_least: u64) -> Result<()> {
+        let latest = self.beat.latest.load(Ordering::SeqCst).max(at_least);
+        if latest > self.beat.held.load(Ordering::SeqCst) {
+            self.sync_weights(latest)?;
+        }
+        Ok(())
+    }
+
+    /// Runs until the coordinator says the run is over.
+    pub fn run(mut self) -> Result<()> {
+        while !self.beat.stop.load(Ordering::SeqCst) {
+            self.maybe_sync(0)?;
+            let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
+            let reply = self.rt.block_on(self.coordinator.lease(LeaseRequest {
+                worker_id,
+                max_groups: self.settings.generator.prompts_per_batch,
+            }));
+            let reply = match reply {
+                Ok(r) => r.into_inner(),
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    std::thread::sleep(self.settings.heartbeat_interval);
+                    continue;
+                }
+                Err(e) => return Err(rpc("leasing prompts", e.message())),
+            };
+            if reply.stop {
+                break;
+            }
+            if reply.leases.is_empty() {
+                let wait = Duration::from_millis(reply.retry_after_ms.clamp(5, 1000));
+                std::thread::sleep(wait);
+                self.beat.wait_us.fetch_add(wait.as_micros() as u64, Ordering::SeqCst);
+                continue;
+            }
+            // Admitted under version v: generate with at least v.
+            self.maybe_sync(reply.policy_version)?;
+            let groups = self.generate(&reply.leases, worker_id)?;
+            for g in groups {
+                self.push(g)?;
+            }
+        }
+        self.drain();
+        self.beat.stop.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn push(&mut self, mut g: RolloutGroup) -> Result<()> {
+        g.seq = self.next_seq;
+        self.next_seq += 1;
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(g.seq, g.clone());
+        }
+        for _attempt in 0..30 {
+            let broken = self.pusher.as_ref().is_none_or(|p| p.broken.load(Ordering::SeqCst));
+            if broken {
+                self.pusher = None;
+                match self.trainer_address().and_then(|a| Pusher::open(&self.rt, &a, &self.token, self.pending.clone())) {
+                    Ok(p) => {
+                        // Opening resent every pending group, this one included.
+                        self.pusher = Some(p);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot reach the trainer: {e}; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            if let Some(p) = &self.pusher {
+                if p.tx.blocking_send(g.clone()).is_ok() {
+                    return Ok(());
+                }
+                p.broken.store(true, Ordering::SeqCst);
+            }
+        }
+        Err(rpc("trainer", "could not deliver rollouts for 30 attempts"))
+    }
+
+    /// Waits (up to 30 s) until every pushed group is acknowledged.
+    fn drain(&mut self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            let left = self.pending.lock().map(|p| p.len()).unwrap_or(0);
+            if left == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.pusher = None;
+    }
+
+    /// Samples every group of `leases` in one batch and scores it.
+    fn generate(&mut self, leases: &[PromptLease], worker_id: u64) -> Result<Vec<RolloutGroup>> {
+        let k = self.settings.group_size as usize;
+        let tok = &self.model.tokenizer;
+        let mut prompts = Vec::with_capacity(leases.len());
+        for l in leases {
+            let input = if l.messages.is_empty() {
+                PromptInput::Text(&l.text)
+            } else {
+                PromptInput::Messages(
+                    l.messages
+                        .iter()
+                        .map(|m| ChatMessage {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect(),
+                )
+            };
+            prompts.push(prompt_ids(tok, input, self.settings.chat, self.settings.system.as_deref())?);
+        }
+        let g = &self.settings.generator;
+        let params = SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            max_new_tokens: g.max_new_tokens,
+            stop_token_ids: self.model.stop_token_ids(),
+            seed: self.settings.seed ^ leases[0].lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
+        let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
+        let mut session = Session::new(&self.model.model, rows, params)?;
+        let mut versions: Vec<Vec<u64>> = vec![Vec::new(); leases.len() * k];
+        let in_flight = g.weight_update == WeightUpdate::InFlight;
+        loop {
+            let running = session.step(&self.model.model)?;
+            let held = self.beat.held.load(Ordering::SeqCst);
+            for (v, c) in versions.iter_mut().zip(session.completions()) {
+                let new = c.tokens.len() - v.len();
+                v.extend(std::iter::repeat_n(held, new));
+            }
+            if !running {
+                break;
+            }
+            if in_flight {
+                self.maybe_sync(0)?;
+            }
+        }
+        let completions = session.into_completions();
+        let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+        self.beat.tokens.fetch_add(tokens as u64, Ordering::SeqCst);
+        let mut groups = Vec::with_capacity(leases.len());
+        for (i, l) in leases.iter().enumerate() {
+            let rows = &completions[i * k..(i + 1) * k];
+            let texts: Vec<String> = rows
+                .iter()
+                .map(|c| self.model.tokenizer.decode(&c.tokens, true))
+                .collect::<std::result::Result<_, _>>()?;
+            let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
+            let mut rewards: Vec<f64> = texts.iter().map(|t| self.settings.reward.score(t, answer)).collect();
+            if let Some(svc) = &mut self.reward_service {
+                let prompt = if l.messages.is_empty() { l.text.clone() } else { l.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n") };
+                let scored = self
+                    .rt
+                    .block_on(svc.score(ScoreRequest {
+                        prompt,
+                        answer: l.answer.clone(),
+                        completions: texts.clone(),
+                    }))
+                    .map_err(|e| rpc("[reward] service", e.message()))?
+                    .into_inner()
+                    .rewards;
+                if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {
+                    return Err(rpc(
+                        "[reward] service",
+                        format!("returned {} rewards for {} completions (all must be finite)", scored.len(), texts.len()),
+                    ));
+                }
+                for (r, s) in rewards.iter_mut().zip(scored) {
+                    *r += self.settings.reward.service_weight * s;
+                }
+            }
+            groups.push(RolloutGroup {
+                seq: 0,
+                lease_id: l.lease_id,
+                prompt_index: l.prompt_index,
+                worker_id,
+                prompt_ids: prompts[i].clone(),
+                completions: rows
+                    .iter()
+                    .zip(&versions[i * k..(i + 1) * k])
+                    .zip(rewards)
+                    .map(|((c, v), reward)| Completion {
+                        completion_ids: c.tokens.clone(),
+                        behavior_logprobs: c.logprobs.clone(),
+                        versions: v.clone(),
+                        reward,
+                        finish_reason: match c.finish_reason {
+                            Some(tandem_model::FinishReason::Stop) => "stop".into(),
+                            _ => "length".into(),
+                        },
+                    })
+                    .collect(),
+            });
+        }
+        Ok(groups)
+    }
+}

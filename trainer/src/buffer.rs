@@ -1,0 +1,105 @@
+//! The rollout buffer: committed groups wait here, oldest first, until a step takes
+//! `batch_groups` of them. A group whose oldest token is more than η versions behind
+//! the policy is dropped when taken (counted as "stale"), never trained.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::Rollout;
+
+/// One committed prompt group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub lease_id: u64,
+    pub prompt_index: u64,
+    pub worker_id: u64,
+    pub rollouts: Vec<Rollout>,
+}
+
+impl Group {
+    /// The oldest version among the group's tokens.
+    pub fn oldest_version(&self) -> u64 {
+        self.rollouts
+            .iter()
+            .flat_map(|r| r.versions.iter().flatten().copied())
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// staleness = policy version − oldest token version (DESIGN decision 2).
+    pub fn staleness(&self, policy_version: u64) -> u64 {
+        policy_version.saturating_sub(self.oldest_version())
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+pub struct Buffer {
+    groups: VecDeque<Group>,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    pub fn push(&mut self, g: Group) {
+        self.groups.push_back(g);
+    }
+
+    /// Drops the groups too stale for `policy_version` (returns how many), then takes
+    /// the `n` oldest when there are that many.
+    pub fn take_batch(&mut self, n: usize, policy_version: u64, max_staleness: u64) -> (Option<Vec<Group>>, usize) {
+        let before = self.groups.len();
+        self.groups.retain(|g| g.staleness(policy_version) <= max_staleness);
+        let dropped = before - self.groups.len();
+        if self.groups.len() < n {
+            return (None, dropped);
+        }
+        (Some(self.groups.drain(..n).collect()), dropped)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(lease: u64, versions: &[u64]) -> Group {
+        Group {
+            lease_id: lease,
+            prompt_index: lease,
+            worker_id: 1,
+            rollouts: vec![Rollout {
+                group: lease.to_string(),
+                prompt_ids: vec![1],
+                completion_ids: vec![2; versions.len()],
+                behavior_logprobs: vec![-1.0; versions.len()],
+                reward: 0.0,
+                versions: Some(versions.to_vec()),
+            }],
+        }
+    }
+
+    #[test]
+    fn stale_groups_are_dropped_and_order_kept() {
+        let mut b = Buffer::default();
+        b.push(group(1, &[0, 1]));
+        b.push(group(2, &[2, 2]));
+        b.push(group(3, &[1, 3]));
+        assert_eq!(b.take_batch(4, 1, 1), (None, 0));
+        let (batch, dropped) = b.take_batch(2, 2, 1);
+        assert_eq!(dropped, 1, "lease 1 has a token 2 versions old");
+        let batch = batch.unwrap();
+        assert_eq!(batch.iter().map(|g| g.lease_id).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(b.is_empty());
+        assert_eq!(group(9, &[4, 2, 5]).staleness(6), 4);
+    }
+}

@@ -1,0 +1,137 @@
+//! Checking a rollout group before it may enter the buffer (DESIGN decision 8):
+//! token ids below the vocabulary, logprobs finite and ≤ 0, lengths consistent,
+//! versions not from the future, sizes bounded. The message names the field.
+
+use tandem_proto::v1::RolloutGroup;
+
+/// What a group must satisfy.
+pub struct Limits {
+    pub vocab_size: usize,
+    pub group_size: usize,
+    /// Longest completion accepted.
+    pub max_completion_tokens: usize,
+    /// Longest prompt accepted (the model's context).
+    pub max_prompt_tokens: usize,
+    /// The newest published version: no token may claim a newer one.
+    pub policy_version: u64,
+}
+
+/// Returns the first problem found, naming the field.
+pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
+    if g.lease_id == 0 {
+        return Err("lease_id: must be a lease the coordinator granted (≥ 1)".into());
+    }
+    if g.prompt_ids.is_empty() || g.prompt_ids.len() > l.max_prompt_tokens {
+        return Err(format!(
+            "prompt_ids: {} tokens, must be 1..={}",
+            g.prompt_ids.len(),
+            l.max_prompt_tokens
+        ));
+    }
+    if let Some((i, id)) = g.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= l.vocab_size) {
+        return Err(format!("prompt_ids[{i}] = {id}: not below the vocabulary size {}", l.vocab_size));
+    }
+    if g.completions.len() != l.group_size {
+        return Err(format!(
+            "completions: {} in the group, the run's group_size is {}",
+            g.completions.len(),
+            l.group_size
+        ));
+    }
+    for (c, comp) in g.completions.iter().enumerate() {
+        let n = comp.completion_ids.len();
+        if n == 0 || n > l.max_completion_tokens {
+            return Err(format!(
+                "completions[{c}].completion_ids: {n} tokens, must be 1..={}",
+                l.max_completion_tokens
+            ));
+        }
+        if g.prompt_ids.len() + n > l.max_prompt_tokens {
+            return Err(format!("completions[{c}]: prompt + completion exceed the context of {}", l.max_prompt_tokens));
+        }
+        if let Some((i, id)) = comp.completion_ids.iter().enumerate().find(|(_, &id)| id as usize >= l.vocab_size) {
+            return Err(format!(
+                "completions[{c}].completion_ids[{i}] = {id}: not below the vocabulary size {}",
+                l.vocab_size
+            ));
+        }
+        if comp.behavior_logprobs.len() != n {
+            return Err(format!(
+                "completions[{c}].behavior_logprobs: {} values for {n} tokens",
+                comp.behavior_logprobs.len()
+            ));
+        }
+        if let Some((i, lp)) = comp.behavior_logprobs.iter().enumerate().find(|(_, lp)| !lp.is_finite() || **lp > 0.0) {
+            return Err(format!("completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"));
+        }
+        if comp.versions.len() != n {
+            return Err(format!("completions[{c}].versions: {} values for {n} tokens", comp.versions.len()));
+        }
+        if let Some((i, v)) = comp.versions.iter().enumerate().find(|(_, &v)| v > l.policy_version) {
+            return Err(format!(
+                "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
+                l.policy_version
+            ));
+        }
+        if !comp.reward.is_finite() {
+            return Err(format!("completions[{c}].reward = {}: must be finite", comp.reward));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::v1::Completion;
+
+    fn good() -> RolloutGroup {
+        RolloutGroup {
+            seq: 1,
+            lease_id: 3,
+            prompt_index: 0,
+            worker_id: 1,
+            prompt_ids: vec![1, 2],
+            completions: vec![
+                Completion {
+                    completion_ids: vec![5, 6],
+                    behavior_logprobs: vec![-0.5, -1.0],
+                    versions: vec![2, 3],
+                    reward: 1.0,
+                    finish_reason: "stop".into(),
+                };
+                2
+            ],
+        }
+    }
+
+    #[test]
+    fn every_rule_names_its_field() {
+        let l = Limits {
+            vocab_size: 10,
+            group_size: 2,
+            max_completion_tokens: 4,
+            max_prompt_tokens: 8,
+            policy_version: 3,
+        };
+        assert!(check_group(&good(), &l).is_ok());
+        let cases: Vec<(Box<dyn Fn(&mut RolloutGroup)>, &str)> = vec![
+            (Box::new(|g| g.lease_id = 0), "lease_id"),
+            (Box::new(|g| g.prompt_ids[1] = 10), "prompt_ids[1]"),
+            (Box::new(|g| { g.completions.pop(); }), "group_size"),
+            (Box::new(|g| g.completions[1].completion_ids = vec![1; 5]), "completions[1].completion_ids"),
+            (Box::new(|g| g.completions[0].completion_ids[1] = 99), "completions[0].completion_ids[1]"),
+            (Box::new(|g| g.completions[0].behavior_logprobs[0] = f32::NAN), "behavior_logprobs[0]"),
+            (Box::new(|g| g.completions[0].behavior_logprobs[1] = 0.5), "behavior_logprobs[1]"),
+            (Box::new(|g| g.completions[1].behavior_logprobs.pop().map(|_| ()).unwrap_or(())), "behavior_logprobs: 1 values"),
+            (Box::new(|g| g.completions[0].versions[1] = 4), "newer than the published version 3"),
+            (Box::new(|g| g.completions[0].reward = f64::INFINITY), "reward"),
+        ];
+        for (edit, needle) in cases {
+            let mut g = good();
+            edit(&mut g);
+            let e = check_group(&g, &l).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The learner loop of the trainer service: wait for a batch of fresh-enough groups,
+//! run one step of the configured algorithm, publish the next version.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_model::{Model, Pretrained};
+
+use crate::buffer::Group;
+use crate::config::{AlgorithmConfig, OptimizerConfig};
+use crate::error::{invalid, Result};
+use crate::rollout::Rollout;
+use crate::service::{Shared, Snapshot};
+use crate::step::{train_step, Optimizer, StepMetrics};
+use crate::value::ValueHead;
+
+/// The run's shape as the learner needs it.
+pub struct Plan {
+    pub steps: u64,
+    pub batch_groups: usize,
+    pub max_staleness: u64,
+    pub run_dir: PathBuf,
+    pub dump_batches: bool,
+}
+
+/// What one finished step reports (to the coordinator and to `metrics.jsonl`).
+pub struct StepReport {
+    pub step: u64,
+    pub version: u64,
+    pub metrics: StepMetrics,
+    /// Staleness of every trained sample.
+    pub staleness: Vec<u32>,
+    /// Groups dropped as too stale while forming this batch.
+    pub stale_dropped: usize,
+    pub wait_seconds: f64,
+    pub step_seconds: f64,
+}
+
+pub struct Learner {
+    pub policy: Pretrained,
+    pub reference: Option<Model>,
+    pub critic: Option<ValueHead>,
+    pub opt: Optimizer,
+    pub algorithm: AlgorithmConfig,
+    pub optimizer: OptimizerConfig,
+    pub plan: Plan,
+    pub step: u64,
+    pub version: u64,
+}
+
+/// The weights of `model` as a publishable snapshot.
+pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
+    let (bytes, dtype) = model.params().to_bytes()?;
+    Ok(Snapshot { version, dtype, bytes })
+}
+
+impl Learner {
+    /// Waits (polling the buffer) for a batch; `None` when `stop` says so.
+    fn next_batch(&self, shared: &Shared, stop: &dyn Fn() -> bool) -> Option<(Vec<Group>, usize, f64)> {
+        let t0 = Instant::now();
+        let mut dropped_total = 0;
+        loop {
+            let (batch, dropped) = match shared.buffer.lock() {
+                Ok(mut b) => b.take_batch(self.plan.batch_groups, self.version, self.plan.max_staleness),
+                Err(_) => return None,
+            };
+            dropped_total += dropped;
+            if dropped > 0 {
+                shared.space.notify_waiters();
+            }
+            if let Some(batch) = batch {
+                shared.space.notify_waiters();
+                return Some((batch, dropped_total, t0.elapsed().as_secs_f64()));
+            }
+            if stop() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs one step on the next batch; publishes the new version into `shared`.
+    pub fn step_once(&mut self, shared: &Shared, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>> {
+        let Some((groups, stale_dropped, wait_seconds)) = self.next_batch(shared, stop) else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let rollouts: Vec<Rollout> = groups.iter().flat_map(|g| g.rollouts.iter().cloned()).collect();
+        let staleness: Vec<u32> = rollouts
+            .iter()
+            .map(|r| {
+                let oldest = r.versions.iter().flatten().copied().min().unwrap_or(self.version);
+                self.version.saturating_sub(oldest) as u32
+            })
+            .collect();
+        if let Some(&s) = staleness.iter().max() {
+            if u64::from(s) > self.plan.max_staleness {
+                return Err(invalid(format!(
+                    "a sample {s} versions old reached the step (max_staleness {})",
+                    self.plan.max_staleness
+                )));
+            }
+        }
+        if self.plan.dump_batches {
+            self.dump(&rollouts)?;
+        }
+        let metrics = train_step(
+            &self.policy.model,
+            self.reference.as_ref(),
+            self.critic.as_ref(),
+            &rollouts,
+            &self.algorithm,
+            &self.optimizer,
+            &mut self.opt,
+            self.step,
+            Some(self.version),
+        )?;
+        self.step += 1;
+        self.version += 1;
+        let snap = snapshot(&self.policy.model, self.version)?;
+        if let Ok(mut w) = shared.weights.write() {
+            *w = Arc::new(snap);
+        }
+        shared.version.store(self.version, Ordering::SeqCst);
+        Ok(Some(StepReport {
+            step: self.step,
+            version: self.version,
+            metrics,
+            staleness,
+            stale_dropped,
+            wait_seconds,
+            step_seconds: t0.elapsed().as_secs_f64(),
+        }))
+    }
+
+    fn dump(&self, rollouts: &[Rollout]) -> Result<()> {
+        let dir = self.plan.run_dir.join("batches");
+        std::fs::create_dir_all(&dir).map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(format!("step-{:06}.jsonl", self.step + 1));
+        let mut text = String::new();
+        for r in rollouts {
+            text += &serde_json::to_string(r).map_err(|e| invalid(e.to_string()))?;
+            text.push('\n');
+        }
+        std::fs::write(&path, text).map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+    }
+
+    /// Appends the step's line to `RUN_DIR/metrics.jsonl`.
+    pub fn log(&self, r: &StepReport) -> Result<()> {
+        let path = self.plan.run_dir.join("metrics.jsonl");
+        let mut line = serde_json::to_value(&r.metrics).map_err(|e| invalid(e.to_string()))?;
+        let extra: HashMap<&str, serde_json::Value> = HashMap::from([
+            ("step", r.step.into()),
+            ("version", r.version.into()),
+            ("staleness_max", r.staleness.iter().copied().max().unwrap_or(0).into()),
+            (
+                "staleness_mean",
+                (r.staleness.iter().map(|&s| s as f64).sum::<f64>() / r.staleness.len().max(1) as f64).into(),
+            ),
+            ("stale_dropped", r.stale_dropped.into()),
+            ("wait_seconds", r.wait_seconds.into()),
+            ("step_seconds", r.step_seconds.into()),
+            (
+                "unix_time",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+                    .into(),
+            ),
+        ]);
+        if let Some(obj) = line.as_object_mut() {
+            for (k, v) in extra {
+                obj.insert(k.to_string(), v);
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| invalid(format!("opening {}: {e}", path.display())))?;
+        writeln!(f, "{line}").map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+    }
+}
+
+/// The step's metrics as name → value (for the coordinator's gauges).
+pub fn metric_map(m: &StepMetrics) -> HashMap<String, f64> {
+    match serde_json::to_value(m) {
+        Ok(serde_json::Value::Object(o)) => o
+            .into_iter()
+            .filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k, x)))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}

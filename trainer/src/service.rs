@@ -1,0 +1,195 @@
+//! The Trainer gRPC service: generators stream rollout groups in (checked, committed
+//! at the coordinator exactly once, buffered; back-pressure when the buffer is full)
+//! and fetch policy weights out (checksummed buckets of the newest version).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tandem_proto::client::Authed;
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tandem_proto::v1::trainer_server::Trainer;
+use tandem_proto::v1::{CommitRequest, FetchWeightsRequest, PushAck, RolloutGroup, WeightBucket};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::buffer::{Buffer, Group};
+use crate::ingest::{check_group, Limits};
+use crate::rollout::Rollout;
+
+/// One published policy version, as the bytes that travel.
+pub struct Snapshot {
+    pub version: u64,
+    pub dtype: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// What the service and the learner loop share.
+pub struct Shared {
+    pub buffer: Mutex<Buffer>,
+    /// Signalled when the buffer shrinks.
+    pub space: tokio::sync::Notify,
+    pub capacity: usize,
+    /// The newest published version.
+    pub version: AtomicU64,
+    pub weights: RwLock<Arc<Snapshot>>,
+    /// Groups refused since the last publish, by reason.
+    pub dropped: Mutex<BTreeMap<String, u64>>,
+    pub limits: Limits,
+    pub bucket_bytes: usize,
+}
+
+impl Shared {
+    pub fn count_dropped(&self, reason: &str) {
+        if let Ok(mut d) = self.dropped.lock() {
+            *d.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn buffer_len(&self) -> usize {
+        self.buffer.lock().map(|b| b.len()).unwrap_or(0)
+    }
+}
+
+#[derive(Clone)]
+pub struct TrainerService {
+    pub shared: Arc<Shared>,
+    pub coordinator: CoordinatorClient<Authed>,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
+type BucketStream = Pin<Box<dyn Stream<Item = Result<WeightBucket, Status>> + Send>>;
+
+impl TrainerService {
+    /// Check → wait for room → commit → buffer. Returns the ack.
+    async fn ingest(&self, g: RolloutGroup) -> PushAck {
+        let seq = g.seq;
+        let refuse = |reason: String, shared: &Shared| PushAck {
+            seq,
+            accepted: false,
+            reason,
+            buffer_groups: shared.buffer_len() as u64,
+        };
+        let limits = Limits {
+            policy_version: self.shared.version.load(Ordering::SeqCst),
+            ..self.shared.limits
+        };
+        if let Err(e) = check_group(&g, &limits) {
+            self.shared.count_dropped("invalid");
+            tracing::warn!(lease = g.lease_id, worker = g.worker_id, "rollout group refused: {e}");
+            return refuse(e, &self.shared);
+        }
+        // Back-pressure: stop reading this stream while the buffer is full.
+        loop {
+            let notified = self.shared.space.notified();
+            if self.shared.buffer_len() < self.shared.capacity {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+        let commit = self
+            .coordinator
+            .clone()
+            .commit(CommitRequest {
+                lease_id: g.lease_id,
+                prompt_index: g.prompt_index,
+                worker_id: g.worker_id,
+            })
+            .await;
+        match commit {
+            Ok(r) if r.get_ref().accepted => {}
+            Ok(r) => return refuse(format!("lease {}: {}", g.lease_id, r.get_ref().reason), &self.shared),
+            Err(e) => {
+                return refuse(format!("the coordinator could not commit lease {}: {}", g.lease_id, e.message()), &self.shared)
+            }
+        }
+        let group = Group {
+            lease_id: g.lease_id,
+            prompt_index: g.prompt_index,
+            worker_id: g.worker_id,
+            rollouts: g
+                .completions
+                .into_iter()
+                .map(|c| Rollout {
+                    group: format!("p{}-l{}", g.prompt_index, g.lease_id),
+                    prompt_ids: g.prompt_ids.clone(),
+                    completion_ids: c.completion_ids,
+                    behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),
+                    reward: c.reward,
+                    versions: Some(c.versions),
+                })
+                .collect(),
+        };
+        let len = match self.shared.buffer.lock() {
+            Ok(mut b) => {
+                b.push(group);
+                b.len()
+            }
+            Err(_) => return refuse("trainer buffer poisoned".into(), &self.shared),
+        };
+        PushAck {
+            seq,
+            accepted: true,
+            reason: String::new(),
+            buffer_groups: len as u64,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Trainer for TrainerService {
+    type PushRolloutsStream = AckStream;
+    type FetchWeightsStream = BucketStream;
+
+    async fn push_rollouts(&self, req: Request<Streaming<RolloutGroup>>) -> Result<Response<AckStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = incoming.next().await {
+                let ack = match msg {
+                    Ok(g) => Ok(this.ingest(g).await),
+                    Err(status) => {
+                        this.shared.count_dropped("malformed");
+                        Err(status)
+                    }
+                };
+                let stop = ack.is_err();
+                if tx.send(ack).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_weights(&self, req: Request<FetchWeightsRequest>) -> Result<Response<BucketStream>, Status> {
+        let want = req.into_inner().version;
+        let snap = self
+            .shared
+            .weights
+            .read()
+            .map_err(|_| Status::internal("weights lock poisoned"))?
+            .clone();
+        if want > snap.version {
+            return Err(Status::invalid_argument(format!(
+                "version: {want} is not published yet (newest {})",
+                snap.version
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let bucket_bytes = self.shared.bucket_bytes;
+        tokio::spawn(async move {
+            for i in 0..tandem_proto::bucket::count(snap.bytes.len(), bucket_bytes) {
+                let b = tandem_proto::bucket::bucket(snap.version, snap.dtype, &snap.bytes, bucket_bytes, i);
+                if tx.send(Ok(b)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
