@@ -3,7 +3,11 @@
 mod bench;
 mod generate;
 mod model_cmd;
+mod run;
+mod run_config;
 mod score;
+mod serve;
+mod status;
 mod train_step;
 
 use anyhow::Result;
@@ -33,6 +37,16 @@ enum Command {
     TrainStep(train_step::TrainStepArgs),
     /// Benchmarks (side by side with a reference where one is given).
     Bench(bench::BenchArgs),
+    /// Run the whole loop here: coordinator, trainer and generators on loopback.
+    Run(run::RunArgs),
+    /// Serve the control plane of a run.
+    Coordinator(serve::CoordinatorArgs),
+    /// Serve the trainer of a run (joins through the coordinator).
+    Trainer(serve::TrainerArgs),
+    /// Serve a generator of a run (joins through the coordinator).
+    Generator(serve::GeneratorArgs),
+    /// Print a run's lag table (per generator) and its last step's metrics.
+    Status(status::StatusArgs),
 }
 
 /// Keeps freed memory in the process. A training step allocates and frees hundreds of
@@ -56,6 +70,7 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
@@ -64,6 +79,11 @@ fn main() {
         Command::Score(a) => score::run(a),
         Command::TrainStep(a) => train_step::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Coordinator(a) => serve::coordinator(a),
+        Command::Trainer(a) => serve::trainer(a),
+        Command::Generator(a) => serve::generator(a),
+        Command::Status(a) => status::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -81,5 +101,8 @@ pub(crate) fn load_model(spec: &str) -> Result<tandem_model::Pretrained> {
     use anyhow::Context;
     let device = device()?;
     let dtype = tandem_model::default_dtype(&device);
+    if let Some(name) = spec.strip_prefix("preset:") {
+        return tandem_model::preset::init(name, 0, &device).with_context(|| format!("model `{spec}`"));
+    }
     tandem_model::load(spec, dtype, &device).with_context(|| format!("loading model `{spec}`"))
 }

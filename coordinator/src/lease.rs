@@ -62,6 +62,8 @@ pub struct Leases {
     next_id: u64,
     /// Groups committed so far.
     pub accepted: u64,
+    /// Every prompt index whose lease expired, in order (a prompt may appear twice).
+    pub reissued: Vec<u64>,
 }
 
 impl Leases {
@@ -142,6 +144,7 @@ impl Leases {
             let l = self.open.remove(id).expect("present");
             self.closed.insert(*id, Closed::Expired);
             self.reissue.push_back(l.prompt_index);
+            self.reissued.push(l.prompt_index);
         }
         ids.len()
     }

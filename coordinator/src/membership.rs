@@ -61,6 +61,10 @@ impl Members {
             .map(|w| w.address.as_str())
     }
 
+    pub fn remove(&mut self, id: u64) -> Option<Worker> {
+        self.workers.remove(&id)
+    }
+
     /// Drops workers silent for longer than `timeout`; returns them.
     pub fn reap(&mut self, timeout: Duration, now: Instant) -> Vec<(u64, Worker)> {
         let gone: Vec<u64> = self

@@ -98,6 +98,11 @@ async fn bind(addr: &str, key: &str) -> Result<tokio::net::TcpListener> {
 }
 
 impl Running {
+    /// The run's state as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.core.lock().map(|c| status_value(&c)).unwrap_or_default()
+    }
+
     /// Waits until the run is finished and every worker has left (or a 30 s grace).
     pub async fn wait_finished(&self) {
         loop {
@@ -142,6 +147,11 @@ async fn status_json(State(s): State<HttpState>) -> impl IntoResponse {
     let Ok(c) = s.core.lock() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string());
     };
+    (StatusCode::OK, status_value(&c).to_string())
+}
+
+/// The run's state as JSON (`/status`, and `RUN_DIR/coordinator-status.json` at exit).
+pub fn status_value(c: &Core) -> serde_json::Value {
     let st = c.status(Instant::now());
     let workers: Vec<serde_json::Value> = st
         .workers
@@ -159,7 +169,7 @@ async fn status_json(State(s): State<HttpState>) -> impl IntoResponse {
             })
         })
         .collect();
-    let body = serde_json::json!({
+    serde_json::json!({
         "policy_version": st.policy_version,
         "step": st.step,
         "total_steps": st.total_steps,
@@ -172,6 +182,7 @@ async fn status_json(State(s): State<HttpState>) -> impl IntoResponse {
         "dropped": st.dropped,
         "metrics": st.metrics,
         "workers": workers,
-    });
-    (StatusCode::OK, body.to_string())
+        "prompt_cursor": c.leases.cursor,
+        "reissued_prompts": c.leases.reissued,
+    })
 }

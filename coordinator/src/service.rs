@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, HeartbeatReply, HeartbeatRequest, LeaseReply,
-    LeaseRequest, PromptLease, PublishVersionReply, PublishVersionRequest, RegisterReply,
+    LeaseRequest, LeaveReply, LeaveRequest, PromptLease, PublishVersionReply, PublishVersionRequest, RegisterReply,
     RegisterRequest, Role, StatusReply, StatusRequest, WorkerStatus,
 };
 use tonic::{Request, Response, Status};
@@ -212,7 +212,8 @@ impl Coordinator for CoordinatorService {
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
-        if r.policy_version > version {
+        let is_generator = core.members.get(r.worker_id).is_some_and(|w| w.role == Role::Generator);
+        if is_generator && r.policy_version > version {
             return Err(Status::invalid_argument(format!(
                 "policy_version: {} is newer than the published {version}",
                 r.policy_version
@@ -380,6 +381,20 @@ impl Coordinator for CoordinatorService {
         }
         core.export_gauges();
         Ok(Response::new(PublishVersionReply {}))
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let id = req.into_inner().worker_id;
+        let mut core = self.lock()?;
+        if let Some(w) = core.members.remove(id) {
+            let n = core.leases.expire_worker(id);
+            if n > 0 {
+                metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+            }
+            tracing::info!(name = %w.name, id, leases_reissued = n, "worker left");
+        }
+        core.export_gauges();
+        Ok(Response::new(LeaveReply {}))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {

@@ -33,6 +33,9 @@ pub enum FormatKind {
     Boxed,
     /// Any number.
     Number,
+    /// The fraction of non-space characters that are digits: a dense shaping reward
+    /// for numeric answers (the only kind that is not 0 or 1).
+    Digits,
 }
 
 impl Default for RewardConfig {
@@ -75,7 +78,7 @@ impl RewardConfig {
             r += self.math * answer.map_or(0.0, |a| f64::from(math_correct(completion, a)));
         }
         if self.format != 0.0 {
-            r += self.format * f64::from(format_ok(completion, self.format_kind));
+            r += self.format * format_score(completion, self.format_kind);
         }
         if self.exact_match != 0.0 {
             r += self.exact_match
@@ -111,11 +114,22 @@ pub fn math_correct(completion: &str, reference: &str) -> bool {
     }
 }
 
-pub fn format_ok(completion: &str, kind: FormatKind) -> bool {
+/// The format reward in [0, 1]: 1 or 0 for the structural kinds, the digit fraction
+/// for `digits`.
+pub fn format_score(completion: &str, kind: FormatKind) -> f64 {
+    let yes = |b: bool| f64::from(u8::from(b));
     match kind {
-        FormatKind::AnswerTags => last_answer_tag(completion).is_some_and(|s| !s.trim().is_empty()),
-        FormatKind::Boxed => last_boxed(completion).is_some(),
-        FormatKind::Number => last_number(completion).is_some(),
+        FormatKind::AnswerTags => yes(last_answer_tag(completion).is_some_and(|s| !s.trim().is_empty())),
+        FormatKind::Boxed => yes(last_boxed(completion).is_some()),
+        FormatKind::Number => yes(last_number(completion).is_some()),
+        FormatKind::Digits => {
+            let chars: Vec<char> = completion.chars().filter(|c| !c.is_whitespace()).collect();
+            if chars.is_empty() {
+                0.0
+            } else {
+                chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len() as f64
+            }
+        }
     }
 }
 
@@ -214,10 +228,12 @@ mod tests {
         assert_eq!(cfg.score("nothing", None), 0.0);
         assert!(math_correct("1,000", "1000"));
         assert!(!math_correct("100", "1000"));
-        assert!(format_ok("x \\boxed{3}", FormatKind::Boxed));
-        assert!(!format_ok("x \\boxed{3", FormatKind::Boxed));
-        assert!(format_ok("a 3", FormatKind::Number));
-        assert!(!format_ok("<answer> </answer>", FormatKind::AnswerTags));
+        assert_eq!(format_score("x \\boxed{3}", FormatKind::Boxed), 1.0);
+        assert_eq!(format_score("x \\boxed{3", FormatKind::Boxed), 0.0);
+        assert_eq!(format_score("a 3", FormatKind::Number), 1.0);
+        assert_eq!(format_score("<answer> </answer>", FormatKind::AnswerTags), 0.0);
+        assert_eq!(format_score("12 ab", FormatKind::Digits), 0.5);
+        assert_eq!(format_score("  ", FormatKind::Digits), 0.0);
         let off = RewardConfig {
             math: 0.0,
             ..Default::default()

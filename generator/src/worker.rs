@@ -14,7 +14,7 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
 use tandem_proto::v1::{
-    Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest,
+    Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, LeaveRequest, PromptLease, RegisterRequest,
     Role, RolloutGroup, ScoreRequest,
 };
 use tokio::runtime::Handle;
@@ -332,6 +332,8 @@ impl Worker {
         }
         self.drain();
         self.beat.stop.store(true, Ordering::SeqCst);
+        let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
+        let _ = self.rt.block_on(self.coordinator.leave(LeaveRequest { worker_id }));
         Ok(())
     }
 

@@ -114,7 +114,7 @@ impl TrainerService {
                 .completions
                 .into_iter()
                 .map(|c| Rollout {
-                    group: format!("p{}-l{}", g.prompt_index, g.lease_id),
+                    group: format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id),
                     prompt_ids: g.prompt_ids.clone(),
                     completion_ids: c.completion_ids,
                     behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),

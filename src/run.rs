@@ -1,0 +1,219 @@
+//! `tandem run CONFIG`: the whole loop on this machine — a coordinator, a trainer and
+//! N generators as separate processes on loopback — with a progress line, until the
+//! configured steps are done.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngCore;
+use tandem_proto::auth::WithToken;
+use tandem_proto::client;
+use tandem_proto::v1::StatusRequest;
+
+use crate::run_config::RunConfig;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The run's config file (see docs/config.md); examples/ has ready ones.
+    config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable), e.g. --set run.steps=50.
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str], logs: &Path, token: &str) -> Result<Self> {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let exe = std::env::current_exe().context("finding the tandem executable")?;
+        let child = Command::new(exe)
+            .args(args)
+            .env("TANDEM_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting the {name} process"))?;
+        Ok(Proc { name: name.to_string(), child, log })
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// Kills every process still running when dropped (an error or Ctrl-C path).
+struct Procs(Vec<Proc>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            if let Ok(None) = p.child.try_wait() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
+    let mut cfg = RunConfig::parse(&text, &a.overrides).with_context(|| format!("in {}", a.config.display()))?;
+    let run_dir = PathBuf::from(&cfg.run.run_dir);
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    if run_dir.join("metrics.jsonl").exists() {
+        std::fs::remove_file(run_dir.join("metrics.jsonl"))?;
+    }
+    // Resolve the model once, here, so the processes do not race to fetch or create it.
+    cfg.model.path = materialize_model(&cfg.model.path, &run_dir)?;
+    let token = match (std::env::var("TANDEM_TOKEN").ok(), &cfg.run.token) {
+        (Some(t), _) if !t.is_empty() => t,
+        (_, Some(t)) => t.clone(),
+        _ => {
+            let mut b = [0u8; 16];
+            rand::rng().fill_bytes(&mut b);
+            hex(&b)
+        }
+    };
+    cfg.run.token = None;
+    let cfg_path = run_dir.join("config.toml");
+    crate::serve::write_atomic(&cfg_path, &cfg.to_toml()?)?;
+
+    let addr_file = run_dir.join("coordinator.json");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut procs = Procs(vec![Proc::spawn(
+        "coordinator",
+        &["coordinator", "--config", path_str(&cfg_path)?, "--addr-file", path_str(&addr_file)?],
+        &logs,
+        &token,
+    )?]);
+    let t0 = Instant::now();
+    let addr = loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file) {
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            break v["grpc"].as_str().unwrap_or_default().to_string();
+        }
+        if let Some(st) = procs.0[0].child.try_wait()? {
+            bail!("the coordinator exited ({st}) before listening:\n{}", procs.0[0].tail());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the coordinator did not start listening within 60 s; see {}", procs.0[0].log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    procs.0.push(Proc::spawn("trainer", &["trainer", "--coordinator", &addr], &logs, &token)?);
+    for i in 0..cfg.run.generators {
+        let name = format!("gen-{i}");
+        procs.0.push(Proc::spawn(&name, &["generator", "--coordinator", &addr, "--name", &name], &logs, &token)?);
+    }
+    eprintln!(
+        "run: coordinator {addr}, trainer, {} generators; logs in {}",
+        cfg.run.generators,
+        logs.display()
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let with_token = WithToken::new(&token).map_err(|e| anyhow!("token: {e}"))?;
+    let mut coord = rt
+        .block_on(client::connect(&addr))
+        .map(|ch| client::coordinator(ch, &with_token))
+        .map_err(|e| anyhow!("coordinator: {e}"))?;
+    let bar = ProgressBar::new(cfg.run.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut last_reward = f64::NAN;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        for p in procs.0.iter_mut() {
+            if let Some(st) = p.child.try_wait()? {
+                if !st.success() {
+                    bar.abandon();
+                    bail!("the {} process failed ({st}); last lines of {}:\n{}", p.name, p.log.display(), p.tail());
+                }
+            }
+        }
+        let trainer_done = procs.0[1].child.try_wait()?.is_some();
+        if let Ok(s) = rt.block_on(coord.status(StatusRequest {})) {
+            let s = s.into_inner();
+            bar.set_position(s.step);
+            last_reward = s.metrics.get("reward_mean").copied().unwrap_or(f64::NAN);
+            bar.set_message(format!(
+                "reward {:.3} | staleness ≤{} | {:.0} tok/s | v{} | {} generators",
+                last_reward,
+                s.max_staleness_seen,
+                s.tokens_per_second,
+                s.policy_version,
+                s.workers.iter().filter(|w| w.role == tandem_proto::v1::Role::Generator as i32).count()
+            ));
+            if s.finished && trainer_done {
+                break;
+            }
+        } else if trainer_done {
+            break;
+        }
+    }
+    bar.finish();
+    // Generators and the coordinator leave on their own once the run is finished.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for p in procs.0.iter_mut() {
+        loop {
+            match p.child.try_wait()? {
+                Some(st) if st.success() => break,
+                Some(st) => bail!("the {} process failed ({st}):\n{}", p.name, p.tail()),
+                None if Instant::now() > deadline => {
+                    let _ = p.child.kill();
+                    break;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    eprintln!(
+        "done: {} steps in {:.0} s, last reward {:.3}; model in {}, metrics in {}",
+        cfg.run.steps,
+        started.elapsed().as_secs_f64(),
+        last_reward,
+        run_dir.join("final").display(),
+        run_dir.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A model path every process can load: presets are written to RUN_DIR/base-model,
+/// named models are fetched into the cache.
+fn materialize_model(spec: &str, run_dir: &Path) -> Result<String> {
+    if let Some(name) = spec.strip_prefix("preset:") {
+        let out = run_dir.join("base-model");
+        let p = tandem_model::preset::init(name, 0, &crate::device()?).with_context(|| format!("[model] path: preset {name:?}"))?;
+        tandem_model::save_hf(&p.model, &p.tokenizer, &out).with_context(|| format!("writing {}", out.display()))?;
+        return Ok(path_str(&out)?.to_string());
+    }
+    let path = tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
+    let abs = std::fs::canonicalize(&path).unwrap_or(path);
+    Ok(path_str(&abs)?.to_string())
+}

@@ -1,0 +1,132 @@
+//! The run config: one TOML file, a section per part, every key optional with a
+//! documented default (docs/config.md), unknown keys refused by name. `--set a.b=v`
+//! overrides a key from the command line.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tandem_coordinator::config::{CoordinatorConfig, RunSection};
+use tandem_coordinator::dataset::DataConfig;
+use tandem_generator::config::GeneratorConfig;
+use tandem_generator::reward::RewardConfig;
+use tandem_trainer::advantage::Estimator;
+use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF folder, .gguf file, `smollm2` (fetched), or `preset:tiny` (a random tiny model).
+    pub path: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: "preset:tiny".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub coordinator: CoordinatorConfig,
+    pub trainer: TrainerConfig,
+    pub generator: GeneratorConfig,
+    pub reward: RewardConfig,
+    pub algorithm: AlgorithmConfig,
+    pub optimizer: OptimizerConfig,
+}
+
+impl RunConfig {
+    /// Parses TOML text with `overrides` (`section.key=value`, the value in TOML syntax,
+    /// or a bare string) applied, then validates every section.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text).context("config is not valid TOML")?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .with_context(|| format!("--set {o:?}: expected section.key=value"))?;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+                bail!("--set {o:?}: the key must be dotted, like run.steps");
+            }
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+            let mut table = &mut doc;
+            for p in &parts[..parts.len() - 1] {
+                let entry = table
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = entry
+                    .as_table_mut()
+                    .with_context(|| format!("--set {o:?}: `{p}` is not a section"))?;
+            }
+            table.insert(parts[parts.len() - 1].to_string(), value);
+        }
+        let cfg: RunConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.run.validate()?;
+        self.data.validate()?;
+        self.coordinator.validate()?;
+        self.trainer.validate()?;
+        self.generator.validate()?;
+        self.reward.validate()?;
+        self.algorithm.validate()?;
+        self.optimizer.validate()?;
+        if (self.algorithm.temperature - self.generator.temperature).abs() > 1e-12 {
+            bail!(
+                "[algorithm] temperature ({}) must equal [generator] temperature ({}): the trainer scores tokens under the distribution they were sampled from",
+                self.algorithm.temperature,
+                self.generator.temperature
+            );
+        }
+        if matches!(self.algorithm.advantage, Estimator::Rloo | Estimator::Grpo | Estimator::Drgrpo | Estimator::ReinforcePp)
+            && self.run.group_size < 2
+        {
+            bail!("[run] group_size: {:?} compares completions of a prompt, so it needs ≥ 2", self.algorithm.advantage);
+        }
+        if self.model.path.trim().is_empty() {
+            bail!("[model] path: give an HF folder, a .gguf file, `smollm2` or `preset:tiny`");
+        }
+        Ok(())
+    }
+
+    /// The config as TOML (what the coordinator hands to workers).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_and_errors() {
+        let c = RunConfig::parse("[run]\nsteps = 3\n", &["run.steps=7".into(), "model.path=smollm2".into(), "generator.temperature=0.7".into(), "algorithm.temperature=0.7".into()]).unwrap();
+        assert_eq!(c.run.steps, 7);
+        assert_eq!(c.model.path, "smollm2");
+        let e = RunConfig::parse("[run]\nstep = 3\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("step"), "{e}");
+        let e = RunConfig::parse("[generator]\ntemperature = 0.7\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("[algorithm] temperature"), "{e}");
+        let e = RunConfig::parse("", &["steps=3".into()]).unwrap_err().to_string();
+        assert!(e.contains("dotted"), "{e}");
+        let e = RunConfig::parse("[run]\ngroup_size = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("group_size"), "{e}");
+        let defaults = RunConfig::default();
+        assert_eq!(RunConfig::parse(&defaults.to_toml().unwrap(), &[]).unwrap(), defaults);
+    }
+}

@@ -1,0 +1,324 @@
+//! `tandem coordinator | trainer | generator`: one service per process. Workers need
+//! only the coordinator's address (and the token); they receive the run's config
+//! from it when they register.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use tandem_proto::auth::{RequireToken, WithToken};
+use tandem_proto::client;
+use tandem_proto::health::HealthService;
+use tandem_proto::v1::health_server::HealthServer;
+use tandem_proto::v1::trainer_server::TrainerServer;
+use tandem_proto::v1::{HeartbeatRequest, LeaveRequest, PublishVersionRequest, RegisterRequest, Role};
+use tandem_proto::MAX_MESSAGE_BYTES;
+use tandem_trainer::advantage::Estimator;
+use tandem_trainer::buffer::Buffer;
+use tandem_trainer::ingest::Limits;
+use tandem_trainer::learner::{self, Learner, Plan};
+use tandem_trainer::service::{Shared, TrainerService};
+use tandem_trainer::step::Optimizer;
+use tandem_trainer::value::ValueHead;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::run_config::RunConfig;
+
+/// The shared token: TANDEM_TOKEN, else `[run] token`.
+pub fn token(cfg_token: Option<&str>) -> Result<String> {
+    match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
+        Some(t) => Ok(t),
+        None => cfg_token
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// The run's config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+    /// Write {"grpc": ADDR, "http": ADDR} here once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg = RunConfig::parse(&text, &a.overrides).with_context(|| format!("in {}", a.config.display()))?;
+    let token = token(cfg.run.token.as_deref())?;
+    let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
+    let settings = tandem_coordinator::service::Settings {
+        run: cfg.run.clone(),
+        coordinator: cfg.coordinator.clone(),
+        config_toml: cfg.to_toml()?,
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let running = tandem_coordinator::server::start(settings, dataset, &token).await?;
+        tracing::info!(grpc = %running.grpc, http = %running.http, "coordinator serving");
+        if let Some(path) = &a.addr_file {
+            write_atomic(path, &serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string()}).to_string())?;
+        }
+        running.wait_finished().await;
+        let out = Path::new(&cfg.run.run_dir).join("coordinator-status.json");
+        std::fs::create_dir_all(&cfg.run.run_dir).ok();
+        write_atomic(&out, &serde_json::to_string_pretty(&running.status_json())?)?;
+        tracing::info!(status = %out.display(), "run finished; coordinator exits");
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}
+
+/// Connects to the coordinator and registers; returns the client, the reply, the
+/// parsed config and the token.
+async fn join(
+    addr: &str,
+    role: Role,
+    name: &str,
+    address: &str,
+) -> Result<(tandem_proto::v1::coordinator_client::CoordinatorClient<client::Authed>, tandem_proto::v1::RegisterReply, RunConfig, WithToken)> {
+    let token = WithToken::new(&token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
+    let ch = client::connect(addr).await.map_err(|e| anyhow!("coordinator: {e}"))?;
+    let mut coord = client::coordinator(ch, &token);
+    let reply = coord
+        .register(RegisterRequest {
+            role: role as i32,
+            name: name.to_string(),
+            address: address.to_string(),
+        })
+        .await
+        .map_err(|e| anyhow!("registering with the coordinator at {addr}: {}", e.message()))?
+        .into_inner();
+    let cfg = RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
+    Ok((coord, reply, cfg, token))
+}
+
+#[derive(Args)]
+pub struct TrainerArgs {
+    /// The coordinator's gRPC address.
+    #[arg(long)]
+    coordinator: String,
+    /// Where this trainer listens (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The address generators should use (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+}
+
+pub fn trainer(a: TrainerArgs) -> Result<()> {
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&a.listen))
+        .with_context(|| format!("--listen: cannot listen on {}", a.listen))?;
+    let bound = listener.local_addr()?.to_string();
+    let advertise = a.advertise.clone().unwrap_or(bound);
+    let (mut coord, reply, cfg, _) = rt.block_on(join(&a.coordinator, Role::Trainer, "trainer", &advertise))?;
+    let worker_id = Arc::new(std::sync::atomic::AtomicU64::new(reply.worker_id));
+
+    let policy = crate::load_model(&cfg.model.path)?;
+    let reference = if cfg.algorithm.kl_coef > 0.0 { Some(crate::load_model(&cfg.model.path)?.model) } else { None };
+    let critic = if cfg.algorithm.advantage == Estimator::Gae {
+        let (d, dtype, device) = (policy.model.config().hidden_size, policy.model.dtype(), policy.model.device());
+        Some(match ValueHead::load(Path::new(&cfg.model.path), d, dtype, device)? {
+            Some(h) => h,
+            None => ValueHead::zeros(d, dtype, device)?,
+        })
+    } else {
+        None
+    };
+    let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
+    let opt = Optimizer::new(&cfg.optimizer, &policy.model, extra)?;
+    let mc = policy.model.config();
+    let shared = Arc::new(Shared {
+        buffer: Mutex::new(Buffer::default()),
+        space: tokio::sync::Notify::new(),
+        capacity: cfg.trainer.buffer_capacity,
+        version: std::sync::atomic::AtomicU64::new(0),
+        weights: RwLock::new(Arc::new(learner::snapshot(&policy.model, 0)?)),
+        dropped: Mutex::new(Default::default()),
+        limits: Limits {
+            vocab_size: mc.vocab_size,
+            group_size: cfg.run.group_size as usize,
+            max_completion_tokens: cfg.generator.max_new_tokens,
+            max_prompt_tokens: mc.max_position_embeddings,
+            policy_version: 0,
+        },
+        bucket_bytes: cfg.trainer.bucket_mib << 20,
+    });
+    let svc = TrainerService { shared: shared.clone(), coordinator: coord.clone() };
+    let raw_token = token(None)?;
+    rt.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(HealthServer::with_interceptor(HealthService { service: "trainer" }, RequireToken::new(&raw_token)))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                TrainerServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+                RequireToken::new(&raw_token),
+            ))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("trainer gRPC server stopped: {e}");
+        }
+    });
+    // Heartbeats keep the trainer a member; a dropped trainer registers again.
+    {
+        let (mut c, shared, id, adv) = (coord.clone(), shared.clone(), worker_id.clone(), advertise.clone());
+        let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(1));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let req = HeartbeatRequest {
+                    worker_id: id.load(Ordering::SeqCst),
+                    policy_version: shared.version.load(Ordering::SeqCst),
+                    ..Default::default()
+                };
+                match c.heartbeat(req).await {
+                    Ok(r) if !r.get_ref().known => {
+                        let again = c.register(RegisterRequest { role: Role::Trainer as i32, name: "trainer".into(), address: adv.clone() }).await;
+                        if let Ok(r) = again {
+                            id.store(r.get_ref().worker_id, Ordering::SeqCst);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
+                }
+            }
+        });
+    }
+    tracing::info!(address = %advertise, steps = cfg.run.steps, "trainer serving");
+
+    let run_dir = PathBuf::from(&cfg.run.run_dir);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let mut learner = Learner {
+        policy,
+        reference,
+        critic,
+        opt,
+        algorithm: cfg.algorithm.clone(),
+        optimizer: cfg.optimizer.clone(),
+        plan: Plan {
+            steps: cfg.run.steps,
+            batch_groups: cfg.run.batch_groups as usize,
+            max_staleness: cfg.run.max_staleness,
+            run_dir: run_dir.clone(),
+            dump_batches: cfg.trainer.dump_batches,
+        },
+        step: 0,
+        version: 0,
+    };
+    while learner.step < cfg.run.steps {
+        let Some(report) = learner.step_once(&shared, &|| false)? else { break };
+        learner.log(&report)?;
+        let last = learner.step == cfg.run.steps;
+        if last {
+            let out = run_dir.join("final");
+            tandem_model::save_hf(&learner.policy.model, &learner.policy.tokenizer, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            if let Some(c) = &learner.critic {
+                c.save(&out)?;
+            }
+        }
+        let dropped = shared.dropped.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
+        let mut dropped: std::collections::HashMap<String, u64> = dropped.into_iter().collect();
+        if report.stale_dropped > 0 {
+            *dropped.entry("stale".into()).or_default() += report.stale_dropped as u64;
+        }
+        tracing::info!(
+            step = report.step,
+            reward = format!("{:.3}", report.metrics.reward_mean),
+            loss = format!("{:.4}", report.metrics.loss),
+            staleness_max = report.staleness.iter().max().copied().unwrap_or(0),
+            seconds = format!("{:.2}", report.step_seconds),
+            "step"
+        );
+        rt.block_on(coord.publish_version(PublishVersionRequest {
+            version: report.version,
+            step: report.step,
+            metrics: learner::metric_map(&report.metrics),
+            staleness: report.staleness.clone(),
+            dropped,
+            buffer_groups: shared.buffer_len() as u64,
+            wait_seconds: report.wait_seconds,
+            finished: last,
+        }))
+        .map_err(|e| anyhow!("publishing version {} to the coordinator: {}", report.version, e.message()))?;
+    }
+    let left: Vec<String> = shared
+        .buffer
+        .lock()
+        .map(|b| b.groups().map(|g| format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id)).collect())
+        .unwrap_or_default();
+    write_atomic(
+        &run_dir.join("trainer-summary.json"),
+        &serde_json::json!({"steps": learner.step, "version": learner.version, "groups_left_in_buffer": left}).to_string(),
+    )?;
+    tracing::info!(final_model = %run_dir.join("final").display(), "training finished");
+    // Let generators finish their last acks, then leave.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = rt.block_on(coord.leave(LeaveRequest { worker_id: worker_id.load(Ordering::SeqCst) }));
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GeneratorArgs {
+    /// The coordinator's gRPC address.
+    #[arg(long)]
+    coordinator: String,
+    /// This generator's name (metrics label).
+    #[arg(long, default_value = "gen-0")]
+    name: String,
+}
+
+pub fn generator(a: GeneratorArgs) -> Result<()> {
+    let rt = runtime()?;
+    let (coord, reply, cfg, token) = rt.block_on(join(&a.coordinator, Role::Generator, &a.name, ""))?;
+    let model = crate::load_model(&cfg.model.path)?;
+    let seed = cfg.run.seed ^ reply.worker_id.wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let settings = tandem_generator::worker::Settings {
+        name: a.name.clone(),
+        generator: cfg.generator.clone(),
+        reward: cfg.reward.clone(),
+        chat: cfg.data.chat,
+        system: cfg.data.system.clone(),
+        group_size: cfg.run.group_size,
+        seed,
+        heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms.max(1)),
+        weight_sync_timeout: Duration::from_secs(300),
+    };
+    let worker = tandem_generator::worker::Worker::new(
+        settings,
+        model,
+        rt.handle().clone(),
+        token,
+        coord,
+        reply.worker_id,
+        reply.policy_version,
+        reply.trainer_address,
+    )?;
+    tracing::info!(name = %a.name, id = reply.worker_id, "generator running");
+    worker.run()?;
+    tracing::info!(name = %a.name, "generator done");
+    Ok(())
+}

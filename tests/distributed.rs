@@ -1,0 +1,417 @@
+//! The distributed system with real processes on loopback and the tiny model:
+//! coordinator + trainer + generators, `tandem run`, failures and bad input.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-123";
+
+/// A config for the tiny model that trains in a few seconds.
+fn config(dir: &Path, model: &Path, steps: u64, max_staleness: u64, extra: &str) -> String {
+    format!(
+        r#"
+[run]
+steps = {steps}
+batch_groups = 2
+group_size = 4
+max_staleness = {max_staleness}
+generators = 2
+run_dir = "{run}"
+seed = 1
+
+[model]
+path = "{model}"
+
+[data]
+kind = "arithmetic"
+chat = false
+template = "{{question}} ="
+
+[generator]
+temperature = 1.0
+max_new_tokens = 6
+prompts_per_batch = 2
+
+[reward]
+math = 1.0
+format = 0.5
+format_kind = "digits"
+
+[algorithm]
+temperature = 1.0
+
+[optimizer]
+lr = 1e-2
+
+[trainer]
+dump_batches = true
+
+[coordinator]
+heartbeat_interval_ms = 100
+heartbeat_timeout_ms = 1000
+{extra}
+"#,
+        run = dir.join("run").display(),
+        model = model.display(),
+    )
+}
+
+/// Processes of one run; every one still running is killed on drop.
+struct Cluster {
+    dir: PathBuf,
+    run: PathBuf,
+    grpc: String,
+    http: String,
+    procs: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    fn spawn_proc(dir: &Path, name: &str, args: &[&str]) -> Child {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .env("TANDEM_TOKEN", TOKEN)
+            .env("TANDEM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts a coordinator on `config_text` and waits for its addresses.
+    fn start(dir: &Path, config_text: &str) -> Cluster {
+        let cfg = dir.join("run.toml");
+        std::fs::write(&cfg, config_text).unwrap();
+        let addr_file = dir.join("coordinator.json");
+        let child = Self::spawn_proc(
+            dir,
+            "coordinator",
+            &["coordinator", "--config", cfg.to_str().unwrap(), "--addr-file", addr_file.to_str().unwrap()],
+        );
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            run: dir.join("run"),
+            grpc: String::new(),
+            http: String::new(),
+            procs: vec![("coordinator".into(), child)],
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                c.grpc = v["grpc"].as_str().unwrap().to_string();
+                c.http = v["http"].as_str().unwrap().to_string();
+                return c;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "coordinator did not start: {}", c.log("coordinator"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn add(&mut self, name: &str, args: &[&str]) {
+        let child = Self::spawn_proc(&self.dir, name, args);
+        self.procs.push((name.to_string(), child));
+    }
+
+    fn trainer(&mut self) {
+        let a = self.grpc.clone();
+        self.add("trainer", &["trainer", "--coordinator", &a]);
+    }
+
+    fn generator(&mut self, name: &str) {
+        let a = self.grpc.clone();
+        self.add(name, &["generator", "--coordinator", &a, "--name", name]);
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn child(&mut self, name: &str) -> &mut Child {
+        &mut self.procs.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn steps_done(&self) -> usize {
+        std::fs::read_to_string(self.run.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn wait_steps(&mut self, n: usize, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.steps_done() < n {
+            if let Some(st) = self.child("trainer").try_wait().unwrap() {
+                panic!("trainer exited ({st}) at step {}: {}", self.steps_done(), self.log("trainer"));
+            }
+            assert!(t0.elapsed() < timeout, "step {n} not reached: {}", self.log("trainer"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for every process to exit successfully.
+    fn wait_all(&mut self, timeout: Duration) {
+        let t0 = Instant::now();
+        let names: Vec<String> = self.procs.iter().map(|(n, _)| n.clone()).collect();
+        for name in names {
+            loop {
+                match self.child(&name).try_wait().unwrap() {
+                    Some(st) => {
+                        assert!(st.success() || name == "gen-0-killed", "{name} failed ({st}): {}", self.log(&name));
+                        break;
+                    }
+                    None => {
+                        assert!(t0.elapsed() < timeout, "{name} still running: {}", self.log(&name));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Each step's dumped batch: (step, rollouts).
+fn batches(run: &Path) -> Vec<(u64, Vec<Value>)> {
+    let dir = run.join("batches");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let step: u64 = p.file_stem().unwrap().to_str().unwrap()["step-".len()..].parse().unwrap();
+            let rows = std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (step, rows)
+        })
+        .collect()
+}
+
+fn metrics_lines(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Checks the invariants every run keeps; returns trained group keys → prompt index.
+fn check_trained(run: &Path, steps: u64, batch_groups: usize, group_size: usize, max_staleness: u64) -> BTreeMap<String, u64> {
+    let b = batches(run);
+    assert_eq!(b.len() as u64, steps);
+    let mut groups: BTreeMap<String, u64> = BTreeMap::new();
+    let mut prompts = BTreeSet::new();
+    for (step, rows) in &b {
+        // Step s trains on policy version s − 1.
+        let version = step - 1;
+        let mut in_batch: BTreeMap<String, usize> = BTreeMap::new();
+        for r in rows {
+            let key = r["group"].as_str().unwrap().to_string();
+            *in_batch.entry(key).or_default() += 1;
+            for v in r["versions"].as_array().unwrap() {
+                let v = v.as_u64().unwrap();
+                assert!(v <= version, "step {step}: a token from the future (v{v})");
+                assert!(version - v <= max_staleness, "step {step}: staleness {} > {max_staleness}", version - v);
+            }
+        }
+        assert_eq!(in_batch.len(), batch_groups, "step {step}: groups in the batch");
+        for (key, n) in in_batch {
+            assert_eq!(n, group_size, "{key}: completions");
+            let prompt: u64 = key[1..key.find('-').unwrap()].parse().unwrap();
+            assert!(groups.insert(key.clone(), prompt).is_none(), "{key} trained twice");
+            assert!(prompts.insert(prompt), "prompt {prompt} trained twice");
+        }
+    }
+    groups
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// A Prometheus text-format check: every line is a comment or `name{labels} value`,
+/// every sample's family is typed. Returns the metric families.
+fn parse_prometheus(text: &str) -> BTreeSet<String> {
+    let mut typed = BTreeMap::new();
+    let mut families = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            typed.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            assert!(line.starts_with("# HELP "), "{line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "{line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.get(*f).is_some_and(|k| k == "histogram")))
+            .unwrap_or(name);
+        assert!(typed.contains_key(family), "untyped sample: {line}");
+        families.insert(family.to_string());
+    }
+    families
+}
+
+/// Tests 1, 4 and 8: `tandem run` with 2 generators completes its steps; every
+/// trained group is trained once and no token is staler than the bound; the policy
+/// version advances; the reward on a learnable task rises; `/metrics` is Prometheus
+/// text with the lag metrics.
+#[test]
+fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 40;
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, config(dir.path(), &model, steps, 1, "")).unwrap();
+    let run = dir.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", cfg.to_str().unwrap()])
+        .env("TANDEM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Scrape /metrics mid-run.
+    let t0 = Instant::now();
+    let metrics_text = loop {
+        let lines = std::fs::read_to_string(run.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= 3 {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(run.join("coordinator.json")).unwrap()).unwrap();
+            break http_get(v["http"].as_str().unwrap(), "/metrics");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let families = parse_prometheus(&metrics_text);
+    for name in [
+        "tandem_policy_version",
+        "tandem_generator_policy_version",
+        "tandem_generator_lag",
+        "tandem_rollout_staleness",
+        "tandem_buffer_groups",
+        "tandem_leases_running",
+        "tandem_groups_accepted_total",
+        "tandem_generated_tokens_total",
+        "tandem_trainer_wait_seconds_total",
+        "tandem_train_loss",
+        "tandem_train_reward_mean",
+    ] {
+        assert!(families.contains(name), "{name} missing from /metrics:\n{metrics_text}");
+    }
+
+    let trained = check_trained(&run, steps, 2, 4, 1);
+    let m = metrics_lines(&run);
+    assert_eq!(m.iter().map(|x| x["version"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=steps).collect::<Vec<_>>());
+    let mean = |xs: &[Value]| xs.iter().map(|x| x["reward_mean"].as_f64().unwrap()).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&m[..10]), mean(&m[m.len() - 10..]));
+    assert!(last > first + 0.1, "reward did not rise: {first:.3} → {last:.3}");
+
+    // Accounting: accepted = trained + left in the buffer + dropped as stale.
+    let status: Value = serde_json::from_str(&std::fs::read_to_string(run.join("coordinator-status.json")).unwrap()).unwrap();
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("trainer-summary.json")).unwrap()).unwrap();
+    let left = summary["groups_left_in_buffer"].as_array().unwrap().len() as u64;
+    let stale = status["dropped"]["stale"].as_u64().unwrap_or(0);
+    assert_eq!(status["groups_accepted"].as_u64().unwrap(), trained.len() as u64 + left + stale, "{status}");
+    assert!(run.join("final/model.safetensors").exists());
+}
+
+/// Tests 2 and 3: kill -9 a generator mid-run: the run completes, its leased prompts
+/// are re-issued and trained once; a generator started mid-run joins, gets the
+/// current weights and its groups are trained.
+#[test]
+fn killed_generator_loses_nothing_and_a_late_one_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 40;
+    let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, steps, 1, ""));
+    c.trainer();
+    c.generator("gen-0");
+    c.generator("gen-1");
+    c.wait_steps(8, Duration::from_secs(120));
+    c.child("gen-0").kill().unwrap(); // SIGKILL
+    c.procs.iter_mut().find(|(n, _)| n == "gen-0").unwrap().0 = "gen-0-killed".into();
+    c.wait_steps(14, Duration::from_secs(120));
+    c.generator("gen-2");
+    c.wait_all(Duration::from_secs(180));
+
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    let status: Value = serde_json::from_str(&std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap()).unwrap();
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(c.run.join("trainer-summary.json")).unwrap()).unwrap();
+    let left: Vec<u64> = summary["groups_left_in_buffer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| { let k = k.as_str().unwrap(); k[1..k.find('-').unwrap()].parse().unwrap() })
+        .collect();
+    let trained_prompts: BTreeSet<u64> = trained.values().copied().collect();
+    for p in status["reissued_prompts"].as_array().unwrap() {
+        let p = p.as_u64().unwrap();
+        assert!(trained_prompts.contains(&p) || left.contains(&p), "re-issued prompt {p} was lost");
+    }
+    assert!(c.log("coordinator").contains("gen-0") && c.log("coordinator").contains("dropped"), "the killed generator was not dropped");
+    // gen-2 fetched weights newer than the start and its groups were trained.
+    let log2 = c.log("gen-2");
+    assert!(log2.contains("weights updated"), "{log2}");
+    let id2: u64 = log2.split("generator running").nth(1).and_then(|s| s.split("id=").nth(1)).and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()).and_then(|s| s.parse().ok()).expect(&log2);
+    assert!(trained.keys().any(|k| k.ends_with(&format!("-w{id2}"))), "no group of gen-2 (id {id2}) was trained");
+}
+
+/// Test 5: max_staleness = 0 is synchronous on-policy training: every token comes
+/// from the version being trained, and the sampler's logprobs match the trainer's.
+#[test]
+fn max_staleness_zero_is_on_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 8;
+    let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, steps, 0, ""));
+    c.trainer();
+    c.generator("gen-0");
+    c.generator("gen-1");
+    c.wait_all(Duration::from_secs(120));
+    check_trained(&c.run, steps, 2, 4, 0);
+    for m in metrics_lines(&c.run) {
+        let k = m["mismatch_kl"].as_f64().unwrap();
+        assert!(k.abs() < 1e-5, "mismatch_kl {k} at step {}", m["step"]);
+        assert_eq!(m["staleness_max"].as_u64().unwrap(), 0);
+    }
+}
