@@ -166,6 +166,8 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             policy_version: 0,
         },
         bucket_bytes: cfg.trainer.bucket_mib << 20,
+        closed: Default::default(),
+        inflight: Default::default(),
     });
     let svc = TrainerService { shared: shared.clone(), coordinator: coord.clone() };
     let raw_token = token(None)?;
@@ -233,12 +235,23 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         learner.log(&report)?;
         let last = learner.step == cfg.run.steps;
         if last {
+            // Nothing enters the buffer from here on; what is in it is reported.
+            shared.close(Duration::from_secs(10));
             let out = run_dir.join("final");
             tandem_model::save_hf(&learner.policy.model, &learner.policy.tokenizer, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
             if let Some(c) = &learner.critic {
                 c.save(&out)?;
             }
+            let left: Vec<String> = shared
+                .buffer
+                .lock()
+                .map(|b| b.groups().map(|g| format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id)).collect())
+                .unwrap_or_default();
+            write_atomic(
+                &run_dir.join("trainer-summary.json"),
+                &serde_json::json!({"steps": learner.step, "version": learner.version, "groups_left_in_buffer": left}).to_string(),
+            )?;
         }
         let dropped = shared.dropped.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
         let mut dropped: std::collections::HashMap<String, u64> = dropped.into_iter().collect();
@@ -265,15 +278,6 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         }))
         .map_err(|e| anyhow!("publishing version {} to the coordinator: {}", report.version, e.message()))?;
     }
-    let left: Vec<String> = shared
-        .buffer
-        .lock()
-        .map(|b| b.groups().map(|g| format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id)).collect())
-        .unwrap_or_default();
-    write_atomic(
-        &run_dir.join("trainer-summary.json"),
-        &serde_json::json!({"steps": learner.step, "version": learner.version, "groups_left_in_buffer": left}).to_string(),
-    )?;
     tracing::info!(final_model = %run_dir.join("final").display(), "training finished");
     // Let generators finish their last acks, then leave.
     std::thread::sleep(Duration::from_millis(300));

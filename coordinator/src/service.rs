@@ -324,6 +324,12 @@ impl Coordinator for CoordinatorService {
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<CommitReply>, Status> {
         let r = req.into_inner();
         let mut core = self.lock()?;
+        if core.finished {
+            return Ok(Response::new(CommitReply {
+                accepted: false,
+                reason: "finished".into(),
+            }));
+        }
         match core.leases.commit(r.lease_id, r.prompt_index) {
             Ok(_) => {
                 metrics::counter!(m::GROUPS_ACCEPTED).increment(1);

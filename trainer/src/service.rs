@@ -40,6 +40,10 @@ pub struct Shared {
     pub dropped: Mutex<BTreeMap<String, u64>>,
     pub limits: Limits,
     pub bucket_bytes: usize,
+    /// Set after the last step: new groups are refused without being committed.
+    pub closed: std::sync::atomic::AtomicBool,
+    /// Groups between arrival and buffer (so closing can wait for them).
+    pub inflight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -51,6 +55,24 @@ impl Shared {
 
     pub fn buffer_len(&self) -> usize {
         self.buffer.lock().map(|b| b.len()).unwrap_or(0)
+    }
+
+    /// Refuses new groups and waits (up to `timeout`) for those already arriving.
+    pub fn close(&self, timeout: Duration) {
+        self.closed.store(true, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        while self.inflight.load(Ordering::SeqCst) > 0 && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Counts a group as in flight while it lives.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -67,6 +89,8 @@ impl TrainerService {
     /// Check → wait for room → commit → buffer. Returns the ack.
     async fn ingest(&self, g: RolloutGroup) -> PushAck {
         let seq = g.seq;
+        self.shared.inflight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlight(&self.shared);
         let refuse = |reason: String, shared: &Shared| PushAck {
             seq,
             accepted: false,
@@ -77,6 +101,9 @@ impl TrainerService {
             policy_version: self.shared.version.load(Ordering::SeqCst),
             ..self.shared.limits
         };
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return refuse("the run is finished".into(), &self.shared);
+        }
         if let Err(e) = check_group(&g, &limits) {
             self.shared.count_dropped("invalid");
             tracing::warn!(lease = g.lease_id, worker = g.worker_id, "rollout group refused: {e}");
