@@ -415,3 +415,148 @@ fn max_staleness_zero_is_on_policy() {
         assert_eq!(m["staleness_max"].as_u64().unwrap(), 0);
     }
 }
+
+/// Test 7: without the token every RPC of every service is refused; malformed,
+/// oversized, NaN, out-of-vocabulary and future-version rollouts are refused with a
+/// reason naming the field, counted, and never trained.
+#[test]
+fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
+    use tandem_proto::auth::WithToken;
+    use tandem_proto::client;
+    use tandem_proto::v1::coordinator_client::CoordinatorClient;
+    use tandem_proto::v1::health_client::HealthClient;
+    use tandem_proto::v1::trainer_client::TrainerClient;
+    use tandem_proto::v1::*;
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, 2, 1, ""));
+    c.trainer();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let good = WithToken::new(TOKEN).unwrap();
+    let bad = WithToken::new("not-the-token").unwrap();
+    let coord_ch = rt.block_on(client::connect(&c.grpc)).unwrap();
+    let mut coord = client::coordinator(coord_ch.clone(), &good);
+    let fake = rt
+        .block_on(coord.register(RegisterRequest { role: Role::Generator as i32, name: "fake".into(), address: String::new() }))
+        .unwrap()
+        .into_inner();
+    let t0 = Instant::now();
+    let trainer_addr = loop {
+        let r = rt
+            .block_on(coord.heartbeat(HeartbeatRequest { worker_id: fake.worker_id, ..Default::default() }))
+            .unwrap()
+            .into_inner();
+        if !r.trainer_address.is_empty() {
+            break r.trainer_address;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", c.log("trainer"));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let trainer_ch = rt.block_on(client::connect(&trainer_addr)).unwrap();
+
+    // No token, or the wrong one: refused, whatever the call.
+    let unauth = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+    };
+    let mut wrong = client::coordinator(coord_ch.clone(), &bad);
+    let mut none = CoordinatorClient::new(coord_ch.clone());
+    rt.block_on(async {
+        unauth(wrong.register(RegisterRequest { role: 1, name: "x".into(), address: String::new() }).await.map(|_| ()), "register");
+        unauth(wrong.heartbeat(HeartbeatRequest::default()).await.map(|_| ()), "heartbeat");
+        unauth(wrong.lease(LeaseRequest { worker_id: fake.worker_id, max_groups: 1 }).await.map(|_| ()), "lease");
+        unauth(wrong.commit(CommitRequest::default()).await.map(|_| ()), "commit");
+        unauth(wrong.publish_version(PublishVersionRequest::default()).await.map(|_| ()), "publish");
+        unauth(wrong.leave(LeaveRequest::default()).await.map(|_| ()), "leave");
+        unauth(wrong.status(StatusRequest {}).await.map(|_| ()), "status");
+        unauth(none.status(StatusRequest {}).await.map(|_| ()), "status without a token");
+        let mut wt = client::trainer(trainer_ch.clone(), &bad);
+        unauth(wt.fetch_weights(FetchWeightsRequest { version: 0 }).await.map(|_| ()), "fetch_weights");
+        unauth(wt.push_rollouts(tokio_stream::iter(Vec::<RolloutGroup>::new())).await.map(|_| ()), "push_rollouts");
+        for ch in [coord_ch.clone(), trainer_ch.clone()] {
+            let mut h = HealthClient::with_interceptor(ch, bad.clone());
+            unauth(h.check(HealthRequest {}).await.map(|_| ()), "health");
+        }
+    });
+
+    // With the token: one lease, then bad groups for it.
+    let lease = rt
+        .block_on(coord.lease(LeaseRequest { worker_id: fake.worker_id, max_groups: 1 }))
+        .unwrap()
+        .into_inner()
+        .leases
+        .remove(0);
+    let group = |edit: &dyn Fn(&mut RolloutGroup)| {
+        let mut g = RolloutGroup {
+            seq: 0,
+            lease_id: lease.lease_id,
+            prompt_index: lease.prompt_index,
+            worker_id: fake.worker_id,
+            prompt_ids: vec![1, 2, 3],
+            completions: vec![
+                Completion {
+                    completion_ids: vec![5, 6],
+                    behavior_logprobs: vec![-1.0, -1.0],
+                    versions: vec![0, 0],
+                    reward: 0.0,
+                    finish_reason: "length".into(),
+                };
+                4
+            ],
+        };
+        edit(&mut g);
+        g
+    };
+    let bad_groups: Vec<(RolloutGroup, &str)> = vec![
+        (group(&|g| g.completions[1].behavior_logprobs[0] = f32::NAN), "completions[1].behavior_logprobs[0]"),
+        (group(&|g| g.completions[0].behavior_logprobs[1] = 0.25), "completions[0].behavior_logprobs[1]"),
+        (group(&|g| g.completions[2].completion_ids[0] = 99_999), "completions[2].completion_ids[0]"),
+        (group(&|g| g.prompt_ids[0] = 512), "prompt_ids[0]"),
+        (group(&|g| g.completions[3].versions[1] = 7), "newer than the published version"),
+        (group(&|g| { g.completions.pop(); }), "group_size"),
+        (group(&|g| g.completions[0].versions.pop().map(|_| ()).unwrap_or(())), "completions[0].versions"),
+    ];
+    let n_bad = bad_groups.len();
+    let mut pusher = client::trainer(trainer_ch.clone(), &good);
+    let acks: Vec<PushAck> = rt.block_on(async {
+        let msgs: Vec<RolloutGroup> = bad_groups
+            .iter()
+            .enumerate()
+            .map(|(i, (g, _))| RolloutGroup { seq: i as u64 + 1, ..g.clone() })
+            .collect();
+        let mut s = pusher.push_rollouts(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+        let mut out = vec![];
+        while let Some(a) = s.message().await.unwrap() {
+            out.push(a);
+        }
+        out
+    });
+    assert_eq!(acks.len(), n_bad);
+    for (ack, (_, needle)) in acks.iter().zip(&bad_groups) {
+        assert!(!ack.accepted, "{needle}: accepted");
+        assert!(ack.reason.contains(needle), "{needle}: {}", ack.reason);
+        assert_eq!(ack.buffer_groups, 0, "a refused group reached the buffer");
+    }
+    // Oversized: the server refuses a message above its limit with a status.
+    let big = RolloutGroup { seq: 99, ..group(&|g| g.prompt_ids = vec![400; 70 << 20]) };
+    let mut big_client = TrainerClient::with_interceptor(trainer_ch.clone(), good.clone()).max_encoding_message_size(usize::MAX);
+    let status = rt.block_on(async {
+        match big_client.push_rollouts(tokio_stream::iter(vec![big])).await {
+            Err(e) => e,
+            Ok(r) => r.into_inner().message().await.expect_err("oversized group accepted"),
+        }
+    });
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::InvalidArgument), "{status:?}");
+
+    // The fake generator leaves (its lease is re-issued); a real one finishes the run.
+    rt.block_on(coord.leave(LeaveRequest { worker_id: fake.worker_id })).unwrap();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(120));
+    let trained = check_trained(&c.run, 2, 2, 4, 1);
+    assert!(!trained.keys().any(|k| k.ends_with(&format!("-w{}", fake.worker_id))), "a refused group was trained");
+    let status: Value = serde_json::from_str(&std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap()).unwrap();
+    assert_eq!(status["dropped"]["invalid"].as_u64(), Some(n_bad as u64), "{status}");
+    assert!(status["reissued_prompts"].as_array().unwrap().contains(&lease.prompt_index.into()));
+}
