@@ -3,6 +3,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/tandem/v1/health.proto", "proto/tandem/v1/coordinator.proto", "proto/tandem/v1/trainer.proto", "proto/tandem/v1/reward.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "proto/tandem/v1/health.proto",
+            "proto/tandem/v1/coordinator.proto",
+            "proto/tandem/v1/trainer.proto",
+            "proto/tandem/v1/reward.proto",
+        ],
+        &["proto"],
+    )?;
     Ok(())
 }

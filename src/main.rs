@@ -102,7 +102,8 @@ pub(crate) fn load_model(spec: &str) -> Result<tandem_model::Pretrained> {
     let device = device()?;
     let dtype = tandem_model::default_dtype(&device);
     if let Some(name) = spec.strip_prefix("preset:") {
-        return tandem_model::preset::init(name, 0, &device).with_context(|| format!("model `{spec}`"));
+        return tandem_model::preset::init(name, 0, &device)
+            .with_context(|| format!("model `{spec}`"));
     }
     tandem_model::load(spec, dtype, &device).with_context(|| format!("loading model `{spec}`"))
 }

@@ -34,7 +34,8 @@ struct Proc {
 impl Proc {
     fn spawn(name: &str, args: &[&str], logs: &Path, token: &str) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let exe = std::env::current_exe().context("finding the tandem executable")?;
         let child = Command::new(exe)
             .args(args)
@@ -44,7 +45,11 @@ impl Proc {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting the {name} process"))?;
-        Ok(Proc { name: name.to_string(), child, log })
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
     }
 
     fn tail(&self) -> String {
@@ -69,8 +74,10 @@ impl Drop for Procs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
-    let mut cfg = RunConfig::parse(&text, &a.overrides).with_context(|| format!("in {}", a.config.display()))?;
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let mut cfg = RunConfig::parse(&text, &a.overrides)
+        .with_context(|| format!("in {}", a.config.display()))?;
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -96,7 +103,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     let _ = std::fs::remove_file(&addr_file);
     let mut procs = Procs(vec![Proc::spawn(
         "coordinator",
-        &["coordinator", "--config", path_str(&cfg_path)?, "--addr-file", path_str(&addr_file)?],
+        &[
+            "coordinator",
+            "--config",
+            path_str(&cfg_path)?,
+            "--addr-file",
+            path_str(&addr_file)?,
+        ],
         &logs,
         &token,
     )?]);
@@ -107,17 +120,33 @@ pub fn run(a: RunArgs) -> Result<()> {
             break v["grpc"].as_str().unwrap_or_default().to_string();
         }
         if let Some(st) = procs.0[0].child.try_wait()? {
-            bail!("the coordinator exited ({st}) before listening:\n{}", procs.0[0].tail());
+            bail!(
+                "the coordinator exited ({st}) before listening:\n{}",
+                procs.0[0].tail()
+            );
         }
         if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the coordinator did not start listening within 60 s; see {}", procs.0[0].log.display());
+            bail!(
+                "the coordinator did not start listening within 60 s; see {}",
+                procs.0[0].log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    procs.0.push(Proc::spawn("trainer", &["trainer", "--coordinator", &addr], &logs, &token)?);
+    procs.0.push(Proc::spawn(
+        "trainer",
+        &["trainer", "--coordinator", &addr],
+        &logs,
+        &token,
+    )?);
     for i in 0..cfg.run.generators {
         let name = format!("gen-{i}");
-        procs.0.push(Proc::spawn(&name, &["generator", "--coordinator", &addr, "--name", &name], &logs, &token)?);
+        procs.0.push(Proc::spawn(
+            &name,
+            &["generator", "--coordinator", &addr, "--name", &name],
+            &logs,
+            &token,
+        )?);
     }
     eprintln!(
         "run: coordinator {addr}, trainer, {} generators; logs in {}",
@@ -125,7 +154,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         logs.display()
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let with_token = WithToken::new(&token).map_err(|e| anyhow!("token: {e}"))?;
     let mut coord = rt
         .block_on(client::connect(&addr))
@@ -145,7 +176,12 @@ pub fn run(a: RunArgs) -> Result<()> {
             if let Some(st) = p.child.try_wait()? {
                 if !st.success() {
                     bar.abandon();
-                    bail!("the {} process failed ({st}); last lines of {}:\n{}", p.name, p.log.display(), p.tail());
+                    bail!(
+                        "the {} process failed ({st}); last lines of {}:\n{}",
+                        p.name,
+                        p.log.display(),
+                        p.tail()
+                    );
                 }
             }
         }
@@ -160,7 +196,10 @@ pub fn run(a: RunArgs) -> Result<()> {
                 s.max_staleness_seen,
                 s.tokens_per_second,
                 s.policy_version,
-                s.workers.iter().filter(|w| w.role == tandem_proto::v1::Role::Generator as i32).count()
+                s.workers
+                    .iter()
+                    .filter(|w| w.role == tandem_proto::v1::Role::Generator as i32)
+                    .count()
             ));
             if s.finished && trainer_done {
                 break;
@@ -197,7 +236,8 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
+    p.to_str()
+        .ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -209,11 +249,14 @@ fn hex(b: &[u8]) -> String {
 fn materialize_model(spec: &str, run_dir: &Path) -> Result<String> {
     if let Some(name) = spec.strip_prefix("preset:") {
         let out = run_dir.join("base-model");
-        let p = tandem_model::preset::init(name, 0, &crate::device()?).with_context(|| format!("[model] path: preset {name:?}"))?;
-        tandem_model::save_hf(&p.model, &p.tokenizer, &out).with_context(|| format!("writing {}", out.display()))?;
+        let p = tandem_model::preset::init(name, 0, &crate::device()?)
+            .with_context(|| format!("[model] path: preset {name:?}"))?;
+        tandem_model::save_hf(&p.model, &p.tokenizer, &out)
+            .with_context(|| format!("writing {}", out.display()))?;
         return Ok(path_str(&out)?.to_string());
     }
-    let path = tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
+    let path =
+        tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
     let abs = std::fs::canonicalize(&path).unwrap_or(path);
     Ok(path_str(&abs)?.to_string())
 }

@@ -54,10 +54,11 @@ impl RunConfig {
             if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
                 bail!("--set {o:?}: the key must be dotted, like run.steps");
             }
-            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+            let value: toml::Value =
+                toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
             let mut table = &mut doc;
             for p in &parts[..parts.len() - 1] {
                 let entry = table
@@ -92,10 +93,15 @@ impl RunConfig {
                 self.generator.temperature
             );
         }
-        if matches!(self.algorithm.advantage, Estimator::Rloo | Estimator::Grpo | Estimator::Drgrpo | Estimator::ReinforcePp)
-            && self.run.group_size < 2
+        if matches!(
+            self.algorithm.advantage,
+            Estimator::Rloo | Estimator::Grpo | Estimator::Drgrpo | Estimator::ReinforcePp
+        ) && self.run.group_size < 2
         {
-            bail!("[run] group_size: {:?} compares completions of a prompt, so it needs ≥ 2", self.algorithm.advantage);
+            bail!(
+                "[run] group_size: {:?} compares completions of a prompt, so it needs ≥ 2",
+                self.algorithm.advantage
+            );
         }
         if self.model.path.trim().is_empty() {
             bail!("[model] path: give an HF folder, a .gguf file, `smollm2` or `preset:tiny`");
@@ -115,18 +121,125 @@ mod tests {
 
     #[test]
     fn overrides_and_errors() {
-        let c = RunConfig::parse("[run]\nsteps = 3\n", &["run.steps=7".into(), "model.path=smollm2".into(), "generator.temperature=0.7".into(), "algorithm.temperature=0.7".into()]).unwrap();
+        let c = RunConfig::parse(
+            "[run]\nsteps = 3\n",
+            &[
+                "run.steps=7".into(),
+                "model.path=smollm2".into(),
+                "generator.temperature=0.7".into(),
+                "algorithm.temperature=0.7".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.run.steps, 7);
         assert_eq!(c.model.path, "smollm2");
-        let e = RunConfig::parse("[run]\nstep = 3\n", &[]).unwrap_err().to_string();
+        let e = RunConfig::parse("[run]\nstep = 3\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("step"), "{e}");
-        let e = RunConfig::parse("[generator]\ntemperature = 0.7\n", &[]).unwrap_err().to_string();
+        let e = RunConfig::parse("[generator]\ntemperature = 0.7\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("[algorithm] temperature"), "{e}");
-        let e = RunConfig::parse("", &["steps=3".into()]).unwrap_err().to_string();
+        let e = RunConfig::parse("", &["steps=3".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dotted"), "{e}");
-        let e = RunConfig::parse("[run]\ngroup_size = 1\n", &[]).unwrap_err().to_string();
+        let e = RunConfig::parse("[run]\ngroup_size = 1\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("group_size"), "{e}");
         let defaults = RunConfig::default();
-        assert_eq!(RunConfig::parse(&defaults.to_toml().unwrap(), &[]).unwrap(), defaults);
+        assert_eq!(
+            RunConfig::parse(&defaults.to_toml().unwrap(), &[]).unwrap(),
+            defaults
+        );
+    }
+}
+
+/// docs/config.md documents exactly the keys the config accepts, with their defaults.
+#[cfg(test)]
+mod doc {
+    use std::collections::BTreeMap;
+
+    use super::RunConfig;
+
+    fn documented() -> BTreeMap<String, BTreeMap<String, String>> {
+        let text = include_str!("../docs/config.md");
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut section = String::new();
+        for line in text.lines() {
+            if let Some(s) = line
+                .strip_prefix("## `[")
+                .and_then(|s| s.strip_suffix("]`"))
+            {
+                section = s.to_string();
+            } else if let Some(row) = line.strip_prefix("| `") {
+                let cells: Vec<&str> = row.split(" | ").collect();
+                let key = cells[0].trim_end_matches('`').to_string();
+                let default = cells[1].trim().trim_matches('`').to_string();
+                out.entry(section.clone()).or_default().insert(key, default);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_key_is_documented_with_its_default() {
+        let defaults = toml::Value::try_from(RunConfig::default()).unwrap();
+        let doc = documented();
+        assert_eq!(
+            doc.keys().collect::<Vec<_>>(),
+            defaults.as_table().unwrap().keys().collect::<Vec<_>>(),
+            "sections in docs/config.md vs the code"
+        );
+        for (section, table) in defaults.as_table().unwrap() {
+            let documented = &doc[section];
+            let mut code: Vec<&String> = table.as_table().unwrap().keys().collect();
+            code.sort();
+            // Optional keys without a default are documented as "unset".
+            let mut expected: Vec<&String> = documented
+                .keys()
+                .filter(|k| documented[*k] != "unset")
+                .collect();
+            expected.sort();
+            assert_eq!(code, expected, "[{section}] keys in code vs docs/config.md");
+            for (key, value) in table.as_table().unwrap() {
+                let shown = match value {
+                    toml::Value::String(s) => format!("\"{s}\""),
+                    other => other.to_string(),
+                };
+                let doc_value = &documented[key];
+                let same = match (doc_value.parse::<f64>(), shown.parse::<f64>()) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => doc_value.replace(' ', "") == shown.replace(' ', ""),
+                };
+                assert!(
+                    same,
+                    "[{section}] {key}: docs say {doc_value}, code says {shown}"
+                );
+            }
+        }
+        // Every "unset" key is accepted when set.
+        let mut set = Vec::new();
+        for (section, keys) in &doc {
+            for (key, v) in keys {
+                if v == "unset" {
+                    let value = match (section.as_str(), key.as_str()) {
+                        ("algorithm", "clip_c") => "3.0".to_string(),
+                        ("data", "path")
+                        | ("data", "system")
+                        | ("run", "token")
+                        | ("reward", "service") => "\"x\"".into(),
+                        other => panic!("a new optional key {other:?}: add it here"),
+                    };
+                    set.push(format!("{section}.{key}={value}"));
+                }
+            }
+        }
+        let text = "[data]\nkind = \"arithmetic\"\n";
+        let c = RunConfig::parse(text, &set).unwrap();
+        assert_eq!(c.algorithm.clip_c, Some(3.0));
+        assert_eq!(c.run.token.as_deref(), Some("x"));
     }
 }

@@ -14,10 +14,13 @@ use tandem_proto::client;
 use tandem_proto::health::HealthService;
 use tandem_proto::v1::health_server::HealthServer;
 use tandem_proto::v1::trainer_server::TrainerServer;
-use tandem_proto::v1::{HeartbeatRequest, LeaveRequest, PublishVersionRequest, RegisterRequest, Role};
+use tandem_proto::v1::{
+    HeartbeatRequest, LeaveRequest, PublishVersionRequest, RegisterRequest, Role,
+};
 use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::buffer::Buffer;
+use tandem_trainer::checkpoint;
 use tandem_trainer::ingest::Limits;
 use tandem_trainer::learner::{self, Learner, Plan};
 use tandem_trainer::service::{Shared, TrainerService};
@@ -31,9 +34,9 @@ use crate::run_config::RunConfig;
 pub fn token(cfg_token: Option<&str>) -> Result<String> {
     match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
         Some(t) => Ok(t),
-        None => cfg_token
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")),
+        None => cfg_token.map(str::to_string).ok_or_else(|| {
+            anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")
+        }),
     }
 }
 
@@ -59,8 +62,10 @@ pub struct CoordinatorArgs {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg = RunConfig::parse(&text, &a.overrides).with_context(|| format!("in {}", a.config.display()))?;
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg = RunConfig::parse(&text, &a.overrides)
+        .with_context(|| format!("in {}", a.config.display()))?;
     let token = token(cfg.run.token.as_deref())?;
     let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
     let settings = tandem_coordinator::service::Settings {
@@ -97,9 +102,16 @@ async fn join(
     role: Role,
     name: &str,
     address: &str,
-) -> Result<(tandem_proto::v1::coordinator_client::CoordinatorClient<client::Authed>, tandem_proto::v1::RegisterReply, RunConfig, WithToken)> {
+) -> Result<(
+    tandem_proto::v1::coordinator_client::CoordinatorClient<client::Authed>,
+    tandem_proto::v1::RegisterReply,
+    RunConfig,
+    WithToken,
+)> {
     let token = WithToken::new(&token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
-    let ch = client::connect(addr).await.map_err(|e| anyhow!("coordinator: {e}"))?;
+    let ch = client::connect(addr)
+        .await
+        .map_err(|e| anyhow!("coordinator: {e}"))?;
     let mut coord = client::coordinator(ch, &token);
     let reply = coord
         .register(RegisterRequest {
@@ -108,9 +120,15 @@ async fn join(
             address: address.to_string(),
         })
         .await
-        .map_err(|e| anyhow!("registering with the coordinator at {addr}: {}", e.message()))?
+        .map_err(|e| {
+            anyhow!(
+                "registering with the coordinator at {addr}: {}",
+                e.message()
+            )
+        })?
         .into_inner();
-    let cfg = RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
+    let cfg =
+        RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
     Ok((coord, reply, cfg, token))
 }
 
@@ -125,6 +143,10 @@ pub struct TrainerArgs {
     /// The address generators should use (default: the bound address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Continue from the newest checkpoint in the run's folder (model, optimizer, step,
+    /// version, buffer); the coordinator re-issues the work done since.
+    #[arg(long)]
+    resume: bool,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
@@ -134,48 +156,103 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         .with_context(|| format!("--listen: cannot listen on {}", a.listen))?;
     let bound = listener.local_addr()?.to_string();
     let advertise = a.advertise.clone().unwrap_or(bound);
-    let (mut coord, reply, cfg, _) = rt.block_on(join(&a.coordinator, Role::Trainer, "trainer", &advertise))?;
+    let (mut coord, reply, cfg, _) =
+        rt.block_on(join(&a.coordinator, Role::Trainer, "trainer", &advertise))?;
     let worker_id = Arc::new(std::sync::atomic::AtomicU64::new(reply.worker_id));
 
-    let policy = crate::load_model(&cfg.model.path)?;
-    let reference = if cfg.algorithm.kl_coef > 0.0 { Some(crate::load_model(&cfg.model.path)?.model) } else { None };
+    let run_dir = PathBuf::from(&cfg.run.run_dir);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let resume_from = if a.resume {
+        let dir = checkpoint::latest(&run_dir)?.ok_or_else(|| {
+            anyhow!(
+                "--resume: no checkpoint in {}",
+                run_dir.join("checkpoints").display()
+            )
+        })?;
+        Some(dir)
+    } else {
+        None
+    };
+    let start_path = match &resume_from {
+        Some(d) => d
+            .to_str()
+            .ok_or_else(|| anyhow!("{} is not UTF-8", d.display()))?
+            .to_string(),
+        None => cfg.model.path.clone(),
+    };
+    let policy = crate::load_model(&start_path)?;
+    // The KL reference is always the run's starting model.
+    let reference = if cfg.algorithm.kl_coef > 0.0 {
+        Some(crate::load_model(&cfg.model.path)?.model)
+    } else {
+        None
+    };
     let critic = if cfg.algorithm.advantage == Estimator::Gae {
-        let (d, dtype, device) = (policy.model.config().hidden_size, policy.model.dtype(), policy.model.device());
-        Some(match ValueHead::load(Path::new(&cfg.model.path), d, dtype, device)? {
-            Some(h) => h,
-            None => ValueHead::zeros(d, dtype, device)?,
-        })
+        let (d, dtype, device) = (
+            policy.model.config().hidden_size,
+            policy.model.dtype(),
+            policy.model.device(),
+        );
+        Some(
+            match ValueHead::load(Path::new(&start_path), d, dtype, device)? {
+                Some(h) => h,
+                None => ValueHead::zeros(d, dtype, device)?,
+            },
+        )
     } else {
         None
     };
     let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
-    let opt = Optimizer::new(&cfg.optimizer, &policy.model, extra)?;
+    let mut opt = Optimizer::new(&cfg.optimizer, &policy.model, extra)?;
+    let (start_step, start_version, start_buffer) = match &resume_from {
+        Some(dir) => {
+            opt.load(dir)
+                .with_context(|| format!("optimizer state in {}", dir.display()))?;
+            let st = checkpoint::load_state(dir)?;
+            tracing::info!(checkpoint = %dir.display(), step = st.step, version = st.version, buffered = st.buffer.len(), "resuming");
+            (st.step, st.version, st.buffer)
+        }
+        None => (0, 0, Buffer::default()),
+    };
+    if resume_from.is_some() {
+        // Steps after the checkpoint are done again; their old lines go.
+        truncate_metrics(&run_dir.join("metrics.jsonl"), start_step)?;
+    }
+    let kept: Vec<u64> = start_buffer.groups().map(|g| g.lease_id).collect();
     let mc = policy.model.config();
     let shared = Arc::new(Shared {
-        buffer: Mutex::new(Buffer::default()),
+        buffer: Mutex::new(start_buffer),
         space: tokio::sync::Notify::new(),
         capacity: cfg.trainer.buffer_capacity,
-        version: std::sync::atomic::AtomicU64::new(0),
-        weights: RwLock::new(Arc::new(learner::snapshot(&policy.model, 0)?)),
+        version: std::sync::atomic::AtomicU64::new(start_version),
+        weights: RwLock::new(Arc::new(learner::snapshot(&policy.model, start_version)?)),
         dropped: Mutex::new(Default::default()),
         limits: Limits {
             vocab_size: mc.vocab_size,
             group_size: cfg.run.group_size as usize,
             max_completion_tokens: cfg.generator.max_new_tokens,
             max_prompt_tokens: mc.max_position_embeddings,
-            policy_version: 0,
+            policy_version: start_version,
         },
         bucket_bytes: cfg.trainer.bucket_mib << 20,
         closed: Default::default(),
         inflight: Default::default(),
     });
-    let svc = TrainerService { shared: shared.clone(), coordinator: coord.clone() };
+    let svc = TrainerService {
+        shared: shared.clone(),
+        coordinator: coord.clone(),
+    };
     let raw_token = token(None)?;
     rt.spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(HealthServer::with_interceptor(HealthService { service: "trainer" }, RequireToken::new(&raw_token)))
+        let r = tandem_proto::server()
+            .add_service(HealthServer::with_interceptor(
+                HealthService { service: "trainer" },
+                RequireToken::new(&raw_token),
+            ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                TrainerServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+                TrainerServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 RequireToken::new(&raw_token),
             ))
             .serve_with_incoming(TcpListenerStream::new(listener))
@@ -186,7 +263,12 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     });
     // Heartbeats keep the trainer a member; a dropped trainer registers again.
     {
-        let (mut c, shared, id, adv) = (coord.clone(), shared.clone(), worker_id.clone(), advertise.clone());
+        let (mut c, shared, id, adv) = (
+            coord.clone(),
+            shared.clone(),
+            worker_id.clone(),
+            advertise.clone(),
+        );
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(1));
         rt.spawn(async move {
             loop {
@@ -198,7 +280,13 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
                 };
                 match c.heartbeat(req).await {
                     Ok(r) if !r.get_ref().known => {
-                        let again = c.register(RegisterRequest { role: Role::Trainer as i32, name: "trainer".into(), address: adv.clone() }).await;
+                        let again = c
+                            .register(RegisterRequest {
+                                role: Role::Trainer as i32,
+                                name: "trainer".into(),
+                                address: adv.clone(),
+                            })
+                            .await;
                         if let Ok(r) = again {
                             id.store(r.get_ref().worker_id, Ordering::SeqCst);
                         }
@@ -210,9 +298,22 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         });
     }
     tracing::info!(address = %advertise, steps = cfg.run.steps, "trainer serving");
-
-    let run_dir = PathBuf::from(&cfg.run.run_dir);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if resume_from.is_some() {
+        rt.block_on(coord.publish_version(PublishVersionRequest {
+            version: start_version,
+            step: start_step,
+            resumed: true,
+            buffered_leases: kept,
+            buffer_groups: shared.buffer_len() as u64,
+            ..Default::default()
+        }))
+        .map_err(|e| {
+            anyhow!(
+                "announcing the resumed version {start_version}: {}",
+                e.message()
+            )
+        })?;
+    }
     let mut learner = Learner {
         policy,
         reference,
@@ -227,11 +328,13 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             run_dir: run_dir.clone(),
             dump_batches: cfg.trainer.dump_batches,
         },
-        step: 0,
-        version: 0,
+        step: start_step,
+        version: start_version,
     };
     while learner.step < cfg.run.steps {
-        let Some(report) = learner.step_once(&shared, &|| false)? else { break };
+        let Some(report) = learner.step_once(&shared, &|| false)? else {
+            break;
+        };
         learner.log(&report)?;
         let last = learner.step == cfg.run.steps;
         if last {
@@ -246,17 +349,35 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             let left: Vec<String> = shared
                 .buffer
                 .lock()
-                .map(|b| b.groups().map(|g| format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id)).collect())
+                .map(|b| b.groups().map(|g| g.key()).collect())
                 .unwrap_or_default();
             write_atomic(
                 &run_dir.join("trainer-summary.json"),
                 &serde_json::json!({"steps": learner.step, "version": learner.version, "groups_left_in_buffer": left}).to_string(),
             )?;
         }
-        let dropped = shared.dropped.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
+        let dropped = shared
+            .dropped
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
         let mut dropped: std::collections::HashMap<String, u64> = dropped.into_iter().collect();
-        if report.stale_dropped > 0 {
-            *dropped.entry("stale".into()).or_default() += report.stale_dropped as u64;
+        if !report.stale_dropped.is_empty() {
+            *dropped.entry("stale".into()).or_default() += report.stale_dropped.len() as u64;
+            // Which groups, across trainer restarts: RUN_DIR/stale-groups.txt.
+            let keys: String = report
+                .stale_dropped
+                .iter()
+                .map(|g| format!("{}\n", g.key()))
+                .collect();
+            let path = run_dir.join("stale-groups.txt");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            std::io::Write::write_all(&mut f, keys.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         tracing::info!(
             step = report.step,
@@ -275,13 +396,30 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             buffer_groups: shared.buffer_len() as u64,
             wait_seconds: report.wait_seconds,
             finished: last,
+            trained_leases: report.trained_leases.clone(),
+            ..Default::default()
         }))
-        .map_err(|e| anyhow!("publishing version {} to the coordinator: {}", report.version, e.message()))?;
+        .map_err(|e| {
+            anyhow!(
+                "publishing version {} to the coordinator: {}",
+                report.version,
+                e.message()
+            )
+        })?;
+        // After the publish, so the coordinator knows what the checkpoint has trained.
+        let every = cfg.trainer.checkpoint_every;
+        if !last && every > 0 && learner.step % every == 0 {
+            let buffer = shared.buffer.lock().map(|b| b.clone()).unwrap_or_default();
+            let dir = checkpoint::save(&run_dir, &learner, &buffer, cfg.trainer.keep_checkpoints)?;
+            tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+        }
     }
     tracing::info!(final_model = %run_dir.join("final").display(), "training finished");
     // Let generators finish their last acks, then leave.
     std::thread::sleep(Duration::from_millis(300));
-    let _ = rt.block_on(coord.leave(LeaveRequest { worker_id: worker_id.load(Ordering::SeqCst) }));
+    let _ = rt.block_on(coord.leave(LeaveRequest {
+        worker_id: worker_id.load(Ordering::SeqCst),
+    }));
     Ok(())
 }
 
@@ -297,7 +435,8 @@ pub struct GeneratorArgs {
 
 pub fn generator(a: GeneratorArgs) -> Result<()> {
     let rt = runtime()?;
-    let (coord, reply, cfg, token) = rt.block_on(join(&a.coordinator, Role::Generator, &a.name, ""))?;
+    let (coord, reply, cfg, token) =
+        rt.block_on(join(&a.coordinator, Role::Generator, &a.name, ""))?;
     let model = crate::load_model(&cfg.model.path)?;
     let seed = cfg.run.seed ^ reply.worker_id.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let settings = tandem_generator::worker::Settings {
@@ -316,13 +455,35 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         model,
         rt.handle().clone(),
         token,
-        coord,
-        reply.worker_id,
-        reply.policy_version,
-        reply.trainer_address,
+        tandem_generator::worker::Joined {
+            coordinator: coord,
+            worker_id: reply.worker_id,
+            policy_version: reply.policy_version,
+            trainer_address: reply.trainer_address,
+        },
     )?;
     tracing::info!(name = %a.name, id = reply.worker_id, "generator running");
     worker.run()?;
     tracing::info!(name = %a.name, "generator done");
     Ok(())
+}
+
+/// Keeps the lines of `metrics.jsonl` up to step `step`.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    write_atomic(
+        path,
+        &(kept.join("\n") + if kept.is_empty() { "" } else { "\n" }),
+    )
 }

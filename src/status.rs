@@ -13,10 +13,15 @@ pub struct StatusArgs {
 }
 
 pub fn run(a: StatusArgs) -> Result<()> {
-    let token = WithToken::new(&crate::serve::token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let token =
+        WithToken::new(&crate::serve::token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let s = rt.block_on(async {
-        let ch = client::connect(&a.coordinator).await.map_err(|e| anyhow!("{e}"))?;
+        let ch = client::connect(&a.coordinator)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         client::coordinator(ch, &token)
             .status(StatusRequest {})
             .await
@@ -34,18 +39,38 @@ pub fn run(a: StatusArgs) -> Result<()> {
         s.buffer_groups,
         s.tokens_per_second
     );
-    println!("{:<6} {:<16} {:<10} {:>8} {:>4} {:>12} {:>7} {:>10}", "id", "name", "role", "version", "lag", "tokens", "leases", "last seen");
+    println!(
+        "{:<6} {:<16} {:<10} {:>8} {:>4} {:>12} {:>7} {:>10}",
+        "id", "name", "role", "version", "lag", "tokens", "leases", "last seen"
+    );
     for w in &s.workers {
-        let role = if w.role == Role::Trainer as i32 { "trainer" } else { "generator" };
+        let role = if w.role == Role::Trainer as i32 {
+            "trainer"
+        } else {
+            "generator"
+        };
         println!(
             "{:<6} {:<16} {:<10} {:>8} {:>4} {:>12} {:>7} {:>8}ms",
-            w.worker_id, w.name, role, w.policy_version, w.lag, w.generated_tokens, w.leases, w.last_seen_ms
+            w.worker_id,
+            w.name,
+            role,
+            w.policy_version,
+            w.lag,
+            w.generated_tokens,
+            w.leases,
+            w.last_seen_ms
         );
     }
     if !s.dropped.is_empty() {
         let mut d: Vec<_> = s.dropped.iter().collect();
         d.sort();
-        println!("dropped: {}", d.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "dropped: {}",
+            d.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     let mut m: Vec<_> = s.metrics.iter().collect();
     m.sort_by(|a, b| a.0.cmp(b.0));

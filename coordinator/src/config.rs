@@ -109,7 +109,10 @@ impl CoordinatorConfig {
         }
         for (key, addr) in [("listen", &self.listen), ("http_listen", &self.http_listen)] {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad(key, &format!("{addr:?} is not an address like 127.0.0.1:50051"));
+                return bad(
+                    key,
+                    &format!("{addr:?} is not an address like 127.0.0.1:50051"),
+                );
             }
         }
         Ok(())

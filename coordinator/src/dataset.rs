@@ -106,9 +106,10 @@ impl Dataset {
                 seed: cfg.seed,
             }),
             DataKind::Jsonl => {
-                let path = cfg.path.as_deref().ok_or_else(|| {
-                    invalid("[data] path: required with kind = \"jsonl\"")
-                })?;
+                let path = cfg
+                    .path
+                    .as_deref()
+                    .ok_or_else(|| invalid("[data] path: required with kind = \"jsonl\""))?;
                 Dataset::Rows {
                     rows: read_jsonl(path)?,
                     shuffle: cfg.shuffle,
@@ -133,14 +134,16 @@ impl Dataset {
                     return rows[pos].clone();
                 }
                 let mut order: Vec<usize> = (0..rows.len()).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                    seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ));
                 rows[order[pos]].clone()
             }
         }
     }
 
     /// Rows in one epoch (None: endless).
-    pub fn len(&self) -> Option<usize> {
+    pub fn epoch_len(&self) -> Option<usize> {
         match self {
             Dataset::Arithmetic(_) => None,
             Dataset::Rows { rows, .. } => Some(rows.len()),
@@ -157,8 +160,15 @@ impl DataConfig {
         if self.operators.is_empty() {
             return bad("operators", "needs at least one of \"+\", \"-\", \"*\"");
         }
-        if let Some(op) = self.operators.iter().find(|o| !["+", "-", "*"].contains(&o.as_str())) {
-            return bad("operators", &format!("unknown operator {op:?}; use \"+\", \"-\" or \"*\""));
+        if let Some(op) = self
+            .operators
+            .iter()
+            .find(|o| !["+", "-", "*"].contains(&o.as_str()))
+        {
+            return bad(
+                "operators",
+                &format!("unknown operator {op:?}; use \"+\", \"-\" or \"*\""),
+            );
         }
         if self.kind == DataKind::Arithmetic && !self.template.contains("{question}") {
             return bad("template", "must contain `{question}`");
@@ -183,8 +193,13 @@ impl Arithmetic {
     /// Operands uniform over the numbers with `digits` digits (0..=9 for one digit);
     /// for "-" the larger comes first, so answers are never negative.
     pub fn get(&self, index: u64) -> Prompt {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ index);
-        let lo = if self.digits == 1 { 0 } else { 10i64.pow(self.digits - 1) };
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ index);
+        let lo = if self.digits == 1 {
+            0
+        } else {
+            10i64.pow(self.digits - 1)
+        };
         let hi = 10i64.pow(self.digits) - 1;
         let mut a = rng.random_range(lo..=hi);
         let mut b = rng.random_range(lo..=hi);
@@ -200,7 +215,10 @@ impl Arithmetic {
             _ => a * b,
         };
         Prompt {
-            body: PromptBody::Text(self.template.replace("{question}", &format!("{a} {op} {b}"))),
+            body: PromptBody::Text(
+                self.template
+                    .replace("{question}", &format!("{a} {op} {b}")),
+            ),
             answer: Some(answer.to_string()),
         }
     }
@@ -239,7 +257,9 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
         let line: Line = serde_json::from_str(raw).map_err(|e| invalid(format!("{at}: {e}")))?;
         let body = match (line.prompt, line.messages) {
             (Some(_), Some(_)) => {
-                return Err(invalid(format!("{at}: give `prompt` or `messages`, not both")))
+                return Err(invalid(format!(
+                    "{at}: give `prompt` or `messages`, not both"
+                )))
             }
             (None, None) => return Err(invalid(format!("{at}: needs `prompt` or `messages`"))),
             (Some(serde_json::Value::String(s)), None) => PromptBody::Text(s),
@@ -264,14 +284,14 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
                 return Err(invalid(format!("{at}: `prompt` is empty")))
             }
             PromptBody::Messages(m) if m.is_empty() => {
-                return Err(invalid(format!("{at}: the conversation has no prompt turn")))
+                return Err(invalid(format!(
+                    "{at}: the conversation has no prompt turn"
+                )))
             }
             PromptBody::Messages(m) => {
-                if let Some((i, t)) = m
-                    .iter()
-                    .enumerate()
-                    .find(|(_, t)| !["system", "user", "assistant", "tool"].contains(&t.role.as_str()))
-                {
+                if let Some((i, t)) = m.iter().enumerate().find(|(_, t)| {
+                    !["system", "user", "assistant", "tool"].contains(&t.role.as_str())
+                }) {
                     return Err(invalid(format!(
                         "{at}: message {i} has role {:?}; use system, user, assistant or tool",
                         t.role
@@ -280,12 +300,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
             }
             _ => {}
         }
-        let answer = match line.answer.or(line.ground_truth) {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(answer_text(&v).ok_or_else(|| {
-                invalid(format!("{at}: `answer` must be a string or a number"))
-            })?),
-        };
+        let answer =
+            match line.answer.or(line.ground_truth) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(answer_text(&v).ok_or_else(|| {
+                    invalid(format!("{at}: `answer` must be a string or a number"))
+                })?),
+            };
         rows.push(Prompt { body, answer });
     }
     if rows.is_empty() {
@@ -309,8 +330,15 @@ mod tests {
         for i in 0..200 {
             let p = d.get(i);
             assert_eq!(p, d.get(i));
-            let PromptBody::Text(t) = &p.body else { panic!() };
-            let q = t.strip_prefix("What is ").unwrap().split('?').next().unwrap();
+            let PromptBody::Text(t) = &p.body else {
+                panic!()
+            };
+            let q = t
+                .strip_prefix("What is ")
+                .unwrap()
+                .split('?')
+                .next()
+                .unwrap();
             let parts: Vec<&str> = q.split(' ').collect();
             let (a, b): (i64, i64) = (parts[0].parse().unwrap(), parts[2].parse().unwrap());
             assert!((10..=99).contains(&a) && (10..=99).contains(&b), "{q}");
@@ -343,8 +371,14 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].body, PromptBody::Text("2+2?".into()));
         assert_eq!(rows[0].answer.as_deref(), Some("4"));
-        let PromptBody::Messages(m) = &rows[1].body else { panic!() };
-        assert_eq!(m.len(), 1, "the assistant turn is the completion, not the prompt");
+        let PromptBody::Messages(m) = &rows[1].body else {
+            panic!()
+        };
+        assert_eq!(
+            m.len(),
+            1,
+            "the assistant turn is the completion, not the prompt"
+        );
         assert_eq!(rows[2].answer, None);
         let cfg = DataConfig {
             kind: DataKind::Jsonl,
@@ -363,7 +397,10 @@ mod tests {
             (r#"{"prompt": 5}"#, "`prompt` must be"),
             (r#"{"prompt": "x", "answer": [1]}"#, "`answer`"),
             (r#"{"prompt": "x", "colour": 1}"#, "colour"),
-            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, "robot"),
+            (
+                r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
+                "robot",
+            ),
             (r#"{"prompt": "   "}"#, "empty"),
             ("{not json", "p.jsonl:2"),
         ] {
@@ -376,10 +413,34 @@ mod tests {
     #[test]
     fn bad_config_is_named() {
         for (cfg, needle) in [
-            (DataConfig { digits: 0, ..Default::default() }, "digits"),
-            (DataConfig { operators: vec!["/".into()], ..Default::default() }, "operators"),
-            (DataConfig { template: "no slot".into(), ..Default::default() }, "template"),
-            (DataConfig { kind: DataKind::Jsonl, ..Default::default() }, "path"),
+            (
+                DataConfig {
+                    digits: 0,
+                    ..Default::default()
+                },
+                "digits",
+            ),
+            (
+                DataConfig {
+                    operators: vec!["/".into()],
+                    ..Default::default()
+                },
+                "operators",
+            ),
+            (
+                DataConfig {
+                    template: "no slot".into(),
+                    ..Default::default()
+                },
+                "template",
+            ),
+            (
+                DataConfig {
+                    kind: DataKind::Jsonl,
+                    ..Default::default()
+                },
+                "path",
+            ),
         ] {
             let e = Dataset::load(&cfg).err().unwrap().to_string();
             assert!(e.contains(needle), "{e}");

@@ -3,7 +3,7 @@
 //! (or that outlives `lease_timeout_s`) expires and its prompt is leased again under a
 //! new id, so a late group for the old lease is refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// The AReaL admission rule: leases may be granted while
@@ -13,7 +13,13 @@ use std::time::{Duration, Instant};
 /// with η = max_staleness, v = the published policy version, B = groups per step,
 /// `accepted` = groups committed so far and `running` = leases outstanding. Every
 /// group is then generated at most η versions before the step that trains it.
-pub fn admission_capacity(max_staleness: u64, version: u64, batch_groups: u64, accepted: u64, running: u64) -> u64 {
+pub fn admission_capacity(
+    max_staleness: u64,
+    version: u64,
+    batch_groups: u64,
+    accepted: u64,
+    running: u64,
+) -> u64 {
     ((max_staleness + version + 1) * batch_groups).saturating_sub(accepted + running)
 }
 
@@ -64,6 +70,10 @@ pub struct Leases {
     pub accepted: u64,
     /// Every prompt index whose lease expired, in order (a prompt may appear twice).
     pub reissued: Vec<u64>,
+    /// Committed leases and their prompts.
+    committed: BTreeMap<u64, u64>,
+    /// The version whose step trained each committed lease.
+    trained_at: HashMap<u64, u64>,
 }
 
 impl Leases {
@@ -75,6 +85,11 @@ impl Leases {
             next_id: 1,
             ..Default::default()
         }
+    }
+
+    /// Prompts waiting to be leased again (at the end of a run: work never done).
+    pub fn pending_reissue(&self) -> Vec<u64> {
+        self.reissue.iter().copied().collect()
     }
 
     pub fn running(&self) -> u64 {
@@ -116,6 +131,7 @@ impl Leases {
             Some(_) => {
                 let l = self.open.remove(&id).expect("present");
                 self.closed.insert(id, Closed::Committed);
+                self.committed.insert(id, l.prompt_index);
                 self.accepted += 1;
                 Ok(l)
             }
@@ -125,6 +141,37 @@ impl Leases {
                 None => Refusal::UnknownLease,
             }),
         }
+    }
+
+    /// Records that the step publishing `version` trained these leases.
+    pub fn mark_trained(&mut self, leases: &[u64], version: u64) {
+        for l in leases {
+            self.trained_at.insert(*l, version);
+        }
+    }
+
+    /// Rewinds to a trainer checkpoint at `version` whose buffer holds `keep`: every
+    /// committed lease neither trained by `version` nor kept is expired and its prompt
+    /// re-issued (its group was lost with the trainer), and so is every open lease (its
+    /// group would come from weights that no longer exist). Returns how many.
+    pub fn rewind(&mut self, version: u64, keep: &HashSet<u64>) -> usize {
+        let lost: Vec<(u64, u64)> = self
+            .committed
+            .iter()
+            .filter(|(id, _)| {
+                !keep.contains(id) && self.trained_at.get(id).is_none_or(|&v| v > version)
+            })
+            .map(|(&id, &p)| (id, p))
+            .collect();
+        for (id, prompt) in &lost {
+            self.committed.remove(id);
+            self.trained_at.remove(id);
+            self.closed.insert(*id, Closed::Expired);
+            self.reissue.push_back(*prompt);
+            self.reissued.push(*prompt);
+            self.accepted -= 1;
+        }
+        lost.len() + self.expire_where(|_| true)
     }
 
     /// Expires every lease of `worker` (dropped); returns how many.
@@ -138,7 +185,12 @@ impl Leases {
     }
 
     fn expire_where(&mut self, pred: impl Fn(&Lease) -> bool) -> usize {
-        let mut ids: Vec<u64> = self.open.iter().filter(|(_, l)| pred(l)).map(|(&id, _)| id).collect();
+        let mut ids: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, l)| pred(l))
+            .map(|(&id, _)| id)
+            .collect();
         ids.sort_unstable();
         for id in &ids {
             let l = self.open.remove(id).expect("present");
@@ -189,6 +241,22 @@ mod tests {
         assert_ne!(c[0].0, a[1].0);
         l.commit(c[0].0, 1).unwrap();
         assert_eq!(l.accepted, 2);
+        // A trainer resumes at version 3 with lease a[0] trained at v2 and nothing
+        // buffered: c[0] (committed, untrained) and the open c[1] come back.
+        l.mark_trained(&[a[0].0], 2);
+        let n = l.rewind(3, &HashSet::new());
+        assert_eq!(n, 2);
+        assert_eq!(l.accepted, 1);
+        assert_eq!(l.commit(c[0].0, 1).unwrap_err(), Refusal::Expired);
+        let d = l.grant(2, 2, now);
+        assert_eq!(d.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 3]);
+        let keep: HashSet<u64> = [d[0].0].into();
+        l.commit(d[0].0, 1).unwrap();
+        assert_eq!(
+            l.rewind(3, &keep),
+            1,
+            "the kept lease stays, the open one returns"
+        );
         let later = now + Duration::from_secs(10);
         assert_eq!(l.expire_older_than(Duration::from_secs(5), later), 2);
         assert_eq!(l.running(), 0);

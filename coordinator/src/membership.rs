@@ -79,7 +79,10 @@ impl Members {
     }
 
     pub fn generators(&self) -> usize {
-        self.workers.values().filter(|w| w.role == Role::Generator).count()
+        self.workers
+            .values()
+            .filter(|w| w.role == Role::Generator)
+            .count()
     }
 }
 

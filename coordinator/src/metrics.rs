@@ -56,17 +56,38 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(POLICY_VERSION, "Newest published policy version");
     describe_gauge!(STEP, "Optimizer steps done");
-    describe_gauge!(GENERATOR_POLICY_VERSION, "Policy version each generator holds");
-    describe_gauge!(GENERATOR_LAG, "Published version minus the generator's version");
-    describe_histogram!(ROLLOUT_STALENESS, "Versions between a trained sample's oldest token and the policy");
+    describe_gauge!(
+        GENERATOR_POLICY_VERSION,
+        "Policy version each generator holds"
+    );
+    describe_gauge!(
+        GENERATOR_LAG,
+        "Published version minus the generator's version"
+    );
+    describe_histogram!(
+        ROLLOUT_STALENESS,
+        "Versions between a trained sample's oldest token and the policy"
+    );
     describe_gauge!(BUFFER_GROUPS, "Groups waiting in the trainer's buffer");
     describe_gauge!(LEASES_RUNNING, "Prompt leases outstanding");
-    describe_counter!(GROUPS_ACCEPTED, "Groups committed into the trainer's buffer");
+    describe_counter!(
+        GROUPS_ACCEPTED,
+        "Groups committed into the trainer's buffer"
+    );
     describe_counter!(GROUPS_DROPPED, "Groups refused or dropped, by reason");
-    describe_counter!(LEASES_REISSUED, "Leases expired and their prompts leased again");
-    describe_histogram!(WEIGHT_SYNC_SECONDS, "Duration of a generator's weight fetch");
+    describe_counter!(
+        LEASES_REISSUED,
+        "Leases expired and their prompts leased again"
+    );
+    describe_histogram!(
+        WEIGHT_SYNC_SECONDS,
+        "Duration of a generator's weight fetch"
+    );
     describe_counter!(WEIGHT_SYNC_BYTES, "Bytes of weights fetched by generators");
-    describe_counter!(GENERATED_TOKENS, "Completion tokens generated, per generator");
+    describe_counter!(
+        GENERATED_TOKENS,
+        "Completion tokens generated, per generator"
+    );
     describe_gauge!(WORKERS, "Registered workers by role");
 }
 
@@ -74,7 +95,13 @@ pub fn describe() {
 pub fn train_metric_name(name: &str) -> String {
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{TRAIN_PREFIX}{clean}")
 }

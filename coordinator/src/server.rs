@@ -22,7 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::service::{Core, CoordinatorService, Settings};
+use crate::service::{CoordinatorService, Core, Settings};
 
 /// A coordinator that is serving.
 pub struct Running {
@@ -37,8 +37,12 @@ pub async fn start(settings: Settings, dataset: Dataset, token: &str) -> Result<
     metrics::describe();
     let grpc_listener = bind(&settings.coordinator.listen, "listen").await?;
     let http_listener = bind(&settings.coordinator.http_listen, "http_listen").await?;
-    let grpc = grpc_listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-    let http = http_listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+    let grpc = grpc_listener
+        .local_addr()
+        .map_err(|e| Error::Io(e.to_string()))?;
+    let http = http_listener
+        .local_addr()
+        .map_err(|e| Error::Io(e.to_string()))?;
     let core = Arc::new(Mutex::new(Core::new(settings, dataset)));
 
     let svc = tonic::service::interceptor::InterceptedService::new(
@@ -54,7 +58,7 @@ pub async fn start(settings: Settings, dataset: Dataset, token: &str) -> Result<
         RequireToken::new(token),
     );
     tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = tandem_proto::server()
             .add_service(health)
             .add_service(svc)
             .serve_with_incoming(TcpListenerStream::new(grpc_listener))
@@ -100,7 +104,10 @@ async fn bind(addr: &str, key: &str) -> Result<tokio::net::TcpListener> {
 impl Running {
     /// The run's state as JSON.
     pub fn status_json(&self) -> serde_json::Value {
-        self.core.lock().map(|c| status_value(&c)).unwrap_or_default()
+        self.core
+            .lock()
+            .map(|c| status_value(&c))
+            .unwrap_or_default()
     }
 
     /// Waits until the run is finished and every worker has left (or a 30 s grace).
@@ -184,5 +191,6 @@ pub fn status_value(c: &Core) -> serde_json::Value {
         "workers": workers,
         "prompt_cursor": c.leases.cursor,
         "reissued_prompts": c.leases.reissued,
+        "pending_reissue": c.leases.pending_reissue(),
     })
 }

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, HeartbeatReply, HeartbeatRequest, LeaseReply,
-    LeaseRequest, LeaveReply, LeaveRequest, PromptLease, PublishVersionReply, PublishVersionRequest, RegisterReply,
-    RegisterRequest, Role, StatusReply, StatusRequest, WorkerStatus,
+    LeaseRequest, LeaveReply, LeaveRequest, PromptLease, PublishVersionReply,
+    PublishVersionRequest, RegisterReply, RegisterRequest, Role, StatusReply, StatusRequest,
+    WorkerStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -81,9 +82,10 @@ impl Core {
             tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
-        let n = self
-            .leases
-            .expire_older_than(Duration::from_secs(self.settings.coordinator.lease_timeout_s), now);
+        let n = self.leases.expire_older_than(
+            Duration::from_secs(self.settings.coordinator.lease_timeout_s),
+            now,
+        );
         if n > 0 {
             tracing::warn!(leases = n, "leases past lease_timeout_s re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
@@ -97,7 +99,11 @@ impl Core {
         metrics::gauge!(m::STEP).set(self.step as f64);
         metrics::gauge!(m::BUFFER_GROUPS).set(self.buffer_groups as f64);
         metrics::gauge!(m::WORKERS, "role" => "generator").set(self.members.generators() as f64);
-        let trainers = self.members.iter().filter(|(_, w)| w.role == Role::Trainer).count();
+        let trainers = self
+            .members
+            .iter()
+            .filter(|(_, w)| w.role == Role::Trainer)
+            .count();
         metrics::gauge!(m::WORKERS, "role" => "trainer").set(trainers as f64);
     }
 
@@ -108,7 +114,9 @@ impl Core {
             .iter()
             .filter(|(t, _)| now.duration_since(*t) <= window)
             .collect();
-        let Some(first) = recent.first() else { return 0.0 };
+        let Some(first) = recent.first() else {
+            return 0.0;
+        };
         let span = now.duration_since(first.0).as_secs_f64().max(1.0);
         recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span
     }
@@ -126,7 +134,11 @@ impl Core {
                 g = m::GENERATOR_WAIT
             );
             for (name, v) in &self.generator_wait_s {
-                out += &format!("{}{{generator=\"{}\"}} {v}\n", m::GENERATOR_WAIT, escape_label(name));
+                out += &format!(
+                    "{}{{generator=\"{}\"}} {v}\n",
+                    m::GENERATOR_WAIT,
+                    escape_label(name)
+                );
             }
         }
         out
@@ -179,11 +191,16 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
         let r = req.into_inner();
         let role = Role::try_from(r.role).unwrap_or(Role::Unspecified);
         if role == Role::Unspecified {
-            return Err(Status::invalid_argument("role: must be ROLE_GENERATOR or ROLE_TRAINER"));
+            return Err(Status::invalid_argument(
+                "role: must be ROLE_GENERATOR or ROLE_TRAINER",
+            ));
         }
         if r.name.is_empty() || r.name.len() > 128 {
             return Err(Status::invalid_argument("name: 1 to 128 characters"));
@@ -195,7 +212,9 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let mut core = self.lock()?;
-        let id = core.members.register(r.name.clone(), role, r.address, Instant::now());
+        let id = core
+            .members
+            .register(r.name.clone(), role, r.address, Instant::now());
         tracing::info!(name = %r.name, id, ?role, "worker registered");
         core.export_gauges();
         Ok(Response::new(RegisterReply {
@@ -203,16 +222,26 @@ impl Coordinator for CoordinatorService {
             config_toml: core.settings.config_toml.clone(),
             heartbeat_interval_ms: core.settings.coordinator.heartbeat_interval_ms,
             policy_version: core.version,
-            trainer_address: core.members.trainer_address().unwrap_or_default().to_string(),
+            trainer_address: core
+                .members
+                .trainer_address()
+                .unwrap_or_default()
+                .to_string(),
         }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         let r = req.into_inner();
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
-        let is_generator = core.members.get(r.worker_id).is_some_and(|w| w.role == Role::Generator);
+        let is_generator = core
+            .members
+            .get(r.worker_id)
+            .is_some_and(|w| w.role == Role::Generator);
         if is_generator && r.policy_version > version {
             return Err(Status::invalid_argument(format!(
                 "policy_version: {} is newer than the published {version}",
@@ -220,12 +249,23 @@ impl Coordinator for CoordinatorService {
             )));
         }
         if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
-            return Err(Status::invalid_argument("wait_seconds: must be finite and ≥ 0"));
+            return Err(Status::invalid_argument(
+                "wait_seconds: must be finite and ≥ 0",
+            ));
         }
-        if r.weight_sync_seconds.iter().any(|s| !s.is_finite() || *s < 0.0) {
-            return Err(Status::invalid_argument("weight_sync_seconds: must be finite and ≥ 0"));
+        if r.weight_sync_seconds
+            .iter()
+            .any(|s| !s.is_finite() || *s < 0.0)
+        {
+            return Err(Status::invalid_argument(
+                "weight_sync_seconds: must be finite and ≥ 0",
+            ));
         }
-        let trainer_address = core.members.trainer_address().unwrap_or_default().to_string();
+        let trainer_address = core
+            .members
+            .trainer_address()
+            .unwrap_or_default()
+            .to_string();
         let stop = core.finished;
         let Some(w) = core.members.get_mut(r.worker_id) else {
             return Ok(Response::new(HeartbeatReply {
@@ -240,9 +280,12 @@ impl Coordinator for CoordinatorService {
         w.generated_tokens += r.generated_tokens;
         let (name, role) = (w.name.clone(), w.role);
         if role == Role::Generator {
-            metrics::gauge!(m::GENERATOR_POLICY_VERSION, "generator" => name.clone()).set(r.policy_version as f64);
-            metrics::gauge!(m::GENERATOR_LAG, "generator" => name.clone()).set((version - r.policy_version) as f64);
-            metrics::counter!(m::GENERATED_TOKENS, "generator" => name.clone()).increment(r.generated_tokens);
+            metrics::gauge!(m::GENERATOR_POLICY_VERSION, "generator" => name.clone())
+                .set(r.policy_version as f64);
+            metrics::gauge!(m::GENERATOR_LAG, "generator" => name.clone())
+                .set((version - r.policy_version) as f64);
+            metrics::counter!(m::GENERATED_TOKENS, "generator" => name.clone())
+                .increment(r.generated_tokens);
             *core.generator_wait_s.entry(name.clone()).or_default() += r.wait_seconds;
             for s in &r.weight_sync_seconds {
                 metrics::histogram!(m::WEIGHT_SYNC_SECONDS).record(*s);
@@ -250,7 +293,11 @@ impl Coordinator for CoordinatorService {
             metrics::counter!(m::WEIGHT_SYNC_BYTES).increment(r.weight_sync_bytes);
             if r.generated_tokens > 0 {
                 core.tokens.push_back((now, r.generated_tokens));
-                while core.tokens.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(30)) {
+                while core
+                    .tokens
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(30))
+                {
                     core.tokens.pop_front();
                 }
             }
@@ -278,13 +325,24 @@ impl Coordinator for CoordinatorService {
         match core.members.get_mut(r.worker_id) {
             Some(w) if w.role == Role::Generator => w.last_seen = now,
             Some(_) => return Err(Status::permission_denied("only generators take leases")),
-            None => return Err(Status::not_found(format!("worker_id: {} is not registered (register again)", r.worker_id))),
+            None => {
+                return Err(Status::not_found(format!(
+                    "worker_id: {} is not registered (register again)",
+                    r.worker_id
+                )))
+            }
         }
         if r.max_groups == 0 || r.max_groups > 4096 {
             return Err(Status::invalid_argument("max_groups: must be in 1..=4096"));
         }
         let run = &core.settings.run;
-        let capacity = admission_capacity(run.max_staleness, version, run.batch_groups, core.leases.accepted, core.leases.running());
+        let capacity = admission_capacity(
+            run.max_staleness,
+            version,
+            run.batch_groups,
+            core.leases.accepted,
+            core.leases.running(),
+        );
         let n = capacity.min(r.max_groups as u64);
         let granted = core.leases.grant(r.worker_id, n, now);
         let leases = granted
@@ -350,17 +408,36 @@ impl Coordinator for CoordinatorService {
         }
     }
 
-    async fn publish_version(&self, req: Request<PublishVersionRequest>) -> Result<Response<PublishVersionReply>, Status> {
+    async fn publish_version(
+        &self,
+        req: Request<PublishVersionRequest>,
+    ) -> Result<Response<PublishVersionReply>, Status> {
         let r = req.into_inner();
         let mut core = self.lock()?;
-        if r.version < core.version {
+        if r.resumed {
+            let keep: std::collections::HashSet<u64> = r.buffered_leases.iter().copied().collect();
+            let n = core.leases.rewind(r.version, &keep);
+            metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+            tracing::warn!(
+                from = core.version,
+                to = r.version,
+                reissued = n,
+                "the trainer resumed from a checkpoint: rewound, leases since then re-issued"
+            );
+            core.version = r.version;
+            core.step = r.step;
+        } else if r.version < core.version {
             return Err(Status::failed_precondition(format!(
                 "version: {} is older than the published {}",
                 r.version, core.version
             )));
         }
+        let v = r.version;
+        core.leases.mark_trained(&r.trained_leases, v);
         if let Some((k, _)) = r.metrics.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Status::invalid_argument(format!("metrics[{k}]: must be finite")));
+            return Err(Status::invalid_argument(format!(
+                "metrics[{k}]: must be finite"
+            )));
         }
         core.version = r.version;
         core.step = r.step;
@@ -377,7 +454,9 @@ impl Coordinator for CoordinatorService {
             core.count_dropped(reason, *n);
         }
         if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
-            return Err(Status::invalid_argument("wait_seconds: must be finite and ≥ 0"));
+            return Err(Status::invalid_argument(
+                "wait_seconds: must be finite and ≥ 0",
+            ));
         }
         core.trainer_wait_s += r.wait_seconds;
         if r.finished && !core.finished {
@@ -410,5 +489,7 @@ impl Coordinator for CoordinatorService {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

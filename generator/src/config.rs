@@ -47,7 +47,10 @@ impl GeneratorConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(invalid(format!("[generator] {key}: {why}")));
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", "must be > 0 (RL needs sampling, not greedy decoding)");
+            return bad(
+                "temperature",
+                "must be > 0 (RL needs sampling, not greedy decoding)",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", "must be in (0, 1]");

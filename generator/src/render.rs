@@ -13,7 +13,12 @@ pub enum PromptInput<'a> {
 
 /// Token ids of the prompt, ending where the assistant's answer begins (chat), or the
 /// encoded text (raw).
-pub fn prompt_ids(tokenizer: &Tokenizer, input: PromptInput<'_>, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+pub fn prompt_ids(
+    tokenizer: &Tokenizer,
+    input: PromptInput<'_>,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
     let text = match (input, chat) {
         (PromptInput::Text(t), false) => t.to_string(),
         (PromptInput::Messages(_), false) => {

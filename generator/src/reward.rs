@@ -63,7 +63,11 @@ impl RewardConfig {
                 return Err(invalid(format!("[reward] {key}: must be a finite weight")));
             }
         }
-        if self.math == 0.0 && self.format == 0.0 && self.exact_match == 0.0 && self.service.is_none() {
+        if self.math == 0.0
+            && self.format == 0.0
+            && self.exact_match == 0.0
+            && self.service.is_none()
+        {
             return Err(invalid(
                 "[reward]: every weight is 0; set math, format or exact_match, or a service",
             ));
@@ -81,8 +85,8 @@ impl RewardConfig {
             r += self.format * format_score(completion, self.format_kind);
         }
         if self.exact_match != 0.0 {
-            r += self.exact_match
-                * answer.map_or(0.0, |a| f64::from(completion.trim() == a.trim()));
+            r +=
+                self.exact_match * answer.map_or(0.0, |a| f64::from(completion.trim() == a.trim()));
         }
         r
     }
@@ -119,7 +123,9 @@ pub fn math_correct(completion: &str, reference: &str) -> bool {
 pub fn format_score(completion: &str, kind: FormatKind) -> f64 {
     let yes = |b: bool| f64::from(u8::from(b));
     match kind {
-        FormatKind::AnswerTags => yes(last_answer_tag(completion).is_some_and(|s| !s.trim().is_empty())),
+        FormatKind::AnswerTags => {
+            yes(last_answer_tag(completion).is_some_and(|s| !s.trim().is_empty()))
+        }
         FormatKind::Boxed => yes(last_boxed(completion).is_some()),
         FormatKind::Number => yes(last_number(completion).is_some()),
         FormatKind::Digits => {
@@ -231,18 +237,29 @@ mod tests {
         assert_eq!(format_score("x \\boxed{3}", FormatKind::Boxed), 1.0);
         assert_eq!(format_score("x \\boxed{3", FormatKind::Boxed), 0.0);
         assert_eq!(format_score("a 3", FormatKind::Number), 1.0);
-        assert_eq!(format_score("<answer> </answer>", FormatKind::AnswerTags), 0.0);
+        assert_eq!(
+            format_score("<answer> </answer>", FormatKind::AnswerTags),
+            0.0
+        );
         assert_eq!(format_score("12 ab", FormatKind::Digits), 0.5);
         assert_eq!(format_score("  ", FormatKind::Digits), 0.0);
         let off = RewardConfig {
             math: 0.0,
             ..Default::default()
         };
-        assert!(off.validate().unwrap_err().to_string().contains("every weight is 0"));
+        assert!(off
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("every weight is 0"));
         let nan = RewardConfig {
             format: f64::NAN,
             ..Default::default()
         };
-        assert!(nan.validate().unwrap_err().to_string().contains("[reward] format"));
+        assert!(nan
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("[reward] format"));
     }
 }

@@ -14,8 +14,8 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
 use tandem_proto::v1::{
-    Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, LeaveRequest, PromptLease, RegisterRequest,
-    Role, RolloutGroup, ScoreRequest,
+    Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, LeaveRequest, PromptLease,
+    RegisterRequest, Role, RolloutGroup, ScoreRequest,
 };
 use tokio::runtime::Handle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -92,8 +92,15 @@ struct Pusher {
 }
 
 impl Pusher {
-    fn open(rt: &Handle, addr: &str, token: &WithToken, pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>) -> Result<Self> {
-        let ch = rt.block_on(client::connect(addr)).map_err(|e| rpc("trainer", e))?;
+    fn open(
+        rt: &Handle,
+        addr: &str,
+        token: &WithToken,
+        pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    ) -> Result<Self> {
+        let ch = rt
+            .block_on(client::connect(addr))
+            .map_err(|e| rpc("trainer", e))?;
         let mut trainer = client::trainer(ch, token);
         let (tx, rx) = tokio::sync::mpsc::channel::<RolloutGroup>(4);
         let broken = Arc::new(AtomicBool::new(false));
@@ -124,13 +131,31 @@ impl Pusher {
             }
             b.store(true, Ordering::SeqCst);
         });
-        let this = Pusher { tx, pending, broken };
-        let resend: Vec<RolloutGroup> = this.pending.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let this = Pusher {
+            tx,
+            pending,
+            broken,
+        };
+        let resend: Vec<RolloutGroup> = this
+            .pending
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
         for g in resend {
-            this.tx.blocking_send(g).map_err(|_| rpc("trainer", "rollout stream closed"))?;
+            this.tx
+                .blocking_send(g)
+                .map_err(|_| rpc("trainer", "rollout stream closed"))?;
         }
         Ok(this)
     }
+}
+
+/// A registration with the coordinator: the client and what the reply said.
+pub struct Joined {
+    pub coordinator: CoordinatorClient<Authed>,
+    pub worker_id: u64,
+    pub policy_version: u64,
+    pub trainer_address: String,
 }
 
 pub struct Worker {
@@ -144,6 +169,10 @@ pub struct Worker {
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     reward_service: Option<RewardClient<Authed>>,
     next_seq: u64,
+    /// The highest version the coordinator has published, as far as this worker saw.
+    high_water: u64,
+    /// Weight syncs failed in a row.
+    sync_failures: u32,
 }
 
 impl Worker {
@@ -153,11 +182,14 @@ impl Worker {
         model: Pretrained,
         rt: Handle,
         token: WithToken,
-        coordinator: CoordinatorClient<Authed>,
-        worker_id: u64,
-        latest_version: u64,
-        trainer_address: String,
+        joined: Joined,
     ) -> Result<Self> {
+        let Joined {
+            coordinator,
+            worker_id,
+            policy_version: latest_version,
+            trainer_address,
+        } = joined;
         settings.generator.validate()?;
         settings.reward.validate()?;
         let beat = Arc::new(Beat::default());
@@ -168,7 +200,9 @@ impl Worker {
         }
         let reward_service = match &settings.reward.service {
             Some(addr) => {
-                let ch = rt.block_on(client::connect(addr)).map_err(|e| rpc("[reward] service", e))?;
+                let ch = rt
+                    .block_on(client::connect(addr))
+                    .map_err(|e| rpc("[reward] service", e))?;
                 Some(client::reward(ch, &token))
             }
             None => None,
@@ -184,6 +218,8 @@ impl Worker {
             pending: Arc::new(Mutex::new(BTreeMap::new())),
             reward_service,
             next_seq: 1,
+            high_water: latest_version,
+            sync_failures: 0,
         };
         w.spawn_heartbeat();
         Ok(w)
@@ -203,14 +239,19 @@ impl Worker {
                     policy_version: beat.held.load(Ordering::SeqCst),
                     generated_tokens: beat.tokens.swap(0, Ordering::SeqCst),
                     wait_seconds: beat.wait_us.swap(0, Ordering::SeqCst) as f64 / 1e6,
-                    weight_sync_seconds: beat.syncs.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default(),
+                    weight_sync_seconds: beat
+                        .syncs
+                        .lock()
+                        .map(|mut s| std::mem::take(&mut *s))
+                        .unwrap_or_default(),
                     weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
                 };
                 match coord.heartbeat(req).await {
                     Ok(r) => {
                         failures = 0;
                         let r = r.into_inner();
-                        beat.latest.fetch_max(r.policy_version, Ordering::SeqCst);
+                        // The published version; it only goes back when a trainer resumed.
+                        beat.latest.store(r.policy_version, Ordering::SeqCst);
                         if let Ok(mut t) = beat.trainer.lock() {
                             *t = r.trainer_address;
                         }
@@ -218,7 +259,9 @@ impl Worker {
                             beat.stop.store(true, Ordering::SeqCst);
                         }
                         if !r.known {
-                            tracing::warn!("the coordinator dropped this generator; registering again");
+                            tracing::warn!(
+                                "the coordinator dropped this generator; registering again"
+                            );
                             if let Ok((id, ..)) = register(&mut coord, &name).await {
                                 beat.worker_id.store(id, Ordering::SeqCst);
                             }
@@ -238,9 +281,17 @@ impl Worker {
     }
 
     fn trainer_address(&self) -> Result<String> {
-        let t = self.beat.trainer.lock().map(|t| t.clone()).unwrap_or_default();
+        let t = self
+            .beat
+            .trainer
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
         if t.is_empty() {
-            return Err(rpc("trainer", "no trainer has registered with the coordinator yet"));
+            return Err(rpc(
+                "trainer",
+                "no trainer has registered with the coordinator yet",
+            ));
         }
         Ok(t)
     }
@@ -253,46 +304,87 @@ impl Worker {
         let timeout = self.settings.weight_sync_timeout;
         let fetched = self.rt.block_on(async {
             let fetch = async {
-                let ch = client::connect(&addr).await.map_err(|e| rpc("weights", e))?;
+                let ch = client::connect(&addr)
+                    .await
+                    .map_err(|e| rpc("weights", e))?;
                 let mut t = client::trainer(ch, &token);
                 let mut stream = t
                     .fetch_weights(FetchWeightsRequest { version: want })
                     .await
-                    .map_err(|e| rpc(&format!("fetching weights v{want} from the trainer at {addr}"), e.message()))?
+                    .map_err(|e| {
+                        rpc(
+                            &format!("fetching weights v{want} from the trainer at {addr}"),
+                            e.message(),
+                        )
+                    })?
                     .into_inner();
                 let mut asm = Assembler::default();
-                while let Some(b) = stream
-                    .message()
-                    .await
-                    .map_err(|e| rpc(&format!("weights stream from the trainer at {addr}"), e.message()))?
-                {
-                    asm.push(b).map_err(|e| rpc(&format!("trainer at {addr}"), e))?;
+                while let Some(b) = stream.message().await.map_err(|e| {
+                    rpc(
+                        &format!("weights stream from the trainer at {addr}"),
+                        e.message(),
+                    )
+                })? {
+                    asm.push(b)
+                        .map_err(|e| rpc(&format!("trainer at {addr}"), e))?;
                 }
-                asm.finish().map_err(|e| rpc(&format!("trainer at {addr}"), e))
+                asm.finish()
+                    .map_err(|e| rpc(&format!("trainer at {addr}"), e))
             };
             tokio::time::timeout(timeout, fetch).await.map_err(|_| {
                 rpc(
                     "weights",
-                    format!("the fetch of v{want} from the trainer at {addr} stalled for {timeout:?}"),
+                    format!(
+                        "the fetch of v{want} from the trainer at {addr} stalled for {timeout:?}"
+                    ),
                 )
             })?
         })?;
         let (version, dtype, bytes) = fetched;
         self.model.model.params().assign_bytes(&bytes, &dtype)?;
         self.beat.held.store(version, Ordering::SeqCst);
-        self.beat.sync_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.beat
+            .sync_bytes
+            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
         let secs = t0.elapsed().as_secs_f64();
         if let Ok(mut s) = self.beat.syncs.lock() {
             s.push(secs);
         }
-        tracing::info!(version, mib = bytes.len() as f64 / (1 << 20) as f64, seconds = secs, "weights updated");
+        tracing::info!(
+            version,
+            mib = bytes.len() as f64 / (1 << 20) as f64,
+            seconds = secs,
+            "weights updated"
+        );
         Ok(())
     }
 
-    fn maybe_sync(&mut self, at_least: u64) -> Result<()> {
-        let latest = self.beat.latest.load(Ordering::SeqCst).max(at_least);
-        if latest > self.beat.held.load(Ordering::SeqCst) {
-            self.sync_weights(latest)?;
+    /// Takes the published version (or `target`) when the weights held differ from it
+    /// — newer in a running run, older after the trainer resumed from a checkpoint.
+    fn maybe_sync(&mut self, target: Option<u64>) -> Result<()> {
+        let want = target.unwrap_or_else(|| self.beat.latest.load(Ordering::SeqCst));
+        let held = self.beat.held.load(Ordering::SeqCst);
+        // Below the highest version ever published only after a rewind; a fetch may
+        // also return a version the coordinator has not announced yet (held > want).
+        let rewound = want < held && want < self.high_water;
+        self.high_water = self.high_water.max(want);
+        if want > held || rewound {
+            match self.sync_weights(want) {
+                Ok(()) => {
+                    self.sync_failures = 0;
+                    if rewound {
+                        self.high_water = want;
+                    }
+                }
+                // The trainer may be restarting: keep the weights held (their tokens
+                // carry their true version) and try again shortly.
+                Err(e) if self.sync_failures < 60 => {
+                    self.sync_failures += 1;
+                    tracing::warn!("weight sync failed ({}): {e}; retrying", self.sync_failures);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -300,7 +392,7 @@ impl Worker {
     /// Runs until the coordinator says the run is over.
     pub fn run(mut self) -> Result<()> {
         while !self.beat.stop.load(Ordering::SeqCst) {
-            self.maybe_sync(0)?;
+            self.maybe_sync(None)?;
             let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
             let reply = self.rt.block_on(self.coordinator.lease(LeaseRequest {
                 worker_id,
@@ -320,11 +412,13 @@ impl Worker {
             if reply.leases.is_empty() {
                 let wait = Duration::from_millis(reply.retry_after_ms.clamp(5, 1000));
                 std::thread::sleep(wait);
-                self.beat.wait_us.fetch_add(wait.as_micros() as u64, Ordering::SeqCst);
+                self.beat
+                    .wait_us
+                    .fetch_add(wait.as_micros() as u64, Ordering::SeqCst);
                 continue;
             }
-            // Admitted under version v: generate with at least v.
-            self.maybe_sync(reply.policy_version)?;
+            // Admitted under version v: generate with v.
+            self.maybe_sync(Some(reply.policy_version))?;
             let groups = self.generate(&reply.leases, worker_id)?;
             for g in groups {
                 self.push(g)?;
@@ -333,7 +427,9 @@ impl Worker {
         self.drain();
         self.beat.stop.store(true, Ordering::SeqCst);
         let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-        let _ = self.rt.block_on(self.coordinator.leave(LeaveRequest { worker_id }));
+        let _ = self
+            .rt
+            .block_on(self.coordinator.leave(LeaveRequest { worker_id }));
         Ok(())
     }
 
@@ -344,10 +440,16 @@ impl Worker {
             p.insert(g.seq, g.clone());
         }
         for _attempt in 0..30 {
-            let broken = self.pusher.as_ref().is_none_or(|p| p.broken.load(Ordering::SeqCst));
+            let broken = self
+                .pusher
+                .as_ref()
+                .is_none_or(|p| p.broken.load(Ordering::SeqCst));
             if broken {
                 self.pusher = None;
-                match self.trainer_address().and_then(|a| Pusher::open(&self.rt, &a, &self.token, self.pending.clone())) {
+                match self
+                    .trainer_address()
+                    .and_then(|a| Pusher::open(&self.rt, &a, &self.token, self.pending.clone()))
+                {
                     Ok(p) => {
                         // Opening resent every pending group, this one included.
                         self.pusher = Some(p);
@@ -402,7 +504,12 @@ impl Worker {
                         .collect(),
                 )
             };
-            prompts.push(prompt_ids(tok, input, self.settings.chat, self.settings.system.as_deref())?);
+            prompts.push(prompt_ids(
+                tok,
+                input,
+                self.settings.chat,
+                self.settings.system.as_deref(),
+            )?);
         }
         let g = &self.settings.generator;
         let params = SamplingParams {
@@ -413,7 +520,10 @@ impl Worker {
             stop_token_ids: self.model.stop_token_ids(),
             seed: self.settings.seed ^ leases[0].lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
-        let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+            .collect();
         let mut session = Session::new(&self.model.model, rows, params)?;
         let mut versions: Vec<Vec<u64>> = vec![Vec::new(); leases.len() * k];
         let in_flight = g.weight_update == WeightUpdate::InFlight;
@@ -428,7 +538,7 @@ impl Worker {
                 break;
             }
             if in_flight {
-                self.maybe_sync(0)?;
+                self.maybe_sync(None)?;
             }
         }
         let completions = session.into_completions();
@@ -442,9 +552,20 @@ impl Worker {
                 .map(|c| self.model.tokenizer.decode(&c.tokens, true))
                 .collect::<std::result::Result<_, _>>()?;
             let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
-            let mut rewards: Vec<f64> = texts.iter().map(|t| self.settings.reward.score(t, answer)).collect();
+            let mut rewards: Vec<f64> = texts
+                .iter()
+                .map(|t| self.settings.reward.score(t, answer))
+                .collect();
             if let Some(svc) = &mut self.reward_service {
-                let prompt = if l.messages.is_empty() { l.text.clone() } else { l.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n") };
+                let prompt = if l.messages.is_empty() {
+                    l.text.clone()
+                } else {
+                    l.messages
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
                 let scored = self
                     .rt
                     .block_on(svc.score(ScoreRequest {
@@ -458,7 +579,11 @@ impl Worker {
                 if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {
                     return Err(rpc(
                         "[reward] service",
-                        format!("returned {} rewards for {} completions (all must be finite)", scored.len(), texts.len()),
+                        format!(
+                            "returned {} rewards for {} completions (all must be finite)",
+                            scored.len(),
+                            texts.len()
+                        ),
                     ));
                 }
                 for (r, s) in rewards.iter_mut().zip(scored) {

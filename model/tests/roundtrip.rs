@@ -108,10 +108,18 @@ fn weight_bytes_round_trip_into_another_model() {
     assert_eq!(dtype, "f32");
     assert_eq!(bytes.len(), a.model.params().numel() * 4);
     let before = logits(&b, &ids);
-    let e = b.model.params().assign_bytes(&bytes[..bytes.len() - 4], "f32").unwrap_err();
+    let e = b
+        .model
+        .params()
+        .assign_bytes(&bytes[..bytes.len() - 4], "f32")
+        .unwrap_err();
     assert!(e.to_string().contains("bytes"), "{e}");
     assert!(b.model.params().assign_bytes(&bytes, "f64").is_err());
-    assert_eq!(logits(&b, &ids), before, "a refused assignment writes nothing");
+    assert_eq!(
+        logits(&b, &ids),
+        before,
+        "a refused assignment writes nothing"
+    );
     b.model.params().assign_bytes(&bytes, dtype).unwrap();
     assert_eq!(logits(&b, &ids), logits(&a, &ids));
 }

@@ -69,8 +69,14 @@ mod tests {
         let mut client = WithToken::new("s3cret").unwrap();
         let req = client.call(Request::new(())).unwrap();
         assert!(server.call(req).is_ok());
-        let req = WithToken::new("nope").unwrap().call(Request::new(())).unwrap();
-        assert_eq!(server.call(req).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let req = WithToken::new("nope")
+            .unwrap()
+            .call(Request::new(()))
+            .unwrap();
+        assert_eq!(
+            server.call(req).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         assert_eq!(
             server.call(Request::new(())).unwrap_err().code(),
             tonic::Code::Unauthenticated

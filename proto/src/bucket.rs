@@ -11,7 +11,13 @@ pub fn count(total: usize, bucket_bytes: usize) -> usize {
 }
 
 /// Bucket `index` of `bytes` for version `version`.
-pub fn bucket(version: u64, dtype: &str, bytes: &[u8], bucket_bytes: usize, index: usize) -> WeightBucket {
+pub fn bucket(
+    version: u64,
+    dtype: &str,
+    bytes: &[u8],
+    bucket_bytes: usize,
+    index: usize,
+) -> WeightBucket {
     let bucket_bytes = bucket_bytes.max(1);
     let start = (index * bucket_bytes).min(bytes.len());
     let data = bytes[start..(start + bucket_bytes).min(bytes.len())].to_vec();
@@ -52,7 +58,10 @@ impl Assembler {
     pub fn push(&mut self, b: WeightBucket) -> Result<(), String> {
         if self.next == 0 {
             if b.index != 0 {
-                return Err(format!("weights: first bucket has index {}, expected 0", b.index));
+                return Err(format!(
+                    "weights: first bucket has index {}, expected 0",
+                    b.index
+                ));
             }
             if b.count == 0 || b.total_bytes > Self::MAX_TOTAL_BYTES {
                 return Err(format!(
@@ -67,7 +76,11 @@ impl Assembler {
             self.buf = Vec::with_capacity(b.total_bytes as usize);
         }
         let at = format!("weights v{} bucket {}/{}", b.version, b.index, b.count);
-        if b.version != self.version || b.count != self.count || b.total_bytes != self.total || b.dtype != self.dtype {
+        if b.version != self.version
+            || b.count != self.count
+            || b.total_bytes != self.total
+            || b.dtype != self.dtype
+        {
             return Err(format!("{at}: header differs from the first bucket's"));
         }
         if b.index != self.next || b.offset != self.buf.len() as u64 {
@@ -78,11 +91,17 @@ impl Assembler {
             ));
         }
         if self.buf.len() as u64 + b.data.len() as u64 > self.total {
-            return Err(format!("{at}: more bytes than the announced {}", self.total));
+            return Err(format!(
+                "{at}: more bytes than the announced {}",
+                self.total
+            ));
         }
         let crc = crc32fast::hash(&b.data);
         if crc != b.crc32 {
-            return Err(format!("{at}: checksum {crc:08x} ≠ announced {:08x}", b.crc32));
+            return Err(format!(
+                "{at}: checksum {crc:08x} ≠ announced {:08x}",
+                b.crc32
+            ));
         }
         self.buf.extend_from_slice(&b.data);
         self.next += 1;
@@ -123,12 +142,19 @@ mod tests {
         let mut bad = parts.clone();
         bad[2].data[5] ^= 1;
         let mut a = Assembler::default();
-        let e = bad.into_iter().map(|p| a.push(p)).find_map(|r| r.err()).unwrap();
+        let e = bad
+            .into_iter()
+            .map(|p| a.push(p))
+            .find_map(|r| r.err())
+            .unwrap();
         assert!(e.contains("bucket 2/4") && e.contains("checksum"), "{e}");
 
         let mut a = Assembler::default();
         a.push(parts[0].clone()).unwrap();
-        assert!(a.push(parts[2].clone()).unwrap_err().contains("out of order"));
+        assert!(a
+            .push(parts[2].clone())
+            .unwrap_err()
+            .contains("out of order"));
         let mut a = Assembler::default();
         a.push(parts[0].clone()).unwrap();
         assert!(a.finish().unwrap_err().contains("1 of 4"));

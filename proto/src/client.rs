@@ -24,6 +24,8 @@ pub async fn connect(addr: &str) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| format!("{addr:?} is not an address: {e}"))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(Some(crate::WINDOW_BYTES))
+        .initial_connection_window_size(Some(crate::WINDOW_BYTES))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));

@@ -8,6 +8,14 @@ pub mod bucket;
 pub mod client;
 pub mod health;
 
+/// A server builder with Tandem's transport settings (flow-control windows, nodelay).
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(WINDOW_BYTES))
+        .tcp_nodelay(true)
+}
+
 /// Messages and services of package `tandem.v1`.
 pub mod v1 {
     tonic::include_proto!("tandem.v1");
@@ -17,6 +25,10 @@ pub mod v1 {
 /// most [`WEIGHT_BUCKET_BYTES`] plus a small header; a rollout group of 64 × 8k tokens
 /// is about 6 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// HTTP/2 flow-control window of every stream and connection. The default (64 KiB)
+/// makes a 500 MB weight transfer wait for thousands of window updates.
+pub const WINDOW_BYTES: u32 = 16 << 20;
 
 /// The size of one weight bucket's payload.
 pub const WEIGHT_BUCKET_BYTES: usize = 32 << 20;

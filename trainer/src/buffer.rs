@@ -17,7 +17,16 @@ pub struct Group {
     pub rollouts: Vec<Rollout>,
 }
 
+/// The key a group is known by in rollouts, dumps and summaries.
+pub fn group_key(prompt_index: u64, lease_id: u64, worker_id: u64) -> String {
+    format!("p{prompt_index}-l{lease_id}-w{worker_id}")
+}
+
 impl Group {
+    pub fn key(&self) -> String {
+        group_key(self.prompt_index, self.lease_id, self.worker_id)
+    }
+
     /// The oldest version among the group's tokens.
     pub fn oldest_version(&self) -> u64 {
         self.rollouts
@@ -33,7 +42,7 @@ impl Group {
     }
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Buffer {
     groups: VecDeque<Group>,
 }
@@ -51,12 +60,19 @@ impl Buffer {
         self.groups.push_back(g);
     }
 
-    /// Drops the groups too stale for `policy_version` (returns how many), then takes
-    /// the `n` oldest when there are that many.
-    pub fn take_batch(&mut self, n: usize, policy_version: u64, max_staleness: u64) -> (Option<Vec<Group>>, usize) {
-        let before = self.groups.len();
-        self.groups.retain(|g| g.staleness(policy_version) <= max_staleness);
-        let dropped = before - self.groups.len();
+    /// Drops the groups too stale for `policy_version` (returns them), then takes the
+    /// `n` oldest when there are that many.
+    pub fn take_batch(
+        &mut self,
+        n: usize,
+        policy_version: u64,
+        max_staleness: u64,
+    ) -> (Option<Vec<Group>>, Vec<Group>) {
+        let (fresh, dropped): (VecDeque<Group>, VecDeque<Group>) = std::mem::take(&mut self.groups)
+            .into_iter()
+            .partition(|g| g.staleness(policy_version) <= max_staleness);
+        self.groups = fresh;
+        let dropped: Vec<Group> = dropped.into();
         if self.groups.len() < n {
             return (None, dropped);
         }
@@ -94,11 +110,15 @@ mod tests {
         b.push(group(1, &[0, 1]));
         b.push(group(2, &[2, 2]));
         b.push(group(3, &[1, 3]));
-        assert_eq!(b.take_batch(4, 1, 1), (None, 0));
+        assert_eq!(b.take_batch(4, 1, 1), (None, vec![]));
         let (batch, dropped) = b.take_batch(2, 2, 1);
-        assert_eq!(dropped, 1, "lease 1 has a token 2 versions old");
+        assert_eq!(dropped.len(), 1, "lease 1 has a token 2 versions old");
+        assert_eq!(dropped[0].lease_id, 1);
         let batch = batch.unwrap();
-        assert_eq!(batch.iter().map(|g| g.lease_id).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            batch.iter().map(|g| g.lease_id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert!(b.is_empty());
         assert_eq!(group(9, &[4, 2, 5]).staleness(6), 4);
     }

@@ -325,27 +325,27 @@ impl OptimizerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
-    /// gRPC listen address of the trainer (port 0 = any free port).
-    pub listen: String,
     /// Groups the buffer holds before it stops reading from generators (back-pressure).
     pub buffer_capacity: usize,
-    /// Write a checkpoint every this many steps (0 = only at the end).
-    pub checkpoint_every: u64,
     /// Write each consumed batch as rollouts JSONL (`RUN_DIR/batches/step-N.jsonl`),
     /// replayable with `tandem train-step`.
     pub dump_batches: bool,
     /// Payload size of one weight bucket, MiB.
     pub bucket_mib: usize,
+    /// Write a checkpoint every this many steps (0 = only the final model).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig {
-            listen: "127.0.0.1:0".into(),
             buffer_capacity: 64,
-            checkpoint_every: 0,
             dump_batches: false,
             bucket_mib: 32,
+            checkpoint_every: 20,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -353,14 +353,17 @@ impl Default for TrainerConfig {
 impl TrainerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(invalid(format!("[trainer] {key}: {why}")));
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("listen", "must be an address like 127.0.0.1:50052");
-        }
         if self.buffer_capacity == 0 {
             return bad("buffer_capacity", "must be ≥ 1");
         }
+        if self.keep_checkpoints == 0 {
+            return bad("keep_checkpoints", "must be ≥ 1");
+        }
         if self.bucket_mib == 0 || self.bucket_mib > 48 {
-            return bad("bucket_mib", "must be in 1..=48 (a bucket is one gRPC message)");
+            return bad(
+                "bucket_mib",
+                "must be in 1..=48 (a bucket is one gRPC message)",
+            );
         }
         Ok(())
     }

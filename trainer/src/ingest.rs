@@ -28,8 +28,16 @@ pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
             l.max_prompt_tokens
         ));
     }
-    if let Some((i, id)) = g.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= l.vocab_size) {
-        return Err(format!("prompt_ids[{i}] = {id}: not below the vocabulary size {}", l.vocab_size));
+    if let Some((i, id)) = g
+        .prompt_ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= l.vocab_size)
+    {
+        return Err(format!(
+            "prompt_ids[{i}] = {id}: not below the vocabulary size {}",
+            l.vocab_size
+        ));
     }
     if g.completions.len() != l.group_size {
         return Err(format!(
@@ -47,9 +55,17 @@ pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
             ));
         }
         if g.prompt_ids.len() + n > l.max_prompt_tokens {
-            return Err(format!("completions[{c}]: prompt + completion exceed the context of {}", l.max_prompt_tokens));
+            return Err(format!(
+                "completions[{c}]: prompt + completion exceed the context of {}",
+                l.max_prompt_tokens
+            ));
         }
-        if let Some((i, id)) = comp.completion_ids.iter().enumerate().find(|(_, &id)| id as usize >= l.vocab_size) {
+        if let Some((i, id)) = comp
+            .completion_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= l.vocab_size)
+        {
             return Err(format!(
                 "completions[{c}].completion_ids[{i}] = {id}: not below the vocabulary size {}",
                 l.vocab_size
@@ -61,20 +77,38 @@ pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
                 comp.behavior_logprobs.len()
             ));
         }
-        if let Some((i, lp)) = comp.behavior_logprobs.iter().enumerate().find(|(_, lp)| !lp.is_finite() || **lp > 0.0) {
-            return Err(format!("completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"));
+        if let Some((i, lp)) = comp
+            .behavior_logprobs
+            .iter()
+            .enumerate()
+            .find(|(_, lp)| !lp.is_finite() || **lp > 0.0)
+        {
+            return Err(format!(
+                "completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"
+            ));
         }
         if comp.versions.len() != n {
-            return Err(format!("completions[{c}].versions: {} values for {n} tokens", comp.versions.len()));
+            return Err(format!(
+                "completions[{c}].versions: {} values for {n} tokens",
+                comp.versions.len()
+            ));
         }
-        if let Some((i, v)) = comp.versions.iter().enumerate().find(|(_, &v)| v > l.policy_version) {
+        if let Some((i, v)) = comp
+            .versions
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| v > l.policy_version)
+        {
             return Err(format!(
                 "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
                 l.policy_version
             ));
         }
         if !comp.reward.is_finite() {
-            return Err(format!("completions[{c}].reward = {}: must be finite", comp.reward));
+            return Err(format!(
+                "completions[{c}].reward = {}: must be finite",
+                comp.reward
+            ));
         }
     }
     Ok(())
@@ -118,14 +152,46 @@ mod tests {
         let cases: Vec<(Box<dyn Fn(&mut RolloutGroup)>, &str)> = vec![
             (Box::new(|g| g.lease_id = 0), "lease_id"),
             (Box::new(|g| g.prompt_ids[1] = 10), "prompt_ids[1]"),
-            (Box::new(|g| { g.completions.pop(); }), "group_size"),
-            (Box::new(|g| g.completions[1].completion_ids = vec![1; 5]), "completions[1].completion_ids"),
-            (Box::new(|g| g.completions[0].completion_ids[1] = 99), "completions[0].completion_ids[1]"),
-            (Box::new(|g| g.completions[0].behavior_logprobs[0] = f32::NAN), "behavior_logprobs[0]"),
-            (Box::new(|g| g.completions[0].behavior_logprobs[1] = 0.5), "behavior_logprobs[1]"),
-            (Box::new(|g| g.completions[1].behavior_logprobs.pop().map(|_| ()).unwrap_or(())), "behavior_logprobs: 1 values"),
-            (Box::new(|g| g.completions[0].versions[1] = 4), "newer than the published version 3"),
-            (Box::new(|g| g.completions[0].reward = f64::INFINITY), "reward"),
+            (
+                Box::new(|g| {
+                    g.completions.pop();
+                }),
+                "group_size",
+            ),
+            (
+                Box::new(|g| g.completions[1].completion_ids = vec![1; 5]),
+                "completions[1].completion_ids",
+            ),
+            (
+                Box::new(|g| g.completions[0].completion_ids[1] = 99),
+                "completions[0].completion_ids[1]",
+            ),
+            (
+                Box::new(|g| g.completions[0].behavior_logprobs[0] = f32::NAN),
+                "behavior_logprobs[0]",
+            ),
+            (
+                Box::new(|g| g.completions[0].behavior_logprobs[1] = 0.5),
+                "behavior_logprobs[1]",
+            ),
+            (
+                Box::new(|g| {
+                    g.completions[1]
+                        .behavior_logprobs
+                        .pop()
+                        .map(|_| ())
+                        .unwrap_or(())
+                }),
+                "behavior_logprobs: 1 values",
+            ),
+            (
+                Box::new(|g| g.completions[0].versions[1] = 4),
+                "newer than the published version 3",
+            ),
+            (
+                Box::new(|g| g.completions[0].reward = f64::INFINITY),
+                "reward",
+            ),
         ];
         for (edit, needle) in cases {
             let mut g = good();

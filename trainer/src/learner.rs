@@ -35,7 +35,9 @@ pub struct StepReport {
     /// Staleness of every trained sample.
     pub staleness: Vec<u32>,
     /// Groups dropped as too stale while forming this batch.
-    pub stale_dropped: usize,
+    pub stale_dropped: Vec<Group>,
+    /// The leases whose groups this step trained.
+    pub trained_leases: Vec<u64>,
     pub wait_seconds: f64,
     pub step_seconds: f64,
 }
@@ -55,23 +57,35 @@ pub struct Learner {
 /// The weights of `model` as a publishable snapshot.
 pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
     let (bytes, dtype) = model.params().to_bytes()?;
-    Ok(Snapshot { version, dtype, bytes })
+    Ok(Snapshot {
+        version,
+        dtype,
+        bytes,
+    })
 }
 
 impl Learner {
     /// Waits (polling the buffer) for a batch; `None` when `stop` says so.
-    fn next_batch(&self, shared: &Shared, stop: &dyn Fn() -> bool) -> Option<(Vec<Group>, usize, f64)> {
+    fn next_batch(
+        &self,
+        shared: &Shared,
+        stop: &dyn Fn() -> bool,
+    ) -> Option<(Vec<Group>, Vec<Group>, f64)> {
         let t0 = Instant::now();
-        let mut dropped_total = 0;
+        let mut dropped_total = Vec::new();
         loop {
             let (batch, dropped) = match shared.buffer.lock() {
-                Ok(mut b) => b.take_batch(self.plan.batch_groups, self.version, self.plan.max_staleness),
+                Ok(mut b) => b.take_batch(
+                    self.plan.batch_groups,
+                    self.version,
+                    self.plan.max_staleness,
+                ),
                 Err(_) => return None,
             };
-            dropped_total += dropped;
-            if dropped > 0 {
+            if !dropped.is_empty() {
                 shared.space.notify_waiters();
             }
+            dropped_total.extend(dropped);
             if let Some(batch) = batch {
                 shared.space.notify_waiters();
                 return Some((batch, dropped_total, t0.elapsed().as_secs_f64()));
@@ -84,16 +98,29 @@ impl Learner {
     }
 
     /// Runs one step on the next batch; publishes the new version into `shared`.
-    pub fn step_once(&mut self, shared: &Shared, stop: &dyn Fn() -> bool) -> Result<Option<StepReport>> {
+    pub fn step_once(
+        &mut self,
+        shared: &Shared,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<StepReport>> {
         let Some((groups, stale_dropped, wait_seconds)) = self.next_batch(shared, stop) else {
             return Ok(None);
         };
         let t0 = Instant::now();
-        let rollouts: Vec<Rollout> = groups.iter().flat_map(|g| g.rollouts.iter().cloned()).collect();
+        let rollouts: Vec<Rollout> = groups
+            .iter()
+            .flat_map(|g| g.rollouts.iter().cloned())
+            .collect();
         let staleness: Vec<u32> = rollouts
             .iter()
             .map(|r| {
-                let oldest = r.versions.iter().flatten().copied().min().unwrap_or(self.version);
+                let oldest = r
+                    .versions
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .min()
+                    .unwrap_or(self.version);
                 self.version.saturating_sub(oldest) as u32
             })
             .collect();
@@ -132,6 +159,7 @@ impl Learner {
             metrics,
             staleness,
             stale_dropped,
+            trained_leases: groups.iter().map(|g| g.lease_id).collect(),
             wait_seconds,
             step_seconds: t0.elapsed().as_secs_f64(),
         }))
@@ -139,7 +167,8 @@ impl Learner {
 
     fn dump(&self, rollouts: &[Rollout]) -> Result<()> {
         let dir = self.plan.run_dir.join("batches");
-        std::fs::create_dir_all(&dir).map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(format!("step-{:06}.jsonl", self.step + 1));
         let mut text = String::new();
         for r in rollouts {
@@ -156,12 +185,17 @@ impl Learner {
         let extra: HashMap<&str, serde_json::Value> = HashMap::from([
             ("step", r.step.into()),
             ("version", r.version.into()),
-            ("staleness_max", r.staleness.iter().copied().max().unwrap_or(0).into()),
+            (
+                "staleness_max",
+                r.staleness.iter().copied().max().unwrap_or(0).into(),
+            ),
             (
                 "staleness_mean",
-                (r.staleness.iter().map(|&s| s as f64).sum::<f64>() / r.staleness.len().max(1) as f64).into(),
+                (r.staleness.iter().map(|&s| s as f64).sum::<f64>()
+                    / r.staleness.len().max(1) as f64)
+                    .into(),
             ),
-            ("stale_dropped", r.stale_dropped.into()),
+            ("stale_dropped", r.stale_dropped.len().into()),
             ("wait_seconds", r.wait_seconds.into()),
             ("step_seconds", r.step_seconds.into()),
             (

@@ -14,11 +14,13 @@
 //!
 //! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
-//! [`learner`] the loop that turns batches into versions.
+//! [`learner`] the loop that turns batches into versions; [`checkpoint`] saves and
+//! restores it.
 
 pub mod advantage;
 pub mod aggregate;
 pub mod buffer;
+pub mod checkpoint;
 pub mod config;
 pub mod correction;
 pub mod error;

@@ -106,7 +106,11 @@ impl TrainerService {
         }
         if let Err(e) = check_group(&g, &limits) {
             self.shared.count_dropped("invalid");
-            tracing::warn!(lease = g.lease_id, worker = g.worker_id, "rollout group refused: {e}");
+            tracing::warn!(
+                lease = g.lease_id,
+                worker = g.worker_id,
+                "rollout group refused: {e}"
+            );
             return refuse(e, &self.shared);
         }
         // Back-pressure: stop reading this stream while the buffer is full.
@@ -128,9 +132,21 @@ impl TrainerService {
             .await;
         match commit {
             Ok(r) if r.get_ref().accepted => {}
-            Ok(r) => return refuse(format!("lease {}: {}", g.lease_id, r.get_ref().reason), &self.shared),
+            Ok(r) => {
+                return refuse(
+                    format!("lease {}: {}", g.lease_id, r.get_ref().reason),
+                    &self.shared,
+                )
+            }
             Err(e) => {
-                return refuse(format!("the coordinator could not commit lease {}: {}", g.lease_id, e.message()), &self.shared)
+                return refuse(
+                    format!(
+                        "the coordinator could not commit lease {}: {}",
+                        g.lease_id,
+                        e.message()
+                    ),
+                    &self.shared,
+                )
             }
         }
         let group = Group {
@@ -141,7 +157,7 @@ impl TrainerService {
                 .completions
                 .into_iter()
                 .map(|c| Rollout {
-                    group: format!("p{}-l{}-w{}", g.prompt_index, g.lease_id, g.worker_id),
+                    group: crate::buffer::group_key(g.prompt_index, g.lease_id, g.worker_id),
                     prompt_ids: g.prompt_ids.clone(),
                     completion_ids: c.completion_ids,
                     behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),
@@ -171,7 +187,10 @@ impl Trainer for TrainerService {
     type PushRolloutsStream = AckStream;
     type FetchWeightsStream = BucketStream;
 
-    async fn push_rollouts(&self, req: Request<Streaming<RolloutGroup>>) -> Result<Response<AckStream>, Status> {
+    async fn push_rollouts(
+        &self,
+        req: Request<Streaming<RolloutGroup>>,
+    ) -> Result<Response<AckStream>, Status> {
         let mut incoming = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
@@ -193,7 +212,10 @@ impl Trainer for TrainerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn fetch_weights(&self, req: Request<FetchWeightsRequest>) -> Result<Response<BucketStream>, Status> {
+    async fn fetch_weights(
+        &self,
+        req: Request<FetchWeightsRequest>,
+    ) -> Result<Response<BucketStream>, Status> {
         let want = req.into_inner().version;
         let snap = self
             .shared
@@ -211,7 +233,13 @@ impl Trainer for TrainerService {
         let bucket_bytes = self.shared.bucket_bytes;
         tokio::spawn(async move {
             for i in 0..tandem_proto::bucket::count(snap.bytes.len(), bucket_bytes) {
-                let b = tandem_proto::bucket::bucket(snap.version, snap.dtype, &snap.bytes, bucket_bytes, i);
+                let b = tandem_proto::bucket::bucket(
+                    snap.version,
+                    snap.dtype,
+                    &snap.bytes,
+                    bucket_bytes,
+                    i,
+                );
                 if tx.send(Ok(b)).await.is_err() {
                     break;
                 }

@@ -60,6 +60,22 @@ impl Optimizer {
         })
     }
 
+    /// Saves the optimizer state into `dir` (SGD has none).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => Ok(o.save(dir)?),
+            Optimizer::Sgd(_) => Ok(()),
+        }
+    }
+
+    /// Restores what [`Optimizer::save`] wrote.
+    pub fn load(&mut self, dir: &std::path::Path) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => Ok(o.load(dir)?),
+            Optimizer::Sgd(_) => Ok(()),
+        }
+    }
+
     fn step(
         &mut self,
         grads: &GradStore,
