@@ -408,7 +408,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         })?;
         // After the publish, so the coordinator knows what the checkpoint has trained.
         let every = cfg.trainer.checkpoint_every;
-        if !last && every > 0 && learner.step % every == 0 {
+        if !last && every > 0 && learner.step.is_multiple_of(every) {
             let buffer = shared.buffer.lock().map(|b| b.clone()).unwrap_or_default();
             let dir = checkpoint::save(&run_dir, &learner, &buffer, cfg.trainer.keep_checkpoints)?;
             tracing::info!(checkpoint = %dir.display(), "checkpoint written");
