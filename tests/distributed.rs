@@ -869,7 +869,7 @@ fn trainer_killed_and_resumed_loses_and_repeats_nothing() {
         .and_then(|s| s.parse().ok())
         .expect(&log);
     assert!(
-        resumed_at >= 10 && resumed_at % 5 == 0 && resumed_at <= killed_at as u64,
+        resumed_at >= 10 && resumed_at.is_multiple_of(5) && resumed_at <= killed_at as u64,
         "resumed at {resumed_at}"
     );
     let trained = check_trained(&c.run, steps, 2, 4, 1);
