@@ -24,6 +24,8 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// The model engine: decode tok/s, fwd+bwd time, optimizer step time, peak RSS.
     Model(ModelBench),
+    /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
+    System(crate::bench_system::SystemBench),
 }
 
 #[derive(Args, Clone)]
@@ -65,6 +67,7 @@ const PROMPT: std::ops::Range<u32> = 100..116;
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
+        BenchWhat::System(s) => crate::bench_system::run(s),
         BenchWhat::Model(m) => match m.phase.clone() {
             Some(phase) => run_phase(&m, &phase),
             None => run_all(&m),

@@ -1,6 +1,7 @@
 //! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
 
 mod bench;
+mod bench_system;
 mod generate;
 mod model_cmd;
 mod run;

@@ -327,6 +327,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             max_staleness: cfg.run.max_staleness,
             run_dir: run_dir.clone(),
             dump_batches: cfg.trainer.dump_batches,
+            mock_train_ms: cfg.trainer.mock_train_ms,
         },
         step: start_step,
         version: start_version,

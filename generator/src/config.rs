@@ -21,6 +21,9 @@ pub struct GeneratorConfig {
     /// between_batches: swap weights before a new batch; in_flight: also between
     /// decode steps (PipelineRL), so later tokens of a sequence carry the new version.
     pub weight_update: WeightUpdate,
+    /// Benchmarks only: sleep this long per batch instead of sampling and send
+    /// `max_new_tokens` placeholder tokens (0 = sample for real).
+    pub mock_generate_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +42,7 @@ impl Default for GeneratorConfig {
             max_new_tokens: 64,
             prompts_per_batch: 2,
             weight_update: WeightUpdate::BetweenBatches,
+            mock_generate_ms: 0,
         }
     }
 }

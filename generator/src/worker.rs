@@ -440,6 +440,10 @@ impl Worker {
             p.insert(g.seq, g.clone());
         }
         for _attempt in 0..30 {
+            if self.beat.stop.load(Ordering::SeqCst) {
+                // The run is over: nothing will train this group.
+                return Ok(());
+            }
             let broken = self
                 .pusher
                 .as_ref()
@@ -485,6 +489,29 @@ impl Worker {
         self.pusher = None;
     }
 
+    /// Samples `rows` in one batch; each token is tagged with the version held when it
+    /// was sampled (in-flight swaps change it mid-sequence).
+    fn sample(&mut self, rows: Vec<Vec<u32>>, params: SamplingParams) -> Result<(Vec<tandem_model::Completion>, Vec<Vec<u64>>)> {
+        let in_flight = self.settings.generator.weight_update == WeightUpdate::InFlight;
+        let mut versions: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
+        let mut session = Session::new(&self.model.model, rows, params)?;
+        loop {
+            let running = session.step(&self.model.model)?;
+            let held = self.beat.held.load(Ordering::SeqCst);
+            for (v, c) in versions.iter_mut().zip(session.completions()) {
+                let new = c.tokens.len() - v.len();
+                v.extend(std::iter::repeat_n(held, new));
+            }
+            if !running {
+                break;
+            }
+            if in_flight {
+                self.maybe_sync(None)?;
+            }
+        }
+        Ok((session.into_completions(), versions))
+    }
+
     /// Samples every group of `leases` in one batch and scores it.
     fn generate(&mut self, leases: &[PromptLease], worker_id: u64) -> Result<Vec<RolloutGroup>> {
         let k = self.settings.group_size as usize;
@@ -524,24 +551,23 @@ impl Worker {
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), k))
             .collect();
-        let mut session = Session::new(&self.model.model, rows, params)?;
-        let mut versions: Vec<Vec<u64>> = vec![Vec::new(); leases.len() * k];
-        let in_flight = g.weight_update == WeightUpdate::InFlight;
-        loop {
-            let running = session.step(&self.model.model)?;
+        let (completions, versions) = if g.mock_generate_ms > 0 {
+            // Benchmarks of the control plane: wait instead of sampling.
+            std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
             let held = self.beat.held.load(Ordering::SeqCst);
-            for (v, c) in versions.iter_mut().zip(session.completions()) {
-                let new = c.tokens.len() - v.len();
-                v.extend(std::iter::repeat_n(held, new));
-            }
-            if !running {
-                break;
-            }
-            if in_flight {
-                self.maybe_sync(None)?;
-            }
-        }
-        let completions = session.into_completions();
+            let n = g.max_new_tokens;
+            let c: Vec<tandem_model::Completion> = rows
+                .iter()
+                .map(|r| tandem_model::Completion {
+                    tokens: vec![r[r.len() - 1]; n],
+                    logprobs: vec![-1.0; n],
+                    finish_reason: Some(tandem_model::FinishReason::Length),
+                })
+                .collect();
+            (c, vec![vec![held; n]; rows.len()])
+        } else {
+            self.sample(rows, params)?
+        };
         let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
         self.beat.tokens.fetch_add(tokens as u64, Ordering::SeqCst);
         let mut groups = Vec::with_capacity(leases.len());

@@ -336,6 +336,9 @@ pub struct TrainerConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept (older ones are deleted).
     pub keep_checkpoints: usize,
+    /// Benchmarks only: sleep this long per step instead of training (the weights stay
+    /// as they are, versions still advance and are published; 0 = train for real).
+    pub mock_train_ms: u64,
 }
 
 impl Default for TrainerConfig {
@@ -346,6 +349,7 @@ impl Default for TrainerConfig {
             bucket_mib: 32,
             checkpoint_every: 20,
             keep_checkpoints: 2,
+            mock_train_ms: 0,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct Plan {
     pub max_staleness: u64,
     pub run_dir: PathBuf,
     pub dump_batches: bool,
+    /// Sleep instead of training (benchmarks of the control plane).
+    pub mock_train_ms: u64,
 }
 
 /// What one finished step reports (to the coordinator and to `metrics.jsonl`).
@@ -135,17 +137,27 @@ impl Learner {
         if self.plan.dump_batches {
             self.dump(&rollouts)?;
         }
-        let metrics = train_step(
-            &self.policy.model,
-            self.reference.as_ref(),
-            self.critic.as_ref(),
-            &rollouts,
-            &self.algorithm,
-            &self.optimizer,
-            &mut self.opt,
-            self.step,
-            Some(self.version),
-        )?;
+        let metrics = if self.plan.mock_train_ms > 0 {
+            // Benchmarks of the control plane: wait instead of training.
+            std::thread::sleep(Duration::from_millis(self.plan.mock_train_ms));
+            StepMetrics {
+                sequences: rollouts.len(),
+                reward_mean: rollouts.iter().map(|r| r.reward).sum::<f64>() / rollouts.len().max(1) as f64,
+                ..Default::default()
+            }
+        } else {
+            train_step(
+                &self.policy.model,
+                self.reference.as_ref(),
+                self.critic.as_ref(),
+                &rollouts,
+                &self.algorithm,
+                &self.optimizer,
+                &mut self.opt,
+                self.step,
+                Some(self.version),
+            )?
+        };
         self.step += 1;
         self.version += 1;
         let snap = snapshot(&self.policy.model, self.version)?;

@@ -1,0 +1,388 @@
+//! `tandem bench system`: the distributed loop's transport and scheduling, each figure
+//! next to its reference in the same run:
+//!
+//! - weight sync: a policy version's bytes fetched over gRPC by 1 and by N concurrent
+//!   receivers, next to the same bytes over raw loopback TCP;
+//! - rollout ingest: groups/s and MB/s the trainer service accepts (checked and
+//!   committed at a real coordinator) from N streaming clients, next to the time of
+//!   one training step of the same batch shape;
+//! - async vs sync: steps/hour of `tandem run` at max_staleness 0, 1, 2 with mock
+//!   compute (generators and trainer sleep for set times), next to the ideal ratio
+//!   (gen + train) / max(gen, train).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use tandem_proto::auth::{RequireToken, WithToken};
+use tandem_proto::bucket::Assembler;
+use tandem_proto::client;
+use tandem_proto::v1::trainer_server::TrainerServer;
+use tandem_proto::v1::{
+    Completion, FetchWeightsRequest, LeaseRequest, RegisterRequest, Role, RolloutGroup,
+};
+use tandem_trainer::buffer::Buffer;
+use tandem_trainer::ingest::Limits;
+use tandem_trainer::service::{Shared, Snapshot, TrainerService};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::wrappers::TcpListenerStream;
+
+const TOKEN: &str = "bench";
+
+#[derive(Args, Clone)]
+pub struct SystemBench {
+    /// The model whose weights are synced (`smollm2`: 538 MB in f32).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Concurrent receivers / streaming generators.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Rollout groups each ingest client streams.
+    #[arg(long, default_value_t = 200)]
+    groups_per_client: usize,
+    /// Ingest group shape: completions per group, prompt and completion tokens.
+    #[arg(long, default_value_t = 8)]
+    group_size: usize,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    completion_tokens: usize,
+    /// Groups per training step (for the per-step transport figure).
+    #[arg(long, default_value_t = 4)]
+    batch_groups: usize,
+    /// Mock compute for the async-vs-sync runs, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    mock_generate_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    mock_train_ms: u64,
+    /// Steps per async-vs-sync run.
+    #[arg(long, default_value_t = 12)]
+    steps: u64,
+    /// Skip parts: any of weights, ingest, async.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(a: SystemBench) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let p = crate::load_model(&a.model)?;
+    let (bytes, dtype) = p.model.params().to_bytes()?;
+    let vocab = p.model.config().vocab_size;
+    let mut out = json!({"model": a.model, "weight_bytes": bytes.len(), "clients": a.clients});
+    let want = |part: &str| !a.skip.iter().any(|s| s == part);
+
+    // A trainer service with this model's weights as version 1, and a coordinator.
+    let shared = Arc::new(Shared {
+        buffer: Mutex::new(Buffer::default()),
+        space: tokio::sync::Notify::new(),
+        capacity: usize::MAX,
+        version: std::sync::atomic::AtomicU64::new(1),
+        weights: RwLock::new(Arc::new(Snapshot { version: 1, dtype, bytes })),
+        dropped: Mutex::new(Default::default()),
+        limits: Limits {
+            vocab_size: vocab,
+            group_size: a.group_size,
+            max_completion_tokens: a.completion_tokens,
+            max_prompt_tokens: a.prompt_tokens + a.completion_tokens + 1,
+            policy_version: 1,
+        },
+        bucket_bytes: tandem_proto::WEIGHT_BUCKET_BYTES,
+        closed: Default::default(),
+        inflight: Default::default(),
+    });
+    let (coord_addr, trainer_addr) = rt.block_on(start_services(shared.clone()))?;
+    let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
+    let total = shared.weights.read().map_err(|_| anyhow!("lock"))?.bytes.len();
+
+    if want("weights") {
+        for n in [1, a.clients] {
+            let grpc = rt.block_on(fetch_all(&trainer_addr, &token, n))?;
+            let raw = rt.block_on(raw_tcp(shared.clone(), n))?;
+            let (g, r) = (gbps(total * n, grpc), gbps(total * n, raw));
+            eprintln!("weights to {n}: gRPC {g:.2} GB/s, raw TCP {r:.2} GB/s ({:.0}%)", 100.0 * g / r);
+            out[format!("weights_{n}")] = json!({"grpc_seconds": grpc, "raw_tcp_seconds": raw, "grpc_gbps": g, "raw_tcp_gbps": r, "ratio": g / r});
+        }
+    }
+    if want("ingest") {
+        let r = rt.block_on(ingest(&a, &coord_addr, &trainer_addr, &token, vocab))?;
+        eprintln!(
+            "ingest from {}: {:.0} groups/s, {:.1} MB/s; one step's batch of {} groups: {:.1} ms",
+            a.clients, r["groups_per_second"], r["mb_per_second"], a.batch_groups, r["batch_ms"]
+        );
+        let step = train_step_seconds(&p, &a)?;
+        let frac = r["batch_ms"].as_f64().unwrap_or(0.0) / 1000.0 / step;
+        eprintln!("one training step of that batch: {step:.2} s; transport is {:.3}% of it", 100.0 * frac);
+        out["ingest"] = json!({"measured": r, "train_step_seconds": step, "transport_fraction": frac});
+    }
+    if want("async") {
+        let mut real = serde_json::Map::new();
+        for eta in [0u64, 1, 2] {
+            let secs = loop_run(&a, eta, false)?;
+            let per_hour = a.steps as f64 / secs * 3600.0;
+            eprintln!("tiny model, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
+            real.insert(format!("max_staleness_{eta}"), json!({"seconds": secs, "steps_per_hour": per_hour}));
+        }
+        out["async_tiny_model"] = Value::Object(real);
+        let mut runs = serde_json::Map::new();
+        for eta in [0u64, 1, 2] {
+            let secs = loop_run(&a, eta, true)?;
+            let per_hour = a.steps as f64 / secs * 3600.0;
+            eprintln!("mock run, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
+            runs.insert(format!("max_staleness_{eta}"), json!({"seconds": secs, "steps_per_hour": per_hour}));
+        }
+        let s0 = runs["max_staleness_0"]["steps_per_hour"].as_f64().unwrap_or(0.0);
+        let s1 = runs["max_staleness_1"]["steps_per_hour"].as_f64().unwrap_or(0.0);
+        let (g, t) = (a.mock_generate_ms as f64, a.mock_train_ms as f64);
+        let ideal = (g + t) / g.max(t);
+        eprintln!("async/sync = {:.2} (ideal {ideal:.2})", s1 / s0);
+        out["async"] = json!({"runs": runs, "async_over_sync": s1 / s0, "ideal": ideal,
+            "mock_generate_ms": a.mock_generate_ms, "mock_train_ms": a.mock_train_ms});
+    }
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
+    let cfg = crate::run_config::RunConfig::parse("[run]\nmax_staleness = 1000000\nbatch_groups = 64\n", &[])?;
+    let settings = tandem_coordinator::service::Settings {
+        run: cfg.run.clone(),
+        coordinator: cfg.coordinator.clone(),
+        config_toml: cfg.to_toml()?,
+    };
+    let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
+    let coord = tandem_coordinator::server::start(settings, dataset, TOKEN).await?;
+    let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
+    let ch = client::connect(&coord.grpc.to_string()).await.map_err(|e| anyhow!(e))?;
+    let svc = TrainerService { shared, coordinator: client::coordinator(ch, &token) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(
+        tandem_proto::server()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                TrainerServer::new(svc)
+                    .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(tandem_proto::MAX_MESSAGE_BYTES),
+                RequireToken::new(TOKEN),
+            ))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    // The servers run on the runtime's tasks; `coord` only holds handles to them.
+    Ok((coord.grpc.to_string(), addr))
+}
+
+/// n concurrent receivers each fetch and verify the whole version; seconds (best of 2).
+async fn fetch_all(addr: &str, token: &WithToken, n: usize) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (addr, token) = (addr.to_string(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let ch = client::connect(&addr).await.map_err(|e| anyhow!(e))?;
+                let mut t = client::trainer(ch, &token);
+                let mut s = t.fetch_weights(FetchWeightsRequest { version: 1 }).await?.into_inner();
+                let mut asm = Assembler::default();
+                while let Some(b) = s.message().await? {
+                    asm.push(b).map_err(|e| anyhow!(e))?;
+                }
+                asm.finish().map_err(|e| anyhow!(e))?;
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// The same bytes over plain loopback TCP to n concurrent readers; seconds (best of 2).
+async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
+    let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { break };
+            let snap = snap.clone();
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                for chunk in snap.bytes.chunks(tandem_proto::WEIGHT_BUCKET_BYTES) {
+                    if sock.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let total = shared.weights.read().map_err(|_| anyhow!("lock"))?.bytes.len();
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            tasks.push(tokio::spawn(async move {
+                let mut sock = tokio::net::TcpStream::connect(addr).await?;
+                let mut buf = Vec::with_capacity(total);
+                sock.read_to_end(&mut buf).await?;
+                anyhow::ensure!(buf.len() == total, "short read");
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    server.abort();
+    Ok(best)
+}
+
+/// n clients register, lease and stream groups; the trainer checks and commits each.
+async fn ingest(a: &SystemBench, coord_addr: &str, trainer_addr: &str, token: &WithToken, vocab: usize) -> Result<Value> {
+    let mut tasks = Vec::new();
+    let t0 = Instant::now();
+    for c in 0..a.clients {
+        let (coord_addr, trainer_addr, token, a) = (coord_addr.to_string(), trainer_addr.to_string(), token.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let ch = client::connect(&coord_addr).await.map_err(|e| anyhow!(e))?;
+            let mut coord = client::coordinator(ch, &token);
+            let id = coord
+                .register(RegisterRequest { role: Role::Generator as i32, name: format!("bench-{c}"), address: String::new() })
+                .await?
+                .into_inner()
+                .worker_id;
+            let mut leases = Vec::new();
+            while leases.len() < a.groups_per_client {
+                let want = (a.groups_per_client - leases.len()).min(4096) as u32;
+                leases.extend(coord.lease(LeaseRequest { worker_id: id, max_groups: want }).await?.into_inner().leases);
+            }
+            let groups: Vec<RolloutGroup> = leases
+                .iter()
+                .enumerate()
+                .map(|(i, l)| RolloutGroup {
+                    seq: i as u64 + 1,
+                    lease_id: l.lease_id,
+                    prompt_index: l.prompt_index,
+                    worker_id: id,
+                    prompt_ids: (0..a.prompt_tokens).map(|t| (t % vocab) as u32).collect(),
+                    completions: vec![
+                        Completion {
+                            completion_ids: (0..a.completion_tokens).map(|t| ((t * 7 + i) % vocab) as u32).collect(),
+                            behavior_logprobs: vec![-1.5; a.completion_tokens],
+                            versions: vec![1; a.completion_tokens],
+                            reward: (i % 2) as f64,
+                            finish_reason: "length".into(),
+                        };
+                        a.group_size
+                    ],
+                })
+                .collect();
+            let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();
+            let ch = client::connect(&trainer_addr).await.map_err(|e| anyhow!(e))?;
+            let mut t = client::trainer(ch, &token);
+            let start = Instant::now();
+            let mut acks = t.push_rollouts(tokio_stream::iter(groups)).await?.into_inner();
+            let mut accepted = 0usize;
+            while let Some(ack) = acks.message().await? {
+                anyhow::ensure!(ack.accepted, "refused: {}", ack.reason);
+                accepted += 1;
+            }
+            Ok::<_, anyhow::Error>((accepted, bytes, start.elapsed().as_secs_f64()))
+        }));
+    }
+    let (mut groups, mut bytes) = (0usize, 0usize);
+    for t in tasks {
+        let (g, b, _) = t.await??;
+        groups += g;
+        bytes += b;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let per_group = secs / groups as f64;
+    Ok(json!({
+        "groups": groups, "bytes": bytes, "seconds": secs,
+        "groups_per_second": groups as f64 / secs, "mb_per_second": bytes as f64 / secs / 1e6,
+        "batch_ms": per_group * a.batch_groups as f64 * 1000.0,
+    }))
+}
+
+/// Seconds of one real training step on a batch of the ingest shape.
+fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f64> {
+    use tandem_trainer::rollout::Rollout;
+    let vocab = p.model.config().vocab_size;
+    let rollouts: Vec<Rollout> = (0..a.batch_groups * a.group_size)
+        .map(|i| Rollout {
+            group: format!("g{}", i / a.group_size),
+            prompt_ids: (0..a.prompt_tokens).map(|t| ((t + 3) % vocab) as u32).collect(),
+            completion_ids: (0..a.completion_tokens).map(|t| ((t * 7 + i) % vocab) as u32).collect(),
+            behavior_logprobs: vec![-1.5; a.completion_tokens],
+            reward: (i % 3) as f64,
+            versions: None,
+        })
+        .collect();
+    let cfg = tandem_trainer::config::TrainConfig::default();
+    let mut opt = tandem_trainer::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
+    let t0 = Instant::now();
+    tandem_trainer::step::train_step(&p.model, None, None, &rollouts, &cfg.algorithm, &cfg.optimizer, &mut opt, 0, None)?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Seconds of `tandem run`'s loop (first step's start to last step's end) on the
+/// tiny model at `max_staleness`, computing for real or sleeping (`mock`).
+fn loop_run(a: &SystemBench, eta: u64, mock: bool) -> Result<f64> {
+    let (gen_ms, train_ms) = if mock { (a.mock_generate_ms, a.mock_train_ms) } else { (0, 0) };
+    let dir = tempfile_dir()?;
+    let cfg = dir.join("mock.toml");
+    let text = format!(
+        "[run]\nsteps = {}\nbatch_groups = 2\ngroup_size = 2\nmax_staleness = {eta}\ngenerators = 1\nrun_dir = \"{}\"\n\
+         [model]\npath = \"preset:tiny\"\n[data]\nchat = false\n[generator]\nmax_new_tokens = 4\nprompts_per_batch = 2\nmock_generate_ms = {}\n\
+         [trainer]\nmock_train_ms = {}\ncheckpoint_every = 0\n[reward]\nformat = 1.0\nformat_kind = \"digits\"\n",
+        a.steps,
+        dir.join("run").display(),
+        gen_ms,
+        train_ms
+    );
+    std::fs::write(&cfg, text)?;
+    let t0 = Instant::now();
+    let st = std::process::Command::new(std::env::current_exe()?)
+        .args(["run", cfg.to_str().ok_or_else(|| anyhow!("path"))?])
+        .env("TANDEM_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "mock run failed; see {}", dir.join("run/logs").display());
+    // The loop proper: first step's start to the last step's end, from metrics.jsonl.
+    let lines: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let first = &lines[0];
+    let last = &lines[lines.len() - 1];
+    let start = first["unix_time"].as_f64().unwrap_or(0.0) - first["step_seconds"].as_f64().unwrap_or(0.0)
+        - first["wait_seconds"].as_f64().unwrap_or(0.0);
+    let secs = last["unix_time"].as_f64().unwrap_or(0.0) - start;
+    let _ = std::fs::remove_dir_all(&dir);
+    tracing::debug!(wall = t0.elapsed().as_secs_f64(), loop_seconds = secs, "mock run");
+    Ok(secs.max(Duration::from_millis(1).as_secs_f64()))
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("tandem-bench-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
