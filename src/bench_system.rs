@@ -82,7 +82,7 @@ pub fn run(a: SystemBench) -> Result<()> {
         space: tokio::sync::Notify::new(),
         capacity: usize::MAX,
         version: std::sync::atomic::AtomicU64::new(1),
-        weights: RwLock::new(Arc::new(Snapshot { version: 1, dtype, bytes })),
+        weights: RwLock::new(Arc::new(Snapshot { version: 1, dtype, bytes: bytes.into() })),
         dropped: Mutex::new(Default::default()),
         limits: Limits {
             vocab_size: vocab,

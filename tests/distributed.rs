@@ -889,3 +889,28 @@ fn trainer_killed_and_resumed_loses_and_repeats_nothing() {
     check_nothing_lost(&c.run, &trained, false);
     assert!(c.log("coordinator").contains("rewound"));
 }
+
+/// In-flight weight updates (PipelineRL): generators take new weights between decode
+/// steps; every token still carries the version that produced it, within the bound.
+#[test]
+fn in_flight_weight_updates_keep_versions_honest() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 12;
+    let text = config(dir.path(), &model, steps, 1, "")
+        .replace("max_new_tokens = 6", "max_new_tokens = 24\nweight_update = \"in_flight\"");
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.generator("gen-1");
+    c.wait_all(Duration::from_secs(120));
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    check_nothing_lost(&c.run, &trained, true);
+    // Versions never decrease along a sequence.
+    for (_, rows) in batches(&c.run) {
+        for r in rows {
+            let v: Vec<u64> = r["versions"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            assert!(v.windows(2).all(|w| w[0] <= w[1]), "{v:?}");
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! every slice (version, position, CRC-32) and only a complete, verified sequence
 //! becomes new weights.
 
+use bytes::Bytes;
+
 use crate::v1::WeightBucket;
 
 /// How many buckets `total` bytes make (at least one, even when empty).
@@ -10,17 +12,17 @@ pub fn count(total: usize, bucket_bytes: usize) -> usize {
     total.div_ceil(bucket_bytes.max(1)).max(1)
 }
 
-/// Bucket `index` of `bytes` for version `version`.
+/// Bucket `index` of `bytes` for version `version` (its payload shares `bytes`' memory).
 pub fn bucket(
     version: u64,
     dtype: &str,
-    bytes: &[u8],
+    bytes: &Bytes,
     bucket_bytes: usize,
     index: usize,
 ) -> WeightBucket {
     let bucket_bytes = bucket_bytes.max(1);
     let start = (index * bucket_bytes).min(bytes.len());
-    let data = bytes[start..(start + bucket_bytes).min(bytes.len())].to_vec();
+    let data = bytes.slice(start..(start + bucket_bytes).min(bytes.len()));
     WeightBucket {
         version,
         index: index as u32,
@@ -34,7 +36,7 @@ pub fn bucket(
 }
 
 /// Cuts `bytes` into buckets of at most `bucket_bytes` for version `version`.
-pub fn split(version: u64, dtype: &str, bytes: &[u8], bucket_bytes: usize) -> Vec<WeightBucket> {
+pub fn split(version: u64, dtype: &str, bytes: &Bytes, bucket_bytes: usize) -> Vec<WeightBucket> {
     (0..count(bytes.len(), bucket_bytes))
         .map(|i| bucket(version, dtype, bytes, bucket_bytes, i))
         .collect()
@@ -130,17 +132,19 @@ mod tests {
 
     #[test]
     fn round_trip_and_corruption() {
-        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let bytes: Bytes = (0..1000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into();
         let parts = split(3, "f32", &bytes, 300);
         assert_eq!(parts.len(), 4);
         let mut a = Assembler::default();
         for p in parts.clone() {
             a.push(p).unwrap();
         }
-        assert_eq!(a.finish().unwrap(), (3, "f32".to_string(), bytes.clone()));
+        assert_eq!(a.finish().unwrap(), (3, "f32".to_string(), bytes.to_vec()));
 
         let mut bad = parts.clone();
-        bad[2].data[5] ^= 1;
+        let mut corrupt = bad[2].data.to_vec();
+        corrupt[5] ^= 1;
+        bad[2].data = corrupt.into();
         let mut a = Assembler::default();
         let e = bad
             .into_iter()

@@ -62,7 +62,7 @@ pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
     Ok(Snapshot {
         version,
         dtype,
-        bytes,
+        bytes: bytes.into(),
     })
 }
 

@@ -24,7 +24,8 @@ use crate::rollout::Rollout;
 pub struct Snapshot {
     pub version: u64,
     pub dtype: &'static str,
-    pub bytes: Vec<u8>,
+    /// Shared by every bucket sent (no copy per receiver).
+    pub bytes: bytes::Bytes,
 }
 
 /// What the service and the learner loop share.
