@@ -7,13 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Weight payloads are `Bytes`: decoding slices the received buffer, no copy.
         .bytes(".tandem.v1.WeightBucket.data")
         .compile_protos(
-        &[
-            "proto/tandem/v1/health.proto",
-            "proto/tandem/v1/coordinator.proto",
-            "proto/tandem/v1/trainer.proto",
-            "proto/tandem/v1/reward.proto",
-        ],
-        &["proto"],
-    )?;
+            &[
+                "proto/tandem/v1/health.proto",
+                "proto/tandem/v1/coordinator.proto",
+                "proto/tandem/v1/trainer.proto",
+                "proto/tandem/v1/reward.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

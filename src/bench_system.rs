@@ -69,7 +69,10 @@ pub struct SystemBench {
 }
 
 pub fn run(a: SystemBench) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let p = crate::load_model(&a.model)?;
     let (bytes, dtype) = p.model.params().to_bytes()?;
     let vocab = p.model.config().vocab_size;
@@ -82,7 +85,11 @@ pub fn run(a: SystemBench) -> Result<()> {
         space: tokio::sync::Notify::new(),
         capacity: usize::MAX,
         version: std::sync::atomic::AtomicU64::new(1),
-        weights: RwLock::new(Arc::new(Snapshot { version: 1, dtype, bytes: bytes.into() })),
+        weights: RwLock::new(Arc::new(Snapshot {
+            version: 1,
+            dtype,
+            bytes: bytes.into(),
+        })),
         dropped: Mutex::new(Default::default()),
         limits: Limits {
             vocab_size: vocab,
@@ -97,14 +104,22 @@ pub fn run(a: SystemBench) -> Result<()> {
     });
     let (coord_addr, trainer_addr) = rt.block_on(start_services(shared.clone()))?;
     let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
-    let total = shared.weights.read().map_err(|_| anyhow!("lock"))?.bytes.len();
+    let total = shared
+        .weights
+        .read()
+        .map_err(|_| anyhow!("lock"))?
+        .bytes
+        .len();
 
     if want("weights") {
         for n in [1, a.clients] {
             let grpc = rt.block_on(fetch_all(&trainer_addr, &token, n))?;
             let raw = rt.block_on(raw_tcp(shared.clone(), n))?;
             let (g, r) = (gbps(total * n, grpc), gbps(total * n, raw));
-            eprintln!("weights to {n}: gRPC {g:.2} GB/s, raw TCP {r:.2} GB/s ({:.0}%)", 100.0 * g / r);
+            eprintln!(
+                "weights to {n}: gRPC {g:.2} GB/s, raw TCP {r:.2} GB/s ({:.0}%)",
+                100.0 * g / r
+            );
             out[format!("weights_{n}")] = json!({"grpc_seconds": grpc, "raw_tcp_seconds": raw, "grpc_gbps": g, "raw_tcp_gbps": r, "ratio": g / r});
         }
     }
@@ -116,8 +131,12 @@ pub fn run(a: SystemBench) -> Result<()> {
         );
         let step = train_step_seconds(&p, &a)?;
         let frac = r["batch_ms"].as_f64().unwrap_or(0.0) / 1000.0 / step;
-        eprintln!("one training step of that batch: {step:.2} s; transport is {:.3}% of it", 100.0 * frac);
-        out["ingest"] = json!({"measured": r, "train_step_seconds": step, "transport_fraction": frac});
+        eprintln!(
+            "one training step of that batch: {step:.2} s; transport is {:.3}% of it",
+            100.0 * frac
+        );
+        out["ingest"] =
+            json!({"measured": r, "train_step_seconds": step, "transport_fraction": frac});
     }
     if want("async") {
         let mut real = serde_json::Map::new();
@@ -125,7 +144,10 @@ pub fn run(a: SystemBench) -> Result<()> {
             let secs = loop_run(&a, eta, false)?;
             let per_hour = a.steps as f64 / secs * 3600.0;
             eprintln!("tiny model, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
-            real.insert(format!("max_staleness_{eta}"), json!({"seconds": secs, "steps_per_hour": per_hour}));
+            real.insert(
+                format!("max_staleness_{eta}"),
+                json!({"seconds": secs, "steps_per_hour": per_hour}),
+            );
         }
         out["async_tiny_model"] = Value::Object(real);
         let mut runs = serde_json::Map::new();
@@ -133,10 +155,17 @@ pub fn run(a: SystemBench) -> Result<()> {
             let secs = loop_run(&a, eta, true)?;
             let per_hour = a.steps as f64 / secs * 3600.0;
             eprintln!("mock run, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
-            runs.insert(format!("max_staleness_{eta}"), json!({"seconds": secs, "steps_per_hour": per_hour}));
+            runs.insert(
+                format!("max_staleness_{eta}"),
+                json!({"seconds": secs, "steps_per_hour": per_hour}),
+            );
         }
-        let s0 = runs["max_staleness_0"]["steps_per_hour"].as_f64().unwrap_or(0.0);
-        let s1 = runs["max_staleness_1"]["steps_per_hour"].as_f64().unwrap_or(0.0);
+        let s0 = runs["max_staleness_0"]["steps_per_hour"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let s1 = runs["max_staleness_1"]["steps_per_hour"]
+            .as_f64()
+            .unwrap_or(0.0);
         let (g, t) = (a.mock_generate_ms as f64, a.mock_train_ms as f64);
         let ideal = (g + t) / g.max(t);
         eprintln!("async/sync = {:.2} (ideal {ideal:.2})", s1 / s0);
@@ -156,7 +185,10 @@ fn gbps(bytes: usize, secs: f64) -> f64 {
 }
 
 async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
-    let cfg = crate::run_config::RunConfig::parse("[run]\nmax_staleness = 1000000\nbatch_groups = 64\n", &[])?;
+    let cfg = crate::run_config::RunConfig::parse(
+        "[run]\nmax_staleness = 1000000\nbatch_groups = 64\n",
+        &[],
+    )?;
     let settings = tandem_coordinator::service::Settings {
         run: cfg.run.clone(),
         coordinator: cfg.coordinator.clone(),
@@ -165,8 +197,13 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
     let coord = tandem_coordinator::server::start(settings, dataset, TOKEN).await?;
     let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
-    let ch = client::connect(&coord.grpc.to_string()).await.map_err(|e| anyhow!(e))?;
-    let svc = TrainerService { shared, coordinator: client::coordinator(ch, &token) };
+    let ch = client::connect(&coord.grpc.to_string())
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let svc = TrainerService {
+        shared,
+        coordinator: client::coordinator(ch, &token),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     tokio::spawn(
@@ -194,7 +231,10 @@ async fn fetch_all(addr: &str, token: &WithToken, n: usize) -> Result<f64> {
             tasks.push(tokio::spawn(async move {
                 let ch = client::connect(&addr).await.map_err(|e| anyhow!(e))?;
                 let mut t = client::trainer(ch, &token);
-                let mut s = t.fetch_weights(FetchWeightsRequest { version: 1 }).await?.into_inner();
+                let mut s = t
+                    .fetch_weights(FetchWeightsRequest { version: 1 })
+                    .await?
+                    .into_inner();
                 let mut asm = Assembler::default();
                 while let Some(b) = s.message().await? {
                     asm.push(b).map_err(|e| anyhow!(e))?;
@@ -218,7 +258,9 @@ async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { break };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                break;
+            };
             let snap = snap.clone();
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
@@ -230,7 +272,12 @@ async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
             });
         }
     });
-    let total = shared.weights.read().map_err(|_| anyhow!("lock"))?.bytes.len();
+    let total = shared
+        .weights
+        .read()
+        .map_err(|_| anyhow!("lock"))?
+        .bytes
+        .len();
     let mut best = f64::INFINITY;
     for _ in 0..2 {
         let t0 = Instant::now();
@@ -254,23 +301,47 @@ async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
 }
 
 /// n clients register, lease and stream groups; the trainer checks and commits each.
-async fn ingest(a: &SystemBench, coord_addr: &str, trainer_addr: &str, token: &WithToken, vocab: usize) -> Result<Value> {
+async fn ingest(
+    a: &SystemBench,
+    coord_addr: &str,
+    trainer_addr: &str,
+    token: &WithToken,
+    vocab: usize,
+) -> Result<Value> {
     let mut tasks = Vec::new();
     let t0 = Instant::now();
     for c in 0..a.clients {
-        let (coord_addr, trainer_addr, token, a) = (coord_addr.to_string(), trainer_addr.to_string(), token.clone(), a.clone());
+        let (coord_addr, trainer_addr, token, a) = (
+            coord_addr.to_string(),
+            trainer_addr.to_string(),
+            token.clone(),
+            a.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let ch = client::connect(&coord_addr).await.map_err(|e| anyhow!(e))?;
             let mut coord = client::coordinator(ch, &token);
             let id = coord
-                .register(RegisterRequest { role: Role::Generator as i32, name: format!("bench-{c}"), address: String::new() })
+                .register(RegisterRequest {
+                    role: Role::Generator as i32,
+                    name: format!("bench-{c}"),
+                    address: String::new(),
+                })
                 .await?
                 .into_inner()
                 .worker_id;
             let mut leases = Vec::new();
             while leases.len() < a.groups_per_client {
                 let want = (a.groups_per_client - leases.len()).min(4096) as u32;
-                leases.extend(coord.lease(LeaseRequest { worker_id: id, max_groups: want }).await?.into_inner().leases);
+                leases.extend(
+                    coord
+                        .lease(LeaseRequest {
+                            worker_id: id,
+                            max_groups: want,
+                        })
+                        .await?
+                        .into_inner()
+                        .leases,
+                );
             }
             let groups: Vec<RolloutGroup> = leases
                 .iter()
@@ -283,7 +354,9 @@ async fn ingest(a: &SystemBench, coord_addr: &str, trainer_addr: &str, token: &W
                     prompt_ids: (0..a.prompt_tokens).map(|t| (t % vocab) as u32).collect(),
                     completions: vec![
                         Completion {
-                            completion_ids: (0..a.completion_tokens).map(|t| ((t * 7 + i) % vocab) as u32).collect(),
+                            completion_ids: (0..a.completion_tokens)
+                                .map(|t| ((t * 7 + i) % vocab) as u32)
+                                .collect(),
                             behavior_logprobs: vec![-1.5; a.completion_tokens],
                             versions: vec![1; a.completion_tokens],
                             reward: (i % 2) as f64,
@@ -294,10 +367,15 @@ async fn ingest(a: &SystemBench, coord_addr: &str, trainer_addr: &str, token: &W
                 })
                 .collect();
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();
-            let ch = client::connect(&trainer_addr).await.map_err(|e| anyhow!(e))?;
+            let ch = client::connect(&trainer_addr)
+                .await
+                .map_err(|e| anyhow!(e))?;
             let mut t = client::trainer(ch, &token);
             let start = Instant::now();
-            let mut acks = t.push_rollouts(tokio_stream::iter(groups)).await?.into_inner();
+            let mut acks = t
+                .push_rollouts(tokio_stream::iter(groups))
+                .await?
+                .into_inner();
             let mut accepted = 0usize;
             while let Some(ack) = acks.message().await? {
                 anyhow::ensure!(ack.accepted, "refused: {}", ack.reason);
@@ -328,8 +406,12 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
     let rollouts: Vec<Rollout> = (0..a.batch_groups * a.group_size)
         .map(|i| Rollout {
             group: format!("g{}", i / a.group_size),
-            prompt_ids: (0..a.prompt_tokens).map(|t| ((t + 3) % vocab) as u32).collect(),
-            completion_ids: (0..a.completion_tokens).map(|t| ((t * 7 + i) % vocab) as u32).collect(),
+            prompt_ids: (0..a.prompt_tokens)
+                .map(|t| ((t + 3) % vocab) as u32)
+                .collect(),
+            completion_ids: (0..a.completion_tokens)
+                .map(|t| ((t * 7 + i) % vocab) as u32)
+                .collect(),
             behavior_logprobs: vec![-1.5; a.completion_tokens],
             reward: (i % 3) as f64,
             versions: None,
@@ -338,14 +420,28 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
     let cfg = tandem_trainer::config::TrainConfig::default();
     let mut opt = tandem_trainer::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
     let t0 = Instant::now();
-    tandem_trainer::step::train_step(&p.model, None, None, &rollouts, &cfg.algorithm, &cfg.optimizer, &mut opt, 0, None)?;
+    tandem_trainer::step::train_step(
+        &p.model,
+        None,
+        None,
+        &rollouts,
+        &cfg.algorithm,
+        &cfg.optimizer,
+        &mut opt,
+        0,
+        None,
+    )?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Seconds of `tandem run`'s loop (first step's start to last step's end) on the
 /// tiny model at `max_staleness`, computing for real or sleeping (`mock`).
 fn loop_run(a: &SystemBench, eta: u64, mock: bool) -> Result<f64> {
-    let (gen_ms, train_ms) = if mock { (a.mock_generate_ms, a.mock_train_ms) } else { (0, 0) };
+    let (gen_ms, train_ms) = if mock {
+        (a.mock_generate_ms, a.mock_train_ms)
+    } else {
+        (0, 0)
+    };
     let dir = tempfile_dir()?;
     let cfg = dir.join("mock.toml");
     let text = format!(
@@ -365,7 +461,11 @@ fn loop_run(a: &SystemBench, eta: u64, mock: bool) -> Result<f64> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()?;
-    anyhow::ensure!(st.success(), "mock run failed; see {}", dir.join("run/logs").display());
+    anyhow::ensure!(
+        st.success(),
+        "mock run failed; see {}",
+        dir.join("run/logs").display()
+    );
     // The loop proper: first step's start to the last step's end, from metrics.jsonl.
     let lines: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))?
         .lines()
@@ -373,16 +473,25 @@ fn loop_run(a: &SystemBench, eta: u64, mock: bool) -> Result<f64> {
         .collect::<Result<_, _>>()?;
     let first = &lines[0];
     let last = &lines[lines.len() - 1];
-    let start = first["unix_time"].as_f64().unwrap_or(0.0) - first["step_seconds"].as_f64().unwrap_or(0.0)
+    let start = first["unix_time"].as_f64().unwrap_or(0.0)
+        - first["step_seconds"].as_f64().unwrap_or(0.0)
         - first["wait_seconds"].as_f64().unwrap_or(0.0);
     let secs = last["unix_time"].as_f64().unwrap_or(0.0) - start;
     let _ = std::fs::remove_dir_all(&dir);
-    tracing::debug!(wall = t0.elapsed().as_secs_f64(), loop_seconds = secs, "mock run");
+    tracing::debug!(
+        wall = t0.elapsed().as_secs_f64(),
+        loop_seconds = secs,
+        "mock run"
+    );
     Ok(secs.max(Duration::from_millis(1).as_secs_f64()))
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("tandem-bench-{}-{}", std::process::id(), rand::random::<u32>()));
+    let d = std::env::temp_dir().join(format!(
+        "tandem-bench-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }

@@ -897,8 +897,10 @@ fn in_flight_weight_updates_keep_versions_honest() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 12;
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace("max_new_tokens = 6", "max_new_tokens = 24\nweight_update = \"in_flight\"");
+    let text = config(dir.path(), &model, steps, 1, "").replace(
+        "max_new_tokens = 6",
+        "max_new_tokens = 24\nweight_update = \"in_flight\"",
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -909,7 +911,12 @@ fn in_flight_weight_updates_keep_versions_honest() {
     // Versions never decrease along a sequence.
     for (_, rows) in batches(&c.run) {
         for r in rows {
-            let v: Vec<u64> = r["versions"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let v: Vec<u64> = r["versions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
             assert!(v.windows(2).all(|w| w[0] <= w[1]), "{v:?}");
         }
     }

@@ -491,7 +491,11 @@ impl Worker {
 
     /// Samples `rows` in one batch; each token is tagged with the version held when it
     /// was sampled (in-flight swaps change it mid-sequence).
-    fn sample(&mut self, rows: Vec<Vec<u32>>, params: SamplingParams) -> Result<(Vec<tandem_model::Completion>, Vec<Vec<u64>>)> {
+    fn sample(
+        &mut self,
+        rows: Vec<Vec<u32>>,
+        params: SamplingParams,
+    ) -> Result<(Vec<tandem_model::Completion>, Vec<Vec<u64>>)> {
         let in_flight = self.settings.generator.weight_update == WeightUpdate::InFlight;
         let mut versions: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
         let mut session = Session::new(&self.model.model, rows, params)?;

@@ -132,7 +132,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_corruption() {
-        let bytes: Bytes = (0..1000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into();
+        let bytes: Bytes = (0..1000u32)
+            .map(|i| (i * 7) as u8)
+            .collect::<Vec<u8>>()
+            .into();
         let parts = split(3, "f32", &bytes, 300);
         assert_eq!(parts.len(), 4);
         let mut a = Assembler::default();

@@ -142,7 +142,8 @@ impl Learner {
             std::thread::sleep(Duration::from_millis(self.plan.mock_train_ms));
             StepMetrics {
                 sequences: rollouts.len(),
-                reward_mean: rollouts.iter().map(|r| r.reward).sum::<f64>() / rollouts.len().max(1) as f64,
+                reward_mean: rollouts.iter().map(|r| r.reward).sum::<f64>()
+                    / rollouts.len().max(1) as f64,
                 ..Default::default()
             }
         } else {
