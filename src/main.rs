@@ -4,6 +4,7 @@ mod bench;
 mod bench_system;
 mod generate;
 mod model_cmd;
+mod report;
 mod run;
 mod run_config;
 mod score;
@@ -48,6 +49,8 @@ enum Command {
     Generator(serve::GeneratorArgs),
     /// Print a run's lag table (per generator) and its last step's metrics.
     Status(status::StatusArgs),
+    /// Plot a run (reward, staleness, throughput, losses over steps) as SVG and summarise it.
+    Report(report::ReportArgs),
 }
 
 /// Keeps freed memory in the process. A training step allocates and frees hundreds of
@@ -85,6 +88,7 @@ fn main() {
         Command::Trainer(a) => serve::trainer(a),
         Command::Generator(a) => serve::generator(a),
         Command::Status(a) => status::run(a),
+        Command::Report(a) => report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -500,6 +500,28 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
 
     check_nothing_lost(&run, &trained, true);
     assert!(run.join("final/model.safetensors").exists());
+
+    // `tandem report` plots the run and summarises what metrics.jsonl says.
+    let o = ok(tandem(&["report", run.to_str().unwrap()]));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["steps"].as_f64(), Some(steps as f64));
+    let r5 = |xs: &[Value]| {
+        xs.iter()
+            .map(|x| x["reward_mean"].as_f64().unwrap())
+            .sum::<f64>()
+            / xs.len() as f64
+    };
+    assert!((summary["reward_last_5"].as_f64().unwrap() - r5(&m[m.len() - 5..])).abs() < 1e-9);
+    for f in ["reward.svg", "staleness.svg", "throughput.svg", "loss.svg"] {
+        let svg = std::fs::read_to_string(run.join("report").join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{f}");
+    }
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_clean_failure(
+        &tandem(&["report", empty.to_str().unwrap()]),
+        &["metrics.jsonl"],
+    );
 }
 
 /// Tests 2 and 3: kill -9 a generator mid-run: the run completes, its leased prompts
@@ -918,6 +940,84 @@ fn in_flight_weight_updates_keep_versions_honest() {
                 .map(|x| x.as_u64().unwrap())
                 .collect();
             assert!(v.windows(2).all(|w| w[0] <= w[1]), "{v:?}");
+        }
+    }
+}
+
+/// An external reward service (the `Reward` RPC, any language): generators call it once
+/// per group with the run's token, and its scores are the rewards the trainer trains on.
+#[test]
+fn external_reward_service_scores_the_groups() {
+    use std::sync::{Arc, Mutex};
+    use tandem_proto::v1::reward_server::{Reward, RewardServer};
+    use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+    #[derive(Clone, Default)]
+    struct Lengths(Arc<Mutex<Vec<f64>>>);
+
+    #[tonic::async_trait]
+    impl Reward for Lengths {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            let r = req.into_inner();
+            assert!(!r.prompt.is_empty() && !r.answer.is_empty());
+            // 1 + length / 100: a score no built-in verifier gives.
+            let rewards: Vec<f64> = r
+                .completions
+                .iter()
+                .map(|c| 1.0 + c.chars().count() as f64 / 100.0)
+                .collect();
+            self.0.lock().unwrap().extend(&rewards);
+            Ok(tonic::Response::new(ScoreReply { rewards }))
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let service = Lengths::default();
+    let seen = service.0.clone();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RewardServer::new(service),
+                tandem_proto::auth::RequireToken::new(TOKEN),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 4;
+    let text = config(dir.path(), &model, steps, 1, "").replace(
+        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
+        &format!("math = 0.0\nservice = \"{addr}\"\nservice_weight = 2.0"),
+    );
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(120));
+    let scored = seen.lock().unwrap().clone();
+    assert!(
+        scored.len() >= (steps * 2 * 4) as usize,
+        "the service scored {} completions",
+        scored.len()
+    );
+    for (_, rows) in batches(&c.run) {
+        for r in rows {
+            let reward = r["reward"].as_f64().unwrap();
+            assert!(
+                scored.iter().any(|s| (2.0 * s - reward).abs() < 1e-9),
+                "reward {reward} is not service_weight × a score the service gave"
+            );
         }
     }
 }

@@ -1,0 +1,175 @@
+//! `tandem report RUN_DIR`: plots of a run (reward, staleness, throughput over steps)
+//! as SVG, and a summary, from `RUN_DIR/metrics.jsonl`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use plotters::prelude::*;
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The run's folder (holds metrics.jsonl).
+    run_dir: PathBuf,
+    /// Where the plots and summary go (default: RUN_DIR/report).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One plotted series: name and (step, value) points.
+type Series = (String, Vec<(f64, f64)>);
+
+pub fn run(a: ReportArgs) -> Result<()> {
+    let path = a.run_dir.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        rows.push(v);
+    }
+    if rows.is_empty() {
+        bail!("{}: no steps yet", path.display());
+    }
+    let out = a.out.unwrap_or_else(|| a.run_dir.join("report"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let get = |r: &Value, k: &str| r[k].as_f64();
+    let series = |k: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| Some((get(r, "step")?, get(r, k)?)))
+            .collect()
+    };
+    // Throughput: completion tokens trained per wall second between consecutive steps.
+    let mut throughput = Vec::new();
+    for w in rows.windows(2) {
+        if let (Some(s), Some(t0), Some(t1), Some(n)) = (
+            get(&w[1], "step"),
+            get(&w[0], "unix_time"),
+            get(&w[1], "unix_time"),
+            get(&w[1], "tokens"),
+        ) {
+            if t1 > t0 {
+                throughput.push((s, n / (t1 - t0)));
+            }
+        }
+    }
+    let plots: Vec<(&str, &str, Vec<Series>)> = vec![
+        (
+            "reward.svg",
+            "reward (mean over the step's samples)",
+            vec![("reward_mean".into(), series("reward_mean"))],
+        ),
+        (
+            "staleness.svg",
+            "staleness (versions behind the policy)",
+            vec![
+                ("mean".into(), series("staleness_mean")),
+                ("max".into(), series("staleness_max")),
+            ],
+        ),
+        (
+            "throughput.svg",
+            "trained completion tokens / s",
+            vec![("tokens/s".into(), throughput.clone())],
+        ),
+        (
+            "loss.svg",
+            "loss, KL to the reference, mismatch KL",
+            vec![
+                ("loss".into(), series("loss")),
+                ("kl".into(), series("kl")),
+                ("mismatch_kl".into(), series("mismatch_kl")),
+            ],
+        ),
+    ];
+    for (file, title, s) in &plots {
+        plot(&out.join(file), title, s)?;
+    }
+    let first = &rows[0];
+    let last = &rows[rows.len() - 1];
+    let mean_of = |k: &str, xs: &[Value]| {
+        xs.iter().filter_map(|r| get(r, k)).sum::<f64>() / xs.len().max(1) as f64
+    };
+    let n = rows.len().min(5);
+    let duration = get(last, "unix_time").unwrap_or(0.0) - get(first, "unix_time").unwrap_or(0.0)
+        + get(first, "step_seconds").unwrap_or(0.0);
+    let summary = serde_json::json!({
+        "steps": get(last, "step"),
+        "wall_seconds": duration,
+        "reward_first_5": mean_of("reward_mean", &rows[..n]),
+        "reward_last_5": mean_of("reward_mean", &rows[rows.len() - n..]),
+        "staleness_max": rows.iter().filter_map(|r| get(r, "staleness_max")).fold(0.0, f64::max),
+        "mismatch_kl_max": rows.iter().filter_map(|r| get(r, "mismatch_kl")).fold(0.0, f64::max),
+        "tokens_per_second_mean": throughput.iter().map(|p| p.1).sum::<f64>() / throughput.len().max(1) as f64,
+        "plots": plots.iter().map(|p| p.0).collect::<Vec<_>>(),
+    });
+    let sp = out.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", sp.display()))?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("plots and summary in {}", out.display());
+    Ok(())
+}
+
+fn plot(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    let all: Vec<&(f64, f64)> = series.iter().flat_map(|s| s.1.iter()).collect();
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    let (x0, x1) = if x0.is_finite() {
+        (x0, x1.max(x0 + 1.0))
+    } else {
+        (0.0, 1.0)
+    };
+    let (y0, y1) = if y0.is_finite() {
+        let pad = ((y1 - y0) * 0.05).max(1e-6);
+        (y0 - pad, y1 + pad)
+    } else {
+        (0.0, 1.0)
+    };
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    let root = SVGBackend::new(path, (800, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
