@@ -459,6 +459,28 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     );
 
     let families = parse_prometheus(&metrics_text);
+    // Prometheus's own checker too, where Debian's prometheus package is installed.
+    if let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics_text.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     for name in [
         "tandem_policy_version",
         "tandem_generator_policy_version",

@@ -443,7 +443,14 @@ impl Coordinator for CoordinatorService {
         core.step = r.step;
         core.buffer_groups = r.buffer_groups;
         for (k, v) in &r.metrics {
-            metrics::gauge!(m::train_metric_name(k)).set(*v);
+            let name = m::train_metric_name(k);
+            if !core.train_metrics.contains_key(k) {
+                metrics::describe_gauge!(
+                    name.clone(),
+                    format!("Training step metric `{k}` of the latest step")
+                );
+            }
+            metrics::gauge!(name).set(*v);
             core.train_metrics.insert(k.clone(), *v);
         }
         core.max_staleness_seen = r.staleness.iter().copied().max().unwrap_or(0);

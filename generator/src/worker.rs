@@ -340,19 +340,19 @@ impl Worker {
                 )
             })?
         })?;
-        let (version, dtype, bytes) = fetched;
-        self.model.model.params().assign_bytes(&bytes, &dtype)?;
+        let (version, dtype, chunks) = fetched;
+        let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
+        self.model.model.params().assign_chunks(&slices, &dtype)?;
+        let n: usize = slices.iter().map(|c| c.len()).sum();
         self.beat.held.store(version, Ordering::SeqCst);
-        self.beat
-            .sync_bytes
-            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        self.beat.sync_bytes.fetch_add(n as u64, Ordering::SeqCst);
         let secs = t0.elapsed().as_secs_f64();
         if let Ok(mut s) = self.beat.syncs.lock() {
             s.push(secs);
         }
         tracing::info!(
             version,
-            mib = bytes.len() as f64 / (1 << 20) as f64,
+            mib = n as f64 / (1 << 20) as f64,
             seconds = secs,
             "weights updated"
         );

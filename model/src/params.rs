@@ -182,6 +182,12 @@ impl ParamStore {
     /// Assigns weights from [`Self::to_bytes`]'s form in place. The length must match
     /// this model's parameters exactly; nothing is written otherwise.
     pub fn assign_bytes(&self, bytes: &[u8], dtype: &str) -> Result<()> {
+        self.assign_chunks(&[bytes], dtype)
+    }
+
+    /// Like [`Self::assign_bytes`] for the concatenation of `chunks` (received buckets),
+    /// without first copying them into one buffer.
+    pub fn assign_chunks(&self, chunks: &[&[u8]], dtype: &str) -> Result<()> {
         let dt = match dtype {
             "f32" => DType::F32,
             "bf16" => DType::BF16,
@@ -193,20 +199,46 @@ impl ParamStore {
             }
         };
         let need = self.numel() * dt.size_in_bytes();
-        if bytes.len() != need {
+        let got: usize = chunks.iter().map(|c| c.len()).sum();
+        if got != need {
             return Err(Error::invalid(format!(
-                "weights: {} bytes of {dtype}, but this model's {} parameters need {need}",
-                bytes.len(),
+                "weights: {got} bytes of {dtype}, but this model's {} parameters need {need}",
                 self.numel()
             )));
         }
         let mut tensors = HashMap::with_capacity(self.vars.len());
-        let mut at = 0;
+        let (mut chunk, mut at) = (0usize, 0usize);
+        let mut scratch = Vec::new();
         for (name, v) in self.iter() {
             let n = v.elem_count() * dt.size_in_bytes();
-            let t = Tensor::from_raw_buffer(&bytes[at..at + n], dt, v.dims(), &Device::Cpu)?;
+            // Skip exhausted chunks; a tensor inside one chunk is read in place,
+            // one that straddles chunks is gathered first.
+            while chunk < chunks.len() && at == chunks[chunk].len() {
+                chunk += 1;
+                at = 0;
+            }
+            let t = if n == 0 || (chunk < chunks.len() && at + n <= chunks[chunk].len()) {
+                let slice = if n == 0 {
+                    &[][..]
+                } else {
+                    &chunks[chunk][at..at + n]
+                };
+                at += n;
+                Tensor::from_raw_buffer(slice, dt, v.dims(), &Device::Cpu)?
+            } else {
+                scratch.clear();
+                while scratch.len() < n {
+                    let take = (n - scratch.len()).min(chunks[chunk].len() - at);
+                    scratch.extend_from_slice(&chunks[chunk][at..at + take]);
+                    at += take;
+                    if at == chunks[chunk].len() && scratch.len() < n {
+                        chunk += 1;
+                        at = 0;
+                    }
+                }
+                Tensor::from_raw_buffer(&scratch, dt, v.dims(), &Device::Cpu)?
+            };
             tensors.insert(name.to_string(), t);
-            at += n;
         }
         self.assign(&tensors)
     }

@@ -122,4 +122,12 @@ fn weight_bytes_round_trip_into_another_model() {
     );
     b.model.params().assign_bytes(&bytes, dtype).unwrap();
     assert_eq!(logits(&b, &ids), logits(&a, &ids));
+
+    // The same from uneven chunks (received buckets), tensors straddling their edges.
+    let c = tandem_model::preset::init("tiny", 3, &Device::Cpu).unwrap();
+    let cuts = [0, 1000, 1007, 70_001, bytes.len() - 3, bytes.len()];
+    let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &bytes[w[0]..w[1]]).collect();
+    c.model.params().assign_chunks(&chunks, dtype).unwrap();
+    assert_eq!(logits(&c, &ids), logits(&a, &ids));
+    assert!(c.model.params().assign_chunks(&chunks[..4], dtype).is_err());
 }

@@ -45,7 +45,9 @@ pub fn split(version: u64, dtype: &str, bytes: &Bytes, bucket_bytes: usize) -> V
 /// Reassembles one version; every error names what did not match.
 #[derive(Default)]
 pub struct Assembler {
-    buf: Vec<u8>,
+    /// The verified payloads, in order (they share the received buffers: no copy).
+    chunks: Vec<Bytes>,
+    received: u64,
     version: u64,
     dtype: String,
     count: u32,
@@ -75,7 +77,8 @@ impl Assembler {
             self.dtype = b.dtype.clone();
             self.count = b.count;
             self.total = b.total_bytes;
-            self.buf = Vec::with_capacity(b.total_bytes as usize);
+            self.chunks = Vec::with_capacity(b.count as usize);
+            self.received = 0;
         }
         let at = format!("weights v{} bucket {}/{}", b.version, b.index, b.count);
         if b.version != self.version
@@ -85,14 +88,13 @@ impl Assembler {
         {
             return Err(format!("{at}: header differs from the first bucket's"));
         }
-        if b.index != self.next || b.offset != self.buf.len() as u64 {
+        if b.index != self.next || b.offset != self.received {
             return Err(format!(
                 "{at}: out of order (expected bucket {} at byte {})",
-                self.next,
-                self.buf.len()
+                self.next, self.received
             ));
         }
-        if self.buf.len() as u64 + b.data.len() as u64 > self.total {
+        if self.received + b.data.len() as u64 > self.total {
             return Err(format!(
                 "{at}: more bytes than the announced {}",
                 self.total
@@ -105,24 +107,21 @@ impl Assembler {
                 b.crc32
             ));
         }
-        self.buf.extend_from_slice(&b.data);
+        self.received += b.data.len() as u64;
+        self.chunks.push(b.data);
         self.next += 1;
         Ok(())
     }
 
-    /// The version, dtype and bytes, once every bucket has arrived.
-    pub fn finish(self) -> Result<(u64, String, Vec<u8>), String> {
-        if self.next == 0 || self.next != self.count || self.buf.len() as u64 != self.total {
+    /// The version, dtype and the payloads in order, once every bucket has arrived.
+    pub fn finish(self) -> Result<(u64, String, Vec<Bytes>), String> {
+        if self.next == 0 || self.next != self.count || self.received != self.total {
             return Err(format!(
                 "weights v{}: stream ended after {} of {} buckets ({} of {} bytes)",
-                self.version,
-                self.next,
-                self.count,
-                self.buf.len(),
-                self.total
+                self.version, self.next, self.count, self.received, self.total
             ));
         }
-        Ok((self.version, self.dtype, self.buf))
+        Ok((self.version, self.dtype, self.chunks))
     }
 }
 
@@ -142,7 +141,9 @@ mod tests {
         for p in parts.clone() {
             a.push(p).unwrap();
         }
-        assert_eq!(a.finish().unwrap(), (3, "f32".to_string(), bytes.to_vec()));
+        let (v, dtype, chunks) = a.finish().unwrap();
+        assert_eq!((v, dtype.as_str()), (3, "f32"));
+        assert_eq!(chunks.concat(), bytes.to_vec());
 
         let mut bad = parts.clone();
         let mut corrupt = bad[2].data.to_vec();
