@@ -1,5 +1,5 @@
-//! Prompt datasets: a JSONL file with TRL's fields, or the built-in synthetic
-//! arithmetic task. The coordinator walks them with a cursor (prompt index 0, 1, …;
+//! Prompt datasets: a JSONL or Parquet file with TRL's fields, or the built-in
+//! synthetic arithmetic task. The coordinator walks them with a cursor (prompt index 0, 1, …;
 //! a file repeats in a new order each epoch).
 //!
 //! JSONL lines: `{"prompt": "text"}` or `{"prompt": [{"role":..,"content":..}, ...]}`
@@ -20,9 +20,9 @@ use crate::error::{invalid, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// arithmetic | jsonl.
+    /// arithmetic | jsonl | parquet.
     pub kind: DataKind,
-    /// The JSONL file (kind = "jsonl").
+    /// The prompt file (kind = "jsonl" or "parquet").
     pub path: Option<PathBuf>,
     /// Digits of each operand (arithmetic): 1 → 0..=9, 2 → 10..=99.
     pub digits: u32,
@@ -45,6 +45,7 @@ pub struct DataConfig {
 pub enum DataKind {
     Arithmetic,
     Jsonl,
+    Parquet,
 }
 
 impl Default for DataConfig {
@@ -105,13 +106,16 @@ impl Dataset {
                 template: cfg.template.clone(),
                 seed: cfg.seed,
             }),
-            DataKind::Jsonl => {
-                let path = cfg
-                    .path
-                    .as_deref()
-                    .ok_or_else(|| invalid("[data] path: required with kind = \"jsonl\""))?;
+            DataKind::Jsonl | DataKind::Parquet => {
+                let path = cfg.path.as_deref().ok_or_else(|| {
+                    invalid("[data] path: required with kind = \"jsonl\" or \"parquet\"")
+                })?;
                 Dataset::Rows {
-                    rows: read_jsonl(path)?,
+                    rows: if cfg.kind == DataKind::Jsonl {
+                        read_jsonl(path)?
+                    } else {
+                        read_parquet(path)?
+                    },
                     shuffle: cfg.shuffle,
                     seed: cfg.seed,
                 }
@@ -173,8 +177,8 @@ impl DataConfig {
         if self.kind == DataKind::Arithmetic && !self.template.contains("{question}") {
             return bad("template", "must contain `{question}`");
         }
-        if self.kind == DataKind::Jsonl && self.path.is_none() {
-            return bad("path", "required with kind = \"jsonl\"");
+        if self.kind != DataKind::Arithmetic && self.path.is_none() {
+            return bad("path", "required with kind = \"jsonl\" or \"parquet\"");
         }
         Ok(())
     }
@@ -255,64 +259,135 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
         }
         let at = format!("{}:{}", path.display(), n + 1);
         let line: Line = serde_json::from_str(raw).map_err(|e| invalid(format!("{at}: {e}")))?;
-        let body = match (line.prompt, line.messages) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(format!(
-                    "{at}: give `prompt` or `messages`, not both"
-                )))
-            }
-            (None, None) => return Err(invalid(format!("{at}: needs `prompt` or `messages`"))),
-            (Some(serde_json::Value::String(s)), None) => PromptBody::Text(s),
-            (Some(v @ serde_json::Value::Array(_)), None) => PromptBody::Messages(
-                serde_json::from_value(v)
-                    .map_err(|e| invalid(format!("{at}: `prompt` as a conversation: {e}")))?,
-            ),
-            (Some(_), None) => {
-                return Err(invalid(format!(
-                    "{at}: `prompt` must be a string or a list of {{role, content}} messages"
-                )))
-            }
-            (None, Some(mut m)) => {
-                if m.last().is_some_and(|t| t.role == "assistant") {
-                    m.pop();
-                }
-                PromptBody::Messages(m)
-            }
-        };
-        match &body {
-            PromptBody::Text(s) if s.trim().is_empty() => {
-                return Err(invalid(format!("{at}: `prompt` is empty")))
-            }
-            PromptBody::Messages(m) if m.is_empty() => {
-                return Err(invalid(format!(
-                    "{at}: the conversation has no prompt turn"
-                )))
-            }
-            PromptBody::Messages(m) => {
-                if let Some((i, t)) = m.iter().enumerate().find(|(_, t)| {
-                    !["system", "user", "assistant", "tool"].contains(&t.role.as_str())
-                }) {
-                    return Err(invalid(format!(
-                        "{at}: message {i} has role {:?}; use system, user, assistant or tool",
-                        t.role
-                    )));
-                }
-            }
-            _ => {}
-        }
-        let answer =
-            match line.answer.or(line.ground_truth) {
-                None | Some(serde_json::Value::Null) => None,
-                Some(v) => Some(answer_text(&v).ok_or_else(|| {
-                    invalid(format!("{at}: `answer` must be a string or a number"))
-                })?),
-            };
-        rows.push(Prompt { body, answer });
+        rows.push(parse_row(line, &at)?);
     }
     if rows.is_empty() {
         return Err(invalid(format!("{}: no prompts", path.display())));
     }
     Ok(rows)
+}
+
+/// Reads a Parquet prompt file with the same columns as the JSONL form (`prompt` as a
+/// string or a list of `{role, content}` structs, or `messages`; `answer` or
+/// `ground_truth`); a null cell counts as absent. Errors name `FILE row N`.
+pub fn read_parquet(path: &Path) -> Result<Vec<Prompt>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path)
+        .map_err(|e| invalid(format!("[data] path: cannot read {}: {e}", path.display())))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| invalid(format!("{}: not a Parquet file: {e}", path.display())))?;
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let mut rows = Vec::new();
+    for (n, row) in iter.enumerate() {
+        let at = format!("{} row {}", path.display(), n + 1);
+        let row = row.map_err(|e| invalid(format!("{at}: {e}")))?;
+        let mut obj = serde_json::Map::new();
+        for (name, field) in row.get_column_iter() {
+            let v = row_value(field);
+            if !v.is_null() {
+                obj.insert(name.clone(), v);
+            }
+        }
+        let line: Line = serde_json::from_value(serde_json::Value::Object(obj))
+            .map_err(|e| invalid(format!("{at}: {e}")))?;
+        rows.push(parse_row(line, &at)?);
+    }
+    if rows.is_empty() {
+        return Err(invalid(format!("{}: no prompts", path.display())));
+    }
+    Ok(rows)
+}
+
+/// A Parquet cell as JSON (strings, numbers, lists and structs; null for the rest).
+fn row_value(f: &parquet::record::Field) -> serde_json::Value {
+    use parquet::record::Field;
+    match f {
+        Field::Str(s) => s.clone().into(),
+        Field::Bool(b) => (*b).into(),
+        Field::Byte(x) => (*x).into(),
+        Field::Short(x) => (*x).into(),
+        Field::Int(x) => (*x).into(),
+        Field::Long(x) => (*x).into(),
+        Field::UByte(x) => (*x).into(),
+        Field::UShort(x) => (*x).into(),
+        Field::UInt(x) => (*x).into(),
+        Field::ULong(x) => (*x).into(),
+        Field::Float(x) => f64::from(*x).into(),
+        Field::Double(x) => (*x).into(),
+        Field::ListInternal(l) => l
+            .elements()
+            .iter()
+            .map(row_value)
+            .collect::<Vec<_>>()
+            .into(),
+        Field::Group(g) => g
+            .get_column_iter()
+            .map(|(k, v)| (k.clone(), row_value(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// One row (JSONL line or Parquet row) as a prompt; `at` locates it in errors.
+fn parse_row(line: Line, at: &str) -> Result<Prompt> {
+    let body = match (line.prompt, line.messages) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(format!(
+                "{at}: give `prompt` or `messages`, not both"
+            )))
+        }
+        (None, None) => return Err(invalid(format!("{at}: needs `prompt` or `messages`"))),
+        (Some(serde_json::Value::String(s)), None) => PromptBody::Text(s),
+        (Some(v @ serde_json::Value::Array(_)), None) => PromptBody::Messages(
+            serde_json::from_value(v)
+                .map_err(|e| invalid(format!("{at}: `prompt` as a conversation: {e}")))?,
+        ),
+        (Some(_), None) => {
+            return Err(invalid(format!(
+                "{at}: `prompt` must be a string or a list of {{role, content}} messages"
+            )))
+        }
+        (None, Some(mut m)) => {
+            if m.last().is_some_and(|t| t.role == "assistant") {
+                m.pop();
+            }
+            PromptBody::Messages(m)
+        }
+    };
+    match &body {
+        PromptBody::Text(s) if s.trim().is_empty() => {
+            return Err(invalid(format!("{at}: `prompt` is empty")))
+        }
+        PromptBody::Messages(m) if m.is_empty() => {
+            return Err(invalid(format!(
+                "{at}: the conversation has no prompt turn"
+            )))
+        }
+        PromptBody::Messages(m) => {
+            if let Some((i, t)) = m
+                .iter()
+                .enumerate()
+                .find(|(_, t)| !["system", "user", "assistant", "tool"].contains(&t.role.as_str()))
+            {
+                return Err(invalid(format!(
+                    "{at}: message {i} has role {:?}; use system, user, assistant or tool",
+                    t.role
+                )));
+            }
+        }
+        _ => {}
+    }
+    let answer = match line.answer.or(line.ground_truth) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            answer_text(&v)
+                .ok_or_else(|| invalid(format!("{at}: `answer` must be a string or a number")))?,
+        ),
+    };
+    Ok(Prompt { body, answer })
 }
 
 #[cfg(test)]
@@ -408,6 +483,38 @@ mod tests {
             let e = read_jsonl(&path).unwrap_err().to_string();
             assert!(e.contains("p.jsonl:2") && e.contains(needle), "{line}: {e}");
         }
+    }
+
+    /// A Parquet file written by pyarrow (tools/make_prompt_parquet.py) reads like JSONL.
+    #[test]
+    fn parquet_rows_read_like_jsonl() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/prompts.parquet");
+        let cfg = DataConfig {
+            kind: DataKind::Parquet,
+            path: Some(path.clone()),
+            shuffle: false,
+            ..Default::default()
+        };
+        let d = Dataset::load(&cfg).unwrap();
+        assert_eq!(d.epoch_len(), Some(3));
+        assert_eq!(d.get(0).body, PromptBody::Text("What is 2+2?".into()));
+        assert_eq!(d.get(0).answer.as_deref(), Some("4"));
+        let PromptBody::Messages(m) = d.get(1).body else {
+            panic!()
+        };
+        assert_eq!(
+            m.iter().map(|t| t.role.as_str()).collect::<Vec<_>>(),
+            ["system", "user"]
+        );
+        assert_eq!(m[1].content, "Capital of France?");
+        assert_eq!(d.get(1).answer.as_deref(), Some("Paris"));
+        assert_eq!(d.get(2).answer, None);
+        assert_eq!(d.get(3), d.get(0), "the second epoch starts over");
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("x.parquet");
+        std::fs::write(&bad, "not parquet").unwrap();
+        let e = read_parquet(&bad).unwrap_err().to_string();
+        assert!(e.contains("x.parquet") && e.contains("Parquet"), "{e}");
     }
 
     #[test]
