@@ -139,27 +139,8 @@ pub fn run(a: SystemBench) -> Result<()> {
             json!({"measured": r, "train_step_seconds": step, "transport_fraction": frac});
     }
     if want("async") {
-        let mut real = serde_json::Map::new();
-        for eta in [0u64, 1, 2] {
-            let secs = loop_run(&a, eta, false)?;
-            let per_hour = a.steps as f64 / secs * 3600.0;
-            eprintln!("tiny model, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
-            real.insert(
-                format!("max_staleness_{eta}"),
-                json!({"seconds": secs, "steps_per_hour": per_hour}),
-            );
-        }
-        out["async_tiny_model"] = Value::Object(real);
-        let mut runs = serde_json::Map::new();
-        for eta in [0u64, 1, 2] {
-            let secs = loop_run(&a, eta, true)?;
-            let per_hour = a.steps as f64 / secs * 3600.0;
-            eprintln!("mock run, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour", a.steps);
-            runs.insert(
-                format!("max_staleness_{eta}"),
-                json!({"seconds": secs, "steps_per_hour": per_hour}),
-            );
-        }
+        out["async_tiny_model"] = Value::Object(staleness_sweep(&a, false, "tiny model")?);
+        let runs = staleness_sweep(&a, true, "mock run")?;
         let s0 = runs["max_staleness_0"]["steps_per_hour"]
             .as_f64()
             .unwrap_or(0.0);
@@ -432,6 +413,28 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
         None,
     )?;
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Steps/hour of `tandem run` at max_staleness 0, 1, 2.
+fn staleness_sweep(
+    a: &SystemBench,
+    mock: bool,
+    label: &str,
+) -> Result<serde_json::Map<String, Value>> {
+    let mut runs = serde_json::Map::new();
+    for eta in [0u64, 1, 2] {
+        let secs = loop_run(a, eta, mock)?;
+        let per_hour = a.steps as f64 / secs * 3600.0;
+        eprintln!(
+            "{label}, max_staleness {eta}: {secs:.1} s for {} steps = {per_hour:.0} steps/hour",
+            a.steps
+        );
+        runs.insert(
+            format!("max_staleness_{eta}"),
+            json!({"seconds": secs, "steps_per_hour": per_hour}),
+        );
+    }
+    Ok(runs)
 }
 
 /// Seconds of `tandem run`'s loop (first step's start to last step's end) on the
