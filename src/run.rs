@@ -96,6 +96,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     };
     cfg.run.token = None;
+    // For `tandem status` and scrapers while the run goes: readable by this user only.
+    write_private(&run_dir.join("token"), &token)?;
     let cfg_path = run_dir.join("config.toml");
     crate::serve::write_atomic(&cfg_path, &cfg.to_toml()?)?;
 
@@ -259,4 +261,21 @@ fn materialize_model(spec: &str, run_dir: &Path) -> Result<String> {
         tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
     let abs = std::fs::canonicalize(&path).unwrap_or(path);
     Ok(path_str(&abs)?.to_string())
+}
+
+/// Writes a secret readable by this user only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

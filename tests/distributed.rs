@@ -446,6 +446,27 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
                 &std::fs::read_to_string(run.join("coordinator.json")).unwrap(),
             )
             .unwrap();
+            // `tandem status` with the token the run left for this user.
+            let token_file = run.join("token");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "the token file is readable by others");
+            }
+            let st = Command::new(env!("CARGO_BIN_EXE_tandem"))
+                .args(["status", v["grpc"].as_str().unwrap()])
+                .env(
+                    "TANDEM_TOKEN",
+                    std::fs::read_to_string(&token_file).unwrap(),
+                )
+                .output()
+                .unwrap();
+            let table = String::from_utf8_lossy(&st.stdout);
+            assert!(
+                st.status.success() && table.contains("generator") && table.contains("version"),
+                "{table}"
+            );
             break http_get(v["http"].as_str().unwrap(), "/metrics");
         }
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
