@@ -11,16 +11,15 @@
 //!   (gen + train) / max(gen, train).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use tandem_proto::auth::{RequireToken, WithToken};
+use tandem_proto::auth::WithToken;
 use tandem_proto::bucket::Assembler;
 use tandem_proto::client;
-use tandem_proto::v1::trainer_server::TrainerServer;
 use tandem_proto::v1::{
     Completion, FetchWeightsRequest, LeaseRequest, RegisterRequest, Role, RolloutGroup,
 };
@@ -28,7 +27,6 @@ use tandem_trainer::buffer::Buffer;
 use tandem_trainer::ingest::Limits;
 use tandem_trainer::service::{Shared, Snapshot, TrainerService};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::wrappers::TcpListenerStream;
 
 const TOKEN: &str = "bench";
 
@@ -80,36 +78,25 @@ pub fn run(a: SystemBench) -> Result<()> {
     let want = |part: &str| !a.skip.iter().any(|s| s == part);
 
     // A trainer service with this model's weights as version 1, and a coordinator.
-    let shared = Arc::new(Shared {
-        buffer: Mutex::new(Buffer::default()),
-        space: tokio::sync::Notify::new(),
-        capacity: usize::MAX,
-        version: std::sync::atomic::AtomicU64::new(1),
-        weights: RwLock::new(Arc::new(Snapshot {
+    let total = bytes.len();
+    let shared = Arc::new(Shared::new(
+        Buffer::default(),
+        usize::MAX,
+        Snapshot {
             version: 1,
             dtype,
             bytes: bytes.into(),
-        })),
-        dropped: Mutex::new(Default::default()),
-        limits: Limits {
+        },
+        Limits {
             vocab_size: vocab,
             group_size: a.group_size,
             max_completion_tokens: a.completion_tokens,
-            max_prompt_tokens: a.prompt_tokens + a.completion_tokens + 1,
-            policy_version: 1,
+            max_context_tokens: a.prompt_tokens + a.completion_tokens + 1,
         },
-        bucket_bytes: tandem_proto::WEIGHT_BUCKET_BYTES,
-        closed: Default::default(),
-        inflight: Default::default(),
-    });
+        tandem_proto::WEIGHT_BUCKET_BYTES,
+    ));
     let (coord_addr, trainer_addr) = rt.block_on(start_services(shared.clone()))?;
     let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
-    let total = shared
-        .weights
-        .read()
-        .map_err(|_| anyhow!("lock"))?
-        .bytes
-        .len();
 
     if want("weights") {
         for n in [1, a.clients] {
@@ -187,16 +174,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    tokio::spawn(
-        tandem_proto::server()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                TrainerServer::new(svc)
-                    .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(tandem_proto::MAX_MESSAGE_BYTES),
-                RequireToken::new(TOKEN),
-            ))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(tandem_trainer::service::serve(svc, listener, TOKEN));
     // The servers run on the runtime's tasks; `coord` only holds handles to them.
     Ok((coord.grpc.to_string(), addr))
 }
@@ -235,6 +213,7 @@ async fn fetch_all(addr: &str, token: &WithToken, n: usize) -> Result<f64> {
 /// The same bytes over plain loopback TCP to n concurrent readers; seconds (best of 2).
 async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
     let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
+    let total = snap.bytes.len();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -253,12 +232,6 @@ async fn raw_tcp(shared: Arc<Shared>, n: usize) -> Result<f64> {
             });
         }
     });
-    let total = shared
-        .weights
-        .read()
-        .map_err(|_| anyhow!("lock"))?
-        .bytes
-        .len();
     let mut best = f64::INFINITY;
     for _ in 0..2 {
         let t0 = Instant::now();

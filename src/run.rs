@@ -85,14 +85,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         std::fs::remove_file(run_dir.join("metrics.jsonl"))?;
     }
     // Resolve the model once, here, so the processes do not race to fetch or create it.
-    cfg.model.path = materialize_model(&cfg.model.path, &run_dir)?;
+    cfg.model.path = materialize_model(&cfg.model.path)?;
     let token = match (std::env::var("TANDEM_TOKEN").ok(), &cfg.run.token) {
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(t)) => t.clone(),
         _ => {
             let mut b = [0u8; 16];
             rand::rng().fill_bytes(&mut b);
-            hex(&b)
+            hex::encode(b)
         }
     };
     cfg.run.token = None;
@@ -242,20 +242,13 @@ fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A model path every process can load: presets are written to RUN_DIR/base-model,
-/// named models are fetched into the cache.
-fn materialize_model(spec: &str, run_dir: &Path) -> Result<String> {
+/// A model path every process can load: named models are fetched into the cache once,
+/// here; presets stay as they are (each process builds the same seeded model).
+fn materialize_model(spec: &str) -> Result<String> {
     if let Some(name) = spec.strip_prefix("preset:") {
-        let out = run_dir.join("base-model");
-        let p = tandem_model::preset::init(name, 0, &crate::device()?)
-            .with_context(|| format!("[model] path: preset {name:?}"))?;
-        tandem_model::save_hf(&p.model, &p.tokenizer, &out)
-            .with_context(|| format!("writing {}", out.display()))?;
-        return Ok(path_str(&out)?.to_string());
+        tandem_model::preset::preset_config(name)
+            .with_context(|| format!("[model] path: {spec}"))?;
+        return Ok(spec.to_string());
     }
     let path =
         tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;

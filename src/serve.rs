@@ -4,20 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use tandem_proto::auth::{RequireToken, WithToken};
+use tandem_proto::auth::WithToken;
 use tandem_proto::client;
-use tandem_proto::health::HealthService;
-use tandem_proto::v1::health_server::HealthServer;
-use tandem_proto::v1::trainer_server::TrainerServer;
 use tandem_proto::v1::{
     HeartbeatRequest, LeaveRequest, PublishVersionRequest, RegisterRequest, Role,
 };
-use tandem_proto::MAX_MESSAGE_BYTES;
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::buffer::Buffer;
 use tandem_trainer::checkpoint;
@@ -26,7 +22,6 @@ use tandem_trainer::learner::{self, Learner, Plan};
 use tandem_trainer::service::{Shared, TrainerService};
 use tandem_trainer::step::Optimizer;
 use tandem_trainer::value::ValueHead;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::run_config::RunConfig;
 
@@ -220,43 +215,25 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     }
     let kept: Vec<u64> = start_buffer.groups().map(|g| g.lease_id).collect();
     let mc = policy.model.config();
-    let shared = Arc::new(Shared {
-        buffer: Mutex::new(start_buffer),
-        space: tokio::sync::Notify::new(),
-        capacity: cfg.trainer.buffer_capacity,
-        version: std::sync::atomic::AtomicU64::new(start_version),
-        weights: RwLock::new(Arc::new(learner::snapshot(&policy.model, start_version)?)),
-        dropped: Mutex::new(Default::default()),
-        limits: Limits {
+    let shared = Arc::new(Shared::new(
+        start_buffer,
+        cfg.trainer.buffer_capacity,
+        learner::snapshot(&policy.model, start_version)?,
+        Limits {
             vocab_size: mc.vocab_size,
             group_size: cfg.run.group_size as usize,
             max_completion_tokens: cfg.generator.max_new_tokens,
-            max_prompt_tokens: mc.max_position_embeddings,
-            policy_version: start_version,
+            max_context_tokens: mc.max_position_embeddings,
         },
-        bucket_bytes: cfg.trainer.bucket_mib << 20,
-        closed: Default::default(),
-        inflight: Default::default(),
-    });
+        cfg.trainer.bucket_mib << 20,
+    ));
     let svc = TrainerService {
         shared: shared.clone(),
         coordinator: coord.clone(),
     };
     let raw_token = token(None)?;
     rt.spawn(async move {
-        let r = tandem_proto::server()
-            .add_service(HealthServer::with_interceptor(
-                HealthService { service: "trainer" },
-                RequireToken::new(&raw_token),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                TrainerServer::new(svc)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                RequireToken::new(&raw_token),
-            ))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await;
+        let r = tandem_trainer::service::serve(svc, listener, &raw_token).await;
         if let Err(e) = r {
             tracing::error!("trainer gRPC server stopped: {e}");
         }
@@ -333,9 +310,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         version: start_version,
     };
     while learner.step < cfg.run.steps {
-        let Some(report) = learner.step_once(&shared, &|| false)? else {
-            break;
-        };
+        let report = learner.step_once(&shared)?;
         learner.log(&report)?;
         let last = learner.step == cfg.run.steps;
         if last {

@@ -36,12 +36,12 @@ pub struct Core {
     pub members: Members,
     pub version: u64,
     pub step: u64,
-    pub finished: bool,
     pub train_metrics: BTreeMap<String, f64>,
     pub dropped: BTreeMap<String, u64>,
     pub buffer_groups: u64,
     pub max_staleness_seen: u32,
     tokens: VecDeque<(Instant, u64)>,
+    /// When the trainer published its last step (None while the run goes).
     pub finished_at: Option<Instant>,
     /// Seconds counters (Prometheus counters are float; the `metrics` crate's are not).
     pub trainer_wait_s: f64,
@@ -57,7 +57,6 @@ impl Core {
             members: Members::default(),
             version: 0,
             step: 0,
-            finished: false,
             train_metrics: BTreeMap::new(),
             dropped: BTreeMap::new(),
             buffer_groups: 0,
@@ -72,6 +71,11 @@ impl Core {
     fn count_dropped(&mut self, reason: &str, n: u64) {
         *self.dropped.entry(reason.to_string()).or_default() += n;
         metrics::counter!(m::GROUPS_DROPPED, "reason" => reason.to_string()).increment(n);
+    }
+
+    /// The trainer has published its last step.
+    pub fn finished(&self) -> bool {
+        self.finished_at.is_some()
     }
 
     /// Drops silent workers and re-issues their leases and over-age leases.
@@ -168,7 +172,7 @@ impl Core {
             buffer_groups: self.buffer_groups,
             metrics: self.train_metrics.clone().into_iter().collect(),
             dropped: self.dropped.clone().into_iter().collect(),
-            finished: self.finished,
+            finished: self.finished(),
             tokens_per_second: self.tokens_per_second(now),
             max_staleness_seen: self.max_staleness_seen,
         }
@@ -266,7 +270,7 @@ impl Coordinator for CoordinatorService {
             .trainer_address()
             .unwrap_or_default()
             .to_string();
-        let stop = core.finished;
+        let stop = core.finished();
         let Some(w) = core.members.get_mut(r.worker_id) else {
             return Ok(Response::new(HeartbeatReply {
                 policy_version: version,
@@ -315,7 +319,7 @@ impl Coordinator for CoordinatorService {
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
-        if core.finished {
+        if core.finished() {
             return Ok(Response::new(LeaseReply {
                 stop: true,
                 policy_version: version,
@@ -382,7 +386,7 @@ impl Coordinator for CoordinatorService {
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<CommitReply>, Status> {
         let r = req.into_inner();
         let mut core = self.lock()?;
-        if core.finished {
+        if core.finished() {
             return Ok(Response::new(CommitReply {
                 accepted: false,
                 reason: "finished".into(),
@@ -466,8 +470,7 @@ impl Coordinator for CoordinatorService {
             ));
         }
         core.trainer_wait_s += r.wait_seconds;
-        if r.finished && !core.finished {
-            core.finished = true;
+        if r.finished && !core.finished() {
             core.finished_at = Some(Instant::now());
             tracing::info!(step = r.step, version = r.version, "run finished");
         }

@@ -60,11 +60,8 @@ fn rpc(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Rpc(format!("{what}: {e}"))
 }
 
-/// Registers with the coordinator; returns the worker id and the run's config text.
-pub async fn register(
-    coordinator: &mut CoordinatorClient<Authed>,
-    name: &str,
-) -> Result<(u64, String, u64, String, Duration)> {
+/// Registers again after the coordinator dropped this worker; returns the new id.
+async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str) -> Result<u64> {
     let r = coordinator
         .register(RegisterRequest {
             role: Role::Generator as i32,
@@ -72,15 +69,8 @@ pub async fn register(
             address: String::new(),
         })
         .await
-        .map_err(|e| rpc("registering with the coordinator", e.message()))?
-        .into_inner();
-    Ok((
-        r.worker_id,
-        r.config_toml,
-        r.policy_version,
-        r.trainer_address,
-        Duration::from_millis(r.heartbeat_interval_ms.max(1)),
-    ))
+        .map_err(|e| rpc("registering with the coordinator", e.message()))?;
+    Ok(r.into_inner().worker_id)
 }
 
 /// Streams groups to the trainer and keeps each until it is acknowledged, so a broken
@@ -262,7 +252,7 @@ impl Worker {
                             tracing::warn!(
                                 "the coordinator dropped this generator; registering again"
                             );
-                            if let Ok((id, ..)) = register(&mut coord, &name).await {
+                            if let Ok(id) = register_again(&mut coord, &name).await {
                                 beat.worker_id.store(id, Ordering::SeqCst);
                             }
                         }

@@ -35,13 +35,6 @@ pub fn bucket(
     }
 }
 
-/// Cuts `bytes` into buckets of at most `bucket_bytes` for version `version`.
-pub fn split(version: u64, dtype: &str, bytes: &Bytes, bucket_bytes: usize) -> Vec<WeightBucket> {
-    (0..count(bytes.len(), bucket_bytes))
-        .map(|i| bucket(version, dtype, bytes, bucket_bytes, i))
-        .collect()
-}
-
 /// Reassembles one version; every error names what did not match.
 #[derive(Default)]
 pub struct Assembler {
@@ -135,7 +128,9 @@ mod tests {
             .map(|i| (i * 7) as u8)
             .collect::<Vec<u8>>()
             .into();
-        let parts = split(3, "f32", &bytes, 300);
+        let parts: Vec<WeightBucket> = (0..count(bytes.len(), 300))
+            .map(|i| bucket(3, "f32", &bytes, 300, i))
+            .collect();
         assert_eq!(parts.len(), 4);
         let mut a = Assembler::default();
         for p in parts.clone() {

@@ -10,22 +10,21 @@ pub struct Limits {
     pub group_size: usize,
     /// Longest completion accepted.
     pub max_completion_tokens: usize,
-    /// Longest prompt accepted (the model's context).
-    pub max_prompt_tokens: usize,
-    /// The newest published version: no token may claim a newer one.
-    pub policy_version: u64,
+    /// Longest prompt + completion accepted (the model's context).
+    pub max_context_tokens: usize,
 }
 
-/// Returns the first problem found, naming the field.
-pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
+/// Returns the first problem found, naming the field. `policy_version` is the newest
+/// published version: no token may claim a newer one.
+pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<(), String> {
     if g.lease_id == 0 {
         return Err("lease_id: must be a lease the coordinator granted (≥ 1)".into());
     }
-    if g.prompt_ids.is_empty() || g.prompt_ids.len() > l.max_prompt_tokens {
+    if g.prompt_ids.is_empty() || g.prompt_ids.len() > l.max_context_tokens {
         return Err(format!(
             "prompt_ids: {} tokens, must be 1..={}",
             g.prompt_ids.len(),
-            l.max_prompt_tokens
+            l.max_context_tokens
         ));
     }
     if let Some((i, id)) = g
@@ -54,10 +53,10 @@ pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
                 l.max_completion_tokens
             ));
         }
-        if g.prompt_ids.len() + n > l.max_prompt_tokens {
+        if g.prompt_ids.len() + n > l.max_context_tokens {
             return Err(format!(
                 "completions[{c}]: prompt + completion exceed the context of {}",
-                l.max_prompt_tokens
+                l.max_context_tokens
             ));
         }
         if let Some((i, id)) = comp
@@ -97,11 +96,11 @@ pub fn check_group(g: &RolloutGroup, l: &Limits) -> Result<(), String> {
             .versions
             .iter()
             .enumerate()
-            .find(|(_, &v)| v > l.policy_version)
+            .find(|(_, &v)| v > policy_version)
         {
             return Err(format!(
                 "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
-                l.policy_version
+                policy_version
             ));
         }
         if !comp.reward.is_finite() {
@@ -145,10 +144,9 @@ mod tests {
             vocab_size: 10,
             group_size: 2,
             max_completion_tokens: 4,
-            max_prompt_tokens: 8,
-            policy_version: 3,
+            max_context_tokens: 8,
         };
-        assert!(check_group(&good(), &l).is_ok());
+        assert!(check_group(&good(), &l, 3).is_ok());
         let cases: Vec<(Box<dyn Fn(&mut RolloutGroup)>, &str)> = vec![
             (Box::new(|g| g.lease_id = 0), "lease_id"),
             (Box::new(|g| g.prompt_ids[1] = 10), "prompt_ids[1]"),
@@ -196,7 +194,7 @@ mod tests {
         for (edit, needle) in cases {
             let mut g = good();
             edit(&mut g);
-            let e = check_group(&g, &l).unwrap_err();
+            let e = check_group(&g, &l, 3).unwrap_err();
             assert!(e.contains(needle), "{needle}: {e}");
         }
     }

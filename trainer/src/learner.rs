@@ -67,12 +67,9 @@ pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
 }
 
 impl Learner {
-    /// Waits (polling the buffer) for a batch; `None` when `stop` says so.
-    fn next_batch(
-        &self,
-        shared: &Shared,
-        stop: &dyn Fn() -> bool,
-    ) -> Option<(Vec<Group>, Vec<Group>, f64)> {
+    /// Waits (polling the buffer) for a batch; returns it, the groups dropped as stale
+    /// meanwhile, and the seconds waited.
+    fn next_batch(&self, shared: &Shared) -> Result<(Vec<Group>, Vec<Group>, f64)> {
         let t0 = Instant::now();
         let mut dropped_total = Vec::new();
         loop {
@@ -82,7 +79,7 @@ impl Learner {
                     self.version,
                     self.plan.max_staleness,
                 ),
-                Err(_) => return None,
+                Err(_) => return Err(invalid("the rollout buffer was poisoned by a panic")),
             };
             if !dropped.is_empty() {
                 shared.space.notify_waiters();
@@ -90,24 +87,15 @@ impl Learner {
             dropped_total.extend(dropped);
             if let Some(batch) = batch {
                 shared.space.notify_waiters();
-                return Some((batch, dropped_total, t0.elapsed().as_secs_f64()));
-            }
-            if stop() {
-                return None;
+                return Ok((batch, dropped_total, t0.elapsed().as_secs_f64()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     /// Runs one step on the next batch; publishes the new version into `shared`.
-    pub fn step_once(
-        &mut self,
-        shared: &Shared,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Option<StepReport>> {
-        let Some((groups, stale_dropped, wait_seconds)) = self.next_batch(shared, stop) else {
-            return Ok(None);
-        };
+    pub fn step_once(&mut self, shared: &Shared) -> Result<StepReport> {
+        let (groups, stale_dropped, wait_seconds) = self.next_batch(shared)?;
         let t0 = Instant::now();
         let rollouts: Vec<Rollout> = groups
             .iter()
@@ -166,7 +154,7 @@ impl Learner {
             *w = Arc::new(snap);
         }
         shared.version.store(self.version, Ordering::SeqCst);
-        Ok(Some(StepReport {
+        Ok(StepReport {
             step: self.step,
             version: self.version,
             metrics,
@@ -175,7 +163,7 @@ impl Learner {
             trained_leases: groups.iter().map(|g| g.lease_id).collect(),
             wait_seconds,
             step_seconds: t0.elapsed().as_secs_f64(),
-        }))
+        })
     }
 
     fn dump(&self, rollouts: &[Rollout]) -> Result<()> {

@@ -48,6 +48,29 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for a trainer that publishes `snapshot` (its version is the current one)
+    /// and starts with `buffer`.
+    pub fn new(
+        buffer: Buffer,
+        capacity: usize,
+        snapshot: Snapshot,
+        limits: Limits,
+        bucket_bytes: usize,
+    ) -> Self {
+        Shared {
+            buffer: Mutex::new(buffer),
+            space: tokio::sync::Notify::new(),
+            capacity,
+            version: AtomicU64::new(snapshot.version),
+            weights: RwLock::new(Arc::new(snapshot)),
+            dropped: Mutex::new(BTreeMap::new()),
+            limits,
+            bucket_bytes,
+            closed: Default::default(),
+            inflight: Default::default(),
+        }
+    }
+
     pub fn count_dropped(&self, reason: &str) {
         if let Ok(mut d) = self.dropped.lock() {
             *d.entry(reason.to_string()).or_default() += 1;
@@ -98,14 +121,11 @@ impl TrainerService {
             reason,
             buffer_groups: shared.buffer_len() as u64,
         };
-        let limits = Limits {
-            policy_version: self.shared.version.load(Ordering::SeqCst),
-            ..self.shared.limits
-        };
         if self.shared.closed.load(Ordering::SeqCst) {
             return refuse("the run is finished".into(), &self.shared);
         }
-        if let Err(e) = check_group(&g, &limits) {
+        let version = self.shared.version.load(Ordering::SeqCst);
+        if let Err(e) = check_group(&g, &self.shared.limits, version) {
             self.shared.count_dropped("invalid");
             tracing::warn!(
                 lease = g.lease_id,
@@ -181,6 +201,32 @@ impl TrainerService {
             buffer_groups: len as u64,
         }
     }
+}
+
+/// Serves the Trainer and Health services on `listener`, every call token-checked,
+/// with Tandem's message limits and transport settings.
+pub async fn serve(
+    svc: TrainerService,
+    listener: tokio::net::TcpListener,
+    token: &str,
+) -> Result<(), tonic::transport::Error> {
+    use tandem_proto::auth::RequireToken;
+    use tandem_proto::v1::health_server::HealthServer;
+    use tandem_proto::v1::trainer_server::TrainerServer;
+    use tandem_proto::MAX_MESSAGE_BYTES;
+    tandem_proto::server()
+        .add_service(HealthServer::with_interceptor(
+            tandem_proto::health::HealthService { service: "trainer" },
+            RequireToken::new(token),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            TrainerServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            RequireToken::new(token),
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
 }
 
 #[tonic::async_trait]
