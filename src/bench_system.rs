@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use tandem_proto::auth::WithToken;
+use tandem_proto::auth::Credentials;
 use tandem_proto::bucket::Assembler;
 use tandem_proto::client;
+use tandem_proto::tls::Tls;
 use tandem_proto::v1::{
     Completion, FetchWeightsRequest, LeaseRequest, RegisterRequest, Role, RolloutGroup,
 };
@@ -28,7 +29,9 @@ use tandem_trainer::ingest::Limits;
 use tandem_trainer::service::{Shared, Snapshot, TrainerService};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TOKEN: &str = "bench";
+fn credentials() -> Result<Credentials> {
+    Credentials::new("bench", Tls::none()).map_err(|e| anyhow!(e))
+}
 
 #[derive(Args, Clone)]
 pub struct SystemBench {
@@ -96,11 +99,11 @@ pub fn run(a: SystemBench) -> Result<()> {
         tandem_proto::WEIGHT_BUCKET_BYTES,
     ));
     let (coord_addr, trainer_addr) = rt.block_on(start_services(shared.clone()))?;
-    let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
+    let creds = credentials()?;
 
     if want("weights") {
         for n in [1, a.clients] {
-            let grpc = rt.block_on(fetch_all(&trainer_addr, &token, n))?;
+            let grpc = rt.block_on(fetch_all(&trainer_addr, &creds, n))?;
             let raw = rt.block_on(raw_tcp(shared.clone(), n))?;
             let (g, r) = (gbps(total * n, grpc), gbps(total * n, raw));
             eprintln!(
@@ -111,7 +114,7 @@ pub fn run(a: SystemBench) -> Result<()> {
         }
     }
     if want("ingest") {
-        let r = rt.block_on(ingest(&a, &coord_addr, &trainer_addr, &token, vocab))?;
+        let r = rt.block_on(ingest(&a, &coord_addr, &trainer_addr, &creds, vocab))?;
         eprintln!(
             "ingest from {}: {:.0} groups/s, {:.1} MB/s; one step's batch of {} groups: {:.1} ms",
             a.clients, r["groups_per_second"], r["mb_per_second"], a.batch_groups, r["batch_ms"]
@@ -163,33 +166,35 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
         config_toml: cfg.to_toml()?,
     };
     let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
-    let coord = tandem_coordinator::server::start(settings, dataset, TOKEN).await?;
-    let token = WithToken::new(TOKEN).map_err(|e| anyhow!(e))?;
-    let ch = client::connect(&coord.grpc.to_string())
+    let creds = credentials()?;
+    let coord = tandem_coordinator::server::start(settings, dataset, &creds).await?;
+    let ch = client::connect(&coord.grpc.to_string(), &creds)
         .await
         .map_err(|e| anyhow!(e))?;
     let svc = TrainerService {
         shared,
-        coordinator: client::coordinator(ch, &token),
+        coordinator: client::coordinator(ch, &creds),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    tokio::spawn(tandem_trainer::service::serve(svc, listener, TOKEN));
+    tokio::spawn(async move { tandem_trainer::service::serve(svc, listener, &creds).await });
     // The servers run on the runtime's tasks; `coord` only holds handles to them.
     Ok((coord.grpc.to_string(), addr))
 }
 
 /// n concurrent receivers each fetch and verify the whole version; seconds (best of 2).
-async fn fetch_all(addr: &str, token: &WithToken, n: usize) -> Result<f64> {
+async fn fetch_all(addr: &str, creds: &Credentials, n: usize) -> Result<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..2 {
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..n {
-            let (addr, token) = (addr.to_string(), token.clone());
+            let (addr, creds) = (addr.to_string(), creds.clone());
             tasks.push(tokio::spawn(async move {
-                let ch = client::connect(&addr).await.map_err(|e| anyhow!(e))?;
-                let mut t = client::trainer(ch, &token);
+                let ch = client::connect(&addr, &creds)
+                    .await
+                    .map_err(|e| anyhow!(e))?;
+                let mut t = client::trainer(ch, &creds);
                 let mut s = t
                     .fetch_weights(FetchWeightsRequest { version: 1 })
                     .await?
@@ -259,21 +264,23 @@ async fn ingest(
     a: &SystemBench,
     coord_addr: &str,
     trainer_addr: &str,
-    token: &WithToken,
+    creds: &Credentials,
     vocab: usize,
 ) -> Result<Value> {
     let mut tasks = Vec::new();
     let t0 = Instant::now();
     for c in 0..a.clients {
-        let (coord_addr, trainer_addr, token, a) = (
+        let (coord_addr, trainer_addr, creds, a) = (
             coord_addr.to_string(),
             trainer_addr.to_string(),
-            token.clone(),
+            creds.clone(),
             a.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let ch = client::connect(&coord_addr).await.map_err(|e| anyhow!(e))?;
-            let mut coord = client::coordinator(ch, &token);
+            let ch = client::connect(&coord_addr, &creds)
+                .await
+                .map_err(|e| anyhow!(e))?;
+            let mut coord = client::coordinator(ch, &creds);
             let id = coord
                 .register(RegisterRequest {
                     role: Role::Generator as i32,
@@ -321,10 +328,10 @@ async fn ingest(
                 })
                 .collect();
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();
-            let ch = client::connect(&trainer_addr)
+            let ch = client::connect(&trainer_addr, &creds)
                 .await
                 .map_err(|e| anyhow!(e))?;
-            let mut t = client::trainer(ch, &token);
+            let mut t = client::trainer(ch, &creds);
             let start = Instant::now();
             let mut acks = t
                 .push_rollouts(tokio_stream::iter(groups))

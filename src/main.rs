@@ -2,12 +2,14 @@
 
 mod bench;
 mod bench_system;
+mod certs;
 mod generate;
 mod model_cmd;
 mod report;
 mod run;
 mod run_config;
 mod score;
+mod security;
 mod serve;
 mod status;
 mod train_step;
@@ -51,6 +53,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Plot a run (reward, staleness, throughput, losses over steps) as SVG and summarise it.
     Report(report::ReportArgs),
+    /// Create a private CA and issue certificates for TLS / mTLS between a run's hosts.
+    TlsCerts(certs::CertsArgs),
 }
 
 /// Keeps freed memory in the process. A training step allocates and frees hundreds of
@@ -89,6 +93,7 @@ fn main() {
         Command::Generator(a) => serve::generator(a),
         Command::Status(a) => status::run(a),
         Command::Report(a) => report::run(a),
+        Command::TlsCerts(a) => certs::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,7 +10,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::RngCore;
-use tandem_proto::auth::WithToken;
 use tandem_proto::client;
 use tandem_proto::v1::StatusRequest;
 
@@ -23,6 +22,8 @@ pub struct RunArgs {
     /// Config overrides, `section.key=value` (repeatable), e.g. --set run.steps=50.
     #[arg(long = "set")]
     overrides: Vec<String>,
+    #[command(flatten)]
+    security: crate::security::SecurityArgs,
 }
 
 struct Proc {
@@ -32,14 +33,14 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, args: &[&str], logs: &Path, token: &str) -> Result<Self> {
+    fn spawn(name: &str, args: &[&str], logs: &Path, env: &[(&str, String)]) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let exe = std::env::current_exe().context("finding the tandem executable")?;
         let child = Command::new(exe)
             .args(args)
-            .env("TANDEM_TOKEN", token)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -97,7 +98,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     cfg.run.token = None;
     // For `tandem status` and scrapers while the run goes: readable by this user only.
-    write_private(&run_dir.join("token"), &token)?;
+    crate::security::write_private(&run_dir.join("token"), &token)?;
+    // Every process gets the token and the TLS files through its environment; the
+    // flags of `tandem run` (or TANDEM_TLS_*) override `[tls]`.
+    let tls_files = a.security.tls_files(Some(&cfg.tls));
+    let creds = a.security.credentials(Some(&token), Some(&cfg.tls))?;
+    let mut env = crate::security::tls_env(&tls_files)?;
+    env.push(("TANDEM_TOKEN", token.clone()));
     let cfg_path = run_dir.join("config.toml");
     crate::serve::write_atomic(&cfg_path, &cfg.to_toml()?)?;
 
@@ -113,7 +120,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             path_str(&addr_file)?,
         ],
         &logs,
-        &token,
+        &env,
     )?]);
     let t0 = Instant::now();
     let addr = loop {
@@ -139,7 +146,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         "trainer",
         &["trainer", "--coordinator", &addr],
         &logs,
-        &token,
+        &env,
     )?);
     for i in 0..cfg.run.generators {
         let name = format!("gen-{i}");
@@ -147,7 +154,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             &name,
             &["generator", "--coordinator", &addr, "--name", &name],
             &logs,
-            &token,
+            &env,
         )?);
     }
     eprintln!(
@@ -159,10 +166,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let with_token = WithToken::new(&token).map_err(|e| anyhow!("token: {e}"))?;
     let mut coord = rt
-        .block_on(client::connect(&addr))
-        .map(|ch| client::coordinator(ch, &with_token))
+        .block_on(client::connect(&addr, &creds))
+        .map(|ch| client::coordinator(ch, &creds))
         .map_err(|e| anyhow!("coordinator: {e}"))?;
     let bar = ProgressBar::new(cfg.run.steps);
     bar.set_style(
@@ -254,21 +260,4 @@ fn materialize_model(spec: &str) -> Result<String> {
         tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
     let abs = std::fs::canonicalize(&path).unwrap_or(path);
     Ok(path_str(&abs)?.to_string())
-}
-
-/// Writes a secret readable by this user only.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    o.mode(0o600);
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -39,6 +39,7 @@ pub struct RunConfig {
     pub reward: RewardConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    pub tls: crate::security::TlsSection,
 }
 
 impl RunConfig {
@@ -230,7 +231,10 @@ mod doc {
                         ("data", "path")
                         | ("data", "system")
                         | ("run", "token")
-                        | ("reward", "service") => "\"x\"".into(),
+                        | ("reward", "service")
+                        | ("tls", "ca")
+                        | ("tls", "cert")
+                        | ("tls", "key") => "\"x\"".into(),
                         other => panic!("a new optional key {other:?}: add it here"),
                     };
                     set.push(format!("{section}.{key}={value}"));

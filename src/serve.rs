@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use tandem_proto::auth::WithToken;
+use tandem_proto::auth::Credentials;
 use tandem_proto::client;
 use tandem_proto::v1::{
     HeartbeatRequest, LeaveRequest, PublishVersionRequest, RegisterRequest, Role,
@@ -24,16 +24,7 @@ use tandem_trainer::step::Optimizer;
 use tandem_trainer::value::ValueHead;
 
 use crate::run_config::RunConfig;
-
-/// The shared token: TANDEM_TOKEN, else `[run] token`.
-pub fn token(cfg_token: Option<&str>) -> Result<String> {
-    match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
-        Some(t) => Ok(t),
-        None => cfg_token.map(str::to_string).ok_or_else(|| {
-            anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")
-        }),
-    }
-}
+use crate::security::SecurityArgs;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -54,6 +45,8 @@ pub struct CoordinatorArgs {
     /// Write {"grpc": ADDR, "http": ADDR} here once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
@@ -61,16 +54,27 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.config.display()))?;
     let cfg = RunConfig::parse(&text, &a.overrides)
         .with_context(|| format!("in {}", a.config.display()))?;
-    let token = token(cfg.run.token.as_deref())?;
+    let creds = a
+        .security
+        .credentials(cfg.run.token.as_deref(), Some(&cfg.tls))?;
     let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
     let settings = tandem_coordinator::service::Settings {
         run: cfg.run.clone(),
         coordinator: cfg.coordinator.clone(),
-        config_toml: cfg.to_toml()?,
+        // Workers get the run's config, not this host's secrets and file paths.
+        config_toml: RunConfig {
+            tls: Default::default(),
+            run: tandem_coordinator::config::RunSection {
+                token: None,
+                ..cfg.run.clone()
+            },
+            ..cfg.clone()
+        }
+        .to_toml()?,
     };
     let rt = runtime()?;
     rt.block_on(async {
-        let running = tandem_coordinator::server::start(settings, dataset, &token).await?;
+        let running = tandem_coordinator::server::start(settings, dataset, &creds).await?;
         tracing::info!(grpc = %running.grpc, http = %running.http, "coordinator serving");
         if let Some(path) = &a.addr_file {
             write_atomic(path, &serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string()}).to_string())?;
@@ -90,10 +94,11 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
-/// Connects to the coordinator and registers; returns the client, the reply, the
-/// parsed config and the token.
+/// Connects to the coordinator and registers; returns the client, the reply and the
+/// parsed config.
 async fn join(
     addr: &str,
+    creds: &Credentials,
     role: Role,
     name: &str,
     address: &str,
@@ -101,13 +106,11 @@ async fn join(
     tandem_proto::v1::coordinator_client::CoordinatorClient<client::Authed>,
     tandem_proto::v1::RegisterReply,
     RunConfig,
-    WithToken,
 )> {
-    let token = WithToken::new(&token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
-    let ch = client::connect(addr)
+    let ch = client::connect(addr, creds)
         .await
         .map_err(|e| anyhow!("coordinator: {e}"))?;
-    let mut coord = client::coordinator(ch, &token);
+    let mut coord = client::coordinator(ch, creds);
     let reply = coord
         .register(RegisterRequest {
             role: role as i32,
@@ -118,13 +121,13 @@ async fn join(
         .map_err(|e| {
             anyhow!(
                 "registering with the coordinator at {addr}: {}",
-                e.message()
+                client::describe(&e)
             )
         })?
         .into_inner();
     let cfg =
         RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
-    Ok((coord, reply, cfg, token))
+    Ok((coord, reply, cfg))
 }
 
 #[derive(Args)]
@@ -142,6 +145,8 @@ pub struct TrainerArgs {
     /// version, buffer); the coordinator re-issues the work done since.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
@@ -151,8 +156,14 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         .with_context(|| format!("--listen: cannot listen on {}", a.listen))?;
     let bound = listener.local_addr()?.to_string();
     let advertise = a.advertise.clone().unwrap_or(bound);
-    let (mut coord, reply, cfg, _) =
-        rt.block_on(join(&a.coordinator, Role::Trainer, "trainer", &advertise))?;
+    let creds = a.security.credentials(None, None)?;
+    let (mut coord, reply, cfg) = rt.block_on(join(
+        &a.coordinator,
+        &creds,
+        Role::Trainer,
+        "trainer",
+        &advertise,
+    ))?;
     let worker_id = Arc::new(std::sync::atomic::AtomicU64::new(reply.worker_id));
 
     let run_dir = PathBuf::from(&cfg.run.run_dir);
@@ -231,9 +242,8 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         shared: shared.clone(),
         coordinator: coord.clone(),
     };
-    let raw_token = token(None)?;
     rt.spawn(async move {
-        let r = tandem_trainer::service::serve(svc, listener, &raw_token).await;
+        let r = tandem_trainer::service::serve(svc, listener, &creds).await;
         if let Err(e) = r {
             tracing::error!("trainer gRPC server stopped: {e}");
         }
@@ -269,7 +279,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
+                    Err(e) => tracing::warn!("heartbeat failed: {}", client::describe(&e)),
                 }
             }
         });
@@ -287,7 +297,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         .map_err(|e| {
             anyhow!(
                 "announcing the resumed version {start_version}: {}",
-                e.message()
+                client::describe(&e)
             )
         })?;
     }
@@ -379,7 +389,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             anyhow!(
                 "publishing version {} to the coordinator: {}",
                 report.version,
-                e.message()
+                client::describe(&e)
             )
         })?;
         // After the publish, so the coordinator knows what the checkpoint has trained.
@@ -407,12 +417,15 @@ pub struct GeneratorArgs {
     /// This generator's name (metrics label).
     #[arg(long, default_value = "gen-0")]
     name: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub fn generator(a: GeneratorArgs) -> Result<()> {
     let rt = runtime()?;
-    let (coord, reply, cfg, token) =
-        rt.block_on(join(&a.coordinator, Role::Generator, &a.name, ""))?;
+    let creds = a.security.credentials(None, None)?;
+    let (coord, reply, cfg) =
+        rt.block_on(join(&a.coordinator, &creds, Role::Generator, &a.name, ""))?;
     let model = crate::load_model(&cfg.model.path)?;
     let seed = cfg.run.seed ^ reply.worker_id.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let settings = tandem_generator::worker::Settings {
@@ -430,7 +443,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         settings,
         model,
         rt.handle().clone(),
-        token,
+        creds,
         tandem_generator::worker::Joined {
             coordinator: coord,
             worker_id: reply.worker_id,

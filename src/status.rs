@@ -2,7 +2,6 @@
 
 use anyhow::{anyhow, Result};
 use clap::Args;
-use tandem_proto::auth::WithToken;
 use tandem_proto::client;
 use tandem_proto::v1::{Role, StatusRequest};
 
@@ -10,23 +9,24 @@ use tandem_proto::v1::{Role, StatusRequest};
 pub struct StatusArgs {
     /// The coordinator's gRPC address (TANDEM_TOKEN must hold the run's token).
     coordinator: String,
+    #[command(flatten)]
+    security: crate::security::SecurityArgs,
 }
 
 pub fn run(a: StatusArgs) -> Result<()> {
-    let token =
-        WithToken::new(&crate::serve::token(None)?).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
+    let creds = a.security.credentials(None, None)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let s = rt.block_on(async {
-        let ch = client::connect(&a.coordinator)
+        let ch = client::connect(&a.coordinator, &creds)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        client::coordinator(ch, &token)
+        client::coordinator(ch, &creds)
             .status(StatusRequest {})
             .await
             .map(|r| r.into_inner())
-            .map_err(|e| anyhow!("status from {}: {}", a.coordinator, e.message()))
+            .map_err(|e| anyhow!("status from {}: {}", a.coordinator, client::describe(&e)))
     })?;
     println!(
         "version {}  step {}/{}  {}  accepted {}  leases {}  buffer {}  {:.0} tok/s",

@@ -71,6 +71,8 @@ struct Cluster {
     grpc: String,
     http: String,
     procs: Vec<(String, Child)>,
+    /// Flags every worker (trainer, generator) gets, e.g. its TLS files.
+    worker_flags: Vec<String>,
 }
 
 impl Cluster {
@@ -109,6 +111,7 @@ impl Cluster {
             grpc: String::new(),
             http: String::new(),
             procs: vec![("coordinator".into(), child)],
+            worker_flags: Vec::new(),
         };
         let t0 = Instant::now();
         loop {
@@ -134,12 +137,18 @@ impl Cluster {
 
     fn trainer(&mut self) {
         let a = self.grpc.clone();
-        self.add("trainer", &["trainer", "--coordinator", &a]);
+        let mut args = vec!["trainer", "--coordinator", &a];
+        let flags = self.worker_flags.clone();
+        args.extend(flags.iter().map(String::as_str));
+        self.add("trainer", &args);
     }
 
     fn generator(&mut self, name: &str) {
         let a = self.grpc.clone();
-        self.add(name, &["generator", "--coordinator", &a, "--name", name]);
+        let mut args = vec!["generator", "--coordinator", &a, "--name", name];
+        let flags = self.worker_flags.clone();
+        args.extend(flags.iter().map(String::as_str));
+        self.add(name, &args);
     }
 
     /// SIGKILLs `name` and renames it `NAME-killed` (its exit is not a failure).
@@ -609,12 +618,42 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
 
 /// Test 5: max_staleness = 0 is synchronous on-policy training: every token comes
 /// from the version being trained, and the sampler's logprobs match the trainer's.
+/// The run goes over mutual TLS with certificates from `tandem tls-certs` (the
+/// coordinator reads `[tls]`, the workers take flags), and clients without the CA's
+/// certificate, without a client certificate, or in plaintext are refused.
 #[test]
 fn max_staleness_zero_is_on_policy() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other-ca");
+    for (out, name) in [(&certs, "node"), (&certs, "second"), (&other, "node")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["tls-certs", out.to_str().unwrap(), "--name", name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let pem = |d: &Path, f: &str| d.join(f).to_str().unwrap().to_string();
+    let tls = format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = true\n",
+        pem(&certs, "ca.pem"),
+        pem(&certs, "node.pem"),
+        pem(&certs, "node.key")
+    );
     let steps = 8;
-    let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, steps, 0, ""));
+    let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, steps, 0, &tls));
+    // Workers hold a second certificate of the same CA.
+    c.worker_flags = vec![
+        "--tls-ca".into(),
+        pem(&certs, "ca.pem"),
+        "--tls-cert".into(),
+        pem(&certs, "second.pem"),
+        "--tls-key".into(),
+        pem(&certs, "second.key"),
+        "--tls-client-auth".into(),
+    ];
+    tls_refuses_strangers(&c.grpc, &certs, &other);
     c.trainer();
     c.generator("gen-0");
     c.generator("gen-1");
@@ -627,13 +666,63 @@ fn max_staleness_zero_is_on_policy() {
     }
 }
 
+/// Calls Status on the coordinator at `addr` (mTLS, CA in `certs`) as different clients.
+fn tls_refuses_strangers(addr: &str, certs: &Path, other: &Path) {
+    use tandem_proto::auth::Credentials;
+    use tandem_proto::client;
+    use tandem_proto::tls::TlsFiles;
+    use tandem_proto::v1::StatusRequest;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let files = |dir: &Path, ca: bool, cert: bool| TlsFiles {
+        ca: ca.then(|| dir.join("ca.pem")),
+        cert: cert.then(|| dir.join("second.pem").to_path_buf()),
+        key: cert.then(|| dir.join("second.key").to_path_buf()),
+        client_auth: false,
+    };
+    let status = |files: TlsFiles, token: &str| -> Result<(), String> {
+        let creds = Credentials::new(token, files.load()?)?;
+        rt.block_on(async {
+            let ch = client::connect(addr, &creds).await?;
+            client::coordinator(ch, &creds)
+                .status(StatusRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+        })
+    };
+    status(files(certs, true, true), TOKEN).expect("the CA's client certificate");
+    let e = status(files(certs, true, true), "wrong").unwrap_err();
+    assert!(e.contains("Unauthenticated"), "{e}");
+    let e = status(files(certs, true, false), TOKEN).unwrap_err();
+    assert!(!e.is_empty(), "no client certificate");
+    let e = status(files(certs, false, false), TOKEN).unwrap_err();
+    assert!(!e.is_empty(), "plaintext");
+    // A client with another CA's certificate: it does not trust the server either.
+    let mut stranger = files(other, true, false);
+    stranger.cert = Some(other.join("node.pem"));
+    stranger.key = Some(other.join("node.key"));
+    let e = status(stranger.clone(), TOKEN).unwrap_err();
+    assert!(
+        e.contains("cannot connect") || e.contains("certificate"),
+        "{e}"
+    );
+    // Trusting the run's CA but presenting another CA's certificate: refused.
+    stranger.ca = Some(certs.join("ca.pem"));
+    status(stranger, TOKEN).expect_err("a client certificate from another CA");
+}
+
 /// Test 7: without the token every RPC of every service is refused; malformed,
 /// oversized, NaN, out-of-vocabulary and future-version rollouts are refused with a
 /// reason naming the field, counted, and never trained.
 #[test]
 fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
-    use tandem_proto::auth::WithToken;
+    use tandem_proto::auth::Credentials;
     use tandem_proto::client;
+    use tandem_proto::tls::Tls;
     use tandem_proto::v1::coordinator_client::CoordinatorClient;
     use tandem_proto::v1::health_client::HealthClient;
     use tandem_proto::v1::trainer_client::TrainerClient;
@@ -648,9 +737,9 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         .enable_all()
         .build()
         .unwrap();
-    let good = WithToken::new(TOKEN).unwrap();
-    let bad = WithToken::new("not-the-token").unwrap();
-    let coord_ch = rt.block_on(client::connect(&c.grpc)).unwrap();
+    let good = Credentials::new(TOKEN, Tls::none()).unwrap();
+    let bad = Credentials::new("not-the-token", Tls::none()).unwrap();
+    let coord_ch = rt.block_on(client::connect(&c.grpc, &good)).unwrap();
     let mut coord = client::coordinator(coord_ch.clone(), &good);
     let fake = rt
         .block_on(coord.register(RegisterRequest {
@@ -679,7 +768,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let trainer_ch = rt.block_on(client::connect(&trainer_addr)).unwrap();
+    let trainer_ch = rt.block_on(client::connect(&trainer_addr, &good)).unwrap();
 
     // No token, or the wrong one: refused, whatever the call.
     let unauth = |r: Result<(), tonic::Status>, what: &str| {
@@ -751,7 +840,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
             "push_rollouts",
         );
         for ch in [coord_ch.clone(), trainer_ch.clone()] {
-            let mut h = HealthClient::with_interceptor(ch, bad.clone());
+            let mut h = HealthClient::with_interceptor(ch, bad.with_token());
             unauth(h.check(HealthRequest {}).await.map(|_| ()), "health");
         }
     });
@@ -849,7 +938,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         seq: 99,
         ..group(&|g| g.prompt_ids = vec![400; 70 << 20])
     };
-    let mut big_client = TrainerClient::with_interceptor(trainer_ch.clone(), good.clone())
+    let mut big_client = TrainerClient::with_interceptor(trainer_ch.clone(), good.with_token())
         .max_encoding_message_size(usize::MAX);
     let status = rt.block_on(async {
         match big_client

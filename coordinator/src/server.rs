@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tandem_proto::auth::RequireToken;
+use tandem_proto::auth::Credentials;
 use tandem_proto::health::HealthService;
 use tandem_proto::v1::coordinator_server::CoordinatorServer;
 use tandem_proto::v1::health_server::HealthServer;
@@ -32,7 +32,8 @@ pub struct Running {
 }
 
 /// Binds both listeners and starts serving; returns once they accept connections.
-pub async fn start(settings: Settings, dataset: Dataset, token: &str) -> Result<Running> {
+pub async fn start(settings: Settings, dataset: Dataset, creds: &Credentials) -> Result<Running> {
+    let mut grpc_server = tandem_proto::server(creds).map_err(Error::Invalid)?;
     let handle = metrics::install();
     metrics::describe();
     let grpc_listener = bind(&settings.coordinator.listen, "listen").await?;
@@ -49,16 +50,16 @@ pub async fn start(settings: Settings, dataset: Dataset, token: &str) -> Result<
         CoordinatorServer::new(CoordinatorService { core: core.clone() })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        RequireToken::new(token),
+        creds.require_token(),
     );
     let health = HealthServer::with_interceptor(
         HealthService {
             service: "coordinator",
         },
-        RequireToken::new(token),
+        creds.require_token(),
     );
     tokio::spawn(async move {
-        let r = tandem_proto::server()
+        let r = grpc_server
             .add_service(health)
             .add_service(svc)
             .serve_with_incoming(TcpListenerStream::new(grpc_listener))

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_model::{ChatMessage, Pretrained, SamplingParams, Session};
-use tandem_proto::auth::WithToken;
+use tandem_proto::auth::Credentials;
 use tandem_proto::bucket::Assembler;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
@@ -69,7 +69,7 @@ async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str)
             address: String::new(),
         })
         .await
-        .map_err(|e| rpc("registering with the coordinator", e.message()))?;
+        .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?;
     Ok(r.into_inner().worker_id)
 }
 
@@ -85,13 +85,13 @@ impl Pusher {
     fn open(
         rt: &Handle,
         addr: &str,
-        token: &WithToken,
+        creds: &Credentials,
         pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     ) -> Result<Self> {
         let ch = rt
-            .block_on(client::connect(addr))
+            .block_on(client::connect(addr, creds))
             .map_err(|e| rpc("trainer", e))?;
-        let mut trainer = client::trainer(ch, token);
+        let mut trainer = client::trainer(ch, creds);
         let (tx, rx) = tokio::sync::mpsc::channel::<RolloutGroup>(4);
         let broken = Arc::new(AtomicBool::new(false));
         let (p, b) = (pending.clone(), broken.clone());
@@ -111,13 +111,13 @@ impl Pusher {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(trainer = %addr_owned, "rollout stream broke: {}", e.message());
+                                tracing::warn!(trainer = %addr_owned, "rollout stream broke: {}", client::describe(&e));
                                 break;
                             }
                         }
                     }
                 }
-                Err(e) => tracing::warn!(trainer = %addr_owned, "cannot open the rollout stream: {}", e.message()),
+                Err(e) => tracing::warn!(trainer = %addr_owned, "cannot open the rollout stream: {}", client::describe(&e)),
             }
             b.store(true, Ordering::SeqCst);
         });
@@ -152,7 +152,7 @@ pub struct Worker {
     settings: Settings,
     model: Pretrained,
     rt: Handle,
-    token: WithToken,
+    creds: Credentials,
     coordinator: CoordinatorClient<Authed>,
     beat: Arc<Beat>,
     pusher: Option<Pusher>,
@@ -171,7 +171,7 @@ impl Worker {
         settings: Settings,
         model: Pretrained,
         rt: Handle,
-        token: WithToken,
+        creds: Credentials,
         joined: Joined,
     ) -> Result<Self> {
         let Joined {
@@ -191,9 +191,9 @@ impl Worker {
         let reward_service = match &settings.reward.service {
             Some(addr) => {
                 let ch = rt
-                    .block_on(client::connect(addr))
+                    .block_on(client::connect(addr, &creds))
                     .map_err(|e| rpc("[reward] service", e))?;
-                Some(client::reward(ch, &token))
+                Some(client::reward(ch, &creds))
             }
             None => None,
         };
@@ -201,7 +201,7 @@ impl Worker {
             settings,
             model,
             rt,
-            token,
+            creds,
             coordinator,
             beat,
             pusher: None,
@@ -259,7 +259,7 @@ impl Worker {
                     }
                     Err(e) => {
                         failures += 1;
-                        tracing::warn!("heartbeat failed ({failures}): {}", e.message());
+                        tracing::warn!("heartbeat failed ({failures}): {}", client::describe(&e));
                         if failures >= 20 {
                             tracing::error!("the coordinator is unreachable; stopping");
                             beat.stop.store(true, Ordering::SeqCst);
@@ -290,21 +290,21 @@ impl Worker {
     fn sync_weights(&mut self, want: u64) -> Result<()> {
         let addr = self.trainer_address()?;
         let t0 = Instant::now();
-        let token = self.token.clone();
+        let creds = self.creds.clone();
         let timeout = self.settings.weight_sync_timeout;
         let fetched = self.rt.block_on(async {
             let fetch = async {
-                let ch = client::connect(&addr)
+                let ch = client::connect(&addr, &creds)
                     .await
                     .map_err(|e| rpc("weights", e))?;
-                let mut t = client::trainer(ch, &token);
+                let mut t = client::trainer(ch, &creds);
                 let mut stream = t
                     .fetch_weights(FetchWeightsRequest { version: want })
                     .await
                     .map_err(|e| {
                         rpc(
                             &format!("fetching weights v{want} from the trainer at {addr}"),
-                            e.message(),
+                            client::describe(&e),
                         )
                     })?
                     .into_inner();
@@ -312,7 +312,7 @@ impl Worker {
                 while let Some(b) = stream.message().await.map_err(|e| {
                     rpc(
                         &format!("weights stream from the trainer at {addr}"),
-                        e.message(),
+                        client::describe(&e),
                     )
                 })? {
                     asm.push(b)
@@ -394,7 +394,7 @@ impl Worker {
                     std::thread::sleep(self.settings.heartbeat_interval);
                     continue;
                 }
-                Err(e) => return Err(rpc("leasing prompts", e.message())),
+                Err(e) => return Err(rpc("leasing prompts", client::describe(&e))),
             };
             if reply.stop {
                 break;
@@ -442,7 +442,7 @@ impl Worker {
                 self.pusher = None;
                 match self
                     .trainer_address()
-                    .and_then(|a| Pusher::open(&self.rt, &a, &self.token, self.pending.clone()))
+                    .and_then(|a| Pusher::open(&self.rt, &a, &self.creds, self.pending.clone()))
                 {
                     Ok(p) => {
                         // Opening resent every pending group, this one included.
@@ -593,7 +593,7 @@ impl Worker {
                         answer: l.answer.clone(),
                         completions: texts.clone(),
                     }))
-                    .map_err(|e| rpc("[reward] service", e.message()))?
+                    .map_err(|e| rpc("[reward] service", client::describe(&e)))?
                     .into_inner()
                     .rewards;
                 if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {

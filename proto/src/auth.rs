@@ -1,5 +1,7 @@
 //! The shared token: every RPC carries `authorization: Bearer <token>`; servers refuse
-//! calls without it (UNAUTHENTICATED) before any handler runs.
+//! calls without it (UNAUTHENTICATED) before any handler runs. [`Credentials`] bundles
+//! the token with the process's TLS material: what every server and client is built
+//! from.
 
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -52,6 +54,42 @@ impl Interceptor for WithToken {
         req.metadata_mut()
             .insert("authorization", self.value.clone());
         Ok(req)
+    }
+}
+
+/// What a process proves and checks: the run's token and its TLS material.
+#[derive(Clone)]
+pub struct Credentials {
+    token: String,
+    with_token: WithToken,
+    tls: crate::tls::Tls,
+}
+
+impl Credentials {
+    /// Fails when the token is empty or not printable ASCII.
+    pub fn new(token: &str, tls: crate::tls::Tls) -> Result<Self, String> {
+        if token.is_empty() {
+            return Err("the token is empty".into());
+        }
+        Ok(Credentials {
+            token: token.to_string(),
+            with_token: WithToken::new(token)?,
+            tls,
+        })
+    }
+
+    /// The server-side token check.
+    pub fn require_token(&self) -> RequireToken {
+        RequireToken::new(&self.token)
+    }
+
+    /// The client-side token interceptor.
+    pub fn with_token(&self) -> WithToken {
+        self.with_token.clone()
+    }
+
+    pub fn tls(&self) -> &crate::tls::Tls {
+        &self.tls
     }
 }
 

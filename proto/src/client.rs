@@ -1,11 +1,12 @@
-//! Connecting to a Tandem service with the shared token and the message size limits.
+//! Connecting to a Tandem service with the shared token, TLS when configured, and the
+//! message size limits.
 
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::WithToken;
+use crate::auth::{Credentials, WithToken};
 use crate::v1::coordinator_client::CoordinatorClient;
 use crate::v1::reward_client::RewardClient;
 use crate::v1::trainer_client::TrainerClient;
@@ -14,14 +15,19 @@ use crate::MAX_MESSAGE_BYTES;
 /// A channel whose every request carries the token.
 pub type Authed = InterceptedService<Channel, WithToken>;
 
-/// Connects to `addr` ("host:port" or "http://host:port"); the error names the address.
-pub async fn connect(addr: &str) -> Result<Channel, String> {
+/// Connects to `addr`. A bare "host:port" speaks TLS when `creds` hold a CA and
+/// plaintext otherwise; "http://…" is always plaintext and "https://…" always TLS. The
+/// error names the address.
+pub async fn connect(addr: &str, creds: &Credentials) -> Result<Channel, String> {
+    let tls = creds.tls().client();
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
+    } else if tls.is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
-    let endpoint = Endpoint::from_shared(uri.clone())
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| format!("{addr:?} is not an address: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(crate::WINDOW_BYTES))
@@ -29,26 +35,70 @@ pub async fn connect(addr: &str) -> Result<Channel, String> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {uri}: {e}"))
+    if uri.starts_with("https://") {
+        let cfg = tls.ok_or_else(|| {
+            format!("{uri}: TLS needs a CA to verify the server; set --tls-ca (TANDEM_TLS_CA)")
+        })?;
+        endpoint = endpoint
+            .tls_config(cfg)
+            .map_err(|e| format!("tls ca / cert / key: {}", crate::error_chain(&e)))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        let hint = if uri.starts_with("http://") {
+            " (if the service speaks TLS, set --tls-ca / TANDEM_TLS_CA)"
+        } else {
+            " (check that the service speaks TLS, that its certificate names this host and is signed by the CA, and, for mTLS, that this process has --tls-cert / --tls-key)"
+        };
+        format!("cannot connect to {uri}: {}{hint}", crate::error_chain(&e))
+    })
 }
 
-pub fn coordinator(ch: Channel, token: &WithToken) -> CoordinatorClient<Authed> {
-    CoordinatorClient::with_interceptor(ch, token.clone())
+pub fn coordinator(ch: Channel, creds: &Credentials) -> CoordinatorClient<Authed> {
+    CoordinatorClient::with_interceptor(ch, creds.with_token())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub fn trainer(ch: Channel, token: &WithToken) -> TrainerClient<Authed> {
-    TrainerClient::with_interceptor(ch, token.clone())
+pub fn trainer(ch: Channel, creds: &Credentials) -> TrainerClient<Authed> {
+    TrainerClient::with_interceptor(ch, creds.with_token())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub fn reward(ch: Channel, token: &WithToken) -> RewardClient<Authed> {
-    RewardClient::with_interceptor(ch, token.clone())
+pub fn reward(ch: Channel, creds: &Credentials) -> RewardClient<Authed> {
+    RewardClient::with_interceptor(ch, creds.with_token())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A failed call in words: its code and message, the transport's cause when there is
+/// one, and a hint for the usual TLS mistakes.
+pub fn describe(e: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut out = e.message().to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    let lower = out.to_lowercase();
+    if [
+        "certificate",
+        "tls",
+        "handshake",
+        "transport error",
+        "h2 protocol",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        out.push_str(
+            " (a plaintext client meets a TLS server, or the reverse, or mTLS finds no valid client certificate: check --tls-ca, and with mTLS --tls-cert / --tls-key signed by the same CA)",
+        );
+    }
+    format!("{:?}: {out}", e.code())
 }

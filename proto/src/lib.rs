@@ -1,19 +1,43 @@
 //! `tandem-proto`: the only wire contract between Tandem's services. The `.proto`
 //! files under `proto/` are the source of truth; this crate is their generated code,
-//! plus the two rules every endpoint shares: the shared-token check and the message
-//! size limit.
+//! plus the rules every endpoint shares: the shared-token check, TLS when configured
+//! and the message size limit.
 
 pub mod auth;
 pub mod bucket;
 pub mod client;
 pub mod health;
+pub mod tls;
 
-/// A server builder with Tandem's transport settings (flow-control windows, nodelay).
-pub fn server() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// A server builder with Tandem's transport settings (flow-control windows, nodelay)
+/// and, when `creds` hold a certificate, TLS (mTLS with `client_auth`).
+pub fn server(creds: &auth::Credentials) -> Result<tonic::transport::Server, String> {
+    let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(WINDOW_BYTES))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    match creds.tls().server() {
+        Some(cfg) => builder
+            .tls_config(cfg)
+            .map_err(|e| format!("tls cert / key: {}", error_chain(&e))),
+        None => Ok(builder),
+    }
+}
+
+/// An error with its sources, `outer: inner: …` (tonic's transport errors hide the
+/// cause in the source chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Messages and services of package `tandem.v1`.

@@ -204,29 +204,30 @@ impl TrainerService {
 }
 
 /// Serves the Trainer and Health services on `listener`, every call token-checked,
-/// with Tandem's message limits and transport settings.
+/// with Tandem's message limits and transport settings, over TLS when `creds` hold a
+/// certificate.
 pub async fn serve(
     svc: TrainerService,
     listener: tokio::net::TcpListener,
-    token: &str,
-) -> Result<(), tonic::transport::Error> {
-    use tandem_proto::auth::RequireToken;
+    creds: &tandem_proto::auth::Credentials,
+) -> Result<(), String> {
     use tandem_proto::v1::health_server::HealthServer;
     use tandem_proto::v1::trainer_server::TrainerServer;
     use tandem_proto::MAX_MESSAGE_BYTES;
-    tandem_proto::server()
+    tandem_proto::server(creds)?
         .add_service(HealthServer::with_interceptor(
             tandem_proto::health::HealthService { service: "trainer" },
-            RequireToken::new(token),
+            creds.require_token(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             TrainerServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            RequireToken::new(token),
+            creds.require_token(),
         ))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
+        .map_err(|e| tandem_proto::error_chain(&e))
 }
 
 #[tonic::async_trait]
