@@ -12,13 +12,27 @@ pub fn count(total: usize, bucket_bytes: usize) -> usize {
     total.div_ceil(bucket_bytes.max(1)).max(1)
 }
 
-/// Bucket `index` of `bytes` for version `version` (its payload shares `bytes`' memory).
+/// The CRC-32 of every bucket of `bytes`, in order: computed once per version and
+/// shared by every receiver.
+pub fn checksums(bytes: &[u8], bucket_bytes: usize) -> Vec<u32> {
+    let bucket_bytes = bucket_bytes.max(1);
+    (0..count(bytes.len(), bucket_bytes))
+        .map(|i| {
+            let start = (i * bucket_bytes).min(bytes.len());
+            crc32fast::hash(&bytes[start..(start + bucket_bytes).min(bytes.len())])
+        })
+        .collect()
+}
+
+/// Bucket `index` of `bytes` for version `version` (its payload shares `bytes`' memory);
+/// `crc32` is that bucket's entry of [`checksums`].
 pub fn bucket(
     version: u64,
     dtype: &str,
     bytes: &Bytes,
     bucket_bytes: usize,
     index: usize,
+    crc32: u32,
 ) -> WeightBucket {
     let bucket_bytes = bucket_bytes.max(1);
     let start = (index * bucket_bytes).min(bytes.len());
@@ -30,7 +44,7 @@ pub fn bucket(
         offset: start as u64,
         total_bytes: bytes.len() as u64,
         dtype: dtype.to_string(),
-        crc32: crc32fast::hash(&data),
+        crc32,
         data,
     }
 }
@@ -129,7 +143,8 @@ mod tests {
             .collect::<Vec<u8>>()
             .into();
         let parts: Vec<WeightBucket> = (0..count(bytes.len(), 300))
-            .map(|i| bucket(3, "f32", &bytes, 300, i))
+            .zip(checksums(&bytes, 300))
+            .map(|(i, crc)| bucket(3, "f32", &bytes, 300, i, crc))
             .collect();
         assert_eq!(parts.len(), 4);
         let mut a = Assembler::default();

@@ -32,6 +32,7 @@ pub async fn connect(addr: &str, creds: &Credentials) -> Result<Channel, String>
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(crate::WINDOW_BYTES))
         .initial_connection_window_size(Some(crate::WINDOW_BYTES))
+        .max_frame_size(Some(crate::FRAME_BYTES))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));

@@ -15,6 +15,7 @@ pub fn server(creds: &auth::Credentials) -> Result<tonic::transport::Server, Str
     let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(WINDOW_BYTES))
+        .max_frame_size(Some(FRAME_BYTES))
         .tcp_nodelay(true);
     match creds.tls().server() {
         Some(cfg) => builder
@@ -54,5 +55,14 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// makes a 500 MB weight transfer wait for thousands of window updates.
 pub const WINDOW_BYTES: u32 = 16 << 20;
 
-/// The size of one weight bucket's payload.
-pub const WEIGHT_BUCKET_BYTES: usize = 32 << 20;
+/// The largest HTTP/2 frame each side accepts (the protocol's maximum). The default,
+/// 16 KiB, cuts an 8 MiB weight bucket into 512 frames, each its own write and read
+/// call; with large frames the system calls per byte fall and 1-receiver sync ran 1.5×
+/// faster.
+pub const FRAME_BYTES: u32 = (16 << 20) - 1;
+
+/// The size of one weight bucket's payload (the trainer's default `bucket_mib`). Under
+/// glibc's mmap threshold (32 MiB, see `tune_allocator`), each message's encode and
+/// decode buffers come from the heap and are reused; larger ones are mapped and
+/// faulted in afresh per message, which cost 2.5× the throughput.
+pub const WEIGHT_BUCKET_BYTES: usize = 8 << 20;

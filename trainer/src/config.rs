@@ -346,7 +346,7 @@ impl Default for TrainerConfig {
         TrainerConfig {
             buffer_capacity: 64,
             dump_batches: false,
-            bucket_mib: 32,
+            bucket_mib: tandem_proto::WEIGHT_BUCKET_BYTES >> 20,
             checkpoint_every: 20,
             keep_checkpoints: 2,
             mock_train_ms: 0,

@@ -59,11 +59,7 @@ pub struct Learner {
 /// The weights of `model` as a publishable snapshot.
 pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
     let (bytes, dtype) = model.params().to_bytes()?;
-    Ok(Snapshot {
-        version,
-        dtype,
-        bytes: bytes.into(),
-    })
+    Ok(Snapshot::new(version, dtype, bytes.into()))
 }
 
 impl Learner {

@@ -26,6 +26,24 @@ pub struct Snapshot {
     pub dtype: &'static str,
     /// Shared by every bucket sent (no copy per receiver).
     pub bytes: bytes::Bytes,
+    /// The buckets' CRC-32s, computed by the first receiver's fetch for all the others.
+    checksums: std::sync::OnceLock<Vec<u32>>,
+}
+
+impl Snapshot {
+    pub fn new(version: u64, dtype: &'static str, bytes: bytes::Bytes) -> Self {
+        Snapshot {
+            version,
+            dtype,
+            bytes,
+            checksums: Default::default(),
+        }
+    }
+
+    fn checksums(&self, bucket_bytes: usize) -> &[u32] {
+        self.checksums
+            .get_or_init(|| tandem_proto::bucket::checksums(&self.bytes, bucket_bytes))
+    }
 }
 
 /// What the service and the learner loop share.
@@ -280,13 +298,15 @@ impl Trainer for TrainerService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let bucket_bytes = self.shared.bucket_bytes;
         tokio::spawn(async move {
-            for i in 0..tandem_proto::bucket::count(snap.bytes.len(), bucket_bytes) {
+            let crcs = snap.checksums(bucket_bytes);
+            for (i, &crc) in crcs.iter().enumerate() {
                 let b = tandem_proto::bucket::bucket(
                     snap.version,
                     snap.dtype,
                     &snap.bytes,
                     bucket_bytes,
                     i,
+                    crc,
                 );
                 if tx.send(Ok(b)).await.is_err() {
                     break;
