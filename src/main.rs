@@ -11,6 +11,7 @@ mod run_config;
 mod score;
 mod security;
 mod serve;
+mod sft;
 mod status;
 mod train_step;
 
@@ -53,6 +54,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Plot a run (reward, staleness, throughput, losses over steps) as SVG and summarise it.
     Report(report::ReportArgs),
+    /// Supervised fine-tuning (assistant tokens only) on a JSONL / Parquet file or a synthetic task.
+    Sft(sft::SftArgs),
     /// Create a private CA and issue certificates for TLS / mTLS between a run's hosts.
     TlsCerts(certs::CertsArgs),
 }
@@ -94,6 +97,7 @@ fn main() {
         Command::Status(a) => status::run(a),
         Command::Report(a) => report::run(a),
         Command::TlsCerts(a) => certs::run(a),
+        Command::Sft(a) => sft::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -250,7 +250,7 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// A model path every process can load: named models are fetched into the cache once,
 /// here; presets stay as they are (each process builds the same seeded model).
-fn materialize_model(spec: &str) -> Result<String> {
+pub(crate) fn materialize_model(spec: &str) -> Result<String> {
     if let Some(name) = spec.strip_prefix("preset:") {
         tandem_model::preset::preset_config(name)
             .with_context(|| format!("[model] path: {spec}"))?;

@@ -27,6 +27,48 @@ impl Default for ModelSection {
     }
 }
 
+/// Parses a TOML config into `T` with `overrides` (`section.key=value`, the value in
+/// TOML syntax, or a bare string) applied; unknown keys are errors naming the key.
+pub fn parse_with_overrides<T: serde::de::DeserializeOwned>(
+    text: &str,
+    overrides: &[String],
+) -> Result<T> {
+    let mut doc: toml::Table = toml::from_str(text).context("config is not valid TOML")?;
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .with_context(|| format!("--set {o:?}: expected section.key=value"))?;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+            bail!("--set {o:?}: the key must be dotted, like run.steps");
+        }
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+        let mut table = &mut doc;
+        for p in &parts[..parts.len() - 1] {
+            let entry = table
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .with_context(|| format!("--set {o:?}: `{p}` is not a section"))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.message().trim().to_string();
+        if path.is_empty() || path == "." || msg.contains(&path) {
+            anyhow::anyhow!("config: {msg}")
+        } else {
+            anyhow::anyhow!("config: {path}: {msg}")
+        }
+    })
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
@@ -46,34 +88,7 @@ impl RunConfig {
     /// Parses TOML text with `overrides` (`section.key=value`, the value in TOML syntax,
     /// or a bare string) applied, then validates every section.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut doc: toml::Table = toml::from_str(text).context("config is not valid TOML")?;
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .with_context(|| format!("--set {o:?}: expected section.key=value"))?;
-            let parts: Vec<&str> = key.trim().split('.').collect();
-            if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-                bail!("--set {o:?}: the key must be dotted, like run.steps");
-            }
-            let value: toml::Value =
-                toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
-                    .ok()
-                    .and_then(|mut t| t.remove("v"))
-                    .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
-            let mut table = &mut doc;
-            for p in &parts[..parts.len() - 1] {
-                let entry = table
-                    .entry(p.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                table = entry
-                    .as_table_mut()
-                    .with_context(|| format!("--set {o:?}: `{p}` is not a section"))?;
-            }
-            table.insert(parts[parts.len() - 1].to_string(), value);
-        }
-        let cfg: RunConfig = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
+        let cfg: RunConfig = parse_with_overrides(text, overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -312,3 +312,60 @@ fn convert_smollm2_then_score_identically() {
     }
     assert_eq!(outs[0], outs[1]);
 }
+
+/// `tandem sft` on a chat JSONL file: a bad record stops it before anything is written,
+/// naming the file, line and field; good records train (the validation loss falls) and
+/// leave the final model, the metrics and a summary.
+#[test]
+fn sft_checks_every_record_then_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.jsonl");
+    let out = dir.path().join("out");
+    let good = r#"{"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}"#;
+    let cfg = dir.path().join("sft.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"preset:tiny\"\n[data]\nkind = \"jsonl\"\npath = \"{}\"\nchat = true\n[sft]\nepochs = 30\nbatch_size = 4\nval_fraction = 0.25\nout_dir = \"{}\"\n[optimizer]\nlr = 3e-3\n",
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &data,
+        format!(
+            "{good}\n{good}\n{}\n",
+            r#"{"messages": [{"role": "user", "content": "hi"}]}"#
+        ),
+    )
+    .unwrap();
+    let o = tandem(&["sft", cfg.to_str().unwrap()]);
+    assert_clean_failure(&o, &["chat.jsonl:3", "no assistant turn"]);
+    assert!(
+        !out.exists(),
+        "nothing may be written before every record is checked"
+    );
+
+    let rows: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"prompt": "{i} + 1?", "completion": "{}"}}"#, i + 1))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let o = tandem(&["sft", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (before, after) = (
+        s["val_loss_before"].as_f64().unwrap(),
+        s["val_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before - 0.5, "validation loss {before} → {after}");
+    assert!(out.join("final/model.safetensors").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count() as u64,
+        s["steps"].as_u64().unwrap()
+    );
+}

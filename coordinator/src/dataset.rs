@@ -111,11 +111,7 @@ impl Dataset {
                     invalid("[data] path: required with kind = \"jsonl\" or \"parquet\"")
                 })?;
                 Dataset::Rows {
-                    rows: if cfg.kind == DataKind::Jsonl {
-                        read_jsonl(path)?
-                    } else {
-                        read_parquet(path)?
-                    },
+                    rows: read_prompts(path, cfg.kind == DataKind::Parquet)?,
                     shuffle: cfg.shuffle,
                     seed: cfg.seed,
                 }
@@ -248,56 +244,77 @@ fn answer_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Reads and checks a prompt file; errors name `FILE:LINE` and the field.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(format!("[data] path: cannot read {}: {e}", path.display())))?;
+/// One record of a dataset file: where it is (`FILE:LINE` or `FILE row N`, for errors)
+/// and its fields as JSON.
+pub struct Row {
+    pub at: String,
+    pub value: serde_json::Value,
+}
+
+/// Reads the records of a JSONL file (blank lines skipped) or, with `parquet`, of a
+/// Parquet file (a null cell counts as absent; lists and structs become JSON arrays and
+/// objects). Errors name the file and the line or row; an empty file is an error.
+pub fn read_rows(path: &Path, parquet: bool) -> Result<Vec<Row>> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        invalid(format!("[data] path: cannot read {}: {e}", path.display()))
+    };
     let mut rows = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
+    if parquet {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+        let reader = SerializedFileReader::new(file)
+            .map_err(|e| invalid(format!("{}: not a Parquet file: {e}", path.display())))?;
+        let iter = reader
+            .get_row_iter(None)
+            .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        for (n, row) in iter.enumerate() {
+            let at = format!("{} row {}", path.display(), n + 1);
+            let row = row.map_err(|e| invalid(format!("{at}: {e}")))?;
+            let mut obj = serde_json::Map::new();
+            for (name, field) in row.get_column_iter() {
+                let v = row_value(field);
+                if !v.is_null() {
+                    obj.insert(name.clone(), v);
+                }
+            }
+            rows.push(Row {
+                at,
+                value: serde_json::Value::Object(obj),
+            });
         }
-        let at = format!("{}:{}", path.display(), n + 1);
-        let line: Line = serde_json::from_str(raw).map_err(|e| invalid(format!("{at}: {e}")))?;
-        rows.push(parse_row(line, &at)?);
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| cannot(&e))?;
+        for (n, raw) in text.lines().enumerate() {
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let at = format!("{}:{}", path.display(), n + 1);
+            let value: serde_json::Value =
+                serde_json::from_str(raw).map_err(|e| invalid(format!("{at}: {e}")))?;
+            if !value.is_object() {
+                return Err(invalid(format!("{at}: a line must be a JSON object")));
+            }
+            rows.push(Row { at, value });
+        }
     }
     if rows.is_empty() {
-        return Err(invalid(format!("{}: no prompts", path.display())));
+        return Err(invalid(format!("{}: no records", path.display())));
     }
     Ok(rows)
 }
 
-/// Reads a Parquet prompt file with the same columns as the JSONL form (`prompt` as a
-/// string or a list of `{role, content}` structs, or `messages`; `answer` or
-/// `ground_truth`); a null cell counts as absent. Errors name `FILE row N`.
-pub fn read_parquet(path: &Path) -> Result<Vec<Prompt>> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file = std::fs::File::open(path)
-        .map_err(|e| invalid(format!("[data] path: cannot read {}: {e}", path.display())))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| invalid(format!("{}: not a Parquet file: {e}", path.display())))?;
-    let iter = reader
-        .get_row_iter(None)
-        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    let mut rows = Vec::new();
-    for (n, row) in iter.enumerate() {
-        let at = format!("{} row {}", path.display(), n + 1);
-        let row = row.map_err(|e| invalid(format!("{at}: {e}")))?;
-        let mut obj = serde_json::Map::new();
-        for (name, field) in row.get_column_iter() {
-            let v = row_value(field);
-            if !v.is_null() {
-                obj.insert(name.clone(), v);
-            }
-        }
-        let line: Line = serde_json::from_value(serde_json::Value::Object(obj))
-            .map_err(|e| invalid(format!("{at}: {e}")))?;
-        rows.push(parse_row(line, &at)?);
-    }
-    if rows.is_empty() {
-        return Err(invalid(format!("{}: no prompts", path.display())));
-    }
-    Ok(rows)
+/// Reads and checks a prompt file (JSONL, or Parquet with the same columns: `prompt` as
+/// a string or a list of `{role, content}` structs, or `messages`; `answer` or
+/// `ground_truth`); errors name the file, the line or row, and the field.
+pub fn read_prompts(path: &Path, parquet: bool) -> Result<Vec<Prompt>> {
+    read_rows(path, parquet)?
+        .into_iter()
+        .map(|r| {
+            let line: Line =
+                serde_json::from_value(r.value).map_err(|e| invalid(format!("{}: {e}", r.at)))?;
+            parse_row(line, &r.at)
+        })
+        .collect()
 }
 
 /// A Parquet cell as JSON (strings, numbers, lists and structs; null for the rest).
@@ -442,7 +459,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let rows = read_jsonl(&path).unwrap();
+        let rows = read_prompts(&path, false).unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].body, PromptBody::Text("2+2?".into()));
         assert_eq!(rows[0].answer.as_deref(), Some("4"));
@@ -480,7 +497,7 @@ mod tests {
             ("{not json", "p.jsonl:2"),
         ] {
             std::fs::write(&path, format!("{{\"prompt\": \"ok\"}}\n{line}\n")).unwrap();
-            let e = read_jsonl(&path).unwrap_err().to_string();
+            let e = read_prompts(&path, false).unwrap_err().to_string();
             assert!(e.contains("p.jsonl:2") && e.contains(needle), "{line}: {e}");
         }
     }
@@ -513,7 +530,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("x.parquet");
         std::fs::write(&bad, "not parquet").unwrap();
-        let e = read_parquet(&bad).unwrap_err().to_string();
+        let e = read_prompts(&bad, true).unwrap_err().to_string();
         assert!(e.contains("x.parquet") && e.contains("Parquet"), "{e}");
     }
 

@@ -399,11 +399,7 @@ impl Model {
                 "one completion start is needed per sequence",
             ));
         }
-        let (ids, pos, mask) = self.pack(seqs)?;
-        let (b, t) = ids.dims2()?;
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        let mut offsets = vec![0];
+        let mut targets = Vec::with_capacity(seqs.len());
         for (i, (s, &start)) in seqs.iter().zip(completion_start).enumerate() {
             if start == 0 || start > s.len() {
                 return Err(Error::invalid(format!(
@@ -411,12 +407,47 @@ impl Model {
                     s.len()
                 )));
             }
-            for (j, &tok) in s.iter().enumerate().skip(start) {
-                rows.push((i * t + j - 1) as u32);
-                targets.push(tok);
-            }
-            offsets.push(targets.len());
+            targets.push((start..s.len()).collect());
         }
+        self.target_logprobs(w, seqs, &targets, temperature)
+    }
+
+    /// Log-probabilities and entropies of chosen tokens: `targets[i]` lists, in
+    /// increasing order, the indices t ≥ 1 of `seqs[i]` whose token is scored as
+    /// log softmax(logits[t − 1] / τ)[seqs[i][t]] (the positions a loss trains: a
+    /// completion, or every assistant turn of a conversation). Layout as in
+    /// [`Model::completion_logprobs`].
+    pub fn target_logprobs(
+        &self,
+        w: &Weights,
+        seqs: &[Vec<u32>],
+        targets: &[Vec<usize>],
+        temperature: f64,
+    ) -> Result<CompletionLogprobs> {
+        if seqs.len() != targets.len() {
+            return Err(Error::invalid("one target list is needed per sequence"));
+        }
+        let (ids, pos, mask) = self.pack(seqs)?;
+        let (b, t) = ids.dims2()?;
+        let mut rows = Vec::new();
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0];
+        for (i, (s, tg)) in seqs.iter().zip(targets).enumerate() {
+            let mut last = 0;
+            for &j in tg {
+                if j <= last || j >= s.len() {
+                    return Err(Error::invalid(format!(
+                        "sequence {i}: target index {j} must be in 1..{} and increasing",
+                        s.len()
+                    )));
+                }
+                last = j;
+                rows.push((i * t + j - 1) as u32);
+                tokens.push(s[j]);
+            }
+            offsets.push(tokens.len());
+        }
+        let targets = tokens;
         let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
         let d = self.config.hidden_size;
         let n = rows.len();

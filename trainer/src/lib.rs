@@ -16,6 +16,8 @@
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
 //! [`learner`] the loop that turns batches into versions; [`checkpoint`] saves and
 //! restores it.
+//!
+//! The offline stages: [`sft`] (instruction tuning with assistant-only masking).
 
 pub mod advantage;
 pub mod aggregate;
@@ -32,6 +34,7 @@ pub mod policy_loss;
 pub mod proximal;
 pub mod rollout;
 pub mod service;
+pub mod sft;
 pub mod step;
 pub mod value;
 

@@ -76,7 +76,8 @@ impl Optimizer {
         }
     }
 
-    fn step(
+    /// One update with learning rate `lr`, clipping the global gradient norm first.
+    pub fn apply(
         &mut self,
         grads: &GradStore,
         lr: f64,
@@ -359,7 +360,7 @@ pub fn train_step(
             }
             let grads = loss.backward()?;
             let lr = opt_cfg.lr_at(step_index + updates as u64);
-            let stats = opt.step(&grads, lr, opt_cfg.max_grad_norm())?;
+            let stats = opt.apply(&grads, lr, opt_cfg.max_grad_norm())?;
             updates += 1;
             m.loss += loss_value;
             m.policy_loss += policy_term.to_dtype(DType::F64)?.to_scalar::<f64>()?;
