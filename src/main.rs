@@ -3,9 +3,12 @@
 mod bench;
 mod bench_system;
 mod certs;
+mod dpo;
 mod generate;
 mod model_cmd;
+mod offline;
 mod report;
+mod rm;
 mod run;
 mod run_config;
 mod score;
@@ -56,6 +59,10 @@ enum Command {
     Report(report::ReportArgs),
     /// Supervised fine-tuning (assistant tokens only) on a JSONL / Parquet file or a synthetic task.
     Sft(sft::SftArgs),
+    /// Train a reward model (scalar head on the last token) on preference records.
+    Rm(rm::RmArgs),
+    /// Direct preference optimisation (DPO / IPO) against the starting model.
+    Dpo(dpo::DpoArgs),
     /// Create a private CA and issue certificates for TLS / mTLS between a run's hosts.
     TlsCerts(certs::CertsArgs),
 }
@@ -98,6 +105,8 @@ fn main() {
         Command::Report(a) => report::run(a),
         Command::TlsCerts(a) => certs::run(a),
         Command::Sft(a) => sft::run(a),
+        Command::Rm(a) => rm::run(a),
+        Command::Dpo(a) => dpo::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -412,6 +412,26 @@ impl Model {
         self.target_logprobs(w, seqs, &targets, temperature)
     }
 
+    /// The final hidden state (after the last norm) at each sequence's last token,
+    /// (B, d): what a scalar head (a reward model) reads.
+    pub fn last_hidden(&self, w: &Weights, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+            return Err(Error::invalid(format!("sequence {i} is empty")));
+        }
+        let (ids, pos, mask) = self.pack(seqs)?;
+        let (b, t) = ids.dims2()?;
+        let rows: Vec<u32> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i * t + s.len() - 1) as u32)
+            .collect();
+        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
+        let rows = Tensor::from_vec(rows, b, &self.device)?;
+        Ok(hidden
+            .reshape((b * t, self.config.hidden_size))?
+            .index_select(&rows, 0)?)
+    }
+
     /// Log-probabilities and entropies of chosen tokens: `targets[i]` lists, in
     /// increasing order, the indices t ≥ 1 of `seqs[i]` whose token is scored as
     /// log softmax(logits[t − 1] / τ)[seqs[i][t]] (the positions a loss trains: a

@@ -34,7 +34,7 @@ pub enum Example {
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-fn messages(v: &serde_json::Value, at: &str, field: &str) -> Result<Vec<ChatMessage>> {
+pub(crate) fn messages(v: &serde_json::Value, at: &str, field: &str) -> Result<Vec<ChatMessage>> {
     let list = v.as_array().ok_or_else(|| {
         invalid(format!(
             "{at}: `{field}` must be a string or a list of {{role, content}} messages"

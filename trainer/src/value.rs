@@ -59,12 +59,18 @@ impl ValueHead {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_as(dir, FILE)
+    }
+
+    /// Saves the head as `dir/file` (a reward model's head goes to
+    /// [`crate::reward_model::FILE`]).
+    pub fn save_as(&self, dir: &Path, file: &str) -> Result<()> {
         let tensors: HashMap<String, Tensor> = self
             .named_vars()
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().detach()))
             .collect();
-        candle_core::safetensors::save(&tensors, dir.join(FILE))?;
+        candle_core::safetensors::save(&tensors, dir.join(file))?;
         Ok(())
     }
 
@@ -75,7 +81,18 @@ impl ValueHead {
         dtype: DType,
         device: &Device,
     ) -> Result<Option<Self>> {
-        let path = dir.join(FILE);
+        Self::load_from(dir, FILE, hidden_size, dtype, device)
+    }
+
+    /// Loads `dir/file`, or `None` when the folder has no such file.
+    pub fn load_from(
+        dir: &Path,
+        file: &str,
+        hidden_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let path = dir.join(file);
         if !path.exists() {
             return Ok(None);
         }

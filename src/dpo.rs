@@ -1,0 +1,155 @@
+//! `tandem dpo CONFIG`: direct preference optimisation (DPO or IPO, optionally with an
+//! NLL term on the chosen responses) against the starting model as the frozen
+//! reference, whose log-probabilities are computed once before training.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tandem_coordinator::dataset::DataConfig;
+use tandem_trainer::config::OptimizerConfig;
+use tandem_trainer::dpo::{self, Pair, Settings};
+use tandem_trainer::preference::DirectLoss;
+use tandem_trainer::step::Optimizer;
+
+use crate::offline::{self, save_model, Stage, TrainSection};
+use crate::run_config::{parse_with_overrides, ModelSection};
+
+/// `[dpo]` (docs/pipeline.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoSection {
+    /// `dpo` or `ipo`.
+    pub loss: DirectLoss,
+    /// β: the strength of the implicit KL to the reference.
+    pub beta: f64,
+    /// Weight of the NLL of the chosen responses (0 = off).
+    pub nll_coef: f64,
+    /// Records drawn from the synthetic preference task ([data] kind = "arithmetic").
+    pub examples: usize,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        DpoSection {
+            loss: DirectLoss::Dpo,
+            beta: 0.1,
+            nll_coef: 0.0,
+            examples: 2000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub train: TrainSection,
+    pub dpo: DpoSection,
+    pub optimizer: OptimizerConfig,
+}
+
+#[derive(Args)]
+pub struct DpoArgs {
+    /// The DPO config (docs/pipeline.md; examples/tiny-dpo.toml).
+    config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+}
+
+struct Dpo {
+    p: tandem_model::Pretrained,
+    opt: Optimizer,
+    opt_cfg: OptimizerConfig,
+    settings: Settings,
+}
+
+impl Stage for Dpo {
+    type Item = Pair;
+
+    fn step(&mut self, batch: &[Pair], step: u64) -> Result<Value> {
+        let m = dpo::step(
+            &self.p.model,
+            &mut self.opt,
+            &self.opt_cfg,
+            self.settings,
+            batch,
+            step,
+        )?;
+        Ok(serde_json::to_value(m)?)
+    }
+
+    fn evaluate(&mut self, items: &[Pair]) -> Result<Map<String, Value>> {
+        let w = self.p.model.inference_weights();
+        let mut sums: Map<String, Value> = Map::new();
+        let mut n = 0usize;
+        for chunk in items.chunks(16) {
+            let (_, m) = dpo::loss(&self.p.model, &w, self.settings, chunk)?;
+            let k = chunk.len() as f64;
+            for (key, v) in [
+                ("loss", m.loss),
+                ("reward_accuracy", m.reward_accuracy),
+                ("reward_margin", m.reward_margin),
+                ("chosen_logps", m.chosen_logps),
+                ("rejected_logps", m.rejected_logps),
+            ] {
+                let acc = sums.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+                sums.insert(key.into(), (acc + v * k).into());
+            }
+            n += chunk.len();
+        }
+        Ok(sums
+            .into_iter()
+            .map(|(k, v)| (k, (v.as_f64().unwrap_or(f64::NAN) / n as f64).into()))
+            .collect())
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_model(&self.p, dir)
+    }
+}
+
+pub fn run(a: DpoArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg: DpoConfig = parse_with_overrides(&text, &a.overrides)
+        .with_context(|| format!("in {}", a.config.display()))?;
+    cfg.data.validate()?;
+    cfg.optimizer.validate()?;
+    cfg.train.validate()?;
+    if !(cfg.dpo.beta > 0.0 && cfg.dpo.beta.is_finite()) {
+        bail!("[dpo] beta: must be positive");
+    }
+    if !(cfg.dpo.nll_coef >= 0.0 && cfg.dpo.nll_coef.is_finite()) {
+        bail!("[dpo] nll_coef: must be ≥ 0");
+    }
+    let path = crate::run::materialize_model(&cfg.model.path)?;
+    let p = crate::load_model(&path)?;
+    let records = crate::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
+    if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {
+        bail!(
+            "record {}: DPO needs `chosen` and `rejected`, not a ranking",
+            i + 1
+        );
+    }
+    let data = crate::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
+    // The reference is the starting model; its log-probabilities are fixed up front.
+    let pairs = dpo::with_reference(&p.model, &data, cfg.train.batch_size)?;
+    let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
+    let mut stage = Dpo {
+        p,
+        opt,
+        opt_cfg: cfg.optimizer.clone(),
+        settings: Settings {
+            loss: cfg.dpo.loss,
+            beta: cfg.dpo.beta,
+            nll_coef: cfg.dpo.nll_coef,
+        },
+    };
+    offline::train(&mut stage, pairs, &cfg.train, "dpo")?;
+    Ok(())
+}

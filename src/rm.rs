@@ -1,0 +1,218 @@
+//! `tandem rm CONFIG`: a reward model (the transformer with a scalar head on the last
+//! token) trained on preference records, and `comparisons`, the preference data that
+//! `tandem dpo` reads too.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tandem_coordinator::dataset::{read_rows, DataConfig, DataKind, Dataset, PromptBody};
+use tandem_trainer::comparison::{Comparison, Prompt, Tokens};
+use tandem_trainer::config::OptimizerConfig;
+use tandem_trainer::reward_model;
+use tandem_trainer::sft::{Masking, Render};
+use tandem_trainer::step::Optimizer;
+use tandem_trainer::value::ValueHead;
+
+use crate::offline::{self, save_model, Stage, TrainSection};
+use crate::run_config::{parse_with_overrides, ModelSection};
+
+/// `[rm]` (docs/pipeline.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmSection {
+    /// Records drawn from the synthetic preference task ([data] kind = "arithmetic").
+    pub examples: usize,
+}
+
+impl Default for RmSection {
+    fn default() -> Self {
+        RmSection { examples: 2000 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub train: TrainSection,
+    pub rm: RmSection,
+    pub optimizer: OptimizerConfig,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    /// The reward-model config (docs/pipeline.md; examples/tiny-rm.toml).
+    config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+}
+
+/// Preference records from a file (TRL's `prompt` / `chosen` / `rejected` [/ `margin`],
+/// or `prompt` / `ranked`), or `synthetic` from the arithmetic task, where the better
+/// answer is correct and shorter: " 7" over " 8, I think, but I am not sure".
+pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>> {
+    match cfg.kind {
+        DataKind::Arithmetic => {
+            let d = Dataset::load(cfg)?;
+            Ok((0..synthetic as u64)
+                .map(|i| {
+                    let p = d.get(i);
+                    let (PromptBody::Text(q), Some(a)) = (p.body, p.answer) else {
+                        unreachable!("the arithmetic task gives text prompts with answers")
+                    };
+                    let right: i64 = a.parse().expect("arithmetic answers are integers");
+                    let wrong = right + 1 + (i % 3) as i64;
+                    let lead = if cfg.chat { "" } else { " " };
+                    Comparison {
+                        prompt: Prompt::Text(q),
+                        responses: vec![
+                            format!("{lead}{right}"),
+                            format!("{lead}{wrong}, I think, but I am not sure"),
+                        ],
+                        margin: None,
+                    }
+                })
+                .collect())
+        }
+        DataKind::Jsonl | DataKind::Parquet => {
+            let path = cfg
+                .path
+                .as_deref()
+                .context("[data] path: required with kind = \"jsonl\" or \"parquet\"")?;
+            read_rows(path, cfg.kind == DataKind::Parquet)?
+                .iter()
+                .map(|r| {
+                    let c = Comparison::from_row(&r.value, &r.at)?;
+                    if matches!(c.prompt, Prompt::Turns(_)) && !cfg.chat {
+                        bail!("{}: a conversation prompt needs the chat template: set [data] chat = true", r.at);
+                    }
+                    Ok(c)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Every comparison tokenized (response tokens as targets); records that truncation
+/// empties are skipped and counted.
+pub fn tokenize(
+    records: &[Comparison],
+    p: &tandem_model::Pretrained,
+    data: &DataConfig,
+    max_len: usize,
+) -> Result<Vec<Tokens>> {
+    let render = Render {
+        tokenizer: &p.tokenizer,
+        system: data.system.as_deref(),
+        masking: Masking::LastTurn,
+        eos: p.model.config().eos_token_ids.first().copied(),
+        max_len: max_len.min(p.model.config().max_position_embeddings),
+    };
+    let mut out = Vec::with_capacity(records.len());
+    let mut skipped = 0;
+    for (i, c) in records.iter().enumerate() {
+        match c
+            .tokenize(&render, data.chat)
+            .with_context(|| format!("record {}", i + 1))?
+        {
+            Some(t) => out.push(t),
+            None => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            max_len,
+            "records with a response cut to nothing were skipped"
+        );
+    }
+    Ok(out)
+}
+
+struct Rm {
+    p: tandem_model::Pretrained,
+    head: ValueHead,
+    opt: Optimizer,
+    opt_cfg: OptimizerConfig,
+}
+
+impl Stage for Rm {
+    type Item = Tokens;
+
+    fn step(&mut self, batch: &[Tokens], step: u64) -> Result<Value> {
+        let m = reward_model::step(
+            &self.p.model,
+            &self.head,
+            &mut self.opt,
+            &self.opt_cfg,
+            batch,
+            step,
+        )?;
+        Ok(serde_json::to_value(m)?)
+    }
+
+    fn evaluate(&mut self, items: &[Tokens]) -> Result<Map<String, Value>> {
+        let w = self.p.model.inference_weights();
+        let (mut loss, mut hits, mut margin, mut n) = (0.0, 0.0, 0.0, 0usize);
+        for chunk in items.chunks(16) {
+            let (l, r) = reward_model::loss(&self.p.model, &w, &self.head, chunk)?;
+            let k = chunk.len();
+            loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
+            hits += reward_model::top1_accuracy(&r)? * k as f64;
+            margin += reward_model::mean_margin(&r)? * k as f64;
+            n += k;
+        }
+        let mut m = Map::new();
+        m.insert("loss".into(), (loss / n as f64).into());
+        m.insert("accuracy".into(), (hits / n as f64).into());
+        m.insert("margin".into(), (margin / n as f64).into());
+        Ok(m)
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_model(&self.p, dir)?;
+        self.head.save_as(dir, reward_model::FILE)?;
+        Ok(())
+    }
+}
+
+pub fn run(a: RmArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg: RmConfig = parse_with_overrides(&text, &a.overrides)
+        .with_context(|| format!("in {}", a.config.display()))?;
+    cfg.data.validate()?;
+    cfg.optimizer.validate()?;
+    cfg.train.validate()?;
+    let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
+    let records = comparisons(&cfg.data, cfg.rm.examples)?;
+    let data = tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
+    let k = data.first().map(|t| t.responses.len()).unwrap_or(2);
+    if data.iter().any(|t| t.responses.len() != k) {
+        bail!("every record needs the same number of responses ({k} in the first)");
+    }
+    let (d, dtype, device) = (
+        p.model.config().hidden_size,
+        p.model.dtype(),
+        p.model.device().clone(),
+    );
+    let start = std::path::Path::new(&cfg.model.path);
+    let head = match ValueHead::load_from(start, reward_model::FILE, d, dtype, &device)? {
+        Some(h) => h,
+        None => ValueHead::zeros(d, dtype, &device)?,
+    };
+    let opt = Optimizer::new(&cfg.optimizer, &p.model, head.named_vars())?;
+    let mut stage = Rm {
+        p,
+        head,
+        opt,
+        opt_cfg: cfg.optimizer.clone(),
+    };
+    offline::train(&mut stage, data, &cfg.train, "rm")?;
+    Ok(())
+}
