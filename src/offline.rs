@@ -12,6 +12,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tandem_coordinator::dataset::{
+    read_rows, DataConfig, DataKind, Dataset, Prompt, PromptBody, Row,
+};
 
 /// `[train]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,4 +206,27 @@ pub fn train<S: Stage>(
 pub fn save_model(p: &tandem_model::Pretrained, dir: &Path) -> Result<()> {
     tandem_model::save_hf(&p.model, &p.tokenizer, dir)
         .with_context(|| format!("saving the model into {}", dir.display()))
+}
+
+/// `n` (prompt, answer) pairs of the synthetic arithmetic task of `cfg`.
+pub fn synthetic(cfg: &DataConfig, n: usize) -> Result<Vec<(String, String)>> {
+    let d = Dataset::load(cfg)?;
+    Ok((0..n as u64)
+        .map(|i| match d.get(i) {
+            Prompt {
+                body: PromptBody::Text(q),
+                answer: Some(a),
+            } => (q, a),
+            _ => unreachable!("the arithmetic task gives text prompts with answers"),
+        })
+        .collect())
+}
+
+/// The records of `cfg`'s JSONL or Parquet file.
+pub fn file_rows(cfg: &DataConfig) -> Result<Vec<Row>> {
+    let path = cfg
+        .path
+        .as_deref()
+        .context("[data] path: required with kind = \"jsonl\" or \"parquet\"")?;
+    Ok(read_rows(path, cfg.kind == DataKind::Parquet)?)
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tandem_coordinator::dataset::{read_rows, DataConfig, DataKind, Dataset, PromptBody};
+use tandem_coordinator::dataset::{DataConfig, DataKind};
 use tandem_trainer::comparison::{Comparison, Prompt, Tokens};
 use tandem_trainer::config::OptimizerConfig;
 use tandem_trainer::reward_model;
@@ -57,44 +57,36 @@ pub struct RmArgs {
 /// answer is correct and shorter: " 7" over " 8, I think, but I am not sure".
 pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>> {
     match cfg.kind {
-        DataKind::Arithmetic => {
-            let d = Dataset::load(cfg)?;
-            Ok((0..synthetic as u64)
-                .map(|i| {
-                    let p = d.get(i);
-                    let (PromptBody::Text(q), Some(a)) = (p.body, p.answer) else {
-                        unreachable!("the arithmetic task gives text prompts with answers")
-                    };
-                    let right: i64 = a.parse().expect("arithmetic answers are integers");
-                    let wrong = right + 1 + (i % 3) as i64;
-                    let lead = if cfg.chat { "" } else { " " };
-                    Comparison {
-                        prompt: Prompt::Text(q),
-                        responses: vec![
-                            format!("{lead}{right}"),
-                            format!("{lead}{wrong}, I think, but I am not sure"),
-                        ],
-                        margin: None,
-                    }
-                })
-                .collect())
-        }
-        DataKind::Jsonl | DataKind::Parquet => {
-            let path = cfg
-                .path
-                .as_deref()
-                .context("[data] path: required with kind = \"jsonl\" or \"parquet\"")?;
-            read_rows(path, cfg.kind == DataKind::Parquet)?
-                .iter()
-                .map(|r| {
-                    let c = Comparison::from_row(&r.value, &r.at)?;
-                    if matches!(c.prompt, Prompt::Turns(_)) && !cfg.chat {
-                        bail!("{}: a conversation prompt needs the chat template: set [data] chat = true", r.at);
-                    }
-                    Ok(c)
-                })
-                .collect()
-        }
+        DataKind::Arithmetic => Ok(offline::synthetic(cfg, synthetic)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, (q, a))| {
+                let right: i64 = a.parse().expect("arithmetic answers are integers");
+                let wrong = right + 1 + (i % 3) as i64;
+                let lead = if cfg.chat { "" } else { " " };
+                Comparison {
+                    prompt: Prompt::Text(q),
+                    responses: vec![
+                        format!("{lead}{right}"),
+                        format!("{lead}{wrong}, I think, but I am not sure"),
+                    ],
+                    margin: None,
+                }
+            })
+            .collect()),
+        DataKind::Jsonl | DataKind::Parquet => offline::file_rows(cfg)?
+            .iter()
+            .map(|r| {
+                let c = Comparison::from_row(&r.value, &r.at)?;
+                if matches!(c.prompt, Prompt::Turns(_)) && !cfg.chat {
+                    bail!(
+                        "{}: a conversation prompt needs the chat template: set [data] chat = true",
+                        r.at
+                    );
+                }
+                Ok(c)
+            })
+            .collect(),
     }
 }
 

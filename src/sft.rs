@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tandem_coordinator::dataset::{read_rows, DataConfig, DataKind, Dataset, PromptBody};
+use tandem_coordinator::dataset::{DataConfig, DataKind};
 use tandem_model::ChatMessage;
 use tandem_trainer::config::OptimizerConfig;
 use tandem_trainer::sft::{self, Example, Masking, Render, Tokenized};
@@ -71,37 +71,27 @@ pub struct SftArgs {
 /// The records of the configured data, checked; errors name the file, line and field.
 pub fn examples(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Example>> {
     match cfg.kind {
-        DataKind::Arithmetic => {
-            let d = Dataset::load(cfg)?;
-            Ok((0..synthetic as u64)
-                .map(|i| {
-                    let p = d.get(i);
-                    let (PromptBody::Text(q), Some(a)) = (p.body, p.answer) else {
-                        unreachable!("the arithmetic task gives text prompts with answers")
-                    };
-                    if cfg.chat {
-                        Example::Conversation(vec![
-                            ChatMessage::user(q),
-                            ChatMessage {
-                                role: "assistant".into(),
-                                content: a,
-                            },
-                        ])
-                    } else {
-                        Example::Text {
-                            prompt: q,
-                            completion: format!(" {a}"),
-                        }
+        DataKind::Arithmetic => Ok(offline::synthetic(cfg, synthetic)?
+            .into_iter()
+            .map(|(q, a)| {
+                if cfg.chat {
+                    Example::Conversation(vec![
+                        ChatMessage::user(q),
+                        ChatMessage {
+                            role: "assistant".into(),
+                            content: a,
+                        },
+                    ])
+                } else {
+                    Example::Text {
+                        prompt: q,
+                        completion: format!(" {a}"),
                     }
-                })
-                .collect())
-        }
+                }
+            })
+            .collect()),
         DataKind::Jsonl | DataKind::Parquet => {
-            let path = cfg
-                .path
-                .as_deref()
-                .context("[data] path: required with kind = \"jsonl\" or \"parquet\"")?;
-            let rows = read_rows(path, cfg.kind == DataKind::Parquet)?;
+            let rows = offline::file_rows(cfg)?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let ex = Example::from_row(&r.value, &r.at)?;

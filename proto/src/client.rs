@@ -77,14 +77,12 @@ pub fn reward(ch: Channel, creds: &Credentials) -> RewardClient<Authed> {
 pub fn describe(e: &tonic::Status) -> String {
     use std::error::Error;
     let mut out = e.message().to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
+    if let Some(source) = e.source() {
+        let chain = crate::error_chain(source);
+        if !out.contains(&chain) {
             out.push_str(": ");
-            out.push_str(&text);
+            out.push_str(&chain);
         }
-        source = s.source();
     }
     let lower = out.to_lowercase();
     if [
