@@ -54,7 +54,7 @@ pub struct RmArgs {
 
 /// Preference records from a file (TRL's `prompt` / `chosen` / `rejected` [/ `margin`],
 /// or `prompt` / `ranked`), or `synthetic` from the arithmetic task, where the better
-/// answer is correct and shorter: " 7" over " 8, I think, but I am not sure".
+/// answer is correct and short: " 7" over " 8" or " 8, I think, but I am not sure".
 pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>> {
     match cfg.kind {
         DataKind::Arithmetic => Ok(offline::synthetic(cfg, synthetic)?
@@ -64,12 +64,16 @@ pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>
                 let right: i64 = a.parse().expect("arithmetic answers are integers");
                 let wrong = right + 1 + (i % 3) as i64;
                 let lead = if cfg.chat { "" } else { " " };
+                // Every other rejected answer is as short as the chosen one: only its
+                // correctness tells them apart.
+                let rejected = if i % 2 == 0 {
+                    format!("{lead}{wrong}")
+                } else {
+                    format!("{lead}{wrong}, I think, but I am not sure")
+                };
                 Comparison {
                     prompt: Prompt::Text(q),
-                    responses: vec![
-                        format!("{lead}{right}"),
-                        format!("{lead}{wrong}, I think, but I am not sure"),
-                    ],
+                    responses: vec![format!("{lead}{right}"), rejected],
                     margin: None,
                 }
             })

@@ -247,6 +247,7 @@ mod doc {
                         | ("data", "system")
                         | ("run", "token")
                         | ("reward", "service")
+                        | ("reward", "model")
                         | ("tls", "ca")
                         | ("tls", "cert")
                         | ("tls", "key") => "\"x\"".into(),

@@ -370,41 +370,60 @@ fn sft_checks_every_record_then_trains() {
     );
 }
 
-/// `tandem rm` on the synthetic preference task (the better answer is correct and
-/// shorter) reaches ≥ 90% held-out accuracy and saves the head beside the model;
-/// `tandem dpo` and its IPO variant make the implicit reward prefer the chosen answers.
+/// The tiny pipeline of examples/: SFT, then a reward model on the synthetic preference
+/// task (the better answer is correct and short) that reaches ≥ 90% held-out accuracy
+/// and saves its head beside the model; DPO and IPO make the implicit reward prefer the
+/// chosen answers; and `tandem run` optimises the policy against the reward model (the
+/// rewards trained on are the reward model's scores, not the built-in verifiers').
 #[test]
-fn reward_model_and_dpo_learn_the_synthetic_preference() {
+fn sft_reward_model_dpo_and_rlhf_on_the_tiny_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let common = "[model]\npath = \"preset:tiny\"\n[data]\nkind = \"arithmetic\"\ndigits = 1\noperators = [\"+\"]\nchat = false\ntemplate = \"{question} =\"\n";
-    let rm = dir.path().join("rm.toml");
-    let out = dir.path().join("rm");
-    std::fs::write(
-        &rm,
-        format!("{common}[rm]\nexamples = 400\n[train]\nbatch_size = 16\nmax_len = 32\nval_fraction = 0.1\nout_dir = \"{}\"\n[optimizer]\nlr = 1e-3\n", out.display()),
-    )
-    .unwrap();
-    let o = tandem(&["rm", rm.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let acc = s["after"]["val_accuracy"].as_f64().unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let example = |name: &str| format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let summary = |out: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+    };
+    let run = |args: &[&str]| {
+        let o = tandem(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    let sft = dir.path().join("sft");
+    run(&[
+        "sft",
+        &example("tiny-sft.toml"),
+        "--set",
+        &format!("train.out_dir={}", path(&sft)),
+    ]);
+    let sft_model = format!("model.path={}", path(&sft.join("final")));
+
+    let rm = dir.path().join("rm");
+    run(&[
+        "rm",
+        &example("tiny-rm.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        &format!("train.out_dir={}", path(&rm)),
+    ]);
+    let acc = summary(&rm)["after"]["val_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.9, "held-out preference accuracy {acc}");
-    assert!(out.join("final/reward_head.safetensors").exists());
+    assert!(rm.join("final/reward_head.safetensors").exists());
 
     for loss in ["dpo", "ipo"] {
-        let cfg = dir.path().join(format!("{loss}.toml"));
         let out = dir.path().join(loss);
-        std::fs::write(
-            &cfg,
-            format!("{common}[dpo]\nloss = \"{loss}\"\nexamples = 200\n[train]\nbatch_size = 16\nmax_len = 32\nval_fraction = 0.1\nout_dir = \"{}\"\n[optimizer]\nlr = 1e-4\n", out.display()),
-        )
-        .unwrap();
-        let o = tandem(&["dpo", cfg.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let s: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
-                .unwrap();
+        run(&[
+            "dpo",
+            &example("tiny-dpo.toml"),
+            "--set",
+            &sft_model,
+            "--set",
+            &format!("dpo.loss={loss}"),
+            "--set",
+            "dpo.examples=400",
+            "--set",
+            &format!("train.out_dir={}", path(&out)),
+        ]);
+        let s = summary(&out);
         let (before, after) = (&s["before"], &s["after"]);
         assert!(
             after["val_loss"].as_f64().unwrap() < before["val_loss"].as_f64().unwrap(),
@@ -415,6 +434,43 @@ fn reward_model_and_dpo_learn_the_synthetic_preference() {
             "{loss}: {s}"
         );
     }
+
+    let rl = dir.path().join("rlhf");
+    run(&[
+        "run",
+        &example("tiny-rlhf.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        &format!("reward.model={}", path(&rm.join("final"))),
+        "--set",
+        "run.steps=6",
+        "--set",
+        "trainer.dump_batches=true",
+        "--set",
+        &format!("run.run_dir={}", path(&rl)),
+    ]);
+    let rewards: Vec<f64> = std::fs::read_dir(rl.join("batches"))
+        .unwrap()
+        .flat_map(|f| {
+            std::fs::read_to_string(f.unwrap().path())
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(rewards.len() >= 6 * 4 * 8, "{} rewards", rewards.len());
+    // Reward-model scores are real numbers, not the 0 / 1 of a verifier, and differ.
+    assert!(rewards.iter().any(|r| r.fract() != 0.0));
+    let (lo, hi) = rewards
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+    assert!(hi - lo > 0.5, "rewards span {lo}..{hi}");
 }
 
 /// Bad preference records stop `tandem rm` before anything is written, naming the

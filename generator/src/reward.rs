@@ -22,6 +22,10 @@ pub struct RewardConfig {
     /// An external reward service (`http://host:port`), scored per group.
     pub service: Option<String>,
     pub service_weight: f64,
+    /// A reward model (`tandem rm` output: an HF folder with `reward_head.safetensors`)
+    /// that scores prompt + completion on each generator.
+    pub model: Option<String>,
+    pub model_weight: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +51,8 @@ impl Default for RewardConfig {
             exact_match: 0.0,
             service: None,
             service_weight: 1.0,
+            model: None,
+            model_weight: 1.0,
         }
     }
 }
@@ -58,6 +64,7 @@ impl RewardConfig {
             ("format", self.format),
             ("exact_match", self.exact_match),
             ("service_weight", self.service_weight),
+            ("model_weight", self.model_weight),
         ] {
             if !w.is_finite() {
                 return Err(invalid(format!("[reward] {key}: must be a finite weight")));
@@ -67,10 +74,14 @@ impl RewardConfig {
             && self.format == 0.0
             && self.exact_match == 0.0
             && self.service.is_none()
+            && self.model.is_none()
         {
             return Err(invalid(
-                "[reward]: every weight is 0; set math, format or exact_match, or a service",
+                "[reward]: every weight is 0; set math, format or exact_match, a service or a model",
             ));
+        }
+        if self.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            return Err(invalid("[reward] model: give the folder `tandem rm` wrote"));
         }
         Ok(())
     }
@@ -261,5 +272,60 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("[reward] format"));
+    }
+}
+
+/// A reward model on the generator: r = head(h_last(prompt + completion)), the
+/// completion ending with its stop token when it stopped (as `tandem rm` trained it).
+pub struct RewardModel {
+    model: tandem_model::Model,
+    head: tandem_trainer::value::ValueHead,
+}
+
+impl RewardModel {
+    /// Loads `dir` (an HF folder with `reward_head.safetensors`); it must share the
+    /// policy's tokenizer (the same vocabulary size).
+    pub fn load(dir: &str, policy_vocab: usize) -> Result<Self> {
+        let device = candle_core::Device::Cpu;
+        let p = tandem_model::load(dir, tandem_model::default_dtype(&device), &device)?;
+        let c = p.model.config();
+        let head = tandem_trainer::value::ValueHead::load_from(
+            std::path::Path::new(dir),
+            tandem_trainer::reward_model::FILE,
+            c.hidden_size,
+            p.model.dtype(),
+            &device,
+        )
+        .map_err(|e| invalid(format!("[reward] model: {e}")))?
+        .ok_or_else(|| {
+            invalid(format!(
+                "[reward] model: {dir} has no {} (train it with `tandem rm`)",
+                tandem_trainer::reward_model::FILE
+            ))
+        })?;
+        if c.vocab_size != policy_vocab {
+            return Err(invalid(format!(
+                "[reward] model: its vocabulary has {} tokens, the policy's {policy_vocab}; the reward model must share the policy's tokenizer",
+                c.vocab_size
+            )));
+        }
+        Ok(RewardModel {
+            model: p.model,
+            head,
+        })
+    }
+
+    /// Rewards of `prompt` followed by each completion.
+    pub fn score(&self, prompt: &[u32], completions: &[Vec<u32>]) -> Result<Vec<f64>> {
+        let seqs: Vec<Vec<u32>> = completions
+            .iter()
+            .map(|c| prompt.iter().chain(c).copied().collect())
+            .collect();
+        let w = self.model.inference_weights();
+        let r = tandem_trainer::reward_model::rewards(&self.model, &w, &self.head, &seqs)
+            .map_err(|e| invalid(format!("[reward] model: {e}")))?;
+        r.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.to_vec1::<f64>())
+            .map_err(|e| invalid(format!("[reward] model: {e}")))
     }
 }

@@ -158,6 +158,7 @@ pub struct Worker {
     pusher: Option<Pusher>,
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     reward_service: Option<RewardClient<Authed>>,
+    reward_model: Option<crate::reward::RewardModel>,
     next_seq: u64,
     /// The highest version the coordinator has published, as far as this worker saw.
     high_water: u64,
@@ -197,6 +198,13 @@ impl Worker {
             }
             None => None,
         };
+        let reward_model = match &settings.reward.model {
+            Some(dir) => Some(crate::reward::RewardModel::load(
+                dir,
+                model.model.config().vocab_size,
+            )?),
+            None => None,
+        };
         let w = Worker {
             settings,
             model,
@@ -207,6 +215,7 @@ impl Worker {
             pusher: None,
             pending: Arc::new(Mutex::new(BTreeMap::new())),
             reward_service,
+            reward_model,
             next_seq: 1,
             high_water: latest_version,
             sync_failures: 0,
@@ -608,6 +617,12 @@ impl Worker {
                 }
                 for (r, s) in rewards.iter_mut().zip(scored) {
                     *r += self.settings.reward.service_weight * s;
+                }
+            }
+            if let Some(rm) = &self.reward_model {
+                let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.tokens.clone()).collect();
+                for (r, s) in rewards.iter_mut().zip(rm.score(&prompts[i], &ids)?) {
+                    *r += self.settings.reward.model_weight * s;
                 }
             }
             groups.push(RolloutGroup {
