@@ -7,6 +7,7 @@ mod dpo;
 mod generate;
 mod model_cmd;
 mod offline;
+mod rejection;
 mod report;
 mod rm;
 mod run;
@@ -63,6 +64,8 @@ enum Command {
     Rm(rm::RmArgs),
     /// Direct preference optimisation (DPO / IPO) against the starting model.
     Dpo(dpo::DpoArgs),
+    /// Sample N completions per prompt, keep the best by reward, write an SFT dataset.
+    RejectionSample(rejection::RejectionArgs),
     /// Create a private CA and issue certificates for TLS / mTLS between a run's hosts.
     TlsCerts(certs::CertsArgs),
 }
@@ -107,6 +110,7 @@ fn main() {
         Command::Sft(a) => sft::run(a),
         Command::Rm(a) => rm::run(a),
         Command::Dpo(a) => dpo::run(a),
+        Command::RejectionSample(a) => rejection::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -216,17 +216,21 @@ mod tests {
         documented_table(doc, "**`[train]`**", TrainSection::default());
         documented_table(doc, "**`[rm]`**", crate::rm::RmSection::default());
         documented_table(doc, "**`[dpo]`**", crate::dpo::DpoSection::default());
+        documented_table(
+            doc,
+            "**`[rejection]`**",
+            crate::rejection::RejectionSection::default(),
+        );
     }
 
     /// The `| key | default |` rows after `heading` match `defaults`.
     fn documented_table<T: Serialize>(doc: &str, heading: &str, defaults: T) {
-        let table = doc
-            .split(heading)
-            .nth(1)
-            .and_then(|t| t.split("\n\n**").next())
-            .unwrap();
-        let mut documented: Vec<(String, String)> = table
+        // The table right after the heading; keys documented "unset" have no default.
+        let after = doc.split(heading).nth(1).unwrap();
+        let mut documented: Vec<(String, String)> = after
             .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
             .filter_map(|l| l.strip_prefix("| `"))
             .map(|row| {
                 let cells: Vec<&str> = row.split(" | ").collect();
@@ -235,6 +239,7 @@ mod tests {
                     cells[1].trim().trim_matches('`').to_string(),
                 )
             })
+            .filter(|(_, default)| default != "unset")
             .collect();
         documented.sort();
         let code = toml::Value::try_from(defaults).unwrap();

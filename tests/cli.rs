@@ -370,7 +370,7 @@ fn sft_checks_every_record_then_trains() {
     );
 }
 
-/// The tiny pipeline of examples/: SFT, then a reward model on the synthetic preference
+/// The tiny pipeline of examples/: SFT; rejection sampling into new SFT data; a reward model on the synthetic preference
 /// task (the better answer is correct and short) that reaches ≥ 90% held-out accuracy
 /// and saves its head beside the model; DPO and IPO make the implicit reward prefer the
 /// chosen answers; and `tandem run` optimises the policy against the reward model (the

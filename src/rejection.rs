@@ -1,0 +1,273 @@
+//! `tandem rejection-sample CONFIG`: N completions per prompt from a policy, scored by
+//! the verifiers and / or a reward model of `[reward]`; the best per prompt (or the
+//! top K overall) become an SFT dataset that `tandem sft` reads.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tandem_coordinator::dataset::{DataConfig, Dataset, PromptBody};
+use tandem_generator::config::GeneratorConfig;
+use tandem_generator::render::{prompt_ids, PromptInput};
+use tandem_generator::reward::{RewardConfig, RewardModel};
+use tandem_model::{ChatMessage, SamplingParams};
+
+use crate::run_config::{parse_with_overrides, ModelSection};
+
+/// What is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The highest-scoring completion of each prompt (the first on ties).
+    #[default]
+    Best,
+    /// The `top_k` highest-scoring completions over all prompts.
+    TopK,
+}
+
+/// `[rejection]` (docs/pipeline.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RejectionSection {
+    /// Completions sampled per prompt.
+    pub n: usize,
+    /// Prompts used: the first of the file (at most all), or this many synthetic ones.
+    pub prompts: usize,
+    /// Prompts sampled together (each with `n` completions).
+    pub batch_prompts: usize,
+    /// `best` (per prompt) or `top_k` (overall).
+    pub keep: Keep,
+    /// With `keep = "top_k"`: how many.
+    pub top_k: usize,
+    /// Keep only completions scoring at least this (unset = no threshold).
+    pub min_reward: Option<f64>,
+    /// The SFT dataset written (JSONL; `messages` with `chat`, else `prompt` /
+    /// `completion`), with `OUT.summary.json` beside it.
+    pub out: PathBuf,
+    /// Seed of sampling.
+    pub seed: u64,
+}
+
+impl Default for RejectionSection {
+    fn default() -> Self {
+        RejectionSection {
+            n: 16,
+            prompts: 256,
+            batch_prompts: 4,
+            keep: Keep::Best,
+            top_k: 0,
+            min_reward: None,
+            out: "runs/rejection/sft.jsonl".into(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RejectionConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub generator: GeneratorConfig,
+    pub reward: RewardConfig,
+    pub rejection: RejectionSection,
+}
+
+#[derive(Args)]
+pub struct RejectionArgs {
+    /// The config (docs/pipeline.md; examples/tiny-rejection.toml).
+    config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+}
+
+struct Sample {
+    prompt: usize,
+    text: String,
+    reward: f64,
+}
+
+pub fn run(a: RejectionArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg: RejectionConfig = parse_with_overrides(&text, &a.overrides)
+        .with_context(|| format!("in {}", a.config.display()))?;
+    let r = &cfg.rejection;
+    cfg.data.validate()?;
+    cfg.generator.validate()?;
+    cfg.reward.validate()?;
+    if r.n == 0 || r.prompts == 0 || r.batch_prompts == 0 {
+        bail!("[rejection] n, prompts and batch_prompts must be ≥ 1");
+    }
+    if r.keep == Keep::TopK && r.top_k == 0 {
+        bail!("[rejection] top_k: keep = \"top_k\" needs top_k ≥ 1");
+    }
+    if r.min_reward.is_some_and(|m| !m.is_finite()) {
+        bail!("[rejection] min_reward: must be finite");
+    }
+    if cfg.reward.service.is_some() {
+        bail!("[reward] service: rejection sampling scores with the verifiers and [reward] model only");
+    }
+    let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
+    let rm = match &cfg.reward.model {
+        Some(dir) => Some(RewardModel::load(dir, p.model.config().vocab_size)?),
+        None => None,
+    };
+    let data = Dataset::load(&cfg.data)?;
+    let count = data.epoch_len().map_or(r.prompts, |n| n.min(r.prompts));
+    let prompts: Vec<_> = (0..count as u64).map(|i| data.get(i)).collect();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, pr)| {
+            let input = match &pr.body {
+                PromptBody::Text(t) => PromptInput::Text(t),
+                PromptBody::Messages(m) => PromptInput::Messages(
+                    m.iter()
+                        .map(|t| ChatMessage {
+                            role: t.role.clone(),
+                            content: t.content.clone(),
+                        })
+                        .collect(),
+                ),
+            };
+            prompt_ids(
+                &p.tokenizer,
+                input,
+                cfg.data.chat,
+                cfg.data.system.as_deref(),
+            )
+            .with_context(|| format!("prompt {}", i + 1))
+        })
+        .collect::<Result<_>>()?;
+
+    let bar = ProgressBar::new(count as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] prompt {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let g = &cfg.generator;
+    let mut samples: Vec<Sample> = Vec::with_capacity(count * r.n);
+    for (b, chunk) in ids.chunks(r.batch_prompts).enumerate() {
+        let first = b * r.batch_prompts;
+        let rows: Vec<Vec<u32>> = chunk
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), r.n))
+            .collect();
+        let params = SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            max_new_tokens: g.max_new_tokens,
+            stop_token_ids: p.stop_token_ids(),
+            seed: r.seed.wrapping_add(first as u64),
+        };
+        let out = tandem_model::generate(&p.model, rows, params)?;
+        for (j, group) in out.chunks(r.n).enumerate() {
+            let i = first + j;
+            let answer = prompts[i].answer.as_deref();
+            let texts: Vec<String> = group
+                .iter()
+                .map(|c| p.tokenizer.decode(&c.tokens, true))
+                .collect::<std::result::Result<_, _>>()?;
+            let mut rewards: Vec<f64> = texts.iter().map(|t| cfg.reward.score(t, answer)).collect();
+            if let Some(rm) = &rm {
+                let toks: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
+                for (x, s) in rewards.iter_mut().zip(rm.score(&ids[i], &toks)?) {
+                    *x += cfg.reward.model_weight * s;
+                }
+            }
+            samples.extend(texts.into_iter().zip(rewards).map(|(text, reward)| Sample {
+                prompt: i,
+                text,
+                reward,
+            }));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+
+    let passes = |s: &&Sample| r.min_reward.is_none_or(|m| s.reward >= m);
+    let mut kept: Vec<&Sample> = match r.keep {
+        Keep::Best => samples
+            .chunk_by(|a, b| a.prompt == b.prompt)
+            .filter_map(|g| {
+                g.iter()
+                    .reduce(|best, s| if s.reward > best.reward { s } else { best })
+            })
+            .filter(passes)
+            .collect(),
+        Keep::TopK => {
+            let mut all: Vec<&Sample> = samples.iter().filter(passes).collect();
+            all.sort_by(|a, b| b.reward.total_cmp(&a.reward));
+            all.truncate(r.top_k);
+            all
+        }
+    };
+    kept.sort_by_key(|s| s.prompt);
+    if kept.is_empty() {
+        bail!(
+            "no completion was kept ({} sampled; min_reward {:?}): nothing to write",
+            samples.len(),
+            r.min_reward
+        );
+    }
+
+    if let Some(dir) = r.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let partial = r.out.with_extension("jsonl.partial");
+    {
+        let mut f = std::fs::File::create(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        for s in &kept {
+            let pr = &prompts[s.prompt];
+            let line = match (&pr.body, cfg.data.chat) {
+                (PromptBody::Text(t), false) => json!({"prompt": t, "completion": s.text}),
+                (body, _) => {
+                    let mut turns: Vec<serde_json::Value> = match body {
+                        PromptBody::Text(t) => vec![json!({"role": "user", "content": t})],
+                        PromptBody::Messages(m) => m
+                            .iter()
+                            .map(|t| json!({"role": t.role, "content": t.content}))
+                            .collect(),
+                    };
+                    turns.push(json!({"role": "assistant", "content": s.text}));
+                    json!({"messages": turns})
+                }
+            };
+            writeln!(f, "{line}")?;
+        }
+    }
+    std::fs::rename(&partial, &r.out)
+        .with_context(|| format!("renaming into {}", r.out.display()))?;
+    let mean = |v: &mut dyn Iterator<Item = f64>| {
+        let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+        s / n.max(1) as f64
+    };
+    let summary = json!({
+        "prompts": count,
+        "samples": samples.len(),
+        "kept": kept.len(),
+        "mean_reward_sampled": mean(&mut samples.iter().map(|s| s.reward)),
+        "mean_reward_kept": mean(&mut kept.iter().map(|s| s.reward)),
+        "out": r.out,
+    });
+    let summary_path = r.out.with_extension("summary.json");
+    crate::serve::write_atomic(&summary_path, &serde_json::to_string_pretty(&summary)?)?;
+    eprintln!(
+        "rejection-sample: kept {} of {} samples from {count} prompts (mean reward {:.3} → {:.3}); wrote {}",
+        kept.len(),
+        samples.len(),
+        summary["mean_reward_sampled"].as_f64().unwrap_or(f64::NAN),
+        summary["mean_reward_kept"].as_f64().unwrap_or(f64::NAN),
+        r.out.display()
+    );
+    Ok(())
+}
