@@ -222,7 +222,7 @@ mod doc {
             assert_eq!(code, expected, "[{section}] keys in code vs docs/config.md");
             for (key, value) in table.as_table().unwrap() {
                 let shown = match value {
-                    toml::Value::String(s) => format!("\"{s}\""),
+                    toml::Value::String(s) => format!("{s:?}"),
                     other => other.to_string(),
                 };
                 let doc_value = &documented[key];
@@ -248,6 +248,7 @@ mod doc {
                         | ("run", "token")
                         | ("reward", "service")
                         | ("reward", "model")
+                        | ("reward", "judge")
                         | ("tls", "ca")
                         | ("tls", "cert")
                         | ("tls", "key") => "\"x\"".into(),

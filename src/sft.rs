@@ -249,7 +249,7 @@ mod tests {
             .iter()
             .map(|(k, v)| {
                 let shown = match v {
-                    toml::Value::String(s) => format!("\"{s}\""),
+                    toml::Value::String(s) => format!("{s:?}"),
                     other => other.to_string(),
                 };
                 (k.clone(), shown)

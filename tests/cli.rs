@@ -450,7 +450,51 @@ fn sft_reward_model_dpo_and_rlhf_on_the_tiny_pipeline() {
         "--set",
         &format!("run.run_dir={}", path(&rl)),
     ]);
-    let rewards: Vec<f64> = std::fs::read_dir(rl.join("batches"))
+    let rewards = batch_rewards(&rl);
+    assert!(rewards.len() >= 6 * 4 * 8, "{} rewards", rewards.len());
+    // Reward-model scores are real numbers, not the 0 / 1 of a verifier, and differ.
+    assert!(rewards.iter().any(|r| r.fract() != 0.0));
+    let (lo, hi) = rewards
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+    assert!(hi - lo > 0.5, "rewards span {lo}..{hi}");
+
+    // An LLM judge (here the SFT model asked "{completion} + 0 =") scores by the last
+    // number of its greedy verdict: whole numbers, not all the same.
+    let judged = dir.path().join("judge");
+    run(&[
+        "run",
+        &example("tiny-sft-grpo.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        "reward.math=0.0",
+        "--set",
+        &format!("reward.judge={}", path(&sft.join("final"))),
+        "--set",
+        "reward.judge_chat=false",
+        "--set",
+        "reward.judge_template=\"{completion} + 0 =\"",
+        "--set",
+        "reward.judge_scale=1.0",
+        "--set",
+        "run.steps=3",
+        "--set",
+        "trainer.dump_batches=true",
+        "--set",
+        &format!("run.run_dir={}", path(&judged)),
+    ]);
+    let scores = batch_rewards(&judged);
+    assert!(
+        !scores.is_empty() && scores.iter().all(|r| r.fract() == 0.0),
+        "{scores:?}"
+    );
+    assert!(scores.iter().any(|&r| r != scores[0]), "{scores:?}");
+}
+
+/// The rewards of every trained rollout of a run (its batch dumps).
+fn batch_rewards(run_dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_dir(run_dir.join("batches"))
         .unwrap()
         .flat_map(|f| {
             std::fs::read_to_string(f.unwrap().path())
@@ -463,14 +507,7 @@ fn sft_reward_model_dpo_and_rlhf_on_the_tiny_pipeline() {
                 })
                 .collect::<Vec<_>>()
         })
-        .collect();
-    assert!(rewards.len() >= 6 * 4 * 8, "{} rewards", rewards.len());
-    // Reward-model scores are real numbers, not the 0 / 1 of a verifier, and differ.
-    assert!(rewards.iter().any(|r| r.fract() != 0.0));
-    let (lo, hi) = rewards
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
-    assert!(hi - lo > 0.5, "rewards span {lo}..{hi}");
+        .collect()
 }
 
 /// Bad preference records stop `tandem rm` before anything is written, naming the

@@ -26,6 +26,16 @@ pub struct RewardConfig {
     /// that scores prompt + completion on each generator.
     pub model: Option<String>,
     pub model_weight: f64,
+    /// An LLM judge (a model path, as `[model] path`): it reads `judge_template` with
+    /// `{prompt}`, `{completion}` and `{answer}` filled in, answers greedily, and the
+    /// last number of its answer divided by `judge_scale` is the score (0 without one).
+    pub judge: Option<String>,
+    pub judge_template: String,
+    /// Render the judge's prompt as a user turn of its chat template.
+    pub judge_chat: bool,
+    pub judge_max_new_tokens: usize,
+    pub judge_scale: f64,
+    pub judge_weight: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +63,12 @@ impl Default for RewardConfig {
             service_weight: 1.0,
             model: None,
             model_weight: 1.0,
+            judge: None,
+            judge_template: "Rate how well the answer solves the question, from 0 (wrong) to 10 (right).\nQuestion: {prompt}\nAnswer: {completion}\nReply with the score only.".into(),
+            judge_chat: true,
+            judge_max_new_tokens: 8,
+            judge_scale: 10.0,
+            judge_weight: 1.0,
         }
     }
 }
@@ -65,6 +81,7 @@ impl RewardConfig {
             ("exact_match", self.exact_match),
             ("service_weight", self.service_weight),
             ("model_weight", self.model_weight),
+            ("judge_weight", self.judge_weight),
         ] {
             if !w.is_finite() {
                 return Err(invalid(format!("[reward] {key}: must be a finite weight")));
@@ -75,10 +92,24 @@ impl RewardConfig {
             && self.exact_match == 0.0
             && self.service.is_none()
             && self.model.is_none()
+            && self.judge.is_none()
         {
             return Err(invalid(
                 "[reward]: every weight is 0; set math, format or exact_match, a service or a model",
             ));
+        }
+        if self.judge.is_some() {
+            if !self.judge_template.contains("{completion}") {
+                return Err(invalid(
+                    "[reward] judge_template: must contain {completion} (and usually {prompt})",
+                ));
+            }
+            if !(self.judge_scale > 0.0 && self.judge_scale.is_finite()) {
+                return Err(invalid("[reward] judge_scale: must be positive"));
+            }
+            if self.judge_max_new_tokens == 0 {
+                return Err(invalid("[reward] judge_max_new_tokens: must be ≥ 1"));
+            }
         }
         if self.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
             return Err(invalid("[reward] model: give the folder `tandem rm` wrote"));
@@ -208,6 +239,82 @@ fn last_number(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn judge_verdicts_and_prompts() {
+        assert_eq!(verdict_score("Score: 7", 10.0), 0.7);
+        assert_eq!(verdict_score("8/10 then 9", 10.0), 0.9);
+        assert_eq!(verdict_score("no idea", 10.0), 0.0);
+        assert_eq!(verdict_score("-2", 1.0), -2.0);
+        let cfg = RewardConfig {
+            judge: Some("preset:tiny".into()),
+            judge_chat: false,
+            judge_template: "Q {prompt} A {completion} R {answer}".into(),
+            ..Default::default()
+        };
+        cfg.validate().unwrap();
+        let j = Judge::load(&cfg).unwrap().unwrap();
+        assert_eq!(j.prompt("1+1", "2", Some("2")), "Q 1+1 A 2 R 2");
+        let c = vec!["2".to_string(), "3".to_string()];
+        let a = j.score("1+1", &c, Some("2")).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(
+            a,
+            j.score("1+1", &c, Some("2")).unwrap(),
+            "greedy verdicts repeat"
+        );
+        // The score is the parsed greedy verdict of the filled-in template.
+        let tok = &j.model.tokenizer;
+        let ids = crate::render::prompt_ids(
+            tok,
+            crate::render::PromptInput::Text("Q 1+1 A 3 R 2"),
+            false,
+            None,
+        )
+        .unwrap();
+        let out = tandem_model::generate(
+            &j.model.model,
+            vec![ids],
+            tandem_model::SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: cfg.judge_max_new_tokens,
+                stop_token_ids: j.model.stop_token_ids(),
+                seed: 0,
+            },
+        )
+        .unwrap();
+        let verdict = tok.decode(&out[0].tokens, true).unwrap();
+        assert_eq!(a[1], verdict_score(&verdict, 10.0));
+        for (bad, needle) in [
+            (
+                RewardConfig {
+                    judge_template: "no slot".into(),
+                    ..cfg.clone()
+                },
+                "judge_template",
+            ),
+            (
+                RewardConfig {
+                    judge_scale: 0.0,
+                    ..cfg.clone()
+                },
+                "judge_scale",
+            ),
+            (
+                RewardConfig {
+                    judge_max_new_tokens: 0,
+                    ..cfg.clone()
+                },
+                "judge_max_new_tokens",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -328,4 +435,87 @@ impl RewardModel {
             .and_then(|t| t.to_vec1::<f64>())
             .map_err(|e| invalid(format!("[reward] model: {e}")))
     }
+}
+
+/// An LLM judge on the generator (`[reward] judge`).
+pub struct Judge {
+    model: tandem_model::Pretrained,
+    template: String,
+    chat: bool,
+    max_new_tokens: usize,
+    scale: f64,
+}
+
+impl Judge {
+    /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`).
+    pub fn load(cfg: &RewardConfig) -> Result<Option<Self>> {
+        let Some(spec) = &cfg.judge else {
+            return Ok(None);
+        };
+        let device = candle_core::Device::Cpu;
+        let model = match spec.strip_prefix("preset:") {
+            Some(name) => tandem_model::preset::init(name, 0, &device)?,
+            None => tandem_model::load(spec, tandem_model::default_dtype(&device), &device)?,
+        };
+        Ok(Some(Judge {
+            model,
+            template: cfg.judge_template.clone(),
+            chat: cfg.judge_chat,
+            max_new_tokens: cfg.judge_max_new_tokens,
+            scale: cfg.judge_scale,
+        }))
+    }
+
+    /// The judge's prompt for one completion.
+    pub fn prompt(&self, prompt: &str, completion: &str, answer: Option<&str>) -> String {
+        self.template
+            .replace("{prompt}", prompt)
+            .replace("{answer}", answer.unwrap_or(""))
+            .replace("{completion}", completion)
+    }
+
+    /// Scores: the last number of each greedy verdict / scale (0 when it has none).
+    pub fn score(
+        &self,
+        prompt: &str,
+        completions: &[String],
+        answer: Option<&str>,
+    ) -> Result<Vec<f64>> {
+        let tok = &self.model.tokenizer;
+        let rows = completions
+            .iter()
+            .map(|c| {
+                let text = self.prompt(prompt, c, answer);
+                crate::render::prompt_ids(
+                    tok,
+                    crate::render::PromptInput::Text(&text),
+                    self.chat,
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = tandem_model::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: self.max_new_tokens,
+            stop_token_ids: self.model.stop_token_ids(),
+            seed: 0,
+        };
+        let out = tandem_model::generate(&self.model.model, rows, params)?;
+        out.iter()
+            .map(|c| {
+                let verdict = tok.decode(&c.tokens, true)?;
+                Ok(verdict_score(&verdict, self.scale))
+            })
+            .collect()
+    }
+}
+
+/// The last number of a judge's verdict divided by `scale`; 0 when it holds none.
+pub fn verdict_score(verdict: &str, scale: f64) -> f64 {
+    last_number(verdict)
+        .and_then(|n| n.parse::<f64>().ok())
+        .filter(|x| x.is_finite())
+        .map_or(0.0, |x| x / scale)
 }

@@ -159,6 +159,7 @@ pub struct Worker {
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     reward_service: Option<RewardClient<Authed>>,
     reward_model: Option<crate::reward::RewardModel>,
+    judge: Option<crate::reward::Judge>,
     next_seq: u64,
     /// The highest version the coordinator has published, as far as this worker saw.
     high_water: u64,
@@ -205,6 +206,7 @@ impl Worker {
             )?),
             None => None,
         };
+        let judge = crate::reward::Judge::load(&settings.reward)?;
         let w = Worker {
             settings,
             model,
@@ -216,6 +218,7 @@ impl Worker {
             pending: Arc::new(Mutex::new(BTreeMap::new())),
             reward_service,
             reward_model,
+            judge,
             next_seq: 1,
             high_water: latest_version,
             sync_failures: 0,
@@ -585,20 +588,28 @@ impl Worker {
                 .iter()
                 .map(|t| self.settings.reward.score(t, answer))
                 .collect();
+            let prompt = if l.messages.is_empty() {
+                l.text.clone()
+            } else {
+                l.messages
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            if let Some(judge) = &self.judge {
+                for (r, s) in rewards
+                    .iter_mut()
+                    .zip(judge.score(&prompt, &texts, answer)?)
+                {
+                    *r += self.settings.reward.judge_weight * s;
+                }
+            }
             if let Some(svc) = &mut self.reward_service {
-                let prompt = if l.messages.is_empty() {
-                    l.text.clone()
-                } else {
-                    l.messages
-                        .iter()
-                        .map(|m| m.content.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
                 let scored = self
                     .rt
                     .block_on(svc.score(ScoreRequest {
-                        prompt,
+                        prompt: prompt.clone(),
                         answer: l.answer.clone(),
                         completions: texts.clone(),
                     }))
