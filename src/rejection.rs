@@ -50,6 +50,9 @@ pub struct RejectionSection {
     pub out: PathBuf,
     /// Seed of sampling.
     pub seed: u64,
+    /// Then run `tandem sft` with this config on the written dataset (its `[data] path`
+    /// is set to `out`; unset = stop after writing).
+    pub sft: Option<PathBuf>,
 }
 
 impl Default for RejectionSection {
@@ -63,6 +66,7 @@ impl Default for RejectionSection {
             min_reward: None,
             out: "runs/rejection/sft.jsonl".into(),
             seed: 0,
+            sft: None,
         }
     }
 }
@@ -269,5 +273,16 @@ pub fn run(a: RejectionArgs) -> Result<()> {
         summary["mean_reward_kept"].as_f64().unwrap_or(f64::NAN),
         r.out.display()
     );
+    if let Some(config) = &r.sft {
+        let out = r
+            .out
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", r.out.display()))?;
+        crate::sft::run(crate::sft::SftArgs {
+            config: config.clone(),
+            overrides: vec![format!("data.path={out:?}")],
+        })
+        .with_context(|| format!("[rejection] sft: {}", config.display()))?;
+    }
     Ok(())
 }

@@ -62,10 +62,10 @@ impl SftConfig {
 #[derive(Args)]
 pub struct SftArgs {
     /// The SFT config (see docs/pipeline.md; examples/tiny-sft.toml).
-    config: PathBuf,
+    pub config: PathBuf,
     /// Config overrides, `section.key=value` (repeatable).
     #[arg(long = "set")]
-    overrides: Vec<String>,
+    pub overrides: Vec<String>,
 }
 
 /// The records of the configured data, checked; errors name the file, line and field.

@@ -370,8 +370,9 @@ fn sft_checks_every_record_then_trains() {
     );
 }
 
-/// The tiny pipeline of examples/: SFT; rejection sampling into new SFT data; a reward model on the synthetic preference
-/// task (the better answer is correct and short) that reaches ≥ 90% held-out accuracy
+/// The tiny pipeline of examples/: SFT; rejection sampling into new SFT data (and SFT on
+/// it); a reward model on the synthetic preference task (the better answer is correct
+/// and short) that reaches ≥ 90% held-out accuracy
 /// and saves its head beside the model; DPO and IPO make the implicit reward prefer the
 /// chosen answers; and `tandem run` optimises the policy against the reward model (the
 /// rewards trained on are the reward model's scores, not the built-in verifiers').
@@ -395,6 +396,64 @@ fn sft_reward_model_dpo_and_rlhf_on_the_tiny_pipeline() {
         &format!("train.out_dir={}", path(&sft)),
     ]);
     let sft_model = format!("model.path={}", path(&sft.join("final")));
+
+    // Rejection sampling keeps only correct answers, one per prompt, as SFT data, then
+    // (`[rejection] sft`) trains on it.
+    let rs = dir.path().join("rs/sft.jsonl");
+    let rs_sft = dir.path().join("rs-sft");
+    let rs_cfg = dir.path().join("rs-sft.toml");
+    std::fs::write(
+        &rs_cfg,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\nkind = \"jsonl\"\nchat = false\n[train]\nbatch_size = 8\nmax_len = 32\nval_fraction = 0.0\nout_dir = \"{}\"\n[optimizer]\nlr = 1e-3\n",
+            path(&sft.join("final")),
+            path(&rs_sft)
+        ),
+    )
+    .unwrap();
+    run(&[
+        "rejection-sample",
+        &example("tiny-rejection.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        "rejection.prompts=40",
+        "--set",
+        "rejection.n=8",
+        "--set",
+        &format!("rejection.out={}", path(&rs)),
+        "--set",
+        &format!("rejection.sft={}", path(&rs_cfg)),
+    ]);
+    let kept: Vec<serde_json::Value> = std::fs::read_to_string(&rs)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!kept.is_empty() && kept.len() <= 40);
+    for k in &kept {
+        let q = k["prompt"].as_str().unwrap();
+        let (a, b) = q.trim_end_matches(" =").split_once(" + ").unwrap();
+        let sum: i64 = a.parse::<i64>().unwrap() + b.parse::<i64>().unwrap();
+        assert_eq!(
+            k["completion"].as_str().unwrap().trim(),
+            sum.to_string(),
+            "{k}"
+        );
+    }
+    let rs_summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rs.with_extension("summary.json")).unwrap())
+            .unwrap();
+    assert!(rs_summary["mean_reward_sampled"].as_f64().unwrap() < 1.0);
+    assert_eq!(rs_summary["mean_reward_kept"].as_f64().unwrap(), 1.0);
+    assert!(rs_sft.join("final/model.safetensors").exists());
+    let o = tandem(&[
+        "rejection-sample",
+        &example("tiny-rejection.toml"),
+        "--set",
+        "rejection.keep=\"top_k\"",
+    ]);
+    assert_clean_failure(&o, &["top_k"]);
 
     let rm = dir.path().join("rm");
     run(&[
