@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -15,7 +15,7 @@ use tandem_trainer::preference::DirectLoss;
 use tandem_trainer::step::Optimizer;
 
 use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{parse_with_overrides, ModelSection};
+use crate::run_config::{read_config, ModelSection};
 
 /// `[dpo]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,10 +114,7 @@ impl Stage for Dpo {
 }
 
 pub fn run(a: DpoArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: DpoConfig = parse_with_overrides(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let cfg: DpoConfig = read_config(&a.config, &a.overrides)?;
     cfg.data.validate()?;
     cfg.optimizer.validate()?;
     cfg.train.validate()?;

@@ -16,7 +16,7 @@ use tandem_generator::render::{prompt_ids, PromptInput};
 use tandem_generator::reward::{RewardConfig, RewardModel};
 use tandem_model::{ChatMessage, SamplingParams};
 
-use crate::run_config::{parse_with_overrides, ModelSection};
+use crate::run_config::{read_config, ModelSection};
 
 /// What is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,10 +97,7 @@ struct Sample {
 }
 
 pub fn run(a: RejectionArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: RejectionConfig = parse_with_overrides(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let cfg: RejectionConfig = read_config(&a.config, &a.overrides)?;
     let r = &cfg.rejection;
     cfg.data.validate()?;
     cfg.generator.validate()?;

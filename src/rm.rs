@@ -17,7 +17,7 @@ use tandem_trainer::step::Optimizer;
 use tandem_trainer::value::ValueHead;
 
 use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{parse_with_overrides, ModelSection};
+use crate::run_config::{read_config, ModelSection};
 
 /// `[rm]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,13 +102,7 @@ pub fn tokenize(
     data: &DataConfig,
     max_len: usize,
 ) -> Result<Vec<Tokens>> {
-    let render = Render {
-        tokenizer: &p.tokenizer,
-        system: data.system.as_deref(),
-        masking: Masking::LastTurn,
-        eos: p.model.config().eos_token_ids.first().copied(),
-        max_len: max_len.min(p.model.config().max_position_embeddings),
-    };
+    let render = Render::for_model(p, data.system.as_deref(), Masking::LastTurn, max_len);
     let mut out = Vec::with_capacity(records.len());
     let mut skipped = 0;
     for (i, c) in records.iter().enumerate() {
@@ -178,10 +172,7 @@ impl Stage for Rm {
 }
 
 pub fn run(a: RmArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: RmConfig = parse_with_overrides(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let cfg: RmConfig = read_config(&a.config, &a.overrides)?;
     cfg.data.validate()?;
     cfg.optimizer.validate()?;
     cfg.train.validate()?;

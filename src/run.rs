@@ -75,10 +75,7 @@ impl Drop for Procs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let mut cfg = RunConfig::parse(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let mut cfg = RunConfig::read(&a.config, &a.overrides)?;
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;

@@ -27,6 +27,17 @@ impl Default for ModelSection {
     }
 }
 
+/// Reads the config file at `path` into `T` with `overrides` applied; errors name the
+/// file.
+pub fn read_config<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    overrides: &[String],
+) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_with_overrides(&text, overrides).with_context(|| format!("in {}", path.display()))
+}
+
 /// Parses a TOML config into `T` with `overrides` (`section.key=value`, the value in
 /// TOML syntax, or a bare string) applied; unknown keys are errors naming the key.
 pub fn parse_with_overrides<T: serde::de::DeserializeOwned>(
@@ -90,6 +101,14 @@ impl RunConfig {
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         let cfg: RunConfig = parse_with_overrides(text, overrides)?;
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, overrides and validates the config file at `path`.
+    pub fn read(path: &std::path::Path, overrides: &[String]) -> Result<Self> {
+        let cfg: RunConfig = read_config(path, overrides)?;
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
         Ok(cfg)
     }
 

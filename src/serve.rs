@@ -50,10 +50,7 @@ pub struct CoordinatorArgs {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg = RunConfig::parse(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let cfg = RunConfig::read(&a.config, &a.overrides)?;
     let creds = a
         .security
         .credentials(cfg.run.token.as_deref(), Some(&cfg.tls))?;

@@ -16,7 +16,7 @@ use tandem_trainer::sft::{self, Example, Masking, Render, Tokenized};
 use tandem_trainer::step::Optimizer;
 
 use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{parse_with_overrides, ModelSection};
+use crate::run_config::{read_config, ModelSection};
 
 /// `[sft]` (docs/pipeline.md); the schedule is `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,26 +155,19 @@ impl Stage for Sft {
 }
 
 pub fn run(a: SftArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: SftConfig = parse_with_overrides(&text, &a.overrides)
-        .with_context(|| format!("in {}", a.config.display()))?;
+    let cfg: SftConfig = read_config(&a.config, &a.overrides)?;
     cfg.validate()
         .with_context(|| format!("in {}", a.config.display()))?;
     let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
 
     // Read, check and tokenize everything before writing anything.
     let records = examples(&cfg.data, cfg.sft.examples)?;
-    let render = Render {
-        tokenizer: &p.tokenizer,
-        system: cfg.data.system.as_deref(),
-        masking: cfg.sft.masking,
-        eos: p.model.config().eos_token_ids.first().copied(),
-        max_len: cfg
-            .train
-            .max_len
-            .min(p.model.config().max_position_embeddings),
-    };
+    let render = Render::for_model(
+        &p,
+        cfg.data.system.as_deref(),
+        cfg.sft.masking,
+        cfg.train.max_len,
+    );
     let mut data = Vec::with_capacity(records.len());
     let mut skipped = 0usize;
     for (i, ex) in records.iter().enumerate() {
@@ -269,7 +262,7 @@ mod tests {
             ("sft.masking=\"first\"", "masking"),
             ("sft.epoch=3", "epoch"),
         ] {
-            let e = parse_with_overrides::<SftConfig>("", &[set.to_string()])
+            let e = crate::run_config::parse_with_overrides::<SftConfig>("", &[set.to_string()])
                 .and_then(|c| c.validate().map(|_| c))
                 .unwrap_err()
                 .to_string();

@@ -146,6 +146,8 @@ impl Learner {
         self.step += 1;
         self.version += 1;
         let snap = snapshot(&self.policy.model, self.version)?;
+        // Checksummed here, off the RPC path, before any receiver asks.
+        snap.checksums(shared.bucket_bytes);
         if let Ok(mut w) = shared.weights.write() {
             *w = Arc::new(snap);
         }

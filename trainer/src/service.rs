@@ -26,7 +26,8 @@ pub struct Snapshot {
     pub dtype: &'static str,
     /// Shared by every bucket sent (no copy per receiver).
     pub bytes: bytes::Bytes,
-    /// The buckets' CRC-32s, computed by the first receiver's fetch for all the others.
+    /// The buckets' CRC-32s, computed once (by the learner at publish, else by the
+    /// first fetch) for every receiver.
     checksums: std::sync::OnceLock<Vec<u32>>,
 }
 
@@ -40,7 +41,8 @@ impl Snapshot {
         }
     }
 
-    fn checksums(&self, bucket_bytes: usize) -> &[u32] {
+    /// The CRC-32 of each bucket of `bucket_bytes`, computed on first use.
+    pub fn checksums(&self, bucket_bytes: usize) -> &[u32] {
         self.checksums
             .get_or_init(|| tandem_proto::bucket::checksums(&self.bytes, bucket_bytes))
     }

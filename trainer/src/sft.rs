@@ -159,7 +159,25 @@ pub struct Render<'a> {
     pub max_len: usize,
 }
 
-impl Render<'_> {
+impl<'a> Render<'a> {
+    /// The render for model `p`: its tokenizer and end token, sequences cut to
+    /// `max_len` or the model's context, whichever is shorter.
+    pub fn for_model(
+        p: &'a tandem_model::Pretrained,
+        system: Option<&'a str>,
+        masking: Masking,
+        max_len: usize,
+    ) -> Self {
+        let c = p.model.config();
+        Render {
+            tokenizer: &p.tokenizer,
+            system,
+            masking,
+            eos: c.eos_token_ids.first().copied(),
+            max_len: max_len.min(c.max_position_embeddings),
+        }
+    }
+
     /// The ids and trained positions of `ex`; `None` when truncation leaves nothing to
     /// train.
     ///
