@@ -5,6 +5,7 @@ mod bench_system;
 mod certs;
 mod dpo;
 mod generate;
+mod health;
 mod model_cmd;
 mod offline;
 mod rejection;

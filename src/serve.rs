@@ -23,6 +23,7 @@ use tandem_trainer::service::{Shared, TrainerService};
 use tandem_trainer::step::Optimizer;
 use tandem_trainer::value::ValueHead;
 
+use crate::health::{self, Phase, Readiness};
 use crate::run_config::RunConfig;
 use crate::security::SecurityArgs;
 
@@ -142,12 +143,19 @@ pub struct TrainerArgs {
     /// version, buffer); the coordinator re-issues the work done since.
     #[arg(long)]
     resume: bool,
+    /// Serve /healthz and /readyz here (for Kubernetes probes), e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    http: Option<String>,
     #[command(flatten)]
     security: SecurityArgs,
 }
 
 pub fn trainer(a: TrainerArgs) -> Result<()> {
     let rt = runtime()?;
+    let readiness = Readiness::default();
+    if let Some(addr) = &a.http {
+        health::serve(&rt, addr, readiness.clone())?;
+    }
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(&a.listen))
         .with_context(|| format!("--listen: cannot listen on {}", a.listen))?;
@@ -282,6 +290,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         });
     }
     tracing::info!(address = %advertise, steps = cfg.run.steps, "trainer serving");
+    readiness.set(Phase::Ready);
     if resume_from.is_some() {
         rt.block_on(coord.publish_version(PublishVersionRequest {
             version: start_version,
@@ -398,6 +407,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         }
     }
     tracing::info!(final_model = %run_dir.join("final").display(), "training finished");
+    readiness.set(Phase::Stopping);
     // Let generators finish their last acks, then leave.
     std::thread::sleep(Duration::from_millis(300));
     let _ = rt.block_on(coord.leave(LeaveRequest {
@@ -414,12 +424,19 @@ pub struct GeneratorArgs {
     /// This generator's name (metrics label).
     #[arg(long, default_value = "gen-0")]
     name: String,
+    /// Serve /healthz and /readyz here (for Kubernetes probes), e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    http: Option<String>,
     #[command(flatten)]
     security: SecurityArgs,
 }
 
 pub fn generator(a: GeneratorArgs) -> Result<()> {
     let rt = runtime()?;
+    let readiness = Readiness::default();
+    if let Some(addr) = &a.http {
+        health::serve(&rt, addr, readiness.clone())?;
+    }
     let creds = a.security.credentials(None, None)?;
     let (coord, reply, cfg) =
         rt.block_on(join(&a.coordinator, &creds, Role::Generator, &a.name, ""))?;
@@ -449,7 +466,10 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         },
     )?;
     tracing::info!(name = %a.name, id = reply.worker_id, "generator running");
-    worker.run()?;
+    readiness.set(Phase::Ready);
+    let done = worker.run();
+    readiness.set(Phase::Stopping);
+    done?;
     tracing::info!(name = %a.name, "generator done");
     Ok(())
 }

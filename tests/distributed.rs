@@ -359,6 +359,13 @@ fn check_nothing_lost(run: &Path, trained: &BTreeMap<String, u64>, exact_account
 }
 
 fn http_get(addr: &str, path: &str) -> String {
+    let (status, body) = http_status(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// GET `path`: the status code and the body.
+fn http_status(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -368,8 +375,18 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect(head);
+    (code, body.to_string())
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 /// A Prometheus text-format check: every line is a comment or `name{labels} value`,
@@ -529,6 +546,21 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
             "{name} missing from /metrics:\n{metrics_text}"
         );
     }
+    // The shipped dashboard and alert rules refer only to metrics a run exports.
+    for file in [
+        "deploy/grafana/dashboards/tandem.json",
+        "deploy/prometheus/rules.yml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let used = common::referenced_metrics(&text);
+        assert!(used.len() >= 8, "{file}: only {used:?}");
+        let missing: Vec<&String> = used.difference(&families).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} refers to metrics /metrics does not export: {missing:?}\n{metrics_text}"
+        );
+    }
 
     let trained = check_trained(&run, steps, 4, 8, 1);
     let m = metrics_lines(&run);
@@ -585,11 +617,51 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
     let model = init_tiny(dir.path());
     let steps = 40;
     let mut c = Cluster::start(dir.path(), &config(dir.path(), &model, steps, 1, ""));
+    // The trainer and gen-1 serve the probes (--http).
+    let (trainer_http, gen1_http) = (free_addr(), free_addr());
+    c.worker_flags = vec!["--http".into(), trainer_http.clone()];
     c.trainer();
+    c.worker_flags.clear();
     c.generator("gen-0");
+    c.worker_flags = vec!["--http".into(), gen1_http.clone()];
     c.generator("gen-1");
+    c.worker_flags.clear();
     c.wait_steps(8, Duration::from_secs(120));
+    for addr in [&trainer_http, &gen1_http] {
+        assert_eq!(http_status(addr, "/healthz"), (200, "ok\n".into()));
+        assert_eq!(http_status(addr, "/readyz"), (200, "ready\n".into()));
+    }
     c.kill("gen-0");
+    // The coordinator drops gen-0: counted, and its heartbeat age series goes while
+    // gen-1's stays.
+    let t0 = Instant::now();
+    loop {
+        let text = http_get(&c.http, "/metrics");
+        let sample = |series: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        if sample("tandem_workers_dropped_total{role=\"generator\"}") == Some(1.0) {
+            let age = "tandem_generator_heartbeat_age_seconds";
+            assert_eq!(
+                sample(&format!("{age}{{generator=\"gen-0\"}}")),
+                None,
+                "{text}"
+            );
+            let live = sample(&format!("{age}{{generator=\"gen-1\"}}")).expect(&text);
+            assert!((0.0..1.0).contains(&live), "{text}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "gen-0 not dropped: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.wait_steps(14, Duration::from_secs(120));
     c.generator("gen-2");
     c.wait_all(Duration::from_secs(180));

@@ -22,6 +22,23 @@ pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
 pub const TRAINER_WAIT: &str = "tandem_trainer_wait_seconds_total";
 pub const GENERATOR_WAIT: &str = "tandem_generator_wait_seconds_total";
 pub const WORKERS: &str = "tandem_workers";
+pub const WORKERS_DROPPED: &str = "tandem_workers_dropped_total";
+pub const HEARTBEAT_AGE: &str = "tandem_generator_heartbeat_age_seconds";
+pub const WEIGHT_SYNC_FAILURES: &str = "tandem_weight_sync_failures_total";
+pub const STALENESS_BOUND: &str = "tandem_staleness_bound";
+pub const RUN_FINISHED: &str = "tandem_run_finished";
+/// The `reason` labels of `GROUPS_DROPPED`: the trainer's ("stale": past η when taken,
+/// "invalid": failed the ingest checks, "malformed": undecodable) and the coordinator's
+/// commit refusals (`Refusal::as_str`).
+pub const DROP_REASONS: &[&str] = &[
+    "stale",
+    "invalid",
+    "malformed",
+    "unknown_lease",
+    "expired",
+    "duplicate",
+    "mismatch",
+];
 /// Per-step training metrics become `tandem_train_<name>` gauges.
 pub const TRAIN_PREFIX: &str = "tandem_train_";
 
@@ -89,6 +106,41 @@ pub fn describe() {
         "Completion tokens generated, per generator"
     );
     describe_gauge!(WORKERS, "Registered workers by role");
+    describe_counter!(
+        WORKERS_DROPPED,
+        "Workers dropped for missing heartbeats, by role"
+    );
+    describe_counter!(
+        WEIGHT_SYNC_FAILURES,
+        "Weight fetches that failed or timed out, per generator"
+    );
+    describe_gauge!(
+        STALENESS_BOUND,
+        "The configured staleness bound η in versions (0 = synchronous)"
+    );
+    describe_gauge!(
+        RUN_FINISHED,
+        "1 once the trainer has published its last step"
+    );
+}
+
+/// Gives every series whose absence would read as "no data" a first value, so
+/// alerts and dashboards see 0 rather than nothing before the first event.
+pub fn initialise(max_staleness: u64) {
+    metrics::gauge!(STALENESS_BOUND).set(max_staleness as f64);
+    metrics::gauge!(RUN_FINISHED).set(0.0);
+    metrics::counter!(GROUPS_ACCEPTED).absolute(0);
+    metrics::counter!(LEASES_REISSUED).absolute(0);
+    metrics::counter!(WEIGHT_SYNC_BYTES).absolute(0);
+    for role in ["generator", "trainer"] {
+        metrics::counter!(WORKERS_DROPPED, "role" => role).absolute(0);
+    }
+    for reason in DROP_REASONS {
+        metrics::counter!(GROUPS_DROPPED, "reason" => *reason).absolute(0);
+    }
+    // A histogram handle registers the series; its buckets read 0 until a sample.
+    let _ = metrics::histogram!(ROLLOUT_STALENESS);
+    let _ = metrics::histogram!(WEIGHT_SYNC_SECONDS);
 }
 
 /// A Prometheus-safe metric name from a training metric's name.
@@ -104,4 +156,22 @@ pub fn train_metric_name(name: &str) -> String {
         })
         .collect();
     format!("{TRAIN_PREFIX}{clean}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::Refusal;
+
+    #[test]
+    fn every_refusal_is_a_known_drop_reason() {
+        for r in [
+            Refusal::UnknownLease,
+            Refusal::Expired,
+            Refusal::Duplicate,
+            Refusal::Mismatch,
+        ] {
+            assert!(DROP_REASONS.contains(&r.as_str()), "{}", r.as_str());
+        }
+    }
 }

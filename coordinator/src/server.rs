@@ -36,6 +36,7 @@ pub async fn start(settings: Settings, dataset: Dataset, creds: &Credentials) ->
     let mut grpc_server = tandem_proto::server(creds).map_err(Error::Invalid)?;
     let handle = metrics::install();
     metrics::describe();
+    metrics::initialise(settings.run.max_staleness);
     let grpc_listener = bind(&settings.coordinator.listen, "listen").await?;
     let http_listener = bind(&settings.coordinator.http_listen, "http_listen").await?;
     let grpc = grpc_listener
@@ -136,7 +137,7 @@ async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
     let extra = s
         .core
         .lock()
-        .map(|c| c.render_seconds_counters())
+        .map(|c| c.render_computed(Instant::now()))
         .unwrap_or_default();
     (
         [("content-type", "text/plain; version=0.0.4")],

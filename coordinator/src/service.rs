@@ -83,6 +83,12 @@ impl Core {
         let timeout = Duration::from_millis(self.settings.coordinator.heartbeat_timeout_ms);
         for (id, w) in self.members.reap(timeout, now) {
             let n = self.leases.expire_worker(id);
+            let role = if w.role == Role::Trainer {
+                "trainer"
+            } else {
+                "generator"
+            };
+            metrics::counter!(m::WORKERS_DROPPED, "role" => role).increment(1);
             tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
@@ -101,6 +107,7 @@ impl Core {
         metrics::gauge!(m::LEASES_RUNNING).set(self.leases.running() as f64);
         metrics::gauge!(m::POLICY_VERSION).set(self.version as f64);
         metrics::gauge!(m::STEP).set(self.step as f64);
+        metrics::gauge!(m::RUN_FINISHED).set(if self.finished() { 1.0 } else { 0.0 });
         metrics::gauge!(m::BUFFER_GROUPS).set(self.buffer_groups as f64);
         metrics::gauge!(m::WORKERS, "role" => "generator").set(self.members.generators() as f64);
         let trainers = self
@@ -125,8 +132,10 @@ impl Core {
         recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span
     }
 
-    /// The float-valued counters, in Prometheus text format.
-    pub fn render_seconds_counters(&self) -> String {
+    /// The series computed at scrape time, in Prometheus text format: the float-valued
+    /// counters, and the heartbeat age of each live generator (a generator that left
+    /// or was dropped has no series, rather than a frozen one).
+    pub fn render_computed(&self, now: Instant) -> String {
         let mut out = format!(
             "# HELP {t} Seconds the trainer waited for data\n# TYPE {t} counter\n{t} {}\n",
             self.trainer_wait_s,
@@ -141,6 +150,28 @@ impl Core {
                 out += &format!(
                     "{}{{generator=\"{}\"}} {v}\n",
                     m::GENERATOR_WAIT,
+                    escape_label(name)
+                );
+            }
+        }
+        let ages: Vec<(&str, f64)> = self
+            .members
+            .iter()
+            .filter(|(_, w)| w.role == Role::Generator)
+            .map(|(_, w)| {
+                let age = now.saturating_duration_since(w.last_seen);
+                (w.name.as_str(), age.as_secs_f64())
+            })
+            .collect();
+        if !ages.is_empty() {
+            out += &format!(
+                "# HELP {a} Seconds since each live generator's last heartbeat\n# TYPE {a} gauge\n",
+                a = m::HEARTBEAT_AGE
+            );
+            for (name, age) in ages {
+                out += &format!(
+                    "{}{{generator=\"{}\"}} {age}\n",
+                    m::HEARTBEAT_AGE,
                     escape_label(name)
                 );
             }
@@ -295,6 +326,8 @@ impl Coordinator for CoordinatorService {
                 metrics::histogram!(m::WEIGHT_SYNC_SECONDS).record(*s);
             }
             metrics::counter!(m::WEIGHT_SYNC_BYTES).increment(r.weight_sync_bytes);
+            metrics::counter!(m::WEIGHT_SYNC_FAILURES, "generator" => name.clone())
+                .increment(r.weight_sync_failures);
             if r.generated_tokens > 0 {
                 core.tokens.push_back((now, r.generated_tokens));
                 while core

@@ -51,6 +51,7 @@ struct Beat {
     tokens: AtomicU64,
     wait_us: AtomicU64,
     sync_bytes: AtomicU64,
+    sync_failures: AtomicU64,
     syncs: Mutex<Vec<f64>>,
     trainer: Mutex<String>,
     stop: AtomicBool,
@@ -247,6 +248,7 @@ impl Worker {
                         .map(|mut s| std::mem::take(&mut *s))
                         .unwrap_or_default(),
                     weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
+                    weight_sync_failures: beat.sync_failures.swap(0, Ordering::SeqCst),
                 };
                 match coord.heartbeat(req).await {
                     Ok(r) => {
@@ -382,6 +384,7 @@ impl Worker {
                 // carry their true version) and try again shortly.
                 Err(e) if self.sync_failures < 60 => {
                     self.sync_failures += 1;
+                    self.beat.sync_failures.fetch_add(1, Ordering::SeqCst);
                     tracing::warn!("weight sync failed ({}): {e}; retrying", self.sync_failures);
                     std::thread::sleep(Duration::from_millis(500));
                 }

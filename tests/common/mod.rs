@@ -68,3 +68,32 @@ pub fn train_step(model: &Path, rollouts: &Path, config: &Path, out: &Path) -> O
         out.to_str().unwrap(),
     ])
 }
+
+/// The `tandem_…` metric names a PromQL text (dashboard queries, alert rules) refers
+/// to, as exported families: histogram series (`_bucket`, `_sum`, `_count`) count as
+/// their histogram; recording-rule names (`tandem:…`) are not metrics.
+pub fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let mut out = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("tandem_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && word(bytes[end]) {
+            end += 1;
+        }
+        if start == 0 || !word(bytes[start - 1]) {
+            let name = &text[start..end];
+            if !name.contains(':') {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                out.insert(family.to_string());
+            }
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
