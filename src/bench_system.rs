@@ -301,7 +301,7 @@ async fn ingest(
                 .register(RegisterRequest {
                     role: Role::Generator as i32,
                     name: format!("bench-{c}"),
-                    address: String::new(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()

@@ -114,6 +114,7 @@ async fn join(
             role: role as i32,
             name: name.to_string(),
             address: address.to_string(),
+            ..Default::default()
         })
         .await
         .map_err(|e| {
@@ -277,6 +278,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
                                 role: Role::Trainer as i32,
                                 name: "trainer".into(),
                                 address: adv.clone(),
+                                ..Default::default()
                             })
                             .await;
                         if let Ok(r) = again {
@@ -382,7 +384,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         rt.block_on(coord.publish_version(PublishVersionRequest {
             version: report.version,
             step: report.step,
-            metrics: learner::metric_map(&report.metrics),
+            metrics: report.metric_map(),
             staleness: report.staleness.clone(),
             dropped,
             buffer_groups: shared.buffer_len() as u64,

@@ -817,7 +817,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         .block_on(coord.register(RegisterRequest {
             role: Role::Generator as i32,
             name: "fake".into(),
-            address: String::new(),
+            ..Default::default()
         }))
         .unwrap()
         .into_inner();
@@ -855,7 +855,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .register(RegisterRequest {
                     role: 1,
                     name: "x".into(),
-                    address: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),

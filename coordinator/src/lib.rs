@@ -11,6 +11,7 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod group;
 pub mod lease;
 pub mod membership;
 pub mod metrics;

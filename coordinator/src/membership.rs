@@ -15,6 +15,10 @@ pub struct Worker {
     pub policy_version: u64,
     pub generated_tokens: u64,
     pub last_seen: Instant,
+    /// A generator that can receive weights by broadcast.
+    pub broadcast: bool,
+    /// The trainer's broadcast listener (empty = it does not broadcast).
+    pub broadcast_address: String,
 }
 
 #[derive(Default)]
@@ -35,6 +39,8 @@ impl Members {
                 policy_version: 0,
                 generated_tokens: 0,
                 last_seen: now,
+                broadcast: false,
+                broadcast_address: String::new(),
             },
         );
         self.next_id
@@ -50,6 +56,14 @@ impl Members {
 
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &Worker)> {
         self.workers.iter()
+    }
+
+    /// The live trainer, if one has registered.
+    pub fn trainer(&self) -> Option<&Worker> {
+        self.workers
+            .values()
+            .rev()
+            .find(|w| w.role == Role::Trainer)
     }
 
     /// The live trainer's address, if one has registered.

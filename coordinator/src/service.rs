@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
-    ChatMessage, CommitReply, CommitRequest, HeartbeatReply, HeartbeatRequest, LeaseReply,
-    LeaseRequest, LeaveReply, LeaveRequest, PromptLease, PublishVersionReply,
-    PublishVersionRequest, RegisterReply, RegisterRequest, Role, StatusReply, StatusRequest,
-    WorkerStatus,
+    ChatMessage, CommitReply, CommitRequest, ExcludeReply, ExcludeRequest, HeartbeatReply,
+    HeartbeatRequest, LeaseReply, LeaseRequest, LeaveReply, LeaveRequest, PromptLease,
+    PublishVersionReply, PublishVersionRequest, RegisterReply, RegisterRequest, Role, StatusReply,
+    StatusRequest, WorkerStatus,
 };
 use tonic::{Request, Response, Status};
 
 use crate::config::{CoordinatorConfig, RunSection};
 use crate::dataset::{Dataset, PromptBody};
+use crate::group::Group;
 use crate::lease::{admission_capacity, Leases};
 use crate::membership::Members;
 use crate::metrics as m;
@@ -34,6 +35,8 @@ pub struct Core {
     dataset: Dataset,
     pub leases: Leases,
     pub members: Members,
+    /// Who receives weights by broadcast.
+    pub group: Group,
     pub version: u64,
     pub step: u64,
     pub train_metrics: BTreeMap<String, f64>,
@@ -55,6 +58,7 @@ impl Core {
             dataset,
             leases: Leases::starting_at(0, 0),
             members: Members::default(),
+            group: Group::default(),
             version: 0,
             step: 0,
             train_metrics: BTreeMap::new(),
@@ -92,6 +96,7 @@ impl Core {
             tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
+        self.update_group();
         let n = self.leases.expire_older_than(
             Duration::from_secs(self.settings.coordinator.lease_timeout_s),
             now,
@@ -101,6 +106,17 @@ impl Core {
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
         self.export_gauges();
+    }
+
+    /// Recomputes the broadcast group after a membership change.
+    fn update_group(&mut self) {
+        if self.group.update(&self.members) {
+            tracing::info!(
+                epoch = self.group.epoch,
+                world_size = self.group.world_size(),
+                "weight-broadcast group changed"
+            );
+        }
     }
 
     fn export_gauges(&self) {
@@ -240,17 +256,29 @@ impl Coordinator for CoordinatorService {
         if r.name.is_empty() || r.name.len() > 128 {
             return Err(Status::invalid_argument("name: 1 to 128 characters"));
         }
-        if role == Role::Trainer && r.address.parse::<std::net::SocketAddr>().is_err() {
+        if role == Role::Trainer && !is_host_port(&r.address) {
             return Err(Status::invalid_argument(format!(
                 "address: the trainer must give its gRPC address as host:port, got {:?}",
                 r.address
+            )));
+        }
+        if !r.broadcast_address.is_empty()
+            && (role != Role::Trainer || !is_host_port(&r.broadcast_address))
+        {
+            return Err(Status::invalid_argument(format!(
+                "broadcast_address: only the trainer gives one, as host:port; got {:?}",
+                r.broadcast_address
             )));
         }
         let mut core = self.lock()?;
         let id = core
             .members
             .register(r.name.clone(), role, r.address, Instant::now());
+        if let Some(w) = core.members.get_mut(id) {
+            w.broadcast_address = r.broadcast_address;
+        }
         tracing::info!(name = %r.name, id, ?role, "worker registered");
+        core.update_group();
         core.export_gauges();
         Ok(Response::new(RegisterReply {
             worker_id: id,
@@ -302,12 +330,24 @@ impl Coordinator for CoordinatorService {
             .unwrap_or_default()
             .to_string();
         let stop = core.finished();
+        let joins = core
+            .members
+            .get(r.worker_id)
+            .is_some_and(|w| w.role == Role::Generator && w.broadcast != r.broadcast);
+        if joins {
+            if let Some(w) = core.members.get_mut(r.worker_id) {
+                w.broadcast = r.broadcast;
+            }
+            core.update_group();
+        }
+        let group = core.group.view(Some(r.worker_id), &core.members);
         let Some(w) = core.members.get_mut(r.worker_id) else {
             return Ok(Response::new(HeartbeatReply {
                 policy_version: version,
                 trainer_address,
                 stop,
                 known: false,
+                group: None,
             }));
         };
         w.last_seen = now;
@@ -344,6 +384,7 @@ impl Coordinator for CoordinatorService {
             trainer_address,
             stop,
             known: true,
+            group,
         }))
     }
 
@@ -508,7 +549,9 @@ impl Coordinator for CoordinatorService {
             tracing::info!(step = r.step, version = r.version, "run finished");
         }
         core.export_gauges();
-        Ok(Response::new(PublishVersionReply {}))
+        Ok(Response::new(PublishVersionReply {
+            group: core.group.view(None, &core.members),
+        }))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
@@ -521,14 +564,55 @@ impl Coordinator for CoordinatorService {
             }
             tracing::info!(name = %w.name, id, leases_reissued = n, "worker left");
         }
+        core.update_group();
         core.export_gauges();
         Ok(Response::new(LeaveReply {}))
+    }
+
+    async fn exclude_from_group(
+        &self,
+        req: Request<ExcludeRequest>,
+    ) -> Result<Response<ExcludeReply>, Status> {
+        let r = req.into_inner();
+        if r.worker_ids.is_empty() {
+            return Err(Status::invalid_argument("worker_ids: name at least one"));
+        }
+        let mut core = self.lock()?;
+        let names: Vec<String> = r
+            .worker_ids
+            .iter()
+            .map(|id| {
+                core.members
+                    .get(*id)
+                    .map_or_else(|| format!("#{id} (gone)"), |w| w.name.clone())
+            })
+            .collect();
+        let Core { group, members, .. } = &mut *core;
+        if group.exclude(&r.worker_ids, members) {
+            tracing::warn!(
+                workers = ?names,
+                seen_in_epoch = r.epoch,
+                epoch = group.epoch,
+                reason = %r.reason,
+                "excluded from the weight-broadcast group; they fetch weights over gRPC"
+            );
+        }
+        Ok(Response::new(ExcludeReply {
+            group: core.group.view(None, &core.members),
+        }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let core = self.lock()?;
         Ok(Response::new(core.status(Instant::now())))
     }
+}
+
+/// `host:port` with a non-empty host (an IP or a DNS name) and a numeric port.
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
 }
 
 fn escape_label(v: &str) -> String {

