@@ -19,6 +19,7 @@ mod serve;
 mod sft;
 mod status;
 mod train_step;
+mod weight_broadcast;
 
 use anyhow::Result;
 

@@ -17,6 +17,7 @@ use tandem_proto::v1::{
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::buffer::Buffer;
 use tandem_trainer::checkpoint;
+use tandem_trainer::config::BroadcastPlane;
 use tandem_trainer::ingest::Limits;
 use tandem_trainer::learner::{self, Learner, Plan};
 use tandem_trainer::service::{Shared, TrainerService};
@@ -26,6 +27,7 @@ use tandem_trainer::value::ValueHead;
 use crate::health::{self, Phase, Readiness};
 use crate::run_config::RunConfig;
 use crate::security::SecurityArgs;
+use crate::weight_broadcast;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -114,7 +116,6 @@ async fn join(
             role: role as i32,
             name: name.to_string(),
             address: address.to_string(),
-            ..Default::default()
         })
         .await
         .map_err(|e| {
@@ -147,6 +148,10 @@ pub struct TrainerArgs {
     /// Serve /healthz and /readyz here (for Kubernetes probes), e.g. 0.0.0.0:8080.
     #[arg(long)]
     http: Option<String>,
+    /// Where the weight-broadcast listener binds with `[trainer] broadcast = "tcp"`
+    /// (default: --listen's host, any free port; generators dial --advertise's host).
+    #[arg(long)]
+    broadcast_listen: Option<String>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -248,12 +253,18 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         shared: shared.clone(),
         coordinator: coord.clone(),
     };
+    let server_creds = creds.clone();
     rt.spawn(async move {
-        let r = tandem_trainer::service::serve(svc, listener, &creds).await;
+        let r = tandem_trainer::service::serve(svc, listener, &server_creds).await;
         if let Err(e) = r {
             tracing::error!("trainer gRPC server stopped: {e}");
         }
     });
+    let pusher = broadcast_pusher(&a, &cfg, &advertise, &creds, rt.handle(), &coord)?;
+    let broadcast_address = pusher
+        .as_ref()
+        .map(|p| p.advertise.clone())
+        .unwrap_or_default();
     // Heartbeats keep the trainer a member; a dropped trainer registers again.
     {
         let (mut c, shared, id, adv) = (
@@ -269,6 +280,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
                 let req = HeartbeatRequest {
                     worker_id: id.load(Ordering::SeqCst),
                     policy_version: shared.version.load(Ordering::SeqCst),
+                    broadcast_address: broadcast_address.clone(),
                     ..Default::default()
                 };
                 match c.heartbeat(req).await {
@@ -278,7 +290,6 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
                                 role: Role::Trainer as i32,
                                 name: "trainer".into(),
                                 address: adv.clone(),
-                                ..Default::default()
                             })
                             .await;
                         if let Ok(r) = again {
@@ -381,25 +392,31 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             seconds = format!("{:.2}", report.step_seconds),
             "step"
         );
-        rt.block_on(coord.publish_version(PublishVersionRequest {
-            version: report.version,
-            step: report.step,
-            metrics: report.metric_map(),
-            staleness: report.staleness.clone(),
-            dropped,
-            buffer_groups: shared.buffer_len() as u64,
-            wait_seconds: report.wait_seconds,
-            finished: last,
-            trained_leases: report.trained_leases.clone(),
-            ..Default::default()
-        }))
-        .map_err(|e| {
-            anyhow!(
-                "publishing version {} to the coordinator: {}",
-                report.version,
-                client::describe(&e)
-            )
-        })?;
+        let published = rt
+            .block_on(coord.publish_version(PublishVersionRequest {
+                version: report.version,
+                step: report.step,
+                metrics: report.metric_map(),
+                staleness: report.staleness.clone(),
+                dropped,
+                buffer_groups: shared.buffer_len() as u64,
+                wait_seconds: report.wait_seconds,
+                finished: last,
+                trained_leases: report.trained_leases.clone(),
+                ..Default::default()
+            }))
+            .map_err(|e| {
+                anyhow!(
+                    "publishing version {} to the coordinator: {}",
+                    report.version,
+                    client::describe(&e)
+                )
+            })?;
+        if let (Some(p), Some(group), false) = (&pusher, published.into_inner().group, last) {
+            if let Ok(w) = shared.weights.read() {
+                p.offer(group, w.clone());
+            }
+        }
         // After the publish, so the coordinator knows what the checkpoint has trained.
         let every = cfg.trainer.checkpoint_every;
         if !last && every > 0 && learner.step.is_multiple_of(every) {
@@ -416,6 +433,46 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         worker_id: worker_id.load(Ordering::SeqCst),
     }));
     Ok(())
+}
+
+/// The weight-broadcast listener and pusher, with `[trainer] broadcast = "tcp"`.
+fn broadcast_pusher(
+    a: &TrainerArgs,
+    cfg: &RunConfig,
+    advertise: &str,
+    creds: &tandem_proto::auth::Credentials,
+    rt: &tokio::runtime::Handle,
+    coord: &tandem_proto::v1::coordinator_client::CoordinatorClient<tandem_proto::client::Authed>,
+) -> Result<Option<weight_broadcast::Pusher>> {
+    if cfg.trainer.broadcast == BroadcastPlane::Off {
+        return Ok(None);
+    }
+    if creds.tls().server().is_some() {
+        tracing::warn!(
+            "[trainer] broadcast = \"tcp\" is plaintext and this run uses TLS: generators fetch weights over gRPC (TLS) instead"
+        );
+        return Ok(None);
+    }
+    let (bind, host) =
+        weight_broadcast::addresses(&a.listen, advertise, a.broadcast_listen.as_deref())?;
+    let heartbeat = Duration::from_millis(cfg.coordinator.heartbeat_interval_ms);
+    let timeout = Duration::from_secs_f64(cfg.trainer.broadcast_timeout_s);
+    let p = weight_broadcast::Pusher::start(
+        &bind,
+        &host,
+        &crate::security::token(None)?,
+        weight_broadcast::Settings {
+            bucket_bytes: cfg.trainer.bucket_mib << 20,
+            // Members learn a new epoch from a heartbeat, then connect.
+            join_wait: (heartbeat * 4).max(Duration::from_secs(1)).min(timeout),
+            timeout,
+        },
+        rt.clone(),
+        coord.clone(),
+    )
+    .context("--broadcast-listen")?;
+    tracing::info!(address = %p.advertise, "weight broadcast listening");
+    Ok(Some(p))
 }
 
 #[derive(Args)]
@@ -454,6 +511,14 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         seed,
         heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms.max(1)),
         weight_sync_timeout: Duration::from_secs(300),
+        // The trainer pushes versions only without TLS (plaintext; see the trainer).
+        broadcast: match (cfg.trainer.broadcast, creds.tls().client().is_some()) {
+            (BroadcastPlane::Tcp, false) => Some((
+                crate::security::token(None)?,
+                Duration::from_secs_f64(cfg.trainer.broadcast_timeout_s),
+            )),
+            _ => None,
+        },
     };
     let worker = tandem_generator::worker::Worker::new(
         settings,

@@ -688,6 +688,96 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
     );
 }
 
+/// `[trainer] broadcast = "tcp"`: the trainer pushes each version to the generators of
+/// the broadcast group. A generator that stalls (SIGSTOP, shorter than the heartbeat
+/// timeout) is named by the trainer and excluded; it then fetches over gRPC, the other
+/// generator joins the new epoch and keeps receiving by broadcast, and nothing about the
+/// run's guarantees changes.
+#[test]
+fn broadcast_feeds_generators_and_a_stalled_one_falls_back_to_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 60;
+    let text = config(dir.path(), &model, steps, 1, "")
+        .replace(
+            "[trainer]\n",
+            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 0.5\n",
+        )
+        .replace("heartbeat_timeout_ms = 1000", "heartbeat_timeout_ms = 5000");
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.generator("gen-1");
+    // Both generators take versions by broadcast.
+    let t0 = Instant::now();
+    while !["gen-0", "gen-1"]
+        .iter()
+        .all(|g| c.log(g).contains("weights updated by broadcast"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no broadcast received: {}\n{}",
+            c.log("gen-1"),
+            c.log("trainer")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = c.child("gen-1").id().to_string();
+    let signal = |s: &str| {
+        assert!(Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let before = c.steps_done();
+    signal("-STOP");
+    // Steps go on with gen-0 while gen-1 neither reads nor acknowledges.
+    let t1 = Instant::now();
+    while c.steps_done() < before + 4 || t1.elapsed() < Duration::from_secs(2) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "{}",
+            c.log("trainer")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal("-CONT");
+    c.wait_all(Duration::from_secs(180));
+
+    let trainer = c.log("trainer");
+    assert!(
+        trainer.contains("weight broadcast failed for gen-1 (rank") && trainer.contains("stalled"),
+        "{trainer}"
+    );
+    let coordinator = c.log("coordinator");
+    assert!(
+        coordinator.contains("excluded from the weight-broadcast group")
+            && coordinator.contains("gen-1"),
+        "{coordinator}"
+    );
+    // gen-1 fetches over gRPC after its exclusion; gen-0 re-joined the new epoch and
+    // went on receiving by broadcast.
+    let gen1 = c.log("gen-1");
+    let last_broadcast = gen1.rfind("weights updated by broadcast").unwrap();
+    assert!(
+        gen1[last_broadcast..].contains("weights updated by fetch"),
+        "{gen1}"
+    );
+    let gen0 = c.log("gen-0");
+    assert!(
+        gen0.matches("joined the weight broadcast").count() >= 2,
+        "{gen0}"
+    );
+    let last_join = gen0.rfind("joined the weight broadcast").unwrap();
+    assert!(
+        gen0[last_join..].contains("weights updated by broadcast"),
+        "{gen0}"
+    );
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    check_nothing_lost(&c.run, &trained, true);
+}
+
 /// Test 5: max_staleness = 0 is synchronous on-policy training: every token comes
 /// from the version being trained, and the sampler's logprobs match the trainer's.
 /// The run goes over mutual TLS with certificates from `tandem tls-certs` (the

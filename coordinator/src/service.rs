@@ -262,21 +262,11 @@ impl Coordinator for CoordinatorService {
                 r.address
             )));
         }
-        if !r.broadcast_address.is_empty()
-            && (role != Role::Trainer || !is_host_port(&r.broadcast_address))
-        {
-            return Err(Status::invalid_argument(format!(
-                "broadcast_address: only the trainer gives one, as host:port; got {:?}",
-                r.broadcast_address
-            )));
-        }
+
         let mut core = self.lock()?;
         let id = core
             .members
             .register(r.name.clone(), role, r.address, Instant::now());
-        if let Some(w) = core.members.get_mut(id) {
-            w.broadcast_address = r.broadcast_address;
-        }
         tracing::info!(name = %r.name, id, ?role, "worker registered");
         core.update_group();
         core.export_gauges();
@@ -330,14 +320,26 @@ impl Coordinator for CoordinatorService {
             .unwrap_or_default()
             .to_string();
         let stop = core.finished();
-        let joins = core
-            .members
-            .get(r.worker_id)
-            .is_some_and(|w| w.role == Role::Generator && w.broadcast != r.broadcast);
-        if joins {
-            if let Some(w) = core.members.get_mut(r.worker_id) {
+        let role = core.members.get(r.worker_id).map(|w| w.role);
+        if !r.broadcast_address.is_empty()
+            && (role != Some(Role::Trainer) || !is_host_port(&r.broadcast_address))
+        {
+            return Err(Status::invalid_argument(format!(
+                "broadcast_address: only the trainer gives one, as host:port; got {:?}",
+                r.broadcast_address
+            )));
+        }
+        // Joining or leaving the broadcast: a generator's receiver, the trainer's listener.
+        let changed = core.members.get_mut(r.worker_id).is_some_and(|w| {
+            let before = (w.broadcast, w.broadcast_address.clone());
+            if w.role == Role::Generator {
                 w.broadcast = r.broadcast;
+            } else {
+                w.broadcast_address = r.broadcast_address.clone();
             }
+            before != (w.broadcast, w.broadcast_address.clone())
+        });
+        if changed {
             core.update_group();
         }
         let group = core.group.view(Some(r.worker_id), &core.members);

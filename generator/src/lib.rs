@@ -7,6 +7,7 @@
 //! - [`render`] — prompts to token ids (chat template or raw text)
 //! - [`config`] — the `[generator]` section
 
+pub mod broadcast;
 pub mod config;
 pub mod error;
 pub mod render;

@@ -21,6 +21,7 @@ use tokio::runtime::Handle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::broadcast::Inbox;
 use crate::config::{GeneratorConfig, WeightUpdate};
 use crate::error::{Error, Result};
 use crate::render::{prompt_ids, PromptInput};
@@ -40,6 +41,9 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// How long a weight fetch may take before it is abandoned with an error.
     pub weight_sync_timeout: Duration,
+    /// Receive versions by the trainer's broadcast (`[trainer] broadcast`): the run's
+    /// token and how long to wait for a version before fetching it over gRPC.
+    pub broadcast: Option<(String, Duration)>,
 }
 
 /// What the heartbeat task and the sampling loop share.
@@ -166,6 +170,7 @@ pub struct Worker {
     high_water: u64,
     /// Weight syncs failed in a row.
     sync_failures: u32,
+    inbox: Option<Arc<Inbox>>,
 }
 
 impl Worker {
@@ -208,6 +213,17 @@ impl Worker {
             None => None,
         };
         let judge = crate::reward::Judge::load(&settings.reward)?;
+        let inbox = match &settings.broadcast {
+            Some((token, timeout)) => {
+                let inbox = Inbox::new(*timeout);
+                let b = beat.clone();
+                inbox
+                    .spawn(token.clone(), move || b.worker_id.load(Ordering::SeqCst))
+                    .map_err(|e| rpc("weight broadcast receiver", e))?;
+                Some(inbox)
+            }
+            None => None,
+        };
         let w = Worker {
             settings,
             model,
@@ -223,6 +239,7 @@ impl Worker {
             next_seq: 1,
             high_water: latest_version,
             sync_failures: 0,
+            inbox,
         };
         w.spawn_heartbeat();
         Ok(w)
@@ -233,6 +250,7 @@ impl Worker {
         let mut coord = self.coordinator.clone();
         let interval = self.settings.heartbeat_interval;
         let name = self.settings.name.clone();
+        let inbox = self.inbox.clone();
         self.rt.spawn(async move {
             let mut failures = 0u32;
             while !beat.stop.load(Ordering::SeqCst) {
@@ -249,12 +267,16 @@ impl Worker {
                         .unwrap_or_default(),
                     weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
                     weight_sync_failures: beat.sync_failures.swap(0, Ordering::SeqCst),
-                    broadcast: false,
+                    broadcast: inbox.is_some(),
+                    broadcast_address: String::new(),
                 };
                 match coord.heartbeat(req).await {
                     Ok(r) => {
                         failures = 0;
                         let r = r.into_inner();
+                        if let Some(inbox) = &inbox {
+                            inbox.set_group(r.group.clone());
+                        }
                         // The published version; it only goes back when a trainer resumed.
                         beat.latest.store(r.policy_version, Ordering::SeqCst);
                         if let Ok(mut t) = beat.trainer.lock() {
@@ -301,8 +323,46 @@ impl Worker {
         Ok(t)
     }
 
+    /// Takes version `want` (or newer) from the broadcast when it arrives in time.
+    fn take_broadcast(&mut self, want: u64) -> Result<bool> {
+        let held = self.beat.held.load(Ordering::SeqCst);
+        let Some(inbox) = self.inbox.as_ref().filter(|_| want > held) else {
+            return Ok(false);
+        };
+        let Some((got, transfer_s)) = inbox.take(want) else {
+            return Ok(false);
+        };
+        let t0 = Instant::now();
+        self.model
+            .model
+            .params()
+            .assign_chunks(&[&got.bytes], &got.dtype)?;
+        self.beat.held.store(got.version, Ordering::SeqCst);
+        // Broadcast after its publish: the coordinator has published this version even
+        // if no reply has said so yet (not a version ahead of the run to undo).
+        self.beat.latest.fetch_max(got.version, Ordering::SeqCst);
+        self.high_water = self.high_water.max(got.version);
+        self.beat
+            .sync_bytes
+            .fetch_add(got.bytes.len() as u64, Ordering::SeqCst);
+        let secs = transfer_s + t0.elapsed().as_secs_f64();
+        if let Ok(mut s) = self.beat.syncs.lock() {
+            s.push(secs);
+        }
+        tracing::info!(
+            version = got.version,
+            mib = got.bytes.len() as f64 / (1 << 20) as f64,
+            seconds = secs,
+            "weights updated by broadcast"
+        );
+        Ok(true)
+    }
+
     /// Fetches version `want` (or the newest) and assigns it in place.
     fn sync_weights(&mut self, want: u64) -> Result<()> {
+        if self.take_broadcast(want)? {
+            return Ok(());
+        }
         let addr = self.trainer_address()?;
         let t0 = Instant::now();
         let creds = self.creds.clone();
@@ -359,7 +419,7 @@ impl Worker {
             version,
             mib = n as f64 / (1 << 20) as f64,
             seconds = secs,
-            "weights updated"
+            "weights updated by fetch"
         );
         Ok(())
     }
@@ -432,6 +492,9 @@ impl Worker {
         }
         self.drain();
         self.beat.stop.store(true, Ordering::SeqCst);
+        if let Some(inbox) = &self.inbox {
+            inbox.stop();
+        }
         let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
         let _ = self
             .rt

@@ -339,6 +339,23 @@ pub struct TrainerConfig {
     /// Benchmarks only: sleep this long per step instead of training (the weights stay
     /// as they are, versions still advance and are published; 0 = train for real).
     pub mock_train_ms: u64,
+    /// How new versions reach generators beside the gRPC fetch (`broadcast.rs`).
+    pub broadcast: BroadcastPlane,
+    /// A broadcast member that has not acknowledged a version this long after it was
+    /// sent is excluded from the group (it fetches over gRPC); generators wait this
+    /// long for a broadcast before fetching.
+    pub broadcast_timeout_s: f64,
+}
+
+/// `[trainer] broadcast`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BroadcastPlane {
+    /// Every generator fetches each version over gRPC.
+    Off,
+    /// The trainer pushes each version to every generator of the broadcast group over
+    /// one TCP connection each (acknowledged, checksummed).
+    Tcp,
 }
 
 impl Default for TrainerConfig {
@@ -350,6 +367,8 @@ impl Default for TrainerConfig {
             checkpoint_every: 20,
             keep_checkpoints: 2,
             mock_train_ms: 0,
+            broadcast: BroadcastPlane::Off,
+            broadcast_timeout_s: 30.0,
         }
     }
 }
@@ -368,6 +387,9 @@ impl TrainerConfig {
                 "bucket_mib",
                 "must be in 1..=48 (a bucket is one gRPC message)",
             );
+        }
+        if !(self.broadcast_timeout_s.is_finite() && self.broadcast_timeout_s > 0.0) {
+            return bad("broadcast_timeout_s", "must be a number of seconds > 0");
         }
         Ok(())
     }

@@ -21,6 +21,7 @@
 
 pub mod advantage;
 pub mod aggregate;
+pub mod broadcast;
 pub mod buffer;
 pub mod checkpoint;
 pub mod comparison;
