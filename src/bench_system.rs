@@ -102,19 +102,26 @@ pub fn run(a: SystemBench) -> Result<()> {
             let grpc = rt.block_on(fetch_all(&trainer_addr, &creds, n))?;
             let raw = rt.block_on(raw_tcp(shared.clone(), n, true))?;
             let fresh = rt.block_on(raw_tcp(shared.clone(), n, false))?;
-            let (g, r, f) = (
+            let pushed = broadcast(&shared, n)?;
+            let (g, r, f, b) = (
                 gbps(total * n, grpc),
                 gbps(total * n, raw),
                 gbps(total * n, fresh),
+                gbps(total * n, pushed),
             );
             eprintln!(
-                "weights to {n}: gRPC {g:.2} GB/s; raw TCP into a reused buffer {r:.2} GB/s ({:.0}%), into a new buffer {f:.2} GB/s ({:.0}%)",
+                "weights to {n}: gRPC {g:.2} GB/s ({:.0}% of raw TCP into a reused buffer, {:.0}% into a new one); \
+                 broadcast {b:.2} GB/s ({:.0}%, {:.0}%); raw TCP {r:.2} / {f:.2} GB/s",
                 100.0 * g / r,
-                100.0 * g / f
+                100.0 * g / f,
+                100.0 * b / r,
+                100.0 * b / f
             );
             out[format!("weights_{n}")] = json!({"grpc_seconds": grpc, "raw_tcp_seconds": raw,
-                "raw_tcp_new_buffer_seconds": fresh, "grpc_gbps": g, "raw_tcp_gbps": r,
-                "raw_tcp_new_buffer_gbps": f, "ratio": g / r, "ratio_new_buffer": g / f});
+                "raw_tcp_new_buffer_seconds": fresh, "broadcast_seconds": pushed,
+                "grpc_gbps": g, "raw_tcp_gbps": r, "raw_tcp_new_buffer_gbps": f,
+                "broadcast_gbps": b, "ratio": g / r, "ratio_new_buffer": g / f,
+                "broadcast_ratio": b / r, "broadcast_ratio_new_buffer": b / f});
         }
     }
     if want("ingest") {
@@ -184,6 +191,65 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     tokio::spawn(async move { tandem_trainer::service::serve(svc, listener, &creds).await });
     // The servers run on the runtime's tasks; `coord` only holds handles to them.
     Ok((coord.grpc.to_string(), addr))
+}
+
+/// `[trainer] broadcast = "tcp"`: the version pushed to n members, each receiving into
+/// the buffer of the version before (the first round allocates) and checking the bucket
+/// CRCs before it acknowledges; seconds from the start of the push to the last
+/// acknowledgement (best of 2).
+fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
+    use tandem_proto::v1::{BroadcastGroup, GroupMember};
+    use tandem_trainer::broadcast::{Broadcaster, Receiver};
+    let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
+    let token = "bench";
+    let b = Broadcaster::bind("127.0.0.1:0", token).map_err(|e| anyhow!("{e}"))?;
+    let addr = b.local_addr().to_string();
+    let members: Vec<GroupMember> = (1..=n as u32)
+        .map(|rank| GroupMember {
+            worker_id: rank as u64,
+            name: format!("bench-{rank}"),
+            rank,
+        })
+        .collect();
+    let rounds = 2;
+    let receivers: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let (addr, rank) = (addr.clone(), m.rank);
+            std::thread::spawn(move || -> Result<()> {
+                let second = Duration::from_secs(1);
+                let mut r = Receiver::connect(&addr, 1, rank, rank as u64, token, second * 5)
+                    .map_err(|e| anyhow!("{e}"))?;
+                let mut got = 0;
+                while got < rounds {
+                    if let Some(v) = r.recv(second, second * 60).map_err(|e| anyhow!("{e}"))? {
+                        // As a generator does once the version is assigned.
+                        r.recycle(v.bytes);
+                        got += 1;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let group = BroadcastGroup {
+        epoch: 1,
+        world_size: n as u32 + 1,
+        rank: 0,
+        address: addr,
+        members,
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        let wait = Duration::from_secs(10);
+        let out = b.send(&group, &snap, shared.bucket_bytes, wait, wait * 6);
+        anyhow::ensure!(out.failed.is_empty(), "{}", out.describe_failures());
+        best = best.min(out.seconds);
+    }
+    for r in receivers {
+        r.join().map_err(|_| anyhow!("a receiver panicked"))??;
+    }
+    Ok(best)
 }
 
 /// n concurrent receivers each fetch and verify the whole version; seconds (best of 2).

@@ -22,6 +22,8 @@ pub struct Inbox {
     group: Mutex<Option<BroadcastGroup>>,
     /// The newest version received, with the seconds its transfer took.
     staged: Mutex<Option<(Received, f64)>>,
+    /// Bytes of a version already assigned, to receive the next one into.
+    spare: Mutex<Option<Vec<u8>>>,
     stop: AtomicBool,
     timeout: Duration,
 }
@@ -31,6 +33,7 @@ impl Inbox {
         Arc::new(Inbox {
             group: Mutex::new(None),
             staged: Mutex::new(None),
+            spare: Mutex::new(None),
             stop: AtomicBool::new(false),
             timeout,
         })
@@ -106,6 +109,9 @@ impl Inbox {
                 continue;
             }
             let Some(r) = rx.as_mut() else { continue };
+            if let Some(b) = self.spare.lock().ok().and_then(|mut s| s.take()) {
+                r.recycle(b);
+            }
             let t0 = Instant::now();
             match r.recv(Duration::from_millis(100), self.timeout) {
                 Ok(Some(v)) => {
@@ -123,6 +129,13 @@ impl Inbox {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
+        }
+    }
+
+    /// Hands back the bytes of a version that has been assigned.
+    pub fn recycle(&self, bytes: Vec<u8>) {
+        if let Ok(mut s) = self.spare.lock() {
+            *s = Some(bytes);
         }
     }
 

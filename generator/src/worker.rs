@@ -355,6 +355,7 @@ impl Worker {
             seconds = secs,
             "weights updated by broadcast"
         );
+        inbox.recycle(got.bytes);
         Ok(true)
     }
 

@@ -330,6 +330,9 @@ pub struct Receiver {
     stream: TcpStream,
     pub epoch: u64,
     pub rank: u32,
+    /// A buffer handed back after use: the next version is read into it, so a
+    /// same-sized version costs no allocation and no page faults.
+    spare: Vec<u8>,
 }
 
 impl Receiver {
@@ -376,7 +379,15 @@ impl Receiver {
             stream,
             epoch,
             rank,
+            spare: Vec::new(),
         })
+    }
+
+    /// Gives back the bytes of a version already used, to receive the next one into.
+    pub fn recycle(&mut self, bytes: Vec<u8>) {
+        if bytes.capacity() > self.spare.capacity() {
+            self.spare = bytes;
+        }
     }
 
     /// Waits up to `poll` for the start of the next version (`None` if none began),
@@ -415,7 +426,9 @@ impl Receiver {
             sums.push(u32::from_le_bytes(read_array(s).map_err(io)?));
         }
         let len = u64::from_le_bytes(read_array(s).map_err(io)?) as usize;
-        let mut bytes = vec![0u8; len];
+        let mut bytes = std::mem::take(&mut self.spare);
+        // Same size as last time: no allocation, nothing zeroed.
+        bytes.resize(len, 0);
         s.read_exact(&mut bytes).map_err(io)?;
         let intact = tandem_proto::bucket::checksums(&bytes, bucket_bytes) == sums;
         let mut ack = Vec::with_capacity(13);
