@@ -2,7 +2,12 @@
 //! side by side with the transformers reference (tools/bench_transformers.py) in the
 //! same run, on the same GGUF, thread count, prompt, lengths and batch sizes.
 //!
-//! Each phase runs in its own child process so that its peak RSS is its own.
+//! Each phase runs in its own child process so that its peak RSS is its own. The
+//! device and dtype are the binary's (`TANDEM_DEVICE`, `TANDEM_DTYPE`, inherited by the
+//! phases); on a GPU every timed phase ends with a device synchronisation.
+//!
+//! `tandem bench nccl` (feature `nccl`): a world-size-1 NCCL broadcast of a model's
+//! weight bytes beside a device-to-device copy of the same bytes.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,6 +31,9 @@ enum BenchWhat {
     Model(ModelBench),
     /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
     System(crate::bench_system::SystemBench),
+    /// NCCL broadcast (world size 1) of a model's weights vs a device-to-device copy.
+    #[cfg(feature = "nccl")]
+    Nccl(NcclBench),
 }
 
 #[derive(Args, Clone)]
@@ -68,6 +76,8 @@ const PROMPT: std::ops::Range<u32> = 100..116;
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::System(s) => crate::bench_system::run(s),
+        #[cfg(feature = "nccl")]
+        BenchWhat::Nccl(n) => nccl::run(n),
         BenchWhat::Model(m) => match m.phase.clone() {
             Some(phase) => run_phase(&m, &phase),
             None => run_all(&m),
@@ -134,9 +144,14 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
     let t = Instant::now();
     let p = crate::load_model(&m.model)?;
     let model = &p.model;
+    let device = model.device().clone();
     let load_peak = peak_rss_mib();
-    let mut out =
-        json!({"load_seconds": t.elapsed().as_secs_f64(), "load_peak_rss_mib": load_peak});
+    let mut out = json!({
+        "load_seconds": t.elapsed().as_secs_f64(),
+        "load_peak_rss_mib": load_peak,
+        "device": format!("{:?}", device.location()),
+        "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+    });
     let can_reset = reset_peak_rss();
     if let Some(b) = phase.strip_prefix("decode_b") {
         let b: usize = b.parse()?;
@@ -174,8 +189,9 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
         let secs = timed(m.reps, || {
             let out = model.completion_logprobs(&model.weights(), &seqs, &starts, 1.0)?;
             let loss = out.logprobs.mean_all()?.neg()?;
-            loss_value = loss.to_scalar::<f32>()?;
             let _grads = loss.backward()?;
+            loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            device.synchronize()?;
             Ok(())
         })?;
         out["seconds"] = json!(secs);
@@ -199,12 +215,16 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
         )?;
         let secs = timed(m.reps, || {
             opt.step(&grads, None)?;
+            device.synchronize()?;
             Ok(())
         })?;
         out["seconds"] = json!(secs);
         out["n_params"] = json!(model.params().numel());
     } else {
         bail!("unknown phase `{phase}`");
+    }
+    if let candle_core::Device::Cuda(_) = &device {
+        out["gpu_memory_used_mib"] = json!(gpu_memory_used_mib(&device));
     }
     out["peak_rss_mib"] = json!(load_peak.max(peak_rss_mib()));
     if can_reset {
@@ -315,5 +335,128 @@ fn print_table(result: &Value, phases: &[String]) {
             f(rss("tandem"), 0),
             f(rss("reference"), 0),
         );
+    }
+}
+
+/// Memory in use on the model's GPU (whole device, all processes), MiB.
+#[cfg(feature = "cuda")]
+fn gpu_memory_used_mib(device: &candle_core::Device) -> Option<f64> {
+    let candle_core::Device::Cuda(d) = device else {
+        return None;
+    };
+    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+    Some((total - free) as f64 / (1 << 20) as f64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory_used_mib(_: &candle_core::Device) -> Option<f64> {
+    None
+}
+
+#[cfg(feature = "nccl")]
+#[derive(Args)]
+struct NcclBench {
+    /// Model whose parameters give the sizes (total bytes and each tensor's share).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Timed repetitions (median reported), after one warm-up.
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Write the JSON here too (it is always printed).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// World-size-1 NCCL: rank 0 broadcasts to itself, so the figure is NCCL's own cost
+/// (launch, protocol, the local copy) on this GPU, next to `cuMemcpyDtoD` of the same
+/// bytes. Three shapes: one flat buffer, one call per parameter tensor (the sizes of
+/// the model's tensors, as slices of that buffer), and the device copy.
+#[cfg(feature = "nccl")]
+mod nccl {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id};
+    use std::sync::Arc;
+
+    fn nccl_err(e: impl std::fmt::Debug) -> anyhow::Error {
+        anyhow::anyhow!("NCCL: {e:?}")
+    }
+
+    /// Median seconds of `f` followed by a stream synchronisation.
+    fn timed_on(
+        stream: &Arc<CudaStream>,
+        reps: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        timed(reps, || {
+            f()?;
+            stream.synchronize()?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn run(a: NcclBench) -> Result<()> {
+        let p = crate::load_model(&a.model)?;
+        let device = p.model.device().clone();
+        let candle_core::Device::Cuda(cuda) = &device else {
+            bail!("tandem bench nccl needs a CUDA device (TANDEM_DEVICE=cuda)");
+        };
+        let elem = p.model.dtype().size_in_bytes();
+        let sizes: Vec<usize> = p
+            .model
+            .params()
+            .vars()
+            .iter()
+            .map(|v| v.elem_count() * elem)
+            .collect();
+        let total: usize = sizes.iter().sum();
+        drop(p);
+        let stream = cuda.cuda_stream();
+        let src = stream.alloc_zeros::<u8>(total)?;
+        let mut dst = stream.alloc_zeros::<u8>(total)?;
+        let t = Instant::now();
+        let comm = Comm::from_rank(stream.clone(), 0, 1, Id::new().map_err(nccl_err)?)
+            .map_err(nccl_err)?;
+        let init_seconds = t.elapsed().as_secs_f64();
+
+        let flat = timed_on(&stream, a.reps, || {
+            comm.broadcast(Some(&src), &mut dst, 0).map_err(nccl_err)?;
+            Ok(())
+        })?;
+        let per_tensor = timed_on(&stream, a.reps, || {
+            let mut at = 0;
+            for &n in &sizes {
+                let s = src.slice(at..at + n);
+                let mut d = dst.slice_mut(at..at + n);
+                comm.broadcast(Some(&s), &mut d, 0).map_err(nccl_err)?;
+                at += n;
+            }
+            Ok(())
+        })?;
+        let dtod = timed_on(&stream, a.reps, || {
+            stream.memcpy_dtod(&src, &mut dst)?;
+            Ok(())
+        })?;
+        let gbs = |s: f64| total as f64 / s / 1e9;
+        let out = json!({
+            "model": a.model,
+            "bytes": total,
+            "tensors": sizes.len(),
+            "world_size": 1,
+            "comm_init_seconds": init_seconds,
+            "broadcast_flat_seconds": flat,
+            "broadcast_flat_gb_per_s": gbs(flat),
+            "broadcast_per_tensor_seconds": per_tensor,
+            "broadcast_per_tensor_gb_per_s": gbs(per_tensor),
+            "dtod_copy_seconds": dtod,
+            "dtod_copy_gb_per_s": gbs(dtod),
+            "reps": a.reps,
+        });
+        println!("{out}");
+        if let Some(path) = &a.json {
+            std::fs::write(path, serde_json::to_string_pretty(&out)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 }

@@ -120,16 +120,84 @@ fn main() {
     }
 }
 
-/// The device commands run on: CPU unless built with CUDA and one is present.
+/// The device commands run on, from `TANDEM_DEVICE`: `cpu`, `cuda` (= `cuda:0`) or
+/// `cuda:N`. Unset (or `auto`): the first CUDA device when built with the `cuda`
+/// feature and one opens, else the CPU. Opened once per process: every caller gets the
+/// same device (candle refuses to mix tensors of two opened handles of one GPU).
 pub(crate) fn device() -> Result<candle_core::Device> {
-    Ok(candle_core::Device::Cpu)
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    if let Some(d) = DEVICE.get() {
+        return Ok(d.clone());
+    }
+    let spec = std::env::var("TANDEM_DEVICE").unwrap_or_default();
+    let d = open_device(spec.trim())?;
+    Ok(DEVICE.get_or_init(|| d).clone())
+}
+
+fn open_device(spec: &str) -> Result<candle_core::Device> {
+    use anyhow::bail;
+    let ordinal = match spec {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "" | "auto" => {
+            if !cfg!(feature = "cuda") {
+                return Ok(candle_core::Device::Cpu);
+            }
+            return Ok(match candle_core::Device::new_cuda(0) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(
+                        "no usable CUDA device ({}); running on the CPU",
+                        first_line(&e)
+                    );
+                    candle_core::Device::Cpu
+                }
+            });
+        }
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("TANDEM_DEVICE=`{s}`: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "TANDEM_DEVICE=`{spec}`: this tandem was built without CUDA; rebuild it with \
+             scripts/build-cuda.sh (cargo build --release --features cuda), or set TANDEM_DEVICE=cpu"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!(
+            "TANDEM_DEVICE=`{spec}`: opening CUDA device {ordinal}: {}",
+            first_line(&e)
+        )
+    })
+}
+
+/// An error's first line: candle appends a backtrace to its message when
+/// `RUST_BACKTRACE` is set, which a one-line warning does not need.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// The dtype models are loaded in on `device`: `TANDEM_DTYPE` (`f32`, `bf16`, `f16`),
+/// else f32 on CPU and bf16 on CUDA ([`tandem_model::default_dtype`]). Presets are
+/// always f32.
+pub(crate) fn dtype(device: &candle_core::Device) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    match std::env::var("TANDEM_DTYPE").unwrap_or_default().trim() {
+        "" => Ok(tandem_model::default_dtype(device)),
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => anyhow::bail!("TANDEM_DTYPE=`{other}`: expected `f32`, `bf16` or `f16`"),
+    }
 }
 
 /// Loads a model argument (folder, .gguf, or a fetchable name) with context for errors.
 pub(crate) fn load_model(spec: &str) -> Result<tandem_model::Pretrained> {
     use anyhow::Context;
     let device = device()?;
-    let dtype = tandem_model::default_dtype(&device);
+    let dtype = dtype(&device)?;
     if let Some(name) = spec.strip_prefix("preset:") {
         return tandem_model::preset::init(name, 0, &device)
             .with_context(|| format!("model `{spec}`"));

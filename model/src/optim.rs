@@ -60,28 +60,29 @@ impl AdamWConfig {
 }
 
 /// Global L2 norm of the gradients of `params`: sqrt(Σ_p ‖g_p‖²), accumulated in f64.
+/// On an accelerator the per-tensor sums stay on the device and are read back once.
 pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64> {
     let mut sq = 0.0f64;
+    let mut on_device: Option<Tensor> = None;
     for (_, v) in params {
-        if let Some(g) = grads.get(v) {
-            sq += sum_of_squares(g)?;
+        let Some(g) = grads.get(v) else { continue };
+        if g.device().is_cpu() && g.dtype() == DType::F32 {
+            sq += g
+                .contiguous()?
+                .apply_op1_no_bwd(&SumOfSquares)?
+                .to_vec1::<f64>()?[0];
+        } else {
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            on_device = Some(match on_device {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
         }
     }
-    Ok(sq.sqrt())
-}
-
-/// Σ x² in f64, without an f64 copy of the tensor on CPU.
-fn sum_of_squares(t: &Tensor) -> Result<f64> {
-    if t.device().is_cpu() && t.dtype() == DType::F32 {
-        return Ok(t
-            .contiguous()?
-            .apply_op1_no_bwd(&SumOfSquares)?
-            .to_vec1::<f64>()?[0]);
+    if let Some(t) = on_device {
+        sq += t.to_scalar::<f64>()?;
     }
-    Ok(t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?)
+    Ok(sq.sqrt())
 }
 
 struct SumOfSquares;
@@ -127,6 +128,14 @@ pub struct StepStats {
 /// On CPU with f32 parameters the moments live in host memory and the whole update of
 /// a tensor is one parallel pass over (θ, g, m, v), θ written in place; elsewhere it is
 /// composed of tensor ops on device-resident moments.
+///
+/// Half-precision parameters (bf16 on CUDA) get an f32 master copy beside f32 moments:
+/// the update is computed and accumulated in f32 and only then rounded into the
+/// parameter. Without it an update below half a bf16 ulp (|θ|·2⁻⁹, e.g. lr 1e-6 on a
+/// weight of 0.02) would round away every step and the model would never move. The
+/// master copy is then the parameter's value of record: a parameter written by anyone
+/// but this optimizer after [`AdamW::new`] / [`AdamW::load`] is overwritten at the next
+/// step.
 pub struct AdamW {
     params: Vec<(String, Var)>,
     state: Vec<Moments>,
@@ -136,8 +145,27 @@ pub struct AdamW {
 
 /// First and second moments of one parameter.
 enum Moments {
-    Host { m: Vec<f32>, v: Vec<f32> },
-    Device { m: Tensor, v: Tensor },
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    /// On the parameter's device, in [`state_dtype`]; `master` holds the parameter's
+    /// value in that dtype when the parameter itself is of lower precision.
+    Device {
+        m: Tensor,
+        v: Tensor,
+        master: Option<Tensor>,
+    },
+}
+
+/// The dtype the optimizer state of a parameter of dtype `d` is kept in: f64 for f64,
+/// f32 for everything else.
+fn state_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// One fused AdamW update of a parameter, in place; the moments are borrowed mutably
@@ -219,9 +247,13 @@ impl AdamW {
                     v: vec![0.0; p.elem_count()],
                 }
             } else {
+                let sd = state_dtype(p.dtype());
                 Moments::Device {
-                    m: p.zeros_like()?,
-                    v: p.zeros_like()?,
+                    m: p.zeros_like()?.to_dtype(sd)?,
+                    v: p.zeros_like()?.to_dtype(sd)?,
+                    master: (p.dtype() != sd)
+                        .then(|| p.as_tensor().detach().to_dtype(sd))
+                        .transpose()?,
                 }
             },
         )
@@ -272,13 +304,19 @@ impl AdamW {
                         },
                     )?;
                 }
-                Moments::Device { m, v } => {
-                    let g = (g.to_dtype(p.dtype())? * coef)?;
+                Moments::Device { m, v, master } => {
+                    let g = (g.to_dtype(m.dtype())? * coef)?;
                     *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
                     let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
                     let update = (m.broadcast_div(&denom)? * (c.lr / bc1))?;
-                    p.set(&((p.as_tensor() * decay)? - update)?)?;
+                    match master {
+                        Some(theta) => {
+                            *theta = ((&*theta * decay)? - update)?;
+                            p.set(&theta.to_dtype(p.dtype())?)?;
+                        }
+                        None => p.set(&((p.as_tensor() * decay)? - update)?)?,
+                    }
                 }
             }
         }
@@ -288,8 +326,9 @@ impl AdamW {
         })
     }
 
-    /// Saves the moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) to `dir/optimizer.safetensors`
-    /// and the step and hyper-parameters to `dir/optimizer.json`.
+    /// Saves the moments (`<name>.exp_avg`, `<name>.exp_avg_sq`, and `<name>.master` for
+    /// half-precision parameters) to `dir/optimizer.safetensors` and the step and
+    /// hyper-parameters to `dir/optimizer.json`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for ((name, p), state) in self.params.iter().zip(&self.state) {
@@ -298,7 +337,12 @@ impl AdamW {
                     Tensor::from_slice(m, p.shape(), &candle_core::Device::Cpu)?,
                     Tensor::from_slice(v, p.shape(), &candle_core::Device::Cpu)?,
                 ),
-                Moments::Device { m, v } => (m.clone(), v.clone()),
+                Moments::Device { m, v, master } => {
+                    if let Some(theta) = master {
+                        tensors.insert(format!("{name}.master"), theta.clone());
+                    }
+                    (m.clone(), v.clone())
+                }
             };
             tensors.insert(format!("{name}.exp_avg"), m);
             tensors.insert(format!("{name}.exp_avg_sq"), v);
@@ -314,7 +358,8 @@ impl AdamW {
     }
 
     /// Restores what [`AdamW::save`] wrote. Every parameter's moments must be present
-    /// with the parameter's shape; nothing changes unless all are.
+    /// with the parameter's shape; nothing changes unless all are. A half-precision
+    /// parameter without a saved master copy starts one from its current value.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let meta_path = dir.join("optimizer.json");
         let meta: serde_json::Value = serde_json::from_slice(&read_file(&meta_path)?)
@@ -349,7 +394,7 @@ impl AdamW {
                         ),
                     ));
                 }
-                Ok(t.to_dtype(p.dtype())?.to_device(p.device())?)
+                Ok(t.to_dtype(state_dtype(p.dtype()))?.to_device(p.device())?)
             };
             let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
             restored.push(match Self::zero_moments(p)? {
@@ -357,7 +402,15 @@ impl AdamW {
                     m: m.flatten_all()?.to_vec1::<f32>()?,
                     v: v.flatten_all()?.to_vec1::<f32>()?,
                 },
-                Moments::Device { .. } => Moments::Device { m, v },
+                Moments::Device { master, .. } => {
+                    let master = match master {
+                        Some(_) if tensors.contains_key(&format!("{name}.master")) => {
+                            Some(get("master")?)
+                        }
+                        fresh => fresh,
+                    };
+                    Moments::Device { m, v, master }
+                }
             });
         }
         self.state = restored;
@@ -390,5 +443,67 @@ impl Sgd {
             grad_norm: norm,
             clip_coef: coef,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn grads(w: &Var, g: &Tensor) -> GradStore {
+        (w.as_tensor() * g.to_dtype(w.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// bf16 parameters follow an f32 run to within bf16 rounding although every step is
+    /// below half a bf16 ulp, and a saved master copy is restored exactly.
+    #[test]
+    fn bf16_parameters_accumulate_updates_in_f32() {
+        let d = &Device::Cpu;
+        let init = Tensor::new(&[[0.02f32, -0.5], [1.0, 0.25]], d).unwrap();
+        let g = Tensor::new(&[[0.125f32, -0.25], [0.5, 0.0625]], d).unwrap();
+        let cfg = AdamWConfig {
+            lr: 1e-4,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let w32 = Var::from_tensor(&init).unwrap();
+        let w16 = Var::from_tensor(&init.to_dtype(DType::BF16).unwrap()).unwrap();
+        let mut o32 = AdamW::new(vec![("w".into(), w32.clone())], cfg.clone()).unwrap();
+        let mut o16 = AdamW::new(vec![("w".into(), w16.clone())], cfg.clone()).unwrap();
+        for _ in 0..50 {
+            o32.step(&grads(&w32, &g), None).unwrap();
+            o16.step(&grads(&w16, &g), None).unwrap();
+        }
+        let (a, b) = (values(w32.as_tensor()), values(w16.as_tensor()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= x.abs() / 128.0, "f32 {x} vs bf16 {y}");
+        }
+        assert!(b[2] < 1.0, "the bf16 weight at 1.0 moved: {}", b[2]);
+
+        let dir = tempfile::tempdir().unwrap();
+        o16.save(dir.path()).unwrap();
+        let w16b = Var::from_tensor(&w16.as_tensor().copy().unwrap()).unwrap();
+        let mut o16b = AdamW::new(vec![("w".into(), w16b.clone())], cfg).unwrap();
+        o16b.load(dir.path()).unwrap();
+        for _ in 0..20 {
+            o16.step(&grads(&w16, &g), None).unwrap();
+            o16b.step(&grads(&w16b, &g), None).unwrap();
+        }
+        assert_eq!(values(w16.as_tensor()), values(w16b.as_tensor()));
     }
 }

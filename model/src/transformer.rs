@@ -253,6 +253,16 @@ impl Model {
         // `Session::new`), on the host; an out-of-range one still fails in the RoPE gather.
         let (cos, sin) = self.rope.at(positions)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        // Half precisions take the attention scores and their softmax in f32 (as fused
+        // attention kernels do): bf16 scores carry ~3 significant digits, and the error
+        // grows with the number of keys. The probabilities return to the model's dtype
+        // for the product with V.
+        let widen = matches!(self.dtype, DType::BF16 | DType::F16);
+        let mask = if widen {
+            mask.to_dtype(DType::F32)?
+        } else {
+            mask.clone()
+        };
         let mut x = w
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -286,13 +296,20 @@ impl Model {
             // Grouped-query attention without repeating K/V: the `groups` query heads
             // that share a KV head are stacked along the query axis.
             let qg = q.reshape((b, kv, groups * t, hd))?;
-            let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
-            let scores = scores.broadcast_add(mask)?;
+            let scores = if widen {
+                qg.to_dtype(DType::F32)?
+                    .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            } else {
+                qg.matmul(&k.t()?)?
+            };
+            let scores = (scores * scale)?.reshape((b, h, t, s))?;
+            let scores = scores.broadcast_add(&mask)?;
             let probs = if w.fused {
                 candle_nn::ops::softmax_last_dim(&scores)?
             } else {
                 candle_nn::ops::softmax(&scores, D::Minus1)?
             };
+            let probs = probs.to_dtype(self.dtype)?;
             let attn = probs.reshape((b, kv, groups * t, s))?.matmul(&v)?;
             let attn = attn
                 .reshape((b, h, t, hd))?
@@ -508,5 +525,56 @@ impl CompletionLogprobs {
             .windows(2)
             .map(|w| all[w[0]..w[1]].to_vec())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 model (the CUDA default, here on CPU) scores like its f32 original to
+    /// bf16 accuracy on both paths, and every parameter gets a gradient.
+    #[test]
+    fn bf16_scores_close_to_f32_and_trains() {
+        let cfg = crate::preset::preset_config("tiny").unwrap();
+        let d = &Device::Cpu;
+        let m32 = Model::random(cfg.clone(), 3, DType::F32, d).unwrap();
+        let m16 = Model::random(cfg, 3, DType::BF16, d).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![(1..200).collect(), (50..90).collect()];
+        let starts = [100, 20];
+        let lp = |m: &Model, w: &Weights| {
+            let out = m.completion_logprobs(w, &seqs, &starts, 1.0).unwrap();
+            out.split(&out.logprobs).unwrap().concat()
+        };
+        let reference = lp(&m32, &m32.weights());
+        for w in [m16.weights(), m16.inference_weights()] {
+            let got = lp(&m16, &w);
+            let max = reference
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 0.1, "fused {}: max |Δ logprob| {max}", w.fused);
+        }
+        let out = m16
+            .completion_logprobs(&m16.weights(), &seqs, &starts, 1.0)
+            .unwrap();
+        let grads = out.logprobs.mean_all().unwrap().backward().unwrap();
+        for (name, v) in m16.params().iter() {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            assert_eq!(g.dtype(), DType::BF16, "{name}");
+            let norm = g
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name}: zero gradient");
+        }
     }
 }
