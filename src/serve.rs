@@ -460,7 +460,7 @@ fn broadcast_pusher(
     let p = weight_broadcast::Pusher::start(
         &bind,
         &host,
-        &crate::security::token(None)?,
+        creds.token(),
         weight_broadcast::Settings {
             bucket_bytes: cfg.trainer.bucket_mib << 20,
             // Members learn a new epoch from a heartbeat, then connect.
@@ -514,7 +514,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         // The trainer pushes versions only without TLS (plaintext; see the trainer).
         broadcast: match (cfg.trainer.broadcast, creds.tls().client().is_some()) {
             (BroadcastPlane::Tcp, false) => Some((
-                crate::security::token(None)?,
+                creds.token().to_string(),
                 Duration::from_secs_f64(cfg.trainer.broadcast_timeout_s),
             )),
             _ => None,

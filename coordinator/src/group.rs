@@ -72,32 +72,31 @@ impl Group {
         self.members.len() as u32 + 1
     }
 
-    /// The group as `worker` sees it; the trainer (and `None`) gets the member list.
+    /// The group as generator `worker` sees it (its rank), or, for `None`, as the
+    /// trainer needs it to send (every member).
     pub fn view(&self, worker: Option<u64>, members: &Members) -> Option<BroadcastGroup> {
         if self.address.is_empty() {
             return None;
         }
-        let is_trainer = worker
-            .and_then(|id| members.get(id))
-            .is_none_or(|w| w.role == Role::Trainer);
+        let listed = match worker {
+            Some(_) => Vec::new(),
+            None => self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| GroupMember {
+                    worker_id: id,
+                    name: members.get(id).map(|w| w.name.clone()).unwrap_or_default(),
+                    rank: i as u32 + 1,
+                })
+                .collect(),
+        };
         Some(BroadcastGroup {
             epoch: self.epoch,
             world_size: self.world_size(),
             rank: worker.map_or(0, |id| self.rank_of(id)),
             address: self.address.clone(),
-            members: if is_trainer {
-                self.members
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &id)| GroupMember {
-                        worker_id: id,
-                        name: members.get(id).map(|w| w.name.clone()).unwrap_or_default(),
-                        rank: i as u32 + 1,
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            members: listed,
         })
     }
 }
@@ -134,7 +133,7 @@ mod tests {
         let b = generator(&mut m, "gen-1", true, t0);
         assert!(g.update(&m));
         assert_eq!((g.epoch, g.rank_of(a), g.rank_of(b)), (2, 1, 2));
-        let view = g.view(Some(t), &m).unwrap();
+        let view = g.view(None, &m).unwrap();
         assert_eq!(view.members.len(), 2);
         assert_eq!(view.members[1].name, "gen-1");
         assert_eq!(view.address, "127.0.0.1:2");

@@ -85,7 +85,9 @@ impl Core {
     /// Drops silent workers and re-issues their leases and over-age leases.
     pub fn reap(&mut self, now: Instant) {
         let timeout = Duration::from_millis(self.settings.coordinator.heartbeat_timeout_ms);
-        for (id, w) in self.members.reap(timeout, now) {
+        let reaped = self.members.reap(timeout, now);
+        let membership_changed = !reaped.is_empty();
+        for (id, w) in reaped {
             let n = self.leases.expire_worker(id);
             let role = if w.role == Role::Trainer {
                 "trainer"
@@ -96,7 +98,9 @@ impl Core {
             tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
-        self.update_group();
+        if membership_changed {
+            self.update_group();
+        }
         let n = self.leases.expire_older_than(
             Duration::from_secs(self.settings.coordinator.lease_timeout_s),
             now,
@@ -331,13 +335,14 @@ impl Coordinator for CoordinatorService {
         }
         // Joining or leaving the broadcast: a generator's receiver, the trainer's listener.
         let changed = core.members.get_mut(r.worker_id).is_some_and(|w| {
-            let before = (w.broadcast, w.broadcast_address.clone());
             if w.role == Role::Generator {
-                w.broadcast = r.broadcast;
-            } else {
+                std::mem::replace(&mut w.broadcast, r.broadcast) != r.broadcast
+            } else if w.broadcast_address != r.broadcast_address {
                 w.broadcast_address = r.broadcast_address.clone();
+                true
+            } else {
+                false
             }
-            before != (w.broadcast, w.broadcast_address.clone())
         });
         if changed {
             core.update_group();

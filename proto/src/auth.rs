@@ -91,9 +91,15 @@ impl Credentials {
     pub fn tls(&self) -> &crate::tls::Tls {
         &self.tls
     }
+
+    /// The run's shared secret (for channels other than gRPC: the weight broadcast).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equality that does not stop at the first differing byte (for secrets).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -212,7 +212,7 @@ fn welcome(
     let len = u16::from_le_bytes(read_array(&mut stream)?) as usize;
     let mut presented = vec![0u8; len];
     stream.read_exact(&mut presented)?;
-    let ok = same_secret(&presented, token);
+    let ok = tandem_proto::auth::constant_time_eq(&presented, token);
     let message: &[u8] = if ok { b"" } else { b"token refused" };
     stream.write_all(WELCOME)?;
     stream.write_all(&[ok as u8])?;
@@ -238,11 +238,6 @@ fn welcome(
     }
     tracing::debug!(worker_id, epoch, rank, "broadcast member joined");
     Ok(())
-}
-
-/// Compares without stopping at the first difference.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn header(epoch: u64, snap: &Snapshot, bucket_bytes: usize) -> Vec<u8> {
