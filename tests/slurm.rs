@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 /// Steps of the run: enough that a generator added after the first step has time to
 /// join and contribute (about 10–20 s on two idle cores).
 const STEPS: u64 = 40;
@@ -32,19 +34,6 @@ fn slurm_file(name: &str) -> PathBuf {
     root().join("deploy/slurm").join(name)
 }
 
-fn required() -> bool {
-    std::env::var("TANDEM_REQUIRE_DEPLOY_TOOLS").is_ok_and(|v| v == "1")
-}
-
-/// Where `name` is: PATH, else /usr/sbin and /sbin (daemons, often off a user's PATH).
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// Why this machine cannot run the test, if it cannot.
 fn missing_prerequisite() -> Option<String> {
     for tool in [
@@ -55,7 +44,7 @@ fn missing_prerequisite() -> Option<String> {
         "squeue",
         "scontrol",
     ] {
-        if find_tool(tool).is_none() {
+        if common::deploy_tool(None, &[tool]).is_none() {
             return Some(format!(
                 "{tool} not found (Debian 12: apt-get install -y --no-install-recommends \
                  slurmctld slurmd slurm-client munge)"
@@ -126,7 +115,8 @@ impl Cluster {
     }
 
     fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(find_tool(program).unwrap_or_else(|| program.into()));
+        let mut c =
+            Command::new(common::deploy_tool(None, &[program]).unwrap_or_else(|| program.into()));
         c.env("SLURM_CONF", &self.conf).stdin(Stdio::null());
         c
     }
@@ -233,11 +223,7 @@ heartbeat_timeout_ms = 3000
 #[test]
 fn sbatch_run_with_generators_added_mid_run() {
     if let Some(why) = missing_prerequisite() {
-        if required() {
-            panic!("{why} (TANDEM_REQUIRE_DEPLOY_TOOLS=1)");
-        }
-        eprintln!("SKIPPED: {why}");
-        return;
+        return common::unavailable(&why);
     }
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();

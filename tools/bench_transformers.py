@@ -65,12 +65,16 @@ def reset_peak_rss():
         return False
 
 
-def timed(fn, reps):
+def timed(fn, reps, sync=lambda: None):
+    """Median seconds of `reps` calls after a warm-up; `sync` waits for queued device
+    work (tools/gpu_reference.py passes torch.cuda.synchronize)."""
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

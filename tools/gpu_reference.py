@@ -37,7 +37,11 @@ import time
 
 import torch
 
-PROMPT = list(range(100, 116))  # the 16 fixed ids `tandem bench model` decodes from
+# The decode prompt (the 16 ids `tandem bench model` decodes from), the timing and the
+# training loss are the CPU reference's, so both benches measure the same work.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_transformers import PROMPT, next_token_loss, timed  # noqa: E402
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"]
@@ -173,24 +177,6 @@ def cmd_compare(a):
     print(json.dumps(result, indent=2))
 
 
-def timed(fn, reps, device):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def next_token_loss(model, ids):
-    logits = model(input_ids=ids, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).mean()
-
-
 def cmd_bench(a):
     dev = a.device
     t = time.perf_counter()
@@ -216,7 +202,7 @@ def cmd_bench(a):
             assert o.shape == (b, len(PROMPT) + k), o.shape
 
         gen(4)
-        secs = timed(lambda: gen(a.new_tokens), a.reps, dev)
+        secs = timed(lambda: gen(a.new_tokens), a.reps, lambda: sync(dev))
         res["phases"][f"decode_b{b}"] = {"seconds": secs,
                                          "tokens_per_s": b * a.new_tokens / secs}
         log(f"decode_b{b}: {b * a.new_tokens / secs:.1f} tok/s")
@@ -234,7 +220,7 @@ def cmd_bench(a):
 
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    secs = timed(step, a.reps, dev)
+    secs = timed(step, a.reps, lambda: sync(dev))
     ph = {"seconds": secs, "tokens_per_s": a.train_batch * a.train_len / secs,
           "loss": losses[-1]}
     if dev.startswith("cuda"):
@@ -242,7 +228,7 @@ def cmd_bench(a):
     res["phases"]["fwd_bwd"] = ph
     log(f"fwd_bwd: {ph['tokens_per_s']:.1f} tok/s")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    res["phases"]["optimizer_step"] = {"seconds": timed(opt.step, a.reps, dev)}
+    res["phases"]["optimizer_step"] = {"seconds": timed(opt.step, a.reps, lambda: sync(dev))}
     out = json.dumps(res, indent=2)
     print(out)
     if a.json:

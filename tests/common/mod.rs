@@ -97,3 +97,46 @@ pub fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
     }
     out
 }
+
+/// Whether the deploy tests must find their tools (`TANDEM_REQUIRE_DEPLOY_TOOLS=1`, set
+/// by `deploy/install-validators.sh` once it installed them all, as in CI).
+pub fn deploy_tools_required() -> bool {
+    std::env::var("TANDEM_REQUIRE_DEPLOY_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// A deploy check that cannot run here: fails when the tools are required, else says
+/// why and lets the test return.
+pub fn unavailable(what: &str) {
+    if deploy_tools_required() {
+        panic!("{what} (TANDEM_REQUIRE_DEPLOY_TOOLS=1)");
+    }
+    eprintln!("SKIPPED: {what}");
+}
+
+pub fn executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A validator: `$var` (when given) if set, else the first of `names` in `$TANDEM_DEPLOY_TOOLS`
+/// (the venv deploy/install-validators.sh makes), on `PATH`, or in /usr/sbin and /sbin
+/// (daemons, often off a user's PATH).
+pub fn deploy_tool(var: Option<&str>, names: &[&str]) -> Option<PathBuf> {
+    let set = var.and_then(|v| Some((v, std::env::var_os(v).filter(|p| !p.is_empty())?)));
+    if let Some((var, p)) = set {
+        let p = PathBuf::from(p);
+        assert!(executable(&p), "{var}={} is not an executable", p.display());
+        return Some(p);
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("TANDEM_DEPLOY_TOOLS").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.extend([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]);
+    dirs.iter()
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
+        .find(|p| executable(p))
+}
