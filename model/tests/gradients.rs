@@ -103,7 +103,7 @@ fn gradients_match_finite_differences_in_f64() {
                     .unwrap()
                     .to_vec1::<f64>()
                     .unwrap();
-                let mut set = |delta: f64| {
+                let set = |delta: f64| {
                     let mut v = orig.clone();
                     v[idx] += delta;
                     var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
