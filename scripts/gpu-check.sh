@@ -16,7 +16,8 @@
 #   bench    decode tok/s at batch 1, 8, 64 (128 new tokens) and
 #            fwd+bwd tok/s at 8x512, Tandem vs transformers, bf16   -> bench.json
 #   nccl     world-size-1 NCCL broadcast of the weights' bytes vs a
-#            device-to-device copy (binary built with --nccl)       -> nccl.json
+#            device-to-device copy, and through the weight broadcast's
+#            own NCCL plane (binary built with --nccl)              -> nccl.json
 #   run      `tandem run` of 3 GRPO steps, trainer and generator
 #            sharing the GPU                                        -> run.json, run/
 #   summary.json: every step's exit code and seconds, and the headline figures.

@@ -369,8 +369,10 @@ struct NcclBench {
 
 /// World-size-1 NCCL: rank 0 broadcasts to itself, so the figure is NCCL's own cost
 /// (launch, protocol, the local copy) on this GPU, next to `cuMemcpyDtoD` of the same
-/// bytes. Three shapes: one flat buffer, one call per parameter tensor (the sizes of
-/// the model's tensors, as slices of that buffer), and the device copy.
+/// bytes. Four shapes: one flat buffer, one call per parameter tensor (the sizes of
+/// the model's tensors, as slices of that buffer), the device copy, and the weight
+/// broadcast's data plane as it runs (`tandem_trainer::nccl`: host bytes staged to the
+/// GPU, a non-blocking communicator polled to completion).
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::*;
@@ -437,6 +439,18 @@ mod nccl {
             stream.memcpy_dtod(&src, &mut dst)?;
             Ok(())
         })?;
+        // The weight broadcast's own path (tandem_trainer::nccl): a non-blocking
+        // communicator, the host bytes staged to the GPU, the broadcast polled to the end.
+        use tandem_trainer::collective::Backend;
+        let backend =
+            tandem_trainer::nccl::NcclBackend::new(&device).map_err(|e| anyhow::anyhow!(e))?;
+        let id = backend.new_id().map_err(|e| anyhow::anyhow!(e))?;
+        let mut comm = backend.join(&id, 0, 1).map_err(|e| anyhow::anyhow!(e))?;
+        let host = vec![7u8; total];
+        let deadline = || Instant::now() + std::time::Duration::from_secs(60);
+        let plane = timed(a.reps, || {
+            comm.send(&host, deadline()).map_err(|e| anyhow::anyhow!(e))
+        })?;
         let gbs = |s: f64| total as f64 / s / 1e9;
         let out = json!({
             "model": a.model,
@@ -450,6 +464,8 @@ mod nccl {
             "broadcast_per_tensor_gb_per_s": gbs(per_tensor),
             "dtod_copy_seconds": dtod,
             "dtod_copy_gb_per_s": gbs(dtod),
+            "broadcast_plane_seconds": plane,
+            "broadcast_plane_gb_per_s": gbs(plane),
             "reps": a.reps,
         });
         println!("{out}");

@@ -199,10 +199,10 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
 /// acknowledgement (best of 2).
 fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
     use tandem_proto::v1::{BroadcastGroup, GroupMember};
-    use tandem_trainer::broadcast::{Broadcaster, Receiver};
+    use tandem_trainer::broadcast::{Broadcaster, Join, Receiver};
     let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
     let token = "bench";
-    let b = Broadcaster::bind("127.0.0.1:0", token).map_err(|e| anyhow!("{e}"))?;
+    let b = Broadcaster::bind("127.0.0.1:0", token, None).map_err(|e| anyhow!("{e}"))?;
     let addr = b.local_addr().to_string();
     let members: Vec<GroupMember> = (1..=n as u32)
         .map(|rank| GroupMember {
@@ -218,8 +218,15 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
             let (addr, rank) = (addr.clone(), m.rank);
             std::thread::spawn(move || -> Result<()> {
                 let second = Duration::from_secs(1);
-                let mut r = Receiver::connect(&addr, 1, rank, rank as u64, token, second * 5)
-                    .map_err(|e| anyhow!("{e}"))?;
+                let j = Join {
+                    addr: &addr,
+                    epoch: 1,
+                    rank,
+                    world_size: n as u32 + 1,
+                    worker_id: rank as u64,
+                    token,
+                };
+                let mut r = Receiver::connect(&j, second * 5, None).map_err(|e| anyhow!("{e}"))?;
                 let mut got = 0;
                 while got < rounds {
                     if let Some(v) = r.recv(second, second * 60).map_err(|e| anyhow!("{e}"))? {

@@ -76,6 +76,9 @@ impl Drop for Procs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let mut cfg = RunConfig::read(&a.config, &a.overrides)?;
+    if let Some(why) = crate::weight_broadcast::unsupported(cfg.trainer.broadcast) {
+        anyhow::bail!("{why}");
+    }
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;

@@ -435,7 +435,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     Ok(())
 }
 
-/// The weight-broadcast listener and pusher, with `[trainer] broadcast = "tcp"`.
+/// The weight-broadcast listener and pusher, with `[trainer] broadcast = "tcp"|"nccl"`.
 fn broadcast_pusher(
     a: &TrainerArgs,
     cfg: &RunConfig,
@@ -449,7 +449,8 @@ fn broadcast_pusher(
     }
     if creds.tls().server().is_some() {
         tracing::warn!(
-            "[trainer] broadcast = \"tcp\" is plaintext and this run uses TLS: generators fetch weights over gRPC (TLS) instead"
+            "[trainer] broadcast = {:?} is plaintext and this run uses TLS: generators fetch weights over gRPC (TLS) instead",
+            cfg.trainer.broadcast
         );
         return Ok(None);
     }
@@ -466,6 +467,7 @@ fn broadcast_pusher(
             // Members learn a new epoch from a heartbeat, then connect.
             join_wait: (heartbeat * 4).max(Duration::from_secs(1)).min(timeout),
             timeout,
+            collective: weight_broadcast::collective(cfg.trainer.broadcast, true)?,
         },
         rt.clone(),
         coord.clone(),
@@ -513,11 +515,12 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         weight_sync_timeout: Duration::from_secs(300),
         // The trainer pushes versions only without TLS (plaintext; see the trainer).
         broadcast: match (cfg.trainer.broadcast, creds.tls().client().is_some()) {
-            (BroadcastPlane::Tcp, false) => Some((
-                creds.token().to_string(),
-                Duration::from_secs_f64(cfg.trainer.broadcast_timeout_s),
-            )),
-            _ => None,
+            (BroadcastPlane::Off, _) | (_, true) => None,
+            (plane, false) => Some(tandem_generator::worker::BroadcastSettings {
+                token: creds.token().to_string(),
+                timeout: Duration::from_secs_f64(cfg.trainer.broadcast_timeout_s),
+                collective: weight_broadcast::collective(plane, false)?,
+            }),
         },
     };
     let worker = tandem_generator::worker::Worker::new(

@@ -250,6 +250,28 @@ fn bad_arguments_are_errors() {
     );
 }
 
+/// `[trainer] broadcast = "nccl"` on a build without NCCL stops before anything starts,
+/// naming the build that has it.
+#[test]
+fn a_broadcast_this_build_cannot_run_is_refused_up_front() {
+    if cfg!(feature = "nccl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let config = format!("{}/examples/tiny-grpo.toml", env!("CARGO_MANIFEST_DIR"));
+    let o = tandem(&[
+        "run",
+        &config,
+        "--set",
+        "trainer.broadcast=\"nccl\"",
+        "--set",
+        &format!("run.run_dir={}", run_dir.display()),
+    ]);
+    assert_clean_failure(&o, &["[trainer] broadcast", "scripts/build-cuda.sh --nccl"]);
+    assert!(!run_dir.join("logs").exists(), "it started the run");
+}
+
 #[test]
 fn generate_prints_samples() {
     let dir = tempfile::tempdir().unwrap();

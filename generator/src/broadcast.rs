@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::BroadcastGroup;
-use tandem_trainer::broadcast::{Received, Receiver};
+use tandem_trainer::broadcast::{Join, Received, Receiver};
+use tandem_trainer::collective::SharedBackend;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,16 +27,19 @@ pub struct Inbox {
     spare: Mutex<Option<Vec<u8>>>,
     stop: AtomicBool,
     timeout: Duration,
+    /// Joins each epoch's collective (NCCL) with this, when given.
+    collective: Option<SharedBackend>,
 }
 
 impl Inbox {
-    pub fn new(timeout: Duration) -> Arc<Self> {
+    pub fn new(timeout: Duration, collective: Option<SharedBackend>) -> Arc<Self> {
         Arc::new(Inbox {
             group: Mutex::new(None),
             staged: Mutex::new(None),
             spare: Mutex::new(None),
             stop: AtomicBool::new(false),
             timeout,
+            collective,
         })
     }
 
@@ -83,14 +87,15 @@ impl Inbox {
                 .as_ref()
                 .is_some_and(|r| r.epoch == group.epoch && r.rank == group.rank);
             if !current {
-                rx = match Receiver::connect(
-                    &group.address,
-                    group.epoch,
-                    group.rank,
-                    worker_id(),
+                let join = Join {
+                    addr: &group.address,
+                    epoch: group.epoch,
+                    rank: group.rank,
+                    world_size: group.world_size,
+                    worker_id: worker_id(),
                     token,
-                    CONNECT_TIMEOUT,
-                ) {
+                };
+                rx = match Receiver::connect(&join, CONNECT_TIMEOUT, self.collective.as_ref()) {
                     Ok(r) => {
                         tracing::info!(
                             epoch = group.epoch,

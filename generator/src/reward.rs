@@ -253,7 +253,9 @@ mod tests {
             ..Default::default()
         };
         cfg.validate().unwrap();
-        let j = Judge::load(&cfg).unwrap().unwrap();
+        let j = Judge::load(&cfg, &candle_core::Device::Cpu)
+            .unwrap()
+            .unwrap();
         assert_eq!(j.prompt("1+1", "2", Some("2")), "Q 1+1 A 2 R 2");
         let c = vec!["2".to_string(), "3".to_string()];
         let a = j.score("1+1", &c, Some("2")).unwrap();
@@ -390,18 +392,18 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    /// Loads `dir` (an HF folder with `reward_head.safetensors`); it must share the
-    /// policy's tokenizer (the same vocabulary size).
-    pub fn load(dir: &str, policy_vocab: usize) -> Result<Self> {
-        let device = candle_core::Device::Cpu;
-        let p = tandem_model::load(dir, tandem_model::default_dtype(&device), &device)?;
+    /// Loads `dir` (an HF folder with `reward_head.safetensors`) onto `device` (the
+    /// policy's: bf16 on a GPU); it must share the policy's tokenizer (the same
+    /// vocabulary size).
+    pub fn load(dir: &str, policy_vocab: usize, device: &candle_core::Device) -> Result<Self> {
+        let p = tandem_model::load(dir, tandem_model::default_dtype(device), device)?;
         let c = p.model.config();
         let head = tandem_trainer::value::ValueHead::load_from(
             std::path::Path::new(dir),
             tandem_trainer::reward_model::FILE,
             c.hidden_size,
             p.model.dtype(),
-            &device,
+            device,
         )
         .map_err(|e| invalid(format!("[reward] model: {e}")))?
         .ok_or_else(|| {
@@ -447,15 +449,15 @@ pub struct Judge {
 }
 
 impl Judge {
-    /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`).
-    pub fn load(cfg: &RewardConfig) -> Result<Option<Self>> {
+    /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`)
+    /// onto `device` (the policy's).
+    pub fn load(cfg: &RewardConfig, device: &candle_core::Device) -> Result<Option<Self>> {
         let Some(spec) = &cfg.judge else {
             return Ok(None);
         };
-        let device = candle_core::Device::Cpu;
         let model = match spec.strip_prefix("preset:") {
-            Some(name) => tandem_model::preset::init(name, 0, &device)?,
-            None => tandem_model::load(spec, tandem_model::default_dtype(&device), &device)?,
+            Some(name) => tandem_model::preset::init(name, 0, device)?,
+            None => tandem_model::load(spec, tandem_model::default_dtype(device), device)?,
         };
         Ok(Some(Judge {
             model,

@@ -41,9 +41,19 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// How long a weight fetch may take before it is abandoned with an error.
     pub weight_sync_timeout: Duration,
-    /// Receive versions by the trainer's broadcast (`[trainer] broadcast`): the run's
-    /// token and how long to wait for a version before fetching it over gRPC.
-    pub broadcast: Option<(String, Duration)>,
+    /// Receive versions by the trainer's broadcast (`[trainer] broadcast`).
+    pub broadcast: Option<BroadcastSettings>,
+}
+
+/// A generator's side of `[trainer] broadcast`.
+#[derive(Clone)]
+pub struct BroadcastSettings {
+    /// The run's token.
+    pub token: String,
+    /// How long to wait for a version before fetching it over gRPC.
+    pub timeout: Duration,
+    /// The collective data plane (NCCL), or `None` to receive over TCP.
+    pub collective: Option<tandem_trainer::collective::SharedBackend>,
 }
 
 /// What the heartbeat task and the sampling loop share.
@@ -209,16 +219,17 @@ impl Worker {
             Some(dir) => Some(crate::reward::RewardModel::load(
                 dir,
                 model.model.config().vocab_size,
+                model.model.device(),
             )?),
             None => None,
         };
-        let judge = crate::reward::Judge::load(&settings.reward)?;
+        let judge = crate::reward::Judge::load(&settings.reward, model.model.device())?;
         let inbox = match &settings.broadcast {
-            Some((token, timeout)) => {
-                let inbox = Inbox::new(*timeout);
+            Some(bs) => {
+                let inbox = Inbox::new(bs.timeout, bs.collective.clone());
                 let b = beat.clone();
                 inbox
-                    .spawn(token.clone(), move || b.worker_id.load(Ordering::SeqCst))
+                    .spawn(bs.token.clone(), move || b.worker_id.load(Ordering::SeqCst))
                     .map_err(|e| rpc("weight broadcast receiver", e))?;
                 Some(inbox)
             }

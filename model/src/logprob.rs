@@ -21,6 +21,8 @@ use crate::cpu_storage::contiguous;
 use crate::error::{Error, Result};
 
 /// logprob and entropy of each row's target, each (N,). Gradients flow to `logits`.
+/// Half-precision logits give f32 results: a bf16 logprob near −7 is only good to
+/// ±0.03, which would become a 3 % error in every importance ratio and KL term.
 pub fn token_logprobs(
     logits: &Tensor,
     targets: &Tensor,
@@ -59,9 +61,11 @@ pub fn token_logprobs(
     ))
 }
 
-/// The same (N, 2) result from differentiable candle ops (any device, any dtype).
+/// The same (N, 2) result from differentiable candle ops (any device, any dtype), in
+/// f32 for half-precision logits.
 fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    // Half precisions are widened; f32 and f64 stay as they are.
+    // Half precisions are widened and the result stays wide; f32 and f64 stay as
+    // they are.
     let compute = if logits.dtype() == DType::F64 {
         DType::F64
     } else {
@@ -71,7 +75,7 @@ fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tenso
     let logp = candle_nn::ops::log_softmax(&z, D::Minus1)?;
     let lp = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     let ent = (logp.exp()? * &logp)?.sum_keepdim(1)?.neg()?;
-    Ok(Tensor::cat(&[lp, ent], 1)?.to_dtype(logits.dtype())?)
+    Ok(Tensor::cat(&[lp, ent], 1)?)
 }
 
 struct LogprobEntropy {
@@ -253,6 +257,41 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// bf16 logits give f32 logprobs and entropies: those of the same (bf16-valued)
+    /// logits in f32, not rounded back to bf16.
+    #[test]
+    fn half_precision_logits_give_full_precision_results() {
+        let (n, v) = (6, 301);
+        let half = random_logits(n, v, DType::BF16);
+        let targets = Tensor::new(&[0u32, 300, 5, 17, 5, 99], &Device::Cpu).unwrap();
+        let (lp, h) = token_logprobs(&half, &targets, 1.0).unwrap();
+        assert_eq!((lp.dtype(), h.dtype()), (DType::F32, DType::F32));
+        let wide = half.to_dtype(DType::F32).unwrap();
+        let (lp32, h32) = token_logprobs(&wide, &targets, 1.0).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // Rounded to bf16, values near −7 would be off by up to 2⁻⁶.
+        assert!(max_diff(&lp, &lp32) < 1e-4, "{}", max_diff(&lp, &lp32));
+        assert!(max_diff(&h, &h32) < 1e-4, "{}", max_diff(&h, &h32));
+        let rounded = lp32
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert!(
+            max_diff(&rounded, &lp32) > 1e-3,
+            "the test's logits are too easy"
+        );
     }
 
     /// The fused op and the composed ops agree on values and on gradients.

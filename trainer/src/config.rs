@@ -356,6 +356,11 @@ pub enum BroadcastPlane {
     /// The trainer pushes each version to every generator of the broadcast group over
     /// one TCP connection each (acknowledged, checksummed).
     Tcp,
+    /// As `tcp` for the header and the acknowledgements, with the bytes sent by one
+    /// NCCL broadcast from the trainer's GPU to the generators' (needs a build with
+    /// `--features nccl` and CUDA devices; an epoch with a member that cannot join
+    /// NCCL goes over TCP).
+    Nccl,
 }
 
 impl Default for TrainerConfig {

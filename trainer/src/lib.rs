@@ -15,7 +15,8 @@
 //! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
 //! [`learner`] the loop that turns batches into versions; [`checkpoint`] saves and
-//! restores it.
+//! restores it. [`broadcast`] pushes each version to the generators of the broadcast
+//! group, by TCP or by one call of a [`collective`] (NCCL, `nccl.rs`, feature `nccl`).
 //!
 //! The offline stages: [`sft`] (instruction tuning with assistant-only masking).
 
@@ -24,6 +25,7 @@ pub mod aggregate;
 pub mod broadcast;
 pub mod buffer;
 pub mod checkpoint;
+pub mod collective;
 pub mod comparison;
 pub mod config;
 pub mod correction;
@@ -33,6 +35,8 @@ pub mod gae;
 pub mod ingest;
 pub mod kl;
 pub mod learner;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod policy_loss;
 pub mod preference;
 pub mod proximal;

@@ -165,7 +165,13 @@ pub fn train_step(
             .map_err(|e| invalid(format!("rollout {i}: {e}")))?;
     }
     let device = policy.device();
-    let dtype = policy.dtype();
+    // The loss is computed in f32 (f64 for an f64 model): logprobs come out of the
+    // model in f32 for a bf16 policy, and so do the critic's values.
+    let dtype = if policy.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let seqs: Vec<Vec<u32>> = rollouts
         .iter()
         .map(|r| [r.prompt_ids.as_slice(), r.completion_ids.as_slice()].concat())

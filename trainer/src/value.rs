@@ -43,6 +43,11 @@ impl ValueHead {
 
     /// V for hidden states (N, d) → (N,).
     pub fn values(&self, hidden: &Tensor) -> Result<Tensor> {
+        // A bf16 policy's hidden states are read in f32, as the loss is computed.
+        let hidden = match hidden.dtype() {
+            DType::BF16 | DType::F16 => hidden.to_dtype(DType::F32)?,
+            _ => hidden.clone(),
+        };
         let w = self.weight.as_tensor().to_dtype(hidden.dtype())?;
         let b = self.bias.as_tensor().to_dtype(hidden.dtype())?;
         Ok(hidden
