@@ -20,6 +20,38 @@ fn value_head(d: usize) -> ValueHead {
     ValueHead::from_tensors(&w, &b).unwrap()
 }
 
+/// One plain-SGD step of `case` (no clipping), as tools/train_step_reference.py takes it.
+fn sgd_step(
+    policy: &tandem_model::Model,
+    reference: &tandem_model::Model,
+    critic: Option<&ValueHead>,
+    rollouts: &[Rollout],
+    algo: &AlgorithmConfig,
+    lr: f64,
+    case: &Value,
+) -> tandem_trainer::step::StepMetrics {
+    let opt_cfg = OptimizerConfig {
+        name: OptimizerName::Sgd,
+        lr,
+        max_grad_norm: 0.0,
+        ..Default::default()
+    };
+    let extra = critic.map(|c| c.named_vars()).unwrap_or_default();
+    let mut opt = Optimizer::new(&opt_cfg, policy, extra).unwrap();
+    train_step(
+        policy,
+        Some(reference),
+        critic,
+        rollouts,
+        algo,
+        &opt_cfg,
+        &mut opt,
+        0,
+        case["policy_version"].as_u64(),
+    )
+    .unwrap()
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -33,12 +65,6 @@ fn train_step_matches_reference_for_every_configuration() {
     let lr = fx["lr"].as_f64().unwrap();
     for (name, case) in fx["cases"].as_object().unwrap() {
         let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
-        let opt_cfg = OptimizerConfig {
-            name: OptimizerName::Sgd,
-            lr,
-            max_grad_norm: 0.0,
-            ..Default::default()
-        };
         let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
             .unwrap()
             .model;
@@ -55,20 +81,15 @@ fn train_step_matches_reference_for_every_configuration() {
                 current.insert(n, v);
             }
         }
-        let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
-        let mut opt = Optimizer::new(&opt_cfg, &policy, extra).unwrap();
-        let m = train_step(
+        let m = sgd_step(
             &policy,
-            Some(&reference),
+            &reference,
             critic.as_ref(),
             &rollouts,
             &algo,
-            &opt_cfg,
-            &mut opt,
-            0,
-            case["policy_version"].as_u64(),
-        )
-        .unwrap();
+            lr,
+            case,
+        );
         let (loss, gn) = (
             case["loss"].as_f64().unwrap(),
             case["grad_norm"].as_f64().unwrap(),
@@ -281,30 +302,20 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
     let mut worst = (0.0f64, 0.0f64);
     for (name, case) in fx["cases"].as_object().unwrap() {
         let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
-        let opt_cfg = OptimizerConfig {
-            name: OptimizerName::Sgd,
-            lr: fx["lr"].as_f64().unwrap(),
-            max_grad_norm: 0.0,
-            ..Default::default()
-        };
         let (policy, reference) = (bf16(), bf16());
         assert_eq!(policy.dtype(), DType::BF16);
         let critic =
             (algo.advantage == Estimator::Gae).then(|| value_head(policy.config().hidden_size));
-        let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
-        let mut opt = Optimizer::new(&opt_cfg, &policy, extra).unwrap();
-        let m = train_step(
+        let lr = fx["lr"].as_f64().unwrap();
+        let m = sgd_step(
             &policy,
-            Some(&reference),
+            &reference,
             critic.as_ref(),
             &rollouts,
             &algo,
-            &opt_cfg,
-            &mut opt,
-            0,
-            case["policy_version"].as_u64(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+            lr,
+            case,
+        );
         let (loss, gn) = (
             case["loss"].as_f64().unwrap(),
             case["grad_norm"].as_f64().unwrap(),
