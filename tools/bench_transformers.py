@@ -79,6 +79,22 @@ def timed(fn, reps, sync=lambda: None):
     return statistics.median(times)
 
 
+def decode_seconds(model, b, n, reps, pad_id, device="cpu", sync=lambda: None):
+    """Median seconds to decode exactly `n` greedy tokens after `b` copies of PROMPT."""
+    ids = torch.tensor([PROMPT] * b, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+
+    def gen(k):
+        with torch.inference_mode():
+            o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k,
+                               min_new_tokens=k, do_sample=False, use_cache=True,
+                               pad_token_id=pad_id)
+        assert o.shape == (b, len(PROMPT) + k), o.shape
+
+    gen(4)  # warm-up (timed() adds a full-length one too)
+    return timed(lambda: gen(n), reps, sync)
+
+
 def next_token_loss(model, ids):
     logits = model(input_ids=ids, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -103,18 +119,7 @@ def run_phase(args):
     if args.phase.startswith("decode_b"):
         b, n = int(args.phase[len("decode_b"):]), args.new_tokens
         model.eval()
-        ids = torch.tensor([PROMPT] * b, dtype=torch.long)
-        mask = torch.ones_like(ids)
-
-        def gen(k):
-            with torch.inference_mode():
-                o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k,
-                                   min_new_tokens=k, do_sample=False, use_cache=True,
-                                   pad_token_id=PAD_ID)
-            assert o.shape == (b, len(PROMPT) + k), o.shape
-
-        gen(4)  # warm-up (timed() adds a full-length one too)
-        secs = timed(lambda: gen(n), args.reps)
+        secs = decode_seconds(model, b, n, args.reps, PAD_ID)
         out.update(seconds=secs, tokens_per_s=b * n / secs, batch=b, prompt_len=len(PROMPT),
                    new_tokens=n)
 

@@ -40,7 +40,7 @@ import torch
 # The decode prompt (the 16 ids `tandem bench model` decodes from), the timing and the
 # training loss are the CPU reference's, so both benches measure the same work.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_transformers import PROMPT, next_token_loss, timed  # noqa: E402
+from bench_transformers import decode_seconds, next_token_loss, timed  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -191,18 +191,7 @@ def cmd_bench(a):
     pad = pad if pad is not None else 0
     model.eval()
     for b in [int(x) for x in a.decode_batches.split(",") if x.strip()]:
-        ids = torch.tensor([PROMPT] * b, device=dev)
-        mask = torch.ones_like(ids)
-
-        def gen(k):
-            with torch.inference_mode():
-                o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k,
-                                   min_new_tokens=k, do_sample=False, use_cache=True,
-                                   pad_token_id=pad)
-            assert o.shape == (b, len(PROMPT) + k), o.shape
-
-        gen(4)
-        secs = timed(lambda: gen(a.new_tokens), a.reps, lambda: sync(dev))
+        secs = decode_seconds(model, b, a.new_tokens, a.reps, pad, dev, lambda: sync(dev))
         res["phases"][f"decode_b{b}"] = {"seconds": secs,
                                          "tokens_per_s": b * a.new_tokens / secs}
         log(f"decode_b{b}: {b * a.new_tokens / secs:.1f} tok/s")
