@@ -95,6 +95,22 @@ def decode_seconds(model, b, n, reps, pad_id, device="cpu", sync=lambda: None):
     return timed(lambda: gen(n), reps, sync)
 
 
+def fwd_bwd_seconds(model, batch, seq_len, reps, device="cpu", sync=lambda: None):
+    """(median seconds, last loss) of a forward and backward pass of the next-token loss
+    on a seeded random (batch, seq_len) batch."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
+    losses = []
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = next_token_loss(model, ids)
+        loss.backward()
+        losses.append(loss.item())
+
+    return timed(step, reps, sync), losses[-1]
+
+
 def next_token_loss(model, ids):
     logits = model(input_ids=ids, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -125,21 +141,10 @@ def run_phase(args):
 
     elif args.phase == "fwd_bwd":
         model.train()  # Llama config has no dropout, so this matches eval numerics
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (args.train_batch, args.train_len),
-                            generator=g)
-        losses = []
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = next_token_loss(model, ids)
-            loss.backward()
-            losses.append(loss.item())
-
-        secs = timed(step, args.reps)
+        secs, loss = fwd_bwd_seconds(model, args.train_batch, args.train_len, args.reps)
         ntok = args.train_batch * args.train_len
         out.update(seconds=secs, tokens_per_s=ntok / secs, batch=args.train_batch,
-                   seq_len=args.train_len, loss=losses[-1])
+                   seq_len=args.train_len, loss=loss)
 
     elif args.phase == "optimizer_step":
         model.train()

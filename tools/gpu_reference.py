@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -40,7 +39,7 @@ import torch
 # The decode prompt (the 16 ids `tandem bench model` decodes from), the timing and the
 # training loss are the CPU reference's, so both benches measure the same work.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_transformers import decode_seconds, next_token_loss, timed  # noqa: E402
+from bench_transformers import decode_seconds, fwd_bwd_seconds, timed  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -196,22 +195,11 @@ def cmd_bench(a):
                                          "tokens_per_s": b * a.new_tokens / secs}
         log(f"decode_b{b}: {b * a.new_tokens / secs:.1f} tok/s")
     model.train()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (a.train_batch, a.train_len),
-                        generator=g).to(dev)
-    losses = []
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss = next_token_loss(model, ids)
-        loss.backward()
-        losses.append(loss.item())
-
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    secs = timed(step, a.reps, lambda: sync(dev))
-    ph = {"seconds": secs, "tokens_per_s": a.train_batch * a.train_len / secs,
-          "loss": losses[-1]}
+    secs, loss = fwd_bwd_seconds(model, a.train_batch, a.train_len, a.reps, dev,
+                                 lambda: sync(dev))
+    ph = {"seconds": secs, "tokens_per_s": a.train_batch * a.train_len / secs, "loss": loss}
     if dev.startswith("cuda"):
         ph["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     res["phases"]["fwd_bwd"] = ph
