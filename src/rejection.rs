@@ -116,11 +116,7 @@ pub fn run(a: RejectionArgs) -> Result<()> {
     }
     let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
     let rm = match &cfg.reward.model {
-        Some(dir) => Some(RewardModel::load(
-            dir,
-            p.model.config().vocab_size,
-            p.model.device(),
-        )?),
+        Some(dir) => Some(RewardModel::load(dir, &p.model)?),
         None => None,
     };
     let data = Dataset::load(&cfg.data)?;

@@ -68,11 +68,7 @@ impl Members {
 
     /// The live trainer's address, if one has registered.
     pub fn trainer_address(&self) -> Option<&str> {
-        self.workers
-            .values()
-            .rev()
-            .find(|w| w.role == Role::Trainer)
-            .map(|w| w.address.as_str())
+        self.trainer().map(|w| w.address.as_str())
     }
 
     pub fn remove(&mut self, id: u64) -> Option<Worker> {

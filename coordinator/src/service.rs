@@ -266,7 +266,6 @@ impl Coordinator for CoordinatorService {
                 r.address
             )));
         }
-
         let mut core = self.lock()?;
         let id = core
             .members

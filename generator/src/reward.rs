@@ -253,9 +253,10 @@ mod tests {
             ..Default::default()
         };
         cfg.validate().unwrap();
-        let j = Judge::load(&cfg, &candle_core::Device::Cpu)
+        let policy = tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu)
             .unwrap()
-            .unwrap();
+            .model;
+        let j = Judge::load(&cfg, &policy).unwrap().unwrap();
         assert_eq!(j.prompt("1+1", "2", Some("2")), "Q 1+1 A 2 R 2");
         let c = vec!["2".to_string(), "3".to_string()];
         let a = j.score("1+1", &c, Some("2")).unwrap();
@@ -392,11 +393,12 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    /// Loads `dir` (an HF folder with `reward_head.safetensors`) onto `device` (the
-    /// policy's: bf16 on a GPU); it must share the policy's tokenizer (the same
+    /// Loads `dir` (an HF folder with `reward_head.safetensors`) as `policy` is loaded:
+    /// on its device, in its dtype. It must share the policy's tokenizer (the same
     /// vocabulary size).
-    pub fn load(dir: &str, policy_vocab: usize, device: &candle_core::Device) -> Result<Self> {
-        let p = tandem_model::load(dir, tandem_model::default_dtype(device), device)?;
+    pub fn load(dir: &str, policy: &tandem_model::Model) -> Result<Self> {
+        let (device, policy_vocab) = (policy.device(), policy.config().vocab_size);
+        let p = tandem_model::load(dir, policy.dtype(), device)?;
         let c = p.model.config();
         let head = tandem_trainer::value::ValueHead::load_from(
             std::path::Path::new(dir),
@@ -450,14 +452,15 @@ pub struct Judge {
 
 impl Judge {
     /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`)
-    /// onto `device` (the policy's).
-    pub fn load(cfg: &RewardConfig, device: &candle_core::Device) -> Result<Option<Self>> {
+    /// as `policy` is loaded: on its device, in its dtype (presets are f32).
+    pub fn load(cfg: &RewardConfig, policy: &tandem_model::Model) -> Result<Option<Self>> {
         let Some(spec) = &cfg.judge else {
             return Ok(None);
         };
+        let device = policy.device();
         let model = match spec.strip_prefix("preset:") {
             Some(name) => tandem_model::preset::init(name, 0, device)?,
-            None => tandem_model::load(spec, tandem_model::default_dtype(device), device)?,
+            None => tandem_model::load(spec, policy.dtype(), device)?,
         };
         Ok(Some(Judge {
             model,

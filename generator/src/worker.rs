@@ -216,14 +216,10 @@ impl Worker {
             None => None,
         };
         let reward_model = match &settings.reward.model {
-            Some(dir) => Some(crate::reward::RewardModel::load(
-                dir,
-                model.model.config().vocab_size,
-                model.model.device(),
-            )?),
+            Some(dir) => Some(crate::reward::RewardModel::load(dir, &model.model)?),
             None => None,
         };
-        let judge = crate::reward::Judge::load(&settings.reward, model.model.device())?;
+        let judge = crate::reward::Judge::load(&settings.reward, &model.model)?;
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());

@@ -249,8 +249,8 @@ impl AdamW {
             } else {
                 let sd = state_dtype(p.dtype());
                 Moments::Device {
-                    m: p.zeros_like()?.to_dtype(sd)?,
-                    v: p.zeros_like()?.to_dtype(sd)?,
+                    m: Tensor::zeros(p.shape(), sd, p.device())?,
+                    v: Tensor::zeros(p.shape(), sd, p.device())?,
                     master: (p.dtype() != sd)
                         .then(|| p.as_tensor().detach().to_dtype(sd))
                         .transpose()?,
