@@ -333,37 +333,53 @@ impl Worker {
     /// Takes version `want` (or newer) from the broadcast when it arrives in time.
     fn take_broadcast(&mut self, want: u64) -> Result<bool> {
         let held = self.beat.held.load(Ordering::SeqCst);
-        let Some(inbox) = self.inbox.as_ref().filter(|_| want > held) else {
+        let Some(inbox) = self.inbox.clone().filter(|_| want > held) else {
             return Ok(false);
         };
         let Some((got, transfer_s)) = inbox.take(want) else {
             return Ok(false);
         };
-        let t0 = Instant::now();
-        self.model
-            .model
-            .params()
-            .assign_chunks(&[&got.bytes], &got.dtype)?;
-        self.beat.held.store(got.version, Ordering::SeqCst);
+        self.install(
+            got.version,
+            &[&got.bytes],
+            &got.dtype,
+            transfer_s,
+            "broadcast",
+        )?;
         // Broadcast after its publish: the coordinator has published this version even
         // if no reply has said so yet (not a version ahead of the run to undo).
         self.beat.latest.fetch_max(got.version, Ordering::SeqCst);
         self.high_water = self.high_water.max(got.version);
-        self.beat
-            .sync_bytes
-            .fetch_add(got.bytes.len() as u64, Ordering::SeqCst);
-        let secs = transfer_s + t0.elapsed().as_secs_f64();
+        inbox.recycle(got.bytes);
+        Ok(true)
+    }
+
+    /// Assigns a version's bytes in place and records the sync for the heartbeat (the
+    /// version held, bytes, and seconds: `before` spent getting them plus the assign).
+    fn install(
+        &mut self,
+        version: u64,
+        chunks: &[&[u8]],
+        dtype: &str,
+        before: f64,
+        how: &str,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        self.model.model.params().assign_chunks(chunks, dtype)?;
+        let n: usize = chunks.iter().map(|c| c.len()).sum();
+        self.beat.held.store(version, Ordering::SeqCst);
+        self.beat.sync_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        let secs = before + t0.elapsed().as_secs_f64();
         if let Ok(mut s) = self.beat.syncs.lock() {
             s.push(secs);
         }
         tracing::info!(
-            version = got.version,
-            mib = got.bytes.len() as f64 / (1 << 20) as f64,
+            version,
+            mib = n as f64 / (1 << 20) as f64,
             seconds = secs,
-            "weights updated by broadcast"
+            "weights updated by {how}"
         );
-        inbox.recycle(got.bytes);
-        Ok(true)
+        Ok(())
     }
 
     /// Fetches version `want` (or the newest) and assigns it in place.
@@ -415,21 +431,13 @@ impl Worker {
         })?;
         let (version, dtype, chunks) = fetched;
         let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
-        self.model.model.params().assign_chunks(&slices, &dtype)?;
-        let n: usize = slices.iter().map(|c| c.len()).sum();
-        self.beat.held.store(version, Ordering::SeqCst);
-        self.beat.sync_bytes.fetch_add(n as u64, Ordering::SeqCst);
-        let secs = t0.elapsed().as_secs_f64();
-        if let Ok(mut s) = self.beat.syncs.lock() {
-            s.push(secs);
-        }
-        tracing::info!(
+        self.install(
             version,
-            mib = n as f64 / (1 << 20) as f64,
-            seconds = secs,
-            "weights updated by fetch"
-        );
-        Ok(())
+            &slices,
+            &dtype,
+            t0.elapsed().as_secs_f64(),
+            "fetch",
+        )
     }
 
     /// Takes the published version (or `target`) when the weights held differ from it
