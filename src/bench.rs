@@ -142,7 +142,7 @@ fn reset_peak_rss() -> bool {
 
 fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
     let t = Instant::now();
-    let p = crate::load_model(&m.model)?;
+    let p = tandem_model::load_model(&m.model)?;
     let model = &p.model;
     let device = model.device().clone();
     let load_peak = peak_rss_mib();
@@ -371,7 +371,7 @@ struct NcclBench {
 /// (launch, protocol, the local copy) on this GPU, next to `cuMemcpyDtoD` of the same
 /// bytes. Four shapes: one flat buffer, one call per parameter tensor (the sizes of
 /// the model's tensors, as slices of that buffer), the device copy, and the weight
-/// broadcast's data plane as it runs (`tandem_trainer::nccl`: host bytes staged to the
+/// broadcast's data plane as it runs (`tandem_weights::nccl`: host bytes staged to the
 /// GPU, a non-blocking communicator polled to completion).
 #[cfg(feature = "nccl")]
 mod nccl {
@@ -398,7 +398,7 @@ mod nccl {
     }
 
     pub(super) fn run(a: NcclBench) -> Result<()> {
-        let p = crate::load_model(&a.model)?;
+        let p = tandem_model::load_model(&a.model)?;
         let device = p.model.device().clone();
         let candle_core::Device::Cuda(cuda) = &device else {
             bail!("tandem bench nccl needs a CUDA device (TANDEM_DEVICE=cuda)");
@@ -439,11 +439,11 @@ mod nccl {
             stream.memcpy_dtod(&src, &mut dst)?;
             Ok(())
         })?;
-        // The weight broadcast's own path (tandem_trainer::nccl): a non-blocking
+        // The weight broadcast's own path (tandem_weights::nccl): a non-blocking
         // communicator, the host bytes staged to the GPU, the broadcast polled to the end.
-        use tandem_trainer::collective::Backend;
+        use tandem_weights::collective::Backend;
         let backend =
-            tandem_trainer::nccl::NcclBackend::new(&device).map_err(|e| anyhow::anyhow!(e))?;
+            tandem_weights::nccl::NcclBackend::new(&device).map_err(|e| anyhow::anyhow!(e))?;
         let id = backend.new_id().map_err(|e| anyhow::anyhow!(e))?;
         let mut comm = backend.join(&id, 0, 1).map_err(|e| anyhow::anyhow!(e))?;
         let host = vec![7u8; total];

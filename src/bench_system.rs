@@ -18,7 +18,6 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use tandem_proto::auth::Credentials;
-use tandem_proto::bucket::Assembler;
 use tandem_proto::client;
 use tandem_proto::tls::Tls;
 use tandem_proto::v1::{
@@ -26,7 +25,9 @@ use tandem_proto::v1::{
 };
 use tandem_trainer::buffer::Buffer;
 use tandem_trainer::ingest::Limits;
-use tandem_trainer::service::{Shared, Snapshot, TrainerService};
+use tandem_trainer::service::{Shared, TrainerService};
+use tandem_weights::bucket::Assembler;
+use tandem_weights::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn credentials() -> Result<Credentials> {
@@ -74,7 +75,7 @@ pub fn run(a: SystemBench) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let p = crate::load_model(&a.model)?;
+    let p = tandem_model::load_model(&a.model)?;
     let (bytes, dtype) = p.model.params().to_bytes()?;
     let vocab = p.model.config().vocab_size;
     let mut out = json!({"model": a.model, "weight_bytes": bytes.len(), "clients": a.clients});
@@ -176,7 +177,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
         coordinator: cfg.coordinator.clone(),
         config_toml: cfg.to_toml()?,
     };
-    let dataset = tandem_coordinator::dataset::Dataset::load(&cfg.data)?;
+    let dataset = tandem_data::Dataset::load(&cfg.data)?;
     let creds = credentials()?;
     let coord = tandem_coordinator::server::start(settings, dataset, &creds).await?;
     let ch = client::connect(&coord.grpc.to_string(), &creds)
@@ -199,7 +200,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
 /// acknowledgement (best of 2).
 fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
     use tandem_proto::v1::{BroadcastGroup, GroupMember};
-    use tandem_trainer::broadcast::{Broadcaster, Join, Receiver};
+    use tandem_weights::broadcast::{Broadcaster, Join, Receiver};
     let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
     let token = "bench";
     let b = Broadcaster::bind("127.0.0.1:0", token, None).map_err(|e| anyhow!("{e}"))?;

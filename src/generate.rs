@@ -38,7 +38,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.samples == 0 {
         anyhow::bail!("-n/--samples must be at least 1");
     }
-    let p = crate::load_model(&a.model)?;
+    let p = tandem_model::load_model(&a.model)?;
     let ids = tandem_generator::render::prompt_ids(
         &p.tokenizer,
         tandem_generator::render::PromptInput::Text(&a.prompt),

@@ -6,37 +6,10 @@
 //! rollouts and weights; the generator holds its model), and 503 with the phase
 //! before that and while it shuts down.
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::routing::get;
-
-/// The phase a worker reports at `/readyz`.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<Mutex<Phase>>);
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Phase {
-    /// Registering with the coordinator, loading the model.
-    #[default]
-    Starting,
-    Ready,
-    /// The run is over; the process is draining.
-    Stopping,
-}
-
-impl Readiness {
-    pub fn set(&self, phase: Phase) {
-        if let Ok(mut p) = self.0.lock() {
-            *p = phase;
-        }
-    }
-
-    fn get(&self) -> Phase {
-        self.0.lock().map(|p| *p).unwrap_or(Phase::Stopping)
-    }
-}
+pub use tandem_proto::health::{Phase, Readiness};
 
 /// Serves the probes on `addr` (from `--http`) in the background; returns the bound
 /// address.

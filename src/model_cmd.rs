@@ -43,7 +43,7 @@ enum ModelCommand {
 pub fn run(args: ModelArgs) -> Result<()> {
     match args.command {
         ModelCommand::Init { preset, out, seed } => {
-            let device = crate::device()?;
+            let device = tandem_model::process_device()?;
             let p = tandem_model::preset::init(&preset, seed, &device)?;
             tandem_model::save_hf(&p.model, &p.tokenizer, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -59,7 +59,7 @@ pub fn run(args: ModelArgs) -> Result<()> {
             if input.extension().is_none_or(|e| e != "gguf") {
                 anyhow::bail!("--input must be a .gguf file, got {}", input.display());
             }
-            let p = crate::load_model(&input.to_string_lossy())?;
+            let p = tandem_model::load_model(&input.to_string_lossy())?;
             tandem_model::save_hf(&p.model, &p.tokenizer, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", out.display());

@@ -1,232 +1,149 @@
-//! The loop every offline stage (`tandem sft | rm | dpo`) shares: a held-out split,
-//! epochs of shuffled batches, a metrics line per step, validation every N steps and at
-//! the end, checkpoints and the final model, a summary, a progress bar.
+//! `tandem sft | rm | dpo | rejection-sample CONFIG`: each reads its config (with
+//! `--set` overrides) and runs its stage (`tandem_trainer::offline`,
+//! `tandem_generator::rejection`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-use tandem_coordinator::dataset::{
-    read_rows, DataConfig, DataKind, Dataset, Prompt, PromptBody, Row,
-};
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_generator::rejection::RejectionConfig;
+use tandem_trainer::offline::dpo::DpoConfig;
+use tandem_trainer::offline::rm::RmConfig;
+use tandem_trainer::offline::sft::SftConfig;
 
-/// `[train]` (docs/pipeline.md).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainSection {
-    /// Passes over the training split.
-    pub epochs: u32,
-    /// Stop after this many steps (0 = run the epochs).
-    pub max_steps: u64,
-    /// Records per optimizer step.
-    pub batch_size: usize,
-    /// Sequences are cut to this many tokens.
-    pub max_len: usize,
-    /// Share of the records held out for validation (0 = none).
-    pub val_fraction: f64,
-    /// Validation every this many steps (and before and after training; 0 = only then).
-    pub eval_every: u64,
-    /// A checkpoint every this many steps (0 = only the final model).
-    pub save_every: u64,
-    /// Where `metrics.jsonl`, `checkpoints/`, `final/` and `summary.json` go.
-    pub out_dir: PathBuf,
-    /// Seed of the split and of the order of each epoch.
-    pub seed: u64,
+use crate::run_config::read_config;
+
+/// A stage's config file and its overrides.
+#[derive(Args)]
+pub struct StageArgs {
+    /// The stage's config (docs/pipeline.md; examples/tiny-*.toml).
+    pub config: PathBuf,
+    /// Config overrides, `section.key=value` (repeatable).
+    #[arg(long = "set")]
+    pub overrides: Vec<String>,
 }
 
-impl Default for TrainSection {
-    fn default() -> Self {
-        TrainSection {
-            epochs: 1,
-            max_steps: 0,
-            batch_size: 8,
-            max_len: 1024,
-            val_fraction: 0.05,
-            eval_every: 50,
-            save_every: 0,
-            out_dir: "runs/offline".into(),
-            seed: 0,
-        }
-    }
+/// Reads `a`'s config as `T`; errors name the file.
+fn config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<T> {
+    read_config(&a.config, &a.overrides)
 }
 
-impl TrainSection {
-    pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 && self.max_steps == 0 {
-            bail!("[train] epochs: must be ≥ 1 (or set max_steps)");
-        }
-        if self.batch_size == 0 {
-            bail!("[train] batch_size: must be ≥ 1");
-        }
-        if self.max_len < 2 {
-            bail!("[train] max_len: must be ≥ 2 (a token and its successor)");
-        }
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            bail!("[train] val_fraction: must be in [0, 1)");
-        }
-        Ok(())
-    }
+pub fn sft(a: StageArgs) -> Result<()> {
+    let cfg: SftConfig = config(&a)?;
+    tandem_trainer::offline::sft::run(&cfg)
+        .with_context(|| format!("sft: {}", a.config.display()))?;
+    Ok(())
 }
 
-/// One offline stage: how a batch trains, how held-out records are scored, how the
-/// result is saved.
-pub trait Stage {
-    type Item: Clone;
-    /// One optimizer step; its metrics (with `loss`).
-    fn step(&mut self, batch: &[Self::Item], step: u64) -> Result<Value>;
-    /// Metrics of held-out records (with `loss`); reported with a `val_` prefix.
-    fn evaluate(&mut self, items: &[Self::Item]) -> Result<Map<String, Value>>;
-    fn save(&self, dir: &Path) -> Result<()>;
+pub fn rm(a: StageArgs) -> Result<()> {
+    let cfg: RmConfig = config(&a)?;
+    tandem_trainer::offline::rm::run(&cfg)
+        .with_context(|| format!("rm: {}", a.config.display()))?;
+    Ok(())
 }
 
-/// Trains `stage` on `items` under the schedule `t`; writes the metrics, checkpoints,
-/// final model and summary into `t.out_dir` and returns the summary.
-pub fn train<S: Stage>(
-    stage: &mut S,
-    mut items: Vec<S::Item>,
-    t: &TrainSection,
-    what: &str,
-) -> Result<Value> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(t.seed);
-    items.shuffle(&mut rng);
-    let n_val = ((items.len() as f64) * t.val_fraction).round() as usize;
-    let (val, train) = items.split_at(n_val.min(items.len().saturating_sub(1)));
-    if train.is_empty() {
-        bail!("no training records");
-    }
-    let steps_per_epoch = train.len().div_ceil(t.batch_size) as u64;
-    let total = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        steps_per_epoch * t.epochs as u64
-    };
-    std::fs::create_dir_all(&t.out_dir)
-        .with_context(|| format!("creating {}", t.out_dir.display()))?;
-    let metrics_path = t.out_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
-    eprintln!(
-        "{what}: {} training and {} validation records, {total} steps of {}",
-        train.len(),
-        val.len(),
-        t.batch_size
-    );
-    let evaluate = |stage: &mut S| -> Result<Map<String, Value>> {
-        if val.is_empty() {
-            return Ok(Map::new());
-        }
-        Ok(stage
-            .evaluate(val)?
-            .into_iter()
-            .map(|(k, v)| (format!("val_{k}"), v))
-            .collect())
-    };
-    let before = evaluate(stage)?;
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let started = Instant::now();
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let (mut first, mut last, mut after) = (Value::Null, Value::Null, before.clone());
-    let mut step = 0u64;
-    'epochs: loop {
-        order.shuffle(&mut rng);
-        for idx in order.chunks(t.batch_size) {
-            if step >= total {
-                break 'epochs;
-            }
-            let batch: Vec<S::Item> = idx.iter().map(|&i| train[i].clone()).collect();
-            let mut line = stage.step(&batch, step)?;
-            step += 1;
-            line["step"] = step.into();
-            line["epoch"] = ((step - 1) / steps_per_epoch).into();
-            if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || step == total {
-                after = evaluate(stage)?;
-                for (k, v) in &after {
-                    line[k] = v.clone();
-                }
-            }
-            writeln!(metrics, "{line}")?;
-            if first.is_null() {
-                first = line["loss"].clone();
-            }
-            last = line["loss"].clone();
-            bar.set_message(format!(
-                "loss {:.4}{}",
-                line["loss"].as_f64().unwrap_or(f64::NAN),
-                after
-                    .get("val_loss")
-                    .and_then(Value::as_f64)
-                    .map(|v| format!(" val {v:.4}"))
-                    .unwrap_or_default()
-            ));
-            bar.inc(1);
-            if t.save_every > 0 && step.is_multiple_of(t.save_every) && step < total {
-                stage.save(&t.out_dir.join("checkpoints").join(format!("step-{step}")))?;
-            }
-        }
-    }
-    bar.finish();
-    let out = t.out_dir.join("final");
-    stage.save(&out)?;
-    let summary = serde_json::json!({
-        "steps": step,
-        "train_records": train.len(),
-        "val_records": val.len(),
-        "first_loss": first,
-        "last_loss": last,
-        "before": before,
-        "after": after,
-        "seconds": started.elapsed().as_secs_f64(),
-        "model": out,
-    });
-    crate::serve::write_atomic(
-        &t.out_dir.join("summary.json"),
-        &serde_json::to_string_pretty(&summary)?,
-    )?;
-    eprintln!(
-        "{what}: loss {first} → {last}; validation {} → {}; model in {}",
-        Value::Object(before),
-        Value::Object(after),
-        out.display()
-    );
-    Ok(summary)
+pub fn dpo(a: StageArgs) -> Result<()> {
+    let cfg: DpoConfig = config(&a)?;
+    tandem_trainer::offline::dpo::run(&cfg)
+        .with_context(|| format!("dpo: {}", a.config.display()))?;
+    Ok(())
 }
 
-/// Saves a model (and its tokenizer) as an HF folder.
-pub fn save_model(p: &tandem_model::Pretrained, dir: &Path) -> Result<()> {
-    tandem_model::save_hf(&p.model, &p.tokenizer, dir)
-        .with_context(|| format!("saving the model into {}", dir.display()))
-}
-
-/// `n` (prompt, answer) pairs of the synthetic arithmetic task of `cfg`.
-pub fn synthetic(cfg: &DataConfig, n: usize) -> Result<Vec<(String, String)>> {
-    let d = Dataset::load(cfg)?;
-    Ok((0..n as u64)
-        .map(|i| match d.get(i) {
-            Prompt {
-                body: PromptBody::Text(q),
-                answer: Some(a),
-            } => (q, a),
-            _ => unreachable!("the arithmetic task gives text prompts with answers"),
+/// Rejection sampling, then `tandem sft` on the written dataset when `[rejection] sft`
+/// names an SFT config (its `[data] path` set to the dataset).
+pub fn rejection_sample(a: StageArgs) -> Result<()> {
+    let cfg: RejectionConfig = config(&a)?;
+    tandem_generator::rejection::run(&cfg)
+        .with_context(|| format!("rejection-sample: {}", a.config.display()))?;
+    let r = &cfg.rejection;
+    if let Some(config) = &r.sft {
+        let out = r
+            .out
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", r.out.display()))?;
+        sft(StageArgs {
+            config: config.clone(),
+            overrides: vec![format!("data.path={out:?}")],
         })
-        .collect())
+        .with_context(|| format!("[rejection] sft: {}", config.display()))?;
+    }
+    Ok(())
 }
 
-/// The records of `cfg`'s JSONL or Parquet file.
-pub fn file_rows(cfg: &DataConfig) -> Result<Vec<Row>> {
-    let path = cfg
-        .path
-        .as_deref()
-        .context("[data] path: required with kind = \"jsonl\" or \"parquet\"")?;
-    Ok(read_rows(path, cfg.kind == DataKind::Parquet)?)
+#[cfg(test)]
+mod tests {
+    use serde::Serialize;
+    use tandem_generator::rejection;
+    use tandem_trainer::offline::{dpo, rm, sft, TrainSection};
+
+    /// docs/pipeline.md lists exactly the keys of `[train]`, `[sft]`, `[rm]` and `[dpo]`,
+    /// with the code's defaults.
+    #[test]
+    fn offline_sections_are_documented_with_their_defaults() {
+        let doc = include_str!("../docs/pipeline.md");
+        documented_table(doc, "**`[sft]`**", sft::SftSection::default());
+        documented_table(doc, "**`[train]`**", TrainSection::default());
+        documented_table(doc, "**`[rm]`**", rm::RmSection::default());
+        documented_table(doc, "**`[dpo]`**", dpo::DpoSection::default());
+        documented_table(
+            doc,
+            "**`[rejection]`**",
+            rejection::RejectionSection::default(),
+        );
+    }
+
+    /// The `| key | default |` rows after `heading` match `defaults`.
+    fn documented_table<T: Serialize>(doc: &str, heading: &str, defaults: T) {
+        // The table right after the heading; keys documented "unset" have no default.
+        let after = doc.split(heading).nth(1).unwrap();
+        let mut documented: Vec<(String, String)> = after
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| l.strip_prefix("| `"))
+            .map(|row| {
+                let cells: Vec<&str> = row.split(" | ").collect();
+                (
+                    cells[0].trim_end_matches('`').to_string(),
+                    cells[1].trim().trim_matches('`').to_string(),
+                )
+            })
+            .filter(|(_, default)| default != "unset")
+            .collect();
+        documented.sort();
+        let code = toml::Value::try_from(defaults).unwrap();
+        let mut code: Vec<(String, String)> = code
+            .as_table()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let shown = match v {
+                    toml::Value::String(s) => format!("{s:?}"),
+                    other => other.to_string(),
+                };
+                (k.clone(), shown)
+            })
+            .collect();
+        code.sort();
+        assert_eq!(documented, code, "{heading}");
+    }
+
+    #[test]
+    fn bad_sft_configs_name_the_key() {
+        for (set, needle) in [
+            ("train.batch_size=0", "batch_size"),
+            ("train.val_fraction=1.0", "val_fraction"),
+            ("train.max_len=1", "max_len"),
+            ("train.epochs=0", "epochs"),
+            ("sft.masking=\"first\"", "masking"),
+            ("sft.epoch=3", "epoch"),
+        ] {
+            let e =
+                crate::run_config::parse_with_overrides::<sft::SftConfig>("", &[set.to_string()])
+                    .and_then(|c| c.validate().map(|_| c).map_err(Into::into))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains(needle), "{set}: {e}");
+        }
+    }
 }

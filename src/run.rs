@@ -76,7 +76,7 @@ impl Drop for Procs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let mut cfg = RunConfig::read(&a.config, &a.overrides)?;
-    if let Some(why) = crate::weight_broadcast::unsupported(cfg.trainer.broadcast) {
+    if let Some(why) = tandem_weights::plane::unsupported(cfg.trainer.broadcast) {
         anyhow::bail!("{why}");
     }
     let run_dir = PathBuf::from(&cfg.run.run_dir);
@@ -86,7 +86,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         std::fs::remove_file(run_dir.join("metrics.jsonl"))?;
     }
     // Resolve the model once, here, so the processes do not race to fetch or create it.
-    cfg.model.path = materialize_model(&cfg.model.path)?;
+    cfg.model.path = tandem_model::materialize(&cfg.model.path)
+        .with_context(|| format!("[model] path: {}", cfg.model.path))?;
     let token = match (std::env::var("TANDEM_TOKEN").ok(), &cfg.run.token) {
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(t)) => t.clone(),
@@ -106,7 +107,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut env = crate::security::tls_env(&tls_files)?;
     env.push(("TANDEM_TOKEN", token.clone()));
     let cfg_path = run_dir.join("config.toml");
-    crate::serve::write_atomic(&cfg_path, &cfg.to_toml()?)?;
+    tandem_model::write_atomic(&cfg_path, cfg.to_toml()?)?;
 
     let addr_file = run_dir.join("coordinator.json");
     let _ = std::fs::remove_file(&addr_file);
@@ -246,18 +247,4 @@ pub fn run(a: RunArgs) -> Result<()> {
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))
-}
-
-/// A model path every process can load: named models are fetched into the cache once,
-/// here; presets stay as they are (each process builds the same seeded model).
-pub(crate) fn materialize_model(spec: &str) -> Result<String> {
-    if let Some(name) = spec.strip_prefix("preset:") {
-        tandem_model::preset::preset_config(name)
-            .with_context(|| format!("[model] path: {spec}"))?;
-        return Ok(spec.to_string());
-    }
-    let path =
-        tandem_model::fetch::resolve(spec).with_context(|| format!("[model] path: {spec}"))?;
-    let abs = std::fs::canonicalize(&path).unwrap_or(path);
-    Ok(path_str(&abs)?.to_string())
 }

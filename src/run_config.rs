@@ -5,27 +5,12 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tandem_coordinator::config::{CoordinatorConfig, RunSection};
-use tandem_coordinator::dataset::DataConfig;
+use tandem_data::DataConfig;
 use tandem_generator::config::GeneratorConfig;
 use tandem_generator::reward::RewardConfig;
+use tandem_model::ModelSection;
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
-
-/// `[model]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelSection {
-    /// HF folder, .gguf file, `smollm2` (fetched), or `preset:tiny` (a random tiny model).
-    pub path: String,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            path: "preset:tiny".into(),
-        }
-    }
-}
 
 /// Reads the config file at `path` into `T` with `overrides` applied; errors name the
 /// file.

@@ -117,7 +117,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be positive, got {}", a.temperature);
     }
-    let p = crate::load_model(&a.model)?;
+    let p = tandem_model::load_model(&a.model)?;
     let records = read_records(&a.input, &p.tokenizer, p.model.config().vocab_size)?;
     let bar = indicatif::ProgressBar::new(records.len() as u64);
     bar.set_style(

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tandem_model::{ScalarHead, VALUE_HEAD_FILE};
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::TrainConfig;
 use tandem_trainer::rollout;
 use tandem_trainer::step::{train_step, Optimizer};
-use tandem_trainer::value::ValueHead;
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -36,7 +36,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.config.display()))?;
     let cfg =
         TrainConfig::from_toml(&text).with_context(|| format!("in {}", a.config.display()))?;
-    let p = crate::load_model(&a.model)?;
+    let p = tandem_model::load_model(&a.model)?;
     let text = std::fs::read_to_string(&a.rollouts)
         .with_context(|| format!("reading {}", a.rollouts.display()))?;
     let rollouts = rollout::parse_jsonl(
@@ -46,7 +46,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     )?;
     // The reference is a frozen copy of the starting weights.
     let reference = if cfg.algorithm.kl_coef > 0.0 {
-        Some(crate::load_model(&a.model)?)
+        Some(tandem_model::load_model(&a.model)?)
     } else {
         None
     };
@@ -58,9 +58,15 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
             p.model.device(),
         );
         Some(
-            match ValueHead::load(std::path::Path::new(&a.model), d, dtype, device)? {
+            match ScalarHead::load(
+                std::path::Path::new(&a.model),
+                VALUE_HEAD_FILE,
+                d,
+                dtype,
+                device,
+            )? {
                 Some(head) => head,
-                None => ValueHead::zeros(d, dtype, device)?,
+                None => ScalarHead::zeros(d, dtype, device)?,
             },
         )
     } else {
@@ -82,7 +88,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(c) = &critic {
-        c.save(&a.out)
+        c.save(&a.out, VALUE_HEAD_FILE)
             .with_context(|| format!("writing the value head into {}", a.out.display()))?;
     }
     let path = a.out.join("metrics.json");

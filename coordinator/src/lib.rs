@@ -2,14 +2,12 @@
 //!
 //! - [`lease`] — prompt leases (exactly-once work) and the staleness admission rule
 //! - [`membership`] — workers, heartbeats, dropping the silent
-//! - [`dataset`] — prompt files (JSONL, TRL fields) and the synthetic arithmetic task
 //! - [`service`] — the Coordinator gRPC service over that state
 //! - [`server`] — listeners, `/metrics` + `/status` + health endpoints, the reaper
 //! - [`metrics`] — the lag metrics' names and the Prometheus recorder
 //! - [`config`] — the `[run]` and `[coordinator]` sections
 
 pub mod config;
-pub mod dataset;
 pub mod error;
 pub mod group;
 pub mod lease;

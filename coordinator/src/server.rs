@@ -19,10 +19,10 @@ use tandem_proto::v1::Role;
 use tandem_proto::MAX_MESSAGE_BYTES;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::service::{CoordinatorService, Core, Settings};
+use tandem_data::Dataset;
 
 /// A coordinator that is serving.
 pub struct Running {

@@ -15,11 +15,11 @@ use tandem_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::config::{CoordinatorConfig, RunSection};
-use crate::dataset::{Dataset, PromptBody};
 use crate::group::Group;
 use crate::lease::{admission_capacity, Leases};
 use crate::membership::Members;
 use crate::metrics as m;
+use tandem_data::{Dataset, PromptBody};
 
 /// What the coordinator serves.
 pub struct Settings {

@@ -1,7 +1,7 @@
 //! A generator's side of `[trainer] broadcast`: a thread that keeps one connection to
 //! the trainer for the broadcast-group epoch the heartbeats report, and keeps the
 //! newest version it received for the sampling loop to take
-//! (`tandem_trainer::broadcast` has the protocol).
+//! (`tandem_weights::broadcast` has the protocol).
 //!
 //! A member waits up to the broadcast timeout for a version it needs; if it does not
 //! come (the trainer excluded this generator, or the broadcast stalled), the caller
@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::BroadcastGroup;
-use tandem_trainer::broadcast::{Join, Received, Receiver};
-use tandem_trainer::collective::SharedBackend;
+use tandem_weights::broadcast::{Join, Received, Receiver};
+use tandem_weights::collective::SharedBackend;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,6 +1,8 @@
 //! The error type of the generator crate.
 
-/// What can go wrong producing rollouts. Messages name the field or the peer.
+pub use tandem_model::error::Context;
+
+/// What can go wrong producing rollouts. Messages name the field, the file or the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
@@ -9,6 +11,14 @@ pub enum Error {
     Rpc(String),
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
+    #[error(transparent)]
+    Data(#[from] tandem_data::Error),
+    #[error(transparent)]
+    Context(#[from] tandem_model::error::Contextual),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -16,3 +26,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
 }
+
+/// `return Err(invalid(format!(…)))`.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::error::invalid(format!($($arg)*)))
+    };
+}
+pub(crate) use bail;

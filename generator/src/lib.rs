@@ -6,10 +6,13 @@
 //!   the external reward service
 //! - [`render`] — prompts to token ids (chat template or raw text)
 //! - [`config`] — the `[generator]` section
+//! - [`rejection`] — rejection sampling: N completions per prompt, the best kept as SFT
+//!   data
 
 pub mod broadcast;
 pub mod config;
 pub mod error;
+pub mod rejection;
 pub mod render;
 pub mod reward;
 pub mod worker;

@@ -385,62 +385,6 @@ mod tests {
     }
 }
 
-/// A reward model on the generator: r = head(h_last(prompt + completion)), the
-/// completion ending with its stop token when it stopped (as `tandem rm` trained it).
-pub struct RewardModel {
-    model: tandem_model::Model,
-    head: tandem_trainer::value::ValueHead,
-}
-
-impl RewardModel {
-    /// Loads `dir` (an HF folder with `reward_head.safetensors`) as `policy` is loaded:
-    /// on its device, in its dtype. It must share the policy's tokenizer (the same
-    /// vocabulary size).
-    pub fn load(dir: &str, policy: &tandem_model::Model) -> Result<Self> {
-        let (device, policy_vocab) = (policy.device(), policy.config().vocab_size);
-        let p = tandem_model::load(dir, policy.dtype(), device)?;
-        let c = p.model.config();
-        let head = tandem_trainer::value::ValueHead::load_from(
-            std::path::Path::new(dir),
-            tandem_trainer::reward_model::FILE,
-            c.hidden_size,
-            p.model.dtype(),
-            device,
-        )
-        .map_err(|e| invalid(format!("[reward] model: {e}")))?
-        .ok_or_else(|| {
-            invalid(format!(
-                "[reward] model: {dir} has no {} (train it with `tandem rm`)",
-                tandem_trainer::reward_model::FILE
-            ))
-        })?;
-        if c.vocab_size != policy_vocab {
-            return Err(invalid(format!(
-                "[reward] model: its vocabulary has {} tokens, the policy's {policy_vocab}; the reward model must share the policy's tokenizer",
-                c.vocab_size
-            )));
-        }
-        Ok(RewardModel {
-            model: p.model,
-            head,
-        })
-    }
-
-    /// Rewards of `prompt` followed by each completion.
-    pub fn score(&self, prompt: &[u32], completions: &[Vec<u32>]) -> Result<Vec<f64>> {
-        let seqs: Vec<Vec<u32>> = completions
-            .iter()
-            .map(|c| prompt.iter().chain(c).copied().collect())
-            .collect();
-        let w = self.model.inference_weights();
-        let r = tandem_trainer::reward_model::rewards(&self.model, &w, &self.head, &seqs)
-            .map_err(|e| invalid(format!("[reward] model: {e}")))?;
-        r.to_dtype(candle_core::DType::F64)
-            .and_then(|t| t.to_vec1::<f64>())
-            .map_err(|e| invalid(format!("[reward] model: {e}")))
-    }
-}
-
 /// An LLM judge on the generator (`[reward] judge`).
 pub struct Judge {
     model: tandem_model::Pretrained,
@@ -457,11 +401,7 @@ impl Judge {
         let Some(spec) = &cfg.judge else {
             return Ok(None);
         };
-        let device = policy.device();
-        let model = match spec.strip_prefix("preset:") {
-            Some(name) => tandem_model::preset::init(name, 0, device)?,
-            None => tandem_model::load(spec, policy.dtype(), device)?,
-        };
+        let model = tandem_model::load(spec, policy.dtype(), policy.device())?;
         Ok(Some(Judge {
             model,
             template: cfg.judge_template.clone(),

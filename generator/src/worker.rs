@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use tandem_model::{ChatMessage, Pretrained, SamplingParams, Session};
 use tandem_proto::auth::Credentials;
-use tandem_proto::bucket::Assembler;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
@@ -17,6 +16,7 @@ use tandem_proto::v1::{
     Completion, FetchWeightsRequest, HeartbeatRequest, LeaseRequest, LeaveRequest, PromptLease,
     RegisterRequest, Role, RolloutGroup, ScoreRequest,
 };
+use tandem_weights::bucket::Assembler;
 use tokio::runtime::Handle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -53,7 +53,7 @@ pub struct BroadcastSettings {
     /// How long to wait for a version before fetching it over gRPC.
     pub timeout: Duration,
     /// The collective data plane (NCCL), or `None` to receive over TCP.
-    pub collective: Option<tandem_trainer::collective::SharedBackend>,
+    pub collective: Option<tandem_weights::collective::SharedBackend>,
 }
 
 /// What the heartbeat task and the sampling loop share.
@@ -173,7 +173,7 @@ pub struct Worker {
     pusher: Option<Pusher>,
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     reward_service: Option<RewardClient<Authed>>,
-    reward_model: Option<crate::reward::RewardModel>,
+    reward_model: Option<tandem_model::RewardModel>,
     judge: Option<crate::reward::Judge>,
     next_seq: u64,
     /// The highest version the coordinator has published, as far as this worker saw.
@@ -216,7 +216,7 @@ impl Worker {
             None => None,
         };
         let reward_model = match &settings.reward.model {
-            Some(dir) => Some(crate::reward::RewardModel::load(dir, &model.model)?),
+            Some(dir) => Some(tandem_model::RewardModel::load(dir, &model.model)?),
             None => None,
         };
         let judge = crate::reward::Judge::load(&settings.reward, &model.model)?;

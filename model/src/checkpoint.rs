@@ -29,9 +29,29 @@ impl Pretrained {
     }
 }
 
-/// Loads `spec`: an HF model folder, a `.gguf` file, or the name of a model Tandem
-/// can fetch (`smollm2`, see [`fetch::resolve`]).
+/// `[model]`: the model a run or a stage starts from.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF folder, .gguf file, `smollm2` (fetched), or `preset:tiny` (a random tiny model).
+    pub path: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: "preset:tiny".into(),
+        }
+    }
+}
+
+/// Loads `spec`: an HF model folder, a `.gguf` file, the name of a model Tandem can
+/// fetch (`smollm2`, see [`fetch::resolve`]) or `preset:NAME` (a seeded random model,
+/// always f32: [`crate::preset`]).
 pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
+    if let Some(name) = spec.strip_prefix("preset:") {
+        return crate::preset::init(name, 0, device);
+    }
     let path = fetch::resolve(spec)?;
     if path.is_dir() {
         load_hf_dir(&path, dtype, device)
@@ -185,4 +205,27 @@ pub fn save_hf(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
     Ok(())
+}
+
+/// A model argument every process of a run can load the same way: a named model is
+/// fetched into the cache once (by the caller, before it starts the others) and becomes
+/// its absolute path; presets and paths stay as they are.
+pub fn materialize(spec: &str) -> Result<String> {
+    if let Some(name) = spec.strip_prefix("preset:") {
+        crate::preset::preset_config(name)?;
+        return Ok(spec.to_string());
+    }
+    let path = fetch::resolve(spec)?;
+    let abs = std::fs::canonicalize(&path).unwrap_or(path);
+    abs.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::invalid(format!("{} is not valid UTF-8", abs.display())))
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a
+/// reader sees the old content or the new, never half of it.
+pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

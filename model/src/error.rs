@@ -56,3 +56,38 @@ pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
 pub(crate) fn write_file(path: &std::path::Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
+
+/// An error with what was being done when it happened: "reading x.jsonl: …". Every
+/// Tandem library error converts from it, so [`Context`] works across crates.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {cause}")]
+pub struct Contextual {
+    pub context: String,
+    /// Shown in this error's message, not as a separate source, so a chain prints once.
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// `.context(…)` / `.with_context(|| …)` on any result whose error is a standard error.
+pub trait Context<T> {
+    fn context(self, context: impl std::fmt::Display) -> std::result::Result<T, Contextual>;
+    fn with_context<S: std::fmt::Display>(
+        self,
+        f: impl FnOnce() -> S,
+    ) -> std::result::Result<T, Contextual>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context(self, context: impl std::fmt::Display) -> std::result::Result<T, Contextual> {
+        self.with_context(|| context)
+    }
+
+    fn with_context<S: std::fmt::Display>(
+        self,
+        f: impl FnOnce() -> S,
+    ) -> std::result::Result<T, Contextual> {
+        self.map_err(|e| Contextual {
+            context: f().to_string(),
+            cause: Box::new(e),
+        })
+    }
+}

@@ -6,11 +6,15 @@
 //! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2).
 //! - [`optim`] — AdamW (fused, state saved and restored), SGD, gradient clipping.
 //! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
+//! - [`scalar_head`] — the value head (PPO's critic) and the reward head on the final
+//!   hidden state; [`reward_model`] scores completions with a trained reward model.
+//! - [`device`] — the process's device and dtype (`TANDEM_DEVICE`, `TANDEM_DTYPE`).
 
 pub mod checkpoint;
 pub mod config;
 mod cpu_storage;
 pub mod decode_matmul;
+pub mod device;
 pub mod error;
 pub mod fetch;
 pub mod generate;
@@ -21,16 +25,21 @@ pub mod logprob;
 pub mod optim;
 pub mod params;
 pub mod preset;
+pub mod reward_model;
 pub mod rope;
 pub mod sampling;
+pub mod scalar_head;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use checkpoint::{load, save_hf, Pretrained};
+pub use checkpoint::{load, materialize, save_hf, write_atomic, ModelSection, Pretrained};
 pub use config::{Architecture, ModelConfig};
+pub use device::{load_model, process_device, process_dtype};
 pub use error::{Error, Result};
 pub use generate::{generate, Completion, FinishReason, Session};
+pub use reward_model::RewardModel;
 pub use sampling::SamplingParams;
+pub use scalar_head::{ScalarHead, REWARD_HEAD_FILE, VALUE_HEAD_FILE};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use transformer::{CompletionLogprobs, Model, Weights};
 

@@ -4,7 +4,6 @@
 //! and the message size limit.
 
 pub mod auth;
-pub mod bucket;
 pub mod client;
 pub mod health;
 pub mod tls;

@@ -40,7 +40,7 @@ pub fn save(run_dir: &Path, learner: &Learner, buffer: &Buffer, keep: usize) -> 
     // The model folder itself is written atomically by save_hf.
     tandem_model::save_hf(&learner.policy.model, &learner.policy.tokenizer, &tmp)?;
     if let Some(c) = &learner.critic {
-        c.save(&tmp)?;
+        c.save(&tmp, tandem_model::VALUE_HEAD_FILE)?;
     }
     learner.opt.save(&tmp)?;
     let state = TrainerState {

@@ -10,6 +10,7 @@ use crate::error::{invalid, Result};
 use crate::kl::KlEstimator;
 use crate::policy_loss::PolicyLoss;
 use crate::proximal::ProxLogp;
+pub use tandem_weights::BroadcastPlane;
 
 /// Which policy π_old the ratio is taken against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,28 +340,12 @@ pub struct TrainerConfig {
     /// Benchmarks only: sleep this long per step instead of training (the weights stay
     /// as they are, versions still advance and are published; 0 = train for real).
     pub mock_train_ms: u64,
-    /// How new versions reach generators beside the gRPC fetch (`broadcast.rs`).
+    /// How new versions reach generators beside the gRPC fetch (`tandem_weights::broadcast`).
     pub broadcast: BroadcastPlane,
     /// A broadcast member that has not acknowledged a version this long after it was
     /// sent is excluded from the group (it fetches over gRPC); generators wait this
     /// long for a broadcast before fetching.
     pub broadcast_timeout_s: f64,
-}
-
-/// `[trainer] broadcast`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BroadcastPlane {
-    /// Every generator fetches each version over gRPC.
-    Off,
-    /// The trainer pushes each version to every generator of the broadcast group over
-    /// one TCP connection each (acknowledged, checksummed).
-    Tcp,
-    /// As `tcp` for the header and the acknowledgements, with the bytes sent by one
-    /// NCCL broadcast from the trainer's GPU to the generators' (needs a build with
-    /// `--features nccl` and CUDA devices; an epoch with a member that cannot join
-    /// NCCL goes over TCP).
-    Nccl,
 }
 
 impl Default for TrainerConfig {

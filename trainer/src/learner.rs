@@ -16,7 +16,7 @@ use crate::error::{invalid, Result};
 use crate::rollout::Rollout;
 use crate::service::{Shared, Snapshot};
 use crate::step::{train_step, Optimizer, StepMetrics};
-use crate::value::ValueHead;
+use tandem_model::ScalarHead;
 
 /// The run's shape as the learner needs it.
 pub struct Plan {
@@ -47,19 +47,13 @@ pub struct StepReport {
 pub struct Learner {
     pub policy: Pretrained,
     pub reference: Option<Model>,
-    pub critic: Option<ValueHead>,
+    pub critic: Option<ScalarHead>,
     pub opt: Optimizer,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
     pub plan: Plan,
     pub step: u64,
     pub version: u64,
-}
-
-/// The weights of `model` as a publishable snapshot.
-pub fn snapshot(model: &Model, version: u64) -> Result<Snapshot> {
-    let (bytes, dtype) = model.params().to_bytes()?;
-    Ok(Snapshot::new(version, dtype, bytes.into()))
 }
 
 impl Learner {
@@ -145,7 +139,7 @@ impl Learner {
         };
         self.step += 1;
         self.version += 1;
-        let snap = snapshot(&self.policy.model, self.version)?;
+        let snap = Snapshot::of(&self.policy.model, self.version)?;
         // Checksummed here, off the RPC path, before any receiver asks.
         snap.checksums(shared.bucket_bytes);
         if let Ok(mut w) = shared.weights.write() {

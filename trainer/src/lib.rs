@@ -15,17 +15,17 @@
 //! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
 //! [`learner`] the loop that turns batches into versions; [`checkpoint`] saves and
-//! restores it. [`broadcast`] pushes each version to the generators of the broadcast
-//! group, by TCP or by one call of a [`collective`] (NCCL, `nccl.rs`, feature `nccl`).
+//! restores it; [`publisher`] pushes each version to the generators of the broadcast
+//! group (`tandem_weights::broadcast`); [`node`] assembles the trainer process.
 //!
-//! The offline stages: [`sft`] (instruction tuning with assistant-only masking).
+//! The offline side: [`sft`] (records, masking and the SFT loss), [`comparison`],
+//! [`preference`], [`reward_model`] and [`dpo`] (preference records and their losses),
+//! and [`offline`], the stages `tandem sft | rm | dpo` and the loop they share.
 
 pub mod advantage;
 pub mod aggregate;
-pub mod broadcast;
 pub mod buffer;
 pub mod checkpoint;
-pub mod collective;
 pub mod comparison;
 pub mod config;
 pub mod correction;
@@ -35,16 +35,16 @@ pub mod gae;
 pub mod ingest;
 pub mod kl;
 pub mod learner;
-#[cfg(feature = "nccl")]
-pub mod nccl;
+pub mod node;
+pub mod offline;
 pub mod policy_loss;
 pub mod preference;
 pub mod proximal;
+pub mod publisher;
 pub mod reward_model;
 pub mod rollout;
 pub mod service;
 pub mod sft;
 pub mod step;
-pub mod value;
 
 pub use error::{Error, Result};

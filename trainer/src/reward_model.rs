@@ -1,24 +1,15 @@
 //! A reward model: the transformer with a scalar head on the final hidden state of the
 //! last token, r(x, y) = h_last · w + b, trained on ranked responses (Bradley–Terry,
 //! with a margin when the data gives one, or Plackett–Luce for K > 2). Saved as an HF
-//! folder with the head in [`FILE`] beside it.
+//! folder with the head in [`tandem_model::REWARD_HEAD_FILE`] beside it.
 
 use candle_core::{DType, Tensor};
 use serde::Serialize;
-use tandem_model::{Model, Weights};
+use tandem_model::{Model, ScalarHead, Weights};
 
 use crate::comparison::Tokens;
 use crate::error::{invalid, Result};
 use crate::preference;
-use crate::value::ValueHead;
-
-/// The head's file beside the model's HF files.
-pub const FILE: &str = "reward_head.safetensors";
-
-/// Rewards (N,) of whole sequences: the head on each one's last token.
-pub fn rewards(model: &Model, w: &Weights, head: &ValueHead, seqs: &[Vec<u32>]) -> Result<Tensor> {
-    head.values(&model.last_hidden(w, seqs)?)
-}
 
 /// The loss of a batch of comparisons (all with the same number K of responses) and
 /// the rewards (B, K), detached. K = 2 is Bradley–Terry (with margins when every record
@@ -26,7 +17,7 @@ pub fn rewards(model: &Model, w: &Weights, head: &ValueHead, seqs: &[Vec<u32>]) 
 pub fn loss(
     model: &Model,
     w: &Weights,
-    head: &ValueHead,
+    head: &ScalarHead,
     batch: &[Tokens],
 ) -> Result<(Tensor, Tensor)> {
     let k = batch
@@ -42,7 +33,9 @@ pub fn loss(
         .iter()
         .flat_map(|t| t.responses.iter().map(|r| r.ids.clone()))
         .collect();
-    let r = rewards(model, w, head, &seqs)?.reshape((batch.len(), k))?;
+    let r = head
+        .sequence_scores(model, w, &seqs)?
+        .reshape((batch.len(), k))?;
     let loss = if k == 2 {
         let margins: Option<Vec<f64>> = batch.iter().map(|t| t.margin).collect();
         let m = margins
@@ -83,7 +76,7 @@ pub struct StepMetrics {
 /// One optimizer step on `batch`.
 pub fn step(
     model: &Model,
-    head: &ValueHead,
+    head: &ScalarHead,
     opt: &mut crate::step::Optimizer,
     opt_cfg: &crate::config::OptimizerConfig,
     batch: &[Tokens],

@@ -19,34 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::buffer::{Buffer, Group};
 use crate::ingest::{check_group, Limits};
 use crate::rollout::Rollout;
-
-/// One published policy version, as the bytes that travel.
-pub struct Snapshot {
-    pub version: u64,
-    pub dtype: &'static str,
-    /// Shared by every bucket sent (no copy per receiver).
-    pub bytes: bytes::Bytes,
-    /// The buckets' CRC-32s, computed once (by the learner at publish, else by the
-    /// first fetch) for every receiver.
-    checksums: std::sync::OnceLock<Vec<u32>>,
-}
-
-impl Snapshot {
-    pub fn new(version: u64, dtype: &'static str, bytes: bytes::Bytes) -> Self {
-        Snapshot {
-            version,
-            dtype,
-            bytes,
-            checksums: Default::default(),
-        }
-    }
-
-    /// The CRC-32 of each bucket of `bucket_bytes`, computed on first use.
-    pub fn checksums(&self, bucket_bytes: usize) -> &[u32] {
-        self.checksums
-            .get_or_init(|| tandem_proto::bucket::checksums(&self.bytes, bucket_bytes))
-    }
-}
+pub use tandem_weights::Snapshot;
 
 /// What the service and the learner loop share.
 pub struct Shared {
@@ -302,7 +275,7 @@ impl Trainer for TrainerService {
         tokio::spawn(async move {
             let crcs = snap.checksums(bucket_bytes);
             for (i, &crc) in crcs.iter().enumerate() {
-                let b = tandem_proto::bucket::bucket(
+                let b = tandem_weights::bucket::bucket(
                     snap.version,
                     snap.dtype,
                     &snap.bytes,

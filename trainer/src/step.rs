@@ -28,7 +28,7 @@ use crate::kl;
 use crate::policy_loss;
 use crate::proximal::{self, ProxLogp};
 use crate::rollout::Rollout;
-use crate::value::ValueHead;
+use tandem_model::ScalarHead;
 
 /// The configured optimizer.
 pub enum Optimizer {
@@ -147,7 +147,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 pub fn train_step(
     policy: &Model,
     reference: Option<&Model>,
-    critic: Option<&ValueHead>,
+    critic: Option<&ScalarHead>,
     rollouts: &[Rollout],
     cfg: &AlgorithmConfig,
     opt_cfg: &OptimizerConfig,

@@ -4,27 +4,27 @@
 
 use candle_core::{DType, Device};
 use serde_json::Value;
+use tandem_model::ScalarHead;
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, OptimizerName};
 use tandem_trainer::rollout::Rollout;
 use tandem_trainer::step::{train_step, Optimizer};
-use tandem_trainer::value::ValueHead;
 
 /// The value head's starting values, by the formula tools/train_step_reference.py uses.
-fn value_head(d: usize) -> ValueHead {
+fn value_head(d: usize) -> ScalarHead {
     let w: Vec<f32> = (0..d)
         .map(|i| (0.05 * ((i + 1) as f64).sin()) as f32)
         .collect();
     let w = candle_core::Tensor::from_vec(w, d, &Device::Cpu).unwrap();
     let b = candle_core::Tensor::new(&[0.1f32], &Device::Cpu).unwrap();
-    ValueHead::from_tensors(&w, &b).unwrap()
+    ScalarHead::from_tensors(&w, &b).unwrap()
 }
 
 /// One plain-SGD step of `case` (no clipping), as tools/train_step_reference.py takes it.
 fn sgd_step(
     policy: &tandem_model::Model,
     reference: &tandem_model::Model,
-    critic: Option<&ValueHead>,
+    critic: Option<&ScalarHead>,
     rollouts: &[Rollout],
     algo: &AlgorithmConfig,
     lr: f64,

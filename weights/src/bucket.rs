@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::v1::WeightBucket;
+use tandem_proto::v1::WeightBucket;
 
 /// How many buckets `total` bytes make (at least one, even when empty).
 pub fn count(total: usize, bucket_bytes: usize) -> usize {

@@ -1,27 +1,39 @@
-//! The value head of PPO with GAE: V(s) = h(s)·w + b on the policy's final hidden state
-//! at the position that predicts the next token (a critic sharing the policy trunk).
+//! A scalar head on the transformer's final hidden state, s(h) = h·w + b. Two uses:
+//! - the **value head** of PPO with GAE: V at each position that predicts the next
+//!   token (a critic sharing the policy trunk), saved as [`VALUE_HEAD_FILE`];
+//! - the **reward head** of a reward model: r(x, y) on the last token of prompt +
+//!   completion ([`ScalarHead::sequence_scores`]), saved as [`REWARD_HEAD_FILE`].
+//!
+//! Either file sits beside the model's HF files.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::error::{invalid, Result};
+use crate::error::{Error, Result};
+use crate::transformer::{Model, Weights};
 
-/// File the head is saved to beside the model's HF files.
-pub const FILE: &str = "value_head.safetensors";
+/// The value head's file beside the model's HF files.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+/// The reward head's file beside the model's HF files.
+pub const REWARD_HEAD_FILE: &str = "reward_head.safetensors";
 
-/// A linear value head; its parameters join the optimizer with the model's.
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::invalid(msg)
+}
+
+/// A linear head to one scalar; its parameters join the optimizer with the model's.
 #[derive(Clone, Debug)]
-pub struct ValueHead {
+pub struct ScalarHead {
     pub weight: Var,
     pub bias: Var,
 }
 
-impl ValueHead {
+impl ScalarHead {
     /// Zero-initialised (V ≡ 0 at the start, the common choice for a fresh critic).
     pub fn zeros(hidden_size: usize, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(ValueHead {
+        Ok(ScalarHead {
             weight: Var::zeros(hidden_size, dtype, device)?,
             bias: Var::zeros(1, dtype, device)?,
         })
@@ -30,12 +42,12 @@ impl ValueHead {
     pub fn from_tensors(weight: &Tensor, bias: &Tensor) -> Result<Self> {
         if weight.rank() != 1 || bias.dims() != [1] {
             return Err(invalid(format!(
-                "value head: weight must be (d,), bias (1,); got {:?}, {:?}",
+                "scalar head: weight must be (d,), bias (1,); got {:?}, {:?}",
                 weight.dims(),
                 bias.dims()
             )));
         }
-        Ok(ValueHead {
+        Ok(ScalarHead {
             weight: Var::from_tensor(weight)?,
             bias: Var::from_tensor(bias)?,
         })
@@ -56,6 +68,8 @@ impl ValueHead {
             .broadcast_add(&b)?)
     }
 
+    /// The head's parameters by name (`value_head.*` in both files, as they have always
+    /// been saved), for the optimizer and for saving.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         vec![
             ("value_head.weight".into(), self.weight.clone()),
@@ -63,13 +77,13 @@ impl ValueHead {
         ]
     }
 
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        self.save_as(dir, FILE)
+    /// Scores (N,) of whole sequences: the head on each one's last token.
+    pub fn sequence_scores(&self, model: &Model, w: &Weights, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        self.values(&model.last_hidden(w, seqs)?)
     }
 
-    /// Saves the head as `dir/file` (a reward model's head goes to
-    /// [`crate::reward_model::FILE`]).
-    pub fn save_as(&self, dir: &Path, file: &str) -> Result<()> {
+    /// Saves the head as `dir/file` ([`VALUE_HEAD_FILE`] or [`REWARD_HEAD_FILE`]).
+    pub fn save(&self, dir: &Path, file: &str) -> Result<()> {
         let tensors: HashMap<String, Tensor> = self
             .named_vars()
             .into_iter()
@@ -79,18 +93,8 @@ impl ValueHead {
         Ok(())
     }
 
-    /// Loads `dir/value_head.safetensors`, or `None` when the folder has no head.
-    pub fn load(
-        dir: &Path,
-        hidden_size: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Option<Self>> {
-        Self::load_from(dir, FILE, hidden_size, dtype, device)
-    }
-
     /// Loads `dir/file`, or `None` when the folder has no such file.
-    pub fn load_from(
+    pub fn load(
         dir: &Path,
         file: &str,
         hidden_size: usize,

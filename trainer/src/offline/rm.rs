@@ -1,23 +1,22 @@
-//! `tandem rm CONFIG`: a reward model (the transformer with a scalar head on the last
+//! `tandem rm`: a reward model (the transformer with a scalar head on the last
 //! token) trained on preference records, and `comparisons`, the preference data that
 //! `tandem dpo` reads too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tandem_coordinator::dataset::{DataConfig, DataKind};
-use tandem_trainer::comparison::{Comparison, Prompt, Tokens};
-use tandem_trainer::config::OptimizerConfig;
-use tandem_trainer::reward_model;
-use tandem_trainer::sft::{Masking, Render};
-use tandem_trainer::step::Optimizer;
-use tandem_trainer::value::ValueHead;
+use tandem_data::{DataConfig, DataKind};
+use tandem_model::ModelSection;
+use tandem_model::{ScalarHead, REWARD_HEAD_FILE};
 
-use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{read_config, ModelSection};
+use super::{save_model, Stage, TrainSection};
+use crate::comparison::{Comparison, Prompt, Tokens};
+use crate::config::OptimizerConfig;
+use crate::error::{bail, Context, Result};
+use crate::reward_model;
+use crate::sft::{Masking, Render};
+use crate::step::Optimizer;
 
 /// `[rm]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,21 +42,13 @@ pub struct RmConfig {
     pub optimizer: OptimizerConfig,
 }
 
-#[derive(Args)]
-pub struct RmArgs {
-    /// The reward-model config (docs/pipeline.md; examples/tiny-rm.toml).
-    config: PathBuf,
-    /// Config overrides, `section.key=value` (repeatable).
-    #[arg(long = "set")]
-    overrides: Vec<String>,
-}
-
 /// Preference records from a file (TRL's `prompt` / `chosen` / `rejected` [/ `margin`],
 /// or `prompt` / `ranked`), or `synthetic` from the arithmetic task, where the better
 /// answer is correct and short: " 7" over " 8" or " 8, I think, but I am not sure".
 pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>> {
     match cfg.kind {
-        DataKind::Arithmetic => Ok(offline::synthetic(cfg, synthetic)?
+        DataKind::Arithmetic => Ok(tandem_data::Arithmetic::new(cfg)?
+            .pairs(synthetic)
             .into_iter()
             .enumerate()
             .map(|(i, (q, a))| {
@@ -78,7 +69,7 @@ pub fn comparisons(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Comparison>
                 }
             })
             .collect()),
-        DataKind::Jsonl | DataKind::Parquet => offline::file_rows(cfg)?
+        DataKind::Jsonl | DataKind::Parquet => tandem_data::read_records(cfg)?
             .iter()
             .map(|r| {
                 let c = Comparison::from_row(&r.value, &r.at)?;
@@ -126,7 +117,7 @@ pub fn tokenize(
 
 struct Rm {
     p: tandem_model::Pretrained,
-    head: ValueHead,
+    head: ScalarHead,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
 }
@@ -166,17 +157,24 @@ impl Stage for Rm {
 
     fn save(&self, dir: &Path) -> Result<()> {
         save_model(&self.p, dir)?;
-        self.head.save_as(dir, reward_model::FILE)?;
+        self.head.save(dir, REWARD_HEAD_FILE)?;
         Ok(())
     }
 }
 
-pub fn run(a: RmArgs) -> Result<()> {
-    let cfg: RmConfig = read_config(&a.config, &a.overrides)?;
-    cfg.data.validate()?;
-    cfg.optimizer.validate()?;
-    cfg.train.validate()?;
-    let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
+impl RmConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.data.validate()?;
+        self.optimizer.validate()?;
+        self.train.validate()
+    }
+}
+
+/// Trains `cfg` (validated here); returns the summary that is also written to
+/// `[train] out_dir/summary.json`.
+pub fn run(cfg: &RmConfig) -> Result<Value> {
+    cfg.validate()?;
+    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
     let records = comparisons(&cfg.data, cfg.rm.examples)?;
     let data = tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
     let k = data.first().map(|t| t.responses.len()).unwrap_or(2);
@@ -189,9 +187,9 @@ pub fn run(a: RmArgs) -> Result<()> {
         p.model.device().clone(),
     );
     let start = std::path::Path::new(&cfg.model.path);
-    let head = match ValueHead::load_from(start, reward_model::FILE, d, dtype, &device)? {
+    let head = match ScalarHead::load(start, REWARD_HEAD_FILE, d, dtype, &device)? {
         Some(h) => h,
-        None => ValueHead::zeros(d, dtype, &device)?,
+        None => ScalarHead::zeros(d, dtype, &device)?,
     };
     let opt = Optimizer::new(&cfg.optimizer, &p.model, head.named_vars())?;
     let mut stage = Rm {
@@ -200,6 +198,5 @@ pub fn run(a: RmArgs) -> Result<()> {
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
-    offline::train(&mut stage, data, &cfg.train, "rm")?;
-    Ok(())
+    super::train(&mut stage, data, &cfg.train, "rm")
 }

@@ -1,21 +1,20 @@
-//! `tandem dpo CONFIG`: direct preference optimisation (DPO or IPO, optionally with an
+//! `tandem dpo`: direct preference optimisation (DPO or IPO, optionally with an
 //! NLL term on the chosen responses) against the starting model as the frozen
 //! reference, whose log-probabilities are computed once before training.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Result};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tandem_coordinator::dataset::DataConfig;
-use tandem_trainer::config::OptimizerConfig;
-use tandem_trainer::dpo::{self, Pair, Settings};
-use tandem_trainer::preference::DirectLoss;
-use tandem_trainer::step::Optimizer;
+use tandem_data::DataConfig;
+use tandem_model::ModelSection;
 
-use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{read_config, ModelSection};
+use super::{save_model, Stage, TrainSection};
+use crate::config::OptimizerConfig;
+use crate::dpo::{self, Pair, Settings};
+use crate::error::{bail, Result};
+use crate::preference::DirectLoss;
+use crate::step::Optimizer;
 
 /// `[dpo]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,15 +49,6 @@ pub struct DpoConfig {
     pub train: TrainSection,
     pub dpo: DpoSection,
     pub optimizer: OptimizerConfig,
-}
-
-#[derive(Args)]
-pub struct DpoArgs {
-    /// The DPO config (docs/pipeline.md; examples/tiny-dpo.toml).
-    config: PathBuf,
-    /// Config overrides, `section.key=value` (repeatable).
-    #[arg(long = "set")]
-    overrides: Vec<String>,
 }
 
 struct Dpo {
@@ -113,27 +103,34 @@ impl Stage for Dpo {
     }
 }
 
-pub fn run(a: DpoArgs) -> Result<()> {
-    let cfg: DpoConfig = read_config(&a.config, &a.overrides)?;
-    cfg.data.validate()?;
-    cfg.optimizer.validate()?;
-    cfg.train.validate()?;
-    if !(cfg.dpo.beta > 0.0 && cfg.dpo.beta.is_finite()) {
-        bail!("[dpo] beta: must be positive");
+impl DpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.data.validate()?;
+        self.optimizer.validate()?;
+        self.train.validate()?;
+        if !(self.dpo.beta > 0.0 && self.dpo.beta.is_finite()) {
+            bail!("[dpo] beta: must be positive");
+        }
+        if !(self.dpo.nll_coef >= 0.0 && self.dpo.nll_coef.is_finite()) {
+            bail!("[dpo] nll_coef: must be ≥ 0");
+        }
+        Ok(())
     }
-    if !(cfg.dpo.nll_coef >= 0.0 && cfg.dpo.nll_coef.is_finite()) {
-        bail!("[dpo] nll_coef: must be ≥ 0");
-    }
-    let path = crate::run::materialize_model(&cfg.model.path)?;
-    let p = crate::load_model(&path)?;
-    let records = crate::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
+}
+
+/// Trains `cfg` (validated here); returns the summary that is also written to
+/// `[train] out_dir/summary.json`.
+pub fn run(cfg: &DpoConfig) -> Result<Value> {
+    cfg.validate()?;
+    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let records = super::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
     if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {
         bail!(
             "record {}: DPO needs `chosen` and `rejected`, not a ranking",
             i + 1
         );
     }
-    let data = crate::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
+    let data = super::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
     // The reference is the starting model; its log-probabilities are fixed up front.
     let pairs = dpo::with_reference(&p.model, &data, cfg.train.batch_size)?;
     let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
@@ -147,6 +144,5 @@ pub fn run(a: DpoArgs) -> Result<()> {
             nll_coef: cfg.dpo.nll_coef,
         },
     };
-    offline::train(&mut stage, pairs, &cfg.train, "dpo")?;
-    Ok(())
+    super::train(&mut stage, pairs, &cfg.train, "dpo")
 }

@@ -1,22 +1,21 @@
-//! `tandem rejection-sample CONFIG`: N completions per prompt from a policy, scored by
+//! `tandem rejection-sample`: N completions per prompt from a policy, scored by
 //! the verifiers and / or a reward model of `[reward]`; the best per prompt (or the
-//! top K overall) become an SFT dataset that `tandem sft` reads.
+//! top K overall) become an SFT dataset that `tandem sft` reads (`[rejection] sft`
+//! names the SFT config the binary runs next).
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tandem_coordinator::dataset::{DataConfig, Dataset, PromptBody};
-use tandem_generator::config::GeneratorConfig;
-use tandem_generator::render::{prompt_ids, PromptInput};
-use tandem_generator::reward::{RewardConfig, RewardModel};
-use tandem_model::{ChatMessage, SamplingParams};
+use tandem_data::{DataConfig, Dataset, PromptBody};
+use tandem_model::{ChatMessage, ModelSection, RewardModel, SamplingParams};
 
-use crate::run_config::{read_config, ModelSection};
+use crate::config::GeneratorConfig;
+use crate::error::{bail, Context, Result};
+use crate::render::{prompt_ids, PromptInput};
+use crate::reward::RewardConfig;
 
 /// What is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,40 +80,40 @@ pub struct RejectionConfig {
     pub rejection: RejectionSection,
 }
 
-#[derive(Args)]
-pub struct RejectionArgs {
-    /// The config (docs/pipeline.md; examples/tiny-rejection.toml).
-    config: PathBuf,
-    /// Config overrides, `section.key=value` (repeatable).
-    #[arg(long = "set")]
-    overrides: Vec<String>,
-}
-
 struct Sample {
     prompt: usize,
     text: String,
     reward: f64,
 }
 
-pub fn run(a: RejectionArgs) -> Result<()> {
-    let cfg: RejectionConfig = read_config(&a.config, &a.overrides)?;
+impl RejectionConfig {
+    pub fn validate(&self) -> Result<()> {
+        let r = &self.rejection;
+        self.data.validate()?;
+        self.generator.validate()?;
+        self.reward.validate()?;
+        if r.n == 0 || r.prompts == 0 || r.batch_prompts == 0 {
+            bail!("[rejection] n, prompts and batch_prompts must be ≥ 1");
+        }
+        if r.keep == Keep::TopK && r.top_k == 0 {
+            bail!("[rejection] top_k: keep = \"top_k\" needs top_k ≥ 1");
+        }
+        if r.min_reward.is_some_and(|m| !m.is_finite()) {
+            bail!("[rejection] min_reward: must be finite");
+        }
+        if self.reward.service.is_some() {
+            bail!("[reward] service: rejection sampling scores with the verifiers and [reward] model only");
+        }
+        Ok(())
+    }
+}
+
+/// Samples, scores and writes `[rejection] out` (and its summary) for `cfg`
+/// (validated here); returns the summary.
+pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
+    cfg.validate()?;
     let r = &cfg.rejection;
-    cfg.data.validate()?;
-    cfg.generator.validate()?;
-    cfg.reward.validate()?;
-    if r.n == 0 || r.prompts == 0 || r.batch_prompts == 0 {
-        bail!("[rejection] n, prompts and batch_prompts must be ≥ 1");
-    }
-    if r.keep == Keep::TopK && r.top_k == 0 {
-        bail!("[rejection] top_k: keep = \"top_k\" needs top_k ≥ 1");
-    }
-    if r.min_reward.is_some_and(|m| !m.is_finite()) {
-        bail!("[rejection] min_reward: must be finite");
-    }
-    if cfg.reward.service.is_some() {
-        bail!("[reward] service: rejection sampling scores with the verifiers and [reward] model only");
-    }
-    let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
+    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
     let rm = match &cfg.reward.model {
         Some(dir) => Some(RewardModel::load(dir, &p.model)?),
         None => None,
@@ -145,7 +144,7 @@ pub fn run(a: RejectionArgs) -> Result<()> {
             )
             .with_context(|| format!("prompt {}", i + 1))
         })
-        .collect::<Result<_>>()?;
+        .collect::<std::result::Result<_, _>>()?;
 
     let bar = ProgressBar::new(count as u64);
     bar.set_style(
@@ -261,7 +260,7 @@ pub fn run(a: RejectionArgs) -> Result<()> {
         "out": r.out,
     });
     let summary_path = r.out.with_extension("summary.json");
-    crate::serve::write_atomic(&summary_path, &serde_json::to_string_pretty(&summary)?)?;
+    tandem_model::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?)?;
     eprintln!(
         "rejection-sample: kept {} of {} samples from {count} prompts (mean reward {:.3} → {:.3}); wrote {}",
         kept.len(),
@@ -270,16 +269,5 @@ pub fn run(a: RejectionArgs) -> Result<()> {
         summary["mean_reward_kept"].as_f64().unwrap_or(f64::NAN),
         r.out.display()
     );
-    if let Some(config) = &r.sft {
-        let out = r
-            .out
-            .to_str()
-            .with_context(|| format!("{} is not UTF-8", r.out.display()))?;
-        crate::sft::run(crate::sft::SftArgs {
-            config: config.clone(),
-            overrides: vec![format!("data.path={out:?}")],
-        })
-        .with_context(|| format!("[rejection] sft: {}", config.display()))?;
-    }
-    Ok(())
+    Ok(summary)
 }

@@ -1,22 +1,21 @@
 //! The trainer's side of `[trainer] broadcast`: the listener generators join, and a
 //! thread that pushes each published version to the broadcast group the coordinator
 //! named in its publish reply, then asks the coordinator to exclude every member that
-//! had not joined, stalled or failed (`tandem_trainer::broadcast`). With `[trainer]
-//! broadcast = "nccl"` the bytes go by one NCCL broadcast per version
-//! (`tandem_trainer::nccl`).
+//! had not joined, stalled or failed (`tandem_weights::broadcast`). With `[trainer]
+//! broadcast = "nccl"` the bytes go by one NCCL broadcast per version.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
 use tandem_proto::client;
 use tandem_proto::client::Authed;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{BroadcastGroup, ExcludeRequest};
-use tandem_trainer::broadcast::Broadcaster;
-use tandem_trainer::collective::SharedBackend;
-use tandem_trainer::config::BroadcastPlane;
-use tandem_trainer::service::Snapshot;
+use tandem_weights::broadcast::Broadcaster;
+use tandem_weights::collective::SharedBackend;
+use tandem_weights::Snapshot;
+
+use crate::error::{invalid, Result};
 
 /// The newest version waiting to be pushed (an older one not yet sent is skipped).
 type Slot = Arc<(Mutex<Option<(BroadcastGroup, Arc<Snapshot>)>>, Condvar)>;
@@ -46,53 +45,13 @@ pub fn addresses(
     let host = |a: &str| -> Result<String> {
         a.rsplit_once(':')
             .map(|(h, _)| h.to_string())
-            .ok_or_else(|| anyhow!("{a:?} is not host:port"))
+            .ok_or_else(|| invalid(format!("{a:?} is not host:port")))
     };
     let bind = match explicit {
         Some(b) => b.to_string(),
         None => format!("{}:0", host(listen)?),
     };
     Ok((bind, host(advertise)?))
-}
-
-/// The collective data plane `[trainer] broadcast` asks for (`None` for "tcp"). A
-/// trainer that cannot run it (`strict`) stops with the fix; a generator warns and
-/// joins over TCP, which sends its epochs over TCP.
-pub fn collective(plane: BroadcastPlane, strict: bool) -> Result<Option<SharedBackend>> {
-    if plane != BroadcastPlane::Nccl {
-        return Ok(None);
-    }
-    match nccl_backend() {
-        Ok(b) => Ok(Some(b)),
-        Err(why) if strict => Err(anyhow!("[trainer] broadcast = \"nccl\": {why}")),
-        Err(why) => {
-            tracing::warn!(
-                "[trainer] broadcast = \"nccl\": {why}; this generator receives over TCP"
-            );
-            Ok(None)
-        }
-    }
-}
-
-#[cfg(feature = "nccl")]
-fn nccl_backend() -> std::result::Result<SharedBackend, String> {
-    let device = crate::device().map_err(|e| format!("{e:#}"))?;
-    Ok(Arc::new(tandem_trainer::nccl::NcclBackend::new(&device)?))
-}
-
-/// Why this build cannot run `[trainer] broadcast = plane`, if it cannot (checked by
-/// `tandem run` before it starts anything).
-pub fn unsupported(plane: BroadcastPlane) -> Option<String> {
-    (plane == BroadcastPlane::Nccl && !cfg!(feature = "nccl"))
-        .then(|| format!("[trainer] broadcast = \"nccl\": {NO_NCCL}"))
-}
-
-const NO_NCCL: &str =
-    "this build has no NCCL: build it with scripts/build-cuda.sh --nccl, or set broadcast = \"tcp\"";
-
-#[cfg(not(feature = "nccl"))]
-fn nccl_backend() -> std::result::Result<SharedBackend, String> {
-    Err(NO_NCCL.into())
 }
 
 impl Pusher {
@@ -105,8 +64,7 @@ impl Pusher {
         rt: tokio::runtime::Handle,
         mut coordinator: CoordinatorClient<Authed>,
     ) -> Result<Self> {
-        let broadcaster = Broadcaster::bind(bind, token, settings.collective.clone())
-            .map_err(|e| anyhow!("{e}"))?;
+        let broadcaster = Broadcaster::bind(bind, token, settings.collective.clone())?;
         let advertise = format!("{advertise_host}:{}", broadcaster.local_addr().port());
         let slot: Slot = Arc::default();
         let work = slot.clone();
@@ -170,7 +128,7 @@ impl Pusher {
                     tracing::warn!("excluding from the broadcast group: {}", client::describe(&e));
                 }
             })
-            .map_err(|e| anyhow!("broadcast thread: {e}"))?;
+            .map_err(|e| invalid(format!("broadcast thread: {e}")))?;
         Ok(Pusher { slot, advertise })
     }
 
@@ -190,20 +148,6 @@ impl Pusher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nccl_without_the_feature_stops_the_trainer_and_lets_a_generator_use_tcp() {
-        assert!(collective(BroadcastPlane::Tcp, true).unwrap().is_none());
-        if cfg!(feature = "nccl") {
-            return;
-        }
-        let e = collective(BroadcastPlane::Nccl, true).err().unwrap();
-        assert!(
-            e.to_string().contains("scripts/build-cuda.sh --nccl"),
-            "{e}"
-        );
-        assert!(collective(BroadcastPlane::Nccl, false).unwrap().is_none());
-    }
 
     #[test]
     fn the_listener_binds_beside_listen_and_is_dialled_at_advertise() {

@@ -1,22 +1,21 @@
-//! `tandem sft CONFIG`: supervised fine-tuning on a JSONL / Parquet file with TRL's
+//! `tandem sft`: supervised fine-tuning on a JSONL / Parquet file with TRL's
 //! fields, or on the synthetic arithmetic task; loss on assistant tokens only, a
 //! held-out validation loss, a metrics log, checkpoints and the final model as HF
 //! folders. Every record is read and checked before anything is written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tandem_coordinator::dataset::{DataConfig, DataKind};
+use tandem_data::{DataConfig, DataKind};
 use tandem_model::ChatMessage;
-use tandem_trainer::config::OptimizerConfig;
-use tandem_trainer::sft::{self, Example, Masking, Render, Tokenized};
-use tandem_trainer::step::Optimizer;
+use tandem_model::ModelSection;
 
-use crate::offline::{self, save_model, Stage, TrainSection};
-use crate::run_config::{read_config, ModelSection};
+use super::{save_model, Stage, TrainSection};
+use crate::config::OptimizerConfig;
+use crate::error::{bail, Context, Result};
+use crate::sft::{self, Example, Masking, Render, Tokenized};
+use crate::step::Optimizer;
 
 /// `[sft]` (docs/pipeline.md); the schedule is `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,19 +58,11 @@ impl SftConfig {
     }
 }
 
-#[derive(Args)]
-pub struct SftArgs {
-    /// The SFT config (see docs/pipeline.md; examples/tiny-sft.toml).
-    pub config: PathBuf,
-    /// Config overrides, `section.key=value` (repeatable).
-    #[arg(long = "set")]
-    pub overrides: Vec<String>,
-}
-
 /// The records of the configured data, checked; errors name the file, line and field.
 pub fn examples(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Example>> {
     match cfg.kind {
-        DataKind::Arithmetic => Ok(offline::synthetic(cfg, synthetic)?
+        DataKind::Arithmetic => Ok(tandem_data::Arithmetic::new(cfg)?
+            .pairs(synthetic)
             .into_iter()
             .map(|(q, a)| {
                 if cfg.chat {
@@ -91,7 +82,7 @@ pub fn examples(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Example>> {
             })
             .collect()),
         DataKind::Jsonl | DataKind::Parquet => {
-            let rows = offline::file_rows(cfg)?;
+            let rows = tandem_data::read_records(cfg)?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let ex = Example::from_row(&r.value, &r.at)?;
@@ -154,11 +145,11 @@ impl Stage for Sft {
     }
 }
 
-pub fn run(a: SftArgs) -> Result<()> {
-    let cfg: SftConfig = read_config(&a.config, &a.overrides)?;
-    cfg.validate()
-        .with_context(|| format!("in {}", a.config.display()))?;
-    let p = crate::load_model(&crate::run::materialize_model(&cfg.model.path)?)?;
+/// Trains `cfg` (validated here); returns the summary that is also written to
+/// `[train] out_dir/summary.json`.
+pub fn run(cfg: &SftConfig) -> Result<Value> {
+    cfg.validate()?;
+    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
 
     // Read, check and tokenize everything before writing anything.
     let records = examples(&cfg.data, cfg.sft.examples)?;
@@ -192,81 +183,5 @@ pub fn run(a: SftArgs) -> Result<()> {
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
-    offline::train(&mut stage, data, &cfg.train, "sft")?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// docs/pipeline.md lists exactly the keys of `[train]`, `[sft]`, `[rm]` and `[dpo]`,
-    /// with the code's defaults.
-    #[test]
-    fn offline_sections_are_documented_with_their_defaults() {
-        let doc = include_str!("../docs/pipeline.md");
-        documented_table(doc, "**`[sft]`**", SftSection::default());
-        documented_table(doc, "**`[train]`**", TrainSection::default());
-        documented_table(doc, "**`[rm]`**", crate::rm::RmSection::default());
-        documented_table(doc, "**`[dpo]`**", crate::dpo::DpoSection::default());
-        documented_table(
-            doc,
-            "**`[rejection]`**",
-            crate::rejection::RejectionSection::default(),
-        );
-    }
-
-    /// The `| key | default |` rows after `heading` match `defaults`.
-    fn documented_table<T: Serialize>(doc: &str, heading: &str, defaults: T) {
-        // The table right after the heading; keys documented "unset" have no default.
-        let after = doc.split(heading).nth(1).unwrap();
-        let mut documented: Vec<(String, String)> = after
-            .lines()
-            .skip_while(|l| !l.starts_with('|'))
-            .take_while(|l| l.starts_with('|'))
-            .filter_map(|l| l.strip_prefix("| `"))
-            .map(|row| {
-                let cells: Vec<&str> = row.split(" | ").collect();
-                (
-                    cells[0].trim_end_matches('`').to_string(),
-                    cells[1].trim().trim_matches('`').to_string(),
-                )
-            })
-            .filter(|(_, default)| default != "unset")
-            .collect();
-        documented.sort();
-        let code = toml::Value::try_from(defaults).unwrap();
-        let mut code: Vec<(String, String)> = code
-            .as_table()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| {
-                let shown = match v {
-                    toml::Value::String(s) => format!("{s:?}"),
-                    other => other.to_string(),
-                };
-                (k.clone(), shown)
-            })
-            .collect();
-        code.sort();
-        assert_eq!(documented, code, "{heading}");
-    }
-
-    #[test]
-    fn bad_sft_configs_name_the_key() {
-        for (set, needle) in [
-            ("train.batch_size=0", "batch_size"),
-            ("train.val_fraction=1.0", "val_fraction"),
-            ("train.max_len=1", "max_len"),
-            ("train.epochs=0", "epochs"),
-            ("sft.masking=\"first\"", "masking"),
-            ("sft.epoch=3", "epoch"),
-        ] {
-            let e = crate::run_config::parse_with_overrides::<SftConfig>("", &[set.to_string()])
-                .and_then(|c| c.validate().map(|_| c))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(needle), "{set}: {e}");
-        }
-    }
+    super::train(&mut stage, data, &cfg.train, "sft")
 }

@@ -1,0 +1,22 @@
+//! `tandem-data`: the datasets every stage reads. The coordinator hands out prompts
+//! from them; the offline stages (SFT, reward models, DPO, rejection sampling) train on
+//! their records. It depends on no other Tandem crate.
+//!
+//! - [`config`] — the `[data]` section
+//! - [`prompt`] — a prompt (text or conversation, reference answer) and [`Dataset`],
+//!   the configured prompts as a stream indexed from 0 (a file repeats in a new order
+//!   each epoch)
+//! - [`arithmetic`] — the built-in synthetic task
+//! - [`file`] — JSONL and Parquet records with TRL's fields, checked as they are read
+
+pub mod arithmetic;
+pub mod config;
+pub mod error;
+pub mod file;
+pub mod prompt;
+
+pub use arithmetic::Arithmetic;
+pub use config::{DataConfig, DataKind};
+pub use error::{Error, Result};
+pub use file::{read_prompts, read_records, read_rows, Row};
+pub use prompt::{Dataset, Message, Prompt, PromptBody};

@@ -1,0 +1,26 @@
+//! `tandem-weights`: how a policy version travels from the trainer to the generators.
+//! The trainer and the generators both use it; it depends only on `tandem-model` (the
+//! parameters' bytes) and `tandem-proto` (the wire messages).
+//!
+//! - [`snapshot`] — a published version as bytes in the model's parameter order
+//! - [`bucket`] — CRC-32-checked slices of those bytes for the gRPC fetch, and the
+//!   [`bucket::Assembler`] that verifies order, size and checksums
+//! - [`broadcast`] — the push to every member of the broadcast group (frames, the
+//!   trainer's [`broadcast::Broadcaster`], a member's [`broadcast::Receiver`])
+//! - [`collective`] — the collective data plane's interface with NCCL's semantics and
+//!   the in-process stand-in the orchestration's tests run on; `nccl` (feature `nccl`)
+//!   is NCCL itself
+//! - [`plane`] — `[trainer] broadcast` and the backend a process runs for it
+
+pub mod broadcast;
+pub mod bucket;
+pub mod collective;
+pub mod error;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod plane;
+pub mod snapshot;
+
+pub use error::{Error, Result};
+pub use plane::BroadcastPlane;
+pub use snapshot::Snapshot;
