@@ -1,19 +1,27 @@
-//! `tandem-coordinator`: the control plane of a run.
+//! `tandem-coordinator`: the control plane of a run. Prompts come from a
+//! [`tandem_data::Dataset`]; the coordinator depends on no model and no other role.
 //!
 //! - [`lease`] — prompt leases (exactly-once work) and the staleness admission rule
 //! - [`membership`] — workers, heartbeats, dropping the silent
+//! - [`group`] — the weight-broadcast group (ranks, epochs, exclusion)
+//! - [`state`] — the state those make up, and the run's settings
+//! - [`publish`] — the trainer's publish: checked whole, then applied
 //! - [`service`] — the Coordinator gRPC service over that state
+//! - [`export`] — gauges of the state and the series computed at scrape time
 //! - [`server`] — listeners, `/metrics` + `/status` + health endpoints, the reaper
 //! - [`metrics`] — the lag metrics' names and the Prometheus recorder
 //! - [`config`] — the `[run]` and `[coordinator]` sections
 
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod group;
 pub mod lease;
 pub mod membership;
 pub mod metrics;
+pub mod publish;
 pub mod server;
 pub mod service;
+pub mod state;
 
 pub use error::{Error, Result};

@@ -1,7 +1,9 @@
 //! `tandem-generator`: the rollout worker.
 //!
-//! - [`worker`] — leases, batched sampling with per-token versions, the rollout
-//!   stream to the trainer, weight swaps (between batches or in flight)
+//! - [`worker`] — leases, batched sampling with per-token versions and scoring; its
+//!   heartbeats (`heartbeat.rs`), the rollout stream to the trainer (`push.rs`) and
+//!   weight swaps between batches or in flight (`weight_sync.rs`, from the
+//!   [`broadcast`] inbox or the gRPC fetch)
 //! - [`reward`] — built-in verifiers (math final answer, format, exact match) and
 //!   the external reward service
 //! - [`render`] — prompts to token ids (chat template or raw text)
@@ -12,9 +14,12 @@
 pub mod broadcast;
 pub mod config;
 pub mod error;
+mod heartbeat;
+mod push;
 pub mod rejection;
 pub mod render;
 pub mod reward;
+mod weight_sync;
 pub mod worker;
 
 pub use error::{Error, Result};
