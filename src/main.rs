@@ -1,7 +1,5 @@
 //! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
 
-mod bench;
-mod bench_system;
 mod certs;
 mod generate;
 mod health;
@@ -42,7 +40,7 @@ enum Command {
     /// One optimizer step of the configured RL algorithm on a rollout file.
     TrainStep(train_step::TrainStepArgs),
     /// Benchmarks (side by side with a reference where one is given).
-    Bench(bench::BenchArgs),
+    Bench(tandem_bench::BenchArgs),
     /// Run the whole loop here: coordinator, trainer and generators on loopback.
     Run(run::RunArgs),
     /// Serve the control plane of a run.
@@ -96,7 +94,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::TrainStep(a) => train_step::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => tandem_bench::run(a).map_err(Into::into),
         Command::Run(a) => run::run(a),
         Command::Coordinator(a) => serve::coordinator(a),
         Command::Trainer(a) => serve::trainer(a),

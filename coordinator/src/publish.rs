@@ -125,6 +125,8 @@ mod tests {
 
     /// Everything a publish may change.
     fn observe(c: &mut Core) -> String {
+        // What a generator would be granted next shows any rewind or re-issue.
+        let next = c.leases.grant(1, 8, Instant::now());
         format!(
             "v{} s{} buf{} acc{} run{} reissue{:?} wait{} drop{:?} metrics{:?} fin{} stale{} | next grant {:?}",
             c.version,
@@ -138,8 +140,7 @@ mod tests {
             c.train_metrics,
             c.finished(),
             c.max_staleness_seen,
-            // What a generator would be granted next shows any rewind or re-issue.
-            c.leases.grant(1, 8, Instant::now()),
+            next,
         )
     }
 

@@ -6,38 +6,21 @@
 //! device and dtype are the binary's (`TANDEM_DEVICE`, `TANDEM_DTYPE`, inherited by the
 //! phases); on a GPU every timed phase ends with a device synchronisation.
 //!
-//! `tandem bench nccl` (feature `nccl`): a world-size-1 NCCL broadcast of a model's
-//! weight bytes beside a device-to-device copy of the same bytes.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde_json::{json, Value};
 use tandem_model::optim::{AdamW, AdamWConfig};
 use tandem_model::SamplingParams;
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchWhat,
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// The model engine: decode tok/s, fwd+bwd time, optimizer step time, peak RSS.
-    Model(ModelBench),
-    /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
-    System(crate::bench_system::SystemBench),
-    /// NCCL broadcast (world size 1) of a model's weights vs a device-to-device copy.
-    #[cfg(feature = "nccl")]
-    Nccl(NcclBench),
-}
+use crate::error::{bail, ensure, Context, Result};
+use crate::timing::{peak_rss_mib, reset_peak_rss, timed};
 
 #[derive(Args, Clone)]
-struct ModelBench {
+pub struct ModelBench {
     /// Model: `smollm2`, a .gguf file or an HF folder.
     #[arg(long, default_value = "smollm2")]
     model: String,
@@ -73,15 +56,11 @@ struct ModelBench {
 /// The fixed 16-token prompt both engines decode from.
 const PROMPT: std::ops::Range<u32> = 100..116;
 
-pub fn run(a: BenchArgs) -> Result<()> {
-    match a.what {
-        BenchWhat::System(s) => crate::bench_system::run(s),
-        #[cfg(feature = "nccl")]
-        BenchWhat::Nccl(n) => nccl::run(n),
-        BenchWhat::Model(m) => match m.phase.clone() {
-            Some(phase) => run_phase(&m, &phase),
-            None => run_all(&m),
-        },
+/// Runs the benchmark, or (with the hidden `--phase`) one of its phases in this process.
+pub fn run(m: ModelBench) -> Result<()> {
+    match m.phase.clone() {
+        Some(phase) => run_phase(&m, &phase),
+        None => run_all(&m),
     }
 }
 
@@ -106,40 +85,6 @@ fn phases(m: &ModelBench) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// Runs `f` once untimed, then `reps` times; the median seconds.
-fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok(median(times))
-}
-
-/// Peak resident set size so far (VmHWM), MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Resets the peak-RSS watermark (Linux): later peaks exclude the load transient.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
     let t = Instant::now();
     let p = tandem_model::load_model(&m.model)?;
@@ -154,7 +99,9 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
     });
     let can_reset = reset_peak_rss();
     if let Some(b) = phase.strip_prefix("decode_b") {
-        let b: usize = b.parse()?;
+        let b: usize = b
+            .parse()
+            .with_context(|| format!("phase `{phase}`: not a batch size"))?;
         let params = |n| SamplingParams {
             temperature: 0.0,
             max_new_tokens: n,
@@ -165,7 +112,7 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
         tandem_model::generate(model, prompts.clone(), params(4))?;
         let secs = timed(m.reps, || {
             let c = tandem_model::generate(model, prompts.clone(), params(m.new_tokens))?;
-            anyhow::ensure!(
+            ensure!(
                 c.iter().all(|c| c.tokens.len() == m.new_tokens),
                 "short completion"
             );
@@ -244,7 +191,8 @@ fn run_child(mut cmd: Command, what: &str) -> Result<Value> {
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| format!("{what}: output is not JSON: {text}"))
+    Ok(serde_json::from_str(text.trim())
+        .with_context(|| format!("{what}: output is not JSON: {text}"))?)
 }
 
 fn run_all(m: &ModelBench) -> Result<()> {
@@ -351,128 +299,4 @@ fn gpu_memory_used_mib(device: &candle_core::Device) -> Option<f64> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_memory_used_mib(_: &candle_core::Device) -> Option<f64> {
     None
-}
-
-#[cfg(feature = "nccl")]
-#[derive(Args)]
-struct NcclBench {
-    /// Model whose parameters give the sizes (total bytes and each tensor's share).
-    #[arg(long, default_value = "smollm2")]
-    model: String,
-    /// Timed repetitions (median reported), after one warm-up.
-    #[arg(long, default_value_t = 10)]
-    reps: usize,
-    /// Write the JSON here too (it is always printed).
-    #[arg(long)]
-    json: Option<PathBuf>,
-}
-
-/// World-size-1 NCCL: rank 0 broadcasts to itself, so the figure is NCCL's own cost
-/// (launch, protocol, the local copy) on this GPU, next to `cuMemcpyDtoD` of the same
-/// bytes. Four shapes: one flat buffer, one call per parameter tensor (the sizes of
-/// the model's tensors, as slices of that buffer), the device copy, and the weight
-/// broadcast's data plane as it runs (`tandem_weights::nccl`: host bytes staged to the
-/// GPU, a non-blocking communicator polled to completion).
-#[cfg(feature = "nccl")]
-mod nccl {
-    use super::*;
-    use candle_core::cuda_backend::cudarc::driver::CudaStream;
-    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id};
-    use std::sync::Arc;
-
-    fn nccl_err(e: impl std::fmt::Debug) -> anyhow::Error {
-        anyhow::anyhow!("NCCL: {e:?}")
-    }
-
-    /// Median seconds of `f` followed by a stream synchronisation.
-    fn timed_on(
-        stream: &Arc<CudaStream>,
-        reps: usize,
-        mut f: impl FnMut() -> Result<()>,
-    ) -> Result<f64> {
-        timed(reps, || {
-            f()?;
-            stream.synchronize()?;
-            Ok(())
-        })
-    }
-
-    pub(super) fn run(a: NcclBench) -> Result<()> {
-        let p = tandem_model::load_model(&a.model)?;
-        let device = p.model.device().clone();
-        let candle_core::Device::Cuda(cuda) = &device else {
-            bail!("tandem bench nccl needs a CUDA device (TANDEM_DEVICE=cuda)");
-        };
-        let elem = p.model.dtype().size_in_bytes();
-        let sizes: Vec<usize> = p
-            .model
-            .params()
-            .vars()
-            .iter()
-            .map(|v| v.elem_count() * elem)
-            .collect();
-        let total: usize = sizes.iter().sum();
-        drop(p);
-        let stream = cuda.cuda_stream();
-        let src = stream.alloc_zeros::<u8>(total)?;
-        let mut dst = stream.alloc_zeros::<u8>(total)?;
-        let t = Instant::now();
-        let comm = Comm::from_rank(stream.clone(), 0, 1, Id::new().map_err(nccl_err)?)
-            .map_err(nccl_err)?;
-        let init_seconds = t.elapsed().as_secs_f64();
-
-        let flat = timed_on(&stream, a.reps, || {
-            comm.broadcast(Some(&src), &mut dst, 0).map_err(nccl_err)?;
-            Ok(())
-        })?;
-        let per_tensor = timed_on(&stream, a.reps, || {
-            let mut at = 0;
-            for &n in &sizes {
-                let s = src.slice(at..at + n);
-                let mut d = dst.slice_mut(at..at + n);
-                comm.broadcast(Some(&s), &mut d, 0).map_err(nccl_err)?;
-                at += n;
-            }
-            Ok(())
-        })?;
-        let dtod = timed_on(&stream, a.reps, || {
-            stream.memcpy_dtod(&src, &mut dst)?;
-            Ok(())
-        })?;
-        // The weight broadcast's own path (tandem_weights::nccl): a non-blocking
-        // communicator, the host bytes staged to the GPU, the broadcast polled to the end.
-        use tandem_weights::collective::Backend;
-        let backend =
-            tandem_weights::nccl::NcclBackend::new(&device).map_err(|e| anyhow::anyhow!(e))?;
-        let id = backend.new_id().map_err(|e| anyhow::anyhow!(e))?;
-        let mut comm = backend.join(&id, 0, 1).map_err(|e| anyhow::anyhow!(e))?;
-        let host = vec![7u8; total];
-        let deadline = || Instant::now() + std::time::Duration::from_secs(60);
-        let plane = timed(a.reps, || {
-            comm.send(&host, deadline()).map_err(|e| anyhow::anyhow!(e))
-        })?;
-        let gbs = |s: f64| total as f64 / s / 1e9;
-        let out = json!({
-            "model": a.model,
-            "bytes": total,
-            "tensors": sizes.len(),
-            "world_size": 1,
-            "comm_init_seconds": init_seconds,
-            "broadcast_flat_seconds": flat,
-            "broadcast_flat_gb_per_s": gbs(flat),
-            "broadcast_per_tensor_seconds": per_tensor,
-            "broadcast_per_tensor_gb_per_s": gbs(per_tensor),
-            "dtod_copy_seconds": dtod,
-            "dtod_copy_gb_per_s": gbs(dtod),
-            "broadcast_plane_seconds": plane,
-            "broadcast_plane_gb_per_s": gbs(plane),
-            "reps": a.reps,
-        });
-        println!("{out}");
-        if let Some(path) = &a.json {
-            std::fs::write(path, serde_json::to_string_pretty(&out)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    }
 }

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use tandem_proto::auth::Credentials;
@@ -30,8 +29,10 @@ use tandem_weights::bucket::Assembler;
 use tandem_weights::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::error::{ensure, invalid, Context, Error, Result};
+
 fn credentials() -> Result<Credentials> {
-    Credentials::new("bench", Tls::none()).map_err(|e| anyhow!(e))
+    Credentials::new("bench", Tls::none()).map_err(invalid)
 }
 
 #[derive(Args, Clone)]
@@ -70,6 +71,7 @@ pub struct SystemBench {
     json: Option<PathBuf>,
 }
 
+/// Runs the parts not skipped and prints (and with `--json` writes) their figures.
 pub fn run(a: SystemBench) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,21 +170,23 @@ fn gbps(bytes: usize, secs: f64) -> f64 {
 }
 
 async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
-    let cfg = crate::run_config::RunConfig::parse(
-        "[run]\nmax_staleness = 1000000\nbatch_groups = 64\n",
-        &[],
-    )?;
+    // Admission never holds the clients back: the figure is transport, not staleness.
     let settings = tandem_coordinator::service::Settings {
-        run: cfg.run.clone(),
-        coordinator: cfg.coordinator.clone(),
-        config_toml: cfg.to_toml()?,
+        run: tandem_coordinator::config::RunSection {
+            max_staleness: 1_000_000,
+            batch_groups: 64,
+            ..Default::default()
+        },
+        coordinator: Default::default(),
+        // The clients here read nothing of the run's config.
+        config_toml: String::new(),
     };
-    let dataset = tandem_data::Dataset::load(&cfg.data)?;
+    let dataset = tandem_data::Dataset::load(&Default::default())?;
     let creds = credentials()?;
     let coord = tandem_coordinator::server::start(settings, dataset, &creds).await?;
     let ch = client::connect(&coord.grpc.to_string(), &creds)
         .await
-        .map_err(|e| anyhow!(e))?;
+        .map_err(invalid)?;
     let svc = TrainerService {
         shared,
         coordinator: client::coordinator(ch, &creds),
@@ -201,9 +205,13 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
 fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
     use tandem_proto::v1::{BroadcastGroup, GroupMember};
     use tandem_weights::broadcast::{Broadcaster, Join, Receiver};
-    let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
+    let snap = shared
+        .weights
+        .read()
+        .map_err(|_| invalid("the weights lock was poisoned"))?
+        .clone();
     let token = "bench";
-    let b = Broadcaster::bind("127.0.0.1:0", token, None).map_err(|e| anyhow!("{e}"))?;
+    let b = Broadcaster::bind("127.0.0.1:0", token, None)?;
     let addr = b.local_addr().to_string();
     let members: Vec<GroupMember> = (1..=n as u32)
         .map(|rank| GroupMember {
@@ -227,10 +235,10 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
                     worker_id: rank as u64,
                     token,
                 };
-                let mut r = Receiver::connect(&j, second * 5, None).map_err(|e| anyhow!("{e}"))?;
+                let mut r = Receiver::connect(&j, second * 5, None)?;
                 let mut got = 0;
                 while got < rounds {
-                    if let Some(v) = r.recv(second, second * 60).map_err(|e| anyhow!("{e}"))? {
+                    if let Some(v) = r.recv(second, second * 60)? {
                         // As a generator does once the version is assigned.
                         r.recycle(v.bytes);
                         got += 1;
@@ -251,11 +259,11 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
     for _ in 0..rounds {
         let wait = Duration::from_secs(10);
         let out = b.send(&group, &snap, shared.bucket_bytes, wait, wait * 6);
-        anyhow::ensure!(out.failed.is_empty(), "{}", out.describe_failures());
+        ensure!(out.failed.is_empty(), "{}", out.describe_failures());
         best = best.min(out.seconds);
     }
     for r in receivers {
-        r.join().map_err(|_| anyhow!("a receiver panicked"))??;
+        r.join().map_err(|_| invalid("a receiver panicked"))??;
     }
     Ok(best)
 }
@@ -269,9 +277,7 @@ async fn fetch_all(addr: &str, creds: &Credentials, n: usize) -> Result<f64> {
         for _ in 0..n {
             let (addr, creds) = (addr.to_string(), creds.clone());
             tasks.push(tokio::spawn(async move {
-                let ch = client::connect(&addr, &creds)
-                    .await
-                    .map_err(|e| anyhow!(e))?;
+                let ch = client::connect(&addr, &creds).await.map_err(invalid)?;
                 let mut t = client::trainer(ch, &creds);
                 let mut s = t
                     .fetch_weights(FetchWeightsRequest { version: 1 })
@@ -279,10 +285,10 @@ async fn fetch_all(addr: &str, creds: &Credentials, n: usize) -> Result<f64> {
                     .into_inner();
                 let mut asm = Assembler::default();
                 while let Some(b) = s.message().await? {
-                    asm.push(b).map_err(|e| anyhow!(e))?;
+                    asm.push(b).map_err(invalid)?;
                 }
-                asm.finish().map_err(|e| anyhow!(e))?;
-                Ok::<_, anyhow::Error>(())
+                asm.finish().map_err(invalid)?;
+                Ok::<_, Error>(())
             }));
         }
         for t in tasks {
@@ -299,7 +305,11 @@ async fn fetch_all(addr: &str, creds: &Credentials, n: usize) -> Result<f64> {
 /// faults); without, each reader allocates its buffer as it reads, as a receiver that
 /// keeps a new version beside the old one does.
 async fn raw_tcp(shared: Arc<Shared>, n: usize, reuse: bool) -> Result<f64> {
-    let snap = shared.weights.read().map_err(|_| anyhow!("lock"))?.clone();
+    let snap = shared
+        .weights
+        .read()
+        .map_err(|_| invalid("the weights lock was poisoned"))?
+        .clone();
     let total = snap.bytes.len();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -332,12 +342,12 @@ async fn raw_tcp(shared: Arc<Shared>, n: usize, reuse: bool) -> Result<f64> {
                 if buf.is_empty() {
                     let mut fresh = Vec::with_capacity(total);
                     sock.read_to_end(&mut fresh).await?;
-                    anyhow::ensure!(fresh.len() == total, "short read");
+                    ensure!(fresh.len() == total, "short read");
                 } else {
                     sock.read_exact(&mut buf).await?;
-                    anyhow::ensure!(sock.read(&mut [0u8; 1]).await? == 0, "long read");
+                    ensure!(sock.read(&mut [0u8; 1]).await? == 0, "long read");
                 }
-                Ok::<_, anyhow::Error>(buf)
+                Ok::<_, Error>(buf)
             }));
         }
         for t in tasks {
@@ -369,7 +379,7 @@ async fn ingest(
         tasks.push(tokio::spawn(async move {
             let ch = client::connect(&coord_addr, &creds)
                 .await
-                .map_err(|e| anyhow!(e))?;
+                .map_err(invalid)?;
             let mut coord = client::coordinator(ch, &creds);
             let id = coord
                 .register(RegisterRequest {
@@ -420,7 +430,7 @@ async fn ingest(
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();
             let ch = client::connect(&trainer_addr, &creds)
                 .await
-                .map_err(|e| anyhow!(e))?;
+                .map_err(invalid)?;
             let mut t = client::trainer(ch, &creds);
             let start = Instant::now();
             let mut acks = t
@@ -429,10 +439,10 @@ async fn ingest(
                 .into_inner();
             let mut accepted = 0usize;
             while let Some(ack) = acks.message().await? {
-                anyhow::ensure!(ack.accepted, "refused: {}", ack.reason);
+                ensure!(ack.accepted, "refused: {}", ack.reason);
                 accepted += 1;
             }
-            Ok::<_, anyhow::Error>((accepted, bytes, start.elapsed().as_secs_f64()))
+            Ok::<_, Error>((accepted, bytes, start.elapsed().as_secs_f64()))
         }));
     }
     let (mut groups, mut bytes) = (0usize, 0usize);
@@ -529,12 +539,16 @@ fn loop_run(a: &SystemBench, eta: u64, mock: bool) -> Result<f64> {
     std::fs::write(&cfg, text)?;
     let t0 = Instant::now();
     let st = std::process::Command::new(std::env::current_exe()?)
-        .args(["run", cfg.to_str().ok_or_else(|| anyhow!("path"))?])
+        .args([
+            "run",
+            cfg.to_str()
+                .ok_or_else(|| invalid(format!("{} is not UTF-8", cfg.display())))?,
+        ])
         .env("TANDEM_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()?;
-    anyhow::ensure!(
+    ensure!(
         st.success(),
         "mock run failed; see {}",
         dir.join("run/logs").display()

@@ -1,0 +1,49 @@
+//! `tandem-bench`: the benchmarks behind `tandem bench`, each figure beside its
+//! reference in the same run (docs/benchmarks.md records them).
+//!
+//! - [`model`] — the engine: decode, fwd+bwd and optimizer step beside transformers
+//! - [`system`] — the distributed loop: weight sync beside raw TCP, rollout ingest
+//!   beside a training step, async beside sync steps/hour
+//! - `nccl` (feature `nccl`) — NCCL broadcast beside a device-to-device copy
+//! - [`timing`] — medians of timed repetitions, peak RSS
+//!
+//! It drives every other crate, so nothing depends on it but the binary.
+
+pub mod error;
+pub mod model;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod system;
+pub mod timing;
+
+use clap::{Args, Subcommand};
+
+pub use error::{Error, Result};
+
+/// `tandem bench …`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// The model engine: decode tok/s, fwd+bwd time, optimizer step time, peak RSS.
+    Model(model::ModelBench),
+    /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
+    System(system::SystemBench),
+    /// NCCL broadcast (world size 1) of a model's weights vs a device-to-device copy.
+    #[cfg(feature = "nccl")]
+    Nccl(nccl::NcclBench),
+}
+
+/// Runs the benchmark `a` names.
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Model(m) => model::run(m),
+        BenchWhat::System(s) => system::run(s),
+        #[cfg(feature = "nccl")]
+        BenchWhat::Nccl(n) => nccl::run(n),
+    }
+}
