@@ -1,6 +1,8 @@
 //! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
 
 mod certs;
+#[cfg(test)]
+mod example_configs;
 mod generate;
 mod health;
 mod model_cmd;

@@ -1,0 +1,166 @@
+//! Every `examples/*.toml` parses and validates as the config of the command its
+//! `# command:` line names. A file that reads an earlier stage's output names it on a
+//! `# needs: PATH (from examples/X.toml)` line, and X must write exactly PATH; any other
+//! path the config gives must exist in the repository.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use tandem_generator::rejection::RejectionConfig;
+use tandem_trainer::offline::dpo::DpoConfig;
+use tandem_trainer::offline::rm::RmConfig;
+use tandem_trainer::offline::sft::SftConfig;
+
+use crate::run_config::{parse_with_overrides, RunConfig};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Example {
+    file: String,
+    text: String,
+    command: String,
+    /// (path, the example that writes it).
+    needs: Vec<(String, String)>,
+}
+
+fn examples() -> Vec<Example> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let file = format!("examples/{}", path.file_name().unwrap().to_string_lossy());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let header = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&format!("# {key}: ")))
+                .map(str::to_string)
+                .collect()
+        };
+        let command = header("command");
+        assert_eq!(command.len(), 1, "{file}: one `# command: tandem …` line");
+        let needs = header("needs")
+            .iter()
+            .map(|n| {
+                let (p, from) = n
+                    .split_once(" (from ")
+                    .unwrap_or_else(|| panic!("{file}: `# needs: PATH (from examples/X.toml)`"));
+                (p.to_string(), from.trim_end_matches(')').to_string())
+            })
+            .collect();
+        out.push(Example {
+            file,
+            text: text.clone(),
+            command: command[0].clone(),
+            needs,
+        });
+    }
+    assert!(out.len() >= 10, "{} examples", out.len());
+    out
+}
+
+fn parse<T: DeserializeOwned>(e: &Example) -> T {
+    parse_with_overrides(&e.text, &[]).unwrap_or_else(|err| panic!("{}: {err:#}", e.file))
+}
+
+/// What an example's command writes that a later stage can read.
+fn outputs(e: &Example) -> Vec<String> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    match e.command.as_str() {
+        "tandem run" => vec![s(
+            &Path::new(&parse::<RunConfig>(e).run.run_dir).join("final")
+        )],
+        "tandem sft" => vec![s(&parse::<SftConfig>(e).train.out_dir.join("final"))],
+        "tandem rm" => vec![s(&parse::<RmConfig>(e).train.out_dir.join("final"))],
+        "tandem dpo" => vec![s(&parse::<DpoConfig>(e).train.out_dir.join("final"))],
+        "tandem rejection-sample" => vec![s(&parse::<RejectionConfig>(e).rejection.out)],
+        other => panic!("{}: unknown command `{other}`", e.file),
+    }
+}
+
+/// Validates the example as its command's config; returns the paths it reads.
+fn check(e: &Example) -> Vec<String> {
+    let path = |p: &Option<PathBuf>| {
+        p.iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    match e.command.as_str() {
+        "tandem run" => {
+            let c =
+                RunConfig::parse(&e.text, &[]).unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            let mut read = vec![c.model.path.clone()];
+            read.extend(path(&c.data.path));
+            read.extend(c.reward.model.clone());
+            read.extend(c.reward.judge.clone());
+            read
+        }
+        "tandem sft" => {
+            let c: SftConfig = parse(e);
+            c.validate()
+                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+        }
+        "tandem rm" => {
+            let c: RmConfig = parse(e);
+            c.validate()
+                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+        }
+        "tandem dpo" => {
+            let c: DpoConfig = parse(e);
+            c.validate()
+                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+        }
+        "tandem rejection-sample" => {
+            let c: RejectionConfig = parse(e);
+            c.validate()
+                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            let mut read = vec![c.model.path.clone()];
+            read.extend(path(&c.data.path));
+            read.extend(c.reward.model.clone());
+            read.extend(path(&c.rejection.sft));
+            read
+        }
+        other => panic!("{}: unknown command `{other}`", e.file),
+    }
+}
+
+#[test]
+fn every_example_parses_and_names_what_it_needs() {
+    let all = examples();
+    for e in &all {
+        let read = check(e);
+        for (p, _) in &e.needs {
+            assert!(
+                read.contains(p),
+                "{}: `# needs: {p}`, but it does not read it",
+                e.file
+            );
+        }
+        for p in read {
+            let named = e.needs.iter().any(|(n, _)| *n == p);
+            let builtin = p == "smollm2" || p.starts_with("preset:");
+            assert!(
+                builtin || named || repo().join(&p).exists(),
+                "{}: reads `{p}`, which is not in the repository: name the stage that writes it on a `# needs:` line",
+                e.file
+            );
+        }
+        for (p, from) in &e.needs {
+            let src = all.iter().find(|x| x.file == *from).unwrap_or_else(|| {
+                panic!("{}: needs {p} from {from}, which does not exist", e.file)
+            });
+            assert!(
+                outputs(src).contains(p),
+                "{}: needs {p}, but {from} writes {:?}",
+                e.file,
+                outputs(src)
+            );
+        }
+    }
+}
