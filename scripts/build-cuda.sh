@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds `tandem` with candle's CUDA backend on a machine without a GPU or a CUDA
 # install (Debian 12 x86_64 with pip), and copies it to gpu/bin/tandem (+ .xz) so that
-# it can travel to a GPU machine. See docs in /work/shared/GPU.md for the facts behind
-# each step.
+# it can travel to a GPU machine. ARCHITECTURE.md ("Building for CUDA without a GPU")
+# gives the facts behind each step.
 #
 #   scripts/build-cuda.sh            # --features cuda
 #   scripts/build-cuda.sh --nccl     # --features nccl (cuda + NCCL weight broadcast)

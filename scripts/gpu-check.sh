@@ -9,7 +9,7 @@
 #
 # Steps (each with its own time limit; a failed step is recorded and the next runs):
 #   env      GPU, driver, torch, the binary's libraries             -> env.json
-#   models   tiny preset + SmolLM2-135M (real weights if carried,
+#   models   tiny preset + SmolLM2-135M (real weights if copied over,
 #            else random weights of its shape)                      -> models.json
 #   parity   per-token logprobs/entropies: Tandem CPU f32, Tandem
 #            CUDA f32/bf16, transformers CUDA f32/bf16, same tokens -> parity_<model>.json
@@ -22,14 +22,15 @@
 #            sharing the GPU                                        -> run.json, run/
 #   summary.json: every step's exit code and seconds, and the headline figures.
 #
-# What must be carried (ignored paths; 64 MiB in all):
+# What must be copied to the GPU machine (ignored paths; sized for transfers of at
+# most 64 MiB at a time):
 #   gpu/bin/tandem.xz (11 MiB; unpacked here with Python's lzma: the binary itself is
 #     75 MiB, over the limit), gpu/bin/FEATURES
 #   gpu/models/smollm2-shape (config + tokenizer of SmolLM2-135M, 1.6 MiB)
 #   optional, the real weights: the Q4_1 GGUF is 94 MiB, too big for one call, so
 #     --prepare splits it into gpu/models/smollm2/*.part-aa (48 MiB) and -ab (46 MiB);
-#     carry part-aa in a first call that runs `scripts/gpu-check.sh --stash`, then
-#     part-ab with this run. Parts are joined from gpu/models/smollm2/ and
+#     copy part-aa over first and run `scripts/gpu-check.sh --stash`, then copy
+#     part-ab and run the checks. Parts are joined from gpu/models/smollm2/ and
 #     $TANDEM_GPU_STASH (/tmp/tandem-stash), and used only when the sha256 matches;
 #     otherwise SmolLM2 gets random weights of its shape (speed figures are the same).
 set -uo pipefail

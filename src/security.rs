@@ -41,7 +41,13 @@ pub struct SecurityArgs {
     #[arg(long = "tls-key", env = "TANDEM_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
     /// Mutual TLS: servers require client certificates signed by the CA.
-    #[arg(long = "tls-client-auth", env = "TANDEM_TLS_CLIENT_AUTH")]
+    /// `TANDEM_TLS_CLIENT_AUTH` takes 1/true/yes/on or 0/false/no/off.
+    #[arg(
+        long = "tls-client-auth",
+        env = "TANDEM_TLS_CLIENT_AUTH",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub tls_client_auth: bool,
 }
 

@@ -252,6 +252,33 @@ fn bad_arguments_are_errors() {
 
 /// `[trainer] broadcast = "nccl"` on a build without NCCL stops before anything starts,
 /// naming the build that has it.
+/// `TANDEM_TLS_CLIENT_AUTH` takes the spellings docs/operations.md gives: with it on
+/// and no certificates, the process stops with the mTLS requirement; off, it goes on
+/// (and fails only to reach a coordinator that is not there).
+#[test]
+fn tls_client_auth_from_the_environment_accepts_1_true_and_yes() {
+    let run = |value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["status", "127.0.0.1:1"])
+            .env("TANDEM_LOG", "warn")
+            .env("TANDEM_TOKEN", "a-token-long-enough-for-anything")
+            .env("TANDEM_TLS_CLIENT_AUTH", value)
+            .output()
+            .unwrap()
+    };
+    for on in ["1", "true", "yes", "TRUE"] {
+        assert_clean_failure(&run(on), &["client_auth (mTLS) needs ca, cert and key"]);
+    }
+    for off in ["0", "false", "no"] {
+        let e = stderr(&run(off));
+        assert!(
+            !e.contains("mTLS") && !e.contains("invalid value"),
+            "{off}: {e}"
+        );
+    }
+    assert_clean_failure(&run("maybe"), &["maybe", "--tls-client-auth"]);
+}
+
 #[test]
 fn a_broadcast_this_build_cannot_run_is_refused_up_front() {
     if cfg!(feature = "nccl") {

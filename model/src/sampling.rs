@@ -1,7 +1,7 @@
 //! Choosing the next token from one row of logits, and the logprob it is recorded with.
 //!
 //! The recorded logprob is that of the chosen token under the distribution it was
-//! actually drawn from (DESIGN decision 1): softmax(logits / τ), restricted to the
+//! actually drawn from (ARCHITECTURE.md, "Logprob semantics"): softmax(logits / τ), restricted to the
 //! top-k / top-p set and renormalised when those are enabled. Greedy decoding
 //! (τ = 0) records the logprob under softmax(logits) (τ = 1, untruncated), which is
 //! what `tandem score` computes at its default temperature.

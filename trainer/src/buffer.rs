@@ -36,7 +36,7 @@ impl Group {
             .unwrap_or(0)
     }
 
-    /// staleness = policy version − oldest token version (DESIGN decision 2).
+    /// staleness = policy version − oldest token version (ARCHITECTURE.md, "Bounded staleness").
     pub fn staleness(&self, policy_version: u64) -> u64 {
         policy_version.saturating_sub(self.oldest_version())
     }

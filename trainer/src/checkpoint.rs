@@ -1,4 +1,4 @@
-//! Trainer checkpoints (DESIGN decision 9): the model as an HF folder (loadable by
+//! Trainer checkpoints (ARCHITECTURE.md, "Checkpoints are atomic and complete"): the model as an HF folder (loadable by
 //! transformers), the value head, the optimizer state, and `trainer.json` with the
 //! step, the version and the rollout buffer. Written into a temporary folder and
 //! renamed; `RUN_DIR/checkpoints/latest` names the newest complete one.

@@ -1,4 +1,4 @@
-//! Checking a rollout group before it may enter the buffer (DESIGN decision 8):
+//! Checking a rollout group before it may enter the buffer (ARCHITECTURE.md, "Nothing bad gets in"):
 //! token ids below the vocabulary, logprobs finite and ≤ 0, lengths consistent,
 //! versions not from the future, sizes bounded. The message names the field.
 
