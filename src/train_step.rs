@@ -52,23 +52,11 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     };
     // PPO with GAE trains a value head that lives beside the model (zeros when new).
     let critic = if cfg.algorithm.advantage == Estimator::Gae {
-        let (d, dtype, device) = (
-            p.model.config().hidden_size,
-            p.model.dtype(),
-            p.model.device(),
-        );
-        Some(
-            match ScalarHead::load(
-                std::path::Path::new(&a.model),
-                VALUE_HEAD_FILE,
-                d,
-                dtype,
-                device,
-            )? {
-                Some(head) => head,
-                None => ScalarHead::zeros(d, dtype, device)?,
-            },
-        )
+        Some(ScalarHead::load_or_zeros(
+            std::path::Path::new(&a.model),
+            VALUE_HEAD_FILE,
+            &p.model,
+        )?)
     } else {
         None
     };

@@ -93,6 +93,16 @@ impl ScalarHead {
         Ok(())
     }
 
+    /// The head saved as `dir/file` beside a model, or a zero head (a fresh critic or
+    /// reward head) when there is none; sized, typed and placed as `model`.
+    pub fn load_or_zeros(dir: &Path, file: &str, model: &Model) -> Result<Self> {
+        let (d, dtype, device) = (model.config().hidden_size, model.dtype(), model.device());
+        match Self::load(dir, file, d, dtype, device)? {
+            Some(h) => Ok(h),
+            None => Self::zeros(d, dtype, device),
+        }
+    }
+
     /// Loads `dir/file`, or `None` when the folder has no such file.
     pub fn load(
         dir: &Path,

@@ -109,18 +109,12 @@ pub fn run(
         None
     };
     let critic = if s.algorithm.advantage == Estimator::Gae {
-        let (d, dtype, device) = (
-            policy.model.config().hidden_size,
-            policy.model.dtype(),
-            policy.model.device(),
-        );
-        let file = tandem_model::VALUE_HEAD_FILE;
-        Some(
-            match ScalarHead::load(Path::new(&start_path), file, d, dtype, device)? {
-                Some(h) => h,
-                None => ScalarHead::zeros(d, dtype, device)?,
-            },
-        )
+        let dir = Path::new(&start_path);
+        Some(ScalarHead::load_or_zeros(
+            dir,
+            tandem_model::VALUE_HEAD_FILE,
+            &policy.model,
+        )?)
     } else {
         None
     };

@@ -181,16 +181,8 @@ pub fn run(cfg: &RmConfig) -> Result<Value> {
     if data.iter().any(|t| t.responses.len() != k) {
         bail!("every record needs the same number of responses ({k} in the first)");
     }
-    let (d, dtype, device) = (
-        p.model.config().hidden_size,
-        p.model.dtype(),
-        p.model.device().clone(),
-    );
     let start = std::path::Path::new(&cfg.model.path);
-    let head = match ScalarHead::load(start, REWARD_HEAD_FILE, d, dtype, &device)? {
-        Some(h) => h,
-        None => ScalarHead::zeros(d, dtype, &device)?,
-    };
+    let head = ScalarHead::load_or_zeros(start, REWARD_HEAD_FILE, &p.model)?;
     let opt = Optimizer::new(&cfg.optimizer, &p.model, head.named_vars())?;
     let mut stage = Rm {
         p,
