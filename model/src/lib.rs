@@ -1,4 +1,5 @@
 //! `tandem-model`: the trainable Llama-family transformer every part of Tandem runs.
+//! It depends on no other Tandem crate.
 //!
 //! - [`Model`] — parameters, training forward, per-token logprobs and entropies with
 //!   gradients to every weight ([`Model::completion_logprobs`]).

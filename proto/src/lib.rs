@@ -1,7 +1,7 @@
 //! `tandem-proto`: the only wire contract between Tandem's services. The `.proto`
 //! files under `proto/` are the source of truth; this crate is their generated code,
-//! plus the rules every endpoint shares: the shared-token check, TLS when configured
-//! and the message size limit.
+//! plus the rules every endpoint shares: the shared-token check, TLS when configured,
+//! the message size limit and health. It depends on no other Tandem crate.
 
 pub mod auth;
 pub mod client;

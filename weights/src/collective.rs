@@ -1,7 +1,7 @@
 //! The collective data plane of the weight broadcast: how a version's bytes travel from
 //! the trainer (rank 0) to every member of one broadcast epoch in a single collective
 //! call, while the header, the readiness and the acknowledgements stay on the TCP
-//! control plane (`broadcast.rs`).
+//! control plane (`crate::broadcast`).
 //!
 //! [`Backend`] makes communicators; [`Collective`] is one rank's communicator for one
 //! epoch. The semantics are NCCL's:
