@@ -237,6 +237,86 @@ fn last_number(text: &str) -> Option<String> {
     found
 }
 
+/// An LLM judge on the generator (`[reward] judge`).
+pub struct Judge {
+    model: tandem_model::Pretrained,
+    template: String,
+    chat: bool,
+    max_new_tokens: usize,
+    scale: f64,
+}
+
+impl Judge {
+    /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`)
+    /// as `policy` is loaded: on its device, in its dtype (presets are f32).
+    pub fn load(cfg: &RewardConfig, policy: &tandem_model::Model) -> Result<Option<Self>> {
+        let Some(spec) = &cfg.judge else {
+            return Ok(None);
+        };
+        let model = tandem_model::load(spec, policy.dtype(), policy.device())?;
+        Ok(Some(Judge {
+            model,
+            template: cfg.judge_template.clone(),
+            chat: cfg.judge_chat,
+            max_new_tokens: cfg.judge_max_new_tokens,
+            scale: cfg.judge_scale,
+        }))
+    }
+
+    /// The judge's prompt for one completion.
+    pub fn prompt(&self, prompt: &str, completion: &str, answer: Option<&str>) -> String {
+        self.template
+            .replace("{prompt}", prompt)
+            .replace("{answer}", answer.unwrap_or(""))
+            .replace("{completion}", completion)
+    }
+
+    /// Scores: the last number of each greedy verdict / scale (0 when it has none).
+    pub fn score(
+        &self,
+        prompt: &str,
+        completions: &[String],
+        answer: Option<&str>,
+    ) -> Result<Vec<f64>> {
+        let tok = &self.model.tokenizer;
+        let rows = completions
+            .iter()
+            .map(|c| {
+                let text = self.prompt(prompt, c, answer);
+                crate::render::prompt_ids(
+                    tok,
+                    crate::render::PromptInput::Text(&text),
+                    self.chat,
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = tandem_model::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: self.max_new_tokens,
+            stop_token_ids: self.model.stop_token_ids(),
+            seed: 0,
+        };
+        let out = tandem_model::generate(&self.model.model, rows, params)?;
+        out.iter()
+            .map(|c| {
+                let verdict = tok.decode(&c.tokens, true)?;
+                Ok(verdict_score(&verdict, self.scale))
+            })
+            .collect()
+    }
+}
+
+/// The last number of a judge's verdict divided by `scale`; 0 when it holds none.
+pub fn verdict_score(verdict: &str, scale: f64) -> f64 {
+    last_number(verdict)
+        .and_then(|n| n.parse::<f64>().ok())
+        .filter(|x| x.is_finite())
+        .map_or(0.0, |x| x / scale)
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -383,84 +463,4 @@ mod tests {
             .to_string()
             .contains("[reward] format"));
     }
-}
-
-/// An LLM judge on the generator (`[reward] judge`).
-pub struct Judge {
-    model: tandem_model::Pretrained,
-    template: String,
-    chat: bool,
-    max_new_tokens: usize,
-    scale: f64,
-}
-
-impl Judge {
-    /// Loads the judge model (a folder, a .gguf file, a fetchable name or `preset:NAME`)
-    /// as `policy` is loaded: on its device, in its dtype (presets are f32).
-    pub fn load(cfg: &RewardConfig, policy: &tandem_model::Model) -> Result<Option<Self>> {
-        let Some(spec) = &cfg.judge else {
-            return Ok(None);
-        };
-        let model = tandem_model::load(spec, policy.dtype(), policy.device())?;
-        Ok(Some(Judge {
-            model,
-            template: cfg.judge_template.clone(),
-            chat: cfg.judge_chat,
-            max_new_tokens: cfg.judge_max_new_tokens,
-            scale: cfg.judge_scale,
-        }))
-    }
-
-    /// The judge's prompt for one completion.
-    pub fn prompt(&self, prompt: &str, completion: &str, answer: Option<&str>) -> String {
-        self.template
-            .replace("{prompt}", prompt)
-            .replace("{answer}", answer.unwrap_or(""))
-            .replace("{completion}", completion)
-    }
-
-    /// Scores: the last number of each greedy verdict / scale (0 when it has none).
-    pub fn score(
-        &self,
-        prompt: &str,
-        completions: &[String],
-        answer: Option<&str>,
-    ) -> Result<Vec<f64>> {
-        let tok = &self.model.tokenizer;
-        let rows = completions
-            .iter()
-            .map(|c| {
-                let text = self.prompt(prompt, c, answer);
-                crate::render::prompt_ids(
-                    tok,
-                    crate::render::PromptInput::Text(&text),
-                    self.chat,
-                    None,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let params = tandem_model::SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            max_new_tokens: self.max_new_tokens,
-            stop_token_ids: self.model.stop_token_ids(),
-            seed: 0,
-        };
-        let out = tandem_model::generate(&self.model.model, rows, params)?;
-        out.iter()
-            .map(|c| {
-                let verdict = tok.decode(&c.tokens, true)?;
-                Ok(verdict_score(&verdict, self.scale))
-            })
-            .collect()
-    }
-}
-
-/// The last number of a judge's verdict divided by `scale`; 0 when it holds none.
-pub fn verdict_score(verdict: &str, scale: f64) -> f64 {
-    last_number(verdict)
-        .and_then(|n| n.parse::<f64>().ok())
-        .filter(|x| x.is_finite())
-        .map_or(0.0, |x| x / scale)
 }

@@ -67,7 +67,10 @@ fn preset_parity(preset: &str) {
         .flat_map(f64s)
         .collect();
     for w in [loaded.model.weights(), loaded.model.inference_weights()] {
-        let logits = loaded.model.sequence_logits(&w, &[ids.clone()]).unwrap();
+        let logits = loaded
+            .model
+            .sequence_logits(&w, std::slice::from_ref(&ids))
+            .unwrap();
         let got: Vec<f64> = logits
             .flatten_all()
             .unwrap()

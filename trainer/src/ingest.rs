@@ -147,7 +147,9 @@ mod tests {
             max_context_tokens: 8,
         };
         assert!(check_group(&good(), &l, 3).is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut RolloutGroup)>, &str)> = vec![
+        /// A change that breaks one rule, and the field the refusal must name.
+        type Case<'a> = (Box<dyn Fn(&mut RolloutGroup)>, &'a str);
+        let cases: Vec<Case> = vec![
             (Box::new(|g| g.lease_id = 0), "lease_id"),
             (Box::new(|g| g.prompt_ids[1] = 10), "prompt_ids[1]"),
             (
