@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use tandem_data::DataConfig;
 use tandem_generator::rejection::RejectionConfig;
+use tandem_model::ModelSection;
 use tandem_trainer::offline::dpo::DpoConfig;
 use tandem_trainer::offline::rm::RmConfig;
 use tandem_trainer::offline::sft::SftConfig;
@@ -66,65 +68,57 @@ fn parse<T: DeserializeOwned>(e: &Example) -> T {
     parse_with_overrides(&e.text, &[]).unwrap_or_else(|err| panic!("{}: {err:#}", e.file))
 }
 
-/// What an example's command writes that a later stage can read.
-fn outputs(e: &Example) -> Vec<String> {
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    match e.command.as_str() {
-        "tandem run" => vec![s(
-            &Path::new(&parse::<RunConfig>(e).run.run_dir).join("final")
-        )],
-        "tandem sft" => vec![s(&parse::<SftConfig>(e).train.out_dir.join("final"))],
-        "tandem rm" => vec![s(&parse::<RmConfig>(e).train.out_dir.join("final"))],
-        "tandem dpo" => vec![s(&parse::<DpoConfig>(e).train.out_dir.join("final"))],
-        "tandem rejection-sample" => vec![s(&parse::<RejectionConfig>(e).rejection.out)],
-        other => panic!("{}: unknown command `{other}`", e.file),
-    }
+/// Strings of the paths that are set.
+fn paths<'a>(ps: impl IntoIterator<Item = &'a Option<PathBuf>>) -> Vec<String> {
+    ps.into_iter()
+        .flatten()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
 }
 
-/// Validates the example as its command's config; returns the paths it reads.
-fn check(e: &Example) -> Vec<String> {
-    let path = |p: &Option<PathBuf>| {
-        p.iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-    };
+/// An offline stage reads its model and data and writes `out_dir/final`.
+fn stage(model: &ModelSection, data: &DataConfig, out_dir: &Path) -> (Vec<String>, String) {
+    let mut read = vec![model.path.clone()];
+    read.extend(paths([&data.path]));
+    (read, out_dir.join("final").to_string_lossy().into_owned())
+}
+
+/// Validates the example as its command's config; returns the paths it reads and the
+/// one it writes for a later stage.
+fn inspect(e: &Example) -> (Vec<String>, String) {
+    let invalid = |err: &dyn std::fmt::Display| -> ! { panic!("{}: {err:#}", e.file) };
     match e.command.as_str() {
         "tandem run" => {
-            let c =
-                RunConfig::parse(&e.text, &[]).unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            let c = RunConfig::parse(&e.text, &[]).unwrap_or_else(|err| invalid(&err));
             let mut read = vec![c.model.path.clone()];
-            read.extend(path(&c.data.path));
+            read.extend(paths([&c.data.path]));
             read.extend(c.reward.model.clone());
             read.extend(c.reward.judge.clone());
-            read
+            let out = Path::new(&c.run.run_dir).join("final");
+            (read, out.to_string_lossy().into_owned())
         }
         "tandem sft" => {
             let c: SftConfig = parse(e);
-            c.validate()
-                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
-            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+            c.validate().unwrap_or_else(|err| invalid(&err));
+            stage(&c.model, &c.data, &c.train.out_dir)
         }
         "tandem rm" => {
             let c: RmConfig = parse(e);
-            c.validate()
-                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
-            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+            c.validate().unwrap_or_else(|err| invalid(&err));
+            stage(&c.model, &c.data, &c.train.out_dir)
         }
         "tandem dpo" => {
             let c: DpoConfig = parse(e);
-            c.validate()
-                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
-            [vec![c.model.path.clone()], path(&c.data.path)].concat()
+            c.validate().unwrap_or_else(|err| invalid(&err));
+            stage(&c.model, &c.data, &c.train.out_dir)
         }
         "tandem rejection-sample" => {
             let c: RejectionConfig = parse(e);
-            c.validate()
-                .unwrap_or_else(|err| panic!("{}: {err:#}", e.file));
+            c.validate().unwrap_or_else(|err| invalid(&err));
             let mut read = vec![c.model.path.clone()];
-            read.extend(path(&c.data.path));
+            read.extend(paths([&c.data.path, &c.rejection.sft]));
             read.extend(c.reward.model.clone());
-            read.extend(path(&c.rejection.sft));
-            read
+            (read, c.rejection.out.to_string_lossy().into_owned())
         }
         other => panic!("{}: unknown command `{other}`", e.file),
     }
@@ -133,8 +127,8 @@ fn check(e: &Example) -> Vec<String> {
 #[test]
 fn every_example_parses_and_names_what_it_needs() {
     let all = examples();
-    for e in &all {
-        let read = check(e);
+    let seen: Vec<(Vec<String>, String)> = all.iter().map(inspect).collect();
+    for (e, (read, _)) in all.iter().zip(&seen) {
         for (p, _) in &e.needs {
             assert!(
                 read.contains(p),
@@ -143,23 +137,23 @@ fn every_example_parses_and_names_what_it_needs() {
             );
         }
         for p in read {
-            let named = e.needs.iter().any(|(n, _)| *n == p);
+            let named = e.needs.iter().any(|(n, _)| n == p);
             let builtin = p == "smollm2" || p.starts_with("preset:");
             assert!(
-                builtin || named || repo().join(&p).exists(),
+                builtin || named || repo().join(p).exists(),
                 "{}: reads `{p}`, which is not in the repository: name the stage that writes it on a `# needs:` line",
                 e.file
             );
         }
         for (p, from) in &e.needs {
-            let src = all.iter().find(|x| x.file == *from).unwrap_or_else(|| {
+            let i = all.iter().position(|x| x.file == *from).unwrap_or_else(|| {
                 panic!("{}: needs {p} from {from}, which does not exist", e.file)
             });
+            let writes = &seen[i].1;
             assert!(
-                outputs(src).contains(p),
-                "{}: needs {p}, but {from} writes {:?}",
-                e.file,
-                outputs(src)
+                writes == p,
+                "{}: needs {p}, but {from} writes {writes}",
+                e.file
             );
         }
     }

@@ -23,38 +23,37 @@ pub struct StageArgs {
     pub overrides: Vec<String>,
 }
 
-/// Reads `a`'s config as `T`; errors name the file.
-fn config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<T> {
-    read_config(&a.config, &a.overrides)
+/// Reads `a`'s config as `T` (errors name the file) and runs `stage` on it, its errors
+/// naming the command and the file; returns the config.
+fn run_stage<T: serde::de::DeserializeOwned, E>(
+    a: &StageArgs,
+    command: &str,
+    stage: impl FnOnce(&T) -> std::result::Result<serde_json::Value, E>,
+) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let cfg: T = read_config(&a.config, &a.overrides)?;
+    stage(&cfg).with_context(|| format!("{command}: {}", a.config.display()))?;
+    Ok(cfg)
 }
 
 pub fn sft(a: StageArgs) -> Result<()> {
-    let cfg: SftConfig = config(&a)?;
-    tandem_trainer::offline::sft::run(&cfg)
-        .with_context(|| format!("sft: {}", a.config.display()))?;
-    Ok(())
+    run_stage::<SftConfig, _>(&a, "sft", tandem_trainer::offline::sft::run).map(drop)
 }
 
 pub fn rm(a: StageArgs) -> Result<()> {
-    let cfg: RmConfig = config(&a)?;
-    tandem_trainer::offline::rm::run(&cfg)
-        .with_context(|| format!("rm: {}", a.config.display()))?;
-    Ok(())
+    run_stage::<RmConfig, _>(&a, "rm", tandem_trainer::offline::rm::run).map(drop)
 }
 
 pub fn dpo(a: StageArgs) -> Result<()> {
-    let cfg: DpoConfig = config(&a)?;
-    tandem_trainer::offline::dpo::run(&cfg)
-        .with_context(|| format!("dpo: {}", a.config.display()))?;
-    Ok(())
+    run_stage::<DpoConfig, _>(&a, "dpo", tandem_trainer::offline::dpo::run).map(drop)
 }
 
 /// Rejection sampling, then `tandem sft` on the written dataset when `[rejection] sft`
 /// names an SFT config (its `[data] path` set to the dataset).
 pub fn rejection_sample(a: StageArgs) -> Result<()> {
-    let cfg: RejectionConfig = config(&a)?;
-    tandem_generator::rejection::run(&cfg)
-        .with_context(|| format!("rejection-sample: {}", a.config.display()))?;
+    let cfg: RejectionConfig = run_stage(&a, "rejection-sample", tandem_generator::rejection::run)?;
     let r = &cfg.rejection;
     if let Some(config) = &r.sft {
         let out = r

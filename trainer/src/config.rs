@@ -10,7 +10,7 @@ use crate::error::{invalid, Result};
 use crate::kl::KlEstimator;
 use crate::policy_loss::PolicyLoss;
 use crate::proximal::ProxLogp;
-pub use tandem_weights::BroadcastPlane;
+use tandem_weights::BroadcastPlane;
 
 /// Which policy π_old the ratio is taken against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

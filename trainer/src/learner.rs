@@ -14,9 +14,10 @@ use crate::buffer::Group;
 use crate::config::{AlgorithmConfig, OptimizerConfig};
 use crate::error::{invalid, Result};
 use crate::rollout::Rollout;
-use crate::service::{Shared, Snapshot};
+use crate::service::Shared;
 use crate::step::{train_step, Optimizer, StepMetrics};
 use tandem_model::ScalarHead;
+use tandem_weights::Snapshot;
 
 /// The run's shape as the learner needs it.
 pub struct Plan {

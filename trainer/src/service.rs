@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::buffer::{Buffer, Group};
 use crate::ingest::{check_group, Limits};
 use crate::rollout::Rollout;
-pub use tandem_weights::Snapshot;
+use tandem_weights::Snapshot;
 
 /// What the service and the learner loop share.
 pub struct Shared {
