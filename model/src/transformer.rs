@@ -14,6 +14,11 @@ use crate::decode_matmul;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::logprob;
+use crate::ops::attention::{attention, Heads};
+use crate::ops::rms_norm::rms_norm;
+use crate::ops::rotary::rotary;
+use crate::ops::swiglu::swiglu;
+use crate::packing::{PackedBatch, Packing};
 use crate::params::{expected_params, ParamStore};
 use crate::rope::{self, Rope};
 
@@ -85,23 +90,6 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Ten
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out)?)
-}
-
-/// RMSNorm: x / sqrt(mean(x²) + ε) · w, computed in at least f32.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
-    if fused && x.dtype() != DType::F64 {
-        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
-    }
-    let dtype = x.dtype();
-    let compute = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let xf = x.to_dtype(compute)?;
-    let denom = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let normed = xf.broadcast_div(&denom)?.to_dtype(dtype)?;
-    Ok(normed.broadcast_mul(w)?)
 }
 
 impl Model {
@@ -328,6 +316,75 @@ impl Model {
         rms_norm(&x, &w.norm, cfg.rms_norm_eps, w.fused)
     }
 
+    /// Hidden states after the final norm, (T, d), of a packed row (training and
+    /// scoring). Every op is differentiable and fused (one autograd node each): RMSNorm,
+    /// rotary embeddings, attention over the row's segments, the SwiGLU gate.
+    pub fn forward_packed(&self, w: &Weights, batch: &PackedBatch) -> Result<Tensor> {
+        let cfg = &self.config;
+        let t = batch.len();
+        if t == 0 {
+            return Err(Error::invalid("empty batch: at least one non-empty sequence is needed"));
+        }
+        let heads = Heads {
+            query: cfg.num_attention_heads,
+            kv: cfg.num_key_value_heads,
+            dim: cfg.head_dim,
+        };
+        let ids = Tensor::from_vec(batch.ids.clone(), t, &self.device)?;
+        let positions = Tensor::from_vec(batch.positions.clone(), (1, t), &self.device)?;
+        let (cos, sin) = self.rope.at(&positions)?;
+        let (cos, sin) = (cos.squeeze(0)?, sin.squeeze(0)?);
+        let eps = cfg.rms_norm_eps;
+        let mut x = w.embed.index_select(&ids, 0)?;
+        for lw in &w.layers {
+            let xn = rms_norm(&x, &lw.input_norm, eps, w.fused)?;
+            let (qb, kb, vb) = match &lw.qkv_bias {
+                Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+                None => (None, None, None),
+            };
+            let q = rotary(&linear(&xn, &lw.q, qb, w.fused)?, &cos, &sin, heads.query)?;
+            let k = rotary(&linear(&xn, &lw.k, kb, w.fused)?, &cos, &sin, heads.kv)?;
+            let v = linear(&xn, &lw.v, vb, w.fused)?;
+            let a = attention(&q, &k, &v, &batch.segments, heads)?;
+            x = (linear(&a, &lw.o, None, w.fused)? + x)?;
+            let xn = rms_norm(&x, &lw.post_norm, eps, w.fused)?;
+            let mlp = swiglu(
+                &linear(&xn, &lw.gate, None, w.fused)?,
+                &linear(&xn, &lw.up, None, w.fused)?,
+            )?;
+            x = (linear(&mlp, &lw.down, None, w.fused)? + x)?;
+        }
+        rms_norm(&x, &w.norm, eps, w.fused)
+    }
+
+    /// Lays `seqs` out for [`Model::forward_packed`], checking ids and lengths.
+    pub fn pack_batch(
+        &self,
+        seqs: &[Vec<u32>],
+        shareable: &[usize],
+        packing: Packing,
+    ) -> Result<PackedBatch> {
+        for (i, s) in seqs.iter().enumerate() {
+            self.check_ids(s, &format!("sequence {i}"))?;
+            if s.len() > self.config.max_position_embeddings {
+                return Err(Error::invalid(format!(
+                    "sequence {i} has {} tokens, more than the model's context of {} (`max_position_embeddings`)",
+                    s.len(),
+                    self.config.max_position_embeddings
+                )));
+            }
+        }
+        if seqs.is_empty() {
+            return Err(Error::invalid("empty batch: at least one non-empty sequence is needed"));
+        }
+        let pad = self
+            .config
+            .pad_token_id
+            .unwrap_or(0)
+            .min(self.config.vocab_size as u32 - 1);
+        PackedBatch::build(seqs, shareable, packing, pad)
+    }
+
     /// Logits of hidden states (..., d) → (..., V).
     pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
         linear(hidden, w.head(), None, w.fused)
@@ -404,12 +461,25 @@ impl Model {
     /// log softmax(logits[t − 1] / τ)[seqs[i][t]] and the entropy of that distribution,
     /// concatenated in order: sequence i occupies `offsets[i]..offsets[i + 1]`.
     /// Only the positions that predict completion tokens go through the LM head.
+    /// Completions of one prompt share its forward ([`Packing::SharedPrefix`]).
     pub fn completion_logprobs(
         &self,
         w: &Weights,
         seqs: &[Vec<u32>],
         completion_start: &[usize],
         temperature: f64,
+    ) -> Result<CompletionLogprobs> {
+        self.completion_logprobs_with(w, seqs, completion_start, temperature, Packing::default())
+    }
+
+    /// [`Model::completion_logprobs`] in a chosen layout (all give the same values).
+    pub fn completion_logprobs_with(
+        &self,
+        w: &Weights,
+        seqs: &[Vec<u32>],
+        completion_start: &[usize],
+        temperature: f64,
+        packing: Packing,
     ) -> Result<CompletionLogprobs> {
         if seqs.len() != completion_start.len() {
             return Err(Error::invalid(
@@ -426,7 +496,7 @@ impl Model {
             }
             targets.push((start..s.len()).collect());
         }
-        self.target_logprobs(w, seqs, &targets, temperature)
+        self.target_logprobs_with(w, seqs, &targets, temperature, packing)
     }
 
     /// The final hidden state (after the last norm) at each sequence's last token,
@@ -435,25 +505,23 @@ impl Model {
         if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
             return Err(Error::invalid(format!("sequence {i} is empty")));
         }
-        let (ids, pos, mask) = self.pack(seqs)?;
-        let (b, t) = ids.dims2()?;
+        let batch = self.pack_batch(seqs, &vec![0; seqs.len()], Packing::Packed)?;
         let rows: Vec<u32> = seqs
             .iter()
             .enumerate()
-            .map(|(i, s)| (i * t + s.len() - 1) as u32)
+            .map(|(i, s)| batch.row(i, s.len() - 1) as u32)
             .collect();
-        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
-        let rows = Tensor::from_vec(rows, b, &self.device)?;
-        Ok(hidden
-            .reshape((b * t, self.config.hidden_size))?
-            .index_select(&rows, 0)?)
+        let hidden = self.forward_packed(w, &batch)?;
+        let rows = Tensor::from_vec(rows, seqs.len(), &self.device)?;
+        Ok(hidden.index_select(&rows, 0)?)
     }
 
     /// Log-probabilities and entropies of chosen tokens: `targets[i]` lists, in
     /// increasing order, the indices t ≥ 1 of `seqs[i]` whose token is scored as
     /// log softmax(logits[t − 1] / τ)[seqs[i][t]] (the positions a loss trains: a
     /// completion, or every assistant turn of a conversation). Layout as in
-    /// [`Model::completion_logprobs`].
+    /// [`Model::completion_logprobs`]; the tokens before a sequence's first target are
+    /// shared with sequences that begin the same way.
     pub fn target_logprobs(
         &self,
         w: &Weights,
@@ -461,14 +529,21 @@ impl Model {
         targets: &[Vec<usize>],
         temperature: f64,
     ) -> Result<CompletionLogprobs> {
+        self.target_logprobs_with(w, seqs, targets, temperature, Packing::default())
+    }
+
+    /// [`Model::target_logprobs`] in a chosen layout (all give the same values).
+    pub fn target_logprobs_with(
+        &self,
+        w: &Weights,
+        seqs: &[Vec<u32>],
+        targets: &[Vec<usize>],
+        temperature: f64,
+        packing: Packing,
+    ) -> Result<CompletionLogprobs> {
         if seqs.len() != targets.len() {
             return Err(Error::invalid("one target list is needed per sequence"));
         }
-        let (ids, pos, mask) = self.pack(seqs)?;
-        let (b, t) = ids.dims2()?;
-        let mut rows = Vec::new();
-        let mut tokens = Vec::new();
-        let mut offsets = vec![0];
         for (i, (s, tg)) in seqs.iter().zip(targets).enumerate() {
             let mut last = 0;
             for &j in tg {
@@ -479,19 +554,28 @@ impl Model {
                     )));
                 }
                 last = j;
-                rows.push((i * t + j - 1) as u32);
+            }
+        }
+        // A sequence's tokens before its first target are the same for every sequence
+        // that begins with them: that prefix can be shared.
+        let shareable: Vec<usize> = targets.iter().map(|tg| tg.first().copied().unwrap_or(0)).collect();
+        let batch = self.pack_batch(seqs, &shareable, packing)?;
+        let mut rows = Vec::new();
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0];
+        for (i, (s, tg)) in seqs.iter().zip(targets).enumerate() {
+            for &j in tg {
+                rows.push(batch.row(i, j - 1) as u32);
                 tokens.push(s[j]);
             }
             offsets.push(tokens.len());
         }
-        let targets = tokens;
-        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
-        let d = self.config.hidden_size;
+        let hidden = self.forward_packed(w, &batch)?;
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &self.device)?;
-        let picked = hidden.reshape((b * t, d))?.index_select(&rows, 0)?;
+        let picked = hidden.index_select(&rows, 0)?;
         let logits = self.logits(w, &picked)?;
-        let targets = Tensor::from_vec(targets, n, &self.device)?;
+        let targets = Tensor::from_vec(tokens, n, &self.device)?;
         let (logprobs, entropy) = logprob::token_logprobs(&logits, &targets, temperature)?;
         Ok(CompletionLogprobs {
             logprobs,
