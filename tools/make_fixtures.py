@@ -12,6 +12,10 @@ Fixtures (tests/fixtures/):
   tokenizer's ids for a few texts and the chat template's rendering.
 - smollm2.json: SmolLM2-135M-Instruct loaded by transformers from the Q4_1 GGUF
   (dequantized to f32 by transformers/gguf-py); logprobs, entropies, tokenization.
+- gradients-tiny.json, gradients-tiny-qwen2.json: the preset in f64 (eager attention);
+  one prompt with two completions of different lengths, loss Σ aₜ·logprobₜ + Σ bₜ·entropyₜ
+  over the completion tokens at temperature 0.8; per parameter the first 16 entries of
+  its gradient and the gradient's L2 norm (what the fused backward is checked against).
 - adamw.json: torch.optim.AdamW (two param groups, weight decay on the matrix only)
   with clip_grad_norm_, three steps on fixed gradients.
 The weights hash (sha256 of name + little-endian f32 bytes, names sorted) lets a test
@@ -99,6 +103,51 @@ def preset_fixture(tandem, preset, out_dir):
     write(out_dir, f"{preset}.json", fixture)
 
 
+GRAD_PROMPT = [5, 17, 99, 3, 250, 7, 8, 300, 41]
+GRAD_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
+GRAD_TEMPERATURE = 0.8
+
+
+def gradient_fixture(tandem, preset, out_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, preset)
+        subprocess.run([tandem, "model", "init", "--preset", preset, "--seed", "0", "--out", folder], check=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, attn_implementation="eager")
+        model.train()
+        total = None
+        offset = 0
+        for completion in GRAD_COMPLETIONS:
+            ids = GRAD_PROMPT + completion
+            logits = model(torch.tensor([ids])).logits[0]
+            start = len(GRAD_PROMPT)
+            z = logits[start - 1:-1] / GRAD_TEMPERATURE
+            logp = torch.log_softmax(z, dim=-1)
+            lp = logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
+            ent = -(logp.exp() * logp).sum(-1)
+            idx = torch.arange(offset, offset + len(completion), dtype=torch.float64)
+            a = 1.0 + 0.1 * idx
+            b = 0.5 - 0.05 * idx
+            loss = (lp * a).sum() + (ent * b).sum()
+            total = loss if total is None else total + loss
+            offset += len(completion)
+        total.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad.detach().flatten()
+            grads[name] = {"head": g[:16].tolist(), "norm": g.norm().item()}
+        fixture = {
+            "preset": preset,
+            "seed": 0,
+            "weights_sha256": weights_hash(os.path.join(folder, "model.safetensors")),
+            "prompt": GRAD_PROMPT,
+            "completions": GRAD_COMPLETIONS,
+            "temperature": GRAD_TEMPERATURE,
+            "loss": total.item(),
+            "gradients": grads,
+        }
+    write(out_dir, f"gradients-{preset}.json", fixture)
+
+
 def smollm2_fixture(gguf, out_dir):
     folder, name = os.path.split(os.path.abspath(gguf))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
@@ -153,6 +202,7 @@ def main():
     torch.manual_seed(0)
     for preset in ("tiny", "tiny-qwen2"):
         preset_fixture(args.tandem, preset, args.out)
+        gradient_fixture(args.tandem, preset, args.out)
     adamw_fixture(args.out)
     if args.gguf:
         smollm2_fixture(args.gguf, args.out)

@@ -34,6 +34,25 @@ pub enum Packing {
     SharedPrefix,
 }
 
+/// How a training forward runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    pub packing: Packing,
+    /// Keep only each decoder layer's input and recompute the layer in the backward
+    /// (activation checkpointing): memory per layer falls from every activation to one
+    /// (T, d) tensor, for about one more forward of compute.
+    pub checkpoint_layers: bool,
+}
+
+impl From<Packing> for ForwardOptions {
+    fn from(packing: Packing) -> Self {
+        ForwardOptions {
+            packing,
+            checkpoint_layers: false,
+        }
+    }
+}
+
 /// Where one input sequence lies in the packed row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Place {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
@@ -18,7 +19,7 @@ use crate::ops::attention::{attention, Heads};
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
 use crate::ops::swiglu::swiglu;
-use crate::packing::{PackedBatch, Packing};
+use crate::packing::{ForwardOptions, PackedBatch, Packing};
 use crate::params::{expected_params, ParamStore};
 use crate::rope::{self, Rope};
 
@@ -90,6 +91,118 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Ten
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out)?)
+}
+
+/// What every decoder layer of one packed forward shares.
+#[derive(Clone, Debug)]
+struct LayerContext {
+    /// cos and sin at each packed token's position, (T, head_dim / 2).
+    cos: Tensor,
+    sin: Tensor,
+    segments: std::sync::Arc<Vec<crate::ops::attention::Segment>>,
+    heads: Heads,
+    eps: f64,
+    fused: bool,
+}
+
+/// One decoder block on a packed row x (T, d):
+/// h = x + O·attn(rope(Q·n₁(x)), rope(K·n₁(x)), V·n₁(x)); y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)).
+fn decoder_layer(lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+    let f = ctx.fused;
+    let xn = rms_norm(x, &lw.input_norm, ctx.eps, f)?;
+    let (qb, kb, vb) = match &lw.qkv_bias {
+        Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+        None => (None, None, None),
+    };
+    let q = rotary(
+        &linear(&xn, &lw.q, qb, f)?,
+        &ctx.cos,
+        &ctx.sin,
+        ctx.heads.query,
+    )?;
+    let k = rotary(
+        &linear(&xn, &lw.k, kb, f)?,
+        &ctx.cos,
+        &ctx.sin,
+        ctx.heads.kv,
+    )?;
+    let v = linear(&xn, &lw.v, vb, f)?;
+    let a = attention(&q, &k, &v, &ctx.segments, ctx.heads)?;
+    let h = (linear(&a, &lw.o, None, f)? + x)?;
+    let hn = rms_norm(&h, &lw.post_norm, ctx.eps, f)?;
+    let mlp = swiglu(
+        &linear(&hn, &lw.gate, None, f)?,
+        &linear(&hn, &lw.up, None, f)?,
+    )?;
+    Ok((linear(&mlp, &lw.down, None, f)? + h)?)
+}
+
+/// The decoder layers of a checkpointed forward, replayed during the backward.
+#[derive(Debug)]
+pub struct Recompute {
+    /// The tracked weights (gradients go to the model's parameters).
+    weights: Weights,
+    ids: Tensor,
+    ctx: LayerContext,
+    /// Each layer's input, without graph.
+    inputs: Vec<Tensor>,
+    /// The last layer's output as a leaf: the graph above it was recorded.
+    top: candle_core::Var,
+}
+
+impl Recompute {
+    /// Completes a backward whose recorded part has run: from ∂L/∂top in `grads`,
+    /// each layer (last first) is run again with a graph, and
+    /// backward(Σ layer(x) ∘ ∂L/∂y) gives ∂L/∂x and the layer's weight gradients, which
+    /// are added into `grads`; the embedding lookup last.
+    pub fn finish(&self, grads: &mut GradStore) -> Result<()> {
+        let mut g = match grads.remove(self.top.as_tensor()) {
+            Some(g) => g,
+            // The loss does not depend on the layers: nothing to add.
+            None => return Ok(()),
+        };
+        for (lw, x) in self.weights.layers.iter().zip(&self.inputs).rev() {
+            let xv = candle_core::Var::from_tensor(x)?;
+            let y = decoder_layer(lw, xv.as_tensor(), &self.ctx)?;
+            let mut layer_grads = (y * &g)?.sum_all()?.backward()?;
+            g = layer_grads
+                .remove(xv.as_tensor())
+                .ok_or_else(|| Error::invalid("checkpointed layer: no input gradient"))?;
+            let LayerWeights {
+                input_norm,
+                q,
+                k,
+                v,
+                qkv_bias,
+                o,
+                post_norm,
+                gate,
+                up,
+                down,
+            } = lw;
+            let mut params = vec![input_norm, q, k, v, o, post_norm, gate, up, down];
+            if let Some((qb, kb, vb)) = qkv_bias {
+                params.extend([qb, kb, vb]);
+            }
+            for p in params {
+                add_grad(grads, p, layer_grads.remove(p))?;
+            }
+        }
+        let e = self.weights.embed.index_select(&self.ids, 0)?;
+        let mut eg = (e * g)?.sum_all()?.backward()?;
+        add_grad(grads, &self.weights.embed, eg.remove(&self.weights.embed))
+    }
+}
+
+/// grads[p] += g.
+fn add_grad(grads: &mut GradStore, p: &Tensor, g: Option<Tensor>) -> Result<()> {
+    let Some(g) = g else { return Ok(()) };
+    let total = match grads.remove(p) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(p, total);
+    Ok(())
 }
 
 impl Model {
@@ -320,41 +433,67 @@ impl Model {
     /// scoring). Every op is differentiable and fused (one autograd node each): RMSNorm,
     /// rotary embeddings, attention over the row's segments, the SwiGLU gate.
     pub fn forward_packed(&self, w: &Weights, batch: &PackedBatch) -> Result<Tensor> {
+        Ok(self.forward_packed_with(w, batch, false)?.0)
+    }
+
+    /// [`Model::forward_packed`], optionally with activation checkpointing: the
+    /// decoder layers run without recording a graph, keeping only each layer's input;
+    /// the returned [`Recompute`] replays them one at a time during the backward.
+    pub fn forward_packed_with(
+        &self,
+        w: &Weights,
+        batch: &PackedBatch,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Option<Recompute>)> {
         let cfg = &self.config;
         let t = batch.len();
         if t == 0 {
-            return Err(Error::invalid("empty batch: at least one non-empty sequence is needed"));
+            return Err(Error::invalid(
+                "empty batch: at least one non-empty sequence is needed",
+            ));
         }
-        let heads = Heads {
-            query: cfg.num_attention_heads,
-            kv: cfg.num_key_value_heads,
-            dim: cfg.head_dim,
-        };
         let ids = Tensor::from_vec(batch.ids.clone(), t, &self.device)?;
         let positions = Tensor::from_vec(batch.positions.clone(), (1, t), &self.device)?;
         let (cos, sin) = self.rope.at(&positions)?;
-        let (cos, sin) = (cos.squeeze(0)?, sin.squeeze(0)?);
-        let eps = cfg.rms_norm_eps;
-        let mut x = w.embed.index_select(&ids, 0)?;
-        for lw in &w.layers {
-            let xn = rms_norm(&x, &lw.input_norm, eps, w.fused)?;
-            let (qb, kb, vb) = match &lw.qkv_bias {
-                Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-                None => (None, None, None),
-            };
-            let q = rotary(&linear(&xn, &lw.q, qb, w.fused)?, &cos, &sin, heads.query)?;
-            let k = rotary(&linear(&xn, &lw.k, kb, w.fused)?, &cos, &sin, heads.kv)?;
-            let v = linear(&xn, &lw.v, vb, w.fused)?;
-            let a = attention(&q, &k, &v, &batch.segments, heads)?;
-            x = (linear(&a, &lw.o, None, w.fused)? + x)?;
-            let xn = rms_norm(&x, &lw.post_norm, eps, w.fused)?;
-            let mlp = swiglu(
-                &linear(&xn, &lw.gate, None, w.fused)?,
-                &linear(&xn, &lw.up, None, w.fused)?,
-            )?;
-            x = (linear(&mlp, &lw.down, None, w.fused)? + x)?;
+        let ctx = LayerContext {
+            cos: cos.squeeze(0)?,
+            sin: sin.squeeze(0)?,
+            segments: batch.segments.clone(),
+            heads: Heads {
+                query: cfg.num_attention_heads,
+                kv: cfg.num_key_value_heads,
+                dim: cfg.head_dim,
+            },
+            eps: cfg.rms_norm_eps,
+            fused: w.fused,
+        };
+        if !checkpoint {
+            let mut x = w.embed.index_select(&ids, 0)?;
+            for lw in &w.layers {
+                x = decoder_layer(lw, &x, &ctx)?;
+            }
+            return Ok((rms_norm(&x, &w.norm, ctx.eps, w.fused)?, None));
         }
-        rms_norm(&x, &w.norm, eps, w.fused)
+        // The same ops on detached views of the same weights: identical numbers, no graph.
+        let detached = self.collect_weights(|t| t.detach(), w.fused);
+        let mut x = detached.embed.index_select(&ids, 0)?;
+        let mut inputs = Vec::with_capacity(detached.layers.len());
+        for lw in &detached.layers {
+            inputs.push(x.clone());
+            x = decoder_layer(lw, &x, &ctx)?;
+        }
+        let top = candle_core::Var::from_tensor(&x)?;
+        let hidden = rms_norm(top.as_tensor(), &w.norm, ctx.eps, w.fused)?;
+        Ok((
+            hidden,
+            Some(Recompute {
+                weights: w.clone(),
+                ids,
+                ctx,
+                inputs,
+                top,
+            }),
+        ))
     }
 
     /// Lays `seqs` out for [`Model::forward_packed`], checking ids and lengths.
@@ -375,7 +514,9 @@ impl Model {
             }
         }
         if seqs.is_empty() {
-            return Err(Error::invalid("empty batch: at least one non-empty sequence is needed"));
+            return Err(Error::invalid(
+                "empty batch: at least one non-empty sequence is needed",
+            ));
         }
         let pad = self
             .config
@@ -469,17 +610,25 @@ impl Model {
         completion_start: &[usize],
         temperature: f64,
     ) -> Result<CompletionLogprobs> {
-        self.completion_logprobs_with(w, seqs, completion_start, temperature, Packing::default())
+        self.completion_logprobs_with(
+            w,
+            seqs,
+            completion_start,
+            temperature,
+            ForwardOptions::default(),
+        )
     }
 
-    /// [`Model::completion_logprobs`] in a chosen layout (all give the same values).
+    /// [`Model::completion_logprobs`] in a chosen layout (all give the same values),
+    /// optionally checkpointed (then run the backward with
+    /// [`CompletionLogprobs::backward`]).
     pub fn completion_logprobs_with(
         &self,
         w: &Weights,
         seqs: &[Vec<u32>],
         completion_start: &[usize],
         temperature: f64,
-        packing: Packing,
+        options: impl Into<ForwardOptions>,
     ) -> Result<CompletionLogprobs> {
         if seqs.len() != completion_start.len() {
             return Err(Error::invalid(
@@ -496,7 +645,7 @@ impl Model {
             }
             targets.push((start..s.len()).collect());
         }
-        self.target_logprobs_with(w, seqs, &targets, temperature, packing)
+        self.target_logprobs_with(w, seqs, &targets, temperature, options)
     }
 
     /// The final hidden state (after the last norm) at each sequence's last token,
@@ -529,18 +678,19 @@ impl Model {
         targets: &[Vec<usize>],
         temperature: f64,
     ) -> Result<CompletionLogprobs> {
-        self.target_logprobs_with(w, seqs, targets, temperature, Packing::default())
+        self.target_logprobs_with(w, seqs, targets, temperature, ForwardOptions::default())
     }
 
-    /// [`Model::target_logprobs`] in a chosen layout (all give the same values).
+    /// [`Model::target_logprobs`] with [`Model::completion_logprobs_with`]'s options.
     pub fn target_logprobs_with(
         &self,
         w: &Weights,
         seqs: &[Vec<u32>],
         targets: &[Vec<usize>],
         temperature: f64,
-        packing: Packing,
+        options: impl Into<ForwardOptions>,
     ) -> Result<CompletionLogprobs> {
+        let options = options.into();
         if seqs.len() != targets.len() {
             return Err(Error::invalid("one target list is needed per sequence"));
         }
@@ -558,8 +708,11 @@ impl Model {
         }
         // A sequence's tokens before its first target are the same for every sequence
         // that begins with them: that prefix can be shared.
-        let shareable: Vec<usize> = targets.iter().map(|tg| tg.first().copied().unwrap_or(0)).collect();
-        let batch = self.pack_batch(seqs, &shareable, packing)?;
+        let shareable: Vec<usize> = targets
+            .iter()
+            .map(|tg| tg.first().copied().unwrap_or(0))
+            .collect();
+        let batch = self.pack_batch(seqs, &shareable, options.packing)?;
         let mut rows = Vec::new();
         let mut tokens = Vec::new();
         let mut offsets = vec![0];
@@ -570,7 +723,7 @@ impl Model {
             }
             offsets.push(tokens.len());
         }
-        let hidden = self.forward_packed(w, &batch)?;
+        let (hidden, recompute) = self.forward_packed_with(w, &batch, options.checkpoint_layers)?;
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &self.device)?;
         let picked = hidden.index_select(&rows, 0)?;
@@ -582,6 +735,7 @@ impl Model {
             entropy,
             hidden: picked,
             offsets,
+            recompute: recompute.map(std::sync::Arc::new),
         })
     }
 }
@@ -598,9 +752,21 @@ pub struct CompletionLogprobs {
     pub hidden: Tensor,
     /// Sequence i's tokens are `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
+    /// The layers to replay in the backward of a checkpointed forward.
+    pub recompute: Option<std::sync::Arc<Recompute>>,
 }
 
 impl CompletionLogprobs {
+    /// Gradients of `loss` (a function of these logprobs, entropies or hidden states)
+    /// with respect to every parameter, checkpointed forward or not.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(r) = &self.recompute {
+            r.finish(&mut grads)?;
+        }
+        Ok(grads)
+    }
+
     /// Per-sequence values of a (N,) tensor, as host vectors.
     pub fn split(&self, t: &Tensor) -> Result<Vec<Vec<f32>>> {
         let all = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;

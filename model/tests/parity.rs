@@ -133,3 +133,97 @@ fn smollm2_gguf_matches_transformers() {
         "eos of SmolLM2 is <|im_end|> = 2"
     );
 }
+
+/// Gradients of every parameter against transformers in f64: one prompt shared by two
+/// completions (so the fused ops, the packed attention and the prompt sharing are all
+/// on the path), loss Σ aₜ·logprobₜ + Σ bₜ·entropyₜ as tools/make_fixtures.py computes it.
+/// Agreement to 1e-6 relative: transformers takes RMSNorm and the RoPE tables through
+/// f32 even in an f64 model (about 1e-8 relative apart); a wrong gradient is off by
+/// order one.
+fn gradient_parity(preset: &str) {
+    let fx = fixture(&format!("gradients-{preset}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(preset, 0);
+    tandem_model::save_hf(&p.model, &p.tokenizer, &dir.path().join("m")).unwrap();
+    let model = tandem_model::load(
+        dir.path().join("m").to_str().unwrap(),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    assert_eq!(
+        weights_hash(&model),
+        fx["weights_sha256"].as_str().unwrap(),
+        "the {preset} preset's weights changed: regenerate the fixtures with tools/make_fixtures.py"
+    );
+    let prompt = u32s(&fx["prompt"]);
+    let completions: Vec<Vec<u32>> = fx["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(u32s)
+        .collect();
+    let seqs: Vec<Vec<u32>> = completions
+        .iter()
+        .map(|c| [prompt.as_slice(), c].concat())
+        .collect();
+    let starts = vec![prompt.len(); seqs.len()];
+    let t = fx["temperature"].as_f64().unwrap();
+    let out = model
+        .completion_logprobs(&model.weights(), &seqs, &starts, t)
+        .unwrap();
+    let n = out.logprobs.dim(0).unwrap();
+    let a: Vec<f64> = (0..n).map(|i| 1.0 + 0.1 * i as f64).collect();
+    let b: Vec<f64> = (0..n).map(|i| 0.5 - 0.05 * i as f64).collect();
+    let a = candle_core::Tensor::from_vec(a, n, &Device::Cpu).unwrap();
+    let b = candle_core::Tensor::from_vec(b, n, &Device::Cpu).unwrap();
+    let loss = ((&out.logprobs * a).unwrap().sum_all().unwrap()
+        + (&out.entropy * b).unwrap().sum_all().unwrap())
+    .unwrap();
+    let value = loss.to_scalar::<f64>().unwrap();
+    let expect = fx["loss"].as_f64().unwrap();
+    assert!(
+        (value - expect).abs() < 1e-6 * expect.abs().max(1.0),
+        "{preset}: loss {value} vs {expect}"
+    );
+    let grads = loss.backward().unwrap();
+    let reference = fx["gradients"].as_object().unwrap();
+    assert_eq!(
+        reference.len(),
+        model.params().iter().count(),
+        "{preset}: parameter count"
+    );
+    for (name, var) in model.params().iter() {
+        let r = &reference[&name.to_string()];
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{preset} {name}: no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let r_norm = r["norm"].as_f64().unwrap();
+        assert!(
+            (norm - r_norm).abs() <= 1e-6 * r_norm.max(1e-12),
+            "{preset} {name}: gradient norm {norm} vs transformers {r_norm}"
+        );
+        let head = f64s(&r["head"]);
+        let d = max_abs_diff(&g[..head.len()], &head);
+        assert!(
+            d <= 1e-6 * r_norm.max(1e-12),
+            "{preset} {name}: gradient entries differ by {d} (norm {r_norm})"
+        );
+    }
+}
+
+#[test]
+fn tiny_llama_gradients_match_transformers() {
+    gradient_parity("tiny");
+}
+
+#[test]
+fn tiny_qwen2_gradients_match_transformers() {
+    gradient_parity("tiny-qwen2");
+}

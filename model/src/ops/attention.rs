@@ -267,23 +267,43 @@ fn fwd_kernel<T: Elem>(q: &[T], k: &[T], v: &[T], segments: &[Segment], g: &Geom
     let mut out = vec![T::zero(); t * g.qw];
     let shared = Shared::new(&mut out);
     let tasks = segments.len() * g.heads.query;
-    (0..tasks).into_par_iter().for_each_init(Vec::new, |p, task| {
-        let (s, h) = (&segments[task / g.heads.query], task % g.heads.query);
-        probabilities(p, q, k, s, h, g);
-        let (p0, m) = s.prefix_range();
-        let (n, w, kh) = (s.len, m + s.len, g.kv_head(h));
-        // SAFETY: task (s, h) writes only rows s.start.. of head h's columns.
-        unsafe {
-            let out = shared.slice();
-            let o = s.start * g.qw + h * d;
-            if m > 0 {
-                let vm = Mat::rows(v, p0 * g.kw + kh * d, g.kw);
-                gemm((n, d, m), out, o, g.qw, Mat::rows(p, 0, w), vm, T::one(), false);
+    (0..tasks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |p, task| {
+            let (s, h) = (&segments[task / g.heads.query], task % g.heads.query);
+            probabilities(p, q, k, s, h, g);
+            let (p0, m) = s.prefix_range();
+            let (n, w, kh) = (s.len, m + s.len, g.kv_head(h));
+            // SAFETY: task (s, h) writes only rows s.start.. of head h's columns.
+            unsafe {
+                let out = shared.slice();
+                let o = s.start * g.qw + h * d;
+                if m > 0 {
+                    let vm = Mat::rows(v, p0 * g.kw + kh * d, g.kw);
+                    gemm(
+                        (n, d, m),
+                        out,
+                        o,
+                        g.qw,
+                        Mat::rows(p, 0, w),
+                        vm,
+                        T::one(),
+                        false,
+                    );
+                }
+                let vs = Mat::rows(v, s.start * g.kw + kh * d, g.kw);
+                gemm(
+                    (n, d, n),
+                    out,
+                    o,
+                    g.qw,
+                    Mat::rows(p, m, w),
+                    vs,
+                    T::one(),
+                    m > 0,
+                );
             }
-            let vs = Mat::rows(v, s.start * g.kw + kh * d, g.kw);
-            gemm((n, d, n), out, o, g.qw, Mat::rows(p, m, w), vs, T::one(), m > 0);
-        }
-    });
+        });
     out
 }
 
@@ -346,19 +366,73 @@ fn bwd_kernel<T: Elem>(
                     // dQ = s · dS K
                     if m > 0 {
                         let km = Mat::rows(k, p0 * g.kw + kh * d, g.kw);
-                        gemm((n, d, m), dq, qo, g.qw, Mat::rows(&ds, 0, w), km, scale, false);
+                        gemm(
+                            (n, d, m),
+                            dq,
+                            qo,
+                            g.qw,
+                            Mat::rows(&ds, 0, w),
+                            km,
+                            scale,
+                            false,
+                        );
                     }
                     let ks = Mat::rows(k, s.start * g.kw + kh * d, g.kw);
-                    gemm((n, d, n), dq, qo, g.qw, Mat::rows(&ds, m, w), ks, scale, m > 0);
+                    gemm(
+                        (n, d, n),
+                        dq,
+                        qo,
+                        g.qw,
+                        Mat::rows(&ds, m, w),
+                        ks,
+                        scale,
+                        m > 0,
+                    );
                     // dK += s · dSᵀ Q, dV += Pᵀ dO
                     if m > 0 {
                         let dst = p0 * d;
-                        gemm((m, d, n), &mut dk, dst, d, Mat::cols(&ds, 0, w), qm, scale, true);
-                        gemm((m, d, n), &mut dv, dst, d, Mat::cols(&p, 0, w), dom, T::one(), true);
+                        gemm(
+                            (m, d, n),
+                            &mut dk,
+                            dst,
+                            d,
+                            Mat::cols(&ds, 0, w),
+                            qm,
+                            scale,
+                            true,
+                        );
+                        gemm(
+                            (m, d, n),
+                            &mut dv,
+                            dst,
+                            d,
+                            Mat::cols(&p, 0, w),
+                            dom,
+                            T::one(),
+                            true,
+                        );
                     }
                     let dst = s.start * d;
-                    gemm((n, d, n), &mut dk, dst, d, Mat::cols(&ds, m, w), qm, scale, true);
-                    gemm((n, d, n), &mut dv, dst, d, Mat::cols(&p, m, w), dom, T::one(), true);
+                    gemm(
+                        (n, d, n),
+                        &mut dk,
+                        dst,
+                        d,
+                        Mat::cols(&ds, m, w),
+                        qm,
+                        scale,
+                        true,
+                    );
+                    gemm(
+                        (n, d, n),
+                        &mut dv,
+                        dst,
+                        d,
+                        Mat::cols(&p, m, w),
+                        dom,
+                        T::one(),
+                        true,
+                    );
                 }
             }
             (dk, dv)

@@ -152,7 +152,9 @@ pub(crate) mod tests {
     /// Σ y ∘ c for a fixed pseudo-random c: a loss whose gradient reaches every output.
     fn probe_loss(y: &Tensor) -> Tensor {
         let n = y.elem_count();
-        let c: Vec<f64> = (0..n).map(|i| ((i * 7919 % 13) as f64 - 6.0) / 6.0).collect();
+        let c: Vec<f64> = (0..n)
+            .map(|i| ((i * 7919 % 13) as f64 - 6.0) / 6.0)
+            .collect();
         let c = Tensor::from_vec(c, y.dims(), y.device())
             .unwrap()
             .to_dtype(y.dtype())
@@ -228,9 +230,7 @@ pub(crate) mod tests {
                     moved[j] += delta;
                     let mut ys = xs.clone();
                     ys[i] = Tensor::from_vec(moved, xs[i].dims(), &Device::Cpu).unwrap();
-                    probe_loss(&op(&ys).unwrap())
-                        .to_scalar::<f64>()
-                        .unwrap()
+                    probe_loss(&op(&ys).unwrap()).to_scalar::<f64>().unwrap()
                 };
                 let fd = (eval(h) - eval(-h)) / (2.0 * h);
                 assert!(

@@ -188,7 +188,10 @@ impl CustomOp3 for RmsNormGrad {
             }
             _ => candle_core::bail!("rms-norm-grad: f32 or f64 on the CPU only"),
         };
-        Ok((storage, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
+        Ok((
+            storage,
+            Shape::from(l1.shape().elem_count() + l2.shape().elem_count()),
+        ))
     }
 }
 
