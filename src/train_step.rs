@@ -19,7 +19,8 @@ pub struct TrainStepArgs {
     /// Rollout JSONL: {"group", "prompt_ids", "completion_ids", "behavior_logprobs", "reward"[, "versions"]}.
     #[arg(long)]
     rollouts: PathBuf,
-    /// TOML with [algorithm] and [optimizer] sections (every key optional).
+    /// TOML with [algorithm], [optimizer] and [trainer] sections (every key optional;
+    /// [trainer] sets the step's layout: packing, max_tokens_per_microbatch, …).
     #[arg(long)]
     config: PathBuf,
     /// Output HF folder; metrics go to OUT/metrics.json.
@@ -72,6 +73,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         &mut opt,
         0,
         a.policy_version,
+        &cfg.trainer.compute(),
     )?;
     tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;

@@ -491,6 +491,7 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
         &mut opt,
         0,
         None,
+        &cfg.trainer.compute(),
     )?;
     Ok(t0.elapsed().as_secs_f64())
 }

@@ -22,11 +22,49 @@ pub enum LossAgg {
     SeqSumNorm,
 }
 
+/// The counts of the whole batch that a loss is divided by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denominators {
+    pub tokens: usize,
+    pub sequences: usize,
+}
+
+impl Denominators {
+    /// The counts of the completions `offsets` delimit.
+    pub fn of(offsets: &[usize]) -> Self {
+        Denominators {
+            tokens: offsets.last().copied().unwrap_or(0),
+            sequences: offsets.len().saturating_sub(1),
+        }
+    }
+}
+
 /// Aggregates per-token `loss` (N,) into a scalar.
 pub fn aggregate(
     agg: LossAgg,
     loss: &Tensor,
     offsets: &[usize],
+    max_completion_len: usize,
+) -> Result<Tensor> {
+    aggregate_part(
+        agg,
+        loss,
+        offsets,
+        Denominators::of(offsets),
+        max_completion_len,
+    )
+}
+
+/// What the completions `offsets` delimit contribute to the aggregate of a larger
+/// batch with counts `whole`: the same formula, divided by the whole batch's counts.
+/// Summed over the parts of a batch (micro-batches, or the completions that were
+/// computed while the others contribute exactly zero) it equals [`aggregate`] of the
+/// batch, so gradients accumulate to the unsplit gradient.
+pub fn aggregate_part(
+    agg: LossAgg,
+    loss: &Tensor,
+    offsets: &[usize],
+    whole: Denominators,
     max_completion_len: usize,
 ) -> Result<Tensor> {
     let n = loss.dim(0)?;
@@ -40,8 +78,14 @@ pub fn aggregate(
             "offsets {offsets:?} do not split {n} tokens into non-empty completions"
         )));
     }
+    if whole.tokens < n || whole.sequences < seqs {
+        return Err(invalid(format!(
+            "a part of {n} tokens in {seqs} completions cannot belong to a batch of {} in {}",
+            whole.tokens, whole.sequences
+        )));
+    }
     Ok(match agg {
-        LossAgg::TokenMean => (loss.sum_all()? / n as f64)?,
+        LossAgg::TokenMean => (loss.sum_all()? / whole.tokens as f64)?,
         LossAgg::SeqSumNorm => {
             let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
             if max_completion_len < longest {
@@ -49,7 +93,7 @@ pub fn aggregate(
                     "max_completion_len {max_completion_len} is shorter than a completion of {longest} tokens"
                 )));
             }
-            (loss.sum_all()? / (seqs * max_completion_len) as f64)?
+            (loss.sum_all()? / (whole.sequences * max_completion_len) as f64)?
         }
         LossAgg::SeqMeanTokenMean => {
             let mut total = Tensor::zeros((), loss.dtype(), loss.device())?;
@@ -58,7 +102,7 @@ pub fn aggregate(
                     (loss.narrow(0, w[0], w[1] - w[0])?.sum_all()? / (w[1] - w[0]) as f64)?;
                 total = (total + seq_mean)?;
             }
-            (total / seqs as f64)?
+            (total / whole.sequences as f64)?
         }
     })
 }

@@ -10,6 +10,7 @@ use crate::error::{invalid, Result};
 use crate::kl::KlEstimator;
 use crate::policy_loss::PolicyLoss;
 use crate::proximal::ProxLogp;
+use tandem_model::packing::{ForwardOptions, Packing};
 use tandem_weights::BroadcastPlane;
 
 /// Which policy π_old the ratio is taken against.
@@ -346,6 +347,47 @@ pub struct TrainerConfig {
     /// sent is excluded from the group (it fetches over gRPC); generators wait this
     /// long for a broadcast before fetching.
     pub broadcast_timeout_s: f64,
+    /// Layout of the training forward: shared_prefix (sequences packed without
+    /// padding, each group's prompt computed once), packed (no padding, every prompt
+    /// computed per completion) or padded (every sequence padded to the longest).
+    pub packing: Packing,
+    /// Token budget of one micro-batch: a minibatch is cut into packed rows of at most
+    /// this many tokens whose gradients are accumulated before the optimizer step, so a
+    /// step's memory is bounded by tokens, not by batch × longest sequence. A sequence
+    /// longer than the budget is a micro-batch of its own.
+    pub max_tokens_per_microbatch: usize,
+    /// Completions whose per-token loss is identically zero (zero advantage and no KL,
+    /// entropy or value term) skip the forward, the backward and the π_prox pass; they
+    /// still count in every loss denominator.
+    pub skip_zero_gradient: bool,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (about one more forward of compute for a fraction of the memory).
+    pub activation_checkpointing: bool,
+}
+
+/// The compute part of `[trainer]`: how a step lays out and schedules its work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compute {
+    pub packing: Packing,
+    pub max_tokens_per_microbatch: usize,
+    pub skip_zero_gradient: bool,
+    pub activation_checkpointing: bool,
+}
+
+impl Default for Compute {
+    fn default() -> Self {
+        TrainerConfig::default().compute()
+    }
+}
+
+impl Compute {
+    /// The model's options for one training forward.
+    pub fn forward(&self) -> ForwardOptions {
+        ForwardOptions {
+            packing: self.packing,
+            checkpoint_layers: self.activation_checkpointing,
+        }
+    }
 }
 
 impl Default for TrainerConfig {
@@ -359,6 +401,10 @@ impl Default for TrainerConfig {
             mock_train_ms: 0,
             broadcast: BroadcastPlane::Off,
             broadcast_timeout_s: 30.0,
+            packing: Packing::SharedPrefix,
+            max_tokens_per_microbatch: 8192,
+            skip_zero_gradient: true,
+            activation_checkpointing: false,
         }
     }
 }
@@ -381,7 +427,23 @@ impl TrainerConfig {
         if !(self.broadcast_timeout_s.is_finite() && self.broadcast_timeout_s > 0.0) {
             return bad("broadcast_timeout_s", "must be a number of seconds > 0");
         }
+        if self.max_tokens_per_microbatch == 0 {
+            return bad(
+                "max_tokens_per_microbatch",
+                "must be ≥ 1 (tokens of one packed micro-batch; 8192 is the default)",
+            );
+        }
         Ok(())
+    }
+
+    /// The settings a training step uses.
+    pub fn compute(&self) -> Compute {
+        Compute {
+            packing: self.packing,
+            max_tokens_per_microbatch: self.max_tokens_per_microbatch,
+            skip_zero_gradient: self.skip_zero_gradient,
+            activation_checkpointing: self.activation_checkpointing,
+        }
     }
 }
 
@@ -391,6 +453,7 @@ impl TrainerConfig {
 pub struct TrainConfig {
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    pub trainer: TrainerConfig,
 }
 
 impl TrainConfig {
@@ -399,6 +462,7 @@ impl TrainConfig {
         let cfg: TrainConfig = toml::from_str(text).map_err(|e| invalid(format!("config: {e}")))?;
         cfg.algorithm.validate()?;
         cfg.optimizer.validate()?;
+        cfg.trainer.validate()?;
         Ok(cfg)
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tandem_model::{Model, Pretrained};
 
 use crate::buffer::Group;
-use crate::config::{AlgorithmConfig, OptimizerConfig};
+use crate::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use crate::error::{invalid, Result};
 use crate::rollout::Rollout;
 use crate::service::Shared;
@@ -28,6 +28,8 @@ pub struct Plan {
     pub dump_batches: bool,
     /// Sleep instead of training (benchmarks of the control plane).
     pub mock_train_ms: u64,
+    /// Layout and scheduling of the step's compute (`[trainer]`).
+    pub compute: Compute,
 }
 
 /// What one finished step reports (to the coordinator and to `metrics.jsonl`).
@@ -136,6 +138,7 @@ impl Learner {
                 &mut self.opt,
                 self.step,
                 Some(self.version),
+                &self.plan.compute,
             )?
         };
         self.step += 1;

@@ -213,6 +213,7 @@ pub fn run(
             run_dir: run_dir.clone(),
             dump_batches: s.trainer.dump_batches,
             mock_train_ms: s.trainer.mock_train_ms,
+            compute: s.trainer.compute(),
         },
         step: start_step,
         version: start_version,

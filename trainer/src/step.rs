@@ -19,8 +19,10 @@ use tandem_model::optim::{AdamW, AdamWConfig, Sgd, StepStats};
 use tandem_model::Model;
 
 use crate::advantage::{self, Estimator};
-use crate::aggregate::aggregate;
-use crate::config::{AlgorithmConfig, CorrectionMode, KlIn, OptimizerConfig, OptimizerName};
+use crate::aggregate::{aggregate_part, Denominators};
+use crate::config::{
+    AlgorithmConfig, Compute, CorrectionMode, KlIn, OptimizerConfig, OptimizerName,
+};
 use crate::correction::{behaviour_weights, BehaviourWeights};
 use crate::error::{invalid, Result};
 use crate::gae;
@@ -125,7 +127,15 @@ pub struct StepMetrics {
     pub advantage_std: f64,
     pub zero_std_groups: usize,
     pub sequences: usize,
+    /// Completion tokens of the step.
     pub tokens: usize,
+    /// Completions (and their completion tokens) whose loss was identically zero and
+    /// whose forward, backward and π_prox pass were skipped.
+    pub skipped_sequences: usize,
+    pub skipped_tokens: usize,
+    /// Tokens the training forwards computed (packed rows, prompts included, every
+    /// epoch and minibatch): what packing, prompt sharing and skipping save.
+    pub forward_tokens: usize,
     pub optimizer_steps: usize,
 }
 
@@ -143,6 +153,8 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 /// `reference` is required when `kl_coef > 0`, `critic` when `advantage = "gae"`.
 /// `step_index` drives the lr schedule; `policy_version` is the version `policy` holds
 /// (for `prox_logp = "loglinear"`; default: the newest token version in `rollouts`).
+/// `compute` says how the forward and backward are laid out and scheduled; every
+/// setting gives the same update up to float rounding (tested).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     policy: &Model,
@@ -154,6 +166,7 @@ pub fn train_step(
     opt: &mut Optimizer,
     step_index: u64,
     policy_version: Option<u64>,
+    compute: &Compute,
 ) -> Result<StepMetrics> {
     cfg.validate()?;
     if rollouts.is_empty() {
@@ -183,48 +196,64 @@ pub fn train_step(
     }
     let n_tokens = *offsets.last().unwrap_or(&0);
     let to_tensor = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, n_tokens, device)?.to_dtype(dtype)?)
+        let n = v.len();
+        Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
     };
-    let mu = to_tensor(
-        rollouts
-            .iter()
-            .flat_map(|r| r.behavior_logprobs.iter().copied())
-            .collect(),
-    )?;
+    let mu_host: Vec<f64> = rollouts
+        .iter()
+        .flat_map(|r| r.behavior_logprobs.iter().copied())
+        .collect();
+    let mu = to_tensor(mu_host)?;
+    let forward = compute.forward();
 
     // 1. π_prox without gradient: recomputed here, or approximated per minibatch from
     //    the versions (log-linear). The pass also gives the critic's starting values.
+    //    With the KL in the reward the pass covers every completion (the rewards need
+    //    it); otherwise it waits for the advantages and covers only the completions
+    //    that get a gradient.
     let loglinear = cfg.prox_logp == ProxLogp::Loglinear;
     let alpha = if loglinear {
         Some(to_tensor(loglinear_alpha_of(rollouts, policy_version)?)?)
     } else {
         None
     };
-    let start = if !loglinear || cfg.advantage == Estimator::Gae {
-        Some(policy.completion_logprobs(
+    let needs_start = !loglinear || cfg.advantage == Estimator::Gae;
+    let kl_in_reward = cfg.kl_coef > 0.0 && cfg.kl_in == KlIn::Reward;
+    let start_pass = |subset: &[usize]| -> Result<Tensor> {
+        let out = policy.completion_logprobs_with(
+            &policy.inference_weights(),
+            &pick(&seqs, subset),
+            &pick(&starts, subset),
+            cfg.temperature,
+            forward.packing,
+        )?;
+        Ok(out.logprobs)
+    };
+    let everyone: Vec<usize> = (0..rollouts.len()).collect();
+    // π_prox of every completion, when computed before the advantages.
+    let mut start_all = None;
+    let mut start_hidden = None;
+    if needs_start && (kl_in_reward || cfg.advantage == Estimator::Gae) {
+        let out = policy.completion_logprobs_with(
             &policy.inference_weights(),
             &seqs,
             &starts,
             cfg.temperature,
-        )?)
-    } else {
-        None
-    };
-    // The logprobs the reward's KL is taken from: π_old, or μ when π_prox is only
-    // known per minibatch.
-    let old_for_reward = match (&start, cfg.correction_mode) {
-        (Some(s), CorrectionMode::Decoupled) if !loglinear => s.logprobs.clone(),
-        _ => mu.clone(),
-    };
+            forward.packing,
+        )?;
+        start_hidden = Some(out.hidden);
+        start_all = Some(out.logprobs);
+    }
     let ref_logp = if cfg.kl_coef > 0.0 {
         let reference = reference.ok_or_else(|| invalid("kl_coef > 0 needs a reference model"))?;
         Some(
             reference
-                .completion_logprobs(
+                .completion_logprobs_with(
                     &reference.inference_weights(),
                     &seqs,
                     &starts,
                     cfg.temperature,
+                    forward.packing,
                 )?
                 .logprobs,
         )
@@ -232,10 +261,15 @@ pub fn train_step(
         None
     };
 
-    // 2. Rewards, with the KL penalty when it goes into the reward.
+    // 2. Rewards, with the KL penalty when it goes into the reward: KL(π_old ‖ π_ref)
+    //    with π_old = π_prox in decoupled mode, μ otherwise.
     let mut rewards: Vec<f64> = rollouts.iter().map(|r| r.reward).collect();
-    if let (Some(rl), KlIn::Reward) = (&ref_logp, cfg.kl_in) {
-        let k = host(&kl::per_token(cfg.kl_estimator, &old_for_reward, rl)?)?;
+    if let (Some(rl), true) = (&ref_logp, kl_in_reward) {
+        let old = match (&start_all, cfg.correction_mode) {
+            (Some(s), CorrectionMode::Decoupled) if !loglinear => s.clone(),
+            _ => mu.clone(),
+        };
+        let k = host(&kl::per_token(cfg.kl_estimator, &old, rl)?)?;
         for (i, w) in offsets.windows(2).enumerate() {
             rewards[i] -= cfg.kl_coef * k[w[0]..w[1]].iter().sum::<f64>();
         }
@@ -250,10 +284,9 @@ pub fn train_step(
     };
     let (adv_values, zero_std_groups, value_targets) = match critic {
         Some(c) => {
-            let hidden = &start
+            let hidden = start_hidden
                 .as_ref()
-                .ok_or_else(|| invalid("the critic needs the starting forward pass"))?
-                .hidden;
+                .ok_or_else(|| invalid("the critic needs the starting forward pass"))?;
             let old_values = host(&c.values(hidden)?)?;
             let (a, returns) = gae::gae(&old_values, &rewards, &offsets, cfg.gamma, cfg.lambda)?;
             (a, 0, Some((to_tensor(old_values)?, to_tensor(returns)?)))
@@ -278,6 +311,45 @@ pub fn train_step(
     };
     let adv_tokens = to_tensor(adv_values.clone())?;
 
+    // Which completions get a gradient: with no KL, entropy or value term in the loss,
+    // a completion whose advantages are all zero has a per-token loss of exactly 0.
+    let other_terms = (cfg.kl_coef > 0.0 && cfg.kl_in == KlIn::Loss)
+        || cfg.entropy_coef != 0.0
+        || critic.is_some();
+    let active: Vec<bool> = offsets
+        .windows(2)
+        .map(|w| {
+            !compute.skip_zero_gradient
+                || other_terms
+                || adv_values[w[0]..w[1]].iter().any(|&a| a != 0.0)
+        })
+        .collect();
+    let active_ids: Vec<usize> = everyone.iter().copied().filter(|&i| active[i]).collect();
+    // π_prox of the active completions, in the order of `active_ids` (token layout of
+    // `active_offsets`).
+    let mut active_offsets = vec![0usize];
+    for &i in &active_ids {
+        active_offsets
+            .push(active_offsets.last().copied().unwrap_or(0) + offsets[i + 1] - offsets[i]);
+    }
+    let token_index = |ids: &[usize]| -> Result<Tensor> {
+        let idx: Vec<u32> = ids
+            .iter()
+            .flat_map(|&i| (offsets[i] as u32)..(offsets[i + 1] as u32))
+            .collect();
+        let n = idx.len();
+        Ok(Tensor::from_vec(idx, n, device)?)
+    };
+    let prox_active = match (&start_all, needs_start && !loglinear) {
+        (_, false) => None,
+        (Some(all), true) => Some(
+            all.contiguous()?
+                .index_select(&token_index(&active_ids)?, 0)?,
+        ),
+        (None, true) if active_ids.is_empty() => None,
+        (None, true) => Some(start_pass(&active_ids)?),
+    };
+
     let (reward_mean, reward_std) = mean_std(&rewards);
     let (advantage_mean, advantage_std) = mean_std(&adv_values);
     let mut m = StepMetrics {
@@ -288,12 +360,19 @@ pub fn train_step(
         zero_std_groups,
         sequences: rollouts.len(),
         tokens: n_tokens,
+        skipped_sequences: rollouts.len() - active_ids.len(),
+        skipped_tokens: n_tokens - active_offsets.last().copied().unwrap_or(0),
         ..Default::default()
     };
-    // Behaviour-weight statistics over the first pass (each token once).
+    // Behaviour-weight statistics over the first pass (each computed token once).
     let mut seen = WeightStats::default();
+    let mut vars: Vec<Var> = policy.params().iter().map(|(_, v)| v.clone()).collect();
+    if let Some(c) = critic {
+        vars.extend(c.named_vars().into_iter().map(|(_, v)| v));
+    }
 
-    // 5. Epochs × minibatches of whole completions.
+    // 5. Epochs × minibatches of whole completions; each minibatch's active
+    //    completions in token-bounded micro-batches whose gradients add up.
     let n_seq = rollouts.len();
     let mb = cfg.minibatches.min(n_seq);
     let policy_kind = cfg.policy_loss();
@@ -301,81 +380,139 @@ pub fn train_step(
     for epoch in 0..cfg.ppo_epochs {
         for b in 0..mb {
             let (s0, s1) = (b * n_seq / mb, (b + 1) * n_seq / mb);
-            let (t0, t1) = (offsets[s0], offsets[s1]);
-            let local: Vec<usize> = offsets[s0..=s1].iter().map(|o| o - t0).collect();
-            let slice = |t: &Tensor| t.narrow(0, t0, t1 - t0);
-            let out = policy.completion_logprobs(
-                &policy.weights(),
-                &seqs[s0..s1],
-                &starts[s0..s1],
-                cfg.temperature,
-            )?;
-            // 4. π_prox and the behaviour weights w = π_prox/μ of this minibatch.
-            let mu_mb = slice(&mu)?;
-            let prox = match (&alpha, &start) {
-                (Some(a), _) => proximal::loglinear(&mu_mb, &out.logprobs, &slice(a)?)?,
-                (None, Some(s)) => slice(&s.logprobs)?,
-                (None, None) => return Err(invalid("no proximal logprobs")),
+            let whole = Denominators {
+                tokens: offsets[s1] - offsets[s0],
+                sequences: s1 - s0,
             };
-            let bw = behaviour_weights(
-                cfg.correction(),
-                cfg.correction_level,
-                &prox,
-                &mu_mb,
-                &local,
-            )?;
-            if epoch == 0 {
-                seen.add(&bw, &prox, &mu_mb)?;
+            // Positions in `active_ids` of this minibatch's active completions.
+            let lo = active_ids.partition_point(|&i| i < s0);
+            let hi = active_ids.partition_point(|&i| i < s1);
+            let mb_ids = &active_ids[lo..hi];
+            let computed = Denominators {
+                tokens: active_offsets[hi] - active_offsets[lo],
+                sequences: hi - lo,
+            };
+            let mut acc = GradStore::default();
+            let mut parts = Parts::default();
+            let mb_seqs = pick(&seqs, mb_ids);
+            let shareable = pick(&starts, mb_ids);
+            for range in tandem_model::packing::microbatches(
+                &mb_seqs,
+                &shareable,
+                forward.packing,
+                compute.max_tokens_per_microbatch,
+            ) {
+                let ids = &mb_ids[range.clone()];
+                let (a0, a1) = (lo + range.start, lo + range.end);
+                let local: Vec<usize> = active_offsets[a0..=a1]
+                    .iter()
+                    .map(|o| o - active_offsets[a0])
+                    .collect();
+                let tokens = token_index(ids)?;
+                let take = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.contiguous()?.index_select(&tokens, 0)?)
+                };
+                let out = policy.completion_logprobs_with(
+                    &policy.weights(),
+                    &mb_seqs[range.clone()],
+                    &shareable[range.clone()],
+                    cfg.temperature,
+                    forward,
+                )?;
+                parts.forward_tokens += policy
+                    .pack_batch(
+                        &mb_seqs[range.clone()],
+                        &shareable[range.clone()],
+                        forward.packing,
+                    )?
+                    .len();
+                // 4. π_prox and the behaviour weights w = π_prox/μ of these completions.
+                let mu_mb = take(&mu)?;
+                let prox = match (&alpha, &prox_active) {
+                    (Some(a), _) => proximal::loglinear(&mu_mb, &out.logprobs, &take(a)?)?,
+                    (None, Some(p)) => p.narrow(
+                        0,
+                        active_offsets[a0],
+                        active_offsets[a1] - active_offsets[a0],
+                    )?,
+                    (None, None) => return Err(invalid("no proximal logprobs")),
+                };
+                let bw = behaviour_weights(
+                    cfg.correction(),
+                    cfg.correction_level,
+                    &prox,
+                    &mu_mb,
+                    &local,
+                )?;
+                if epoch == 0 {
+                    seen.add(&bw, &prox, &mu_mb)?;
+                }
+                let (old, weights) = match cfg.correction_mode {
+                    CorrectionMode::Decoupled => (prox, bw.weights),
+                    CorrectionMode::Bypass => (mu_mb.clone(), mu_mb.ones_like()?),
+                };
+                let pl = policy_loss::per_token(
+                    policy_kind,
+                    &out.logprobs,
+                    &old,
+                    &take(&adv_tokens)?,
+                    &weights,
+                )?;
+                let agg = |t: &Tensor, den: Denominators| {
+                    aggregate_part(cfg.loss_agg, t, &local, den, cfg.max_completion_len)
+                };
+                let policy_term = agg(&pl.loss, whole)?;
+                let mut loss = policy_term.clone();
+                if let Some(rl) = &ref_logp {
+                    let k = kl::per_token(cfg.kl_estimator, &out.logprobs, &take(rl)?)?;
+                    parts.kl += scalar(&agg(&k, computed)?)?;
+                    if cfg.kl_in == KlIn::Loss {
+                        loss = (loss + (agg(&k, whole)? * cfg.kl_coef)?)?;
+                    }
+                }
+                if let (Some(c), Some((old_v, returns))) = (critic, &value_targets) {
+                    let v = c.values(&out.hidden)?;
+                    let vl = gae::value_loss(&v, &take(old_v)?, &take(returns)?, cfg.value_clip)?;
+                    let v_agg = agg(&vl, whole)?;
+                    parts.value_loss += scalar(&v_agg)?;
+                    loss = (loss + (v_agg * cfg.vf_coef)?)?;
+                }
+                parts.entropy += scalar(&agg(&out.entropy, computed)?)?;
+                if cfg.entropy_coef != 0.0 {
+                    loss = (loss - (agg(&out.entropy, whole)? * cfg.entropy_coef)?)?;
+                }
+                let loss_value = scalar(&loss)?;
+                if !loss_value.is_finite() {
+                    return Err(invalid(format!("loss is {loss_value}: refusing to update")));
+                }
+                parts.loss += loss_value;
+                parts.policy_loss += scalar(&policy_term)?;
+                let n = (local.last().copied().unwrap_or(0)) as f64;
+                parts.clip_low += pl.clip_fraction_low * n;
+                parts.clip_high += pl.clip_fraction_high * n;
+                accumulate(&mut acc, out.backward(&loss)?, &vars)?;
             }
-            let (old, weights) = match cfg.correction_mode {
-                CorrectionMode::Decoupled => (prox, bw.weights),
-                CorrectionMode::Bypass => (mu_mb.clone(), mu_mb.ones_like()?),
-            };
-            let pl = policy_loss::per_token(
-                policy_kind,
-                &out.logprobs,
-                &old,
-                &slice(&adv_tokens)?,
-                &weights,
-            )?;
-            let policy_term = aggregate(cfg.loss_agg, &pl.loss, &local, cfg.max_completion_len)?;
-            let mut loss = policy_term.clone();
-            let mut kl_value = 0.0;
-            if let Some(rl) = &ref_logp {
-                let k = kl::per_token(cfg.kl_estimator, &out.logprobs, &slice(rl)?)?;
-                let k_agg = aggregate(cfg.loss_agg, &k, &local, cfg.max_completion_len)?;
-                kl_value = k_agg.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if cfg.kl_in == KlIn::Loss {
-                    loss = (loss + (k_agg * cfg.kl_coef)?)?;
+            // Skipped completions contribute exactly zero: a parameter that received
+            // no gradient gets zeros, so the optimizer moves as it would have.
+            for v in &vars {
+                if acc.get(v).is_none() {
+                    acc.insert(v, v.zeros_like()?);
                 }
             }
-            if let (Some(c), Some((old_v, returns))) = (critic, &value_targets) {
-                let v = c.values(&out.hidden)?;
-                let vl = gae::value_loss(&v, &slice(old_v)?, &slice(returns)?, cfg.value_clip)?;
-                let v_agg = aggregate(cfg.loss_agg, &vl, &local, cfg.max_completion_len)?;
-                m.value_loss += v_agg.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                loss = (loss + (v_agg * cfg.vf_coef)?)?;
-            }
-            let ent = aggregate(cfg.loss_agg, &out.entropy, &local, cfg.max_completion_len)?;
-            if cfg.entropy_coef != 0.0 {
-                loss = (loss - (&ent * cfg.entropy_coef)?)?;
-            }
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                return Err(invalid(format!("loss is {loss_value}: refusing to update")));
-            }
-            let grads = loss.backward()?;
             let lr = opt_cfg.lr_at(step_index + updates as u64);
-            let stats = opt.apply(&grads, lr, opt_cfg.max_grad_norm())?;
+            let stats = opt.apply(&acc, lr, opt_cfg.max_grad_norm())?;
             updates += 1;
-            m.loss += loss_value;
-            m.policy_loss += policy_term.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            m.kl += kl_value;
-            m.entropy += ent.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            m.loss += parts.loss;
+            m.policy_loss += parts.policy_loss;
+            m.kl += parts.kl;
+            m.entropy += parts.entropy;
+            m.value_loss += parts.value_loss;
             m.grad_norm += stats.grad_norm;
             m.lr = lr;
-            m.clip_fraction_low += pl.clip_fraction_low;
-            m.clip_fraction_high += pl.clip_fraction_high;
+            let computed_tokens = computed.tokens.max(1) as f64;
+            m.clip_fraction_low += parts.clip_low / computed_tokens;
+            m.clip_fraction_high += parts.clip_high / computed_tokens;
+            m.forward_tokens += parts.forward_tokens;
         }
     }
     let k = updates as f64;
@@ -394,6 +531,44 @@ pub fn train_step(
     m.optimizer_steps = updates;
     seen.finish(&mut m);
     Ok(m)
+}
+
+/// The sums one minibatch collects over its micro-batches.
+#[derive(Default)]
+struct Parts {
+    loss: f64,
+    policy_loss: f64,
+    kl: f64,
+    entropy: f64,
+    value_loss: f64,
+    /// Clipped-token counts (fraction × tokens).
+    clip_low: f64,
+    clip_high: f64,
+    forward_tokens: usize,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The elements of `xs` at `ids`, in that order.
+fn pick<T: Clone>(xs: &[T], ids: &[usize]) -> Vec<T> {
+    ids.iter().map(|&i| xs[i].clone()).collect()
+}
+
+/// acc[v] += grads[v] for every trained variable (the graph's other gradients are
+/// dropped with `grads`).
+fn accumulate(acc: &mut GradStore, mut grads: GradStore, vars: &[Var]) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.remove(v) {
+            let total = match acc.remove(v) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            acc.insert(v, total);
+        }
+    }
+    Ok(())
 }
 
 /// α of every completion token, from the rollouts' `versions`; the policy's version

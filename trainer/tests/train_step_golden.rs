@@ -1,12 +1,15 @@
 //! One SGD train step per algorithm configuration on the tiny preset, against the
 //! post-step weights of tools/train_step_reference.py (transformers + PyTorch, f64):
-//! relative error ≤ 1e-3 on the loss, the gradient norm and the weight changes.
+//! relative error ≤ 1e-3 on the loss, the gradient norm and the weight changes, in
+//! every compute layout (padded, packed with shared prompts in small micro-batches,
+//! checkpointed).
 
 use candle_core::{DType, Device};
 use serde_json::Value;
+use tandem_model::packing::Packing;
 use tandem_model::ScalarHead;
 use tandem_trainer::advantage::Estimator;
-use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, OptimizerName};
+use tandem_trainer::config::{AlgorithmConfig, Compute, OptimizerConfig, OptimizerName};
 use tandem_trainer::rollout::Rollout;
 use tandem_trainer::step::{train_step, Optimizer};
 
@@ -29,6 +32,7 @@ fn sgd_step(
     algo: &AlgorithmConfig,
     lr: f64,
     case: &Value,
+    compute: &Compute,
 ) -> tandem_trainer::step::StepMetrics {
     let opt_cfg = OptimizerConfig {
         name: OptimizerName::Sgd,
@@ -48,8 +52,34 @@ fn sgd_step(
         &mut opt,
         0,
         case["policy_version"].as_u64(),
+        compute,
     )
     .unwrap()
+}
+
+/// The layouts every case runs in: the default (prompts shared, zero-gradient
+/// completions skipped), the padded reference layout without skipping, and small
+/// checkpointed micro-batches.
+fn layouts() -> Vec<(&'static str, Compute)> {
+    vec![
+        ("default", Compute::default()),
+        (
+            "padded",
+            Compute {
+                packing: Packing::Padded,
+                skip_zero_gradient: false,
+                ..Compute::default()
+            },
+        ),
+        (
+            "micro-batches of 24 tokens, checkpointed",
+            Compute {
+                max_tokens_per_microbatch: 24,
+                activation_checkpointing: true,
+                ..Compute::default()
+            },
+        ),
+    ]
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -63,7 +93,13 @@ fn train_step_matches_reference_for_every_configuration() {
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
     let lr = fx["lr"].as_f64().unwrap();
-    for (name, case) in fx["cases"].as_object().unwrap() {
+    for ((name, case), (layout, compute)) in fx["cases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|c| layouts().into_iter().map(move |l| (c, l)))
+    {
+        let name = format!("{name} ({layout})");
         let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
             .unwrap()
@@ -89,6 +125,7 @@ fn train_step_matches_reference_for_every_configuration() {
             &algo,
             lr,
             case,
+            &compute,
         );
         let (loss, gn) = (
             case["loss"].as_f64().unwrap(),
@@ -171,7 +208,16 @@ fn epochs_and_minibatches_multiply_the_updates() {
         .model;
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
     let m = train_step(
-        &policy, None, None, &rollouts, &algo, &opt_cfg, &mut opt, 0, None,
+        &policy,
+        None,
+        None,
+        &rollouts,
+        &algo,
+        &opt_cfg,
+        &mut opt,
+        0,
+        None,
+        &Compute::default(),
     )
     .unwrap();
     assert_eq!(m.optimizer_steps, 4);
@@ -190,7 +236,8 @@ fn epochs_and_minibatches_multiply_the_updates() {
         &opt_cfg,
         &mut opt,
         1,
-        None
+        None,
+        &Compute::default(),
     )
     .unwrap_err()
     .to_string()
@@ -230,6 +277,7 @@ fn loglinear_from_the_previous_version_is_the_bypass_update() {
             &mut opt,
             0,
             Some(7),
+            &Compute::default(),
         )
         .map(|m| (m, policy.params().snapshot().unwrap()))
     };
@@ -315,6 +363,7 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
             &algo,
             lr,
             case,
+            &Compute::default(),
         );
         let (loss, gn) = (
             case["loss"].as_f64().unwrap(),
