@@ -5,6 +5,8 @@
 //! - [`system`] — the distributed loop: weight sync beside raw TCP, rollout ingest
 //!   beside a training step, async beside sync steps/hour
 //! - `nccl` (feature `nccl`) — NCCL broadcast beside a device-to-device copy
+//! - [`train_step`] — one GRPO step on a realistic RL batch beside a TRL-style
+//!   PyTorch step, with each of packing, prompt sharing and skipping switched off
 //! - [`timing`] — medians of timed repetitions, peak RSS
 //!
 //! It drives every other crate, so nothing depends on it but the binary.
@@ -15,6 +17,7 @@ pub mod model;
 pub mod nccl;
 pub mod system;
 pub mod timing;
+pub mod train_step;
 
 use clap::{Args, Subcommand};
 
@@ -33,6 +36,8 @@ enum BenchWhat {
     Model(model::ModelBench),
     /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
     System(system::SystemBench),
+    /// One GRPO training step on a realistic RL batch vs a TRL-style PyTorch step.
+    TrainStep(train_step::TrainStepBench),
     /// NCCL broadcast (world size 1) of a model's weights vs a device-to-device copy.
     #[cfg(feature = "nccl")]
     Nccl(nccl::NcclBench),
@@ -43,6 +48,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Model(m) => model::run(m),
         BenchWhat::System(s) => system::run(s),
+        BenchWhat::TrainStep(t) => train_step::run(t),
         #[cfg(feature = "nccl")]
         BenchWhat::Nccl(n) => nccl::run(n),
     }
