@@ -15,6 +15,10 @@ pub struct ReportArgs {
     /// Where the plots and summary go (default: RUN_DIR/report).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The summary's `time_to_target`: when the mean reward of 5 consecutive steps
+    /// first reaches this value.
+    #[arg(long, default_value_t = 0.9)]
+    reward_target: f64,
 }
 
 /// One plotted series: name and (step, value) points.
@@ -99,9 +103,21 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let n = rows.len().min(5);
     let duration = get(last, "unix_time").unwrap_or(0.0) - get(first, "unix_time").unwrap_or(0.0)
         + get(first, "step_seconds").unwrap_or(0.0);
+    let start = get(first, "unix_time").unwrap_or(0.0) - get(first, "step_seconds").unwrap_or(0.0);
+    let target = time_to_target(&rows, a.reward_target, 5).map(|(step, t)| {
+        serde_json::json!({"reward_target": a.reward_target, "window": 5, "step": step, "seconds": t - start})
+    });
+    let step_secs: Vec<f64> = rows.iter().filter_map(|r| get(r, "step_seconds")).collect();
+    let per_completion: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| Some(get(r, "step_seconds")? / get(r, "sequences")?.max(1.0)))
+        .collect();
     let summary = serde_json::json!({
         "steps": get(last, "step"),
         "wall_seconds": duration,
+        "median_step_seconds": median(step_secs),
+        "median_step_seconds_per_completion": median(per_completion),
+        "time_to_target": target,
         "reward_first_5": mean_of("reward_mean", &rows[..n]),
         "reward_last_5": mean_of("reward_mean", &rows[rows.len() - n..]),
         "staleness_max": rows.iter().filter_map(|r| get(r, "staleness_max")).fold(0.0, f64::max),
@@ -115,6 +131,36 @@ pub fn run(a: ReportArgs) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("plots and summary in {}", out.display());
     Ok(())
+}
+
+/// The median of `xs` (None when empty).
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    Some(if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    })
+}
+
+/// The first step (and its `unix_time`) at which the mean `reward_mean` of the last
+/// `window` steps reaches `target`.
+fn time_to_target(rows: &[Value], target: f64, window: usize) -> Option<(f64, f64)> {
+    let rewards: Vec<f64> = rows
+        .iter()
+        .map(|r| r["reward_mean"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    (window..=rows.len()).find_map(|end| {
+        let mean = rewards[end - window..end].iter().sum::<f64>() / window as f64;
+        (mean >= target).then(|| {
+            let r = &rows[end - 1];
+            Some((r["step"].as_f64()?, r["unix_time"].as_f64()?))
+        })?
+    })
 }
 
 fn plot(path: &Path, title: &str, series: &[Series]) -> Result<()> {
@@ -172,4 +218,23 @@ fn plot(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_to_target_is_the_first_full_window_at_the_target() {
+        let rows: Vec<Value> = [0.2, 0.9, 1.0, 0.9, 0.8, 0.9, 1.0, 1.0]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| serde_json::json!({"step": i + 1, "unix_time": 100.0 + 10.0 * i as f64, "reward_mean": r}))
+            .collect();
+        // Windows of 3: means 0.7, 0.93 → steps 2..4 reach 0.9 first, at step 4.
+        assert_eq!(time_to_target(&rows, 0.9, 3), Some((4.0, 130.0)));
+        assert_eq!(time_to_target(&rows, 1.1, 3), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
 }

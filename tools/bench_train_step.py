@@ -17,12 +17,12 @@ settings) and runs, on SmolLM2-135M-Instruct loaded by transformers from the GGU
     over every completion token of the batch (token mean);
   - clip_grad_norm_ and one torch.optim.AdamW step.
 
-Prints one JSON line: seconds (median of --reps steps from the same weights and a
-fresh optimizer), tokens (the padded tokens computed), peak_rss_mib (ru_maxrss of the
+Prints one JSON line: seconds (median of --reps steps after --warmup untimed ones,
+each from the same weights with a fresh optimizer), tokens (the padded tokens computed), peak_rss_mib (ru_maxrss of the
 process, model load included), loss and grad_norm.
 
   python3 tools/bench_train_step.py --gguf PATH --batch batch.json [--threads 2] \
-      [--microbatch 8] [--reps 1]
+      [--microbatch 8] [--reps 1] [--warmup 1]
 """
 import argparse
 import copy
@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--microbatch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -115,12 +116,14 @@ def main():
     model.train()
     start = copy.deepcopy(model.state_dict())
     times = []
-    for rep in range(max(args.reps, 1)):
+    for rep in range(args.warmup + max(args.reps, 1)):
         model.load_state_dict(start)
         t = time.perf_counter()
         loss, norm, computed = step(model, batch, args.microbatch)
-        times.append(time.perf_counter() - t)
-        log(f"step {rep}: {times[-1]:.1f}s, loss {loss:.6f}, grad norm {norm:.4f}")
+        secs = time.perf_counter() - t
+        if rep >= args.warmup:
+            times.append(secs)
+        log(f"step {rep}: {secs:.1f}s, loss {loss:.6f}, grad norm {norm:.4f}")
     print(json.dumps({
         "seconds": statistics.median(times),
         "tokens": computed,

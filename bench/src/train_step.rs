@@ -51,10 +51,14 @@ pub struct TrainStepBench {
     /// The reference's sequences per micro-batch (TRL's per-device batch size).
     #[arg(long, default_value_t = 8)]
     reference_microbatch: usize,
-    /// Timed steps per variant (median reported); each step is a fresh optimizer on
-    /// the same batch.
+    /// Timed steps per variant (median reported), after `warmup` untimed ones; each
+    /// step starts from the same weights with a fresh optimizer on the same batch.
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Untimed steps before the timed ones (both engines): a trainer runs many steps,
+    /// and the first pays for touching its working set once.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Threads for both engines.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -119,7 +123,9 @@ fn batch(b: &TrainStepBench, vocab: usize) -> Result<Vec<Rollout>> {
             out.push(Rollout {
                 group: format!("g{g}"),
                 prompt_ids: prompt.clone(),
-                completion_ids: (0..len).map(|_| rng.random_range(0..vocab as u32)).collect(),
+                completion_ids: (0..len)
+                    .map(|_| rng.random_range(0..vocab as u32))
+                    .collect(),
                 behavior_logprobs: (0..len).map(|_| -rng.random_range(0.05..3.0)).collect(),
                 reward: if k < solved { 1.0 } else { 0.0 },
                 versions: None,
@@ -182,7 +188,7 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
     let snapshot = p.model.params().snapshot()?;
     let mut times = Vec::new();
     let mut metrics = None;
-    for _ in 0..b.reps.max(1) {
+    for rep in 0..b.warmup + b.reps.max(1) {
         // Every repetition starts from the same weights and a fresh optimizer.
         for (name, var) in p.model.params().iter() {
             var.set(&snapshot[&name.to_string()])?;
@@ -202,7 +208,9 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
             &compute,
         )?;
         p.model.device().synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
+        if rep >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
         metrics = Some(m);
     }
     let m = metrics.unwrap_or_default();
@@ -277,6 +285,7 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
             .arg("--batch")
             .arg(&batch_file)
             .args(["--reps", &b.reps.to_string()])
+            .args(["--warmup", &b.warmup.to_string()])
             .args([
                 "--max-tokens-per-microbatch",
                 &b.max_tokens_per_microbatch.to_string(),
@@ -287,6 +296,8 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
     let mut result = json!({
         "threads": b.threads,
         "model": b.model,
+        "reps": b.reps,
+        "warmup": b.warmup,
         "batch": {
             "prompts": b.prompts, "group_size": b.group_size, "prompt_tokens": b.prompt_tokens,
             "completion_tokens": [b.min_completion, b.max_completion], "seed": b.seed,
@@ -307,6 +318,7 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
             .arg(&batch_file)
             .args(["--threads", &threads])
             .args(["--reps", &b.reps.to_string()])
+            .args(["--warmup", &b.warmup.to_string()])
             .args(["--microbatch", &b.reference_microbatch.to_string()]);
         result["reference"] = run_child(cmd, "the reference script")?;
         bar.inc(1);
@@ -362,13 +374,25 @@ mod tests {
     fn the_batch_is_deterministic_and_has_two_zero_advantage_groups() {
         let b = Cli::parse_from(["x", "--prompts", "4", "--group-size", "3"]).b;
         let (x, y) = (batch(&b, 1000).unwrap(), batch(&b, 1000).unwrap());
-        assert_eq!(serde_json::to_string(&x).unwrap(), serde_json::to_string(&y).unwrap());
+        assert_eq!(
+            serde_json::to_string(&x).unwrap(),
+            serde_json::to_string(&y).unwrap()
+        );
         assert_eq!(x.len(), 12);
-        let rewards = |g: usize| -> Vec<f64> { x[g * 3..g * 3 + 3].iter().map(|r| r.reward).collect() };
+        let rewards =
+            |g: usize| -> Vec<f64> { x[g * 3..g * 3 + 3].iter().map(|r| r.reward).collect() };
         assert_eq!(rewards(0), vec![0.0; 3]);
         assert_eq!(rewards(1), vec![1.0; 3]);
-        assert!(x.iter().all(|r| (16..=256).contains(&r.completion_ids.len())));
-        for v in ["default", "no_packing", "no_prefix_sharing", "no_skipping", "checkpointing"] {
+        assert!(x
+            .iter()
+            .all(|r| (16..=256).contains(&r.completion_ids.len())));
+        for v in [
+            "default",
+            "no_packing",
+            "no_prefix_sharing",
+            "no_skipping",
+            "checkpointing",
+        ] {
             compute_of(v, 8).unwrap();
         }
         assert!(compute_of("fast", 8).is_err());

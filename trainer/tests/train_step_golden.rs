@@ -24,6 +24,7 @@ fn value_head(d: usize) -> ScalarHead {
 }
 
 /// One plain-SGD step of `case` (no clipping), as tools/train_step_reference.py takes it.
+#[allow(clippy::too_many_arguments)]
 fn sgd_step(
     policy: &tandem_model::Model,
     reference: &tandem_model::Model,

@@ -95,7 +95,7 @@ pub fn attention(
     segments: &Arc<Vec<Segment>>,
     heads: Heads,
 ) -> Result<Tensor> {
-    if heads.kv == 0 || heads.query % heads.kv != 0 {
+    if heads.kv == 0 || !heads.query.is_multiple_of(heads.kv) {
         return Err(Error::invalid(format!(
             "{} query heads cannot share {} KV heads",
             heads.query, heads.kv
@@ -237,7 +237,7 @@ fn probabilities<T: Elem>(p: &mut Vec<T>, q: &[T], k: &[T], s: &Segment, h: usiz
         }
         let inv = T::from_f64(1.0 / sum);
         for x in &mut row[..visible] {
-            *x = *x * inv;
+            *x *= inv;
         }
         row[visible..].fill(T::zero());
     }
@@ -448,8 +448,8 @@ fn bwd_kernel<T: Elem>(
         for row in 0..t {
             let dst = row * kvw + kh * d;
             for c in 0..d {
-                dk[dst + c] = dk[dst + c] + hk[row * d + c];
-                dv[dst + c] = dv[dst + c] + hv[row * d + c];
+                dk[dst + c] += hk[row * d + c];
+                dv[dst + c] += hv[row * d + c];
             }
         }
     }

@@ -19,7 +19,10 @@ use candle_core::{DType, Tensor, WithDType};
 use num_traits::Float;
 
 /// The element types of the CPU kernels.
-pub(crate) trait Elem: Float + WithDType + Send + Sync + 'static {}
+pub(crate) trait Elem:
+    Float + WithDType + Send + Sync + std::ops::AddAssign + std::ops::MulAssign + 'static
+{
+}
 impl Elem for f32 {}
 impl Elem for f64 {}
 

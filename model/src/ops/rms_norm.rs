@@ -102,7 +102,7 @@ fn bwd_kernel<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
         .collect();
     for p in partials {
         for (o, v) in dw.iter_mut().zip(p) {
-            *o = *o + T::from_f64(v);
+            *o += T::from_f64(v);
         }
     }
     out
