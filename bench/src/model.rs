@@ -17,7 +17,7 @@ use tandem_model::optim::{AdamW, AdamWConfig};
 use tandem_model::SamplingParams;
 
 use crate::error::{bail, ensure, Context, Result};
-use crate::timing::{peak_rss_mib, reset_peak_rss, timed};
+use crate::timing::{peak_rss_mib, reset_peak_rss, run_child, timed};
 
 #[derive(Args, Clone)]
 pub struct ModelBench {
@@ -179,20 +179,6 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
     }
     println!("{out}");
     Ok(())
-}
-
-fn run_child(mut cmd: Command, what: &str) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(serde_json::from_str(text.trim())
-        .with_context(|| format!("{what}: output is not JSON: {text}"))?)
 }
 
 fn run_all(m: &ModelBench) -> Result<()> {

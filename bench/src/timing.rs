@@ -1,9 +1,9 @@
-//! Measuring: the median of timed repetitions after a warm-up, and the process's peak
-//! resident memory (Linux).
+//! Measuring: the median of timed repetitions after a warm-up, the process's peak
+//! resident memory (Linux), and a measurement run in a child process.
 
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Context, Result};
 
 /// The median (upper middle for an even count).
 pub fn median(mut xs: Vec<f64>) -> f64 {
@@ -38,4 +38,25 @@ pub fn peak_rss_mib() -> f64 {
 /// Resets the peak-RSS watermark (Linux): later peaks exclude the load transient.
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Runs a measurement in its own process (so that its peak RSS is its own) and parses
+/// the JSON object its standard output ends with; a failure carries its stderr.
+pub fn run_child(mut cmd: std::process::Command, what: &str) -> Result<serde_json::Value> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        crate::error::bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    Ok(serde_json::from_str(last.trim())
+        .with_context(|| format!("{what}: output does not end with a JSON line: {text}"))?)
 }

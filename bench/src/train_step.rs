@@ -25,7 +25,7 @@ use tandem_trainer::config::{Compute, TrainConfig};
 use tandem_trainer::rollout::Rollout;
 
 use crate::error::{bail, Context, Result};
-use crate::timing::{median, peak_rss_mib};
+use crate::timing::{median, peak_rss_mib, run_child};
 
 #[derive(Args, Clone)]
 pub struct TrainStepBench {
@@ -227,21 +227,6 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
         })
     );
     Ok(())
-}
-
-fn run_child(mut cmd: Command, what: &str) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or("");
-    Ok(serde_json::from_str(last.trim())
-        .with_context(|| format!("{what}: output is not JSON: {text}"))?)
 }
 
 fn run_all(b: &TrainStepBench) -> Result<()> {

@@ -27,8 +27,8 @@ use rayon::prelude::*;
 
 use num_traits::Float;
 
-use super::{gemm, on_cpu_kernel, split_flat, Elem, Mat};
-use crate::cpu_storage::{contiguous, cpu_slice};
+use super::{float_kernel, gemm, on_cpu_kernel, split_flat, Elem, Mat};
+use crate::cpu_storage::cpu_slice;
 use crate::error::{Error, Result};
 use crate::transformer::MASKED;
 
@@ -489,28 +489,8 @@ impl CustomOp3 for SegmentAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.check(l1, l2, l3)?;
-        let n = self.name();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(fwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                    &self.segments,
-                    &g,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(fwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                    &self.segments,
-                    &g,
-                ))
-            }
-            _ => candle_core::bail!("segment attention: f32 or f64 on the CPU only"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 =>
+            |q, k, v| fwd_kernel(q, k, v, &self.segments, &g));
         Ok((storage, l1.shape().clone()))
     }
 
@@ -564,12 +544,7 @@ impl candle_core::CustomOp1 for SegmentAttentionGrad {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(self.heads);
-        let n = self.name();
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous(s, l, n)?, &g)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous(s, l, n)?, &g)?),
-            _ => candle_core::bail!("segment attention grad: f32 or f64 on the CPU only"),
-        };
+        let out = float_kernel!(self.name(); s: l => |dout| self.run(dout, &g)?);
         let [q, k, v, _] = &self.saved;
         let len = q.elem_count() + k.elem_count() + v.elem_count();
         Ok((out, Shape::from(len)))

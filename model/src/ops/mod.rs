@@ -26,6 +26,33 @@ pub(crate) trait Elem:
 impl Elem for f32 {}
 impl Elem for f64 {}
 
+/// A CPU op's storage: `kernel` run on the inputs' elements as f32 or as f64 (every
+/// input of one dtype), `|s1: l1, s2: l2| => |a, b| kernel(a, b, …)`; any other dtype is
+/// an error naming the op.
+macro_rules! float_kernel {
+    ($name:expr; $($s:ident : $l:ident),+ => |$($x:ident),+| $body:expr) => {
+        match $crate::ops::common_float(&[$($s),+]) {
+            Some(candle_core::DType::F32) => {
+                $(let $x: &[f32] = $crate::cpu_storage::contiguous($s, $l, $name)?;)+
+                candle_core::CpuStorage::F32($body)
+            }
+            Some(candle_core::DType::F64) => {
+                $(let $x: &[f64] = $crate::cpu_storage::contiguous($s, $l, $name)?;)+
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 on the CPU only", $name),
+        }
+    };
+}
+pub(crate) use float_kernel;
+
+/// The dtype of `storages` when they all hold f32 or all f64.
+pub(crate) fn common_float(storages: &[&candle_core::CpuStorage]) -> Option<DType> {
+    use candle_core::backend::BackendStorage;
+    let d = storages.first()?.dtype();
+    (matches!(d, DType::F32 | DType::F64) && storages.iter().all(|s| s.dtype() == d)).then_some(d)
+}
+
 /// Whether the CPU kernels serve `t`: f32 or f64 on the CPU.
 pub(crate) fn on_cpu_kernel(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)

@@ -12,8 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{on_cpu_kernel, split_flat, Elem};
-use crate::cpu_storage::contiguous;
+use super::{float_kernel, on_cpu_kernel, split_flat, Elem};
 use crate::error::Result;
 
 /// RMSNorm of x (..., d) with weight w (d), differentiable in both. Half precisions
@@ -120,20 +119,8 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.name();
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(fwd_kernel(
-                contiguous(s1, l1, n)?,
-                contiguous(s2, l2, n)?,
-                self.eps,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(fwd_kernel(
-                contiguous(s1, l1, n)?,
-                contiguous(s2, l2, n)?,
-                self.eps,
-            )),
-            _ => candle_core::bail!("rms-norm: f32 or f64 on the CPU only"),
-        };
+        let storage =
+            float_kernel!(self.name(); s1: l1, s2: l2 => |x, w| fwd_kernel(x, w, self.eps));
         Ok((storage, l1.shape().clone()))
     }
 
@@ -168,26 +155,8 @@ impl CustomOp3 for RmsNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.name();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(bwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(bwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                    self.eps,
-                ))
-            }
-            _ => candle_core::bail!("rms-norm-grad: f32 or f64 on the CPU only"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 =>
+            |x, w, g| bwd_kernel(x, w, g, self.eps));
         Ok((
             storage,
             Shape::from(l1.shape().elem_count() + l2.shape().elem_count()),

@@ -12,8 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{on_cpu_kernel, Elem};
-use crate::cpu_storage::contiguous;
+use super::{float_kernel, on_cpu_kernel, Elem};
 use crate::error::Result;
 
 /// RoPE of x (T, heads·head_dim) with cos, sin (T, head_dim / 2); differentiable in x.
@@ -93,7 +92,6 @@ impl CustomOp3 for Rotary {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.name();
         let (t, width) = l1.shape().dims2()?;
         let (t2, half) = l2.shape().dims2()?;
         if t != t2 || width != self.heads * 2 * half || l3.shape() != l2.shape() {
@@ -105,27 +103,8 @@ impl CustomOp3 for Rotary {
                 self.heads
             )
         }
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(kernel(
-                    contiguous(s1, l1, n)?,
-                    (contiguous(s2, l2, n)?, contiguous(s3, l3, n)?),
-                    self.heads,
-                    half,
-                    self.inverse,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(kernel(
-                    contiguous(s1, l1, n)?,
-                    (contiguous(s2, l2, n)?, contiguous(s3, l3, n)?),
-                    self.heads,
-                    half,
-                    self.inverse,
-                ))
-            }
-            _ => candle_core::bail!("rotary: f32 or f64 on the CPU only"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 =>
+            |x, cos, sin| kernel(x, (cos, sin), self.heads, half, self.inverse));
         Ok((storage, l1.shape().clone()))
     }
 

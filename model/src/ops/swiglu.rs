@@ -9,8 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{on_cpu_kernel, split_flat, Elem};
-use crate::cpu_storage::contiguous;
+use super::{float_kernel, on_cpu_kernel, split_flat, Elem};
 use crate::error::Result;
 
 /// silu(a) · b for a and b of one shape, differentiable in both.
@@ -77,16 +76,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.name();
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(fwd_kernel(contiguous(s1, l1, n)?, contiguous(s2, l2, n)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(fwd_kernel(contiguous(s1, l1, n)?, contiguous(s2, l2, n)?))
-            }
-            _ => candle_core::bail!("swiglu: f32 or f64 on the CPU only"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1, s2: l2 => |a, b| fwd_kernel(a, b));
         Ok((storage, l1.shape().clone()))
     }
 
@@ -119,24 +109,8 @@ impl CustomOp3 for SwiGluGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = self.name();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(bwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(bwd_kernel(
-                    contiguous(s1, l1, n)?,
-                    contiguous(s2, l2, n)?,
-                    contiguous(s3, l3, n)?,
-                ))
-            }
-            _ => candle_core::bail!("swiglu-grad: f32 or f64 on the CPU only"),
-        };
+        let storage =
+            float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 => |a, b, g| bwd_kernel(a, b, g));
         Ok((storage, Shape::from(2 * l1.shape().elem_count())))
     }
 }
