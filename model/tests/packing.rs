@@ -69,29 +69,11 @@ fn grad_diff(model: &Model, a: &GradStore, b: &GradStore) -> f64 {
     for (name, var) in model.params().iter() {
         let ga = a.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
         let gb = b.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let scale = gb
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let max_abs = |t: &Tensor| {
+            let t = t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let (d, scale) = (max_abs(&(ga - gb).unwrap()), max_abs(gb));
         worst = worst.max(d / scale.max(1e-12));
     }
     worst
