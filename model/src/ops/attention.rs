@@ -598,6 +598,36 @@ mod tests {
         check_finite_differences(&[&[12, 12], &[12, 6], &[12, 6]], f);
     }
 
+    /// Segments of dozens to hundreds of tokens (prefix 70, self 150, a plain 64).
+    #[test]
+    fn long_segments_match_dense_masked_attention() {
+        let segs = Arc::new(vec![
+            Segment {
+                start: 0,
+                len: 70,
+                prefix: None,
+            },
+            Segment {
+                start: 70,
+                len: 150,
+                prefix: Some((0, 70)),
+            },
+            Segment {
+                start: 220,
+                len: 64,
+                prefix: None,
+            },
+        ]);
+        let heads = Heads {
+            query: 2,
+            kv: 1,
+            dim: 4,
+        };
+        let f = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], &segs, heads);
+        let c = |xs: &[Tensor]| composed(&xs[0], &xs[1], &xs[2], &segs, heads);
+        check_against_composed(&[&[284, 8], &[284, 4], &[284, 4]], f, c);
+    }
+
     #[test]
     fn rejects_segments_that_do_not_tile_the_row() {
         let bad = vec![Segment {
