@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 mod cpu_storage;
 pub mod decode_matmul;
+pub mod decoder;
 pub mod device;
 pub mod error;
 pub mod fetch;

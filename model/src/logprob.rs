@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::cpu_storage::contiguous;
 use crate::error::{Error, Result};
+use crate::ops::float_kernel;
 
 /// logprob and entropy of each row's target, each (N,). Gradients flow to `logits`.
 /// Half-precision logits give f32 results: a bf16 logprob near −7 is only good to
@@ -136,21 +137,8 @@ impl CustomOp2 for LogprobEntropy {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let targets = contiguous::<u32>(s2, l2, self.name())?;
         let n = targets.len();
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(fwd_kernel(
-                contiguous::<f32>(s1, l1, self.name())?,
-                targets,
-                self.vocab,
-                self.temperature,
-            )?),
-            CpuStorage::F64(_) => CpuStorage::F64(fwd_kernel(
-                contiguous::<f64>(s1, l1, self.name())?,
-                targets,
-                self.vocab,
-                self.temperature,
-            )?),
-            _ => candle_core::bail!("token-logprob-entropy: only f32/f64 on CPU"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1 =>
+            |logits| fwd_kernel(logits, targets, self.vocab, self.temperature)?);
         Ok((storage, Shape::from((n, 2))))
     }
 
@@ -223,23 +211,8 @@ impl CustomOp3 for LogprobEntropyGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let targets = contiguous::<u32>(s2, l2, self.name())?;
         let shape = Shape::from((targets.len(), self.vocab));
-        let storage = match (s1, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(bwd_kernel(
-                contiguous::<f32>(s1, l1, self.name())?,
-                targets,
-                contiguous::<f32>(s3, l3, self.name())?,
-                self.vocab,
-                self.temperature,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(bwd_kernel(
-                contiguous::<f64>(s1, l1, self.name())?,
-                targets,
-                contiguous::<f64>(s3, l3, self.name())?,
-                self.vocab,
-                self.temperature,
-            )),
-            _ => candle_core::bail!("token-logprob-entropy-grad: only f32/f64 on CPU"),
-        };
+        let storage = float_kernel!(self.name(); s1: l1, s3: l3 =>
+            |logits, packed| bwd_kernel(logits, targets, packed, self.vocab, self.temperature));
         Ok((storage, shape))
     }
 }

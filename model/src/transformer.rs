@@ -12,14 +12,12 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
 use crate::decode_matmul;
+use crate::decoder::Recompute;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::logprob;
-use crate::ops::attention::{attention, Heads};
 use crate::ops::rms_norm::rms_norm;
-use crate::ops::rotary::rotary;
-use crate::ops::swiglu::swiglu;
-use crate::packing::{ForwardOptions, PackedBatch, Packing};
+use crate::packing::{ForwardOptions, Packing};
 use crate::params::{expected_params, ParamStore};
 use crate::rope::{self, Rope};
 
@@ -67,14 +65,14 @@ impl Weights {
 pub struct Model {
     config: ModelConfig,
     params: ParamStore,
-    rope: Rope,
+    pub(crate) rope: Rope,
     dtype: DType,
     device: Device,
 }
 
 /// x (..., d) @ wᵀ (+ b). `fused` lets a decode-sized input take the bandwidth-bound
 /// kernel of [`decode_matmul`].
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -91,118 +89,6 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Ten
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out)?)
-}
-
-/// What every decoder layer of one packed forward shares.
-#[derive(Clone, Debug)]
-struct LayerContext {
-    /// cos and sin at each packed token's position, (T, head_dim / 2).
-    cos: Tensor,
-    sin: Tensor,
-    segments: std::sync::Arc<Vec<crate::ops::attention::Segment>>,
-    heads: Heads,
-    eps: f64,
-    fused: bool,
-}
-
-/// One decoder block on a packed row x (T, d):
-/// h = x + O·attn(rope(Q·n₁(x)), rope(K·n₁(x)), V·n₁(x)); y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)).
-fn decoder_layer(lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-    let f = ctx.fused;
-    let xn = rms_norm(x, &lw.input_norm, ctx.eps, f)?;
-    let (qb, kb, vb) = match &lw.qkv_bias {
-        Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-        None => (None, None, None),
-    };
-    let q = rotary(
-        &linear(&xn, &lw.q, qb, f)?,
-        &ctx.cos,
-        &ctx.sin,
-        ctx.heads.query,
-    )?;
-    let k = rotary(
-        &linear(&xn, &lw.k, kb, f)?,
-        &ctx.cos,
-        &ctx.sin,
-        ctx.heads.kv,
-    )?;
-    let v = linear(&xn, &lw.v, vb, f)?;
-    let a = attention(&q, &k, &v, &ctx.segments, ctx.heads)?;
-    let h = (linear(&a, &lw.o, None, f)? + x)?;
-    let hn = rms_norm(&h, &lw.post_norm, ctx.eps, f)?;
-    let mlp = swiglu(
-        &linear(&hn, &lw.gate, None, f)?,
-        &linear(&hn, &lw.up, None, f)?,
-    )?;
-    Ok((linear(&mlp, &lw.down, None, f)? + h)?)
-}
-
-/// The decoder layers of a checkpointed forward, replayed during the backward.
-#[derive(Debug)]
-pub struct Recompute {
-    /// The tracked weights (gradients go to the model's parameters).
-    weights: Weights,
-    ids: Tensor,
-    ctx: LayerContext,
-    /// Each layer's input, without graph.
-    inputs: Vec<Tensor>,
-    /// The last layer's output as a leaf: the graph above it was recorded.
-    top: candle_core::Var,
-}
-
-impl Recompute {
-    /// Completes a backward whose recorded part has run: from ∂L/∂top in `grads`,
-    /// each layer (last first) is run again with a graph, and
-    /// backward(Σ layer(x) ∘ ∂L/∂y) gives ∂L/∂x and the layer's weight gradients, which
-    /// are added into `grads`; the embedding lookup last.
-    pub fn finish(&self, grads: &mut GradStore) -> Result<()> {
-        let mut g = match grads.remove(self.top.as_tensor()) {
-            Some(g) => g,
-            // The loss does not depend on the layers: nothing to add.
-            None => return Ok(()),
-        };
-        for (lw, x) in self.weights.layers.iter().zip(&self.inputs).rev() {
-            let xv = candle_core::Var::from_tensor(x)?;
-            let y = decoder_layer(lw, xv.as_tensor(), &self.ctx)?;
-            let mut layer_grads = (y * &g)?.sum_all()?.backward()?;
-            g = layer_grads
-                .remove(xv.as_tensor())
-                .ok_or_else(|| Error::invalid("checkpointed layer: no input gradient"))?;
-            let LayerWeights {
-                input_norm,
-                q,
-                k,
-                v,
-                qkv_bias,
-                o,
-                post_norm,
-                gate,
-                up,
-                down,
-            } = lw;
-            let mut params = vec![input_norm, q, k, v, o, post_norm, gate, up, down];
-            if let Some((qb, kb, vb)) = qkv_bias {
-                params.extend([qb, kb, vb]);
-            }
-            for p in params {
-                add_grad(grads, p, layer_grads.remove(p))?;
-            }
-        }
-        let e = self.weights.embed.index_select(&self.ids, 0)?;
-        let mut eg = (e * g)?.sum_all()?.backward()?;
-        add_grad(grads, &self.weights.embed, eg.remove(&self.weights.embed))
-    }
-}
-
-/// grads[p] += g.
-fn add_grad(grads: &mut GradStore, p: &Tensor, g: Option<Tensor>) -> Result<()> {
-    let Some(g) = g else { return Ok(()) };
-    let total = match grads.remove(p) {
-        Some(prev) => (prev + g)?,
-        None => g,
-    };
-    grads.insert(p, total);
-    Ok(())
 }
 
 impl Model {
@@ -260,7 +146,7 @@ impl Model {
         &self.device
     }
 
-    fn collect_weights(&self, view: impl Fn(&Tensor) -> Tensor, fused: bool) -> Weights {
+    pub(crate) fn collect_weights(&self, view: impl Fn(&Tensor) -> Tensor, fused: bool) -> Weights {
         let get = |name: &str| -> Tensor {
             // Every expected name is present: `ParamStore::from_tensors` checked it.
             view(
@@ -427,103 +313,6 @@ impl Model {
             c.advance(t);
         }
         rms_norm(&x, &w.norm, cfg.rms_norm_eps, w.fused)
-    }
-
-    /// Hidden states after the final norm, (T, d), of a packed row (training and
-    /// scoring). Every op is differentiable and fused (one autograd node each): RMSNorm,
-    /// rotary embeddings, attention over the row's segments, the SwiGLU gate.
-    pub fn forward_packed(&self, w: &Weights, batch: &PackedBatch) -> Result<Tensor> {
-        Ok(self.forward_packed_with(w, batch, false)?.0)
-    }
-
-    /// [`Model::forward_packed`], optionally with activation checkpointing: the
-    /// decoder layers run without recording a graph, keeping only each layer's input;
-    /// the returned [`Recompute`] replays them one at a time during the backward.
-    pub fn forward_packed_with(
-        &self,
-        w: &Weights,
-        batch: &PackedBatch,
-        checkpoint: bool,
-    ) -> Result<(Tensor, Option<Recompute>)> {
-        let cfg = &self.config;
-        let t = batch.len();
-        if t == 0 {
-            return Err(Error::invalid(
-                "empty batch: at least one non-empty sequence is needed",
-            ));
-        }
-        let ids = Tensor::from_vec(batch.ids.clone(), t, &self.device)?;
-        let positions = Tensor::from_vec(batch.positions.clone(), (1, t), &self.device)?;
-        let (cos, sin) = self.rope.at(&positions)?;
-        let ctx = LayerContext {
-            cos: cos.squeeze(0)?,
-            sin: sin.squeeze(0)?,
-            segments: batch.segments.clone(),
-            heads: Heads {
-                query: cfg.num_attention_heads,
-                kv: cfg.num_key_value_heads,
-                dim: cfg.head_dim,
-            },
-            eps: cfg.rms_norm_eps,
-            fused: w.fused,
-        };
-        if !checkpoint {
-            let mut x = w.embed.index_select(&ids, 0)?;
-            for lw in &w.layers {
-                x = decoder_layer(lw, &x, &ctx)?;
-            }
-            return Ok((rms_norm(&x, &w.norm, ctx.eps, w.fused)?, None));
-        }
-        // The same ops on detached views of the same weights: identical numbers, no graph.
-        let detached = self.collect_weights(|t| t.detach(), w.fused);
-        let mut x = detached.embed.index_select(&ids, 0)?;
-        let mut inputs = Vec::with_capacity(detached.layers.len());
-        for lw in &detached.layers {
-            inputs.push(x.clone());
-            x = decoder_layer(lw, &x, &ctx)?;
-        }
-        let top = candle_core::Var::from_tensor(&x)?;
-        let hidden = rms_norm(top.as_tensor(), &w.norm, ctx.eps, w.fused)?;
-        Ok((
-            hidden,
-            Some(Recompute {
-                weights: w.clone(),
-                ids,
-                ctx,
-                inputs,
-                top,
-            }),
-        ))
-    }
-
-    /// Lays `seqs` out for [`Model::forward_packed`], checking ids and lengths.
-    pub fn pack_batch(
-        &self,
-        seqs: &[Vec<u32>],
-        shareable: &[usize],
-        packing: Packing,
-    ) -> Result<PackedBatch> {
-        for (i, s) in seqs.iter().enumerate() {
-            self.check_ids(s, &format!("sequence {i}"))?;
-            if s.len() > self.config.max_position_embeddings {
-                return Err(Error::invalid(format!(
-                    "sequence {i} has {} tokens, more than the model's context of {} (`max_position_embeddings`)",
-                    s.len(),
-                    self.config.max_position_embeddings
-                )));
-            }
-        }
-        if seqs.is_empty() {
-            return Err(Error::invalid(
-                "empty batch: at least one non-empty sequence is needed",
-            ));
-        }
-        let pad = self
-            .config
-            .pad_token_id
-            .unwrap_or(0)
-            .min(self.config.vocab_size as u32 - 1);
-        PackedBatch::build(seqs, shareable, packing, pad)
     }
 
     /// Logits of hidden states (..., d) → (..., V).
@@ -735,6 +524,7 @@ impl Model {
             entropy,
             hidden: picked,
             offsets,
+            packed_tokens: batch.len(),
             recompute: recompute.map(std::sync::Arc::new),
         })
     }
@@ -752,6 +542,9 @@ pub struct CompletionLogprobs {
     pub hidden: Tensor,
     /// Sequence i's tokens are `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
+    /// Tokens the forward computed (the packed row: prompts once per micro-batch
+    /// when shared, padding when padded).
+    pub packed_tokens: usize,
     /// The layers to replay in the backward of a checkpointed forward.
     pub recompute: Option<std::sync::Arc<Recompute>>,
 }

@@ -219,28 +219,20 @@ pub fn train_step(
     };
     let needs_start = !loglinear || cfg.advantage == Estimator::Gae;
     let kl_in_reward = cfg.kl_coef > 0.0 && cfg.kl_in == KlIn::Reward;
-    let start_pass = |subset: &[usize]| -> Result<Tensor> {
-        let out = policy.completion_logprobs_with(
+    let start_pass = |seqs: &[Vec<u32>], starts: &[usize]| {
+        policy.completion_logprobs_with(
             &policy.inference_weights(),
-            &pick(&seqs, subset),
-            &pick(&starts, subset),
+            seqs,
+            starts,
             cfg.temperature,
             forward.packing,
-        )?;
-        Ok(out.logprobs)
+        )
     };
-    let everyone: Vec<usize> = (0..rollouts.len()).collect();
     // π_prox of every completion, when computed before the advantages.
     let mut start_all = None;
     let mut start_hidden = None;
     if needs_start && (kl_in_reward || cfg.advantage == Estimator::Gae) {
-        let out = policy.completion_logprobs_with(
-            &policy.inference_weights(),
-            &seqs,
-            &starts,
-            cfg.temperature,
-            forward.packing,
-        )?;
+        let out = start_pass(&seqs, &starts)?;
         start_hidden = Some(out.hidden);
         start_all = Some(out.logprobs);
     }
@@ -324,7 +316,7 @@ pub fn train_step(
                 || adv_values[w[0]..w[1]].iter().any(|&a| a != 0.0)
         })
         .collect();
-    let active_ids: Vec<usize> = everyone.iter().copied().filter(|&i| active[i]).collect();
+    let active_ids: Vec<usize> = (0..rollouts.len()).filter(|&i| active[i]).collect();
     // π_prox of the active completions, in the order of `active_ids` (token layout of
     // `active_offsets`).
     let mut active_offsets = vec![0usize];
@@ -347,7 +339,9 @@ pub fn train_step(
                 .index_select(&token_index(&active_ids)?, 0)?,
         ),
         (None, true) if active_ids.is_empty() => None,
-        (None, true) => Some(start_pass(&active_ids)?),
+        (None, true) => {
+            Some(start_pass(&pick(&seqs, &active_ids), &pick(&starts, &active_ids))?.logprobs)
+        }
     };
 
     let (reward_mean, reward_std) = mean_std(&rewards);
@@ -419,13 +413,7 @@ pub fn train_step(
                     cfg.temperature,
                     forward,
                 )?;
-                parts.forward_tokens += policy
-                    .pack_batch(
-                        &mb_seqs[range.clone()],
-                        &shareable[range.clone()],
-                        forward.packing,
-                    )?
-                    .len();
+                parts.forward_tokens += out.packed_tokens;
                 // 4. π_prox and the behaviour weights w = π_prox/μ of these completions.
                 let mu_mb = take(&mu)?;
                 let prox = match (&alpha, &prox_active) {
