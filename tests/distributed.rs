@@ -163,6 +163,21 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Every process's state and log, for a failure message.
+    fn report(&mut self) -> String {
+        let mut out = String::new();
+        for i in 0..self.procs.len() {
+            let state = match self.procs[i].1.try_wait() {
+                Ok(Some(st)) => format!("exited ({st})"),
+                Ok(None) => "running".to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let name = self.procs[i].0.clone();
+            out += &format!("\n=== {name}: {state}\n{}", self.log(&name));
+        }
+        out
+    }
+
     fn child(&mut self, name: &str) -> &mut Child {
         &mut self.procs.iter_mut().find(|(n, _)| n == name).unwrap().1
     }
@@ -208,11 +223,9 @@ impl Cluster {
                         break;
                     }
                     None => {
-                        assert!(
-                            t0.elapsed() < timeout,
-                            "{name} still running: {}",
-                            self.log(&name)
-                        );
+                        if t0.elapsed() >= timeout {
+                            panic!("{name} still running; {}", self.report());
+                        }
                         std::thread::sleep(Duration::from_millis(20));
                     }
                 }
