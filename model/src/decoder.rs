@@ -25,31 +25,39 @@ struct LayerContext {
     fused: bool,
 }
 
-/// One decoder block on a packed row x (T, d):
-/// h = x + O·attn(rope(Q·n₁(x)), rope(K·n₁(x)), V·n₁(x)); y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)).
+/// One decoder block on a packed row x (T, d) with the training attention over the
+/// row's segments.
 fn decoder_layer(lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-    let f = ctx.fused;
-    let xn = rms_norm(x, &lw.input_norm, ctx.eps, f)?;
+    let rope = (&ctx.cos, &ctx.sin);
+    decoder_block(lw, x, rope, ctx.heads, ctx.eps, ctx.fused, |q, k, v| {
+        attention(q, k, v, &ctx.segments, ctx.heads)
+    })
+}
+
+/// One decoder block on token rows x (T, d), `rope` = (cos, sin) at each row's
+/// position, with `attend(q, k, v)` the attention of the rotated rows:
+/// h = x + O·attn(rope(Q·n₁(x)), rope(K·n₁(x)), V·n₁(x)); y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)).
+pub(crate) fn decoder_block(
+    lw: &LayerWeights,
+    x: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: Heads,
+    eps: f64,
+    fused: bool,
+    attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let f = fused;
+    let xn = rms_norm(x, &lw.input_norm, eps, f)?;
     let (qb, kb, vb) = match &lw.qkv_bias {
         Some((q, k, v)) => (Some(q), Some(k), Some(v)),
         None => (None, None, None),
     };
-    let q = rotary(
-        &linear(&xn, &lw.q, qb, f)?,
-        &ctx.cos,
-        &ctx.sin,
-        ctx.heads.query,
-    )?;
-    let k = rotary(
-        &linear(&xn, &lw.k, kb, f)?,
-        &ctx.cos,
-        &ctx.sin,
-        ctx.heads.kv,
-    )?;
+    let q = rotary(&linear(&xn, &lw.q, qb, f)?, cos, sin, heads.query)?;
+    let k = rotary(&linear(&xn, &lw.k, kb, f)?, cos, sin, heads.kv)?;
     let v = linear(&xn, &lw.v, vb, f)?;
-    let a = attention(&q, &k, &v, &ctx.segments, ctx.heads)?;
+    let a = attend(&q, &k, &v)?;
     let h = (linear(&a, &lw.o, None, f)? + x)?;
-    let hn = rms_norm(&h, &lw.post_norm, ctx.eps, f)?;
+    let hn = rms_norm(&h, &lw.post_norm, eps, f)?;
     let mlp = swiglu(
         &linear(&hn, &lw.gate, None, f)?,
         &linear(&hn, &lw.up, None, f)?,

@@ -3,7 +3,8 @@
 //!
 //! - [`Model`] — parameters, training forward, per-token logprobs and entropies with
 //!   gradients to every weight ([`Model::completion_logprobs`]).
-//! - [`generate`] — batched KV-cache sampling that records behaviour logprobs.
+//! - [`engine`] — the sampling engine: continuous batching over a paged KV cache,
+//!   prompts prefilled once per request; [`generate`] runs it to completion.
 //! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2).
 //! - [`optim`] — AdamW (fused, state saved and restored), SGD, gradient clipping.
 //! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
@@ -17,11 +18,11 @@ mod cpu_storage;
 pub mod decode_matmul;
 pub mod decoder;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
-pub mod kv_cache;
 pub mod linear;
 pub mod logprob;
 pub mod ops;
@@ -39,8 +40,9 @@ pub mod transformer;
 pub use checkpoint::{load, materialize, save_hf, write_atomic, ModelSection, Pretrained};
 pub use config::{Architecture, ModelConfig};
 pub use device::{load_model, process_device, process_dtype};
+pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};
 pub use error::{Error, Result};
-pub use generate::{generate, Completion, FinishReason, Session};
+pub use generate::{generate, Completion, FinishReason};
 pub use reward_model::RewardModel;
 pub use sampling::SamplingParams;
 pub use scalar_head::{ScalarHead, REWARD_HEAD_FILE, VALUE_HEAD_FILE};

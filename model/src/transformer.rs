@@ -8,18 +8,16 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::decode_matmul;
 use crate::decoder::Recompute;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
 use crate::logprob;
-use crate::ops::rms_norm::rms_norm;
 use crate::packing::{ForwardOptions, Packing};
 use crate::params::{expected_params, ParamStore};
-use crate::rope::{self, Rope};
+use crate::rope::Rope;
 
 /// Added to attention scores of keys a query must not see. Finite, so that a fully
 /// masked row (a padding query) yields a uniform softmax instead of NaN.
@@ -215,173 +213,34 @@ impl Model {
         Ok(())
     }
 
-    /// Hidden states after the final norm, (B, T, d).
-    ///
-    /// `input_ids` (B, T) u32; `positions` (B, T) u32 (RoPE positions); `mask`
-    /// (B, 1, T, S) additive (0 or [`MASKED`]) where S = cached + T. With a cache, the
-    /// new keys and values are appended and the cache advanced by T.
-    pub fn forward_hidden(
-        &self,
-        w: &Weights,
-        input_ids: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (b, t) = input_ids.dims2()?;
-        let (h, kv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let groups = h / kv;
-        // Positions are checked against the context where they are built (`pack`,
-        // `Session::new`), on the host; an out-of-range one still fails in the RoPE gather.
-        let (cos, sin) = self.rope.at(positions)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Half precisions take the attention scores and their softmax in f32 (as fused
-        // attention kernels do): bf16 scores carry ~3 significant digits, and the error
-        // grows with the number of keys. The probabilities return to the model's dtype
-        // for the product with V.
-        let widen = matches!(self.dtype, DType::BF16 | DType::F16);
-        let mask = if widen {
-            mask.to_dtype(DType::F32)?
-        } else {
-            mask.clone()
-        };
-        let mut x = w
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
-        for (li, lw) in w.layers.iter().enumerate() {
-            let residual = x.clone();
-            let xn = rms_norm(&x, &lw.input_norm, cfg.rms_norm_eps, w.fused)?;
-            let (qb, kb, vb) = match &lw.qkv_bias {
-                Some((q, k, v)) => (Some(q), Some(k), Some(v)),
-                None => (None, None, None),
-            };
-            let q = linear(&xn, &lw.q, qb, w.fused)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = linear(&xn, &lw.k, kb, w.fused)?
-                .reshape((b, t, kv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = linear(&xn, &lw.v, vb, w.fused)?
-                .reshape((b, t, kv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = rope::apply(&q, &cos, &sin, w.fused)?;
-            let k = rope::apply(&k, &cos, &sin, w.fused)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(li, &k, &v)?,
-                None => (k, v),
-            };
-            let s = k.dim(2)?;
-            // Grouped-query attention without repeating K/V: the `groups` query heads
-            // that share a KV head are stacked along the query axis.
-            let qg = q.reshape((b, kv, groups * t, hd))?;
-            let scores = if widen {
-                qg.to_dtype(DType::F32)?
-                    .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            } else {
-                qg.matmul(&k.t()?)?
-            };
-            let scores = (scores * scale)?.reshape((b, h, t, s))?;
-            let scores = scores.broadcast_add(&mask)?;
-            let probs = if w.fused {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax(&scores, D::Minus1)?
-            };
-            let probs = probs.to_dtype(self.dtype)?;
-            let attn = probs.reshape((b, kv, groups * t, s))?.matmul(&v)?;
-            let attn = attn
-                .reshape((b, h, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, h * hd))?;
-            x = (linear(&attn, &lw.o, None, w.fused)? + residual)?;
-            let residual = x.clone();
-            let xn = rms_norm(&x, &lw.post_norm, cfg.rms_norm_eps, w.fused)?;
-            let mlp = (linear(&xn, &lw.gate, None, w.fused)?.silu()?
-                * linear(&xn, &lw.up, None, w.fused)?)?;
-            x = (linear(&mlp, &lw.down, None, w.fused)? + residual)?;
-        }
-        if let Some(c) = cache {
-            c.advance(t);
-        }
-        rms_norm(&x, &w.norm, cfg.rms_norm_eps, w.fused)
-    }
-
     /// Logits of hidden states (..., d) → (..., V).
     pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
         linear(hidden, w.head(), None, w.fused)
     }
 
-    /// Additive attention mask (B, 1, T, S): query i of row b (at cache index
-    /// `offset + i`) sees key j when `key_valid[b][j]` and j ≤ offset + i.
-    pub fn attention_mask(
-        &self,
-        key_valid: &[Vec<bool>],
-        offset: usize,
-        t: usize,
-    ) -> Result<Tensor> {
-        let b = key_valid.len();
-        let s = key_valid.first().map_or(0, |r| r.len());
-        let mut data = vec![0f32; b * t * s];
-        for (bi, valid) in key_valid.iter().enumerate() {
-            for i in 0..t {
-                for (j, &ok) in valid.iter().enumerate() {
-                    if !ok || j > offset + i {
-                        data[(bi * t + i) * s + j] = MASKED as f32;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(data, (b, 1, t, s), &self.device)?.to_dtype(self.dtype)?)
-    }
-
-    /// Right-pads `seqs` into a batch: (ids, positions, mask) with positions 0..len.
-    pub fn pack(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Tensor, Tensor)> {
-        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        if seqs.is_empty() || t == 0 {
-            return Err(Error::invalid(
-                "empty batch: at least one non-empty sequence is needed",
-            ));
-        }
-        if t > self.config.max_position_embeddings {
-            return Err(Error::invalid(format!(
-                "a sequence of {t} tokens exceeds the model's context of {} (`max_position_embeddings`)",
-                self.config.max_position_embeddings
-            )));
-        }
-        let pad = self.config.pad_token_id.unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let mut pos = Vec::with_capacity(seqs.len() * t);
-        let mut valid = Vec::with_capacity(seqs.len());
-        for (i, s) in seqs.iter().enumerate() {
-            self.check_ids(s, &format!("sequence {i}"))?;
-            ids.extend_from_slice(s);
-            ids.extend(std::iter::repeat_n(
-                pad.min(self.config.vocab_size as u32 - 1),
-                t - s.len(),
-            ));
-            pos.extend((0..t as u32).map(|p| p.min(s.len().saturating_sub(1) as u32)));
-            valid.push((0..t).map(|j| j < s.len()).collect::<Vec<_>>());
-        }
-        let ids = Tensor::from_vec(ids, (seqs.len(), t), &self.device)?;
-        let pos = Tensor::from_vec(pos, (seqs.len(), t), &self.device)?;
-        let mask = self.attention_mask(&valid, 0, t)?;
-        Ok((ids, pos, mask))
-    }
-
-    /// Full logits (B, T, V) of right-padded sequences.
+    /// Full logits (B, T, V) of `seqs`, right-padded with zeros to the longest (the
+    /// packed forward, every position through the LM head).
     pub fn sequence_logits(&self, w: &Weights, seqs: &[Vec<u32>]) -> Result<Tensor> {
-        let (ids, pos, mask) = self.pack(seqs)?;
-        let hidden = self.forward_hidden(w, &ids, &pos, &mask, None)?;
-        self.logits(w, &hidden)
+        let batch = self.pack_batch(seqs, &vec![0; seqs.len()], Packing::Packed)?;
+        let logits = self.logits(w, &self.forward_packed(w, &batch)?)?;
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let v = self.config.vocab_size;
+        let rows = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let r = logits.narrow(0, batch.row(i, 0), s.len())?;
+                Ok(if s.len() < t {
+                    {
+                        let pad = Tensor::zeros((t - s.len(), v), r.dtype(), r.device())?;
+                        Tensor::cat(&[r, pad], 0)?
+                    }
+                } else {
+                    r
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
     }
 
     /// Log-probabilities and entropies of the completion tokens of each sequence.

@@ -1,0 +1,377 @@
+//! Attention of one engine step's tokens over the paged KV cache (inference only).
+//!
+//! A step feeds a few tokens of many sequences at once: one token of each decoding
+//! sequence, a chunk of a prompt being prefilled. Query i belongs to sequence s(i) and
+//! sees the first `visible(i)` tokens of it (itself included: its key was written
+//! before the call), wherever their pages lie. Per query head h (KV head h / (H / KV)),
+//! scale s = 1/√D:
+//!
+//!   o_i = Σ_j softmax_j(s · q_i · k_j) v_j,   j < visible(i), k_j and v_j read at the
+//!   slot of token j of s(i)
+//!
+//! The CPU kernel reads each key row once for the query heads that share it and splits
+//! the (query, KV head) pairs across threads; other devices and dtypes gather each
+//! sequence's keys and run the same formula from candle ops.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ops::attention::Heads;
+use crate::transformer::MASKED;
+
+/// Which cached tokens each query of a step sees.
+#[derive(Clone, Debug, Default)]
+pub struct PagedLayout {
+    /// Per query token: (its sequence, the number of that sequence's tokens it sees).
+    pub queries: Vec<(u32, u32)>,
+    /// Per sequence: the cache slot of each of its tokens (up to its last query).
+    pub slots: Vec<Vec<u32>>,
+}
+
+impl PagedLayout {
+    /// Checks that every query names a sequence and sees at least one of its tokens.
+    pub fn check(&self, slots_in_pool: usize) -> Result<()> {
+        for (i, &(s, n)) in self.queries.iter().enumerate() {
+            let seq = self.slots.get(s as usize).ok_or_else(|| {
+                Error::invalid(format!("paged attention: query {i} names sequence {s}"))
+            })?;
+            if n == 0 || n as usize > seq.len() {
+                return Err(Error::invalid(format!(
+                    "paged attention: query {i} sees {n} of its sequence's {} tokens",
+                    seq.len()
+                )));
+            }
+        }
+        if let Some(bad) = self
+            .slots
+            .iter()
+            .flatten()
+            .find(|&&x| x as usize >= slots_in_pool)
+        {
+            return Err(Error::invalid(format!(
+                "paged attention: slot {bad} outside a pool of {slots_in_pool}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// q (N, H·D) over the pools k, v (slots, KV·D) → (N, H·D).
+pub fn paged_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &Arc<PagedLayout>,
+    heads: Heads,
+) -> Result<Tensor> {
+    if layout.queries.len() != q.dim(0)? {
+        return Err(Error::invalid(format!(
+            "paged attention: {} queries for {} rows",
+            layout.queries.len(),
+            q.dim(0)?
+        )));
+    }
+    if q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 {
+        return Ok(q.contiguous()?.apply_op3_no_bwd(
+            k,
+            v,
+            &PagedAttention {
+                layout: layout.clone(),
+                heads,
+            },
+        )?);
+    }
+    composed(q, k, v, layout, heads)
+}
+
+/// The same attention from candle ops: each sequence's keys gathered, a mask for the
+/// queries that see fewer of them (any device; scores in f32 for half precisions).
+pub(crate) fn composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &PagedLayout,
+    heads: Heads,
+) -> Result<Tensor> {
+    let Heads { query: h, kv, dim } = heads;
+    let groups = h / kv;
+    let dtype = q.dtype();
+    let compute = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut outs = Vec::new();
+    let mut i = 0;
+    while i < layout.queries.len() {
+        // The run of consecutive queries of one sequence.
+        let s = layout.queries[i].0;
+        let n = layout.queries[i..]
+            .iter()
+            .take_while(|(x, _)| *x == s)
+            .count();
+        let run = &layout.queries[i..i + n];
+        let width = run.iter().map(|&(_, vis)| vis as usize).max().unwrap_or(0);
+        let idx = Tensor::from_slice(&layout.slots[s as usize][..width], width, q.device())?;
+        let kh = k
+            .index_select(&idx, 0)?
+            .reshape((width, kv, dim))?
+            .transpose(0, 1)?;
+        let vh = v
+            .index_select(&idx, 0)?
+            .reshape((width, kv, dim))?
+            .transpose(0, 1)?;
+        let mut mask = vec![0f32; n * width];
+        for (r, &(_, vis)) in run.iter().enumerate() {
+            mask[r * width + vis as usize..(r + 1) * width].fill(MASKED as f32);
+        }
+        let mask = Tensor::from_vec(mask, (n, width), q.device())?.to_dtype(compute)?;
+        // (KV, groups·n, D): query heads sharing a KV head stacked along the query axis.
+        let qh = q
+            .narrow(0, i, n)?
+            .reshape((n, h, dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv, groups * n, dim))?;
+        let scores = qh
+            .to_dtype(compute)?
+            .matmul(&kh.contiguous()?.to_dtype(compute)?.t()?)?
+            .affine(1.0 / (dim as f64).sqrt(), 0.0)?
+            .reshape((h, n, width))?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let out = probs
+            .reshape((kv, groups * n, width))?
+            .matmul(&vh.contiguous()?)?;
+        outs.push(
+            out.reshape((h, n, dim))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n, h * dim))?,
+        );
+        i += n;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+struct PagedAttention {
+    layout: Arc<PagedLayout>,
+    heads: Heads,
+}
+
+/// Σ a_i b_i over eight independent lanes (vectorised without reassociation).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = a[chunks * 8..]
+        .iter()
+        .zip(&b[chunks * 8..])
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// out (groups·D) = the attention of the `groups` query heads `q` (groups·D) sharing KV
+/// head `kh`, over the keys at `slots`. `p` is scratch.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[u32],
+    kh: usize,
+    heads: Heads,
+    p: &mut Vec<f32>,
+) {
+    let (d, kw) = (heads.dim, heads.kv * heads.dim);
+    let groups = heads.query / heads.kv;
+    let n = slots.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    p.clear();
+    p.resize(groups * n, 0.0);
+    for (j, &s) in slots.iter().enumerate() {
+        let kr = &k[s as usize * kw + kh * d..][..d];
+        for g in 0..groups {
+            p[g * n + j] = dot(&q[g * d..(g + 1) * d], kr) * scale;
+        }
+    }
+    for g in 0..groups {
+        let row = &mut p[g * n..(g + 1) * n];
+        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - mx).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+    out.fill(0.0);
+    for (j, &s) in slots.iter().enumerate() {
+        let vr = &v[s as usize * kw + kh * d..][..d];
+        for g in 0..groups {
+            let w = p[g * n + j];
+            let o = &mut out[g * d..(g + 1) * d];
+            for (o, &x) in o.iter_mut().zip(vr) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[u32],
+    kh: usize,
+    heads: Heads,
+    p: &mut Vec<f32>,
+) {
+    attend(out, q, k, v, slots, kh, heads, p)
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::cpu_storage::contiguous;
+        let q = contiguous::<f32>(s1, l1, self.name())?;
+        let k = contiguous::<f32>(s2, l2, self.name())?;
+        let v = contiguous::<f32>(s3, l3, self.name())?;
+        let heads = self.heads;
+        let (qw, kw) = (heads.query * heads.dim, heads.kv * heads.dim);
+        let n = q.len() / qw;
+        let slots_in_pool = k.len() / kw;
+        if v.len() != k.len() {
+            candle_core::bail!("paged-attention: key and value pools differ in size")
+        }
+        self.layout
+            .check(slots_in_pool)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        let gd = heads.query / heads.kv * heads.dim;
+        let mut out = vec![0f32; n * qw];
+        // Task (i, kh) writes query i's heads of KV head kh: one contiguous gd block.
+        out.par_chunks_mut(gd)
+            .enumerate()
+            .for_each_init(Vec::new, |p, (task, o)| {
+                let (i, kh) = (task / heads.kv, task % heads.kv);
+                let (s, vis) = self.layout.queries[i];
+                let slots = &self.layout.slots[s as usize][..vis as usize];
+                let qi = &q[i * qw + kh * gd..][..gd];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: only when the CPU reports AVX2 and FMA.
+                    return unsafe { attend_avx2(o, qi, k, v, slots, kh, heads, p) };
+                }
+                let _ = avx2;
+                attend(o, qi, k, v, slots, kh, heads, p)
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, qw))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn kernel_matches_the_composed_formula_on_scattered_pages() {
+        let heads = Heads {
+            query: 6,
+            kv: 2,
+            dim: 20,
+        };
+        let dev = Device::Cpu;
+        let pool = 64;
+        let k = Tensor::randn(0f32, 1.0, (pool, heads.kv * heads.dim), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (pool, heads.kv * heads.dim), &dev).unwrap();
+        // Sequence 0: a prefill chunk of 3 queries over 9 tokens in pages far apart;
+        // sequence 1 decodes one token seeing 5; sequence 2 one token seeing 1.
+        let layout = Arc::new(PagedLayout {
+            queries: vec![(0, 7), (0, 8), (0, 9), (1, 5), (2, 1)],
+            slots: vec![
+                vec![40, 41, 42, 43, 8, 9, 10, 11, 60],
+                vec![12, 13, 14, 15, 44],
+                vec![3],
+            ],
+        });
+        let q = Tensor::randn(0f32, 1.0, (5, heads.query * heads.dim), &dev).unwrap();
+        let fast = paged_attention(&q, &k, &v, &layout, heads).unwrap();
+        let slow = composed(&q, &k, &v, &layout, heads).unwrap();
+        assert!(max_abs(&fast, &slow) < 1e-5, "{}", max_abs(&fast, &slow));
+        // A query that sees one token returns that token's value rows.
+        let last = fast.narrow(0, 4, 1).unwrap().reshape((6, 20)).unwrap();
+        let v3 = v.narrow(0, 3, 1).unwrap().reshape((2, 20)).unwrap();
+        for h in 0..6 {
+            let d = max_abs(
+                &last.narrow(0, h, 1).unwrap(),
+                &v3.narrow(0, h / 3, 1).unwrap(),
+            );
+            assert!(d < 1e-6, "head {h}: {d}");
+        }
+    }
+
+    #[test]
+    fn a_query_past_its_sequence_is_refused() {
+        let heads = Heads {
+            query: 2,
+            kv: 1,
+            dim: 4,
+        };
+        let k = Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap();
+        let q = Tensor::zeros((1, 8), DType::F32, &Device::Cpu).unwrap();
+        let layout = Arc::new(PagedLayout {
+            queries: vec![(0, 3)],
+            slots: vec![vec![0, 1]],
+        });
+        assert!(paged_attention(&q, &k, &k, &layout, heads).is_err());
+    }
+}

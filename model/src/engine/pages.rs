@@ -1,0 +1,165 @@
+//! The paged KV cache: every layer's keys and values live in one pool of fixed-size
+//! pages, and a sequence owns a list of pages (its block table) instead of a row of
+//! `max length` slots. Memory is bounded by the tokens in flight, pages are shared by
+//! reference count (a group's prompt, prefilled once, is read by all its samples), and
+//! a sequence that cannot get a page waits or is preempted, never runs out of memory.
+//!
+//! Token `t` of a sequence with pages `p` lives at slot `p[t / P] · P + t mod P`
+//! (P = page size) of every layer's (slots, KV·D) key and value tensors.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Which pages are free and how many sequences hold each page.
+#[derive(Debug)]
+pub struct PagePool {
+    page_size: usize,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl PagePool {
+    /// `pages` pages of `page_size` tokens, all free.
+    pub fn new(pages: usize, page_size: usize) -> Self {
+        PagePool {
+            page_size,
+            refs: vec![0; pages],
+            // Popped from the end: low page ids first.
+            free: (0..pages as u32).rev().collect(),
+        }
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+    pub fn capacity(&self) -> usize {
+        self.refs.len()
+    }
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+    pub fn used_pages(&self) -> usize {
+        self.capacity() - self.free_pages()
+    }
+
+    /// Pages needed to hold `tokens` tokens: ⌈tokens / P⌉.
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_size)
+    }
+
+    /// A free page, now held once; `None` when the pool is exhausted.
+    pub fn alloc(&mut self) -> Option<u32> {
+        let p = self.free.pop()?;
+        self.refs[p as usize] = 1;
+        Some(p)
+    }
+
+    /// One more holder of `page` (a forked sequence sharing it).
+    pub fn share(&mut self, page: u32) {
+        debug_assert!(self.refs[page as usize] > 0, "sharing a free page");
+        self.refs[page as usize] += 1;
+    }
+
+    /// Drops one hold of each page; a page nobody holds returns to the pool.
+    pub fn release(&mut self, pages: &[u32]) {
+        for &p in pages {
+            let r = &mut self.refs[p as usize];
+            debug_assert!(*r > 0, "releasing a free page");
+            *r -= 1;
+            if *r == 0 {
+                self.free.push(p);
+            }
+        }
+    }
+
+    /// The slot of token `t` of a sequence holding `pages`.
+    pub fn slot(&self, pages: &[u32], t: usize) -> u32 {
+        pages[t / self.page_size] * self.page_size as u32 + (t % self.page_size) as u32
+    }
+}
+
+/// Every layer's key and value pool, (slots, KV·D) each.
+#[derive(Debug)]
+pub struct KvPages {
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvPages {
+    /// Pools of `slots` token slots for every layer of `cfg`. The memory is zeroed
+    /// lazily by the OS on CPU: untouched pages cost no resident memory.
+    pub fn new(cfg: &ModelConfig, slots: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let width = cfg.num_key_value_heads * cfg.head_dim;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros((slots, width), dtype, device)?,
+                    Tensor::zeros((slots, width), dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvPages { layers })
+    }
+
+    /// Bytes one token occupies across every layer (keys and values).
+    pub fn bytes_per_token(cfg: &ModelConfig, dtype: DType) -> usize {
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes()
+    }
+
+    /// Writes rows of k and v (N, KV·D) of `layer` at `slots` (N·KV·D indices, each
+    /// row's slot repeated across its columns, as `scatter_set` takes them).
+    pub fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (kp, vp) = &self.layers[layer];
+        kp.scatter_set(slots, &k.contiguous()?, 0)?;
+        vp.scatter_set(slots, &v.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// Copies the first `tokens` slots of page `from` into page `to` in every layer
+    /// (a forked sequence's private copy of a partly filled shared page).
+    pub fn copy_page(&self, from: u32, to: u32, tokens: usize, page_size: usize) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let src = from as usize * page_size;
+        let dst = to as usize * page_size;
+        for (k, v) in &self.layers {
+            for t in [k, v] {
+                let rows = t.narrow(0, src, tokens)?.copy()?;
+                t.slice_set(&rows, 0, dst)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[generator] kv_cache_tokens` is too small for one sequence.
+pub(crate) fn too_small(needed: usize, pages: usize, page_size: usize) -> Error {
+    Error::invalid(format!(
+        "a sequence of {needed} tokens needs more than the KV cache's {} tokens: raise [generator] kv_cache_tokens",
+        pages * page_size
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_return_when_their_last_holder_releases_them() {
+        let mut pool = PagePool::new(3, 4);
+        let a = pool.alloc().unwrap();
+        let b = pool.alloc().unwrap();
+        pool.share(a);
+        assert_eq!(pool.free_pages(), 1);
+        pool.release(&[a, b]);
+        assert_eq!(pool.free_pages(), 2, "a is still held once");
+        pool.release(&[a]);
+        assert_eq!(pool.free_pages(), 3);
+        assert_eq!(pool.pages_for(9), 3);
+        assert_eq!(pool.slot(&[2, 0], 5), 1);
+        let _ = (pool.alloc(), pool.alloc(), pool.alloc());
+        assert!(pool.alloc().is_none(), "an exhausted pool says so");
+    }
+}
