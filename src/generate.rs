@@ -27,7 +27,7 @@ pub struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// Number of samples (generated together in one batch).
+    /// Number of samples (generated together; the prompt is prefilled once).
     #[arg(short = 'n', long = "samples", default_value_t = 1)]
     samples: usize,
     #[arg(long, default_value_t = 0)]
@@ -55,8 +55,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     let start = std::time::Instant::now();
-    let out =
-        tandem_model::generate(&p.model, vec![ids; a.samples], params).context("generating")?;
+    // One request of N samples: the prompt is prefilled once.
+    let out = tandem_model::generate_groups(&p.model, vec![ids], a.samples, params)
+        .context("generating")?
+        .remove(0);
     let tokens: usize = out.iter().map(|c| c.tokens.len()).sum();
     for (i, c) in out.iter().enumerate() {
         if a.samples > 1 {

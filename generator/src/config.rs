@@ -1,6 +1,7 @@
 //! `[generator]`: how a generator samples and when it takes new weights.
 
 use serde::{Deserialize, Serialize};
+use tandem_model::EngineConfig;
 
 use crate::error::{invalid, Result};
 
@@ -16,8 +17,23 @@ pub struct GeneratorConfig {
     pub top_p: f64,
     /// Longest completion.
     pub max_new_tokens: usize,
-    /// Prompt groups leased and generated together in one batch.
+    /// Prompt groups leased at a time and kept queued ahead of the running ones, so a
+    /// finished sequence's slot is taken at once.
     pub prompts_per_batch: u32,
+    /// Sequences decoding at once (continuous batching: a finished one's slot is
+    /// taken by the next queued sample in the same step).
+    pub max_running: usize,
+    /// Tokens the paged KV cache holds (every layer; pages of `kv_page_size`). Memory
+    /// is bounded by this, not by rows × longest; a sequence that cannot get a page
+    /// waits or is preempted and recomputed.
+    pub kv_cache_tokens: usize,
+    /// Tokens per KV page.
+    pub kv_page_size: usize,
+    /// Prompt tokens prefilled per step beside the decoding rows (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Prefill each group's prompt once and fork its samples (off: every sample
+    /// prefills the prompt; for measurements).
+    pub share_prefix: bool,
     /// between_batches: swap weights before a new batch; in_flight: also between
     /// decode steps (PipelineRL), so later tokens of a sequence carry the new version.
     pub weight_update: WeightUpdate,
@@ -35,12 +51,18 @@ pub enum WeightUpdate {
 
 impl Default for GeneratorConfig {
     fn default() -> Self {
+        let d = EngineConfig::default();
         GeneratorConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
             max_new_tokens: 64,
             prompts_per_batch: 2,
+            max_running: d.max_running,
+            kv_cache_tokens: d.kv_cache_tokens,
+            kv_page_size: d.page_size,
+            prefill_chunk: d.prefill_chunk,
+            share_prefix: d.share_prefix,
             weight_update: WeightUpdate::BetweenBatches,
             mock_generate_ms: 0,
         }
@@ -65,6 +87,32 @@ impl GeneratorConfig {
         if self.prompts_per_batch == 0 {
             return bad("prompts_per_batch", "must be ≥ 1");
         }
+        if self.max_running == 0 {
+            return bad("max_running", "must be ≥ 1");
+        }
+        if self.kv_page_size == 0 {
+            return bad("kv_page_size", "must be ≥ 1");
+        }
+        if self.kv_cache_tokens < self.kv_page_size.max(self.max_new_tokens + 1) {
+            return bad(
+                "kv_cache_tokens",
+                "must hold at least one prompt token and max_new_tokens",
+            );
+        }
+        if self.prefill_chunk == 0 {
+            return bad("prefill_chunk", "must be ≥ 1");
+        }
         Ok(())
+    }
+
+    /// The engine's settings.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            max_running: self.max_running,
+            kv_cache_tokens: self.kv_cache_tokens,
+            page_size: self.kv_page_size,
+            prefill_chunk: self.prefill_chunk,
+            share_prefix: self.share_prefix,
+        }
     }
 }

@@ -156,10 +156,6 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
     let mut samples: Vec<Sample> = Vec::with_capacity(count * r.n);
     for (b, chunk) in ids.chunks(r.batch_prompts).enumerate() {
         let first = b * r.batch_prompts;
-        let rows: Vec<Vec<u32>> = chunk
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), r.n))
-            .collect();
         let params = SamplingParams {
             temperature: g.temperature,
             top_k: g.top_k,
@@ -168,8 +164,9 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
             stop_token_ids: p.stop_token_ids(),
             seed: r.seed.wrapping_add(first as u64),
         };
-        let out = tandem_model::generate(&p.model, rows, params)?;
-        for (j, group) in out.chunks(r.n).enumerate() {
+        // Each prompt prefilled once, its N samples forked from it.
+        let out = tandem_model::generate_groups(&p.model, chunk.to_vec(), r.n, params)?;
+        for (j, group) in out.iter().enumerate() {
             let i = first + j;
             let answer = prompts[i].answer.as_deref();
             let texts: Vec<String> = group

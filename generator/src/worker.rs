@@ -2,12 +2,12 @@
 //! score them, stream the groups to the trainer, and take new weights when they are
 //! published — between batches, or between decode steps (`in_flight`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tandem_model::{ChatMessage, Pretrained, SamplingParams, Session};
+use tandem_model::{ChatMessage, Engine, Finished, Pretrained, Request, SamplingParams};
 use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
@@ -162,39 +162,81 @@ impl Worker {
         Ok(w)
     }
 
-    /// Runs until the coordinator says the run is over.
+    /// Runs until the coordinator says the run is over: leases groups ahead of the
+    /// engine, steps it, and scores and pushes each group as its last sample finishes.
     pub fn run(mut self) -> Result<()> {
+        let mut engine = Engine::new(&self.model.model, self.settings.generator.engine())?;
+        let mut live: HashMap<u64, (PromptLease, Vec<u32>)> = HashMap::new();
+        // Leased under a version newer than the weights held while rows still run
+        // (`between_batches`): started once the engine drains and the weights change.
+        let mut deferred: Option<(u64, Vec<PromptLease>)> = None;
+        let mut next_lease = Instant::now();
+        let in_flight = self.settings.generator.weight_update == WeightUpdate::InFlight;
+        let ahead = self.settings.generator.prompts_per_batch as usize;
+        let beat = self.beat.clone();
+        let worker_id = move || beat.worker_id.load(Ordering::SeqCst);
         while !self.beat.stop.load(Ordering::SeqCst) {
-            self.maybe_sync(None)?;
-            let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-            let reply = self.rt.block_on(self.coordinator.lease(LeaseRequest {
-                worker_id,
-                max_groups: self.settings.generator.prompts_per_batch,
-            }));
-            let reply = match reply {
-                Ok(r) => r.into_inner(),
-                Err(e) if e.code() == tonic::Code::NotFound => {
-                    std::thread::sleep(self.settings.heartbeat_interval);
-                    continue;
-                }
-                Err(e) => return Err(rpc("leasing prompts", client::describe(&e))),
-            };
-            if reply.stop {
-                break;
+            if in_flight || engine.is_idle() {
+                self.maybe_sync(None)?;
             }
-            if reply.leases.is_empty() {
-                let wait = Duration::from_millis(reply.retry_after_ms.clamp(5, 1000));
+            if let Some((v, leases)) = deferred.take_if(|_| engine.is_idle()) {
+                self.maybe_sync(Some(v))?;
+                self.start(&mut engine, &mut live, leases)?;
+            }
+            let queued = engine.queued_requests();
+            if deferred.is_none() && queued < ahead && Instant::now() >= next_lease {
+                let reply = self.rt.block_on(self.coordinator.lease(LeaseRequest {
+                    worker_id: worker_id(),
+                    max_groups: (ahead - queued) as u32,
+                }));
+                match reply {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if r.stop {
+                            break;
+                        }
+                        if r.leases.is_empty() {
+                            let wait = Duration::from_millis(r.retry_after_ms.clamp(5, 1000));
+                            next_lease = Instant::now() + wait;
+                        } else if in_flight
+                            || engine.is_idle()
+                            || r.policy_version <= self.beat.held.load(Ordering::SeqCst)
+                        {
+                            // Admitted under version v: generate with v (or newer).
+                            self.maybe_sync(Some(r.policy_version))?;
+                            self.start(&mut engine, &mut live, r.leases)?;
+                        } else {
+                            deferred = Some((r.policy_version, r.leases));
+                        }
+                    }
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        next_lease = Instant::now() + self.settings.heartbeat_interval;
+                    }
+                    Err(e) => return Err(rpc("leasing prompts", client::describe(&e))),
+                }
+            }
+            if engine.is_idle() {
+                let wait = next_lease.saturating_duration_since(Instant::now());
+                let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(1000));
                 std::thread::sleep(wait);
                 self.beat
                     .wait_us
                     .fetch_add(wait.as_micros() as u64, Ordering::SeqCst);
                 continue;
             }
-            // Admitted under version v: generate with v.
-            self.maybe_sync(Some(reply.policy_version))?;
-            let groups = self.generate(&reply.leases, worker_id)?;
-            for g in groups {
+            let held = self.beat.held.load(Ordering::SeqCst);
+            let out = engine.step(&self.model.model, held)?;
+            self.beat
+                .tokens
+                .fetch_add(out.decoded as u64, Ordering::SeqCst);
+            for f in out.finished {
+                let (lease, prompt) = live.remove(&f.id).expect("a live lease");
+                let g = self.score(&lease, prompt, f, worker_id())?;
                 self.push(g)?;
+            }
+            if in_flight {
+                // A new version applies to every running row from the next step on.
+                self.maybe_sync(None)?;
             }
         }
         self.drain();
@@ -202,181 +244,187 @@ impl Worker {
         if let Some(inbox) = &self.inbox {
             inbox.stop();
         }
-        let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-        let _ = self
-            .rt
-            .block_on(self.coordinator.leave(LeaveRequest { worker_id }));
+        let _ = self.rt.block_on(self.coordinator.leave(LeaveRequest {
+            worker_id: worker_id(),
+        }));
         Ok(())
     }
 
-    /// Samples `rows` in one batch; each token is tagged with the version held when it
-    /// was sampled (in-flight swaps change it mid-sequence).
-    fn sample(
+    /// Renders each lease's prompt and queues `group_size` samples of it; a group's
+    /// samples draw from streams 0.. of a seed derived from its lease.
+    fn start(
         &mut self,
-        rows: Vec<Vec<u32>>,
-        params: SamplingParams,
-    ) -> Result<(Vec<tandem_model::Completion>, Vec<Vec<u64>>)> {
-        let in_flight = self.settings.generator.weight_update == WeightUpdate::InFlight;
-        let mut versions: Vec<Vec<u64>> = vec![Vec::new(); rows.len()];
-        let mut session = Session::new(&self.model.model, rows, params)?;
-        loop {
-            let running = session.step(&self.model.model)?;
-            let held = self.beat.held.load(Ordering::SeqCst);
-            for (v, c) in versions.iter_mut().zip(session.completions()) {
-                let new = c.tokens.len() - v.len();
-                v.extend(std::iter::repeat_n(held, new));
+        engine: &mut Engine,
+        live: &mut HashMap<u64, (PromptLease, Vec<u32>)>,
+        leases: Vec<PromptLease>,
+    ) -> Result<()> {
+        let g = self.settings.generator.clone();
+        for l in leases {
+            let ids = self.prompt_of(&l)?;
+            let params = SamplingParams {
+                temperature: g.temperature,
+                top_k: g.top_k,
+                top_p: g.top_p,
+                max_new_tokens: g.max_new_tokens,
+                stop_token_ids: self.model.stop_token_ids(),
+                seed: self.settings.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            };
+            if g.mock_generate_ms > 0 {
+                // Benchmarks of the control plane: wait instead of sampling.
+                let group = self.mock_group(&l, &ids);
+                let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
+                let rollout = self.score(&l, ids, group, worker_id)?;
+                self.push(rollout)?;
+                continue;
             }
-            if !running {
-                break;
-            }
-            if in_flight {
-                self.maybe_sync(None)?;
-            }
+            engine.add(
+                &self.model.model,
+                Request {
+                    id: l.lease_id,
+                    prompt: ids.clone(),
+                    samples: self.settings.group_size as usize,
+                    params,
+                    first_stream: 0,
+                },
+            )?;
+            live.insert(l.lease_id, (l, ids));
         }
-        Ok((session.into_completions(), versions))
+        Ok(())
     }
 
-    /// Samples every group of `leases` in one batch and scores it.
-    fn generate(&mut self, leases: &[PromptLease], worker_id: u64) -> Result<Vec<RolloutGroup>> {
-        let k = self.settings.group_size as usize;
-        let tok = &self.model.tokenizer;
-        let mut prompts = Vec::with_capacity(leases.len());
-        for l in leases {
-            let input = if l.messages.is_empty() {
-                PromptInput::Text(&l.text)
-            } else {
-                PromptInput::Messages(
-                    l.messages
-                        .iter()
-                        .map(|m| ChatMessage {
-                            role: m.role.clone(),
-                            content: m.content.clone(),
-                        })
-                        .collect(),
-                )
-            };
-            prompts.push(prompt_ids(
-                tok,
-                input,
-                self.settings.chat,
-                self.settings.system.as_deref(),
-            )?);
-        }
+    /// `max_new_tokens` placeholder tokens per sample after `mock_generate_ms`.
+    fn mock_group(&self, l: &PromptLease, prompt: &[u32]) -> Finished {
         let g = &self.settings.generator;
-        let params = SamplingParams {
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            max_new_tokens: g.max_new_tokens,
-            stop_token_ids: self.model.stop_token_ids(),
-            seed: self.settings.seed ^ leases[0].lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        };
-        let rows: Vec<Vec<u32>> = prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
-            .collect();
-        let (completions, versions) = if g.mock_generate_ms > 0 {
-            // Benchmarks of the control plane: wait instead of sampling.
-            std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
-            let held = self.beat.held.load(Ordering::SeqCst);
-            let n = g.max_new_tokens;
-            let c: Vec<tandem_model::Completion> = rows
-                .iter()
-                .map(|r| tandem_model::Completion {
-                    tokens: vec![r[r.len() - 1]; n],
+        std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
+        let held = self.beat.held.load(Ordering::SeqCst);
+        let n = g.max_new_tokens;
+        let k = self.settings.group_size as usize;
+        self.beat.tokens.fetch_add((n * k) as u64, Ordering::SeqCst);
+        Finished {
+            id: l.lease_id,
+            completions: vec![
+                tandem_model::Completion {
+                    tokens: vec![prompt[prompt.len() - 1]; n],
                     logprobs: vec![-1.0; n],
                     finish_reason: Some(tandem_model::FinishReason::Length),
-                })
-                .collect();
-            (c, vec![vec![held; n]; rows.len()])
+                };
+                k
+            ],
+            tags: vec![vec![held; n]; k],
+        }
+    }
+
+    /// A lease's prompt as token ids (chat template when `[data] chat`).
+    fn prompt_of(&self, l: &PromptLease) -> Result<Vec<u32>> {
+        let input = if l.messages.is_empty() {
+            PromptInput::Text(&l.text)
         } else {
-            self.sample(rows, params)?
-        };
-        let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
-        self.beat.tokens.fetch_add(tokens as u64, Ordering::SeqCst);
-        let mut groups = Vec::with_capacity(leases.len());
-        for (i, l) in leases.iter().enumerate() {
-            let rows = &completions[i * k..(i + 1) * k];
-            let texts: Vec<String> = rows
-                .iter()
-                .map(|c| self.model.tokenizer.decode(&c.tokens, true))
-                .collect::<std::result::Result<_, _>>()?;
-            let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
-            let mut rewards: Vec<f64> = texts
-                .iter()
-                .map(|t| self.settings.reward.score(t, answer))
-                .collect();
-            let prompt = if l.messages.is_empty() {
-                l.text.clone()
-            } else {
+            PromptInput::Messages(
                 l.messages
                     .iter()
-                    .map(|m| m.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            if let Some(judge) = &self.judge {
-                for (r, s) in rewards
-                    .iter_mut()
-                    .zip(judge.score(&prompt, &texts, answer)?)
-                {
-                    *r += self.settings.reward.judge_weight * s;
-                }
-            }
-            if let Some(svc) = &mut self.reward_service {
-                let scored = self
-                    .rt
-                    .block_on(svc.score(ScoreRequest {
-                        prompt: prompt.clone(),
-                        answer: l.answer.clone(),
-                        completions: texts.clone(),
-                    }))
-                    .map_err(|e| rpc("[reward] service", client::describe(&e)))?
-                    .into_inner()
-                    .rewards;
-                if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {
-                    return Err(rpc(
-                        "[reward] service",
-                        format!(
-                            "returned {} rewards for {} completions (all must be finite)",
-                            scored.len(),
-                            texts.len()
-                        ),
-                    ));
-                }
-                for (r, s) in rewards.iter_mut().zip(scored) {
-                    *r += self.settings.reward.service_weight * s;
-                }
-            }
-            if let Some(rm) = &self.reward_model {
-                let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.tokens.clone()).collect();
-                for (r, s) in rewards.iter_mut().zip(rm.score(&prompts[i], &ids)?) {
-                    *r += self.settings.reward.model_weight * s;
-                }
-            }
-            groups.push(RolloutGroup {
-                seq: 0,
-                lease_id: l.lease_id,
-                prompt_index: l.prompt_index,
-                worker_id,
-                prompt_ids: prompts[i].clone(),
-                completions: rows
-                    .iter()
-                    .zip(&versions[i * k..(i + 1) * k])
-                    .zip(rewards)
-                    .map(|((c, v), reward)| Completion {
-                        completion_ids: c.tokens.clone(),
-                        behavior_logprobs: c.logprobs.clone(),
-                        versions: v.clone(),
-                        reward,
-                        finish_reason: match c.finish_reason {
-                            Some(tandem_model::FinishReason::Stop) => "stop".into(),
-                            _ => "length".into(),
-                        },
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
                     })
                     .collect(),
-            });
+            )
+        };
+        prompt_ids(
+            &self.model.tokenizer,
+            input,
+            self.settings.chat,
+            self.settings.system.as_deref(),
+        )
+    }
+
+    /// Scores a finished group (verifiers, judge, reward service, reward model) and
+    /// builds its rollout; each token carries the version it was sampled with.
+    fn score(
+        &mut self,
+        l: &PromptLease,
+        prompt_ids: Vec<u32>,
+        f: Finished,
+        worker_id: u64,
+    ) -> Result<RolloutGroup> {
+        let rows = &f.completions;
+        let texts: Vec<String> = rows
+            .iter()
+            .map(|c| self.model.tokenizer.decode(&c.tokens, true))
+            .collect::<std::result::Result<_, _>>()?;
+        let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
+        let mut rewards: Vec<f64> = texts
+            .iter()
+            .map(|t| self.settings.reward.score(t, answer))
+            .collect();
+        let prompt = if l.messages.is_empty() {
+            l.text.clone()
+        } else {
+            l.messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        if let Some(judge) = &self.judge {
+            for (r, s) in rewards
+                .iter_mut()
+                .zip(judge.score(&prompt, &texts, answer)?)
+            {
+                *r += self.settings.reward.judge_weight * s;
+            }
         }
-        Ok(groups)
+        if let Some(svc) = &mut self.reward_service {
+            let scored = self
+                .rt
+                .block_on(svc.score(ScoreRequest {
+                    prompt: prompt.clone(),
+                    answer: l.answer.clone(),
+                    completions: texts.clone(),
+                }))
+                .map_err(|e| rpc("[reward] service", client::describe(&e)))?
+                .into_inner()
+                .rewards;
+            if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {
+                return Err(rpc(
+                    "[reward] service",
+                    format!(
+                        "returned {} rewards for {} completions (all must be finite)",
+                        scored.len(),
+                        texts.len()
+                    ),
+                ));
+            }
+            for (r, s) in rewards.iter_mut().zip(scored) {
+                *r += self.settings.reward.service_weight * s;
+            }
+        }
+        if let Some(rm) = &self.reward_model {
+            let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.tokens.clone()).collect();
+            for (r, s) in rewards.iter_mut().zip(rm.score(&prompt_ids, &ids)?) {
+                *r += self.settings.reward.model_weight * s;
+            }
+        }
+        Ok(RolloutGroup {
+            seq: 0,
+            lease_id: l.lease_id,
+            prompt_index: l.prompt_index,
+            worker_id,
+            prompt_ids,
+            completions: rows
+                .iter()
+                .zip(&f.tags)
+                .zip(rewards)
+                .map(|((c, v), reward)| Completion {
+                    completion_ids: c.tokens.clone(),
+                    behavior_logprobs: c.logprobs.clone(),
+                    versions: v.clone(),
+                    reward,
+                    finish_reason: match c.finish_reason {
+                        Some(tandem_model::FinishReason::Stop) => "stop".into(),
+                        _ => "length".into(),
+                    },
+                })
+                .collect(),
+        })
     }
 }

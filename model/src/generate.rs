@@ -26,36 +26,48 @@ pub struct Completion {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// Samples one completion of every prompt: prompt i is request i, drawing from random
-/// stream i of `params.seed`, all run together by one [`Engine`] until done.
+/// Samples one completion of every prompt: prompt i draws from random stream i of
+/// `params.seed` (see [`generate_groups`]).
 pub fn generate(
     model: &Model,
     prompts: Vec<Vec<u32>>,
     params: SamplingParams,
 ) -> Result<Vec<Completion>> {
+    Ok(generate_groups(model, prompts, 1, params)?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+/// Samples `samples` completions of every prompt, each prompt prefilled once: prompt
+/// i is request i, its sample j draws from random stream i·samples + j of
+/// `params.seed`; all run together by one [`Engine`] until done.
+pub fn generate_groups(
+    model: &Model,
+    prompts: Vec<Vec<u32>>,
+    samples: usize,
+    params: SamplingParams,
+) -> Result<Vec<Vec<Completion>>> {
     // Sized for what may run (`add` refuses anything past the context).
     let longest = (prompts.iter().map(|p| p.len()).max().unwrap_or(0) + params.max_new_tokens)
         .min(model.config().max_position_embeddings);
     let n = prompts.len();
-    let mut engine = Engine::new(model, EngineConfig::fitting(n, 1, longest))?;
+    let mut engine = Engine::new(model, EngineConfig::fitting(n, samples, longest))?;
     for (i, prompt) in prompts.into_iter().enumerate() {
         engine.add(
             model,
             Request {
                 id: i as u64,
                 prompt,
-                samples: 1,
+                samples,
                 params: params.clone(),
-                first_stream: i as u64,
+                first_stream: (i * samples) as u64,
             },
         )?;
     }
-    let mut out = vec![None; n];
+    let mut out = vec![Vec::new(); n];
     for f in engine.run_to_completion(model, 0)? {
-        out[f.id as usize] = f.completions.into_iter().next();
+        out[f.id as usize] = f.completions;
     }
-    Ok(out
-        .into_iter()
-        .map(|c| c.expect("every request finishes"))
-        .collect())
+    Ok(out)
 }

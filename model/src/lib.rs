@@ -42,7 +42,7 @@ pub use config::{Architecture, ModelConfig};
 pub use device::{load_model, process_device, process_dtype};
 pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};
 pub use error::{Error, Result};
-pub use generate::{generate, Completion, FinishReason};
+pub use generate::{generate, generate_groups, Completion, FinishReason};
 pub use reward_model::RewardModel;
 pub use sampling::SamplingParams;
 pub use scalar_head::{ScalarHead, REWARD_HEAD_FILE, VALUE_HEAD_FILE};
