@@ -2,6 +2,8 @@
 //! reference in the same run (docs/benchmarks.md records them).
 //!
 //! - [`model`] — the engine: decode, fwd+bwd and optimizer step beside transformers
+//! - [`generate`] — the sampling engine (continuous batching, shared prefill, paged
+//!   KV) beside the machine's GEMM ceiling and transformers' `generate`
 //! - [`system`] — the distributed loop: weight sync beside raw TCP, rollout ingest
 //!   beside a training step, async beside sync steps/hour
 //! - `nccl` (feature `nccl`) — NCCL broadcast beside a device-to-device copy
@@ -12,6 +14,7 @@
 //! It drives every other crate, so nothing depends on it but the binary.
 
 pub mod error;
+pub mod generate;
 pub mod model;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -36,6 +39,8 @@ enum BenchWhat {
     Model(model::ModelBench),
     /// The distributed loop: weight sync vs raw TCP, rollout ingest, async vs sync.
     System(system::SystemBench),
+    /// The sampling engine's tok/s vs the GEMM ceiling and transformers' generate.
+    Generate(generate::GenerateBench),
     /// One GRPO training step on a realistic RL batch vs a TRL-style PyTorch step.
     TrainStep(train_step::TrainStepBench),
     /// NCCL broadcast (world size 1) of a model's weights vs a device-to-device copy.
@@ -49,6 +54,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Model(m) => model::run(m),
         BenchWhat::System(s) => system::run(s),
         BenchWhat::TrainStep(t) => train_step::run(t),
+        BenchWhat::Generate(g) => generate::run(g),
         #[cfg(feature = "nccl")]
         BenchWhat::Nccl(n) => nccl::run(n),
     }

@@ -113,6 +113,7 @@ impl GeneratorConfig {
             page_size: self.kv_page_size,
             prefill_chunk: self.prefill_chunk,
             share_prefix: self.share_prefix,
+            continuous: true,
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
 use crate::ops::swiglu::swiglu;
 use crate::packing::{PackedBatch, Packing};
-use crate::transformer::{linear, LayerWeights, Model, Weights};
+use crate::transformer::{project, LayerWeights, Model, Weights};
 
 /// What every decoder layer of one packed forward shares.
 #[derive(Clone, Debug)]
@@ -52,17 +52,19 @@ pub(crate) fn decoder_block(
         Some((q, k, v)) => (Some(q), Some(k), Some(v)),
         None => (None, None, None),
     };
-    let q = rotary(&linear(&xn, &lw.q, qb, f)?, cos, sin, heads.query)?;
-    let k = rotary(&linear(&xn, &lw.k, kb, f)?, cos, sin, heads.kv)?;
-    let v = linear(&xn, &lw.v, vb, f)?;
+    let pk = lw.packed.as_deref();
+    let q = project(&xn, &lw.q, qb, pk.map(|p| &p.q), f)?;
+    let k = project(&xn, &lw.k, kb, pk.map(|p| &p.k), f)?;
+    let q = rotary(&q, cos, sin, heads.query)?;
+    let k = rotary(&k, cos, sin, heads.kv)?;
+    let v = project(&xn, &lw.v, vb, pk.map(|p| &p.v), f)?;
     let a = attend(&q, &k, &v)?;
-    let h = (linear(&a, &lw.o, None, f)? + x)?;
+    let h = (project(&a, &lw.o, None, pk.map(|p| &p.o), f)? + x)?;
     let hn = rms_norm(&h, &lw.post_norm, eps, f)?;
-    let mlp = swiglu(
-        &linear(&hn, &lw.gate, None, f)?,
-        &linear(&hn, &lw.up, None, f)?,
-    )?;
-    Ok((linear(&mlp, &lw.down, None, f)? + h)?)
+    let gate = project(&hn, &lw.gate, None, pk.map(|p| &p.gate), f)?;
+    let up = project(&hn, &lw.up, None, pk.map(|p| &p.up), f)?;
+    let mlp = swiglu(&gate, &up)?;
+    Ok((project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)? + h)?)
 }
 
 /// The decoder layers of a checkpointed forward, replayed during the backward.
@@ -107,6 +109,7 @@ impl Recompute {
                 gate,
                 up,
                 down,
+                packed: _,
             } = lw;
             let mut params = vec![input_norm, q, k, v, o, post_norm, gate, up, down];
             if let Some((qb, kb, vb)) = qkv_bias {

@@ -28,6 +28,7 @@ pub mod logprob;
 pub mod ops;
 pub mod optim;
 pub mod packing;
+pub mod packed_matmul;
 pub mod params;
 pub mod preset;
 pub mod reward_model;

@@ -50,6 +50,10 @@ pub struct ParamStore {
     names: Vec<String>,
     vars: Vec<Var>,
     index: HashMap<String, usize>,
+    /// Bumped by every [`ParamStore::assign`] (shared by clones, like the values), so
+    /// that derived copies of the weights (the engine's packed matrices) know when to
+    /// rebuild.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ParamStore {
@@ -100,7 +104,12 @@ impl ParamStore {
             .enumerate()
             .map(|(i, n)| (n.clone(), i))
             .collect();
-        ParamStore { names, vars, index }
+        ParamStore {
+            names,
+            vars,
+            index,
+            generation: Default::default(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -142,11 +151,25 @@ impl ParamStore {
                 )));
             }
         }
+        self.touch();
         for (name, t) in tensors {
             let var = &self.vars[self.index[name]];
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
+    }
+
+    /// How many times the values were replaced through this store. Code that changes a
+    /// parameter's `Var` directly (an optimizer) calls [`ParamStore::touch`] when
+    /// derived copies must follow.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks the values as changed.
+    pub fn touch(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every parameter's values, concatenated in parameter order as little-endian bytes

@@ -1,6 +1,6 @@
 //! Rotary position embeddings (RoPE), in the "rotate half" layout that Hugging Face uses.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
@@ -89,22 +89,4 @@ impl Rope {
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, t, half))?;
         Ok((cos, sin))
     }
-}
-
-/// Applies RoPE to x (B, H, T, D) with cos/sin (B, T, D/2):
-/// x·cos + rotate_half(x)·sin, where rotate_half(x) = [−x₂, x₁].
-///
-/// `fused` uses candle's kernel (no backward, for inference); otherwise composed,
-/// differentiable ops. Both give the same values (tested).
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
-    if fused {
-        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
-    }
-    let d = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }

@@ -6,6 +6,7 @@
 //! a test checks that both paths give the same logits.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,7 @@ use crate::decode_matmul;
 use crate::decoder::Recompute;
 use crate::error::{Error, Result};
 use crate::logprob;
+use crate::packed_matmul::{PackedLayer, PackedMatrix};
 use crate::packing::{ForwardOptions, Packing};
 use crate::params::{expected_params, ParamStore};
 use crate::rope::Rope;
@@ -36,6 +38,8 @@ pub struct LayerWeights {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// The projections packed for the batch decode kernel (inference on CPU, f32).
+    pub packed: Option<Arc<PackedLayer>>,
 }
 
 /// Views of the parameters for one forward pass: tracked (training) or detached
@@ -49,6 +53,8 @@ pub struct Weights {
     pub lm_head: Option<Tensor>,
     /// Use candle's fused (non-differentiable) kernels.
     pub fused: bool,
+    /// The output projection packed for the batch decode kernel.
+    pub head_packed: Option<PackedMatrix>,
 }
 
 impl Weights {
@@ -86,6 +92,31 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) ->
     };
     let mut out = dims;
     *out.last_mut().unwrap() = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// x·Wᵀ (+ b) on the packed batch decode kernel when `packed` is given, else
+/// [`linear`].
+pub(crate) fn project(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    packed: Option<&PackedMatrix>,
+    fused: bool,
+) -> Result<Tensor> {
+    let Some(p) = packed else {
+        return linear(x, w, b, fused);
+    };
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = p.matmul(&x.reshape((rows, d))?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = p.out_dim();
     Ok(y.reshape(out)?)
 }
 
@@ -174,6 +205,7 @@ impl Model {
                     gate: get(&format!("{p}.mlp.gate_proj.weight")),
                     up: get(&format!("{p}.mlp.up_proj.weight")),
                     down: get(&format!("{p}.mlp.down_proj.weight")),
+                    packed: None,
                 }
             })
             .collect();
@@ -183,6 +215,7 @@ impl Model {
             norm: get("model.norm.weight"),
             lm_head: (!self.config.tie_word_embeddings).then(|| get("lm_head.weight")),
             fused,
+            head_packed: None,
         }
     }
 
@@ -215,7 +248,7 @@ impl Model {
 
     /// Logits of hidden states (..., d) → (..., V).
     pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, w.head(), None, w.fused)
+        project(hidden, w.head(), None, w.head_packed.as_ref(), w.fused)
     }
 
     /// Full logits (B, T, V) of `seqs`, right-padded with zeros to the longest (the

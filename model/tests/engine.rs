@@ -200,7 +200,7 @@ fn the_pool_holds_its_budget_and_a_starved_sequence_completes() {
         // preempted and recomputed.
         kv_cache_tokens: 48,
         prefill_chunk: 8,
-        share_prefix: true,
+        ..Default::default()
     };
     let mut e = Engine::new(&model, cfg).unwrap();
     for r in &reqs {

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use attention::{paged_attention, PagedLayout};
@@ -46,7 +47,8 @@ use crate::generate::{Completion, FinishReason};
 use crate::ops::attention::Heads;
 use crate::ops::rms_norm::rms_norm;
 use crate::sampling::{self, SamplingParams};
-use crate::transformer::Model;
+use crate::packed_matmul::PackedWeights;
+use crate::transformer::{Model, Weights};
 
 /// How the engine batches and how much KV memory it may hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +64,10 @@ pub struct EngineConfig {
     /// Prefill a request's prompt once and fork its samples; off, every sample
     /// prefills the prompt itself.
     pub share_prefix: bool,
+    /// Admit new sequences as soon as slots free up; off, a batch runs until its last
+    /// sequence finishes before the next is admitted (static batching, for
+    /// measurements).
+    pub continuous: bool,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +78,7 @@ impl Default for EngineConfig {
             page_size: 16,
             prefill_chunk: 256,
             share_prefix: true,
+            continuous: true,
         }
     }
 }
@@ -192,6 +199,8 @@ pub struct Engine {
     running: Vec<Seq>,
     requests: HashMap<u64, RequestState>,
     stats: EngineStats,
+    /// The projections packed for the batch kernel (CPU f32, more than 16 slots).
+    packed: Option<PackedWeights>,
 }
 
 impl Engine {
@@ -199,6 +208,7 @@ impl Engine {
     pub fn new(model: &Model, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
         let pages = cfg.kv_cache_tokens.div_ceil(cfg.page_size);
+        let cfg_rows = cfg.max_running;
         let mc = model.config();
         Ok(Engine {
             kv: KvPages::new(mc, pages * cfg.page_size, model.dtype(), model.device())?,
@@ -213,6 +223,8 @@ impl Engine {
             running: Vec::new(),
             requests: HashMap::new(),
             stats: EngineStats::default(),
+            // Small batches stay on the bandwidth-bound kernel: no packed copy.
+            packed: (cfg_rows > crate::decode_matmul::MAX_ROWS).then(PackedWeights::default),
         })
     }
 
@@ -335,8 +347,12 @@ impl Engine {
     }
 
     /// Moves waiting sequences (oldest first) into the batch while slots and pages
-    /// allow: a sequence needs pages for all its tokens plus one per sample.
+    /// allow: a sequence needs pages for all its tokens plus one per sample. Static
+    /// batching admits only into an empty batch.
     fn admit(&mut self) {
+        if !self.cfg.continuous && !self.running.is_empty() {
+            return;
+        }
         while let Some(s) = self.waiting.front() {
             let slots = s.samples.len();
             let pages = self.pool.pages_for(s.tokens.len()) + slots;
@@ -458,12 +474,15 @@ impl Engine {
                 out.prefilled += n;
             }
         }
-        let hidden = self.forward(model, &ids, &positions, &write, Arc::new(layout))?;
+        let w = match self.packed.as_mut() {
+            Some(p) => p.attach(model, model.inference_weights())?,
+            None => model.inference_weights(),
+        };
+        let hidden = self.forward(model, &w, &ids, &positions, &write, Arc::new(layout))?;
         for &(i, n) in &plan {
             self.running[i].computed += n;
         }
         if !sample_rows.is_empty() {
-            let w = model.inference_weights();
             let rows: Vec<u32> = sample_rows.iter().map(|&(_, r)| r as u32).collect();
             let rows = Tensor::from_vec(rows, sample_rows.len(), model.device())?;
             let logits = model
@@ -485,12 +504,12 @@ impl Engine {
     fn forward(
         &self,
         model: &Model,
+        w: &Weights,
         ids: &[u32],
         positions: &[u32],
         write: &[u32],
         layout: Arc<PagedLayout>,
     ) -> Result<Tensor> {
-        let w = model.inference_weights();
         let mc = model.config();
         let dev = model.device();
         let n = ids.len();
@@ -533,16 +552,33 @@ impl Engine {
         out: &mut StepOutput,
     ) -> Result<()> {
         let ps = self.cfg.page_size;
+        // Every row's draws at once (each sequence owns its random streams).
+        let mut row_of = vec![None; self.running.len()];
+        for (&(i, _), row) in rows.iter().zip(logits) {
+            row_of[i] = Some(row.as_slice());
+        }
+        let requests = &self.requests;
+        let mut picked: Vec<Vec<(u32, f32)>> = self
+            .running
+            .par_iter_mut()
+            .zip(row_of.par_iter())
+            .map(|(s, row)| match row {
+                Some(row) => {
+                    let params = &requests[&s.request].params;
+                    s.rngs
+                        .iter_mut()
+                        .map(|rng| sampling::sample(row, params, rng))
+                        .collect()
+                }
+                None => Vec::new(),
+            })
+            .collect();
         let mut done = vec![false; self.running.len()];
         let mut forks = Vec::new();
-        for (&(i, _), row) in rows.iter().zip(logits) {
+        for &(i, _) in rows {
             let s = &mut self.running[i];
             let params = &self.requests[&s.request].params;
-            let picks: Vec<(u32, f32)> = s
-                .rngs
-                .iter_mut()
-                .map(|rng| sampling::sample(row, params, rng))
-                .collect();
+            let picks = std::mem::take(&mut picked[i]);
             if picks.len() > 1 {
                 // Samples 1.. share the full pages and copy the partly filled last one.
                 let full = s.tokens.len() / ps;

@@ -1,0 +1,484 @@
+//! `tandem bench generate`: the sampling engine's throughput beside the machine's
+//! compute ceiling and beside transformers' `generate` on the same prompts.
+//!
+//! The workload (fixed seed): `prompts` chat prompts of about `prompt_tokens` tokens
+//! (windows of a fixed English text), `samples` samples each, temperature 1, up to
+//! `max_new_tokens` new tokens, stopping at the model's end-of-turn tokens. tok/s
+//! counts generated tokens over the wall time, prefill included.
+//!
+//! In the same run it measures the machine's GEMM rate with the engine's own matmul
+//! (candle's, `gemm_size`³ in f32) and derives
+//! `ceiling_tok_per_s` = FLOP/s ÷ (2 × parameters), the rate at which decoding would
+//! run if every token cost only its weight products at that rate.
+//!
+//! Each measurement runs in its own process (its peak RSS is its own): the default
+//! engine, the same workload at 1, 8, 64 and 256 concurrent sequences (`c / samples`
+//! prompts, or one prompt with `c` samples when fewer, with `max_running` = c), and
+//! each piece switched off in turn: static batches instead of continuous batching (on
+//! a queue twice the slots, where refilling matters), every sample prefilling its
+//! prompt, and one contiguous region of prompt + `max_new_tokens` per sequence instead
+//! of pages.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::{json, Value};
+use tandem_model::{ChatMessage, Engine, EngineConfig, Request, SamplingParams};
+
+use crate::error::{bail, Context, Result};
+use crate::timing::{median, peak_rss_mib, run_child};
+
+#[derive(Args, Clone)]
+pub struct GenerateBench {
+    /// Model: `smollm2`, a .gguf file or an HF folder.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long, default_value_t = 8)]
+    prompts: usize,
+    /// Samples per prompt (a group).
+    #[arg(long, default_value_t = 8)]
+    samples: usize,
+    /// Approximate prompt length, chat template included.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sequences decoding at once in the default run (`[generator] max_running`).
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Concurrency sweep: total sequences = max_running = each value.
+    #[arg(long, default_value = "1,8,64,256")]
+    concurrency: String,
+    /// Pieces to switch off in turn (no_continuous_batching, no_shared_prefill,
+    /// no_paging); empty for none.
+    #[arg(long, default_value = "no_continuous_batching,no_shared_prefill,no_paging")]
+    ablations: String,
+    /// Side of the square f32 GEMM that measures the machine's FLOP/s.
+    #[arg(long, default_value_t = 2048)]
+    gemm_size: usize,
+    /// Threads for both engines.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Reference script to run side by side (tools/bench_generate.py).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Python interpreter with torch + transformers for --reference.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Write the combined JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one measurement in this process on this workload file.
+    #[arg(long, hide = true)]
+    variant: Option<String>,
+    #[arg(long, hide = true)]
+    workload: Option<PathBuf>,
+}
+
+/// A few hundred words of plain English the prompts are cut from.
+const TEXT: &str = "The lighthouse keeper kept a logbook of every ship that passed the point, \
+    and over forty years the entries grew from plain notes about weather and tides into \
+    long letters to no one in particular. She wrote about the fog that came in without \
+    warning in late summer, about the gulls that learned to open the tin where she kept \
+    the biscuits, and about the night the lamp failed and she turned the lens by hand \
+    until dawn so that the fishing boats could find the harbour. Visitors sometimes asked \
+    whether she was lonely. She told them that a lighthouse is never lonely, because it \
+    is always speaking to someone who cannot answer: a sailor far out on the water, a \
+    child on a cliff path, a traveller on the coast road who sees the beam sweep across \
+    the hills and knows that the sea is near. When the light was finally automated and \
+    the keeper moved to the village, she took the logbooks with her, and in the evenings \
+    she read them aloud to her neighbours, who had never known how many storms had been \
+    weathered a mile from their doors. Some of the entries were about engines and brass \
+    and the price of paraffin; others were about a whale that surfaced beside the rocks \
+    one April morning and looked at the tower for a long time before it swam away. The \
+    neighbours liked those best. A teacher from the school asked whether the children \
+    might copy some pages, and soon the whole village knew the names of boats that had \
+    sunk before their grandparents were born, and the words for eleven kinds of cloud, \
+    and the way to tell a squall from a passing shower by the colour of the sea.";
+
+/// The prompts as token ids: prompt i asks to continue a window of the text that
+/// starts at word 7·i, grown word by word until the templated prompt reaches
+/// `target` tokens.
+fn prompts(tok: &tandem_model::Tokenizer, n: usize, target: usize) -> Result<Vec<Vec<u32>>> {
+    let words: Vec<&str> = TEXT.split_whitespace().collect();
+    (0..n)
+        .map(|i| {
+            let start = (7 * i) % (words.len() / 2);
+            let mut ids = Vec::new();
+            for end in start + 1..=words.len() {
+                let msg = format!(
+                    "Continue this passage in the same style:\n{}",
+                    words[start..end].join(" ")
+                );
+                let text = tok.apply_chat_template(&[ChatMessage::user(msg)], true)?;
+                ids = tok.encode(&text)?;
+                if ids.len() >= target {
+                    break;
+                }
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// Runs the benchmark, or (with the hidden `--variant`) one measurement here.
+pub fn run(b: GenerateBench) -> Result<()> {
+    match (&b.variant, &b.workload) {
+        (Some(v), Some(w)) => run_variant(&b, v, w),
+        _ => run_all(&b),
+    }
+}
+
+/// The engine's settings and the workload's shape (prompts, samples) for a variant.
+fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)> {
+    let base = EngineConfig {
+        max_running: b.max_running,
+        kv_cache_tokens: b.prompts
+            * b.samples
+            * (b.prompt_tokens * 2 + b.max_new_tokens + 2 * EngineConfig::default().page_size),
+        ..EngineConfig::default()
+    };
+    let main = (base.clone(), b.prompts, b.samples);
+    Ok(match name {
+        "default" => main,
+        // A queue of twice the slots: static batches idle the slots of finished rows.
+        "no_continuous_batching" | "continuous_batching_queue" => {
+            let cfg = EngineConfig {
+                continuous: name == "continuous_batching_queue",
+                kv_cache_tokens: base.kv_cache_tokens * 2,
+                ..base
+            };
+            (cfg, b.prompts * 2, b.samples)
+        }
+        "no_shared_prefill" => (
+            EngineConfig {
+                share_prefix: false,
+                ..base
+            },
+            b.prompts,
+            b.samples,
+        ),
+        // One page per sequence holding its longest: a contiguous region per row.
+        "no_paging" => {
+            let page = b.prompt_tokens * 2 + b.max_new_tokens;
+            let cfg = EngineConfig {
+                page_size: page,
+                kv_cache_tokens: page * (b.prompts * b.samples * 2 + b.prompts),
+                ..base
+            };
+            (cfg, b.prompts, b.samples)
+        }
+        other => match other.strip_prefix("concurrency_").map(str::parse::<usize>) {
+            Some(Ok(c)) if c > 0 => {
+                let (prompts, samples) = if c >= b.samples {
+                    (c.div_ceil(b.samples), b.samples)
+                } else {
+                    (1, c)
+                };
+                let cfg = EngineConfig {
+                    max_running: c,
+                    kv_cache_tokens: prompts
+                        * samples
+                        * (b.prompt_tokens * 2 + b.max_new_tokens + 32),
+                    ..base
+                };
+                (cfg, prompts, samples)
+            }
+            _ => bail!(
+                "unknown variant `{other}` (default, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N)"
+            ),
+        },
+    })
+}
+
+fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> {
+    let p = tandem_model::load_model(&b.model)?;
+    if name == "gemm" {
+        return gemm_rate(b.gemm_size, &p.model);
+    }
+    let (cfg, n_prompts, samples) = variant(b, name)?;
+    let text = std::fs::read_to_string(workload)
+        .with_context(|| format!("reading {}", workload.display()))?;
+    let w: Value = serde_json::from_str(&text)?;
+    let all: Vec<Vec<u32>> = serde_json::from_value(w["prompts"].clone())?;
+    let stop: Vec<u32> = serde_json::from_value(w["stop_token_ids"].clone())?;
+    let mut engine = Engine::new(&p.model, cfg.clone())?;
+    for i in 0..n_prompts {
+        let params = SamplingParams {
+            temperature: b.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: b.max_new_tokens,
+            stop_token_ids: stop.clone(),
+            seed: b.seed.wrapping_add(i as u64),
+        };
+        engine.add(
+            &p.model,
+            Request {
+                id: i as u64,
+                prompt: all[i % all.len()].clone(),
+                samples,
+                params,
+                first_stream: 0,
+            },
+        )?;
+    }
+    let t0 = Instant::now();
+    let done = engine.run_to_completion(&p.model, 0)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let tokens: usize = done
+        .iter()
+        .flat_map(|f| &f.completions)
+        .map(|c| c.tokens.len())
+        .sum();
+    let st = engine.stats();
+    let kv_token_bytes = tandem_model::engine::KvPages::bytes_per_token(p.model.config(), p.model.dtype());
+    println!(
+        "{}",
+        json!({
+            "tok_per_s": tokens as f64 / secs,
+            "seconds": secs,
+            "tokens": tokens,
+            "sequences": n_prompts * samples,
+            "max_running": cfg.max_running,
+            "steps": st.steps,
+            "prefilled_tokens": st.prefilled_tokens,
+            "preemptions": st.preemptions,
+            "peak_running": st.peak_running,
+            "kv_peak_mib": (st.peak_pages * cfg.page_size * kv_token_bytes) as f64 / (1 << 20) as f64,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
+
+/// The engine's matmul (x·Wᵀ through `tandem_model::linear`) on an n×n×n f32
+/// product: GFLOP/s, the median of 5 after a warm-up.
+fn gemm_rate(n: usize, model: &tandem_model::Model) -> Result<()> {
+    let dev = model.device();
+    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let mut times = Vec::new();
+    for rep in 0..6 {
+        let t0 = Instant::now();
+        let y = tandem_model::linear::linear(&x, &w)?;
+        dev.synchronize()?;
+        drop(y);
+        if rep > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let secs = median(times);
+    println!(
+        "{}",
+        json!({ "gemm_gflops": 2.0 * (n as f64).powi(3) / secs / 1e9, "gemm_size": n })
+    );
+    Ok(())
+}
+
+fn run_all(b: &GenerateBench) -> Result<()> {
+    if b.prompts == 0 || b.samples == 0 || b.max_new_tokens == 0 {
+        bail!("--prompts, --samples and --max-new-tokens must be ≥ 1");
+    }
+    let concurrency: Vec<usize> = b
+        .concurrency
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.trim().parse::<usize>() {
+            Ok(c) if c > 0 => Ok(c),
+            _ => bail!("--concurrency: `{s}` is not a positive count"),
+        })
+        .collect::<Result<_>>()?;
+    let ablations: Vec<String> = b
+        .ablations
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for a in &ablations {
+        variant(b, a)?;
+    }
+    let p = tandem_model::load_model(&b.model)?;
+    let params: usize = p.model.params().iter().map(|(_, v)| v.elem_count()).sum();
+    let most = concurrency.iter().copied().max().unwrap_or(0);
+    let n_prompts = (b.prompts * 2).max(most.div_ceil(b.samples));
+    let prompts = prompts(&p.tokenizer, n_prompts, b.prompt_tokens)?;
+    let stop = p.stop_token_ids();
+    drop(p);
+    let dir = tempfile::tempdir()?;
+    let workload = dir.path().join("workload.json");
+    std::fs::write(
+        &workload,
+        serde_json::to_string(&json!({
+            "prompts": prompts,
+            "stop_token_ids": stop,
+            "samples": b.samples,
+            "max_new_tokens": b.max_new_tokens,
+            "temperature": b.temperature,
+            "seed": b.seed,
+        }))?,
+    )?;
+    let exe = std::env::current_exe()?;
+    let threads = b.threads.to_string();
+    let mut runs: Vec<String> = vec!["gemm".into(), "default".into()];
+    runs.extend(concurrency.iter().map(|c| format!("concurrency_{c}")));
+    for a in &ablations {
+        if a == "no_continuous_batching" {
+            runs.push("continuous_batching_queue".into());
+        }
+        runs.push(a.clone());
+    }
+    let bar = indicatif::ProgressBar::new(runs.len() as u64 + u64::from(b.reference.is_some()));
+    let mut measured = serde_json::Map::new();
+    for v in &runs {
+        bar.set_message(format!("tandem {v}"));
+        let mut cmd = Command::new(&exe);
+        cmd.env("RAYON_NUM_THREADS", &threads)
+            .args(["bench", "generate", "--model", &b.model, "--variant", v])
+            .arg("--workload")
+            .arg(&workload)
+            .args(["--prompts", &b.prompts.to_string()])
+            .args(["--samples", &b.samples.to_string()])
+            .args(["--prompt-tokens", &b.prompt_tokens.to_string()])
+            .args(["--max-new-tokens", &b.max_new_tokens.to_string()])
+            .args(["--temperature", &b.temperature.to_string()])
+            .args(["--seed", &b.seed.to_string()])
+            .args(["--max-running", &b.max_running.to_string()])
+            .args(["--gemm-size", &b.gemm_size.to_string()]);
+        measured.insert(v.clone(), run_child(cmd, &format!("tandem {v}"))?);
+        bar.inc(1);
+    }
+    let gflops = measured["gemm"]["gemm_gflops"].as_f64().unwrap_or(0.0);
+    let ceiling = gflops * 1e9 / (2.0 * params as f64);
+    let mut result = json!({
+        "model": b.model,
+        "threads": b.threads,
+        "parameters": params,
+        "gemm_gflops": gflops,
+        "gemm_size": b.gemm_size,
+        "ceiling_tok_per_s": ceiling,
+        "workload": {
+            "prompts": b.prompts, "samples": b.samples,
+            "prompt_tokens": prompts.iter().take(b.prompts).map(Vec::len).collect::<Vec<_>>(),
+            "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, "seed": b.seed,
+        },
+        "tandem": measured["default"],
+        "concurrency": concurrency.iter().map(|c| (c.to_string(), measured[&format!("concurrency_{c}")].clone())).collect::<serde_json::Map<_, _>>(),
+        "ablations": ablations.iter().map(|a| (a.clone(), measured[a].clone())).collect::<serde_json::Map<_, _>>(),
+    });
+    if ablations.iter().any(|a| a == "no_continuous_batching") {
+        result["ablations"]["continuous_batching_queue"] =
+            measured["continuous_batching_queue"].clone();
+    }
+    if let Some(script) = &b.reference {
+        bar.set_message("reference");
+        let gguf = tandem_model::fetch::resolve(&b.model)?;
+        let mut cmd = Command::new(&b.python);
+        cmd.arg(script)
+            .arg("--gguf")
+            .arg(&gguf)
+            .arg("--workload")
+            .arg(&workload)
+            .args(["--prompts", &b.prompts.to_string()])
+            .args(["--threads", &threads]);
+        result["reference"] = run_child(cmd, "the reference script")?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    print_table(&result);
+    if let Some(path) = &b.json {
+        std::fs::write(path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let ceiling = r["ceiling_tok_per_s"].as_f64().unwrap_or(f64::NAN);
+    let reference = r["reference"]["tok_per_s"].as_f64();
+    println!(
+        "GEMM {:.1} GFLOP/s ({}³ f32) → ceiling {ceiling:.1} tok/s for {} parameters",
+        r["gemm_gflops"].as_f64().unwrap_or(0.0),
+        r["gemm_size"],
+        r["parameters"]
+    );
+    println!("| run | sequences | max_running | tok/s | × ceiling | × reference | steps | KV peak MiB | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let row = |name: &str, v: &Value| {
+        let t = v["tok_per_s"].as_f64().unwrap_or(f64::NAN);
+        let f = |k: &str| v[k].as_f64().map_or("–".into(), |x| format!("{x:.0}"));
+        println!(
+            "| {name} | {} | {} | {t:.1} | {:.2} | {} | {} | {} | {} |",
+            f("sequences"),
+            f("max_running"),
+            t / ceiling,
+            reference.map_or("–".into(), |r| format!("{:.2}", t / r)),
+            f("steps"),
+            f("kv_peak_mib"),
+            f("peak_rss_mib"),
+        );
+    };
+    row("tandem", &r["tandem"]);
+    if let Some(m) = r["concurrency"].as_object() {
+        for (c, v) in m {
+            row(&format!("tandem, {c} concurrent"), v);
+        }
+    }
+    if let Some(m) = r["ablations"].as_object() {
+        for (a, v) in m {
+            row(&format!("tandem {a}"), v);
+        }
+    }
+    if !r["reference"].is_null() {
+        row("transformers generate", &r["reference"]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        b: GenerateBench,
+    }
+
+    #[test]
+    fn variants_shape_the_workload_and_unknown_ones_are_refused() {
+        let b = Cli::parse_from(["x"]).b;
+        let (cfg, p, s) = variant(&b, "default").unwrap();
+        assert_eq!((p, s, cfg.max_running), (8, 8, 64));
+        assert!(cfg.continuous && cfg.share_prefix);
+        let (cfg, p, _) = variant(&b, "no_continuous_batching").unwrap();
+        assert!(!cfg.continuous);
+        assert_eq!(p, 16, "a queue of twice the slots");
+        assert!(!variant(&b, "no_shared_prefill").unwrap().0.share_prefix);
+        assert_eq!(variant(&b, "no_paging").unwrap().0.page_size, 512);
+        assert_eq!(variant(&b, "concurrency_1").unwrap().1, 1);
+        let (cfg, p, s) = variant(&b, "concurrency_256").unwrap();
+        assert_eq!((cfg.max_running, p, s), (256, 32, 8));
+        let (_, p, s) = variant(&b, "concurrency_4").unwrap();
+        assert_eq!((p, s), (1, 4));
+        assert!(variant(&b, "fast").is_err());
+        assert!(variant(&b, "concurrency_0").is_err());
+    }
+
+    #[test]
+    fn prompts_reach_the_target_length() {
+        let p = tandem_model::preset::init("tiny", 1, &candle_core::Device::Cpu).unwrap();
+        let ids = prompts(&p.tokenizer, 3, 60).unwrap();
+        assert_eq!(ids.len(), 3);
+        for x in &ids {
+            assert!(x.len() >= 60 && x.len() < 90, "{}", x.len());
+        }
+        assert_ne!(ids[0], ids[1]);
+    }
+}
