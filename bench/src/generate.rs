@@ -57,7 +57,10 @@ pub struct GenerateBench {
     concurrency: String,
     /// Pieces to switch off in turn (no_continuous_batching, no_shared_prefill,
     /// no_paging); empty for none.
-    #[arg(long, default_value = "no_continuous_batching,no_shared_prefill,no_paging")]
+    #[arg(
+        long,
+        default_value = "no_continuous_batching,no_shared_prefill,no_paging"
+    )]
     ablations: String,
     /// Side of the square f32 GEMM that measures the machine's FLOP/s.
     #[arg(long, default_value_t = 2048)]
@@ -238,7 +241,8 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
         .map(|c| c.tokens.len())
         .sum();
     let st = engine.stats();
-    let kv_token_bytes = tandem_model::engine::KvPages::bytes_per_token(p.model.config(), p.model.dtype());
+    let kv_token_bytes =
+        tandem_model::engine::KvPages::bytes_per_token(p.model.config(), p.model.dtype());
     println!(
         "{}",
         json!({

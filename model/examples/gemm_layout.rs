@@ -10,15 +10,24 @@ fn main() {
             let time = |f: &dyn Fn() -> Tensor| {
                 f();
                 let mut ts = vec![];
-                for _ in 0..7 { let t = Instant::now(); f(); ts.push(t.elapsed().as_secs_f64()); }
-                ts.sort_by(f64::total_cmp); ts[3]
+                for _ in 0..7 {
+                    let t = Instant::now();
+                    f();
+                    ts.push(t.elapsed().as_secs_f64());
+                }
+                ts.sort_by(f64::total_cmp);
+                ts[3]
             };
             let a = time(&|| x.matmul(&w.t().unwrap()).unwrap());
             let _ = &wt;
             let pk = tandem_model::packed_matmul::PackedMatrix::pack(&w).unwrap();
             let b = time(&|| pk.matmul(&x).unwrap());
             let fl = 2.0 * (m * n * k) as f64;
-            println!("m {m} n {n} k {k}: W^T view {:.1} GF/s, packed {:.1} GF/s", fl / a / 1e9, fl / b / 1e9);
+            println!(
+                "m {m} n {n} k {k}: W^T view {:.1} GF/s, packed {:.1} GF/s",
+                fl / a / 1e9,
+                fl / b / 1e9
+            );
         }
     }
 }

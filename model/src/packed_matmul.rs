@@ -253,37 +253,34 @@ impl CustomOp1 for PackedMatrix {
             candle_core::bail!("packed-matmul: x has {k} columns, W has {}", self.k)
         }
         #[cfg(target_arch = "x86_64")]
-        let avx2 =
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
         let n = self.n;
         let mut y = vec![0f32; rows * n];
         let out = Out(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
-        (0..panels)
-            .into_par_iter()
-            .with_min_len(4)
-            .for_each(|p| {
-                let panel = &self.data[p * k * NR..(p + 1) * k * NR];
-                let cols = NR.min(n - p * NR);
-                let mut r = 0;
-                while r < rows {
-                    let xs = &x[r * k..];
-                    // SAFETY (pointer arithmetic): row r, column 16p lies inside y.
-                    let yo = unsafe { out.add(r * n + p * NR) };
-                    let take = MR.min(rows - r);
-                    match take {
-                        6 => block::<6>(avx2, xs, k, panel, k, yo, n, cols),
-                        5 => block::<5>(avx2, xs, k, panel, k, yo, n, cols),
-                        4 => block::<4>(avx2, xs, k, panel, k, yo, n, cols),
-                        3 => block::<3>(avx2, xs, k, panel, k, yo, n, cols),
-                        2 => block::<2>(avx2, xs, k, panel, k, yo, n, cols),
-                        _ => block::<1>(avx2, xs, k, panel, k, yo, n, cols),
-                    }
-                    r += take;
+        (0..panels).into_par_iter().with_min_len(4).for_each(|p| {
+            let panel = &self.data[p * k * NR..(p + 1) * k * NR];
+            let cols = NR.min(n - p * NR);
+            let mut r = 0;
+            while r < rows {
+                let xs = &x[r * k..];
+                // SAFETY (pointer arithmetic): row r, column 16p lies inside y.
+                let yo = unsafe { out.add(r * n + p * NR) };
+                let take = MR.min(rows - r);
+                match take {
+                    6 => block::<6>(avx2, xs, k, panel, k, yo, n, cols),
+                    5 => block::<5>(avx2, xs, k, panel, k, yo, n, cols),
+                    4 => block::<4>(avx2, xs, k, panel, k, yo, n, cols),
+                    3 => block::<3>(avx2, xs, k, panel, k, yo, n, cols),
+                    2 => block::<2>(avx2, xs, k, panel, k, yo, n, cols),
+                    _ => block::<1>(avx2, xs, k, panel, k, yo, n, cols),
                 }
-            });
+                r += take;
+            }
+        });
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 }

@@ -46,8 +46,8 @@ use crate::error::{Error, Result};
 use crate::generate::{Completion, FinishReason};
 use crate::ops::attention::Heads;
 use crate::ops::rms_norm::rms_norm;
-use crate::sampling::{self, SamplingParams};
 use crate::packed_matmul::PackedWeights;
+use crate::sampling::{self, SamplingParams};
 use crate::transformer::{Model, Weights};
 
 /// How the engine batches and how much KV memory it may hold.

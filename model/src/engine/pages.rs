@@ -87,16 +87,16 @@ pub struct KvPages {
 }
 
 impl KvPages {
-    /// Pools of `slots` token slots for every layer of `cfg`. The memory is zeroed
-    /// lazily by the OS on CPU: untouched pages cost no resident memory.
+    /// Pools of `slots` token slots for every layer of `cfg`: views of one allocation,
+    /// which the OS zeroes lazily on CPU (a large zeroed allocation is mapped, not
+    /// written), so untouched pages cost no resident memory.
     pub fn new(cfg: &ModelConfig, slots: usize, dtype: DType, device: &Device) -> Result<Self> {
         let width = cfg.num_key_value_heads * cfg.head_dim;
+        let all = Tensor::zeros((cfg.num_hidden_layers, 2, slots, width), dtype, device)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros((slots, width), dtype, device)?,
-                    Tensor::zeros((slots, width), dtype, device)?,
-                ))
+            .map(|l| {
+                let layer = all.get(l)?;
+                Ok((layer.get(0)?, layer.get(1)?))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(KvPages { layers })
