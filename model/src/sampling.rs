@@ -95,43 +95,59 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f
     }
     let inv_t = 1.0 / p.temperature;
     let z = |i: usize| logits[i] as f64 * inv_t;
-    // The candidate set, most likely first when truncation needs an order.
-    let candidates: Vec<usize> = if p.top_k > 0 || p.top_p < 1.0 {
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        if p.top_k > 0 && p.top_k < idx.len() {
-            idx.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
-            idx.truncate(p.top_k);
-        }
-        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if p.top_p < 1.0 {
-            let lse = logsumexp(idx.iter().map(|&i| z(i)));
-            let mut cum = 0.0;
-            let mut keep = idx.len();
-            for (n, &i) in idx.iter().enumerate() {
-                cum += (z(i) - lse).exp();
-                if cum >= p.top_p {
-                    keep = n + 1;
-                    break;
-                }
+    if p.top_k == 0 && p.top_p >= 1.0 {
+        let (i, lp) = draw(0..logits.len(), z, rng);
+        return (i as u32, lp as f32);
+    }
+    // The candidate set, most likely first.
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    if p.top_k > 0 && p.top_k < idx.len() {
+        idx.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        idx.truncate(p.top_k);
+    }
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if p.top_p < 1.0 {
+        let lse = logsumexp(idx.iter().map(|&i| z(i)));
+        let mut cum = 0.0;
+        let mut keep = idx.len();
+        for (n, &i) in idx.iter().enumerate() {
+            cum += (z(i) - lse).exp();
+            if cum >= p.top_p {
+                keep = n + 1;
+                break;
             }
-            idx.truncate(keep);
         }
-        idx
-    } else {
-        (0..logits.len()).collect()
-    };
-    let lse = logsumexp(candidates.iter().map(|&i| z(i)));
-    let u: f64 = rng.random();
+        idx.truncate(keep);
+    }
+    let (i, lp) = draw(idx.iter().copied(), z, rng);
+    (i as u32, lp as f32)
+}
+
+/// Draws from softmax(z) over the candidates `idx` in one pass of exponentials:
+/// w_i = exp(z_i − m) with m = max z (f32 exponentials, f64 sums), the first candidate
+/// whose running sum of w exceeds u · Σw (u uniform in [0, 1)), and its logprob
+/// z_i − (m + ln Σw).
+fn draw(
+    idx: impl Iterator<Item = usize> + Clone,
+    z: impl Fn(usize) -> f64,
+    rng: &mut impl Rng,
+) -> (usize, f64) {
+    let m = idx.clone().map(&z).fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f32> = idx.clone().map(|i| ((z(i) - m) as f32).exp()).collect();
+    let total: f64 = w.iter().map(|&x| x as f64).sum();
+    let target = rng.random::<f64>() * total;
     let mut cum = 0.0;
-    let mut chosen = *candidates.last().unwrap_or(&0);
-    for &i in &candidates {
-        cum += (z(i) - lse).exp();
-        if u < cum {
-            chosen = i;
+    let mut chosen = None;
+    for (i, &x) in idx.clone().zip(&w) {
+        cum += x as f64;
+        if target < cum {
+            chosen = Some(i);
             break;
         }
     }
-    (chosen as u32, (z(chosen) - lse) as f32)
+    // Rounding may leave the target past the sum: the last candidate.
+    let chosen = chosen.or_else(|| idx.last()).unwrap_or(0);
+    (chosen, z(chosen) - m - total.ln())
 }
 
 #[cfg(test)]
