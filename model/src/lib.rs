@@ -35,6 +35,7 @@ pub mod reward_model;
 pub mod rope;
 pub mod sampling;
 pub mod scalar_head;
+pub mod simd;
 pub mod tokenizer;
 pub mod transformer;
 

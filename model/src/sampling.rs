@@ -133,7 +133,8 @@ fn draw(
     rng: &mut impl Rng,
 ) -> (usize, f64) {
     let m = idx.clone().map(&z).fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f32> = idx.clone().map(|i| ((z(i) - m) as f32).exp()).collect();
+    let mut w: Vec<f32> = idx.clone().map(|i| (z(i) - m) as f32).collect();
+    crate::simd::exp_in_place(&mut w);
     let total: f64 = w.iter().map(|&x| x as f64).sum();
     let target = rng.random::<f64>() * total;
     let mut cum = 0.0;

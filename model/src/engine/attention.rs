@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ops::attention::Heads;
+use crate::simd::exp_in_place;
 use crate::transformer::MASKED;
 
 /// Which cached tokens each query of a step sees.
@@ -302,12 +303,11 @@ fn softmax_rows(p: &mut [f32], rows: usize, n: usize) {
     for g in 0..rows {
         let row = &mut p[g * n..(g + 1) * n];
         let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
         for x in row.iter_mut() {
-            *x = (*x - mx).exp();
-            sum += *x;
+            *x -= mx;
         }
-        let inv = 1.0 / sum;
+        exp_in_place(row);
+        let inv = 1.0 / row.iter().sum::<f32>();
         for x in row.iter_mut() {
             *x *= inv;
         }
