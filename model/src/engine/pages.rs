@@ -117,17 +117,22 @@ impl KvPages {
     }
 
     /// Copies the first `tokens` slots of page `from` into page `to` in every layer
-    /// (a forked sequence's private copy of a partly filled shared page).
+    /// (a forked sequence's private copy of a partly filled shared page). Only those
+    /// rows are read (a gather), never the pool's whole allocation.
     pub fn copy_page(&self, from: u32, to: u32, tokens: usize, page_size: usize) -> Result<()> {
         if tokens == 0 {
             return Ok(());
         }
+        let Some((first, _)) = self.layers.first() else {
+            return Ok(());
+        };
         let src = from as usize * page_size;
+        let idx: Vec<u32> = (src..src + tokens).map(|i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, tokens, first.device())?;
         let dst = to as usize * page_size;
         for (k, v) in &self.layers {
             for t in [k, v] {
-                let rows = t.narrow(0, src, tokens)?.copy()?;
-                t.slice_set(&rows, 0, dst)?;
+                t.slice_set(&t.index_select(&idx, 0)?, 0, dst)?;
             }
         }
         Ok(())
