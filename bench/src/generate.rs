@@ -16,9 +16,10 @@
 //! engine, the same workload at 1, 8, 64 and 256 concurrent sequences (`c / samples`
 //! prompts, or one prompt with `c` samples when fewer, with `max_running` = c), and
 //! each piece switched off in turn: static batches instead of continuous batching (on
-//! a queue twice the slots, where refilling matters), every sample prefilling its
-//! prompt, and one contiguous region of prompt + `max_new_tokens` per sequence instead
-//! of pages.
+//! a queue of twice the slots whose requests stop at uneven lengths, 1/8 to 8/8 of
+//! `max_new_tokens`, beside continuous batching on the same queue), every sample
+//! prefilling its prompt, and one contiguous region of prompt + `max_new_tokens` per
+//! sequence instead of pages.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -213,12 +214,19 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
     let all: Vec<Vec<u32>> = serde_json::from_value(w["prompts"].clone())?;
     let stop: Vec<u32> = serde_json::from_value(w["stop_token_ids"].clone())?;
     let mut engine = Engine::new(&p.model, cfg.clone())?;
+    // The queue runs of continuous vs static batching give requests uneven lengths,
+    // as RL completions are: request i stops by (1 + 5i mod 8)/8 of max_new_tokens.
+    let uneven = matches!(name, "no_continuous_batching" | "continuous_batching_queue");
     for i in 0..n_prompts {
         let params = SamplingParams {
             temperature: b.temperature,
             top_k: 0,
             top_p: 1.0,
-            max_new_tokens: b.max_new_tokens,
+            max_new_tokens: if uneven {
+                (b.max_new_tokens * (1 + (5 * i) % 8) / 8).max(1)
+            } else {
+                b.max_new_tokens
+            },
             stop_token_ids: stop.clone(),
             seed: b.seed.wrapping_add(i as u64),
         };

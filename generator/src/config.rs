@@ -34,10 +34,11 @@ pub struct GeneratorConfig {
     /// Prefill each group's prompt once and fork its samples (off: every sample
     /// prefills the prompt; for measurements).
     pub share_prefix: bool,
-    /// between_batches: swap weights before a new batch; in_flight: also between
-    /// decode steps (PipelineRL), so later tokens of a sequence carry the new version.
+    /// between_batches: take new weights when no sequence is running; in_flight: also
+    /// between decode steps (PipelineRL), applied to every running row, so later
+    /// tokens of a sequence carry the new version.
     pub weight_update: WeightUpdate,
-    /// Benchmarks only: sleep this long per batch instead of sampling and send
+    /// Benchmarks only: sleep this long per lease reply instead of sampling and send
     /// `max_new_tokens` placeholder tokens (0 = sample for real).
     pub mock_generate_ms: u64,
 }

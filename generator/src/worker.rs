@@ -259,6 +259,19 @@ impl Worker {
         leases: Vec<PromptLease>,
     ) -> Result<()> {
         let g = self.settings.generator.clone();
+        if g.mock_generate_ms > 0 {
+            // Benchmarks of the control plane: one wait per lease reply instead of
+            // sampling, then placeholder groups.
+            std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
+            for l in leases {
+                let ids = self.prompt_of(&l)?;
+                let group = self.mock_group(&l, &ids);
+                let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
+                let rollout = self.score(&l, ids, group, worker_id)?;
+                self.push(rollout)?;
+            }
+            return Ok(());
+        }
         for l in leases {
             let ids = self.prompt_of(&l)?;
             let params = SamplingParams {
@@ -269,14 +282,6 @@ impl Worker {
                 stop_token_ids: self.model.stop_token_ids(),
                 seed: self.settings.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             };
-            if g.mock_generate_ms > 0 {
-                // Benchmarks of the control plane: wait instead of sampling.
-                let group = self.mock_group(&l, &ids);
-                let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-                let rollout = self.score(&l, ids, group, worker_id)?;
-                self.push(rollout)?;
-                continue;
-            }
             engine.add(
                 &self.model.model,
                 Request {
@@ -292,10 +297,9 @@ impl Worker {
         Ok(())
     }
 
-    /// `max_new_tokens` placeholder tokens per sample after `mock_generate_ms`.
+    /// `max_new_tokens` placeholder tokens per sample (`mock_generate_ms`).
     fn mock_group(&self, l: &PromptLease, prompt: &[u32]) -> Finished {
         let g = &self.settings.generator;
-        std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
         let held = self.beat.held.load(Ordering::SeqCst);
         let n = g.max_new_tokens;
         let k = self.settings.group_size as usize;
