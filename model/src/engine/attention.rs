@@ -348,7 +348,11 @@ impl CustomOp3 for PagedAttention {
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
         // The vector kernel's head widths: 16, 32, 64, 128.
-        let chunks = if heads.dim % 8 == 0 { heads.dim / 8 } else { 0 };
+        let chunks = if heads.dim.is_multiple_of(8) {
+            heads.dim / 8
+        } else {
+            0
+        };
         let gd = heads.query / heads.kv * heads.dim;
         let mut out = vec![0f32; n * qw];
         // Task (i, kh) writes query i's heads of KV head kh: one contiguous gd block.

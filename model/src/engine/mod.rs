@@ -583,7 +583,7 @@ impl Engine {
                 // Samples 1.. share the full pages and copy the partly filled last one.
                 let full = s.tokens.len() / ps;
                 let partial = s.tokens.len() % ps;
-                for j in 1..picks.len() {
+                for (j, &(tok, lp)) in picks.iter().enumerate().skip(1) {
                     let mut f = Seq {
                         request: s.request,
                         samples: vec![s.samples[j]],
@@ -595,8 +595,8 @@ impl Engine {
                         logprobs: Vec::new(),
                         tags: Vec::new(),
                     };
-                    f.tokens.push(picks[j].0);
-                    f.logprobs.push(picks[j].1);
+                    f.tokens.push(tok);
+                    f.logprobs.push(lp);
                     f.tags.push(tag);
                     forks.push((f, partial, s.pages.get(full).copied()));
                 }
