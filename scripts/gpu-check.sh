@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run of under 8 minutes on an H100, writing JSON figures into
+# The GPU checks, in one run of under 10 minutes on an H100, writing JSON figures into
 # OUT_DIR. Runs on the GPU machine (no Rust, no internet) from the repository root,
 # with the prebuilt binary from scripts/build-cuda.sh and PyTorch + transformers in
 # the Python found as `python3` (or $PYTHON).
@@ -15,6 +15,9 @@
 #            CUDA f32/bf16, transformers CUDA f32/bf16, same tokens -> parity_<model>.json
 #   bench    decode tok/s at batch 1, 8, 64 (128 new tokens) and
 #            fwd+bwd tok/s at 8x512, Tandem vs transformers, bf16   -> bench.json
+#   generate the sampling engine (8 prompts x 8 samples, up to 256 new
+#            tokens, continuous batching, shared prefill, paged KV) beside
+#            transformers generate, bf16; and without shared prefill -> generate.json
 #   nccl     world-size-1 NCCL broadcast of the weights' bytes vs a
 #            device-to-device copy, and through the weight broadcast's
 #            own NCCL plane (binary built with --nccl)              -> nccl.json
@@ -228,6 +231,13 @@ EOF
     cat "$OUT/bench.json" | head -60
 }
 
+generate_step() {
+    set -x
+    TANDEM_DEVICE="$DEV" TANDEM_DTYPE=bf16 "$BIN" bench generate --model "$WORK/models/smollm2" \
+        --reference "$REPO/tools/bench_generate.py" --python "$PY" --threads 8 \
+        --concurrency "" --ablations no_shared_prefill --json "$OUT/generate.json"
+}
+
 nccl_step() {
     set -x
     if ! "$BIN" bench nccl --help >/dev/null 2>&1; then
@@ -261,12 +271,13 @@ EOF
     return $rc
 }
 
-export -f say env_step models_step parity_one parity_step bench_step nccl_step run_step
+export -f say env_step models_step parity_one parity_step bench_step generate_step nccl_step run_step
 export START
 step env 60 env_step
 step models 120 models_step
 step parity 150 parity_step
 step bench 240 bench_step
+step generate 120 generate_step
 step nccl 60 nccl_step
 step run 150 run_step
 
@@ -286,6 +297,9 @@ for name in ("tiny", "smollm2"):
                                for k, g in p.items() if isinstance(g, dict)}
 b = read("bench.json")
 if b: s["bench_bf16"] = b.get("phases")
+g = read("generate.json")
+if g: s["generate_bf16"] = {"tandem_tok_per_s": g.get("tandem", {}).get("tok_per_s"),
+                            "transformers_tok_per_s": (g.get("reference") or {}).get("tok_per_s")}
 s["nccl"] = read("nccl.json")
 r = read("run.json")
 if r: s["run"] = {"rc": r.get("rc"), "steps_logged": len(r.get("metrics", []))}

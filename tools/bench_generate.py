@@ -14,7 +14,9 @@ including its stop token, over the wall time of the call), seconds, tokens,
 sequences, peak_rss_mib (ru_maxrss of the process, model load included).
 
   python3 tools/bench_generate.py --gguf PATH --workload workload.json \
-      [--prompts 8] [--threads 2]
+      [--prompts 8] [--threads 2] [--device cpu|cuda] [--dtype f32|bf16]
+
+--gguf also takes an HF model folder (as on the GPU machine).
 """
 import argparse
 import json
@@ -36,6 +38,8 @@ def main():
     ap.add_argument("--workload", required=True)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -45,13 +49,17 @@ def main():
     prompts = w["prompts"][: args.prompts]
     stop = w["stop_token_ids"]
     path = os.path.abspath(args.gguf)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    model.eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if os.path.isdir(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+    model = model.to(args.device).eval()
     pad = stop[0] if stop else 0
     longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    attn = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=args.device)
+    attn = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=args.device)
     torch.manual_seed(w["seed"])
     kwargs = dict(
         attention_mask=attn,
@@ -66,8 +74,12 @@ def main():
     with torch.inference_mode():
         # Warm-up: two tokens.
         model.generate(ids[:1], max_new_tokens=2, **{**kwargs, "attention_mask": attn[:1]})
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
         out = model.generate(ids, max_new_tokens=w["max_new_tokens"], **kwargs)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         secs = time.perf_counter() - t
     tokens = 0
     for row in out[:, longest:].tolist():

@@ -7,9 +7,8 @@
 //! counts generated tokens over the wall time, prefill included.
 //!
 //! In the same run it measures the machine's GEMM rate with the engine's own matmul
-//! (candle's, `gemm_size`³ in f32; before and after the other runs, the higher taken)
-//! and derives
-//! `ceiling_tok_per_s` = FLOP/s ÷ (2 × parameters), the rate at which decoding would
+//! (candle's, `gemm_size`³ in the model's dtype, f32 on CPU; before and after the
+//! other runs, the higher taken) and derives `ceiling_tok_per_s` = FLOP/s ÷ (2 × parameters), the rate at which decoding would
 //! run if every token cost only its weight products at that rate.
 //!
 //! Each measurement runs in its own process (its peak RSS is its own): the default
@@ -271,12 +270,13 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
     Ok(())
 }
 
-/// The engine's matmul (x·Wᵀ through `tandem_model::linear`) on an n×n×n f32
-/// product: GFLOP/s, the median of 5 after a warm-up.
+/// The engine's matmul (x·Wᵀ through `tandem_model::linear`) on an n×n×n product in
+/// the model's dtype (f32 on CPU, bf16 on CUDA): GFLOP/s, the median of 5 after a
+/// warm-up.
 fn gemm_rate(n: usize, model: &tandem_model::Model) -> Result<()> {
     let dev = model.device();
-    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?;
-    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(model.dtype())?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(model.dtype())?;
     let mut times = Vec::new();
     for rep in 0..6 {
         let t0 = Instant::now();
@@ -408,6 +408,10 @@ fn run_all(b: &GenerateBench) -> Result<()> {
             .arg(&workload)
             .args(["--prompts", &b.prompts.to_string()])
             .args(["--threads", &threads]);
+        // The reference runs where Tandem runs: CUDA in bf16, else the CPU in f32.
+        if tandem_model::process_device()?.is_cuda() {
+            cmd.args(["--device", "cuda", "--dtype", "bf16"]);
+        }
         result["reference"] = run_child(cmd, "the reference script")?;
         bar.inc(1);
     }
@@ -424,7 +428,7 @@ fn print_table(r: &Value) {
     let ceiling = r["ceiling_tok_per_s"].as_f64().unwrap_or(f64::NAN);
     let reference = r["reference"]["tok_per_s"].as_f64();
     println!(
-        "GEMM {:.1} GFLOP/s ({}³ f32) → ceiling {ceiling:.1} tok/s for {} parameters",
+        "GEMM {:.1} GFLOP/s ({}³, the model's dtype) → ceiling {ceiling:.1} tok/s for {} parameters",
         r["gemm_gflops"].as_f64().unwrap_or(0.0),
         r["gemm_size"],
         r["parameters"]

@@ -386,20 +386,8 @@ impl CustomOp3 for PagedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::max_diff as max_abs;
     use candle_core::Device;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn kernel_matches_the_composed_formula_on_scattered_pages() {

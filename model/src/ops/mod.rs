@@ -192,7 +192,8 @@ pub(crate) mod tests {
         (y * c).unwrap().sum_all().unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// max |a − b| over every element, in f64.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
             .unwrap()
             .abs()
