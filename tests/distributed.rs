@@ -710,11 +710,14 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
 fn broadcast_feeds_generators_and_a_stalled_one_falls_back_to_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
-    let steps = 60;
+    // Long enough that the run outlives the stall below, and a deadline long enough
+    // for a generator to join while 2 cores also run the other tests (one that misses
+    // it at the start is excluded for good, and there would be nothing to stall).
+    let steps = 150;
     let text = config(dir.path(), &model, steps, 1, "")
         .replace(
             "[trainer]\n",
-            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 0.5\n",
+            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 2.0\n",
         )
         .replace("heartbeat_timeout_ms = 1000", "heartbeat_timeout_ms = 5000");
     let mut c = Cluster::start(dir.path(), &text);
@@ -747,7 +750,8 @@ fn broadcast_feeds_generators_and_a_stalled_one_falls_back_to_grpc() {
     signal("-STOP");
     // Steps go on with gen-0 while gen-1 neither reads nor acknowledges.
     let t1 = Instant::now();
-    while c.steps_done() < before + 4 || t1.elapsed() < Duration::from_secs(2) {
+    // Longer than the broadcast deadline, shorter than the heartbeat timeout.
+    while c.steps_done() < before + 4 || t1.elapsed() < Duration::from_secs(3) {
         assert!(
             t1.elapsed() < Duration::from_secs(60),
             "{}",
