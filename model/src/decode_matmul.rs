@@ -4,7 +4,7 @@
 //! reading the weights, not arithmetic. This kernel streams each weight row once,
 //! dots it with every activation row while it is in L1, and splits the weight rows
 //! across threads, so a step costs about one pass over the weights at the memory
-//! bandwidth of all cores. Inference only (no backward); `transformer::linear` uses it
+//! bandwidth of all cores. Inference only (no backward); `transformer::project` uses it
 //! on detached weights and its results match the differentiable matmul (tested).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -96,11 +96,7 @@ impl CustomOp2 for DecodeMatmul {
         }
         let x = contiguous::<f32>(s1, l1, self.name())?;
         let w = contiguous::<f32>(s2, l2, self.name())?;
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        let avx2 = crate::simd::avx2_fma();
         // Output transposed (n, rows) so each task writes one contiguous block.
         const BLOCK: usize = 64;
         let mut yt = vec![0f32; n * rows];

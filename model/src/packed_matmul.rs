@@ -252,11 +252,7 @@ impl CustomOp1 for PackedMatrix {
         if k != self.k {
             candle_core::bail!("packed-matmul: x has {k} columns, W has {}", self.k)
         }
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        let avx2 = crate::simd::avx2_fma();
         let n = self.n;
         let mut y = vec![0f32; rows * n];
         let out = Out(y.as_mut_ptr());

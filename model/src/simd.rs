@@ -1,4 +1,5 @@
-//! Vector helpers of the inference kernels: e^x eight lanes at a time.
+//! Vector helpers of the inference kernels: whether the CPU has AVX2 + FMA, and e^x
+//! eight lanes at a time.
 
 /// e^x for eight lanes (Cephes' single-precision exp: x = n·ln2 + r, |r| ≤ ln2/2,
 /// e^r by a degree-6 polynomial, 2ⁿ through the exponent bits; relative error about
@@ -49,11 +50,24 @@ fn exp_in_place_avx2(xs: &mut [f32]) {
     }
 }
 
+/// Whether this CPU runs the AVX2 + FMA kernels (decode, packed and paged attention
+/// kernels, `exp_in_place`); the answer is cached by the standard library.
+pub fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// xs[i] ← e^{xs[i]}: eight lanes at a time with AVX2 and FMA (relative error about
 /// 2e-7), `f32::exp` otherwise.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU reports AVX2 and FMA.
         return unsafe { exp_in_place_avx2(xs) };
     }

@@ -74,29 +74,9 @@ pub struct Model {
     device: Device,
 }
 
-/// x (..., d) @ wᵀ (+ b). `fused` lets a decode-sized input take the bandwidth-bound
-/// kernel of [`decode_matmul`].
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, fused: bool) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let d = *dims.last().unwrap_or(&0);
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((rows, d))?;
-    let y = if fused && decode_matmul::applies(&x2, w) {
-        decode_matmul::matmul_t(&x2, w)?
-    } else {
-        crate::linear::linear(&x2.contiguous()?, w)?
-    };
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(0)?;
-    Ok(y.reshape(out)?)
-}
-
-/// x·Wᵀ (+ b) on the packed batch decode kernel when `packed` is given, else
-/// [`linear`].
+/// x (..., d) @ wᵀ (+ b): on the packed batch kernel when `packed` (W packed) is
+/// given, else `fused` lets a decode-sized input take the bandwidth-bound kernel of
+/// [`decode_matmul`], else the differentiable [`crate::linear::linear`].
 pub(crate) fn project(
     x: &Tensor,
     w: &Tensor,
@@ -104,19 +84,21 @@ pub(crate) fn project(
     packed: Option<&PackedMatrix>,
     fused: bool,
 ) -> Result<Tensor> {
-    let Some(p) = packed else {
-        return linear(x, w, b, fused);
-    };
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = p.matmul(&x.reshape((rows, d))?)?;
+    let x2 = x.reshape((rows, d))?;
+    let y = match packed {
+        Some(p) => p.matmul(&x2)?,
+        None if fused && decode_matmul::applies(&x2, w) => decode_matmul::matmul_t(&x2, w)?,
+        None => crate::linear::linear(&x2.contiguous()?, w)?,
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
     let mut out = dims;
-    *out.last_mut().unwrap() = p.out_dim();
+    *out.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out)?)
 }
 

@@ -342,11 +342,7 @@ impl CustomOp3 for PagedAttention {
         self.layout
             .check(slots_in_pool)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        let avx2 = crate::simd::avx2_fma();
         // The vector kernel's head widths: 16, 32, 64, 128.
         let chunks = if heads.dim.is_multiple_of(8) {
             heads.dim / 8
