@@ -145,7 +145,7 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
         max_running: b.max_running,
         kv_cache_tokens: b.prompts
             * b.samples
-            * (b.prompt_tokens * 2 + b.max_new_tokens + 2 * EngineConfig::default().page_size),
+            * (b.prompt_tokens * 2 + b.max_new_tokens + 2 * EngineConfig::default().kv_page_size),
         ..EngineConfig::default()
     };
     let main = (base.clone(), b.prompts, b.samples);
@@ -172,7 +172,7 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
         "no_paging" => {
             let page = b.prompt_tokens * 2 + b.max_new_tokens;
             let cfg = EngineConfig {
-                page_size: page,
+                kv_page_size: page,
                 kv_cache_tokens: page * (b.prompts * b.samples * 2 + b.prompts),
                 ..base
             };
@@ -263,7 +263,7 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
             "prefilled_tokens": st.prefilled_tokens,
             "preemptions": st.preemptions,
             "peak_running": st.peak_running,
-            "kv_peak_mib": (st.peak_pages * cfg.page_size * kv_token_bytes) as f64 / (1 << 20) as f64,
+            "kv_peak_mib": (st.peak_pages * cfg.kv_page_size * kv_token_bytes) as f64 / (1 << 20) as f64,
             "peak_rss_mib": peak_rss_mib(),
         })
     );
@@ -486,7 +486,7 @@ mod tests {
         assert!(!cfg.continuous);
         assert_eq!(p, 16, "a queue of twice the slots");
         assert!(!variant(&b, "no_shared_prefill").unwrap().0.share_prefix);
-        assert_eq!(variant(&b, "no_paging").unwrap().0.page_size, 512);
+        assert_eq!(variant(&b, "no_paging").unwrap().0.kv_page_size, 512);
         assert_eq!(variant(&b, "concurrency_1").unwrap().1, 1);
         let (cfg, p, s) = variant(&b, "concurrency_256").unwrap();
         assert_eq!((cfg.max_running, p, s), (256, 32, 8));

@@ -61,7 +61,7 @@ impl Default for GeneratorConfig {
             prompts_per_batch: 2,
             max_running: d.max_running,
             kv_cache_tokens: d.kv_cache_tokens,
-            kv_page_size: d.page_size,
+            kv_page_size: d.kv_page_size,
             prefill_chunk: d.prefill_chunk,
             share_prefix: d.share_prefix,
             weight_update: WeightUpdate::BetweenBatches,
@@ -88,20 +88,14 @@ impl GeneratorConfig {
         if self.prompts_per_batch == 0 {
             return bad("prompts_per_batch", "must be ≥ 1");
         }
-        if self.max_running == 0 {
-            return bad("max_running", "must be ≥ 1");
-        }
-        if self.kv_page_size == 0 {
-            return bad("kv_page_size", "must be ≥ 1");
-        }
-        if self.kv_cache_tokens < self.kv_page_size.max(self.max_new_tokens + 1) {
+        self.engine()
+            .validate()
+            .map_err(|e| invalid(format!("[generator] {e}")))?;
+        if self.kv_cache_tokens < self.max_new_tokens + 1 {
             return bad(
                 "kv_cache_tokens",
                 "must hold at least one prompt token and max_new_tokens",
             );
-        }
-        if self.prefill_chunk == 0 {
-            return bad("prefill_chunk", "must be ≥ 1");
         }
         Ok(())
     }
@@ -111,10 +105,30 @@ impl GeneratorConfig {
         EngineConfig {
             max_running: self.max_running,
             kv_cache_tokens: self.kv_cache_tokens,
-            page_size: self.kv_page_size,
+            kv_page_size: self.kv_page_size,
             prefill_chunk: self.prefill_chunk,
             share_prefix: self.share_prefix,
             continuous: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_settings_are_checked_under_their_keys() {
+        let bad = |f: fn(&mut GeneratorConfig)| {
+            let mut c = GeneratorConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.max_running = 0).starts_with("[generator] max_running:"));
+        assert!(bad(|c| c.kv_page_size = 0).starts_with("[generator] kv_page_size:"));
+        assert!(bad(|c| c.prefill_chunk = 0).starts_with("[generator] prefill_chunk:"));
+        assert!(bad(|c| c.kv_cache_tokens = 8).starts_with("[generator] kv_cache_tokens:"));
+        assert!(bad(|c| c.kv_cache_tokens = 40).contains("max_new_tokens"));
+        GeneratorConfig::default().validate().unwrap();
     }
 }

@@ -106,7 +106,7 @@ fn batched_shared_and_paged_output_equals_each_request_alone() {
             // prefilled over several steps, pages straddle them.
             let tight = EngineConfig {
                 max_running: 4,
-                page_size: 4,
+                kv_page_size: 4,
                 prefill_chunk: 5,
                 ..Default::default()
             };
@@ -195,7 +195,7 @@ fn the_pool_holds_its_budget_and_a_starved_sequence_completes() {
     let reference = alone(&model, &reqs);
     let cfg = EngineConfig {
         max_running: 12,
-        page_size: 4,
+        kv_page_size: 4,
         // Room for about two sequences at their longest: the others must wait or be
         // preempted and recomputed.
         kv_cache_tokens: 48,
@@ -282,7 +282,7 @@ fn bad_requests_and_settings_are_errors() {
     assert!(err.to_string().contains("already pending"), "{err}");
     let small = EngineConfig {
         kv_cache_tokens: 16,
-        page_size: 16,
+        kv_page_size: 16,
         ..Default::default()
     };
     let mut e = Engine::new(&model, small).unwrap();

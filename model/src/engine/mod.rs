@@ -13,7 +13,7 @@
 //!   stream, then shares the prompt's full pages (reference-counted) and gets a copy
 //!   of the partly filled last one.
 //! - **Paged KV cache** ([`pages`]): memory is `kv_cache_tokens`, split into pages of
-//!   `page_size` tokens. A request is admitted when its prompt's pages (and one per
+//!   `kv_page_size` tokens. A request is admitted when its prompt's pages (and one per
 //!   sample) are free; a decoding sequence that needs a page when none is free
 //!   preempts the most recently admitted sequence, which frees its pages and later
 //!   recomputes its tokens (its sampled tokens and random stream are kept, so the
@@ -58,7 +58,7 @@ pub struct EngineConfig {
     /// Tokens the paged KV cache holds, every layer included (rounded up to pages).
     pub kv_cache_tokens: usize,
     /// Tokens per page.
-    pub page_size: usize,
+    pub kv_page_size: usize,
     /// Prompt tokens prefilled per step beside the decoding rows (chunked prefill).
     pub prefill_chunk: usize,
     /// Prefill a request's prompt once and fork its samples; off, every sample
@@ -75,7 +75,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_running: 64,
             kv_cache_tokens: 32768,
-            page_size: 16,
+            kv_page_size: 16,
             prefill_chunk: 256,
             share_prefix: true,
             continuous: true,
@@ -91,21 +91,22 @@ impl EngineConfig {
         let rows = (requests * samples).max(1);
         EngineConfig {
             max_running: rows,
-            kv_cache_tokens: (rows * (longest.div_ceil(d.page_size) + 1) + requests) * d.page_size,
+            kv_cache_tokens: (rows * (longest.div_ceil(d.kv_page_size) + 1) + requests)
+                * d.kv_page_size,
             ..d
         }
     }
 
-    /// Errors name the key as it is written in a config file.
+    /// Errors name the key as `[generator]` writes it (the fields are its keys).
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(Error::invalid(format!("{key}: {why}")));
         if self.max_running == 0 {
             return bad("max_running", "must be ≥ 1");
         }
-        if self.page_size == 0 {
-            return bad("page_size", "must be ≥ 1");
+        if self.kv_page_size == 0 {
+            return bad("kv_page_size", "must be ≥ 1");
         }
-        if self.kv_cache_tokens < self.page_size {
+        if self.kv_cache_tokens < self.kv_page_size {
             return bad("kv_cache_tokens", "must hold at least one page");
         }
         if self.prefill_chunk == 0 {
@@ -207,12 +208,12 @@ impl Engine {
     /// An engine for `model` with its KV pool allocated (lazily touched on CPU).
     pub fn new(model: &Model, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
-        let pages = cfg.kv_cache_tokens.div_ceil(cfg.page_size);
+        let pages = cfg.kv_cache_tokens.div_ceil(cfg.kv_page_size);
         let cfg_rows = cfg.max_running;
         let mc = model.config();
         Ok(Engine {
-            kv: KvPages::new(mc, pages * cfg.page_size, model.dtype(), model.device())?,
-            pool: PagePool::new(pages, cfg.page_size),
+            kv: KvPages::new(mc, pages * cfg.kv_page_size, model.dtype(), model.device())?,
+            pool: PagePool::new(pages, cfg.kv_page_size),
             heads: Heads {
                 query: mc.num_attention_heads,
                 kv: mc.num_key_value_heads,
@@ -305,9 +306,9 @@ impl Engine {
             .max(self.pool.pages_for(r.prompt.len()) + group);
         if needed > self.pool.capacity() {
             return Err(pages::too_small(
-                needed * self.cfg.page_size,
+                needed * self.cfg.kv_page_size,
                 self.pool.capacity(),
-                self.cfg.page_size,
+                self.cfg.kv_page_size,
             ));
         }
         let indices: Vec<usize> = (0..r.samples).collect();
@@ -385,7 +386,7 @@ impl Engine {
     /// Gives every decoding sequence whose next token starts a page a new page,
     /// preempting the most recently admitted sequences while none is free.
     fn grow(&mut self) {
-        let ps = self.cfg.page_size;
+        let ps = self.cfg.kv_page_size;
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
@@ -551,7 +552,7 @@ impl Engine {
         tag: u64,
         out: &mut StepOutput,
     ) -> Result<()> {
-        let ps = self.cfg.page_size;
+        let ps = self.cfg.kv_page_size;
         // Every row's draws at once (each sequence owns its random streams).
         let mut row_of = vec![None; self.running.len()];
         for (&(i, _), row) in rows.iter().zip(logits) {
