@@ -141,42 +141,39 @@ pub fn run(b: GenerateBench) -> Result<()> {
 
 /// The engine's settings and the workload's shape (prompts, samples) for a variant.
 fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)> {
+    // Prompts are about `prompt_tokens` long: room for twice that.
+    let longest = b.prompt_tokens * 2 + b.max_new_tokens;
     let base = EngineConfig {
         max_running: b.max_running,
-        kv_cache_tokens: b.prompts
-            * b.samples
-            * (b.prompt_tokens * 2 + b.max_new_tokens + 2 * EngineConfig::default().kv_page_size),
         ..EngineConfig::default()
     };
-    let main = (base.clone(), b.prompts, b.samples);
+    let sized = |cfg: EngineConfig, prompts: usize, samples: usize| {
+        (cfg.with_room(prompts, samples, longest), prompts, samples)
+    };
     Ok(match name {
-        "default" => main,
+        "default" => sized(base, b.prompts, b.samples),
         // A queue of twice the slots: static batches idle the slots of finished rows.
         "no_continuous_batching" | "continuous_batching_queue" => {
             let cfg = EngineConfig {
                 continuous: name == "continuous_batching_queue",
-                kv_cache_tokens: base.kv_cache_tokens * 2,
                 ..base
             };
-            (cfg, b.prompts * 2, b.samples)
+            sized(cfg, b.prompts * 2, b.samples)
         }
-        "no_shared_prefill" => (
-            EngineConfig {
+        "no_shared_prefill" => {
+            let cfg = EngineConfig {
                 share_prefix: false,
                 ..base
-            },
-            b.prompts,
-            b.samples,
-        ),
+            };
+            sized(cfg, b.prompts, b.samples)
+        }
         // One page per sequence holding its longest: a contiguous region per row.
         "no_paging" => {
-            let page = b.prompt_tokens * 2 + b.max_new_tokens;
             let cfg = EngineConfig {
-                kv_page_size: page,
-                kv_cache_tokens: page * (b.prompts * b.samples * 2 + b.prompts),
+                kv_page_size: longest,
                 ..base
             };
-            (cfg, b.prompts, b.samples)
+            sized(cfg, b.prompts, b.samples)
         }
         other => match other.strip_prefix("concurrency_").map(str::parse::<usize>) {
             Some(Ok(c)) if c > 0 => {
@@ -187,12 +184,9 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
                 };
                 let cfg = EngineConfig {
                     max_running: c,
-                    kv_cache_tokens: prompts
-                        * samples
-                        * (b.prompt_tokens * 2 + b.max_new_tokens + 32),
                     ..base
                 };
-                (cfg, prompts, samples)
+                sized(cfg, prompts, samples)
             }
             _ => bail!(
                 "unknown variant `{other}` (default, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N)"

@@ -87,13 +87,22 @@ impl EngineConfig {
     /// Room for `requests` requests of `samples` samples and `longest` tokens each,
     /// all running at once (whole-batch callers: `generate`, scoring, judges).
     pub fn fitting(requests: usize, samples: usize, longest: usize) -> Self {
-        let d = EngineConfig::default();
-        let rows = (requests * samples).max(1);
         EngineConfig {
-            max_running: rows,
-            kv_cache_tokens: (rows * (longest.div_ceil(d.kv_page_size) + 1) + requests)
-                * d.kv_page_size,
-            ..d
+            max_running: (requests * samples).max(1),
+            ..EngineConfig::default()
+        }
+        .with_room(requests, samples, longest)
+    }
+
+    /// These settings with a KV cache that holds `requests` requests of `samples`
+    /// samples and `longest` tokens each at once, in pages of `kv_page_size`: each
+    /// sample's pages plus the one a fork may copy, and a partial page per prompt.
+    pub fn with_room(self, requests: usize, samples: usize, longest: usize) -> Self {
+        let rows = (requests * samples).max(1);
+        let ps = self.kv_page_size;
+        EngineConfig {
+            kv_cache_tokens: (rows * (longest.div_ceil(ps) + 1) + requests) * ps,
+            ..self
         }
     }
 
