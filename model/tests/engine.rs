@@ -303,3 +303,32 @@ fn bad_requests_and_settings_are_errors() {
         assert!(Engine::new(&model, bad).is_err());
     }
 }
+
+#[test]
+fn samples_that_end_at_their_first_token_give_back_every_page() {
+    let model = tiny("tiny", 5).model;
+    // Forks that finish in the step that forks them (max_new_tokens 1), prompts that
+    // fill pages partly and exactly, twice over so that freed pages are reused.
+    let cfg = EngineConfig {
+        kv_page_size: 4,
+        ..Default::default()
+    };
+    let mut e = Engine::new(&model, cfg).unwrap();
+    for round in 0..2 {
+        let reqs: Vec<Request> = (0..6)
+            .map(|i| Request {
+                id: (round * 10 + i) as u64,
+                ..request(i, 4, params(1.0, 1, 9))
+            })
+            .collect();
+        for r in &reqs {
+            e.add(&model, r.clone()).unwrap();
+        }
+        let done = e.run_to_completion(&model, 0).unwrap();
+        assert_eq!(done.len(), 6);
+        assert!(done
+            .iter()
+            .all(|f| f.completions.iter().all(|c| c.tokens.len() == 1)));
+        assert_eq!(e.used_pages(), 0, "round {round}: pages still held");
+    }
+}

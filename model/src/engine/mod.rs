@@ -584,13 +584,22 @@ impl Engine {
             })
             .collect();
         let mut done = vec![false; self.running.len()];
+        // Forked samples, and whether each got its private copy of the partial page.
         let mut forks = Vec::new();
+        let Engine {
+            running,
+            pool,
+            kv,
+            requests,
+            ..
+        } = self;
         for &(i, _) in rows {
-            let s = &mut self.running[i];
-            let params = &self.requests[&s.request].params;
+            let s = &mut running[i];
+            let params = &requests[&s.request].params;
             let picks = std::mem::take(&mut picked[i]);
             if picks.len() > 1 {
-                // Samples 1.. share the full pages and copy the partly filled last one.
+                // Samples 1.. share the full pages and copy the partly filled last one,
+                // now, while the prompt still holds them (it may finish this step).
                 let full = s.tokens.len() / ps;
                 let partial = s.tokens.len() % ps;
                 for (j, &(tok, lp)) in picks.iter().enumerate().skip(1) {
@@ -602,13 +611,24 @@ impl Engine {
                         prompt_len: s.prompt_len,
                         computed: s.computed,
                         pages: s.pages[..full].to_vec(),
-                        logprobs: Vec::new(),
-                        tags: Vec::new(),
+                        logprobs: vec![lp],
+                        tags: vec![tag],
                     };
                     f.tokens.push(tok);
-                    f.logprobs.push(lp);
-                    f.tags.push(tag);
-                    forks.push((f, partial, s.pages.get(full).copied()));
+                    for &p in &f.pages {
+                        pool.share(p);
+                    }
+                    let mut copied = true;
+                    if partial > 0 {
+                        match pool.alloc() {
+                            Some(p) => {
+                                kv.copy_page(s.pages[full], p, partial, ps)?;
+                                f.pages.push(p);
+                            }
+                            None => copied = false,
+                        }
+                    }
+                    forks.push((f, copied));
                 }
                 s.samples.truncate(1);
                 s.rngs.truncate(1);
@@ -626,29 +646,15 @@ impl Engine {
                 self.retire(s, out);
             }
         }
-        for (mut f, partial, last) in forks {
-            for &p in &f.pages {
-                self.pool.share(p);
-            }
-            let params = &self.requests[&f.request].params;
-            if finished(&f, params).is_some() {
+        for (f, copied) in forks {
+            if finished(&f, &self.requests[&f.request].params).is_some() {
                 self.retire(f, out);
-                continue;
+            } else if copied {
+                self.running.push(f);
+            } else {
+                // No page for the copy: recompute this sample later.
+                self.preempt(f);
             }
-            if let Some(last) = last.filter(|_| partial > 0) {
-                match self.pool.alloc() {
-                    Some(p) => {
-                        self.kv.copy_page(last, p, partial, ps)?;
-                        f.pages.push(p);
-                    }
-                    None => {
-                        // No page for the copy: recompute this sample later.
-                        self.preempt(f);
-                        continue;
-                    }
-                }
-            }
-            self.running.push(f);
         }
         Ok(())
     }
