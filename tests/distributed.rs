@@ -1048,6 +1048,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                     versions: vec![0, 0],
                     reward: 0.0,
                     finish_reason: "length".into(),
+                    loss_mask: vec![],
                 };
                 4
             ],

@@ -422,6 +422,7 @@ async fn ingest(
                             versions: vec![1; a.completion_tokens],
                             reward: (i % 2) as f64,
                             finish_reason: "length".into(),
+                            loss_mask: vec![],
                         };
                         a.group_size
                     ],
@@ -476,6 +477,8 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
             behavior_logprobs: vec![-1.5; a.completion_tokens],
             reward: (i % 3) as f64,
             versions: None,
+            loss_mask: None,
+            finish_reason: None,
         })
         .collect();
     let cfg = tandem_trainer::config::TrainConfig::default();

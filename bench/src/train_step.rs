@@ -129,6 +129,8 @@ fn batch(b: &TrainStepBench, vocab: usize) -> Result<Vec<Rollout>> {
                 behavior_logprobs: (0..len).map(|_| -rng.random_range(0.05..3.0)).collect(),
                 reward: if k < solved { 1.0 } else { 0.0 },
                 versions: None,
+                loss_mask: None,
+                finish_reason: None,
             });
         }
     }

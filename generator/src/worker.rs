@@ -427,6 +427,7 @@ impl Worker {
                         Some(tandem_model::FinishReason::Stop) => "stop".into(),
                         _ => "length".into(),
                     },
+                    loss_mask: vec![],
                 })
                 .collect(),
         })

@@ -39,6 +39,8 @@ pub enum KlIn {
 pub enum PolicyLossKind {
     PpoClip,
     Reinforce,
+    Gspo,
+    Cispo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,12 +65,16 @@ pub struct AlgorithmConfig {
     pub value_clip: f64,
     /// Weight of the value loss in the total loss.
     pub vf_coef: f64,
-    /// ppo_clip | reinforce.
+    /// ppo_clip | reinforce | gspo (sequence-level ratio) | cispo (clipped IS weight).
     pub policy_loss: PolicyLossKind,
-    /// PPO ε below 1 (Schulman et al. 2017).
+    /// PPO ε below 1 (Schulman et al. 2017); GSPO's too (its paper uses 3e-4).
     pub clip_eps_low: f64,
-    /// PPO ε above 1; raise it for clip-higher (DAPO uses 0.28).
+    /// PPO ε above 1; raise it for clip-higher (DAPO uses 0.28); GSPO's paper uses 4e-4.
     pub clip_eps_high: f64,
+    /// CISPO's weight clip below 1: the weight is at least 1 − ε (1.0 = no lower bound).
+    pub cispo_eps_low: f64,
+    /// CISPO's weight clip above 1: the weight is at most 1 + ε.
+    pub cispo_eps_high: f64,
     /// Dual-clip bound c > 1 for negative advantages (Ye et al. 2020); unset = off.
     pub clip_c: Option<f64>,
     /// decoupled (π_prox recomputed, AReaL) | bypass (ratio against μ).
@@ -87,8 +93,18 @@ pub struct AlgorithmConfig {
     pub icepop_high: f64,
     /// token_mean | seq_mean_token_mean | seq_sum_norm.
     pub loss_agg: LossAgg,
-    /// Normaliser of seq_sum_norm (Dr. GRPO): the generation length limit.
+    /// Normaliser of seq_sum_norm (Dr. GRPO) and L_max of the overlong penalty: the
+    /// generation length limit.
     pub max_completion_len: usize,
+    /// Give no loss to completions that ended by length (`finish_reason = "length"`);
+    /// their reward still enters the group's advantage statistics (DAPO's overlong
+    /// filtering, TRL's `mask_truncated_completions`).
+    pub mask_truncated: bool,
+    /// L_c of DAPO's soft overlong punishment (0 = off): a completion longer than
+    /// max_completion_len − L_c trained tokens loses up to `overlong_penalty` reward.
+    pub overlong_buffer_len: usize,
+    /// p: the reward taken from a completion at or past max_completion_len.
+    pub overlong_penalty: f64,
     /// β of the KL to the reference model (0 = off, no reference model needed).
     pub kl_coef: f64,
     /// k1 | k2 | k3 (Schulman 2020).
@@ -116,6 +132,8 @@ impl Default for AlgorithmConfig {
             policy_loss: PolicyLossKind::PpoClip,
             clip_eps_low: 0.2,
             clip_eps_high: 0.2,
+            cispo_eps_low: 1.0,
+            cispo_eps_high: 0.28,
             clip_c: None,
             correction_mode: CorrectionMode::Decoupled,
             prox_logp: ProxLogp::Recompute,
@@ -126,6 +144,9 @@ impl Default for AlgorithmConfig {
             icepop_high: 2.0,
             loss_agg: LossAgg::TokenMean,
             max_completion_len: 1024,
+            mask_truncated: false,
+            overlong_buffer_len: 0,
+            overlong_penalty: 1.0,
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K3,
             kl_in: KlIn::Loss,
@@ -146,6 +167,14 @@ impl AlgorithmConfig {
                 dual_clip: self.clip_c,
             },
             PolicyLossKind::Reinforce => PolicyLoss::Reinforce,
+            PolicyLossKind::Gspo => PolicyLoss::Gspo {
+                eps_low: self.clip_eps_low,
+                eps_high: self.clip_eps_high,
+            },
+            PolicyLossKind::Cispo => PolicyLoss::Cispo {
+                eps_low: self.cispo_eps_low,
+                eps_high: self.cispo_eps_high,
+            },
         }
     }
 
@@ -211,6 +240,30 @@ impl AlgorithmConfig {
             || self.clip_eps_high < 0.0
         {
             return bad("clip_eps_low", "must be in [0, 1), and clip_eps_high ≥ 0");
+        }
+        if !(0.0..=1.0).contains(&self.cispo_eps_low)
+            || self.cispo_eps_high.is_nan()
+            || self.cispo_eps_high < 0.0
+        {
+            return bad(
+                "cispo_eps_low",
+                "must be in [0, 1] (1 = no lower bound), and cispo_eps_high ≥ 0",
+            );
+        }
+        if self.overlong_buffer_len > self.max_completion_len {
+            return bad(
+                "overlong_buffer_len",
+                "must be ≤ max_completion_len (0 turns the penalty off)",
+            );
+        }
+        if !(self.overlong_penalty.is_finite() && self.overlong_penalty >= 0.0) {
+            return bad("overlong_penalty", "must be a number ≥ 0");
+        }
+        if self.clip_c.is_some() && self.policy_loss != PolicyLossKind::PpoClip {
+            return bad(
+                "clip_c",
+                "dual clip applies to policy_loss = \"ppo_clip\" only",
+            );
         }
         if let Some(c) = self.clip_c {
             if c.is_nan() || c <= 1.0 {

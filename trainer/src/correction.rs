@@ -3,16 +3,19 @@
 //! importance sampling, verl / slime; IcePop masking).
 //!
 //!   token level:     wₜ = exp(log π_prox(t) − log μ(t))
-//!   sequence level:  w = exp(mean_t (log π_prox(t) − log μ(t)))   (geometric mean), for every token
+//!   sequence level:  w = exp(Σ_t m_t (log π_prox(t) − log μ(t)) / Σ_t m_t)   (geometric mean over
+//!                    the trained tokens), for every token
 //!   tis:             w ← min(w, tis_cap)
 //!   icepop:          w ← w if icepop_low ≤ w ≤ icepop_high, else 0 (token masked)
 //!
-//! The weight is a constant of the loss (no gradient flows through it).
+//! The weight is a constant of the loss (no gradient flows through it). A token with
+//! loss mask m = 0 gets w = 1 and counts in no statistic: its μ is not used.
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
+use crate::tokens::Tokens;
 
 /// `[algorithm] correction`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,30 +52,35 @@ pub fn behaviour_weights(
     level: Level,
     prox_logp: &Tensor,
     behaviour_logp: &Tensor,
-    offsets: &[usize],
+    tokens: Tokens,
 ) -> Result<BehaviourWeights> {
-    let log_ratio = (prox_logp.detach() - behaviour_logp.detach())?;
+    tokens.check()?;
+    let m = tokens.mask_like(prox_logp)?;
+    if prox_logp.dim(0)? != tokens.mask.len() {
+        return Err(invalid(format!(
+            "{} logprobs for a mask of {} tokens",
+            prox_logp.dim(0)?,
+            tokens.mask.len()
+        )));
+    }
+    let log_ratio = ((prox_logp.detach() - behaviour_logp.detach())? * &m)?;
     let log_w = match level {
         Level::Token => log_ratio,
         Level::Sequence => {
-            let mut per_token = Vec::with_capacity(log_ratio.dim(0)?);
             let lr: Vec<f64> = log_ratio.to_dtype(DType::F64)?.to_vec1()?;
-            for w in offsets.windows(2) {
-                let m = lr[w[0]..w[1]].iter().sum::<f64>() / (w[1] - w[0]).max(1) as f64;
-                per_token.extend(std::iter::repeat_n(m, w[1] - w[0]));
-            }
-            if per_token.len() != lr.len() {
-                return Err(invalid(format!(
-                    "offsets {offsets:?} do not cover {} tokens",
-                    lr.len()
-                )));
+            let mut per_token = Vec::with_capacity(lr.len());
+            for w in tokens.offsets.windows(2) {
+                let trained: f64 = tokens.mask[w[0]..w[1]].iter().sum();
+                let mean = lr[w[0]..w[1]].iter().sum::<f64>() / trained.max(1.0);
+                per_token
+                    .extend((w[0]..w[1]).map(|t| if tokens.mask[t] > 0.0 { mean } else { 0.0 }));
             }
             Tensor::from_vec(per_token, lr.len(), log_ratio.device())?
                 .to_dtype(log_ratio.dtype())?
         }
     };
     let raw = log_w.exp()?;
-    let n = raw.dim(0)?.max(1) as f64;
+    let n = tokens.trained().max(1.0);
     let (weights, masked) = match correction {
         Correction::None => (raw.ones_like()?, 0.0),
         Correction::Tis { cap } => {
@@ -88,7 +96,10 @@ pub fn behaviour_weights(
                 )));
             }
             let keep = (raw.ge(low)? * raw.le(high)?)?.to_dtype(raw.dtype())?;
-            let kept = keep.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let kept = (&keep * &m)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             ((&raw * keep)?, 1.0 - kept / n)
         }
     };

@@ -76,14 +76,32 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
                 comp.behavior_logprobs.len()
             ));
         }
+        if !comp.loss_mask.is_empty() && comp.loss_mask.len() != n {
+            return Err(format!(
+                "completions[{c}].loss_mask: {} values for {n} tokens (send none to train every token)",
+                comp.loss_mask.len()
+            ));
+        }
+        if let Some((i, m)) = comp.loss_mask.iter().enumerate().find(|(_, &m)| m > 1) {
+            return Err(format!(
+                "completions[{c}].loss_mask[{i}] = {m}: must be 0 or 1"
+            ));
+        }
+        let trained = |t: usize| comp.loss_mask.get(t).is_none_or(|&m| m == 1);
         if let Some((i, lp)) = comp
             .behavior_logprobs
             .iter()
             .enumerate()
-            .find(|(_, lp)| !lp.is_finite() || **lp > 0.0)
+            .find(|(i, lp)| lp.is_nan() || **lp > 0.0 || (trained(*i) && !lp.is_finite()))
         {
             return Err(format!(
                 "completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"
+            ));
+        }
+        if !matches!(comp.finish_reason.as_str(), "" | "stop" | "length") {
+            return Err(format!(
+                "completions[{c}].finish_reason = {:?}: must be \"stop\", \"length\" or empty",
+                comp.finish_reason
             ));
         }
         if comp.versions.len() != n {
@@ -96,7 +114,7 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
             .versions
             .iter()
             .enumerate()
-            .find(|(_, &v)| v > policy_version)
+            .find(|(i, &v)| trained(*i) && v > policy_version)
         {
             return Err(format!(
                 "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
@@ -132,6 +150,7 @@ mod tests {
                     versions: vec![2, 3],
                     reward: 1.0,
                     finish_reason: "stop".into(),
+                    loss_mask: vec![],
                 };
                 2
             ],
@@ -192,7 +211,33 @@ mod tests {
                 Box::new(|g| g.completions[0].reward = f64::INFINITY),
                 "reward",
             ),
+            (
+                Box::new(|g| g.completions[1].loss_mask = vec![1]),
+                "completions[1].loss_mask: 1 values",
+            ),
+            (
+                Box::new(|g| g.completions[1].loss_mask = vec![1, 2]),
+                "completions[1].loss_mask[1]",
+            ),
+            (
+                Box::new(|g| g.completions[0].finish_reason = "eos".into()),
+                "completions[0].finish_reason",
+            ),
+            (
+                // A masked token may carry any logprob ≤ 0, never a positive one.
+                Box::new(|g| {
+                    g.completions[0].loss_mask = vec![1, 0];
+                    g.completions[0].behavior_logprobs[1] = 0.5;
+                }),
+                "behavior_logprobs[1]",
+            ),
         ];
+        // A masked token's logprob and version are not read.
+        let mut g = good();
+        g.completions[0].loss_mask = vec![1, 0];
+        g.completions[0].behavior_logprobs[1] = f32::NEG_INFINITY;
+        g.completions[0].versions[1] = 99;
+        assert!(check_group(&g, &l, 3).is_ok());
         for (edit, needle) in cases {
             let mut g = good();
             edit(&mut g);

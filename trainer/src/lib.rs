@@ -2,12 +2,14 @@
 //! its formula in the doc comment of the function that computes it:
 //!
 //! - [`advantage`] — REINFORCE, RLOO, GRPO, Dr. GRPO, REINFORCE++
-//! - [`policy_loss`] — PPO clip (clip-higher, dual clip), REINFORCE
+//! - [`policy_loss`] — PPO clip (clip-higher, dual clip), REINFORCE, GSPO, CISPO
 //! - [`correction`] — behaviour weights: none, truncated IS, IcePop; token or sequence level
 //! - [`kl`] — k1, k2, k3 estimators
 //! - [`aggregate`] — token mean, sequence mean of token means, Dr. GRPO's constant normaliser
 //! - [`proximal`] — π_prox recomputed, or AReaL's log-linear approximation by version
 //! - [`gae`] — GAE(γ, λ) over tokens and PPO's clipped value loss (the critic side)
+//! - [`overlong`] — DAPO's soft overlong penalty on the reward
+//! - [`tokens`] — completions' token layout and their loss mask (what is trained)
 //!
 //! [`config`] holds the `[algorithm]`, `[optimizer]` and `[trainer]` sections,
 //! [`rollout`] the rollout record, [`step`] one training step.
@@ -37,6 +39,7 @@ pub mod kl;
 pub mod learner;
 pub mod node;
 pub mod offline;
+pub mod overlong;
 pub mod policy_loss;
 pub mod preference;
 pub mod proximal;
@@ -46,5 +49,6 @@ pub mod rollout;
 pub mod service;
 pub mod sft;
 pub mod step;
+pub mod tokens;
 
 pub use error::{Error, Result};

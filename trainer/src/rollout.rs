@@ -2,9 +2,16 @@
 //!
 //! JSONL form (one per line), as `tandem train-step` reads and the trainer dumps:
 //! `{"group": "g0", "prompt_ids": [...], "completion_ids": [...],
-//!   "behavior_logprobs": [...], "reward": 1.0, "versions": [...]}` (`versions` optional).
+//!   "behavior_logprobs": [...], "reward": 1.0, "versions": [...],
+//!   "loss_mask": [1, 1, 0, ...], "finish_reason": "stop"}` (the last three optional).
+//!
+//! A token whose `loss_mask` entry is 0 (tool output inside a multi-turn episode, say)
+//! is context only: it gets no loss, counts in no denominator, and its
+//! `behavior_logprobs` and `versions` entries are not used (any logprob ≤ 0 is
+//! accepted there).
 
 use serde::{Deserialize, Serialize};
+pub use tandem_model::FinishReason;
 
 use crate::error::{invalid, Result};
 
@@ -22,9 +29,28 @@ pub struct Rollout {
     /// Policy version that produced each completion token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions: Option<Vec<u64>>,
+    /// 1 = the token is trained, 0 = context only; absent = every token trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_mask: Option<Vec<u8>>,
+    /// Why the completion ended: `stop` (a stop token) or `length` (the token limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
 }
 
 impl Rollout {
+    /// Whether completion token `t` is trained (its `loss_mask` entry is 1 or absent).
+    pub fn is_trained(&self, t: usize) -> bool {
+        self.loss_mask.as_ref().is_none_or(|m| m[t] != 0)
+    }
+
+    /// The number of trained completion tokens, Σ m.
+    pub fn trained_tokens(&self) -> usize {
+        match &self.loss_mask {
+            Some(m) => m.iter().filter(|&&x| x != 0).count(),
+            None => self.completion_ids.len(),
+        }
+    }
+
     /// Checks internal consistency and token ids against `vocab_size`; the message names the field.
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         if self.prompt_ids.is_empty() {
@@ -40,11 +66,23 @@ impl Rollout {
                 self.completion_ids.len()
             )));
         }
-        if let Some((i, lp)) = self
-            .behavior_logprobs
-            .iter()
-            .enumerate()
-            .find(|(_, lp)| !lp.is_finite() || **lp > 0.0)
+        if let Some(m) = &self.loss_mask {
+            if m.len() != self.completion_ids.len() {
+                return Err(invalid(format!(
+                    "`loss_mask` has {} values for {} `completion_ids`",
+                    m.len(),
+                    self.completion_ids.len()
+                )));
+            }
+            if let Some((i, x)) = m.iter().enumerate().find(|(_, &x)| x > 1) {
+                return Err(invalid(format!("`loss_mask[{i}]` = {x} must be 0 or 1")));
+            }
+        }
+        // Masked tokens' logprobs are not used: any value ≤ 0 passes there.
+        if let Some((i, lp)) =
+            self.behavior_logprobs.iter().enumerate().find(|(i, lp)| {
+                lp.is_nan() || **lp > 0.0 || (self.is_trained(*i) && !lp.is_finite())
+            })
         {
             return Err(invalid(format!(
                 "`behavior_logprobs[{i}]` = {lp} must be finite and ≤ 0"
@@ -120,12 +158,38 @@ mod tests {
             (OK.replace("[3,4]", "[3,40]"), "completion_ids[1]"),
             (OK.replace("\"reward\"", "\"rewards\""), "rewards"),
             (OK.replace("[1,2]", "[]"), "prompt_ids"),
+            (
+                OK.replace("1.0}", "1.0,\"loss_mask\":[1]}"),
+                "loss_mask` has 1",
+            ),
+            (
+                OK.replace("1.0}", "1.0,\"loss_mask\":[1,2]}"),
+                "loss_mask[1]",
+            ),
+            (
+                OK.replace("1.0}", "1.0,\"finish_reason\":\"eos\"}"),
+                "expected `stop` or `length`",
+            ),
+            (
+                OK.replace("-1.0]", "0.5]")
+                    .replace("1.0}", "1.0,\"loss_mask\":[1,0]}"),
+                "behavior_logprobs[1]",
+            ),
         ];
         for (line, needle) in cases {
             let text = format!("{OK}\n{line}\n");
             let e = parse_jsonl(&text, "r.jsonl", 10).unwrap_err().to_string();
             assert!(e.contains("r.jsonl:2") && e.contains(needle), "{e}");
         }
+        // A masked token's logprob is not used; its mask, reason and versions parse.
+        let masked = OK.replace(
+            "1.0}",
+            "1.0,\"loss_mask\":[1,0],\"finish_reason\":\"length\",\"versions\":[3,9]}",
+        );
+        let r = &parse_jsonl(&masked, "r.jsonl", 10).unwrap()[0];
+        assert_eq!(r.finish_reason, Some(FinishReason::Length));
+        assert!(r.is_trained(0) && !r.is_trained(1));
+        assert_eq!(r.trained_tokens(), 1);
         // NaN is not JSON; a non-number reward is a type error on the line.
         assert!(parse_jsonl(&OK.replace("1.0}", "NaN}"), "r.jsonl", 10)
             .unwrap_err()

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::buffer::{Buffer, Group};
 use crate::ingest::{check_group, Limits};
-use crate::rollout::Rollout;
+use crate::rollout::{FinishReason, Rollout};
 use tandem_weights::Snapshot;
 
 /// What the service and the learner loop share.
@@ -177,6 +177,13 @@ impl TrainerService {
                     behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),
                     reward: c.reward,
                     versions: Some(c.versions),
+                    loss_mask: (!c.loss_mask.is_empty())
+                        .then(|| c.loss_mask.iter().map(|&m| m as u8).collect()),
+                    finish_reason: match c.finish_reason.as_str() {
+                        "stop" => Some(FinishReason::Stop),
+                        "length" => Some(FinishReason::Length),
+                        _ => None,
+                    },
                 })
                 .collect(),
         };

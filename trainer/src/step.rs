@@ -1,14 +1,21 @@
 //! One training step: rollouts in, an optimizer update and its metrics out.
 //!
 //! 1. π_prox = the current policy's logprobs of the completions, without gradient
-//!    (`prox_logp = "recompute"`), or per minibatch log μ + α(log π_θ − log μ) from the
-//!    token versions (`"loglinear"`); π_old = π_prox, or μ in bypass mode.
-//! 2. With a KL in the reward: rᵢ ← rᵢ − β·Σₜ KLₜ(π_old ‖ π_ref) (π_old = μ with
-//!    `loglinear`, which has no π_prox before the minibatches).
+//!    (`prox_logp = "recompute"`: the first minibatch's come from its own training
+//!    forward in the first epoch, the others' from a pass before the updates), or per
+//!    minibatch log μ + α(log π_θ − log μ) from the token versions (`"loglinear"`);
+//!    π_old = π_prox, or μ in bypass mode. π_prox stays fixed over `ppo_epochs`.
+//! 2. Rewards shaped: DAPO's overlong penalty (`overlong_buffer_len`), then with a KL
+//!    in the reward rᵢ ← rᵢ − β·Σₜ mₜ·KLₜ(π_old ‖ π_ref) (π_old = μ with `loglinear`,
+//!    which has no π_prox before the minibatches).
 //! 3. Advantages per completion, shared by its tokens (or per token from GAE).
 //! 4. Behaviour weights w from π_prox / μ (decoupled mode).
 //! 5. For each epoch and minibatch: ℓ = agg(policy loss) + β·agg(KL) (KL in the loss)
 //!    − entropy_coef·agg(entropy); backward; clip; optimizer step.
+//!
+//! Every term is masked by the tokens' loss mask m (the rollout's `loss_mask`, and 0
+//! for a completion that ended by length under `mask_truncated`): a token with m = 0
+//! is context only (see `aggregate`).
 
 use std::collections::HashMap;
 
@@ -27,9 +34,12 @@ use crate::correction::{behaviour_weights, BehaviourWeights};
 use crate::error::{invalid, Result};
 use crate::gae;
 use crate::kl;
+use crate::overlong::overlong_penalty;
 use crate::policy_loss;
 use crate::proximal::{self, ProxLogp};
+use crate::rollout::FinishReason;
 use crate::rollout::Rollout;
+use crate::tokens::Tokens;
 use tandem_model::ScalarHead;
 
 /// The configured optimizer.
@@ -126,6 +136,12 @@ pub struct StepMetrics {
     pub advantage_mean: f64,
     pub advantage_std: f64,
     pub zero_std_groups: usize,
+    /// Completions that ended by length (`finish_reason = "length"`).
+    pub truncated_sequences: usize,
+    /// Completion tokens with loss mask 0 (the rollouts' `loss_mask`, `mask_truncated`).
+    pub loss_masked_tokens: usize,
+    /// Mean reward DAPO's overlong penalty added (≤ 0; 0 when off).
+    pub overlong_penalty_mean: f64,
     pub sequences: usize,
     /// Completion tokens of the step.
     pub tokens: usize,
@@ -199,9 +215,21 @@ pub fn train_step(
         let n = v.len();
         Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
     };
+    // m per token; a masked token's μ is not used (0 stands in, so nothing non-finite
+    // enters a product).
+    let truncated = |r: &Rollout| r.finish_reason == Some(FinishReason::Length);
+    let mask: Vec<f64> = rollouts
+        .iter()
+        .flat_map(|r| {
+            let drop = cfg.mask_truncated && truncated(r);
+            (0..r.completion_ids.len()).map(move |t| f64::from(u8::from(!drop && r.is_trained(t))))
+        })
+        .collect();
     let mu_host: Vec<f64> = rollouts
         .iter()
         .flat_map(|r| r.behavior_logprobs.iter().copied())
+        .zip(&mask)
+        .map(|(lp, &m)| if m > 0.0 { lp } else { 0.0 })
         .collect();
     let mu = to_tensor(mu_host)?;
     let forward = compute.forward();
@@ -253,9 +281,25 @@ pub fn train_step(
         None
     };
 
-    // 2. Rewards, with the KL penalty when it goes into the reward: KL(π_old ‖ π_ref)
-    //    with π_old = π_prox in decoupled mode, μ otherwise.
-    let mut rewards: Vec<f64> = rollouts.iter().map(|r| r.reward).collect();
+    // 2. Rewards: the overlong penalty on |y| = the rollout's trained tokens, then the
+    //    KL penalty when it goes into the reward: KL(π_old ‖ π_ref) with π_old = π_prox
+    //    in decoupled mode, μ otherwise.
+    let penalties = rollouts
+        .iter()
+        .map(|r| {
+            overlong_penalty(
+                r.trained_tokens(),
+                cfg.max_completion_len,
+                cfg.overlong_buffer_len,
+                cfg.overlong_penalty,
+            )
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    let mut rewards: Vec<f64> = rollouts
+        .iter()
+        .zip(&penalties)
+        .map(|(r, p)| r.reward + p)
+        .collect();
     if let (Some(rl), true) = (&ref_logp, kl_in_reward) {
         let old = match (&start_all, cfg.correction_mode) {
             (Some(s), CorrectionMode::Decoupled) if !loglinear => s.clone(),
@@ -263,7 +307,8 @@ pub fn train_step(
         };
         let k = host(&kl::per_token(cfg.kl_estimator, &old, rl)?)?;
         for (i, w) in offsets.windows(2).enumerate() {
-            rewards[i] -= cfg.kl_coef * k[w[0]..w[1]].iter().sum::<f64>();
+            let masked: f64 = (w[0]..w[1]).map(|t| mask[t] * k[t]).sum();
+            rewards[i] -= cfg.kl_coef * masked;
         }
     }
 
@@ -303,17 +348,19 @@ pub fn train_step(
     };
     let adv_tokens = to_tensor(adv_values.clone())?;
 
-    // Which completions get a gradient: with no KL, entropy or value term in the loss,
-    // a completion whose advantages are all zero has a per-token loss of exactly 0.
+    // Which completions get a gradient: one with no trained token has a loss of exactly
+    // 0; so has one whose trained tokens' advantages are all zero, when the loss has no
+    // KL, entropy or value term.
     let other_terms = (cfg.kl_coef > 0.0 && cfg.kl_in == KlIn::Loss)
         || cfg.entropy_coef != 0.0
         || critic.is_some();
     let active: Vec<bool> = offsets
         .windows(2)
         .map(|w| {
+            let trained = || (w[0]..w[1]).filter(|&t| mask[t] > 0.0);
             !compute.skip_zero_gradient
-                || other_terms
-                || adv_values[w[0]..w[1]].iter().any(|&a| a != 0.0)
+                || (trained().next().is_some()
+                    && (other_terms || trained().any(|t| adv_values[t] != 0.0)))
         })
         .collect();
     let active_ids: Vec<usize> = (0..rollouts.len()).filter(|&i| active[i]).collect();
@@ -332,17 +379,32 @@ pub fn train_step(
         let n = idx.len();
         Ok(Tensor::from_vec(idx, n, device)?)
     };
+    // The first minibatch of the first epoch runs on the step's starting weights: its
+    // training forward's logprobs, detached, are π_prox, so no pass computes them
+    // beforehand (one forward fewer, and there the ratio is exactly 1 in any dtype;
+    // later epochs reuse them). The start pass covers the other minibatches.
+    let n_seq = rollouts.len();
+    let mb = cfg.minibatches.min(n_seq);
+    let prox_from_forward = needs_start && !loglinear && start_all.is_none();
+    let first_active = if prox_from_forward {
+        active_ids.partition_point(|&i| i < n_seq / mb)
+    } else {
+        0
+    };
+    // π_prox of active_ids[first_active..], token-aligned from active_offsets[first_active].
     let prox_active = match (&start_all, needs_start && !loglinear) {
         (_, false) => None,
         (Some(all), true) => Some(
             all.contiguous()?
                 .index_select(&token_index(&active_ids)?, 0)?,
         ),
-        (None, true) if active_ids.is_empty() => None,
+        (None, true) if active_ids.len() == first_active => None,
         (None, true) => {
-            Some(start_pass(&pick(&seqs, &active_ids), &pick(&starts, &active_ids))?.logprobs)
+            let later = &active_ids[first_active..];
+            Some(start_pass(&pick(&seqs, later), &pick(&starts, later))?.logprobs)
         }
     };
+    let mut first_prox: Vec<Tensor> = Vec::new();
 
     let (reward_mean, reward_std) = mean_std(&rewards);
     let (advantage_mean, advantage_std) = mean_std(&adv_values);
@@ -352,6 +414,9 @@ pub fn train_step(
         advantage_mean,
         advantage_std,
         zero_std_groups,
+        truncated_sequences: rollouts.iter().filter(|r| truncated(r)).count(),
+        loss_masked_tokens: mask.iter().filter(|&&x| x == 0.0).count(),
+        overlong_penalty_mean: penalties.iter().sum::<f64>() / penalties.len() as f64,
         sequences: rollouts.len(),
         tokens: n_tokens,
         skipped_sequences: rollouts.len() - active_ids.len(),
@@ -367,35 +432,42 @@ pub fn train_step(
 
     // 5. Epochs × minibatches of whole completions; each minibatch's active
     //    completions in token-bounded micro-batches whose gradients add up.
-    let n_seq = rollouts.len();
-    let mb = cfg.minibatches.min(n_seq);
     let policy_kind = cfg.policy_loss();
+    // The loss denominators of the completions `ids`.
+    let counts = |ids: &[usize]| {
+        let (mut o, mut mk) = (vec![0usize], Vec::new());
+        for &i in ids {
+            mk.extend_from_slice(&mask[offsets[i]..offsets[i + 1]]);
+            o.push(mk.len());
+        }
+        Denominators::of(Tokens {
+            offsets: &o,
+            mask: &mk,
+        })
+    };
     let mut updates = 0usize;
     for epoch in 0..cfg.ppo_epochs {
         for b in 0..mb {
             let (s0, s1) = (b * n_seq / mb, (b + 1) * n_seq / mb);
-            let whole = Denominators {
-                tokens: offsets[s1] - offsets[s0],
-                sequences: s1 - s0,
-            };
+            let whole = counts(&(s0..s1).collect::<Vec<_>>());
             // Positions in `active_ids` of this minibatch's active completions.
             let lo = active_ids.partition_point(|&i| i < s0);
             let hi = active_ids.partition_point(|&i| i < s1);
             let mb_ids = &active_ids[lo..hi];
-            let computed = Denominators {
-                tokens: active_offsets[hi] - active_offsets[lo],
-                sequences: hi - lo,
-            };
+            let computed = counts(mb_ids);
             let mut acc = GradStore::default();
             let mut parts = Parts::default();
             let mb_seqs = pick(&seqs, mb_ids);
             let shareable = pick(&starts, mb_ids);
-            for range in tandem_model::packing::microbatches(
+            for (micro, range) in tandem_model::packing::microbatches(
                 &mb_seqs,
                 &shareable,
                 forward.packing,
                 compute.max_tokens_per_microbatch,
-            ) {
+            )
+            .into_iter()
+            .enumerate()
+            {
                 let ids = &mb_ids[range.clone()];
                 let (a0, a1) = (lo + range.start, lo + range.end);
                 let local: Vec<usize> = active_offsets[a0..=a1]
@@ -405,6 +477,14 @@ pub fn train_step(
                 let tokens = token_index(ids)?;
                 let take = |t: &Tensor| -> Result<Tensor> {
                     Ok(t.contiguous()?.index_select(&tokens, 0)?)
+                };
+                let local_mask: Vec<f64> = ids
+                    .iter()
+                    .flat_map(|&i| mask[offsets[i]..offsets[i + 1]].iter().copied())
+                    .collect();
+                let part = Tokens {
+                    offsets: &local,
+                    mask: &local_mask,
                 };
                 let out = policy.completion_logprobs_with(
                     &policy.weights(),
@@ -418,22 +498,26 @@ pub fn train_step(
                 let mu_mb = take(&mu)?;
                 let prox = match (&alpha, &prox_active) {
                     (Some(a), _) => proximal::loglinear(&mu_mb, &out.logprobs, &take(a)?)?,
+                    (None, _) if prox_from_forward && b == 0 => {
+                        if epoch == 0 {
+                            first_prox.push(out.logprobs.detach());
+                        }
+                        first_prox
+                            .get(micro)
+                            .cloned()
+                            .ok_or_else(|| invalid("no proximal logprobs"))?
+                    }
                     (None, Some(p)) => p.narrow(
                         0,
-                        active_offsets[a0],
+                        active_offsets[a0] - active_offsets[first_active],
                         active_offsets[a1] - active_offsets[a0],
                     )?,
                     (None, None) => return Err(invalid("no proximal logprobs")),
                 };
-                let bw = behaviour_weights(
-                    cfg.correction(),
-                    cfg.correction_level,
-                    &prox,
-                    &mu_mb,
-                    &local,
-                )?;
+                let bw =
+                    behaviour_weights(cfg.correction(), cfg.correction_level, &prox, &mu_mb, part)?;
                 if epoch == 0 {
-                    seen.add(&bw, &prox, &mu_mb)?;
+                    seen.add(&bw, &prox, &mu_mb, &local_mask)?;
                 }
                 let (old, weights) = match cfg.correction_mode {
                     CorrectionMode::Decoupled => (prox, bw.weights),
@@ -445,9 +529,10 @@ pub fn train_step(
                     &old,
                     &take(&adv_tokens)?,
                     &weights,
+                    part,
                 )?;
                 let agg = |t: &Tensor, den: Denominators| {
-                    aggregate_part(cfg.loss_agg, t, &local, den, cfg.max_completion_len)
+                    aggregate_part(cfg.loss_agg, t, part, den, cfg.max_completion_len)
                 };
                 let policy_term = agg(&pl.loss, whole)?;
                 let mut loss = policy_term.clone();
@@ -475,7 +560,7 @@ pub fn train_step(
                 }
                 parts.loss += loss_value;
                 parts.policy_loss += scalar(&policy_term)?;
-                let n = (local.last().copied().unwrap_or(0)) as f64;
+                let n = part.trained();
                 parts.clip_low += pl.clip_fraction_low * n;
                 parts.clip_high += pl.clip_fraction_high * n;
                 accumulate(&mut acc, out.backward(&loss)?, &vars)?;
@@ -497,9 +582,11 @@ pub fn train_step(
             m.value_loss += parts.value_loss;
             m.grad_norm += stats.grad_norm;
             m.lr = lr;
-            let computed_tokens = computed.tokens.max(1) as f64;
-            m.clip_fraction_low += parts.clip_low / computed_tokens;
-            m.clip_fraction_high += parts.clip_high / computed_tokens;
+            // Shares of the minibatch's trained tokens (a skipped completion has A = 0:
+            // none of its tokens is clipped).
+            let trained = whole.tokens.max(1.0);
+            m.clip_fraction_low += parts.clip_low / trained;
+            m.clip_fraction_high += parts.clip_high / trained;
             m.forward_tokens += parts.forward_tokens;
         }
     }
@@ -560,7 +647,8 @@ fn accumulate(acc: &mut GradStore, mut grads: GradStore, vars: &[Var]) -> Result
 }
 
 /// α of every completion token, from the rollouts' `versions`; the policy's version
-/// defaults to the newest token version.
+/// defaults to the newest trained token's version. A token the rollout's `loss_mask`
+/// leaves out is not trained: its version is not read (α = 0).
 fn loglinear_alpha_of(rollouts: &[Rollout], policy_version: Option<u64>) -> Result<Vec<f64>> {
     let mut versions = Vec::new();
     for (i, r) in rollouts.iter().enumerate() {
@@ -569,9 +657,15 @@ fn loglinear_alpha_of(rollouts: &[Rollout], policy_version: Option<u64>) -> Resu
                 "rollout {i}: prox_logp = \"loglinear\" needs `versions` on every rollout"
             ))
         })?;
-        versions.extend_from_slice(v);
+        versions.extend(
+            v.iter()
+                .enumerate()
+                .map(|(t, &x)| r.is_trained(t).then_some(x)),
+        );
     }
-    let current = policy_version.unwrap_or_else(|| versions.iter().copied().max().unwrap_or(0));
+    let current =
+        policy_version.unwrap_or_else(|| versions.iter().flatten().copied().max().unwrap_or(0));
+    let versions: Vec<u64> = versions.iter().map(|v| v.unwrap_or(current)).collect();
     proximal::loglinear_alpha(&versions, current)
 }
 
@@ -588,8 +682,22 @@ struct WeightStats {
 }
 
 impl WeightStats {
-    fn add(&mut self, bw: &BehaviourWeights, prox: &Tensor, mu: &Tensor) -> Result<()> {
-        let raw = host(&bw.raw)?;
+    /// Adds the trained tokens' (mask > 0) weights.
+    fn add(
+        &mut self,
+        bw: &BehaviourWeights,
+        prox: &Tensor,
+        mu: &Tensor,
+        mask: &[f64],
+    ) -> Result<()> {
+        let trained = |xs: Vec<f64>| -> Vec<f64> {
+            xs.into_iter()
+                .zip(mask)
+                .filter(|(_, &m)| m > 0.0)
+                .map(|(x, _)| x)
+                .collect()
+        };
+        let raw = trained(host(&bw.raw)?);
         if self.n == 0 {
             (self.max, self.min) = (f64::NEG_INFINITY, f64::INFINITY);
         }
@@ -600,7 +708,7 @@ impl WeightStats {
             self.min = self.min.min(w);
         }
         self.masked += bw.masked_fraction * raw.len() as f64;
-        self.mismatch_k3 += host(&(prox - mu)?)?
+        self.mismatch_k3 += trained(host(&(prox - mu)?)?)
             .iter()
             .map(|d| d.exp() - d - 1.0)
             .sum::<f64>();

@@ -30,6 +30,8 @@ fn rollouts() -> Vec<Rollout> {
                 completion_ids: completion,
                 reward,
                 versions: None,
+                loss_mask: None,
+                finish_reason: None,
             });
         }
     }

@@ -7,8 +7,10 @@ use tandem_trainer::advantage::{self, Estimator};
 use tandem_trainer::aggregate::{aggregate, LossAgg};
 use tandem_trainer::correction::{behaviour_weights, Correction, Level};
 use tandem_trainer::kl::{self, KlEstimator};
+use tandem_trainer::overlong::overlong_penalty;
 use tandem_trainer::policy_loss::{self, PolicyLoss};
 use tandem_trainer::proximal;
+use tandem_trainer::tokens::Tokens;
 
 const TOL: f64 = 1e-6;
 
@@ -39,6 +41,11 @@ fn assert_close(a: &[f64], b: &[f64], what: &str) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!((x - y).abs() <= TOL, "{what}[{i}]: {x} vs {y}");
     }
+}
+
+/// Every token trained.
+fn ones(n: usize) -> Vec<f64> {
+    vec![1.0; n]
 }
 
 fn offsets(lengths: &[usize]) -> Vec<usize> {
@@ -125,13 +132,22 @@ fn behaviour_weights_match_reference() {
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
         .collect();
-    let (prox, mu) = (
-        t(&f64s(&tok["prox_logp"])),
-        t(&f64s(&tok["behaviour_logp"])),
-    );
+    let prox = t(&f64s(&tok["prox_logp"]));
+    let off = offsets(&lengths);
+    let all = ones(off[off.len() - 1]);
+    let masked = f64s(&tok["mask"]);
     for (name, expect) in g["weights"].as_object().unwrap() {
-        let (c, level) = correction(name, &g["params"]);
-        let w = behaviour_weights(c, level, &prox, &mu, &offsets(&lengths)).unwrap();
+        let (corr, m) = name.split_once('|').unwrap_or((name, "all"));
+        let (mask, mu) = match m {
+            "masked" => (&masked, t(&f64s(&tok["behaviour_logp_masked"]))),
+            _ => (&all, t(&f64s(&tok["behaviour_logp"]))),
+        };
+        let (c, level) = correction(corr, &g["params"]);
+        let tokens = Tokens {
+            offsets: &off,
+            mask,
+        };
+        let w = behaviour_weights(c, level, &prox, &mu, tokens).unwrap();
         assert_close(&vals(&w.weights), &f64s(expect), name);
     }
 }
@@ -179,15 +195,36 @@ fn policy_losses_and_gradients_match_reference() {
         t(&f64s(&tok["behaviour_logp"])),
         t(&f64s(&tok["advantages"])),
     );
+    let all = ones(off[off.len() - 1]);
+    let masked = f64s(&tok["mask"]);
+    let mu_masked = t(&f64s(&tok["behaviour_logp_masked"]));
+    let eps = |key: &str| p[key].as_f64().unwrap();
     for (key, expect) in g["policy"].as_object().unwrap() {
         let mut parts = key.split('|');
-        let (pl, corr, agg) = (
+        let (pl, corr, agg, m) = (
+            parts.next().unwrap(),
             parts.next().unwrap(),
             parts.next().unwrap(),
             parts.next().unwrap(),
         );
+        let (mask, mu) = match m {
+            "masked" => (&masked, &mu_masked),
+            _ => (&all, &mu),
+        };
+        let tokens = Tokens {
+            offsets: &off,
+            mask,
+        };
         let kind = match pl {
             "reinforce" => PolicyLoss::Reinforce,
+            "gspo" => PolicyLoss::Gspo {
+                eps_low: eps("gspo_eps_low"),
+                eps_high: eps("gspo_eps_high"),
+            },
+            "cispo" => PolicyLoss::Cispo {
+                eps_low: eps("cispo_eps_low"),
+                eps_high: eps("cispo_eps_high"),
+            },
             "ppo_clip" => PolicyLoss::PpoClip {
                 eps_low: p["eps_low"].as_f64().unwrap(),
                 eps_high: p["eps_high"].as_f64().unwrap(),
@@ -205,10 +242,11 @@ fn policy_losses_and_gradients_match_reference() {
             _ => LossAgg::SeqSumNorm,
         };
         let (c, level) = correction(corr, p);
-        let w = behaviour_weights(c, level, &prox, &mu, &off).unwrap();
+        let w = behaviour_weights(c, level, &prox, mu, tokens).unwrap();
         let logp = Var::from_tensor(&t(&f64s(&tok["logp"]))).unwrap();
-        let out = policy_loss::per_token(kind, logp.as_tensor(), &prox, &adv, &w.weights).unwrap();
-        let total = aggregate(agg, &out.loss, &off, max_len).unwrap();
+        let out = policy_loss::per_token(kind, logp.as_tensor(), &prox, &adv, &w.weights, tokens)
+            .unwrap();
+        let total = aggregate(agg, &out.loss, tokens, max_len).unwrap();
         assert_close(
             &vals(&out.loss),
             &f64s(&expect["per_token"]),
@@ -241,7 +279,11 @@ fn corrections_equal_none_when_on_policy() {
                 high: 2.0,
             },
         ] {
-            let w = behaviour_weights(c, level, &lp, &lp, &off).unwrap();
+            let tokens = Tokens {
+                offsets: &off,
+                mask: &ones(5),
+            };
+            let w = behaviour_weights(c, level, &lp, &lp, tokens).unwrap();
             assert_eq!(vals(&w.weights), vec![1.0; 5], "{c:?} {level:?}");
             assert_eq!(w.masked_fraction, 0.0);
         }
@@ -272,9 +314,17 @@ fn equal_rewards_give_zero_grpo_gradient() {
         &old,
         &adv,
         &adv.ones_like().unwrap(),
+        Tokens {
+            offsets: &[0, 2, 5],
+            mask: &ones(5),
+        },
     )
     .unwrap();
-    let g = aggregate(LossAgg::TokenMean, &out.loss, &[0, 2, 5], 3)
+    let tokens = Tokens {
+        offsets: &[0, 2, 5],
+        mask: &ones(5),
+    };
+    let g = aggregate(LossAgg::TokenMean, &out.loss, tokens, 3)
         .unwrap()
         .backward()
         .unwrap();
@@ -313,6 +363,10 @@ fn ppo_clip_zeroes_the_gradient_exactly_where_the_table_says() {
         &old,
         &adv,
         &adv.ones_like().unwrap(),
+        Tokens {
+            offsets: &[0, 6],
+            mask: &ones(6),
+        },
     )
     .unwrap();
     assert!(
@@ -336,8 +390,12 @@ fn ppo_clip_zeroes_the_gradient_exactly_where_the_table_says() {
 #[test]
 fn bad_parameters_are_errors() {
     let x = t(&[-1.0, -2.0]);
+    let two = Tokens {
+        offsets: &[0, 2],
+        mask: &[1.0, 1.0],
+    };
     assert!(
-        behaviour_weights(Correction::Tis { cap: 0.0 }, Level::Token, &x, &x, &[0, 2])
+        behaviour_weights(Correction::Tis { cap: 0.0 }, Level::Token, &x, &x, two)
             .unwrap_err()
             .to_string()
             .contains("tis_cap")
@@ -350,7 +408,7 @@ fn bad_parameters_are_errors() {
         Level::Token,
         &x,
         &x,
-        &[0, 2]
+        two
     )
     .unwrap_err()
     .to_string()
@@ -360,15 +418,33 @@ fn bad_parameters_are_errors() {
         eps_high: 0.2,
         dual_clip: Some(0.5),
     };
-    assert!(policy_loss::per_token(bad, &x, &x, &x, &x)
+    assert!(policy_loss::per_token(bad, &x, &x, &x, &x, two)
         .unwrap_err()
         .to_string()
         .contains("clip_c"));
-    assert!(aggregate(LossAgg::SeqSumNorm, &x, &[0, 2], 1)
+    let bad = PolicyLoss::Cispo {
+        eps_low: 1.5,
+        eps_high: 0.28,
+    };
+    assert!(policy_loss::per_token(bad, &x, &x, &x, &x, two)
+        .unwrap_err()
+        .to_string()
+        .contains("cispo_eps_low"));
+    assert!(aggregate(LossAgg::SeqSumNorm, &x, two, 1)
         .unwrap_err()
         .to_string()
         .contains("max_completion_len"));
-    assert!(aggregate(LossAgg::TokenMean, &x, &[0, 3], 3).is_err());
+    let short = Tokens {
+        offsets: &[0, 3],
+        mask: &[1.0, 1.0, 1.0],
+    };
+    assert!(aggregate(LossAgg::TokenMean, &x, short, 3).is_err());
+    // A mask whose length differs from the losses'.
+    let long_mask = Tokens {
+        offsets: &[0, 3],
+        mask: &[1.0, 1.0, 1.0],
+    };
+    assert!(policy_loss::per_token(PolicyLoss::Reinforce, &x, &x, &x, &x, long_mask).is_err());
 }
 
 /// GAE(γ, λ) and the clipped value loss (with its gradient) against the reference.
@@ -408,4 +484,92 @@ fn gae_and_value_loss_match_reference() {
         &f64s(&c["value_loss_grad"]),
         "value loss gradient",
     );
+}
+
+/// DAPO's overlong penalty against the reference's table.
+#[test]
+fn overlong_penalty_matches_reference() {
+    let g = golden();
+    for case in g["overlong"].as_array().unwrap() {
+        let u = |k: &str| case[k].as_u64().unwrap() as usize;
+        let got = overlong_penalty(
+            u("len"),
+            u("max_len"),
+            u("buffer_len"),
+            case["penalty"].as_f64().unwrap(),
+        )
+        .unwrap();
+        assert_close(
+            &[got],
+            &[case["reward"].as_f64().unwrap()],
+            &format!("{case}"),
+        );
+    }
+}
+
+/// A masked token gets no gradient and moves no denominator: adding a masked token of
+/// any logprob, advantage and μ to a completion changes neither the loss nor the other
+/// tokens' gradients, for every policy loss and aggregation.
+#[test]
+fn masked_tokens_change_nothing() {
+    let kinds = [
+        PolicyLoss::Reinforce,
+        PolicyLoss::PpoClip {
+            eps_low: 0.2,
+            eps_high: 0.28,
+            dual_clip: Some(3.0),
+        },
+        PolicyLoss::Gspo {
+            eps_low: 3e-4,
+            eps_high: 4e-4,
+        },
+        PolicyLoss::Cispo {
+            eps_low: 1.0,
+            eps_high: 0.28,
+        },
+    ];
+    let base = [-0.5, -1.2, -0.3, -2.0, -0.8];
+    let old = [-0.6, -1.0, -0.2, -2.2, -0.9];
+    let adv = [0.7, 0.7, -1.1, -1.1, -1.1];
+    for kind in kinds {
+        for agg in [
+            LossAgg::TokenMean,
+            LossAgg::SeqMeanTokenMean,
+            LossAgg::SeqSumNorm,
+        ] {
+            let run = |lp: &[f64], old: &[f64], adv: &[f64], off: &[usize], mask: &[f64]| {
+                let tokens = Tokens { offsets: off, mask };
+                let logp = Var::from_tensor(&t(lp)).unwrap();
+                let out = policy_loss::per_token(
+                    kind,
+                    logp.as_tensor(),
+                    &t(old),
+                    &t(adv),
+                    &t(&ones(lp.len())),
+                    tokens,
+                )
+                .unwrap();
+                let total = aggregate(agg, &out.loss, tokens, 8).unwrap();
+                let grad = vals(total.backward().unwrap().get(&logp).unwrap());
+                (total.to_scalar::<f64>().unwrap(), grad)
+            };
+            let (l0, g0) = run(&base, &old, &adv, &[0, 2, 5], &ones(5));
+            // A masked token inside the second completion, and a wholly masked third one.
+            let lp = [-0.5, -1.2, -0.3, -7.0, -2.0, -0.8, -0.1];
+            let o = [-0.6, -1.0, -0.2, -0.01, -2.2, -0.9, -9.0];
+            let a = [0.7, 0.7, -1.1, 5.0, -1.1, -1.1, 3.0];
+            let mask = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0];
+            let (l1, g1) = run(&lp, &o, &a, &[0, 2, 6, 7], &mask);
+            let what = format!("{kind:?} {agg:?}");
+            if agg == LossAgg::SeqSumNorm {
+                // Its constant counts completions: 2 against 3.
+                assert!((l0 * 2.0 / 3.0 - l1).abs() < 1e-12, "{what}: {l0} vs {l1}");
+            } else {
+                assert!((l0 - l1).abs() < 1e-12, "{what}: {l0} vs {l1}");
+                let kept: Vec<f64> = [0, 1, 2, 4, 5].iter().map(|&i| g1[i]).collect();
+                assert_close(&kept, &g0, &what);
+            }
+            assert_eq!((g1[3], g1[6]), (0.0, 0.0), "{what}");
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! One SGD train step per algorithm configuration on the tiny preset, against the
-//! post-step weights of tools/train_step_reference.py (transformers + PyTorch, f64):
+//! One SGD train step per algorithm configuration on the tiny preset (GSPO, CISPO,
+//! loss masks, truncated completions masked, the overlong penalty and two epochs
+//! among them), against the post-step weights of tools/train_step_reference.py
+//! (transformers + PyTorch, f64):
 //! relative error ≤ 1e-3 on the loss, the gradient norm and the weight changes, in
 //! every compute layout (padded, packed with shared prompts in small micro-batches,
 //! checkpointed).
@@ -87,12 +89,20 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
+/// The rollouts a fixture case trains on (`rollouts`: plain or masked).
+fn case_rollouts(fx: &Value, case: &Value) -> Vec<Rollout> {
+    let key = match case["rollouts"].as_str() {
+        Some("masked") => "rollouts_masked",
+        _ => "rollouts",
+    };
+    serde_json::from_value(fx[key].clone()).unwrap()
+}
+
 #[test]
 fn train_step_matches_reference_for_every_configuration() {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
     let lr = fx["lr"].as_f64().unwrap();
     for ((name, case), (layout, compute)) in fx["cases"]
         .as_object()
@@ -101,6 +111,7 @@ fn train_step_matches_reference_for_every_configuration() {
         .flat_map(|c| layouts().into_iter().map(move |l| (c, l)))
     {
         let name = format!("{name} ({layout})");
+        let rollouts = case_rollouts(&fx, case);
         let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
             .unwrap()
@@ -142,6 +153,33 @@ fn train_step_matches_reference_for_every_configuration() {
             "{name}: grad norm {} vs {gn}",
             m.grad_norm
         );
+        assert_eq!(m.optimizer_steps, algo.ppo_epochs, "{name}");
+        if algo.ppo_epochs > 1 {
+            // Clipping is active in the second epoch (π_prox fixed, π_θ moved), and the
+            // clipped shares agree with the reference's up to one token either way.
+            let epochs = &case["clip_fractions_per_epoch"];
+            let mean = |side: usize| {
+                let xs: Vec<f64> = epochs[side]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                assert!(xs[0] == 0.0 && xs[1] > 0.0, "{name}: {xs:?}");
+                xs.iter().sum::<f64>() / xs.len() as f64
+            };
+            let trained: usize = rollouts.iter().map(|r| r.trained_tokens()).sum();
+            let slack = 1.0 / trained as f64 + 1e-9;
+            for (side, got) in [(0, m.clip_fraction_low), (1, m.clip_fraction_high)] {
+                let want = mean(side);
+                assert!(
+                    (got - want).abs() <= slack,
+                    "{name}: clipped share {side}: {got} vs {want} (low {}, high {})",
+                    m.clip_fraction_low,
+                    m.clip_fraction_high
+                );
+            }
+        }
         for (tensor, expect) in case["delta"].as_object().unwrap() {
             let expect: Vec<f64> = expect
                 .as_array()
@@ -339,7 +377,6 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
     let bf16 = || {
         let m = tandem_model::preset::init("tiny", 0, &Device::Cpu)
             .unwrap()
@@ -350,6 +387,7 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
     };
     let mut worst = (0.0f64, 0.0f64);
     for (name, case) in fx["cases"].as_object().unwrap() {
+        let rollouts = case_rollouts(&fx, case);
         let algo: AlgorithmConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let (policy, reference) = (bf16(), bf16());
         assert_eq!(policy.dtype(), DType::BF16);
@@ -373,7 +411,14 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
         let (el, eg) = (rel(m.loss, loss), rel(m.grad_norm, gn));
         worst = (worst.0.max(el), worst.1.max(eg));
         assert!(el <= TOLERANCE, "{name}: loss {} vs {loss}", m.loss);
-        assert!(eg <= TOLERANCE, "{name}: grad norm {} vs {gn}", m.grad_norm);
+        assert!(
+            eg <= TOLERANCE,
+            "{name}: grad norm {} vs {gn} clip {} {} mismatch {}",
+            m.grad_norm,
+            m.clip_fraction_low,
+            m.clip_fraction_high,
+            m.mismatch_kl
+        );
     }
     eprintln!(
         "bf16: worst relative error: loss {:.2e}, grad norm {:.2e}",
