@@ -103,7 +103,7 @@ impl RunConfig {
         self.coordinator.validate()?;
         self.trainer.validate()?;
         self.generator.validate()?;
-        self.reward.validate()?;
+        self.reward.validate_for(self.algorithm.teacher.is_some())?;
         self.algorithm.validate()?;
         self.optimizer.validate()?;
         if (self.algorithm.temperature - self.generator.temperature).abs() > 1e-12 {

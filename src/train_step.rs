@@ -9,7 +9,7 @@ use tandem_model::{ScalarHead, VALUE_HEAD_FILE};
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::TrainConfig;
 use tandem_trainer::rollout;
-use tandem_trainer::step::{train_step, Optimizer};
+use tandem_trainer::step::{train_step, Frozen, Optimizer};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -51,6 +51,10 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     } else {
         None
     };
+    let teacher = match &cfg.algorithm.teacher {
+        Some(path) => Some(tandem_trainer::distill::load_teacher(path, &p)?),
+        None => None,
+    };
     // PPO with GAE trains a value head that lives beside the model (zeros when new).
     let critic = if cfg.algorithm.advantage == Estimator::Gae {
         Some(ScalarHead::load_or_zeros(
@@ -65,7 +69,10 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     let mut opt = Optimizer::new(&cfg.optimizer, &p.model, extra)?;
     let metrics = train_step(
         &p.model,
-        reference.as_ref().map(|r| &r.model),
+        Frozen {
+            reference: reference.as_ref().map(|r| &r.model),
+            teacher: teacher.as_ref().map(|t| &t.model),
+        },
         critic.as_ref(),
         &rollouts,
         &cfg.algorithm,

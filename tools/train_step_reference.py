@@ -38,7 +38,11 @@ ROLLOUTS_MASKED = [
     {**ROLLOUTS[3], "loss_mask": [0, 0], "behavior_logprobs": [-80.0, -80.0], "finish_reason": "length"},
     {**ROLLOUTS[4], "finish_reason": "stop"},
 ]
-ROLLOUT_SETS = {"plain": ROLLOUTS, "masked": ROLLOUTS_MASKED}
+# No reward at all: what pure on-policy distillation trains on.
+ROLLOUTS_UNREWARDED = [{**r, "reward": 0.0} for r in ROLLOUTS]
+ROLLOUT_SETS = {"plain": ROLLOUTS, "masked": ROLLOUTS_MASKED, "unrewarded": ROLLOUTS_UNREWARDED}
+# The distillation teacher: the tiny preset from another seed (`teacher` in a config names it).
+TEACHER_SEED = 1
 
 CONFIGS = {
     "grpo_decoupled_tis_kl_loss": {"advantage": "grpo", "policy_loss": "ppo_clip", "correction": "tis", "correction_level": "sequence",
@@ -73,10 +77,15 @@ CONFIGS = {
                                 "ppo_epochs": 2, "loss_agg": "token_mean"},
     "gspo_two_epochs_clipped": {"advantage": "grpo", "policy_loss": "gspo", "clip_eps_low": 3e-3, "clip_eps_high": 4e-3,
                                 "ppo_epochs": 2, "loss_agg": "seq_mean_token_mean"},
+    "grpo_distill_masked": {"advantage": "grpo", "policy_loss": "ppo_clip", "teacher": "tiny-seed-1", "distill_coef": 0.5,
+                            "loss_agg": "token_mean", "temperature": 0.9},
+    "pure_distill": {"advantage": "grpo", "policy_loss": "ppo_clip", "teacher": "tiny-seed-1", "distill_coef": 1.0,
+                     "loss_agg": "token_mean"},
 }
 # The rollouts each case trains on (default: plain).
 CASE_ROLLOUTS = {"gspo_masked_tis_sequence": "masked", "cispo_mask_truncated_kl_reward": "masked",
-                 "drgrpo_overlong_masked_seq_sum": "masked", "gae_masked_value_head": "masked", "gspo_two_epochs_clipped": "masked"}
+                 "drgrpo_overlong_masked_seq_sum": "masked", "gae_masked_value_head": "masked", "gspo_two_epochs_clipped": "masked",
+                 "grpo_distill_masked": "masked", "pure_distill": "unrewarded"}
 LR = 0.1
 WATCH = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight", "model.layers.1.mlp.down_proj.weight",
          "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
@@ -111,7 +120,7 @@ def token_stats(model, rollouts, temperature, head=None):
 POLICY_VERSION = {"grpo_loglinear_icepop": 5}
 
 
-def step(folder, cfg, policy_version=None, rollouts="plain"):
+def step(folder, cfg, policy_version=None, rollouts="plain", teacher_folder=None):
     ROLLOUTS = ROLLOUT_SETS[rollouts]
     c = {"policy_loss": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2, "clip_c": None, "correction_mode": "decoupled",
          "cispo_eps_low": 1.0, "cispo_eps_high": 0.28, "mask_truncated": False, "overlong_buffer_len": 0, "overlong_penalty": 1.0,
@@ -147,6 +156,11 @@ def step(folder, cfg, policy_version=None, rollouts="plain"):
         groups = {g: i for i, g in enumerate(dict.fromkeys(r["group"] for r in ROLLOUTS))}
         adv = ref.advantages(c["advantage"], rewards, [groups[r["group"]] for r in ROLLOUTS])
         tok_adv = torch.cat([torch.full((n,), a) for a, n in zip(adv, lengths)])
+    if "teacher" in c:  # on-policy distillation: A_t += lambda (log pi_teacher - log mu) on trained tokens
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_folder, dtype=torch.float64).eval()
+        with torch.no_grad():
+            teacher_lp, _ = token_stats(teacher, ROLLOUTS, t)
+        tok_adv = tok_adv + c["distill_coef"] * (teacher_lp - mu) * m
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = list(model.parameters()) + (list(head) if head is not None else [])
     losses, norms, clip_low, clip_high = [], [], [], []
@@ -214,10 +228,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "tiny")
         subprocess.run([args.tandem, "model", "init", "--preset", "tiny", "--seed", "0", "--out", folder], check=True)
-        cases = {name: step(folder, cfg, POLICY_VERSION.get(name), CASE_ROLLOUTS.get(name, "plain"))
+        teacher = os.path.join(tmp, "teacher")
+        subprocess.run([args.tandem, "model", "init", "--preset", "tiny", "--seed", str(TEACHER_SEED), "--out", teacher], check=True)
+        cases = {name: step(folder, cfg, POLICY_VERSION.get(name), CASE_ROLLOUTS.get(name, "plain"), teacher)
                  for name, cfg in CONFIGS.items()}
     with open(args.out, "w") as f:
         json.dump({"preset": "tiny", "seed": 0, "lr": LR, "rollouts": ROLLOUTS, "rollouts_masked": ROLLOUTS_MASKED,
+                   "rollouts_unrewarded": ROLLOUTS_UNREWARDED, "teacher_seed": TEACHER_SEED,
                    "cases": cases}, f)
     print(f"wrote {args.out}")
 

@@ -486,7 +486,7 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
     let t0 = Instant::now();
     tandem_trainer::step::train_step(
         &p.model,
-        None,
+        tandem_trainer::step::Frozen::default(),
         None,
         &rollouts,
         &cfg.algorithm,

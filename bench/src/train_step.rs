@@ -199,7 +199,7 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
         let t0 = Instant::now();
         let m = tandem_trainer::step::train_step(
             &p.model,
-            None,
+            tandem_trainer::step::Frozen::default(),
             None,
             &rollouts,
             &cfg.algorithm,

@@ -74,7 +74,14 @@ impl Default for RewardConfig {
 }
 
 impl RewardConfig {
+    /// Checks every weight and the judge's settings; some reward must be set.
     pub fn validate(&self) -> Result<()> {
+        self.validate_for(false)
+    }
+
+    /// [`RewardConfig::validate`], where `unrewarded_ok` lets every weight be 0: a run
+    /// that learns from something else (on-policy distillation's teacher) scores 0.
+    pub fn validate_for(&self, unrewarded_ok: bool) -> Result<()> {
         for (key, w) in [
             ("math", self.math),
             ("format", self.format),
@@ -87,7 +94,8 @@ impl RewardConfig {
                 return Err(invalid(format!("[reward] {key}: must be a finite weight")));
             }
         }
-        if self.math == 0.0
+        if !unrewarded_ok
+            && self.math == 0.0
             && self.format == 0.0
             && self.exact_match == 0.0
             && self.service.is_none()
@@ -95,7 +103,7 @@ impl RewardConfig {
             && self.judge.is_none()
         {
             return Err(invalid(
-                "[reward]: every weight is 0; set math, format or exact_match, a service or a model",
+                "[reward]: every weight is 0; set math, format or exact_match, a service or a model (or [algorithm] teacher for pure distillation)",
             ));
         }
         if self.judge.is_some() {
@@ -453,6 +461,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("every weight is 0"));
+        off.validate_for(true).unwrap();
         let nan = RewardConfig {
             format: f64::NAN,
             ..Default::default()

@@ -102,7 +102,9 @@ impl Worker {
             trainer_address,
         } = joined;
         settings.generator.validate()?;
-        settings.reward.validate()?;
+        // Every weight 0 is the run's choice (checked with its [algorithm]: pure
+        // distillation); the generator then scores 0.
+        settings.reward.validate_for(true)?;
         let beat = Arc::new(Beat::default());
         beat.worker_id.store(worker_id, Ordering::SeqCst);
         beat.latest.store(latest_version, Ordering::SeqCst);

@@ -205,6 +205,22 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Why `other` does not encode text to the same ids (a token with another id, or
+    /// one that only one of them has), or `None` when their vocabularies are equal.
+    pub fn vocabulary_difference(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens against {}", a.len(), b.len()));
+        }
+        let mut tokens: Vec<(&String, &u32)> = a.iter().collect();
+        tokens.sort_by_key(|(_, &id)| id);
+        tokens.into_iter().find_map(|(tok, &id)| match b.get(tok) {
+            Some(&other_id) if other_id == id => None,
+            Some(&other_id) => Some(format!("token {tok:?} is id {id} against {other_id}")),
+            None => Some(format!("token {tok:?} (id {id}) is missing from the other")),
+        })
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -293,5 +309,33 @@ impl Tokenizer {
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid(e.to_string()))?;
         write_file(&dir.join("tokenizer_config.json"), text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bpe(tokens: &[&str]) -> Tokenizer {
+        let tokens: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+        Tokenizer::from_vocab_and_merges(&tokens, vec![], &[], PreTokenizer::Gpt2, None, None, None)
+            .unwrap()
+    }
+
+    #[test]
+    fn vocabularies_are_compared_token_by_token() {
+        let a = bpe(&["a", "b", "c"]);
+        assert_eq!(a.vocabulary_difference(&bpe(&["a", "b", "c"])), None);
+        let swapped = a.vocabulary_difference(&bpe(&["a", "c", "b"])).unwrap();
+        assert!(swapped.contains("\"b\" is id 1 against 2"), "{swapped}");
+        let other = a.vocabulary_difference(&bpe(&["a", "b", "d"])).unwrap();
+        assert!(
+            other.contains("\"c\"") && other.contains("missing"),
+            "{other}"
+        );
+        assert!(a
+            .vocabulary_difference(&bpe(&["a", "b"]))
+            .unwrap()
+            .contains("3 tokens against 2"));
     }
 }

@@ -113,6 +113,12 @@ pub struct AlgorithmConfig {
     pub kl_in: KlIn,
     /// Entropy bonus coefficient (subtracted from the loss).
     pub entropy_coef: f64,
+    /// On-policy distillation: a frozen teacher model (a model path, sharing the
+    /// policy's tokenizer) whose per-token reverse KL enters the advantages.
+    pub teacher: Option<String>,
+    /// λ of the distillation term λ·(log π_teacher − log μ) added to each token's
+    /// advantage.
+    pub distill_coef: f64,
     /// Softmax temperature, the generator's.
     pub temperature: f64,
     /// Passes over the batch per step.
@@ -151,6 +157,8 @@ impl Default for AlgorithmConfig {
             kl_estimator: KlEstimator::K3,
             kl_in: KlIn::Loss,
             entropy_coef: 0.0,
+            teacher: None,
+            distill_coef: 1.0,
             temperature: 1.0,
             ppo_epochs: 1,
             minibatches: 1,
@@ -197,6 +205,12 @@ impl AlgorithmConfig {
         }
         if self.kl_coef.is_nan() || self.kl_coef < 0.0 {
             return bad("kl_coef", "must be ≥ 0");
+        }
+        if !(self.distill_coef.is_finite() && self.distill_coef >= 0.0) {
+            return bad("distill_coef", "must be a number ≥ 0");
+        }
+        if self.teacher.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return bad("teacher", "must be a model path (or left out)");
         }
         if self.entropy_coef.is_nan() {
             return bad("entropy_coef", "must be a number");

@@ -15,7 +15,7 @@ use crate::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use crate::error::{invalid, Result};
 use crate::rollout::Rollout;
 use crate::service::Shared;
-use crate::step::{train_step, Optimizer, StepMetrics};
+use crate::step::{train_step, Frozen, Optimizer, StepMetrics};
 use tandem_model::ScalarHead;
 use tandem_weights::Snapshot;
 
@@ -50,6 +50,8 @@ pub struct StepReport {
 pub struct Learner {
     pub policy: Pretrained,
     pub reference: Option<Model>,
+    /// The on-policy distillation teacher (`[algorithm] teacher`).
+    pub teacher: Option<Model>,
     pub critic: Option<ScalarHead>,
     pub opt: Optimizer,
     pub algorithm: AlgorithmConfig,
@@ -130,7 +132,10 @@ impl Learner {
         } else {
             train_step(
                 &self.policy.model,
-                self.reference.as_ref(),
+                Frozen {
+                    reference: self.reference.as_ref(),
+                    teacher: self.teacher.as_ref(),
+                },
                 self.critic.as_ref(),
                 &rollouts,
                 &self.algorithm,

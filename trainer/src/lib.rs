@@ -9,6 +9,7 @@
 //! - [`proximal`] — π_prox recomputed, or AReaL's log-linear approximation by version
 //! - [`gae`] — GAE(γ, λ) over tokens and PPO's clipped value loss (the critic side)
 //! - [`overlong`] — DAPO's soft overlong penalty on the reward
+//! - [`distill`] — on-policy distillation: the teacher's per-token reverse KL in the advantage
 //! - [`tokens`] — completions' token layout and their loss mask (what is trained)
 //!
 //! [`config`] holds the `[algorithm]`, `[optimizer]` and `[trainer]` sections,
@@ -31,6 +32,7 @@ pub mod checkpoint;
 pub mod comparison;
 pub mod config;
 pub mod correction;
+pub mod distill;
 pub mod dpo;
 pub mod error;
 pub mod gae;

@@ -108,6 +108,10 @@ pub fn run(
     } else {
         None
     };
+    let teacher = match &s.algorithm.teacher {
+        Some(path) => Some(crate::distill::load_teacher(path, &policy)?.model),
+        None => None,
+    };
     let critic = if s.algorithm.advantage == Estimator::Gae {
         let dir = Path::new(&start_path);
         Some(ScalarHead::load_or_zeros(
@@ -202,6 +206,7 @@ pub fn run(
     let mut learner = Learner {
         policy,
         reference,
+        teacher,
         critic,
         opt,
         algorithm: s.algorithm.clone(),

@@ -108,6 +108,15 @@ impl Optimizer {
     }
 }
 
+/// The frozen models a step scores with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frozen<'a> {
+    /// The KL reference (needed when `kl_coef` > 0).
+    pub reference: Option<&'a Model>,
+    /// The distillation teacher (needed when `[algorithm] teacher` is set).
+    pub teacher: Option<&'a Model>,
+}
+
 /// What one step measured (means over its optimizer updates where there are several).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StepMetrics {
@@ -133,6 +142,9 @@ pub struct StepMetrics {
     pub mismatch_kl: f64,
     pub reward_mean: f64,
     pub reward_std: f64,
+    /// On-policy distillation: mean of log μ − log π_teacher over the trained tokens
+    /// (the reverse KL to the teacher, per token).
+    pub distill_reverse_kl: f64,
     pub advantage_mean: f64,
     pub advantage_std: f64,
     pub zero_std_groups: usize,
@@ -166,7 +178,8 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 /// Runs one step of the configured algorithm on `rollouts`, updating `policy` in place.
-/// `reference` is required when `kl_coef > 0`, `critic` when `advantage = "gae"`.
+/// `frozen.reference` is required when `kl_coef > 0`, `frozen.teacher` when
+/// `[algorithm] teacher` is set, `critic` when `advantage = "gae"`.
 /// `step_index` drives the lr schedule; `policy_version` is the version `policy` holds
 /// (for `prox_logp = "loglinear"`; default: the newest token version in `rollouts`).
 /// `compute` says how the forward and backward are laid out and scheduled; every
@@ -174,7 +187,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     policy: &Model,
-    reference: Option<&Model>,
+    frozen: Frozen,
     critic: Option<&ScalarHead>,
     rollouts: &[Rollout],
     cfg: &AlgorithmConfig,
@@ -265,7 +278,9 @@ pub fn train_step(
         start_all = Some(out.logprobs);
     }
     let ref_logp = if cfg.kl_coef > 0.0 {
-        let reference = reference.ok_or_else(|| invalid("kl_coef > 0 needs a reference model"))?;
+        let reference = frozen
+            .reference
+            .ok_or_else(|| invalid("kl_coef > 0 needs a reference model"))?;
         Some(
             reference
                 .completion_logprobs_with(
@@ -346,6 +361,28 @@ pub fn train_step(
             (per_token, adv.zero_std_groups, None)
         }
     };
+    // On-policy distillation: the teacher's per-token term joins the advantages.
+    let mut adv_values = adv_values;
+    let mut distill_reverse_kl = 0.0;
+    if cfg.teacher.is_some() {
+        let teacher = frozen.teacher.ok_or_else(|| {
+            invalid("[algorithm] teacher is set: the step needs the teacher model")
+        })?;
+        let t = teacher.completion_logprobs_with(
+            &teacher.inference_weights(),
+            &seqs,
+            &starts,
+            cfg.temperature,
+            forward.packing,
+        )?;
+        distill_reverse_kl = crate::distill::add_teacher_term(
+            &mut adv_values,
+            &host(&t.logprobs)?,
+            &host(&mu)?,
+            &mask,
+            cfg.distill_coef,
+        )?;
+    }
     let adv_tokens = to_tensor(adv_values.clone())?;
 
     // Which completions get a gradient: one with no trained token has a loss of exactly
@@ -411,6 +448,7 @@ pub fn train_step(
     let mut m = StepMetrics {
         reward_mean,
         reward_std,
+        distill_reverse_kl,
         advantage_mean,
         advantage_std,
         zero_std_groups,

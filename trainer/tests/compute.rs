@@ -49,7 +49,7 @@ fn step(algo: &AlgorithmConfig, compute: &Compute) -> (StepMetrics, Vec<(String,
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
     let m = train_step(
         &policy,
-        None,
+        Frozen::default(),
         None,
         &rollouts(),
         algo,

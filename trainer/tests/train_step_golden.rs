@@ -13,7 +13,7 @@ use tandem_model::ScalarHead;
 use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, Compute, OptimizerConfig, OptimizerName};
 use tandem_trainer::rollout::Rollout;
-use tandem_trainer::step::{train_step, Optimizer};
+use tandem_trainer::step::{train_step, Frozen, Optimizer};
 
 /// The value head's starting values, by the formula tools/train_step_reference.py uses.
 fn value_head(d: usize) -> ScalarHead {
@@ -30,6 +30,7 @@ fn value_head(d: usize) -> ScalarHead {
 fn sgd_step(
     policy: &tandem_model::Model,
     reference: &tandem_model::Model,
+    teacher: Option<&tandem_model::Model>,
     critic: Option<&ScalarHead>,
     rollouts: &[Rollout],
     algo: &AlgorithmConfig,
@@ -47,7 +48,10 @@ fn sgd_step(
     let mut opt = Optimizer::new(&opt_cfg, policy, extra).unwrap();
     train_step(
         policy,
-        Some(reference),
+        Frozen {
+            reference: Some(reference),
+            teacher,
+        },
         critic,
         rollouts,
         algo,
@@ -89,10 +93,26 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
+/// The distillation teacher of a case whose config names one: the tiny preset from the
+/// fixture's teacher seed, in `dtype`.
+fn case_teacher(fx: &Value, algo: &AlgorithmConfig, dtype: DType) -> Option<tandem_model::Model> {
+    algo.teacher.as_ref()?;
+    let seed = fx["teacher_seed"].as_u64().unwrap();
+    let m = tandem_model::preset::init("tiny", seed, &Device::Cpu)
+        .unwrap()
+        .model;
+    let tensors = m.params().snapshot().unwrap();
+    Some(
+        tandem_model::Model::from_tensors(m.config().clone(), tensors, dtype, &Device::Cpu)
+            .unwrap(),
+    )
+}
+
 /// The rollouts a fixture case trains on (`rollouts`: plain or masked).
 fn case_rollouts(fx: &Value, case: &Value) -> Vec<Rollout> {
     let key = match case["rollouts"].as_str() {
         Some("masked") => "rollouts_masked",
+        Some("unrewarded") => "rollouts_unrewarded",
         _ => "rollouts",
     };
     serde_json::from_value(fx[key].clone()).unwrap()
@@ -129,9 +149,11 @@ fn train_step_matches_reference_for_every_configuration() {
                 current.insert(n, v);
             }
         }
+        let teacher = case_teacher(&fx, &algo, DType::F32);
         let m = sgd_step(
             &policy,
             &reference,
+            teacher.as_ref(),
             critic.as_ref(),
             &rollouts,
             &algo,
@@ -248,7 +270,7 @@ fn epochs_and_minibatches_multiply_the_updates() {
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
     let m = train_step(
         &policy,
-        None,
+        Frozen::default(),
         None,
         &rollouts,
         &algo,
@@ -265,7 +287,7 @@ fn epochs_and_minibatches_multiply_the_updates() {
     assert!(m.behaviour_weight_ess > 0.0 && m.behaviour_weight_ess < 1.0);
     assert!(train_step(
         &policy,
-        None,
+        Frozen::default(),
         None,
         &rollouts,
         &AlgorithmConfig {
@@ -308,7 +330,7 @@ fn loglinear_from_the_previous_version_is_the_bypass_update() {
         let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
         train_step(
             &policy,
-            None,
+            Frozen::default(),
             None,
             rollouts,
             &algo,
@@ -394,9 +416,11 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
         let critic =
             (algo.advantage == Estimator::Gae).then(|| value_head(policy.config().hidden_size));
         let lr = fx["lr"].as_f64().unwrap();
+        let teacher = case_teacher(&fx, &algo, DType::BF16);
         let m = sgd_step(
             &policy,
             &reference,
+            teacher.as_ref(),
             critic.as_ref(),
             &rollouts,
             &algo,
