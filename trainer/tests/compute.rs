@@ -8,7 +8,7 @@ use tandem_model::Model;
 use tandem_trainer::aggregate::LossAgg;
 use tandem_trainer::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use tandem_trainer::rollout::Rollout;
-use tandem_trainer::step::{train_step, Optimizer, StepMetrics};
+use tandem_trainer::step::{train_step, Frozen, Optimizer, StepMetrics};
 
 /// Three groups of three; the middle group's rewards are all equal (zero advantage
 /// under GRPO), so with three minibatches one minibatch has nothing to compute.
