@@ -253,6 +253,7 @@ mod doc {
                         | ("reward", "service")
                         | ("reward", "model")
                         | ("reward", "judge")
+                        | ("algorithm", "teacher")
                         | ("tls", "ca")
                         | ("tls", "cert")
                         | ("tls", "key") => "\"x\"".into(),
