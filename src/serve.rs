@@ -166,6 +166,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         group_size: cfg.run.group_size,
         batch_groups: cfg.run.batch_groups,
         max_staleness: cfg.run.max_staleness,
+        filter_zero_std: cfg.run.filter_zero_std,
         max_completion_tokens: cfg.generator.max_new_tokens,
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         trainer: cfg.trainer.clone(),

@@ -323,7 +323,8 @@ fn check_trained(
 }
 
 /// Nothing lost: every prompt the coordinator handed out is trained, still buffered,
-/// or was dropped as stale (by any trainer incarnation), and accepted groups add up.
+/// was dropped as stale (by any trainer incarnation) or filtered out by dynamic
+/// sampling (never also trained), and accepted groups add up.
 fn check_nothing_lost(run: &Path, trained: &BTreeMap<String, u64>, exact_accounting: bool) {
     let status: Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("coordinator-status.json")).unwrap(),
@@ -341,9 +342,19 @@ fn check_nothing_lost(run: &Path, trained: &BTreeMap<String, u64>, exact_account
         .collect();
     let stale_text = std::fs::read_to_string(run.join("stale-groups.txt")).unwrap_or_default();
     let stale: Vec<u64> = stale_text.lines().map(prompt).collect();
+    let filtered: Vec<u64> = status["filtered_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
     let mut covered: BTreeSet<u64> = trained.values().copied().collect();
+    for p in &filtered {
+        assert!(!covered.contains(p), "prompt {p} filtered out and trained");
+    }
     covered.extend(&left);
     covered.extend(&stale);
+    covered.extend(&filtered);
     assert_eq!(status["leases_running"].as_u64(), Some(0), "{status}");
     // Prompts whose leases were still open when the run finished wait, unserved, to
     // be leased again; every other prompt handed out is accounted for.
@@ -1332,4 +1343,103 @@ fn external_reward_service_scores_the_groups() {
             );
         }
     }
+}
+
+/// Dynamic sampling: a reward service gives every completion of a prompt with an even
+/// answer the same score (an uninformative group) and the others distinct scores.
+/// Those groups are filtered out, extra prompts are leased in their place, every step
+/// still trains `batch_groups` informative groups, and nothing is lost or trained twice.
+#[test]
+fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
+    use tandem_proto::v1::reward_server::{Reward, RewardServer};
+    use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+    #[derive(Clone, Default)]
+    struct ByParity;
+
+    #[tonic::async_trait]
+    impl Reward for ByParity {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            let r = req.into_inner();
+            let even = r.answer.trim().parse::<i64>().unwrap() % 2 == 0;
+            let rewards = (0..r.completions.len())
+                .map(|i| if even { 1.0 } else { i as f64 / 10.0 })
+                .collect();
+            Ok(tonic::Response::new(ScoreReply { rewards }))
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RewardServer::new(ByParity),
+                tandem_proto::auth::RequireToken::new(TOKEN),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 4;
+    let text = config(dir.path(), &model, steps, 1, "")
+        .replace(
+            "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
+            &format!("math = 0.0\nservice = \"{addr}\""),
+        )
+        .replace("seed = 1\n", "seed = 1\nfilter_zero_std = true\n");
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.generator("gen-1");
+    c.wait_all(Duration::from_secs(120));
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    for (step, rows) in batches(&c.run) {
+        let mut by_group: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in &rows {
+            by_group
+                .entry(r["group"].as_str().unwrap().to_string())
+                .or_default()
+                .push(r["reward"].as_f64().unwrap());
+        }
+        for (g, rewards) in by_group {
+            assert!(
+                rewards.iter().any(|&x| x != rewards[0]),
+                "step {step}: {g} trained with every reward equal: {rewards:?}"
+            );
+        }
+    }
+    let lines = metrics_lines(&c.run);
+    for m in &lines {
+        assert_eq!(m["zero_std_groups"].as_u64(), Some(0), "{m}");
+    }
+    let status: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap(),
+    )
+    .unwrap();
+    let filtered = status["filtered_prompts"].as_array().unwrap().len() as u64;
+    assert!(filtered > 0, "nothing was filtered: {status}");
+    assert!(
+        lines.last().unwrap()["filtered_groups"].as_u64().unwrap() > 0,
+        "the trainer counted no filtered group"
+    );
+    let share = status["informative_group_share"].as_f64().unwrap();
+    let accepted = status["groups_accepted"].as_u64().unwrap() as f64;
+    assert!(
+        (share - accepted / (accepted + filtered as f64)).abs() < 1e-9 && share < 1.0,
+        "{status}"
+    );
+    eprintln!("filtered {filtered} groups; informative share {share:.2}");
+    check_nothing_lost(&c.run, &trained, true);
 }

@@ -94,6 +94,7 @@ pub fn run(a: SystemBench) -> Result<()> {
             group_size: a.group_size,
             max_completion_tokens: a.completion_tokens,
             max_context_tokens: a.prompt_tokens + a.completion_tokens + 1,
+            filter_zero_std: false,
         },
         tandem_proto::WEIGHT_BUCKET_BYTES,
     ));

@@ -28,6 +28,10 @@ pub struct RunSection {
     pub token: Option<String>,
     /// Seed of sampling and of the data order.
     pub seed: u64,
+    /// Dynamic sampling (DAPO): a group whose rewards are all equal is dropped before
+    /// the buffer and its lease closed; admission then leases another prompt, so every
+    /// step still trains `batch_groups` informative groups.
+    pub filter_zero_std: bool,
 }
 
 impl Default for RunSection {
@@ -41,6 +45,7 @@ impl Default for RunSection {
             run_dir: "runs/latest".into(),
             token: None,
             seed: 0,
+            filter_zero_std: false,
         }
     }
 }

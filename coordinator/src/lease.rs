@@ -1,7 +1,9 @@
 //! Prompt leases: exactly-once work. A prompt group is leased to one generator; the
 //! trainer commits a lease when its group arrives; a lease whose generator is dropped
 //! (or that outlives `lease_timeout_s`) expires and its prompt is leased again under a
-//! new id, so a late group for the old lease is refused.
+//! new id, so a late group for the old lease is refused. Under dynamic sampling the
+//! trainer closes the lease of an uninformative group as filtered instead: closed for
+//! good, never re-issued, and not an accepted group, so admission grants another.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -54,6 +56,7 @@ impl Refusal {
 enum Closed {
     Committed,
     Expired,
+    Filtered,
 }
 
 /// The lease table and the prompt cursor.
@@ -70,6 +73,8 @@ pub struct Leases {
     pub accepted: u64,
     /// Every prompt index whose lease expired, in order (a prompt may appear twice).
     pub reissued: Vec<u64>,
+    /// Prompts whose groups dynamic sampling filtered out, in order.
+    pub filtered: Vec<u64>,
     /// Committed leases and their prompts.
     committed: BTreeMap<u64, u64>,
     /// The version whose step trained each committed lease.
@@ -126,17 +131,42 @@ impl Leases {
 
     /// Accepts the group of lease `id` once; refuses expired, repeated or unknown ones.
     pub fn commit(&mut self, id: u64, prompt_index: u64) -> Result<Lease, Refusal> {
+        let l = self.close(id, prompt_index, Closed::Committed)?;
+        self.committed.insert(id, l.prompt_index);
+        self.accepted += 1;
+        Ok(l)
+    }
+
+    /// Closes lease `id` for good as filtered (its group was uninformative): never
+    /// re-issued, not accepted, so admission grants another lease in its place. The
+    /// same refusals as [`Leases::commit`].
+    pub fn filter(&mut self, id: u64, prompt_index: u64) -> Result<Lease, Refusal> {
+        let l = self.close(id, prompt_index, Closed::Filtered)?;
+        self.filtered.push(l.prompt_index);
+        Ok(l)
+    }
+
+    /// The share of finished groups that were informative: accepted / (accepted +
+    /// filtered); 1 before any.
+    pub fn informative_share(&self) -> f64 {
+        let total = self.accepted + self.filtered.len() as u64;
+        if total == 0 {
+            1.0
+        } else {
+            self.accepted as f64 / total as f64
+        }
+    }
+
+    fn close(&mut self, id: u64, prompt_index: u64, how: Closed) -> Result<Lease, Refusal> {
         match self.open.get(&id) {
             Some(l) if l.prompt_index != prompt_index => Err(Refusal::Mismatch),
             Some(_) => {
                 let l = self.open.remove(&id).expect("present");
-                self.closed.insert(id, Closed::Committed);
-                self.committed.insert(id, l.prompt_index);
-                self.accepted += 1;
+                self.closed.insert(id, how);
                 Ok(l)
             }
             None => Err(match self.closed.get(&id) {
-                Some(Closed::Committed) => Refusal::Duplicate,
+                Some(Closed::Committed | Closed::Filtered) => Refusal::Duplicate,
                 Some(Closed::Expired) => Refusal::Expired,
                 None => Refusal::UnknownLease,
             }),
@@ -258,6 +288,34 @@ mod tests {
             "the kept lease stays, the open one returns"
         );
         l.grant(2, 2, now);
+        let later = now + Duration::from_secs(10);
+        assert_eq!(l.expire_older_than(Duration::from_secs(5), later), 2);
+        assert_eq!(l.running(), 0);
+    }
+
+    #[test]
+    fn a_filtered_lease_closes_for_good_and_frees_its_admission_slot() {
+        let now = Instant::now();
+        let mut l = Leases::starting_at(0, 0);
+        let a = l.grant(1, 2, now);
+        // Synchronous, B = 2: both slots taken.
+        assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 0);
+        l.filter(a[0].0, 0).unwrap();
+        // Not accepted, no longer running: one more lease may go out.
+        assert_eq!((l.accepted, l.running()), (0, 1));
+        assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 1);
+        assert_eq!(l.filter(a[0].0, 0).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(a[0].0, 0).unwrap_err(), Refusal::Duplicate);
+        l.commit(a[1].0, 1).unwrap();
+        assert_eq!(l.informative_share(), 0.5);
+        // A rewind or a dead worker never brings a filtered prompt back.
+        assert_eq!(l.expire_worker(1), 0);
+        assert_eq!(l.rewind(0, &HashSet::new()), 1);
+        assert_eq!(l.pending_reissue(), vec![1]);
+        assert_eq!(l.filtered, vec![0]);
+        let b = l.grant(2, 2, now);
+        assert_eq!(b.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2]);
+        l.grant(2, 0, now);
         let later = now + Duration::from_secs(10);
         assert_eq!(l.expire_older_than(Duration::from_secs(5), later), 2);
         assert_eq!(l.running(), 0);

@@ -16,6 +16,10 @@ pub const LEASES_RUNNING: &str = "tandem_leases_running";
 pub const GROUPS_ACCEPTED: &str = "tandem_groups_accepted_total";
 pub const GROUPS_DROPPED: &str = "tandem_groups_dropped_total";
 pub const LEASES_REISSUED: &str = "tandem_leases_reissued_total";
+/// Leases granted in place of groups dynamic sampling filtered out.
+pub const LEASES_EXTRA: &str = "tandem_leases_extra_total";
+/// accepted / (accepted + filtered): the share of groups that taught something.
+pub const INFORMATIVE_SHARE: &str = "tandem_informative_group_share";
 pub const WEIGHT_SYNC_SECONDS: &str = "tandem_weight_sync_seconds";
 pub const WEIGHT_SYNC_BYTES: &str = "tandem_weight_sync_bytes_total";
 pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
@@ -28,10 +32,11 @@ pub const WEIGHT_SYNC_FAILURES: &str = "tandem_weight_sync_failures_total";
 pub const STALENESS_BOUND: &str = "tandem_staleness_bound";
 pub const RUN_FINISHED: &str = "tandem_run_finished";
 /// The `reason` labels of `GROUPS_DROPPED`: the trainer's ("stale": past η when taken,
-/// "invalid": failed the ingest checks, "malformed": undecodable) and the coordinator's
-/// commit refusals (`Refusal::as_str`).
+/// "invalid": failed the ingest checks, "malformed": undecodable, "zero_std": filtered
+/// out by dynamic sampling) and the coordinator's commit refusals (`Refusal::as_str`).
 pub const DROP_REASONS: &[&str] = &[
     "stale",
+    "zero_std",
     "invalid",
     "malformed",
     "unknown_lease",
@@ -93,6 +98,14 @@ pub fn describe() {
     );
     describe_counter!(GROUPS_DROPPED, "Groups refused or dropped, by reason");
     describe_counter!(
+        LEASES_EXTRA,
+        "Leases granted in place of groups dynamic sampling filtered out (every reward equal)"
+    );
+    describe_gauge!(
+        INFORMATIVE_SHARE,
+        "Share of finished groups that were informative: accepted / (accepted + filtered)"
+    );
+    describe_counter!(
         LEASES_REISSUED,
         "Leases expired and their prompts leased again"
     );
@@ -131,6 +144,8 @@ pub fn initialise(max_staleness: u64) {
     metrics::gauge!(RUN_FINISHED).set(0.0);
     metrics::counter!(GROUPS_ACCEPTED).absolute(0);
     metrics::counter!(LEASES_REISSUED).absolute(0);
+    metrics::counter!(LEASES_EXTRA).absolute(0);
+    metrics::gauge!(INFORMATIVE_SHARE).set(1.0);
     metrics::counter!(WEIGHT_SYNC_BYTES).absolute(0);
     for role in ["generator", "trainer"] {
         metrics::counter!(WORKERS_DROPPED, "role" => role).absolute(0);

@@ -194,5 +194,7 @@ pub fn status_value(c: &Core) -> serde_json::Value {
         "prompt_cursor": c.leases.cursor,
         "reissued_prompts": c.leases.reissued,
         "pending_reissue": c.leases.pending_reissue(),
+        "filtered_prompts": c.leases.filtered,
+        "informative_group_share": c.leases.informative_share(),
     })
 }

@@ -253,8 +253,28 @@ impl Coordinator for CoordinatorService {
                 reason: "finished".into(),
             }));
         }
+        if r.filtered {
+            return Ok(Response::new(
+                match core.leases.filter(r.lease_id, r.prompt_index) {
+                    Ok(_) => {
+                        metrics::counter!(m::LEASES_EXTRA).increment(1);
+                        metrics::gauge!(m::INFORMATIVE_SHARE).set(core.leases.informative_share());
+                        metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
+                        CommitReply {
+                            accepted: true,
+                            reason: String::new(),
+                        }
+                    }
+                    Err(why) => CommitReply {
+                        accepted: false,
+                        reason: why.as_str().to_string(),
+                    },
+                },
+            ));
+        }
         match core.leases.commit(r.lease_id, r.prompt_index) {
             Ok(_) => {
+                metrics::gauge!(m::INFORMATIVE_SHARE).set(core.leases.informative_share());
                 metrics::counter!(m::GROUPS_ACCEPTED).increment(1);
                 metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
                 Ok(Response::new(CommitReply {

@@ -27,23 +27,14 @@ impl Group {
         group_key(self.prompt_index, self.lease_id, self.worker_id)
     }
 
-    /// The oldest version among the group's trained tokens (a token its rollout's
-    /// `loss_mask` leaves out is context: its version is not read), or among all its
-    /// tokens when none is trained.
+    /// The oldest version among the group's tokens ([`Rollout::oldest_version`]: a
+    /// token its rollout's `loss_mask` leaves out is context, its version not read).
     pub fn oldest_version(&self) -> u64 {
-        let versions = |trained_only: bool| {
-            self.rollouts
-                .iter()
-                .filter_map(|r| r.versions.as_ref().map(|v| (r, v)))
-                .flat_map(move |(r, v)| {
-                    v.iter()
-                        .enumerate()
-                        .filter(move |(t, _)| !trained_only || r.is_trained(*t))
-                        .map(|(_, &x)| x)
-                })
-                .min()
-        };
-        versions(true).or_else(|| versions(false)).unwrap_or(0)
+        self.rollouts
+            .iter()
+            .filter_map(Rollout::oldest_version)
+            .min()
+            .unwrap_or(0)
     }
 
     /// staleness = policy version − oldest token version (ARCHITECTURE.md, "Bounded staleness").

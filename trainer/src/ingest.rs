@@ -12,6 +12,15 @@ pub struct Limits {
     pub max_completion_tokens: usize,
     /// Longest prompt + completion accepted (the model's context).
     pub max_context_tokens: usize,
+    /// Dynamic sampling (`[run] filter_zero_std`): a group whose rewards are all equal
+    /// is filtered out (its lease closed, another admitted in its place).
+    pub filter_zero_std: bool,
+}
+
+/// Whether every completion of `g` has the same reward: its group-relative advantages
+/// are all zero, it teaches nothing (DAPO's dynamic sampling drops it).
+pub fn uninformative(g: &RolloutGroup) -> bool {
+    g.completions.windows(2).all(|w| w[0].reward == w[1].reward)
 }
 
 /// Returns the first problem found, naming the field. `policy_version` is the newest
@@ -164,7 +173,12 @@ mod tests {
             group_size: 2,
             max_completion_tokens: 4,
             max_context_tokens: 8,
+            filter_zero_std: false,
         };
+        assert!(uninformative(&good()));
+        let mut varied = good();
+        varied.completions[1].reward = 0.5;
+        assert!(!uninformative(&varied));
         assert!(check_group(&good(), &l, 3).is_ok());
         /// A change that breaks one rule, and the field the refusal must name.
         type Case<'a> = (Box<dyn Fn(&mut RolloutGroup)>, &'a str);

@@ -45,6 +45,8 @@ pub struct StepReport {
     pub trained_leases: Vec<u64>,
     pub wait_seconds: f64,
     pub step_seconds: f64,
+    /// Groups dynamic sampling has filtered out so far (`[run] filter_zero_std`).
+    pub filtered_groups: u64,
 }
 
 pub struct Learner {
@@ -99,13 +101,7 @@ impl Learner {
         let staleness: Vec<u32> = rollouts
             .iter()
             .map(|r| {
-                let oldest = r
-                    .versions
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .min()
-                    .unwrap_or(self.version);
+                let oldest = r.oldest_version().unwrap_or(self.version);
                 self.version.saturating_sub(oldest) as u32
             })
             .collect();
@@ -164,6 +160,7 @@ impl Learner {
             trained_leases: groups.iter().map(|g| g.lease_id).collect(),
             wait_seconds,
             step_seconds: t0.elapsed().as_secs_f64(),
+            filtered_groups: shared.filtered.load(Ordering::SeqCst),
         })
     }
 
@@ -208,8 +205,9 @@ impl Learner {
 
 impl StepReport {
     /// What the step measured about its batch beside the training metrics: step,
-    /// version, staleness max and mean, stale drops, and the wait and step seconds.
-    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 7] {
+    /// version, staleness max and mean, stale drops, the wait and step seconds, and the
+    /// groups dynamic sampling filtered out so far.
+    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 8] {
         let s = &self.staleness;
         [
             ("step", self.step.into()),
@@ -222,6 +220,7 @@ impl StepReport {
             ("stale_dropped", self.stale_dropped.len().into()),
             ("wait_seconds", self.wait_seconds.into()),
             ("step_seconds", self.step_seconds.into()),
+            ("filtered_groups", self.filtered_groups.into()),
         ]
     }
 

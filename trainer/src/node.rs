@@ -40,6 +40,8 @@ pub struct Settings {
     pub group_size: u32,
     pub batch_groups: u64,
     pub max_staleness: u64,
+    /// `[run] filter_zero_std`: dynamic sampling drops groups whose rewards are all equal.
+    pub filter_zero_std: bool,
     /// The longest completion a generator samples (`[generator] max_new_tokens`).
     pub max_completion_tokens: usize,
     pub heartbeat_interval: Duration,
@@ -149,6 +151,7 @@ pub fn run(
             group_size: s.group_size as usize,
             max_completion_tokens: s.max_completion_tokens,
             max_context_tokens: mc.max_position_embeddings,
+            filter_zero_std: s.filter_zero_std,
         },
         s.trainer.bucket_mib << 20,
     ));

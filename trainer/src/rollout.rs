@@ -43,6 +43,19 @@ impl Rollout {
         self.loss_mask.as_ref().is_none_or(|m| m[t] != 0)
     }
 
+    /// The oldest version among the trained tokens (a masked token's version is not
+    /// read), or among all tokens when none is trained; `None` without `versions`.
+    pub fn oldest_version(&self) -> Option<u64> {
+        let v = self.versions.as_ref()?;
+        let trained = v
+            .iter()
+            .enumerate()
+            .filter(|(t, _)| self.is_trained(*t))
+            .map(|(_, &x)| x)
+            .min();
+        trained.or_else(|| v.iter().copied().min())
+    }
+
     /// The number of trained completion tokens, Σ m.
     pub fn trained_tokens(&self) -> usize {
         match &self.loss_mask {

@@ -17,7 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::buffer::{Buffer, Group};
-use crate::ingest::{check_group, Limits};
+use crate::ingest::{check_group, uninformative, Limits};
 use crate::rollout::{FinishReason, Rollout};
 use tandem_weights::Snapshot;
 
@@ -38,6 +38,8 @@ pub struct Shared {
     pub closed: std::sync::atomic::AtomicBool,
     /// Groups between arrival and buffer (so closing can wait for them).
     pub inflight: std::sync::atomic::AtomicUsize,
+    /// Groups filtered out by dynamic sampling (`Limits::filter_zero_std`) so far.
+    pub filtered: AtomicU64,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             bucket_bytes,
             closed: Default::default(),
             inflight: Default::default(),
+            filtered: AtomicU64::new(0),
         }
     }
 
@@ -103,6 +106,52 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
 type BucketStream = Pin<Box<dyn Stream<Item = Result<WeightBucket, Status>> + Send>>;
 
 impl TrainerService {
+    /// Closes the lease of uninformative group `g` as filtered; the ack says so.
+    async fn filter(&self, g: RolloutGroup) -> PushAck {
+        let commit = self
+            .coordinator
+            .clone()
+            .commit(CommitRequest {
+                lease_id: g.lease_id,
+                prompt_index: g.prompt_index,
+                worker_id: g.worker_id,
+                filtered: true,
+            })
+            .await;
+        let (accepted, reason) = match commit {
+            Ok(r) if r.get_ref().accepted => {
+                self.shared.filtered.fetch_add(1, Ordering::SeqCst);
+                self.shared.count_dropped("zero_std");
+                tracing::debug!(
+                    lease = g.lease_id,
+                    "filtered out: every reward equal (dynamic sampling)"
+                );
+                (
+                    true,
+                    "filtered: every reward is equal (dynamic sampling)".to_string(),
+                )
+            }
+            Ok(r) => (
+                false,
+                format!("lease {}: {}", g.lease_id, r.get_ref().reason),
+            ),
+            Err(e) => (
+                false,
+                format!(
+                    "the coordinator could not close lease {}: {}",
+                    g.lease_id,
+                    e.message()
+                ),
+            ),
+        };
+        PushAck {
+            seq: g.seq,
+            accepted,
+            reason,
+            buffer_groups: self.shared.buffer_len() as u64,
+        }
+    }
+
     /// Check → wait for room → commit → buffer. Returns the ack.
     async fn ingest(&self, g: RolloutGroup) -> PushAck {
         let seq = g.seq;
@@ -127,6 +176,12 @@ impl TrainerService {
             );
             return refuse(e, &self.shared);
         }
+        // Dynamic sampling: an uninformative group closes its lease as filtered (the
+        // coordinator admits another prompt in its place) and never reaches the buffer.
+        let filtered = self.shared.limits.filter_zero_std && uninformative(&g);
+        if filtered {
+            return self.filter(g).await;
+        }
         // Back-pressure: stop reading this stream while the buffer is full.
         loop {
             let notified = self.shared.space.notified();
@@ -142,6 +197,7 @@ impl TrainerService {
                 lease_id: g.lease_id,
                 prompt_index: g.prompt_index,
                 worker_id: g.worker_id,
+                filtered: false,
             })
             .await;
         match commit {
