@@ -1,6 +1,7 @@
 //! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
 
 mod certs;
+mod eval;
 #[cfg(test)]
 mod example_configs;
 mod generate;
@@ -53,6 +54,8 @@ enum Command {
     Generator(serve::GeneratorArgs),
     /// Print a run's lag table (per generator) and its last step's metrics.
     Status(status::StatusArgs),
+    /// A model on a config's held-out set: accuracy, pass@k, maj@k, mean length.
+    Eval(eval::EvalArgs),
     /// Plot a run (reward, staleness, throughput, losses over steps) as SVG and summarise it.
     Report(report::ReportArgs),
     /// Supervised fine-tuning (assistant tokens only) on a JSONL / Parquet file or a synthetic task.
@@ -103,6 +106,7 @@ fn main() {
         Command::Generator(a) => serve::generator(a),
         Command::Status(a) => status::run(a),
         Command::Report(a) => report::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::TlsCerts(a) => certs::run(a),
         Command::Sft(a) => offline::sft(a),
         Command::Rm(a) => offline::rm(a),

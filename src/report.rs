@@ -26,18 +26,9 @@ type Series = (String, Vec<(f64, f64)>);
 
 pub fn run(a: ReportArgs) -> Result<()> {
     let path = a.run_dir.join("metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
-        rows.push(v);
-    }
+    // A torn last line (a crash mid-write) is skipped.
+    let rows = tandem_model::durable::read_jsonl(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
     if rows.is_empty() {
         bail!("{}: no steps yet", path.display());
     }
@@ -63,7 +54,16 @@ pub fn run(a: ReportArgs) -> Result<()> {
             }
         }
     }
-    let plots: Vec<(&str, &str, Vec<Series>)> = vec![
+    // The held-out evaluations (`eval.jsonl`, step 0 included), when the run had them.
+    let evals: Vec<Value> =
+        tandem_model::durable::read_jsonl(&a.run_dir.join("eval.jsonl")).unwrap_or_default();
+    let eval_series = |k: &str| -> Vec<(f64, f64)> {
+        evals
+            .iter()
+            .filter_map(|r| Some((get(r, "step")?, get(r, k)?)))
+            .collect()
+    };
+    let mut plots: Vec<(&str, &str, Vec<Series>)> = vec![
         (
             "reward.svg",
             "reward (mean over the step's samples)",
@@ -92,6 +92,16 @@ pub fn run(a: ReportArgs) -> Result<()> {
             ],
         ),
     ];
+    if !evals.is_empty() {
+        let mut s: Vec<Series> = vec![("accuracy".into(), eval_series("eval_accuracy"))];
+        if let Some(k) = evals[0].as_object().and_then(|o| {
+            o.keys()
+                .find(|k| k.starts_with("eval_pass_at_") && *k != "eval_pass_at_1")
+        }) {
+            s.push((k["eval_".len()..].into(), eval_series(k)));
+        }
+        plots.push(("eval.svg", "held-out evaluation", s));
+    }
     for (file, title, s) in &plots {
         plot(&out.join(file), title, s)?;
     }
@@ -123,6 +133,8 @@ pub fn run(a: ReportArgs) -> Result<()> {
         "staleness_max": rows.iter().filter_map(|r| get(r, "staleness_max")).fold(0.0, f64::max),
         "mismatch_kl_max": rows.iter().filter_map(|r| get(r, "mismatch_kl")).fold(0.0, f64::max),
         "tokens_per_second_mean": throughput.iter().map(|p| p.1).sum::<f64>() / throughput.len().max(1) as f64,
+        "eval_accuracy_first": evals.first().and_then(|r| get(r, "eval_accuracy")),
+        "eval_accuracy_last": evals.last().and_then(|r| get(r, "eval_accuracy")),
         "plots": plots.iter().map(|p| p.0).collect::<Vec<_>>(),
     });
     let sp = out.join("summary.json");

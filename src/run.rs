@@ -82,8 +82,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    if run_dir.join("metrics.jsonl").exists() {
-        std::fs::remove_file(run_dir.join("metrics.jsonl"))?;
+    // A new run's logs start empty.
+    for log in ["metrics.jsonl", "eval.jsonl"] {
+        if run_dir.join(log).exists() {
+            std::fs::remove_file(run_dir.join(log))?;
+        }
     }
     // Resolve the model once, here, so the processes do not race to fetch or create it.
     cfg.model.path = tandem_model::materialize(&cfg.model.path)
@@ -241,6 +244,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         run_dir.join("final").display(),
         run_dir.join("metrics.jsonl").display()
     );
+    if let Some(line) = crate::eval::before_after(&run_dir, &cfg) {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tandem_coordinator::config::{CoordinatorConfig, RunSection};
 use tandem_data::DataConfig;
 use tandem_generator::config::GeneratorConfig;
+use tandem_generator::eval::EvalSection;
 use tandem_generator::reward::RewardConfig;
 use tandem_model::ModelSection;
 use tandem_trainer::advantage::Estimator;
@@ -75,6 +76,7 @@ pub struct RunConfig {
     pub trainer: TrainerConfig,
     pub generator: GeneratorConfig,
     pub reward: RewardConfig,
+    pub eval: EvalSection,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
     pub tls: crate::security::TlsSection,
@@ -106,6 +108,7 @@ impl RunConfig {
         self.reward.validate_for(self.algorithm.teacher.is_some())?;
         self.algorithm.validate()?;
         self.optimizer.validate()?;
+        self.eval.validate()?;
         if (self.algorithm.temperature - self.generator.temperature).abs() > 1e-12 {
             bail!(
                 "[algorithm] temperature ({}) must equal [generator] temperature ({}): the trainer scores tokens under the distribution they were sampled from",
@@ -247,6 +250,8 @@ mod doc {
                 if v == "unset" {
                     let value = match (section.as_str(), key.as_str()) {
                         ("algorithm", "clip_c") => "3.0".to_string(),
+                        ("eval", "max_new_tokens") => "8".to_string(),
+                        ("eval", "path") => "\"x.jsonl\"".to_string(),
                         ("data", "path")
                         | ("data", "system")
                         | ("run", "token")

@@ -181,7 +181,12 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         resume: a.resume,
     };
     let joined = node::Joined { coordinator, reply };
-    node::run(&settings, endpoints, joined, &creds, &rt, &readiness)?;
+    // Held-out evaluation on the trainer's weights between steps (`[eval] every`).
+    let evals = (cfg.eval.every > 0).then(|| tandem_trainer::evaluate::Evaluations {
+        every: cfg.eval.every,
+        evaluator: Box::new(crate::eval::RunEvaluator::new(&cfg)),
+    });
+    node::run(&settings, endpoints, joined, &creds, &rt, &readiness, evals)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean_failure, init_tiny, stderr, tandem};
+use common::{assert_clean_failure, init_tiny, ok, stderr, tandem};
 
 fn fixture() -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.json");
@@ -662,4 +662,79 @@ fn bad_preference_records_are_located() {
         assert_clean_failure(&o, &["prefs.jsonl:2", needle]);
         assert!(!out.exists(), "{line}: nothing may be written");
     }
+}
+
+/// `tandem eval` on the tiny model with four samples per held-out prompt: the
+/// report's accuracy, pass@1, pass@4 and mean length equal what the test computes by
+/// hand from the samples it wrote (pass@k from the binomial definition); bad `[eval]`
+/// values are refused by name.
+#[test]
+fn eval_reports_pass_at_k_computed_from_its_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let cfg = dir.path().join("eval.toml");
+    // The share of digits scores each sample; half counts as correct.
+    std::fs::write(
+        &cfg,
+        "[data]\nkind = \"arithmetic\"\nchat = false\ntemplate = \"{question} =\"\n\n\
+         [generator]\nmax_new_tokens = 6\n\n\
+         [reward]\nmath = 0.0\nformat = 1.0\nformat_kind = \"digits\"\n\n\
+         [eval]\nprompts = 12\nsamples = 4\ntemperature = 1.0\ncorrect_at = 0.5\nbatch_prompts = 5\n",
+    )
+    .unwrap();
+    let (json, samples) = (dir.path().join("r.json"), dir.path().join("s.jsonl"));
+    let o = ok(tandem(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+    ]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pass@4"));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 48);
+    let choose =
+        |n: u64, k: u64| -> f64 { (0..k).map(|i| (n - i) as f64 / (k - i) as f64).product() };
+    let (mut pass1, mut pass4) = (0.0, 0.0);
+    for p in 0..12 {
+        let c = rows
+            .iter()
+            .filter(|x| x["prompt"] == p && x["reward"].as_f64().unwrap() >= 0.5)
+            .count() as u64;
+        pass1 += 1.0 - choose(4 - c, 1) / choose(4, 1);
+        pass4 += if c > 0 { 1.0 } else { 0.0 };
+    }
+    let close = |key: &str, want: f64| {
+        let got = r["metrics"][key].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9, "{key}: {got} vs {want}");
+    };
+    close("eval_pass_at_1", pass1 / 12.0);
+    close("eval_pass_at_4", pass4 / 12.0);
+    let mean = |k: &str| rows.iter().map(|x| x[k].as_f64().unwrap()).sum::<f64>() / 48.0;
+    close("eval_accuracy", mean("reward"));
+    close("eval_mean_length", mean("tokens"));
+    // No maj@n without an answer-extracting reward.
+    assert!(r["metrics"].get("eval_maj_at_4").is_none());
+    assert_clean_failure(
+        &tandem(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "eval.path=\"prompts.csv\"",
+        ]),
+        &["[eval] path", ".jsonl"],
+    );
 }

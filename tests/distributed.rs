@@ -464,7 +464,9 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
 /// Tests 1, 4 and 8: `tandem run` with 2 generators completes its steps; every
 /// trained group is trained once and no token is staler than the bound; the policy
 /// version advances; the reward on a learnable task rises; `/metrics` is Prometheus
-/// text with the lag metrics.
+/// text with the lag metrics; the held-out evaluation runs before the first step,
+/// every 10 steps and after the last, and reaches eval.jsonl, metrics.jsonl,
+/// `/metrics`, the report and the run's last line.
 #[test]
 fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,7 +474,8 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     let steps = 40;
     let cfg = dir.path().join("run.toml");
     // A batch of 4 × 8 and a larger step make the rise certain, not likely.
-    let text = config(dir.path(), &model, steps, 1, "")
+    let eval = "[eval]\nevery = 10\nprompts = 16\nsamples = 2\ntemperature = 1.0\n";
+    let text = config(dir.path(), &model, steps, 1, eval)
         .replace("batch_groups = 2", "batch_groups = 4")
         .replace("group_size = 4", "group_size = 8")
         .replace("lr = 1e-2", "lr = 2e-2");
@@ -491,7 +494,8 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
         let lines = std::fs::read_to_string(run.join("metrics.jsonl"))
             .map(|t| t.lines().count())
             .unwrap_or(0);
-        if lines >= 3 {
+        // After step 10's evaluation has been published.
+        if lines >= 11 {
             let v: Value = serde_json::from_str(
                 &std::fs::read_to_string(run.join("coordinator.json")).unwrap(),
             )
@@ -564,6 +568,9 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
         "tandem_trainer_wait_seconds_total",
         "tandem_train_loss",
         "tandem_train_reward_mean",
+        "tandem_eval_accuracy",
+        "tandem_eval_pass_at_2",
+        "tandem_eval_maj_at_2",
     ] {
         assert!(
             families.contains(name),
@@ -609,6 +616,38 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     check_nothing_lost(&run, &trained, true);
     assert!(run.join("final/model.safetensors").exists());
 
+    // Held-out evaluations at steps 0, 10, …, 40, each in its step's metrics line.
+    let evals: Vec<Value> = std::fs::read_to_string(run.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let eval_steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(eval_steps, vec![0, 10, 20, 30, 40]);
+    for e in &evals {
+        let acc = e["eval_accuracy"].as_f64().unwrap();
+        let (p1, p2) = (
+            e["eval_pass_at_1"].as_f64().unwrap(),
+            e["eval_pass_at_2"].as_f64().unwrap(),
+        );
+        assert!((0.0..=1.5).contains(&acc) && p1 <= p2 + 1e-12, "{e}");
+        let step = e["step"].as_u64().unwrap();
+        if step > 0 {
+            let line = &m[step as usize - 1];
+            assert_eq!(line["eval_accuracy"].as_f64(), Some(acc), "{line}");
+        }
+    }
+    assert!(m
+        .iter()
+        .filter(|l| l["step"].as_u64().unwrap() % 10 != 0)
+        .all(|l| l.get("eval_accuracy").is_none()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last_line = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last_line.starts_with("held-out accuracy") && last_line.contains("(step 0)"),
+        "{stderr}"
+    );
+
     // `tandem report` plots the run and summarises what metrics.jsonl says.
     let o = ok(tandem(&["report", run.to_str().unwrap()]));
     let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -620,7 +659,17 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
             / xs.len() as f64
     };
     assert!((summary["reward_last_5"].as_f64().unwrap() - r5(&m[m.len() - 5..])).abs() < 1e-9);
-    for f in ["reward.svg", "staleness.svg", "throughput.svg", "loss.svg"] {
+    assert_eq!(
+        summary["eval_accuracy_last"].as_f64(),
+        evals.last().unwrap()["eval_accuracy"].as_f64()
+    );
+    for f in [
+        "reward.svg",
+        "staleness.svg",
+        "throughput.svg",
+        "loss.svg",
+        "eval.svg",
+    ] {
         let svg = std::fs::read_to_string(run.join("report").join(f)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{f}");
     }

@@ -119,6 +119,13 @@ def aggregate(kind, loss, lengths, max_len, mask=None):
     return torch.stack(means).sum() / max(len(means), 1)
 
 
+def distill_advantage(adv, teacher, mu, mask, coef):
+    """On-policy distillation: A_t + coef (log pi_teacher - log mu) on trained tokens, and
+    the mean reverse-KL estimate log mu - log pi_teacher over them."""
+    d = (teacher - mu) * mask
+    return adv + coef * d, (-d.sum() / mask.sum()).item()
+
+
 def overlong_penalty(length, max_len, buffer_len, penalty):
     """DAPO's soft overlong punishment (their reward_manager's formula)."""
     if buffer_len == 0:
@@ -214,9 +221,12 @@ def main():
     versions = [6, 6, 5, 4, 3, 5, 5, 0, 2, 6, 1, 4]
     approx, alpha = loglinear_prox(mu, logp, versions, 6)
     loglinear = {"versions": versions, "policy_version": 6, "alpha": alpha.tolist(), "prox_logp": approx.tolist()}
+    teacher = logp + torch.randn(n, generator=g) * 0.7
+    new_adv, rkl = distill_advantage(tok_adv, teacher, mu_masked, mask, 0.6)
+    distill = {"teacher_logp": teacher.tolist(), "coef": 0.6, "advantages": new_adv.tolist(), "reverse_kl": rkl}
     overlong = [{"len": n, "max_len": 20, "buffer_len": b, "penalty": p, "reward": overlong_penalty(n, 20, b, p)}
                 for n in [0, 12, 16, 17, 19, 20, 21, 40] for b, p in [(0, 1.0), (4, 1.0), (4, 0.5), (20, 2.0)]]
-    out = {"overlong": overlong, "critic": critic, "loglinear": loglinear, "rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
+    out = {"distill": distill, "overlong": overlong, "critic": critic, "loglinear": loglinear, "rewards": rewards, "groups": groups, "advantages": adv, "tokens": tokens, "kl": kls,
            "weights": ws, "policy": losses,
            "params": {"eps_low": 0.2, "eps_high": 0.28, "gspo_eps_low": 3e-4, "gspo_eps_high": 4e-4,
                       "cispo_eps_low": 1.0, "cispo_eps_high": 0.28, "clip_c": 3.0, "tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}}

@@ -158,7 +158,8 @@ pub fn initialise(max_staleness: u64) {
     let _ = metrics::histogram!(WEIGHT_SYNC_SECONDS);
 }
 
-/// A Prometheus-safe metric name from a training metric's name.
+/// A Prometheus-safe metric name from a training metric's name: `tandem_train_<name>`,
+/// or `tandem_<name>` for the held-out evaluation's `eval_*` metrics.
 pub fn train_metric_name(name: &str) -> String {
     let clean: String = name
         .chars()
@@ -170,6 +171,9 @@ pub fn train_metric_name(name: &str) -> String {
             }
         })
         .collect();
+    if clean.starts_with("eval_") {
+        return format!("tandem_{clean}");
+    }
     format!("{TRAIN_PREFIX}{clean}")
 }
 

@@ -8,17 +8,21 @@
 //!   the external reward service
 //! - [`render`] — prompts to token ids (chat template or raw text)
 //! - [`config`] — the `[generator]` section
+//! - [`scored`] — offline sampling: N completions per prompt, decoded and scored
 //! - [`rejection`] — rejection sampling: N completions per prompt, the best kept as SFT
 //!   data
+//! - [`eval`] — held-out evaluation: accuracy, pass@k, maj@k, mean length
 
 pub mod broadcast;
 pub mod config;
 pub mod error;
+pub mod eval;
 mod heartbeat;
 mod push;
 pub mod rejection;
 pub mod render;
 pub mod reward;
+pub mod scored;
 mod weight_sync;
 pub mod worker;
 

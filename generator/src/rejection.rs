@@ -10,12 +10,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tandem_data::{DataConfig, Dataset, PromptBody};
-use tandem_model::{ChatMessage, ModelSection, RewardModel, SamplingParams};
+use tandem_model::{ModelSection, RewardModel, SamplingParams};
 
 use crate::config::GeneratorConfig;
 use crate::error::{bail, Context, Result};
-use crate::render::{prompt_ids, PromptInput};
 use crate::reward::RewardConfig;
+use crate::scored::{render_all, sample_scored};
 
 /// What is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,30 +121,8 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
     let data = Dataset::load(&cfg.data)?;
     let count = data.epoch_len().map_or(r.prompts, |n| n.min(r.prompts));
     let prompts: Vec<_> = (0..count as u64).map(|i| data.get(i)).collect();
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, pr)| {
-            let input = match &pr.body {
-                PromptBody::Text(t) => PromptInput::Text(t),
-                PromptBody::Messages(m) => PromptInput::Messages(
-                    m.iter()
-                        .map(|t| ChatMessage {
-                            role: t.role.clone(),
-                            content: t.content.clone(),
-                        })
-                        .collect(),
-                ),
-            };
-            prompt_ids(
-                &p.tokenizer,
-                input,
-                cfg.data.chat,
-                cfg.data.system.as_deref(),
-            )
-            .with_context(|| format!("prompt {}", i + 1))
-        })
-        .collect::<std::result::Result<_, _>>()?;
+    let ids = render_all(&p, &prompts, cfg.data.chat, cfg.data.system.as_deref())?;
+    let answers: Vec<Option<String>> = prompts.iter().map(|pr| pr.answer.clone()).collect();
 
     let bar = ProgressBar::new(count as u64);
     bar.set_style(
@@ -153,42 +131,37 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
             .progress_chars("=> "),
     );
     let g = &cfg.generator;
-    let mut samples: Vec<Sample> = Vec::with_capacity(count * r.n);
-    for (b, chunk) in ids.chunks(r.batch_prompts).enumerate() {
-        let first = b * r.batch_prompts;
-        let params = SamplingParams {
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            max_new_tokens: g.max_new_tokens,
-            stop_token_ids: p.stop_token_ids(),
-            seed: r.seed.wrapping_add(first as u64),
-        };
-        // Each prompt prefilled once, its N samples forked from it.
-        let out = tandem_model::generate_groups(&p.model, chunk.to_vec(), r.n, params)?;
-        for (j, group) in out.iter().enumerate() {
-            let i = first + j;
-            let answer = prompts[i].answer.as_deref();
-            let texts: Vec<String> = group
-                .iter()
-                .map(|c| p.tokenizer.decode(&c.tokens, true))
-                .collect::<std::result::Result<_, _>>()?;
-            let mut rewards: Vec<f64> = texts.iter().map(|t| cfg.reward.score(t, answer)).collect();
-            if let Some(rm) = &rm {
-                let toks: Vec<Vec<u32>> = group.iter().map(|c| c.tokens.clone()).collect();
-                for (x, s) in rewards.iter_mut().zip(rm.score(&ids[i], &toks)?) {
-                    *x += cfg.reward.model_weight * s;
-                }
-            }
-            samples.extend(texts.into_iter().zip(rewards).map(|(text, reward)| Sample {
-                prompt: i,
-                text,
-                reward,
-            }));
-        }
-        bar.inc(chunk.len() as u64);
-    }
+    let params = SamplingParams {
+        temperature: g.temperature,
+        top_k: g.top_k,
+        top_p: g.top_p,
+        max_new_tokens: g.max_new_tokens,
+        stop_token_ids: p.stop_token_ids(),
+        seed: r.seed,
+    };
+    let groups = sample_scored(
+        &p,
+        rm.as_ref(),
+        &ids,
+        &answers,
+        r.n,
+        r.batch_prompts,
+        &params,
+        &cfg.reward,
+        |done| bar.set_position(done as u64),
+    )?;
     bar.finish();
+    let samples: Vec<Sample> = groups
+        .into_iter()
+        .enumerate()
+        .flat_map(|(prompt, group)| {
+            group.into_iter().map(move |s| Sample {
+                prompt,
+                text: s.text,
+                reward: s.reward,
+            })
+        })
+        .collect();
 
     let passes = |s: &&Sample| r.min_reward.is_none_or(|m| s.reward >= m);
     let mut kept: Vec<&Sample> = match r.keep {

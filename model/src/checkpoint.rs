@@ -200,11 +200,12 @@ pub fn save_hf(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     let st = tmp.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st).map_err(|e| Error::format(&st, e.to_string()))?;
     tokenizer.save(&tmp, cfg.max_position_embeddings)?;
+    // On disk before the rename publishes it.
+    crate::durable::sync_tree(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    Ok(())
+    crate::durable::publish(&tmp, dir)
 }
 
 /// A model argument every process of a run can load the same way: a named model is
@@ -227,5 +228,6 @@ pub fn materialize(spec: &str) -> Result<String> {
 pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     let tmp = path.with_extension("tmp");
     write_file(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::durable::sync_file(&tmp)?;
+    crate::durable::publish(&tmp, path)
 }

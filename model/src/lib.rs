@@ -18,6 +18,7 @@ mod cpu_storage;
 pub mod decode_matmul;
 pub mod decoder;
 pub mod device;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod fetch;

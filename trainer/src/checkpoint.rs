@@ -1,7 +1,10 @@
 //! Trainer checkpoints (ARCHITECTURE.md, "Checkpoints are atomic and complete"): the model as an HF folder (loadable by
 //! transformers), the value head, the optimizer state, and `trainer.json` with the
-//! step, the version and the rollout buffer. Written into a temporary folder and
-//! renamed; `RUN_DIR/checkpoints/latest` names the newest complete one.
+//! step, the version and the rollout buffer. Written into a temporary folder, flushed
+//! to disk (fsync of every file and folder) and renamed, the rename flushed too;
+//! `RUN_DIR/checkpoints/latest` names the newest complete one. Pruning keeps the
+//! highest step numbers (a reused run folder's old, higher-named checkpoints never
+//! outrank by name a fresh one).
 //!
 //! The trainer has no random state of its own (sampling seeds live in generators, data
 //! order in the coordinator), so step, version and buffer are all it needs to continue.
@@ -50,29 +53,40 @@ pub fn save(run_dir: &Path, learner: &Learner, buffer: &Buffer, keep: usize) -> 
     };
     let text = serde_json::to_string(&state).map_err(|e| invalid(e.to_string()))?;
     std::fs::write(tmp.join("trainer.json"), text).map_err(|e| io("writing", &tmp, e))?;
+    tandem_model::durable::sync_tree(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| io("removing", &dir, e))?;
     }
-    std::fs::rename(&tmp, &dir).map_err(|e| io("renaming into", &dir, e))?;
-    let latest_tmp = root.join(".latest.tmp");
-    std::fs::write(&latest_tmp, &name).map_err(|e| io("writing", &latest_tmp, e))?;
-    std::fs::rename(&latest_tmp, root.join("latest"))
-        .map_err(|e| io("renaming", &latest_tmp, e))?;
-    // Older checkpoints beyond `keep` go.
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(|e| io("listing", &root, e))?
+    tandem_model::durable::publish(&tmp, &dir)?;
+    tandem_model::write_atomic(&root.join("latest"), &name)?;
+    prune(&root, learner.step, keep)?;
+    Ok(dir)
+}
+
+/// The step of a checkpoint folder name `step-N`.
+fn step_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
+}
+
+/// Removes checkpoints beyond the `keep` with the highest step numbers, never the one
+/// of `current` (the one just written): one from a later step than `current` is left
+/// over from an earlier run in the same folder and goes first.
+fn prune(root: &Path, current: u64, keep: usize) -> Result<()> {
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .map_err(|e| io("listing", root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-        })
+        .filter_map(|p| Some((step_of(&p)?, p)))
         .collect();
-    all.sort();
-    for old in all.iter().rev().skip(keep.max(1)) {
+    // Newest first: the current one, then the older ones by step; stale later ones last.
+    all.sort_by_key(|(s, _)| (*s != current, *s > current, std::cmp::Reverse(*s)));
+    for (_, old) in all.iter().skip(keep.max(1)) {
         let _ = std::fs::remove_dir_all(old);
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// The newest complete checkpoint of a run, if any.
@@ -99,4 +113,33 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join("trainer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| io("reading", &path, e))?;
     serde_json::from_str(&text).map_err(|e| io("parsing", &path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pruning keeps the newest by step number: `step-100000` left by an earlier run
+    /// in a reused folder (which sorts after `step-000040` by name, and would have
+    /// outranked it) goes first, and the checkpoint just written always stays.
+    #[test]
+    fn pruning_keeps_the_newest_steps_not_the_latest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "step-000020",
+            "step-000030",
+            "step-000040",
+            "step-100000",
+            "latest",
+        ] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        }
+        prune(dir.path(), 40, 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["latest", "step-000030", "step-000040"]);
+    }
 }

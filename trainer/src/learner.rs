@@ -1,8 +1,7 @@
 //! The learner loop of the trainer service: wait for a batch of fresh-enough groups,
 //! run one step of the configured algorithm, publish the next version.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,6 +46,8 @@ pub struct StepReport {
     pub step_seconds: f64,
     /// Groups dynamic sampling has filtered out so far (`[run] filter_zero_std`).
     pub filtered_groups: u64,
+    /// The held-out evaluation after this step (`eval_*`), when one ran.
+    pub eval: BTreeMap<String, f64>,
 }
 
 pub struct Learner {
@@ -161,6 +162,7 @@ impl Learner {
             wait_seconds,
             step_seconds: t0.elapsed().as_secs_f64(),
             filtered_groups: shared.filtered.load(Ordering::SeqCst),
+            eval: BTreeMap::new(),
         })
     }
 
@@ -185,6 +187,9 @@ impl Learner {
             for (k, v) in r.batch_metrics() {
                 obj.insert(k.to_string(), v);
             }
+            for (k, v) in &r.eval {
+                obj.insert(k.clone(), (*v).into());
+            }
             obj.insert(
                 "unix_time".into(),
                 std::time::SystemTime::now()
@@ -194,12 +199,10 @@ impl Learner {
                     .into(),
             );
         }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| invalid(format!("opening {}: {e}", path.display())))?;
-        writeln!(f, "{line}").map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+        Ok(tandem_model::durable::append_line(
+            &path,
+            &line.to_string(),
+        )?)
     }
 }
 
@@ -240,6 +243,7 @@ impl StepReport {
                 out.insert(k.to_string(), x);
             }
         }
+        out.extend(self.eval.iter().map(|(k, v)| (k.clone(), *v)));
         out.retain(|_, x| x.is_finite());
         out
     }

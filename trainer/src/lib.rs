@@ -18,7 +18,7 @@
 //! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
 //! [`learner`] the loop that turns batches into versions; [`checkpoint`] saves and
-//! restores it; [`publisher`] pushes each version to the generators of the broadcast
+//! restores it; [`evaluate`] runs the held-out evaluation between steps; [`publisher`] pushes each version to the generators of the broadcast
 //! group (`tandem_weights::broadcast`); [`node`] assembles the trainer process.
 //!
 //! The offline side: [`sft`] (records, masking and the SFT loss), [`comparison`],
@@ -35,6 +35,7 @@ pub mod correction;
 pub mod distill;
 pub mod dpo;
 pub mod error;
+pub mod evaluate;
 pub mod gae;
 pub mod ingest;
 pub mod kl;

@@ -24,6 +24,7 @@ use crate::buffer::Buffer;
 use crate::checkpoint;
 use crate::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
 use crate::error::{invalid, Context, Result};
+use crate::evaluate::Evaluations;
 use crate::ingest::Limits;
 use crate::learner::{Learner, Plan, StepReport};
 use crate::publisher::{self, Pusher};
@@ -78,6 +79,7 @@ pub fn run(
     creds: &Credentials,
     rt: &tokio::runtime::Runtime,
     readiness: &Readiness,
+    mut evals: Option<Evaluations>,
 ) -> Result<()> {
     let Joined {
         coordinator: mut coord,
@@ -139,6 +141,7 @@ pub fn run(
     if resume_from.is_some() {
         // Steps after the checkpoint are done again; their old lines go.
         truncate_metrics(&run_dir.join("metrics.jsonl"), start_step)?;
+        truncate_metrics(&run_dir.join("eval.jsonl"), start_step)?;
     }
     let kept: Vec<u64> = start_buffer.groups().map(|g| g.lease_id).collect();
     let mc = policy.model.config();
@@ -226,10 +229,19 @@ pub fn run(
         step: start_step,
         version: start_version,
     };
+    if let (Some(e), 0) = (&mut evals, start_step) {
+        e.run(&learner.policy, 0, learner.version, &run_dir)
+            .context("the held-out evaluation before the first step")?;
+    }
     while learner.step < s.steps {
-        let report = learner.step_once(&shared)?;
-        learner.log(&report)?;
+        let mut report = learner.step_once(&shared)?;
         let last = learner.step == s.steps;
+        if let Some(e) = evals.as_mut().filter(|e| e.due(report.step, last)) {
+            report.eval = e
+                .run(&learner.policy, report.step, report.version, &run_dir)
+                .with_context(|| format!("the held-out evaluation after step {}", report.step))?;
+        }
+        learner.log(&report)?;
         if last {
             finish(&learner, &shared, &run_dir)?;
         }

@@ -573,3 +573,22 @@ fn masked_tokens_change_nothing() {
         }
     }
 }
+
+/// On-policy distillation's advantage term and reverse-KL estimate against the
+/// reference, masked tokens (with garbage μ) untouched.
+#[test]
+fn distillation_advantage_matches_reference() {
+    let g = golden();
+    let (tok, d) = (&g["tokens"], &g["distill"]);
+    let mut adv = f64s(&tok["advantages"]);
+    let kl = tandem_trainer::distill::add_teacher_term(
+        &mut adv,
+        &f64s(&d["teacher_logp"]),
+        &f64s(&tok["behaviour_logp_masked"]),
+        &f64s(&tok["mask"]),
+        d["coef"].as_f64().unwrap(),
+    )
+    .unwrap();
+    assert_close(&adv, &f64s(&d["advantages"]), "advantages");
+    assert_close(&[kl], &[d["reverse_kl"].as_f64().unwrap()], "reverse KL");
+}

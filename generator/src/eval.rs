@@ -1,0 +1,393 @@
+//! Held-out evaluation: `k` samples of each held-out prompt at the evaluation
+//! temperature, scored by `[reward]`, summarised as
+//!
+//!   accuracy     = mean reward over every sample
+//!   pass@k       = mean over prompts of 1 − C(n − c, k) / C(n, k)   (Chen et al. 2021,
+//!                  unbiased; n samples of which c correct, reward ≥ `correct_at`)
+//!   maj@n        = share of prompts whose most frequent final answer is right
+//!                  (answer-extracting rewards: `[reward] math`)
+//!   mean_length  = mean completion tokens
+//!
+//! `tandem eval` runs it on a model; `tandem run` runs it on the trainer's weights
+//! every `[eval] every` steps (and before the first step and after the last).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tandem_data::{DataConfig, DataKind, Dataset, Prompt};
+use tandem_model::{Pretrained, RewardModel, SamplingParams};
+
+use crate::error::{bail, Result};
+use crate::reward::{final_answer, math_correct, RewardConfig};
+use crate::scored::{render_all, sample_scored, Scored};
+
+/// `[eval]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// `tandem run`: evaluate every this many steps (and before the first step and
+    /// after the last); 0 = off.
+    pub every: u64,
+    /// Held-out prompts: the first this many of `path`, or of the synthetic task.
+    pub prompts: usize,
+    /// Samples per prompt (n of pass@k and maj@n).
+    pub samples: usize,
+    /// Sampling temperature of the evaluation (0 = greedy).
+    pub temperature: f64,
+    /// Longest completion (unset = `[generator] max_new_tokens`).
+    pub max_new_tokens: Option<usize>,
+    /// A held-out prompt file (JSONL or Parquet, as `[data] path`); unset = `[data]`'s
+    /// synthetic task drawn with `seed`.
+    pub path: Option<PathBuf>,
+    /// Seed of the synthetic held-out prompts and of sampling.
+    pub seed: u64,
+    /// A sample is correct (pass@k) when its reward is at least this.
+    pub correct_at: f64,
+    /// Prompts sampled together.
+    pub batch_prompts: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            every: 0,
+            prompts: 100,
+            samples: 1,
+            temperature: 0.7,
+            max_new_tokens: None,
+            path: None,
+            seed: 7919,
+            correct_at: 1.0,
+            batch_prompts: 32,
+        }
+    }
+}
+
+impl EvalSection {
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts == 0 || self.samples == 0 || self.batch_prompts == 0 {
+            bail!("[eval] prompts, samples and batch_prompts must be ≥ 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("[eval] temperature: must be ≥ 0 (0 = greedy)");
+        }
+        if self.max_new_tokens == Some(0) {
+            bail!("[eval] max_new_tokens: must be ≥ 1 (or left out)");
+        }
+        if !self.correct_at.is_finite() {
+            bail!("[eval] correct_at: must be a number");
+        }
+        if let Some(p) = &self.path {
+            if data_kind(p).is_none() {
+                bail!(
+                    "[eval] path: `{}` must end in .jsonl or .parquet",
+                    p.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The held-out prompts' data config: `path` with `data`'s rendering, or `data`'s
+    /// synthetic task with this section's seed.
+    pub fn data(&self, data: &DataConfig) -> DataConfig {
+        match &self.path {
+            Some(p) => DataConfig {
+                kind: data_kind(p).unwrap_or(DataKind::Jsonl),
+                path: Some(p.clone()),
+                shuffle: false,
+                ..data.clone()
+            },
+            None => DataConfig {
+                seed: self.seed,
+                ..data.clone()
+            },
+        }
+    }
+}
+
+fn data_kind(p: &std::path::Path) -> Option<DataKind> {
+    match p.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") => Some(DataKind::Jsonl),
+        Some("parquet") => Some(DataKind::Parquet),
+        _ => None,
+    }
+}
+
+/// What one evaluation measured.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalReport {
+    pub prompts: usize,
+    pub samples: usize,
+    pub temperature: f64,
+    /// Mean reward over every sample.
+    pub accuracy: f64,
+    /// (k, pass@k) for k = 1 and k = samples.
+    pub pass_at: Vec<(usize, f64)>,
+    /// maj@samples, for answer-extracting rewards (`[reward] math`).
+    pub maj: Option<f64>,
+    /// Mean completion length, tokens.
+    pub mean_length: f64,
+    pub seconds: f64,
+}
+
+impl EvalReport {
+    /// The report as `eval_*` metrics: `eval_accuracy`, `eval_pass_at_K`,
+    /// `eval_maj_at_N`, `eval_mean_length`.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        m.insert("eval_accuracy".into(), self.accuracy);
+        for (k, v) in &self.pass_at {
+            m.insert(format!("eval_pass_at_{k}"), *v);
+        }
+        if let Some(v) = self.maj {
+            m.insert(format!("eval_maj_at_{}", self.samples), v);
+        }
+        m.insert("eval_mean_length".into(), self.mean_length);
+        m
+    }
+}
+
+/// The unbiased pass@k of one prompt with `n` samples of which `c` are correct:
+/// 1 − C(n − c, k) / C(n, k) = 1 − Π_{i = n−c+1}^{n} (1 − k/i) (Chen et al. 2021).
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if n < k || c > n {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    1.0 - ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product::<f64>()
+}
+
+/// Whether the most frequent final answer of `texts` (ties: the one seen first) is
+/// `reference`.
+pub fn majority_correct(texts: &[&str], reference: &str) -> bool {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for t in texts {
+        if let Some(a) = final_answer(t) {
+            match counts.iter_mut().find(|(x, _)| *x == a) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((a, 1)),
+            }
+        }
+    }
+    let mut best: Option<&(String, usize)> = None;
+    for e in &counts {
+        if best.is_none_or(|b| e.1 > b.1) {
+            best = Some(e);
+        }
+    }
+    best.is_some_and(|(a, _)| math_correct(a, reference))
+}
+
+/// Summarises scored samples of `prompts` (same order) into a report.
+pub fn summarise(
+    section: &EvalSection,
+    reward: &RewardConfig,
+    prompts: &[Prompt],
+    groups: &[Vec<Scored>],
+    seconds: f64,
+) -> EvalReport {
+    let n = section.samples;
+    let all: Vec<&Scored> = groups.iter().flatten().collect();
+    let count = all.len().max(1) as f64;
+    let mut ks = vec![1, n];
+    ks.dedup();
+    let pass_at = ks
+        .iter()
+        .map(|&k| {
+            let mean = groups
+                .iter()
+                .map(|g| {
+                    let c = g.iter().filter(|s| s.reward >= section.correct_at).count();
+                    pass_at_k(g.len(), c, k)
+                })
+                .sum::<f64>()
+                / groups.len().max(1) as f64;
+            (k, mean)
+        })
+        .collect();
+    let answers = prompts.iter().all(|p| p.answer.is_some());
+    let maj = (reward.math != 0.0 && answers).then(|| {
+        groups
+            .iter()
+            .zip(prompts)
+            .filter(|(g, p)| {
+                let texts: Vec<&str> = g.iter().map(|s| s.text.as_str()).collect();
+                majority_correct(&texts, p.answer.as_deref().unwrap_or_default())
+            })
+            .count() as f64
+            / groups.len().max(1) as f64
+    });
+    EvalReport {
+        prompts: groups.len(),
+        samples: n,
+        temperature: section.temperature,
+        accuracy: all.iter().map(|s| s.reward).sum::<f64>() / count,
+        pass_at,
+        maj,
+        mean_length: all.iter().map(|s| s.tokens.len() as f64).sum::<f64>() / count,
+        seconds,
+    }
+}
+
+/// A held-out set, rendered once, evaluated on any weights of its model family.
+pub struct Evaluation {
+    section: EvalSection,
+    reward: RewardConfig,
+    prompts: Vec<Prompt>,
+    ids: Vec<Vec<u32>>,
+    params: SamplingParams,
+    rm: Option<RewardModel>,
+}
+
+impl Evaluation {
+    /// The held-out prompts of `section` (with `data`'s rendering), rendered with `p`'s
+    /// tokenizer; `max_new_tokens` is the generator's, used when the section sets none.
+    pub fn new(
+        p: &Pretrained,
+        section: &EvalSection,
+        data: &DataConfig,
+        reward: &RewardConfig,
+        max_new_tokens: usize,
+    ) -> Result<Self> {
+        section.validate()?;
+        if reward.service.is_some() || reward.judge.is_some() {
+            bail!("[eval]: the evaluation scores with the verifiers and [reward] model; a reward service or judge is not called");
+        }
+        let data = section.data(data);
+        let set = Dataset::load(&data)?;
+        let count = set
+            .epoch_len()
+            .map_or(section.prompts, |n| n.min(section.prompts));
+        let prompts: Vec<Prompt> = (0..count as u64).map(|i| set.get(i)).collect();
+        let ids = render_all(p, &prompts, data.chat, data.system.as_deref())?;
+        let rm = match &reward.model {
+            Some(dir) => Some(RewardModel::load(dir, &p.model)?),
+            None => None,
+        };
+        Ok(Evaluation {
+            section: section.clone(),
+            reward: reward.clone(),
+            prompts,
+            ids,
+            params: SamplingParams {
+                temperature: section.temperature,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: section.max_new_tokens.unwrap_or(max_new_tokens),
+                stop_token_ids: p.stop_token_ids(),
+                seed: section.seed,
+            },
+            rm,
+        })
+    }
+
+    /// Samples and scores the held-out set with `p`'s current weights: the report,
+    /// and every prompt's scored samples.
+    pub fn run(
+        &self,
+        p: &Pretrained,
+        progress: impl FnMut(usize),
+    ) -> Result<(EvalReport, Vec<Vec<Scored>>)> {
+        let t0 = Instant::now();
+        let answers: Vec<Option<String>> = self.prompts.iter().map(|p| p.answer.clone()).collect();
+        let groups = sample_scored(
+            p,
+            self.rm.as_ref(),
+            &self.ids,
+            &answers,
+            self.section.samples,
+            self.section.batch_prompts,
+            &self.params,
+            &self.reward,
+            progress,
+        )?;
+        let report = summarise(
+            &self.section,
+            &self.reward,
+            &self.prompts,
+            &groups,
+            t0.elapsed().as_secs_f64(),
+        );
+        Ok((report, groups))
+    }
+
+    pub fn len(&self) -> usize {
+        self.prompts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prompts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// pass@k against values computed by hand from the binomial definition.
+    #[test]
+    fn pass_at_k_is_the_unbiased_estimator() {
+        // n = 5, c = 2, k = 1: 1 − C(3,1)/C(5,1) = 1 − 3/5.
+        assert!((pass_at_k(5, 2, 1) - 0.4).abs() < 1e-12);
+        // n = 5, c = 2, k = 2: 1 − C(3,2)/C(5,2) = 1 − 3/10.
+        assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12);
+        // n = 4, c = 1, k = 3: 1 − C(3,3)/C(4,3) = 1 − 1/4.
+        assert!((pass_at_k(4, 1, 3) - 0.75).abs() < 1e-12);
+        assert_eq!(pass_at_k(3, 0, 2), 0.0);
+        assert_eq!(pass_at_k(3, 2, 2), 1.0);
+        assert!(pass_at_k(2, 1, 3).is_nan());
+    }
+
+    #[test]
+    fn the_majority_answer_decides_maj_at_n() {
+        assert!(majority_correct(&["= 7", "it is 7", "9"], "7"));
+        assert!(!majority_correct(&["9", "7", "9"], "7"));
+        // A tie goes to the answer seen first.
+        assert!(majority_correct(&["7", "9"], "7"));
+        assert!(!majority_correct(&["no number", "none"], "7"));
+    }
+
+    #[test]
+    fn a_report_summarises_by_hand() {
+        let section = EvalSection {
+            samples: 2,
+            ..Default::default()
+        };
+        let s = |text: &str, reward: f64, len: usize| Scored {
+            tokens: vec![1; len],
+            text: text.into(),
+            reward,
+        };
+        let prompts = vec![
+            Prompt {
+                body: tandem_data::PromptBody::Text("1 + 1".into()),
+                answer: Some("2".into()),
+            },
+            Prompt {
+                body: tandem_data::PromptBody::Text("2 + 2".into()),
+                answer: Some("4".into()),
+            },
+        ];
+        let groups = vec![
+            vec![s("2", 1.0, 2), s("3", 0.0, 4)],
+            vec![s("5", 0.0, 6), s("5", 0.0, 4)],
+        ];
+        let r = summarise(&section, &RewardConfig::default(), &prompts, &groups, 0.0);
+        assert_eq!(r.accuracy, 0.25);
+        // pass@1: (1/2 + 0)/2; pass@2: (1 + 0)/2.
+        assert_eq!(r.pass_at, vec![(1, 0.25), (2, 0.5)]);
+        // Prompt 1 ties 2 against 3: 2 came first.
+        assert_eq!(r.maj, Some(0.5));
+        assert_eq!(r.mean_length, 4.0);
+        let m = r.metrics();
+        assert_eq!(m["eval_pass_at_2"], 0.5);
+        assert_eq!(m["eval_maj_at_2"], 0.5);
+    }
+}

@@ -1,0 +1,152 @@
+//! `tandem eval`: a model on the held-out set of a config's `[eval]` section —
+//! accuracy, pass@k, maj@k and mean length, as a table and as JSON. Also the evaluator
+//! the trainer of `tandem run` calls between steps.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tandem_generator::eval::{EvalReport, Evaluation};
+use tandem_model::Pretrained;
+
+use crate::run_config::RunConfig;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The model to evaluate (HF folder, .gguf, a fetchable name or `preset:NAME`;
+    /// default: the config's `[model] path`).
+    #[arg(long)]
+    model: Option<String>,
+    /// A run config: its `[eval]` (held-out prompts, samples, temperature), `[data]`
+    /// (rendering, the synthetic task), `[generator] max_new_tokens` and `[reward]`.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a key: `section.key=value` (repeatable), e.g. `--set eval.samples=8`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write every scored sample here (JSONL: prompt, sample, text, tokens, reward).
+    #[arg(long)]
+    samples: Option<PathBuf>,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let cfg = RunConfig::read(&a.config, &a.set)?;
+    let spec = a.model.clone().unwrap_or_else(|| cfg.model.path.clone());
+    let p = tandem_model::load_model(&tandem_model::materialize(&spec)?)
+        .with_context(|| format!("--model {spec}"))?;
+    let evaluation = Evaluation::new(
+        &p,
+        &cfg.eval,
+        &cfg.data,
+        &cfg.reward,
+        cfg.generator.max_new_tokens,
+    )?;
+    let bar = ProgressBar::new(evaluation.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] prompt {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (report, groups) = evaluation.run(&p, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    if let Some(path) = &a.samples {
+        let mut text = String::new();
+        for (i, g) in groups.iter().enumerate() {
+            for (j, s) in g.iter().enumerate() {
+                let line = serde_json::json!({"prompt": i, "sample": j, "text": s.text, "tokens": s.tokens.len(), "reward": s.reward});
+                text.push_str(&format!("{line}\n"));
+            }
+        }
+        tandem_model::write_atomic(path, text)?;
+    }
+    print_table(&spec, &report);
+    if let Some(path) = &a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = spec.clone().into();
+        v["metrics"] = serde_json::to_value(report.metrics())?;
+        tandem_model::write_atomic(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn print_table(model: &str, r: &EvalReport) {
+    println!(
+        "{model}: {} held-out prompts × {} samples at T = {}",
+        r.prompts, r.samples, r.temperature
+    );
+    println!("| metric | value |\n|---|---|");
+    println!("| accuracy (mean reward) | {:.4} |", r.accuracy);
+    for (k, v) in &r.pass_at {
+        println!("| pass@{k} | {v:.4} |");
+    }
+    if let Some(m) = r.maj {
+        println!("| maj@{} | {m:.4} |", r.samples);
+    }
+    println!("| mean length (tokens) | {:.1} |", r.mean_length);
+    println!("| seconds | {:.1} |", r.seconds);
+}
+
+/// The trainer's evaluator in `tandem run`: the held-out set of the run's config,
+/// rendered on first use with the trainer's tokenizer, sampled with its current weights.
+pub struct RunEvaluator {
+    cfg: RunConfig,
+    evaluation: Option<Evaluation>,
+}
+
+impl RunEvaluator {
+    pub fn new(cfg: &RunConfig) -> Self {
+        RunEvaluator {
+            cfg: cfg.clone(),
+            evaluation: None,
+        }
+    }
+}
+
+impl tandem_trainer::evaluate::Evaluator for RunEvaluator {
+    fn evaluate(&mut self, policy: &Pretrained) -> tandem_trainer::Result<BTreeMap<String, f64>> {
+        let err =
+            |e: tandem_generator::Error| tandem_trainer::Error::Invalid(format!("[eval]: {e}"));
+        if self.evaluation.is_none() {
+            let c = &self.cfg;
+            self.evaluation = Some(
+                Evaluation::new(
+                    policy,
+                    &c.eval,
+                    &c.data,
+                    &c.reward,
+                    c.generator.max_new_tokens,
+                )
+                .map_err(err)?,
+            );
+        }
+        let e = self.evaluation.as_ref().expect("set above");
+        Ok(e.run(policy, |_| {}).map_err(err)?.0.metrics())
+    }
+}
+
+/// "held-out accuracy A → B (N prompts, T = t)" from a run's `eval.jsonl`: its first
+/// and last evaluations; `None` without one.
+pub fn before_after(run_dir: &std::path::Path, cfg: &RunConfig) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join("eval.jsonl")).ok()?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let acc = |v: &serde_json::Value| v["eval_accuracy"].as_f64();
+    let (first, last) = (lines.first()?, lines.last()?);
+    Some(format!(
+        "held-out accuracy {:.2} (step {}) → {:.2} (step {}) on {} prompts × {} at T = {}",
+        acc(first)?,
+        first["step"],
+        acc(last)?,
+        last["step"],
+        cfg.eval.prompts,
+        cfg.eval.samples,
+        cfg.eval.temperature
+    ))
+}
