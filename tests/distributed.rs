@@ -1321,7 +1321,7 @@ fn in_flight_weight_updates_keep_versions_honest() {
 #[test]
 fn external_reward_service_scores_the_groups() {
     use std::sync::{Arc, Mutex};
-    use tandem_proto::v1::reward_server::{Reward, RewardServer};
+    use tandem_proto::v1::reward_server::Reward;
     use tandem_proto::v1::{ScoreReply, ScoreRequest};
 
     #[derive(Clone, Default)]
@@ -1346,25 +1346,9 @@ fn external_reward_service_scores_the_groups() {
         }
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let service = Lengths::default();
     let seen = service.0.clone();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                RewardServer::new(service),
-                tandem_proto::auth::RequireToken::new(TOKEN),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (_rt, addr) = serve_reward(service);
 
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
@@ -1394,13 +1378,39 @@ fn external_reward_service_scores_the_groups() {
     }
 }
 
+/// Serves `service` as the run's token-checked reward service on a loopback port of
+/// its own runtime (kept alive by the caller); returns the runtime and the address.
+fn serve_reward<R: tandem_proto::v1::reward_server::Reward>(
+    service: R,
+) -> (tokio::runtime::Runtime, String) {
+    use tandem_proto::v1::reward_server::RewardServer;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RewardServer::new(service),
+                tandem_proto::auth::RequireToken::new(TOKEN),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (rt, addr)
+}
+
 /// Dynamic sampling: a reward service gives every completion of a prompt with an even
 /// answer the same score (an uninformative group) and the others distinct scores.
 /// Those groups are filtered out, extra prompts are leased in their place, every step
 /// still trains `batch_groups` informative groups, and nothing is lost or trained twice.
 #[test]
 fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
-    use tandem_proto::v1::reward_server::{Reward, RewardServer};
+    use tandem_proto::v1::reward_server::Reward;
     use tandem_proto::v1::{ScoreReply, ScoreRequest};
 
     #[derive(Clone, Default)]
@@ -1421,23 +1431,7 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
         }
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                RewardServer::new(ByParity),
-                tandem_proto::auth::RequireToken::new(TOKEN),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (_rt, addr) = serve_reward(ByParity);
 
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());

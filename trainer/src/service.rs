@@ -106,18 +106,26 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
 type BucketStream = Pin<Box<dyn Stream<Item = Result<WeightBucket, Status>> + Send>>;
 
 impl TrainerService {
-    /// Closes the lease of uninformative group `g` as filtered; the ack says so.
-    async fn filter(&self, g: RolloutGroup) -> PushAck {
-        let commit = self
-            .coordinator
+    /// Asks the coordinator to commit `g`'s lease (or close it as `filtered`).
+    async fn commit(
+        &self,
+        g: &RolloutGroup,
+        filtered: bool,
+    ) -> Result<tonic::Response<tandem_proto::v1::CommitReply>, Status> {
+        self.coordinator
             .clone()
             .commit(CommitRequest {
                 lease_id: g.lease_id,
                 prompt_index: g.prompt_index,
                 worker_id: g.worker_id,
-                filtered: true,
+                filtered,
             })
-            .await;
+            .await
+    }
+
+    /// Closes the lease of uninformative group `g` as filtered; the ack says so.
+    async fn filter(&self, g: RolloutGroup) -> PushAck {
+        let commit = self.commit(&g, true).await;
         let (accepted, reason) = match commit {
             Ok(r) if r.get_ref().accepted => {
                 self.shared.filtered.fetch_add(1, Ordering::SeqCst);
@@ -190,16 +198,7 @@ impl TrainerService {
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
-        let commit = self
-            .coordinator
-            .clone()
-            .commit(CommitRequest {
-                lease_id: g.lease_id,
-                prompt_index: g.prompt_index,
-                worker_id: g.worker_id,
-                filtered: false,
-            })
-            .await;
+        let commit = self.commit(&g, false).await;
         match commit {
             Ok(r) if r.get_ref().accepted => {}
             Ok(r) => {
