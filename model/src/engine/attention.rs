@@ -297,21 +297,41 @@ unsafe fn attend_avx2<const CH: usize>(
     }
 }
 
-/// Softmax of each of the `rows` rows of `n` scores in `p`, in place.
+/// Softmax of each of the `rows` rows of `n` scores in `p`, in place: the max and the
+/// sum over eight independent lanes (a single running max or sum is a chain of
+/// dependent operations the CPU cannot overlap), the exponentials by [`exp_in_place`].
 #[inline(always)]
 fn softmax_rows(p: &mut [f32], rows: usize, n: usize) {
     for g in 0..rows {
         let row = &mut p[g * n..(g + 1) * n];
-        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mx = lanes(row, f32::NEG_INFINITY, f32::max)
+            .into_iter()
+            .fold(f32::NEG_INFINITY, f32::max);
         for x in row.iter_mut() {
             *x -= mx;
         }
         exp_in_place(row);
-        let inv = 1.0 / row.iter().sum::<f32>();
+        let inv = 1.0 / lanes(row, 0.0, |a, b| a + b).iter().sum::<f32>();
         for x in row.iter_mut() {
             *x *= inv;
         }
     }
+}
+
+/// `f` folded over `xs` in eight independent lanes (lane l takes xs[l], xs[l + 8], …).
+#[inline(always)]
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
+    let mut acc = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], c[l]);
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        acc[l] = f(acc[l], x);
+    }
+    acc
 }
 
 impl CustomOp3 for PagedAttention {
