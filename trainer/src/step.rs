@@ -165,6 +165,9 @@ pub struct StepMetrics {
     /// epoch and minibatch): what packing, prompt sharing and skipping save.
     pub forward_tokens: usize,
     pub optimizer_steps: usize,
+    /// Optimizer updates skipped because a loss or the gradient norm was not finite
+    /// (the weights stay as they were; alert on it).
+    pub non_finite_updates_skipped: usize,
 }
 
 fn host(t: &Tensor) -> Result<Vec<f64>> {
@@ -594,7 +597,10 @@ pub fn train_step(
                 }
                 let loss_value = scalar(&loss)?;
                 if !loss_value.is_finite() {
-                    return Err(invalid(format!("loss is {loss_value}: refusing to update")));
+                    // The update is skipped (no backward of anything non-finite); the
+                    // forwards go on so π_prox stays complete for later epochs.
+                    parts.non_finite = Some(format!("loss {loss_value}"));
+                    continue;
                 }
                 parts.loss += loss_value;
                 parts.policy_loss += scalar(&policy_term)?;
@@ -609,6 +615,24 @@ pub fn train_step(
                 if acc.get(v).is_none() {
                     acc.insert(v, v.zeros_like()?);
                 }
+            }
+            m.forward_tokens += parts.forward_tokens;
+            if parts.non_finite.is_none() {
+                let norm = global_norm(&acc, &vars)?;
+                if !norm.is_finite() {
+                    parts.non_finite = Some(format!("gradient norm {norm}"));
+                }
+            }
+            if let Some(what) = &parts.non_finite {
+                // Skip-instead-of-stop: this update leaves the weights (and the
+                // optimizer's moments) as they were; the step goes on.
+                tracing::warn!(
+                    epoch,
+                    minibatch = b,
+                    "{what}: optimizer update skipped (an extreme reward or a diverging policy?)"
+                );
+                m.non_finite_updates_skipped += 1;
+                continue;
             }
             let lr = opt_cfg.lr_at(step_index + updates as u64);
             let stats = opt.apply(&acc, lr, opt_cfg.max_grad_norm())?;
@@ -625,10 +649,9 @@ pub fn train_step(
             let trained = whole.tokens.max(1.0);
             m.clip_fraction_low += parts.clip_low / trained;
             m.clip_fraction_high += parts.clip_high / trained;
-            m.forward_tokens += parts.forward_tokens;
         }
     }
-    let k = updates as f64;
+    let k = updates.max(1) as f64;
     for x in [
         &mut m.loss,
         &mut m.policy_loss,
@@ -658,6 +681,24 @@ struct Parts {
     clip_low: f64,
     clip_high: f64,
     forward_tokens: usize,
+    /// What was not finite (the loss of a micro-batch, or the gradient norm): the
+    /// minibatch's update is skipped.
+    non_finite: Option<String>,
+}
+
+/// The global L2 norm of the accumulated gradients of `vars`.
+fn global_norm(acc: &GradStore, vars: &[Var]) -> Result<f64> {
+    let mut sq = 0.0;
+    for v in vars {
+        if let Some(g) = acc.get(v) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq.sqrt())
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -449,3 +449,67 @@ fn a_bf16_policy_trains_every_configuration_to_bf16_accuracy() {
         worst.0, worst.1
     );
 }
+
+/// Skip instead of stop: an extreme reward (finite, but its advantage overflows f32)
+/// makes the first minibatch's loss infinite. That update is skipped — its weights
+/// untouched — and counted; the second minibatch, finite, still trains.
+#[test]
+fn a_non_finite_loss_skips_its_update_and_the_step_goes_on() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut rollouts: Vec<Rollout> = serde_json::from_value(fx["rollouts"].clone()).unwrap();
+    rollouts[0].reward = 1e300;
+    let opt_cfg = OptimizerConfig {
+        name: OptimizerName::Sgd,
+        lr: 0.1,
+        max_grad_norm: 0.0,
+        ..Default::default()
+    };
+    let run = |minibatches: usize| {
+        let policy = tandem_model::preset::init("tiny", 0, &Device::Cpu)
+            .unwrap()
+            .model;
+        let before = policy.params().snapshot().unwrap();
+        let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
+        let algo = AlgorithmConfig {
+            advantage: Estimator::ReinforceNoBaseline,
+            policy_loss: tandem_trainer::config::PolicyLossKind::Reinforce,
+            minibatches,
+            ..Default::default()
+        };
+        let m = train_step(
+            &policy,
+            Frozen::default(),
+            None,
+            &rollouts,
+            &algo,
+            &opt_cfg,
+            &mut opt,
+            0,
+            None,
+            &Compute::default(),
+        )
+        .unwrap();
+        let moved = policy.params().snapshot().unwrap().iter().any(|(n, t)| {
+            (t - &before[n])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        });
+        (m, moved)
+    };
+    let (m, moved) = run(1);
+    assert_eq!((m.non_finite_updates_skipped, m.optimizer_steps), (1, 0));
+    assert!(!moved, "a skipped update moved the weights");
+    assert!(m.loss.is_finite());
+    // Rollouts 0–1 in the first minibatch (skipped), 2–4 in the second (trained).
+    let (m, moved) = run(2);
+    assert_eq!((m.non_finite_updates_skipped, m.optimizer_steps), (1, 1));
+    assert!(moved && m.grad_norm.is_finite() && m.grad_norm > 0.0);
+}
