@@ -80,14 +80,35 @@ impl SecurityArgs {
     }
 }
 
-/// The shared token: TANDEM_TOKEN, else `[run] token`.
+/// The shortest token a process accepts.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Tokens the project ships as placeholders (deploy/k8s/secret.yaml): refused as is.
+const PLACEHOLDER_TOKENS: &[&str] = &["change-me-to-a-random-secret"];
+
+/// The shared token: TANDEM_TOKEN, else `[run] token`; refused when shorter than
+/// [`MIN_TOKEN_LEN`] or a shipped placeholder.
 pub fn token(cfg_token: Option<&str>) -> Result<String> {
-    match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
-        Some(t) => Ok(t),
-        None => cfg_token.map(str::to_string).ok_or_else(|| {
-            anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")
-        }),
+    let (token, from) = match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
+        Some(t) => (t, "TANDEM_TOKEN"),
+        None => (
+            cfg_token.map(str::to_string).ok_or_else(|| {
+                anyhow!("no token: set TANDEM_TOKEN (or [run] token) to the run's shared secret")
+            })?,
+            "[run] token",
+        ),
+    };
+    if PLACEHOLDER_TOKENS.contains(&token.as_str()) {
+        anyhow::bail!(
+            "{from} is the placeholder shipped in deploy/k8s/secret.yaml: replace it with a random secret (openssl rand -hex 32)"
+        );
     }
+    if token.chars().count() < MIN_TOKEN_LEN {
+        anyhow::bail!(
+            "{from} has {} characters: a token needs at least {MIN_TOKEN_LEN} (openssl rand -hex 32 makes one)",
+            token.chars().count()
+        );
+    }
+    Ok(token)
 }
 
 /// The environment that hands `files` to a child process (absolute paths, so the child

@@ -248,6 +248,19 @@ fn bad_arguments_are_errors() {
         ]),
         &["unknown preset `huge`"],
     );
+    // Weak tokens stop a process before it dials anything.
+    let status = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["status", "127.0.0.1:1"])
+            .env("TANDEM_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    assert_clean_failure(&status("short-token"), &["TANDEM_TOKEN", "at least 16"]);
+    assert_clean_failure(
+        &status("change-me-to-a-random-secret"),
+        &["placeholder", "deploy/k8s/secret.yaml"],
+    );
 }
 
 /// `[trainer] broadcast = "nccl"` on a build without NCCL stops before anything starts,

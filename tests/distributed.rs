@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const TOKEN: &str = "test-token-123";
+const TOKEN: &str = "test-token-123-distributed";
 
 /// A config for the tiny model that trains in a few seconds.
 fn config(dir: &Path, model: &Path, steps: u64, max_staleness: u64, extra: &str) -> String {
