@@ -8,11 +8,14 @@
 //!   each epoch)
 //! - [`arithmetic`] — the built-in synthetic task
 //! - [`file`] — JSONL and Parquet records with TRL's fields, checked as they are read
+//! - [`permutation`] — a keyed random permutation evaluated one position at a time
+//!   (each epoch's order of a file, O(1) per prompt)
 
 pub mod arithmetic;
 pub mod config;
 pub mod error;
 pub mod file;
+pub mod permutation;
 pub mod prompt;
 
 pub use arithmetic::Arithmetic;

@@ -1,15 +1,13 @@
 //! A prompt as a dataset gives it (text or a conversation, with an optional reference
 //! answer), and [`Dataset`]: the configured prompts as a stream indexed from 0.
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::arithmetic::Arithmetic;
 use crate::config::{DataConfig, DataKind};
 use crate::error::{invalid, Result};
 use crate::file::read_prompts;
+use crate::permutation::Permutation;
 
 /// One turn of a prompt conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,11 +73,10 @@ impl Dataset {
                 if !shuffle {
                     return rows[pos].clone();
                 }
-                let mut order: Vec<usize> = (0..rows.len()).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-                    seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ));
-                rows[order[pos]].clone()
+                // Each epoch its own order, one position at a time: O(1) per lease
+                // whatever the file's size.
+                let order = Permutation::new(n, seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                rows[order.at(pos as u64) as usize].clone()
             }
         }
     }
