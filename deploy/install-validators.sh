@@ -8,7 +8,13 @@
 #     TANDEM_DEPLOY_TOOLS).
 # When everything installed, target/deploy-tools/env sets TANDEM_REQUIRE_DEPLOY_TOOLS=1,
 # so a test whose tool is missing fails instead of skipping.
+# With --require (as .ci/run calls it) or CI=true in the environment, a tool that does
+# not install fails this script: CI never passes with its deploy checks skipped.
 set -uo pipefail
+require=0
+if [ "${1:-}" = "--require" ] || [ "${CI:-}" = "true" ]; then
+    require=1
+fi
 cd "$(dirname "$0")/.."
 out=target/deploy-tools
 mkdir -p "$out"
@@ -54,8 +60,12 @@ fi
 
 {
     echo "export TANDEM_DEPLOY_TOOLS=$PWD/$venv/bin"
-    if [ "$complete" = 1 ] && [ "$(id -u)" = 0 ]; then
+    if { [ "$complete" = 1 ] && [ "$(id -u)" = 0 ]; } || [ "$require" = 1 ]; then
         echo "export TANDEM_REQUIRE_DEPLOY_TOOLS=1"
     fi
 } > "$out/env"
+if [ "$complete" != 1 ] && [ "$require" = 1 ]; then
+    echo "deploy validators: some did not install (above); required here (--require or CI=true), so this fails" >&2
+    exit 1
+fi
 echo "deploy validators: $( [ "$complete" = 1 ] && echo all installed || echo some missing, their tests skip)"

@@ -534,14 +534,18 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     );
 
     let families = parse_prometheus(&metrics_text);
-    // Prometheus's own checker too, where Debian's prometheus package is installed.
-    if let Ok(mut child) = Command::new("promtool")
+    // Prometheus's own checker too, where Debian's prometheus package is installed
+    // (required where the deploy tools are: CI).
+    let promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-    {
+        .spawn();
+    if promtool.is_err() {
+        common::unavailable("promtool is not installed: /metrics not checked by it");
+    }
+    if let Ok(mut child) = promtool {
         child
             .stdin
             .take()
@@ -1193,11 +1197,10 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .expect_err("oversized group accepted"),
         }
     });
+    // tonic refuses a message past its decoding limit with OUT_OF_RANGE (or
+    // RESOURCE_EXHAUSTED): anything else would be a crash or a bug, not the limit.
     assert!(
-        matches!(
-            status.code(),
-            Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::InvalidArgument
-        ),
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{status:?}"
     );
 
@@ -1291,18 +1294,27 @@ fn in_flight_weight_updates_keep_versions_honest() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 12;
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "max_new_tokens = 6",
-        "max_new_tokens = 24\nweight_update = \"in_flight\"",
-    );
+    // One generator decoding one group at a time (max_running = group_size), two
+    // batches leased ahead, long completions, a trainer that publishes a version 20 ms
+    // after each batch (mock steps: the weights stay, versions advance) and heartbeats
+    // every 20 ms: the version changes while the next batch's groups decode, so swaps
+    // land inside sequences.
+    let text = config(dir.path(), &model, steps, 1, "")
+        .replace(
+            "max_new_tokens = 6\nprompts_per_batch = 2",
+            "max_new_tokens = 160\nprompts_per_batch = 4\nmax_running = 4\nweight_update = \"in_flight\"",
+        )
+        .replace("dump_batches = true", "dump_batches = true\nmock_train_ms = 20")
+        .replace("heartbeat_interval_ms = 100", "heartbeat_interval_ms = 20");
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
-    c.generator("gen-1");
     c.wait_all(Duration::from_secs(120));
     let trained = check_trained(&c.run, steps, 2, 4, 1);
     check_nothing_lost(&c.run, &trained, true);
-    // Versions never decrease along a sequence.
+    // Versions never decrease along a sequence, and swaps did happen inside sequences
+    // (a sequence whose tokens carry two versions), so the property is not vacuous.
+    let mut swapped = 0;
     for (_, rows) in batches(&c.run) {
         for r in rows {
             let v: Vec<u64> = r["versions"]
@@ -1312,8 +1324,11 @@ fn in_flight_weight_updates_keep_versions_honest() {
                 .map(|x| x.as_u64().unwrap())
                 .collect();
             assert!(v.windows(2).all(|w| w[0] <= w[1]), "{v:?}");
+            swapped += usize::from(v.first() != v.last());
         }
     }
+    eprintln!("{swapped} trained sequences changed version mid-sequence");
+    assert!(swapped > 0, "no weight swap was observed inside a sequence");
 }
 
 /// An external reward service (the `Reward` RPC, any language): generators call it once
