@@ -96,11 +96,11 @@ async fn join(
         .map_err(|e| anyhow!("coordinator: {e}"))?;
     let mut coord = client::coordinator(ch, creds);
     let reply = coord
-        .register(RegisterRequest {
+        .register(client::unary(RegisterRequest {
             role: role as i32,
             name: name.to_string(),
             address: address.to_string(),
-        })
+        }))
         .await
         .map_err(|e| {
             anyhow!(
@@ -111,6 +111,8 @@ async fn join(
         .into_inner();
     let cfg =
         RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
+    // Every later unary call of this worker has the run's deadline.
+    client::set_rpc_timeout(Duration::from_secs_f64(cfg.coordinator.rpc_timeout_s));
     Ok((coord, reply, cfg))
 }
 

@@ -64,6 +64,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout_ms: u64,
     /// A lease older than this is re-issued even if its worker still beats.
     pub lease_timeout_s: u64,
+    /// Deadline of every unary call a worker makes (register, heartbeat, lease, commit,
+    /// publish, leave, exclude, reward scores): past it the call fails with a timeout
+    /// instead of hanging.
+    pub rpc_timeout_s: f64,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +78,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 5000,
             lease_timeout_s: 900,
+            rpc_timeout_s: 30.0,
         }
     }
 }
@@ -111,6 +116,9 @@ impl CoordinatorConfig {
         }
         if self.lease_timeout_s == 0 {
             return bad("lease_timeout_s", "must be ≥ 1");
+        }
+        if !(self.rpc_timeout_s.is_finite() && self.rpc_timeout_s >= 0.1) {
+            return bad("rpc_timeout_s", "must be a number of seconds ≥ 0.1");
         }
         for (key, addr) in [("listen", &self.listen), ("http_listen", &self.http_listen)] {
             if addr.parse::<std::net::SocketAddr>().is_err() {

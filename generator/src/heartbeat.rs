@@ -34,11 +34,11 @@ pub(crate) struct Beat {
 /// Registers again after the coordinator dropped this worker; returns the new id.
 async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str) -> Result<u64> {
     let r = coordinator
-        .register(RegisterRequest {
+        .register(client::unary(RegisterRequest {
             role: Role::Generator as i32,
             name: name.to_string(),
             ..Default::default()
-        })
+        }))
         .await
         .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?;
     Ok(r.into_inner().worker_id)
@@ -73,7 +73,7 @@ pub(crate) fn spawn(
                 broadcast: inbox.is_some(),
                 broadcast_address: String::new(),
             };
-            match coord.heartbeat(req).await {
+            match coord.heartbeat(client::unary(req)).await {
                 Ok(r) => {
                     failures = 0;
                     let r = r.into_inner();

@@ -187,10 +187,12 @@ impl Worker {
             }
             let queued = engine.queued_requests();
             if deferred.is_none() && queued < ahead && Instant::now() >= next_lease {
-                let reply = self.rt.block_on(self.coordinator.lease(LeaseRequest {
-                    worker_id: worker_id(),
-                    max_groups: (ahead - queued) as u32,
-                }));
+                let reply = self
+                    .rt
+                    .block_on(self.coordinator.lease(client::unary(LeaseRequest {
+                        worker_id: worker_id(),
+                        max_groups: (ahead - queued) as u32,
+                    })));
                 match reply {
                     Ok(r) => {
                         let r = r.into_inner();
@@ -246,9 +248,11 @@ impl Worker {
         if let Some(inbox) = &self.inbox {
             inbox.stop();
         }
-        let _ = self.rt.block_on(self.coordinator.leave(LeaveRequest {
-            worker_id: worker_id(),
-        }));
+        let _ = self
+            .rt
+            .block_on(self.coordinator.leave(client::unary(LeaveRequest {
+                worker_id: worker_id(),
+            })));
         Ok(())
     }
 
@@ -382,11 +386,11 @@ impl Worker {
         if let Some(svc) = &mut self.reward_service {
             let scored = self
                 .rt
-                .block_on(svc.score(ScoreRequest {
+                .block_on(svc.score(client::unary(ScoreRequest {
                     prompt: prompt.clone(),
                     answer: l.answer.clone(),
                     completions: texts.clone(),
-                }))
+                })))
                 .map_err(|e| rpc("[reward] service", client::describe(&e)))?
                 .into_inner()
                 .rewards;

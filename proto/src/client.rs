@@ -101,3 +101,30 @@ pub fn describe(e: &tonic::Status) -> String {
     }
     format!("{:?}: {out}", e.code())
 }
+
+/// The deadline of this process's unary calls, in milliseconds (`[coordinator]
+/// rpc_timeout_s`; 30 s until the config is known).
+static RPC_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+/// Sets the deadline of every later [`unary`] call of this process.
+pub fn set_rpc_timeout(d: Duration) {
+    RPC_TIMEOUT_MS.store(
+        d.as_millis().clamp(1, u64::MAX as u128) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The current deadline of unary calls.
+pub fn rpc_timeout() -> Duration {
+    Duration::from_millis(RPC_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// `message` as a request that fails when no reply comes within [`rpc_timeout`] (the
+/// `grpc-timeout` header: the client gives up at the deadline with "Timeout expired",
+/// and a server that notices first answers `DEADLINE_EXCEEDED`). For unary calls; a stream's life is
+/// bounded by its own logic (acks, HTTP/2 keep-alive).
+pub fn unary<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(rpc_timeout());
+    req
+}

@@ -194,14 +194,14 @@ pub fn run(
     tracing::info!(address = %ends.advertise, steps = s.steps, "trainer serving");
     readiness.set(Phase::Ready);
     if resume_from.is_some() {
-        rt.block_on(coord.publish_version(PublishVersionRequest {
+        rt.block_on(coord.publish_version(client::unary(PublishVersionRequest {
             version: start_version,
             step: start_step,
             resumed: true,
             buffered_leases: kept,
             buffer_groups: shared.buffer_len() as u64,
             ..Default::default()
-        }))
+        })))
         .map_err(|e| {
             invalid(format!(
                 "announcing the resumed version {start_version}: {}",
@@ -255,7 +255,7 @@ pub fn run(
             "step"
         );
         let published = rt
-            .block_on(coord.publish_version(PublishVersionRequest {
+            .block_on(coord.publish_version(client::unary(PublishVersionRequest {
                 version: report.version,
                 step: report.step,
                 metrics: report.metric_map(),
@@ -266,7 +266,7 @@ pub fn run(
                 finished: last,
                 trained_leases: report.trained_leases.clone(),
                 ..Default::default()
-            }))
+            })))
             .map_err(|e| {
                 invalid(format!(
                     "publishing version {} to the coordinator: {}",
@@ -368,14 +368,14 @@ fn spawn_heartbeat(
                 broadcast_address: broadcast_address.clone(),
                 ..Default::default()
             };
-            match c.heartbeat(req).await {
+            match c.heartbeat(client::unary(req)).await {
                 Ok(r) if !r.get_ref().known => {
                     let again = c
-                        .register(RegisterRequest {
+                        .register(client::unary(RegisterRequest {
                             role: Role::Trainer as i32,
                             name: "trainer".into(),
                             address: advertise.clone(),
-                        })
+                        }))
                         .await;
                     if let Ok(r) = again {
                         id.store(r.get_ref().worker_id, Ordering::SeqCst);

@@ -124,7 +124,7 @@ impl Pusher {
                     worker_ids: out.failed.iter().map(|(m, _)| m.worker_id).collect(),
                     reason,
                 };
-                if let Err(e) = rt.block_on(coordinator.exclude_from_group(req)) {
+                if let Err(e) = rt.block_on(coordinator.exclude_from_group(tandem_proto::client::unary(req))) {
                     tracing::warn!("excluding from the broadcast group: {}", client::describe(&e));
                 }
             })

@@ -114,12 +114,12 @@ impl TrainerService {
     ) -> Result<tonic::Response<tandem_proto::v1::CommitReply>, Status> {
         self.coordinator
             .clone()
-            .commit(CommitRequest {
+            .commit(tandem_proto::client::unary(CommitRequest {
                 lease_id: g.lease_id,
                 prompt_index: g.prompt_index,
                 worker_id: g.worker_id,
                 filtered,
-            })
+            }))
             .await
     }
 

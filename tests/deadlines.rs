@@ -1,0 +1,75 @@
+//! Deadlines: a unary call to a peer that never answers fails with a timeout at
+//! `[coordinator] rpc_timeout_s` instead of hanging (its own test binary: the
+//! deadline is process-wide).
+
+use std::time::{Duration, Instant};
+
+use tandem_proto::auth::{Credentials, RequireToken};
+use tandem_proto::client;
+use tandem_proto::tls::Tls;
+use tandem_proto::v1::reward_server::{Reward, RewardServer};
+use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+const TOKEN: &str = "deadline-test-token-0123";
+
+/// A reward service that takes 30 s to answer.
+struct Stuck;
+
+#[tonic::async_trait]
+impl Reward for Stuck {
+    async fn score(
+        &self,
+        _req: tonic::Request<ScoreRequest>,
+    ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok(tonic::Response::new(ScoreReply { rewards: vec![] }))
+    }
+}
+
+#[test]
+fn a_peer_that_never_answers_fails_the_call_at_the_deadline() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RewardServer::new(Stuck),
+                RequireToken::new(TOKEN),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let creds = Credentials::new(TOKEN, Tls::none()).unwrap();
+    client::set_rpc_timeout(Duration::from_millis(400));
+    assert_eq!(client::rpc_timeout(), Duration::from_millis(400));
+    let t0 = Instant::now();
+    let status = rt.block_on(async {
+        let ch = client::connect(&addr, &creds).await.unwrap();
+        client::reward(ch, &creds)
+            .score(client::unary(ScoreRequest {
+                prompt: "1 + 1".into(),
+                answer: "2".into(),
+                completions: vec!["2".into()],
+            }))
+            .await
+            .expect_err("a reply from a service that sleeps 30 s")
+    });
+    let took = t0.elapsed();
+    // The client gives up at its deadline ("Timeout expired"); a server that noticed
+    // first would answer DEADLINE_EXCEEDED.
+    assert!(
+        status.code() == tonic::Code::DeadlineExceeded
+            || (status.code() == tonic::Code::Cancelled && status.message().contains("Timeout")),
+        "{status:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(5),
+        "failed after {took:?}"
+    );
+}
