@@ -1501,3 +1501,66 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     eprintln!("filtered {filtered} groups; informative share {share:.2}");
     check_nothing_lost(&c.run, &trained, true);
 }
+
+/// Skip instead of stop: a reward service that fails its first 5 calls. The generator
+/// retries with backoff (4 attempts), then gives that lease back; the prompt is
+/// re-issued and trained once, later groups score normally and the run finishes with
+/// nothing lost.
+#[test]
+fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tandem_proto::v1::reward_server::Reward;
+    use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+    #[derive(Clone, Default)]
+    struct Flaky(Arc<AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl Reward for Flaky {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            if self.0.fetch_add(1, Ordering::SeqCst) < 5 {
+                return Err(tonic::Status::unavailable("warming up"));
+            }
+            let n = req.into_inner().completions.len();
+            let rewards = (0..n).map(|i| i as f64 / 4.0).collect();
+            Ok(tonic::Response::new(ScoreReply { rewards }))
+        }
+    }
+
+    let service = Flaky::default();
+    let calls = service.0.clone();
+    let (_rt, addr) = serve_reward(service);
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 3;
+    let text = config(dir.path(), &model, steps, 1, "").replace(
+        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
+        &format!("math = 0.0\nservice = \"{addr}\""),
+    );
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(120));
+    assert!(calls.load(Ordering::SeqCst) > 5);
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    let status: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap(),
+    )
+    .unwrap();
+    let reissued: Vec<u64> = status["reissued_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert!(!reissued.is_empty(), "no lease was given back: {status}");
+    assert!(
+        reissued.iter().all(|p| trained.values().any(|t| t == p)),
+        "a given-back prompt was not trained: {reissued:?}"
+    );
+    check_nothing_lost(&c.run, &trained, true);
+}

@@ -204,6 +204,21 @@ impl Leases {
         lost.len() + self.expire_where(|_| true)
     }
 
+    /// Expires lease `id` when it is open and held by `worker` (given back: its prompt
+    /// goes to the front of the re-issue queue); whether it did.
+    pub fn release(&mut self, id: u64, worker: u64) -> bool {
+        match self.open.get(&id) {
+            Some(l) if l.worker == worker => {
+                let l = self.open.remove(&id).expect("present");
+                self.closed.insert(id, Closed::Expired);
+                self.reissue.push_front(l.prompt_index);
+                self.reissued.push(l.prompt_index);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Expires every lease of `worker` (dropped); returns how many.
     pub fn expire_worker(&mut self, worker: u64) -> usize {
         self.expire_where(|l| l.worker == worker)
@@ -315,6 +330,12 @@ mod tests {
         assert_eq!(l.filtered, vec![0]);
         let b = l.grant(2, 2, now);
         assert_eq!(b.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2]);
+        // A lease given back: only by its holder, once; its prompt is leased next.
+        assert!(!l.release(b[0].0, 1));
+        assert!(l.release(b[0].0, 2));
+        assert!(!l.release(b[0].0, 2));
+        assert_eq!(l.commit(b[0].0, 1).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.grant(3, 1, now)[0].1, 1);
         l.grant(2, 0, now);
         let later = now + Duration::from_secs(10);
         assert_eq!(l.expire_older_than(Duration::from_secs(5), later), 2);

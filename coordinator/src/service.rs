@@ -9,8 +9,8 @@ use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, ExcludeReply, ExcludeRequest, HeartbeatReply,
     HeartbeatRequest, LeaseReply, LeaseRequest, LeaveReply, LeaveRequest, PromptLease,
-    PublishVersionReply, PublishVersionRequest, RegisterReply, RegisterRequest, Role, StatusReply,
-    StatusRequest,
+    PublishVersionReply, PublishVersionRequest, RegisterReply, RegisterRequest, ReleaseReply,
+    ReleaseRequest, Role, StatusReply, StatusRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -314,6 +314,26 @@ impl Coordinator for CoordinatorService {
         core.update_group();
         core.export_gauges();
         Ok(Response::new(LeaveReply {}))
+    }
+
+    async fn release(
+        &self,
+        req: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseReply>, Status> {
+        let r = req.into_inner();
+        let mut core = self.lock()?;
+        let released = core.leases.release(r.lease_id, r.worker_id);
+        if released {
+            metrics::counter!(m::LEASES_REISSUED).increment(1);
+            metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
+            tracing::warn!(
+                lease = r.lease_id,
+                worker = r.worker_id,
+                reason = %r.reason,
+                "lease given back: its prompt is re-issued"
+            );
+        }
+        Ok(Response::new(ReleaseReply { released }))
     }
 
     async fn exclude_from_group(

@@ -13,7 +13,7 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
 use tandem_proto::v1::{
-    Completion, LeaseRequest, LeaveRequest, PromptLease, RolloutGroup, ScoreRequest,
+    Completion, LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest, RolloutGroup, ScoreRequest,
 };
 use tokio::runtime::Handle;
 
@@ -235,8 +235,9 @@ impl Worker {
                 .fetch_add(out.decoded as u64, Ordering::SeqCst);
             for f in out.finished {
                 let (lease, prompt) = live.remove(&f.id).expect("a live lease");
-                let g = self.score(&lease, prompt, f, worker_id())?;
-                self.push(g)?;
+                if let Some(g) = self.score(&lease, prompt, f, worker_id())? {
+                    self.push(g)?;
+                }
             }
             if in_flight {
                 // A new version applies to every running row from the next step on.
@@ -273,8 +274,9 @@ impl Worker {
                 let ids = self.prompt_of(&l)?;
                 let group = self.mock_group(&l, &ids);
                 let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-                let rollout = self.score(&l, ids, group, worker_id)?;
-                self.push(rollout)?;
+                if let Some(rollout) = self.score(&l, ids, group, worker_id)? {
+                    self.push(rollout)?;
+                }
             }
             return Ok(());
         }
@@ -347,15 +349,75 @@ impl Worker {
         )
     }
 
+    /// The reward service's scores of one group, retried with exponential backoff and
+    /// jitter (0.5 s, 1 s, 2 s, each ±25 %) when the call fails or the reply is
+    /// malformed; after the last attempt, why it failed.
+    fn service_scores(&mut self, req: ScoreRequest) -> std::result::Result<Vec<f64>, String> {
+        const ATTEMPTS: u32 = 4;
+        let n = req.completions.len();
+        let mut why = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                let base = 0.5 * f64::from(1u32 << (attempt - 1));
+                let jitter = 0.75 + 0.5 * unit_noise();
+                std::thread::sleep(Duration::from_secs_f64(base * jitter));
+            }
+            let Some(svc) = self.reward_service.as_mut() else {
+                return Err("no reward service".into());
+            };
+            match self.rt.block_on(svc.score(client::unary(req.clone()))) {
+                Ok(r) => {
+                    let scored = r.into_inner().rewards;
+                    if scored.len() == n && scored.iter().all(|r| r.is_finite()) {
+                        return Ok(scored);
+                    }
+                    why = format!(
+                        "returned {} rewards for {n} completions (all must be finite)",
+                        scored.len()
+                    );
+                }
+                Err(e) => why = client::describe(&e),
+            }
+            tracing::warn!(
+                attempt = attempt + 1,
+                of = ATTEMPTS,
+                "[reward] service: {why}"
+            );
+        }
+        Err(format!("[reward] service failed {ATTEMPTS} times: {why}"))
+    }
+
+    /// Gives lease `l` back to the coordinator (its prompt is re-issued at once).
+    fn release(&mut self, l: &PromptLease, why: &str) {
+        tracing::warn!(lease = l.lease_id, "{why}: giving the lease back");
+        let req = ReleaseRequest {
+            worker_id: self.beat.worker_id.load(Ordering::SeqCst),
+            lease_id: l.lease_id,
+            reason: why.to_string(),
+        };
+        if let Err(e) = self
+            .rt
+            .block_on(self.coordinator.release(client::unary(req)))
+        {
+            // It expires with the lease timeout instead.
+            tracing::warn!(
+                lease = l.lease_id,
+                "could not give the lease back: {}",
+                client::describe(&e)
+            );
+        }
+    }
+
     /// Scores a finished group (verifiers, judge, reward service, reward model) and
-    /// builds its rollout; each token carries the version it was sampled with.
+    /// builds its rollout; each token carries the version it was sampled with. `None`
+    /// when the reward service kept failing and the lease was given back.
     fn score(
         &mut self,
         l: &PromptLease,
         prompt_ids: Vec<u32>,
         f: Finished,
         worker_id: u64,
-    ) -> Result<RolloutGroup> {
+    ) -> Result<Option<RolloutGroup>> {
         let rows = &f.completions;
         let texts: Vec<String> = rows
             .iter()
@@ -383,27 +445,21 @@ impl Worker {
                 *r += self.settings.reward.judge_weight * s;
             }
         }
-        if let Some(svc) = &mut self.reward_service {
-            let scored = self
-                .rt
-                .block_on(svc.score(client::unary(ScoreRequest {
-                    prompt: prompt.clone(),
-                    answer: l.answer.clone(),
-                    completions: texts.clone(),
-                })))
-                .map_err(|e| rpc("[reward] service", client::describe(&e)))?
-                .into_inner()
-                .rewards;
-            if scored.len() != texts.len() || scored.iter().any(|r| !r.is_finite()) {
-                return Err(rpc(
-                    "[reward] service",
-                    format!(
-                        "returned {} rewards for {} completions (all must be finite)",
-                        scored.len(),
-                        texts.len()
-                    ),
-                ));
-            }
+        if self.reward_service.is_some() {
+            let req = ScoreRequest {
+                prompt: prompt.clone(),
+                answer: l.answer.clone(),
+                completions: texts.clone(),
+            };
+            let scored = match self.service_scores(req) {
+                Ok(s) => s,
+                Err(why) => {
+                    // Skip instead of stop: the lease goes back, another generator
+                    // (or this one, later) takes the prompt.
+                    self.release(l, &why);
+                    return Ok(None);
+                }
+            };
             for (r, s) in rewards.iter_mut().zip(scored) {
                 *r += self.settings.reward.service_weight * s;
             }
@@ -414,7 +470,7 @@ impl Worker {
                 *r += self.settings.reward.model_weight * s;
             }
         }
-        Ok(RolloutGroup {
+        Ok(Some(RolloutGroup {
             seq: 0,
             lease_id: l.lease_id,
             prompt_index: l.prompt_index,
@@ -436,6 +492,18 @@ impl Worker {
                     loss_mask: vec![],
                 })
                 .collect(),
-        })
+        }))
     }
+}
+
+/// A number in [0, 1) that differs between calls and processes (backoff jitter).
+fn unit_noise() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut z = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
