@@ -30,27 +30,46 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    /// Its command line, to start it again.
+    args: Vec<String>,
+    restarts: u32,
 }
 
 impl Proc {
     fn spawn(name: &str, args: &[&str], logs: &Path, env: &[(&str, String)]) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
-        let file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let exe = std::env::current_exe().context("finding the tandem executable")?;
-        let child = Command::new(exe)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting the {name} process"))?;
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = start(name, &args, &log, env, false)?;
         Ok(Proc {
             name: name.to_string(),
             child,
             log,
+            args,
+            restarts: 0,
         })
+    }
+
+    /// Starts the process again after it died (its log continues); a trainer resumes
+    /// from its newest checkpoint when it has one.
+    fn restart(&mut self, env: &[(&str, String)], run_dir: &Path) -> Result<()> {
+        let mut args = self.args.clone();
+        if self.name == "trainer" {
+            // Its steps since the newest checkpoint are redone; without one, the
+            // coordinator's published versions would not match a fresh trainer.
+            if !run_dir.join("checkpoints/latest").exists() {
+                bail!(
+                    "the trainer died before its first checkpoint ([trainer] checkpoint_every): nothing to resume from; last lines of {}:\n{}",
+                    self.log.display(),
+                    self.tail()
+                );
+            }
+            if !args.iter().any(|a| a == "--resume") {
+                args.push("--resume".into());
+            }
+        }
+        self.child = start(&self.name, &args, &self.log, env, true)?;
+        self.restarts += 1;
+        Ok(())
     }
 
     fn tail(&self) -> String {
@@ -182,20 +201,46 @@ pub fn run(a: RunArgs) -> Result<()> {
     );
     let started = Instant::now();
     let mut last_reward = f64::NAN;
+    write_pids(&run_dir, &procs.0)?;
     loop {
         std::thread::sleep(Duration::from_millis(500));
+        let mut restarted = false;
         for p in procs.0.iter_mut() {
             if let Some(st) = p.child.try_wait()? {
-                if !st.success() {
+                if st.success() {
+                    continue;
+                }
+                // The coordinator's state lives in its memory: a new one would not
+                // know the run. A trainer or generator is started again.
+                if p.name == "coordinator" || p.restarts >= cfg.run.max_restarts {
                     bar.abandon();
+                    let why = if p.name == "coordinator" {
+                        "the coordinator is not restarted (its state is in memory)".to_string()
+                    } else {
+                        format!("[run] max_restarts = {} used up", cfg.run.max_restarts)
+                    };
                     bail!(
-                        "the {} process failed ({st}); last lines of {}:\n{}",
+                        "the {} process failed ({st}); {why}; last lines of {}:\n{}",
                         p.name,
                         p.log.display(),
                         p.tail()
                     );
                 }
+                bar.suspend(|| {
+                    eprintln!(
+                        "the {} process failed ({st}): restarting it ({} of {}); its log: {}",
+                        p.name,
+                        p.restarts + 1,
+                        cfg.run.max_restarts,
+                        p.log.display()
+                    )
+                });
+                p.restart(&env, &run_dir)?;
+                restarted = true;
             }
+        }
+        if restarted {
+            write_pids(&run_dir, &procs.0)?;
         }
         let trainer_done = procs.0[1].child.try_wait()?.is_some();
         if let Ok(s) = rt.block_on(coord.status(StatusRequest {})) {
@@ -247,6 +292,45 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(line) = crate::eval::before_after(&run_dir, &cfg) {
         eprintln!("{line}");
     }
+    Ok(())
+}
+
+/// Starts `tandem ARGS` with its output in `log` (appended to when `append`).
+fn start(
+    name: &str,
+    args: &[String],
+    log: &Path,
+    env: &[(&str, String)],
+    append: bool,
+) -> Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe().context("finding the tandem executable")?;
+    Command::new(exe)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting the {name} process"))
+}
+
+/// Writes `RUN_DIR/processes.json`: each process's name and pid (updated on restarts).
+fn write_pids(run_dir: &Path, procs: &[Proc]) -> Result<()> {
+    let pids: serde_json::Map<String, serde_json::Value> = procs
+        .iter()
+        .map(|p| (p.name.clone(), p.child.id().into()))
+        .collect();
+    tandem_model::write_atomic(
+        &run_dir.join("processes.json"),
+        serde_json::Value::Object(pids).to_string(),
+    )?;
     Ok(())
 }
 

@@ -1564,3 +1564,74 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     );
     check_nothing_lost(&c.run, &trained, true);
 }
+
+/// `tandem run` supervises its processes: kill -9 the trainer (after a checkpoint) and
+/// a generator mid-run; both are started again (the trainer with `--resume`), the run
+/// finishes, every step appears once in metrics.jsonl and every prompt is trained
+/// once.
+#[test]
+fn tandem_run_restarts_a_killed_trainer_and_generator() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 24;
+    let cfg = dir.path().join("run.toml");
+    let text = config(dir.path(), &model, steps, 1, "").replace(
+        "dump_batches = true",
+        "dump_batches = true\ncheckpoint_every = 4",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = dir.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", cfg.to_str().unwrap()])
+        .env("TANDEM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metrics_lines_or_none(&run).is_none_or(|n| n < 8) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("processes.json")).unwrap())
+            .unwrap();
+    for name in ["trainer", "gen-0"] {
+        let pid = pids[name].as_u64().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for name in ["trainer", "gen-0"] {
+        assert!(
+            stderr.contains(&format!("the {name} process failed"))
+                && stderr.contains("restarting it"),
+            "{name} not restarted: {stderr}"
+        );
+    }
+    let after: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("processes.json")).unwrap())
+            .unwrap();
+    assert_ne!(after["trainer"], pids["trainer"]);
+    let trained = check_trained(&run, steps, 2, 4, 1);
+    let m = metrics_lines(&run);
+    assert_eq!(
+        m.iter()
+            .map(|x| x["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    check_nothing_lost(&run, &trained, false);
+}
+
+/// The lines of RUN_DIR/metrics.jsonl so far (None before the file exists).
+fn metrics_lines_or_none(run: &Path) -> Option<usize> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .ok()
+        .map(|t| t.lines().count())
+}

@@ -28,6 +28,9 @@ pub struct RunSection {
     pub token: Option<String>,
     /// Seed of sampling and of the data order.
     pub seed: u64,
+    /// `tandem run`: how many times each trainer or generator process is started again
+    /// after it dies (the trainer resumes from its newest checkpoint).
+    pub max_restarts: u32,
     /// Dynamic sampling (DAPO): a group whose rewards are all equal is dropped before
     /// the buffer and its lease closed; admission then leases another prompt, so every
     /// step still trains `batch_groups` informative groups.
@@ -46,6 +49,7 @@ impl Default for RunSection {
             token: None,
             seed: 0,
             filter_zero_std: false,
+            max_restarts: 3,
         }
     }
 }
