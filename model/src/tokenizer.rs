@@ -121,7 +121,12 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let bytes = read_file(&path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        // The tokenizers crate panics on some malformed files (found by tests/fuzz.rs):
+        // the JSON is checked first, and a panic inside it becomes this file's error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| Error::format(&path, "not a tokenizer the tokenizers library can read"))?
             .map_err(|e| Error::format(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
