@@ -390,10 +390,18 @@ fn http_get(addr: &str, path: &str) -> String {
 
 /// GET `path`: the status code and the body.
 fn http_status(addr: &str, path: &str) -> (u16, String) {
+    http_status_as(addr, path, None)
+}
+
+/// GET `path` with `authorization: Bearer <token>` when a token is given.
+fn http_status_as(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -708,6 +716,17 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
         assert_eq!(http_status(addr, "/healthz"), (200, "ok\n".into()));
         assert_eq!(http_status(addr, "/readyz"), (200, "ready\n".into()));
     }
+    // The coordinator's /status needs the run's token; its probes do not.
+    let coord_http = c.http.clone();
+    assert_eq!(http_status(&coord_http, "/healthz").0, 200);
+    assert_eq!(http_status(&coord_http, "/status").0, 401);
+    assert_eq!(
+        http_status_as(&coord_http, "/status", Some("wrong-token-0123456789")).0,
+        401
+    );
+    let (code, body) = http_status_as(&coord_http, "/status", Some(TOKEN));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"workers\""), "{body}");
     c.kill("gen-0");
     // The coordinator drops gen-0: counted, and its heartbeat age series goes while
     // gen-1's stays.

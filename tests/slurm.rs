@@ -165,13 +165,21 @@ impl Drop for Cluster {
 }
 
 /// GET `path` from an HTTP server at `addr` (HTTP/1.1, Connection: close); the body.
-fn http_get(addr: &str, path: &str) -> Option<String> {
+/// The run's token (RUN_DIR/token), empty until the job wrote it.
+fn token_of(run: &Path) -> String {
+    std::fs::read_to_string(run.join("token"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn http_get(addr: &str, path: &str, token: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();
@@ -302,8 +310,8 @@ fn sbatch_run_with_generators_added_mid_run() {
                 .and_then(|v| v["http"].as_str().map(str::to_string));
         }
         let Some(addr) = &http else { return };
-        let Some(v) =
-            http_get(addr, "/status").and_then(|b| serde_json::from_str::<Value>(&b).ok())
+        let Some(v) = http_get(addr, "/status", &token_of(&run))
+            .and_then(|b| serde_json::from_str::<Value>(&b).ok())
         else {
             return;
         };

@@ -78,6 +78,7 @@ pub async fn start(settings: Settings, dataset: Dataset, creds: &Credentials) ->
         .with_state(HttpState {
             core: core.clone(),
             handle,
+            bearer: format!("Bearer {}", creds.token()),
         });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, app).await {
@@ -131,6 +132,10 @@ impl Running {
 struct HttpState {
     core: Arc<Mutex<Core>>,
     handle: PrometheusHandle,
+    /// `/status` names workers, leases and prompts: it needs the run's token
+    /// (`authorization: Bearer <token>`), as every RPC does. `/metrics` and the probes
+    /// stay open for scrapers and kubelets.
+    bearer: String,
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
@@ -152,7 +157,20 @@ async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-async fn status_json(State(s): State<HttpState>) -> impl IntoResponse {
+async fn status_json(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !tandem_proto::auth::constant_time_eq(given, s.bearer.as_bytes()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "{\"error\": \"send the run's token: authorization: Bearer <token>\"}".to_string(),
+        );
+    }
     let Ok(c) = s.core.lock() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string());
     };
