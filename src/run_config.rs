@@ -256,6 +256,7 @@ mod doc {
                         | ("data", "system")
                         | ("run", "token")
                         | ("reward", "service")
+                        | ("reward", "service_token")
                         | ("reward", "model")
                         | ("reward", "judge")
                         | ("algorithm", "teacher")

@@ -13,6 +13,8 @@ use common::*;
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-123-distributed";
+/// The reward service's own token (never the run's).
+const REWARD_TOKEN: &str = "reward-service-token-4567";
 
 /// A config for the tiny model that trains in a few seconds.
 fn config(dir: &Path, model: &Path, steps: u64, max_staleness: u64, extra: &str) -> String {
@@ -1389,7 +1391,7 @@ fn external_reward_service_scores_the_groups() {
     let steps = 4;
     let text = config(dir.path(), &model, steps, 1, "").replace(
         "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\"\nservice_weight = 2.0"),
+        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\"\nservice_weight = 2.0"),
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1431,7 +1433,7 @@ fn serve_reward<R: tandem_proto::v1::reward_server::Reward>(
         tonic::transport::Server::builder()
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 RewardServer::new(service),
-                tandem_proto::auth::RequireToken::new(TOKEN),
+                tandem_proto::auth::RequireToken::new(REWARD_TOKEN),
             ))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -1473,7 +1475,7 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     let text = config(dir.path(), &model, steps, 1, "")
         .replace(
             "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-            &format!("math = 0.0\nservice = \"{addr}\""),
+            &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\""),
         )
         .replace("seed = 1\n", "seed = 1\nfilter_zero_std = true\n");
     let mut c = Cluster::start(dir.path(), &text);
@@ -1558,7 +1560,7 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     let steps = 3;
     let text = config(dir.path(), &model, steps, 1, "").replace(
         "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\""),
+        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\""),
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();

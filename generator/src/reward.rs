@@ -21,6 +21,9 @@ pub struct RewardConfig {
     pub exact_match: f64,
     /// An external reward service (`http://host:port`), scored per group.
     pub service: Option<String>,
+    /// The reward service's own token (`TANDEM_REWARD_TOKEN` in the generator's
+    /// environment wins): the run's token never leaves the run.
+    pub service_token: Option<String>,
     pub service_weight: f64,
     /// A reward model (`tandem rm` output: an HF folder with `reward_head.safetensors`)
     /// that scores prompt + completion on each generator.
@@ -60,6 +63,7 @@ impl Default for RewardConfig {
             format_kind: FormatKind::AnswerTags,
             exact_match: 0.0,
             service: None,
+            service_token: None,
             service_weight: 1.0,
             model: None,
             model_weight: 1.0,

@@ -113,10 +113,24 @@ impl Worker {
         }
         let reward_service = match &settings.reward.service {
             Some(addr) => {
+                // Its own token, with the run's TLS material.
+                let token = std::env::var("TANDEM_REWARD_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .or_else(|| settings.reward.service_token.clone())
+                    .ok_or_else(|| {
+                        rpc(
+                            "[reward] service",
+                            "needs its own token: set TANDEM_REWARD_TOKEN (or [reward] service_token); the run's token is not sent to it",
+                        )
+                    })?;
+                let service_creds =
+                    tandem_proto::auth::Credentials::new(&token, creds.tls().clone())
+                        .map_err(|e| rpc("[reward] service_token", e))?;
                 let ch = rt
-                    .block_on(client::connect(addr, &creds))
+                    .block_on(client::connect(addr, &service_creds))
                     .map_err(|e| rpc("[reward] service", e))?;
-                Some(client::reward(ch, &creds))
+                Some(client::reward(ch, &service_creds))
             }
             None => None,
         };
