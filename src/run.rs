@@ -30,13 +30,19 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
-    /// Its command line, to start it again.
+    /// Its command line and environment, to start it again.
     args: Vec<String>,
+    env: Vec<(&'static str, String)>,
     restarts: u32,
 }
 
 impl Proc {
-    fn spawn(name: &str, args: &[&str], logs: &Path, env: &[(&str, String)]) -> Result<Self> {
+    fn spawn(
+        name: &str,
+        args: &[&str],
+        logs: &Path,
+        env: &[(&'static str, String)],
+    ) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let child = start(name, &args, &log, env, false)?;
@@ -45,13 +51,14 @@ impl Proc {
             child,
             log,
             args,
+            env: env.to_vec(),
             restarts: 0,
         })
     }
 
     /// Starts the process again after it died (its log continues); a trainer resumes
     /// from its newest checkpoint when it has one.
-    fn restart(&mut self, env: &[(&str, String)], run_dir: &Path) -> Result<()> {
+    fn restart(&mut self, run_dir: &Path) -> Result<()> {
         let mut args = self.args.clone();
         if self.name == "trainer" {
             // Its steps since the newest checkpoint are redone; without one, the
@@ -67,7 +74,7 @@ impl Proc {
                 args.push("--resume".into());
             }
         }
-        self.child = start(&self.name, &args, &self.log, env, true)?;
+        self.child = start(&self.name, &args, &self.log, &self.env, true)?;
         self.restarts += 1;
         Ok(())
     }
@@ -126,8 +133,21 @@ pub fn run(a: RunArgs) -> Result<()> {
     // flags of `tandem run` (or TANDEM_TLS_*) override `[tls]`.
     let tls_files = a.security.tls_files(Some(&cfg.tls));
     let creds = a.security.credentials(Some(&token), Some(&cfg.tls))?;
-    let mut env = crate::security::tls_env(&tls_files)?;
+    // Two roles: the coordinator and the trainer hold the run's token and accept the
+    // generator token too; generators hold only the generator token, which cannot
+    // publish, commit, exclude or register as the trainer.
+    let generator_token = {
+        let mut b = [0u8; 16];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    };
+    crate::security::write_private(&run_dir.join("generator-token"), &generator_token)?;
+    let tls_env = crate::security::tls_env(&tls_files)?;
+    let mut env = tls_env.clone();
     env.push(("TANDEM_TOKEN", token.clone()));
+    env.push(("TANDEM_GENERATOR_TOKEN", generator_token.clone()));
+    let mut gen_env = tls_env;
+    gen_env.push(("TANDEM_TOKEN", generator_token.clone()));
     let cfg_path = run_dir.join("config.toml");
     tandem_model::write_atomic(&cfg_path, cfg.to_toml()?)?;
 
@@ -177,7 +197,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             &name,
             &["generator", "--coordinator", &addr, "--name", &name],
             &logs,
-            &env,
+            &gen_env,
         )?);
     }
     eprintln!(
@@ -235,7 +255,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                         p.log.display()
                     )
                 });
-                p.restart(&env, &run_dir)?;
+                p.restart(&run_dir)?;
                 restarted = true;
             }
         }

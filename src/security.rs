@@ -76,7 +76,20 @@ impl SecurityArgs {
             .tls_files(cfg_tls)
             .load()
             .map_err(|e| anyhow!("{e} (--tls-* flags, TANDEM_TLS_* or [tls])"))?;
-        Credentials::new(&token, tls).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))
+        let creds = Credentials::new(&token, tls).map_err(|e| anyhow!("TANDEM_TOKEN: {e}"))?;
+        // A server of a run with split roles also accepts the generator token.
+        match std::env::var("TANDEM_GENERATOR_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            Some(g) => {
+                check_token(&g, "TANDEM_GENERATOR_TOKEN")?;
+                creds
+                    .with_generator_token(&g)
+                    .map_err(|e| anyhow!("TANDEM_GENERATOR_TOKEN: {e}"))
+            }
+            None => Ok(creds),
+        }
     }
 }
 
@@ -97,7 +110,14 @@ pub fn token(cfg_token: Option<&str>) -> Result<String> {
             "[run] token",
         ),
     };
-    if PLACEHOLDER_TOKENS.contains(&token.as_str()) {
+    check_token(&token, from)?;
+    Ok(token)
+}
+
+/// Refuses a token shorter than [`MIN_TOKEN_LEN`] or a shipped placeholder; `from`
+/// names where it came from.
+fn check_token(token: &str, from: &str) -> Result<()> {
+    if PLACEHOLDER_TOKENS.contains(&token) {
         anyhow::bail!(
             "{from} is the placeholder shipped in deploy/k8s/secret.yaml: replace it with a random secret (openssl rand -hex 32)"
         );
@@ -108,7 +128,7 @@ pub fn token(cfg_token: Option<&str>) -> Result<String> {
             token.chars().count()
         );
     }
-    Ok(token)
+    Ok(())
 }
 
 /// The environment that hands `files` to a child process (absolute paths, so the child

@@ -13,6 +13,8 @@ use common::*;
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-123-distributed";
+/// The generator token: the roles are split in every cluster here, as `tandem run` does.
+const GEN_TOKEN: &str = "generator-token-89abcdef";
 /// The reward service's own token (never the run's).
 const REWARD_TOKEN: &str = "reward-service-token-4567";
 
@@ -80,9 +82,15 @@ struct Cluster {
 impl Cluster {
     fn spawn_proc(dir: &Path, name: &str, args: &[&str]) -> Child {
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        // Generators hold only the generator token; the servers accept both.
+        let (token, generator_token) = match args.first() {
+            Some(&"generator") => (GEN_TOKEN, ""),
+            _ => (TOKEN, GEN_TOKEN),
+        };
         Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(args)
-            .env("TANDEM_TOKEN", TOKEN)
+            .env("TANDEM_TOKEN", token)
+            .env("TANDEM_GENERATOR_TOKEN", generator_token)
             .env("TANDEM_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -1033,6 +1041,67 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let trainer_ch = rt.block_on(client::connect(&trainer_addr, &good)).unwrap();
+
+    // The generator token: a generator's calls pass; the trainer's are refused with
+    // PERMISSION_DENIED, and so is registering as the trainer.
+    let gen_creds = Credentials::new(GEN_TOKEN, Tls::none()).unwrap();
+    let mut as_gen = client::coordinator(coord_ch.clone(), &gen_creds);
+    rt.block_on(async {
+        let denied = |r: Result<(), tonic::Status>, what: &str| {
+            let e = r.expect_err(what);
+            assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+            assert!(e.message().contains("trainer"), "{what}: {e:?}");
+        };
+        denied(
+            as_gen
+                .publish_version(PublishVersionRequest {
+                    version: 99,
+                    finished: true,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "publish",
+        );
+        denied(
+            as_gen
+                .commit(CommitRequest {
+                    lease_id: 1,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "commit",
+        );
+        denied(
+            as_gen
+                .exclude_from_group(ExcludeRequest {
+                    worker_ids: vec![fake.worker_id],
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "exclude",
+        );
+        denied(
+            as_gen
+                .register(RegisterRequest {
+                    role: Role::Trainer as i32,
+                    name: "usurper".into(),
+                    address: "127.0.0.1:1".into(),
+                })
+                .await
+                .map(|_| ()),
+            "register as trainer",
+        );
+        as_gen
+            .heartbeat(HeartbeatRequest {
+                worker_id: fake.worker_id,
+                ..Default::default()
+            })
+            .await
+            .expect("a generator's heartbeat");
+    });
 
     // No token, or the wrong one: refused, whatever the call.
     let unauth = |r: Result<(), tonic::Status>, what: &str| {

@@ -16,6 +16,8 @@ pub const LEASES_RUNNING: &str = "tandem_leases_running";
 pub const GROUPS_ACCEPTED: &str = "tandem_groups_accepted_total";
 pub const GROUPS_DROPPED: &str = "tandem_groups_dropped_total";
 pub const LEASES_REISSUED: &str = "tandem_leases_reissued_total";
+/// Calls refused because a generator's token made a trainer's call.
+pub const PERMISSION_DENIED: &str = "tandem_permission_denied_total";
 /// Leases granted in place of groups dynamic sampling filtered out.
 pub const LEASES_EXTRA: &str = "tandem_leases_extra_total";
 /// accepted / (accepted + filtered): the share of groups that taught something.
@@ -98,6 +100,10 @@ pub fn describe() {
     );
     describe_counter!(GROUPS_DROPPED, "Groups refused or dropped, by reason");
     describe_counter!(
+        PERMISSION_DENIED,
+        "Calls refused because a generator's token made a call only the trainer may make"
+    );
+    describe_counter!(
         LEASES_EXTRA,
         "Leases granted in place of groups dynamic sampling filtered out (every reward equal)"
     );
@@ -145,6 +151,7 @@ pub fn initialise(max_staleness: u64) {
     metrics::counter!(GROUPS_ACCEPTED).absolute(0);
     metrics::counter!(LEASES_REISSUED).absolute(0);
     metrics::counter!(LEASES_EXTRA).absolute(0);
+    metrics::counter!(PERMISSION_DENIED).absolute(0);
     metrics::gauge!(INFORMATIVE_SHARE).set(1.0);
     metrics::counter!(WEIGHT_SYNC_BYTES).absolute(0);
     for role in ["generator", "trainer"] {

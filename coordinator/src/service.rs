@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tandem_data::PromptBody;
+use tandem_proto::auth::require_admin;
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, ExcludeReply, ExcludeRequest, HeartbeatReply,
@@ -38,6 +39,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
+        if req.get_ref().role == Role::Trainer as i32 {
+            denied(require_admin(&req, "registering as the trainer"))?;
+        }
         let r = req.into_inner();
         let role = Role::try_from(r.role).unwrap_or(Role::Unspecified);
         if role == Role::Unspecified {
@@ -245,6 +249,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<CommitReply>, Status> {
+        denied(require_admin(&req, "Commit"))?;
         let r = req.into_inner();
         let mut core = self.lock()?;
         if core.finished() {
@@ -297,6 +302,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<PublishVersionRequest>,
     ) -> Result<Response<PublishVersionReply>, Status> {
+        denied(require_admin(&req, "PublishVersion"))?;
         let r = req.into_inner();
         Ok(Response::new(self.lock()?.publish(&r)?))
     }
@@ -340,6 +346,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ExcludeRequest>,
     ) -> Result<Response<ExcludeReply>, Status> {
+        denied(require_admin(&req, "ExcludeFromGroup"))?;
         let r = req.into_inner();
         if r.worker_ids.is_empty() {
             return Err(Status::invalid_argument("worker_ids: name at least one"));
@@ -373,6 +380,15 @@ impl Coordinator for CoordinatorService {
         let core = self.lock()?;
         Ok(Response::new(core.status(Instant::now())))
     }
+}
+
+/// Counts and logs a refusal of `check` (a generator's token on a trainer's call).
+fn denied(check: Result<(), Status>) -> Result<(), Status> {
+    if let Err(e) = &check {
+        metrics::counter!(m::PERMISSION_DENIED).increment(1);
+        tracing::warn!("refused: {}", e.message());
+    }
+    check
 }
 
 /// `host:port` with a non-empty host (an IP or a DNS name) and a numeric port.

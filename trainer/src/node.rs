@@ -413,7 +413,8 @@ fn broadcast_pusher(
     let p = Pusher::start(
         &bind,
         &host,
-        creds.token(),
+        // Only generators join: with split roles, theirs is the generator token.
+        creds.generator_token().unwrap_or(creds.token()),
         publisher::Settings {
             bucket_bytes: s.trainer.bucket_mib << 20,
             // Members learn a new epoch from a heartbeat, then connect.
