@@ -25,6 +25,17 @@ pub fn admission_capacity(
     ((max_staleness + version + 1) * batch_groups).saturating_sub(accepted + running)
 }
 
+/// The re-issued and filtered prompt lists keep this many of their newest entries.
+pub const HISTORY: usize = 10_000;
+
+/// Appends `x` to `v`, dropping the oldest entries past [`HISTORY`].
+fn remember(v: &mut Vec<u64>, x: u64) {
+    v.push(x);
+    if v.len() > 2 * HISTORY {
+        v.drain(..v.len() - HISTORY);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Lease {
     pub prompt_index: u64,
@@ -71,9 +82,11 @@ pub struct Leases {
     next_id: u64,
     /// Groups committed so far.
     pub accepted: u64,
-    /// Every prompt index whose lease expired, in order (a prompt may appear twice).
+    /// Every prompt index whose lease expired, in order (a prompt may appear twice; the
+    /// newest [`HISTORY`]).
     pub reissued: Vec<u64>,
-    /// Prompts whose groups dynamic sampling filtered out, in order.
+    /// Prompts whose groups dynamic sampling filtered out, in order (the newest
+    /// [`HISTORY`]).
     pub filtered: Vec<u64>,
     /// Committed leases and their prompts.
     committed: BTreeMap<u64, u64>,
@@ -142,7 +155,7 @@ impl Leases {
     /// same refusals as [`Leases::commit`].
     pub fn filter(&mut self, id: u64, prompt_index: u64) -> Result<Lease, Refusal> {
         let l = self.close(id, prompt_index, Closed::Filtered)?;
-        self.filtered.push(l.prompt_index);
+        remember(&mut self.filtered, l.prompt_index);
         Ok(l)
     }
 
@@ -173,6 +186,33 @@ impl Leases {
         }
     }
 
+    /// Forgets the leases trained at or before `version` (no resume can go back past
+    /// it), and every closed lease older than the oldest one still open or committed;
+    /// a late group for a forgotten lease is refused as an unknown lease. Returns how
+    /// many entries went.
+    pub fn settle(&mut self, version: u64) -> usize {
+        let settled: Vec<u64> = self
+            .trained_at
+            .iter()
+            .filter(|(_, &v)| v <= version)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &settled {
+            self.trained_at.remove(id);
+            self.committed.remove(id);
+        }
+        let floor = self
+            .open
+            .keys()
+            .chain(self.committed.keys())
+            .min()
+            .copied()
+            .unwrap_or(self.next_id);
+        let before = self.closed.len();
+        self.closed.retain(|&id, _| id >= floor);
+        settled.len() + before - self.closed.len()
+    }
+
     /// Records that the step publishing `version` trained these leases.
     pub fn mark_trained(&mut self, leases: &[u64], version: u64) {
         for l in leases {
@@ -198,7 +238,7 @@ impl Leases {
             self.trained_at.remove(id);
             self.closed.insert(*id, Closed::Expired);
             self.reissue.push_back(*prompt);
-            self.reissued.push(*prompt);
+            remember(&mut self.reissued, *prompt);
             self.accepted -= 1;
         }
         lost.len() + self.expire_where(|_| true)
@@ -212,7 +252,7 @@ impl Leases {
                 let l = self.open.remove(&id).expect("present");
                 self.closed.insert(id, Closed::Expired);
                 self.reissue.push_front(l.prompt_index);
-                self.reissued.push(l.prompt_index);
+                remember(&mut self.reissued, l.prompt_index);
                 true
             }
             _ => false,
@@ -241,7 +281,7 @@ impl Leases {
             let l = self.open.remove(id).expect("present");
             self.closed.insert(*id, Closed::Expired);
             self.reissue.push_back(l.prompt_index);
-            self.reissued.push(l.prompt_index);
+            remember(&mut self.reissued, l.prompt_index);
         }
         ids.len()
     }
@@ -306,6 +346,38 @@ mod tests {
         let later = now + Duration::from_secs(10);
         assert_eq!(l.expire_older_than(Duration::from_secs(5), later), 2);
         assert_eq!(l.running(), 0);
+    }
+
+    /// Settling forgets what no resume can need: tables stay bounded, and a late group
+    /// for a forgotten lease is still refused.
+    #[test]
+    fn settled_leases_are_forgotten_and_still_refused() {
+        let now = Instant::now();
+        let mut l = Leases::starting_at(0, 0);
+        let ids: Vec<u64> = l.grant(1, 100, now).iter().map(|x| x.0).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            if i % 10 == 9 {
+                l.expire_where(|x| x.prompt_index == i as u64);
+            } else {
+                l.commit(id, i as u64).unwrap();
+                l.mark_trained(&[id], 1 + i as u64 / 10);
+            }
+        }
+        let open = l.grant(1, 1, now)[0].0;
+        // Versions 1–5 are settled (the trainer keeps no checkpoint before 5).
+        let gone = l.settle(5);
+        assert!(gone >= 2 * 45, "{gone}");
+        assert_eq!(l.committed.len(), 45);
+        assert_eq!(l.commit(ids[0], 0).unwrap_err(), Refusal::UnknownLease);
+        assert_eq!(l.commit(ids[99 - 1], 98).unwrap_err(), Refusal::Duplicate);
+        // A rewind to version 7 re-issues only what was trained after it.
+        assert_eq!(l.rewind(7, &HashSet::new()), 27 + 1);
+        assert!(l.commit(open, 100).is_err());
+        // Everything trained: settling to the end leaves nothing but what is open.
+        l.grant(2, 3, now);
+        l.settle(u64::MAX);
+        assert!(l.committed.is_empty() && l.trained_at.is_empty());
+        assert!(l.closed.len() <= l.open.len() + 1);
     }
 
     #[test]

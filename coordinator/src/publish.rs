@@ -29,6 +29,9 @@ impl Core {
             );
         }
         self.leases.mark_trained(&r.trained_leases, r.version);
+        if r.resumable_from > 0 {
+            self.leases.settle(r.resumable_from);
+        }
         self.version = r.version;
         self.step = r.step;
         self.buffer_groups = r.buffer_groups;

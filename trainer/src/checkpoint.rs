@@ -89,6 +89,21 @@ fn prune(root: &Path, current: u64, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// The version of the oldest complete checkpoint kept in `run_dir` (0 = none): no
+/// resume can go back past it.
+pub fn resumable_from(run_dir: &Path) -> u64 {
+    let root = run_dir.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| Some((step_of(&p)?, p)))
+        .min_by_key(|(s, _)| *s)
+        .and_then(|(_, p)| load_state(&p).ok())
+        .map_or(0, |st| st.version)
+}
+
 /// The newest complete checkpoint of a run, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     let root = run_dir.join("checkpoints");

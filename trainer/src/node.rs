@@ -233,6 +233,9 @@ pub fn run(
         e.run(&learner.policy, 0, learner.version, &run_dir)
             .context("the held-out evaluation before the first step")?;
     }
+    // What no resume can go back past (sent with each publish: the coordinator forgets
+    // the leases trained before it).
+    let mut resumable_from = checkpoint::resumable_from(&run_dir);
     while learner.step < s.steps {
         let mut report = learner.step_once(&shared)?;
         let last = learner.step == s.steps;
@@ -265,6 +268,7 @@ pub fn run(
                 wait_seconds: report.wait_seconds,
                 finished: last,
                 trained_leases: report.trained_leases.clone(),
+                resumable_from,
                 ..Default::default()
             })))
             .map_err(|e| {
@@ -285,6 +289,7 @@ pub fn run(
             let buffer = shared.buffer.lock().map(|b| b.clone()).unwrap_or_default();
             let dir = checkpoint::save(&run_dir, &learner, &buffer, s.trainer.keep_checkpoints)?;
             tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+            resumable_from = checkpoint::resumable_from(&run_dir);
         }
     }
     tracing::info!(final_model = %run_dir.join("final").display(), "training finished");
