@@ -336,10 +336,7 @@ fn check_trained(
 /// was dropped as stale (by any trainer incarnation) or filtered out by dynamic
 /// sampling (never also trained), and accepted groups add up.
 fn check_nothing_lost(run: &Path, trained: &BTreeMap<String, u64>, exact_accounting: bool) {
-    let status: Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("coordinator-status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = coordinator_status(run);
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("trainer-summary.json")).unwrap())
             .unwrap();
@@ -1308,10 +1305,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
             .any(|k| k.ends_with(&format!("-w{}", fake.worker_id))),
         "a refused group was trained"
     );
-    let status: Value = serde_json::from_str(
-        &std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = coordinator_status(&c.run);
     assert_eq!(
         status["dropped"]["invalid"].as_u64(),
         Some(n_bad as u64),
@@ -1458,9 +1452,10 @@ fn external_reward_service_scores_the_groups() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 4;
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\"\nservice_weight = 2.0"),
+    let text = reward_from_service(
+        &config(dir.path(), &model, steps, 1, ""),
+        &addr,
+        "\nservice_weight = 2.0",
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1481,6 +1476,21 @@ fn external_reward_service_scores_the_groups() {
             );
         }
     }
+}
+
+/// `text` (a [`config`]) with the reward coming from the service at `addr` alone, with
+/// its own token; `extra` adds `[reward]` lines.
+fn reward_from_service(text: &str, addr: &str, extra: &str) -> String {
+    text.replace(
+        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
+        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\"{extra}"),
+    )
+}
+
+/// The coordinator's final status (`RUN_DIR/coordinator-status.json`).
+fn coordinator_status(run: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("coordinator-status.json")).unwrap())
+        .unwrap()
 }
 
 /// Serves `service` as the run's token-checked reward service on a loopback port of
@@ -1541,11 +1551,7 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 4;
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace(
-            "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-            &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\""),
-        )
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "")
         .replace("seed = 1\n", "seed = 1\nfilter_zero_std = true\n");
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1572,10 +1578,7 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     for m in &lines {
         assert_eq!(m["zero_std_groups"].as_u64(), Some(0), "{m}");
     }
-    let status: Value = serde_json::from_str(
-        &std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = coordinator_status(&c.run);
     let filtered = status["filtered_prompts"].as_array().unwrap().len() as u64;
     assert!(filtered > 0, "nothing was filtered: {status}");
     assert!(
@@ -1627,20 +1630,14 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\""),
-    );
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "");
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
     c.wait_all(Duration::from_secs(120));
     assert!(calls.load(Ordering::SeqCst) > 5);
     let trained = check_trained(&c.run, steps, 2, 4, 1);
-    let status: Value = serde_json::from_str(
-        &std::fs::read_to_string(c.run.join("coordinator-status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = coordinator_status(&c.run);
     let reissued: Vec<u64> = status["reissued_prompts"]
         .as_array()
         .unwrap()
