@@ -494,15 +494,7 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
         .replace("batch_groups = 2", "batch_groups = 4")
         .replace("group_size = 4", "group_size = 8")
         .replace("lr = 1e-2", "lr = 2e-2");
-    std::fs::write(&cfg, text).unwrap();
-    let run = dir.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["run", cfg.to_str().unwrap()])
-        .env("TANDEM_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, run) = spawn_run(&cfg, &text);
     // Scrape /metrics mid-run.
     let t0 = Instant::now();
     let metrics_text = loop {
@@ -1666,15 +1658,7 @@ fn tandem_run_restarts_a_killed_trainer_and_generator() {
         "dump_batches = true",
         "dump_batches = true\ncheckpoint_every = 4",
     );
-    std::fs::write(&cfg, text).unwrap();
-    let run = dir.path().join("run");
-    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["run", cfg.to_str().unwrap()])
-        .env("TANDEM_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, run) = spawn_run(&cfg, &text);
     let t0 = Instant::now();
     while metrics_lines_or_none(&run).is_none_or(|n| n < 8) {
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
@@ -1714,6 +1698,20 @@ fn tandem_run_restarts_a_killed_trainer_and_generator() {
         (1..=steps).collect::<Vec<_>>()
     );
     check_nothing_lost(&run, &trained, false);
+}
+
+/// Writes `text` to `cfg` and starts `tandem run` on it (warnings only, stderr
+/// captured); returns the child and the run's folder (`[run] run_dir` of [`config`]).
+fn spawn_run(cfg: &Path, text: &str) -> (Child, PathBuf) {
+    std::fs::write(cfg, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", cfg.to_str().unwrap()])
+        .env("TANDEM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, cfg.parent().unwrap().join("run"))
 }
 
 /// The lines of RUN_DIR/metrics.jsonl so far (None before the file exists).
