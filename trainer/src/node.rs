@@ -267,7 +267,14 @@ pub fn run(
                 buffer_groups: shared.buffer_len() as u64,
                 wait_seconds: report.wait_seconds,
                 finished: last,
-                trained_leases: report.trained_leases.clone(),
+                // Consumed: trained, or dropped as stale (either way done with; a rewind
+                // past this step re-issues them, one before it does not).
+                trained_leases: report
+                    .trained_leases
+                    .iter()
+                    .copied()
+                    .chain(report.stale_dropped.iter().map(|g| g.lease_id))
+                    .collect(),
                 resumable_from,
                 ..Default::default()
             })))
