@@ -258,26 +258,28 @@ pub fn run(
             "step"
         );
         let published = rt
-            .block_on(coord.publish_version(client::unary(PublishVersionRequest {
-                version: report.version,
-                step: report.step,
-                metrics: report.metric_map(),
-                staleness: report.staleness.clone(),
-                dropped,
-                buffer_groups: shared.buffer_len() as u64,
-                wait_seconds: report.wait_seconds,
-                finished: last,
-                // Consumed: trained, or dropped as stale (either way done with; a rewind
-                // past this step re-issues them, one before it does not).
-                trained_leases: report
-                    .trained_leases
-                    .iter()
-                    .copied()
-                    .chain(report.stale_dropped.iter().map(|g| g.lease_id))
-                    .collect(),
-                resumable_from,
-                ..Default::default()
-            })))
+            .block_on(
+                coord.publish_version(client::unary(PublishVersionRequest {
+                    version: report.version,
+                    step: report.step,
+                    metrics: report.metric_map(),
+                    staleness: report.staleness.clone(),
+                    dropped,
+                    buffer_groups: shared.buffer_len() as u64,
+                    wait_seconds: report.wait_seconds,
+                    finished: last,
+                    // Consumed: trained, or dropped as stale (either way done with; a rewind
+                    // past this step re-issues them, one before it does not).
+                    trained_leases: report
+                        .trained_leases
+                        .iter()
+                        .copied()
+                        .chain(report.stale_dropped.iter().map(|g| g.lease_id))
+                        .collect(),
+                    resumable_from,
+                    ..Default::default()
+                })),
+            )
             .map_err(|e| {
                 invalid(format!(
                     "publishing version {} to the coordinator: {}",
