@@ -2,12 +2,14 @@
 //! `[coordinator] rpc_timeout_s` instead of hanging (its own test binary: the
 //! deadline is process-wide).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use tandem_proto::auth::{Credentials, RequireToken};
+use tandem_proto::auth::Credentials;
 use tandem_proto::client;
 use tandem_proto::tls::Tls;
-use tandem_proto::v1::reward_server::{Reward, RewardServer};
+use tandem_proto::v1::reward_server::Reward;
 use tandem_proto::v1::{ScoreReply, ScoreRequest};
 
 const TOKEN: &str = "deadline-test-token-0123";
@@ -28,23 +30,7 @@ impl Reward for Stuck {
 
 #[test]
 fn a_peer_that_never_answers_fails_the_call_at_the_deadline() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                RewardServer::new(Stuck),
-                RequireToken::new(TOKEN),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (rt, addr) = common::serve_reward(TOKEN, Stuck);
     let creds = Credentials::new(TOKEN, Tls::none()).unwrap();
     client::set_rpc_timeout(Duration::from_millis(400));
     assert_eq!(client::rpc_timeout(), Duration::from_millis(400));

@@ -1439,7 +1439,7 @@ fn external_reward_service_scores_the_groups() {
 
     let service = Lengths::default();
     let seen = service.0.clone();
-    let (_rt, addr) = serve_reward(service);
+    let (_rt, addr) = common::serve_reward(REWARD_TOKEN, service);
 
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
@@ -1485,32 +1485,6 @@ fn coordinator_status(run: &Path) -> Value {
         .unwrap()
 }
 
-/// Serves `service` as the run's token-checked reward service on a loopback port of
-/// its own runtime (kept alive by the caller); returns the runtime and the address.
-fn serve_reward<R: tandem_proto::v1::reward_server::Reward>(
-    service: R,
-) -> (tokio::runtime::Runtime, String) {
-    use tandem_proto::v1::reward_server::RewardServer;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                RewardServer::new(service),
-                tandem_proto::auth::RequireToken::new(REWARD_TOKEN),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (rt, addr)
-}
-
 /// Dynamic sampling: a reward service gives every completion of a prompt with an even
 /// answer the same score (an uninformative group) and the others distinct scores.
 /// Those groups are filtered out, extra prompts are leased in their place, every step
@@ -1538,7 +1512,7 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
         }
     }
 
-    let (_rt, addr) = serve_reward(ByParity);
+    let (_rt, addr) = common::serve_reward(REWARD_TOKEN, ByParity);
 
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
@@ -1618,7 +1592,7 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
 
     let service = Flaky::default();
     let calls = service.0.clone();
-    let (_rt, addr) = serve_reward(service);
+    let (_rt, addr) = common::serve_reward(REWARD_TOKEN, service);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;

@@ -140,3 +140,30 @@ pub fn deploy_tool(var: Option<&str>, names: &[&str]) -> Option<PathBuf> {
         .flat_map(|d| names.iter().map(move |n| d.join(n)))
         .find(|p| executable(p))
 }
+
+/// Serves `service` as a reward service that requires `token`, on a loopback port of
+/// its own runtime (kept alive by the caller); returns the runtime and the address.
+pub fn serve_reward<R: tandem_proto::v1::reward_server::Reward>(
+    token: &str,
+    service: R,
+) -> (tokio::runtime::Runtime, String) {
+    use tandem_proto::v1::reward_server::RewardServer;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RewardServer::new(service),
+                tandem_proto::auth::RequireToken::new(token),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (rt, addr)
+}

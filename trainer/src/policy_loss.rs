@@ -85,10 +85,13 @@ pub fn per_token(
             .to_scalar::<f64>()?
             / trained)
     };
-    let check_eps = |low_key: &str, high_key: &str, low: f64, high: f64, max_low: f64| {
-        if low.is_nan() || high.is_nan() || !(0.0..=max_low).contains(&low) || high < 0.0 {
+    // ε below 1 in [0, 1) (or [0, 1] where 1 means "no lower bound"), ε above ≥ 0.
+    let check_eps = |low_key: &str, high_key: &str, low: f64, high: f64, one_ok: bool| {
+        let low_ok = (0.0..1.0).contains(&low) || (one_ok && low == 1.0);
+        if !low_ok || high.is_nan() || high < 0.0 {
+            let upper = if one_ok { "1]" } else { "1)" };
             return Err(invalid(format!(
-                "`{low_key}` must be in [0, {max_low}] and `{high_key}` ≥ 0 (got {low}, {high})"
+                "`{low_key}` must be in [0, {upper} and `{high_key}` ≥ 0 (got {low}, {high})"
             )));
         }
         Ok(())
@@ -124,13 +127,7 @@ pub fn per_token(
             eps_high,
             dual_clip,
         } => {
-            if eps_low.is_nan()
-                || eps_high.is_nan()
-                || !(0.0..1.0).contains(&eps_low)
-                || eps_high < 0.0
-            {
-                return Err(invalid(format!("`clip_eps_low` must be in [0, 1) and `clip_eps_high` ≥ 0 (got {eps_low}, {eps_high})")));
-            }
+            check_eps("clip_eps_low", "clip_eps_high", eps_low, eps_high, false)?;
             let ratio = (logp - old_logp.detach())?.exp()?;
             let mut out = clipped(&ratio, eps_low, eps_high)?;
             if let Some(c) = dual_clip {
@@ -145,13 +142,7 @@ pub fn per_token(
             out
         }
         PolicyLoss::Gspo { eps_low, eps_high } => {
-            if eps_low.is_nan()
-                || eps_high.is_nan()
-                || !(0.0..1.0).contains(&eps_low)
-                || eps_high < 0.0
-            {
-                return Err(invalid(format!("`clip_eps_low` must be in [0, 1) and `clip_eps_high` ≥ 0 (got {eps_low}, {eps_high})")));
-            }
+            check_eps("clip_eps_low", "clip_eps_high", eps_low, eps_high, false)?;
             // log s_i: the masked mean log-ratio of completion i (a constant: sg).
             let d: Vec<f64> = (logp.detach() - old_logp.detach())?
                 .to_dtype(DType::F64)?
@@ -169,7 +160,7 @@ pub fn per_token(
             clipped(&ratio, eps_low, eps_high)?
         }
         PolicyLoss::Cispo { eps_low, eps_high } => {
-            check_eps("cispo_eps_low", "cispo_eps_high", eps_low, eps_high, 1.0)?;
+            check_eps("cispo_eps_low", "cispo_eps_high", eps_low, eps_high, true)?;
             let ratio = (logp.detach() - old_logp.detach())?.exp()?;
             let weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)?;
             PolicyLossOutput {
