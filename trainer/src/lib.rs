@@ -13,7 +13,8 @@
 //! - [`tokens`] — completions' token layout and their loss mask (what is trained)
 //!
 //! [`config`] holds the `[algorithm]`, `[optimizer]` and `[trainer]` sections,
-//! [`rollout`] the rollout record, [`step`] one training step.
+//! [`rollout`] the rollout record, [`step`] one training step and [`step_metrics`]
+//! what it measured.
 //!
 //! The service side: [`ingest`] checks incoming groups, [`buffer`] holds them,
 //! [`service`] is the Trainer gRPC service (rollouts in, weight buckets out) and
@@ -52,6 +53,7 @@ pub mod rollout;
 pub mod service;
 pub mod sft;
 pub mod step;
+pub mod step_metrics;
 pub mod tokens;
 
 pub use error::{Error, Result};
