@@ -108,10 +108,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    // A new run's logs start empty.
-    for log in ["metrics.jsonl", "eval.jsonl"] {
-        if run_dir.join(log).exists() {
-            std::fs::remove_file(run_dir.join(log))?;
+    // A new run's logs and the coordinator's saved state start empty.
+    for file in [
+        "metrics.jsonl",
+        "eval.jsonl",
+        tandem_coordinator::store::STATE_FILE,
+    ] {
+        if run_dir.join(file).exists() {
+            std::fs::remove_file(run_dir.join(file))
+                .with_context(|| format!("removing {}", run_dir.join(file).display()))?;
         }
     }
     // Resolve the model once, here, so the processes do not race to fetch or create it.
@@ -166,10 +171,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         &env,
     )?]);
     let t0 = Instant::now();
-    let addr = loop {
+    let (addr, http) = loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            break v["grpc"].as_str().unwrap_or_default().to_string();
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            break (field("grpc"), field("http"));
         }
         if let Some(st) = procs.0[0].child.try_wait()? {
             bail!(
@@ -185,6 +191,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // Started again, it listens where the workers already dial, and continues the run
+    // from its saved state.
+    procs.0[0].args.extend([
+        "--set".to_string(),
+        format!("coordinator.listen={addr}"),
+        "--set".to_string(),
+        format!("coordinator.http_listen={http}"),
+    ]);
     procs.0.push(Proc::spawn(
         "trainer",
         &["trainer", "--coordinator", &addr],
@@ -230,18 +244,14 @@ pub fn run(a: RunArgs) -> Result<()> {
                 if st.success() {
                     continue;
                 }
-                // The coordinator's state lives in its memory: a new one would not
-                // know the run. A trainer or generator is started again.
-                if p.name == "coordinator" || p.restarts >= cfg.run.max_restarts {
+                // Any process is started again: the coordinator continues from its
+                // saved state, the trainer from its newest checkpoint.
+                if p.restarts >= cfg.run.max_restarts {
                     bar.abandon();
-                    let why = if p.name == "coordinator" {
-                        "the coordinator is not restarted (its state is in memory)".to_string()
-                    } else {
-                        format!("[run] max_restarts = {} used up", cfg.run.max_restarts)
-                    };
                     bail!(
-                        "the {} process failed ({st}); {why}; last lines of {}:\n{}",
+                        "the {} process failed ({st}); [run] max_restarts = {} used up; last lines of {}:\n{}",
                         p.name,
+                        cfg.run.max_restarts,
                         p.log.display(),
                         p.tail()
                     );

@@ -63,7 +63,11 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     };
     let rt = runtime()?;
     rt.block_on(async {
-        let running = tandem_coordinator::server::start(settings, dataset, &creds).await?;
+        // The state lives in the run folder: a coordinator started again on it (after a
+        // crash, a kill, a node loss) continues the run.
+        let state = Path::new(&cfg.run.run_dir).join(tandem_coordinator::store::STATE_FILE);
+        let running =
+            tandem_coordinator::server::start(settings, dataset, &creds, Some(&state)).await?;
         tracing::info!(grpc = %running.grpc, http = %running.http, "coordinator serving");
         if let Some(path) = &a.addr_file {
             let addrs = serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string()});
@@ -113,6 +117,7 @@ async fn join(
         RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
     // Every later unary call of this worker has the run's deadline.
     client::set_rpc_timeout(Duration::from_secs_f64(cfg.coordinator.rpc_timeout_s));
+    tandem_proto::retry::set_patience(Duration::from_secs_f64(cfg.coordinator.reconnect_timeout_s));
     Ok((coord, reply, cfg))
 }
 

@@ -1123,6 +1123,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .lease(LeaseRequest {
                     worker_id: fake.worker_id,
                     max_groups: 1,
+                    request_id: 0,
                 })
                 .await
                 .map(|_| ()),
@@ -1172,6 +1173,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         .block_on(coord.lease(LeaseRequest {
             worker_id: fake.worker_id,
             max_groups: 1,
+            request_id: 0,
         }))
         .unwrap()
         .into_inner()

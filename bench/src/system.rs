@@ -184,7 +184,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     };
     let dataset = tandem_data::Dataset::load(&Default::default())?;
     let creds = credentials()?;
-    let coord = tandem_coordinator::server::start(settings, dataset, &creds).await?;
+    let coord = tandem_coordinator::server::start(settings, dataset, &creds, None).await?;
     let ch = client::connect(&coord.grpc.to_string(), &creds)
         .await
         .map_err(invalid)?;
@@ -399,6 +399,7 @@ async fn ingest(
                         .lease(LeaseRequest {
                             worker_id: id,
                             max_groups: want,
+                            request_id: 0,
                         })
                         .await?
                         .into_inner()

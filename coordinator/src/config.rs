@@ -28,8 +28,8 @@ pub struct RunSection {
     pub token: Option<String>,
     /// Seed of sampling and of the data order.
     pub seed: u64,
-    /// `tandem run`: how many times each trainer or generator process is started again
-    /// after it dies (the trainer resumes from its newest checkpoint).
+    /// `tandem run`: how many times each process is started again after it dies (the
+    /// trainer resumes from its newest checkpoint, the coordinator from its saved state).
     pub max_restarts: u32,
     /// Dynamic sampling (DAPO): a group whose rewards are all equal is dropped before
     /// the buffer and its lease closed; admission then leases another prompt, so every
@@ -72,6 +72,9 @@ pub struct CoordinatorConfig {
     /// publish, leave, exclude, reward scores): past it the call fails with a timeout
     /// instead of hanging.
     pub rpc_timeout_s: f64,
+    /// How long a worker keeps retrying a peer that is away (a coordinator or trainer
+    /// restarting) before it exits saying what it waited for.
+    pub reconnect_timeout_s: f64,
 }
 
 impl Default for CoordinatorConfig {
@@ -83,6 +86,7 @@ impl Default for CoordinatorConfig {
             heartbeat_timeout_ms: 5000,
             lease_timeout_s: 900,
             rpc_timeout_s: 30.0,
+            reconnect_timeout_s: 120.0,
         }
     }
 }
@@ -123,6 +127,9 @@ impl CoordinatorConfig {
         }
         if !(self.rpc_timeout_s.is_finite() && self.rpc_timeout_s >= 0.1) {
             return bad("rpc_timeout_s", "must be a number of seconds ≥ 0.1");
+        }
+        if !(self.reconnect_timeout_s.is_finite() && self.reconnect_timeout_s >= 1.0) {
+            return bad("reconnect_timeout_s", "must be a number of seconds ≥ 1");
         }
         for (key, addr) in [("listen", &self.listen), ("http_listen", &self.http_listen)] {
             if addr.parse::<std::net::SocketAddr>().is_err() {

@@ -10,11 +10,12 @@
 
 use std::collections::BTreeSet;
 
+use serde::{Deserialize, Serialize};
 use tandem_proto::v1::{BroadcastGroup, GroupMember, Role};
 
 use crate::membership::Members;
 
-#[derive(Default, Debug)]
+#[derive(Clone, Default, Debug, Serialize, Deserialize)]
 pub struct Group {
     pub epoch: u64,
     /// Worker ids of the members, in rank order (rank = index + 1).

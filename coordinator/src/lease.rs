@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 /// The AReaL admission rule: leases may be granted while
 ///
 ///   capacity = (η + v + 1)·B − (accepted + running) > 0
@@ -36,10 +38,13 @@ fn remember(v: &mut Vec<u64>, x: u64) {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Lease {
     pub prompt_index: u64,
     pub worker: u64,
+    /// When it was granted (a restarted coordinator counts a lease's age from its
+    /// restart).
+    #[serde(skip, default = "Instant::now")]
     pub granted: Instant,
 }
 
@@ -63,15 +68,15 @@ impl Refusal {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Closed {
     Committed,
     Expired,
     Filtered,
 }
 
-/// The lease table and the prompt cursor.
-#[derive(Default)]
+/// The lease table and the prompt cursor (saved whole by the coordinator's store).
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Leases {
     /// The next fresh prompt index.
     pub cursor: u64,
@@ -92,6 +97,19 @@ pub struct Leases {
     committed: BTreeMap<u64, u64>,
     /// The version whose step trained each committed lease.
     trained_at: HashMap<u64, u64>,
+    /// The `request_id` of the commit (or filter) that closed each lease, while the
+    /// lease is remembered: a retry of that commit is answered as the first was.
+    #[serde(default)]
+    keys: HashMap<u64, u64>,
+}
+
+/// How a commit went through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// The lease closed now.
+    Now,
+    /// A retry of the commit that closed it (same `request_id`): nothing changed.
+    Repeat,
 }
 
 impl Leases {
@@ -143,20 +161,31 @@ impl Leases {
     }
 
     /// Accepts the group of lease `id` once; refuses expired, repeated or unknown ones.
-    pub fn commit(&mut self, id: u64, prompt_index: u64) -> Result<Lease, Refusal> {
-        let l = self.close(id, prompt_index, Closed::Committed)?;
+    /// A retry with the `key` (`request_id`, non-zero) of the commit that closed the
+    /// lease is a [`Closing::Repeat`].
+    pub fn commit(&mut self, id: u64, prompt_index: u64, key: u64) -> Result<Closing, Refusal> {
+        let Some(l) = self.close(id, prompt_index, Closed::Committed, key)? else {
+            return Ok(Closing::Repeat);
+        };
         self.committed.insert(id, l.prompt_index);
         self.accepted += 1;
-        Ok(l)
+        Ok(Closing::Now)
     }
 
     /// Closes lease `id` for good as filtered (its group was uninformative): never
     /// re-issued, not accepted, so admission grants another lease in its place. The
     /// same refusals as [`Leases::commit`].
-    pub fn filter(&mut self, id: u64, prompt_index: u64) -> Result<Lease, Refusal> {
-        let l = self.close(id, prompt_index, Closed::Filtered)?;
+    pub fn filter(&mut self, id: u64, prompt_index: u64, key: u64) -> Result<Closing, Refusal> {
+        let Some(l) = self.close(id, prompt_index, Closed::Filtered, key)? else {
+            return Ok(Closing::Repeat);
+        };
         remember(&mut self.filtered, l.prompt_index);
-        Ok(l)
+        Ok(Closing::Now)
+    }
+
+    /// Lease `id` when it is open and held by `worker`.
+    pub fn held(&self, id: u64, worker: u64) -> Option<&Lease> {
+        self.open.get(&id).filter(|l| l.worker == worker)
     }
 
     /// The share of finished groups that were informative: accepted / (accepted +
@@ -170,13 +199,29 @@ impl Leases {
         }
     }
 
-    fn close(&mut self, id: u64, prompt_index: u64, how: Closed) -> Result<Lease, Refusal> {
+    /// Closes open lease `id` as `how`; `None` for a repeat of the closing call.
+    fn close(
+        &mut self,
+        id: u64,
+        prompt_index: u64,
+        how: Closed,
+        key: u64,
+    ) -> Result<Option<Lease>, Refusal> {
         match self.open.get(&id) {
             Some(l) if l.prompt_index != prompt_index => Err(Refusal::Mismatch),
             Some(_) => {
                 let l = self.open.remove(&id).expect("present");
                 self.closed.insert(id, how);
-                Ok(l)
+                if key != 0 {
+                    self.keys.insert(id, key);
+                }
+                Ok(Some(l))
+            }
+            None if key != 0
+                && self.keys.get(&id) == Some(&key)
+                && self.closed.get(&id) == Some(&how) =>
+            {
+                Ok(None)
             }
             None => Err(match self.closed.get(&id) {
                 Some(Closed::Committed | Closed::Filtered) => Refusal::Duplicate,
@@ -210,6 +255,8 @@ impl Leases {
             .unwrap_or(self.next_id);
         let before = self.closed.len();
         self.closed.retain(|&id, _| id >= floor);
+        let closed = &self.closed;
+        self.keys.retain(|id, _| closed.contains_key(id));
         settled.len() + before - self.closed.len()
     }
 
@@ -237,6 +284,7 @@ impl Leases {
             self.committed.remove(id);
             self.trained_at.remove(id);
             self.closed.insert(*id, Closed::Expired);
+            self.keys.remove(id);
             self.reissue.push_back(*prompt);
             remember(&mut self.reissued, *prompt);
             self.accepted -= 1;
@@ -313,18 +361,18 @@ mod tests {
         assert_eq!(a.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(b[0].1, 2);
         assert_eq!(l.running(), 3);
-        l.commit(a[0].0, 0).unwrap();
-        assert_eq!(l.commit(a[0].0, 0).unwrap_err(), Refusal::Duplicate);
-        assert_eq!(l.commit(b[0].0, 7).unwrap_err(), Refusal::Mismatch);
-        assert_eq!(l.commit(999, 0).unwrap_err(), Refusal::UnknownLease);
+        l.commit(a[0].0, 0, 0).unwrap();
+        assert_eq!(l.commit(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(b[0].0, 7, 0).unwrap_err(), Refusal::Mismatch);
+        assert_eq!(l.commit(999, 0, 0).unwrap_err(), Refusal::UnknownLease);
         // Worker 1 dies: prompt 1 goes back first, under a new lease id.
         assert_eq!(l.expire_worker(1), 1);
-        assert_eq!(l.commit(a[1].0, 1).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(a[1].0, 1, 0).unwrap_err(), Refusal::Expired);
         let c = l.grant(2, 2, now);
         assert_eq!(c[0].1, 1);
         assert_eq!(c[1].1, 3);
         assert_ne!(c[0].0, a[1].0);
-        l.commit(c[0].0, 1).unwrap();
+        l.commit(c[0].0, 1, 0).unwrap();
         assert_eq!(l.accepted, 2);
         // A trainer resumes at version 3 with lease a[0] trained at v2 and nothing
         // buffered: c[0] (committed, untrained) and the open b[0] and c[1] come back.
@@ -332,11 +380,11 @@ mod tests {
         let n = l.rewind(3, &HashSet::new());
         assert_eq!(n, 3);
         assert_eq!(l.accepted, 1);
-        assert_eq!(l.commit(c[0].0, 1).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(c[0].0, 1, 0).unwrap_err(), Refusal::Expired);
         let d = l.grant(2, 2, now);
         assert_eq!(d.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2]);
         let keep: HashSet<u64> = [d[0].0].into();
-        l.commit(d[0].0, 1).unwrap();
+        l.commit(d[0].0, 1, 0).unwrap();
         assert_eq!(
             l.rewind(3, &keep),
             1,
@@ -359,7 +407,7 @@ mod tests {
             if i % 10 == 9 {
                 l.expire_where(|x| x.prompt_index == i as u64);
             } else {
-                l.commit(id, i as u64).unwrap();
+                l.commit(id, i as u64, 0).unwrap();
                 l.mark_trained(&[id], 1 + i as u64 / 10);
             }
         }
@@ -368,16 +416,45 @@ mod tests {
         let gone = l.settle(5);
         assert!(gone >= 2 * 45, "{gone}");
         assert_eq!(l.committed.len(), 45);
-        assert_eq!(l.commit(ids[0], 0).unwrap_err(), Refusal::UnknownLease);
-        assert_eq!(l.commit(ids[99 - 1], 98).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(ids[0], 0, 0).unwrap_err(), Refusal::UnknownLease);
+        assert_eq!(
+            l.commit(ids[99 - 1], 98, 0).unwrap_err(),
+            Refusal::Duplicate
+        );
         // A rewind to version 7 re-issues only what was trained after it.
         assert_eq!(l.rewind(7, &HashSet::new()), 27 + 1);
-        assert!(l.commit(open, 100).is_err());
+        assert!(l.commit(open, 100, 0).is_err());
         // Everything trained: settling to the end leaves nothing but what is open.
         l.grant(2, 3, now);
         l.settle(u64::MAX);
         assert!(l.committed.is_empty() && l.trained_at.is_empty());
         assert!(l.closed.len() <= l.open.len() + 1);
+    }
+
+    /// A commit retried after its reply was lost (a restart, a timeout) is answered as
+    /// the first was; any other repeat is still a duplicate; the table survives a save.
+    #[test]
+    fn a_retried_commit_is_answered_as_the_first() {
+        let now = Instant::now();
+        let mut l = Leases::starting_at(0, 0);
+        let a = l.grant(1, 2, now);
+        assert_eq!(l.commit(a[0].0, 0, 42), Ok(Closing::Now));
+        assert_eq!(l.commit(a[0].0, 0, 42), Ok(Closing::Repeat));
+        assert_eq!(l.accepted, 1);
+        assert_eq!(l.commit(a[0].0, 0, 43), Err(Refusal::Duplicate));
+        assert_eq!(l.commit(a[0].0, 0, 0), Err(Refusal::Duplicate));
+        assert_eq!(l.filter(a[0].0, 0, 42), Err(Refusal::Duplicate));
+        assert_eq!(l.filter(a[1].0, 1, 7), Ok(Closing::Now));
+        let mut back: Leases = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back.filter(a[1].0, 1, 7), Ok(Closing::Repeat));
+        assert_eq!(back.commit(a[0].0, 0, 42), Ok(Closing::Repeat));
+        assert_eq!((back.accepted, back.filtered.clone()), (1, vec![1]));
+        assert_eq!(back.grant(2, 1, now), vec![(3, 2)]);
+        // Once a resume can no longer need them, the keys go with the leases.
+        back.mark_trained(&[a[0].0], 1);
+        back.settle(1);
+        assert_eq!(back.commit(a[0].0, 0, 42), Err(Refusal::UnknownLease));
+        assert!(back.keys.is_empty());
     }
 
     #[test]
@@ -387,13 +464,13 @@ mod tests {
         let a = l.grant(1, 2, now);
         // Synchronous, B = 2: both slots taken.
         assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 0);
-        l.filter(a[0].0, 0).unwrap();
+        l.filter(a[0].0, 0, 0).unwrap();
         // Not accepted, no longer running: one more lease may go out.
         assert_eq!((l.accepted, l.running()), (0, 1));
         assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 1);
-        assert_eq!(l.filter(a[0].0, 0).unwrap_err(), Refusal::Duplicate);
-        assert_eq!(l.commit(a[0].0, 0).unwrap_err(), Refusal::Duplicate);
-        l.commit(a[1].0, 1).unwrap();
+        assert_eq!(l.filter(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        l.commit(a[1].0, 1, 0).unwrap();
         assert_eq!(l.informative_share(), 0.5);
         // A rewind or a dead worker never brings a filtered prompt back.
         assert_eq!(l.expire_worker(1), 0);
@@ -406,7 +483,7 @@ mod tests {
         assert!(!l.release(b[0].0, 1));
         assert!(l.release(b[0].0, 2));
         assert!(!l.release(b[0].0, 2));
-        assert_eq!(l.commit(b[0].0, 1).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(b[0].0, 1, 0).unwrap_err(), Refusal::Expired);
         assert_eq!(l.grant(3, 1, now)[0].1, 1);
         l.grant(2, 0, now);
         let later = now + Duration::from_secs(10);

@@ -5,6 +5,7 @@
 //! - [`membership`] — workers, heartbeats, dropping the silent
 //! - [`group`] — the weight-broadcast group (ranks, epochs, exclusion)
 //! - [`state`] — the state those make up, and the run's settings
+//! - [`store`] — that state saved in the run folder, so a restarted coordinator continues
 //! - [`publish`] — the trainer's publish: checked whole, then applied
 //! - [`service`] — the Coordinator gRPC service over that state
 //! - [`export`] — gauges of the state and the series computed at scrape time
@@ -23,5 +24,6 @@ pub mod publish;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod store;
 
 pub use error::{Error, Result};

@@ -5,23 +5,48 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tandem_proto::v1::Role;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Worker {
     pub name: String,
+    #[serde(with = "role_name")]
     pub role: Role,
     pub address: String,
     pub policy_version: u64,
     pub generated_tokens: u64,
+    /// When it was last heard (a restarted coordinator hears everyone at its start:
+    /// each worker has the heartbeat timeout to show up again).
+    #[serde(skip, default = "Instant::now")]
     pub last_seen: Instant,
     /// A generator that can receive weights by broadcast.
     pub broadcast: bool,
     /// The trainer's broadcast listener (empty = it does not broadcast).
     pub broadcast_address: String,
+    /// The `request_id` of its last lease request and the leases it was granted: a
+    /// retry of that request is answered with those still open.
+    #[serde(default)]
+    pub last_lease: (u64, Vec<u64>),
 }
 
-#[derive(Default)]
+/// A role as its proto name in the saved state.
+mod role_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tandem_proto::v1::Role;
+
+    pub fn serialize<S: Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(r.as_str_name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
+        let name = String::deserialize(d)?;
+        Role::from_str_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown role {name:?}")))
+    }
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Members {
     workers: BTreeMap<u64, Worker>,
     next_id: u64,
@@ -41,6 +66,7 @@ impl Members {
                 last_seen: now,
                 broadcast: false,
                 broadcast_address: String::new(),
+                last_lease: (0, Vec::new()),
             },
         );
         self.next_id
@@ -56,6 +82,10 @@ impl Members {
 
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &Worker)> {
         self.workers.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut Worker)> {
+        self.workers.iter_mut()
     }
 
     /// The live trainer, if one has registered.

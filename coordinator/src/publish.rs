@@ -15,8 +15,16 @@ use crate::state::Core;
 impl Core {
     /// Applies a publish checked by [`Core::check_publish`]; returns the broadcast group
     /// the trainer pushes the version to.
+    /// A repeat of the last publish (a retry whose reply was lost) changes nothing and
+    /// gets the same answer.
     pub fn publish(&mut self, r: &PublishVersionRequest) -> Result<PublishVersionReply, Status> {
         self.check_publish(r)?;
+        if !r.resumed && r.step > 0 && (r.version, r.step) == (self.version, self.step) {
+            tracing::info!(version = r.version, "a repeated publish: already applied");
+            return Ok(PublishVersionReply {
+                group: self.group.view(None, &self.members),
+            });
+        }
         if r.resumed {
             let keep: HashSet<u64> = r.buffered_leases.iter().copied().collect();
             let n = self.leases.rewind(r.version, &keep);
@@ -116,7 +124,7 @@ mod tests {
             .into_iter()
             .map(|(lease, prompt)| {
                 if lease % 2 == 0 {
-                    core.leases.commit(lease, prompt).unwrap();
+                    core.leases.commit(lease, prompt, 0).unwrap();
                 }
                 lease
             })

@@ -3,6 +3,7 @@
 //! workers and re-issues their leases.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::service::{CoordinatorService, Core, Settings};
+use crate::store::Store;
 use tandem_data::Dataset;
 
 /// A coordinator that is serving.
@@ -32,7 +34,14 @@ pub struct Running {
 }
 
 /// Binds both listeners and starts serving; returns once they accept connections.
-pub async fn start(settings: Settings, dataset: Dataset, creds: &Credentials) -> Result<Running> {
+/// With `state` (`RUN_DIR/coordinator.redb`), the state is saved there and a run it
+/// holds continues (see [`crate::store`]).
+pub async fn start(
+    settings: Settings,
+    dataset: Dataset,
+    creds: &Credentials,
+    state: Option<&Path>,
+) -> Result<Running> {
     let mut grpc_server = tandem_proto::server(creds).map_err(Error::Invalid)?;
     let handle = metrics::install();
     metrics::describe();
@@ -45,7 +54,12 @@ pub async fn start(settings: Settings, dataset: Dataset, creds: &Credentials) ->
     let http = http_listener
         .local_addr()
         .map_err(|e| Error::Io(e.to_string()))?;
-    let core = Arc::new(Mutex::new(Core::new(settings, dataset)));
+    let mut core = Core::new(settings, dataset);
+    if let Some(path) = state {
+        let (store, saved) = Store::open(path)?;
+        core.attach(store, saved)?;
+    }
+    let core = Arc::new(Mutex::new(core));
 
     let svc = tonic::service::interceptor::InterceptedService::new(
         CoordinatorServer::new(CoordinatorService { core: core.clone() })

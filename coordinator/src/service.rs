@@ -15,7 +15,7 @@ use tandem_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::lease::admission_capacity;
+use crate::lease::{admission_capacity, Closing};
 use crate::metrics as m;
 pub use crate::state::{Core, Settings};
 
@@ -64,6 +64,7 @@ impl Coordinator for CoordinatorService {
             .register(r.name.clone(), role, r.address, Instant::now());
         tracing::info!(name = %r.name, id, ?role, "worker registered");
         core.update_group();
+        core.persist()?;
         core.export_gauges();
         Ok(Response::new(RegisterReply {
             worker_id: id,
@@ -137,6 +138,7 @@ impl Coordinator for CoordinatorService {
         });
         if changed {
             core.update_group();
+            core.persist()?;
         }
         let group = core.group.view(Some(r.worker_id), &core.members);
         let Some(w) = core.members.get_mut(r.worker_id) else {
@@ -212,8 +214,33 @@ impl Coordinator for CoordinatorService {
             core.leases.accepted,
             core.leases.running(),
         );
-        let n = capacity.min(r.max_groups as u64);
-        let granted = core.leases.grant(r.worker_id, n, now);
+        let repeat = core
+            .members
+            .get(r.worker_id)
+            .filter(|w| r.request_id != 0 && w.last_lease.0 == r.request_id)
+            .map(|w| w.last_lease.1.clone());
+        let granted: Vec<(u64, u64)> = match repeat {
+            // A retry whose first reply was lost: the same leases, those still open.
+            Some(ids) => ids
+                .into_iter()
+                .filter_map(|id| {
+                    core.leases
+                        .held(id, r.worker_id)
+                        .map(|l| (id, l.prompt_index))
+                })
+                .collect(),
+            None => {
+                let n = capacity.min(r.max_groups as u64);
+                let granted = core.leases.grant(r.worker_id, n, now);
+                if let Some(w) = core.members.get_mut(r.worker_id) {
+                    w.last_lease = (r.request_id, granted.iter().map(|g| g.0).collect());
+                }
+                if !granted.is_empty() {
+                    core.persist()?;
+                }
+                granted
+            }
+        };
         let leases = granted
             .into_iter()
             .map(|(lease_id, prompt_index)| {
@@ -260,8 +287,13 @@ impl Coordinator for CoordinatorService {
         }
         if r.filtered {
             return Ok(Response::new(
-                match core.leases.filter(r.lease_id, r.prompt_index) {
-                    Ok(_) => {
+                match core.leases.filter(r.lease_id, r.prompt_index, r.request_id) {
+                    Ok(Closing::Repeat) => CommitReply {
+                        accepted: true,
+                        reason: String::new(),
+                    },
+                    Ok(Closing::Now) => {
+                        core.persist()?;
                         metrics::counter!(m::LEASES_EXTRA).increment(1);
                         metrics::gauge!(m::INFORMATIVE_SHARE).set(core.leases.informative_share());
                         metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
@@ -277,8 +309,13 @@ impl Coordinator for CoordinatorService {
                 },
             ));
         }
-        match core.leases.commit(r.lease_id, r.prompt_index) {
-            Ok(_) => {
+        match core.leases.commit(r.lease_id, r.prompt_index, r.request_id) {
+            Ok(Closing::Repeat) => Ok(Response::new(CommitReply {
+                accepted: true,
+                reason: String::new(),
+            })),
+            Ok(Closing::Now) => {
+                core.persist()?;
                 metrics::gauge!(m::INFORMATIVE_SHARE).set(core.leases.informative_share());
                 metrics::counter!(m::GROUPS_ACCEPTED).increment(1);
                 metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
@@ -304,7 +341,10 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<PublishVersionReply>, Status> {
         denied(require_admin(&req, "PublishVersion"))?;
         let r = req.into_inner();
-        Ok(Response::new(self.lock()?.publish(&r)?))
+        let mut core = self.lock()?;
+        let reply = core.publish(&r)?;
+        core.persist()?;
+        Ok(Response::new(reply))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
@@ -318,6 +358,7 @@ impl Coordinator for CoordinatorService {
             tracing::info!(name = %w.name, id, leases_reissued = n, "worker left");
         }
         core.update_group();
+        core.persist()?;
         core.export_gauges();
         Ok(Response::new(LeaveReply {}))
     }
@@ -330,6 +371,7 @@ impl Coordinator for CoordinatorService {
         let mut core = self.lock()?;
         let released = core.leases.release(r.lease_id, r.worker_id);
         if released {
+            core.persist()?;
             metrics::counter!(m::LEASES_REISSUED).increment(1);
             metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
             tracing::warn!(
@@ -370,6 +412,7 @@ impl Coordinator for CoordinatorService {
                 reason = %r.reason,
                 "excluded from the weight-broadcast group; they fetch weights over gRPC"
             );
+            core.persist()?;
         }
         Ok(Response::new(ExcludeReply {
             group: core.group.view(None, &core.members),

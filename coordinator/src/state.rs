@@ -14,6 +14,7 @@ use crate::group::Group;
 use crate::lease::Leases;
 use crate::membership::Members;
 use crate::metrics as m;
+use crate::store::Store;
 
 /// What the coordinator serves.
 pub struct Settings {
@@ -43,6 +44,8 @@ pub struct Core {
     /// Seconds counters (Prometheus counters are float; the `metrics` crate's are not).
     pub trainer_wait_s: f64,
     pub generator_wait_s: BTreeMap<String, f64>,
+    /// Where the state is saved (none in unit tests and embedded uses).
+    pub(crate) store: Option<Store>,
 }
 
 impl Core {
@@ -63,6 +66,7 @@ impl Core {
             finished_at: None,
             trainer_wait_s: 0.0,
             generator_wait_s: BTreeMap::new(),
+            store: None,
         }
     }
 
@@ -102,6 +106,10 @@ impl Core {
         if n > 0 {
             tracing::warn!(leases = n, "leases past lease_timeout_s re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+        }
+        if membership_changed || n > 0 {
+            // Logged by `persist`; the next change tries again.
+            let _ = self.persist();
         }
         self.export_gauges();
     }

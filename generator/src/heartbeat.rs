@@ -45,7 +45,7 @@ async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str)
 }
 
 /// Starts the heartbeat task on `rt`; it ends when `beat.stop` is set (by the run's end,
-/// or after 20 failed heartbeats in a row: the coordinator is unreachable).
+/// or when heartbeats have failed for the reconnect timeout: the coordinator is gone).
 pub(crate) fn spawn(
     rt: &Handle,
     beat: Arc<Beat>,
@@ -56,6 +56,7 @@ pub(crate) fn spawn(
 ) {
     rt.spawn(async move {
         let mut failures = 0u32;
+        let mut failing_since: Option<std::time::Instant> = None;
         while !beat.stop.load(Ordering::SeqCst) {
             tokio::time::sleep(interval).await;
             let req = HeartbeatRequest {
@@ -76,6 +77,7 @@ pub(crate) fn spawn(
             match coord.heartbeat(client::unary(req)).await {
                 Ok(r) => {
                     failures = 0;
+                    failing_since = None;
                     let r = r.into_inner();
                     if let Some(inbox) = &inbox {
                         inbox.set_group(r.group.clone());
@@ -97,9 +99,13 @@ pub(crate) fn spawn(
                 }
                 Err(e) => {
                     failures += 1;
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     tracing::warn!("heartbeat failed ({failures}): {}", client::describe(&e));
-                    if failures >= 20 {
-                        tracing::error!("the coordinator is unreachable; stopping");
+                    if since.elapsed() >= tandem_proto::retry::patience() {
+                        tracing::error!(
+                            "the coordinator stayed unreachable for {:.0} s ([coordinator] reconnect_timeout_s); stopping",
+                            since.elapsed().as_secs_f64()
+                        );
                         beat.stop.store(true, Ordering::SeqCst);
                     }
                 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tandem_model::{ChatMessage, Engine, Finished, Pretrained, Request, SamplingParams};
 use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
+use tandem_proto::retry;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
 use tandem_proto::v1::{
@@ -201,12 +202,18 @@ impl Worker {
             }
             let queued = engine.queued_requests();
             if deferred.is_none() && queued < ahead && Instant::now() >= next_lease {
-                let reply = self
-                    .rt
-                    .block_on(self.coordinator.lease(client::unary(LeaseRequest {
-                        worker_id: worker_id(),
-                        max_groups: (ahead - queued) as u32,
-                    })));
+                // Retried through a coordinator restart; a retry carries the same
+                // request id, so a lost reply loses no lease.
+                let req = LeaseRequest {
+                    worker_id: worker_id(),
+                    max_groups: (ahead - queued) as u32,
+                    request_id: retry::request_id(),
+                };
+                let coordinator = &self.coordinator;
+                let reply = self.rt.block_on(retry::retry("leasing prompts", || {
+                    let (mut c, req) = (coordinator.clone(), req);
+                    async move { c.lease(client::unary(req)).await }
+                }));
                 match reply {
                     Ok(r) => {
                         let r = r.into_inner();
@@ -373,7 +380,7 @@ impl Worker {
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 let base = 0.5 * f64::from(1u32 << (attempt - 1));
-                let jitter = 0.75 + 0.5 * unit_noise();
+                let jitter = 0.75 + 0.5 * tandem_proto::retry::unit_noise();
                 std::thread::sleep(Duration::from_secs_f64(base * jitter));
             }
             let Some(svc) = self.reward_service.as_mut() else {
@@ -409,10 +416,11 @@ impl Worker {
             lease_id: l.lease_id,
             reason: why.to_string(),
         };
-        if let Err(e) = self
-            .rt
-            .block_on(self.coordinator.release(client::unary(req)))
-        {
+        let coordinator = &self.coordinator;
+        if let Err(e) = self.rt.block_on(retry::retry("giving a lease back", || {
+            let (mut c, req) = (coordinator.clone(), req.clone());
+            async move { c.release(client::unary(req)).await }
+        })) {
             // It expires with the lease timeout instead.
             tracing::warn!(
                 lease = l.lease_id,
@@ -508,16 +516,4 @@ impl Worker {
                 .collect(),
         }))
     }
-}
-
-/// A number in [0, 1) that differs between calls and processes (backoff jitter).
-fn unit_noise() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mut z = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(32);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }

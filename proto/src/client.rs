@@ -85,15 +85,25 @@ pub fn describe(e: &tonic::Status) -> String {
         }
     }
     let lower = out.to_lowercase();
-    if [
-        "certificate",
-        "tls",
-        "handshake",
-        "transport error",
-        "h2 protocol",
+    // A peer that is down or went away is not a TLS mistake.
+    let gone = [
+        "connection refused",
+        "broken pipe",
+        "connection reset",
+        "stream closed",
     ]
     .iter()
-    .any(|w| lower.contains(w))
+    .any(|w| lower.contains(w));
+    if !gone
+        && [
+            "certificate",
+            "tls",
+            "handshake",
+            "transport error",
+            "h2 protocol",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
     {
         out.push_str(
             " (a plaintext client meets a TLS server, or the reverse, or mTLS finds no valid client certificate: check --tls-ca, and with mTLS --tls-cert / --tls-key signed by the same CA)",

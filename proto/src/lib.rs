@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod health;
+pub mod retry;
 pub mod tls;
 
 /// A server builder with Tandem's transport settings (flow-control windows, nodelay)

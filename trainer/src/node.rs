@@ -194,15 +194,15 @@ pub fn run(
     tracing::info!(address = %ends.advertise, steps = s.steps, "trainer serving");
     readiness.set(Phase::Ready);
     if resume_from.is_some() {
-        rt.block_on(coord.publish_version(client::unary(PublishVersionRequest {
+        let req = PublishVersionRequest {
             version: start_version,
             step: start_step,
             resumed: true,
             buffered_leases: kept,
             buffer_groups: shared.buffer_len() as u64,
             ..Default::default()
-        })))
-        .map_err(|e| {
+        };
+        rt.block_on(publish(&coord, req)).map_err(|e| {
             invalid(format!(
                 "announcing the resumed version {start_version}: {}",
                 client::describe(&e)
@@ -258,8 +258,9 @@ pub fn run(
             "step"
         );
         let published = rt
-            .block_on(
-                coord.publish_version(client::unary(PublishVersionRequest {
+            .block_on(publish(
+                &coord,
+                PublishVersionRequest {
                     version: report.version,
                     step: report.step,
                     metrics: report.metric_map(),
@@ -278,8 +279,8 @@ pub fn run(
                         .collect(),
                     resumable_from,
                     ..Default::default()
-                })),
-            )
+                },
+            ))
             .map_err(|e| {
                 invalid(format!(
                     "publishing version {} to the coordinator: {}",
@@ -309,6 +310,19 @@ pub fn run(
         worker_id: worker_id.load(Ordering::SeqCst),
     }));
     Ok(())
+}
+
+/// Publishes a version, through a coordinator restart (a repeat of a publish that was
+/// applied changes nothing, so a retry is safe).
+async fn publish(
+    coord: &CoordinatorClient<Authed>,
+    req: PublishVersionRequest,
+) -> std::result::Result<tonic::Response<tandem_proto::v1::PublishVersionReply>, tonic::Status> {
+    tandem_proto::retry::retry("publishing a version", || {
+        let (mut c, req) = (coord.clone(), req.clone());
+        async move { c.publish_version(client::unary(req)).await }
+    })
+    .await
 }
 
 /// After the last step: closes ingestion and writes `final/` and `trainer-summary.json`

@@ -106,21 +106,26 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
 type BucketStream = Pin<Box<dyn Stream<Item = Result<WeightBucket, Status>> + Send>>;
 
 impl TrainerService {
-    /// Asks the coordinator to commit `g`'s lease (or close it as `filtered`).
+    /// Asks the coordinator to commit `g`'s lease (or close it as `filtered`), through
+    /// a coordinator restart: every retry carries the same request id, so a commit whose
+    /// reply was lost is answered as accepted again rather than as a duplicate.
     async fn commit(
         &self,
         g: &RolloutGroup,
         filtered: bool,
     ) -> Result<tonic::Response<tandem_proto::v1::CommitReply>, Status> {
-        self.coordinator
-            .clone()
-            .commit(tandem_proto::client::unary(CommitRequest {
-                lease_id: g.lease_id,
-                prompt_index: g.prompt_index,
-                worker_id: g.worker_id,
-                filtered,
-            }))
-            .await
+        let req = CommitRequest {
+            lease_id: g.lease_id,
+            prompt_index: g.prompt_index,
+            worker_id: g.worker_id,
+            filtered,
+            request_id: tandem_proto::retry::request_id(),
+        };
+        tandem_proto::retry::retry("committing a lease", || {
+            let (mut c, req) = (self.coordinator.clone(), req);
+            async move { c.commit(tandem_proto::client::unary(req)).await }
+        })
+        .await
     }
 
     /// Closes the lease of uninformative group `g` as filtered; the ack says so.
