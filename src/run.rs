@@ -22,6 +22,14 @@ pub struct RunArgs {
     /// Config overrides, `section.key=value` (repeatable), e.g. --set run.steps=50.
     #[arg(long = "set")]
     overrides: Vec<String>,
+    /// Where the trainer listens (default: any free port on loopback). A fixed address
+    /// stays the same when the trainer is restarted.
+    #[arg(long)]
+    trainer_listen: Option<String>,
+    /// The address generators dial for the trainer, when it differs from where it
+    /// listens (a proxy, a load balancer, NAT).
+    #[arg(long)]
+    trainer_advertise: Option<String>,
     #[command(flatten)]
     security: crate::security::SecurityArgs,
 }
@@ -199,12 +207,16 @@ pub fn run(a: RunArgs) -> Result<()> {
         "--set".to_string(),
         format!("coordinator.http_listen={http}"),
     ]);
-    procs.0.push(Proc::spawn(
-        "trainer",
-        &["trainer", "--coordinator", &addr],
-        &logs,
-        &env,
-    )?);
+    let mut trainer_args = vec!["trainer", "--coordinator", &addr];
+    if let Some(listen) = &a.trainer_listen {
+        trainer_args.extend(["--listen", listen]);
+    }
+    if let Some(advertise) = &a.trainer_advertise {
+        trainer_args.extend(["--advertise", advertise]);
+    }
+    procs
+        .0
+        .push(Proc::spawn("trainer", &trainer_args, &logs, &env)?);
     for i in 0..cfg.run.generators {
         let name = format!("gen-{i}");
         procs.0.push(Proc::spawn(

@@ -76,70 +76,117 @@ impl Pusher {
             .map(|p| p.values().cloned().collect())
             .unwrap_or_default();
         for g in resend {
-            this.tx
-                .blocking_send(g)
-                .map_err(|_| rpc("trainer", "rollout stream closed"))?;
+            if !send(rt, &this.tx, g) {
+                return Err(rpc("trainer", "the new rollout stream closed at once"));
+            }
         }
         Ok(this)
     }
 }
 
+/// What the worker has pushed and not yet seen acknowledged, and the stream it goes on.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pusher: Option<Pusher>,
+    pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    /// No attempt to reopen the stream before this.
+    next_reopen: Option<Instant>,
+    /// Since when the trainer could not be reached.
+    unreachable_since: Option<Instant>,
+}
+
+impl Outbox {
+    fn live(&self) -> bool {
+        self.pusher
+            .as_ref()
+            .is_some_and(|p| !p.broken.load(Ordering::SeqCst))
+    }
+
+    fn waiting(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+/// Hands `g` to the stream behind `tx`, waiting at most the deadline of a call (a stream
+/// nobody reads is as good as broken); whether it went.
+fn send(rt: &Handle, tx: &tokio::sync::mpsc::Sender<RolloutGroup>, g: RolloutGroup) -> bool {
+    rt.block_on(async { tokio::time::timeout(client::rpc_timeout(), tx.send(g)).await })
+        .is_ok_and(|r| r.is_ok())
+}
+
 impl Worker {
-    /// Sends `g` to the trainer (numbered, kept until acknowledged), reopening the stream
-    /// when it broke; gives up after 30 attempts.
+    /// Numbers `g`, keeps it until it is acknowledged, and sends it (reopening the
+    /// stream if it broke).
     pub(crate) fn push(&mut self, mut g: RolloutGroup) -> Result<()> {
         g.seq = self.next_seq;
         self.next_seq += 1;
-        if let Ok(mut p) = self.pending.lock() {
+        if let Ok(mut p) = self.outbox.pending.lock() {
             p.insert(g.seq, g.clone());
         }
-        for _attempt in 0..30 {
-            if self.beat.stop.load(Ordering::SeqCst) {
-                // The run is over: nothing will train this group.
+        if let Some(p) = self.outbox.pusher.as_ref().filter(|p| !p.broken.load(Ordering::SeqCst)) {
+            if send(&self.rt, &p.tx, g) {
                 return Ok(());
             }
-            let broken = self
-                .pusher
-                .as_ref()
-                .is_none_or(|p| p.broken.load(Ordering::SeqCst));
-            if broken {
-                self.pusher = None;
-                match self
-                    .trainer_address()
-                    .and_then(|a| Pusher::open(&self.rt, &a, &self.creds, self.pending.clone()))
-                {
-                    Ok(p) => {
-                        // Opening resent every pending group, this one included.
-                        self.pusher = Some(p);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot reach the trainer: {e}; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                        continue;
-                    }
-                }
+            p.broken.store(true, Ordering::SeqCst);
+        }
+        self.outbox.next_reopen = None;
+        self.redeliver()
+    }
+
+    /// With groups waiting for an ack and no live stream (the trainer restarted, the
+    /// network cut it): opens a new one, which resends them all. At most one attempt a
+    /// second, so the sampling loop may call it on every turn; fails once the trainer
+    /// has been unreachable for `[coordinator] reconnect_timeout_s`.
+    pub(crate) fn redeliver(&mut self) -> Result<()> {
+        let o = &mut self.outbox;
+        if o.live() {
+            o.unreachable_since = None;
+            return Ok(());
+        }
+        let due = o.next_reopen.is_none_or(|t| Instant::now() >= t);
+        if o.waiting() == 0 || !due || self.beat.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        o.pusher = None;
+        let pending = o.pending.clone();
+        let opened = self
+            .trainer_address()
+            .and_then(|a| Pusher::open(&self.rt, &a, &self.creds, pending));
+        let o = &mut self.outbox;
+        match opened {
+            Ok(p) => {
+                o.pusher = Some(p);
+                o.unreachable_since = None;
+                Ok(())
             }
-            if let Some(p) = &self.pusher {
-                if p.tx.blocking_send(g.clone()).is_ok() {
-                    return Ok(());
+            Err(e) => {
+                let since = *o.unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= tandem_proto::retry::patience() {
+                    return Err(rpc(
+                        "trainer",
+                        format!(
+                            "unreachable for {:.0} s with {} groups to deliver ([coordinator] reconnect_timeout_s): {e}",
+                            since.elapsed().as_secs_f64(),
+                            o.waiting()
+                        ),
+                    ));
                 }
-                p.broken.store(true, Ordering::SeqCst);
+                tracing::warn!("cannot reach the trainer: {e}; retrying");
+                o.next_reopen = Some(Instant::now() + Duration::from_secs(1));
+                Ok(())
             }
         }
-        Err(rpc("trainer", "could not deliver rollouts for 30 attempts"))
     }
 
     /// Waits (up to 30 s) until every pushed group is acknowledged.
     pub(crate) fn drain(&mut self) {
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(30) {
-            let left = self.pending.lock().map(|p| p.len()).unwrap_or(0);
-            if left == 0 {
+        while t0.elapsed() < Duration::from_secs(30) && self.outbox.waiting() > 0 {
+            if self.redeliver().is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.pusher = None;
+        self.outbox.pusher = None;
     }
 }

@@ -2,9 +2,9 @@
 //! score them, stream the groups to the trainer, and take new weights when they are
 //! published — between batches, or between decode steps (`in_flight`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_model::{ChatMessage, Engine, Finished, Pretrained, Request, SamplingParams};
@@ -22,7 +22,7 @@ use crate::broadcast::Inbox;
 use crate::config::{GeneratorConfig, WeightUpdate};
 use crate::error::{Error, Result};
 use crate::heartbeat::{self, Beat};
-use crate::push::Pusher;
+use crate::push::Outbox;
 use crate::render::{prompt_ids, PromptInput};
 use crate::reward::RewardConfig;
 
@@ -74,8 +74,7 @@ pub struct Worker {
     pub(crate) creds: Credentials,
     pub(crate) coordinator: CoordinatorClient<Authed>,
     pub(crate) beat: Arc<Beat>,
-    pub(crate) pusher: Option<Pusher>,
-    pub(crate) pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    pub(crate) outbox: Outbox,
     pub(crate) reward_service: Option<RewardClient<Authed>>,
     pub(crate) reward_model: Option<tandem_model::RewardModel>,
     pub(crate) judge: Option<crate::reward::Judge>,
@@ -158,8 +157,7 @@ impl Worker {
             creds,
             coordinator,
             beat,
-            pusher: None,
-            pending: Arc::new(Mutex::new(BTreeMap::new())),
+            outbox: Outbox::default(),
             reward_service,
             reward_model,
             judge,
@@ -193,6 +191,9 @@ impl Worker {
         let beat = self.beat.clone();
         let worker_id = move || beat.worker_id.load(Ordering::SeqCst);
         while !self.beat.stop.load(Ordering::SeqCst) {
+            // Groups whose stream broke go out again even when no new group finishes
+            // (the trainer may be waiting for exactly those).
+            self.redeliver()?;
             if in_flight || engine.is_idle() {
                 self.maybe_sync(None)?;
             }

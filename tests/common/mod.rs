@@ -1,6 +1,8 @@
 //! Running the `tandem` binary from integration tests.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
