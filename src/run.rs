@@ -353,8 +353,24 @@ fn start(
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let exe = std::env::current_exe().context("finding the tandem executable")?;
-    Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // A child outlives no `tandem run` (even one killed with -9): the kernel sends
+        // it SIGTERM when its parent dies.
+        // SAFETY: prctl is async-signal-safe and touches only the child being started.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)

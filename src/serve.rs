@@ -113,6 +113,8 @@ async fn join(
             )
         })?
         .into_inner();
+    // Every later call of this worker shows its session (bound to its id and role).
+    creds.set_session(&reply.session_token);
     let cfg =
         RunConfig::parse(&reply.config_toml, &[]).context("the config the coordinator sent")?;
     // Every later unary call of this worker has the run's deadline.

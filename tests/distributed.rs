@@ -1083,13 +1083,78 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .map(|_| ()),
             "register as trainer",
         );
+        // A generator acts for itself only: its session token (from Register) is
+        // bound to its worker id.
+        let me = as_gen
+            .register(RegisterRequest {
+                role: Role::Generator as i32,
+                name: "gen-token-holder".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("a generator registers")
+            .into_inner();
+        assert_eq!(me.session_token.len(), 64);
+        gen_creds.set_session(&me.session_token);
         as_gen
             .heartbeat(HeartbeatRequest {
-                worker_id: fake.worker_id,
+                worker_id: me.worker_id,
                 ..Default::default()
             })
             .await
             .expect("a generator's heartbeat");
+        for (what, r) in [
+            (
+                "heartbeat",
+                as_gen
+                    .heartbeat(HeartbeatRequest {
+                        worker_id: fake.worker_id,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+            (
+                "lease",
+                as_gen
+                    .lease(LeaseRequest {
+                        worker_id: fake.worker_id,
+                        max_groups: 1,
+                        request_id: 0,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+            (
+                "leave",
+                as_gen
+                    .leave(LeaveRequest {
+                        worker_id: fake.worker_id,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ] {
+            let e = r.expect_err(what);
+            assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+            assert!(e.message().contains("session"), "{what}: {e:?}");
+        }
+        // Its own groups only: one in another worker's name is refused at ingest.
+        let mut push = client::trainer(trainer_ch.clone(), &gen_creds);
+        let forged = RolloutGroup {
+            seq: 1,
+            session_token: me.session_token.clone(),
+            worker_id: fake.worker_id,
+            lease_id: 1,
+            ..Default::default()
+        };
+        let mut acks = push
+            .push_rollouts(tokio_stream::iter(vec![forged]))
+            .await
+            .unwrap()
+            .into_inner();
+        let ack = acks.message().await.unwrap().unwrap();
+        assert!(!ack.accepted && ack.reason.contains("session"), "{ack:?}");
     });
 
     // No token, or the wrong one: refused, whatever the call.
@@ -1182,6 +1247,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
     let group = |edit: &dyn Fn(&mut RolloutGroup)| {
         let mut g = RolloutGroup {
             seq: 0,
+            session_token: fake.session_token.clone(),
             lease_id: lease.lease_id,
             prompt_index: lease.prompt_index,
             worker_id: fake.worker_id,
@@ -1300,9 +1366,10 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
         "a refused group was trained"
     );
     let status = coordinator_status(&c.run);
+    // The bad groups, and the one pushed in another worker's name.
     assert_eq!(
         status["dropped"]["invalid"].as_u64(),
-        Some(n_bad as u64),
+        Some(n_bad as u64 + 1),
         "{status}"
     );
     assert!(status["reissued_prompts"]
@@ -1671,13 +1738,18 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
     let run = dir.path().join("run");
     // What happens, in this order, each once the run has logged a step drawn here.
     let mut at = 0;
-    let mut plan: Vec<(u64, &str)> = ["kill coordinator", "kill trainer", "kill gen-0", "stop gen-1"]
-        .into_iter()
-        .map(|what| {
-            at += rng.between(6, 12);
-            (at, what)
-        })
-        .collect();
+    let mut plan: Vec<(u64, &str)> = [
+        "kill coordinator",
+        "kill trainer",
+        "kill gen-0",
+        "stop gen-1",
+    ]
+    .into_iter()
+    .map(|what| {
+        at += rng.between(6, 12);
+        (at, what)
+    })
+    .collect();
     plan.reverse();
     let mut pids_seen: BTreeSet<u64> = BTreeSet::new();
     let mut stopped: Option<(String, Instant)> = None;
@@ -1690,7 +1762,9 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
         if t0.elapsed() > Duration::from_secs(300) {
             let _ = child.kill();
             if let Ok(keep) = std::env::var("TANDEM_CHAOS_KEEP") {
-                let _ = Command::new("cp").args(["-r", run.to_str().unwrap(), &keep]).status();
+                let _ = Command::new("cp")
+                    .args(["-r", run.to_str().unwrap(), &keep])
+                    .status();
             }
             panic!("the run did not finish; seed {seed}\n{}", log_tails(&run));
         }
@@ -1709,8 +1783,7 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
         }
         let done = metrics_lines_or_none(&run).unwrap_or(0) as u64;
         let ready = plan.last().is_some_and(|(step, what)| {
-            done >= *step
-                && (*what != "kill trainer" || run.join("checkpoints/latest").exists())
+            done >= *step && (*what != "kill trainer" || run.join("checkpoints/latest").exists())
         });
         if ready {
             let (step, what) = plan.pop().unwrap();
@@ -1730,9 +1803,17 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
         signal("-CONT", pid);
     }
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(status.success(), "{stderr}\n{}", log_tails(&run));
-    assert!(plan.is_empty(), "the run ended before the chaos did: {plan:?}\n{stderr}");
+    assert!(
+        plan.is_empty(),
+        "the run ended before the chaos did: {plan:?}\n{stderr}"
+    );
     for name in ["coordinator", "trainer", "gen-0"] {
         assert!(
             stderr.contains(&format!("the {name} process failed")),
@@ -1770,8 +1851,8 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
     let ours = |p: &u64| {
         let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let zombie = std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .is_ok_and(|s| s.contains(") Z "));
+        let zombie =
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z "));
         !zombie && (cmd.contains(&grpc) || cmd.contains(dir.path().to_str().unwrap()))
     };
     let alive: Vec<u64> = pids_seen.iter().copied().filter(ours).collect();
@@ -1782,7 +1863,11 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
 /// The last lines of every log of a `tandem run` (for a failure's message).
 fn log_tails(run: &Path) -> String {
     let mut out = String::new();
-    for e in std::fs::read_dir(run.join("logs")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(run.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         out += &format!(

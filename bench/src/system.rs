@@ -191,6 +191,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     let svc = TrainerService {
         shared,
         coordinator: client::coordinator(ch, &creds),
+        run_token: creds.token().to_string(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -410,6 +411,7 @@ async fn ingest(
                 .iter()
                 .enumerate()
                 .map(|(i, l)| RolloutGroup {
+                    session_token: String::new(),
                     seq: i as u64 + 1,
                     lease_id: l.lease_id,
                     prompt_index: l.prompt_index,

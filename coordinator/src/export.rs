@@ -23,6 +23,9 @@ impl Core {
             .filter(|(_, w)| w.role == Role::Trainer)
             .count();
         metrics::gauge!(m::WORKERS, "role" => "trainer").set(trainers as f64);
+        for (k, v) in &self.train_metrics {
+            metrics::gauge!(m::train_metric_name(k)).set(*v);
+        }
     }
 
     /// The series computed at scrape time, in Prometheus text format: the float-valued

@@ -55,6 +55,8 @@ pub enum Refusal {
     Expired,
     Duplicate,
     Mismatch,
+    /// The group names a worker that does not hold the lease.
+    NotHolder,
 }
 
 impl Refusal {
@@ -64,6 +66,7 @@ impl Refusal {
             Refusal::Expired => "expired",
             Refusal::Duplicate => "duplicate",
             Refusal::Mismatch => "mismatch",
+            Refusal::NotHolder => "not_holder",
         }
     }
 }
@@ -160,11 +163,18 @@ impl Leases {
             .collect()
     }
 
-    /// Accepts the group of lease `id` once; refuses expired, repeated or unknown ones.
-    /// A retry with the `key` (`request_id`, non-zero) of the commit that closed the
-    /// lease is a [`Closing::Repeat`].
-    pub fn commit(&mut self, id: u64, prompt_index: u64, key: u64) -> Result<Closing, Refusal> {
-        let Some(l) = self.close(id, prompt_index, Closed::Committed, key)? else {
+    /// Accepts the group of lease `id` once; refuses expired, repeated or unknown ones,
+    /// and one whose `worker` (non-zero) does not hold the lease. A retry with the `key`
+    /// (`request_id`, non-zero) of the commit that closed the lease is a
+    /// [`Closing::Repeat`].
+    pub fn commit(
+        &mut self,
+        id: u64,
+        prompt_index: u64,
+        worker: u64,
+        key: u64,
+    ) -> Result<Closing, Refusal> {
+        let Some(l) = self.close(id, prompt_index, worker, Closed::Committed, key)? else {
             return Ok(Closing::Repeat);
         };
         self.committed.insert(id, l.prompt_index);
@@ -175,8 +185,14 @@ impl Leases {
     /// Closes lease `id` for good as filtered (its group was uninformative): never
     /// re-issued, not accepted, so admission grants another lease in its place. The
     /// same refusals as [`Leases::commit`].
-    pub fn filter(&mut self, id: u64, prompt_index: u64, key: u64) -> Result<Closing, Refusal> {
-        let Some(l) = self.close(id, prompt_index, Closed::Filtered, key)? else {
+    pub fn filter(
+        &mut self,
+        id: u64,
+        prompt_index: u64,
+        worker: u64,
+        key: u64,
+    ) -> Result<Closing, Refusal> {
+        let Some(l) = self.close(id, prompt_index, worker, Closed::Filtered, key)? else {
             return Ok(Closing::Repeat);
         };
         remember(&mut self.filtered, l.prompt_index);
@@ -204,11 +220,13 @@ impl Leases {
         &mut self,
         id: u64,
         prompt_index: u64,
+        worker: u64,
         how: Closed,
         key: u64,
     ) -> Result<Option<Lease>, Refusal> {
         match self.open.get(&id) {
             Some(l) if l.prompt_index != prompt_index => Err(Refusal::Mismatch),
+            Some(l) if worker != 0 && l.worker != worker => Err(Refusal::NotHolder),
             Some(_) => {
                 let l = self.open.remove(&id).expect("present");
                 self.closed.insert(id, how);
@@ -361,18 +379,20 @@ mod tests {
         assert_eq!(a.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(b[0].1, 2);
         assert_eq!(l.running(), 3);
-        l.commit(a[0].0, 0, 0).unwrap();
-        assert_eq!(l.commit(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
-        assert_eq!(l.commit(b[0].0, 7, 0).unwrap_err(), Refusal::Mismatch);
-        assert_eq!(l.commit(999, 0, 0).unwrap_err(), Refusal::UnknownLease);
+        l.commit(a[0].0, 0, 0, 0).unwrap();
+        assert_eq!(l.commit(a[0].0, 0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(b[0].0, 7, 0, 0).unwrap_err(), Refusal::Mismatch);
+        // A group pushed in another generator's name.
+        assert_eq!(l.commit(b[0].0, 2, 1, 0).unwrap_err(), Refusal::NotHolder);
+        assert_eq!(l.commit(999, 0, 0, 0).unwrap_err(), Refusal::UnknownLease);
         // Worker 1 dies: prompt 1 goes back first, under a new lease id.
         assert_eq!(l.expire_worker(1), 1);
-        assert_eq!(l.commit(a[1].0, 1, 0).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(a[1].0, 1, 0, 0).unwrap_err(), Refusal::Expired);
         let c = l.grant(2, 2, now);
         assert_eq!(c[0].1, 1);
         assert_eq!(c[1].1, 3);
         assert_ne!(c[0].0, a[1].0);
-        l.commit(c[0].0, 1, 0).unwrap();
+        l.commit(c[0].0, 1, 0, 0).unwrap();
         assert_eq!(l.accepted, 2);
         // A trainer resumes at version 3 with lease a[0] trained at v2 and nothing
         // buffered: c[0] (committed, untrained) and the open b[0] and c[1] come back.
@@ -380,11 +400,11 @@ mod tests {
         let n = l.rewind(3, &HashSet::new());
         assert_eq!(n, 3);
         assert_eq!(l.accepted, 1);
-        assert_eq!(l.commit(c[0].0, 1, 0).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(c[0].0, 1, 0, 0).unwrap_err(), Refusal::Expired);
         let d = l.grant(2, 2, now);
         assert_eq!(d.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2]);
         let keep: HashSet<u64> = [d[0].0].into();
-        l.commit(d[0].0, 1, 0).unwrap();
+        l.commit(d[0].0, 1, 0, 0).unwrap();
         assert_eq!(
             l.rewind(3, &keep),
             1,
@@ -407,7 +427,7 @@ mod tests {
             if i % 10 == 9 {
                 l.expire_where(|x| x.prompt_index == i as u64);
             } else {
-                l.commit(id, i as u64, 0).unwrap();
+                l.commit(id, i as u64, 0, 0).unwrap();
                 l.mark_trained(&[id], 1 + i as u64 / 10);
             }
         }
@@ -416,14 +436,17 @@ mod tests {
         let gone = l.settle(5);
         assert!(gone >= 2 * 45, "{gone}");
         assert_eq!(l.committed.len(), 45);
-        assert_eq!(l.commit(ids[0], 0, 0).unwrap_err(), Refusal::UnknownLease);
         assert_eq!(
-            l.commit(ids[99 - 1], 98, 0).unwrap_err(),
+            l.commit(ids[0], 0, 0, 0).unwrap_err(),
+            Refusal::UnknownLease
+        );
+        assert_eq!(
+            l.commit(ids[99 - 1], 98, 0, 0).unwrap_err(),
             Refusal::Duplicate
         );
         // A rewind to version 7 re-issues only what was trained after it.
         assert_eq!(l.rewind(7, &HashSet::new()), 27 + 1);
-        assert!(l.commit(open, 100, 0).is_err());
+        assert!(l.commit(open, 100, 0, 0).is_err());
         // Everything trained: settling to the end leaves nothing but what is open.
         l.grant(2, 3, now);
         l.settle(u64::MAX);
@@ -438,22 +461,22 @@ mod tests {
         let now = Instant::now();
         let mut l = Leases::starting_at(0, 0);
         let a = l.grant(1, 2, now);
-        assert_eq!(l.commit(a[0].0, 0, 42), Ok(Closing::Now));
-        assert_eq!(l.commit(a[0].0, 0, 42), Ok(Closing::Repeat));
+        assert_eq!(l.commit(a[0].0, 0, 0, 42), Ok(Closing::Now));
+        assert_eq!(l.commit(a[0].0, 0, 0, 42), Ok(Closing::Repeat));
         assert_eq!(l.accepted, 1);
-        assert_eq!(l.commit(a[0].0, 0, 43), Err(Refusal::Duplicate));
-        assert_eq!(l.commit(a[0].0, 0, 0), Err(Refusal::Duplicate));
-        assert_eq!(l.filter(a[0].0, 0, 42), Err(Refusal::Duplicate));
-        assert_eq!(l.filter(a[1].0, 1, 7), Ok(Closing::Now));
+        assert_eq!(l.commit(a[0].0, 0, 0, 43), Err(Refusal::Duplicate));
+        assert_eq!(l.commit(a[0].0, 0, 0, 0), Err(Refusal::Duplicate));
+        assert_eq!(l.filter(a[0].0, 0, 0, 42), Err(Refusal::Duplicate));
+        assert_eq!(l.filter(a[1].0, 1, 0, 7), Ok(Closing::Now));
         let mut back: Leases = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
-        assert_eq!(back.filter(a[1].0, 1, 7), Ok(Closing::Repeat));
-        assert_eq!(back.commit(a[0].0, 0, 42), Ok(Closing::Repeat));
+        assert_eq!(back.filter(a[1].0, 1, 0, 7), Ok(Closing::Repeat));
+        assert_eq!(back.commit(a[0].0, 0, 0, 42), Ok(Closing::Repeat));
         assert_eq!((back.accepted, back.filtered.clone()), (1, vec![1]));
         assert_eq!(back.grant(2, 1, now), vec![(3, 2)]);
         // Once a resume can no longer need them, the keys go with the leases.
         back.mark_trained(&[a[0].0], 1);
         back.settle(1);
-        assert_eq!(back.commit(a[0].0, 0, 42), Err(Refusal::UnknownLease));
+        assert_eq!(back.commit(a[0].0, 0, 0, 42), Err(Refusal::UnknownLease));
         assert!(back.keys.is_empty());
     }
 
@@ -464,13 +487,13 @@ mod tests {
         let a = l.grant(1, 2, now);
         // Synchronous, B = 2: both slots taken.
         assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 0);
-        l.filter(a[0].0, 0, 0).unwrap();
+        l.filter(a[0].0, 0, 0, 0).unwrap();
         // Not accepted, no longer running: one more lease may go out.
         assert_eq!((l.accepted, l.running()), (0, 1));
         assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 1);
-        assert_eq!(l.filter(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
-        assert_eq!(l.commit(a[0].0, 0, 0).unwrap_err(), Refusal::Duplicate);
-        l.commit(a[1].0, 1, 0).unwrap();
+        assert_eq!(l.filter(a[0].0, 0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        assert_eq!(l.commit(a[0].0, 0, 0, 0).unwrap_err(), Refusal::Duplicate);
+        l.commit(a[1].0, 1, 0, 0).unwrap();
         assert_eq!(l.informative_share(), 0.5);
         // A rewind or a dead worker never brings a filtered prompt back.
         assert_eq!(l.expire_worker(1), 0);
@@ -483,7 +506,7 @@ mod tests {
         assert!(!l.release(b[0].0, 1));
         assert!(l.release(b[0].0, 2));
         assert!(!l.release(b[0].0, 2));
-        assert_eq!(l.commit(b[0].0, 1, 0).unwrap_err(), Refusal::Expired);
+        assert_eq!(l.commit(b[0].0, 1, 0, 0).unwrap_err(), Refusal::Expired);
         assert_eq!(l.grant(3, 1, now)[0].1, 1);
         l.grant(2, 0, now);
         let later = now + Duration::from_secs(10);

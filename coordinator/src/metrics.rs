@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 pub const POLICY_VERSION: &str = "tandem_policy_version";
 pub const STEP: &str = "tandem_step";
@@ -45,9 +46,13 @@ pub const DROP_REASONS: &[&str] = &[
     "expired",
     "duplicate",
     "mismatch",
+    "not_holder",
 ];
 /// Per-step training metrics become `tandem_train_<name>` gauges.
 pub const TRAIN_PREFIX: &str = "tandem_train_";
+
+/// How long a series may go without an update before `/metrics` forgets it.
+pub const IDLE_SERIES: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -66,6 +71,13 @@ pub fn install() -> PrometheusHandle {
                     )
                 })
                 .expect("bucket lists are non-empty")
+                // Bounded label sets: a series not updated for 15 minutes (a generator
+                // that left long ago) is forgotten. The run's own gauges are set again
+                // on every reaper tick, so only departed workers' series go.
+                .idle_timeout(
+                    MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+                    Some(IDLE_SERIES),
+                )
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder already installed (a test harness) keeps its own.
@@ -196,6 +208,7 @@ mod tests {
             Refusal::Expired,
             Refusal::Duplicate,
             Refusal::Mismatch,
+            Refusal::NotHolder,
         ] {
             assert!(DROP_REASONS.contains(&r.as_str()), "{}", r.as_str());
         }

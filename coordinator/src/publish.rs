@@ -124,7 +124,7 @@ mod tests {
             .into_iter()
             .map(|(lease, prompt)| {
                 if lease % 2 == 0 {
-                    core.leases.commit(lease, prompt, 0).unwrap();
+                    core.leases.commit(lease, prompt, 0, 0).unwrap();
                 }
                 lease
             })

@@ -62,9 +62,12 @@ pub async fn start(
     let core = Arc::new(Mutex::new(core));
 
     let svc = tonic::service::interceptor::InterceptedService::new(
-        CoordinatorServer::new(CoordinatorService { core: core.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        CoordinatorServer::new(CoordinatorService {
+            core: core.clone(),
+            run_token: creds.token().to_string(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
         creds.require_token(),
     );
     let health = HealthServer::with_interceptor(

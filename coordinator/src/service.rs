@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tandem_data::PromptBody;
-use tandem_proto::auth::require_admin;
+use tandem_proto::auth::{check_request_session, require_admin, session_token};
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, ExcludeReply, ExcludeRequest, HeartbeatReply,
@@ -23,9 +23,16 @@ pub use crate::state::{Core, Settings};
 #[derive(Clone)]
 pub struct CoordinatorService {
     pub core: Arc<Mutex<Core>>,
+    /// The run's token: the key of the workers' session tokens.
+    pub run_token: String,
 }
 
 impl CoordinatorService {
+    /// Refuses a generator acting for a worker id that is not its own.
+    fn own<T>(&self, req: &Request<T>, worker_id: u64, what: &str) -> Result<(), Status> {
+        denied(check_request_session(req, &self.run_token, worker_id, what))
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, Core>, Status> {
         self.core
             .lock()
@@ -66,7 +73,13 @@ impl Coordinator for CoordinatorService {
         core.update_group();
         core.persist()?;
         core.export_gauges();
+        let role_name = if role == Role::Trainer {
+            "trainer"
+        } else {
+            "generator"
+        };
         Ok(Response::new(RegisterReply {
+            session_token: session_token(&self.run_token, id, role_name),
             worker_id: id,
             config_toml: core.settings.config_toml.clone(),
             heartbeat_interval_ms: core.settings.coordinator.heartbeat_interval_ms,
@@ -83,6 +96,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        self.own(&req, req.get_ref().worker_id, "Heartbeat")?;
         let r = req.into_inner();
         let now = Instant::now();
         let mut core = self.lock()?;
@@ -182,6 +196,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        self.own(&req, req.get_ref().worker_id, "Lease")?;
         let r = req.into_inner();
         let now = Instant::now();
         let mut core = self.lock()?;
@@ -287,7 +302,10 @@ impl Coordinator for CoordinatorService {
         }
         if r.filtered {
             return Ok(Response::new(
-                match core.leases.filter(r.lease_id, r.prompt_index, r.request_id) {
+                match core
+                    .leases
+                    .filter(r.lease_id, r.prompt_index, r.worker_id, r.request_id)
+                {
                     Ok(Closing::Repeat) => CommitReply {
                         accepted: true,
                         reason: String::new(),
@@ -309,7 +327,10 @@ impl Coordinator for CoordinatorService {
                 },
             ));
         }
-        match core.leases.commit(r.lease_id, r.prompt_index, r.request_id) {
+        match core
+            .leases
+            .commit(r.lease_id, r.prompt_index, r.worker_id, r.request_id)
+        {
             Ok(Closing::Repeat) => Ok(Response::new(CommitReply {
                 accepted: true,
                 reason: String::new(),
@@ -348,6 +369,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        self.own(&req, req.get_ref().worker_id, "Leave")?;
         let id = req.into_inner().worker_id;
         let mut core = self.lock()?;
         if let Some(w) = core.members.remove(id) {
@@ -358,6 +380,7 @@ impl Coordinator for CoordinatorService {
             tracing::info!(name = %w.name, id, leases_reissued = n, "worker left");
         }
         core.update_group();
+        core.forget_departed();
         core.persist()?;
         core.export_gauges();
         Ok(Response::new(LeaveReply {}))
@@ -367,6 +390,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseReply>, Status> {
+        self.own(&req, req.get_ref().worker_id, "Release")?;
         let r = req.into_inner();
         let mut core = self.lock()?;
         let released = core.leases.release(r.lease_id, r.worker_id);

@@ -98,6 +98,7 @@ impl Core {
         }
         if membership_changed {
             self.update_group();
+            self.forget_departed();
         }
         let n = self.leases.expire_older_than(
             Duration::from_secs(self.settings.coordinator.lease_timeout_s),
@@ -112,6 +113,17 @@ impl Core {
             let _ = self.persist();
         }
         self.export_gauges();
+    }
+
+    /// Drops the wait counters of generators no longer in the run (their other series
+    /// go after [`m::IDLE_SERIES`]), so label sets stay bounded by the live ones.
+    pub(crate) fn forget_departed(&mut self) {
+        let members = &self.members;
+        self.generator_wait_s.retain(|name, _| {
+            members
+                .iter()
+                .any(|(_, w)| w.role == Role::Generator && &w.name == name)
+        });
     }
 
     /// Recomputes the broadcast group after a membership change.

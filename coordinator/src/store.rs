@@ -270,7 +270,7 @@ mod tests {
             c.members
                 .register("trainer".into(), Role::Trainer, "127.0.0.1:9".into(), now);
             let leases = c.leases.grant(gen, 3, now);
-            c.leases.commit(leases[0].0, leases[0].1, 7).unwrap();
+            c.leases.commit(leases[0].0, leases[0].1, 0, 7).unwrap();
             c.publish(&PublishVersionRequest {
                 version: 1,
                 step: 1,
@@ -279,7 +279,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-            c.leases.commit(leases[1].0, leases[1].1, 8).unwrap();
+            c.leases.commit(leases[1].0, leases[1].1, 0, 8).unwrap();
             c.persist().unwrap();
             (gen, leases)
             // Dropped without a goodbye, as a killed process.
@@ -292,12 +292,12 @@ mod tests {
         assert_eq!((c.leases.accepted, c.leases.running()), (2, 1));
         // The commit retried across the restart, a late duplicate, the open lease.
         assert_eq!(
-            c.leases.commit(leases[1].0, leases[1].1, 8),
+            c.leases.commit(leases[1].0, leases[1].1, 0, 8),
             Ok(Closing::Repeat)
         );
-        assert!(c.leases.commit(leases[0].0, leases[0].1, 9).is_err());
+        assert!(c.leases.commit(leases[0].0, leases[0].1, 0, 9).is_err());
         assert_eq!(
-            c.leases.commit(leases[2].0, leases[2].1, 10),
+            c.leases.commit(leases[2].0, leases[2].1, 0, 10),
             Ok(Closing::Now)
         );
         // The cursor goes on; ids are not reused.

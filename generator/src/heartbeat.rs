@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{HeartbeatRequest, RegisterRequest, Role};
@@ -31,8 +32,13 @@ pub(crate) struct Beat {
     pub stop: AtomicBool,
 }
 
-/// Registers again after the coordinator dropped this worker; returns the new id.
-async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str) -> Result<u64> {
+/// Registers again after the coordinator dropped this worker; returns the new id (its
+/// session token goes with every later call of `creds`).
+async fn register_again(
+    coordinator: &mut CoordinatorClient<Authed>,
+    creds: &Credentials,
+    name: &str,
+) -> Result<u64> {
     let r = coordinator
         .register(client::unary(RegisterRequest {
             role: Role::Generator as i32,
@@ -40,8 +46,10 @@ async fn register_again(coordinator: &mut CoordinatorClient<Authed>, name: &str)
             ..Default::default()
         }))
         .await
-        .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?;
-    Ok(r.into_inner().worker_id)
+        .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?
+        .into_inner();
+    creds.set_session(&r.session_token);
+    Ok(r.worker_id)
 }
 
 /// Starts the heartbeat task on `rt`; it ends when `beat.stop` is set (by the run's end,
@@ -50,6 +58,7 @@ pub(crate) fn spawn(
     rt: &Handle,
     beat: Arc<Beat>,
     mut coord: CoordinatorClient<Authed>,
+    creds: Credentials,
     interval: Duration,
     name: String,
     inbox: Option<Arc<Inbox>>,
@@ -92,7 +101,7 @@ pub(crate) fn spawn(
                     }
                     if !r.known {
                         tracing::warn!("the coordinator dropped this generator; registering again");
-                        if let Ok(id) = register_again(&mut coord, &name).await {
+                        if let Ok(id) = register_again(&mut coord, &creds, &name).await {
                             beat.worker_id.store(id, Ordering::SeqCst);
                         }
                     }

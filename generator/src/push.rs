@@ -123,7 +123,12 @@ impl Worker {
         if let Ok(mut p) = self.outbox.pending.lock() {
             p.insert(g.seq, g.clone());
         }
-        if let Some(p) = self.outbox.pusher.as_ref().filter(|p| !p.broken.load(Ordering::SeqCst)) {
+        if let Some(p) = self
+            .outbox
+            .pusher
+            .as_ref()
+            .filter(|p| !p.broken.load(Ordering::SeqCst))
+        {
             if send(&self.rt, &p.tx, g) {
                 return Ok(());
             }

@@ -170,6 +170,7 @@ impl Worker {
             &w.rt,
             w.beat.clone(),
             w.coordinator.clone(),
+            w.creds.clone(),
             w.settings.heartbeat_interval,
             w.settings.name.clone(),
             w.inbox.clone(),
@@ -495,6 +496,7 @@ impl Worker {
         }
         Ok(Some(RolloutGroup {
             seq: 0,
+            session_token: self.creds.session(),
             lease_id: l.lease_id,
             prompt_index: l.prompt_index,
             worker_id,

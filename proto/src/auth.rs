@@ -81,6 +81,8 @@ pub fn require_admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
 #[derive(Clone)]
 pub struct WithToken {
     value: MetadataValue<tonic::metadata::Ascii>,
+    /// This worker's session token once it registered (shared by every clone).
+    session: std::sync::Arc<std::sync::RwLock<Option<MetadataValue<tonic::metadata::Ascii>>>>,
 }
 
 impl WithToken {
@@ -89,7 +91,10 @@ impl WithToken {
         let value = format!("Bearer {token}")
             .parse()
             .map_err(|_| "the token must be printable ASCII".to_string())?;
-        Ok(WithToken { value })
+        Ok(WithToken {
+            value,
+            session: Default::default(),
+        })
     }
 }
 
@@ -97,6 +102,9 @@ impl Interceptor for WithToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut()
             .insert("authorization", self.value.clone());
+        if let Some(s) = self.session.read().ok().and_then(|s| s.clone()) {
+            req.metadata_mut().insert(SESSION_HEADER, s);
+        }
         Ok(req)
     }
 }
@@ -140,6 +148,24 @@ impl Credentials {
         self.generator_token.as_deref()
     }
 
+    /// Sends `session` (a [`RegisterReply`](crate::v1::RegisterReply)'s) with every
+    /// later call of every client made from these credentials.
+    pub fn set_session(&self, session: &str) {
+        if let (Ok(v), Ok(mut slot)) = (session.parse(), self.with_token.session.write()) {
+            *slot = Some(v);
+        }
+    }
+
+    /// The session token of the last [`Credentials::set_session`] (empty before).
+    pub fn session(&self) -> String {
+        self.with_token
+            .session
+            .read()
+            .ok()
+            .and_then(|s| s.as_ref().and_then(|v| v.to_str().ok().map(String::from)))
+            .unwrap_or_default()
+    }
+
     /// The server-side token check.
     pub fn require_token(&self) -> RequireToken {
         RequireToken::new(&self.token).with_generator(self.generator_token.as_deref())
@@ -161,6 +187,67 @@ impl Credentials {
 }
 
 /// Equality that does not stop at the first differing byte (for secrets).
+/// The metadata key of a worker's session token.
+pub const SESSION_HEADER: &str = "x-tandem-session";
+
+/// The session token of worker `worker_id` in `role` ("generator", "trainer"):
+///
+///   session = hex(HMAC-SHA256(key = the run's token, "tandem-session/v1/{role}/{worker_id}"))
+///
+/// Only the holders of the run's token (the coordinator, the trainer) can make or check
+/// one; it needs no table, so it survives a coordinator restart.
+pub fn session_token(run_token: &str, worker_id: u64, role: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(run_token.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(format!("tandem-session/v1/{role}/{worker_id}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Refuses a caller holding the generator token whose `session` is not the one of
+/// generator `worker_id` (a leaked generator token cannot act for another worker).
+/// The run's token may act for anyone.
+pub fn check_session(
+    caller: Option<Caller>,
+    session: &[u8],
+    run_token: &str,
+    worker_id: u64,
+    what: &str,
+) -> Result<(), Status> {
+    if caller != Some(Caller::Generator) {
+        return Ok(());
+    }
+    let want = session_token(run_token, worker_id, "generator");
+    if constant_time_eq(session, want.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{what}: the session token is not worker {worker_id}'s (send the `session_token` its Register returned)"
+        )))
+    }
+}
+
+/// [`check_session`] of a unary request: its caller and `x-tandem-session` metadata.
+pub fn check_request_session<T>(
+    req: &Request<T>,
+    run_token: &str,
+    worker_id: u64,
+    what: &str,
+) -> Result<(), Status> {
+    let session = req
+        .metadata()
+        .get(SESSION_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    check_session(
+        req.extensions().get::<Caller>().copied(),
+        session,
+        run_token,
+        worker_id,
+        what,
+    )
+}
+
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -188,5 +275,39 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert!(WithToken::new("bad\ntoken").is_err());
+    }
+
+    /// A generator's session is bound to its id: valid for it, refused for another id,
+    /// and only the run's token can make one.
+    #[test]
+    fn sessions_are_bound_to_a_worker() {
+        let run = "run-token-0123456789";
+        let mut server = RequireToken::new(run).with_generator(Some("gen-token-0123456789"));
+        let creds = Credentials::new("gen-token-0123456789", Default::default()).unwrap();
+        let s7 = session_token(run, 7, "generator");
+        assert_eq!(s7.len(), 64);
+        assert_ne!(s7, session_token(run, 8, "generator"));
+        assert_ne!(s7, session_token(run, 7, "trainer"));
+        assert_ne!(s7, session_token("another-run-token-0000", 7, "generator"));
+        let call = |server: &mut RequireToken| {
+            server
+                .call(creds.with_token().call(Request::new(())).unwrap())
+                .unwrap()
+        };
+        // Before registering: no session, refused.
+        let req = call(&mut server);
+        assert!(check_request_session(&req, run, 7, "Lease").is_err());
+        creds.set_session(&s7);
+        assert_eq!(creds.session(), s7);
+        let req = call(&mut server);
+        assert!(check_request_session(&req, run, 7, "Lease").is_ok());
+        let e = check_request_session(&req, run, 8, "Lease").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("worker 8"), "{e}");
+        // The run's token acts for anyone.
+        let admin = server
+            .call(WithToken::new(run).unwrap().call(Request::new(())).unwrap())
+            .unwrap();
+        assert!(check_request_session(&admin, run, 8, "Lease").is_ok());
     }
 }

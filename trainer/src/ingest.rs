@@ -148,6 +148,7 @@ mod tests {
     fn good() -> RolloutGroup {
         RolloutGroup {
             seq: 1,
+            session_token: String::new(),
             lease_id: 3,
             prompt_index: 0,
             worker_id: 1,

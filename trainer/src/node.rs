@@ -161,6 +161,7 @@ pub fn run(
     let svc = TrainerService {
         shared: shared.clone(),
         coordinator: coord.clone(),
+        run_token: creds.token().to_string(),
     };
     let server_creds = creds.clone();
     rt.spawn(async move {

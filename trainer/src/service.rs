@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tandem_proto::auth::{check_session, Caller};
 
 use tandem_proto::client::Authed;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
@@ -100,6 +101,8 @@ impl Drop for InFlight<'_> {
 pub struct TrainerService {
     pub shared: Arc<Shared>,
     pub coordinator: CoordinatorClient<Authed>,
+    /// The run's token: checks the session token of each group a generator pushes.
+    pub run_token: String,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
@@ -165,8 +168,9 @@ impl TrainerService {
         }
     }
 
-    /// Check → wait for room → commit → buffer. Returns the ack.
-    async fn ingest(&self, g: RolloutGroup) -> PushAck {
+    /// Check → wait for room → commit → buffer. Returns the ack. A `caller` holding the
+    /// generator token may push only groups of the worker its session token names.
+    async fn ingest(&self, g: RolloutGroup, caller: Option<Caller>) -> PushAck {
         let seq = g.seq;
         self.shared.inflight.fetch_add(1, Ordering::SeqCst);
         let _guard = InFlight(&self.shared);
@@ -178,6 +182,23 @@ impl TrainerService {
         };
         if self.shared.closed.load(Ordering::SeqCst) {
             return refuse("the run is finished".into(), &self.shared);
+        }
+        let session = check_session(
+            caller,
+            g.session_token.as_bytes(),
+            &self.run_token,
+            g.worker_id,
+            "PushRollouts",
+        );
+        if let Err(e) = session {
+            self.shared.count_dropped("invalid");
+            tracing::warn!(
+                lease = g.lease_id,
+                worker = g.worker_id,
+                "rollout group refused: {}",
+                e.message()
+            );
+            return refuse(e.message().to_string(), &self.shared);
         }
         let version = self.shared.version.load(Ordering::SeqCst);
         if let Err(e) = check_group(&g, &self.shared.limits, version) {
@@ -299,13 +320,14 @@ impl Trainer for TrainerService {
         &self,
         req: Request<Streaming<RolloutGroup>>,
     ) -> Result<Response<AckStream>, Status> {
+        let caller = req.extensions().get::<Caller>().copied();
         let mut incoming = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(msg) = incoming.next().await {
                 let ack = match msg {
-                    Ok(g) => Ok(this.ingest(g).await),
+                    Ok(g) => Ok(this.ingest(g, caller).await),
                     Err(status) => {
                         this.shared.count_dropped("malformed");
                         Err(status)
