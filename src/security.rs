@@ -96,7 +96,10 @@ impl SecurityArgs {
 /// The shortest token a process accepts.
 pub const MIN_TOKEN_LEN: usize = 16;
 /// Tokens the project ships as placeholders (deploy/k8s/secret.yaml): refused as is.
-const PLACEHOLDER_TOKENS: &[&str] = &["change-me-to-a-random-secret"];
+const PLACEHOLDER_TOKENS: &[&str] = &[
+    "change-me-to-a-random-secret",
+    "change-me-to-another-random-secret",
+];
 
 /// The shared token: TANDEM_TOKEN, else `[run] token`; refused when shorter than
 /// [`MIN_TOKEN_LEN`] or a shipped placeholder.

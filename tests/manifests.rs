@@ -306,6 +306,7 @@ fn kustomization_renders_and_validates() {
         "--namespace",
         "tandem",
         "--from-literal=token=0123456789abcdef",
+        "--from-literal=generator-token=fedcba9876543210",
         "--dry-run=client",
         "-o",
         "yaml",
@@ -324,6 +325,7 @@ fn kustomization_renders_and_validates() {
     let generated = yaml_docs(&python, &String::from_utf8(secret.stdout).unwrap());
     assert_eq!(generated[0]["metadata"]["name"], "tandem-token");
     assert!(generated[0]["data"]["token"].is_string());
+    assert!(generated[0]["data"]["generator-token"].is_string());
     let base = yaml_docs(&python, &r.base);
     let with_hpa = yaml_docs(&python, &r.autoscaled);
     check_cluster(&base, false);
@@ -375,6 +377,7 @@ fn check_cluster(objs: &[Value], autoscaled: bool) {
         ("ConfigMap", "tandem-config"),
         ("Secret", "tandem-token"),
         ("Deployment", "tandem-coordinator"),
+        ("PersistentVolumeClaim", "tandem-coordinator-state"),
         ("Service", "tandem-coordinator"),
         ("StatefulSet", "tandem-trainer"),
         ("Service", "tandem-trainer"),
@@ -459,13 +462,30 @@ fn check_cluster(objs: &[Value], autoscaled: bool) {
             .iter()
             .map(|e| (e["name"].as_str().unwrap().to_string(), e))
             .collect();
-        let token = &env["TANDEM_TOKEN"]["valueFrom"]["secretKeyRef"];
-        assert_eq!(token["name"], "tandem-token", "{name}");
-        let k = token["key"].as_str().unwrap();
-        assert!(
-            secret["stringData"].get(k).is_some() || secret["data"].get(k).is_some(),
-            "{name}: secret has no key {k}"
+        // Two roles: generators hold only the generators' token; the coordinator and
+        // the trainer hold the run's and accept the generators'.
+        let want: &[(&str, &str)] = if name == "tandem-generator" {
+            &[("TANDEM_TOKEN", "generator-token")]
+        } else {
+            &[
+                ("TANDEM_TOKEN", "token"),
+                ("TANDEM_GENERATOR_TOKEN", "generator-token"),
+            ]
+        };
+        assert_eq!(
+            env.keys().filter(|k| k.contains("TOKEN")).count(),
+            want.len(),
+            "{name}"
         );
+        for (var, key) in want {
+            let token = &env[*var]["valueFrom"]["secretKeyRef"];
+            assert_eq!(token["name"], "tandem-token", "{name}");
+            assert_eq!(token["key"], *key, "{name} {var}");
+            assert!(
+                secret["stringData"].get(*key).is_some() || secret["data"].get(*key).is_some(),
+                "{name}: secret has no key {key}"
+            );
+        }
         pod_ports.insert(name.to_string(), ports);
     }
 
@@ -771,16 +791,27 @@ fn compose_file_is_valid_compose() {
     // The token is required.
     let o = run(compose_cmd(&c)
         .args(["config", "--quiet"])
-        .env_remove("TANDEM_TOKEN"));
+        .env_remove("TANDEM_TOKEN")
+        .env("TANDEM_GENERATOR_TOKEN", "compose-generator-token"));
     assert!(
         !o.status.success(),
         "compose config without TANDEM_TOKEN succeeded"
     );
     assert!(text(&o).contains("TANDEM_TOKEN"), "{}", text(&o));
 
+    let o = run(compose_cmd(&c)
+        .args(["config", "--quiet"])
+        .env("TANDEM_TOKEN", "compose-test-token")
+        .env_remove("TANDEM_GENERATOR_TOKEN"));
+    assert!(
+        !o.status.success() && text(&o).contains("TANDEM_GENERATOR_TOKEN"),
+        "compose config without TANDEM_GENERATOR_TOKEN: {}",
+        text(&o)
+    );
     let o = ok(compose_cmd(&c)
         .args(["config", "--format", "json"])
-        .env("TANDEM_TOKEN", "compose-test-token"));
+        .env("TANDEM_TOKEN", "compose-test-token")
+        .env("TANDEM_GENERATOR_TOKEN", "compose-generator-token"));
     let project: Value = serde_json::from_slice(&o.stdout).unwrap();
     let services = project["services"].as_object().unwrap();
     let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
@@ -811,10 +842,18 @@ fn compose_file_is_valid_compose() {
         if ["prometheus", "grafana"].contains(&name.as_str()) {
             continue;
         }
-        assert_eq!(
-            s["environment"]["TANDEM_TOKEN"], "compose-test-token",
-            "{name}"
-        );
+        // Two roles: generators hold only the generators' token.
+        let env = &s["environment"];
+        if name.starts_with("gen-") {
+            assert_eq!(env["TANDEM_TOKEN"], "compose-generator-token", "{name}");
+            assert!(env["TANDEM_GENERATOR_TOKEN"].is_null(), "{name}");
+        } else {
+            assert_eq!(env["TANDEM_TOKEN"], "compose-test-token", "{name}");
+            assert_eq!(
+                env["TANDEM_GENERATOR_TOKEN"], "compose-generator-token",
+                "{name}"
+            );
+        }
         assert_eq!(s["read_only"], true, "{name}");
         assert_eq!(
             s["image"], services["coordinator"]["image"],

@@ -347,17 +347,23 @@ fn sbatch_run_with_generators_added_mid_run() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let token = run.join("token");
-    {
+    // Two roles, two private files: the run's token and the generators'.
+    for file in ["token", "generator-token"] {
         use std::os::unix::fs::PermissionsExt;
+        let token = run.join(file);
         let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} is mode {mode:o}", token.display());
     }
-    // No TANDEM_TOKEN: the job reads RUN_DIR/token.
+    assert_ne!(
+        std::fs::read_to_string(run.join("generator-token")).unwrap(),
+        token_of(&run)
+    );
+    // No token in the environment: the job reads RUN_DIR/generator-token.
     let o = cluster
         .cmd("bash")
         .current_dir(tmp.path())
         .env_remove("TANDEM_TOKEN")
+        .env_remove("TANDEM_GENERATOR_TOKEN")
         .env("TANDEM_BIN", bin)
         .env("TANDEM_GPUS_PER_TASK", "0")
         .arg(slurm_file("add-generators.sh"))

@@ -12,7 +12,8 @@
 # each generator's log to RUN_DIR/logs/generator-JOBID-TASK.log.
 #
 # The coordinator's address is read from RUN_DIR/coordinator.json when the job starts; the
-# token from TANDEM_TOKEN, else RUN_DIR/token (so that file must be readable by the user).
+# generators' token from TANDEM_GENERATOR_TOKEN, else RUN_DIR/generator-token (so that file
+# must be readable by the user); they never get the run's token.
 #
 # Settings (environment): TANDEM_BIN (default `tandem` on PATH), TANDEM_GPUS_PER_TASK
 # (default 1; 0 = no GPU request), TANDEM_CPUS_PER_TASK, TANDEM_LOG and TANDEM_TLS_*
@@ -30,8 +31,8 @@ shift 2
 run_dir=$(realpath "$run_dir")
 [[ -s $run_dir/coordinator.json ]] ||
     die "$run_dir/coordinator.json is missing: is the run (its coordinator) running?"
-[[ -n ${TANDEM_TOKEN:-} || -r $run_dir/token ]] ||
-    die "no token: set TANDEM_TOKEN or make $run_dir/token readable"
+[[ -n ${TANDEM_GENERATOR_TOKEN:-} || -r $run_dir/generator-token ]] ||
+    die "no generator token: set TANDEM_GENERATOR_TOKEN or make $run_dir/generator-token readable"
 command -v sbatch >/dev/null || die "sbatch not found"
 
 gpus=${TANDEM_GPUS_PER_TASK:-1}
@@ -61,9 +62,13 @@ if [[ -z $addr ]]; then
     echo "add-generators: no coordinator address in $run_dir/coordinator.json" >&2
     exit 1
 fi
-if [[ -z ${TANDEM_TOKEN:-} ]]; then
-    TANDEM_TOKEN=$(<"$run_dir/token") || exit 1
+# Generators hold only the generator token.
+if [[ -n ${TANDEM_GENERATOR_TOKEN:-} ]]; then
+    TANDEM_TOKEN=$TANDEM_GENERATOR_TOKEN
+else
+    TANDEM_TOKEN=$(<"$run_dir/generator-token") || exit 1
 fi
+unset TANDEM_GENERATOR_TOKEN
 export TANDEM_TOKEN TANDEM_BIN addr
 echo "add-generators: $SLURM_NTASKS generator(s) joining $addr" >&2
 # srun (22.05+) does not inherit the job'\''s --cpus-per-task.
