@@ -207,7 +207,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         "--set".to_string(),
         format!("coordinator.http_listen={http}"),
     ]);
-    let mut trainer_args = vec!["trainer", "--coordinator", &addr];
+    let run_dir_arg = path_str(&run_dir)?.to_string();
+    let mut trainer_args = vec!["trainer", "--coordinator", &addr, "--run-dir", &run_dir_arg];
     if let Some(listen) = &a.trainer_listen {
         trainer_args.extend(["--listen", listen]);
     }

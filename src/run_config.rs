@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tandem_coordinator::config::{CoordinatorConfig, RunSection};
 use tandem_data::DataConfig;
 use tandem_generator::config::GeneratorConfig;
+use tandem_generator::env::EnvConfig;
 use tandem_generator::eval::EvalSection;
 use tandem_generator::reward::RewardConfig;
 use tandem_model::ModelSection;
@@ -77,6 +78,7 @@ pub struct RunConfig {
     pub generator: GeneratorConfig,
     pub reward: RewardConfig,
     pub eval: EvalSection,
+    pub env: EnvConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
     pub tls: crate::security::TlsSection,
@@ -109,6 +111,7 @@ impl RunConfig {
         self.algorithm.validate()?;
         self.optimizer.validate()?;
         self.eval.validate()?;
+        self.env.validate()?;
         if (self.algorithm.temperature - self.generator.temperature).abs() > 1e-12 {
             bail!(
                 "[algorithm] temperature ({}) must equal [generator] temperature ({}): the trainer scores tokens under the distribution they were sampled from",

@@ -134,6 +134,11 @@ pub struct TrainerArgs {
     /// The address generators should use (default: the bound address).
     #[arg(long)]
     advertise: Option<String>,
+    /// The folder this trainer writes its checkpoints, metrics and final model to (and
+    /// resumes from). Its own choice: a worker takes no host path to write to from the
+    /// config the coordinator sends (that config's `[run] run_dir` is only compared).
+    #[arg(long, env = "TANDEM_RUN_DIR")]
+    run_dir: PathBuf,
     /// Continue from the newest checkpoint in the run's folder (model, optimizer, step,
     /// version, buffer); the coordinator re-issues the work done since.
     #[arg(long)]
@@ -168,9 +173,16 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         "trainer",
         &advertise,
     ))?;
+    if a.run_dir != Path::new(&cfg.run.run_dir) {
+        tracing::info!(
+            run_dir = %a.run_dir.display(),
+            coordinator_run_dir = %cfg.run.run_dir,
+            "writing to --run-dir, not to the folder the coordinator's config names"
+        );
+    }
     let settings = node::Settings {
         model: cfg.model.path.clone(),
-        run_dir: PathBuf::from(&cfg.run.run_dir),
+        run_dir: a.run_dir.clone(),
         steps: cfg.run.steps,
         group_size: cfg.run.group_size,
         batch_groups: cfg.run.batch_groups,
@@ -229,6 +241,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         name: a.name.clone(),
         generator: cfg.generator.clone(),
         reward: cfg.reward.clone(),
+        env: cfg.env.clone(),
         chat: cfg.data.chat,
         system: cfg.data.system.clone(),
         group_size: cfg.run.group_size,

@@ -147,7 +147,8 @@ impl Cluster {
 
     fn trainer(&mut self) {
         let a = self.grpc.clone();
-        let mut args = vec!["trainer", "--coordinator", &a];
+        let run = self.run.to_str().unwrap().to_string();
+        let mut args = vec!["trainer", "--coordinator", &a, "--run-dir", &run];
         let flags = self.worker_flags.clone();
         args.extend(flags.iter().map(String::as_str));
         self.add("trainer", &args);
@@ -1260,6 +1261,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                     reward: 0.0,
                     finish_reason: "length".into(),
                     loss_mask: vec![],
+                    ..Default::default()
                 };
                 4
             ],
@@ -1399,7 +1401,18 @@ fn trainer_killed_and_resumed_loses_and_repeats_nothing() {
     let killed_at = c.steps_done();
     assert!(killed_at >= 12);
     let a = c.grpc.clone();
-    c.add("trainer", &["trainer", "--coordinator", &a, "--resume"]);
+    let run = c.run.to_str().unwrap().to_string();
+    c.add(
+        "trainer",
+        &[
+            "trainer",
+            "--coordinator",
+            &a,
+            "--run-dir",
+            &run,
+            "--resume",
+        ],
+    );
     c.wait_all(Duration::from_secs(180));
 
     let log = c.log("trainer");

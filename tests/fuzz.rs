@@ -49,6 +49,7 @@ fn completion() -> impl Strategy<Value = Completion> {
             reward,
             finish_reason: reason,
             loss_mask: mask,
+            ..Default::default()
         })
 }
 

@@ -427,6 +427,7 @@ async fn ingest(
                             reward: (i % 2) as f64,
                             finish_reason: "length".into(),
                             loss_mask: vec![],
+                            ..Default::default()
                         };
                         a.group_size
                     ],
@@ -483,6 +484,7 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
             versions: None,
             loss_mask: None,
             finish_reason: None,
+            episode: None,
         })
         .collect();
     let cfg = tandem_trainer::config::TrainConfig::default();

@@ -131,6 +131,7 @@ fn batch(b: &TrainStepBench, vocab: usize) -> Result<Vec<Rollout>> {
                 versions: None,
                 loss_mask: None,
                 finish_reason: None,
+                episode: None,
             });
         }
     }

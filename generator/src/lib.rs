@@ -12,17 +12,25 @@
 //! - [`rejection`] — rejection sampling: N completions per prompt, the best kept as SFT
 //!   data
 //! - [`eval`] — held-out evaluation: accuracy, pass@k, maj@k, mean length
+//! - [`env`] — the `[env]` section: multi-turn episodes with tools; [`episode`] — one
+//!   sample's turns as sampled plus the environment's; [`tool_call`] — the Hermes
+//!   tool-call convention; [`calculator`] — the calculator tool
 
 pub mod broadcast;
+pub mod calculator;
 pub mod config;
+pub mod env;
+pub mod episode;
 pub mod error;
 pub mod eval;
+pub mod groups;
 mod heartbeat;
 mod push;
 pub mod rejection;
 pub mod render;
 pub mod reward;
 pub mod scored;
+pub mod tool_call;
 mod weight_sync;
 pub mod worker;
 

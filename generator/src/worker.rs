@@ -2,12 +2,11 @@
 //! score them, stream the groups to the trainer, and take new weights when they are
 //! published — between batches, or between decode steps (`in_flight`).
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_model::{ChatMessage, Engine, Finished, Pretrained, Request, SamplingParams};
+use tandem_model::{ChatMessage, Engine, Finished, Pretrained, SamplingParams};
 use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::retry;
@@ -20,7 +19,9 @@ use tokio::runtime::Handle;
 
 use crate::broadcast::Inbox;
 use crate::config::{GeneratorConfig, WeightUpdate};
+use crate::env::{Env, EnvConfig};
 use crate::error::{Error, Result};
+use crate::groups::{Groups, Sampled};
 use crate::heartbeat::{self, Beat};
 use crate::push::Outbox;
 use crate::render::{prompt_ids, PromptInput};
@@ -32,6 +33,8 @@ pub struct Settings {
     pub name: String,
     pub generator: GeneratorConfig,
     pub reward: RewardConfig,
+    /// `[env]`: multi-turn episodes and their tools.
+    pub env: EnvConfig,
     /// `[data] chat` and `[data] system`.
     pub chat: bool,
     pub system: Option<String>,
@@ -84,6 +87,8 @@ pub struct Worker {
     /// Weight syncs failed in a row.
     pub(crate) sync_failures: u32,
     pub(crate) inbox: Option<Arc<Inbox>>,
+    /// The environment of multi-turn episodes (one turn by default).
+    pub(crate) env: Env,
 }
 
 impl Worker {
@@ -139,6 +144,12 @@ impl Worker {
             None => None,
         };
         let judge = crate::reward::Judge::load(&settings.reward, &model.model)?;
+        let env = Env::new(
+            settings.env.clone(),
+            &model.tokenizer,
+            settings.chat,
+            &model.stop_token_ids(),
+        )?;
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
@@ -165,6 +176,7 @@ impl Worker {
             high_water: latest_version,
             sync_failures: 0,
             inbox,
+            env,
         };
         heartbeat::spawn(
             &w.rt,
@@ -182,7 +194,7 @@ impl Worker {
     /// engine, steps it, and scores and pushes each group as its last sample finishes.
     pub fn run(mut self) -> Result<()> {
         let mut engine = Engine::new(&self.model.model, self.settings.generator.engine())?;
-        let mut live: HashMap<u64, (PromptLease, Vec<u32>)> = HashMap::new();
+        let mut groups = Groups::default();
         // Leased under a version newer than the weights held while rows still run
         // (`between_batches`): started once the engine drains and the weights change.
         let mut deferred: Option<(u64, Vec<PromptLease>)> = None;
@@ -200,7 +212,7 @@ impl Worker {
             }
             if let Some((v, leases)) = deferred.take_if(|_| engine.is_idle()) {
                 self.maybe_sync(Some(v))?;
-                self.start(&mut engine, &mut live, leases)?;
+                self.start(&mut engine, &mut groups, leases)?;
             }
             let queued = engine.queued_requests();
             if deferred.is_none() && queued < ahead && Instant::now() >= next_lease {
@@ -231,7 +243,7 @@ impl Worker {
                         {
                             // Admitted under version v: generate with v (or newer).
                             self.maybe_sync(Some(r.policy_version))?;
-                            self.start(&mut engine, &mut live, r.leases)?;
+                            self.start(&mut engine, &mut groups, r.leases)?;
                         } else {
                             deferred = Some((r.policy_version, r.leases));
                         }
@@ -257,9 +269,18 @@ impl Worker {
                 .tokens
                 .fetch_add(out.decoded as u64, Ordering::SeqCst);
             for f in out.finished {
-                let (lease, prompt) = live.remove(&f.id).expect("a live lease");
-                if let Some(g) = self.score(&lease, prompt, f, worker_id())? {
-                    self.push(g)?;
+                let done = groups.finished(
+                    &mut engine,
+                    &self.model.model,
+                    f,
+                    &self.env,
+                    &self.model.tokenizer,
+                    held,
+                )?;
+                if let Some(d) = done {
+                    if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id())? {
+                        self.push(g)?;
+                    }
                 }
             }
             if in_flight {
@@ -285,7 +306,7 @@ impl Worker {
     fn start(
         &mut self,
         engine: &mut Engine,
-        live: &mut HashMap<u64, (PromptLease, Vec<u32>)>,
+        groups: &mut Groups,
         leases: Vec<PromptLease>,
     ) -> Result<()> {
         let g = self.settings.generator.clone();
@@ -297,7 +318,9 @@ impl Worker {
                 let ids = self.prompt_of(&l)?;
                 let group = self.mock_group(&l, &ids);
                 let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-                if let Some(rollout) = self.score(&l, ids, group, worker_id)? {
+                if let Some(rollout) =
+                    self.score(&l, ids, Sampled::single_turn(group), worker_id)?
+                {
                     self.push(rollout)?;
                 }
             }
@@ -313,17 +336,14 @@ impl Worker {
                 stop_token_ids: self.model.stop_token_ids(),
                 seed: self.settings.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             };
-            engine.add(
+            groups.start(
+                engine,
                 &self.model.model,
-                Request {
-                    id: l.lease_id,
-                    prompt: ids.clone(),
-                    samples: self.settings.group_size as usize,
-                    params,
-                    first_stream: 0,
-                },
+                l,
+                ids,
+                params,
+                self.settings.group_size as usize,
             )?;
-            live.insert(l.lease_id, (l, ids));
         }
         Ok(())
     }
@@ -364,11 +384,20 @@ impl Worker {
                     .collect(),
             )
         };
+        // With tools, the system turn announces them (chat models).
+        let system = if self.settings.chat && !self.env.config.tools.is_empty() {
+            Some(crate::tool_call::system_prompt(
+                self.settings.system.as_deref(),
+                &self.env.config.tools,
+            )?)
+        } else {
+            self.settings.system.clone()
+        };
         prompt_ids(
             &self.model.tokenizer,
             input,
             self.settings.chat,
-            self.settings.system.as_deref(),
+            system.as_deref(),
         )
     }
 
@@ -439,13 +468,16 @@ impl Worker {
         &mut self,
         l: &PromptLease,
         prompt_ids: Vec<u32>,
-        f: Finished,
+        s: Sampled,
         worker_id: u64,
     ) -> Result<Option<RolloutGroup>> {
+        let f = &s.finished;
         let rows = &f.completions;
-        let texts: Vec<String> = rows
+        // Verifiers and judges read each episode's final model turn.
+        let texts: Vec<String> = s
+            .finals
             .iter()
-            .map(|c| self.model.tokenizer.decode(&c.tokens, true))
+            .map(|ids| self.model.tokenizer.decode(ids, true))
             .collect::<std::result::Result<_, _>>()?;
         let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
         let mut rewards: Vec<f64> = texts
@@ -505,7 +537,13 @@ impl Worker {
                 .iter()
                 .zip(&f.tags)
                 .zip(rewards)
-                .map(|((c, v), reward)| Completion {
+                .zip(&s.masks)
+                .zip(&s.episodes)
+                .map(|((((c, v), reward), mask), episode)| Completion {
+                    turns: episode.0,
+                    tool_calls: episode.1,
+                    tool_errors: episode.2,
+                    tool_seconds: episode.3,
                     completion_ids: c.tokens.clone(),
                     behavior_logprobs: c.logprobs.clone(),
                     versions: v.clone(),
@@ -514,7 +552,12 @@ impl Worker {
                         Some(tandem_model::FinishReason::Stop) => "stop".into(),
                         _ => "length".into(),
                     },
-                    loss_mask: vec![],
+                    // Sent only when some token is the environment's.
+                    loss_mask: if mask.contains(&0) {
+                        mask.iter().map(|&m| u32::from(m)).collect()
+                    } else {
+                        vec![]
+                    },
                 })
                 .collect(),
         }))

@@ -103,6 +103,7 @@ mod tests {
                 versions: Some(versions.to_vec()),
                 loss_mask: None,
                 finish_reason: None,
+                episode: None,
             }],
         }
     }

@@ -2,7 +2,7 @@
 //! token ids below the vocabulary, logprobs finite and ≤ 0, lengths consistent,
 //! versions not from the future, sizes bounded. The message names the field.
 
-use tandem_proto::v1::RolloutGroup;
+use tandem_proto::v1::{Completion, RolloutGroup};
 
 /// What a group must satisfy.
 pub struct Limits {
@@ -107,6 +107,10 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
                 "completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"
             ));
         }
+        if let Some(e) = episode_of(comp) {
+            e.validate()
+                .map_err(|why| format!("completions[{c}] episode: {why}"))?;
+        }
         if !matches!(comp.finish_reason.as_str(), "" | "stop" | "length") {
             return Err(format!(
                 "completions[{c}].finish_reason = {:?}: must be \"stop\", \"length\" or empty",
@@ -140,6 +144,18 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
     Ok(())
 }
 
+/// A completion's episode statistics (`None` when it reports none: one turn).
+pub fn episode_of(c: &Completion) -> Option<crate::rollout::EpisodeStats> {
+    (c.turns > 0 || c.tool_calls > 0 || c.tool_errors > 0 || c.tool_seconds != 0.0).then_some(
+        crate::rollout::EpisodeStats {
+            turns: c.turns,
+            tool_calls: c.tool_calls,
+            tool_errors: c.tool_errors,
+            tool_seconds: c.tool_seconds,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +177,10 @@ mod tests {
                     reward: 1.0,
                     finish_reason: "stop".into(),
                     loss_mask: vec![],
+                    turns: 2,
+                    tool_calls: 1,
+                    tool_errors: 0,
+                    tool_seconds: 0.01,
                 };
                 2
             ],
@@ -185,6 +205,18 @@ mod tests {
         type Case<'a> = (Box<dyn Fn(&mut RolloutGroup)>, &'a str);
         let cases: Vec<Case> = vec![
             (Box::new(|g| g.lease_id = 0), "lease_id"),
+            (
+                Box::new(|g| g.completions[0].tool_errors = 2),
+                "completions[0] episode: tool_errors",
+            ),
+            (
+                Box::new(|g| g.completions[1].tool_seconds = f64::NAN),
+                "completions[1] episode: tool_seconds",
+            ),
+            (
+                Box::new(|g| g.completions[1].turns = 0),
+                "completions[1] episode: turns",
+            ),
             (Box::new(|g| g.prompt_ids[1] = 10), "prompt_ids[1]"),
             (
                 Box::new(|g| {

@@ -35,6 +35,43 @@ pub struct Rollout {
     /// Why the completion ended: `stop` (a stop token) or `length` (the token limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
+    /// A multi-turn episode's turns and tool use (absent: one turn, no tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub episode: Option<EpisodeStats>,
+}
+
+impl EpisodeStats {
+    /// At least one turn, no more failed calls than calls, finite non-negative seconds.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.turns == 0 {
+            return Err("turns must be ≥ 1".into());
+        }
+        if self.tool_errors > self.tool_calls {
+            return Err(format!(
+                "tool_errors ({}) exceeds tool_calls ({})",
+                self.tool_errors, self.tool_calls
+            ));
+        }
+        if !(self.tool_seconds.is_finite() && self.tool_seconds >= 0.0) {
+            return Err(format!(
+                "tool_seconds = {} must be finite and ≥ 0",
+                self.tool_seconds
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a multi-turn episode did (`[env]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpisodeStats {
+    /// Model turns (≥ 1).
+    pub turns: u32,
+    pub tool_calls: u32,
+    /// Calls that failed (≤ `tool_calls`).
+    pub tool_errors: u32,
+    pub tool_seconds: f64,
 }
 
 impl Rollout {
@@ -90,6 +127,10 @@ impl Rollout {
             if let Some((i, x)) = m.iter().enumerate().find(|(_, &x)| x > 1) {
                 return Err(invalid(format!("`loss_mask[{i}]` = {x} must be 0 or 1")));
             }
+        }
+        if let Some(e) = &self.episode {
+            e.validate()
+                .map_err(|why| invalid(format!("`episode`: {why}")))?;
         }
         // Masked tokens' logprobs are not used: any value ≤ 0 passes there.
         if let Some((i, lp)) =

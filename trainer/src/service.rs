@@ -252,6 +252,7 @@ impl TrainerService {
                 .completions
                 .into_iter()
                 .map(|c| Rollout {
+                    episode: crate::ingest::episode_of(&c),
                     group: crate::buffer::group_key(g.prompt_index, g.lease_id, g.worker_id),
                     prompt_ids: g.prompt_ids.clone(),
                     completion_ids: c.completion_ids,

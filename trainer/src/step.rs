@@ -412,6 +412,7 @@ pub fn train_step(
         skipped_tokens: n_tokens - active_offsets.last().copied().unwrap_or(0),
         ..Default::default()
     };
+    m.count_episodes(rollouts);
     // Behaviour-weight statistics over the first pass (each computed token once).
     let mut seen = WeightStats::default();
     let mut vars: Vec<Var> = policy.params().iter().map(|(_, v)| v.clone()).collect();

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::correction::BehaviourWeights;
 use crate::error::Result;
+use crate::rollout::{EpisodeStats, Rollout};
 use crate::step::host;
 
 /// What one step measured (means over its optimizer updates where there are several).
@@ -45,6 +46,12 @@ pub struct StepMetrics {
     pub loss_masked_tokens: usize,
     /// Mean reward DAPO's overlong penalty added (≤ 0; 0 when off).
     pub overlong_penalty_mean: f64,
+    /// Multi-turn episodes (`[env]`): mean model turns and tool calls per completion,
+    /// failed calls and seconds in tools over the step's completions.
+    pub turns_per_episode: f64,
+    pub tool_calls_per_episode: f64,
+    pub tool_errors: usize,
+    pub tool_seconds: f64,
     pub sequences: usize,
     /// Completion tokens of the step.
     pub tokens: usize,
@@ -59,6 +66,31 @@ pub struct StepMetrics {
     /// Optimizer updates skipped because a loss or the gradient norm was not finite
     /// (the weights stay as they were; alert on it).
     pub non_finite_updates_skipped: usize,
+}
+
+impl StepMetrics {
+    /// The episode metrics of `rollouts`: turns and tool calls per completion (means),
+    /// failed calls and tool seconds (sums). A rollout without episode statistics is one
+    /// turn without tools.
+    pub(crate) fn count_episodes(&mut self, rollouts: &[Rollout]) {
+        let one_turn = EpisodeStats {
+            turns: 1,
+            ..Default::default()
+        };
+        let episodes: Vec<EpisodeStats> = rollouts
+            .iter()
+            .map(|r| r.episode.unwrap_or(one_turn))
+            .collect();
+        let n = episodes.len().max(1) as f64;
+        self.turns_per_episode = episodes.iter().map(|e| f64::from(e.turns)).sum::<f64>() / n;
+        self.tool_calls_per_episode = episodes
+            .iter()
+            .map(|e| f64::from(e.tool_calls))
+            .sum::<f64>()
+            / n;
+        self.tool_errors = episodes.iter().map(|e| e.tool_errors as usize).sum();
+        self.tool_seconds = episodes.iter().map(|e| e.tool_seconds).sum();
+    }
 }
 
 /// Running sums for the behaviour-weight metrics.

@@ -32,6 +32,7 @@ fn rollouts() -> Vec<Rollout> {
                 versions: None,
                 loss_mask: None,
                 finish_reason: None,
+                episode: None,
             });
         }
     }

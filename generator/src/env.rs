@@ -1,0 +1,217 @@
+//! The `[env]` section: multi-turn episodes with tools. With `max_turns = 1` and no
+//! tools (the default) a rollout is one prompt and one completion, as always.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tandem_model::Tokenizer;
+
+use crate::calculator;
+use crate::error::{invalid, Result};
+use crate::tool_call::{self, TurnFormat};
+
+/// `[env]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnvConfig {
+    /// Model turns per episode at most: an episode ends when the model answers without
+    /// a tool call, or after this many turns.
+    pub max_turns: u32,
+    /// Built-in tools the model may call (`"calculator"`), announced in the system turn.
+    pub tools: Vec<String>,
+    /// The role of the environment's messages in the chat template: `"tool"`, or
+    /// `"user"` for templates without a tool role.
+    pub observation_role: String,
+}
+
+impl Default for EnvConfig {
+    fn default() -> Self {
+        EnvConfig {
+            max_turns: 1,
+            tools: Vec::new(),
+            observation_role: "tool".into(),
+        }
+    }
+}
+
+impl EnvConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_turns == 0 {
+            return Err(invalid("[env] max_turns: must be ≥ 1"));
+        }
+        for t in &self.tools {
+            if tool_call::schema(t).is_none() {
+                return Err(invalid(format!(
+                    "[env] tools: unknown tool {t:?} (built in: \"calculator\")"
+                )));
+            }
+        }
+        if !["tool", "user"].contains(&self.observation_role.as_str()) {
+            return Err(invalid(format!(
+                "[env] observation_role: {:?} is not \"tool\" or \"user\"",
+                self.observation_role
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether episodes have more than one turn.
+    pub fn multi_turn(&self) -> bool {
+        self.max_turns > 1
+    }
+}
+
+/// What a tool call came to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    pub text: String,
+    /// The call failed (malformed, unknown tool, bad arguments, the tool's error).
+    pub error: bool,
+    pub seconds: f64,
+}
+
+/// The environment of a run: its tools and how its turns are written.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub config: EnvConfig,
+    pub format: TurnFormat,
+}
+
+impl Env {
+    /// The environment for `tokenizer`'s model: the chat template's delimiters when
+    /// `chat`, plain lines otherwise.
+    pub fn new(config: EnvConfig, tokenizer: &Tokenizer, chat: bool, stop: &[u32]) -> Result<Self> {
+        config.validate()?;
+        let format = if chat && config.multi_turn() {
+            let end_of_turn = stop
+                .first()
+                .map(|&id| tokenizer.decode(&[id], false))
+                .transpose()?
+                .unwrap_or_default();
+            TurnFormat::from_template(tokenizer, &config.observation_role, &end_of_turn)?
+        } else {
+            TurnFormat::raw()
+        };
+        Ok(Env { config, format })
+    }
+
+    /// Runs the call a model turn asked for (`None`: it asked for none).
+    pub fn act(&self, action: &tool_call::Action) -> Option<Observation> {
+        let t0 = Instant::now();
+        let (text, error) = match action {
+            tool_call::Action::Answer => return None,
+            tool_call::Action::Malformed(why) => (format!("error: {why}"), true),
+            tool_call::Action::Call { name, arguments } => match self.call(name, arguments) {
+                Ok(out) => (out, false),
+                Err(e) => (format!("error: {e}"), true),
+            },
+        };
+        Some(Observation {
+            text,
+            error,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn call(&self, name: &str, arguments: &Value) -> std::result::Result<String, String> {
+        if !self.config.tools.iter().any(|t| t == name) {
+            return Err(format!(
+                "unknown tool {name:?}; available: {}",
+                self.config.tools.join(", ")
+            ));
+        }
+        match name {
+            "calculator" => {
+                let expr = arguments
+                    .get("expression")
+                    .and_then(Value::as_str)
+                    .ok_or("calculator needs {\"expression\": \"...\"}")?;
+                calculator::evaluate(expr).map(calculator::format)
+            }
+            other => Err(format!("tool {other:?} is not built in")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn env(tools: &[&str]) -> Env {
+        Env {
+            config: EnvConfig {
+                max_turns: 3,
+                tools: tools.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            },
+            format: TurnFormat::raw(),
+        }
+    }
+
+    #[test]
+    fn tools_answer_and_errors_are_observations() {
+        let e = env(&["calculator"]);
+        let call = |name: &str, args| tool_call::Action::Call {
+            name: name.into(),
+            arguments: args,
+        };
+        assert_eq!(e.act(&tool_call::Action::Answer), None);
+        let o = e
+            .act(&call("calculator", json!({"expression": "347*86"})))
+            .unwrap();
+        assert_eq!((o.text.as_str(), o.error), ("29842", false));
+        for (action, needle) in [
+            (call("calculator", json!({"expr": "1"})), "needs"),
+            (
+                call("calculator", json!({"expression": "1/0"})),
+                "division by zero",
+            ),
+            (call("python", json!({"code": "1"})), "unknown tool"),
+            (tool_call::Action::Malformed("no JSON".into()), "no JSON"),
+        ] {
+            let o = e.act(&action).unwrap();
+            assert!(
+                o.error && o.text.starts_with("error: ") && o.text.contains(needle),
+                "{o:?}"
+            );
+        }
+        assert!(
+            env(&[])
+                .act(&call("calculator", json!({"expression": "1"})))
+                .unwrap()
+                .error
+        );
+    }
+
+    #[test]
+    fn bad_sections_are_refused() {
+        for (c, needle) in [
+            (
+                EnvConfig {
+                    max_turns: 0,
+                    ..Default::default()
+                },
+                "max_turns",
+            ),
+            (
+                EnvConfig {
+                    tools: vec!["shell".into()],
+                    ..Default::default()
+                },
+                "unknown tool",
+            ),
+            (
+                EnvConfig {
+                    observation_role: "system".into(),
+                    ..Default::default()
+                },
+                "observation_role",
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The groups a generator is sampling: each lease's `group_size` samples as episodes.
+//! A group's first turn is one engine request (its prompt prefilled once, the samples
+//! forked); each later turn of a sample is a request of its own, on the episode so far
+//! (a sample's turns draw from their own random streams). A group is done, and scored,
+//! when every one of its episodes has ended.
+
+use std::collections::HashMap;
+
+use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams, Tokenizer};
+use tandem_proto::v1::PromptLease;
+
+use crate::env::Env;
+use crate::episode::{Episode, Next};
+use crate::error::Result;
+
+/// Continuation requests take ids from here up, far from lease ids.
+const FIRST_TURN_ID: u64 = 1 << 62;
+
+struct Live {
+    lease: PromptLease,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    episodes: Vec<Episode>,
+    running: usize,
+}
+
+/// A group's samples, ready to score: the completions (every turn, as the trainer
+/// sees them), their loss masks, and each one's final model turn.
+pub struct Sampled {
+    pub finished: Finished,
+    /// Per completion: 1 on model tokens, 0 on the environment's.
+    pub masks: Vec<Vec<u8>>,
+    /// Per completion: the last model turn (what verifiers score).
+    pub finals: Vec<Vec<u32>>,
+    /// Per completion: (turns, tool calls, tool errors, tool seconds).
+    pub episodes: Vec<(u32, u32, u32, f64)>,
+}
+
+impl Sampled {
+    /// Single-turn samples: every token the model's.
+    pub fn single_turn(finished: Finished) -> Self {
+        let n = finished.completions.len();
+        Sampled {
+            masks: finished
+                .completions
+                .iter()
+                .map(|c| vec![1; c.tokens.len()])
+                .collect(),
+            finals: finished
+                .completions
+                .iter()
+                .map(|c| c.tokens.clone())
+                .collect(),
+            episodes: vec![(1, 0, 0, 0.0); n],
+            finished,
+        }
+    }
+}
+
+/// A group whose every episode ended.
+pub struct Done {
+    pub lease: PromptLease,
+    pub prompt: Vec<u32>,
+    pub sampled: Sampled,
+}
+
+#[derive(Default)]
+pub struct Groups {
+    live: HashMap<u64, Live>,
+    /// Continuation request id → (lease id, sample).
+    turns: HashMap<u64, (u64, usize)>,
+    next_id: u64,
+}
+
+impl Groups {
+    /// Queues `samples` samples of `prompt` for `lease`.
+    pub fn start(
+        &mut self,
+        engine: &mut Engine,
+        model: &Model,
+        lease: PromptLease,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        samples: usize,
+    ) -> Result<()> {
+        engine.add(
+            model,
+            Request {
+                id: lease.lease_id,
+                prompt: prompt.clone(),
+                samples,
+                params: params.clone(),
+                first_stream: 0,
+            },
+        )?;
+        self.live.insert(
+            lease.lease_id,
+            Live {
+                lease,
+                prompt,
+                params,
+                episodes: vec![Episode::default(); samples],
+                running: samples,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes a finished engine request: each of its samples' turn joins its episode,
+    /// which ends or continues (a new request). Returns the group when its last
+    /// episode ended. `version` tags the environment's tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finished(
+        &mut self,
+        engine: &mut Engine,
+        model: &Model,
+        f: Finished,
+        env: &Env,
+        tokenizer: &Tokenizer,
+        version: u64,
+    ) -> Result<Option<Done>> {
+        let (lease_id, samples): (u64, Vec<usize>) = match self.turns.remove(&f.id) {
+            Some((lease, j)) => (lease, vec![j]),
+            None => (f.id, (0..f.completions.len()).collect()),
+        };
+        let Some(g) = self.live.get_mut(&lease_id) else {
+            return Ok(None);
+        };
+        let k = g.episodes.len() as u64;
+        for ((turn, tags), j) in f.completions.into_iter().zip(f.tags).zip(samples) {
+            let e = &mut g.episodes[j];
+            let next = e.model_turn(
+                turn,
+                tags,
+                env,
+                tokenizer,
+                &g.prompt,
+                g.params.max_new_tokens,
+                version,
+            )?;
+            match next {
+                Next::Done => g.running -= 1,
+                Next::Continue { prompt, budget } => {
+                    let id = FIRST_TURN_ID + self.next_id;
+                    self.next_id += 1;
+                    engine.add(
+                        model,
+                        Request {
+                            id,
+                            prompt,
+                            samples: 1,
+                            params: SamplingParams {
+                                max_new_tokens: budget,
+                                ..g.params.clone()
+                            },
+                            // Turn t of sample j: its own stream, whatever else runs.
+                            first_stream: j as u64 + u64::from(e.turns) * k,
+                        },
+                    )?;
+                    self.turns.insert(id, (lease_id, j));
+                }
+            }
+        }
+        if g.running > 0 {
+            return Ok(None);
+        }
+        let g = self.live.remove(&lease_id).expect("present");
+        let mut sampled = Sampled {
+            finished: Finished {
+                id: lease_id,
+                completions: Vec::new(),
+                tags: Vec::new(),
+            },
+            masks: Vec::new(),
+            finals: Vec::new(),
+            episodes: Vec::new(),
+        };
+        for e in g.episodes {
+            sampled.finals.push(e.final_turn().to_vec());
+            sampled
+                .episodes
+                .push((e.turns, e.tool_calls, e.tool_errors, e.tool_seconds));
+            sampled.finished.completions.push(Completion {
+                tokens: e.ids,
+                logprobs: e.logprobs,
+                finish_reason: e.finish,
+            });
+            sampled.finished.tags.push(e.versions);
+            sampled.masks.push(e.mask);
+        }
+        Ok(Some(Done {
+            lease: g.lease,
+            prompt: g.prompt,
+            sampled,
+        }))
+    }
+
+    /// Groups being sampled.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GeneratorConfig;
+    use crate::env::EnvConfig;
+    use crate::tool_call::TurnFormat;
+    use tandem_model::preset::EOS_ID;
+    use tandem_model::FinishReason;
+
+    /// Through the real engine: a sample whose first turn called the calculator goes on
+    /// from exactly its tokens plus the environment's, and its second turn is what the
+    /// engine samples alone from that sequence with the turn's own random stream; the
+    /// other sample, which answered, ends; the group is done when both have.
+    #[test]
+    fn a_tool_turn_continues_from_the_episode_so_far() {
+        let m = tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu).unwrap();
+        let tok = &m.tokenizer;
+        let env = Env {
+            config: EnvConfig {
+                max_turns: 3,
+                tools: vec!["calculator".into()],
+                ..Default::default()
+            },
+            format: TurnFormat::raw(),
+        };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 200,
+            stop_token_ids: vec![EOS_ID],
+            seed: 11,
+        };
+        let prompt = tok.encode("What is 347*86?").unwrap();
+        let mut engine = Engine::new(&m.model, GeneratorConfig::default().engine()).unwrap();
+        let mut groups = Groups::default();
+        let lease = PromptLease {
+            lease_id: 5,
+            ..Default::default()
+        };
+        groups.live.insert(
+            5,
+            Live {
+                lease,
+                prompt: prompt.clone(),
+                params: params.clone(),
+                episodes: vec![Episode::default(); 2],
+                running: 2,
+            },
+        );
+        // The first turn of both samples, as if sampled: a call, and an answer.
+        let turn = |text: &str| {
+            let mut tokens = tok.encode(text).unwrap();
+            tokens.push(EOS_ID);
+            Completion {
+                logprobs: vec![-1.0; tokens.len()],
+                tokens,
+                finish_reason: Some(FinishReason::Stop),
+            }
+        };
+        let call = turn("<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"347*86\"}}</tool_call>");
+        let answer = turn("29842");
+        let first = Finished {
+            id: 5,
+            tags: vec![vec![0; call.tokens.len()], vec![0; answer.tokens.len()]],
+            completions: vec![call.clone(), answer.clone()],
+        };
+        assert!(groups
+            .finished(&mut engine, &m.model, first, &env, tok, 0)
+            .unwrap()
+            .is_none());
+        let done = loop {
+            let out = engine.step(&m.model, 1).unwrap();
+            let mut done = None;
+            for f in out.finished {
+                done = groups
+                    .finished(&mut engine, &m.model, f, &env, tok, 1)
+                    .unwrap();
+            }
+            if let Some(d) = done {
+                break d;
+            }
+        };
+        assert!(groups.is_empty());
+        let s = done.sampled;
+        let observed = tok.encode(&env.format.render("29842")).unwrap();
+        let head = [call.tokens.clone(), observed.clone()].concat();
+        // The same continuation, sampled alone: turn 1 of sample 0 of 2 → stream 2.
+        let mut alone = Engine::new(&m.model, GeneratorConfig::default().engine()).unwrap();
+        alone
+            .add(
+                &m.model,
+                Request {
+                    id: 1,
+                    prompt: [prompt.clone(), head.clone()].concat(),
+                    samples: 1,
+                    params: SamplingParams {
+                        max_new_tokens: 200 - head.len(),
+                        ..params.clone()
+                    },
+                    first_stream: 2,
+                },
+            )
+            .unwrap();
+        let second = loop {
+            if let Some(f) = alone.step(&m.model, 1).unwrap().finished.pop() {
+                break f.completions[0].clone();
+            }
+        };
+        let c0 = &s.finished.completions[0];
+        assert_eq!(c0.tokens, [head.clone(), second.tokens.clone()].concat());
+        assert_eq!(&c0.logprobs[head.len()..], &second.logprobs[..]);
+        assert_eq!(s.finals[0], second.tokens);
+        let mask = &s.masks[0];
+        assert!(mask[..call.tokens.len()].iter().all(|&x| x == 1));
+        assert!(mask[call.tokens.len()..head.len()].iter().all(|&x| x == 0));
+        assert!(mask[head.len()..].iter().all(|&x| x == 1));
+        assert!(s.finished.tags[0][head.len()..].iter().all(|&v| v == 1));
+        assert!(c0.tokens.len() <= 200);
+        assert_eq!(s.episodes[0].0, 2);
+        assert_eq!(s.episodes[0].1, 1);
+        // The answering sample is its one turn.
+        assert_eq!(s.finished.completions[1].tokens, answer.tokens);
+        assert_eq!(s.episodes[1], (1, 0, 0, 0.0));
+    }
+}
