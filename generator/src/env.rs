@@ -9,6 +9,7 @@ use tandem_model::Tokenizer;
 
 use crate::calculator;
 use crate::error::{invalid, Result};
+use crate::sandbox::{self, PythonLimits};
 use crate::tool_call::{self, TurnFormat};
 
 /// `[env]`.
@@ -23,6 +24,8 @@ pub struct EnvConfig {
     /// The role of the environment's messages in the chat template: `"tool"`, or
     /// `"user"` for templates without a tool role.
     pub observation_role: String,
+    /// `[env.python]`: the `python` tool's sandbox limits.
+    pub python: PythonLimits,
 }
 
 impl Default for EnvConfig {
@@ -31,6 +34,7 @@ impl Default for EnvConfig {
             max_turns: 1,
             tools: Vec::new(),
             observation_role: "tool".into(),
+            python: PythonLimits::default(),
         }
     }
 }
@@ -43,10 +47,11 @@ impl EnvConfig {
         for t in &self.tools {
             if tool_call::schema(t).is_none() {
                 return Err(invalid(format!(
-                    "[env] tools: unknown tool {t:?} (built in: \"calculator\")"
+                    "[env] tools: unknown tool {t:?} (built in: \"calculator\", \"python\")"
                 )));
             }
         }
+        self.python.validate().map_err(invalid)?;
         if !["tool", "user"].contains(&self.observation_role.as_str()) {
             return Err(invalid(format!(
                 "[env] observation_role: {:?} is not \"tool\" or \"user\"",
@@ -81,8 +86,13 @@ pub struct Env {
 impl Env {
     /// The environment for `tokenizer`'s model: the chat template's delimiters when
     /// `chat`, plain lines otherwise.
+    /// With the `python` tool, the sandbox is tried once here (a clear error at start-up
+    /// rather than one per call).
     pub fn new(config: EnvConfig, tokenizer: &Tokenizer, chat: bool, stop: &[u32]) -> Result<Self> {
         config.validate()?;
+        if config.tools.iter().any(|t| t == "python") {
+            sandbox::probe(&config.python).map_err(invalid)?;
+        }
         let format = if chat && config.multi_turn() {
             let end_of_turn = stop
                 .first()
@@ -103,7 +113,7 @@ impl Env {
             tool_call::Action::Answer => return None,
             tool_call::Action::Malformed(why) => (format!("error: {why}"), true),
             tool_call::Action::Call { name, arguments } => match self.call(name, arguments) {
-                Ok(out) => (out, false),
+                Ok(out) => out,
                 Err(e) => (format!("error: {e}"), true),
             },
         };
@@ -114,7 +124,9 @@ impl Env {
         })
     }
 
-    fn call(&self, name: &str, arguments: &Value) -> std::result::Result<String, String> {
+    /// The tool's output and whether it failed (a program that raised or was killed
+    /// still shows its output).
+    fn call(&self, name: &str, arguments: &Value) -> std::result::Result<(String, bool), String> {
         if !self.config.tools.iter().any(|t| t == name) {
             return Err(format!(
                 "unknown tool {name:?}; available: {}",
@@ -127,7 +139,15 @@ impl Env {
                     .get("expression")
                     .and_then(Value::as_str)
                     .ok_or("calculator needs {\"expression\": \"...\"}")?;
-                calculator::evaluate(expr).map(calculator::format)
+                calculator::evaluate(expr).map(|v| (calculator::format(v), false))
+            }
+            "python" => {
+                let code = arguments
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .ok_or("python needs {\"code\": \"...\"}")?;
+                let ran = sandbox::run_python(code, &self.config.python)?;
+                Ok((ran.observation(), ran.failure.is_some()))
             }
             other => Err(format!("tool {other:?} is not built in")),
         }
@@ -183,6 +203,28 @@ mod tests {
                 .unwrap()
                 .error
         );
+        // The python tool: what the program printed; a failing program is an error
+        // that still shows its output.
+        let e = env(&["python"]);
+        let o = e
+            .act(&call("python", json!({"code": "print(6 * 7)"})))
+            .unwrap();
+        assert_eq!((o.text.trim(), o.error), ("42", false));
+        let o = e
+            .act(&call(
+                "python",
+                json!({"code": "print('partial')\nraise ValueError('bad')"}),
+            ))
+            .unwrap();
+        assert!(
+            o.error && o.text.contains("partial") && o.text.contains("ValueError: bad"),
+            "{o:?}"
+        );
+        assert!(e
+            .act(&call("python", json!({"source": "1"})))
+            .unwrap()
+            .text
+            .contains("needs"));
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::ops::Range;
 
 use tandem_model::{Completion, FinishReason, Tokenizer};
 
-use crate::env::Env;
+use crate::env::{Env, Observation};
 use crate::error::Result;
-use crate::tool_call;
+use crate::tool_call::{self, Action};
 
 /// What to do after a model turn.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +20,8 @@ pub enum Next {
         prompt: Vec<u32>,
         budget: usize,
     },
+    /// Run this tool call (or answer this malformed one), then [`Episode::observe`].
+    Act(Action),
     Done,
 }
 
@@ -42,19 +44,14 @@ pub struct Episode {
 }
 
 impl Episode {
-    /// Appends a model turn as sampled (`tags`: each token's version); then, when it
-    /// called a tool and turns and room remain, the environment's turn, and says what
-    /// to sample next. `version` tags the environment's tokens (never read: masked).
-    #[allow(clippy::too_many_arguments)]
+    /// Appends a model turn as sampled (`tags`: each token's version) and says what
+    /// comes next: the end, or the tool call to run (when turns remain).
     pub fn model_turn(
         &mut self,
         turn: Completion,
         tags: Vec<u64>,
         env: &Env,
         tokenizer: &Tokenizer,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        version: u64,
     ) -> Result<Next> {
         let start = self.ids.len();
         self.mask.extend(std::iter::repeat_n(1, turn.tokens.len()));
@@ -71,9 +68,25 @@ impl Episode {
             return Ok(Next::Done);
         }
         let text = tokenizer.decode(&turn.tokens, true)?;
-        let Some(obs) = env.act(&tool_call::parse(&text)) else {
-            return Ok(Next::Done);
-        };
+        match tool_call::parse(&text) {
+            Action::Answer => Ok(Next::Done),
+            action => Ok(Next::Act(action)),
+        }
+    }
+
+    /// Appends the environment's answer to the last turn's call, tokenized once and
+    /// masked, and says what to sample next (the end when it leaves no room for another
+    /// model token in `max_new_tokens`). `version` tags the environment's tokens (never
+    /// read: masked).
+    pub fn observe(
+        &mut self,
+        obs: Observation,
+        env: &Env,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        version: u64,
+    ) -> Result<Next> {
         self.tool_calls += 1;
         self.tool_errors += u32::from(obs.error);
         self.tool_seconds += obs.seconds;
@@ -114,6 +127,27 @@ mod tests {
     use crate::env::EnvConfig;
     use crate::tool_call::TurnFormat;
     use tandem_model::preset::{tiny_tokenizer, EOS_ID};
+
+    /// A model turn, and the environment's answer when it called a tool.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        e: &mut Episode,
+        t: Completion,
+        tags: Vec<u64>,
+        env: &Env,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        max_new: usize,
+        version: u64,
+    ) -> Next {
+        match e.model_turn(t, tags, env, tok).unwrap() {
+            Next::Act(a) => {
+                let obs = env.act(&a).expect("a call");
+                e.observe(obs, env, tok, prompt, max_new, version).unwrap()
+            }
+            n => n,
+        }
+    }
 
     fn turn(tok: &Tokenizer, text: &str, stop: bool) -> Completion {
         let mut tokens = tok.encode(text).unwrap();
@@ -156,17 +190,17 @@ mod tests {
             true,
         );
         let mut e = Episode::default();
-        let next = e
-            .model_turn(
-                first.clone(),
-                vec![3; first.tokens.len()],
-                &env,
-                &tok,
-                &prompt,
-                200,
-                4,
-            )
-            .unwrap();
+        let n1 = first.tokens.len();
+        let next = step(
+            &mut e,
+            first.clone(),
+            vec![3; n1],
+            &env,
+            &tok,
+            &prompt,
+            200,
+            4,
+        );
         let observed = tok
             .encode("\n<|im_start|>tool\n29842<|im_end|>\n<|im_start|>assistant\n")
             .unwrap();
@@ -179,17 +213,17 @@ mod tests {
         );
         assert_eq!(budget, 200 - first.tokens.len() - observed.len());
         let second = turn(&tok, "The product is 29842.", true);
-        let next = e
-            .model_turn(
-                second.clone(),
-                vec![4; second.tokens.len()],
-                &env,
-                &tok,
-                &prompt,
-                200,
-                4,
-            )
-            .unwrap();
+        let n2 = second.tokens.len();
+        let next = step(
+            &mut e,
+            second.clone(),
+            vec![4; n2],
+            &env,
+            &tok,
+            &prompt,
+            200,
+            4,
+        );
         assert_eq!(next, Next::Done);
         assert_eq!(
             e.ids,
@@ -233,10 +267,7 @@ mod tests {
             for (text, stop) in turns {
                 let t = turn(&tok, text, *stop);
                 let n = t.tokens.len();
-                nexts.push(
-                    e.model_turn(t, vec![0; n], env, &tok, &[5], max_new, 0)
-                        .unwrap(),
-                );
+                nexts.push(step(&mut e, t, vec![0; n], env, &tok, &[5], max_new, 0));
             }
             (e, nexts)
         };

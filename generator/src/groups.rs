@@ -5,11 +5,12 @@
 //! when every one of its episodes has ended.
 
 use std::collections::HashMap;
+use std::sync::mpsc::{channel, Receiver, Sender};
 
 use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams, Tokenizer};
 use tandem_proto::v1::PromptLease;
 
-use crate::env::Env;
+use crate::env::{Env, Observation};
 use crate::episode::{Episode, Next};
 use crate::error::Result;
 
@@ -64,12 +65,29 @@ pub struct Done {
     pub sampled: Sampled,
 }
 
-#[derive(Default)]
+/// A tool call's result, from its thread: (lease, sample, observation).
+type ToolResult = (u64, usize, Observation);
+
 pub struct Groups {
     live: HashMap<u64, Live>,
     /// Continuation request id → (lease id, sample).
     turns: HashMap<u64, (u64, usize)>,
     next_id: u64,
+    /// Tool calls run on threads of their own, so the engine goes on with other rows.
+    results: (Sender<ToolResult>, Receiver<ToolResult>),
+    tools_running: usize,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            live: HashMap::new(),
+            turns: HashMap::new(),
+            next_id: 0,
+            results: channel(),
+            tools_running: 0,
+        }
+    }
 }
 
 impl Groups {
@@ -107,9 +125,8 @@ impl Groups {
     }
 
     /// Takes a finished engine request: each of its samples' turn joins its episode,
-    /// which ends or continues (a new request). Returns the group when its last
-    /// episode ended. `version` tags the environment's tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// which ends, calls a tool (on a thread) or continues (a new request). Returns the
+    /// group when its last episode ended.
     pub fn finished(
         &mut self,
         engine: &mut Engine,
@@ -117,54 +134,106 @@ impl Groups {
         f: Finished,
         env: &Env,
         tokenizer: &Tokenizer,
-        version: u64,
     ) -> Result<Option<Done>> {
         let (lease_id, samples): (u64, Vec<usize>) = match self.turns.remove(&f.id) {
             Some((lease, j)) => (lease, vec![j]),
             None => (f.id, (0..f.completions.len()).collect()),
         };
-        let Some(g) = self.live.get_mut(&lease_id) else {
+        if !self.live.contains_key(&lease_id) {
             return Ok(None);
-        };
-        let k = g.episodes.len() as u64;
+        }
         for ((turn, tags), j) in f.completions.into_iter().zip(f.tags).zip(samples) {
-            let e = &mut g.episodes[j];
-            let next = e.model_turn(
-                turn,
-                tags,
-                env,
-                tokenizer,
-                &g.prompt,
-                g.params.max_new_tokens,
-                version,
-            )?;
-            match next {
-                Next::Done => g.running -= 1,
-                Next::Continue { prompt, budget } => {
-                    let id = FIRST_TURN_ID + self.next_id;
-                    self.next_id += 1;
-                    engine.add(
-                        model,
-                        Request {
-                            id,
-                            prompt,
-                            samples: 1,
-                            params: SamplingParams {
-                                max_new_tokens: budget,
-                                ..g.params.clone()
-                            },
-                            // Turn t of sample j: its own stream, whatever else runs.
-                            first_stream: j as u64 + u64::from(e.turns) * k,
+            let g = self.live.get_mut(&lease_id).expect("live");
+            let next = g.episodes[j].model_turn(turn, tags, env, tokenizer)?;
+            self.advance(engine, model, lease_id, j, next, env)?;
+        }
+        Ok(self.take_if_done(lease_id))
+    }
+
+    /// Answers the episodes whose tool calls have returned; returns the groups that
+    /// ended. `version` tags the environment's tokens.
+    pub fn poll_tools(
+        &mut self,
+        engine: &mut Engine,
+        model: &Model,
+        env: &Env,
+        tokenizer: &Tokenizer,
+        version: u64,
+    ) -> Result<Vec<Done>> {
+        let mut done = Vec::new();
+        while let Ok((lease_id, j, obs)) = self.results.1.try_recv() {
+            self.tools_running -= 1;
+            let Some(g) = self.live.get_mut(&lease_id) else {
+                continue;
+            };
+            let max_new = g.params.max_new_tokens;
+            let next = g.episodes[j].observe(obs, env, tokenizer, &g.prompt, max_new, version)?;
+            self.advance(engine, model, lease_id, j, next, env)?;
+            done.extend(self.take_if_done(lease_id));
+        }
+        Ok(done)
+    }
+
+    /// Tool calls still running.
+    pub fn tools_running(&self) -> usize {
+        self.tools_running
+    }
+
+    /// Carries out what an episode's turn asked for.
+    fn advance(
+        &mut self,
+        engine: &mut Engine,
+        model: &Model,
+        lease_id: u64,
+        j: usize,
+        next: Next,
+        env: &Env,
+    ) -> Result<()> {
+        let g = self.live.get_mut(&lease_id).expect("live");
+        match next {
+            Next::Done => g.running -= 1,
+            Next::Act(action) => {
+                let (tx, env) = (self.results.0.clone(), env.clone());
+                self.tools_running += 1;
+                std::thread::spawn(move || {
+                    let obs = env.act(&action).unwrap_or_else(|| Observation {
+                        text: "error: no tool call".into(),
+                        error: true,
+                        seconds: 0.0,
+                    });
+                    let _ = tx.send((lease_id, j, obs));
+                });
+            }
+            Next::Continue { prompt, budget } => {
+                let id = FIRST_TURN_ID + self.next_id;
+                self.next_id += 1;
+                let k = g.episodes.len() as u64;
+                engine.add(
+                    model,
+                    Request {
+                        id,
+                        prompt,
+                        samples: 1,
+                        params: SamplingParams {
+                            max_new_tokens: budget,
+                            ..g.params.clone()
                         },
-                    )?;
-                    self.turns.insert(id, (lease_id, j));
-                }
+                        // Turn t of sample j: its own stream, whatever else runs.
+                        first_stream: j as u64 + u64::from(g.episodes[j].turns) * k,
+                    },
+                )?;
+                self.turns.insert(id, (lease_id, j));
             }
         }
-        if g.running > 0 {
-            return Ok(None);
+        Ok(())
+    }
+
+    /// The group of `lease_id` when every episode of it has ended.
+    fn take_if_done(&mut self, lease_id: u64) -> Option<Done> {
+        if self.live.get(&lease_id)?.running > 0 {
+            return None;
         }
-        let g = self.live.remove(&lease_id).expect("present");
+        let g = self.live.remove(&lease_id)?;
         let mut sampled = Sampled {
             finished: Finished {
                 id: lease_id,
@@ -188,11 +257,11 @@ impl Groups {
             sampled.finished.tags.push(e.versions);
             sampled.masks.push(e.mask);
         }
-        Ok(Some(Done {
+        Some(Done {
             lease: g.lease,
             prompt: g.prompt,
             sampled,
-        }))
+        })
     }
 
     /// Groups being sampled.
@@ -272,22 +341,27 @@ mod tests {
             tags: vec![vec![0; call.tokens.len()], vec![0; answer.tokens.len()]],
             completions: vec![call.clone(), answer.clone()],
         };
-        assert!(groups
-            .finished(&mut engine, &m.model, first, &env, tok, 0)
-            .unwrap()
-            .is_none());
+        let none = groups.finished(&mut engine, &m.model, first, &env, tok);
+        assert!(none.unwrap().is_none());
+        // The call runs on its own thread; the engine steps meanwhile.
         let done = loop {
+            let mut done = groups
+                .poll_tools(&mut engine, &m.model, &env, tok, 1)
+                .unwrap();
             let out = engine.step(&m.model, 1).unwrap();
-            let mut done = None;
             for f in out.finished {
-                done = groups
-                    .finished(&mut engine, &m.model, f, &env, tok, 1)
-                    .unwrap();
+                done.extend(
+                    groups
+                        .finished(&mut engine, &m.model, f, &env, tok)
+                        .unwrap(),
+                );
             }
-            if let Some(d) = done {
+            if let Some(d) = done.pop() {
                 break d;
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         };
+        assert_eq!(groups.tools_running(), 0);
         assert!(groups.is_empty());
         let s = done.sampled;
         let observed = tok.encode(&env.format.render("29842")).unwrap();

@@ -14,7 +14,8 @@
 //! - [`eval`] — held-out evaluation: accuracy, pass@k, maj@k, mean length
 //! - [`env`] — the `[env]` section: multi-turn episodes with tools; [`episode`] — one
 //!   sample's turns as sampled plus the environment's; [`tool_call`] — the Hermes
-//!   tool-call convention; [`calculator`] — the calculator tool
+//!   tool-call convention; [`calculator`] — the calculator tool; [`sandbox`] — the
+//!   `python` tool's sandbox
 
 pub mod broadcast;
 pub mod calculator;
@@ -29,6 +30,7 @@ mod push;
 pub mod rejection;
 pub mod render;
 pub mod reward;
+pub mod sandbox;
 pub mod scored;
 pub mod tool_call;
 mod weight_sync;

@@ -75,6 +75,18 @@ pub fn schema(tool: &str) -> Option<Value> {
                 }
             }
         })),
+        "python" => Some(json!({
+            "type": "function",
+            "function": {
+                "name": "python",
+                "description": "Runs a Python 3 program in a sandbox (no network, a fresh empty directory, a few seconds of CPU) and returns what it printed.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"code": {"type": "string", "description": "the program; print the result"}},
+                    "required": ["code"]
+                }
+            }
+        })),
         _ => None,
     }
 }

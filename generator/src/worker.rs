@@ -254,16 +254,31 @@ impl Worker {
                     Err(e) => return Err(rpc("leasing prompts", client::describe(&e))),
                 }
             }
+            // Episodes whose tool calls returned go on (or end, and their group with them).
+            let held = self.beat.held.load(Ordering::SeqCst);
+            let answered = groups.poll_tools(
+                &mut engine,
+                &self.model.model,
+                &self.env,
+                &self.model.tokenizer,
+                held,
+            )?;
+            for d in answered {
+                if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id())? {
+                    self.push(g)?;
+                }
+            }
             if engine.is_idle() {
                 let wait = next_lease.saturating_duration_since(Instant::now());
-                let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(1000));
+                // A running tool call is waited for in small steps.
+                let most = if groups.tools_running() > 0 { 2 } else { 1000 };
+                let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(most));
                 std::thread::sleep(wait);
                 self.beat
                     .wait_us
                     .fetch_add(wait.as_micros() as u64, Ordering::SeqCst);
                 continue;
             }
-            let held = self.beat.held.load(Ordering::SeqCst);
             let out = engine.step(&self.model.model, held)?;
             self.beat
                 .tokens
@@ -275,7 +290,6 @@ impl Worker {
                     f,
                     &self.env,
                     &self.model.tokenizer,
-                    held,
                 )?;
                 if let Some(d) = done {
                     if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id())? {
