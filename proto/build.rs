@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/tandem/v1/coordinator.proto",
                 "proto/tandem/v1/trainer.proto",
                 "proto/tandem/v1/reward.proto",
+                "proto/tandem/v1/environment.proto",
             ],
             &["proto"],
         )?;

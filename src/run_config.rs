@@ -107,7 +107,8 @@ impl RunConfig {
         self.coordinator.validate()?;
         self.trainer.validate()?;
         self.generator.validate()?;
-        self.reward.validate_for(self.algorithm.teacher.is_some())?;
+        self.reward
+            .validate_for(self.algorithm.teacher.is_some() || self.env.service.is_some())?;
         self.algorithm.validate()?;
         self.optimizer.validate()?;
         self.eval.validate()?;
@@ -277,11 +278,13 @@ mod doc {
                         ("algorithm", "clip_c") => "3.0".to_string(),
                         ("eval", "max_new_tokens") => "8".to_string(),
                         ("eval", "path") => "\"x.jsonl\"".to_string(),
+                        ("env", "service") => "\"127.0.0.1:9\"".to_string(),
                         ("data", "path")
                         | ("data", "system")
                         | ("run", "token")
                         | ("reward", "service")
                         | ("reward", "service_token")
+                        | ("env", "service_token")
                         | ("reward", "model")
                         | ("reward", "judge")
                         | ("algorithm", "teacher")

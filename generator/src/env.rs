@@ -24,6 +24,13 @@ pub struct EnvConfig {
     /// The role of the environment's messages in the chat template: `"tool"`, or
     /// `"user"` for templates without a tool role.
     pub observation_role: String,
+    /// An Environment service (`host:port`) that answers every model turn (`Step`)
+    /// and starts each episode (`Reset`); unset = tools only.
+    pub service: Option<String>,
+    /// The service's own token (or `TANDEM_ENV_TOKEN`); never the run's.
+    pub service_token: Option<String>,
+    /// Weight of the environment's summed rewards in a completion's reward.
+    pub reward_weight: f64,
     /// `[env.python]`: the `python` tool's sandbox limits.
     pub python: PythonLimits,
 }
@@ -34,6 +41,9 @@ impl Default for EnvConfig {
             max_turns: 1,
             tools: Vec::new(),
             observation_role: "tool".into(),
+            service: None,
+            service_token: None,
+            reward_weight: 1.0,
             python: PythonLimits::default(),
         }
     }
@@ -52,6 +62,21 @@ impl EnvConfig {
             }
         }
         self.python.validate().map_err(invalid)?;
+        if !self.reward_weight.is_finite() {
+            return Err(invalid("[env] reward_weight: must be finite"));
+        }
+        if self.service.is_some() && !self.tools.is_empty() {
+            return Err(invalid(
+                "[env] service and [env] tools: choose one (the service answers every turn)",
+            ));
+        }
+        if let Some(s) = &self.service {
+            if !s.contains(':') {
+                return Err(invalid(format!(
+                    "[env] service: {s:?} is not host:port (or http[s]://host:port)"
+                )));
+            }
+        }
         if !["tool", "user"].contains(&self.observation_role.as_str()) {
             return Err(invalid(format!(
                 "[env] observation_role: {:?} is not \"tool\" or \"user\"",
@@ -67,20 +92,37 @@ impl EnvConfig {
     }
 }
 
-/// What a tool call came to.
+/// What the environment is asked after a model turn.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Act {
+    /// The turn's tool call (or a malformed one, answered with the error).
+    Tool(tool_call::Action),
+    /// The Environment service's `Step` of episode `episode` with the turn's text.
+    Step { episode: String, text: String },
+}
+
+/// What the environment answered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
     pub text: String,
-    /// The call failed (malformed, unknown tool, bad arguments, the tool's error).
+    /// The call failed (malformed, unknown tool, bad arguments, the tool's error, the
+    /// service's failure).
     pub error: bool,
     pub seconds: f64,
+    /// The service's reward for the turn (0 for tools).
+    pub reward: f64,
+    /// The service ended the episode.
+    pub done: bool,
+    /// A tool answered (counted as a tool call), not the service.
+    pub tool: bool,
 }
 
-/// The environment of a run: its tools and how its turns are written.
+/// The environment of a run: its tools or its service, and how its turns are written.
 #[derive(Clone, Debug)]
 pub struct Env {
     pub config: EnvConfig,
     pub format: TurnFormat,
+    pub service: Option<crate::env_service::EnvService>,
 }
 
 impl Env {
@@ -93,7 +135,7 @@ impl Env {
         if config.tools.iter().any(|t| t == "python") {
             sandbox::probe(&config.python).map_err(invalid)?;
         }
-        let format = if chat && config.multi_turn() {
+        let format = if chat && (config.multi_turn() || config.service.is_some()) {
             let end_of_turn = stop
                 .first()
                 .map(|&id| tokenizer.decode(&[id], false))
@@ -103,25 +145,62 @@ impl Env {
         } else {
             TurnFormat::raw()
         };
-        Ok(Env { config, format })
+        Ok(Env {
+            config,
+            format,
+            service: None,
+        })
     }
 
-    /// Runs the call a model turn asked for (`None`: it asked for none).
-    pub fn act(&self, action: &tool_call::Action) -> Option<Observation> {
+    /// Answers what a model turn asked for. Never fails: a failing tool or service is an
+    /// observation with `error` (a failed `Step` also ends the episode).
+    pub fn act(&self, act: &Act) -> Observation {
         let t0 = Instant::now();
-        let (text, error) = match action {
-            tool_call::Action::Answer => return None,
-            tool_call::Action::Malformed(why) => (format!("error: {why}"), true),
-            tool_call::Action::Call { name, arguments } => match self.call(name, arguments) {
-                Ok(out) => out,
-                Err(e) => (format!("error: {e}"), true),
-            },
+        let mut obs = Observation {
+            text: String::new(),
+            error: false,
+            seconds: 0.0,
+            reward: 0.0,
+            done: false,
+            tool: true,
         };
-        Some(Observation {
-            text,
-            error,
-            seconds: t0.elapsed().as_secs_f64(),
-        })
+        match act {
+            Act::Tool(tool_call::Action::Answer) => {
+                obs.text = "error: no tool call".into();
+                obs.error = true;
+            }
+            Act::Tool(tool_call::Action::Malformed(why)) => {
+                obs.text = format!("error: {why}");
+                obs.error = true;
+            }
+            Act::Tool(tool_call::Action::Call { name, arguments }) => {
+                (obs.text, obs.error) = match self.call(name, arguments) {
+                    Ok(out) => out,
+                    Err(e) => (format!("error: {e}"), true),
+                };
+            }
+            Act::Step { episode, text } => {
+                obs.tool = false;
+                match self.service.as_ref().map(|s| s.step(episode, text)) {
+                    Some(Ok(r)) => {
+                        obs.text = r.observation;
+                        obs.reward = r.reward;
+                        obs.done = r.done;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(episode = %episode, "{e}: the episode ends");
+                        obs.text = format!("error: {e}");
+                        (obs.error, obs.done) = (true, true);
+                    }
+                    None => {
+                        obs.text = "error: no [env] service".into();
+                        (obs.error, obs.done) = (true, true);
+                    }
+                }
+            }
+        }
+        obs.seconds = t0.elapsed().as_secs_f64();
+        obs
     }
 
     /// The tool's output and whether it failed (a program that raised or was killed
@@ -167,20 +246,21 @@ mod tests {
                 ..Default::default()
             },
             format: TurnFormat::raw(),
+            service: None,
         }
     }
 
     #[test]
     fn tools_answer_and_errors_are_observations() {
         let e = env(&["calculator"]);
-        let call = |name: &str, args| tool_call::Action::Call {
-            name: name.into(),
-            arguments: args,
+        let call = |name: &str, args| {
+            Act::Tool(tool_call::Action::Call {
+                name: name.into(),
+                arguments: args,
+            })
         };
-        assert_eq!(e.act(&tool_call::Action::Answer), None);
-        let o = e
-            .act(&call("calculator", json!({"expression": "347*86"})))
-            .unwrap();
+        assert!(e.act(&Act::Tool(tool_call::Action::Answer)).error);
+        let o = e.act(&call("calculator", json!({"expression": "347*86"})));
         assert_eq!((o.text.as_str(), o.error), ("29842", false));
         for (action, needle) in [
             (call("calculator", json!({"expr": "1"})), "needs"),
@@ -191,7 +271,7 @@ mod tests {
             (call("python", json!({"code": "1"})), "unknown tool"),
             (tool_call::Action::Malformed("no JSON".into()), "no JSON"),
         ] {
-            let o = e.act(&action).unwrap();
+            let o = e.act(&action);
             assert!(
                 o.error && o.text.starts_with("error: ") && o.text.contains(needle),
                 "{o:?}"
@@ -200,29 +280,23 @@ mod tests {
         assert!(
             env(&[])
                 .act(&call("calculator", json!({"expression": "1"})))
-                .unwrap()
                 .error
         );
         // The python tool: what the program printed; a failing program is an error
         // that still shows its output.
         let e = env(&["python"]);
-        let o = e
-            .act(&call("python", json!({"code": "print(6 * 7)"})))
-            .unwrap();
+        let o = e.act(&call("python", json!({"code": "print(6 * 7)"})));
         assert_eq!((o.text.trim(), o.error), ("42", false));
-        let o = e
-            .act(&call(
-                "python",
-                json!({"code": "print('partial')\nraise ValueError('bad')"}),
-            ))
-            .unwrap();
+        let o = e.act(&call(
+            "python",
+            json!({"code": "print('partial')\nraise ValueError('bad')"}),
+        ));
         assert!(
             o.error && o.text.contains("partial") && o.text.contains("ValueError: bad"),
             "{o:?}"
         );
         assert!(e
             .act(&call("python", json!({"source": "1"})))
-            .unwrap()
             .text
             .contains("needs"));
     }

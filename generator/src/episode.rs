@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use tandem_model::{Completion, FinishReason, Tokenizer};
 
-use crate::env::{Env, Observation};
+use crate::env::{Act, Env, Observation};
 use crate::error::Result;
 use crate::tool_call::{self, Action};
 
@@ -20,8 +20,9 @@ pub enum Next {
         prompt: Vec<u32>,
         budget: usize,
     },
-    /// Run this tool call (or answer this malformed one), then [`Episode::observe`].
-    Act(Action),
+    /// Ask the environment (a tool call, or the service's `Step`: the caller names the
+    /// episode), then [`Episode::observe`].
+    Act(Act),
     Done,
 }
 
@@ -41,6 +42,8 @@ pub struct Episode {
     pub finish: Option<FinishReason>,
     /// The last model turn (the final answer that verifiers score).
     last_turn: Range<usize>,
+    /// The environment's rewards (the service's), summed.
+    pub env_reward: f64,
 }
 
 impl Episode {
@@ -61,6 +64,14 @@ impl Episode {
         self.last_turn = start..self.ids.len();
         self.turns += 1;
         self.finish = turn.finish_reason;
+        // A service answers (and scores) every turn, the last one included.
+        if env.service.is_some() || env.config.service.is_some() {
+            let text = tokenizer.decode(&turn.tokens, true)?;
+            return Ok(Next::Act(Act::Step {
+                episode: String::new(),
+                text,
+            }));
+        }
         if !env.config.multi_turn()
             || self.turns >= env.config.max_turns
             || turn.finish_reason != Some(FinishReason::Stop)
@@ -70,7 +81,7 @@ impl Episode {
         let text = tokenizer.decode(&turn.tokens, true)?;
         match tool_call::parse(&text) {
             Action::Answer => Ok(Next::Done),
-            action => Ok(Next::Act(action)),
+            action => Ok(Next::Act(Act::Tool(action))),
         }
     }
 
@@ -87,9 +98,16 @@ impl Episode {
         max_new_tokens: usize,
         version: u64,
     ) -> Result<Next> {
-        self.tool_calls += 1;
-        self.tool_errors += u32::from(obs.error);
-        self.tool_seconds += obs.seconds;
+        self.env_reward += obs.reward;
+        if obs.tool {
+            self.tool_calls += 1;
+            self.tool_errors += u32::from(obs.error);
+            self.tool_seconds += obs.seconds;
+        }
+        if obs.done || self.turns >= env.config.max_turns || self.finish != Some(FinishReason::Stop)
+        {
+            return Ok(Next::Done);
+        }
         let observed = tokenizer.encode(&env.format.render(&obs.text))?;
         // The environment's turn and at least one more model token must fit.
         if self.ids.len() + observed.len() >= max_new_tokens {
@@ -142,7 +160,7 @@ mod tests {
     ) -> Next {
         match e.model_turn(t, tags, env, tok).unwrap() {
             Next::Act(a) => {
-                let obs = env.act(&a).expect("a call");
+                let obs = env.act(&a);
                 e.observe(obs, env, tok, prompt, max_new, version).unwrap()
             }
             n => n,

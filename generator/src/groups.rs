@@ -10,9 +10,14 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams, Tokenizer};
 use tandem_proto::v1::PromptLease;
 
-use crate::env::{Env, Observation};
+use crate::env::{Act, Env, Observation};
 use crate::episode::{Episode, Next};
 use crate::error::Result;
+
+/// The Environment service's name of sample `j`'s episode of lease `lease`.
+pub fn episode_id(lease: u64, j: usize) -> String {
+    format!("{lease}/{j}")
+}
 
 /// Continuation requests take ids from here up, far from lease ids.
 const FIRST_TURN_ID: u64 = 1 << 62;
@@ -35,6 +40,8 @@ pub struct Sampled {
     pub finals: Vec<Vec<u32>>,
     /// Per completion: (turns, tool calls, tool errors, tool seconds).
     pub episodes: Vec<(u32, u32, u32, f64)>,
+    /// Per completion: the Environment service's rewards, summed (0 without one).
+    pub env_rewards: Vec<f64>,
 }
 
 impl Sampled {
@@ -53,6 +60,7 @@ impl Sampled {
                 .map(|c| c.tokens.clone())
                 .collect(),
             episodes: vec![(1, 0, 0, 0.0); n],
+            env_rewards: vec![0.0; n],
             finished,
         }
     }
@@ -192,16 +200,14 @@ impl Groups {
         let g = self.live.get_mut(&lease_id).expect("live");
         match next {
             Next::Done => g.running -= 1,
-            Next::Act(action) => {
+            Next::Act(mut act) => {
+                if let Act::Step { episode, .. } = &mut act {
+                    *episode = episode_id(lease_id, j);
+                }
                 let (tx, env) = (self.results.0.clone(), env.clone());
                 self.tools_running += 1;
                 std::thread::spawn(move || {
-                    let obs = env.act(&action).unwrap_or_else(|| Observation {
-                        text: "error: no tool call".into(),
-                        error: true,
-                        seconds: 0.0,
-                    });
-                    let _ = tx.send((lease_id, j, obs));
+                    let _ = tx.send((lease_id, j, env.act(&act)));
                 });
             }
             Next::Continue { prompt, budget } => {
@@ -243,8 +249,10 @@ impl Groups {
             masks: Vec::new(),
             finals: Vec::new(),
             episodes: Vec::new(),
+            env_rewards: Vec::new(),
         };
         for e in g.episodes {
+            sampled.env_rewards.push(e.env_reward);
             sampled.finals.push(e.final_turn().to_vec());
             sampled
                 .episodes

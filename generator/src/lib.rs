@@ -21,6 +21,7 @@ pub mod broadcast;
 pub mod calculator;
 pub mod config;
 pub mod env;
+pub mod env_service;
 pub mod episode;
 pub mod error;
 pub mod eval;

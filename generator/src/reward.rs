@@ -84,7 +84,8 @@ impl RewardConfig {
     }
 
     /// [`RewardConfig::validate`], where `unrewarded_ok` lets every weight be 0: a run
-    /// that learns from something else (on-policy distillation's teacher) scores 0.
+    /// that learns from something else (on-policy distillation's teacher, an
+    /// Environment service's rewards) scores 0 here.
     pub fn validate_for(&self, unrewarded_ok: bool) -> Result<()> {
         for (key, w) in [
             ("math", self.math),

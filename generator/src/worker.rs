@@ -144,12 +144,32 @@ impl Worker {
             None => None,
         };
         let judge = crate::reward::Judge::load(&settings.reward, &model.model)?;
-        let env = Env::new(
+        let mut env = Env::new(
             settings.env.clone(),
             &model.tokenizer,
             settings.chat,
             &model.stop_token_ids(),
         )?;
+        if let Some(addr) = &settings.env.service {
+            // Its own token, with the run's TLS material.
+            let token = std::env::var("TANDEM_ENV_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .or_else(|| settings.env.service_token.clone())
+                .ok_or_else(|| {
+                    rpc(
+                        "[env] service",
+                        "needs its own token: set TANDEM_ENV_TOKEN (or [env] service_token); the run's token is not sent to it",
+                    )
+                })?;
+            let env_creds = tandem_proto::auth::Credentials::new(&token, creds.tls().clone())
+                .map_err(|e| rpc("[env] service_token", e))?;
+            env.service = Some(crate::env_service::EnvService::connect(
+                addr,
+                &env_creds,
+                rt.clone(),
+            )?);
+        }
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
@@ -341,7 +361,15 @@ impl Worker {
             return Ok(());
         }
         for l in leases {
-            let ids = self.prompt_of(&l)?;
+            let ids = match self.reset_episodes(&l) {
+                Ok(Some(first)) => self.render(PromptInput::Text(&first))?,
+                Ok(None) => self.prompt_of(&l)?,
+                Err(why) => {
+                    // Skip instead of stop: another generator (or this one) retries it.
+                    self.release(&l, &why);
+                    continue;
+                }
+            };
             let params = SamplingParams {
                 temperature: g.temperature,
                 top_k: g.top_k,
@@ -383,6 +411,31 @@ impl Worker {
         }
     }
 
+    /// With an Environment service: `Reset` of each sample's episode. Their first
+    /// observation is the group's prompt (`None`: the dataset's prompt), so it must
+    /// not differ between the samples of one prompt.
+    fn reset_episodes(&self, l: &PromptLease) -> std::result::Result<Option<String>, String> {
+        let Some(service) = &self.env.service else {
+            return Ok(None);
+        };
+        let prompt = prompt_text(l);
+        let mut first: Option<String> = None;
+        for j in 0..self.settings.group_size as usize {
+            let episode = crate::groups::episode_id(l.lease_id, j);
+            let obs = service.reset(&episode, &prompt, &l.answer)?;
+            match &first {
+                Some(f) if *f != obs => {
+                    return Err(format!(
+                        "[env] service: Reset gave the samples of prompt {} different first observations; it must depend on the prompt only (keep per-episode randomness for Step)",
+                        l.prompt_index
+                    ))
+                }
+                _ => first = Some(obs),
+            }
+        }
+        Ok(first.filter(|f| !f.is_empty()))
+    }
+
     /// A lease's prompt as token ids (chat template when `[data] chat`).
     fn prompt_of(&self, l: &PromptLease) -> Result<Vec<u32>> {
         let input = if l.messages.is_empty() {
@@ -398,6 +451,12 @@ impl Worker {
                     .collect(),
             )
         };
+        self.render(input)
+    }
+
+    /// `input` as token ids: the chat template (with the system turn, and the tools
+    /// announced in it) when `[data] chat`, the raw text otherwise.
+    fn render(&self, input: PromptInput<'_>) -> Result<Vec<u32>> {
         // With tools, the system turn announces them (chat models).
         let system = if self.settings.chat && !self.env.config.tools.is_empty() {
             Some(crate::tool_call::system_prompt(
@@ -498,15 +557,7 @@ impl Worker {
             .iter()
             .map(|t| self.settings.reward.score(t, answer))
             .collect();
-        let prompt = if l.messages.is_empty() {
-            l.text.clone()
-        } else {
-            l.messages
-                .iter()
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let prompt = prompt_text(l);
         if let Some(judge) = &self.judge {
             for (r, s) in rewards
                 .iter_mut()
@@ -533,6 +584,9 @@ impl Worker {
             for (r, s) in rewards.iter_mut().zip(scored) {
                 *r += self.settings.reward.service_weight * s;
             }
+        }
+        for (r, e) in rewards.iter_mut().zip(&s.env_rewards) {
+            *r += self.env.config.reward_weight * e;
         }
         if let Some(rm) = &self.reward_model {
             let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.tokens.clone()).collect();
@@ -575,5 +629,19 @@ impl Worker {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// A lease's prompt as plain text (a conversation's messages joined by newlines): what
+/// judges, reward services and environments read.
+fn prompt_text(l: &PromptLease) -> String {
+    if l.messages.is_empty() {
+        l.text.clone()
+    } else {
+        l.messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

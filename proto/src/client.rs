@@ -8,6 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::{Credentials, WithToken};
 use crate::v1::coordinator_client::CoordinatorClient;
+use crate::v1::environment_client::EnvironmentClient;
 use crate::v1::reward_client::RewardClient;
 use crate::v1::trainer_client::TrainerClient;
 use crate::MAX_MESSAGE_BYTES;
@@ -62,6 +63,12 @@ pub fn coordinator(ch: Channel, creds: &Credentials) -> CoordinatorClient<Authed
 
 pub fn trainer(ch: Channel, creds: &Credentials) -> TrainerClient<Authed> {
     TrainerClient::with_interceptor(ch, creds.with_token())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub fn environment(ch: Channel, creds: &Credentials) -> EnvironmentClient<Authed> {
+    EnvironmentClient::with_interceptor(ch, creds.with_token())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
