@@ -196,6 +196,7 @@ mod tests {
                 ..Default::default()
             },
             format: TurnFormat::from_template(&tok, "tool", "<|im_end|>").unwrap(),
+            service: None,
         };
         assert_eq!(env.format.before, "\n<|im_start|>tool\n");
         assert_eq!(env.format.after, "<|im_end|>\n<|im_start|>assistant\n");
@@ -277,6 +278,7 @@ mod tests {
                 ..Default::default()
             },
             format: TurnFormat::raw(),
+            service: None,
         };
         let call = "<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+\"}}</tool_call>";
         let run = |env: &Env, turns: &[(&str, bool)], max_new: usize| {

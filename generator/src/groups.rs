@@ -306,6 +306,7 @@ mod tests {
                 ..Default::default()
             },
             format: TurnFormat::raw(),
+            service: None,
         };
         let params = SamplingParams {
             temperature: 1.0,
