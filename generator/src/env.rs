@@ -269,7 +269,10 @@ mod tests {
                 "division by zero",
             ),
             (call("python", json!({"code": "1"})), "unknown tool"),
-            (Act::Tool(tool_call::Action::Malformed("no JSON".into())), "no JSON"),
+            (
+                Act::Tool(tool_call::Action::Malformed("no JSON".into())),
+                "no JSON",
+            ),
         ] {
             let o = e.act(&action);
             assert!(
