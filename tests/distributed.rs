@@ -377,7 +377,10 @@ fn check_nothing_lost(run: &Path, trained: &BTreeMap<String, u64>, exact_account
         .filter(|p| !covered.contains(p) && !unserved.contains(p))
         .collect();
     assert!(missing.is_empty(), "prompts lost: {missing:?}; {status}");
-    let accepted = status["groups_accepted"].as_u64().unwrap();
+    // Groups dropped as stale were discarded at once (no longer accepted), unless the
+    // step that consumed them was published first.
+    let accepted =
+        status["groups_accepted"].as_u64().unwrap() + status["discarded_groups"].as_u64().unwrap();
     let accounted = trained.len() as u64 + left.len() as u64 + stale.len() as u64;
     if exact_accounting {
         assert_eq!(accepted, accounted, "{status}");
@@ -1773,13 +1776,26 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
             break st;
         }
         if t0.elapsed() > Duration::from_secs(300) {
+            // What the coordinator knew, for the failure's message.
+            let status = std::fs::read_to_string(run.join("coordinator.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["http"].as_str().map(String::from))
+                .map(|http| {
+                    let token = std::fs::read_to_string(run.join("token")).unwrap_or_default();
+                    http_status_as(&http, "/status", Some(&token)).1
+                })
+                .unwrap_or_default();
             let _ = child.kill();
             if let Ok(keep) = std::env::var("TANDEM_CHAOS_KEEP") {
                 let _ = Command::new("cp")
                     .args(["-r", run.to_str().unwrap(), &keep])
                     .status();
             }
-            panic!("the run did not finish; seed {seed}\n{}", log_tails(&run));
+            panic!(
+                "the run did not finish; seed {seed}\ncoordinator status: {status}\n{}",
+                log_tails(&run)
+            );
         }
         let pids: Value = std::fs::read_to_string(run.join("processes.json"))
             .ok()

@@ -76,6 +76,8 @@ enum Closed {
     Committed,
     Expired,
     Filtered,
+    /// Committed, then dropped by the trainer as too stale: not accepted any more.
+    Discarded,
 }
 
 /// The lease table and the prompt cursor (saved whole by the coordinator's store).
@@ -88,8 +90,11 @@ pub struct Leases {
     open: HashMap<u64, Lease>,
     closed: HashMap<u64, Closed>,
     next_id: u64,
-    /// Groups committed so far.
+    /// Groups committed so far (less those discarded).
     pub accepted: u64,
+    /// Committed groups the trainer dropped as stale and discarded.
+    #[serde(default)]
+    pub discarded: u64,
     /// Every prompt index whose lease expired, in order (a prompt may appear twice; the
     /// newest [`HISTORY`]).
     pub reissued: Vec<u64>,
@@ -199,6 +204,19 @@ impl Leases {
         Ok(Closing::Now)
     }
 
+    /// Discards committed, untrained lease `id` (its group was dropped as too stale): it
+    /// is no longer accepted, so admission grants another lease in its place, and its
+    /// prompt is not leased again. Whether it was.
+    pub fn discard(&mut self, id: u64) -> bool {
+        if self.trained_at.contains_key(&id) || self.committed.remove(&id).is_none() {
+            return false;
+        }
+        self.closed.insert(id, Closed::Discarded);
+        self.accepted -= 1;
+        self.discarded += 1;
+        true
+    }
+
     /// Lease `id` when it is open and held by `worker`.
     pub fn held(&self, id: u64, worker: u64) -> Option<&Lease> {
         self.open.get(&id).filter(|l| l.worker == worker)
@@ -242,7 +260,9 @@ impl Leases {
                 Ok(None)
             }
             None => Err(match self.closed.get(&id) {
-                Some(Closed::Committed | Closed::Filtered) => Refusal::Duplicate,
+                Some(Closed::Committed | Closed::Filtered | Closed::Discarded) => {
+                    Refusal::Duplicate
+                }
                 Some(Closed::Expired) => Refusal::Expired,
                 None => Refusal::UnknownLease,
             }),
@@ -478,6 +498,28 @@ mod tests {
         back.settle(1);
         assert_eq!(back.commit(a[0].0, 0, 0, 42), Err(Refusal::UnknownLease));
         assert!(back.keys.is_empty());
+    }
+
+    /// A group dropped as stale gives its admission slot back, once; its prompt is not
+    /// leased again, and a rewind does not bring it back.
+    #[test]
+    fn a_discarded_lease_frees_its_slot() {
+        let now = Instant::now();
+        let mut l = Leases::starting_at(0, 0);
+        let a = l.grant(1, 2, now);
+        l.commit(a[0].0, 0, 0, 0).unwrap();
+        l.commit(a[1].0, 1, 0, 0).unwrap();
+        // η = 0, B = 2, version 0: both slots used.
+        assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 0);
+        assert!(l.discard(a[0].0));
+        assert!(!l.discard(a[0].0));
+        assert_eq!(admission_capacity(0, 0, 2, l.accepted, l.running()), 1);
+        assert_eq!(l.commit(a[0].0, 0, 0, 0), Err(Refusal::Duplicate));
+        // A trained lease is not discarded.
+        l.mark_trained(&[a[1].0], 1);
+        assert!(!l.discard(a[1].0));
+        assert_eq!(l.rewind(0, &HashSet::new()), 1);
+        assert_eq!(l.pending_reissue(), vec![1]);
     }
 
     #[test]

@@ -238,6 +238,7 @@ pub fn status_value(c: &Core) -> serde_json::Value {
         "reissued_prompts": c.leases.reissued,
         "pending_reissue": c.leases.pending_reissue(),
         "filtered_prompts": c.leases.filtered,
+        "discarded_groups": c.leases.discarded,
         "informative_group_share": c.leases.informative_share(),
     })
 }

@@ -8,10 +8,10 @@ use tandem_data::PromptBody;
 use tandem_proto::auth::{check_request_session, require_admin, session_token};
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
-    ChatMessage, CommitReply, CommitRequest, ExcludeReply, ExcludeRequest, HeartbeatReply,
-    HeartbeatRequest, LeaseReply, LeaseRequest, LeaveReply, LeaveRequest, PromptLease,
-    PublishVersionReply, PublishVersionRequest, RegisterReply, RegisterRequest, ReleaseReply,
-    ReleaseRequest, Role, StatusReply, StatusRequest,
+    ChatMessage, CommitReply, CommitRequest, DiscardReply, DiscardRequest, ExcludeReply,
+    ExcludeRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest, LeaveReply,
+    LeaveRequest, PromptLease, PublishVersionReply, PublishVersionRequest, RegisterReply,
+    RegisterRequest, ReleaseReply, ReleaseRequest, Role, StatusReply, StatusRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -406,6 +406,32 @@ impl Coordinator for CoordinatorService {
             );
         }
         Ok(Response::new(ReleaseReply { released }))
+    }
+
+    async fn discard(
+        &self,
+        req: Request<DiscardRequest>,
+    ) -> Result<Response<DiscardReply>, Status> {
+        denied(require_admin(&req, "Discard"))?;
+        let r = req.into_inner();
+        let mut core = self.lock()?;
+        let n = r
+            .lease_ids
+            .iter()
+            .filter(|&&id| core.leases.discard(id))
+            .count();
+        if n > 0 {
+            core.persist()?;
+            metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
+            tracing::info!(
+                discarded = n,
+                reason = %r.reason,
+                "groups discarded by the trainer: their admission slots are free again"
+            );
+        }
+        Ok(Response::new(DiscardReply {
+            discarded: n as u32,
+        }))
     }
 
     async fn exclude_from_group(

@@ -45,7 +45,13 @@ pub async fn connect(addr: &str, creds: &Credentials) -> Result<Channel, String>
             .tls_config(cfg)
             .map_err(|e| format!("tls ca / cert / key: {}", crate::error_chain(&e)))?;
     }
-    endpoint.connect().await.map_err(|e| {
+    // The whole connection, HTTP/2 handshake included, within a bound: a peer that
+    // accepts TCP but never answers (a stalled proxy, a frozen process) is an error the
+    // caller can retry, not a hang.
+    let connected = tokio::time::timeout(Duration::from_secs(15), endpoint.connect())
+        .await
+        .map_err(|_| format!("cannot connect to {uri}: no HTTP/2 handshake within 15 s"))?;
+    connected.map_err(|e| {
         let hint = if uri.starts_with("http://") {
             " (if the service speaks TLS, set --tls-ca / TANDEM_TLS_CA)"
         } else {

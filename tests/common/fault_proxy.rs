@@ -81,7 +81,8 @@ impl FaultProxy {
                     }
                     let Ok(client) = client else { continue };
                     n += 1;
-                    let Ok(server) = TcpStream::connect(&upstream) else {
+                    let to = upstream.parse::<SocketAddr>().expect("an ip:port upstream");
+                    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
                         // The trainer is down (restarting): the client sees the
                         // connection close and tries again.
                         counts.refused.fetch_add(1, Ordering::SeqCst);

@@ -81,6 +81,9 @@ impl Learner {
             };
             if !dropped.is_empty() {
                 shared.space.notify_waiters();
+                if let Some(tx) = shared.discard.get() {
+                    let _ = tx.send(dropped.iter().map(|g| g.lease_id).collect());
+                }
             }
             dropped_total.extend(dropped);
             if let Some(batch) = batch {

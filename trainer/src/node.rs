@@ -158,6 +158,27 @@ pub fn run(
         },
         s.trainer.bucket_mib << 20,
     ));
+    // Stale drops are discarded at the coordinator as they happen (not at the next
+    // publish): admission then grants their replacements while the learner waits.
+    let (discard_tx, mut discard_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+    let _ = shared.discard.set(discard_tx);
+    let discard_coord = coord.clone();
+    rt.spawn(async move {
+        while let Some(lease_ids) = discard_rx.recv().await {
+            let req = tandem_proto::v1::DiscardRequest {
+                lease_ids,
+                reason: "stale".into(),
+            };
+            let r = tandem_proto::retry::retry("discarding stale groups", || {
+                let (mut c, req) = (discard_coord.clone(), req.clone());
+                async move { c.discard(client::unary(req)).await }
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!("{}", client::describe(&e));
+            }
+        }
+    });
     let svc = TrainerService {
         shared: shared.clone(),
         coordinator: coord.clone(),

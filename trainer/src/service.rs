@@ -41,6 +41,9 @@ pub struct Shared {
     pub inflight: std::sync::atomic::AtomicUsize,
     /// Groups filtered out by dynamic sampling (`Limits::filter_zero_std`) so far.
     pub filtered: AtomicU64,
+    /// Where the leases of groups dropped as stale go, to be discarded at the
+    /// coordinator at once (their admission slots free again); unset in benchmarks.
+    pub discard: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
 }
 
 impl Shared {
@@ -65,6 +68,7 @@ impl Shared {
             closed: Default::default(),
             inflight: Default::default(),
             filtered: AtomicU64::new(0),
+            discard: std::sync::OnceLock::new(),
         }
     }
 
