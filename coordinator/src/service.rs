@@ -101,16 +101,9 @@ impl Coordinator for CoordinatorService {
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
-        let is_generator = core
-            .members
-            .get(r.worker_id)
-            .is_some_and(|w| w.role == Role::Generator);
-        if is_generator && r.policy_version > version {
-            return Err(Status::invalid_argument(format!(
-                "policy_version: {} is newer than the published {version}",
-                r.policy_version
-            )));
-        }
+        // A generator may hold a version newer than the published one for a moment:
+        // after a trainer resumed from an older checkpoint, until it fetches that one
+        // (the reply tells it). Refusing the beat would leave it deaf to the rewind.
         if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
             return Err(Status::invalid_argument(
                 "wait_seconds: must be finite and ≥ 0",
@@ -172,7 +165,7 @@ impl Coordinator for CoordinatorService {
             metrics::gauge!(m::GENERATOR_POLICY_VERSION, "generator" => name.clone())
                 .set(r.policy_version as f64);
             metrics::gauge!(m::GENERATOR_LAG, "generator" => name.clone())
-                .set((version - r.policy_version) as f64);
+                .set(version.saturating_sub(r.policy_version) as f64);
             metrics::counter!(m::GENERATED_TOKENS, "generator" => name.clone())
                 .increment(r.generated_tokens);
             *core.generator_wait_s.entry(name.clone()).or_default() += r.wait_seconds;
