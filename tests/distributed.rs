@@ -762,7 +762,40 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
         std::thread::sleep(Duration::from_millis(100));
     }
     c.wait_steps(14, Duration::from_secs(120));
+    // gen-1 is held while gen-2 joins, so the rest of the run cannot finish without
+    // the newcomer (under load gen-1 alone could otherwise outrun its start-up). The
+    // hold outlasts the heartbeat timeout: gen-1 is dropped and registers again.
+    let gen1 = c.child("gen-1").id().to_string();
+    signal("-STOP", &gen1);
     c.generator("gen-2");
+    let t0 = Instant::now();
+    loop {
+        let log2 = c.log("gen-2");
+        let id2 = log2
+            .split("generator running")
+            .nth(1)
+            .and_then(|s| s.split("id=").nth(1))
+            .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|s| s.parse::<u64>().ok());
+        let trained = id2.is_some_and(|id| {
+            batches(&c.run).iter().flat_map(|(_, rows)| rows).any(|r| {
+                r["group"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with(&format!("-w{id}"))
+            })
+        });
+        if trained {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "gen-2 joined but none of its groups was trained: {}",
+            c.report()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal("-CONT", &gen1);
     c.wait_all(Duration::from_secs(180));
 
     let trained = check_trained(&c.run, steps, 2, 4, 1);

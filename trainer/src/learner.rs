@@ -179,7 +179,9 @@ impl Learner {
             text += &serde_json::to_string(r).map_err(|e| invalid(e.to_string()))?;
             text.push('\n');
         }
-        std::fs::write(&path, text).map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+        // Whole or not at all: a reader (a test, `tandem train-step`) never sees half.
+        tandem_model::write_atomic(&path, text)
+            .map_err(|e| invalid(format!("writing {}: {e}", path.display())))
     }
 
     /// Appends the step's line to `RUN_DIR/metrics.jsonl`.
