@@ -23,7 +23,9 @@ pub struct PythonLimits {
     pub cpu_s: u64,
     pub wall_s: f64,
     pub memory_mib: u64,
-    /// Processes the program may have at once (threads count).
+    /// Processes the sandbox's user may have at once, threads included (under root the
+    /// user is `nobody`, shared by every sandbox running at the same moment: a group's
+    /// samples call tools in parallel).
     pub processes: u64,
     /// Bytes of stdout and stderr kept (each).
     pub output_bytes: usize,
@@ -36,7 +38,7 @@ impl Default for PythonLimits {
             cpu_s: 5,
             wall_s: 10.0,
             memory_mib: 512,
-            processes: 16,
+            processes: 64,
             output_bytes: 4096,
         }
     }
