@@ -44,6 +44,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &cfg.eval,
         &cfg.data,
         &cfg.reward,
+        &cfg.env,
         cfg.generator.max_new_tokens,
     )?;
     let bar = ProgressBar::new(evaluation.len() as u64);
@@ -119,6 +120,7 @@ impl tandem_trainer::evaluate::Evaluator for RunEvaluator {
                     &c.eval,
                     &c.data,
                     &c.reward,
+                    &c.env,
                     c.generator.max_new_tokens,
                 )
                 .map_err(err)?,

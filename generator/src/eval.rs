@@ -21,7 +21,7 @@ use tandem_model::{Pretrained, RewardModel, SamplingParams};
 
 use crate::error::{bail, Result};
 use crate::reward::{final_answer, math_correct, RewardConfig};
-use crate::scored::{render_all, sample_scored, Scored};
+use crate::scored::{render_all, sample_episodes, sample_scored, Scored};
 
 /// `[eval]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -244,6 +244,8 @@ pub struct Evaluation {
     ids: Vec<Vec<u32>>,
     params: SamplingParams,
     rm: Option<RewardModel>,
+    /// Multi-turn episodes with tools (`[env]`), when the run has them.
+    env: Option<crate::env::Env>,
 }
 
 impl Evaluation {
@@ -254,9 +256,23 @@ impl Evaluation {
         section: &EvalSection,
         data: &DataConfig,
         reward: &RewardConfig,
+        env: &crate::env::EnvConfig,
         max_new_tokens: usize,
     ) -> Result<Self> {
         section.validate()?;
+        if env.service.is_some() {
+            bail!("[eval]: the evaluation runs episodes with tools only; an [env] service is not called (set eval.every = 0, or evaluate with `tandem eval` on a config without it)");
+        }
+        let env = if env.multi_turn() {
+            Some(crate::env::Env::new(
+                env.clone(),
+                &p.tokenizer,
+                data.chat,
+                &p.stop_token_ids(),
+            )?)
+        } else {
+            None
+        };
         if reward.service.is_some() || reward.judge.is_some() {
             bail!("[eval]: the evaluation scores with the verifiers and [reward] model; a reward service or judge is not called");
         }
@@ -266,7 +282,14 @@ impl Evaluation {
             .epoch_len()
             .map_or(section.prompts, |n| n.min(section.prompts));
         let prompts: Vec<Prompt> = (0..count as u64).map(|i| set.get(i)).collect();
-        let ids = render_all(p, &prompts, data.chat, data.system.as_deref())?;
+        // The tools are announced as the generators announce them.
+        let system = match &env {
+            Some(e) if data.chat && !e.config.tools.is_empty() => Some(
+                crate::tool_call::system_prompt(data.system.as_deref(), &e.config.tools)?,
+            ),
+            _ => data.system.clone(),
+        };
+        let ids = render_all(p, &prompts, data.chat, system.as_deref())?;
         let rm = match &reward.model {
             Some(dir) => Some(RewardModel::load(dir, &p.model)?),
             None => None,
@@ -285,6 +308,7 @@ impl Evaluation {
                 seed: section.seed,
             },
             rm,
+            env,
         })
     }
 
@@ -297,17 +321,30 @@ impl Evaluation {
     ) -> Result<(EvalReport, Vec<Vec<Scored>>)> {
         let t0 = Instant::now();
         let answers: Vec<Option<String>> = self.prompts.iter().map(|p| p.answer.clone()).collect();
-        let groups = sample_scored(
-            p,
-            self.rm.as_ref(),
-            &self.ids,
-            &answers,
-            self.section.samples,
-            self.section.batch_prompts,
-            &self.params,
-            &self.reward,
-            progress,
-        )?;
+        let groups = match &self.env {
+            Some(env) => sample_episodes(
+                p,
+                &self.ids,
+                &answers,
+                self.section.samples,
+                self.section.batch_prompts,
+                &self.params,
+                &self.reward,
+                env,
+                progress,
+            )?,
+            None => sample_scored(
+                p,
+                self.rm.as_ref(),
+                &self.ids,
+                &answers,
+                self.section.samples,
+                self.section.batch_prompts,
+                &self.params,
+                &self.reward,
+                progress,
+            )?,
+        };
         let report = summarise(
             &self.section,
             &self.reward,
