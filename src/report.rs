@@ -92,6 +92,21 @@ pub fn run(a: ReportArgs) -> Result<()> {
             ],
         ),
     ];
+    // Multi-turn runs: turns and tool calls per episode.
+    if rows
+        .iter()
+        .any(|r| get(r, "turns_per_episode").is_some_and(|t| t > 1.0))
+    {
+        plots.push((
+            "episodes.svg",
+            "turns and tool calls per episode, failed calls per step",
+            vec![
+                ("turns".into(), series("turns_per_episode")),
+                ("tool calls".into(), series("tool_calls_per_episode")),
+                ("tool errors".into(), series("tool_errors")),
+            ],
+        ));
+    }
     if !evals.is_empty() {
         let mut s: Vec<Series> = vec![("accuracy".into(), eval_series("eval_accuracy"))];
         if let Some(k) = evals[0].as_object().and_then(|o| {

@@ -214,4 +214,8 @@ dump_batches = true
     )
     .unwrap();
     assert!(last["turns_per_episode"].as_f64().unwrap() >= 1.0);
+    // The report plots turns and tool calls per episode for a multi-turn run.
+    ok(tandem(&["report", run.to_str().unwrap()]));
+    let svg = std::fs::read_to_string(run.join("report/episodes.svg")).unwrap();
+    assert!(svg.contains("turns") && svg.contains("tool calls"), "{svg}");
 }
