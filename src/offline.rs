@@ -39,7 +39,28 @@ where
 }
 
 pub fn sft(a: StageArgs) -> Result<()> {
-    run_stage::<SftConfig, _>(&a, "sft", tandem_trainer::offline::sft::run).map(drop)
+    run_stage::<SftConfig, _>(&a, "sft", |cfg: &SftConfig| {
+        if cfg.sft.tools.is_empty() {
+            return tandem_trainer::offline::sft::run(cfg);
+        }
+        // Tool-use transcripts: the tools announced in the system turn as the generators
+        // announce them, the calls written as the generators parse them.
+        let tools = cfg.sft.tools.clone();
+        for t in &tools {
+            tandem_generator::tool_call::transcript(t, "1 + 1", "2")
+                .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?;
+        }
+        let mut cfg = cfg.clone();
+        cfg.data.system = Some(
+            tandem_generator::tool_call::system_prompt(cfg.data.system.as_deref(), &tools)
+                .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?,
+        );
+        let transcript = |question: &str, answer: &str| {
+            tandem_generator::tool_call::transcript(&tools[0], question, answer).unwrap_or_default()
+        };
+        tandem_trainer::offline::sft::run_with(&cfg, Some(&transcript))
+    })
+    .map(drop)
 }
 
 pub fn rm(a: StageArgs) -> Result<()> {

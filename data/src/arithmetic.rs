@@ -32,14 +32,29 @@ impl Arithmetic {
     pub fn get(&self, index: u64) -> Prompt {
         let (question, answer) = self.draw(index);
         Prompt {
-            body: PromptBody::Text(question),
+            body: PromptBody::Text(self.template.replace("{question}", &question)),
             answer: Some(answer),
         }
     }
 
     /// The first `n` (prompt text, answer) pairs: what the offline stages train on.
     pub fn pairs(&self, n: usize) -> Vec<(String, String)> {
-        (0..n as u64).map(|i| self.draw(i)).collect()
+        self.problems(n)
+            .into_iter()
+            .map(|(_, prompt, answer)| (prompt, answer))
+            .collect()
+    }
+
+    /// The first `n` problems as (question "a op b", prompt text, answer): the same
+    /// draws as [`Arithmetic::pairs`], with the bare question (tool-use transcripts).
+    pub fn problems(&self, n: usize) -> Vec<(String, String, String)> {
+        (0..n as u64)
+            .map(|i| {
+                let (question, answer) = self.draw(i);
+                let prompt = self.template.replace("{question}", &question);
+                (question, prompt, answer)
+            })
+            .collect()
     }
 
     /// Operands uniform over the numbers with `digits` digits (0..=9 for one digit);
@@ -66,10 +81,6 @@ impl Arithmetic {
             }
             _ => a * b,
         };
-        (
-            self.template
-                .replace("{question}", &format!("{a} {op} {b}")),
-            answer.to_string(),
-        )
+        (format!("{a} {op} {b}"), answer.to_string())
     }
 }

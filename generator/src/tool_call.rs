@@ -60,6 +60,40 @@ pub fn parse(turn: &str) -> Action {
     }
 }
 
+/// A call as the model writes it: `<tool_call>{"name": …, "arguments": …}</tool_call>`.
+pub fn call_text(name: &str, arguments: &Value) -> String {
+    format!(
+        "{OPEN}{}{CLOSE}",
+        json!({"name": name, "arguments": arguments})
+    )
+}
+
+/// A tool-use transcript of an arithmetic `question` ("47 * 86") with `answer`: the
+/// model's calculator call, the tool's answer and the final answer (SFT data that
+/// teaches the call format, `[sft] tools`). Only the calculator has one.
+pub fn transcript(tool: &str, question: &str, answer: &str) -> Result<Vec<ChatMessage>> {
+    if tool != "calculator" {
+        return Err(invalid(format!(
+            "[sft] tools: transcripts exist for \"calculator\" only, not {tool:?}"
+        )));
+    }
+    let result = crate::calculator::evaluate(question)
+        .map(crate::calculator::format)
+        .map_err(|e| invalid(format!("the question {question:?}: {e}")))?;
+    let message = |role: &str, content: String| ChatMessage {
+        role: role.into(),
+        content,
+    };
+    Ok(vec![
+        message(
+            "assistant",
+            call_text("calculator", &json!({"expression": question})),
+        ),
+        message("tool", result),
+        message("assistant", answer.to_string()),
+    ])
+}
+
 /// The JSON schema of a built-in tool, as announced to the model.
 pub fn schema(tool: &str) -> Option<Value> {
     match tool {
@@ -209,6 +243,29 @@ mod tests {
                 other => panic!("{turn}: {other:?}"),
             }
         }
+    }
+
+    /// A transcript's call is what the parser reads back, and the tool's turn is what
+    /// the calculator answers.
+    #[test]
+    fn transcripts_round_trip() {
+        let t = transcript("calculator", "47 * 86", "4042").unwrap();
+        assert_eq!(
+            t.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(),
+            ["assistant", "tool", "assistant"]
+        );
+        assert_eq!(
+            parse(&t[0].content),
+            Action::Call {
+                name: "calculator".into(),
+                arguments: json!({"expression": "47 * 86"})
+            }
+        );
+        assert_eq!(
+            (t[1].content.as_str(), t[2].content.as_str()),
+            ("4042", "4042")
+        );
+        assert!(transcript("python", "1 + 1", "2").is_err());
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct SftSection {
     pub masking: Masking,
     /// Records drawn from the synthetic task ([data] kind = "arithmetic").
     pub examples: usize,
+    /// Tool-use transcripts instead of bare answers (synthetic task, chat): each record
+    /// is the question, the model's call of this tool, the tool's answer and the final
+    /// answer, the tools announced in the system turn as `[env] tools` announces them.
+    pub tools: Vec<String>,
 }
 
 impl Default for SftSection {
@@ -32,6 +36,7 @@ impl Default for SftSection {
         SftSection {
             masking: Masking::AllAssistant,
             examples: 2000,
+            tools: Vec::new(),
         }
     }
 }
@@ -54,12 +59,37 @@ impl SftConfig {
         if self.data.kind == DataKind::Arithmetic && self.sft.examples == 0 {
             bail!("[sft] examples: the synthetic task needs ≥ 1");
         }
+        if !self.sft.tools.is_empty() && (self.data.kind != DataKind::Arithmetic || !self.data.chat)
+        {
+            bail!("[sft] tools: transcripts are drawn from the synthetic task with the chat template ([data] kind = \"arithmetic\", chat = true)");
+        }
         Ok(())
     }
 }
 
+/// A tool-use transcript of a synthetic problem: the turns after the question (the
+/// model's call, the tool's answer, the final answer), from the question ("47 * 86")
+/// and its answer. The binary provides it (the call convention is the generator's).
+pub type Transcript<'a> = &'a dyn Fn(&str, &str) -> Vec<ChatMessage>;
+
 /// The records of the configured data, checked; errors name the file, line and field.
-pub fn examples(cfg: &DataConfig, synthetic: usize) -> Result<Vec<Example>> {
+/// With `transcript`, each synthetic record is the question and its transcript.
+pub fn examples(
+    cfg: &DataConfig,
+    synthetic: usize,
+    transcript: Option<Transcript<'_>>,
+) -> Result<Vec<Example>> {
+    if let (Some(t), DataKind::Arithmetic) = (transcript, &cfg.kind) {
+        return Ok(tandem_data::Arithmetic::new(cfg)?
+            .problems(synthetic)
+            .into_iter()
+            .map(|(question, prompt, answer)| {
+                let mut turns = vec![ChatMessage::user(prompt)];
+                turns.extend(t(&question, &answer));
+                Example::Conversation(turns)
+            })
+            .collect());
+    }
     match cfg.kind {
         DataKind::Arithmetic => Ok(tandem_data::Arithmetic::new(cfg)?
             .pairs(synthetic)
@@ -148,11 +178,19 @@ impl Stage for Sft {
 /// Trains `cfg` (validated here); returns the summary that is also written to
 /// `[train] out_dir/summary.json`.
 pub fn run(cfg: &SftConfig) -> Result<Value> {
+    run_with(cfg, None)
+}
+
+/// [`run`], with synthetic records as tool-use transcripts (`[sft] tools`).
+pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<Value> {
     cfg.validate()?;
+    if !cfg.sft.tools.is_empty() && transcript.is_none() {
+        bail!("[sft] tools: this build has no transcript for them");
+    }
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
 
     // Read, check and tokenize everything before writing anything.
-    let records = examples(&cfg.data, cfg.sft.examples)?;
+    let records = examples(&cfg.data, cfg.sft.examples, transcript)?;
     let render = Render::for_model(
         &p,
         cfg.data.system.as_deref(),
