@@ -46,10 +46,14 @@ pub fn sft(a: StageArgs) -> Result<()> {
         // Tool-use transcripts: the tools announced in the system turn as the generators
         // announce them, the calls written as the generators parse them.
         let tools = cfg.sft.tools.clone();
-        for t in &tools {
-            tandem_generator::tool_call::transcript(t, "1 + 1", "2")
-                .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?;
+        // One tool's transcripts (the calculator's): refused up front, never dropped.
+        if tools.len() != 1 {
+            return Err(tandem_trainer::Error::Invalid(
+                "[sft] tools: name one tool (transcripts call one tool each)".into(),
+            ));
         }
+        tandem_generator::tool_call::transcript(&tools[0], "1 + 1", "2")
+            .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?;
         let mut cfg = cfg.clone();
         cfg.data.system = Some(
             tandem_generator::tool_call::system_prompt(cfg.data.system.as_deref(), &tools)

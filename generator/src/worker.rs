@@ -89,6 +89,9 @@ pub struct Worker {
     pub(crate) inbox: Option<Arc<Inbox>>,
     /// The environment of multi-turn episodes (one turn by default).
     pub(crate) env: Env,
+    /// The system turn of every prompt: `[data] system`, and the tools announced in it
+    /// (chat models), written once.
+    pub(crate) system: Option<String>,
 }
 
 impl Worker {
@@ -150,6 +153,14 @@ impl Worker {
             settings.chat,
             &model.stop_token_ids(),
         )?;
+        let system = if settings.chat && !env.config.tools.is_empty() {
+            Some(crate::tool_call::system_prompt(
+                settings.system.as_deref(),
+                &env.config.tools,
+            )?)
+        } else {
+            settings.system.clone()
+        };
         if let Some(addr) = &settings.env.service {
             // Its own token, with the run's TLS material.
             let token = std::env::var("TANDEM_ENV_TOKEN")
@@ -196,6 +207,7 @@ impl Worker {
             high_water: latest_version,
             sync_failures: 0,
             inbox,
+            system,
             env,
         };
         heartbeat::spawn(
@@ -457,20 +469,11 @@ impl Worker {
     /// `input` as token ids: the chat template (with the system turn, and the tools
     /// announced in it) when `[data] chat`, the raw text otherwise.
     fn render(&self, input: PromptInput<'_>) -> Result<Vec<u32>> {
-        // With tools, the system turn announces them (chat models).
-        let system = if self.settings.chat && !self.env.config.tools.is_empty() {
-            Some(crate::tool_call::system_prompt(
-                self.settings.system.as_deref(),
-                &self.env.config.tools,
-            )?)
-        } else {
-            self.settings.system.clone()
-        };
         prompt_ids(
             &self.model.tokenizer,
             input,
             self.settings.chat,
-            system.as_deref(),
+            self.system.as_deref(),
         )
     }
 
