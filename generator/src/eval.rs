@@ -21,7 +21,7 @@ use tandem_model::{Pretrained, RewardModel, SamplingParams};
 
 use crate::error::{bail, Result};
 use crate::reward::{final_answer, math_correct, RewardConfig};
-use crate::scored::{render_all, sample_episodes, sample_scored, Scored};
+use crate::scored::{render_all, sample_scored, Scored};
 
 /// `[eval]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,30 +321,18 @@ impl Evaluation {
     ) -> Result<(EvalReport, Vec<Vec<Scored>>)> {
         let t0 = Instant::now();
         let answers: Vec<Option<String>> = self.prompts.iter().map(|p| p.answer.clone()).collect();
-        let groups = match &self.env {
-            Some(env) => sample_episodes(
-                p,
-                &self.ids,
-                &answers,
-                self.section.samples,
-                self.section.batch_prompts,
-                &self.params,
-                &self.reward,
-                env,
-                progress,
-            )?,
-            None => sample_scored(
-                p,
-                self.rm.as_ref(),
-                &self.ids,
-                &answers,
-                self.section.samples,
-                self.section.batch_prompts,
-                &self.params,
-                &self.reward,
-                progress,
-            )?,
-        };
+        let groups = sample_scored(
+            p,
+            self.rm.as_ref(),
+            &self.ids,
+            &answers,
+            self.section.samples,
+            self.section.batch_prompts,
+            &self.params,
+            &self.reward,
+            self.env.as_ref(),
+            progress,
+        )?;
         let report = summarise(
             &self.section,
             &self.reward,

@@ -148,6 +148,7 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
         r.batch_prompts,
         &params,
         &cfg.reward,
+        None,
         |done| bar.set_position(done as u64),
     )?;
     bar.finish();

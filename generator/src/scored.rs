@@ -56,7 +56,8 @@ pub fn render_all(
 /// prompts at a time (each prefilled once, its samples forked), and scores them:
 /// `reward.score` plus `model_weight`·RM when `rm` is given. Prompt i draws from the
 /// random streams of seed `params.seed + i`. `progress` is told how many prompts are
-/// done after each batch.
+/// done after each batch. With a multi-turn `env`, the samples are episodes
+/// ([`sample_episodes`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_scored(
     p: &Pretrained,
@@ -67,8 +68,12 @@ pub fn sample_scored(
     batch: usize,
     params: &SamplingParams,
     reward: &RewardConfig,
+    env: Option<&crate::env::Env>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<Scored>>> {
+    if let Some(env) = env {
+        return sample_episodes(p, rm, ids, answers, n, batch, params, reward, env, progress);
+    }
     let mut out = Vec::with_capacity(ids.len());
     for (b, chunk) in ids.chunks(batch.max(1)).enumerate() {
         let first = b * batch.max(1);
@@ -91,17 +96,28 @@ pub fn sample_scored(
                     })
                 })
                 .collect::<Result<_>>()?;
-            if let Some(rm) = rm {
-                let toks: Vec<Vec<u32>> = scored.iter().map(|s| s.tokens.clone()).collect();
-                for (s, r) in scored.iter_mut().zip(rm.score(&ids[i], &toks)?) {
-                    s.reward += reward.model_weight * r;
-                }
-            }
+            add_model_rewards(rm, reward, &ids[i], &mut scored)?;
             out.push(scored);
         }
         progress(out.len());
     }
     Ok(out)
+}
+
+/// Adds `model_weight`·RM(prompt + completion) to each sample's reward, with `rm`.
+fn add_model_rewards(
+    rm: Option<&RewardModel>,
+    reward: &RewardConfig,
+    prompt: &[u32],
+    scored: &mut [Scored],
+) -> Result<()> {
+    if let Some(rm) = rm {
+        let toks: Vec<Vec<u32>> = scored.iter().map(|s| s.tokens.clone()).collect();
+        for (s, r) in scored.iter_mut().zip(rm.score(prompt, &toks)?) {
+            s.reward += reward.model_weight * r;
+        }
+    }
+    Ok(())
 }
 
 /// [`sample_scored`] for multi-turn episodes with tools (`env`): each prompt's `n`
@@ -112,6 +128,7 @@ pub fn sample_scored(
 #[allow(clippy::too_many_arguments)]
 pub fn sample_episodes(
     p: &Pretrained,
+    rm: Option<&RewardModel>,
     ids: &[Vec<u32>],
     answers: &[Option<String>],
     n: usize,
@@ -163,7 +180,7 @@ pub fn sample_episodes(
                 let i = d.lease.lease_id as usize - 1;
                 let answer = answers[i].as_deref();
                 let s = d.sampled;
-                let scored = s
+                let mut scored = s
                     .finished
                     .completions
                     .into_iter()
@@ -177,6 +194,7 @@ pub fn sample_episodes(
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
+                add_model_rewards(rm, reward, &ids[i], &mut scored)?;
                 out[i] = Some(scored);
                 done_count += 1;
             }
@@ -222,9 +240,18 @@ mod tests {
         let reward = RewardConfig::default();
         let run = || {
             let mut seen = Vec::new();
-            let out = sample_episodes(&p, &ids, &answers, 2, 2, &params, &reward, &env, |n| {
-                seen.push(n)
-            })
+            let out = sample_episodes(
+                &p,
+                None,
+                &ids,
+                &answers,
+                2,
+                2,
+                &params,
+                &reward,
+                &env,
+                |n| seen.push(n),
+            )
             .unwrap();
             (out, seen)
         };
