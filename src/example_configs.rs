@@ -94,6 +94,15 @@ fn inspect(e: &Example) -> (Vec<String>, String) {
             read.extend(paths([&c.data.path]));
             read.extend(c.reward.model.clone());
             read.extend(c.reward.judge.clone());
+            // An agent program's script (an argument naming a file).
+            read.extend(
+                c.env
+                    .agent
+                    .iter()
+                    .skip(1)
+                    .filter(|a| a.contains('/'))
+                    .cloned(),
+            );
             let out = Path::new(&c.run.run_dir).join("final");
             (read, out.to_string_lossy().into_owned())
         }

@@ -107,8 +107,11 @@ impl RunConfig {
         self.coordinator.validate()?;
         self.trainer.validate()?;
         self.generator.validate()?;
-        self.reward
-            .validate_for(self.algorithm.teacher.is_some() || self.env.service.is_some())?;
+        self.reward.validate_for(
+            self.algorithm.teacher.is_some()
+                || self.env.service.is_some()
+                || !self.env.agent.is_empty(),
+        )?;
         self.algorithm.validate()?;
         self.optimizer.validate()?;
         self.eval.validate()?;

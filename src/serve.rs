@@ -188,7 +188,14 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         batch_groups: cfg.run.batch_groups,
         max_staleness: cfg.run.max_staleness,
         filter_zero_std: cfg.run.filter_zero_std,
-        max_completion_tokens: cfg.generator.max_new_tokens,
+        // An agent's sample also carries the part of its prompt past what its group
+        // shares; the model's context bounds it.
+        max_completion_tokens: if cfg.env.agent.is_empty() {
+            cfg.generator.max_new_tokens
+        } else {
+            usize::MAX
+        },
+        samples_per_episode: cfg.env.samples_per_episode() as usize,
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         trainer: cfg.trainer.clone(),
         algorithm: cfg.algorithm.clone(),
@@ -222,6 +229,10 @@ pub struct GeneratorArgs {
     /// Serve /healthz and /readyz here (for Kubernetes probes), e.g. 0.0.0.0:8080.
     #[arg(long)]
     http: Option<String>,
+    /// Serve the OpenAI-compatible endpoint of `[env] agent` programs here, e.g.
+    /// 127.0.0.1:8000 (default: a free loopback port; the agents are told it).
+    #[arg(long)]
+    openai: Option<String>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -257,6 +268,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
                 collective: collective_backend(plane, false)?,
             }),
         },
+        openai: a.openai.clone(),
     };
     let worker = tandem_generator::worker::Worker::new(
         settings,

@@ -219,3 +219,196 @@ dump_batches = true
     let svg = std::fs::read_to_string(run.join("report/episodes.svg")).unwrap();
     assert!(svg.contains("turns") && svg.contains("tool calls"), "{svg}");
 }
+
+/// An agent program in Python (`examples/agents/calculator_agent.py`, through
+/// `tests/fixtures/agent_probe.py`, which first checks the endpoint's refusals and
+/// records every reply) drives episodes of the tiny model over the OpenAI-compatible
+/// endpoint with plain `httpx`. Each episode's requests extend one conversation, so
+/// they become one sample: the trained tokens are the model's replies exactly as the
+/// agent received them, with the agent's messages between them masked; the trainer
+/// accepts the groups and the run finishes.
+#[test]
+fn an_agent_program_trains_through_the_openai_endpoint() {
+    let Some(python) = python_with(&["httpx"]) else {
+        return unavailable("no Python with httpx (deploy/install-validators.sh)");
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let run = dir.path().join("run");
+    let traces = dir.path().join("traces");
+    std::fs::create_dir_all(&traces).unwrap();
+    let steps = 3;
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[run]
+steps = {steps}
+batch_groups = 2
+group_size = 2
+max_staleness = 1
+generators = 1
+run_dir = "{run}"
+
+[model]
+path = "{model}"
+
+[data]
+kind = "arithmetic"
+chat = true
+template = "What is {{question}}?"
+
+[generator]
+temperature = 1.0
+max_new_tokens = 160
+prompts_per_batch = 2
+
+[reward]
+math = 0.0
+format = 0.0
+
+[env]
+agent = ["{python}", "{probe}", "--max-tokens", "32"]
+max_turns = 3
+
+[algorithm]
+temperature = 1.0
+
+[trainer]
+dump_batches = true
+"#,
+            run = run.display(),
+            model = model.display(),
+            python = python.display(),
+            probe = root.join("tests/fixtures/agent_probe.py").display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", cfg.to_str().unwrap()])
+        .env("TANDEM_LOG", "warn")
+        .env(
+            "AGENT_SCRIPT",
+            root.join("examples/agents/calculator_agent.py"),
+        )
+        .env("AGENT_TRACE_DIR", &traces)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Every agent got past the probes and ended well (a failed one is logged as
+    // "[env] agent: …").
+    let log = std::fs::read_to_string(run.join("logs/gen-0.log")).unwrap();
+    assert!(!log.contains("[env] agent:"), "{log}");
+
+    // Each episode's trace: its lease, its sample index, the replies it received.
+    let mut replies: std::collections::HashMap<(u64, u64), Vec<Value>> = Default::default();
+    for entry in std::fs::read_dir(&traces).unwrap() {
+        let t: Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+        let id = t["task"]["episode_id"].as_str().unwrap().to_string();
+        let lease: u64 = id.split('-').next().unwrap().parse().unwrap();
+        let sample = t["task"]["sample"].as_u64().unwrap();
+        replies.insert((lease, sample), t["replies"].as_array().unwrap().clone());
+    }
+    let tok = tandem_model::Tokenizer::from_hf_dir(&model).unwrap();
+    let eos = tandem_model::preset::EOS_ID;
+    let (mut checked, mut multi_turn) = (0, 0);
+    for step in 1..=steps {
+        let text =
+            std::fs::read_to_string(run.join(format!("batches/step-{step:06}.jsonl"))).unwrap();
+        // Completions seen so far of each group.
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        for line in text.lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            let reward = r["reward"].as_f64().unwrap();
+            assert!(
+                reward == 0.0 || reward == 1.0,
+                "reward {reward}: the agent's"
+            );
+            let lease: u64 = r["group"]
+                .as_str()
+                .unwrap()
+                .split("-l")
+                .nth(1)
+                .unwrap()
+                .split('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let ids: Vec<u32> = r["completion_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let mask: Vec<u64> = match r["loss_mask"].as_array() {
+                Some(m) => m.iter().map(|x| x.as_u64().unwrap()).collect(),
+                None => vec![1; ids.len()],
+            };
+            // The model's spans (runs of 1) and the spans between them.
+            let mut spans: Vec<(bool, std::ops::Range<usize>)> = Vec::new();
+            for (t, &m) in mask.iter().enumerate() {
+                match spans.last_mut() {
+                    Some((model, range)) if *model == (m == 1) => range.end = t + 1,
+                    _ => spans.push((m == 1, t..t + 1)),
+                }
+            }
+            let model_spans: Vec<_> = spans.iter().filter(|s| s.0).map(|s| s.1.clone()).collect();
+            let turns = r["episode"]["turns"].as_u64().unwrap_or(1) as usize;
+            assert_eq!(model_spans.len(), turns, "{r}");
+            if turns > 1 {
+                multi_turn += 1;
+                // Between two turns: the agent's follow-up, tokenized once, masked.
+                let between = spans.iter().skip_while(|s| !s.0).find(|s| !s.0).unwrap();
+                let text = tok.decode(&ids[between.1.clone()], false).unwrap();
+                assert!(text.contains("Answer with the number only."), "{text:?}");
+            }
+            // The samples of a group are its episodes', in order; with one sample per
+            // episode, completion k of the group is sample k's episode.
+            let counter = seen
+                .entry(r["group"].as_str().unwrap().to_string())
+                .or_default();
+            let sample = *counter;
+            *counter += 1;
+            // Each of the group's episodes left its trace (group_size = 2).
+            for j in 0..2 {
+                assert!(
+                    replies.contains_key(&(lease, j)),
+                    "lease {lease} episode {j}"
+                );
+            }
+            let Some(got) = replies.get(&(lease, sample)) else {
+                continue;
+            };
+            if got.len() != turns {
+                continue; // An episode split into samples: matched by the unit tests.
+            }
+            for (span, reply) in model_spans.iter().zip(got) {
+                let message = &reply["choices"][0]["message"];
+                if message["tool_calls"].is_array() {
+                    continue;
+                }
+                let tokens = &ids[span.clone()];
+                let body = match tokens.split_last() {
+                    Some((&last, body)) if last == eos => body,
+                    _ => tokens,
+                };
+                assert_eq!(
+                    tok.decode(body, false).unwrap(),
+                    message["content"].as_str().unwrap(),
+                    "the trained tokens are the reply the agent got"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 0 && multi_turn > 0,
+        "{checked} turns checked, {multi_turn} multi-turn samples"
+    );
+}

@@ -92,6 +92,7 @@ pub fn run(a: SystemBench) -> Result<()> {
         Limits {
             vocab_size: vocab,
             group_size: a.group_size,
+            samples_per_episode: 1,
             max_completion_tokens: a.completion_tokens,
             max_context_tokens: a.prompt_tokens + a.completion_tokens + 1,
             filter_zero_std: false,

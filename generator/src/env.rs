@@ -33,6 +33,13 @@ pub struct EnvConfig {
     pub reward_weight: f64,
     /// `[env.python]`: the `python` tool's sandbox limits.
     pub python: PythonLimits,
+    /// An agent program (argv) run once per episode: it reads its task as JSON on
+    /// stdin, talks to the policy through the generator's OpenAI-compatible endpoint
+    /// (`OPENAI_BASE_URL`, the episode id in `TANDEM_EPISODE_ID`) and may print
+    /// `{"reward": r}` as its last line. Unset = Tandem runs the episodes itself.
+    pub agent: Vec<String>,
+    /// Seconds an agent program may run before it is killed (its turns so far count).
+    pub agent_timeout_s: f64,
 }
 
 impl Default for EnvConfig {
@@ -45,6 +52,8 @@ impl Default for EnvConfig {
             service_token: None,
             reward_weight: 1.0,
             python: PythonLimits::default(),
+            agent: Vec::new(),
+            agent_timeout_s: 600.0,
         }
     }
 }
@@ -70,6 +79,23 @@ impl EnvConfig {
                 "[env] service and [env] tools: choose one (the service answers every turn)",
             ));
         }
+        if !self.agent.is_empty() {
+            if self.agent[0].trim().is_empty() {
+                return Err(invalid(
+                    "[env] agent: the first element is the program to run, e.g. [\"python3\", \"agent.py\"]",
+                ));
+            }
+            if self.service.is_some() || !self.tools.is_empty() {
+                return Err(invalid(
+                    "[env] agent with [env] tools or [env] service: choose one (the agent program runs its own tools)",
+                ));
+            }
+        }
+        if !(self.agent_timeout_s.is_finite() && self.agent_timeout_s > 0.0) {
+            return Err(invalid(
+                "[env] agent_timeout_s: must be a number of seconds > 0",
+            ));
+        }
         if let Some(s) = &self.service {
             if !s.contains(':') {
                 return Err(invalid(format!(
@@ -89,6 +115,16 @@ impl EnvConfig {
     /// Whether episodes have more than one turn.
     pub fn multi_turn(&self) -> bool {
         self.max_turns > 1
+    }
+
+    /// Samples one episode may yield: an agent's turn that does not extend its previous
+    /// one starts another sample, so up to one per turn; one otherwise.
+    pub fn samples_per_episode(&self) -> u32 {
+        if self.agent.is_empty() {
+            1
+        } else {
+            self.max_turns
+        }
     }
 }
 
@@ -327,6 +363,28 @@ mod tests {
                     ..Default::default()
                 },
                 "observation_role",
+            ),
+            (
+                EnvConfig {
+                    agent: vec!["".into()],
+                    ..Default::default()
+                },
+                "[env] agent",
+            ),
+            (
+                EnvConfig {
+                    agent: vec!["python3".into()],
+                    tools: vec!["calculator".into()],
+                    ..Default::default()
+                },
+                "choose one",
+            ),
+            (
+                EnvConfig {
+                    agent_timeout_s: 0.0,
+                    ..Default::default()
+                },
+                "agent_timeout_s",
             ),
         ] {
             let e = c.validate().unwrap_err().to_string();

@@ -260,6 +260,9 @@ impl Evaluation {
         max_new_tokens: usize,
     ) -> Result<Self> {
         section.validate()?;
+        if !env.agent.is_empty() {
+            bail!("[eval]: the evaluation runs episodes with tools only; [env] agent programs are not started (set eval.every = 0)");
+        }
         if env.service.is_some() {
             bail!("[eval]: the evaluation runs episodes with tools only; an [env] service is not called (set eval.every = 0, or evaluate with `tandem eval` on a config without it)");
         }

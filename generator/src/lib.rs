@@ -16,9 +16,14 @@
 //!   sample's turns as sampled plus the environment's; [`tool_call`] — the Hermes
 //!   tool-call convention; [`calculator`] — the calculator tool; [`sandbox`] — the
 //!   `python` tool's sandbox
+//! - [`agent`] — `[env] agent` programs, one process per episode; [`openai`] — the
+//!   OpenAI-compatible endpoint they talk to; [`chat_episode`] — an agent's requests
+//!   merged into samples, the model's tokens as sampled
 
+pub mod agent;
 pub mod broadcast;
 pub mod calculator;
+pub mod chat_episode;
 pub mod config;
 pub mod env;
 pub mod env_service;
@@ -27,6 +32,7 @@ pub mod error;
 pub mod eval;
 pub mod groups;
 mod heartbeat;
+pub mod openai;
 mod push;
 pub mod rejection;
 pub mod render;

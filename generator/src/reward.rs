@@ -108,7 +108,7 @@ impl RewardConfig {
             && self.judge.is_none()
         {
             return Err(invalid(
-                "[reward]: every weight is 0; set math, format or exact_match, a service or a model (or [algorithm] teacher for pure distillation)",
+                "[reward]: every weight is 0; set math, format or exact_match, a service or a model (or [algorithm] teacher for pure distillation, or an [env] service or agent that rewards)",
             ));
         }
         if self.judge.is_some() {

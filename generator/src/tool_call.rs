@@ -125,12 +125,19 @@ pub fn schema(tool: &str) -> Option<Value> {
     }
 }
 
-/// The system text that announces `tools` (after `system`, when there is one).
+/// The system text that announces the built-in `tools` (after `system`, when there is
+/// one).
 pub fn system_prompt(system: Option<&str>, tools: &[String]) -> Result<String> {
     let schemas = tools
         .iter()
         .map(|t| schema(t).ok_or_else(|| invalid(format!("[env] tools: unknown tool {t:?}"))))
         .collect::<Result<Vec<Value>>>()?;
+    Ok(announce(system, &schemas))
+}
+
+/// The system text that announces tools by their JSON `schemas` (after `system`, when
+/// there is one): a `<tools>` list and how to call one.
+pub fn announce(system: Option<&str>, schemas: &[Value]) -> String {
     let listed: Vec<String> = schemas.iter().map(Value::to_string).collect();
     let mut text = String::new();
     if let Some(s) = system {
@@ -141,7 +148,7 @@ pub fn system_prompt(system: Option<&str>, tools: &[String]) -> Result<String> {
         "You may call tools. Available tools:\n<tools>\n{}\n</tools>\nTo call one, write {OPEN}{{\"name\": <tool name>, \"arguments\": <arguments object>}}{CLOSE} and stop; the result comes back in the next message.",
         listed.join("\n")
     ));
-    Ok(text)
+    text
 }
 
 /// How an environment turn is written between two model turns.

@@ -17,15 +17,20 @@ use tandem_proto::v1::{
 };
 use tokio::runtime::Handle;
 
+use crate::agent::{Agents, Ended};
 use crate::broadcast::Inbox;
 use crate::config::{GeneratorConfig, WeightUpdate};
 use crate::env::{Env, EnvConfig};
 use crate::error::{Error, Result};
-use crate::groups::{Groups, Sampled};
+use crate::groups::{Done, Groups, Sampled};
 use crate::heartbeat::{self, Beat};
 use crate::push::Outbox;
 use crate::render::{prompt_ids, PromptInput};
 use crate::reward::RewardConfig;
+
+/// Groups in a row whose agent programs all failed before their first turn, after
+/// which the generator stops (the program, not one task, is broken).
+const AGENT_FAILURES_IN_A_ROW: u32 = 3;
 
 /// Everything a generator needs besides its model.
 #[derive(Clone)]
@@ -45,6 +50,9 @@ pub struct Settings {
     pub weight_sync_timeout: Duration,
     /// Receive versions by the trainer's broadcast (`[trainer] broadcast`).
     pub broadcast: Option<BroadcastSettings>,
+    /// Where the OpenAI-compatible endpoint of `[env] agent` programs listens
+    /// (`--openai`; any free loopback port when unset).
+    pub openai: Option<String>,
 }
 
 /// A generator's side of `[trainer] broadcast`.
@@ -92,6 +100,8 @@ pub struct Worker {
     /// The system turn of every prompt: `[data] system`, and the tools announced in it
     /// (chat models), written once.
     pub(crate) system: Option<String>,
+    /// `[env] agent`: the agent programs and their endpoint.
+    pub(crate) agents: Option<Agents>,
 }
 
 impl Worker {
@@ -181,6 +191,27 @@ impl Worker {
                 rt.clone(),
             )?);
         }
+        let agents = if settings.env.agent.is_empty() {
+            if let Some(addr) = &settings.openai {
+                return Err(Error::Invalid(format!(
+                    "--openai {addr}: the endpoint serves the episodes of [env] agent programs; set [env] agent"
+                )));
+            }
+            None
+        } else {
+            let b = beat.clone();
+            let policy = crate::openai::Policy {
+                tokenizer: model.tokenizer.clone(),
+                stop: model.stop_token_ids(),
+                max_turns: settings.env.max_turns,
+                budget: settings.generator.max_new_tokens,
+                context: model.model.config().max_position_embeddings,
+                held: Arc::new(move || b.held.load(Ordering::SeqCst)),
+                model: "tandem".into(),
+            };
+            let addr = settings.openai.as_deref().unwrap_or("127.0.0.1:0");
+            Some(Agents::serve(addr, &rt, settings.env.clone(), policy)?)
+        };
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
@@ -209,6 +240,7 @@ impl Worker {
             inbox,
             system,
             env,
+            agents,
         };
         heartbeat::spawn(
             &w.rt,
@@ -227,6 +259,8 @@ impl Worker {
     pub fn run(mut self) -> Result<()> {
         let mut engine = Engine::new(&self.model.model, self.settings.generator.engine())?;
         let mut groups = Groups::default();
+        let mut agents = self.agents.take();
+        let mut agent_failures = 0;
         // Leased under a version newer than the weights held while rows still run
         // (`between_batches`): started once the engine drains and the weights change.
         let mut deferred: Option<(u64, Vec<PromptLease>)> = None;
@@ -244,9 +278,10 @@ impl Worker {
             }
             if let Some((v, leases)) = deferred.take_if(|_| engine.is_idle()) {
                 self.maybe_sync(Some(v))?;
-                self.start(&mut engine, &mut groups, leases)?;
+                self.start(&mut engine, &mut groups, agents.as_mut(), leases)?;
             }
-            let queued = engine.queued_requests();
+            // Agents' groups wait on their programs, not in the engine's queue.
+            let queued = engine.queued_requests() + agents.as_ref().map_or(0, Agents::groups);
             if deferred.is_none() && queued < ahead && Instant::now() >= next_lease {
                 // Retried through a coordinator restart; a retry carries the same
                 // request id, so a lost reply loses no lease.
@@ -275,7 +310,7 @@ impl Worker {
                         {
                             // Admitted under version v: generate with v (or newer).
                             self.maybe_sync(Some(r.policy_version))?;
-                            self.start(&mut engine, &mut groups, r.leases)?;
+                            self.start(&mut engine, &mut groups, agents.as_mut(), r.leases)?;
                         } else {
                             deferred = Some((r.policy_version, r.leases));
                         }
@@ -296,14 +331,37 @@ impl Worker {
                 held,
             )?;
             for d in answered {
-                if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id())? {
-                    self.push(g)?;
+                self.score_and_push(d, worker_id())?;
+            }
+            // Agents' turns go to the engine; groups whose agents all exited are scored.
+            let ended = match agents.as_mut() {
+                Some(a) => a.poll(&mut engine, &self.model.model),
+                None => Vec::new(),
+            };
+            for e in ended {
+                match e {
+                    Ended::Done(d) => {
+                        agent_failures = 0;
+                        self.score_and_push(d, worker_id())?;
+                    }
+                    Ended::Failed(l, why) => {
+                        self.release(&l, &why);
+                        // One bad group is skipped; a program that never gets a turn
+                        // done is the run's configuration, and stops this generator.
+                        agent_failures += 1;
+                        if agent_failures >= AGENT_FAILURES_IN_A_ROW {
+                            return Err(Error::Invalid(format!(
+                                "{why}; {agent_failures} groups in a row had no turn: check [env] agent"
+                            )));
+                        }
+                    }
                 }
             }
             if engine.is_idle() {
                 let wait = next_lease.saturating_duration_since(Instant::now());
-                // A running tool call is waited for in small steps.
-                let most = if groups.tools_running() > 0 { 2 } else { 1000 };
+                // A running tool call or agent is waited for in small steps.
+                let waiting = groups.tools_running() + agents.as_ref().map_or(0, Agents::groups);
+                let most = if waiting > 0 { 2 } else { 1000 };
                 let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(most));
                 std::thread::sleep(wait);
                 self.beat
@@ -316,6 +374,13 @@ impl Worker {
                 .tokens
                 .fetch_add(out.decoded as u64, Ordering::SeqCst);
             for f in out.finished {
+                let f = match agents.as_mut() {
+                    Some(a) => match a.finished(f) {
+                        Some(f) => f,
+                        None => continue,
+                    },
+                    None => f,
+                };
                 let done = groups.finished(
                     &mut engine,
                     &self.model.model,
@@ -324,9 +389,7 @@ impl Worker {
                     &self.model.tokenizer,
                 )?;
                 if let Some(d) = done {
-                    if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id())? {
-                        self.push(g)?;
-                    }
+                    self.score_and_push(d, worker_id())?;
                 }
             }
             if in_flight {
@@ -347,12 +410,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Renders each lease's prompt and queues `group_size` samples of it; a group's
-    /// samples draw from streams 0.. of a seed derived from its lease.
+    /// Scores a group whose episodes all ended and pushes it (unless its lease went
+    /// back).
+    fn score_and_push(&mut self, d: Done, worker_id: u64) -> Result<()> {
+        if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id)? {
+            self.push(g)?;
+        }
+        Ok(())
+    }
+
+    /// Renders each lease's prompt and queues `group_size` samples of it (or starts
+    /// `group_size` agent programs on it); a group's samples draw from streams 0.. of a
+    /// seed derived from its lease.
     fn start(
         &mut self,
         engine: &mut Engine,
         groups: &mut Groups,
+        agents: Option<&mut Agents>,
         leases: Vec<PromptLease>,
     ) -> Result<()> {
         let g = self.settings.generator.clone();
@@ -372,6 +446,25 @@ impl Worker {
             }
             return Ok(());
         }
+        if let Some(agents) = agents {
+            for l in leases {
+                let mut messages = Vec::new();
+                if let Some(s) = &self.system {
+                    messages.push(serde_json::json!({"role": "system", "content": s}));
+                }
+                if l.messages.is_empty() {
+                    messages.push(serde_json::json!({"role": "user", "content": l.text}));
+                } else {
+                    for m in &l.messages {
+                        messages.push(serde_json::json!({"role": m.role, "content": m.content}));
+                    }
+                }
+                let (p, text) = (self.params(&l), prompt_text(&l));
+                let k = self.settings.group_size as usize;
+                agents.start(l, serde_json::Value::Array(messages), &text, p, k);
+            }
+            return Ok(());
+        }
         for l in leases {
             let ids = match self.reset_episodes(&l) {
                 Ok(Some(first)) => self.render(PromptInput::Text(&first))?,
@@ -382,24 +475,31 @@ impl Worker {
                     continue;
                 }
             };
-            let params = SamplingParams {
-                temperature: g.temperature,
-                top_k: g.top_k,
-                top_p: g.top_p,
-                max_new_tokens: g.max_new_tokens,
-                stop_token_ids: self.model.stop_token_ids(),
-                seed: self.settings.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            };
+            let p = self.params(&l);
             groups.start(
                 engine,
                 &self.model.model,
                 l,
                 ids,
-                params,
+                p,
                 self.settings.group_size as usize,
             )?;
         }
         Ok(())
+    }
+
+    /// The sampling settings of lease `l`'s group: the run's, with a seed derived from
+    /// the lease.
+    fn params(&self, l: &PromptLease) -> SamplingParams {
+        let g = &self.settings.generator;
+        SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            max_new_tokens: g.max_new_tokens,
+            stop_token_ids: self.model.stop_token_ids(),
+            seed: self.settings.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
     }
 
     /// `max_new_tokens` placeholder tokens per sample (`mock_generate_ms`).

@@ -8,6 +8,10 @@ use tandem_proto::v1::{Completion, RolloutGroup};
 pub struct Limits {
     pub vocab_size: usize,
     pub group_size: usize,
+    /// Samples one episode may yield. Above 1 (agent programs, whose turns may start
+    /// new samples, and which may fail before their first turn) a group carries 1 to
+    /// `group_size × samples_per_episode` completions; otherwise exactly `group_size`.
+    pub samples_per_episode: usize,
     /// Longest completion accepted.
     pub max_completion_tokens: usize,
     /// Longest prompt + completion accepted (the model's context).
@@ -47,10 +51,17 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
             l.vocab_size
         ));
     }
-    if g.completions.len() != l.group_size {
+    let n = g.completions.len();
+    if l.samples_per_episode > 1 {
+        let most = l.group_size * l.samples_per_episode;
+        if !(1..=most).contains(&n) {
+            return Err(format!(
+                "completions: {n} in the group, must be 1..={most} (group_size × [env] max_turns)"
+            ));
+        }
+    } else if n != l.group_size {
         return Err(format!(
-            "completions: {} in the group, the run's group_size is {}",
-            g.completions.len(),
+            "completions: {n} in the group, the run's group_size is {}",
             l.group_size
         ));
     }
@@ -192,6 +203,7 @@ mod tests {
         let l = Limits {
             vocab_size: 10,
             group_size: 2,
+            samples_per_episode: 1,
             max_completion_tokens: 4,
             max_context_tokens: 8,
             filter_zero_std: false,
@@ -201,6 +213,23 @@ mod tests {
         varied.completions[1].reward = 0.5;
         assert!(!uninformative(&varied));
         assert!(check_group(&good(), &l, 3).is_ok());
+        // Agent episodes: 1..=group_size × samples_per_episode completions.
+        let agents = Limits {
+            samples_per_episode: 3,
+            ..l
+        };
+        let mut more = good();
+        more.completions.extend(good().completions);
+        assert!(check_group(&more, &agents, 3).is_ok());
+        assert!(check_group(&more, &l, 3)
+            .unwrap_err()
+            .contains("group_size"));
+        more.completions.truncate(1);
+        assert!(check_group(&more, &agents, 3).is_ok());
+        more.completions.clear();
+        assert!(check_group(&more, &agents, 3)
+            .unwrap_err()
+            .contains("max_turns"));
         /// A change that breaks one rule, and the field the refusal must name.
         type Case<'a> = (Box<dyn Fn(&mut RolloutGroup)>, &'a str);
         let cases: Vec<Case> = vec![

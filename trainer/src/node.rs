@@ -45,6 +45,8 @@ pub struct Settings {
     pub filter_zero_std: bool,
     /// The longest completion a generator samples (`[generator] max_new_tokens`).
     pub max_completion_tokens: usize,
+    /// Samples one episode may yield (`[env] agent`: one per turn; otherwise 1).
+    pub samples_per_episode: usize,
     pub heartbeat_interval: Duration,
     pub trainer: TrainerConfig,
     pub algorithm: AlgorithmConfig,
@@ -152,6 +154,7 @@ pub fn run(
         Limits {
             vocab_size: mc.vocab_size,
             group_size: s.group_size as usize,
+            samples_per_episode: s.samples_per_episode,
             max_completion_tokens: s.max_completion_tokens,
             max_context_tokens: mc.max_position_embeddings,
             filter_zero_std: s.filter_zero_std,

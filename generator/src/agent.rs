@@ -1,0 +1,547 @@
+//! Agent programs (`[env] agent`): one process per episode, talking to the policy
+//! through the generator's OpenAI-compatible endpoint ([`crate::openai`]).
+//!
+//! For each leased prompt the generator starts `group_size` agents. Each gets its task
+//! as one JSON object on stdin (`episode_id`, `messages`, `prompt`, `answer`,
+//! `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment, `OPENAI_BASE_URL`,
+//! `OPENAI_API_KEY` (a placeholder) and `TANDEM_EPISODE_ID`; the run's `TANDEM_*`
+//! secrets are not passed on. It may print `{"reward": r}` as its last line. When the
+//! last agent of a group has exited (or was killed at `[env] agent_timeout_s`), the
+//! group's samples (all its episodes' turns, [`crate::chat_episode`]) are scored like
+//! any other group: verifiers on each episode's final model turn, plus
+//! `[env] reward_weight` × the agent's reward.
+//!
+//! The group's prompt is the longest token prefix its samples' first prompts share;
+//! the rest of each sample's prompt is part of its completion, with loss mask 0.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams};
+use tandem_proto::v1::PromptLease;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::chat_episode::ChatEpisode;
+use crate::env::EnvConfig;
+use crate::error::{Error, Result};
+use crate::groups::{Done, Sampled};
+use crate::openai::{self, Endpoint, Policy, Slot, TurnRequest};
+
+/// Agent turns take engine request ids from here up, apart from leases and the
+/// built-in episodes' turns.
+const FIRST_AGENT_ID: u64 = 1 << 61;
+
+/// Output kept of an agent's stdout and stderr (the end of it).
+const KEEP_BYTES: usize = 64 << 10;
+
+/// How an agent process ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exit {
+    /// The reward it printed as its last line.
+    pub reward: Option<f64>,
+    /// Why it failed (exit status, killed at the timeout, a last line that is not a
+    /// reward), with the end of its stderr; its turns still count.
+    pub failure: Option<String>,
+}
+
+/// An agent that ended: (lease, sample, how).
+type Exited = (u64, usize, Exit);
+
+struct Live {
+    lease: PromptLease,
+    params: SamplingParams,
+    /// Episode ids, by sample.
+    episodes: Vec<String>,
+    exits: Vec<Option<Exit>>,
+}
+
+/// A group that ended: ready to score, or to give back (why).
+pub enum Ended {
+    Done(Done),
+    Failed(PromptLease, String),
+}
+
+pub struct Agents {
+    endpoint: Arc<Endpoint>,
+    /// The endpoint's address.
+    pub addr: std::net::SocketAddr,
+    config: EnvConfig,
+    turns: Receiver<TurnRequest>,
+    exits: (Sender<Exited>, Receiver<Exited>),
+    /// Engine request id → where its turn goes.
+    pending: HashMap<u64, oneshot::Sender<openai::Sampled>>,
+    live: HashMap<u64, Live>,
+    next_id: u64,
+}
+
+impl Agents {
+    /// Serves the endpoint on `addr` (`127.0.0.1:0` for any free port) on `rt`.
+    pub fn serve(addr: &str, rt: &Handle, config: EnvConfig, policy: Policy) -> Result<Self> {
+        let probe = [tandem_model::ChatMessage::user("x")];
+        if let Err(e) = policy.tokenizer.apply_chat_template(&probe, true) {
+            return Err(Error::Invalid(format!(
+                "[env] agent: the endpoint renders conversations with the model's chat template: {e}"
+            )));
+        }
+        let (tx, turns) = channel();
+        let endpoint = Arc::new(Endpoint::new(tx, policy));
+        let (listener, local) = rt
+            .block_on(openai::bind(addr))
+            .map_err(|e| Error::Rpc(format!("--openai {addr}: cannot listen: {e}")))?;
+        rt.spawn(openai::serve(listener, endpoint.clone()));
+        tracing::info!(addr = %local, "OpenAI-compatible endpoint for [env] agent programs");
+        Ok(Agents {
+            endpoint,
+            addr: local,
+            config,
+            turns,
+            exits: channel(),
+            pending: HashMap::new(),
+            live: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Starts `samples` agents on `lease`'s task (`messages`: its conversation).
+    pub fn start(
+        &mut self,
+        lease: PromptLease,
+        messages: Value,
+        prompt: &str,
+        params: SamplingParams,
+        samples: usize,
+    ) {
+        let mut episodes = Vec::with_capacity(samples);
+        for j in 0..samples {
+            // Unguessable: the endpoint serves only the episodes it started.
+            let id = format!("{}-{j}-{:016x}", lease.lease_id, rand::random::<u64>());
+            self.endpoint
+                .episodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), Slot::new(lease.lease_id, j, samples));
+            let task = json!({
+                "episode_id": id,
+                "messages": messages,
+                "prompt": prompt,
+                "answer": lease.answer,
+                "prompt_index": lease.prompt_index,
+                "sample": j,
+                "max_turns": self.config.max_turns,
+                "model": "tandem",
+            });
+            let (argv, timeout) = (
+                self.config.agent.clone(),
+                Duration::from_secs_f64(self.config.agent_timeout_s),
+            );
+            let base_url = format!("http://{}/v1", self.addr);
+            let (tx, lease_id) = (self.exits.0.clone(), lease.lease_id);
+            let episode = id.clone();
+            std::thread::spawn(move || {
+                let exit = run(&argv, &task, &base_url, &episode, timeout);
+                let _ = tx.send((lease_id, j, exit));
+            });
+            episodes.push(id);
+        }
+        self.live.insert(
+            lease.lease_id,
+            Live {
+                lease,
+                params,
+                episodes,
+                exits: vec![None; samples],
+            },
+        );
+    }
+
+    /// Queues the agents' requested turns on the engine and collects the groups whose
+    /// last agent exited.
+    pub fn poll(&mut self, engine: &mut Engine, model: &Model) -> Vec<Ended> {
+        while let Ok(t) = self.turns.try_recv() {
+            let Some(g) = self.live.get(&t.lease) else {
+                continue; // The group ended; the handler answers 503.
+            };
+            let id = FIRST_AGENT_ID + self.next_id;
+            self.next_id += 1;
+            let added = engine.add(
+                model,
+                Request {
+                    id,
+                    prompt: t.prompt,
+                    samples: 1,
+                    params: SamplingParams {
+                        max_new_tokens: t.max_new,
+                        ..g.params.clone()
+                    },
+                    first_stream: t.stream,
+                },
+            );
+            match added {
+                Ok(()) => {
+                    self.pending.insert(id, t.reply);
+                }
+                // A request the engine cannot take (a conversation longer than the
+                // model's context) is the agent's error, not the generator's.
+                Err(e) => {
+                    let _ = t.reply.send(Err(format!("messages: {e}")));
+                }
+            }
+        }
+        let mut ended = Vec::new();
+        while let Ok((lease, j, exit)) = self.exits.1.try_recv() {
+            if let Some(why) = &exit.failure {
+                tracing::warn!(lease, sample = j, "[env] agent: {why}");
+            }
+            let Some(g) = self.live.get_mut(&lease) else {
+                continue;
+            };
+            g.exits[j] = Some(exit);
+            if g.exits.iter().all(Option::is_some) {
+                let g = self.live.remove(&lease).expect("live");
+                ended.push(self.assemble(g));
+            }
+        }
+        ended
+    }
+
+    /// Hands a finished engine request to its agent's turn; returns the others.
+    pub fn finished(&mut self, f: Finished) -> Option<Finished> {
+        match self.pending.remove(&f.id) {
+            Some(reply) => {
+                let turn = f.completions.into_iter().next();
+                let tags = f.tags.into_iter().next().unwrap_or_default();
+                if let Some(turn) = turn {
+                    // The agent may have gone (killed at its timeout): nothing to answer.
+                    let _ = reply.send(Ok((turn, tags)));
+                }
+                None
+            }
+            None => Some(f),
+        }
+    }
+
+    /// Groups whose agents are running.
+    pub fn groups(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The group of `g`, from its episodes' samples.
+    fn assemble(&self, g: Live) -> Ended {
+        let mut slots = self
+            .endpoint
+            .episodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let episodes: Vec<ChatEpisode> = g
+            .episodes
+            .iter()
+            .map(|id| slots.remove(id).map(|s| s.episode).unwrap_or_default())
+            .collect();
+        drop(slots);
+        let rewards: Vec<f64> = g
+            .exits
+            .iter()
+            .map(|e| e.as_ref().and_then(|e| e.reward).unwrap_or(0.0))
+            .collect();
+        match group(&episodes, &rewards) {
+            Some((prompt, sampled)) => Ended::Done(Done {
+                lease: g.lease,
+                prompt,
+                sampled,
+            }),
+            None => {
+                let why = g
+                    .exits
+                    .iter()
+                    .flatten()
+                    .find_map(|e| e.failure.clone())
+                    .unwrap_or_else(|| "made no request".into());
+                Ended::Failed(
+                    g.lease,
+                    format!("[env] agent: no episode of the group sampled a turn (an agent {why})"),
+                )
+            }
+        }
+    }
+}
+
+/// A group's prompt and samples from its episodes (`rewards`: each agent's): the
+/// prompt is the longest token prefix the samples' first prompts share, each sample's
+/// completion the rest of its tokens. `None` when no episode sampled a turn.
+pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sampled)> {
+    let samples: Vec<_> = episodes
+        .iter()
+        .zip(rewards)
+        .flat_map(|(e, &r)| e.samples.iter().map(move |s| (e, s, r)))
+        .collect();
+    let first = samples.first()?.1;
+    let mut shared = first.prompt_len;
+    for (_, s, _) in &samples {
+        shared = shared.min(
+            first.ids[..shared]
+                .iter()
+                .zip(&s.ids[..s.prompt_len])
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    if shared == 0 {
+        return None;
+    }
+    let mut sampled = Sampled {
+        finished: Finished {
+            id: 0,
+            completions: Vec::new(),
+            tags: Vec::new(),
+        },
+        masks: Vec::new(),
+        finals: Vec::new(),
+        episodes: Vec::new(),
+        env_rewards: Vec::new(),
+    };
+    for (e, s, reward) in samples {
+        sampled.finished.completions.push(Completion {
+            tokens: s.ids[shared..].to_vec(),
+            logprobs: s.logprobs[shared..].to_vec(),
+            finish_reason: s.finish,
+        });
+        sampled.finished.tags.push(s.versions[shared..].to_vec());
+        sampled.masks.push(s.mask[shared..].to_vec());
+        sampled.finals.push(e.final_turn().to_vec());
+        sampled
+            .episodes
+            .push((s.turns, s.tool_calls, s.tool_errors, 0.0));
+        sampled.env_rewards.push(reward);
+    }
+    Some((first.ids[..shared].to_vec(), sampled))
+}
+
+/// Runs one agent to its end (or kills it, with its children, at `timeout`).
+fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Duration) -> Exit {
+    let fail = |why: String| Exit {
+        reward: None,
+        failure: Some(why),
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The run's secrets stay with the generator.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TANDEM_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("OPENAI_BASE_URL", base_url)
+        .env("OPENAI_API_KEY", "tandem")
+        .env("TANDEM_EPISODE_ID", episode);
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: a timeout kills whatever it started too.
+        cmd.process_group(0);
+        // SAFETY: prctl(2) only, between fork and exec. The agent dies with the thread
+        // that waits for it, so with the generator.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{:?} could not start: {e}", argv[0])),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // An agent that does not read its task gets a broken pipe, not a stall.
+        let _ = stdin.write_all(format!("{task}\n").as_bytes());
+    }
+    let tail = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(mut r) = r {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = r.read(&mut buf) {
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > 2 * KEEP_BYTES {
+                        kept.drain(..kept.len() - KEEP_BYTES);
+                    }
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        })
+    };
+    let out = tail(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = tail(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                // SAFETY: kill(2) on the process group the child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return fail(format!("waiting for it failed: {e}")),
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let stderr_tail: String = {
+        let lines: Vec<&str> = stderr.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    };
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    let reward = last.and_then(|l| serde_json::from_str::<Value>(l.trim()).ok());
+    let reward = reward
+        .as_ref()
+        .and_then(|v| v.get("reward"))
+        .map(Value::as_f64);
+    let mut exit = Exit {
+        reward: reward.flatten().filter(|r| r.is_finite()),
+        failure: None,
+    };
+    let mut why = Vec::new();
+    match status {
+        None => why.push(format!(
+            "was killed at [env] agent_timeout_s = {}",
+            timeout.as_secs_f64()
+        )),
+        Some(s) if !s.success() => why.push(format!("exited with {s}")),
+        Some(_) => {}
+    }
+    if reward.is_some() && exit.reward.is_none() {
+        why.push("printed a \"reward\" that is not a finite number".into());
+    }
+    if !why.is_empty() {
+        if !stderr_tail.is_empty() {
+            why.push(format!("stderr: {stderr_tail}"));
+        }
+        exit.failure = Some(why.join("; "));
+    }
+    exit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An episode of one sample: `prompt`, then one model turn `turn`.
+    fn episode(tok: &tandem_model::Tokenizer, prompt: &[u32], turn: &[u32]) -> ChatEpisode {
+        let mut e = ChatEpisode::default();
+        let plan = crate::chat_episode::Plan {
+            extends: None,
+            text: String::new(),
+            new_ids: prompt.to_vec(),
+            prompt: prompt.to_vec(),
+            max_new: 8,
+        };
+        let c = Completion {
+            tokens: turn.to_vec(),
+            logprobs: vec![-1.0; turn.len()],
+            finish_reason: Some(tandem_model::FinishReason::Stop),
+        };
+        e.record(plan, c, vec![4; turn.len()], 3, tok, &[]).unwrap();
+        e
+    }
+
+    /// The group's prompt is what every sample's first prompt shares; the rest of a
+    /// prompt is masked context in its completion; each sample gets its episode's reward.
+    #[test]
+    fn a_group_shares_the_common_prompt_prefix() {
+        let tok = tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .tokenizer;
+        let a = episode(&tok, &[5, 6, 7, 8], &[20, 21]);
+        let b = episode(&tok, &[5, 6, 9], &[30]);
+        let (prompt, s) = group(&[a, b, ChatEpisode::default()], &[1.0, 0.0, 0.5]).unwrap();
+        assert_eq!(prompt, [5, 6]);
+        let c = &s.finished.completions;
+        assert_eq!(c.len(), 2, "an episode without a turn has no sample");
+        assert_eq!(
+            (c[0].tokens.as_slice(), s.masks[0].as_slice()),
+            (&[7, 8, 20, 21][..], &[0, 0, 1, 1][..])
+        );
+        assert_eq!(
+            (c[1].tokens.as_slice(), s.masks[1].as_slice()),
+            (&[9, 30][..], &[0, 1][..])
+        );
+        assert_eq!(c[0].logprobs, [0.0, 0.0, -1.0, -1.0]);
+        assert_eq!(s.finished.tags[1], [3, 4]);
+        assert_eq!(s.finals, [vec![20, 21], vec![30]]);
+        assert_eq!(s.env_rewards, [1.0, 0.0]);
+        assert!(group(&[ChatEpisode::default()], &[0.0]).is_none());
+        let c = episode(&tok, &[1, 2], &[3]);
+        assert!(
+            group(&[c, episode(&tok, &[5], &[3])], &[0.0, 0.0]).is_none(),
+            "nothing shared"
+        );
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    /// The task arrives on stdin and the episode in the environment; the last line is
+    /// the reward; a failing or hanging agent is reported (and killed), never waited
+    /// for past its timeout.
+    #[test]
+    fn agents_get_their_task_and_report_a_reward() {
+        let task = json!({"episode_id": "7-0-ab", "answer": "42"});
+        let t = Duration::from_secs(20);
+        let ok = run(
+            &sh("read task; case \"$task\" in *42*) ;; *) exit 3;; esac; [ \"$TANDEM_EPISODE_ID\" = 7-0-ab ] || exit 4; [ -z \"$TANDEM_TOKEN\" ] || exit 5; echo noise; echo '{\"reward\": 0.5}'"),
+            &task,
+            "http://127.0.0.1:1/v1",
+            "7-0-ab",
+            t,
+        );
+        assert_eq!(
+            ok,
+            Exit {
+                reward: Some(0.5),
+                failure: None
+            }
+        );
+        let failed = run(&sh("echo oops >&2; exit 2"), &task, "", "e", t);
+        assert_eq!(failed.reward, None);
+        let why = failed.failure.unwrap();
+        assert!(
+            why.contains("exit status: 2") && why.contains("oops"),
+            "{why}"
+        );
+        let t0 = Instant::now();
+        let hung = run(
+            &sh("sleep 30 & sleep 30"),
+            &task,
+            "",
+            "e",
+            Duration::from_millis(300),
+        );
+        assert!(hung.failure.unwrap().contains("agent_timeout_s"));
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let missing = run(&["/no/such/agent".to_string()], &task, "", "e", t);
+        assert!(missing.failure.unwrap().contains("could not start"));
+        let nan = run(&sh("echo '{\"reward\": \"high\"}'"), &task, "", "e", t);
+        assert!(nan.failure.unwrap().contains("finite"));
+    }
+}

@@ -1,0 +1,542 @@
+//! An agent program's episode, as the OpenAI-compatible endpoint sees it: a series of
+//! chat requests, each the whole conversation so far. A request whose rendered
+//! conversation extends the previous turn's (the previous request's text, then the
+//! model's turn as sampled) continues the same sample: only the new text after it is
+//! tokenized (once, loss mask 0), and the model's tokens stay exactly as sampled. A
+//! request that does not extend it starts a new sample of the same group.
+//!
+//! The model's earlier turns come back as the client echoes them (content, or parsed
+//! tool calls). An echoed message equal to a reply this episode gave is rendered as the
+//! turn's text as sampled, so a template that writes tool calls its own way cannot
+//! break the prefix.
+
+use std::ops::Range;
+
+use serde_json::{json, Value};
+use tandem_model::{ChatMessage, Completion, FinishReason, Tokenizer};
+
+use crate::tool_call::{self, Action};
+
+/// A request's message, normalized: its text and its tool calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    pub calls: Vec<Call>,
+}
+
+/// A tool call: the function's name and its arguments (a JSON object).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// The request's `messages`, checked; the error names the field.
+pub fn parse_messages(messages: &[Value]) -> Result<Vec<Message>, String> {
+    if messages.is_empty() {
+        return Err("messages: empty; send the conversation so far".into());
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(m).map_err(|why| format!("messages[{i}]{why}")))
+        .collect()
+}
+
+fn parse_message(m: &Value) -> Result<Message, String> {
+    let role = m
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or(".role: missing (system, user, assistant or tool)")?;
+    let role = match role {
+        // The newer name of the system role.
+        "developer" => "system",
+        "system" | "user" | "assistant" | "tool" => role,
+        other => {
+            return Err(format!(
+                ".role: {other:?} is not system, developer, user, assistant or tool"
+            ))
+        }
+    };
+    let content = match m.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (k, p) in parts.iter().enumerate() {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => {
+                        return Err(format!(
+                        ".content[{k}]: only {{\"type\": \"text\", \"text\": …}} parts are served"
+                    ))
+                    }
+                }
+            }
+            text
+        }
+        Some(_) => return Err(".content: must be a string, null or a list of text parts".into()),
+    };
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(calls)) if role == "assistant" => calls
+            .iter()
+            .enumerate()
+            .map(|(k, c)| parse_call(c).map_err(|why| format!(".tool_calls[{k}]{why}")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(".tool_calls: only an assistant message's list".into()),
+    };
+    Ok(Message {
+        role: role.to_string(),
+        content,
+        calls,
+    })
+}
+
+fn parse_call(c: &Value) -> Result<Call, String> {
+    let f = c.get("function").ok_or(".function: missing")?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or(".function.name: missing")?;
+    let arguments = match f.get("arguments") {
+        None | Some(Value::Null) => json!({}),
+        Some(Value::String(s)) => serde_json::from_str(s)
+            .map_err(|e| format!(".function.arguments: not a JSON string: {e}"))?,
+        Some(v) => v.clone(),
+    };
+    Ok(Call {
+        name: name.to_string(),
+        arguments,
+    })
+}
+
+/// The request's `tools` as the schemas announced to the model; the error names the
+/// field.
+pub fn parse_tools(tools: &[Value]) -> Result<Vec<Value>, String> {
+    for (i, t) in tools.iter().enumerate() {
+        let named = t
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .is_some();
+        if t.get("type").and_then(Value::as_str) != Some("function") || !named {
+            return Err(format!(
+                "tools[{i}]: must be {{\"type\": \"function\", \"function\": {{\"name\": …, \"parameters\": …}}}}"
+            ));
+        }
+    }
+    Ok(tools.to_vec())
+}
+
+/// One sample: its first prompt, then every turn since (the model's as sampled, the
+/// rest tokenized once and masked).
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub versions: Vec<u64>,
+    /// 1 on the model's tokens, 0 on the prompt's and the conversation's.
+    pub mask: Vec<u8>,
+    /// Tokens of the first prompt.
+    pub prompt_len: usize,
+    /// The conversation text the tokens stand for (model turns as decoded).
+    text: String,
+    pub turns: u32,
+    pub tool_calls: u32,
+    pub tool_errors: u32,
+    pub finish: Option<FinishReason>,
+    pub last_turn: Range<usize>,
+}
+
+/// What a request asks the engine for: sample `max_new` tokens after `prompt`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The sample the turn extends, or `None` for a new one.
+    pub extends: Option<usize>,
+    /// The new text after the sample so far (or the whole prompt) and its tokens.
+    pub text: String,
+    pub new_ids: Vec<u32>,
+    /// The engine's prompt: the sample so far and `new_ids`.
+    pub prompt: Vec<u32>,
+    /// Tokens the model may write in this turn (0: the sample's budget is spent).
+    pub max_new: usize,
+}
+
+/// An episode: its samples and the replies it gave.
+#[derive(Clone, Debug, Default)]
+pub struct ChatEpisode {
+    pub samples: Vec<Sample>,
+    /// Each reply as the client echoes it, with the turn's text as sampled.
+    replies: Vec<(Message, String)>,
+    /// Model turns so far, all samples.
+    pub turns: u32,
+}
+
+impl ChatEpisode {
+    /// The conversation `messages` (the `tools` announced in its system turn) rendered
+    /// with the model's chat template, ready for the assistant's turn. Echoed replies of
+    /// this episode are rendered as sampled; other assistant tool calls in the Hermes
+    /// convention.
+    pub fn render(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        tools: &[Value],
+    ) -> tandem_model::Result<String> {
+        let mut chat: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| {
+                let sampled = (m.role == "assistant")
+                    .then(|| self.replies.iter().find(|(r, _)| r == m))
+                    .flatten();
+                let content = match sampled {
+                    Some((_, text)) => text.clone(),
+                    None => {
+                        let mut c = m.content.clone();
+                        for call in &m.calls {
+                            c.push_str(&tool_call::call_text(&call.name, &call.arguments));
+                        }
+                        c
+                    }
+                };
+                ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                }
+            })
+            .collect();
+        if !tools.is_empty() {
+            let system = (chat[0].role == "system").then(|| chat.remove(0).content);
+            chat.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: tool_call::announce(system.as_deref(), tools),
+                },
+            );
+        }
+        tokenizer.apply_chat_template(&chat, true)
+    }
+
+    /// The turn for a request whose rendered conversation is `text`: the last sample
+    /// extended when `text` starts with it, a new sample otherwise. At most `max_tokens`
+    /// new tokens, and each sample's tokens after its prompt stay within `budget`.
+    pub fn plan(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        max_tokens: usize,
+        budget: usize,
+    ) -> tandem_model::Result<Plan> {
+        if let Some((k, s)) = self.samples.iter().enumerate().next_back() {
+            if let Some(rest) = text.strip_prefix(s.text.as_str()) {
+                let new_ids = tokenizer.encode(rest)?;
+                let used = s.ids.len() + new_ids.len() - s.prompt_len;
+                return Ok(Plan {
+                    extends: Some(k),
+                    text: rest.to_string(),
+                    prompt: [s.ids.as_slice(), &new_ids].concat(),
+                    new_ids,
+                    max_new: max_tokens.min(budget.saturating_sub(used)),
+                });
+            }
+        }
+        let ids = tokenizer.encode(text)?;
+        Ok(Plan {
+            extends: None,
+            text: text.to_string(),
+            prompt: ids.clone(),
+            new_ids: ids,
+            max_new: max_tokens.min(budget),
+        })
+    }
+
+    /// Records a sampled turn on its plan (`tags`: each token's version; `held` tags the
+    /// masked tokens, never read) and returns the reply message: the turn's text, its
+    /// tool call parsed out in the Hermes convention. `stop` are the tokens that end a
+    /// turn (not part of the reply's text).
+    pub fn record(
+        &mut self,
+        plan: Plan,
+        turn: Completion,
+        tags: Vec<u64>,
+        held: u64,
+        tokenizer: &Tokenizer,
+        stop: &[u32],
+    ) -> tandem_model::Result<Message> {
+        let k = match plan.extends {
+            Some(k) => k,
+            None => {
+                self.samples.push(Sample {
+                    prompt_len: plan.new_ids.len(),
+                    ..Default::default()
+                });
+                self.samples.len() - 1
+            }
+        };
+        let s = &mut self.samples[k];
+        let n = plan.new_ids.len();
+        s.mask.extend(std::iter::repeat_n(0, n));
+        s.logprobs.extend(std::iter::repeat_n(0.0, n));
+        s.versions.extend(std::iter::repeat_n(held, n));
+        s.ids.extend(plan.new_ids);
+        s.text.push_str(&plan.text);
+        let start = s.ids.len();
+        s.mask.extend(std::iter::repeat_n(1, turn.tokens.len()));
+        s.ids.extend(&turn.tokens);
+        s.logprobs.extend(&turn.logprobs);
+        s.versions.extend(tags);
+        s.last_turn = start..s.ids.len();
+        s.finish = turn.finish_reason;
+        s.turns += 1;
+        self.turns += 1;
+        let body = match turn.tokens.split_last() {
+            Some((last, body)) if stop.contains(last) => body,
+            _ => &turn.tokens[..],
+        };
+        let sampled = tokenizer.decode(body, false)?;
+        s.text.push_str(&tokenizer.decode(&turn.tokens, false)?);
+        let reply = match tool_call::parse(&sampled) {
+            Action::Call { name, arguments } => {
+                s.tool_calls += 1;
+                let before = sampled[..sampled.find(tool_call::OPEN).unwrap_or(0)].trim();
+                Message {
+                    role: "assistant".into(),
+                    content: before.to_string(),
+                    calls: vec![Call { name, arguments }],
+                }
+            }
+            Action::Malformed(_) => {
+                // Answered as text: the agent sees what the model wrote.
+                s.tool_errors += 1;
+                Message {
+                    role: "assistant".into(),
+                    content: sampled.clone(),
+                    calls: Vec::new(),
+                }
+            }
+            Action::Answer => Message {
+                role: "assistant".into(),
+                content: sampled.clone(),
+                calls: Vec::new(),
+            },
+        };
+        self.replies.push((reply.clone(), sampled));
+        Ok(reply)
+    }
+
+    /// The episode's final model turn (what verifiers score): the last turn of its last
+    /// sample.
+    pub fn final_turn(&self) -> &[u32] {
+        self.samples
+            .last()
+            .map_or(&[][..], |s| &s.ids[s.last_turn.clone()])
+    }
+}
+
+/// A reply message in the OpenAI shape: `content` (null when empty beside a tool call)
+/// and `tool_calls` with `arguments` as a JSON string. `id` numbers the calls.
+pub fn reply_json(m: &Message, id: &str) -> Value {
+    let calls: Vec<Value> = m
+        .calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "id": format!("call_{id}_{i}"),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments.to_string()},
+            })
+        })
+        .collect();
+    let mut v = json!({"role": "assistant", "content": m.content});
+    if !calls.is_empty() {
+        if m.content.is_empty() {
+            v["content"] = Value::Null;
+        }
+        v["tool_calls"] = Value::Array(calls);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_model::preset::EOS_ID;
+
+    fn tokenizer() -> Tokenizer {
+        tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .tokenizer
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"role": "user", "content": text})
+    }
+
+    /// A turn "sampled" from `text`: its tokens, the end-of-turn token, logprobs -0.5.
+    fn sampled(tok: &Tokenizer, text: &str) -> Completion {
+        let mut tokens = tok.encode(text).unwrap();
+        tokens.push(EOS_ID);
+        Completion {
+            logprobs: vec![-0.5; tokens.len()],
+            tokens,
+            finish_reason: Some(FinishReason::Stop),
+        }
+    }
+
+    fn turn(
+        e: &mut ChatEpisode,
+        tok: &Tokenizer,
+        messages: &[Value],
+        tools: &[Value],
+        model: &str,
+    ) -> (Plan, Completion, Message) {
+        let text = e
+            .render(tok, &parse_messages(messages).unwrap(), tools)
+            .unwrap();
+        let plan = e.plan(tok, &text, 64, 256).unwrap();
+        let c = sampled(tok, model);
+        let tags = vec![3; c.tokens.len()];
+        let reply = e
+            .record(plan.clone(), c.clone(), tags, 2, tok, &[EOS_ID])
+            .unwrap();
+        (plan, c, reply)
+    }
+
+    /// Three requests of one agent: a tool call echoed back as parsed `tool_calls` with
+    /// the tool's answer, then the answer. One sample: the first prompt, the model's
+    /// tokens exactly as sampled, and only the new messages tokenized between them,
+    /// masked.
+    #[test]
+    fn turns_that_extend_the_conversation_are_one_sample_token_for_token() {
+        let tok = tokenizer();
+        let mut e = ChatEpisode::default();
+        let tools = vec![tool_call::schema("calculator").unwrap()];
+        let mut messages = vec![user("What is 347*86?")];
+        let call = "<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"347*86\"}}</tool_call>";
+        let (p1, c1, reply) = turn(&mut e, &tok, &messages, &tools, call);
+        assert_eq!(p1.extends, None);
+        assert_eq!(
+            reply_json(&reply, "x"),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_x_0", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\":\"347*86\"}"}}]})
+        );
+        // The client echoes the reply as the OpenAI shape, then the tool's result.
+        messages.push(reply_json(&reply, "x"));
+        messages.push(json!({"role": "tool", "tool_call_id": "call_x_0", "content": "29842"}));
+        let (p2, c2, reply2) = turn(&mut e, &tok, &messages, &tools, "29842");
+        assert_eq!(p2.extends, Some(0));
+        assert_eq!(reply2.content, "29842");
+        assert_eq!(e.samples.len(), 1);
+        let s = &e.samples[0];
+        let expected = [
+            p1.new_ids.clone(),
+            c1.tokens.clone(),
+            p2.new_ids.clone(),
+            c2.tokens.clone(),
+        ]
+        .concat();
+        assert_eq!(s.ids, expected);
+        let mask: Vec<u8> = [
+            vec![0; p1.new_ids.len()],
+            vec![1; c1.tokens.len()],
+            vec![0; p2.new_ids.len()],
+            vec![1; c2.tokens.len()],
+        ]
+        .concat();
+        assert_eq!(s.mask, mask);
+        assert_eq!(s.prompt_len, p1.new_ids.len());
+        // The new text is exactly the tool turn and the next assistant header.
+        assert!(
+            p2.text.contains("29842") && !p2.text.contains("347*86"),
+            "{:?}",
+            p2.text
+        );
+        assert_eq!(p2.prompt, [p1.new_ids, c1.tokens, p2.new_ids].concat());
+        assert!(s
+            .logprobs
+            .iter()
+            .zip(&s.mask)
+            .all(|(&l, &m)| (m == 1) == (l == -0.5)));
+        assert!(s
+            .versions
+            .iter()
+            .zip(&s.mask)
+            .all(|(&v, &m)| v == if m == 1 { 3 } else { 2 }));
+        assert_eq!((s.turns, s.tool_calls, s.tool_errors), (2, 1, 0));
+        assert_eq!(e.final_turn(), &c2.tokens[..]);
+    }
+
+    /// A request that rewrites the conversation (the agent dropped the earlier turns)
+    /// starts a new sample, its whole conversation a prompt.
+    #[test]
+    fn a_request_that_does_not_extend_the_last_turn_starts_a_new_sample() {
+        let tok = tokenizer();
+        let mut e = ChatEpisode::default();
+        turn(&mut e, &tok, &[user("What is 3*4?")], &[], "12");
+        let edited = [
+            user("What is 3*4?"),
+            json!({"role": "assistant", "content": "twelve"}),
+            user("Digits only."),
+        ];
+        let (p, c, _) = turn(&mut e, &tok, &edited, &[], "12");
+        assert_eq!(p.extends, None);
+        assert_eq!(e.samples.len(), 2);
+        assert_eq!(e.samples[1].ids, [p.new_ids.clone(), c.tokens].concat());
+        assert_eq!(e.samples[1].prompt_len, p.new_ids.len());
+        assert_eq!(e.turns, 2);
+    }
+
+    /// A turn's budget: the request's max_tokens, and what is left of the sample's.
+    #[test]
+    fn budgets_count_every_token_after_the_first_prompt() {
+        let tok = tokenizer();
+        let mut e = ChatEpisode::default();
+        let (p, c, reply) = turn(&mut e, &tok, &[user("hi")], &[], "hello there");
+        assert_eq!(p.max_new, 64);
+        let mut m = vec![user("hi"), reply_json(&reply, "a"), user("more")];
+        let text = e.render(&tok, &parse_messages(&m).unwrap(), &[]).unwrap();
+        let next = e.plan(&tok, &text, 1000, 256).unwrap();
+        assert_eq!(next.max_new, 256 - c.tokens.len() - next.new_ids.len());
+        let tight = e.plan(&tok, &text, 1000, c.tokens.len()).unwrap();
+        assert_eq!(tight.max_new, 0);
+        m.pop();
+    }
+
+    #[test]
+    fn bad_messages_are_named() {
+        for (m, needle) in [
+            (json!([]), "empty"),
+            (json!([{"content": "x"}]), "messages[0].role"),
+            (json!([{"role": "robot", "content": "x"}]), "robot"),
+            (
+                json!([{"role": "user", "content": [{"type": "image_url"}]}]),
+                "messages[0].content[0]",
+            ),
+            (json!([{"role": "user", "content": 3}]), "content"),
+            (
+                json!([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                json!([{"role": "user", "tool_calls": []}]),
+                "messages[0].tool_calls",
+            ),
+        ] {
+            let e = parse_messages(m.as_array().unwrap()).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        let e = parse_tools(&[json!({"type": "function"})]).unwrap_err();
+        assert!(e.contains("tools[0]"), "{e}");
+        let ok = parse_messages(&[json!({"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})]).unwrap();
+        assert_eq!(
+            (ok[0].role.as_str(), ok[0].content.as_str()),
+            ("system", "ab")
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! The OpenAI-compatible endpoint agent programs talk to: `POST /v1/chat/completions`
+//! (and `GET /v1/models`), backed by the generator's engine and its current weights.
+//!
+//! Each request names its episode (header `X-Episode-Id`, or the `user` field); only
+//! the episodes of agent programs this generator started are served, one request at a
+//! time each. The request's conversation is rendered with the model's chat template
+//! (its `tools` announced in the system turn) and planned against the episode
+//! ([`ChatEpisode::plan`]); the turn is sampled by the worker's engine beside every
+//! other row, with the run's sampling settings (a request's `temperature`, `top_p` and
+//! `seed` are not used: the trainer corrects for exactly the distribution that sampled),
+//! and recorded (tokens, logprobs, versions) before the reply goes out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{json, Value};
+use tandem_model::{Completion, Tokenizer};
+use tokio::sync::oneshot;
+
+use crate::chat_episode::{self, ChatEpisode};
+
+/// The version of the weights the generator holds.
+pub type Held = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// A sampled turn and each token's version, or why the engine refused it.
+pub type Sampled = Result<(Completion, Vec<u64>), String>;
+
+/// A turn for the worker's engine to sample: `max_new` tokens after `prompt`, from
+/// random stream `stream` of lease `lease`'s seed.
+pub struct TurnRequest {
+    pub lease: u64,
+    pub stream: u64,
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    pub reply: oneshot::Sender<Sampled>,
+}
+
+/// A live episode: whose it is and what it has sampled.
+pub struct Slot {
+    pub lease: u64,
+    /// The episode's index in its group.
+    pub sample: usize,
+    pub group_size: usize,
+    pub episode: ChatEpisode,
+    /// A request of it is being served.
+    busy: bool,
+}
+
+impl Slot {
+    pub fn new(lease: u64, sample: usize, group_size: usize) -> Self {
+        Slot {
+            lease,
+            sample,
+            group_size,
+            episode: ChatEpisode::default(),
+            busy: false,
+        }
+    }
+}
+
+/// What the endpoint samples with and the limits of its episodes.
+pub struct Policy {
+    pub tokenizer: Tokenizer,
+    /// Tokens that end a model turn.
+    pub stop: Vec<u32>,
+    /// `[env] max_turns`: model turns per episode.
+    pub max_turns: u32,
+    /// `[generator] max_new_tokens`: each sample's tokens after its first prompt.
+    pub budget: usize,
+    /// The model's context (prompt and reply together).
+    pub context: usize,
+    /// The weights' version the generator holds (tags the masked tokens).
+    pub held: Held,
+    /// The name `/v1/models` reports.
+    pub model: String,
+}
+
+/// What the endpoint's handlers share with the worker.
+pub struct Endpoint {
+    /// Episode id → its slot.
+    pub episodes: Mutex<HashMap<String, Slot>>,
+    turns: Sender<TurnRequest>,
+    policy: Policy,
+}
+
+impl Endpoint {
+    pub fn new(turns: Sender<TurnRequest>, policy: Policy) -> Self {
+        Endpoint {
+            episodes: Mutex::new(HashMap::new()),
+            turns,
+            policy,
+        }
+    }
+
+    fn episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        // A handler that panicked left no half-written slot (each write is one call).
+        self.episodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serves the endpoint on `listener` until the runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .with_state(endpoint);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("the OpenAI-compatible endpoint stopped: {e}");
+    }
+}
+
+/// An error in the OpenAI shape: `{"error": {"message", "type", "param"}}`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn models(State(ep): State<Arc<Endpoint>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": ep.policy.model, "object": "model", "owned_by": "tandem"}],
+    }))
+    .into_response()
+}
+
+/// What a request asks, checked.
+struct Asked {
+    episode: String,
+    messages: Vec<chat_episode::Message>,
+    tools: Vec<Value>,
+    max_tokens: usize,
+}
+
+/// The request's fields, checked; the error names the field and the fix.
+fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<Asked, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("the body must be a JSON object".into());
+    }
+    if v.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err("stream: streaming is not served; send \"stream\": false".into());
+    }
+    match v.get("n") {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_u64() == Some(1) => {}
+        Some(n) => {
+            return Err(format!(
+                "n: {n} choices asked; one is served per request (the group's samples are episodes of their own)"
+            ))
+        }
+    }
+    let episode = match headers.get("x-episode-id") {
+        Some(h) => h
+            .to_str()
+            .map_err(|_| "X-Episode-Id: not text")?
+            .to_string(),
+        None => v
+            .get("user")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or(
+                "no episode: send the TANDEM_EPISODE_ID the agent was started with as header X-Episode-Id or as \"user\"",
+            )?,
+    };
+    let messages = chat_episode::parse_messages(
+        v.get("messages")
+            .and_then(Value::as_array)
+            .ok_or("messages: missing (a list of {\"role\", \"content\"})")?,
+    )?;
+    let tools = match v.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(t)) => chat_episode::parse_tools(t)?,
+        Some(_) => return Err("tools: must be a list".into()),
+    };
+    let max_tokens = match v
+        .get("max_completion_tokens")
+        .or_else(|| v.get("max_tokens"))
+    {
+        None | Some(Value::Null) => usize::MAX,
+        Some(m) => match m.as_u64() {
+            Some(n) if n >= 1 => n as usize,
+            _ => return Err(format!("max_tokens: {m} must be an integer ≥ 1")),
+        },
+    };
+    Ok(Asked {
+        episode,
+        messages,
+        tools,
+        max_tokens,
+    })
+}
+
+async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
+    let asked = match read_request(&headers, &body) {
+        Ok(a) => a,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    // Plan the turn under the lock; sample outside it.
+    let (plan, lease, stream) = {
+        let mut episodes = ep.episodes();
+        let Some(slot) = episodes.get_mut(&asked.episode) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "episode {:?} is not running on this generator (it ended, or was never started here)",
+                    asked.episode
+                ),
+            );
+        };
+        if slot.busy {
+            return error(
+                StatusCode::CONFLICT,
+                "this episode has a request being served; send its turns one at a time",
+            );
+        }
+        if slot.episode.turns >= ep.policy.max_turns {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the episode has had its [env] max_turns = {} model turns; end it (or raise max_turns)",
+                    ep.policy.max_turns
+                ),
+            );
+        }
+        let planned = slot
+            .episode
+            .render(&ep.policy.tokenizer, &asked.messages, &asked.tools)
+            .and_then(|text| {
+                slot.episode.plan(
+                    &ep.policy.tokenizer,
+                    &text,
+                    asked.max_tokens,
+                    ep.policy.budget,
+                )
+            });
+        let mut plan = match planned {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("messages: {e}")),
+        };
+        if plan.prompt.len() >= ep.policy.context {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "messages: the conversation is {} tokens, the model's context {}; end the episode",
+                    plan.prompt.len(),
+                    ep.policy.context
+                ),
+            );
+        }
+        // The reply ends at the context's end, as it would at max_tokens.
+        plan.max_new = plan.max_new.min(ep.policy.context - plan.prompt.len());
+        if plan.max_new == 0 {
+            // The sample's token budget is spent: nothing is sampled or recorded.
+            let usage = (plan.prompt.len(), 0);
+            return completion(&ep, &asked.episode, slot.episode.turns, None, usage);
+        }
+        slot.busy = true;
+        let k = slot.group_size as u64;
+        let stream = slot.sample as u64 + u64::from(slot.episode.turns) * k;
+        (plan, slot.lease, stream)
+    };
+    // Whatever happens next (the client may go away mid-turn), the episode takes
+    // requests again after this one.
+    let _busy = Busy {
+        endpoint: &ep,
+        episode: &asked.episode,
+    };
+    let (tx, rx) = oneshot::channel();
+    let sent = ep.turns.send(TurnRequest {
+        lease,
+        stream,
+        prompt: plan.prompt.clone(),
+        max_new: plan.max_new,
+        reply: tx,
+    });
+    let sampled = match sent {
+        Ok(()) => rx.await.ok(),
+        Err(_) => None,
+    };
+    let mut episodes = ep.episodes();
+    let Some(slot) = episodes.get_mut(&asked.episode) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the episode ended while its turn was sampled",
+        );
+    };
+    let (turn, tags) = match sampled {
+        Some(Ok(t)) => t,
+        Some(Err(why)) => return error(StatusCode::BAD_REQUEST, why),
+        None => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the generator stopped sampling this episode's group; end the episode",
+            )
+        }
+    };
+    let prompt_tokens = plan.prompt.len();
+    let finish = turn.finish_reason;
+    let n = turn.tokens.len();
+    let held = (ep.policy.held)();
+    match slot.episode.record(
+        plan,
+        turn,
+        tags,
+        held,
+        &ep.policy.tokenizer,
+        &ep.policy.stop,
+    ) {
+        Ok(reply) => {
+            let turns = slot.episode.turns;
+            let usage = (prompt_tokens, n);
+            completion(&ep, &asked.episode, turns, Some((&reply, finish)), usage)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Marks an episode free for its next request when dropped.
+struct Busy<'a> {
+    endpoint: &'a Endpoint,
+    episode: &'a str,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.endpoint.episodes().get_mut(self.episode) {
+            slot.busy = false;
+        }
+    }
+}
+
+/// A `chat.completion` reply: the message (none when the budget was spent: empty,
+/// finish `length`) and `usage` = (prompt tokens, completion tokens).
+fn completion(
+    ep: &Endpoint,
+    episode: &str,
+    turn: u32,
+    reply: Option<(&chat_episode::Message, Option<tandem_model::FinishReason>)>,
+    (prompt, tokens): (usize, usize),
+) -> Response {
+    let id = format!("{episode}-{turn}");
+    let (message, finish) = match reply {
+        Some((m, f)) => {
+            let finish = if !m.calls.is_empty() {
+                "tool_calls"
+            } else if f == Some(tandem_model::FinishReason::Stop) {
+                "stop"
+            } else {
+                "length"
+            };
+            (chat_episode::reply_json(m, &id), finish)
+        }
+        None => (json!({"role": "assistant", "content": ""}), "length"),
+    };
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    axum::Json(json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": ep.policy.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens},
+    }))
+    .into_response()
+}
+
+/// Binds `addr` for the endpoint (port 0: any free port); the address it got.
+pub async fn bind(addr: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
