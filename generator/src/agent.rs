@@ -294,17 +294,7 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
     if shared == 0 {
         return None;
     }
-    let mut sampled = Sampled {
-        finished: Finished {
-            id: 0,
-            completions: Vec::new(),
-            tags: Vec::new(),
-        },
-        masks: Vec::new(),
-        finals: Vec::new(),
-        episodes: Vec::new(),
-        env_rewards: Vec::new(),
-    };
+    let mut sampled = Sampled::empty(0);
     for (e, s, reward) in samples {
         sampled.finished.completions.push(Completion {
             tokens: s.ids[shared..].to_vec(),

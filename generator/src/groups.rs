@@ -45,6 +45,21 @@ pub struct Sampled {
 }
 
 impl Sampled {
+    /// No samples yet, of engine request `id`.
+    pub fn empty(id: u64) -> Self {
+        Sampled {
+            finished: Finished {
+                id,
+                completions: Vec::new(),
+                tags: Vec::new(),
+            },
+            masks: Vec::new(),
+            finals: Vec::new(),
+            episodes: Vec::new(),
+            env_rewards: Vec::new(),
+        }
+    }
+
     /// Single-turn samples: every token the model's.
     pub fn single_turn(finished: Finished) -> Self {
         let n = finished.completions.len();
@@ -240,17 +255,7 @@ impl Groups {
             return None;
         }
         let g = self.live.remove(&lease_id)?;
-        let mut sampled = Sampled {
-            finished: Finished {
-                id: lease_id,
-                completions: Vec::new(),
-                tags: Vec::new(),
-            },
-            masks: Vec::new(),
-            finals: Vec::new(),
-            episodes: Vec::new(),
-            env_rewards: Vec::new(),
-        };
+        let mut sampled = Sampled::empty(lease_id);
         for e in g.episodes {
             sampled.env_rewards.push(e.env_reward);
             sampled.finals.push(e.final_turn().to_vec());
