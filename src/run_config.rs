@@ -116,6 +116,11 @@ impl RunConfig {
         self.optimizer.validate()?;
         self.eval.validate()?;
         self.env.validate()?;
+        if self.eval.every > 0 && !self.env.agent.is_empty() {
+            bail!(
+                "[eval] every: the held-out evaluation runs the built-in episodes and starts no [env] agent program; set eval.every = 0 (or evaluate with `tandem eval` on a config without the agent)"
+            );
+        }
         if (self.algorithm.temperature - self.generator.temperature).abs() > 1e-12 {
             bail!(
                 "[algorithm] temperature ({}) must equal [generator] temperature ({}): the trainer scores tokens under the distribution they were sampled from",
@@ -179,6 +184,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("group_size"), "{e}");
+        let agent = "[env]\nagent = [\"python3\", \"agent.py\"]\nmax_turns = 2\n";
+        let c = RunConfig::parse(agent, &[]).unwrap();
+        assert_eq!(c.env.samples_per_episode(), 2);
+        let e = RunConfig::parse(agent, &["eval.every=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[eval] every") && e.contains("agent"), "{e}");
         let defaults = RunConfig::default();
         assert_eq!(
             RunConfig::parse(&defaults.to_toml().unwrap(), &[]).unwrap(),
