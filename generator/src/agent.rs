@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams};
+use tandem_model::{Completion, Engine, Finished, Model, Pretrained, Request, SamplingParams};
 use tandem_proto::v1::PromptLease;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -31,11 +31,18 @@ use crate::chat_episode::ChatEpisode;
 use crate::env::EnvConfig;
 use crate::error::{Error, Result};
 use crate::groups::{Done, Sampled};
-use crate::openai::{self, Endpoint, Policy, Slot, TurnRequest};
+use crate::openai::{self, Endpoint, Held, Policy, Slot, TurnRequest};
 
 /// Agent turns take engine request ids from here up, apart from leases and the
 /// built-in episodes' turns.
 const FIRST_AGENT_ID: u64 = 1 << 61;
+
+/// Groups in a row whose agents all failed before their first turn, after which the
+/// generator stops.
+const FAILURES_IN_A_ROW: u32 = 3;
+
+/// The model's name on the endpoint (`/v1/models`, the task's `model`).
+const MODEL: &str = "tandem";
 
 /// Output kept of an agent's stdout and stderr (the end of it).
 const KEEP_BYTES: usize = 64 << 10;
@@ -78,53 +85,95 @@ pub struct Agents {
     pending: HashMap<u64, oneshot::Sender<openai::Sampled>>,
     live: HashMap<u64, Live>,
     next_id: u64,
+    /// Groups in a row whose agents all failed before their first turn.
+    failures_in_a_row: u32,
 }
 
 impl Agents {
-    /// Serves the endpoint on `addr` (`127.0.0.1:0` for any free port) on `rt`.
-    pub fn serve(addr: &str, rt: &Handle, config: EnvConfig, policy: Policy) -> Result<Self> {
+    /// The agents of `[env] agent` (`None` when unset), their endpoint served on `rt`
+    /// at `openai` (any free loopback port when unset).
+    pub fn new(
+        rt: &Handle,
+        config: &EnvConfig,
+        openai: Option<&str>,
+        model: &Pretrained,
+        max_new_tokens: usize,
+        held: Held,
+    ) -> Result<Option<Self>> {
+        if config.agent.is_empty() {
+            return match openai {
+                Some(addr) => Err(Error::Invalid(format!(
+                    "--openai {addr}: the endpoint serves the episodes of [env] agent programs; set [env] agent"
+                ))),
+                None => Ok(None),
+            };
+        }
         let probe = [tandem_model::ChatMessage::user("x")];
-        if let Err(e) = policy.tokenizer.apply_chat_template(&probe, true) {
+        if let Err(e) = model.tokenizer.apply_chat_template(&probe, true) {
             return Err(Error::Invalid(format!(
                 "[env] agent: the endpoint renders conversations with the model's chat template: {e}"
             )));
         }
+        let policy = Policy {
+            tokenizer: model.tokenizer.clone(),
+            stop: model.stop_token_ids(),
+            max_turns: config.max_turns,
+            budget: max_new_tokens,
+            context: model.model.config().max_position_embeddings,
+            held,
+            model: MODEL.into(),
+        };
         let (tx, turns) = channel();
         let endpoint = Arc::new(Endpoint::new(tx, policy));
-        let (listener, local) = rt
-            .block_on(openai::bind(addr))
-            .map_err(|e| Error::Rpc(format!("--openai {addr}: cannot listen: {e}")))?;
+        let addr = openai.unwrap_or("127.0.0.1:0");
+        let listening = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let local = listener.local_addr()?;
+            Ok::<_, std::io::Error>((listener, local))
+        });
+        let (listener, local) =
+            listening.map_err(|e| Error::Rpc(format!("--openai {addr}: cannot listen: {e}")))?;
         rt.spawn(openai::serve(listener, endpoint.clone()));
         tracing::info!(addr = %local, "OpenAI-compatible endpoint for [env] agent programs");
-        Ok(Agents {
+        Ok(Some(Agents {
             endpoint,
             addr: local,
-            config,
+            config: config.clone(),
             turns,
             exits: channel(),
             pending: HashMap::new(),
             live: HashMap::new(),
             next_id: 0,
-        })
+            failures_in_a_row: 0,
+        }))
     }
 
-    /// Starts `samples` agents on `lease`'s task (`messages`: its conversation).
+    /// Starts `samples` agents on `lease`'s task: its conversation after the `system`
+    /// turn (`[data] system`), when there is one.
     pub fn start(
         &mut self,
         lease: PromptLease,
-        messages: Value,
-        prompt: &str,
+        system: Option<&str>,
         params: SamplingParams,
         samples: usize,
     ) {
+        let mut messages: Vec<Value> = system
+            .map(|s| json!({"role": "system", "content": s}))
+            .into_iter()
+            .collect();
+        if lease.messages.is_empty() {
+            messages.push(json!({"role": "user", "content": lease.text}));
+        }
+        for m in &lease.messages {
+            messages.push(json!({"role": m.role, "content": m.content}));
+        }
+        let prompt = crate::worker::prompt_text(&lease);
         let mut episodes = Vec::with_capacity(samples);
         for j in 0..samples {
             // Unguessable: the endpoint serves only the episodes it started.
             let id = format!("{}-{j}-{:016x}", lease.lease_id, rand::random::<u64>());
             self.endpoint
-                .episodes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .episodes()
                 .insert(id.clone(), Slot::new(lease.lease_id, j, samples));
             let task = json!({
                 "episode_id": id,
@@ -134,7 +183,7 @@ impl Agents {
                 "prompt_index": lease.prompt_index,
                 "sample": j,
                 "max_turns": self.config.max_turns,
-                "model": "tandem",
+                "model": MODEL,
             });
             let (argv, timeout) = (
                 self.config.agent.clone(),
@@ -226,18 +275,27 @@ impl Agents {
         }
     }
 
+    /// Counts a group that [`Ended::Failed`] (`why`); an error once
+    /// [`FAILURES_IN_A_ROW`] groups in a row have: the program, not one task, is broken.
+    pub fn failed(&mut self, why: &str) -> Result<()> {
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row >= FAILURES_IN_A_ROW {
+            return Err(Error::Invalid(format!(
+                "{why}; {} groups in a row had no turn: check [env] agent",
+                self.failures_in_a_row
+            )));
+        }
+        Ok(())
+    }
+
     /// Groups whose agents are running.
     pub fn groups(&self) -> usize {
         self.live.len()
     }
 
     /// The group of `g`, from its episodes' samples.
-    fn assemble(&self, g: Live) -> Ended {
-        let mut slots = self
-            .endpoint
-            .episodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    fn assemble(&mut self, g: Live) -> Ended {
+        let mut slots = self.endpoint.episodes();
         let episodes: Vec<ChatEpisode> = g
             .episodes
             .iter()
@@ -250,11 +308,14 @@ impl Agents {
             .map(|e| e.as_ref().and_then(|e| e.reward).unwrap_or(0.0))
             .collect();
         match group(&episodes, &rewards) {
-            Some((prompt, sampled)) => Ended::Done(Done {
-                lease: g.lease,
-                prompt,
-                sampled,
-            }),
+            Some((prompt, sampled)) => {
+                self.failures_in_a_row = 0;
+                Ended::Done(Done {
+                    lease: g.lease,
+                    prompt,
+                    sampled,
+                })
+            }
             None => {
                 let why = g
                     .exits
@@ -401,15 +462,13 @@ fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Du
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     };
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
-    let reward = last.and_then(|l| serde_json::from_str::<Value>(l.trim()).ok());
-    let reward = reward
+    let reported = last
+        .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .and_then(|v| v.get("reward").cloned());
+    let reward = reported
         .as_ref()
-        .and_then(|v| v.get("reward"))
-        .map(Value::as_f64);
-    let mut exit = Exit {
-        reward: reward.flatten().filter(|r| r.is_finite()),
-        failure: None,
-    };
+        .and_then(Value::as_f64)
+        .filter(|r| r.is_finite());
     let mut why = Vec::new();
     match status {
         None => why.push(format!(
@@ -419,16 +478,16 @@ fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Du
         Some(s) if !s.success() => why.push(format!("exited with {s}")),
         Some(_) => {}
     }
-    if reward.is_some() && exit.reward.is_none() {
+    if reported.is_some() && reward.is_none() {
         why.push("printed a \"reward\" that is not a finite number".into());
     }
-    if !why.is_empty() {
-        if !stderr_tail.is_empty() {
-            why.push(format!("stderr: {stderr_tail}"));
-        }
-        exit.failure = Some(why.join("; "));
+    if !why.is_empty() && !stderr_tail.is_empty() {
+        why.push(format!("stderr: {stderr_tail}"));
     }
-    exit
+    Exit {
+        reward,
+        failure: (!why.is_empty()).then(|| why.join("; ")),
+    }
 }
 
 #[cfg(test)]

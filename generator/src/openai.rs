@@ -11,7 +11,6 @@
 //! and recorded (tokens, logprobs, versions) before the reply goes out.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -85,7 +84,7 @@ pub struct Policy {
 /// What the endpoint's handlers share with the worker.
 pub struct Endpoint {
     /// Episode id → its slot.
-    pub episodes: Mutex<HashMap<String, Slot>>,
+    episodes: Mutex<HashMap<String, Slot>>,
     turns: Sender<TurnRequest>,
     policy: Policy,
 }
@@ -99,7 +98,7 @@ impl Endpoint {
         }
     }
 
-    fn episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    pub(crate) fn episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         // A handler that panicked left no half-written slot (each write is one call).
         self.episodes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -378,11 +377,4 @@ fn completion(
         "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens},
     }))
     .into_response()
-}
-
-/// Binds `addr` for the endpoint (port 0: any free port); the address it got.
-pub async fn bind(addr: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
 }

@@ -28,10 +28,6 @@ use crate::push::Outbox;
 use crate::render::{prompt_ids, PromptInput};
 use crate::reward::RewardConfig;
 
-/// Groups in a row whose agent programs all failed before their first turn, after
-/// which the generator stops (the program, not one task, is broken).
-const AGENT_FAILURES_IN_A_ROW: u32 = 3;
-
 /// Everything a generator needs besides its model.
 #[derive(Clone)]
 pub struct Settings {
@@ -191,27 +187,15 @@ impl Worker {
                 rt.clone(),
             )?);
         }
-        let agents = if settings.env.agent.is_empty() {
-            if let Some(addr) = &settings.openai {
-                return Err(Error::Invalid(format!(
-                    "--openai {addr}: the endpoint serves the episodes of [env] agent programs; set [env] agent"
-                )));
-            }
-            None
-        } else {
-            let b = beat.clone();
-            let policy = crate::openai::Policy {
-                tokenizer: model.tokenizer.clone(),
-                stop: model.stop_token_ids(),
-                max_turns: settings.env.max_turns,
-                budget: settings.generator.max_new_tokens,
-                context: model.model.config().max_position_embeddings,
-                held: Arc::new(move || b.held.load(Ordering::SeqCst)),
-                model: "tandem".into(),
-            };
-            let addr = settings.openai.as_deref().unwrap_or("127.0.0.1:0");
-            Some(Agents::serve(addr, &rt, settings.env.clone(), policy)?)
-        };
+        let b = beat.clone();
+        let agents = Agents::new(
+            &rt,
+            &settings.env,
+            settings.openai.as_deref(),
+            &model,
+            settings.generator.max_new_tokens,
+            Arc::new(move || b.held.load(Ordering::SeqCst)),
+        )?;
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
@@ -260,7 +244,6 @@ impl Worker {
         let mut engine = Engine::new(&self.model.model, self.settings.generator.engine())?;
         let mut groups = Groups::default();
         let mut agents = self.agents.take();
-        let mut agent_failures = 0;
         // Leased under a version newer than the weights held while rows still run
         // (`between_batches`): started once the engine drains and the weights change.
         let mut deferred: Option<(u64, Vec<PromptLease>)> = None;
@@ -340,19 +323,11 @@ impl Worker {
             };
             for e in ended {
                 match e {
-                    Ended::Done(d) => {
-                        agent_failures = 0;
-                        self.score_and_push(d, worker_id())?;
-                    }
+                    Ended::Done(d) => self.score_and_push(d, worker_id())?,
                     Ended::Failed(l, why) => {
                         self.release(&l, &why);
-                        // One bad group is skipped; a program that never gets a turn
-                        // done is the run's configuration, and stops this generator.
-                        agent_failures += 1;
-                        if agent_failures >= AGENT_FAILURES_IN_A_ROW {
-                            return Err(Error::Invalid(format!(
-                                "{why}; {agent_failures} groups in a row had no turn: check [env] agent"
-                            )));
+                        if let Some(a) = agents.as_mut() {
+                            a.failed(&why)?;
                         }
                     }
                 }
@@ -448,20 +423,9 @@ impl Worker {
         }
         if let Some(agents) = agents {
             for l in leases {
-                let mut messages = Vec::new();
-                if let Some(s) = &self.system {
-                    messages.push(serde_json::json!({"role": "system", "content": s}));
-                }
-                if l.messages.is_empty() {
-                    messages.push(serde_json::json!({"role": "user", "content": l.text}));
-                } else {
-                    for m in &l.messages {
-                        messages.push(serde_json::json!({"role": m.role, "content": m.content}));
-                    }
-                }
-                let (p, text) = (self.params(&l), prompt_text(&l));
+                let p = self.params(&l);
                 let k = self.settings.group_size as usize;
-                agents.start(l, serde_json::Value::Array(messages), &text, p, k);
+                agents.start(l, self.system.as_deref(), p, k);
             }
             return Ok(());
         }
@@ -737,7 +701,7 @@ impl Worker {
 
 /// A lease's prompt as plain text (a conversation's messages joined by newlines): what
 /// judges, reward services and environments read.
-fn prompt_text(l: &PromptLease) -> String {
+pub(crate) fn prompt_text(l: &PromptLease) -> String {
     if l.messages.is_empty() {
         l.text.clone()
     } else {
