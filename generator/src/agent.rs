@@ -345,9 +345,9 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
     let mut shared = first.prompt_len;
     for (_, s, _) in &samples {
         shared = shared.min(
-            first.ids[..shared]
+            first.tokens.ids[..shared]
                 .iter()
-                .zip(&s.ids[..s.prompt_len])
+                .zip(&s.tokens.ids[..s.prompt_len])
                 .take_while(|(a, b)| a == b)
                 .count(),
         );
@@ -357,6 +357,7 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
     }
     let mut sampled = Sampled::empty(0);
     for (e, s, reward) in samples {
+        let s = &s.tokens;
         sampled.finished.completions.push(Completion {
             tokens: s.ids[shared..].to_vec(),
             logprobs: s.logprobs[shared..].to_vec(),
@@ -367,10 +368,10 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
         sampled.finals.push(e.final_turn().to_vec());
         sampled
             .episodes
-            .push((s.turns, s.tool_calls, s.tool_errors, 0.0));
+            .push((s.turns, s.tool_calls, s.tool_errors, s.tool_seconds));
         sampled.env_rewards.push(reward);
     }
-    Some((first.ids[..shared].to_vec(), sampled))
+    Some((first.tokens.ids[..shared].to_vec(), sampled))
 }
 
 /// Runs one agent to its end (or kills it, with its children, at `timeout`).

@@ -10,11 +10,10 @@
 //! turn's text as sampled, so a template that writes tool calls its own way cannot
 //! break the prefix.
 
-use std::ops::Range;
-
 use serde_json::{json, Value};
-use tandem_model::{ChatMessage, Completion, FinishReason, Tokenizer};
+use tandem_model::{ChatMessage, Completion, Tokenizer};
 
+use crate::episode::Episode;
 use crate::tool_call::{self, Action};
 
 /// A request's message, normalized: its text and its tool calls.
@@ -137,20 +136,13 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<Value>, String> {
 /// rest tokenized once and masked).
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
-    pub ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub versions: Vec<u64>,
-    /// 1 on the model's tokens, 0 on the prompt's and the conversation's.
-    pub mask: Vec<u8>,
+    /// Its tokens, masks, logprobs, versions and turn counts; the first prompt is
+    /// masked context.
+    pub tokens: Episode,
     /// Tokens of the first prompt.
     pub prompt_len: usize,
     /// The conversation text the tokens stand for (model turns as decoded).
     text: String,
-    pub turns: u32,
-    pub tool_calls: u32,
-    pub tool_errors: u32,
-    pub finish: Option<FinishReason>,
-    pub last_turn: Range<usize>,
 }
 
 /// What a request asks the engine for: sample `max_new` tokens after `prompt`.
@@ -236,11 +228,11 @@ impl ChatEpisode {
         if let Some((k, s)) = self.samples.iter().enumerate().next_back() {
             if let Some(rest) = text.strip_prefix(s.text.as_str()) {
                 let new_ids = tokenizer.encode(rest)?;
-                let used = s.ids.len() + new_ids.len() - s.prompt_len;
+                let used = s.tokens.ids.len() + new_ids.len() - s.prompt_len;
                 return Ok(Plan {
                     extends: Some(k),
                     text: rest.to_string(),
-                    prompt: [s.ids.as_slice(), &new_ids].concat(),
+                    prompt: [s.tokens.ids.as_slice(), &new_ids].concat(),
                     new_ids,
                     max_new: max_tokens.min(budget.saturating_sub(used)),
                 });
@@ -280,20 +272,9 @@ impl ChatEpisode {
             }
         };
         let s = &mut self.samples[k];
-        let n = plan.new_ids.len();
-        s.mask.extend(std::iter::repeat_n(0, n));
-        s.logprobs.extend(std::iter::repeat_n(0.0, n));
-        s.versions.extend(std::iter::repeat_n(held, n));
-        s.ids.extend(plan.new_ids);
+        s.tokens.push_context(&plan.new_ids, held);
         s.text.push_str(&plan.text);
-        let start = s.ids.len();
-        s.mask.extend(std::iter::repeat_n(1, turn.tokens.len()));
-        s.ids.extend(&turn.tokens);
-        s.logprobs.extend(&turn.logprobs);
-        s.versions.extend(tags);
-        s.last_turn = start..s.ids.len();
-        s.finish = turn.finish_reason;
-        s.turns += 1;
+        s.tokens.push_model(&turn, tags);
         self.turns += 1;
         let body = match turn.tokens.split_last() {
             Some((last, body)) if stop.contains(last) => body,
@@ -303,7 +284,7 @@ impl ChatEpisode {
         s.text.push_str(&tokenizer.decode(&turn.tokens, false)?);
         let reply = match tool_call::parse(&sampled) {
             Action::Call { name, arguments } => {
-                s.tool_calls += 1;
+                s.tokens.tool_calls += 1;
                 let before = sampled[..sampled.find(tool_call::OPEN).unwrap_or(0)].trim();
                 Message {
                     role: "assistant".into(),
@@ -313,7 +294,7 @@ impl ChatEpisode {
             }
             Action::Malformed(_) => {
                 // Answered as text: the agent sees what the model wrote.
-                s.tool_errors += 1;
+                s.tokens.tool_errors += 1;
                 Message {
                     role: "assistant".into(),
                     content: sampled.clone(),
@@ -335,7 +316,7 @@ impl ChatEpisode {
     pub fn final_turn(&self) -> &[u32] {
         self.samples
             .last()
-            .map_or(&[][..], |s| &s.ids[s.last_turn.clone()])
+            .map_or(&[][..], |s| s.tokens.final_turn())
     }
 }
 
@@ -368,6 +349,7 @@ pub fn reply_json(m: &Message, id: &str) -> Value {
 mod tests {
     use super::*;
     use tandem_model::preset::EOS_ID;
+    use tandem_model::FinishReason;
 
     fn tokenizer() -> Tokenizer {
         tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu)
@@ -433,7 +415,7 @@ mod tests {
         assert_eq!(p2.extends, Some(0));
         assert_eq!(reply2.content, "29842");
         assert_eq!(e.samples.len(), 1);
-        let s = &e.samples[0];
+        let s = &e.samples[0].tokens;
         let expected = [
             p1.new_ids.clone(),
             c1.tokens.clone(),
@@ -450,7 +432,7 @@ mod tests {
         ]
         .concat();
         assert_eq!(s.mask, mask);
-        assert_eq!(s.prompt_len, p1.new_ids.len());
+        assert_eq!(e.samples[0].prompt_len, p1.new_ids.len());
         // The new text is exactly the tool turn and the next assistant header.
         assert!(
             p2.text.contains("29842") && !p2.text.contains("347*86"),
@@ -487,7 +469,10 @@ mod tests {
         let (p, c, _) = turn(&mut e, &tok, &edited, &[], "12");
         assert_eq!(p.extends, None);
         assert_eq!(e.samples.len(), 2);
-        assert_eq!(e.samples[1].ids, [p.new_ids.clone(), c.tokens].concat());
+        assert_eq!(
+            e.samples[1].tokens.ids,
+            [p.new_ids.clone(), c.tokens].concat()
+        );
         assert_eq!(e.samples[1].prompt_len, p.new_ids.len());
         assert_eq!(e.turns, 2);
     }

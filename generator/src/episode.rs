@@ -56,14 +56,7 @@ impl Episode {
         env: &Env,
         tokenizer: &Tokenizer,
     ) -> Result<Next> {
-        let start = self.ids.len();
-        self.mask.extend(std::iter::repeat_n(1, turn.tokens.len()));
-        self.ids.extend(&turn.tokens);
-        self.logprobs.extend(&turn.logprobs);
-        self.versions.extend(tags);
-        self.last_turn = start..self.ids.len();
-        self.turns += 1;
-        self.finish = turn.finish_reason;
+        self.push_model(&turn, tags);
         // A service answers (and scores) every turn, the last one included.
         if env.service.is_some() || env.config.service.is_some() {
             let text = tokenizer.decode(&turn.tokens, true)?;
@@ -114,18 +107,36 @@ impl Episode {
             self.finish = Some(FinishReason::Length);
             return Ok(Next::Done);
         }
-        self.mask.extend(std::iter::repeat_n(0, observed.len()));
-        self.logprobs
-            .extend(std::iter::repeat_n(0.0, observed.len()));
-        self.versions
-            .extend(std::iter::repeat_n(version, observed.len()));
-        self.ids.extend(observed);
+        self.push_context(&observed, version);
         let mut next = prompt.to_vec();
         next.extend(&self.ids);
         Ok(Next::Continue {
             prompt: next,
             budget: max_new_tokens - self.ids.len(),
         })
+    }
+
+    /// Appends a model turn as sampled (`tags`: each token's version), trained, as the
+    /// episode's last turn.
+    pub fn push_model(&mut self, turn: &Completion, tags: Vec<u64>) {
+        let start = self.ids.len();
+        self.mask.extend(std::iter::repeat_n(1, turn.tokens.len()));
+        self.ids.extend(&turn.tokens);
+        self.logprobs.extend(&turn.logprobs);
+        self.versions.extend(tags);
+        self.last_turn = start..self.ids.len();
+        self.turns += 1;
+        self.finish = turn.finish_reason;
+    }
+
+    /// Appends tokens the model did not write: loss mask 0, logprob 0, tagged with
+    /// `version` (never read).
+    pub fn push_context(&mut self, ids: &[u32], version: u64) {
+        self.mask.extend(std::iter::repeat_n(0, ids.len()));
+        self.logprobs.extend(std::iter::repeat_n(0.0, ids.len()));
+        self.versions
+            .extend(std::iter::repeat_n(version, ids.len()));
+        self.ids.extend(ids);
     }
 
     /// The last model turn's tokens (what verifiers score).
