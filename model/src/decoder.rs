@@ -11,7 +11,7 @@ use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
 use crate::ops::swiglu::swiglu;
 use crate::packing::{PackedBatch, Packing};
-use crate::transformer::{project, LayerWeights, Model, Weights};
+use crate::transformer::{project, project_each, LayerWeights, Model, Weights};
 
 /// What every decoder layer of one packed forward shares.
 #[derive(Clone, Debug)]
@@ -53,16 +53,25 @@ pub(crate) fn decoder_block(
         None => (None, None, None),
     };
     let pk = lw.packed.as_deref();
-    let q = project(&xn, &lw.q, qb, pk.map(|p| &p.q), f)?;
-    let k = project(&xn, &lw.k, kb, pk.map(|p| &p.k), f)?;
+    let [q, k, v] = project_each(
+        &xn,
+        [&lw.q, &lw.k, &lw.v],
+        [qb, kb, vb],
+        pk.map(|p| [&p.q, &p.k, &p.v]),
+        f,
+    )?;
     let q = rotary(&q, cos, sin, heads.query)?;
     let k = rotary(&k, cos, sin, heads.kv)?;
-    let v = project(&xn, &lw.v, vb, pk.map(|p| &p.v), f)?;
     let a = attend(&q, &k, &v)?;
     let h = (project(&a, &lw.o, None, pk.map(|p| &p.o), f)? + x)?;
     let hn = rms_norm(&h, &lw.post_norm, eps, f)?;
-    let gate = project(&hn, &lw.gate, None, pk.map(|p| &p.gate), f)?;
-    let up = project(&hn, &lw.up, None, pk.map(|p| &p.up), f)?;
+    let [gate, up] = project_each(
+        &hn,
+        [&lw.gate, &lw.up],
+        [None, None],
+        pk.map(|p| [&p.gate, &p.up]),
+        f,
+    )?;
     let mlp = swiglu(&gate, &up)?;
     Ok((project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)? + h)?)
 }

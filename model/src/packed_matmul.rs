@@ -241,6 +241,71 @@ fn block<const R: usize>(
     block_portable::<R>(x, ldx, panel, k, y, ldy, cols)
 }
 
+impl PackedMatrix {
+    /// x (rows, K) f32 → [x·W₁ᵀ, x·W₂ᵀ, …] for matrices of the same K, in one parallel
+    /// pass over all their panels: one hand-off between threads instead of one per
+    /// matrix, and the small matrices' few panels balance across threads with the
+    /// large ones' (Q, K and V of a layer; its gate and up projections).
+    pub fn matmul_each<const N: usize>(
+        mats: [&PackedMatrix; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let (rows, k) = x.dims2()?;
+        let x = x.contiguous()?;
+        let xs = cpu_slice::<f32>(&x, "packed matmul")?;
+        let ys = multiply(&mats, &xs, rows, k)?;
+        let mut out = Vec::with_capacity(N);
+        for (y, m) in ys.into_iter().zip(mats) {
+            out.push(Tensor::from_vec(y, (rows, m.n), x.device())?);
+        }
+        Ok(out.try_into().expect("one output per matrix"))
+    }
+}
+
+/// y_m = x·W_mᵀ for each matrix m (all of width K) over `rows` rows of x: every
+/// matrix's panels split across threads together.
+fn multiply(
+    mats: &[&PackedMatrix],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    if let Some(m) = mats.iter().find(|m| m.k != k) {
+        candle_core::bail!("packed-matmul: x has {k} columns, W has {}", m.k)
+    }
+    let avx2 = crate::simd::avx2_fma();
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; rows * m.n]).collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    let tasks: Vec<(usize, usize)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| (0..m.n.div_ceil(NR)).map(move |p| (i, p)))
+        .collect();
+    tasks.into_par_iter().with_min_len(4).for_each(|(i, p)| {
+        let (m, out) = (mats[i], outs[i]);
+        let n = m.n;
+        let panel = &m.data[p * k * NR..(p + 1) * k * NR];
+        let cols = NR.min(n - p * NR);
+        let mut r = 0;
+        while r < rows {
+            let xs = &x[r * k..];
+            // SAFETY (pointer arithmetic): row r, column 16p lies inside y.
+            let yo = unsafe { out.add(r * n + p * NR) };
+            let take = MR.min(rows - r);
+            match take {
+                6 => block::<6>(avx2, xs, k, panel, k, yo, n, cols),
+                5 => block::<5>(avx2, xs, k, panel, k, yo, n, cols),
+                4 => block::<4>(avx2, xs, k, panel, k, yo, n, cols),
+                3 => block::<3>(avx2, xs, k, panel, k, yo, n, cols),
+                2 => block::<2>(avx2, xs, k, panel, k, yo, n, cols),
+                _ => block::<1>(avx2, xs, k, panel, k, yo, n, cols),
+            }
+            r += take;
+        }
+    });
+    Ok(ys)
+}
+
 impl CustomOp1 for PackedMatrix {
     fn name(&self) -> &'static str {
         "packed-matmul"
@@ -249,35 +314,8 @@ impl CustomOp1 for PackedMatrix {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous::<f32>(s, l, self.name())?;
         let (rows, k) = l.shape().dims2()?;
-        if k != self.k {
-            candle_core::bail!("packed-matmul: x has {k} columns, W has {}", self.k)
-        }
-        let avx2 = crate::simd::avx2_fma();
-        let n = self.n;
-        let mut y = vec![0f32; rows * n];
-        let out = Out(y.as_mut_ptr());
-        let panels = n.div_ceil(NR);
-        (0..panels).into_par_iter().with_min_len(4).for_each(|p| {
-            let panel = &self.data[p * k * NR..(p + 1) * k * NR];
-            let cols = NR.min(n - p * NR);
-            let mut r = 0;
-            while r < rows {
-                let xs = &x[r * k..];
-                // SAFETY (pointer arithmetic): row r, column 16p lies inside y.
-                let yo = unsafe { out.add(r * n + p * NR) };
-                let take = MR.min(rows - r);
-                match take {
-                    6 => block::<6>(avx2, xs, k, panel, k, yo, n, cols),
-                    5 => block::<5>(avx2, xs, k, panel, k, yo, n, cols),
-                    4 => block::<4>(avx2, xs, k, panel, k, yo, n, cols),
-                    3 => block::<3>(avx2, xs, k, panel, k, yo, n, cols),
-                    2 => block::<2>(avx2, xs, k, panel, k, yo, n, cols),
-                    _ => block::<1>(avx2, xs, k, panel, k, yo, n, cols),
-                }
-                r += take;
-            }
-        });
-        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+        let y = multiply(&[self], x, rows, k)?.pop().expect("one output");
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.n))))
     }
 }
 
@@ -313,5 +351,28 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(d < 1e-4, "rows {rows} n {n} k {k}: {d}");
         }
+    }
+
+    #[test]
+    fn several_matrices_in_one_pass_equal_each_alone() {
+        let x = Tensor::randn(0f32, 1.0, (11, 40), &Device::Cpu).unwrap();
+        let ws: Vec<Tensor> = [48, 5, 16]
+            .iter()
+            .map(|&n| Tensor::randn(0f32, 1.0, (n, 40), &Device::Cpu).unwrap())
+            .collect();
+        let ps: Vec<PackedMatrix> = ws.iter().map(|w| PackedMatrix::pack(w).unwrap()).collect();
+        let ys = PackedMatrix::matmul_each([&ps[0], &ps[1], &ps[2]], &x).unwrap();
+        for (y, p) in ys.iter().zip(&ps) {
+            let alone = p.matmul(&x).unwrap();
+            assert_eq!(y.dims(), alone.dims());
+            let same = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "the pass over several matrices changed a product");
+        }
+        let other = PackedMatrix::pack(
+            &Tensor::zeros((4, 39), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        assert!(PackedMatrix::matmul_each([&ps[0], &other], &x).is_err());
     }
 }

@@ -102,6 +102,42 @@ pub(crate) fn project(
     Ok(y.reshape(out)?)
 }
 
+/// [`project`] of one input by several weights `ws` (biases `bs`): on the packed
+/// kernel, one pass over all their panels ([`PackedMatrix::matmul_each`]); otherwise
+/// each weight alone.
+pub(crate) fn project_each<const N: usize>(
+    x: &Tensor,
+    ws: [&Tensor; N],
+    bs: [Option<&Tensor>; N],
+    packed: Option<[&PackedMatrix; N]>,
+    fused: bool,
+) -> Result<[Tensor; N]> {
+    let mut out = Vec::with_capacity(N);
+    match packed {
+        None => {
+            for (w, b) in ws.into_iter().zip(bs) {
+                out.push(project(x, w, b, None, fused)?);
+            }
+        }
+        Some(mats) => {
+            let dims = x.dims().to_vec();
+            let d = *dims.last().unwrap_or(&0);
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let ys = PackedMatrix::matmul_each(mats, &x.reshape((rows, d))?)?;
+            for ((y, b), m) in ys.into_iter().zip(bs).zip(mats) {
+                let y = match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let mut shape = dims.clone();
+                *shape.last_mut().unwrap() = m.out_dim();
+                out.push(y.reshape(shape)?);
+            }
+        }
+    }
+    Ok(out.try_into().expect("one output per weight"))
+}
+
 impl Model {
     /// Builds a model from named tensors (HF names), checking names and shapes.
     pub fn from_tensors(
