@@ -9,8 +9,9 @@
 //! In the same run it measures the machine's GEMM rate with the engine's own matmuls
 //! (`gemm_size`³ in the model's dtype, f32 on CPU: candle's and the packed matmul of
 //! the projections, the faster taken; before and after the other runs, the higher
-//! taken) and derives `ceiling_tok_per_s` = FLOP/s ÷ (2 × parameters), the rate at which decoding would
-//! run if every token cost only its weight products at that rate.
+//! taken) and derives `ceiling_tok_per_s` = FLOP/s ÷ (2 × parameters), the rate at
+//! which decoding would run if every token cost only its weight products at that
+//! rate.
 //!
 //! Each measurement runs in its own process (its peak RSS is its own): the default
 //! engine, the same workload at 1, 8, 64 and 256 concurrent sequences (`c / samples`
