@@ -84,14 +84,18 @@ pub(crate) fn project(
     packed: Option<&PackedMatrix>,
     fused: bool,
 ) -> Result<Tensor> {
+    if let Some(p) = packed {
+        let [y] = project_each(x, [w], [b], Some([p]), fused)?;
+        return Ok(y);
+    }
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, d))?;
-    let y = match packed {
-        Some(p) => p.matmul(&x2)?,
-        None if fused && decode_matmul::applies(&x2, w) => decode_matmul::matmul_t(&x2, w)?,
-        None => crate::linear::linear(&x2.contiguous()?, w)?,
+    let y = if fused && decode_matmul::applies(&x2, w) {
+        decode_matmul::matmul_t(&x2, w)?
+    } else {
+        crate::linear::linear(&x2.contiguous()?, w)?
     };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
