@@ -58,6 +58,26 @@ fn start_env(python: &Path) -> EnvServer {
     EnvServer(child, addr)
 }
 
+/// The completions the trainer dumped for step `step` of the run in `run`
+/// (`[trainer] dump_batches`), one JSON object each.
+fn dumped_batch(run: &Path, step: u64) -> Vec<Value> {
+    std::fs::read_to_string(run.join(format!("batches/step-{step:06}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A dumped completion's token ids.
+fn completion_ids(r: &Value) -> Vec<u32> {
+    r["completion_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 #[test]
 fn a_python_environment_plays_multi_turn_episodes() {
     let Some(python) = python_with(&["grpc", "grpc_tools"]) else {
@@ -151,10 +171,7 @@ dump_batches = true
     let mut multi_turn = 0;
     let mut spans = 0;
     for step in 1..=steps {
-        let text =
-            std::fs::read_to_string(run.join(format!("batches/step-{step:06}.jsonl"))).unwrap();
-        for line in text.lines() {
-            let r: Value = serde_json::from_str(line).unwrap();
+        for r in dumped_batch(&run, step) {
             let reward = r["reward"].as_f64().unwrap();
             assert!(
                 reward == 0.0 || reward == 1.0,
@@ -165,12 +182,7 @@ dump_batches = true
             if turns > 1 {
                 multi_turn += 1;
             }
-            let ids: Vec<u32> = r["completion_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
+            let ids = completion_ids(&r);
             let Some(mask) = r["loss_mask"].as_array() else {
                 assert_eq!(turns, 1);
                 continue;
@@ -318,12 +330,9 @@ dump_batches = true
     let eos = tandem_model::preset::EOS_ID;
     let (mut checked, mut multi_turn) = (0, 0);
     for step in 1..=steps {
-        let text =
-            std::fs::read_to_string(run.join(format!("batches/step-{step:06}.jsonl"))).unwrap();
         // Completions seen so far of each group.
         let mut seen: std::collections::HashMap<String, u64> = Default::default();
-        for line in text.lines() {
-            let r: Value = serde_json::from_str(line).unwrap();
+        for r in dumped_batch(&run, step) {
             let reward = r["reward"].as_f64().unwrap();
             assert!(
                 reward == 0.0 || reward == 1.0,
@@ -340,12 +349,7 @@ dump_batches = true
                 .unwrap()
                 .parse()
                 .unwrap();
-            let ids: Vec<u32> = r["completion_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
+            let ids = completion_ids(&r);
             let mask: Vec<u64> = match r["loss_mask"].as_array() {
                 Some(m) => m.iter().map(|x| x.as_u64().unwrap()).collect(),
                 None => vec![1; ids.len()],

@@ -167,7 +167,7 @@ impl Agents {
         for m in &lease.messages {
             messages.push(json!({"role": m.role, "content": m.content}));
         }
-        let prompt = crate::worker::prompt_text(&lease);
+        let prompt = crate::scoring::prompt_text(&lease);
         let mut episodes = Vec::with_capacity(samples);
         for j in 0..samples {
             // Unguessable: the endpoint serves only the episodes it started.

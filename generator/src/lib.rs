@@ -39,6 +39,7 @@ pub mod render;
 pub mod reward;
 pub mod sandbox;
 pub mod scored;
+mod scoring;
 pub mod tool_call;
 mod weight_sync;
 pub mod worker;

@@ -12,9 +12,7 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::retry;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::reward_client::RewardClient;
-use tandem_proto::v1::{
-    Completion, LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest, RolloutGroup, ScoreRequest,
-};
+use tandem_proto::v1::{LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest};
 use tokio::runtime::Handle;
 
 use crate::agent::{Agents, Ended};
@@ -27,6 +25,7 @@ use crate::heartbeat::{self, Beat};
 use crate::push::Outbox;
 use crate::render::{prompt_ids, PromptInput};
 use crate::reward::RewardConfig;
+use crate::scoring::prompt_text;
 
 /// Everything a generator needs besides its model.
 #[derive(Clone)]
@@ -385,15 +384,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Scores a group whose episodes all ended and pushes it (unless its lease went
-    /// back).
-    fn score_and_push(&mut self, d: Done, worker_id: u64) -> Result<()> {
-        if let Some(g) = self.score(&d.lease, d.prompt, d.sampled, worker_id)? {
-            self.push(g)?;
-        }
-        Ok(())
-    }
-
     /// Renders each lease's prompt and queues `group_size` samples of it (or starts
     /// `group_size` agent programs on it); a group's samples draw from streams 0.. of a
     /// seed derived from its lease.
@@ -404,20 +394,21 @@ impl Worker {
         agents: Option<&mut Agents>,
         leases: Vec<PromptLease>,
     ) -> Result<()> {
-        let g = self.settings.generator.clone();
-        if g.mock_generate_ms > 0 {
+        let mock_ms = self.settings.generator.mock_generate_ms;
+        if mock_ms > 0 {
             // Benchmarks of the control plane: one wait per lease reply instead of
             // sampling, then placeholder groups.
-            std::thread::sleep(Duration::from_millis(g.mock_generate_ms));
+            std::thread::sleep(Duration::from_millis(mock_ms));
             for l in leases {
                 let ids = self.prompt_of(&l)?;
-                let group = self.mock_group(&l, &ids);
+                let sampled = Sampled::single_turn(self.mock_group(&l, &ids));
                 let worker_id = self.beat.worker_id.load(Ordering::SeqCst);
-                if let Some(rollout) =
-                    self.score(&l, ids, Sampled::single_turn(group), worker_id)?
-                {
-                    self.push(rollout)?;
-                }
+                let done = Done {
+                    lease: l,
+                    prompt: ids,
+                    sampled,
+                };
+                self.score_and_push(done, worker_id)?;
             }
             return Ok(());
         }
@@ -541,46 +532,8 @@ impl Worker {
         )
     }
 
-    /// The reward service's scores of one group, retried with exponential backoff and
-    /// jitter (0.5 s, 1 s, 2 s, each ±25 %) when the call fails or the reply is
-    /// malformed; after the last attempt, why it failed.
-    fn service_scores(&mut self, req: ScoreRequest) -> std::result::Result<Vec<f64>, String> {
-        const ATTEMPTS: u32 = 4;
-        let n = req.completions.len();
-        let mut why = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                let base = 0.5 * f64::from(1u32 << (attempt - 1));
-                let jitter = 0.75 + 0.5 * tandem_proto::retry::unit_noise();
-                std::thread::sleep(Duration::from_secs_f64(base * jitter));
-            }
-            let Some(svc) = self.reward_service.as_mut() else {
-                return Err("no reward service".into());
-            };
-            match self.rt.block_on(svc.score(client::unary(req.clone()))) {
-                Ok(r) => {
-                    let scored = r.into_inner().rewards;
-                    if scored.len() == n && scored.iter().all(|r| r.is_finite()) {
-                        return Ok(scored);
-                    }
-                    why = format!(
-                        "returned {} rewards for {n} completions (all must be finite)",
-                        scored.len()
-                    );
-                }
-                Err(e) => why = client::describe(&e),
-            }
-            tracing::warn!(
-                attempt = attempt + 1,
-                of = ATTEMPTS,
-                "[reward] service: {why}"
-            );
-        }
-        Err(format!("[reward] service failed {ATTEMPTS} times: {why}"))
-    }
-
     /// Gives lease `l` back to the coordinator (its prompt is re-issued at once).
-    fn release(&mut self, l: &PromptLease, why: &str) {
+    pub(crate) fn release(&mut self, l: &PromptLease, why: &str) {
         tracing::warn!(lease = l.lease_id, "{why}: giving the lease back");
         let req = ReleaseRequest {
             worker_id: self.beat.worker_id.load(Ordering::SeqCst),
@@ -599,116 +552,5 @@ impl Worker {
                 client::describe(&e)
             );
         }
-    }
-
-    /// Scores a finished group (verifiers, judge, reward service, reward model) and
-    /// builds its rollout; each token carries the version it was sampled with. `None`
-    /// when the reward service kept failing and the lease was given back.
-    fn score(
-        &mut self,
-        l: &PromptLease,
-        prompt_ids: Vec<u32>,
-        s: Sampled,
-        worker_id: u64,
-    ) -> Result<Option<RolloutGroup>> {
-        let f = &s.finished;
-        let rows = &f.completions;
-        // Verifiers and judges read each episode's final model turn.
-        let texts: Vec<String> = s
-            .finals
-            .iter()
-            .map(|ids| self.model.tokenizer.decode(ids, true))
-            .collect::<std::result::Result<_, _>>()?;
-        let answer = (!l.answer.is_empty()).then_some(l.answer.as_str());
-        let mut rewards: Vec<f64> = texts
-            .iter()
-            .map(|t| self.settings.reward.score(t, answer))
-            .collect();
-        let prompt = prompt_text(l);
-        if let Some(judge) = &self.judge {
-            for (r, s) in rewards
-                .iter_mut()
-                .zip(judge.score(&prompt, &texts, answer)?)
-            {
-                *r += self.settings.reward.judge_weight * s;
-            }
-        }
-        if self.reward_service.is_some() {
-            let req = ScoreRequest {
-                prompt: prompt.clone(),
-                answer: l.answer.clone(),
-                completions: texts.clone(),
-            };
-            let scored = match self.service_scores(req) {
-                Ok(s) => s,
-                Err(why) => {
-                    // Skip instead of stop: the lease goes back, another generator
-                    // (or this one, later) takes the prompt.
-                    self.release(l, &why);
-                    return Ok(None);
-                }
-            };
-            for (r, s) in rewards.iter_mut().zip(scored) {
-                *r += self.settings.reward.service_weight * s;
-            }
-        }
-        for (r, e) in rewards.iter_mut().zip(&s.env_rewards) {
-            *r += self.env.config.reward_weight * e;
-        }
-        if let Some(rm) = &self.reward_model {
-            let ids: Vec<Vec<u32>> = rows.iter().map(|c| c.tokens.clone()).collect();
-            for (r, s) in rewards.iter_mut().zip(rm.score(&prompt_ids, &ids)?) {
-                *r += self.settings.reward.model_weight * s;
-            }
-        }
-        Ok(Some(RolloutGroup {
-            seq: 0,
-            session_token: self.creds.session(),
-            lease_id: l.lease_id,
-            prompt_index: l.prompt_index,
-            worker_id,
-            prompt_ids,
-            completions: rows
-                .iter()
-                .zip(&f.tags)
-                .zip(rewards)
-                .zip(&s.masks)
-                .zip(&s.episodes)
-                .map(|((((c, v), reward), mask), episode)| Completion {
-                    turns: episode.0,
-                    tool_calls: episode.1,
-                    tool_errors: episode.2,
-                    tool_seconds: episode.3,
-                    completion_ids: c.tokens.clone(),
-                    behavior_logprobs: c.logprobs.clone(),
-                    versions: v.clone(),
-                    reward,
-                    finish_reason: match c.finish_reason {
-                        Some(tandem_model::FinishReason::Stop) => "stop".into(),
-                        _ => "length".into(),
-                    },
-                    // Sent only when some token is the environment's.
-                    loss_mask: if mask.contains(&0) {
-                        mask.iter().map(|&m| u32::from(m)).collect()
-                    } else {
-                        vec![]
-                    },
-                })
-                .collect(),
-        }))
-    }
-}
-
-/// A lease's prompt as plain text (a conversation's messages joined by newlines): what
-/// judges, reward services and environments read.
-pub(crate) fn prompt_text(l: &PromptLease) -> String {
-    if l.messages.is_empty() {
-        l.text.clone()
-    } else {
-        l.messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 }
