@@ -27,6 +27,7 @@
 //!   `tag` (the generator passes its weights' version).
 
 pub mod attention;
+mod config;
 pub mod pages;
 
 use std::collections::{HashMap, VecDeque};
@@ -36,9 +37,10 @@ use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use attention::{paged_attention, PagedLayout};
+pub use config::EngineConfig;
 pub use pages::{KvPages, PagePool};
 
 use crate::decoder::decoder_block;
@@ -49,81 +51,6 @@ use crate::ops::rms_norm::rms_norm;
 use crate::packed_matmul::PackedWeights;
 use crate::sampling::{self, SamplingParams};
 use crate::transformer::{Model, Weights};
-
-/// How the engine batches and how much KV memory it may hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineConfig {
-    /// Sequences decoding at once (a request's unforked prompt counts its samples).
-    pub max_running: usize,
-    /// Tokens the paged KV cache holds, every layer included (rounded up to pages).
-    pub kv_cache_tokens: usize,
-    /// Tokens per page.
-    pub kv_page_size: usize,
-    /// Prompt tokens prefilled per step beside the decoding rows (chunked prefill).
-    pub prefill_chunk: usize,
-    /// Prefill a request's prompt once and fork its samples; off, every sample
-    /// prefills the prompt itself.
-    pub share_prefix: bool,
-    /// Admit new sequences as soon as slots free up; off, a batch runs until its last
-    /// sequence finishes before the next is admitted (static batching, for
-    /// measurements).
-    pub continuous: bool,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            max_running: 64,
-            kv_cache_tokens: 32768,
-            kv_page_size: 16,
-            prefill_chunk: 256,
-            share_prefix: true,
-            continuous: true,
-        }
-    }
-}
-
-impl EngineConfig {
-    /// Room for `requests` requests of `samples` samples and `longest` tokens each,
-    /// all running at once (whole-batch callers: `generate`, scoring, judges).
-    pub fn fitting(requests: usize, samples: usize, longest: usize) -> Self {
-        EngineConfig {
-            max_running: (requests * samples).max(1),
-            ..EngineConfig::default()
-        }
-        .with_room(requests, samples, longest)
-    }
-
-    /// These settings with a KV cache that holds `requests` requests of `samples`
-    /// samples and `longest` tokens each at once, in pages of `kv_page_size`: each
-    /// sample's pages plus the one a fork may copy, and a partial page per prompt.
-    pub fn with_room(self, requests: usize, samples: usize, longest: usize) -> Self {
-        let rows = (requests * samples).max(1);
-        let ps = self.kv_page_size;
-        EngineConfig {
-            kv_cache_tokens: (rows * (longest.div_ceil(ps) + 1) + requests) * ps,
-            ..self
-        }
-    }
-
-    /// Errors name the key as `[generator]` writes it (the fields are its keys).
-    pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, why: &str| Err(Error::invalid(format!("{key}: {why}")));
-        if self.max_running == 0 {
-            return bad("max_running", "must be ≥ 1");
-        }
-        if self.kv_page_size == 0 {
-            return bad("kv_page_size", "must be ≥ 1");
-        }
-        if self.kv_cache_tokens < self.kv_page_size {
-            return bad("kv_cache_tokens", "must hold at least one page");
-        }
-        if self.prefill_chunk == 0 {
-            return bad("prefill_chunk", "must be ≥ 1");
-        }
-        Ok(())
-    }
-}
 
 /// A prompt to sample `samples` completions of.
 #[derive(Clone, Debug)]
