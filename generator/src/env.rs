@@ -9,7 +9,7 @@ use tandem_model::Tokenizer;
 
 use crate::calculator;
 use crate::error::{invalid, Result};
-use crate::sandbox::{self, PythonLimits};
+use crate::python::{PythonLimits, PythonTool};
 use crate::tool_call::{self, TurnFormat};
 
 /// `[env]`.
@@ -159,6 +159,8 @@ pub struct Env {
     pub config: EnvConfig,
     pub format: TurnFormat,
     pub service: Option<crate::env_service::EnvService>,
+    /// The `python` tool's sandbox, when `[env] tools` has it.
+    pub python: Option<PythonTool>,
 }
 
 impl Env {
@@ -168,9 +170,10 @@ impl Env {
     /// rather than one per call).
     pub fn new(config: EnvConfig, tokenizer: &Tokenizer, chat: bool, stop: &[u32]) -> Result<Self> {
         config.validate()?;
-        if config.tools.iter().any(|t| t == "python") {
-            sandbox::probe(&config.python).map_err(invalid)?;
-        }
+        let python = match config.tools.iter().any(|t| t == "python") {
+            true => Some(PythonTool::new(&config.python).map_err(invalid)?),
+            false => None,
+        };
         let format = if chat && (config.multi_turn() || config.service.is_some()) {
             let end_of_turn = stop
                 .first()
@@ -185,6 +188,7 @@ impl Env {
             config,
             format,
             service: None,
+            python,
         })
     }
 
@@ -261,7 +265,8 @@ impl Env {
                     .get("code")
                     .and_then(Value::as_str)
                     .ok_or("python needs {\"code\": \"...\"}")?;
-                let ran = sandbox::run_python(code, &self.config.python)?;
+                let tool = self.python.as_ref().ok_or("python: the tool was not set up")?;
+                let ran = tool.run(code)?;
                 Ok((ran.observation(), ran.failure.is_some()))
             }
             other => Err(format!("tool {other:?} is not built in")),
@@ -283,6 +288,9 @@ mod tests {
             },
             format: TurnFormat::raw(),
             service: None,
+            python: tools
+                .contains(&"python")
+                .then(|| PythonTool::new(&PythonLimits::default()).expect("the sandbox runs here")),
         }
     }
 

@@ -208,6 +208,7 @@ mod tests {
             },
             format: TurnFormat::from_template(&tok, "tool", "<|im_end|>").unwrap(),
             service: None,
+            python: None,
         };
         assert_eq!(env.format.before, "\n<|im_start|>tool\n");
         assert_eq!(env.format.after, "<|im_end|>\n<|im_start|>assistant\n");
@@ -290,6 +291,7 @@ mod tests {
             },
             format: TurnFormat::raw(),
             service: None,
+            python: None,
         };
         let call = "<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+\"}}</tool_call>";
         let run = |env: &Env, turns: &[(&str, bool)], max_new: usize| {

@@ -312,6 +312,7 @@ mod tests {
             },
             format: TurnFormat::raw(),
             service: None,
+            python: None,
         };
         let params = SamplingParams {
             temperature: 1.0,

@@ -14,8 +14,8 @@
 //! - [`eval`] — held-out evaluation: accuracy, pass@k, maj@k, mean length
 //! - [`env`] — the `[env]` section: multi-turn episodes with tools; [`episode`] — one
 //!   sample's turns as sampled plus the environment's; [`tool_call`] — the Hermes
-//!   tool-call convention; [`calculator`] — the calculator tool; [`sandbox`] — the
-//!   `python` tool's sandbox
+//!   tool-call convention; [`calculator`] — the calculator tool; [`python`] — the
+//!   `python` tool, run in [`tandem_sandbox`]
 //! - [`agent`] — `[env] agent` programs, one process per episode; [`openai`] — the
 //!   OpenAI-compatible endpoint they talk to; [`chat_episode`] — an agent's requests
 //!   merged into samples, the model's tokens as sampled
@@ -34,10 +34,10 @@ pub mod groups;
 mod heartbeat;
 pub mod openai;
 mod push;
+pub mod python;
 pub mod rejection;
 pub mod render;
 pub mod reward;
-pub mod sandbox;
 pub mod scored;
 mod scoring;
 pub mod tool_call;

@@ -223,6 +223,7 @@ mod tests {
             },
             format: TurnFormat::raw(),
             service: None,
+            python: None,
         };
         let ids: Vec<Vec<u32>> = ["1 + 2 =", "3 * 4 =", "5 - 1 ="]
             .iter()
