@@ -15,6 +15,7 @@ mod score;
 mod security;
 mod serve;
 mod status;
+mod tool;
 mod train_step;
 
 use anyhow::Result;
@@ -68,6 +69,9 @@ enum Command {
     RejectionSample(offline::StageArgs),
     /// Create a private CA and issue certificates for TLS / mTLS between a run's hosts.
     TlsCerts(certs::CertsArgs),
+    /// Run a built-in tool (python, calculator) as an episode's tool call runs it and
+    /// print what the model would read.
+    Tool(tool::ToolArgs),
 }
 
 /// Keeps freed memory in the process. A training step allocates and frees hundreds of
@@ -108,6 +112,7 @@ fn main() {
         Command::Report(a) => report::run(a),
         Command::Eval(a) => eval::run(a),
         Command::TlsCerts(a) => certs::run(a),
+        Command::Tool(a) => tool::run(a),
         Command::Sft(a) => offline::sft(a),
         Command::Rm(a) => offline::rm(a),
         Command::Dpo(a) => offline::dpo(a),

@@ -170,10 +170,7 @@ impl Env {
     /// rather than one per call).
     pub fn new(config: EnvConfig, tokenizer: &Tokenizer, chat: bool, stop: &[u32]) -> Result<Self> {
         config.validate()?;
-        let python = match config.tools.iter().any(|t| t == "python") {
-            true => Some(PythonTool::new(&config.python).map_err(invalid)?),
-            false => None,
-        };
+        let python = python_tool(&config)?;
         let format = if chat && (config.multi_turn() || config.service.is_some()) {
             let end_of_turn = stop
                 .first()
@@ -187,6 +184,19 @@ impl Env {
         Ok(Env {
             config,
             format,
+            service: None,
+            python,
+        })
+    }
+
+    /// The environment's built-in tools alone (no chat format, no service), as
+    /// `tandem tool` runs them; the `python` tool's sandbox is tried here.
+    pub fn tools_only(config: EnvConfig) -> Result<Self> {
+        config.validate()?;
+        let python = python_tool(&config)?;
+        Ok(Env {
+            config,
+            format: TurnFormat::raw(),
             service: None,
             python,
         })
@@ -265,13 +275,24 @@ impl Env {
                     .get("code")
                     .and_then(Value::as_str)
                     .ok_or("python needs {\"code\": \"...\"}")?;
-                let tool = self.python.as_ref().ok_or("python: the tool was not set up")?;
+                let tool = self
+                    .python
+                    .as_ref()
+                    .ok_or("python: the tool was not set up")?;
                 let ran = tool.run(code)?;
                 Ok((ran.observation(), ran.failure.is_some()))
             }
             other => Err(format!("tool {other:?} is not built in")),
         }
     }
+}
+
+/// The `python` tool's sandbox, built and tried once, when `[env] tools` lists it.
+fn python_tool(config: &EnvConfig) -> Result<Option<PythonTool>> {
+    if !config.tools.iter().any(|t| t == "python") {
+        return Ok(None);
+    }
+    PythonTool::new(&config.python).map(Some).map_err(invalid)
 }
 
 #[cfg(test)]

@@ -164,7 +164,8 @@ impl PythonTool {
     /// run in it. There is no weaker mode.
     pub fn new(limits: &PythonLimits) -> Result<Self, String> {
         limits.validate()?;
-        let fail = |e: String| format!("[env] tools = [\"python\"]: the sandbox cannot start here: {e}");
+        let fail =
+            |e: String| format!("[env] tools = [\"python\"]: the sandbox cannot start here: {e}");
         let interpreter = PathBuf::from(&limits.interpreter);
         let mut read_only = program_prefixes(&interpreter)
             .map_err(|e| fail(format!("[env.python] interpreter: {e}")))?;
@@ -351,7 +352,9 @@ mod tests {
         assert_eq!(r.failure.as_deref(), Some("killed: CPU time 1 s"), "{r:?}");
         // A fresh directory each time: nothing written before is there.
         tool.run("open('left.txt', 'w').write('x')").unwrap();
-        let r = tool.run("import os\nprint(sorted(os.listdir('.')))").unwrap();
+        let r = tool
+            .run("import os\nprint(sorted(os.listdir('.')))")
+            .unwrap();
         assert_eq!(r.stdout.trim(), "['main.py']");
         let again = tool.run("print('still here')").unwrap();
         assert_eq!(again.stdout.trim(), "still here");

@@ -52,12 +52,17 @@ mod tests {
 
     #[test]
     fn keeps_the_end_it_is_told_and_says_what_it_cut() {
-        let data = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>();
+        let data = (0..20_000u32)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>();
         let head = spawn(std::io::Cursor::new(data.clone()), Keep::Head(100))
             .join()
             .unwrap();
         assert!(head.starts_with("abcdefghij"));
-        assert!(head.ends_with("[output cut: 20000 bytes, the first 100 kept]"), "{head}");
+        assert!(
+            head.ends_with("[output cut: 20000 bytes, the first 100 kept]"),
+            "{head}"
+        );
         let tail = spawn(std::io::Cursor::new(data.clone()), Keep::Tail(100))
             .join()
             .unwrap();

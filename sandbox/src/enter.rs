@@ -271,7 +271,7 @@ unsafe fn write_file(
 /// Between fork and exec in a single-threaded child (or a process that may change its
 /// namespaces, mounts and credentials as the step says).
 unsafe fn apply(step: &Step) -> io::Result<()> {
-    // SAFETY (for every call below): each pointer comes from a `CString` or slice of
+    // SAFETY: for every call below, each pointer comes from a `CString` or slice of
     // `step`, alive for the call; every other argument is an integer or a struct built
     // here. This process may change its own namespaces and credentials (contract).
     unsafe {
@@ -339,10 +339,7 @@ unsafe fn apply(step: &Step) -> io::Result<()> {
                 *mode,
                 bytes,
             ),
-            Step::Hostname(name) => check(libc::sethostname(
-                name.as_ptr(),
-                name.as_bytes().len(),
-            )),
+            Step::Hostname(name) => check(libc::sethostname(name.as_ptr(), name.as_bytes().len())),
             Step::PivotRoot(root) => {
                 check(libc::chdir(root.as_ptr()))?;
                 let dot = c".".as_ptr();
@@ -378,11 +375,10 @@ unsafe fn apply(step: &Step) -> io::Result<()> {
                     permitted: 0,
                     inheritable: 0,
                 }; 2];
-                check(libc::syscall(
-                    libc::SYS_capset,
-                    &header as *const CapHeader,
-                    data.as_ptr(),
-                ) as libc::c_int)
+                check(
+                    libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr())
+                        as libc::c_int,
+                )
             }
             Step::Limit { resource, value } => {
                 let r = libc::rlimit {

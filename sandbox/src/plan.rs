@@ -98,7 +98,10 @@ pub enum Step {
     /// `unshare(flags)`.
     Unshare(libc::c_int),
     /// Writes `bytes` to an existing file (`/proc/self/uid_map` and the like).
-    WriteExisting { path: CString, bytes: Vec<u8> },
+    WriteExisting {
+        path: CString,
+        bytes: Vec<u8>,
+    },
     /// `umask(mode)`.
     Umask(libc::mode_t),
     /// `mount(2)`.
@@ -294,7 +297,9 @@ fn within(path: &Path, dir: &Path) -> bool {
 
 /// The program folders of a system, as the host has them: bound read-only when they
 /// are folders, recreated when they are links (merged-`/usr` systems).
-const SYSTEM: [&str; 7] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM: [&str; 7] = [
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
 /// Device nodes a program may open.
 const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
@@ -410,9 +415,8 @@ fn minimal(r: &Request, read_only: &[PathBuf], steps: &mut Vec<Step>) -> Result<
         let p = Path::new(dir);
         match std::fs::symlink_metadata(p) {
             Ok(m) if m.file_type().is_symlink() => {
-                let target = std::fs::read_link(p).map_err(|e| {
-                    Error::Invalid(format!("{dir}: reading the link: {e}"))
-                })?;
+                let target = std::fs::read_link(p)
+                    .map_err(|e| Error::Invalid(format!("{dir}: reading the link: {e}")))?;
                 steps.push(Step::Symlink {
                     target: cstring(&target)?,
                     link: at(dir)?,
@@ -694,7 +698,10 @@ mod tests {
         assert!(checked_host_path(Path::new("/no/such/path")).is_err());
         let e = checked_host_path(Path::new("/usr/..")).unwrap_err();
         assert!(e.to_string().contains("whole file system"), "{e}");
-        assert_eq!(checked_host_path(Path::new("/usr/bin/../bin")).unwrap(), Path::new("/usr/bin"));
+        assert_eq!(
+            checked_host_path(Path::new("/usr/bin/../bin")).unwrap(),
+            Path::new("/usr/bin")
+        );
     }
 
     #[test]
@@ -762,6 +769,8 @@ mod tests {
             .filter(|s| matches!(s, Step::Mount { source: Some(src), .. } if src.as_bytes().starts_with(b"/usr")))
             .count();
         assert_eq!(binds, 1);
-        assert!(plan.describe(plan.before.len() + plan.after.len() - 1).contains("close_range"));
+        assert!(plan
+            .describe(plan.before.len() + plan.after.len() - 1)
+            .contains("close_range"));
     }
 }

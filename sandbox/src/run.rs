@@ -161,14 +161,8 @@ impl Sandbox {
                 let _ = s.write_all(&input);
             }
         });
-        let out = child
-            .stdout
-            .take()
-            .map(|s| capture::spawn(s, call.stdout));
-        let err = child
-            .stderr
-            .take()
-            .map(|s| capture::spawn(s, call.stderr));
+        let out = child.stdout.take().map(|s| capture::spawn(s, call.stdout));
+        let err = child.stderr.take().map(|s| capture::spawn(s, call.stderr));
         let mut wall = false;
         let status = loop {
             match child.try_wait() {
@@ -187,8 +181,12 @@ impl Sandbox {
             }
         };
         let _ = feeder.join();
-        let stdout = out.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-        let stderr = err.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let stdout = out
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let stderr = err
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         let end = if wall {
             End::WallTime
         } else if let Some(sig) = status.signal() {
@@ -213,7 +211,12 @@ fn report_pipe() -> Result<(std::fs::File, OwnedFd), Error> {
         return Err(Error::io("a pipe", std::io::Error::last_os_error()));
     }
     // SAFETY: both descriptors were just created and are owned by nothing else.
-    let (r, w) = unsafe { (std::fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
     Ok((r, w))
 }
 
@@ -271,13 +274,14 @@ pub fn program_prefixes(program: &Path) -> Result<Vec<PathBuf>, Error> {
             program.display()
         )));
     }
-    let system = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
+    let system = [
+        "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+    ];
     let mut out: Vec<PathBuf> = Vec::new();
     let mut p = program.to_path_buf();
     for _ in 0..40 {
-        let meta = std::fs::symlink_metadata(&p).map_err(|e| {
-            Error::Invalid(format!("{}: {e}", p.display()))
-        })?;
+        let meta = std::fs::symlink_metadata(&p)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
         let canonical_dir = dir.canonicalize().unwrap_or(dir.clone());
         if !system.iter().any(|s| canonical_dir.starts_with(s)) {
@@ -292,8 +296,8 @@ pub fn program_prefixes(program: &Path) -> Result<Vec<PathBuf>, Error> {
         if !meta.file_type().is_symlink() {
             return Ok(out);
         }
-        let target = std::fs::read_link(&p)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+        let target =
+            std::fs::read_link(&p).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
         p = canonical_dir.join(target);
     }
     Err(Error::Invalid(format!(
