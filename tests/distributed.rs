@@ -487,17 +487,26 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
 /// every 10 steps and after the last, and reaches eval.jsonl, metrics.jsonl,
 /// `/metrics`, the report and the run's last line.
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
+    let promtool = common::require_program(common::Tool::Promtool);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 40;
     let cfg = dir.path().join("run.toml");
     // A batch of 4 × 8 and a larger step make the rise certain, not likely.
     let eval = "[eval]\nevery = 10\nprompts = 16\nsamples = 2\ntemperature = 1.0\n";
-    let text = config(dir.path(), &model, steps, 1, eval)
-        .replace("batch_groups = 2", "batch_groups = 4")
-        .replace("group_size = 4", "group_size = 8")
-        .replace("lr = 1e-2", "lr = 2e-2");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, eval),
+        &[
+            "run.batch_groups=4",
+            "run.group_size=8",
+            "optimizer.lr=2e-2",
+        ],
+    );
     let (child, run) = spawn_run(&cfg, &text);
     // Scrape /metrics mid-run.
     let t0 = Instant::now();
@@ -545,32 +554,27 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     );
 
     let families = parse_prometheus(&metrics_text);
-    // Prometheus's own checker too, where Debian's prometheus package is installed
-    // (required where the deploy tools are: CI).
-    let promtool = Command::new("promtool")
+    // Prometheus's own checker too.
+    let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    if promtool.is_err() {
-        common::unavailable("promtool is not installed: /metrics not checked by it");
-    }
-    if let Ok(mut child) = promtool {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(metrics_text.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "promtool check metrics: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics_text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     for name in [
         "tandem_policy_version",
         "tandem_generator_policy_version",
@@ -833,12 +837,14 @@ fn broadcast_feeds_generators_and_a_stalled_one_falls_back_to_grpc() {
     // for a generator to join while 2 cores also run the other tests (one that misses
     // it at the start is excluded for good, and there would be nothing to stall).
     let steps = 150;
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace(
-            "[trainer]\n",
-            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 2.0\n",
-        )
-        .replace("heartbeat_timeout_ms = 1000", "heartbeat_timeout_ms = 5000");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &[
+            "trainer.broadcast=\"tcp\"",
+            "trainer.broadcast_timeout_s=2.0",
+            "coordinator.heartbeat_timeout_ms=5000",
+        ],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1424,9 +1430,9 @@ fn trainer_killed_and_resumed_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 30;
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "dump_batches = true",
-        "dump_batches = true\ncheckpoint_every = 5",
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &["trainer.checkpoint_every=5"],
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1493,13 +1499,17 @@ fn in_flight_weight_updates_keep_versions_honest() {
     // after each batch (mock steps: the weights stay, versions advance) and heartbeats
     // every 20 ms: the version changes while the next batch's groups decode, so swaps
     // land inside sequences.
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace(
-            "max_new_tokens = 6\nprompts_per_batch = 2",
-            "max_new_tokens = 160\nprompts_per_batch = 4\nmax_running = 4\nweight_update = \"in_flight\"",
-        )
-        .replace("dump_batches = true", "dump_batches = true\nmock_train_ms = 20")
-        .replace("heartbeat_interval_ms = 100", "heartbeat_interval_ms = 20");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &[
+            "generator.max_new_tokens=160",
+            "generator.prompts_per_batch=4",
+            "generator.max_running=4",
+            "generator.weight_update=\"in_flight\"",
+            "trainer.mock_train_ms=20",
+            "coordinator.heartbeat_interval_ms=20",
+        ],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1565,7 +1575,7 @@ fn external_reward_service_scores_the_groups() {
     let text = reward_from_service(
         &config(dir.path(), &model, steps, 1, ""),
         &addr,
-        "\nservice_weight = 2.0",
+        &["reward.service_weight=2.0"],
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1589,12 +1599,13 @@ fn external_reward_service_scores_the_groups() {
 }
 
 /// `text` (a [`config`]) with the reward coming from the service at `addr` alone, with
-/// its own token; `extra` adds `[reward]` lines.
-fn reward_from_service(text: &str, addr: &str, extra: &str) -> String {
-    text.replace(
-        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\"{extra}"),
-    )
+/// its own token; `extra` adds overrides (`reward.service_weight=2.0`).
+fn reward_from_service(text: &str, addr: &str, extra: &[&str]) -> String {
+    let service = format!("reward.service={addr:?}");
+    let token = format!("reward.service_token={REWARD_TOKEN:?}");
+    let mut sets = vec!["reward.math=0.0", "reward.format=0.0", &service, &token];
+    sets.extend(extra);
+    with_set(text, &sets)
 }
 
 /// The coordinator's final status (`RUN_DIR/coordinator-status.json`).
@@ -1635,8 +1646,11 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 4;
-    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "")
-        .replace("seed = 1\n", "seed = 1\nfilter_zero_std = true\n");
+    let text = reward_from_service(
+        &config(dir.path(), &model, steps, 1, ""),
+        &addr,
+        &["run.filter_zero_std=true"],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1714,7 +1728,7 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;
-    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "");
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, &[]);
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1761,9 +1775,9 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
     let model = init_tiny(dir.path());
     let steps = 72;
     let cfg = dir.path().join("run.toml");
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "dump_batches = true",
-        "dump_batches = true\ncheckpoint_every = 4",
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &["trainer.checkpoint_every=4"],
     );
     std::fs::write(&cfg, text).unwrap();
     let trainer_port = std::net::TcpListener::bind("127.0.0.1:0")
