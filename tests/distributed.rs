@@ -970,12 +970,16 @@ fn max_staleness_zero_is_on_policy() {
     }
 }
 
-/// Calls Status on the coordinator at `addr` (mTLS, CA in `certs`) as different clients.
+/// Calls Status on the coordinator at `addr` (mTLS, CA in `certs`) as different clients,
+/// and asserts how each stranger is refused: the TLS alert the server sends (seen with
+/// rustls alone, [`tls_verdict`]) and the gRPC status the real client gets.
 fn tls_refuses_strangers(addr: &str, certs: &Path, other: &Path) {
     use tandem_proto::auth::Credentials;
     use tandem_proto::client;
     use tandem_proto::tls::TlsFiles;
     use tandem_proto::v1::StatusRequest;
+    use tokio_rustls::rustls::{AlertDescription, CertificateError, Error as TlsError};
+    use tonic::Code;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -987,36 +991,175 @@ fn tls_refuses_strangers(addr: &str, certs: &Path, other: &Path) {
         key: cert.then(|| dir.join("second.key").to_path_buf()),
         client_auth: false,
     };
-    let status = |files: TlsFiles, token: &str| -> Result<(), String> {
-        let creds = Credentials::new(token, files.load()?)?;
+    // Err(connect error) or Err(the RPC's status).
+    let status = |files: TlsFiles, token: &str| -> Result<(), Result<String, tonic::Status>> {
+        let creds = Credentials::new(token, files.load().map_err(Ok)?).map_err(Ok)?;
         rt.block_on(async {
-            let ch = client::connect(addr, &creds).await?;
+            let ch = client::connect(addr, &creds).await.map_err(Ok)?;
             client::coordinator(ch, &creds)
                 .status(StatusRequest {})
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+                .map_err(Err)
         })
     };
-    status(files(certs, true, true), TOKEN).expect("the CA's client certificate");
-    let e = status(files(certs, true, true), "wrong").unwrap_err();
-    assert!(e.contains("Unauthenticated"), "{e}");
-    let e = status(files(certs, true, false), TOKEN).unwrap_err();
-    assert!(!e.is_empty(), "no client certificate");
-    let e = status(files(certs, false, false), TOKEN).unwrap_err();
-    assert!(!e.is_empty(), "plaintext");
-    // A client with another CA's certificate: it does not trust the server either.
-    let mut stranger = files(other, true, false);
-    stranger.cert = Some(other.join("node.pem"));
-    stranger.key = Some(other.join("node.key"));
-    let e = status(stranger.clone(), TOKEN).unwrap_err();
-    assert!(
-        e.contains("cannot connect") || e.contains("certificate"),
-        "{e}"
+    let rpc_error = |r: Result<(), Result<String, tonic::Status>>, what: &str| match r {
+        Err(Err(status)) => status,
+        other => panic!("{what}: expected the call to fail, got {other:?}"),
+    };
+    // A refused handshake ends the connection under the call: the client sees the
+    // server's alert (Unknown, "transport error") or, when the connection task has
+    // already closed, a cancelled call; which one is a race inside hyper.
+    let refused_by_tls = |st: &tonic::Status, what: &str| {
+        assert!(
+            matches!(
+                (st.code(), st.message()),
+                (Code::Unknown, "transport error") | (Code::Cancelled, "operation was canceled")
+            ),
+            "{what}: {st:?}"
+        );
+    };
+    let (second, other_node) = (
+        (certs.join("second.pem"), certs.join("second.key")),
+        (other.join("node.pem"), other.join("node.key")),
     );
-    // Trusting the run's CA but presenting another CA's certificate: refused.
-    stranger.ca = Some(certs.join("ca.pem"));
-    status(stranger, TOKEN).expect_err("a client certificate from another CA");
+    let ca = certs.join("ca.pem");
+
+    status(files(certs, true, true), TOKEN).expect("the CA's client certificate");
+    assert_eq!(tls_verdict(&rt, addr, &ca, Some(&second)), Ok(()));
+    let st = rpc_error(status(files(certs, true, true), "wrong"), "wrong token");
+    assert_eq!(
+        (st.code(), st.message()),
+        (Code::Unauthenticated, "wrong token")
+    );
+
+    // No client certificate: the server ends the handshake with certificate_required.
+    assert_eq!(
+        tls_verdict(&rt, addr, &ca, None),
+        Err(TlsError::AlertReceived(
+            AlertDescription::CertificateRequired
+        ))
+    );
+    let st = rpc_error(
+        status(files(certs, true, false), TOKEN),
+        "no client certificate",
+    );
+    refused_by_tls(&st, "no client certificate");
+
+    // Plaintext: the server answers the HTTP/2 preface with one TLS record, a fatal
+    // decode_error alert, and closes; the client gets bytes that are not HTTP/2.
+    assert_eq!(
+        plaintext_answer(addr),
+        [21, 3, 3, 0, 2, 2, 50],
+        "content type alert (21), TLS 1.2 record version, length 2, fatal (2), decode_error (50)"
+    );
+    let st = rpc_error(status(files(certs, false, false), TOKEN), "plaintext");
+    assert_eq!(
+        (st.code(), st.message()),
+        (Code::Unknown, "transport error"),
+        "{st:?}"
+    );
+
+    // Every CA of `tandem tls-certs` has the same name, so another CA's certificate is
+    // matched to this one by issuer name and fails on its signature.
+    // A client trusting another CA does not trust the server: refused at connect.
+    let mut stranger = files(other, true, false);
+    stranger.cert = Some(other_node.0.clone());
+    stranger.key = Some(other_node.1.clone());
+    assert_eq!(
+        tls_verdict(&rt, addr, &other.join("ca.pem"), Some(&other_node)),
+        Err(TlsError::InvalidCertificate(CertificateError::BadSignature))
+    );
+    match status(stranger.clone(), TOKEN) {
+        Err(Ok(e)) => assert!(
+            e.contains("cannot connect") && e.contains("invalid peer certificate: BadSignature"),
+            "{e}"
+        ),
+        other => panic!("a client of another CA: expected a refused connection, got {other:?}"),
+    }
+    // Trusting the run's CA but presenting another CA's certificate: the server finds
+    // its signature wrong and ends the handshake with decrypt_error.
+    stranger.ca = Some(ca.clone());
+    assert_eq!(
+        tls_verdict(&rt, addr, &ca, Some(&other_node)),
+        Err(TlsError::AlertReceived(AlertDescription::DecryptError))
+    );
+    let st = rpc_error(
+        status(stranger, TOKEN),
+        "a client certificate from another CA",
+    );
+    refused_by_tls(&st, "a client certificate from another CA");
+}
+
+/// What the TLS server at `addr` makes of a client that trusts `ca` and presents
+/// `identity` (certificate, key): the handshake as the rustls under tonic does it, then
+/// one read. In TLS 1.3 the server checks the client's certificate once the client's
+/// side of the handshake is done, so its verdict (an alert) is what that read gets;
+/// an accepted client reads the server's HTTP/2 settings. The client writes nothing
+/// after the handshake, so no reset can overtake the alert.
+fn tls_verdict(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<(), tokio_rustls::rustls::Error> {
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+    let pem = |p: &Path| std::fs::read(p).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&pem(ca)).unwrap())
+        .unwrap();
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(&pem(cert)).unwrap()],
+                PrivateKeyDer::from_pem_slice(&pem(key)).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tls_error = |e: std::io::Error| -> rustls::Error {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .cloned()
+            .unwrap_or_else(|| panic!("not a TLS error: {e:?}"))
+    };
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(host).unwrap(), tcp)
+            .await
+            .map_err(tls_error)?;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Ok(()),
+            Ok(Ok(_)) => panic!("the server closed the connection without an alert"),
+            Ok(Err(e)) => Err(tls_error(e)),
+            Err(_) => panic!("the server said nothing within 10 s"),
+        }
+    })
+}
+
+/// Every byte the server at `addr` sends back to a plaintext HTTP/2 client preface
+/// before it closes the connection.
+fn plaintext_answer(addr: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    answer
 }
 
 /// Test 7: without the token every RPC of every service is refused; malformed,
@@ -1388,10 +1531,14 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .expect_err("oversized group accepted"),
         }
     });
-    // tonic refuses a message past its decoding limit with OUT_OF_RANGE (or
+    // tonic refuses a message past its decoding limit with OUT_OF_RANGE, naming the
+    // length (messages are not compressed, so never the decompression limit's
     // RESOURCE_EXHAUSTED): anything else would be a crash or a bug, not the limit.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(
-        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        status
+            .message()
+            .contains("decoded message length too large"),
         "{status:?}"
     );
 
