@@ -487,17 +487,26 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
 /// every 10 steps and after the last, and reaches eval.jsonl, metrics.jsonl,
 /// `/metrics`, the report and the run's last line.
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
+    let promtool = common::require_program(common::Tool::Promtool);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 40;
     let cfg = dir.path().join("run.toml");
     // A batch of 4 × 8 and a larger step make the rise certain, not likely.
     let eval = "[eval]\nevery = 10\nprompts = 16\nsamples = 2\ntemperature = 1.0\n";
-    let text = config(dir.path(), &model, steps, 1, eval)
-        .replace("batch_groups = 2", "batch_groups = 4")
-        .replace("group_size = 4", "group_size = 8")
-        .replace("lr = 1e-2", "lr = 2e-2");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, eval),
+        &[
+            "run.batch_groups=4",
+            "run.group_size=8",
+            "optimizer.lr=2e-2",
+        ],
+    );
     let (child, run) = spawn_run(&cfg, &text);
     // Scrape /metrics mid-run.
     let t0 = Instant::now();
@@ -545,32 +554,27 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
     );
 
     let families = parse_prometheus(&metrics_text);
-    // Prometheus's own checker too, where Debian's prometheus package is installed
-    // (required where the deploy tools are: CI).
-    let promtool = Command::new("promtool")
+    // Prometheus's own checker too.
+    let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    if promtool.is_err() {
-        common::unavailable("promtool is not installed: /metrics not checked by it");
-    }
-    if let Ok(mut child) = promtool {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(metrics_text.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "promtool check metrics: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics_text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     for name in [
         "tandem_policy_version",
         "tandem_generator_policy_version",
@@ -833,12 +837,14 @@ fn broadcast_feeds_generators_and_a_stalled_one_falls_back_to_grpc() {
     // for a generator to join while 2 cores also run the other tests (one that misses
     // it at the start is excluded for good, and there would be nothing to stall).
     let steps = 150;
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace(
-            "[trainer]\n",
-            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 2.0\n",
-        )
-        .replace("heartbeat_timeout_ms = 1000", "heartbeat_timeout_ms = 5000");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &[
+            "trainer.broadcast=\"tcp\"",
+            "trainer.broadcast_timeout_s=2.0",
+            "coordinator.heartbeat_timeout_ms=5000",
+        ],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -964,12 +970,16 @@ fn max_staleness_zero_is_on_policy() {
     }
 }
 
-/// Calls Status on the coordinator at `addr` (mTLS, CA in `certs`) as different clients.
+/// Calls Status on the coordinator at `addr` (mTLS, CA in `certs`) as different clients,
+/// and asserts how each stranger is refused: the TLS alert the server sends (seen with
+/// rustls alone, [`tls_verdict`]) and the gRPC status the real client gets.
 fn tls_refuses_strangers(addr: &str, certs: &Path, other: &Path) {
     use tandem_proto::auth::Credentials;
     use tandem_proto::client;
     use tandem_proto::tls::TlsFiles;
     use tandem_proto::v1::StatusRequest;
+    use tokio_rustls::rustls::{AlertDescription, CertificateError, Error as TlsError};
+    use tonic::Code;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -981,36 +991,175 @@ fn tls_refuses_strangers(addr: &str, certs: &Path, other: &Path) {
         key: cert.then(|| dir.join("second.key").to_path_buf()),
         client_auth: false,
     };
-    let status = |files: TlsFiles, token: &str| -> Result<(), String> {
-        let creds = Credentials::new(token, files.load()?)?;
+    // Err(connect error) or Err(the RPC's status).
+    let status = |files: TlsFiles, token: &str| -> Result<(), Result<String, tonic::Status>> {
+        let creds = Credentials::new(token, files.load().map_err(Ok)?).map_err(Ok)?;
         rt.block_on(async {
-            let ch = client::connect(addr, &creds).await?;
+            let ch = client::connect(addr, &creds).await.map_err(Ok)?;
             client::coordinator(ch, &creds)
                 .status(StatusRequest {})
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+                .map_err(Err)
         })
     };
-    status(files(certs, true, true), TOKEN).expect("the CA's client certificate");
-    let e = status(files(certs, true, true), "wrong").unwrap_err();
-    assert!(e.contains("Unauthenticated"), "{e}");
-    let e = status(files(certs, true, false), TOKEN).unwrap_err();
-    assert!(!e.is_empty(), "no client certificate");
-    let e = status(files(certs, false, false), TOKEN).unwrap_err();
-    assert!(!e.is_empty(), "plaintext");
-    // A client with another CA's certificate: it does not trust the server either.
-    let mut stranger = files(other, true, false);
-    stranger.cert = Some(other.join("node.pem"));
-    stranger.key = Some(other.join("node.key"));
-    let e = status(stranger.clone(), TOKEN).unwrap_err();
-    assert!(
-        e.contains("cannot connect") || e.contains("certificate"),
-        "{e}"
+    let rpc_error = |r: Result<(), Result<String, tonic::Status>>, what: &str| match r {
+        Err(Err(status)) => status,
+        other => panic!("{what}: expected the call to fail, got {other:?}"),
+    };
+    // A refused handshake ends the connection under the call: the client sees the
+    // server's alert (Unknown, "transport error") or, when the connection task has
+    // already closed, a cancelled call; which one is a race inside hyper.
+    let refused_by_tls = |st: &tonic::Status, what: &str| {
+        assert!(
+            matches!(
+                (st.code(), st.message()),
+                (Code::Unknown, "transport error") | (Code::Cancelled, "operation was canceled")
+            ),
+            "{what}: {st:?}"
+        );
+    };
+    let (second, other_node) = (
+        (certs.join("second.pem"), certs.join("second.key")),
+        (other.join("node.pem"), other.join("node.key")),
     );
-    // Trusting the run's CA but presenting another CA's certificate: refused.
-    stranger.ca = Some(certs.join("ca.pem"));
-    status(stranger, TOKEN).expect_err("a client certificate from another CA");
+    let ca = certs.join("ca.pem");
+
+    status(files(certs, true, true), TOKEN).expect("the CA's client certificate");
+    assert_eq!(tls_verdict(&rt, addr, &ca, Some(&second)), Ok(()));
+    let st = rpc_error(status(files(certs, true, true), "wrong"), "wrong token");
+    assert_eq!(
+        (st.code(), st.message()),
+        (Code::Unauthenticated, "wrong token")
+    );
+
+    // No client certificate: the server ends the handshake with certificate_required.
+    assert_eq!(
+        tls_verdict(&rt, addr, &ca, None),
+        Err(TlsError::AlertReceived(
+            AlertDescription::CertificateRequired
+        ))
+    );
+    let st = rpc_error(
+        status(files(certs, true, false), TOKEN),
+        "no client certificate",
+    );
+    refused_by_tls(&st, "no client certificate");
+
+    // Plaintext: the server answers the HTTP/2 preface with one TLS record, a fatal
+    // decode_error alert, and closes; the client gets bytes that are not HTTP/2.
+    assert_eq!(
+        plaintext_answer(addr),
+        [21, 3, 3, 0, 2, 2, 50],
+        "content type alert (21), TLS 1.2 record version, length 2, fatal (2), decode_error (50)"
+    );
+    let st = rpc_error(status(files(certs, false, false), TOKEN), "plaintext");
+    assert_eq!(
+        (st.code(), st.message()),
+        (Code::Unknown, "transport error"),
+        "{st:?}"
+    );
+
+    // Every CA of `tandem tls-certs` has the same name, so another CA's certificate is
+    // matched to this one by issuer name and fails on its signature.
+    // A client trusting another CA does not trust the server: refused at connect.
+    let mut stranger = files(other, true, false);
+    stranger.cert = Some(other_node.0.clone());
+    stranger.key = Some(other_node.1.clone());
+    assert_eq!(
+        tls_verdict(&rt, addr, &other.join("ca.pem"), Some(&other_node)),
+        Err(TlsError::InvalidCertificate(CertificateError::BadSignature))
+    );
+    match status(stranger.clone(), TOKEN) {
+        Err(Ok(e)) => assert!(
+            e.contains("cannot connect") && e.contains("invalid peer certificate: BadSignature"),
+            "{e}"
+        ),
+        other => panic!("a client of another CA: expected a refused connection, got {other:?}"),
+    }
+    // Trusting the run's CA but presenting another CA's certificate: the server finds
+    // its signature wrong and ends the handshake with decrypt_error.
+    stranger.ca = Some(ca.clone());
+    assert_eq!(
+        tls_verdict(&rt, addr, &ca, Some(&other_node)),
+        Err(TlsError::AlertReceived(AlertDescription::DecryptError))
+    );
+    let st = rpc_error(
+        status(stranger, TOKEN),
+        "a client certificate from another CA",
+    );
+    refused_by_tls(&st, "a client certificate from another CA");
+}
+
+/// What the TLS server at `addr` makes of a client that trusts `ca` and presents
+/// `identity` (certificate, key): the handshake as the rustls under tonic does it, then
+/// one read. In TLS 1.3 the server checks the client's certificate once the client's
+/// side of the handshake is done, so its verdict (an alert) is what that read gets;
+/// an accepted client reads the server's HTTP/2 settings. The client writes nothing
+/// after the handshake, so no reset can overtake the alert.
+fn tls_verdict(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    ca: &Path,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<(), tokio_rustls::rustls::Error> {
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+    let pem = |p: &Path| std::fs::read(p).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&pem(ca)).unwrap())
+        .unwrap();
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(&pem(cert)).unwrap()],
+                PrivateKeyDer::from_pem_slice(&pem(key)).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tls_error = |e: std::io::Error| -> rustls::Error {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .cloned()
+            .unwrap_or_else(|| panic!("not a TLS error: {e:?}"))
+    };
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from(host).unwrap(), tcp)
+            .await
+            .map_err(tls_error)?;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Ok(()),
+            Ok(Ok(_)) => panic!("the server closed the connection without an alert"),
+            Ok(Err(e)) => Err(tls_error(e)),
+            Err(_) => panic!("the server said nothing within 10 s"),
+        }
+    })
+}
+
+/// Every byte the server at `addr` sends back to a plaintext HTTP/2 client preface
+/// before it closes the connection.
+fn plaintext_answer(addr: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    answer
 }
 
 /// Test 7: without the token every RPC of every service is refused; malformed,
@@ -1382,10 +1531,14 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 .expect_err("oversized group accepted"),
         }
     });
-    // tonic refuses a message past its decoding limit with OUT_OF_RANGE (or
+    // tonic refuses a message past its decoding limit with OUT_OF_RANGE, naming the
+    // length (messages are not compressed, so never the decompression limit's
     // RESOURCE_EXHAUSTED): anything else would be a crash or a bug, not the limit.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(
-        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        status
+            .message()
+            .contains("decoded message length too large"),
         "{status:?}"
     );
 
@@ -1424,9 +1577,9 @@ fn trainer_killed_and_resumed_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 30;
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "dump_batches = true",
-        "dump_batches = true\ncheckpoint_every = 5",
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &["trainer.checkpoint_every=5"],
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1493,13 +1646,17 @@ fn in_flight_weight_updates_keep_versions_honest() {
     // after each batch (mock steps: the weights stay, versions advance) and heartbeats
     // every 20 ms: the version changes while the next batch's groups decode, so swaps
     // land inside sequences.
-    let text = config(dir.path(), &model, steps, 1, "")
-        .replace(
-            "max_new_tokens = 6\nprompts_per_batch = 2",
-            "max_new_tokens = 160\nprompts_per_batch = 4\nmax_running = 4\nweight_update = \"in_flight\"",
-        )
-        .replace("dump_batches = true", "dump_batches = true\nmock_train_ms = 20")
-        .replace("heartbeat_interval_ms = 100", "heartbeat_interval_ms = 20");
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &[
+            "generator.max_new_tokens=160",
+            "generator.prompts_per_batch=4",
+            "generator.max_running=4",
+            "generator.weight_update=\"in_flight\"",
+            "trainer.mock_train_ms=20",
+            "coordinator.heartbeat_interval_ms=20",
+        ],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1565,7 +1722,7 @@ fn external_reward_service_scores_the_groups() {
     let text = reward_from_service(
         &config(dir.path(), &model, steps, 1, ""),
         &addr,
-        "\nservice_weight = 2.0",
+        &["reward.service_weight=2.0"],
     );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
@@ -1589,12 +1746,13 @@ fn external_reward_service_scores_the_groups() {
 }
 
 /// `text` (a [`config`]) with the reward coming from the service at `addr` alone, with
-/// its own token; `extra` adds `[reward]` lines.
-fn reward_from_service(text: &str, addr: &str, extra: &str) -> String {
-    text.replace(
-        "math = 1.0\nformat = 0.5\nformat_kind = \"digits\"",
-        &format!("math = 0.0\nservice = \"{addr}\"\nservice_token = \"{REWARD_TOKEN}\"{extra}"),
-    )
+/// its own token; `extra` adds overrides (`reward.service_weight=2.0`).
+fn reward_from_service(text: &str, addr: &str, extra: &[&str]) -> String {
+    let service = format!("reward.service={addr:?}");
+    let token = format!("reward.service_token={REWARD_TOKEN:?}");
+    let mut sets = vec!["reward.math=0.0", "reward.format=0.0", &service, &token];
+    sets.extend(extra);
+    with_set(text, &sets)
 }
 
 /// The coordinator's final status (`RUN_DIR/coordinator-status.json`).
@@ -1635,8 +1793,11 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 4;
-    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "")
-        .replace("seed = 1\n", "seed = 1\nfilter_zero_std = true\n");
+    let text = reward_from_service(
+        &config(dir.path(), &model, steps, 1, ""),
+        &addr,
+        &["run.filter_zero_std=true"],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1714,7 +1875,7 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;
-    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "");
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, &[]);
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -1761,9 +1922,9 @@ fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
     let model = init_tiny(dir.path());
     let steps = 72;
     let cfg = dir.path().join("run.toml");
-    let text = config(dir.path(), &model, steps, 1, "").replace(
-        "dump_batches = true",
-        "dump_batches = true\ncheckpoint_every = 4",
+    let text = with_set(
+        &config(dir.path(), &model, steps, 1, ""),
+        &["trainer.checkpoint_every=4"],
     );
     std::fs::write(&cfg, text).unwrap();
     let trainer_port = std::net::TcpListener::bind("127.0.0.1:0")

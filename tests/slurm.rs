@@ -9,7 +9,8 @@
 //!
 //! Needs root and Slurm 22.05 + munge (Debian 12:
 //! `apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge`).
-//! Without them the test prints why and passes, unless TANDEM_REQUIRE_DEPLOY_TOOLS=1.
+//! Without them the test fails, naming what is missing; with TANDEM_SKIP_MISSING_TOOLS=1
+//! it is reported as ignored.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -32,31 +33,6 @@ fn root() -> PathBuf {
 
 fn slurm_file(name: &str) -> PathBuf {
     root().join("deploy/slurm").join(name)
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    for tool in [
-        "slurmctld",
-        "slurmd",
-        "munged",
-        "sbatch",
-        "squeue",
-        "scontrol",
-    ] {
-        if common::deploy_tool(None, &[tool]).is_none() {
-            return Some(format!(
-                "{tool} not found (Debian 12: apt-get install -y --no-install-recommends \
-                 slurmctld slurmd slurm-client munge)"
-            ));
-        }
-    }
-    let uid = Command::new("id").arg("-u").output().ok();
-    let uid = uid.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.as_deref() != Some("0") {
-        return Some("not root (slurmd must run as root to start jobs)".into());
-    }
-    None
 }
 
 fn text(o: &Output) -> String {
@@ -115,8 +91,9 @@ impl Cluster {
     }
 
     fn cmd(&self, program: &str) -> Command {
-        let mut c =
-            Command::new(common::deploy_tool(None, &[program]).unwrap_or_else(|| program.into()));
+        let mut c = Command::new(
+            common::tools::deploy_tool(None, &[program]).unwrap_or_else(|| program.into()),
+        );
         c.env("SLURM_CONF", &self.conf).stdin(Stdio::null());
         c
     }
@@ -229,10 +206,12 @@ heartbeat_timeout_ms = 3000
 
 /// tandem.sbatch as a heterogeneous job, add-generators.sh mid-run, on a real cluster.
 #[test]
+#[cfg_attr(
+    missing_slurm,
+    ignore = "Slurm not installed or not root (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
 fn sbatch_run_with_generators_added_mid_run() {
-    if let Some(why) = missing_prerequisite() {
-        return common::unavailable(&why);
-    }
+    common::require(common::Tool::Slurm);
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&tmp.path().join("slurm"));

@@ -9,17 +9,17 @@ count, and samples `samples` completions of each of the first --prompts prompts 
 temperature as given, top_k 0, top_p 1, stopping at the stop tokens or
 max_new_tokens).
 
-Prints one JSON line: tok_per_s (generated tokens, each completion counted up to and
-including its stop token, over the wall time of the call), seconds, tokens,
-sequences, peak_rss_mib (ru_maxrss of the process, model load included).
+Prints one JSON line, the last of stdout: tok_per_s (generated tokens, each completion
+counted up to and including its stop token, over the wall time of the call), seconds,
+tokens, sequences, max_running, peak_rss_mib (ru_maxrss of the process, model load
+included). tools/bench_protocol.py parses the arguments, reads the workload and writes
+the result.
 
   python3 tools/bench_generate.py --gguf PATH --workload workload.json \
       [--prompts 8] [--threads 2] [--device cpu|cuda] [--dtype f32|bf16]
 
 --gguf also takes an HF model folder (as on the GPU machine).
 """
-import argparse
-import json
 import os
 import resource
 import sys
@@ -27,25 +27,19 @@ import time
 
 import torch
 
+import bench_protocol as protocol
+
 
 def log(*a):
     print("[bench_generate]", *a, file=sys.stderr, flush=True)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
-    args = ap.parse_args()
+    args = protocol.generate_parser(description=__doc__).parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    with open(args.workload) as f:
-        w = json.load(f)
+    w = protocol.read_workload(args.workload)
     prompts = w["prompts"][: args.prompts]
     stop = w["stop_token_ids"]
     path = os.path.abspath(args.gguf)
@@ -90,14 +84,13 @@ def main():
                 break
         tokens += n
     log(f"{tokens} tokens in {secs:.1f}s")
-    print(json.dumps({
-        "tok_per_s": tokens / secs,
-        "seconds": secs,
-        "tokens": tokens,
-        "sequences": len(prompts) * w["samples"],
-        "max_running": len(prompts) * w["samples"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-    }))
+    protocol.emit(protocol.generate_result(
+        seconds=secs,
+        tokens=tokens,
+        sequences=len(prompts) * w["samples"],
+        max_running=len(prompts) * w["samples"],
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    ))
 
 
 if __name__ == "__main__":

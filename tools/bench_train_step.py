@@ -17,16 +17,16 @@ settings) and runs, on SmolLM2-135M-Instruct loaded by transformers from the GGU
     over every completion token of the batch (token mean);
   - clip_grad_norm_ and one torch.optim.AdamW step.
 
-Prints one JSON line: seconds (median of --reps steps after --warmup untimed ones,
-each from the same weights with a fresh optimizer), tokens (the padded tokens computed), peak_rss_mib (ru_maxrss of the
-process, model load included), loss and grad_norm.
+Prints one JSON line, the last of stdout: seconds (median of --reps steps after
+--warmup untimed ones, each from the same weights with a fresh optimizer), tokens (the
+padded tokens computed), peak_rss_mib (ru_maxrss of the process, model load included),
+loss and grad_norm. tools/bench_protocol.py parses the arguments, reads the batch and
+writes the result.
 
   python3 tools/bench_train_step.py --gguf PATH --batch batch.json [--threads 2] \
       [--microbatch 8] [--reps 1] [--warmup 1]
 """
-import argparse
 import copy
-import json
 import os
 import resource
 import statistics
@@ -34,6 +34,8 @@ import sys
 import time
 
 import torch
+
+import bench_protocol as protocol
 
 
 def log(*a):
@@ -97,19 +99,11 @@ def step(model, batch, microbatch):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--batch", required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--microbatch", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=1)
-    args = ap.parse_args()
+    args = protocol.train_step_parser(description=__doc__).parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    with open(args.batch) as f:
-        batch = json.load(f)
+    batch = protocol.read_batch(args.batch)
     path = os.path.abspath(args.gguf)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
@@ -124,13 +118,13 @@ def main():
         if rep >= args.warmup:
             times.append(secs)
         log(f"step {rep}: {secs:.1f}s, loss {loss:.6f}, grad norm {norm:.4f}")
-    print(json.dumps({
-        "seconds": statistics.median(times),
-        "tokens": computed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "loss": loss,
-        "grad_norm": norm,
-    }))
+    protocol.emit(protocol.train_step_result(
+        seconds=statistics.median(times),
+        tokens=computed,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        loss=loss,
+        grad_norm=norm,
+    ))
 
 
 if __name__ == "__main__":

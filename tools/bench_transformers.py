@@ -24,13 +24,14 @@ the median over --reps timed repetitions, after one untimed warm-up.
 The Rust side (`tandem bench model`) runs the same four phases on the same GGUF
 with the same thread count, prompt, lengths and batch sizes, and prints the same
 JSON shape; compare the two phase by phase (seconds, tokens_per_s, peak_rss_mib).
-Only stdout carries the JSON; progress goes to stderr.
+The result is the last line of stdout, one line of JSON (tools/bench_protocol.py
+parses the arguments and writes it, for this script and its phases); progress goes
+to stderr.
 
   /root/refvenv/bin/python tools/bench_transformers.py --gguf PATH [--threads 2] \
       [--new-tokens 64] [--decode-batches 1,8] [--train-batch 4] [--train-len 128] \
       [--reps 3] [--phase NAME]
 """
-import argparse
 import gc
 import json
 import os
@@ -41,6 +42,8 @@ import sys
 import time
 
 import torch
+
+import bench_protocol as protocol
 
 PROMPT = list(range(100, 116))  # 16 fixed token ids
 PAD_ID = 2
@@ -161,38 +164,27 @@ def run_phase(args):
     if can_reset:  # peak from the end of loading on: resident model + this phase's working set
         out["phase_peak_rss_mib"] = round(rss_mib(), 1)
     log(f"{args.phase}: {out['seconds']:.4f}s, peak RSS {out['peak_rss_mib']} MiB")
-    print(json.dumps(out))
+    protocol.emit(protocol.model_phase(args.phase, **out))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--decode-batches", default="1,8")
-    ap.add_argument("--train-batch", type=int, default=4)
-    ap.add_argument("--train-len", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--phase")
-    args = ap.parse_args()
+    args = protocol.model_parser(description=__doc__.split("\n")[0]).parse_args()
 
     if args.phase:
         return run_phase(args)
 
-    phases = [f"decode_b{int(b)}" for b in args.decode_batches.split(",") if b.strip()]
-    phases += ["fwd_bwd", "optimizer_step"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    result = {"engine": "transformers", "torch": torch.__version__,
-              "transformers": __import__("transformers").__version__,
-              "threads": args.threads, "phases": {}}
-    for ph in phases:
+    phases = {}
+    for ph in protocol.model_phases(args.decode_batches):
         log(f"running phase {ph}")
         cmd = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + ["--phase", ph]
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if p.returncode != 0:
             raise SystemExit(f"phase {ph} failed with exit code {p.returncode}")
-        result["phases"][ph] = json.loads(p.stdout.strip().splitlines()[-1])
-    print(json.dumps(result, indent=2))
+        phases[ph] = json.loads(p.stdout.strip().splitlines()[-1])
+    protocol.emit(protocol.model_result(
+        args.threads, phases, torch=torch.__version__,
+        transformers=__import__("transformers").__version__))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 use tandem_model::{ChatMessage, Engine, EngineConfig, Request, SamplingParams};
 
 use crate::error::{bail, Context, Result};
+use crate::reference::GenerateReference;
 use crate::timing::{median, peak_rss_mib, run_child};
 
 #[derive(Args, Clone)]
@@ -71,7 +72,8 @@ pub struct GenerateBench {
     /// Threads for both engines.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Reference script to run side by side (tools/bench_generate.py).
+    /// Reference script to run side by side (tools/bench_generate.py; its output
+    /// format: tools/bench_protocol.py).
     #[arg(long)]
     reference: Option<PathBuf>,
     /// Python interpreter with torch + transformers for --reference.
@@ -426,7 +428,17 @@ fn run_all(b: &GenerateBench) -> Result<()> {
         if tandem_model::process_device()?.is_cuda() {
             cmd.args(["--device", "cuda", "--dtype", "bf16"]);
         }
-        result["reference"] = run_child(cmd, "the reference script")?;
+        let (reference, printed) = crate::reference::run::<GenerateReference>(cmd)?;
+        let asked = b.prompts.min(n_prompts) * b.samples;
+        if reference.sequences as usize != asked {
+            bail!(
+                "the reference script generated {} sequences, not the {asked} of the workload's first {} prompts × {} samples",
+                reference.sequences,
+                b.prompts.min(n_prompts),
+                b.samples
+            );
+        }
+        result["reference"] = printed;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -516,8 +528,10 @@ mod tests {
         assert_eq!((cfg.max_running, p, s), (256, 32, 8));
         let (_, p, s) = variant(&b, "concurrency_4").unwrap();
         assert_eq!((p, s), (1, 4));
-        assert!(variant(&b, "fast").is_err());
-        assert!(variant(&b, "concurrency_0").is_err());
+        for bad in ["fast", "concurrency_0"] {
+            let e = variant(&b, bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown variant `{bad}`")), "{e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - `nccl` (feature `nccl`) — NCCL broadcast beside a device-to-device copy
 //! - [`train_step`] — one GRPO step on a realistic RL batch beside a TRL-style
 //!   PyTorch step, with each of packing, prompt sharing and skipping switched off
-//! - [`timing`] — medians of timed repetitions, peak RSS
+//! - [`timing`] — medians of timed repetitions, peak RSS, measurements in child
+//!   processes
+//! - [`reference`] — what the Python reference scripts must print
 //!
 //! It drives every other crate, so nothing depends on it but the binary.
 
@@ -18,6 +20,7 @@ pub mod generate;
 pub mod model;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod reference;
 pub mod system;
 pub mod timing;
 pub mod train_step;

@@ -17,6 +17,7 @@ use tandem_model::optim::{AdamW, AdamWConfig};
 use tandem_model::SamplingParams;
 
 use crate::error::{bail, ensure, Context, Result};
+use crate::reference::ModelReference;
 use crate::timing::{peak_rss_mib, reset_peak_rss, run_child, timed};
 
 #[derive(Args, Clone)]
@@ -39,7 +40,8 @@ pub struct ModelBench {
     /// Threads for both engines.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Reference script to run side by side (tools/bench_transformers.py).
+    /// Reference script to run side by side (tools/bench_transformers.py; its output
+    /// format: tools/bench_protocol.py).
     #[arg(long)]
     reference: Option<PathBuf>,
     /// Python interpreter with torch + transformers for --reference.
@@ -231,7 +233,9 @@ fn run_all(m: &ModelBench) -> Result<()> {
             "--reps",
             &m.reps.to_string(),
         ]);
-        result["reference"] = run_child(cmd, "the reference script")?;
+        let (reference, printed) = crate::reference::run::<ModelReference>(cmd)?;
+        reference.check(&phases, m.threads)?;
+        result["reference"] = printed;
         bar.inc(phases.len() as u64);
     }
     bar.finish_and_clear();

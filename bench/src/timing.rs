@@ -41,7 +41,10 @@ pub fn reset_peak_rss() -> bool {
 }
 
 /// Runs a measurement in its own process (so that its peak RSS is its own) and parses
-/// the JSON object its standard output ends with; a failure carries its stderr.
+/// the JSON object its standard output ends with: the last non-empty line, one JSON
+/// object on one line (a phase of this binary, or a reference script through
+/// tools/bench_protocol.py; pretty-printed JSON is refused). A failure carries its
+/// stderr.
 pub fn run_child(mut cmd: std::process::Command, what: &str) -> Result<serde_json::Value> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
@@ -57,6 +60,14 @@ pub fn run_child(mut cmd: std::process::Command, what: &str) -> Result<serde_jso
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
-    Ok(serde_json::from_str(last.trim())
-        .with_context(|| format!("{what}: output does not end with a JSON line: {text}"))?)
+    let value: serde_json::Value = serde_json::from_str(last.trim()).with_context(|| {
+        format!(
+            "{what}: the last line of its output is not one JSON object on one line (the \
+             format tools/bench_protocol.py writes): {text}"
+        )
+    })?;
+    if !value.is_object() {
+        crate::error::bail!("{what}: its last line is JSON but not an object: {last}");
+    }
+    Ok(value)
 }

@@ -25,6 +25,7 @@ use tandem_trainer::config::{Compute, TrainConfig};
 use tandem_trainer::rollout::Rollout;
 
 use crate::error::{bail, Context, Result};
+use crate::reference::TrainStepReference;
 use crate::timing::{median, peak_rss_mib, run_child};
 
 #[derive(Args, Clone)]
@@ -69,7 +70,8 @@ pub struct TrainStepBench {
         default_value = "default,no_packing,no_prefix_sharing,no_skipping,checkpointing"
     )]
     variants: String,
-    /// Reference script to run side by side (tools/bench_train_step.py).
+    /// Reference script to run side by side (tools/bench_train_step.py; its output
+    /// format: tools/bench_protocol.py).
     #[arg(long)]
     reference: Option<PathBuf>,
     /// Python interpreter with torch + transformers for --reference.
@@ -245,6 +247,11 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
     let p = tandem_model::load_model(&b.model)?;
     let rollouts = batch(b, p.model.config().vocab_size)?;
     drop(p);
+    // Every prompt and completion token, each once: what any layout computes at least.
+    let rollouts_tokens: u64 = rollouts
+        .iter()
+        .map(|r| (r.prompt_ids.len() + r.completion_ids.len()) as u64)
+        .sum();
     let dir = tempfile::tempdir()?;
     let batch_file = dir.path().join("batch.json");
     let cfg = config();
@@ -308,7 +315,14 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
             .args(["--reps", &b.reps.to_string()])
             .args(["--warmup", &b.warmup.to_string()])
             .args(["--microbatch", &b.reference_microbatch.to_string()]);
-        result["reference"] = run_child(cmd, "the reference script")?;
+        let (reference, printed) = crate::reference::run::<TrainStepReference>(cmd)?;
+        if reference.tokens < rollouts_tokens {
+            bail!(
+                "the reference script computed {} tokens, fewer than the batch's {rollouts_tokens}",
+                reference.tokens
+            );
+        }
+        result["reference"] = printed;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -383,6 +397,7 @@ mod tests {
         ] {
             compute_of(v, 8).unwrap();
         }
-        assert!(compute_of("fast", 8).is_err());
+        let e = compute_of("fast", 8).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `fast`"), "{e}");
     }
 }

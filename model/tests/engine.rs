@@ -290,17 +290,24 @@ fn bad_requests_and_settings_are_errors() {
         .add(&model, request(2, 1, params(0.0, 40, 0)))
         .unwrap_err();
     assert!(err.to_string().contains("kv_cache_tokens"), "{err}");
-    for bad in [
-        EngineConfig {
-            max_running: 0,
-            ..Default::default()
-        },
-        EngineConfig {
-            kv_cache_tokens: 3,
-            ..Default::default()
-        },
+    for (bad, needle) in [
+        (
+            EngineConfig {
+                max_running: 0,
+                ..Default::default()
+            },
+            "max_running: must be ≥ 1",
+        ),
+        (
+            EngineConfig {
+                kv_cache_tokens: 3,
+                ..Default::default()
+            },
+            "kv_cache_tokens: must hold at least one page",
+        ),
     ] {
-        assert!(Engine::new(&model, bad).is_err());
+        let err = Engine::new(&model, bad).err().expect(needle).to_string();
+        assert!(err.contains(needle), "{err}");
     }
 }
 

@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod tools;
+
+pub use tools::Tool;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -100,47 +103,65 @@ pub fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
     out
 }
 
-/// Whether the deploy tests must find their tools (`TANDEM_REQUIRE_DEPLOY_TOOLS=1`, set
-/// by `deploy/install-validators.sh` once it installed them all, as in CI).
-pub fn deploy_tools_required() -> bool {
-    std::env::var("TANDEM_REQUIRE_DEPLOY_TOOLS").is_ok_and(|v| v == "1")
+/// The tool's command line (a program, then arguments); a missing tool fails the test,
+/// naming it and how to install it. Under `TANDEM_SKIP_MISSING_TOOLS=1`, build.rs marks
+/// the test ignored instead (it must carry `#[cfg_attr(missing_<tool>, ignore = …)]`).
+#[track_caller]
+pub fn require(tool: Tool) -> Vec<PathBuf> {
+    match tool.find() {
+        Ok(cmd) => cmd,
+        Err(why) => panic!(
+            "{why}. Install it ({}), or run the tests through scripts/test.sh, which installs \
+             everything the suite needs. With TANDEM_SKIP_MISSING_TOOLS=1 the tests that need \
+             it are reported as ignored instead.",
+            tool.install()
+        ),
+    }
 }
 
-/// A deploy check that cannot run here: fails when the tools are required, else says
-/// why and lets the test return.
-pub fn unavailable(what: &str) {
-    if deploy_tools_required() {
-        panic!("{what} (TANDEM_REQUIRE_DEPLOY_TOOLS=1)");
-    }
-    eprintln!("SKIPPED: {what}");
+/// [`require`] for a tool that is one program.
+#[track_caller]
+pub fn require_program(tool: Tool) -> PathBuf {
+    let mut cmd = require(tool);
+    assert_eq!(cmd.len(), 1, "{tool:?} is the command line {cmd:?}");
+    cmd.remove(0)
 }
 
-pub fn executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// `text` with its one occurrence of `from` replaced by `to`; panics unless `from`
+/// occurs exactly once (an edit that silently matched nothing would test another case).
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    let n = text.matches(from).count();
+    assert_eq!(n, 1, "{from:?} occurs {n} times, not once, in:\n{text}");
+    text.replacen(from, to, 1)
 }
 
-/// A validator: `$var` (when given) if set, else the first of `names` in `$TANDEM_DEPLOY_TOOLS`
-/// (the venv deploy/install-validators.sh makes), on `PATH`, or in /usr/sbin and /sbin
-/// (daemons, often off a user's PATH).
-pub fn deploy_tool(var: Option<&str>, names: &[&str]) -> Option<PathBuf> {
-    let set = var.and_then(|v| Some((v, std::env::var_os(v).filter(|p| !p.is_empty())?)));
-    if let Some((var, p)) = set {
-        let p = PathBuf::from(p);
-        assert!(executable(&p), "{var}={} is not an executable", p.display());
-        return Some(p);
+/// A TOML config with `sets` applied as `tandem run --set` applies them
+/// (`section.key=value`, the value in TOML syntax): for the processes that read a config
+/// file but take no `--set` (the coordinator). Panics on a malformed override.
+pub fn with_set(text: &str, sets: &[&str]) -> String {
+    let mut doc: toml::Table = toml::from_str(text).expect("the config is TOML");
+    for s in sets {
+        let (key, value) = s.split_once('=').expect("section.key=value");
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .unwrap_or_else(|e| panic!("{s}: the value is not TOML: {e}"))
+            .remove("v")
+            .unwrap();
+        let parts: Vec<&str> = key.split('.').collect();
+        assert!(
+            parts.len() >= 2,
+            "{s}: the key must be dotted, like run.steps"
+        );
+        let mut table = &mut doc;
+        for p in &parts[..parts.len() - 1] {
+            table = table
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap_or_else(|| panic!("{s}: `{p}` is not a section"));
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
     }
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(d) = std::env::var_os("TANDEM_DEPLOY_TOOLS").filter(|d| !d.is_empty()) {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    dirs.extend([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]);
-    dirs.iter()
-        .flat_map(|d| names.iter().map(move |n| d.join(n)))
-        .find(|p| executable(p))
+    toml::to_string(&doc).unwrap()
 }
 
 /// Serves `service` as a reward service that requires `token`, on a loopback port of

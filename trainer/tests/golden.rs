@@ -438,13 +438,18 @@ fn bad_parameters_are_errors() {
         offsets: &[0, 3],
         mask: &[1.0, 1.0, 1.0],
     };
-    assert!(aggregate(LossAgg::TokenMean, &x, short, 3).is_err());
+    let e = aggregate(LossAgg::TokenMean, &x, short, 3).unwrap_err();
+    assert!(
+        e.to_string().contains("2 losses for a mask of 3 tokens"),
+        "{e}"
+    );
     // A mask whose length differs from the losses'.
     let long_mask = Tokens {
         offsets: &[0, 3],
         mask: &[1.0, 1.0, 1.0],
     };
-    assert!(policy_loss::per_token(PolicyLoss::Reinforce, &x, &x, &x, &x, long_mask).is_err());
+    let e = policy_loss::per_token(PolicyLoss::Reinforce, &x, &x, &x, &x, long_mask).unwrap_err();
+    assert!(e.to_string().contains("2 logprobs for a mask of 3"), "{e}");
 }
 
 /// GAE(γ, λ) and the clipped value loss (with its gradient) against the reference.
