@@ -40,10 +40,12 @@ pub enum Tool {
     PythonGrpc,
     /// A Python with httpx (the agent programs' client of the OpenAI endpoint).
     PythonHttpx,
+    /// Root privileges (the sandbox's escape tests as root).
+    Root,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 8] = [
+    pub const ALL: [Tool; 9] = [
         Tool::Promtool,
         Tool::Slurm,
         Tool::Kubectl,
@@ -52,6 +54,7 @@ impl Tool {
         Tool::Hadolint,
         Tool::PythonGrpc,
         Tool::PythonHttpx,
+        Tool::Root,
     ];
 
     /// The cfg build.rs sets where the tool is missing (only with
@@ -67,6 +70,7 @@ impl Tool {
             Tool::Hadolint => "missing_hadolint",
             Tool::PythonGrpc => "missing_python_grpc",
             Tool::PythonHttpx => "missing_python_httpx",
+            Tool::Root => "missing_root",
         }
     }
 
@@ -81,6 +85,7 @@ impl Tool {
             Tool::Hadolint => "hadolint",
             Tool::PythonGrpc => "a Python with grpcio and grpcio-tools",
             Tool::PythonHttpx => "a Python with httpx",
+            Tool::Root => "root privileges",
         }
     }
 
@@ -102,6 +107,7 @@ impl Tool {
             Tool::PythonGrpc | Tool::PythonHttpx => {
                 "a venv with tests/requirements.txt, named by TANDEM_TEST_PYTHON"
             }
+            Tool::Root => "run the tests as root (CI does), e.g. sudo -E scripts/test.sh",
         }
     }
 
@@ -146,6 +152,10 @@ impl Tool {
             }
             Tool::PythonGrpc => python_with(&["grpc", "grpc_tools"]).map(|p| vec![p]),
             Tool::PythonHttpx => python_with(&["httpx"]).map(|p| vec![p]),
+            Tool::Root => match is_root() {
+                true => Ok(Vec::new()),
+                false => Err("the tests do not run as root".into()),
+            },
         }
     }
 }
