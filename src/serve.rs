@@ -237,6 +237,18 @@ pub struct GeneratorArgs {
     security: SecurityArgs,
 }
 
+/// A generator's own files, hidden from the agent programs it runs: the run folder
+/// (tokens, config, checkpoints, logs), the model cache and the TLS files.
+fn private_paths(run_dir: &str, security: &SecurityArgs) -> Vec<std::path::PathBuf> {
+    let tls = security.tls_files(None);
+    let mut paths = vec![
+        std::path::PathBuf::from(run_dir),
+        tandem_model::fetch::cache_dir(),
+    ];
+    paths.extend([tls.ca, tls.cert, tls.key].into_iter().flatten());
+    paths
+}
+
 pub fn generator(a: GeneratorArgs) -> Result<()> {
     let rt = runtime()?;
     let readiness = Readiness::default();
@@ -269,6 +281,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
             }),
         },
         openai: a.openai.clone(),
+        private: private_paths(&cfg.run.run_dir, &a.security),
     };
     let worker = tandem_generator::worker::Worker::new(
         settings,

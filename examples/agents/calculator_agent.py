@@ -4,7 +4,8 @@ task with a calculator tool it runs itself, talking to the policy through the
 generator's OpenAI-compatible endpoint.
 
 Tandem starts it once per episode ([env] agent) with the task as JSON on stdin and
-OPENAI_BASE_URL / TANDEM_EPISODE_ID in its environment. Every request sends the whole
+OPENAI_BASE_URL / OPENAI_API_KEY (the episode's key) / TANDEM_EPISODE_ID in its
+environment. Every request sends the whole
 conversation so far, so the generator merges the turns into one sample (the model's
 tokens exactly as sampled). The last line printed is the episode's reward.
 
@@ -77,7 +78,11 @@ def main():
     for turn in range(max_turns):
         r = client.post(
             "/chat/completions",
-            headers={"X-Episode-Id": os.environ["TANDEM_EPISODE_ID"]},
+            headers={
+                "X-Episode-Id": os.environ["TANDEM_EPISODE_ID"],
+                # The episode's own key: the endpoint serves an episode to it alone.
+                "Authorization": "Bearer " + os.environ["OPENAI_API_KEY"],
+            },
             json={
                 "model": task["model"],
                 "messages": messages,

@@ -4,8 +4,17 @@
 //! For each leased prompt the generator starts `group_size` agents. Each gets its task
 //! as one JSON object on stdin (`episode_id`, `messages`, `prompt`, `answer`,
 //! `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment, `OPENAI_BASE_URL`,
-//! `OPENAI_API_KEY` (a placeholder) and `TANDEM_EPISODE_ID`; the run's `TANDEM_*`
-//! secrets are not passed on. It may print `{"reward": r}` as its last line. When the
+//! `OPENAI_API_KEY` (its episode's own key: the endpoint serves an episode only to a
+//! request that carries it) and `TANDEM_EPISODE_ID`; the run's `TANDEM_*` secrets are
+//! not passed on.
+//!
+//! An agent runs in the sandbox of [`tandem_sandbox`] with the host's files and
+//! network (it is the user's program and reads the user's files) but its own PID,
+//! mount, IPC and user namespaces: it cannot see or signal the generator or any other
+//! process (`/proc/$PPID/environ` does not exist for it), the generator's own files
+//! (the run folder, the model cache, the credentials: [`Agents::new`]'s `private`) are
+//! hidden from it, and whatever it starts ends with it. It may print `{"reward": r}` as
+//! its last line. When the
 //! last agent of a group has exited (or was killed at `[env] agent_timeout_s`), the
 //! group's samples (all its episodes' turns, [`crate::chat_episode`]) are scored like
 //! any other group: verifiers on each episode's final model turn, plus
@@ -15,15 +24,16 @@
 //! the rest of each sample's prompt is part of its completion, with loss mask 0.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tandem_model::{Completion, Engine, Finished, Model, Pretrained, Request, SamplingParams};
 use tandem_proto::v1::PromptLease;
+use tandem_sandbox::run::User;
+use tandem_sandbox::{Call, End, Keep, Limits, Network, Sandbox, View};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
@@ -46,6 +56,9 @@ const MODEL: &str = "tandem";
 
 /// Output kept of an agent's stdout and stderr (the end of it).
 const KEEP_BYTES: usize = 64 << 10;
+
+/// Size of an agent's own `/dev/shm`.
+const SHM_BYTES: u64 = 64 << 20;
 
 /// How an agent process ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +92,7 @@ pub struct Agents {
     /// The endpoint's address.
     pub addr: std::net::SocketAddr,
     config: EnvConfig,
+    sandbox: Arc<Sandbox>,
     turns: Receiver<TurnRequest>,
     exits: (Sender<Exited>, Receiver<Exited>),
     /// Engine request id → where its turn goes.
@@ -91,7 +105,8 @@ pub struct Agents {
 
 impl Agents {
     /// The agents of `[env] agent` (`None` when unset), their endpoint served on `rt`
-    /// at `openai` (any free loopback port when unset).
+    /// at `openai` (any free loopback port when unset). `private`: the generator's own
+    /// files and folders, hidden from every agent.
     pub fn new(
         rt: &Handle,
         config: &EnvConfig,
@@ -99,6 +114,7 @@ impl Agents {
         model: &Pretrained,
         max_new_tokens: usize,
         held: Held,
+        private: &[PathBuf],
     ) -> Result<Option<Self>> {
         if config.agent.is_empty() {
             return match openai {
@@ -114,6 +130,14 @@ impl Agents {
                 "[env] agent: the endpoint renders conversations with the model's chat template: {e}"
             )));
         }
+        let sandbox = Sandbox::new(
+            View::Host {
+                hidden: private.to_vec(),
+            },
+            Network::Host,
+            User::Caller,
+        )
+        .map_err(|e| Error::Invalid(format!("[env] agent: {e}")))?;
         let policy = Policy {
             tokenizer: model.tokenizer.clone(),
             stop: model.stop_token_ids(),
@@ -135,17 +159,52 @@ impl Agents {
             listening.map_err(|e| Error::Rpc(format!("--openai {addr}: cannot listen: {e}")))?;
         rt.spawn(openai::serve(listener, endpoint.clone()));
         tracing::info!(addr = %local, "OpenAI-compatible endpoint for [env] agent programs");
-        Ok(Some(Agents {
+        let agents = Agents {
             endpoint,
             addr: local,
             config: config.clone(),
+            sandbox: Arc::new(sandbox),
             turns,
             exits: channel(),
             pending: HashMap::new(),
             live: HashMap::new(),
             next_id: 0,
             failures_in_a_row: 0,
-        }))
+        };
+        // The sandbox is tried once here: a clear error at start-up, not per episode.
+        let probe = agents.run_one(
+            &["/bin/sh".into(), "-c".into(), "exit 0".into()],
+            &json!({}),
+            "",
+            "",
+            "",
+        );
+        if let Some(why) = probe.failure {
+            return Err(Error::Invalid(format!("[env] agent: {why}")));
+        }
+        Ok(Some(agents))
+    }
+
+    /// Runs one agent program in the agents' sandbox.
+    fn run_one(
+        &self,
+        argv: &[String],
+        task: &Value,
+        base_url: &str,
+        episode: &str,
+        key: &str,
+    ) -> Exit {
+        run(
+            &self.sandbox,
+            argv,
+            task,
+            &AgentEnv {
+                base_url,
+                episode,
+                key,
+            },
+            Duration::from_secs_f64(self.config.agent_timeout_s),
+        )
     }
 
     /// Starts `samples` agents on `lease`'s task: its conversation after the `system`
@@ -170,11 +229,13 @@ impl Agents {
         let prompt = crate::scoring::prompt_text(&lease);
         let mut episodes = Vec::with_capacity(samples);
         for j in 0..samples {
-            // Unguessable: the endpoint serves only the episodes it started.
+            // The id names the episode; the key, which only its agent holds, lets it in.
             let id = format!("{}-{j}-{:016x}", lease.lease_id, rand::random::<u64>());
-            self.endpoint
-                .episodes()
-                .insert(id.clone(), Slot::new(lease.lease_id, j, samples));
+            let key = format!("tandem-{:032x}", rand::random::<u128>());
+            self.endpoint.insert(
+                id.clone(),
+                Slot::new(lease.lease_id, j, samples, key.clone()),
+            );
             let task = json!({
                 "episode_id": id,
                 "messages": messages,
@@ -191,9 +252,14 @@ impl Agents {
             );
             let base_url = format!("http://{}/v1", self.addr);
             let (tx, lease_id) = (self.exits.0.clone(), lease.lease_id);
-            let episode = id.clone();
+            let (episode, sandbox) = (id.clone(), self.sandbox.clone());
             std::thread::spawn(move || {
-                let exit = run(&argv, &task, &base_url, &episode, timeout);
+                let env = AgentEnv {
+                    base_url: &base_url,
+                    episode: &episode,
+                    key: &key,
+                };
+                let exit = run(&sandbox, &argv, &task, &env, timeout);
                 let _ = tx.send((lease_id, j, exit));
             });
             episodes.push(id);
@@ -295,13 +361,11 @@ impl Agents {
 
     /// The group of `g`, from its episodes' samples.
     fn assemble(&mut self, g: Live) -> Ended {
-        let mut slots = self.endpoint.episodes();
         let episodes: Vec<ChatEpisode> = g
             .episodes
             .iter()
-            .map(|id| slots.remove(id).map(|s| s.episode).unwrap_or_default())
+            .map(|id| self.endpoint.remove(id).unwrap_or_default())
             .collect();
-        drop(slots);
         let rewards: Vec<f64> = g
             .exits
             .iter()
@@ -374,95 +438,66 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
     Some((first.tokens.ids[..shared].to_vec(), sampled))
 }
 
-/// Runs one agent to its end (or kills it, with its children, at `timeout`).
-fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Duration) -> Exit {
+/// What an agent finds in its environment beside the generator's own (less `TANDEM_*`).
+struct AgentEnv<'a> {
+    base_url: &'a str,
+    episode: &'a str,
+    /// The episode's key (`OPENAI_API_KEY`).
+    key: &'a str,
+}
+
+/// Runs one agent to its end in `sandbox` (or kills it, with everything it started, at
+/// `timeout`).
+fn run(
+    sandbox: &Sandbox,
+    argv: &[String],
+    task: &Value,
+    agent: &AgentEnv,
+    timeout: Duration,
+) -> Exit {
     let fail = |why: String| Exit {
         reward: None,
         failure: Some(why),
     };
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     // The run's secrets stay with the generator.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TANDEM_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("OPENAI_BASE_URL", base_url)
-        .env("OPENAI_API_KEY", "tandem")
-        .env("TANDEM_EPISODE_ID", episode);
-    {
-        use std::os::unix::process::CommandExt;
-        // Its own process group: a timeout kills whatever it started too.
-        cmd.process_group(0);
-        // SAFETY: prctl(2) only, between fork and exec. The agent dies with the thread
-        // that waits for it, so with the generator.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !k.starts_with("TANDEM_") && !k.starts_with("OPENAI_"))
+        .collect();
+    env.extend(
+        [
+            ("OPENAI_BASE_URL", agent.base_url),
+            ("OPENAI_API_KEY", agent.key),
+            ("TANDEM_EPISODE_ID", agent.episode),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let limits = Limits {
+        wall: timeout,
+        tmpfs: SHM_BYTES,
+        ..Limits::default()
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let input = format!("{task}\n");
+    let ran = sandbox.run(&Call {
+        program: Path::new(&argv[0]),
+        args: &argv[1..],
+        env: &env,
+        files: &[],
+        stdin: input.as_bytes(),
+        cwd: Some(&cwd),
+        limits: &limits,
+        stdout: Keep::Tail(KEEP_BYTES),
+        stderr: Keep::Tail(KEEP_BYTES),
+    });
+    let ran = match ran {
+        Ok(r) => r,
         Err(e) => return fail(format!("{:?} could not start: {e}", argv[0])),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // An agent that does not read its task gets a broken pipe, not a stall.
-        let _ = stdin.write_all(format!("{task}\n").as_bytes());
-    }
-    let tail = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            if let Some(mut r) = r {
-                let mut buf = [0u8; 8192];
-                while let Ok(n @ 1..) = r.read(&mut buf) {
-                    kept.extend_from_slice(&buf[..n]);
-                    if kept.len() > 2 * KEEP_BYTES {
-                        kept.drain(..kept.len() - KEEP_BYTES);
-                    }
-                }
-            }
-            String::from_utf8_lossy(&kept).into_owned()
-        })
-    };
-    let out = tail(
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let err = tail(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => {
-                // SAFETY: kill(2) on the process group the child leads.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return fail(format!("waiting for it failed: {e}")),
-        }
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
     let stderr_tail: String = {
-        let lines: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let lines: Vec<&str> = ran.stderr.lines().rev().take(5).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     };
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    let last = ran.stdout.lines().rev().find(|l| !l.trim().is_empty());
     let reported = last
         .and_then(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .and_then(|v| v.get("reward").cloned());
@@ -471,13 +506,18 @@ fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Du
         .and_then(Value::as_f64)
         .filter(|r| r.is_finite());
     let mut why = Vec::new();
-    match status {
-        None => why.push(format!(
+    match ran.end {
+        End::WallTime => why.push(format!(
             "was killed at [env] agent_timeout_s = {}",
             timeout.as_secs_f64()
         )),
-        Some(s) if !s.success() => why.push(format!("exited with {s}")),
-        Some(_) => {}
+        End::Exited(0) => {}
+        // Exec failed in the sandbox: the program is not there (or not executable).
+        End::Exited(127) if ran.stdout.is_empty() && ran.stderr.is_empty() => {
+            why.push(format!("{:?} could not start (exit status 127: not found or not executable where the agent runs)", argv[0]))
+        }
+        End::Exited(code) => why.push(format!("exited with exit status: {code}")),
+        End::Signaled(sig) => why.push(format!("was killed by signal {sig}")),
     }
     if reported.is_some() && reward.is_none() {
         why.push("printed a \"reward\" that is not a finite number".into());
@@ -494,6 +534,7 @@ fn run(argv: &[String], task: &Value, base_url: &str, episode: &str, timeout: Du
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     /// An episode of one sample: `prompt`, then one model turn `turn`.
     fn episode(tok: &tandem_model::Tokenizer, prompt: &[u32], turn: &[u32]) -> ChatEpisode {
@@ -551,18 +592,38 @@ mod tests {
         vec!["sh".into(), "-c".into(), script.into()]
     }
 
-    /// The task arrives on stdin and the episode in the environment; the last line is
-    /// the reward; a failing or hanging agent is reported (and killed), never waited
-    /// for past its timeout.
+    fn sandbox(hidden: &[PathBuf]) -> Sandbox {
+        Sandbox::new(
+            View::Host {
+                hidden: hidden.to_vec(),
+            },
+            Network::Host,
+            User::Caller,
+        )
+        .unwrap()
+    }
+
+    fn env<'a>(episode: &'a str, key: &'a str) -> AgentEnv<'a> {
+        AgentEnv {
+            base_url: "http://127.0.0.1:1/v1",
+            episode,
+            key,
+        }
+    }
+
+    /// The task arrives on stdin and the episode and its key in the environment; the
+    /// last line is the reward; a failing or hanging agent is reported (and killed with
+    /// what it started), never waited for past its timeout.
     #[test]
     fn agents_get_their_task_and_report_a_reward() {
+        let sb = sandbox(&[]);
         let task = json!({"episode_id": "7-0-ab", "answer": "42"});
         let t = Duration::from_secs(20);
         let ok = run(
-            &sh("read task; case \"$task\" in *42*) ;; *) exit 3;; esac; [ \"$TANDEM_EPISODE_ID\" = 7-0-ab ] || exit 4; [ -z \"$TANDEM_TOKEN\" ] || exit 5; echo noise; echo '{\"reward\": 0.5}'"),
+            &sb,
+            &sh("read task; case \"$task\" in *42*) ;; *) exit 3;; esac; [ \"$TANDEM_EPISODE_ID\" = 7-0-ab ] || exit 4; [ -z \"$TANDEM_TOKEN\" ] || exit 5; [ \"$OPENAI_API_KEY\" = k-7 ] || exit 6; echo noise; echo '{\"reward\": 0.5}'"),
             &task,
-            "http://127.0.0.1:1/v1",
-            "7-0-ab",
+            &env("7-0-ab", "k-7"),
             t,
         );
         assert_eq!(
@@ -572,26 +633,77 @@ mod tests {
                 failure: None
             }
         );
-        let failed = run(&sh("echo oops >&2; exit 2"), &task, "", "e", t);
+        let failed = run(&sb, &sh("echo oops >&2; exit 2"), &task, &env("e", "k"), t);
         assert_eq!(failed.reward, None);
         let why = failed.failure.unwrap();
         assert!(
             why.contains("exit status: 2") && why.contains("oops"),
             "{why}"
         );
+        let marker = format!("agent-leftover-{:x}", rand::random::<u64>());
         let t0 = Instant::now();
         let hung = run(
-            &sh("sleep 30 & sleep 30"),
+            &sb,
+            &sh(&format!("(exec -a {marker} sleep 30) & sleep 30")),
             &task,
-            "",
-            "e",
+            &env("e", "k"),
             Duration::from_millis(300),
         );
         assert!(hung.failure.unwrap().contains("agent_timeout_s"));
         assert!(t0.elapsed() < Duration::from_secs(10));
-        let missing = run(&["/no/such/agent".to_string()], &task, "", "e", t);
+        let missing = run(
+            &sb,
+            &["/no/such/agent".to_string()],
+            &task,
+            &env("e", "k"),
+            t,
+        );
         assert!(missing.failure.unwrap().contains("could not start"));
-        let nan = run(&sh("echo '{\"reward\": \"high\"}'"), &task, "", "e", t);
+        let nan = run(
+            &sb,
+            &sh("echo '{\"reward\": \"high\"}'"),
+            &task,
+            &env("e", "k"),
+            t,
+        );
         assert!(nan.failure.unwrap().contains("finite"));
+        // Nothing an agent started outlives it.
+        let left = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count();
+        assert_eq!(left, 0, "a process the agent started is alive");
+    }
+
+    /// An agent sees no other process (so not the generator's environment) and none of
+    /// the generator's private files; it still reads the user's other files.
+    #[test]
+    fn agents_see_neither_the_generator_nor_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("run");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::write(private.join("token"), "secret").unwrap();
+        let key_file = dir.path().join("tls.key");
+        std::fs::write(&key_file, "secret key").unwrap();
+        let shared = dir.path().join("data.txt");
+        std::fs::write(&shared, "the user's data").unwrap();
+        let sb = sandbox(&[private.clone(), key_file.clone()]);
+        let script = format!(
+            "d=$(cat {data} 2>&1); t=$(cat {run}/token 2>&1); k=$(cat {key} 2>&1); \
+             e=$(tr -d '\\0' < /proc/$PPID/environ 2>&1); \
+             echo \"data=$d token=$t key=$k ppid=$PPID env=$e\" >&2; exit 1",
+            data = shared.display(),
+            run = private.display(),
+            key = key_file.display(),
+        );
+        let t = Duration::from_secs(20);
+        let sandboxed = run(&sb, &sh(&script), &json!({}), &env("e", "k"), t);
+        let out = sandboxed.failure.unwrap();
+        assert!(out.contains("data=the user's data"), "{out}");
+        assert!(!out.contains("secret"), "{out}");
+        assert!(!out.contains("PATH="), "the generator's environment: {out}");
+        assert!(out.contains("ppid=0"), "{out}");
     }
 }

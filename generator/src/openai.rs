@@ -1,9 +1,14 @@
 //! The OpenAI-compatible endpoint agent programs talk to: `POST /v1/chat/completions`
 //! (and `GET /v1/models`), backed by the generator's engine and its current weights.
 //!
-//! Each request names its episode (header `X-Episode-Id`, or the `user` field); only
-//! the episodes of agent programs this generator started are served, one request at a
-//! time each. The request's conversation is rendered with the model's chat template
+//! Each request names its episode (header `X-Episode-Id`, or the `user` field) and
+//! carries that episode's key as `Authorization: Bearer <key>` (the agent's
+//! `OPENAI_API_KEY`, which every OpenAI client sends): only the episodes of agent
+//! programs this generator started are served, each only to the holder of its key, one
+//! request at a time. A request body is at most [`body_limit`] bytes (a conversation
+//! that long could not fit the model's context). Tokenizing a request holds only its
+//! own episode, on a blocking thread: a long conversation delays no other episode and
+//! no sampling. The request's conversation is rendered with the model's chat template
 //! (its `tools` announced in the system turn) and planned against the episode
 //! ([`ChatEpisode::plan`]); the turn is sampled by the worker's engine beside every
 //! other row, with the run's sampling settings (a request's `temperature`, `top_p` and
@@ -48,20 +53,47 @@ pub struct Slot {
     pub sample: usize,
     pub group_size: usize,
     pub episode: ChatEpisode,
+    /// The key a request for this episode must carry (its agent's `OPENAI_API_KEY`).
+    key: String,
     /// A request of it is being served.
     busy: bool,
 }
 
 impl Slot {
-    pub fn new(lease: u64, sample: usize, group_size: usize) -> Self {
+    pub fn new(lease: u64, sample: usize, group_size: usize, key: String) -> Self {
         Slot {
             lease,
             sample,
             group_size,
             episode: ChatEpisode::default(),
+            key,
             busy: false,
         }
     }
+}
+
+/// An episode's slot, locked by its own requests only.
+type Shared = Arc<Mutex<Slot>>;
+
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    // A handler that panicked left no half-written slot (each write is one call).
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes of a request body the endpoint reads at most: 64 KiB of framing and tool
+/// schemas plus 64 bytes per token of the model's context (no tokenizer spends more on
+/// one token of a real conversation, so a longer body cannot fit the context).
+pub fn body_limit(context: usize) -> usize {
+    (64usize << 10).saturating_add(context.saturating_mul(64))
+}
+
+/// Whether `a` equals `b`, in time that depends only on their lengths.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// What the endpoint samples with and the limits of its episodes.
@@ -83,8 +115,8 @@ pub struct Policy {
 
 /// What the endpoint's handlers share with the worker.
 pub struct Endpoint {
-    /// Episode id → its slot.
-    episodes: Mutex<HashMap<String, Slot>>,
+    /// Episode id → its slot. Held only to find, add or remove a slot.
+    episodes: Mutex<HashMap<String, Shared>>,
     turns: Sender<TurnRequest>,
     policy: Policy,
 }
@@ -98,17 +130,34 @@ impl Endpoint {
         }
     }
 
-    pub(crate) fn episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        // A handler that panicked left no half-written slot (each write is one call).
+    fn episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Shared>> {
         self.episodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves episode `id` from now on.
+    pub fn insert(&self, id: String, slot: Slot) {
+        self.episodes().insert(id, Arc::new(Mutex::new(slot)));
+    }
+
+    /// Stops serving episode `id`; what it sampled.
+    pub fn remove(&self, id: &str) -> Option<ChatEpisode> {
+        let slot = self.episodes().remove(id)?;
+        let episode = std::mem::take(&mut lock(&slot).episode);
+        Some(episode)
+    }
+
+    fn slot(&self, id: &str) -> Option<Shared> {
+        self.episodes().get(id).cloned()
     }
 }
 
 /// Serves the endpoint on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
+    let limit = body_limit(endpoint.policy.context);
     let app = axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(endpoint);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("the OpenAI-compatible endpoint stopped: {e}");
@@ -138,6 +187,8 @@ async fn models(State(ep): State<Arc<Endpoint>>) -> Response {
 /// What a request asks, checked.
 struct Asked {
     episode: String,
+    /// The bearer token of `Authorization`.
+    key: Option<String>,
     messages: Vec<chat_episode::Message>,
     tools: Vec<Value>,
     max_tokens: usize,
@@ -175,6 +226,17 @@ fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<Asked, String> {
                 "no episode: send the TANDEM_EPISODE_ID the agent was started with as header X-Episode-Id or as \"user\"",
             )?,
     };
+    let key = match headers.get("authorization") {
+        None => None,
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or("Authorization: expected \"Bearer <OPENAI_API_KEY>\"")?
+                .trim()
+                .to_string(),
+        ),
+    };
     let messages = chat_episode::parse_messages(
         v.get("messages")
             .and_then(Value::as_array)
@@ -197,6 +259,7 @@ fn read_request(headers: &HeaderMap, body: &[u8]) -> Result<Asked, String> {
     };
     Ok(Asked {
         episode,
+        key,
         messages,
         tools,
         max_tokens,
@@ -208,76 +271,36 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
         Ok(a) => a,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    // Plan the turn under the lock; sample outside it.
-    let (plan, lease, stream) = {
-        let mut episodes = ep.episodes();
-        let Some(slot) = episodes.get_mut(&asked.episode) else {
+    let Some(shared) = ep.slot(&asked.episode) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "episode {:?} is not running on this generator (it ended, or was never started here)",
+                asked.episode
+            ),
+        );
+    };
+    // Rendering and tokenizing may take a while on a long conversation: on a blocking
+    // thread, holding only this episode.
+    let episode = asked.episode.clone();
+    let planning = {
+        let (ep, shared) = (ep.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || plan_turn(&ep, &shared, &asked))
+    };
+    let (plan, lease, stream) = match planning.await {
+        Ok(Ok(Planned::Turn(plan, lease, stream))) => (plan, lease, stream),
+        Ok(Ok(Planned::Done(response))) => return response,
+        Ok(Err(response)) => return response,
+        Err(e) => {
             return error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "episode {:?} is not running on this generator (it ended, or was never started here)",
-                    asked.episode
-                ),
-            );
-        };
-        if slot.busy {
-            return error(
-                StatusCode::CONFLICT,
-                "this episode has a request being served; send its turns one at a time",
-            );
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("planning the turn: {e}"),
+            )
         }
-        if slot.episode.turns >= ep.policy.max_turns {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the episode has had its [env] max_turns = {} model turns; end it (or raise max_turns)",
-                    ep.policy.max_turns
-                ),
-            );
-        }
-        let planned = slot
-            .episode
-            .render(&ep.policy.tokenizer, &asked.messages, &asked.tools)
-            .and_then(|text| {
-                slot.episode.plan(
-                    &ep.policy.tokenizer,
-                    &text,
-                    asked.max_tokens,
-                    ep.policy.budget,
-                )
-            });
-        let mut plan = match planned {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("messages: {e}")),
-        };
-        if plan.prompt.len() >= ep.policy.context {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "messages: the conversation is {} tokens, the model's context {}; end the episode",
-                    plan.prompt.len(),
-                    ep.policy.context
-                ),
-            );
-        }
-        // The reply ends at the context's end, as it would at max_tokens.
-        plan.max_new = plan.max_new.min(ep.policy.context - plan.prompt.len());
-        if plan.max_new == 0 {
-            // The sample's token budget is spent: nothing is sampled or recorded.
-            let usage = (plan.prompt.len(), 0);
-            return completion(&ep, &asked.episode, slot.episode.turns, None, usage);
-        }
-        slot.busy = true;
-        let k = slot.group_size as u64;
-        let stream = slot.sample as u64 + u64::from(slot.episode.turns) * k;
-        (plan, slot.lease, stream)
     };
     // Whatever happens next (the client may go away mid-turn), the episode takes
     // requests again after this one.
-    let _busy = Busy {
-        endpoint: &ep,
-        episode: &asked.episode,
-    };
+    let _busy = Busy(&shared);
     let (tx, rx) = oneshot::channel();
     let sent = ep.turns.send(TurnRequest {
         lease,
@@ -290,13 +313,12 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
         Ok(()) => rx.await.ok(),
         Err(_) => None,
     };
-    let mut episodes = ep.episodes();
-    let Some(slot) = episodes.get_mut(&asked.episode) else {
+    if ep.slot(&episode).is_none() {
         return error(
             StatusCode::NOT_FOUND,
             "the episode ended while its turn was sampled",
         );
-    };
+    }
     let (turn, tags) = match sampled {
         Some(Ok(t)) => t,
         Some(Err(why)) => return error(StatusCode::BAD_REQUEST, why),
@@ -311,6 +333,7 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
     let finish = turn.finish_reason;
     let n = turn.tokens.len();
     let held = (ep.policy.held)();
+    let mut slot = lock(&shared);
     match slot.episode.record(
         plan,
         turn,
@@ -322,24 +345,101 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
         Ok(reply) => {
             let turns = slot.episode.turns;
             let usage = (prompt_tokens, n);
-            completion(&ep, &asked.episode, turns, Some((&reply, finish)), usage)
+            completion(&ep, &episode, turns, Some((&reply, finish)), usage)
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 /// Marks an episode free for its next request when dropped.
-struct Busy<'a> {
-    endpoint: &'a Endpoint,
-    episode: &'a str,
-}
+struct Busy<'a>(&'a Shared);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if let Some(slot) = self.endpoint.episodes().get_mut(self.episode) {
-            slot.busy = false;
+        lock(self.0).busy = false;
+    }
+}
+
+/// What planning a request gave: a turn to sample (its plan, the lease and the random
+/// stream), or the reply already.
+enum Planned {
+    Turn(chat_episode::Plan, u64, u64),
+    Done(Response),
+}
+
+/// Checks the request's key and the episode's state and plans its turn (renders and
+/// tokenizes the conversation), holding only this episode's slot; marks it busy.
+fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Result<Planned, Response> {
+    let mut slot = lock(shared);
+    match &asked.key {
+        Some(k) if same_key(k, &slot.key) => {}
+        Some(_) => {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "Authorization: not this episode's key (send the OPENAI_API_KEY the agent was started with)",
+            ))
+        }
+        None => {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "Authorization: missing; send \"Bearer <OPENAI_API_KEY>\" (the key the agent was started with)",
+            ))
         }
     }
+    if slot.busy {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "this episode has a request being served; send its turns one at a time",
+        ));
+    }
+    if slot.episode.turns >= ep.policy.max_turns {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the episode has had its [env] max_turns = {} model turns; end it (or raise max_turns)",
+                ep.policy.max_turns
+            ),
+        ));
+    }
+    let planned = slot
+        .episode
+        .render(&ep.policy.tokenizer, &asked.messages, &asked.tools)
+        .and_then(|text| {
+            slot.episode.plan(
+                &ep.policy.tokenizer,
+                &text,
+                asked.max_tokens,
+                ep.policy.budget,
+            )
+        });
+    let mut plan = planned.map_err(|e| error(StatusCode::BAD_REQUEST, format!("messages: {e}")))?;
+    if plan.prompt.len() >= ep.policy.context {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "messages: the conversation is {} tokens, the model's context {}; end the episode",
+                plan.prompt.len(),
+                ep.policy.context
+            ),
+        ));
+    }
+    // The reply ends at the context's end, as it would at max_tokens.
+    plan.max_new = plan.max_new.min(ep.policy.context - plan.prompt.len());
+    if plan.max_new == 0 {
+        // The sample's token budget is spent: nothing is sampled or recorded.
+        let usage = (plan.prompt.len(), 0);
+        return Ok(Planned::Done(completion(
+            ep,
+            &asked.episode,
+            slot.episode.turns,
+            None,
+            usage,
+        )));
+    }
+    slot.busy = true;
+    let k = slot.group_size as u64;
+    let stream = slot.sample as u64 + u64::from(slot.episode.turns) * k;
+    Ok(Planned::Turn(plan, slot.lease, stream))
 }
 
 /// A `chat.completion` reply: the message (none when the budget was spent: empty,

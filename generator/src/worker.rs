@@ -48,6 +48,9 @@ pub struct Settings {
     /// Where the OpenAI-compatible endpoint of `[env] agent` programs listens
     /// (`--openai`; any free loopback port when unset).
     pub openai: Option<String>,
+    /// The generator's own files and folders (the run folder, the model cache, its
+    /// credentials): hidden from `[env] agent` programs.
+    pub private: Vec<std::path::PathBuf>,
 }
 
 /// A generator's side of `[trainer] broadcast`.
@@ -194,6 +197,7 @@ impl Worker {
             &model,
             settings.generator.max_new_tokens,
             Arc::new(move || b.held.load(Ordering::SeqCst)),
+            &settings.private,
         )?;
         let inbox = match &settings.broadcast {
             Some(bs) => {
