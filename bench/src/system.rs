@@ -96,6 +96,7 @@ pub fn run(a: SystemBench) -> Result<()> {
             max_completion_tokens: a.completion_tokens,
             max_context_tokens: a.prompt_tokens + a.completion_tokens + 1,
             filter_zero_std: false,
+            reward_bound: tandem_proto::limits::REWARD_BOUND,
         },
         tandem_proto::WEIGHT_BUCKET_BYTES,
     ));

@@ -66,6 +66,10 @@ pub const LEASE_GROUPS: u32 = 4096;
 /// state and a series of each per-generator metric.
 pub const WORKERS: usize = 4096;
 
+/// `Completion.tool_seconds`: seconds one episode spent in tools; a week is more than
+/// any episode runs (and the sum over a batch stays finite).
+pub const TOOL_SECONDS: f64 = 604_800.0;
+
 /// `WeightBucket.dtype` and the broadcast header's dtype: "f32", "bf16" or "f16".
 pub const DTYPE_BYTES: usize = 8;
 
