@@ -198,9 +198,13 @@ impl Worker {
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
-                let b = beat.clone();
+                let (b, c) = (beat.clone(), creds.clone());
                 inbox
-                    .spawn(bs.token.clone(), move || b.worker_id.load(Ordering::SeqCst))
+                    .spawn(
+                        bs.token.clone(),
+                        model.model.params().numel() as u64,
+                        move || (b.worker_id.load(Ordering::SeqCst), c.session()),
+                    )
                     .map_err(|e| rpc("weight broadcast receiver", e))?;
                 Some(inbox)
             }

@@ -469,8 +469,12 @@ fn broadcast_pusher(
     let p = Pusher::start(
         &bind,
         &host,
-        // Only generators join: with split roles, theirs is the generator token.
-        creds.generator_token().unwrap_or(creds.token()),
+        // Only generators join: with split roles, theirs is the generator token; each
+        // also shows its session token, made with the run's.
+        tandem_weights::broadcast::Access {
+            token: creds.generator_token().unwrap_or(creds.token()).to_string(),
+            run_token: creds.token().to_string(),
+        },
         publisher::Settings {
             bucket_bytes: s.trainer.bucket_mib << 20,
             // Members learn a new epoch from a heartbeat, then connect.

@@ -12,7 +12,7 @@ use tandem_proto::client::Authed;
 use tandem_proto::limits;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{BroadcastGroup, ExcludeRequest};
-use tandem_weights::broadcast::Broadcaster;
+use tandem_weights::broadcast::{Access, Broadcaster};
 use tandem_weights::collective::SharedBackend;
 use tandem_weights::Snapshot;
 
@@ -60,12 +60,12 @@ impl Pusher {
     pub fn start(
         bind: &str,
         advertise_host: &str,
-        token: &str,
+        access: Access,
         settings: Settings,
         rt: tokio::runtime::Handle,
         mut coordinator: CoordinatorClient<Authed>,
     ) -> Result<Self> {
-        let broadcaster = Broadcaster::bind(bind, token, settings.collective.clone())?;
+        let broadcaster = Broadcaster::bind(bind, access, settings.collective.clone())?;
         let advertise = format!("{advertise_host}:{}", broadcaster.local_addr().port());
         let slot: Slot = Arc::default();
         let work = slot.clone();
