@@ -680,3 +680,63 @@ fn a_forged_broadcast_header_makes_the_generator_fetch_over_grpc() {
     stop.store(true, Ordering::SeqCst);
     beats.join().unwrap();
 }
+
+/// A reward service that scores the first groups 1e308: the generator does not push
+/// them (the trainer would refuse them), it gives their leases back, and the run goes
+/// on with every reward within `[reward] bound`.
+#[test]
+fn rewards_beyond_the_bound_never_reach_the_trainer() {
+    use tandem_proto::v1::reward_server::Reward;
+    use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+    #[derive(Clone, Default)]
+    struct Huge(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl Reward for Huge {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            let n = req.into_inner().completions.len();
+            // Every attempt at the first group (the generator tries 4 times).
+            let huge = self.0.fetch_add(1, Ordering::SeqCst) < 4;
+            let rewards = (0..n)
+                .map(|i| if huge { 1e308 } else { i as f64 / 4.0 })
+                .collect();
+            Ok(tonic::Response::new(ScoreReply { rewards }))
+        }
+    }
+
+    let service = Huge::default();
+    let calls = service.0.clone();
+    let (_rt, addr) = common::serve_reward(REWARD_TOKEN, service);
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 3;
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "");
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(120));
+    assert!(calls.load(Ordering::SeqCst) > 4);
+    let gen = c.log("gen-0");
+    assert!(gen.contains("within [reward] bound ±1000000"), "{gen}");
+    let trained = check_trained(&c.run, steps, 2, 4, 1);
+    for (_, rows) in batches(&c.run) {
+        for r in rows {
+            assert!(r["reward"].as_f64().unwrap().abs() <= 1.0, "{r}");
+        }
+    }
+    let status = coordinator_status(&c.run);
+    // No group was refused by the trainer.
+    assert!(
+        status["dropped"]["invalid"].as_u64().unwrap_or(0) == 0,
+        "{status}"
+    );
+    assert!(
+        !status["reissued_prompts"].as_array().unwrap().is_empty(),
+        "no lease was given back: {status}"
+    );
+    check_nothing_lost(&c.run, &trained, true);
+}
