@@ -1,5 +1,5 @@
 //! The Coordinator gRPC service: each handler checks its request — the caller's token
-//! and session, then every field against its limit ([`checked`], the limits of
+//! and session, then every field against its limit (`checked`: the limits of
 //! `tandem_proto::limits`) — before any of it is used, logged or stored, then reads or
 //! changes the [`Core`] state under its lock. A refusal is a `Status` naming the field.
 
