@@ -196,6 +196,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
             usize::MAX
         },
         samples_per_episode: cfg.env.samples_per_episode() as usize,
+        reward_bound: cfg.reward.bound,
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         trainer: cfg.trainer.clone(),
         algorithm: cfg.algorithm.clone(),

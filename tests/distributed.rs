@@ -2,6 +2,9 @@
 //! coordinator + trainer + generators, `tandem run`, failures and bad input.
 
 mod common;
+// A hostile generator against the wire: tests/distributed/wire.rs.
+#[path = "distributed/wire.rs"]
+mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

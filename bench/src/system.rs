@@ -96,6 +96,7 @@ pub fn run(a: SystemBench) -> Result<()> {
             max_completion_tokens: a.completion_tokens,
             max_context_tokens: a.prompt_tokens + a.completion_tokens + 1,
             filter_zero_std: false,
+            reward_bound: tandem_proto::limits::REWARD_BOUND,
         },
         tandem_proto::WEIGHT_BUCKET_BYTES,
     ));
@@ -214,7 +215,12 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
         .map_err(|_| invalid("the weights lock was poisoned"))?
         .clone();
     let token = "bench";
-    let b = Broadcaster::bind("127.0.0.1:0", token, None)?;
+    let access = tandem_weights::broadcast::Access {
+        token: token.into(),
+        run_token: token.into(),
+    };
+    let b = Broadcaster::bind("127.0.0.1:0", access, None)?;
+    let elements = (snap.bytes.len() / if snap.dtype == "f32" { 4 } else { 2 }) as u64;
     let addr = b.local_addr().to_string();
     let members: Vec<GroupMember> = (1..=n as u32)
         .map(|rank| GroupMember {
@@ -230,6 +236,7 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
             let (addr, rank) = (addr.clone(), m.rank);
             std::thread::spawn(move || -> Result<()> {
                 let second = Duration::from_secs(1);
+                let session = tandem_proto::auth::session_token(token, rank as u64, "generator");
                 let j = Join {
                     addr: &addr,
                     epoch: 1,
@@ -237,6 +244,8 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
                     world_size: n as u32 + 1,
                     worker_id: rank as u64,
                     token,
+                    session: &session,
+                    param_elements: elements,
                 };
                 let mut r = Receiver::connect(&j, second * 5, None)?;
                 let mut got = 0;

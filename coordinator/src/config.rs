@@ -68,6 +68,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout_ms: u64,
     /// A lease older than this is re-issued even if its worker still beats.
     pub lease_timeout_s: u64,
+    /// A lease held longer than this many times the slowest of the run's recent groups
+    /// (at least 10 s) is overdue: taken back for a generator that has none to work on
+    /// (`crate::lease`, "No generator starves the run"). 0 = never.
+    pub lease_overdue_factor: f64,
     /// Deadline of every unary call a worker makes (register, heartbeat, lease, commit,
     /// publish, leave, exclude, reward scores): past it the call fails with a timeout
     /// instead of hanging.
@@ -85,6 +89,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 5000,
             lease_timeout_s: 900,
+            lease_overdue_factor: 4.0,
             rpc_timeout_s: 30.0,
             reconnect_timeout_s: 120.0,
         }
@@ -124,6 +129,12 @@ impl CoordinatorConfig {
         }
         if self.lease_timeout_s == 0 {
             return bad("lease_timeout_s", "must be ≥ 1");
+        }
+        if !(self.lease_overdue_factor.is_finite() && self.lease_overdue_factor >= 0.0) {
+            return bad(
+                "lease_overdue_factor",
+                "must be a finite number ≥ 0 (0 = never take leases back as overdue)",
+            );
         }
         if !(self.rpc_timeout_s.is_finite() && self.rpc_timeout_s >= 0.1) {
             return bad("rpc_timeout_s", "must be a number of seconds ≥ 0.1");

@@ -1,12 +1,13 @@
 //! What the coordinator exports from its state beyond the counters its handlers
 //! increment: gauges of the state, and the series computed at scrape time.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use tandem_proto::v1::Role;
 
 use crate::metrics as m;
-use crate::state::Core;
+use crate::state::{Core, GeneratorSeries};
 
 impl Core {
     /// Sets the gauges that mirror the state (version, step, leases, workers, buffer).
@@ -23,52 +24,84 @@ impl Core {
             .filter(|(_, w)| w.role == Role::Trainer)
             .count();
         metrics::gauge!(m::WORKERS, "role" => "trainer").set(trainers as f64);
+        metrics::counter!(m::WEIGHT_SYNC_BYTES).absolute(self.weight_sync_bytes);
         for (k, v) in &self.train_metrics {
             metrics::gauge!(m::train_metric_name(k)).set(*v);
         }
     }
 
     /// The series computed at scrape time, in Prometheus text format: the float-valued
-    /// counters, and the heartbeat age of each live generator (a generator that left
-    /// or was dropped has no series, rather than a frozen one).
+    /// counters, and every per-generator series (version, lag, tokens, wait, sync
+    /// failures, heartbeat age) of each live generator: a generator that left or was
+    /// dropped has no series, rather than a frozen one. Two live workers with one name
+    /// (a generator registered again before its old id was dropped) share a series:
+    /// the newest id's version, the name's counters.
     pub fn render_computed(&self, now: Instant) -> String {
         let mut out = format!(
             "# HELP {t} Seconds the trainer waited for data\n# TYPE {t} counter\n{t} {}\n",
             self.trainer_wait_s,
             t = m::TRAINER_WAIT
         );
-        if !self.generator_wait_s.is_empty() {
-            out += &format!(
-                "# HELP {g} Seconds generators waited for leases\n# TYPE {g} counter\n",
-                g = m::GENERATOR_WAIT
-            );
-            for (name, v) in &self.generator_wait_s {
-                out += &format!(
-                    "{}{{generator=\"{}\"}} {v}\n",
-                    m::GENERATOR_WAIT,
-                    escape_label(name)
-                );
-            }
-        }
-        let ages: Vec<(&str, f64)> = self
+        // Name → (policy version, heartbeat age) of its newest live id.
+        let mut live: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
+        for (_, w) in self
             .members
             .iter()
             .filter(|(_, w)| w.role == Role::Generator)
-            .map(|(_, w)| {
-                let age = now.saturating_duration_since(w.last_seen);
-                (w.name.as_str(), age.as_secs_f64())
-            })
-            .collect();
-        if !ages.is_empty() {
-            out += &format!(
-                "# HELP {a} Seconds since each live generator's last heartbeat\n# TYPE {a} gauge\n",
-                a = m::HEARTBEAT_AGE
-            );
-            for (name, age) in ages {
+        {
+            let age = now.saturating_duration_since(w.last_seen).as_secs_f64();
+            live.insert(w.name.as_str(), (w.policy_version, age));
+        }
+        if live.is_empty() {
+            return out;
+        }
+        let none = GeneratorSeries::default();
+        let series = |name: &str| self.generator_series.get(name).unwrap_or(&none);
+        let families: [Family<'_>; 6] = [
+            (
+                m::GENERATOR_POLICY_VERSION,
+                "gauge",
+                "Policy version each generator holds",
+                &|_, v, _| v.to_string(),
+            ),
+            (
+                m::GENERATOR_LAG,
+                "gauge",
+                "Published version minus the generator's version",
+                &|_, v, _| self.version.saturating_sub(v).to_string(),
+            ),
+            (
+                m::GENERATED_TOKENS,
+                "counter",
+                "Completion tokens generated, per generator",
+                &|n, _, _| series(n).generated_tokens.to_string(),
+            ),
+            (
+                m::GENERATOR_WAIT,
+                "counter",
+                "Seconds generators waited for leases",
+                &|n, _, _| series(n).wait_s.to_string(),
+            ),
+            (
+                m::WEIGHT_SYNC_FAILURES,
+                "counter",
+                "Weight fetches that failed or timed out, per generator",
+                &|n, _, _| series(n).weight_sync_failures.to_string(),
+            ),
+            (
+                m::HEARTBEAT_AGE,
+                "gauge",
+                "Seconds since each live generator's last heartbeat",
+                &|_, _, age| age.to_string(),
+            ),
+        ];
+        for (family, kind, help, value) in families {
+            out += &format!("# HELP {family} {help}\n# TYPE {family} {kind}\n");
+            for (name, &(version, age)) in &live {
                 out += &format!(
-                    "{}{{generator=\"{}\"}} {age}\n",
-                    m::HEARTBEAT_AGE,
-                    escape_label(name)
+                    "{family}{{generator=\"{}\"}} {}\n",
+                    escape_label(name),
+                    value(name, version, age)
                 );
             }
         }
@@ -76,7 +109,17 @@ impl Core {
     }
 }
 
-/// A Prometheus label value with `\\`, `"` and newlines escaped.
+/// A per-generator family: name, type, help, and its value from (generator name,
+/// policy version, heartbeat age).
+type Family<'a> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'a dyn Fn(&str, u64, f64) -> String,
+);
+
+/// A Prometheus label value with `\\`, `"` and newlines escaped (names have no control
+/// characters: Register refuses them).
 fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -4,8 +4,38 @@
 //! new id, so a late group for the old lease is refused. Under dynamic sampling the
 //! trainer closes the lease of an uninformative group as filtered instead: closed for
 //! good, never re-issued, and not an accepted group, so admission grants another.
+//!
+//! # No generator starves the run
+//!
+//! Admission ([`admission_capacity`]) bounds the groups in flight; without more, one
+//! generator asking for everything would hold every slot until `lease_timeout_s`, and a
+//! run waiting for those groups would stall. Three rules share the slots out:
+//!
+//! 1. **Fair share.** A generator holds at most
+//!    `share = ⌈(η + 1)·B / G⌉ + SHARE_SLACK` leases ([`fair_share`]), where (η + 1)·B
+//!    is the admission window (the most groups the rule lets be in flight) and G the
+//!    live generators. A generator alone gets the whole window; the slack of
+//!    [`SHARE_SLACK`] keeps a generator busy while its neighbours' groups land.
+//! 2. **Leases it cannot use soon go back.** When a generator below its share asks and
+//!    admission has no room for it (it is starved), the coordinator takes back, for it:
+//!    first every *overdue* lease — held longer than `[coordinator]
+//!    lease_overdue_factor` × the slowest of the run's last [`RECENT`] groups (grant to
+//!    commit), and at least [`OVERDUE_FLOOR`] — then, from generators holding more than
+//!    their share (the share shrank as generators joined), their newest leases above
+//!    it, as many as the starved one needs. Taken-back leases expire (a late group for
+//!    one is refused as expired) and their prompts go first to the starved generator.
+//!    Before any group was committed nothing is overdue (`lease_timeout_s` still
+//!    applies), and a factor of 0 turns the overdue rule off.
+//! 3. **Probation.** A generator that lost a lease as overdue holds at most one lease
+//!    until a group of its own is committed (or filtered): a generator that never
+//!    delivers cannot take its share again and again. One lease held back is within
+//!    the slack of any run with η ≥ 1; with η = 0 it costs a step at most the overdue
+//!    time.
+//!
+//! A generator whose groups take far longer than the run's other groups (very unequal
+//! hardware) loses them while faster generators wait: raise `lease_overdue_factor`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +54,30 @@ pub fn admission_capacity(
     accepted: u64,
     running: u64,
 ) -> u64 {
-    ((max_staleness + version + 1) * batch_groups).saturating_sub(accepted + running)
+    max_staleness
+        .saturating_add(version)
+        .saturating_add(1)
+        .saturating_mul(batch_groups)
+        .saturating_sub(accepted.saturating_add(running))
+}
+
+/// Leases a generator may hold beyond its even split of the admission window.
+pub const SHARE_SLACK: u64 = 1;
+
+/// Groups whose grant-to-commit time sets what counts as overdue.
+pub const RECENT: usize = 64;
+
+/// A lease is never overdue sooner than this after its grant.
+pub const OVERDUE_FLOOR: Duration = Duration::from_secs(10);
+
+/// The most leases one of `generators` live generators may hold (rule 1 of the module
+/// doc): `⌈(η + 1)·B / G⌉ + SHARE_SLACK`.
+pub fn fair_share(max_staleness: u64, batch_groups: u64, generators: u64) -> u64 {
+    max_staleness
+        .saturating_add(1)
+        .saturating_mul(batch_groups)
+        .div_ceil(generators.max(1))
+        .saturating_add(SHARE_SLACK)
 }
 
 /// The re-issued and filtered prompt lists keep this many of their newest entries.
@@ -109,6 +162,13 @@ pub struct Leases {
     /// lease is remembered: a retry of that commit is answered as the first was.
     #[serde(default)]
     keys: HashMap<u64, u64>,
+    /// Grant-to-close times of the last [`RECENT`] committed or filtered groups.
+    #[serde(skip)]
+    recent: VecDeque<Duration>,
+    /// Generators that lost a lease as overdue and have not delivered a group since:
+    /// they hold one lease at most.
+    #[serde(default)]
+    probation: BTreeSet<u64>,
 }
 
 /// How a commit went through.
@@ -142,6 +202,98 @@ impl Leases {
 
     pub fn held_by(&self, worker: u64) -> usize {
         self.open.values().filter(|l| l.worker == worker).count()
+    }
+
+    /// The most leases `worker` may hold with a fair `share`: one while it is on
+    /// probation (rule 3 of the module doc).
+    pub fn limit_for(&self, worker: u64, share: u64) -> u64 {
+        if self.probation.contains(&worker) {
+            share.min(1)
+        } else {
+            share
+        }
+    }
+
+    /// Whether `worker` is on probation.
+    pub fn on_probation(&self, worker: u64) -> bool {
+        self.probation.contains(&worker)
+    }
+
+    /// How old a lease may grow before it is overdue: `factor` × the slowest recent
+    /// group, at least [`OVERDUE_FLOOR`]; `None` before any group was delivered or with
+    /// a factor of 0.
+    pub fn overdue_after(&self, factor: f64) -> Option<Duration> {
+        let slowest = self.recent.iter().max()?;
+        if !(factor > 0.0 && factor.is_finite()) {
+            return None;
+        }
+        Some(slowest.mul_f64(factor).max(OVERDUE_FLOOR))
+    }
+
+    /// Takes back leases for `worker`, which is starved (rule 2 of the module doc):
+    /// every lease of another generator older than `overdue` (its holder goes on
+    /// probation), then the newest leases above `share` of generators holding more, up
+    /// to `need` in all. Their prompts go to the front of the re-issue queue, so
+    /// `worker`'s next grant gets them. Returns the leases taken back, by holder.
+    pub fn reclaim(
+        &mut self,
+        worker: u64,
+        need: u64,
+        share: u64,
+        overdue: Option<Duration>,
+        now: Instant,
+    ) -> BTreeMap<u64, (usize, bool)> {
+        let mut taken: BTreeMap<u64, (usize, bool)> = BTreeMap::new();
+        if let Some(max_age) = overdue {
+            let mut late: Vec<(u64, u64)> = self
+                .open
+                .iter()
+                .filter(|(_, l)| l.worker != worker && now.duration_since(l.granted) > max_age)
+                .map(|(&id, l)| (id, l.worker))
+                .collect();
+            late.sort_unstable();
+            for (id, holder) in late {
+                self.take_back(id);
+                self.probation.insert(holder);
+                let t = taken.entry(holder).or_default();
+                t.0 += 1;
+                t.1 = true;
+            }
+        }
+        let mut got: u64 = taken.values().map(|t| t.0 as u64).sum();
+        let mut held: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (&id, l) in &self.open {
+            if l.worker != worker {
+                held.entry(l.worker).or_default().push(id);
+            }
+        }
+        for (holder, mut ids) in held {
+            if got >= need {
+                break;
+            }
+            ids.sort_unstable();
+            let over = (ids.len() as u64).saturating_sub(share).min(need - got);
+            for &id in ids.iter().rev().take(over as usize) {
+                self.take_back(id);
+                taken.entry(holder).or_default().0 += 1;
+            }
+            got += over;
+        }
+        taken
+    }
+
+    /// Expires open lease `id` and puts its prompt first in the re-issue queue.
+    fn take_back(&mut self, id: u64) {
+        if let Some(l) = self.open.remove(&id) {
+            self.closed.insert(id, Closed::Expired);
+            self.reissue.push_front(l.prompt_index);
+            remember(&mut self.reissued, l.prompt_index);
+        }
+    }
+
+    /// Forgets `worker`'s probation (it left or was dropped).
+    pub fn forget_worker(&mut self, worker: u64) {
+        self.probation.remove(&worker);
     }
 
     /// Grants up to `n` leases to `worker`: expired prompts first, then fresh ones.
@@ -251,6 +403,13 @@ impl Leases {
                 if key != 0 {
                     self.keys.insert(id, key);
                 }
+                // A delivered group: its time sets what counts as overdue, and its
+                // generator is off probation.
+                self.recent.push_back(l.granted.elapsed());
+                if self.recent.len() > RECENT {
+                    self.recent.pop_front();
+                }
+                self.probation.remove(&l.worker);
                 Ok(Some(l))
             }
             None if key != 0

@@ -1,7 +1,8 @@
 //! `tandem-coordinator`: the control plane of a run. Prompts come from a
 //! [`tandem_data::Dataset`]; the coordinator depends on no model and no other role.
 //!
-//! - [`lease`] — prompt leases (exactly-once work) and the staleness admission rule
+//! - [`lease`] — prompt leases (exactly-once work), the staleness admission rule and
+//!   the fair share of its slots (no generator starves the run)
 //! - [`membership`] — workers, heartbeats, dropping the silent
 //! - [`group`] — the weight-broadcast group (ranks, epochs, exclusion)
 //! - [`state`] — the state those make up, and the run's settings

@@ -9,6 +9,9 @@ use metrics_util::MetricKindMask;
 
 pub const POLICY_VERSION: &str = "tandem_policy_version";
 pub const STEP: &str = "tandem_step";
+/// The per-generator series (label `generator`), rendered at scrape time from the live
+/// members (`export.rs`), never through the recorder: a generator that leaves or is
+/// dropped takes them with it.
 pub const GENERATOR_POLICY_VERSION: &str = "tandem_generator_policy_version";
 pub const GENERATOR_LAG: &str = "tandem_generator_lag";
 pub const ROLLOUT_STALENESS: &str = "tandem_rollout_staleness";
@@ -17,8 +20,13 @@ pub const LEASES_RUNNING: &str = "tandem_leases_running";
 pub const GROUPS_ACCEPTED: &str = "tandem_groups_accepted_total";
 pub const GROUPS_DROPPED: &str = "tandem_groups_dropped_total";
 pub const LEASES_REISSUED: &str = "tandem_leases_reissued_total";
+/// Leases taken back for a starved generator (overdue, or above the holder's share).
+pub const LEASES_RECLAIMED: &str = "tandem_leases_reclaimed_total";
 /// Calls refused because a generator's token made a trainer's call.
 pub const PERMISSION_DENIED: &str = "tandem_permission_denied_total";
+/// Requests refused for a value past its limit or malformed (INVALID_ARGUMENT,
+/// RESOURCE_EXHAUSTED).
+pub const REQUESTS_REFUSED: &str = "tandem_requests_refused_total";
 /// Leases granted in place of groups dynamic sampling filtered out.
 pub const LEASES_EXTRA: &str = "tandem_leases_extra_total";
 /// accepted / (accepted + filtered): the share of groups that taught something.
@@ -71,9 +79,10 @@ pub fn install() -> PrometheusHandle {
                     )
                 })
                 .expect("bucket lists are non-empty")
-                // Bounded label sets: a series not updated for 15 minutes (a generator
-                // that left long ago) is forgotten. The run's own gauges are set again
-                // on every reaper tick, so only departed workers' series go.
+                // The per-generator series are rendered from the members at scrape time
+                // (`export.rs`): they go with their generator. Any other series not
+                // updated for 15 minutes is forgotten too; the run's own gauges are set
+                // again on every reaper tick.
                 .idle_timeout(
                     MetricKindMask::COUNTER | MetricKindMask::GAUGE,
                     Some(IDLE_SERIES),
@@ -92,14 +101,6 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(POLICY_VERSION, "Newest published policy version");
     describe_gauge!(STEP, "Optimizer steps done");
-    describe_gauge!(
-        GENERATOR_POLICY_VERSION,
-        "Policy version each generator holds"
-    );
-    describe_gauge!(
-        GENERATOR_LAG,
-        "Published version minus the generator's version"
-    );
     describe_histogram!(
         ROLLOUT_STALENESS,
         "Versions between a trained sample's oldest token and the policy"
@@ -127,23 +128,23 @@ pub fn describe() {
         LEASES_REISSUED,
         "Leases expired and their prompts leased again"
     );
+    describe_counter!(
+        REQUESTS_REFUSED,
+        "Requests refused for a value past its limit (tandem_proto::limits) or malformed"
+    );
+    describe_counter!(
+        LEASES_RECLAIMED,
+        "Leases taken back for a generator that had none: overdue, or above the holder's fair share"
+    );
     describe_histogram!(
         WEIGHT_SYNC_SECONDS,
         "Duration of a generator's weight fetch"
     );
     describe_counter!(WEIGHT_SYNC_BYTES, "Bytes of weights fetched by generators");
-    describe_counter!(
-        GENERATED_TOKENS,
-        "Completion tokens generated, per generator"
-    );
     describe_gauge!(WORKERS, "Registered workers by role");
     describe_counter!(
         WORKERS_DROPPED,
         "Workers dropped for missing heartbeats, by role"
-    );
-    describe_counter!(
-        WEIGHT_SYNC_FAILURES,
-        "Weight fetches that failed or timed out, per generator"
     );
     describe_gauge!(
         STALENESS_BOUND,
@@ -162,6 +163,8 @@ pub fn initialise(max_staleness: u64) {
     metrics::gauge!(RUN_FINISHED).set(0.0);
     metrics::counter!(GROUPS_ACCEPTED).absolute(0);
     metrics::counter!(LEASES_REISSUED).absolute(0);
+    metrics::counter!(LEASES_RECLAIMED).absolute(0);
+    metrics::counter!(REQUESTS_REFUSED).absolute(0);
     metrics::counter!(LEASES_EXTRA).absolute(0);
     metrics::counter!(PERMISSION_DENIED).absolute(0);
     metrics::gauge!(INFORMATIVE_SHARE).set(1.0);

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use tandem_proto::limits::{printable, Check};
 use tandem_proto::v1::{PublishVersionReply, PublishVersionRequest};
 use tonic::Status;
 
@@ -73,8 +74,21 @@ impl Core {
     }
 
     /// Refuses a publish that names an older version (unless the trainer resumed from a
-    /// checkpoint), a non-finite metric, or a wait that is negative or not finite.
+    /// checkpoint), a non-finite metric, a field past its limit, a drop reason the run
+    /// does not know (each is a metric label), or a wait that is negative or not finite.
     pub fn check_publish(&self, r: &PublishVersionRequest) -> Result<(), Status> {
+        r.check()?;
+        if let Some(reason) = r
+            .dropped
+            .keys()
+            .find(|k| !m::DROP_REASONS.contains(&k.as_str()))
+        {
+            return Err(Status::invalid_argument(format!(
+                "dropped[{:?}]: not a drop reason of the run (one of {:?})",
+                printable(reason),
+                m::DROP_REASONS
+            )));
+        }
         if !r.resumed && r.version < self.version {
             return Err(Status::failed_precondition(format!(
                 "version: {} is older than the published {}",

@@ -1,11 +1,14 @@
-//! The Coordinator gRPC service: each handler checks its request, then reads or changes
-//! the [`Core`] state under its lock.
+//! The Coordinator gRPC service: each handler checks its request — the caller's token
+//! and session, then every field against its limit (`checked`: the limits of
+//! `tandem_proto::limits`) — before any of it is used, logged or stored, then reads or
+//! changes the [`Core`] state under its lock. A refusal is a `Status` naming the field.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tandem_data::PromptBody;
 use tandem_proto::auth::{check_request_session, require_admin, session_token};
+use tandem_proto::limits::{self, is_host_port, printable, Check};
 use tandem_proto::v1::coordinator_server::Coordinator;
 use tandem_proto::v1::{
     ChatMessage, CommitReply, CommitRequest, DiscardReply, DiscardRequest, ExcludeReply,
@@ -15,7 +18,7 @@ use tandem_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::lease::{admission_capacity, Closing};
+use crate::lease::Closing;
 use crate::metrics as m;
 pub use crate::state::{Core, Settings};
 
@@ -49,27 +52,30 @@ impl Coordinator for CoordinatorService {
         if req.get_ref().role == Role::Trainer as i32 {
             denied(require_admin(&req, "registering as the trainer"))?;
         }
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let role = Role::try_from(r.role).unwrap_or(Role::Unspecified);
         if role == Role::Unspecified {
-            return Err(Status::invalid_argument(
+            return Err(refused(Status::invalid_argument(
                 "role: must be ROLE_GENERATOR or ROLE_TRAINER",
-            ));
-        }
-        if r.name.is_empty() || r.name.len() > 128 {
-            return Err(Status::invalid_argument("name: 1 to 128 characters"));
-        }
-        if role == Role::Trainer && !is_host_port(&r.address) {
-            return Err(Status::invalid_argument(format!(
-                "address: the trainer must give its gRPC address as host:port, got {:?}",
-                r.address
             )));
         }
+        if (role == Role::Trainer || !r.address.is_empty()) && !is_host_port(&r.address) {
+            return Err(refused(Status::invalid_argument(format!(
+                "address: must be the worker's gRPC address as host:port (the trainer must give one), got {:?}",
+                printable(&r.address)
+            ))));
+        }
         let mut core = self.lock()?;
+        if core.members.iter().count() >= limits::WORKERS {
+            return Err(refused(Status::resource_exhausted(format!(
+                "the run has {} workers registered, the most it takes (tandem_proto::limits::WORKERS); workers that stop beating are dropped after the heartbeat timeout",
+                limits::WORKERS
+            ))));
+        }
         let id = core
             .members
             .register(r.name.clone(), role, r.address, Instant::now());
-        tracing::info!(name = %r.name, id, ?role, "worker registered");
+        tracing::info!(name = %printable(&r.name), id, ?role, "worker registered");
         core.update_group();
         core.persist()?;
         core.export_gauges();
@@ -97,26 +103,13 @@ impl Coordinator for CoordinatorService {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         self.own(&req, req.get_ref().worker_id, "Heartbeat")?;
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
         // A generator may hold a version newer than the published one for a moment:
         // after a trainer resumed from an older checkpoint, until it fetches that one
         // (the reply tells it). Refusing the beat would leave it deaf to the rewind.
-        if !r.wait_seconds.is_finite() || r.wait_seconds < 0.0 {
-            return Err(Status::invalid_argument(
-                "wait_seconds: must be finite and ≥ 0",
-            ));
-        }
-        if r.weight_sync_seconds
-            .iter()
-            .any(|s| !s.is_finite() || *s < 0.0)
-        {
-            return Err(Status::invalid_argument(
-                "weight_sync_seconds: must be finite and ≥ 0",
-            ));
-        }
         let trainer_address = core
             .members
             .trainer_address()
@@ -127,10 +120,10 @@ impl Coordinator for CoordinatorService {
         if !r.broadcast_address.is_empty()
             && (role != Some(Role::Trainer) || !is_host_port(&r.broadcast_address))
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(refused(Status::invalid_argument(format!(
                 "broadcast_address: only the trainer gives one, as host:port; got {:?}",
-                r.broadcast_address
-            )));
+                printable(&r.broadcast_address)
+            ))));
         }
         // Joining or leaving the broadcast: a generator's receiver, the trainer's listener.
         let changed = core.members.get_mut(r.worker_id).is_some_and(|w| {
@@ -159,22 +152,21 @@ impl Coordinator for CoordinatorService {
         };
         w.last_seen = now;
         w.policy_version = r.policy_version;
-        w.generated_tokens += r.generated_tokens;
+        // Counts a peer reports saturate: they never wrap a total.
+        w.generated_tokens = w.generated_tokens.saturating_add(r.generated_tokens);
         let (name, role) = (w.name.clone(), w.role);
         if role == Role::Generator {
-            metrics::gauge!(m::GENERATOR_POLICY_VERSION, "generator" => name.clone())
-                .set(r.policy_version as f64);
-            metrics::gauge!(m::GENERATOR_LAG, "generator" => name.clone())
-                .set(version.saturating_sub(r.policy_version) as f64);
-            metrics::counter!(m::GENERATED_TOKENS, "generator" => name.clone())
-                .increment(r.generated_tokens);
-            *core.generator_wait_s.entry(name.clone()).or_default() += r.wait_seconds;
+            let g = core.generator_series.entry(name).or_default();
+            g.generated_tokens = g.generated_tokens.saturating_add(r.generated_tokens);
+            g.wait_s += r.wait_seconds;
+            g.weight_sync_failures = g
+                .weight_sync_failures
+                .saturating_add(r.weight_sync_failures);
             for s in &r.weight_sync_seconds {
                 metrics::histogram!(m::WEIGHT_SYNC_SECONDS).record(*s);
             }
-            metrics::counter!(m::WEIGHT_SYNC_BYTES).increment(r.weight_sync_bytes);
-            metrics::counter!(m::WEIGHT_SYNC_FAILURES, "generator" => name.clone())
-                .increment(r.weight_sync_failures);
+            core.weight_sync_bytes = core.weight_sync_bytes.saturating_add(r.weight_sync_bytes);
+            metrics::counter!(m::WEIGHT_SYNC_BYTES).absolute(core.weight_sync_bytes);
             if r.generated_tokens > 0 {
                 core.record_tokens(now, r.generated_tokens);
             }
@@ -190,7 +182,7 @@ impl Coordinator for CoordinatorService {
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
         self.own(&req, req.get_ref().worker_id, "Lease")?;
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let now = Instant::now();
         let mut core = self.lock()?;
         let version = core.version;
@@ -211,17 +203,6 @@ impl Coordinator for CoordinatorService {
                 )))
             }
         }
-        if r.max_groups == 0 || r.max_groups > 4096 {
-            return Err(Status::invalid_argument("max_groups: must be in 1..=4096"));
-        }
-        let run = &core.settings.run;
-        let capacity = admission_capacity(
-            run.max_staleness,
-            version,
-            run.batch_groups,
-            core.leases.accepted,
-            core.leases.running(),
-        );
         let repeat = core
             .members
             .get(r.worker_id)
@@ -238,8 +219,7 @@ impl Coordinator for CoordinatorService {
                 })
                 .collect(),
             None => {
-                let n = capacity.min(r.max_groups as u64);
-                let granted = core.leases.grant(r.worker_id, n, now);
+                let granted = core.grant_leases(r.worker_id, r.max_groups as u64, now);
                 if let Some(w) = core.members.get_mut(r.worker_id) {
                     w.last_lease = (r.request_id, granted.iter().map(|g| g.0).collect());
                 }
@@ -354,9 +334,9 @@ impl Coordinator for CoordinatorService {
         req: Request<PublishVersionRequest>,
     ) -> Result<Response<PublishVersionReply>, Status> {
         denied(require_admin(&req, "PublishVersion"))?;
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let mut core = self.lock()?;
-        let reply = core.publish(&r)?;
+        let reply = core.publish(&r).map_err(refused)?;
         core.persist()?;
         Ok(Response::new(reply))
     }
@@ -367,10 +347,11 @@ impl Coordinator for CoordinatorService {
         let mut core = self.lock()?;
         if let Some(w) = core.members.remove(id) {
             let n = core.leases.expire_worker(id);
+            core.leases.forget_worker(id);
             if n > 0 {
                 metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
             }
-            tracing::info!(name = %w.name, id, leases_reissued = n, "worker left");
+            tracing::info!(name = %printable(&w.name), id, leases_reissued = n, "worker left");
         }
         core.update_group();
         core.forget_departed();
@@ -384,7 +365,7 @@ impl Coordinator for CoordinatorService {
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseReply>, Status> {
         self.own(&req, req.get_ref().worker_id, "Release")?;
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let mut core = self.lock()?;
         let released = core.leases.release(r.lease_id, r.worker_id);
         if released {
@@ -394,7 +375,7 @@ impl Coordinator for CoordinatorService {
             tracing::warn!(
                 lease = r.lease_id,
                 worker = r.worker_id,
-                reason = %r.reason,
+                reason = %printable(&r.reason),
                 "lease given back: its prompt is re-issued"
             );
         }
@@ -406,7 +387,7 @@ impl Coordinator for CoordinatorService {
         req: Request<DiscardRequest>,
     ) -> Result<Response<DiscardReply>, Status> {
         denied(require_admin(&req, "Discard"))?;
-        let r = req.into_inner();
+        let r = checked(req.into_inner())?;
         let mut core = self.lock()?;
         let n = r
             .lease_ids
@@ -418,7 +399,7 @@ impl Coordinator for CoordinatorService {
             metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
             tracing::info!(
                 discarded = n,
-                reason = %r.reason,
+                reason = %printable(&r.reason),
                 "groups discarded by the trainer: their admission slots are free again"
             );
         }
@@ -432,18 +413,16 @@ impl Coordinator for CoordinatorService {
         req: Request<ExcludeRequest>,
     ) -> Result<Response<ExcludeReply>, Status> {
         denied(require_admin(&req, "ExcludeFromGroup"))?;
-        let r = req.into_inner();
-        if r.worker_ids.is_empty() {
-            return Err(Status::invalid_argument("worker_ids: name at least one"));
-        }
+        let r = checked(req.into_inner())?;
         let mut core = self.lock()?;
         let names: Vec<String> = r
             .worker_ids
             .iter()
             .map(|id| {
-                core.members
-                    .get(*id)
-                    .map_or_else(|| format!("#{id} (gone)"), |w| w.name.clone())
+                core.members.get(*id).map_or_else(
+                    || format!("#{id} (gone)"),
+                    |w| printable(&w.name).to_string(),
+                )
             })
             .collect();
         let Core { group, members, .. } = &mut *core;
@@ -452,7 +431,7 @@ impl Coordinator for CoordinatorService {
                 workers = ?names,
                 seen_in_epoch = r.epoch,
                 epoch = group.epoch,
-                reason = %r.reason,
+                reason = %printable(&r.reason),
                 "excluded from the weight-broadcast group; they fetch weights over gRPC"
             );
             core.persist()?;
@@ -472,14 +451,21 @@ impl Coordinator for CoordinatorService {
 fn denied(check: Result<(), Status>) -> Result<(), Status> {
     if let Err(e) = &check {
         metrics::counter!(m::PERMISSION_DENIED).increment(1);
-        tracing::warn!("refused: {}", e.message());
+        tracing::warn!("refused: {}", printable(e.message()));
     }
     check
 }
 
-/// `host:port` with a non-empty host (an IP or a DNS name) and a numeric port.
-fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
-    })
+/// `r` once every field is within its limit (`tandem_proto::limits`); otherwise
+/// INVALID_ARGUMENT naming the field, the limit and the fix.
+fn checked<T: Check>(r: T) -> Result<T, Status> {
+    r.check().map_err(|e| refused(e.into()))?;
+    Ok(r)
+}
+
+/// Logs a request refused for its content (the message escaped and cut) and counts it.
+fn refused(e: Status) -> Status {
+    metrics::counter!(m::REQUESTS_REFUSED).increment(1);
+    tracing::warn!("request refused: {}", printable(e.message()));
+    e
 }

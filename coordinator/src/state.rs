@@ -11,10 +11,11 @@ use tandem_proto::v1::{Role, StatusReply, WorkerStatus};
 
 use crate::config::{CoordinatorConfig, RunSection};
 use crate::group::Group;
-use crate::lease::Leases;
+use crate::lease::{admission_capacity, fair_share, Leases};
 use crate::membership::Members;
 use crate::metrics as m;
 use crate::store::Store;
+use tandem_proto::limits::printable;
 
 /// What the coordinator serves.
 pub struct Settings {
@@ -22,6 +23,15 @@ pub struct Settings {
     pub coordinator: CoordinatorConfig,
     /// The whole config file, handed to workers when they register.
     pub config_toml: String,
+}
+
+/// The counters of one generator name that its heartbeats add to (each sum saturates:
+/// a peer's count never wraps a counter).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GeneratorSeries {
+    pub wait_s: f64,
+    pub generated_tokens: u64,
+    pub weight_sync_failures: u64,
 }
 
 /// The mutable state behind the service.
@@ -43,7 +53,11 @@ pub struct Core {
     pub finished_at: Option<Instant>,
     /// Seconds counters (Prometheus counters are float; the `metrics` crate's are not).
     pub trainer_wait_s: f64,
-    pub generator_wait_s: BTreeMap<String, f64>,
+    /// The per-generator series, by name, of the generators in the run: rendered at
+    /// scrape time from here, so a generator that leaves takes its series with it.
+    pub generator_series: BTreeMap<String, GeneratorSeries>,
+    /// Bytes of weights generators reported receiving (saturating).
+    pub weight_sync_bytes: u64,
     /// Where the state is saved (none in unit tests and embedded uses).
     pub(crate) store: Option<Store>,
 }
@@ -65,13 +79,15 @@ impl Core {
             tokens: VecDeque::new(),
             finished_at: None,
             trainer_wait_s: 0.0,
-            generator_wait_s: BTreeMap::new(),
+            generator_series: BTreeMap::new(),
+            weight_sync_bytes: 0,
             store: None,
         }
     }
 
     pub(crate) fn count_dropped(&mut self, reason: &str, n: u64) {
-        *self.dropped.entry(reason.to_string()).or_default() += n;
+        let d = self.dropped.entry(reason.to_string()).or_default();
+        *d = d.saturating_add(n);
         metrics::counter!(m::GROUPS_DROPPED, "reason" => reason.to_string()).increment(n);
     }
 
@@ -87,13 +103,14 @@ impl Core {
         let membership_changed = !reaped.is_empty();
         for (id, w) in reaped {
             let n = self.leases.expire_worker(id);
+            self.leases.forget_worker(id);
             let role = if w.role == Role::Trainer {
                 "trainer"
             } else {
                 "generator"
             };
             metrics::counter!(m::WORKERS_DROPPED, "role" => role).increment(1);
-            tracing::warn!(worker = %w.name, id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
+            tracing::warn!(worker = %printable(&w.name), id, leases = n, "worker silent past the timeout: dropped, its leases re-issued");
             metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
         }
         if membership_changed {
@@ -115,11 +132,11 @@ impl Core {
         self.export_gauges();
     }
 
-    /// Drops the wait counters of generators no longer in the run (their other series
-    /// go after [`m::IDLE_SERIES`]), so label sets stay bounded by the live ones.
+    /// Drops the series of generators no longer in the run, so the label sets on
+    /// `/metrics` are exactly the live generators'.
     pub(crate) fn forget_departed(&mut self) {
         let members = &self.members;
-        self.generator_wait_s.retain(|name, _| {
+        self.generator_series.retain(|name, _| {
             members
                 .iter()
                 .any(|(_, w)| w.role == Role::Generator && &w.name == name)
@@ -135,6 +152,49 @@ impl Core {
                 "weight-broadcast group changed"
             );
         }
+    }
+
+    /// Grants generator `worker` up to `max_groups` leases under the admission rule and
+    /// its fair share, first taking leases back for it when it is starved (the rules of
+    /// [`crate::lease`]). Returns the (lease id, prompt index) pairs granted.
+    pub fn grant_leases(&mut self, worker: u64, max_groups: u64, now: Instant) -> Vec<(u64, u64)> {
+        let (eta, b) = (
+            self.settings.run.max_staleness,
+            self.settings.run.batch_groups,
+        );
+        let share = fair_share(eta, b, self.members.generators() as u64);
+        let limit = self.leases.limit_for(worker, share);
+        let held = self.leases.held_by(worker) as u64;
+        let want = max_groups.min(limit.saturating_sub(held));
+        let room =
+            |c: &Core| admission_capacity(eta, c.version, b, c.leases.accepted, c.leases.running());
+        if want > room(self) {
+            let overdue = self
+                .leases
+                .overdue_after(self.settings.coordinator.lease_overdue_factor);
+            let need = want - room(self);
+            for (holder, (n, late)) in self.leases.reclaim(worker, need, share, overdue, now) {
+                let name = self.members.get(holder).map(|w| w.name.clone());
+                let name = name.as_deref().unwrap_or("(gone)");
+                metrics::counter!(m::LEASES_RECLAIMED).increment(n as u64);
+                metrics::counter!(m::LEASES_REISSUED).increment(n as u64);
+                tracing::warn!(
+                    from = %printable(name),
+                    holder,
+                    leases = n,
+                    overdue = late,
+                    share,
+                    "leases taken back for a starved generator{}",
+                    if late {
+                        ": held past the overdue time, the holder may hold one lease until it delivers a group"
+                    } else {
+                        ": held above the holder's fair share"
+                    }
+                );
+            }
+        }
+        let n = want.min(room(self));
+        self.leases.grant(worker, n, now)
     }
 
     /// Counts `n` tokens generated at `now` toward the throughput window.
@@ -160,7 +220,8 @@ impl Core {
             return 0.0;
         };
         let span = now.duration_since(first.0).as_secs_f64().max(1.0);
-        recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / span
+        let sum = recent.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n));
+        sum as f64 / span
     }
 
     pub fn status(&self, now: Instant) -> StatusReply {
@@ -191,5 +252,120 @@ impl Core {
             tokens_per_second: self.tokens_per_second(now),
             max_staleness_seen: self.max_staleness_seen,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tandem_data::{DataConfig, Dataset};
+    use tandem_proto::v1::Role;
+
+    use super::*;
+    use crate::config::{CoordinatorConfig, RunSection};
+
+    /// η = 1, B = 2: an admission window of 4 groups.
+    fn core() -> Core {
+        let settings = Settings {
+            run: RunSection {
+                batch_groups: 2,
+                max_staleness: 1,
+                ..RunSection::default()
+            },
+            coordinator: CoordinatorConfig::default(),
+            config_toml: String::new(),
+        };
+        Core::new(settings, Dataset::load(&DataConfig::default()).unwrap())
+    }
+
+    /// A generator alone gets the whole window; a second one gets the first's surplus
+    /// at once and its overdue leases once a group shows how long groups take; the
+    /// holder of overdue leases then holds one lease until it delivers a group.
+    #[test]
+    fn no_generator_holds_more_than_its_share_or_keeps_what_it_does_not_use() {
+        let mut c = core();
+        let t0 = Instant::now();
+        let hog = c
+            .members
+            .register("hog".into(), Role::Generator, String::new(), t0);
+        assert_eq!(
+            c.grant_leases(hog, 4096, t0).len(),
+            4,
+            "alone: the whole window"
+        );
+        let gen = c
+            .members
+            .register("gen".into(), Role::Generator, String::new(), t0);
+        // Two generators: a share of ⌈4 / 2⌉ + 1 = 3. The hog's fourth lease is above
+        // it and goes to the newcomer.
+        assert_eq!(crate::lease::fair_share(1, 2, 2), 3);
+        let mine = c.grant_leases(gen, 4096, t0);
+        assert_eq!(mine.len(), 1);
+        assert_eq!(c.leases.held_by(hog), 3);
+        // The newest of the hog's leases went: the others are further along.
+        assert!(c.leases.held(4, hog).is_none() && c.leases.held(1, hog).is_some());
+        assert_eq!(c.leases.reissued.len(), 1);
+        // Nothing delivered yet: nothing is overdue, however old.
+        let late = t0 + Duration::from_secs(3600);
+        assert!(c.grant_leases(gen, 4096, late).is_empty());
+        assert_eq!(c.leases.held_by(hog), 3);
+        // A group lands (in well under a second): from now on a lease held past
+        // max(10 s, 4 × that) is overdue.
+        let (id, prompt) = mine[0];
+        c.leases.commit(id, prompt, gen, 0).unwrap();
+        assert!(
+            c.grant_leases(gen, 4096, t0 + Duration::from_secs(5))
+                .is_empty(),
+            "not yet overdue"
+        );
+        let after = t0 + crate::lease::OVERDUE_FLOOR + Duration::from_secs(1);
+        let back = c.grant_leases(gen, 4096, after);
+        assert_eq!(back.len(), 3, "the hog's three overdue leases");
+        assert_eq!(c.leases.held_by(hog), 0);
+        assert!(c.leases.on_probation(hog));
+        // Their prompts are the hog's, leased again first.
+        assert_eq!(c.leases.reissued.len(), 4);
+        // On probation, one lease at most (admission has room for it: v1 published).
+        c.version = 1;
+        let one = c.grant_leases(hog, 4096, after);
+        assert_eq!(one.len(), 1);
+        assert!(c.grant_leases(hog, 4096, after).is_empty());
+        // A delivered group lifts the probation.
+        c.leases.commit(one[0].0, one[0].1, hog, 0).unwrap();
+        assert!(!c.leases.on_probation(hog));
+        assert_eq!(c.leases.limit_for(hog, 3), 3);
+    }
+
+    #[test]
+    fn overdue_reclaim_can_be_turned_off() {
+        let mut c = core();
+        c.settings.coordinator.lease_overdue_factor = 0.0;
+        let t0 = Instant::now();
+        let hog = c
+            .members
+            .register("hog".into(), Role::Generator, String::new(), t0);
+        let gen = c
+            .members
+            .register("gen".into(), Role::Generator, String::new(), t0);
+        assert_eq!(c.grant_leases(hog, 4096, t0).len(), 3);
+        let (id, prompt) = c.grant_leases(gen, 4096, t0)[0];
+        c.leases.commit(id, prompt, gen, 0).unwrap();
+        let late = t0 + Duration::from_secs(600);
+        assert!(c.grant_leases(gen, 4096, late).is_empty());
+        assert_eq!(c.leases.held_by(hog), 3);
+    }
+
+    /// Counts peers report saturate instead of wrapping or panicking.
+    #[test]
+    fn token_counts_saturate() {
+        let mut c = core();
+        let now = Instant::now();
+        c.record_tokens(now, u64::MAX);
+        c.record_tokens(now, u64::MAX);
+        assert_eq!(c.tokens_per_second(now), u64::MAX as f64);
+        c.count_dropped("invalid", u64::MAX);
+        c.count_dropped("invalid", 5);
+        assert_eq!(c.dropped["invalid"], u64::MAX);
     }
 }

@@ -6,9 +6,11 @@
 //! A member waits up to the broadcast timeout for a version it needs; if it does not
 //! come (the trainer excluded this generator, or the broadcast stalled), the caller
 //! fetches the version over gRPC, so generation never waits on a stalled broadcast for
-//! longer than that.
+//! longer than that. A version whose header this member refused (it announced other
+//! than the model's size: see `tandem_weights::broadcast`) is fetched over gRPC at
+//! once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,8 @@ pub struct Inbox {
     /// Bytes of a version already assigned, to receive the next one into.
     spare: Mutex<Option<Vec<u8>>>,
     stop: AtomicBool,
+    /// The newest version whose broadcast header was refused (0 = none).
+    refused: AtomicU64,
     timeout: Duration,
     /// Joins each epoch's collective (NCCL) with this, when given.
     collective: Option<SharedBackend>,
@@ -38,6 +42,7 @@ impl Inbox {
             staged: Mutex::new(None),
             spare: Mutex::new(None),
             stop: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
             timeout,
             collective,
         })
@@ -62,20 +67,23 @@ impl Inbox {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// Starts the receiving thread; `worker_id` gives this generator's current id.
+    /// Starts the receiving thread; `who` gives this generator's current id and session
+    /// token, `param_elements` its model's parameter count (the only size of version
+    /// it takes).
     pub fn spawn(
         self: &Arc<Self>,
         token: String,
-        worker_id: impl Fn() -> u64 + Send + 'static,
+        param_elements: u64,
+        who: impl Fn() -> (u64, String) + Send + 'static,
     ) -> std::io::Result<()> {
         let inbox = self.clone();
         std::thread::Builder::new()
             .name("broadcast-recv".into())
-            .spawn(move || inbox.receive(&token, worker_id))
+            .spawn(move || inbox.receive(&token, param_elements, who))
             .map(|_| ())
     }
 
-    fn receive(&self, token: &str, worker_id: impl Fn() -> u64) {
+    fn receive(&self, token: &str, param_elements: u64, who: impl Fn() -> (u64, String)) {
         let mut rx: Option<Receiver> = None;
         while !self.stop.load(Ordering::SeqCst) {
             let Some(group) = self.membership() else {
@@ -87,13 +95,16 @@ impl Inbox {
                 .as_ref()
                 .is_some_and(|r| r.epoch == group.epoch && r.rank == group.rank);
             if !current {
+                let (worker_id, session) = who();
                 let join = Join {
                     addr: &group.address,
                     epoch: group.epoch,
                     rank: group.rank,
                     world_size: group.world_size,
-                    worker_id: worker_id(),
+                    worker_id,
                     token,
+                    session: &session,
+                    param_elements,
                 };
                 rx = match Receiver::connect(&join, CONNECT_TIMEOUT, self.collective.as_ref()) {
                     Ok(r) => {
@@ -129,6 +140,9 @@ impl Inbox {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    if let Some(v) = r.refused() {
+                        self.refused.fetch_max(v, Ordering::SeqCst);
+                    }
                     tracing::warn!("{e}; joining again");
                     rx = None;
                     std::thread::sleep(Duration::from_millis(100));
@@ -156,6 +170,13 @@ impl Inbox {
                     return Some(hit);
                 }
             }
+            if self.refused.load(Ordering::SeqCst) >= want {
+                tracing::warn!(
+                    want,
+                    "the broadcast of v{want} was refused (its header did not fit this model): fetching it over gRPC"
+                );
+                return None;
+            }
             if self.membership().is_none() {
                 if waited {
                     tracing::warn!(
@@ -176,5 +197,77 @@ impl Inbox {
             waited = true;
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A trainer that answers one hello, then sends a version header announcing a
+    /// tebibyte; returns the hello's worker id and session.
+    fn forging_trainer() -> (String, std::thread::JoinHandle<(u64, Vec<u8>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = [0u8; 31];
+            s.read_exact(&mut head).unwrap();
+            let worker_id = u64::from_le_bytes(head[20..28].try_into().unwrap());
+            let mut token = vec![0u8; u16::from_le_bytes([head[29], head[30]]) as usize];
+            s.read_exact(&mut token).unwrap();
+            let mut n = [0u8; 1];
+            s.read_exact(&mut n).unwrap();
+            let mut session = vec![0u8; n[0] as usize];
+            s.read_exact(&mut session).unwrap();
+            s.write_all(b"TNDW\x01\x00\x00\x00\x00").unwrap();
+            let mut h = b"TNDV".to_vec();
+            h.extend_from_slice(&1u64.to_le_bytes());
+            h.extend_from_slice(&5u64.to_le_bytes());
+            h.extend_from_slice(&[0, 3]);
+            h.extend_from_slice(b"f32");
+            h.extend_from_slice(&(8u64 << 20).to_le_bytes());
+            h.extend_from_slice(&1u32.to_le_bytes());
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&(1u64 << 40).to_le_bytes());
+            let _ = s.write_all(&h);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            (worker_id, session)
+        });
+        (addr, t)
+    }
+
+    /// A header announcing a tebibyte neither aborts the generator nor makes it wait
+    /// out the broadcast timeout: the version is to be fetched over gRPC at once.
+    #[test]
+    fn a_forged_header_makes_the_generator_fetch_at_once() {
+        let (addr, trainer) = forging_trainer();
+        let inbox = Inbox::new(Duration::from_secs(30), None);
+        inbox.set_group(Some(BroadcastGroup {
+            epoch: 1,
+            world_size: 2,
+            rank: 1,
+            address: addr,
+            members: vec![],
+        }));
+        inbox
+            .spawn("gen-token".into(), 1000, || (9, "s".repeat(64)))
+            .unwrap();
+        let t0 = Instant::now();
+        assert!(inbox.take(5).is_none(), "a forged version was taken");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "waited {:?} for a refused version",
+            t0.elapsed()
+        );
+        assert_eq!(inbox.refused.load(Ordering::SeqCst), 5);
+        inbox.stop();
+        let (worker_id, session) = trainer.join().unwrap();
+        // The hello named this worker with its session.
+        assert_eq!((worker_id, session), (9, vec![b's'; 64]));
     }
 }

@@ -66,9 +66,11 @@ impl EnvService {
                     client::describe(&e)
                 )
             })
+            .and_then(|o| observation_within_limit(&self.addr, "Reset", &o).map(|_| o))
     }
 
-    /// The environment's answer to a model turn; a reward that is not finite is an error.
+    /// The environment's answer to a model turn; a reward that is not finite, or an
+    /// observation past `tandem_proto::limits::OBSERVATION_BYTES`, is an error.
     pub fn step(&self, episode: &str, action: &str) -> std::result::Result<StepReply, String> {
         let req = StepRequest {
             episode_id: episode.to_string(),
@@ -95,6 +97,20 @@ impl EnvService {
                 self.addr, reply.reward
             ));
         }
+        observation_within_limit(&self.addr, "Step", &reply.observation)?;
         Ok(reply)
     }
+}
+
+/// An observation of at most `tandem_proto::limits::OBSERVATION_BYTES`.
+fn observation_within_limit(addr: &str, call: &str, o: &str) -> std::result::Result<(), String> {
+    use tandem_proto::limits::{check_len, OBSERVATION_BYTES};
+    check_len(
+        "observation",
+        o,
+        OBSERVATION_BYTES,
+        "OBSERVATION_BYTES",
+        "the environment must answer with a shorter observation",
+    )
+    .map_err(|e| format!("[env] service {addr}: {call}: {e}"))
 }

@@ -39,6 +39,10 @@ pub struct RewardConfig {
     pub judge_max_new_tokens: usize,
     pub judge_scale: f64,
     pub judge_weight: f64,
+    /// A completion's reward r must satisfy |r| ≤ bound: the trainer refuses a group
+    /// with one beyond it, and a generator gives back the lease of a group whose reward
+    /// (a reward service's score, say) lands beyond it rather than push it.
+    pub bound: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +77,7 @@ impl Default for RewardConfig {
             judge_max_new_tokens: 8,
             judge_scale: 10.0,
             judge_weight: 1.0,
+            bound: tandem_proto::limits::REWARD_BOUND,
         }
     }
 }
@@ -98,6 +103,11 @@ impl RewardConfig {
             if !w.is_finite() {
                 return Err(invalid(format!("[reward] {key}: must be a finite weight")));
             }
+        }
+        if !(self.bound.is_finite() && self.bound > 0.0) {
+            return Err(invalid(
+                "[reward] bound: must be a finite number > 0 (the largest |reward| accepted)",
+            ));
         }
         if !unrewarded_ok
             && self.math == 0.0

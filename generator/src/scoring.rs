@@ -82,6 +82,20 @@ impl Worker {
                 *r += self.settings.reward.model_weight * s;
             }
         }
+        // The trainer refuses a group with a reward beyond `[reward] bound`: skip it
+        // instead, the lease goes back (one bad score never stops the run).
+        let bound = self.settings.reward.bound;
+        if let Some((i, r)) = rewards
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !(r.is_finite() && r.abs() <= bound))
+        {
+            self.release(
+                l,
+                &format!("completion {i}'s reward {r} is beyond [reward] bound ±{bound}"),
+            );
+            return Ok(None);
+        }
         Ok(Some(RolloutGroup {
             seq: 0,
             session_token: self.creds.session(),
@@ -138,11 +152,13 @@ impl Worker {
             match self.rt.block_on(svc.score(client::unary(req.clone()))) {
                 Ok(r) => {
                     let scored = r.into_inner().rewards;
-                    if scored.len() == n && scored.iter().all(|r| r.is_finite()) {
+                    let bound = self.settings.reward.bound;
+                    if scored.len() == n && scored.iter().all(|r| r.is_finite() && r.abs() <= bound)
+                    {
                         return Ok(scored);
                     }
                     why = format!(
-                        "returned {} rewards for {n} completions (all must be finite)",
+                        "returned {} rewards for {n} completions (all must be finite and within [reward] bound ±{bound})",
                         scored.len()
                     );
                 }

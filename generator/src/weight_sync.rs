@@ -39,13 +39,21 @@ impl Worker {
         let Some((got, transfer_s)) = inbox.take(want) else {
             return Ok(false);
         };
-        self.install(
+        // Bytes that do not fit this model are refused before they change anything;
+        // the version is then fetched over gRPC.
+        if let Err(e) = self.install(
             got.version,
             &[&got.bytes],
             &got.dtype,
             transfer_s,
             "broadcast",
-        )?;
+        ) {
+            tracing::warn!(
+                "the broadcast of v{} does not fit this model ({e}): fetching it over gRPC",
+                got.version
+            );
+            return Ok(false);
+        }
         // Broadcast after its publish: the coordinator has published this version even
         // if no reply has said so yet (not a version ahead of the run to undo).
         self.beat.latest.fetch_max(got.version, Ordering::SeqCst);
@@ -91,6 +99,7 @@ impl Worker {
         let t0 = Instant::now();
         let creds = self.creds.clone();
         let timeout = self.settings.weight_sync_timeout;
+        let elements = self.model.model.params().numel() as u64;
         let fetched = self.rt.block_on(async {
             let fetch = async {
                 let ch = client::connect(&addr, &creds)
@@ -107,7 +116,7 @@ impl Worker {
                         )
                     })?
                     .into_inner();
-                let mut asm = Assembler::default();
+                let mut asm = Assembler::expecting(elements);
                 while let Some(b) = stream.message().await.map_err(|e| {
                     rpc(
                         &format!("weights stream from the trainer at {addr}"),

@@ -202,9 +202,13 @@ impl Worker {
         let inbox = match &settings.broadcast {
             Some(bs) => {
                 let inbox = Inbox::new(bs.timeout, bs.collective.clone());
-                let b = beat.clone();
+                let (b, c) = (beat.clone(), creds.clone());
                 inbox
-                    .spawn(bs.token.clone(), move || b.worker_id.load(Ordering::SeqCst))
+                    .spawn(
+                        bs.token.clone(),
+                        model.model.params().numel() as u64,
+                        move || (b.worker_id.load(Ordering::SeqCst), c.session()),
+                    )
                     .map_err(|e| rpc("weight broadcast receiver", e))?;
                 Some(inbox)
             }
@@ -538,11 +542,16 @@ impl Worker {
 
     /// Gives lease `l` back to the coordinator (its prompt is re-issued at once).
     pub(crate) fn release(&mut self, l: &PromptLease, why: &str) {
-        tracing::warn!(lease = l.lease_id, "{why}: giving the lease back");
+        tracing::warn!(
+            lease = l.lease_id,
+            "{}: giving the lease back",
+            tandem_proto::limits::printable(why)
+        );
         let req = ReleaseRequest {
             worker_id: self.beat.worker_id.load(Ordering::SeqCst),
             lease_id: l.lease_id,
-            reason: why.to_string(),
+            // The coordinator takes a reason of REASON_BYTES at most.
+            reason: tandem_proto::limits::cut(why, tandem_proto::limits::REASON_BYTES).to_string(),
         };
         let coordinator = &self.coordinator;
         if let Err(e) = self.rt.block_on(retry::retry("giving a lease back", || {

@@ -122,7 +122,8 @@ pub fn describe(e: &tonic::Status) -> String {
             " (a plaintext client meets a TLS server, or the reverse, or mTLS finds no valid client certificate: check --tls-ca, and with mTLS --tls-cert / --tls-key signed by the same CA)",
         );
     }
-    format!("{:?}: {out}", e.code())
+    // The peer's text: escaped and cut before it reaches a log or an error.
+    format!("{:?}: {}", e.code(), crate::limits::printable(&out))
 }
 
 /// The deadline of this process's unary calls, in milliseconds (`[coordinator]

@@ -1,11 +1,13 @@
 //! `tandem-proto`: the only wire contract between Tandem's services. The `.proto`
 //! files under `proto/` are the source of truth; this crate is their generated code,
 //! plus the rules every endpoint shares: the shared-token check, TLS when configured,
-//! the message size limit and health. It depends on no other Tandem crate.
+//! the message size limit, the limit of every field ([`limits`]) and health. It
+//! depends on no other Tandem crate.
 
 pub mod auth;
 pub mod client;
 pub mod health;
+pub mod limits;
 pub mod retry;
 pub mod tls;
 

@@ -1,7 +1,10 @@
 //! Checking a rollout group before it may enter the buffer (ARCHITECTURE.md, "Nothing bad gets in"):
-//! token ids below the vocabulary, logprobs finite and ≤ 0, lengths consistent,
-//! versions not from the future, sizes bounded. The message names the field.
+//! text fields within `tandem_proto::limits`, token ids below the vocabulary, logprobs
+//! finite and ≤ 0, lengths consistent, versions not from the future, rewards finite
+//! and within `[reward] bound`, sizes bounded. The message names the field, and shows
+//! a peer's text only escaped and cut.
 
+use tandem_proto::limits::{printable, Check};
 use tandem_proto::v1::{Completion, RolloutGroup};
 
 /// What a group must satisfy.
@@ -19,6 +22,8 @@ pub struct Limits {
     /// Dynamic sampling (`[run] filter_zero_std`): a group whose rewards are all equal
     /// is filtered out (its lease closed, another admitted in its place).
     pub filter_zero_std: bool,
+    /// `[reward] bound`: every reward r must satisfy |r| ≤ this.
+    pub reward_bound: f64,
 }
 
 /// Whether every completion of `g` has the same reward: its group-relative advantages
@@ -30,6 +35,7 @@ pub fn uninformative(g: &RolloutGroup) -> bool {
 /// Returns the first problem found, naming the field. `policy_version` is the newest
 /// published version: no token may claim a newer one.
 pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<(), String> {
+    g.check().map_err(|e| e.to_string())?;
     if g.lease_id == 0 {
         return Err("lease_id: must be a lease the coordinator granted (≥ 1)".into());
     }
@@ -125,7 +131,7 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
         if !matches!(comp.finish_reason.as_str(), "" | "stop" | "length") {
             return Err(format!(
                 "completions[{c}].finish_reason = {:?}: must be \"stop\", \"length\" or empty",
-                comp.finish_reason
+                printable(&comp.finish_reason)
             ));
         }
         if comp.versions.len() != n {
@@ -145,10 +151,10 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
                 policy_version
             ));
         }
-        if !comp.reward.is_finite() {
+        if !(comp.reward.is_finite() && comp.reward.abs() <= l.reward_bound) {
             return Err(format!(
-                "completions[{c}].reward = {}: must be finite",
-                comp.reward
+                "completions[{c}].reward = {}: must be finite and within ±{} ([reward] bound)",
+                comp.reward, l.reward_bound
             ));
         }
     }
@@ -207,6 +213,7 @@ mod tests {
             max_completion_tokens: 4,
             max_context_tokens: 8,
             filter_zero_std: false,
+            reward_bound: 100.0,
         };
         assert!(uninformative(&good()));
         let mut varied = good();
@@ -285,7 +292,31 @@ mod tests {
             ),
             (
                 Box::new(|g| g.completions[0].reward = f64::INFINITY),
-                "reward",
+                "completions[0].reward",
+            ),
+            (
+                Box::new(|g| g.completions[1].reward = 1e308),
+                "completions[1].reward = 100000000",
+            ),
+            (
+                Box::new(|g| g.completions[1].reward = -100.5),
+                "within ±100 ([reward] bound)",
+            ),
+            (
+                Box::new(|g| g.completions[1].finish_reason = "x\n".repeat(1 << 20)),
+                "completions[1].finish_reason: 2097152 bytes",
+            ),
+            (
+                Box::new(|g| g.completions[1].finish_reason = "eos\nINFO forged".into()),
+                "finish_reason = \"eos\\nINFO forged\"",
+            ),
+            (
+                Box::new(|g| g.session_token = "s".repeat(1 << 20)),
+                "session_token: 1048576 bytes",
+            ),
+            (
+                Box::new(|g| g.completions[0].tool_seconds = 1e300),
+                "completions[0] episode: tool_seconds",
             ),
             (
                 Box::new(|g| g.completions[1].loss_mask = vec![1]),

@@ -47,6 +47,8 @@ pub struct Settings {
     pub max_completion_tokens: usize,
     /// Samples one episode may yield (`[env] agent`: one per turn; otherwise 1).
     pub samples_per_episode: usize,
+    /// `[reward] bound`: a group with a reward r of |r| above it is refused.
+    pub reward_bound: f64,
     pub heartbeat_interval: Duration,
     pub trainer: TrainerConfig,
     pub algorithm: AlgorithmConfig,
@@ -158,6 +160,7 @@ pub fn run(
             max_completion_tokens: s.max_completion_tokens,
             max_context_tokens: mc.max_position_embeddings,
             filter_zero_std: s.filter_zero_std,
+            reward_bound: s.reward_bound,
         },
         s.trainer.bucket_mib << 20,
     ));
@@ -466,8 +469,12 @@ fn broadcast_pusher(
     let p = Pusher::start(
         &bind,
         &host,
-        // Only generators join: with split roles, theirs is the generator token.
-        creds.generator_token().unwrap_or(creds.token()),
+        // Only generators join: with split roles, theirs is the generator token; each
+        // also shows its session token, made with the run's.
+        tandem_weights::broadcast::Access {
+            token: creds.generator_token().unwrap_or(creds.token()).to_string(),
+            run_token: creds.token().to_string(),
+        },
         publisher::Settings {
             bucket_bytes: s.trainer.bucket_mib << 20,
             // Members learn a new epoch from a heartbeat, then connect.

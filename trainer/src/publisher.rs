@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use tandem_proto::client;
 use tandem_proto::client::Authed;
+use tandem_proto::limits;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{BroadcastGroup, ExcludeRequest};
-use tandem_weights::broadcast::Broadcaster;
+use tandem_weights::broadcast::{Access, Broadcaster};
 use tandem_weights::collective::SharedBackend;
 use tandem_weights::Snapshot;
 
@@ -59,12 +60,12 @@ impl Pusher {
     pub fn start(
         bind: &str,
         advertise_host: &str,
-        token: &str,
+        access: Access,
         settings: Settings,
         rt: tokio::runtime::Handle,
         mut coordinator: CoordinatorClient<Authed>,
     ) -> Result<Self> {
-        let broadcaster = Broadcaster::bind(bind, token, settings.collective.clone())?;
+        let broadcaster = Broadcaster::bind(bind, access, settings.collective.clone())?;
         let advertise = format!("{advertise_host}:{}", broadcaster.local_addr().port());
         let slot: Slot = Arc::default();
         let work = slot.clone();
@@ -122,7 +123,8 @@ impl Pusher {
                 let req = ExcludeRequest {
                     epoch: group.epoch,
                     worker_ids: out.failed.iter().map(|(m, _)| m.worker_id).collect(),
-                    reason,
+                    // The coordinator takes a reason of REASON_BYTES at most.
+                    reason: limits::cut(&reason, limits::REASON_BYTES).to_string(),
                 };
                 if let Err(e) = rt.block_on(coordinator.exclude_from_group(tandem_proto::client::unary(req))) {
                     tracing::warn!("excluding from the broadcast group: {}", client::describe(&e));

@@ -52,10 +52,13 @@ impl EpisodeStats {
                 self.tool_errors, self.tool_calls
             ));
         }
-        if !(self.tool_seconds.is_finite() && self.tool_seconds >= 0.0) {
+        if !(self.tool_seconds.is_finite()
+            && (0.0..=tandem_proto::limits::TOOL_SECONDS).contains(&self.tool_seconds))
+        {
             return Err(format!(
-                "tool_seconds = {} must be finite and ≥ 0",
-                self.tool_seconds
+                "tool_seconds = {} must be finite and in [0, {}] (tandem_proto::limits::TOOL_SECONDS)",
+                self.tool_seconds,
+                tandem_proto::limits::TOOL_SECONDS
             ));
         }
         Ok(())

@@ -49,9 +49,13 @@ pub fn bucket(
     }
 }
 
-/// Reassembles one version; every error names what did not match.
+/// Reassembles one version; every error names what did not match. Built with
+/// [`Assembler::expecting`], it takes only a version of exactly the model's size.
 #[derive(Default)]
 pub struct Assembler {
+    /// The receiving model's parameter count, when known: the first bucket must
+    /// announce exactly that many elements of a known dtype.
+    expect_elements: Option<u64>,
     /// The verified payloads, in order (they share the received buffers: no copy).
     chunks: Vec<Bytes>,
     received: u64,
@@ -66,6 +70,14 @@ impl Assembler {
     /// The largest concatenation accepted (refuses a bucket header that would allocate more).
     pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
 
+    /// An assembler for a model of `elements` parameters.
+    pub fn expecting(elements: u64) -> Self {
+        Assembler {
+            expect_elements: Some(elements),
+            ..Assembler::default()
+        }
+    }
+
     pub fn push(&mut self, b: WeightBucket) -> Result<(), String> {
         if self.next == 0 {
             if b.index != 0 {
@@ -74,17 +86,40 @@ impl Assembler {
                     b.index
                 ));
             }
-            if b.count == 0 || b.total_bytes > Self::MAX_TOTAL_BYTES {
+            if b.count == 0
+                || b.total_bytes > Self::MAX_TOTAL_BYTES
+                || u64::from(b.count) > b.total_bytes.max(1)
+            {
                 return Err(format!(
                     "weights: bucket header says {} buckets of {} bytes in all",
                     b.count, b.total_bytes
                 ));
             }
+            if let Some(elements) = self.expect_elements {
+                let size = match b.dtype.as_str() {
+                    "f32" => 4,
+                    "bf16" | "f16" => 2,
+                    _ => {
+                        return Err(format!(
+                            "weights: dtype {:?} is not f32, bf16 or f16",
+                            tandem_proto::limits::printable(&b.dtype)
+                        ))
+                    }
+                };
+                let want = elements.saturating_mul(size);
+                if b.total_bytes != want {
+                    return Err(format!(
+                        "weights: the buckets announce {} bytes, this model's {elements} parameters in {} are {want}",
+                        b.total_bytes, b.dtype
+                    ));
+                }
+            }
             self.version = b.version;
             self.dtype = b.dtype.clone();
             self.count = b.count;
             self.total = b.total_bytes;
-            self.chunks = Vec::with_capacity(b.count as usize);
+            // Grown as buckets arrive, not reserved from a count a peer sent.
+            self.chunks = Vec::with_capacity((b.count as usize).min(1024));
             self.received = 0;
         }
         let at = format!("weights v{} bucket {}/{}", b.version, b.index, b.count);
@@ -176,5 +211,34 @@ mod tests {
         let mut a = Assembler::default();
         a.push(parts[0].clone()).unwrap();
         assert!(a.finish().unwrap_err().contains("1 of 4"));
+
+        // For a model of 250 parameters: exactly 1000 bytes of f32.
+        let mut a = Assembler::expecting(250);
+        for p in parts.clone() {
+            a.push(p).unwrap();
+        }
+        assert!(a.finish().is_ok());
+        let e = Assembler::expecting(100)
+            .push(parts[0].clone())
+            .unwrap_err();
+        assert!(
+            e.contains("announce 1000 bytes") && e.contains("are 400"),
+            "{e}"
+        );
+        let huge = WeightBucket {
+            total_bytes: 1 << 40,
+            count: u32::MAX,
+            ..parts[0].clone()
+        };
+        assert!(Assembler::expecting(250).push(huge.clone()).is_err());
+        assert!(Assembler::default().push(huge).is_err());
+        let odd = WeightBucket {
+            dtype: "f64".into(),
+            ..parts[0].clone()
+        };
+        assert!(Assembler::expecting(250)
+            .push(odd)
+            .unwrap_err()
+            .contains("\"f64\" is not"));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Frames (little-endian):
 //! - hello `TNDH` epoch:u64 rank:u32 world_size:u32 worker_id:u64 collective:u8
-//!   token_len:u16 token
+//!   token_len:u16 token session_len:u8 session (the worker's session token, which
+//!   binds the connection to `worker_id`)
 //! - welcome `TNDW` ok:u8 len:u16 message id_len:u16 id (the epoch's collective id,
 //!   empty for none)
 //! - version `TNDV` epoch:u64 version:u64 plane:u8 (0 = bytes follow, 1 = collective)
@@ -10,6 +11,11 @@
 //! - ready `TNDR` version:u64 0:u8 (collective plane: the header arrived)
 //! - ack `TNDA` version:u64 status:u8 (0 = intact, 1 = a checksum differed, 2 = the
 //!   collective receive failed)
+//!
+//! Every length read is bounded before anything is allocated for it: the hello's token
+//! and session by `tandem_proto::limits::{TOKEN_BYTES, SESSION_TOKEN_BYTES}`, a
+//! version's dtype by `DTYPE_BYTES`, its bytes by what the member's model holds (see
+//! [`super::receiver`]).
 
 use std::io::Read;
 
@@ -29,7 +35,7 @@ pub(super) const CHECKSUM_DIFFERED: u8 = 1;
 pub(super) const COLLECTIVE_FAILED: u8 = 2;
 
 /// A member's hello: who it is in which epoch, whether it has a collective backend,
-/// and the run's token (cut to 64 KiB).
+/// the token it holds and its session token (each cut to its limit).
 pub(super) fn hello(
     epoch: u64,
     rank: u32,
@@ -37,9 +43,12 @@ pub(super) fn hello(
     worker_id: u64,
     collective: bool,
     token: &str,
+    session: &str,
 ) -> Vec<u8> {
-    let token = &token.as_bytes()[..token.len().min(u16::MAX as usize)];
-    let mut f = Vec::with_capacity(31 + token.len());
+    use tandem_proto::limits::{SESSION_TOKEN_BYTES, TOKEN_BYTES};
+    let token = &token.as_bytes()[..token.len().min(TOKEN_BYTES)];
+    let session = &session.as_bytes()[..session.len().min(SESSION_TOKEN_BYTES)];
+    let mut f = Vec::with_capacity(32 + token.len() + session.len());
     f.extend_from_slice(HELLO);
     f.extend_from_slice(&epoch.to_le_bytes());
     f.extend_from_slice(&rank.to_le_bytes());
@@ -48,6 +57,8 @@ pub(super) fn hello(
     f.push(collective as u8);
     f.extend_from_slice(&(token.len() as u16).to_le_bytes());
     f.extend_from_slice(token);
+    f.push(session.len() as u8);
+    f.extend_from_slice(session);
     f
 }
 

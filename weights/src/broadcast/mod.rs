@@ -3,7 +3,8 @@
 //! (`tandem_coordinator::group`); this module moves one version to every member.
 //!
 //! Control plane: a TCP star. Each member connects to the trainer's broadcast listener
-//! and says hello (epoch, rank, worker id, the run's token). For each version the
+//! and says hello (epoch, rank, worker id, the token it holds and its worker's session
+//! token, which ties the connection to that registered worker). For each version the
 //! trainer sends every member of the current epoch a header and the weights, and waits
 //! for each member's acknowledgement, all within one deadline. A member that has not
 //! joined by then, stalls or fails is named in the [`Outcome`] with the reason; the
@@ -31,4 +32,4 @@ mod sender;
 mod tests;
 
 pub use receiver::{Join, Received, Receiver};
-pub use sender::{Broadcaster, Outcome};
+pub use sender::{Access, Broadcaster, Outcome, HELLO_TIMEOUT, MAX_PENDING};

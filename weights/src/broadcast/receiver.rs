@@ -1,5 +1,12 @@
 //! A member's side of the broadcast: its connection to the trainer for one epoch, and
 //! the receipt, check and acknowledgement of each version.
+//!
+//! A version's header is checked whole before a byte is allocated for it: its dtype is
+//! one the model can take, its length is exactly the member's parameter count times
+//! that dtype's size, and its bucket size and checksum count agree with that length.
+//! A header that fails is refused: the connection is closed (the trainer names the
+//! member and excludes it), and [`Receiver::refused`] says which version, so the
+//! member fetches it over gRPC at once.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -11,6 +18,7 @@ use super::frame::{
 };
 use crate::collective::{Collective, SharedBackend};
 use crate::error::{invalid, Result};
+use tandem_proto::limits::{printable, DTYPE_BYTES};
 
 /// A version as a member received it.
 #[derive(Debug)]
@@ -29,8 +37,12 @@ pub struct Join<'a> {
     pub rank: u32,
     pub world_size: u32,
     pub worker_id: u64,
-    /// The run's token.
+    /// The token this generator holds (the generator token, or the run's).
     pub token: &'a str,
+    /// The session token the coordinator gave `worker_id`.
+    pub session: &'a str,
+    /// Parameters (elements) of the member's model: a version must carry exactly these.
+    pub param_elements: u64,
 }
 
 /// A generator's side: its connection to the trainer for one epoch.
@@ -44,6 +56,9 @@ pub struct Receiver {
     /// A buffer handed back after use: the next version is read into it, so a
     /// same-sized version costs no allocation and no page faults.
     spare: Vec<u8>,
+    param_elements: u64,
+    /// The version of the last header refused.
+    refused: Option<u64>,
 }
 
 impl Receiver {
@@ -72,6 +87,7 @@ impl Receiver {
             j.worker_id,
             collective.is_some(),
             j.token,
+            j.session,
         );
         stream.set_read_timeout(Some(timeout)).map_err(fail)?;
         stream.write_all(&hello).map_err(fail)?;
@@ -81,7 +97,7 @@ impl Receiver {
         if &reply[..4] != WELCOME || reply[4] != 1 {
             return Err(invalid(format!(
                 "the trainer at {addr} refused the broadcast join: {}",
-                String::from_utf8_lossy(&message)
+                printable(&String::from_utf8_lossy(&message))
             )));
         }
         let mut id = vec![0u8; u16::from_le_bytes(read_array(&mut stream).map_err(fail)?) as usize];
@@ -111,7 +127,15 @@ impl Receiver {
             rank,
             collective,
             spare: Vec::new(),
+            param_elements: j.param_elements,
+            refused: None,
         })
+    }
+
+    /// The version whose header this member refused last (it fetches that one over
+    /// gRPC; the connection is closed).
+    pub fn refused(&self) -> Option<u64> {
+        self.refused
     }
 
     /// Gives back the bytes of a version already used, to receive the next one into.
@@ -148,16 +172,59 @@ impl Receiver {
         }
         let epoch = u64::from_le_bytes(read_array(s).map_err(io)?);
         let version = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let refuse = |this: &mut Self, why: String| {
+            // The rest of the frame is not read: the connection cannot go on.
+            this.refused = Some(version);
+            let _ = this.stream.shutdown(std::net::Shutdown::Both);
+            invalid(format!(
+                "weight broadcast: refused the header of v{version}: {why}; fetching it over gRPC"
+            ))
+        };
         let [plane, dlen] = read_array::<2>(s).map_err(io)?;
+        if dlen as usize > DTYPE_BYTES {
+            return Err(refuse(self, format!("a dtype of {dlen} bytes")));
+        }
         let mut dtype = vec![0u8; dlen as usize];
         s.read_exact(&mut dtype).map_err(io)?;
-        let bucket_bytes = u64::from_le_bytes(read_array(s).map_err(io)?) as usize;
-        let n = u32::from_le_bytes(read_array(s).map_err(io)?) as usize;
-        let mut sums = Vec::with_capacity(n.min(1 << 20));
-        for _ in 0..n {
-            sums.push(u32::from_le_bytes(read_array(s).map_err(io)?));
+        let dtype = String::from_utf8_lossy(&dtype).into_owned();
+        let Some(elem) = dtype_bytes(&dtype) else {
+            return Err(refuse(
+                self,
+                format!("dtype {:?} is not f32, bf16 or f16", printable(&dtype)),
+            ));
+        };
+        let bucket_bytes = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let n = u32::from_le_bytes(read_array(s).map_err(io)?) as u64;
+        // What this model's parameters take in that dtype: the only length accepted.
+        let want = self.param_elements.saturating_mul(elem);
+        let buckets = crate::bucket::count(want as usize, bucket_bytes.max(1) as usize) as u64;
+        if bucket_bytes == 0 || n != buckets || n > MAX_BUCKETS {
+            return Err(refuse(
+                self,
+                format!(
+                    "{n} checksums of {bucket_bytes}-byte buckets, where this model's {want} bytes make {buckets}"
+                ),
+            ));
         }
-        let len = u64::from_le_bytes(read_array(s).map_err(io)?) as usize;
+        let mut sums = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            sums.push(u32::from_le_bytes(
+                read_array(&mut self.stream).map_err(io)?,
+            ));
+        }
+        let s = &mut self.stream;
+        let announced = u64::from_le_bytes(read_array(s).map_err(io)?);
+        if announced != want {
+            return Err(refuse(
+                self,
+                format!(
+                    "it announces {announced} bytes, this model's {} parameters in {dtype} are {want}",
+                    self.param_elements
+                ),
+            ));
+        }
+        let len = want as usize;
+        let s = &mut self.stream;
         let mut bytes = std::mem::take(&mut self.spare);
         // Same size as last time: no allocation, nothing zeroed.
         bytes.resize(len, 0);
@@ -182,7 +249,7 @@ impl Receiver {
         } else {
             s.read_exact(&mut bytes).map_err(io)?;
         }
-        let intact = crate::bucket::checksums(&bytes, bucket_bytes) == sums;
+        let intact = crate::bucket::checksums(&bytes, bucket_bytes as usize) == sums;
         let status = if intact { INTACT } else { CHECKSUM_DIFFERED };
         self.stream
             .write_all(&reply(ACK, version, status))
@@ -200,8 +267,21 @@ impl Receiver {
         }
         Ok(Some(Received {
             version,
-            dtype: String::from_utf8_lossy(&dtype).into_owned(),
+            dtype,
             bytes,
         }))
+    }
+}
+
+/// The most buckets a version may be cut into (4 MiB of checksums; the trainer's
+/// buckets are MiBs, so this is 1 TiB of weights).
+const MAX_BUCKETS: u64 = 1 << 20;
+
+/// Bytes per element of a dtype a model takes.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    match dtype {
+        "f32" => Some(4),
+        "bf16" | "f16" => Some(2),
+        _ => None,
     }
 }

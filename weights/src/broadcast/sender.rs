@@ -1,10 +1,20 @@
-//! The trainer's side of the broadcast: a listener that members join (token-checked),
-//! and [`Broadcaster::send`], which moves one version to every member of an epoch and
+//! The trainer's side of the broadcast: a listener that members join, and
+//! [`Broadcaster::send`], which moves one version to every member of an epoch and
 //! names those that did not take it.
+//!
+//! A connection is tied to the registered worker it claims: its hello must carry the
+//! token generators hold and that worker's session token (`tandem_proto::auth::
+//! session_token`, which only the coordinator and the trainer can make), and name an
+//! epoch that is not over and, for the epoch being sent, the rank the coordinator gave
+//! that worker. A client holding the generator token cannot join as another worker.
+//! Connections that have not said hello are bounded ([`MAX_PENDING`]; more are closed
+//! at once) and each is closed at its hello deadline ([`HELLO_TIMEOUT`], enforced on
+//! the whole hello, not per read): a slow client holds no thread past it.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,8 +29,13 @@ use crate::snapshot::Snapshot;
 
 /// Bytes written between deadline checks.
 const CHUNK: usize = 1 << 20;
-/// How long a new connection may take to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new connection may take to say its whole hello (a member sends it at
+/// once after connecting).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections waiting to say hello at once, each on its own thread: a broadcast group
+/// has tens of members that join once per epoch; past this, new connections are
+/// closed unread (their member retries, or fetches over gRPC).
+pub const MAX_PENDING: usize = 64;
 /// Collective ids kept for epochs before the newest (members of an older epoch may
 /// still be joining when the next one starts).
 const IDS_KEPT: u64 = 2;
@@ -102,6 +117,29 @@ pub struct Broadcaster {
     /// Joined members by worker id (a member that joins again replaces itself).
     peers: Arc<Mutex<BTreeMap<u64, Peer>>>,
     plane: Option<Arc<Plane>>,
+    /// Connections that have not said hello yet.
+    pending: Arc<AtomicUsize>,
+    /// The group of the newest version sent: hellos for an older epoch, or for its
+    /// epoch under another rank, are refused.
+    current: Arc<Mutex<Option<BroadcastGroup>>>,
+}
+
+/// Who may join: members present `token` (the generator token, or the run's when the
+/// roles share it) and the session token of the worker they claim, made with
+/// `run_token`.
+#[derive(Clone)]
+pub struct Access {
+    pub token: String,
+    pub run_token: String,
+}
+
+/// Counts a connection as pending while it lives.
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What one broadcast did.
@@ -140,10 +178,10 @@ fn describe(members: &[(GroupMember, String)]) -> String {
 }
 
 impl Broadcaster {
-    /// Listens on `listen` (port 0 = any) and accepts members that present `token`.
+    /// Listens on `listen` (port 0 = any) and accepts members that `access` lets in.
     /// With a `collective` backend, versions go by one collective call to epochs whose
     /// members all joined with one (TCP otherwise).
-    pub fn bind(listen: &str, token: &str, collective: Option<SharedBackend>) -> Result<Self> {
+    pub fn bind(listen: &str, access: Access, collective: Option<SharedBackend>) -> Result<Self> {
         let listener = TcpListener::bind(listen).map_err(|e| {
             invalid(format!(
                 "broadcast listener: cannot listen on {listen}: {e}"
@@ -160,23 +198,73 @@ impl Broadcaster {
                 comm: Mutex::default(),
             })
         });
-        let (joined, token, ids) = (peers.clone(), token.as_bytes().to_vec(), plane.clone());
+        let pending = Arc::new(AtomicUsize::new(0));
+        let current: Arc<Mutex<Option<BroadcastGroup>>> = Arc::default();
+        let (joined, ids, waiting, group) = (
+            peers.clone(),
+            plane.clone(),
+            pending.clone(),
+            current.clone(),
+        );
+        let access = Arc::new(access);
         std::thread::Builder::new()
             .name("broadcast-accept".into())
             .spawn(move || {
+                let mut turned_away = 0u64;
                 for conn in listener.incoming() {
                     let Ok(stream) = conn else { continue };
-                    let (joined, token, ids) = (joined.clone(), token.clone(), ids.clone());
-                    // A slow hello must not hold up the next member.
-                    std::thread::spawn(move || {
-                        if let Err(e) = welcome(stream, &token, ids.as_deref(), &joined) {
-                            tracing::warn!("broadcast: a member was refused: {e}");
+                    if waiting.load(Ordering::SeqCst) >= MAX_PENDING {
+                        // Closed unread: a flood of silent connections holds no thread.
+                        drop(stream);
+                        turned_away += 1;
+                        if turned_away.is_power_of_two() {
+                            tracing::warn!(
+                                turned_away,
+                                "broadcast: {MAX_PENDING} connections are waiting to say hello; new ones are closed"
+                            );
                         }
-                    });
+                        continue;
+                    }
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    let guard = Pending(waiting.clone());
+                    let (joined, ids, group, access) =
+                        (joined.clone(), ids.clone(), group.clone(), access.clone());
+                    // A slow hello must not hold up the next member.
+                    let spawned = std::thread::Builder::new()
+                        .name("broadcast-hello".into())
+                        .spawn(move || {
+                            let _guard = guard;
+                            if let Err(e) = welcome(stream, &access, ids.as_deref(), &joined, &group)
+                            {
+                                tracing::warn!("broadcast: a connection was refused: {e}");
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!("broadcast: no thread for a new connection: {e}");
+                    }
                 }
             })
             .map_err(|e| invalid(format!("broadcast listener thread: {e}")))?;
-        Ok(Broadcaster { addr, peers, plane })
+        Ok(Broadcaster {
+            addr,
+            peers,
+            plane,
+            pending,
+            current,
+        })
+    }
+
+    /// Connections that have not said hello yet (at most [`MAX_PENDING`]).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Members joined, by worker id.
+    pub fn joined(&self) -> Vec<u64> {
+        self.peers
+            .lock()
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -196,6 +284,16 @@ impl Broadcaster {
     ) -> Outcome {
         let t0 = Instant::now();
         let join_deadline = t0 + join_wait;
+        // From now on hellos are checked against this group; members of older epochs
+        // that are still connected can receive nothing more and are let go.
+        if let Ok(mut current) = self.current.lock() {
+            if current.as_ref().is_none_or(|g| g.epoch <= group.epoch) {
+                *current = Some(group.clone());
+            }
+        }
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|_, p| p.epoch >= group.epoch);
+        }
         let joined = |m: &GroupMember, peers: &BTreeMap<u64, Peer>| {
             peers
                 .get(&m.worker_id)
@@ -306,29 +404,53 @@ impl Broadcaster {
     }
 }
 
-/// Reads a member's hello, checks its token, hands it the epoch's collective id and
-/// keeps its connection.
+/// Reads a member's hello by [`HELLO_TIMEOUT`], checks its token, its session and its
+/// place in the group, hands it the epoch's collective id and keeps its connection.
 fn welcome(
     mut stream: TcpStream,
-    token: &[u8],
+    access: &Access,
     plane: Option<&Plane>,
     joined: &Mutex<BTreeMap<u64, Peer>>,
+    current: &Mutex<Option<BroadcastGroup>>,
 ) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let magic: [u8; 4] = read_array(&mut stream)?;
-    if &magic != HELLO {
+    use tandem_proto::limits::{SESSION_TOKEN_BYTES, TOKEN_BYTES};
+    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let s = &mut stream;
+    // magic 4, epoch 8, rank 4, world size 4, worker id 8, collective 1, token length 2.
+    let head: [u8; 31] = read_by(s, deadline)?;
+    if &head[..4] != HELLO {
         return Err(std::io::Error::new(ErrorKind::InvalidData, "not a hello"));
     }
-    let epoch = u64::from_le_bytes(read_array(&mut stream)?);
-    let rank = u32::from_le_bytes(read_array(&mut stream)?);
-    let _world_size = u32::from_le_bytes(read_array(&mut stream)?);
-    let worker_id = u64::from_le_bytes(read_array(&mut stream)?);
-    let [wants_collective] = read_array::<1>(&mut stream)?;
-    let len = u16::from_le_bytes(read_array(&mut stream)?) as usize;
+    let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or_default());
+    let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or_default());
+    let (epoch, rank, worker_id) = (u64_at(4), u32_at(12), u64_at(20));
+    let wants_collective = head[28];
+    let len = u16::from_le_bytes([head[29], head[30]]) as usize;
+    if len > TOKEN_BYTES {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("a hello's token of {len} bytes, over the limit of {TOKEN_BYTES}"),
+        ));
+    }
     let mut presented = vec![0u8; len];
-    stream.read_exact(&mut presented)?;
-    let ok = tandem_proto::auth::constant_time_eq(&presented, token);
-    let message: &[u8] = if ok { b"" } else { b"token refused" };
+    read_exact_by(s, &mut presented, deadline)?;
+    let [session_len] = read_by::<1>(s, deadline)?;
+    let session_len = session_len as usize;
+    if session_len > SESSION_TOKEN_BYTES {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "a hello's session of {session_len} bytes, over the limit of {SESSION_TOKEN_BYTES}"
+            ),
+        ));
+    }
+    let mut session = vec![0u8; session_len];
+    read_exact_by(s, &mut session, deadline)?;
+    let refusal = admit(
+        access, &presented, &session, epoch, rank, worker_id, current,
+    );
+    let ok = refusal.is_none();
+    let message = refusal.clone().unwrap_or_default();
     let id = match plane {
         Some(plane) if ok && wants_collective == 1 => plane.id_for(epoch).unwrap_or_else(|e| {
             tracing::warn!(
@@ -339,14 +461,16 @@ fn welcome(
         }),
         _ => Vec::new(),
     };
-    stream.write_all(&frame::welcome(ok, message, &id))?;
-    if !ok {
+    stream.set_write_timeout(Some(HELLO_TIMEOUT))?;
+    stream.write_all(&frame::welcome(ok, message.as_bytes(), &id))?;
+    if let Some(why) = refusal {
         return Err(std::io::Error::new(
             ErrorKind::PermissionDenied,
-            format!("worker {worker_id} (rank {rank}) presented a wrong token"),
+            format!("worker {worker_id} (epoch {epoch}, rank {rank}): {why}"),
         ));
     }
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
     stream.set_nodelay(true)?;
     if let Ok(mut peers) = joined.lock() {
         peers.insert(
@@ -360,6 +484,78 @@ fn welcome(
         );
     }
     tracing::debug!(worker_id, epoch, rank, "broadcast member joined");
+    Ok(())
+}
+
+/// Why a hello is refused, or `None` to let it join: the token, the session of the
+/// worker it claims, and its epoch and rank against the newest group sent.
+fn admit(
+    access: &Access,
+    token: &[u8],
+    session: &[u8],
+    epoch: u64,
+    rank: u32,
+    worker_id: u64,
+    current: &Mutex<Option<BroadcastGroup>>,
+) -> Option<String> {
+    use tandem_proto::auth::{constant_time_eq, session_token};
+    if !constant_time_eq(token, access.token.as_bytes()) {
+        return Some("token refused".into());
+    }
+    let want = session_token(&access.run_token, worker_id, "generator");
+    if !constant_time_eq(session, want.as_bytes()) {
+        return Some(format!(
+            "session refused: not worker {worker_id}'s (send the session token its Register returned)"
+        ));
+    }
+    let group = current.lock().ok()?.clone()?;
+    if epoch < group.epoch {
+        return Some(format!(
+            "epoch {epoch} is over (the group is in epoch {})",
+            group.epoch
+        ));
+    }
+    if epoch == group.epoch
+        && !group
+            .members
+            .iter()
+            .any(|m| m.worker_id == worker_id && m.rank == rank)
+    {
+        return Some(format!(
+            "worker {worker_id} is not rank {rank} of epoch {epoch}"
+        ));
+    }
+    None
+}
+
+/// Reads exactly `N` bytes by `deadline`.
+fn read_by<const N: usize>(s: &mut TcpStream, deadline: Instant) -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    read_exact_by(s, &mut b, deadline)?;
+    Ok(b)
+}
+
+/// Fills `buf` by `deadline`, however the peer trickles its bytes: each read waits at
+/// most for what is left of the deadline.
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!("no whole hello within {:.0} s", HELLO_TIMEOUT.as_secs_f64()),
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

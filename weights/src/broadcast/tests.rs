@@ -15,7 +15,24 @@ use crate::snapshot::Snapshot;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// Member `worker_id` of epoch `epoch` as rank `rank` of a 4-rank world.
+/// The run's token in these tests; members present it as their token too.
+const RUN: &str = "secret";
+
+/// Who may join: holders of `RUN` with their worker's session.
+fn access() -> Access {
+    Access {
+        token: RUN.into(),
+        run_token: RUN.into(),
+    }
+}
+
+/// Worker `worker_id`'s session token.
+fn session(worker_id: u64) -> &'static str {
+    Box::leak(tandem_proto::auth::session_token(RUN, worker_id, "generator").into_boxed_str())
+}
+
+/// Member `worker_id` of epoch `epoch` as rank `rank` of a 4-rank world, with its
+/// session, expecting versions of [`LEN`] bytes of f32.
 fn join(addr: &str, epoch: u64, rank: u32, worker_id: u64) -> Join<'_> {
     Join {
         addr,
@@ -23,9 +40,15 @@ fn join(addr: &str, epoch: u64, rank: u32, worker_id: u64) -> Join<'_> {
         rank,
         world_size: 4,
         worker_id,
-        token: "secret",
+        token: RUN,
+        session: session(worker_id),
+        param_elements: LEN as u64 / 4,
     }
 }
+
+/// The size of every version in these tests (f32: a multiple of 4), unless a test
+/// says otherwise.
+const LEN: usize = 3020;
 
 fn member(worker_id: u64, rank: u32) -> GroupMember {
     GroupMember {
@@ -56,8 +79,9 @@ fn member_thread(
     epoch: u64,
     rank: u32,
     id: u64,
+    len: usize,
 ) -> std::thread::JoinHandle<Vec<Received>> {
-    let t = member_of(addr, (epoch, rank, 4, id), None, 2);
+    let t = member_sized(addr, (epoch, rank, 4, id), None, 2, len);
     std::thread::spawn(move || t.join().unwrap().0)
 }
 
@@ -70,10 +94,22 @@ fn member_of(
     backend: Option<SharedBackend>,
     last: u64,
 ) -> std::thread::JoinHandle<(Vec<Received>, Vec<String>)> {
+    member_sized(addr, (epoch, rank, world_size, id), backend, last, LEN)
+}
+
+/// [`member_of`] expecting versions of `len` bytes.
+fn member_sized(
+    addr: SocketAddr,
+    (epoch, rank, world_size, id): (u64, u32, u32, u64),
+    backend: Option<SharedBackend>,
+    last: u64,
+    len: usize,
+) -> std::thread::JoinHandle<(Vec<Received>, Vec<String>)> {
     std::thread::spawn(move || {
         let addr = addr.to_string();
         let j = Join {
             world_size,
+            param_elements: len as u64 / 4,
             ..join(&addr, epoch, rank, id)
         };
         let mut r = Receiver::connect(&j, SECOND * 5, backend.as_ref()).unwrap();
@@ -110,7 +146,7 @@ fn ranks(members: &[GroupMember]) -> Vec<u32> {
 #[test]
 fn the_collective_carries_each_version_when_every_member_has_a_communicator() {
     let backend = stand_in();
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", Some(backend.clone())).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), Some(backend.clone())).unwrap();
     let members = vec![member(11, 1), member(12, 2), member(13, 3)];
     let g = group(1, members.clone(), b.local_addr());
     let threads: Vec<_> = members
@@ -121,7 +157,7 @@ fn the_collective_carries_each_version_when_every_member_has_a_communicator() {
         })
         .collect();
     for v in 1..=2 {
-        let out = b.send(&g, &snapshot(v, 3017), 1000, SECOND * 5, SECOND * 10);
+        let out = b.send(&g, &snapshot(v, LEN), 1000, SECOND * 5, SECOND * 10);
         assert!(out.failed.is_empty(), "{}", out.describe_failures());
         assert_eq!(out.plane, "stand-in");
         assert_eq!(ranks(&out.delivered), [1, 2, 3]);
@@ -130,29 +166,29 @@ fn the_collective_carries_each_version_when_every_member_has_a_communicator() {
         let (got, errors) = t.join().unwrap();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(got.iter().map(|r| r.version).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(got[1].bytes, &snapshot(2, 3017).bytes[..]);
+        assert_eq!(got[1].bytes, &snapshot(2, LEN).bytes[..]);
     }
 }
 
 #[test]
 fn a_member_without_a_communicator_makes_the_epoch_go_over_tcp() {
     let backend = stand_in();
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", Some(backend.clone())).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), Some(backend.clone())).unwrap();
     let g = group(1, vec![member(1, 1), member(2, 2)], b.local_addr());
     let with = member_of(b.local_addr(), (1, 1, 3, 1), Some(backend), 1);
     let without = member_of(b.local_addr(), (1, 2, 3, 2), None, 1);
-    let out = b.send(&g, &snapshot(1, 500), 100, SECOND * 5, SECOND * 10);
+    let out = b.send(&g, &snapshot(1, LEN), 100, SECOND * 5, SECOND * 10);
     assert_eq!(out.plane, "tcp");
     assert_eq!(ranks(&out.delivered), [1, 2], "{}", out.describe_failures());
     for t in [with, without] {
-        assert_eq!(t.join().unwrap().0[0].bytes, &snapshot(1, 500).bytes[..]);
+        assert_eq!(t.join().unwrap().0[0].bytes, &snapshot(1, LEN).bytes[..]);
     }
 }
 
 #[test]
 fn a_stalled_member_is_named_and_the_epoch_goes_on_over_tcp() {
     let backend = stand_in();
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", Some(backend.clone())).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), Some(backend.clone())).unwrap();
     let addr = b.local_addr();
     let g = group(1, vec![member(1, 1), member(2, 2), member(3, 3)], addr);
     let good: Vec<_> = [1, 2]
@@ -162,7 +198,7 @@ fn a_stalled_member_is_named_and_the_epoch_goes_on_over_tcp() {
     let a = addr.to_string();
     let _stalled = Receiver::connect(&join(&a, 1, 3, 3), SECOND * 5, Some(&backend)).unwrap();
     let short = Duration::from_millis(800);
-    let out = b.send(&g, &snapshot(1, 4000), 1000, SECOND * 5, short);
+    let out = b.send(&g, &snapshot(1, LEN), 1000, SECOND * 5, short);
     assert_eq!(out.plane, "stand-in");
     assert_eq!(
         ranks(&out.failed.iter().map(|f| f.0.clone()).collect::<Vec<_>>()),
@@ -183,7 +219,7 @@ fn a_stalled_member_is_named_and_the_epoch_goes_on_over_tcp() {
     // the rest of the epoch goes over TCP.
     let out = b.send(
         &g,
-        &snapshot(2, 4000),
+        &snapshot(2, LEN),
         1000,
         Duration::from_millis(300),
         short,
@@ -198,14 +234,14 @@ fn a_stalled_member_is_named_and_the_epoch_goes_on_over_tcp() {
     );
     for t in good {
         let (got, _) = t.join().unwrap();
-        assert_eq!(got.last().unwrap().bytes, &snapshot(2, 4000).bytes[..]);
+        assert_eq!(got.last().unwrap().bytes, &snapshot(2, LEN).bytes[..]);
     }
 }
 
 #[test]
 fn a_collective_failing_with_no_one_to_blame_costs_the_members_only_that_version() {
     let backend = stand_in();
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", Some(backend.clone())).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), Some(backend.clone())).unwrap();
     let addr = b.local_addr();
     // The communicator waits for a fourth rank that never comes.
     let g = BroadcastGroup {
@@ -217,7 +253,7 @@ fn a_collective_failing_with_no_one_to_blame_costs_the_members_only_that_version
         .into();
     let out = b.send(
         &g,
-        &snapshot(1, 300),
+        &snapshot(1, LEN),
         100,
         SECOND * 5,
         Duration::from_millis(500),
@@ -233,7 +269,7 @@ fn a_collective_failing_with_no_one_to_blame_costs_the_members_only_that_version
         "{}",
         out.describe_missed()
     );
-    let out = b.send(&g, &snapshot(2, 300), 100, SECOND * 5, SECOND * 5);
+    let out = b.send(&g, &snapshot(2, LEN), 100, SECOND * 5, SECOND * 5);
     assert_eq!((out.plane, ranks(&out.delivered)), ("tcp", vec![1, 2]));
     for t in members {
         let (got, errors) = t.join().unwrap();
@@ -247,16 +283,16 @@ fn a_collective_failing_with_no_one_to_blame_costs_the_members_only_that_version
 
 #[test]
 fn every_member_receives_each_version_intact() {
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", None).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), None).unwrap();
     let members = vec![member(11, 1), member(12, 2), member(13, 3)];
     let g = group(1, members.clone(), b.local_addr());
     let threads: Vec<_> = members
         .iter()
-        .map(|m| member_thread(b.local_addr(), 1, m.rank, m.worker_id))
+        .map(|m| member_thread(b.local_addr(), 1, m.rank, m.worker_id, LEN))
         .collect();
     // Several buckets, the last one short.
     for v in 1..=2 {
-        let snap = snapshot(v, 3 * 1000 + 17);
+        let snap = snapshot(v, LEN);
         let out = b.send(
             &g,
             &snap,
@@ -270,14 +306,14 @@ fn every_member_receives_each_version_intact() {
     for t in threads {
         let got = t.join().unwrap();
         assert_eq!(got.iter().map(|r| r.version).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(got[1].bytes, &snapshot(2, 3017).bytes[..]);
+        assert_eq!(got[1].bytes, &snapshot(2, LEN).bytes[..]);
         assert_eq!(got[1].dtype, "f32");
     }
 }
 
 #[test]
 fn absent_stalled_and_stale_members_are_named_and_the_rest_served() {
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", None).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), None).unwrap();
     let addr = b.local_addr();
     let g = group(
         3,
@@ -286,7 +322,7 @@ fn absent_stalled_and_stale_members_are_named_and_the_rest_served() {
     );
     // Rank 1 receives. Rank 2 joins but never reads (a hung generator). Rank 3
     // never joins. Rank 4 joined the previous epoch only.
-    let good = member_thread(addr, 3, 1, 1);
+    let good = member_thread(addr, 3, 1, 1, 16 << 20);
     let a = addr.to_string();
     let stalled = Receiver::connect(&join(&a, 3, 2, 2), SECOND * 5, None).unwrap();
     let _old = Receiver::connect(&join(&a, 2, 4, 4), SECOND * 5, None).unwrap();
@@ -321,7 +357,7 @@ fn absent_stalled_and_stale_members_are_named_and_the_rest_served() {
 
 #[test]
 fn a_wrong_token_is_refused() {
-    let b = Broadcaster::bind("127.0.0.1:0", "secret", None).unwrap();
+    let b = Broadcaster::bind("127.0.0.1:0", access(), None).unwrap();
     let addr = b.local_addr().to_string();
     let j = Join {
         token: "guess",
@@ -338,7 +374,7 @@ fn a_corrupted_version_is_acknowledged_as_such() {
     let addr = listener.local_addr().unwrap();
     let trainer = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut hello = [0u8; 4 + 8 + 4 + 4 + 8 + 1 + 2 + 6];
+        let mut hello = [0u8; 4 + 8 + 4 + 4 + 8 + 1 + 2 + 6 + 1 + 64];
         s.read_exact(&mut hello).unwrap();
         s.write_all(b"TNDW\x01\x00\x00\x00\x00").unwrap();
         let mut snap = snapshot(5, 100);
@@ -349,7 +385,11 @@ fn a_corrupted_version_is_acknowledged_as_such() {
         read_array::<13>(&mut s).unwrap()
     });
     let addr = addr.to_string();
-    let mut r = Receiver::connect(&join(&addr, 1, 1, 9), SECOND * 5, None).unwrap();
+    let j = Join {
+        param_elements: 25,
+        ..join(&addr, 1, 1, 9)
+    };
+    let mut r = Receiver::connect(&j, SECOND * 5, None).unwrap();
     let e = r
         .recv(Duration::from_secs(5), Duration::from_secs(5))
         .unwrap_err();
@@ -358,4 +398,239 @@ fn a_corrupted_version_is_acknowledged_as_such() {
     assert_eq!(&ack[..4], ACK);
     assert_eq!(u64::from_le_bytes(ack[4..12].try_into().unwrap()), 5);
     assert_eq!(ack[12], 1);
+}
+
+/// A hand-made trainer: accepts one member, answers its hello, sends `frame` and
+/// returns what the member sent back before it closed the connection.
+fn forging_trainer(frame: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 4 + 8 + 4 + 4 + 8 + 1 + 2 + 6 + 1 + 64];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(b"TNDW\x01\x00\x00\x00\x00").unwrap();
+        // The member may close before it all went: that is a refusal too.
+        let _ = s.write_all(&frame);
+        s.set_read_timeout(Some(SECOND * 10)).unwrap();
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        back
+    });
+    (addr, t)
+}
+
+/// A version header: epoch 1, version 5, inline, `dtype`, `bucket_bytes`, `sums`
+/// checksums (zeros) and an announced length of `len`.
+fn forged_header(dtype: &str, bucket_bytes: u64, sums: u32, len: u64) -> Vec<u8> {
+    let mut h = b"TNDV".to_vec();
+    h.extend_from_slice(&1u64.to_le_bytes());
+    h.extend_from_slice(&5u64.to_le_bytes());
+    h.push(0);
+    h.push(dtype.len() as u8);
+    h.extend_from_slice(dtype.as_bytes());
+    h.extend_from_slice(&bucket_bytes.to_le_bytes());
+    h.extend_from_slice(&sums.to_le_bytes());
+    h.extend(std::iter::repeat_n(0u8, 4 * sums.min(16) as usize));
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Headers that announce more (or other) than the member's model holds are refused
+/// before anything is allocated for them: a tebibyte, a count of checksums that does
+/// not fit the length, a dtype no model has. The member closes the connection (no
+/// acknowledgement: the trainer names it) and says which version to fetch over gRPC.
+#[test]
+fn a_header_announcing_more_than_the_model_holds_is_refused_without_allocating() {
+    // The member's model: 25 f32 parameters, 100 bytes in buckets of 64.
+    let cases = [
+        (
+            forged_header("f32", 64, 2, 1 << 40),
+            "announces 1099511627776 bytes",
+        ),
+        (forged_header("f32", 64, 2, 104), "announces 104 bytes"),
+        (
+            forged_header("f32", 64, u32::MAX, 100),
+            "4294967295 checksums",
+        ),
+        (forged_header("f32", 0, 1, 100), "0-byte buckets"),
+        (forged_header("f64", 64, 2, 100), "dtype \"f64\""),
+        (forged_header("f32\n;rm", 64, 2, 100), "dtype \"f32\\n;rm\""),
+    ];
+    for (frame, needle) in cases {
+        let (addr, trainer) = forging_trainer(frame);
+        let addr = addr.to_string();
+        let j = Join {
+            param_elements: 25,
+            ..join(&addr, 1, 1, 9)
+        };
+        let mut r = Receiver::connect(&j, SECOND * 5, None).unwrap();
+        let e = r.recv(SECOND * 5, SECOND * 5).unwrap_err().to_string();
+        assert!(
+            e.contains("refused the header of v5") && e.contains(needle),
+            "{needle}: {e}"
+        );
+        assert!(e.contains("fetching it over gRPC"), "{e}");
+        assert_eq!(r.refused(), Some(5));
+        // Closed, with nothing acknowledged.
+        assert!(trainer.join().unwrap().is_empty(), "{needle}");
+    }
+    // The header of the right size is taken.
+    let snap = snapshot(5, 100);
+    let mut frame = header(1, &snap, 64, false);
+    frame.extend_from_slice(&snap.bytes);
+    let (addr, trainer) = forging_trainer(frame);
+    let addr = addr.to_string();
+    let j = Join {
+        param_elements: 25,
+        ..join(&addr, 1, 1, 9)
+    };
+    let mut r = Receiver::connect(&j, SECOND * 5, None).unwrap();
+    let got = r.recv(SECOND * 5, SECOND * 5).unwrap().unwrap();
+    assert_eq!((got.version, got.bytes.len()), (5, 100));
+    assert_eq!(r.refused(), None);
+    drop(r);
+    assert_eq!(&trainer.join().unwrap()[..4], ACK);
+}
+
+/// A client holding the token cannot join as a worker whose session it does not
+/// hold, nor under another rank or in an epoch that is over; the worker itself can.
+#[test]
+fn a_connection_is_tied_to_the_worker_it_claims() {
+    let b = Broadcaster::bind("127.0.0.1:0", access(), None).unwrap();
+    let addr = b.local_addr();
+    let a = addr.to_string();
+    let g = group(2, vec![member(1, 1), member(2, 2)], addr);
+    // Worker 2's session, claiming worker 1.
+    let impostor = Join {
+        session: session(2),
+        ..join(&a, 2, 1, 1)
+    };
+    let e = Receiver::connect(&impostor, SECOND * 5, None)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("session refused: not worker 1's"),
+        "{e}"
+    );
+    let e = Receiver::connect(
+        &Join {
+            session: "",
+            ..join(&a, 2, 1, 1)
+        },
+        SECOND * 5,
+        None,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("session refused"), "{e}");
+    assert!(b.joined().is_empty());
+    // Once epoch 2 is being sent: the rank must be the worker's, the epoch current.
+    let out = b.send(
+        &g,
+        &snapshot(1, LEN),
+        1000,
+        Duration::from_millis(100),
+        SECOND,
+    );
+    assert_eq!(out.failed.len(), 2);
+    let e = Receiver::connect(&join(&a, 2, 2, 1), SECOND * 5, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not rank 2 of epoch 2"), "{e}");
+    let e = Receiver::connect(&join(&a, 1, 1, 1), SECOND * 5, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("epoch 1 is over"), "{e}");
+    // Worker 7 holds a valid session but is no member of epoch 2.
+    let e = Receiver::connect(&join(&a, 2, 3, 7), SECOND * 5, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not rank 3 of epoch 2"), "{e}");
+    assert!(b.joined().is_empty());
+    // The members themselves join and receive.
+    let members: Vec<_> = [1, 2]
+        .map(|r| member_of(addr, (2, r, 4, r as u64), None, 2))
+        .into();
+    let out = b.send(&g, &snapshot(2, LEN), 1000, SECOND * 5, SECOND * 5);
+    assert_eq!(ranks(&out.delivered), [1, 2], "{}", out.describe_failures());
+    for m in members {
+        assert_eq!(m.join().unwrap().0[0].version, 2);
+    }
+}
+
+/// 300 connections that never finish their hello: at most MAX_PENDING wait (each on
+/// its thread), the rest are closed at once, and every waiting one is closed by the
+/// hello deadline — one that trickles a byte a second too. A member joins afterwards.
+#[test]
+fn slow_connections_are_bounded_and_closed_by_the_hello_deadline() {
+    let b = Broadcaster::bind("127.0.0.1:0", access(), None).unwrap();
+    let addr = b.local_addr();
+    // First, one that keeps sending, two bytes a second, never finishing its hello.
+    let trickler = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let started = Instant::now();
+        for _ in 0..60 {
+            if c.write_all(b"T").is_err() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        started.elapsed()
+    });
+    while b.pending() == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    let mut conns: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            // Half a hello: the magic, then nothing.
+            let _ = c.write_all(b"TNDH");
+            c
+        })
+        .collect();
+    let mut most = 0;
+    while t0.elapsed() < Duration::from_secs(2) {
+        most = most.max(b.pending());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(most > 0 && most <= MAX_PENDING, "{most} pending");
+    // Each connection ends: closed unread at once, or at its hello deadline.
+    for c in &mut conns {
+        c.set_read_timeout(Some(HELLO_TIMEOUT + SECOND * 5))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a slow connection is still open: {other:?}"),
+        }
+    }
+    assert!(
+        t0.elapsed() < HELLO_TIMEOUT + SECOND * 5,
+        "{:?}",
+        t0.elapsed()
+    );
+    // Held until its deadline, not a moment past it (a write notices the close within
+    // two writes).
+    let trickled = trickler.join().unwrap();
+    assert!(
+        trickled >= HELLO_TIMEOUT - Duration::from_millis(100)
+            && trickled < HELLO_TIMEOUT + SECOND * 3,
+        "the trickler was held {trickled:?}"
+    );
+    let t1 = Instant::now();
+    while b.pending() > 0 {
+        assert!(t1.elapsed() < SECOND * 5, "{} still pending", b.pending());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let a = addr.to_string();
+    let _member = Receiver::connect(&join(&a, 1, 1, 1), SECOND * 5, None).unwrap();
+    // Kept once its welcome is written.
+    let t2 = Instant::now();
+    while b.joined() != [1] {
+        assert!(t2.elapsed() < SECOND * 2, "{:?}", b.joined());
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
