@@ -288,9 +288,8 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
         tokio::task::spawn_blocking(move || plan_turn(&ep, &shared, &asked))
     };
     let (plan, lease, stream) = match planning.await {
-        Ok(Ok(Planned::Turn(plan, lease, stream))) => (plan, lease, stream),
-        Ok(Ok(Planned::Done(response))) => return response,
-        Ok(Err(response)) => return response,
+        Ok(Planned::Turn(plan, lease, stream)) => (plan, lease, stream),
+        Ok(Planned::Done(response)) => return response,
         Err(e) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -361,7 +360,7 @@ impl Drop for Busy<'_> {
 }
 
 /// What planning a request gave: a turn to sample (its plan, the lease and the random
-/// stream), or the reply already.
+/// stream), or the reply already (an error, or an empty turn when the budget is spent).
 enum Planned {
     Turn(chat_episode::Plan, u64, u64),
     Done(Response),
@@ -369,31 +368,31 @@ enum Planned {
 
 /// Checks the request's key and the episode's state and plans its turn (renders and
 /// tokenizes the conversation), holding only this episode's slot; marks it busy.
-fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Result<Planned, Response> {
+fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Planned {
     let mut slot = lock(shared);
     match &asked.key {
         Some(k) if same_key(k, &slot.key) => {}
         Some(_) => {
-            return Err(error(
+            return Planned::Done(error(
                 StatusCode::UNAUTHORIZED,
                 "Authorization: not this episode's key (send the OPENAI_API_KEY the agent was started with)",
             ))
         }
         None => {
-            return Err(error(
+            return Planned::Done(error(
                 StatusCode::UNAUTHORIZED,
                 "Authorization: missing; send \"Bearer <OPENAI_API_KEY>\" (the key the agent was started with)",
             ))
         }
     }
     if slot.busy {
-        return Err(error(
+        return Planned::Done(error(
             StatusCode::CONFLICT,
             "this episode has a request being served; send its turns one at a time",
         ));
     }
     if slot.episode.turns >= ep.policy.max_turns {
-        return Err(error(
+        return Planned::Done(error(
             StatusCode::BAD_REQUEST,
             format!(
                 "the episode has had its [env] max_turns = {} model turns; end it (or raise max_turns)",
@@ -412,9 +411,12 @@ fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Result<Plann
                 ep.policy.budget,
             )
         });
-    let mut plan = planned.map_err(|e| error(StatusCode::BAD_REQUEST, format!("messages: {e}")))?;
+    let mut plan = match planned {
+        Ok(p) => p,
+        Err(e) => return Planned::Done(error(StatusCode::BAD_REQUEST, format!("messages: {e}"))),
+    };
     if plan.prompt.len() >= ep.policy.context {
-        return Err(error(
+        return Planned::Done(error(
             StatusCode::BAD_REQUEST,
             format!(
                 "messages: the conversation is {} tokens, the model's context {}; end the episode",
@@ -428,18 +430,18 @@ fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Result<Plann
     if plan.max_new == 0 {
         // The sample's token budget is spent: nothing is sampled or recorded.
         let usage = (plan.prompt.len(), 0);
-        return Ok(Planned::Done(completion(
+        return Planned::Done(completion(
             ep,
             &asked.episode,
             slot.episode.turns,
             None,
             usage,
-        )));
+        ));
     }
     slot.busy = true;
     let k = slot.group_size as u64;
     let stream = slot.sample as u64 + u64::from(slot.episode.turns) * k;
-    Ok(Planned::Turn(plan, slot.lease, stream))
+    Planned::Turn(plan, slot.lease, stream)
 }
 
 /// A `chat.completion` reply: the message (none when the budget was spent: empty,

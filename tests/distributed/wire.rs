@@ -349,12 +349,14 @@ fn the_broadcast_refuses_impostors_and_bounds_slow_connections() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     // Longer than this test: the processes are killed at its end.
-    let text = config(dir.path(), &model, 100_000, 1, "")
-        .replace(
-            "[trainer]\n",
-            "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 2.0\n",
-        )
-        .replace("heartbeat_timeout_ms = 1000", "heartbeat_timeout_ms = 5000");
+    let text = with_set(
+        &config(dir.path(), &model, 100_000, 1, ""),
+        &[
+            "trainer.broadcast=\"tcp\"",
+            "trainer.broadcast_timeout_s=2.0",
+            "coordinator.heartbeat_timeout_ms=5000",
+        ],
+    );
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
@@ -570,9 +572,9 @@ fn a_forged_broadcast_header_makes_the_generator_fetch_over_grpc() {
     use tandem_proto::v1::trainer_server::TrainerServer;
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
-    let text = config(dir.path(), &model, 2, 1, "").replace(
-        "[trainer]\n",
-        "[trainer]\nbroadcast = \"tcp\"\nbroadcast_timeout_s = 30.0\n",
+    let text = with_set(
+        &config(dir.path(), &model, 2, 1, ""),
+        &["trainer.broadcast=\"tcp\"", "trainer.broadcast_timeout_s=30.0"],
     );
     let mut c = Cluster::start(dir.path(), &text);
     // The trainer is this test: its gRPC service serves version 1's weights.
@@ -714,7 +716,7 @@ fn rewards_beyond_the_bound_never_reach_the_trainer() {
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;
-    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, "");
+    let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, &[]);
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
