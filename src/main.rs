@@ -11,6 +11,7 @@ mod offline;
 mod report;
 mod run;
 mod run_config;
+mod run_dir;
 mod score;
 mod security;
 mod serve;

@@ -114,6 +114,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         anyhow::bail!("{why}");
     }
     let run_dir = PathBuf::from(&cfg.run.run_dir);
+    // Ours alone: no other user can plant a link where a file is about to be written.
+    crate::run_dir::prepare(&run_dir)?;
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     // A new run's logs and the coordinator's saved state start empty.
@@ -161,8 +163,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     env.push(("TANDEM_GENERATOR_TOKEN", generator_token.clone()));
     let mut gen_env = tls_env;
     gen_env.push(("TANDEM_TOKEN", generator_token.clone()));
+    // It may hold secrets ([reward] service_token, the dataset's answers): this user's.
     let cfg_path = run_dir.join("config.toml");
-    tandem_model::write_atomic(&cfg_path, cfg.to_toml()?)?;
+    crate::run_dir::write_private_atomic(&cfg_path, &cfg.to_toml()?)?;
 
     let addr_file = run_dir.join("coordinator.json");
     let _ = std::fs::remove_file(&addr_file);
@@ -346,13 +349,7 @@ fn start(
     env: &[(&str, String)],
     append: bool,
 ) -> Result<Child> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(append)
-        .truncate(!append)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
+    let file = crate::run_dir::open_log(log, append)?;
     let exe = std::env::current_exe().context("finding the tandem executable")?;
     let mut cmd = Command::new(exe);
     #[cfg(target_os = "linux")]

@@ -61,6 +61,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
         .to_toml()?,
     };
+    crate::run_dir::prepare(Path::new(&cfg.run.run_dir))?;
     let rt = runtime()?;
     rt.block_on(async {
         // The state lives in the run folder: a coordinator started again on it (after a
@@ -75,7 +76,6 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
         running.wait_finished().await;
         let out = Path::new(&cfg.run.run_dir).join("coordinator-status.json");
-        std::fs::create_dir_all(&cfg.run.run_dir).ok();
         tandem_model::write_atomic(&out, serde_json::to_string_pretty(&running.status_json())?)?;
         tracing::info!(status = %out.display(), "run finished; coordinator exits");
         Ok::<_, anyhow::Error>(())
@@ -173,6 +173,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         "trainer",
         &advertise,
     ))?;
+    crate::run_dir::prepare(&a.run_dir)?;
     if a.run_dir != Path::new(&cfg.run.run_dir) {
         tracing::info!(
             run_dir = %a.run_dir.display(),

@@ -574,7 +574,10 @@ fn a_forged_broadcast_header_makes_the_generator_fetch_over_grpc() {
     let model = init_tiny(dir.path());
     let text = with_set(
         &config(dir.path(), &model, 2, 1, ""),
-        &["trainer.broadcast=\"tcp\"", "trainer.broadcast_timeout_s=30.0"],
+        &[
+            "trainer.broadcast=\"tcp\"",
+            "trainer.broadcast_timeout_s=30.0",
+        ],
     );
     let mut c = Cluster::start(dir.path(), &text);
     // The trainer is this test: its gRPC service serves version 1's weights.
