@@ -12,6 +12,7 @@
 //! - [`timing`] — medians of timed repetitions, peak RSS
 //!
 //! It drives every other crate, so nothing depends on it but the binary.
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod generate;

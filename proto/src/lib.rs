@@ -3,6 +3,10 @@
 //! plus the rules every endpoint shares: the shared-token check, TLS when configured,
 //! the message size limit and health. It depends on no other Tandem crate.
 
+// The generated tonic/prost code holds no `unsafe` either (checked), so the whole
+// crate forbids it.
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod health;
