@@ -14,6 +14,7 @@
 //! - [`reference`] — what the Python reference scripts must print
 //!
 //! It drives every other crate, so nothing depends on it but the binary.
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod generate;

@@ -13,6 +13,7 @@
 //! - [`server`] — listeners, `/metrics` + `/status` + health endpoints, the reaper
 //! - [`metrics`] — the lag metrics' names and the Prometheus recorder
 //! - [`config`] — the `[run]` and `[coordinator]` sections
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;

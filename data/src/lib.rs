@@ -10,6 +10,7 @@
 //! - [`file`] — JSONL and Parquet records with TRL's fields, checked as they are read
 //! - [`permutation`] — a keyed random permutation evaluated one position at a time
 //!   (each epoch's order of a file, O(1) per prompt)
+#![forbid(unsafe_code)]
 
 pub mod arithmetic;
 pub mod config;

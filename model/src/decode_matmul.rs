@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::cpu_storage::contiguous;
 use crate::error::Result;
+use crate::simd::Avx2Fma;
 
 /// The largest number of activation rows the kernel takes.
 pub const MAX_ROWS: usize = 16;
@@ -60,20 +61,22 @@ fn dot4_portable(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
     }
 }
 
+/// [`dot4_portable`] compiled for AVX2 and FMA (safe code; only the call needs the CPU
+/// to have them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
+fn dot4_avx2(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
     dot4_portable(w, xs, n, out)
 }
 
 /// out[r] = w · x_r for the (up to four) rows in `xs`; `n` of them are real.
-fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], avx2: bool) {
+fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], simd: Option<Avx2Fma>) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: only called when the CPU reports AVX2 and FMA.
+    if let Some(_cpu) = simd {
+        // SAFETY: an `Avx2Fma` exists: the CPU reports AVX2 and FMA.
         return unsafe { dot4_avx2(w, xs, n, out) };
     }
-    let _ = avx2;
+    let _ = simd;
     dot4_portable(w, xs, n, out)
 }
 
@@ -96,11 +99,18 @@ impl CustomOp2 for DecodeMatmul {
         }
         let x = contiguous::<f32>(s1, l1, self.name())?;
         let w = contiguous::<f32>(s2, l2, self.name())?;
-        let avx2 = crate::simd::avx2_fma();
+        let Some(len) = rows.checked_mul(n) else {
+            candle_core::bail!("decode-matmul: {rows} rows × {n} outputs overflow usize")
+        };
+        // Zero rows, outputs or columns: nothing to dot (y is empty or all zeros).
+        if len == 0 || k == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; len]), Shape::from((rows, n))));
+        }
+        let simd = Avx2Fma::detect();
         // Output transposed (n, rows) so each task writes one contiguous block.
         const BLOCK: usize = 64;
-        let mut yt = vec![0f32; n * rows];
-        yt.par_chunks_mut(BLOCK * rows)
+        let mut yt = vec![0f32; len];
+        yt.par_chunks_mut(BLOCK.saturating_mul(rows))
             .enumerate()
             .for_each(|(blk, out)| {
                 let first = blk * BLOCK;
@@ -111,14 +121,14 @@ impl CustomOp2 for DecodeMatmul {
                             let r = (g * 4 + i).min(rows - 1);
                             &x[r * k..(r + 1) * k]
                         };
-                        dot4(wr, [row(0), row(1), row(2), row(3)], o.len(), o, avx2);
+                        dot4(wr, [row(0), row(1), row(2), row(3)], o.len(), o, simd);
                     }
                 }
             });
         let y = if rows == 1 {
             yt
         } else {
-            let mut y = vec![0f32; rows * n];
+            let mut y = vec![0f32; len];
             for j in 0..n {
                 for r in 0..rows {
                     y[r * n + j] = yt[j * rows + r];
@@ -159,6 +169,24 @@ mod tests {
                 .map(|(p, q)| (p - q).abs())
                 .fold(0f32, f32::max);
             assert!(d < 1e-4, "rows {rows}: {d}");
+        }
+    }
+
+    /// Zero rows, zero outputs or zero columns: the (rows, n) product, empty or all
+    /// zeros, and no panic.
+    #[test]
+    fn empty_shapes_give_empty_or_zero_products() {
+        let dev = Device::Cpu;
+        for (rows, n, k) in [(0, 130, 77), (0, 0, 0), (3, 0, 77), (3, 5, 0), (0, 5, 0)] {
+            let x = Tensor::zeros((rows, k), candle_core::DType::F32, &dev).unwrap();
+            let w = Tensor::ones((n, k), candle_core::DType::F32, &dev).unwrap();
+            let y = matmul_t(&x, &w).unwrap();
+            assert_eq!(y.dims(), [rows, n], "rows {rows} n {n} k {k}");
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                y.iter().all(|&v| v == 0.0),
+                "rows {rows} n {n} k {k}: {y:?}"
+            );
         }
     }
 }

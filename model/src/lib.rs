@@ -11,10 +11,21 @@
 //! - [`scalar_head`] — the value head (PPO's critic) and the reward head on the final
 //!   hidden state; [`reward_model`] scores completions with a trained reward model.
 //! - [`device`] — the process's device and dtype (`TANDEM_DEVICE`, `TANDEM_DTYPE`).
+//!
+//! Unsafe code lives in five modules, each allowed by name below: [`ops`]'s `gemm`
+//! (the checked strided product and the disjoint-block output of the attention
+//! kernels) and [`ops::attention`] (its calls), [`packed_matmul`], [`decode_matmul`],
+//! [`simd`] and [`engine::attention`] (the AVX2 kernels). Every `unsafe fn` states its
+//! contract in a `# Safety` section and every `unsafe` block says, in a `SAFETY:`
+//! comment, which check makes it hold.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod checkpoint;
 pub mod config;
 mod cpu_storage;
+#[allow(unsafe_code)]
 pub mod decode_matmul;
 pub mod decoder;
 pub mod device;
@@ -28,6 +39,7 @@ pub mod linear;
 pub mod logprob;
 pub mod ops;
 pub mod optim;
+#[allow(unsafe_code)]
 pub mod packed_matmul;
 pub mod packing;
 pub mod params;
@@ -36,6 +48,7 @@ pub mod reward_model;
 pub mod rope;
 pub mod sampling;
 pub mod scalar_head;
+#[allow(unsafe_code)]
 pub mod simd;
 pub mod tokenizer;
 pub mod transformer;

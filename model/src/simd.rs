@@ -1,5 +1,5 @@
-//! Vector helpers of the inference kernels: whether the CPU has AVX2 + FMA, and e^x
-//! eight lanes at a time.
+//! Vector helpers of the inference kernels: whether the CPU has AVX2 + FMA ([`Avx2Fma`],
+//! the token every `avx2,fma` kernel is called with), and e^x eight lanes at a time.
 
 /// e^x for eight lanes (Cephes' single-precision exp: x = n·ln2 + r, |r| ≤ ln2/2,
 /// e^r by a degree-6 polynomial, 2ⁿ through the exponent bits; relative error about
@@ -42,7 +42,7 @@ fn exp_in_place_avx2(xs: &mut [f32]) {
     let body = xs.len() - xs.len() % 8;
     let (head, tail) = xs.split_at_mut(body);
     for c in head.chunks_exact_mut(8) {
-        // SAFETY: c holds eight f32.
+        // SAFETY: `c` holds eight f32, the eight lanes loaded and stored.
         unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
     }
     for x in tail {
@@ -50,8 +50,21 @@ fn exp_in_place_avx2(xs: &mut [f32]) {
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA kernels (decode, packed and paged attention
-/// kernels, `exp_in_place`); the answer is cached by the standard library.
+/// Proof that this CPU runs AVX2 and FMA: only [`Avx2Fma::detect`] makes one, so code
+/// holding one may call the `#[target_feature(enable = "avx2,fma")]` kernels (decode,
+/// packed and paged attention kernels, `exp_in_place`).
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2Fma(());
+
+impl Avx2Fma {
+    /// The token when the CPU reports AVX2 and FMA (cached by the standard library).
+    pub fn detect() -> Option<Self> {
+        avx2_fma().then_some(Avx2Fma(()))
+    }
+}
+
+/// Whether this CPU runs the AVX2 + FMA kernels; the answer is cached by the standard
+/// library.
 pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -67,8 +80,8 @@ pub fn avx2_fma() -> bool {
 /// 2e-7), `f32::exp` otherwise.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU reports AVX2 and FMA.
+    if let Some(_cpu) = Avx2Fma::detect() {
+        // SAFETY: an `Avx2Fma` exists: the CPU reports AVX2 and FMA.
         return unsafe { exp_in_place_avx2(xs) };
     }
     for x in xs {

@@ -4,6 +4,10 @@
 //! the message size limit, the limit of every field ([`limits`]) and health. It
 //! depends on no other Tandem crate.
 
+// The generated tonic/prost code holds no `unsafe` either (checked), so the whole
+// crate forbids it.
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod health;

@@ -25,6 +25,7 @@
 //! The offline side: [`sft`] (records, masking and the SFT loss), [`comparison`],
 //! [`preference`], [`reward_model`] and [`dpo`] (preference records and their losses),
 //! and [`offline`], the stages `tandem sft | rm | dpo` and the loop they share.
+#![forbid(unsafe_code)]
 
 pub mod advantage;
 pub mod aggregate;

@@ -11,12 +11,19 @@
 //!   the in-process stand-in the orchestration's tests run on; `nccl` (feature `nccl`)
 //!   is NCCL itself
 //! - [`plane`] — `[trainer] broadcast` and the backend a process runs for it
+//!
+//! Unsafe code lives only in `nccl` (the FFI calls into NCCL and CUDA), allowed by name
+//! below; each block's `SAFETY:` comment says why it holds.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod broadcast;
 pub mod bucket;
 pub mod collective;
 pub mod error;
 #[cfg(feature = "nccl")]
+#[allow(unsafe_code)]
 pub mod nccl;
 pub mod plane;
 pub mod snapshot;

@@ -58,8 +58,9 @@ const CONFIG_VERSION: u32 = 22800;
 /// defaults).
 fn nonblocking_config() -> sys::ncclConfig_t {
     const UNDEF: i32 = i32::MIN;
-    // Safety: a plain C struct of integers and pointers; all-zero is valid (null
-    // pointers), and every integer field is set below.
+    // SAFETY: `ncclConfig_t` is a plain C struct of integers and raw pointers, for
+    // which all-zero bytes are a valid value (zero integers, null pointers); the fields
+    // NCCL reads are set below.
     let mut c: sys::ncclConfig_t = unsafe { std::mem::zeroed() };
     c.size = std::mem::size_of::<sys::ncclConfig_t>();
     c.magic = 0xcafe_beef;
@@ -104,24 +105,23 @@ impl Backend for NcclBackend {
         for (d, &s) in unique.internal.iter_mut().zip(id) {
             *d = s as _;
         }
+        let (Ok(nranks), Ok(rank_i32)) = (i32::try_from(world_size), i32::try_from(rank)) else {
+            return Err(format!(
+                "an NCCL communicator of {world_size} ranks (this one {rank}): NCCL counts ranks in an i32"
+            ));
+        };
         let mut config = nonblocking_config();
         self.stream
             .context()
             .bind_to_thread()
             .map_err(|e| format!("binding the CUDA context: {e}"))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // Safety: `comm` and `config` outlive the call; non-blocking init returns at once
-        // (ncclInProgress) and the communicator is polled before any use.
-        unsafe {
-            result::comm_init_rank_config(
-                &mut comm,
-                world_size as i32,
-                unique,
-                rank as i32,
-                &mut config,
-            )
-        }
-        .map_err(|e| nccl_error("ncclCommInitRankConfig", e))?;
+        // SAFETY: `comm` and `config` are live locals for the whole call (NCCL writes the
+        // handle into `comm` and copies the config before returning); non-blocking init
+        // returns at once (ncclInProgress) and the communicator is polled (`formed`)
+        // before any other use.
+        unsafe { result::comm_init_rank_config(&mut comm, nranks, unique, rank_i32, &mut config) }
+            .map_err(|e| nccl_error("ncclCommInitRankConfig", e))?;
         Ok(Box::new(NcclComm {
             comm,
             stream: self.stream.clone(),
@@ -144,15 +144,18 @@ struct NcclComm {
     buf: Option<CudaSlice<u8>>,
 }
 
-// Safety: an NCCL communicator may be used from any one thread at a time; `NcclComm` is
-// only used through `&mut self`.
+// SAFETY: an NCCL communicator may be used from any one thread at a time (NCCL's
+// thread-safety rule), and every call on `comm` goes through `&mut self` (or `&self`
+// borrowed from it), so moving an `NcclComm` to another thread never shares it.
 unsafe impl Send for NcclComm {}
 
 impl NcclComm {
     fn abort(&mut self) {
         if !self.aborted {
             self.aborted = true;
-            // Safety: `comm` came from ncclCommInitRankConfig and is aborted once.
+            // SAFETY: `comm` came from a successful ncclCommInitRankConfig (`join` returns
+            // no `NcclComm` otherwise) and the `aborted` flag makes this the only abort;
+            // nothing uses `comm` after it (`formed` refuses an aborted communicator).
             if let Err(e) = unsafe { result::comm_abort(self.comm) } {
                 tracing::warn!("ncclCommAbort: {:?}", e.0);
             }
@@ -162,7 +165,9 @@ impl NcclComm {
     /// The communicator's state: Ok(true) finished, Ok(false) still in progress.
     fn state(&self) -> Result<bool, String> {
         let mut state = sys::ncclResult_t::ncclSuccess;
-        // Safety: a live communicator and a valid out pointer.
+        // SAFETY: `comm` is live: `state` runs only from `formed` and `broadcast`, after
+        // `formed` refused an aborted communicator, and `poll` returns as soon as it
+        // aborts; `state` is a live local, a valid out pointer.
         unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) }
             .result()
             .map_err(|e| nccl_error("ncclCommGetAsyncError", e))?;
@@ -218,7 +223,8 @@ impl NcclComm {
     fn buffer(&mut self, len: usize) -> Result<&mut CudaSlice<u8>, String> {
         if self.buf.as_ref().is_none_or(|b| b.len() != len) {
             self.buf = None;
-            // Safety: every byte is written (copy or broadcast) before it is read.
+            // SAFETY: the allocation is uninitialised device memory; every byte is written
+            // (the host copy on rank 0, the broadcast on members) before it is read.
             let b = unsafe { self.stream.alloc::<u8>(len) }
                 .map_err(|e| format!("allocating {len} bytes on the GPU: {e}"))?;
             self.buf = Some(b);
@@ -231,8 +237,10 @@ impl NcclComm {
         let (comm, stream) = (self.comm, self.stream.clone());
         let buf = self.buffer(len)?;
         let (ptr, sync) = buf.device_ptr_mut(&stream);
-        // Safety: `ptr` points at `len` device bytes on `stream`, alive until the stream
-        // work finishes (polled below, or aborted).
+        // SAFETY: `ptr` points at the staging buffer's `len` device bytes (`buffer(len)`
+        // sized it), used on `stream`; the buffer stays in `self.buf` until a later call
+        // of another length frees it, stream-ordered after this broadcast (polled to
+        // completion below, or aborted); `comm` is live (`formed` ran first).
         let enqueued = unsafe {
             result::broadcast(
                 ptr as *const _,

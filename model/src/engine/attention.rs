@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ops::attention::Heads;
-use crate::simd::exp_in_place;
+use crate::simd::{exp_in_place, Avx2Fma};
 use crate::transformer::MASKED;
 
 /// Which cached tokens each query of a step sees.
@@ -60,6 +60,23 @@ impl PagedLayout {
     }
 }
 
+/// The query and KV row widths H·D and KV·D of `heads`; an error when the query heads
+/// do not share the KV heads evenly or a width overflows.
+fn widths(heads: Heads) -> Result<(usize, usize)> {
+    let Heads { query, kv, dim } = heads;
+    if kv == 0 || !query.is_multiple_of(kv) {
+        return Err(Error::invalid(format!(
+            "paged attention: {query} query heads cannot share {kv} KV heads"
+        )));
+    }
+    match (query.checked_mul(dim), kv.checked_mul(dim)) {
+        (Some(qw), Some(kw)) => Ok((qw, kw)),
+        _ => Err(Error::invalid(format!(
+            "paged attention: {query} heads of width {dim} overflow a row"
+        ))),
+    }
+}
+
 /// q (N, H·D) over the pools k, v (slots, KV·D) → (N, H·D).
 pub fn paged_attention(
     q: &Tensor,
@@ -68,6 +85,7 @@ pub fn paged_attention(
     layout: &Arc<PagedLayout>,
     heads: Heads,
 ) -> Result<Tensor> {
+    widths(heads)?;
     if layout.queries.len() != q.dim(0)? {
         return Err(Error::invalid(format!(
             "paged attention: {} queries for {} rows",
@@ -225,6 +243,13 @@ fn attend(
 /// [`attend`] with AVX2 and FMA for head widths of `CH` · 8: four keys' scores at a
 /// time with the query in registers (one horizontal reduction per four keys), and
 /// each head's output accumulated in registers over the keys.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `heads.dim` must be `CH · 8` and `kh < heads.kv`;
+/// `q` and `out` must hold the `groups · dim` values of the query heads of KV head
+/// `kh`; and every slot s of `slots` must lie inside both pools:
+/// `(s + 1) · kv · dim ≤ k.len()` and `≤ v.len()`. (The keys and values are read through
+/// raw pointers; everything else with checked indexing.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -247,9 +272,13 @@ unsafe fn attend_avx2<const CH: usize>(
     let scale = 1.0 / (d as f32).sqrt();
     p.clear();
     p.resize(groups * n, 0.0);
-    debug_assert!(slots.iter().all(|&s| (s as usize + 1) * kw <= k.len()));
-    // SAFETY: every slot lies inside k and v (checked by the layout), q holds
-    // groups·d values, out groups·d, p groups·n.
+    debug_assert!(slots
+        .iter()
+        .all(|&s| (s as usize + 1) * kw <= k.len().min(v.len())));
+    debug_assert!(kh < heads.kv && q.len() >= groups * d && out.len() >= groups * d);
+    // SAFETY: the caller's contract: every slot's row lies inside k and v, and its kh-th
+    // d values with it (kh < kv); q and out hold groups·d values; p holds groups·n
+    // (resized above), of which each store writes j..j + 4 ≤ n or j < n of row g.
     unsafe {
         let row = |base: &[f32], j: usize| base.as_ptr().add(slots[j] as usize * kw + kh * d);
         for g in 0..groups {
@@ -353,24 +382,41 @@ impl CustomOp3 for PagedAttention {
         let k = contiguous::<f32>(s2, l2, self.name())?;
         let v = contiguous::<f32>(s3, l3, self.name())?;
         let heads = self.heads;
-        let (qw, kw) = (heads.query * heads.dim, heads.kv * heads.dim);
-        let n = q.len() / qw;
-        let slots_in_pool = k.len() / kw;
-        if v.len() != k.len() {
-            candle_core::bail!("paged-attention: key and value pools differ in size")
+        let (qw, kw) = widths(heads).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (n, q_width) = l1.shape().dims2()?;
+        let (slots_in_pool, k_width) = l2.shape().dims2()?;
+        if q_width != qw || k_width != kw || l3.shape() != l2.shape() {
+            candle_core::bail!(
+                "paged-attention: q {:?}, k {:?}, v {:?} do not fit {heads:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
         }
+        if self.layout.queries.len() != n {
+            candle_core::bail!(
+                "paged-attention: {} queries in the layout for {n} rows of q",
+                self.layout.queries.len()
+            )
+        }
+        // Every slot inside the pools: with k and v of (slots_in_pool, KV·D) each, the
+        // contract of the vector kernel's reads.
         self.layout
             .check(slots_in_pool)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let avx2 = crate::simd::avx2_fma();
+        let gd = heads.query / heads.kv * heads.dim;
+        let mut out = vec![0f32; q.len()];
+        // No query or zero-width heads: nothing to attend (and chunks of zero panic).
+        if gd == 0 || out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((n, qw))));
+        }
+        let simd = Avx2Fma::detect();
         // The vector kernel's head widths: 16, 32, 64, 128.
         let chunks = if heads.dim.is_multiple_of(8) {
             heads.dim / 8
         } else {
             0
         };
-        let gd = heads.query / heads.kv * heads.dim;
-        let mut out = vec![0f32; n * qw];
         // Task (i, kh) writes query i's heads of KV head kh: one contiguous gd block.
         out.par_chunks_mut(gd)
             .enumerate()
@@ -380,8 +426,11 @@ impl CustomOp3 for PagedAttention {
                 let slots = &self.layout.slots[s as usize][..vis as usize];
                 let qi = &q[i * qw + kh * gd..][..gd];
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: only when the CPU reports AVX2 and FMA.
+                if let Some(_cpu) = simd {
+                    // SAFETY: an `Avx2Fma` exists, so the CPU has AVX2 and FMA; `chunks`
+                    // picks CH = dim / 8; kh < kv; qi and o hold gd = groups·dim values;
+                    // every slot is below `slots_in_pool` (`PagedLayout::check` above) and
+                    // k and v hold `slots_in_pool` rows of KV·D (their shapes, checked).
                     unsafe {
                         match chunks {
                             2 => return attend_avx2::<2>(o, qi, k, v, slots, kh, heads, p),
@@ -392,7 +441,7 @@ impl CustomOp3 for PagedAttention {
                         }
                     }
                 }
-                let _ = (avx2, chunks);
+                let _ = (simd, chunks);
                 attend(o, qi, k, v, slots, kh, heads, p)
             });
         Ok((CpuStorage::F32(out), Shape::from((n, qw))))
@@ -460,5 +509,68 @@ mod tests {
             slots: vec![vec![0, 1]],
         });
         assert!(paged_attention(&q, &k, &k, &layout, heads).is_err());
+    }
+
+    /// Slots outside the pool, a query naming no sequence, heads that do not share their
+    /// KV heads, and pools of the wrong width are errors before any key is read.
+    #[test]
+    fn layouts_and_shapes_outside_the_pool_are_refused() {
+        let heads = Heads {
+            query: 2,
+            kv: 1,
+            dim: 8,
+        };
+        let dev = Device::Cpu;
+        let k = Tensor::ones((4, 8), DType::F32, &dev).unwrap();
+        let q = Tensor::ones((1, 16), DType::F32, &dev).unwrap();
+        let run = |queries: Vec<(u32, u32)>, slots: Vec<Vec<u32>>, heads, k: &Tensor| {
+            let layout = Arc::new(PagedLayout { queries, slots });
+            paged_attention(&q, k, k, &layout, heads)
+        };
+        assert!(run(vec![(0, 2)], vec![vec![0, 3]], heads, &k).is_ok());
+        for slot in [4, u32::MAX] {
+            assert!(run(vec![(0, 2)], vec![vec![0, slot]], heads, &k).is_err());
+        }
+        assert!(run(vec![(1, 1)], vec![vec![0]], heads, &k).is_err());
+        assert!(run(vec![(u32::MAX, 1)], vec![vec![0]], heads, &k).is_err());
+        for (query, kv) in [(2, 0), (3, 2)] {
+            let bad = Heads { query, kv, dim: 8 };
+            assert!(run(vec![(0, 1)], vec![vec![0]], bad, &k).is_err());
+        }
+        let huge = Heads {
+            query: usize::MAX,
+            kv: 1,
+            dim: 2,
+        };
+        assert!(run(vec![(0, 1)], vec![vec![0]], huge, &k).is_err());
+        let narrow = Tensor::ones((4, 7), DType::F32, &dev).unwrap();
+        assert!(run(vec![(0, 1)], vec![vec![0]], heads, &narrow).is_err());
+    }
+
+    /// No queries, or heads of width 0: an empty output, no panic.
+    #[test]
+    fn empty_steps_give_empty_outputs() {
+        let dev = Device::Cpu;
+        let heads = Heads {
+            query: 2,
+            kv: 1,
+            dim: 8,
+        };
+        let k = Tensor::ones((4, 8), DType::F32, &dev).unwrap();
+        let q = Tensor::ones((0, 16), DType::F32, &dev).unwrap();
+        let none = Arc::new(PagedLayout::default());
+        let y = paged_attention(&q, &k, &k, &none, heads).unwrap();
+        assert_eq!(y.dims(), [0, 16]);
+        let flat = Heads { dim: 0, ..heads };
+        let (q, k) = (
+            Tensor::ones((1, 0), DType::F32, &dev).unwrap(),
+            Tensor::ones((4, 0), DType::F32, &dev).unwrap(),
+        );
+        let layout = Arc::new(PagedLayout {
+            queries: vec![(0, 2)],
+            slots: vec![vec![1, 2]],
+        });
+        let y = paged_attention(&q, &k, &k, &layout, flat).unwrap();
+        assert_eq!(y.dims(), [1, 0]);
     }
 }

@@ -27,7 +27,8 @@ use rayon::prelude::*;
 
 use num_traits::Float;
 
-use super::{float_kernel, gemm, on_cpu_kernel, split_flat, Elem, Mat};
+use super::gemm::{gemm, Blocks, Mat};
+use super::{float_kernel, on_cpu_kernel, split_flat, Elem};
 use crate::cpu_storage::cpu_slice;
 use crate::error::{Error, Result};
 use crate::transformer::MASKED;
@@ -57,9 +58,10 @@ pub struct Heads {
 }
 
 /// Checks that `segments` tile 0..t in order and that every prefix lies before its
-/// segment.
+/// segment. Every sum is checked: a segment or prefix whose end overflows `usize` is
+/// refused like one that ends past the row.
 pub fn check_segments(segments: &[Segment], t: usize) -> Result<()> {
-    let mut next = 0;
+    let mut next = 0usize;
     for (i, s) in segments.iter().enumerate() {
         if s.start != next || s.len == 0 {
             return Err(Error::invalid(format!(
@@ -67,16 +69,24 @@ pub fn check_segments(segments: &[Segment], t: usize) -> Result<()> {
                 s.start, s.len
             )));
         }
-        if let Some((p, n)) = s.prefix {
-            if n == 0 || p + n > s.start {
+        next = match s.start.checked_add(s.len) {
+            Some(end) if end <= t => end,
+            _ => {
                 return Err(Error::invalid(format!(
-                    "segment {i}: its prefix {p}..{} must be non-empty and end before it starts at {}",
-                    p + n,
+                    "segment {i} starts at {} with {} tokens: it ends past the packed row of {t}",
+                    s.start, s.len
+                )))
+            }
+        };
+        if let Some((p, n)) = s.prefix {
+            if n == 0 || p.checked_add(n).is_none_or(|end| end > s.start) {
+                return Err(Error::invalid(format!(
+                    "segment {i}: its prefix of {n} tokens from {p} must be non-empty and end \
+                     before the segment starts at {}",
                     s.start
                 )));
             }
         }
-        next += s.len;
     }
     if next != t {
         return Err(Error::invalid(format!(
@@ -180,6 +190,8 @@ struct SegmentAttention {
 /// Row-major offsets and widths of the packed q / kv rows.
 struct Geometry {
     heads: Heads,
+    /// Tokens T of the packed row.
+    t: usize,
     /// Query row width H·D.
     qw: usize,
     /// KV row width KV·D.
@@ -188,24 +200,61 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(heads: Heads) -> Self {
-        Geometry {
-            heads,
-            qw: heads.query * heads.dim,
-            kw: heads.kv * heads.dim,
-            scale: 1.0 / (heads.dim as f64).sqrt(),
+    /// The geometry of T tokens of `heads`; an error when the query heads do not share
+    /// the KV heads evenly or a row width overflows.
+    fn new(heads: Heads, t: usize) -> candle_core::Result<Self> {
+        let Heads { query, kv, dim } = heads;
+        if kv == 0 || !query.is_multiple_of(kv) {
+            candle_core::bail!("segment attention: {query} query heads cannot share {kv} KV heads")
         }
+        let (Some(qw), Some(kw)) = (query.checked_mul(dim), kv.checked_mul(dim)) else {
+            candle_core::bail!("segment attention: {query} heads of width {dim} overflow a row")
+        };
+        Ok(Geometry {
+            heads,
+            t,
+            qw,
+            kw,
+            scale: 1.0 / (dim as f64).sqrt(),
+        })
     }
 
     fn kv_head(&self, h: usize) -> usize {
         h / (self.heads.query / self.heads.kv)
+    }
+
+    /// Checks, once per kernel call, that each `(name, len, width)` buffer holds T rows
+    /// of its width and that the segments tile 0..T: every block a task writes is then
+    /// its own (segments do not overlap, heads' columns do not) and every view the
+    /// products take lies inside its buffer.
+    fn check(
+        &self,
+        segments: &[Segment],
+        bufs: &[(&str, usize, usize)],
+    ) -> candle_core::Result<()> {
+        for &(name, len, width) in bufs {
+            if self.t.checked_mul(width) != Some(len) {
+                candle_core::bail!(
+                    "segment attention: {name} holds {len} values, not {} rows of {width}",
+                    self.t
+                )
+            }
+        }
+        check_segments(segments, self.t).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
 /// P (n × (m + n)) of segment `s` and query head `h` into `p`: scaled scores against
 /// the prefix then the segment's own keys, causal in the latter, softmax per row
 /// (masked entries exactly 0).
-fn probabilities<T: Elem>(p: &mut Vec<T>, q: &[T], k: &[T], s: &Segment, h: usize, g: &Geometry) {
+fn probabilities<T: Elem>(
+    p: &mut Vec<T>,
+    q: &[T],
+    k: &[T],
+    s: &Segment,
+    h: usize,
+    g: &Geometry,
+) -> candle_core::Result<()> {
     let d = g.heads.dim;
     let kh = g.kv_head(h);
     let (p0, m) = s.prefix_range();
@@ -215,15 +264,12 @@ fn probabilities<T: Elem>(p: &mut Vec<T>, q: &[T], k: &[T], s: &Segment, h: usiz
     p.resize(n * w, T::zero());
     let alpha = T::from_f64(g.scale);
     let qm = Mat::rows(q, s.start * g.qw + h * d, g.qw);
-    // SAFETY: the blocks lie inside q (T × H·D), k (T × KV·D) and p (n × w).
-    unsafe {
-        if m > 0 {
-            let km = Mat::cols(k, p0 * g.kw + kh * d, g.kw);
-            gemm((n, m, d), p, 0, w, qm, km, alpha, false);
-        }
-        let ks = Mat::cols(k, s.start * g.kw + kh * d, g.kw);
-        gemm((n, n, d), p, m, w, qm, ks, alpha, false);
+    if m > 0 {
+        let km = Mat::cols(k, p0 * g.kw + kh * d, g.kw);
+        gemm((n, m, d), p, 0, w, qm, km, alpha, false)?;
     }
+    let ks = Mat::cols(k, s.start * g.kw + kh * d, g.kw);
+    gemm((n, n, d), p, m, w, qm, ks, alpha, false)?;
     for r in 0..n {
         let row = &mut p[r * w..(r + 1) * w];
         let visible = m + r + 1;
@@ -241,70 +287,53 @@ fn probabilities<T: Elem>(p: &mut Vec<T>, q: &[T], k: &[T], s: &Segment, h: usiz
         }
         row[visible..].fill(T::zero());
     }
+    Ok(())
 }
 
-/// A raw pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T, usize);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    fn new(v: &mut [T]) -> Self {
-        Shared(v.as_mut_ptr(), v.len())
-    }
-    /// # Safety
-    /// Concurrent users must touch disjoint elements.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [T] {
-        unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
-    }
-}
-
-fn fwd_kernel<T: Elem>(q: &[T], k: &[T], v: &[T], segments: &[Segment], g: &Geometry) -> Vec<T> {
-    let t = q.len() / g.qw;
+fn fwd_kernel<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    segments: &[Segment],
+    g: &Geometry,
+) -> candle_core::Result<Vec<T>> {
+    g.check(
+        segments,
+        &[
+            ("q", q.len(), g.qw),
+            ("k", k.len(), g.kw),
+            ("v", v.len(), g.kw),
+        ],
+    )?;
     let d = g.heads.dim;
-    let mut out = vec![T::zero(); t * g.qw];
-    let shared = Shared::new(&mut out);
-    let tasks = segments.len() * g.heads.query;
+    let mut out = vec![T::zero(); q.len()];
+    let blocks = Blocks::new(&mut out);
+    let Some(tasks) = segments.len().checked_mul(g.heads.query) else {
+        candle_core::bail!("segment attention: too many (segment, head) tasks")
+    };
     (0..tasks)
         .into_par_iter()
-        .for_each_init(Vec::new, |p, task| {
+        .try_for_each_init(Vec::new, |p, task| {
             let (s, h) = (&segments[task / g.heads.query], task % g.heads.query);
-            probabilities(p, q, k, s, h, g);
+            probabilities(p, q, k, s, h, g)?;
             let (p0, m) = s.prefix_range();
             let (n, w, kh) = (s.len, m + s.len, g.kv_head(h));
-            // SAFETY: task (s, h) writes only rows s.start.. of head h's columns.
-            unsafe {
-                let out = shared.slice();
-                let o = s.start * g.qw + h * d;
-                if m > 0 {
-                    let vm = Mat::rows(v, p0 * g.kw + kh * d, g.kw);
-                    gemm(
-                        (n, d, m),
-                        out,
-                        o,
-                        g.qw,
-                        Mat::rows(p, 0, w),
-                        vm,
-                        T::one(),
-                        false,
-                    );
-                }
-                let vs = Mat::rows(v, s.start * g.kw + kh * d, g.kw);
-                gemm(
-                    (n, d, n),
-                    out,
-                    o,
-                    g.qw,
-                    Mat::rows(p, m, w),
-                    vs,
-                    T::one(),
-                    m > 0,
-                );
+            let o = s.start * g.qw + h * d;
+            if m > 0 {
+                let (pm, vm) = (Mat::rows(p, 0, w), Mat::rows(v, p0 * g.kw + kh * d, g.kw));
+                // SAFETY: task (s, h) alone writes rows s.start..s.start + n of head h's
+                // columns h·d..(h + 1)·d: the segments tile 0..T without overlap and
+                // every (segment, head) is one task (`Geometry::check` above).
+                unsafe { blocks.gemm((n, d, m), o, g.qw, pm, vm, T::one(), false) }?;
             }
-        });
-    out
+            let (ps, vs) = (
+                Mat::rows(p, m, w),
+                Mat::rows(v, s.start * g.kw + kh * d, g.kw),
+            );
+            // SAFETY: the same block of task (s, h) as above.
+            unsafe { blocks.gemm((n, d, n), o, g.qw, ps, vs, T::one(), m > 0) }
+        })?;
+    Ok(out)
 }
 
 /// [dq (T·H·D), dk (T·KV·D), dv (T·KV·D)] flattened.
@@ -314,12 +343,22 @@ fn bwd_kernel<T: Elem>(
     dout: &[T],
     segments: &[Segment],
     g: &Geometry,
-) -> Vec<T> {
-    let t = q.len() / g.qw;
+) -> candle_core::Result<Vec<T>> {
+    g.check(
+        segments,
+        &[
+            ("q", q.len(), g.qw),
+            ("k", k.len(), g.kw),
+            ("v", v.len(), g.kw),
+            ("O", o.len(), g.qw),
+            ("dO", dout.len(), g.qw),
+        ],
+    )?;
+    let t = g.t;
     let d = g.heads.dim;
     let hq = g.heads.query;
-    let mut dq = vec![T::zero(); t * g.qw];
-    let shared_dq = Shared::new(&mut dq);
+    let mut dq = vec![T::zero(); q.len()];
+    let dq_blocks = Blocks::new(&mut dq);
     // Per query head, dK and dV (T × D) of its KV head: heads run in parallel without
     // sharing a buffer; the heads of a group are summed afterwards.
     let per_head: Vec<(Vec<T>, Vec<T>)> = (0..hq)
@@ -331,7 +370,7 @@ fn bwd_kernel<T: Elem>(
             let (mut p, mut ds) = (Vec::new(), Vec::new());
             let scale = T::from_f64(g.scale);
             for s in segments {
-                probabilities(&mut p, q, k, s, h, g);
+                probabilities(&mut p, q, k, s, h, g)?;
                 let (p0, m) = s.prefix_range();
                 let (n, w) = (s.len, m + s.len);
                 let qo = s.start * g.qw + h * d;
@@ -339,17 +378,13 @@ fn bwd_kernel<T: Elem>(
                 let qm = Mat::rows(q, qo, g.qw);
                 ds.clear();
                 ds.resize(n * w, T::zero());
-                // SAFETY: every block lies inside its buffer; dq's block (rows of s, head
-                // h's columns) belongs to this task alone.
-                unsafe {
-                    // dP = dO Vᵀ
-                    if m > 0 {
-                        let vm = Mat::cols(v, p0 * g.kw + kh * d, g.kw);
-                        gemm((n, m, d), &mut ds, 0, w, dom, vm, T::one(), false);
-                    }
-                    let vs = Mat::cols(v, s.start * g.kw + kh * d, g.kw);
-                    gemm((n, n, d), &mut ds, m, w, dom, vs, T::one(), false);
+                // dP = dO Vᵀ
+                if m > 0 {
+                    let vm = Mat::cols(v, p0 * g.kw + kh * d, g.kw);
+                    gemm((n, m, d), &mut ds, 0, w, dom, vm, T::one(), false)?;
                 }
+                let vs = Mat::cols(v, s.start * g.kw + kh * d, g.kw);
+                gemm((n, n, d), &mut ds, m, w, dom, vs, T::one(), false)?;
                 // dS = P ∘ (dP − Δ)
                 for r in 0..n {
                     let row = qo + r * g.qw;
@@ -361,83 +396,67 @@ fn bwd_kernel<T: Elem>(
                         ds[r * w + c] = p[r * w + c] * (ds[r * w + c] - delta);
                     }
                 }
-                unsafe {
-                    let dq = shared_dq.slice();
-                    // dQ = s · dS K
-                    if m > 0 {
-                        let km = Mat::rows(k, p0 * g.kw + kh * d, g.kw);
-                        gemm(
-                            (n, d, m),
-                            dq,
-                            qo,
-                            g.qw,
-                            Mat::rows(&ds, 0, w),
-                            km,
-                            scale,
-                            false,
-                        );
-                    }
-                    let ks = Mat::rows(k, s.start * g.kw + kh * d, g.kw);
+                // dQ = s · dS K
+                if m > 0 {
+                    let km = Mat::rows(k, p0 * g.kw + kh * d, g.kw);
+                    let dsm = Mat::rows(&ds, 0, w);
+                    // SAFETY: task h alone writes head h's columns h·d..(h + 1)·d of dq,
+                    // and its segments' rows do not overlap (`Geometry::check` above).
+                    unsafe { dq_blocks.gemm((n, d, m), qo, g.qw, dsm, km, scale, false) }?;
+                }
+                let ks = Mat::rows(k, s.start * g.kw + kh * d, g.kw);
+                let dss = Mat::rows(&ds, m, w);
+                // SAFETY: the same block of task h as above.
+                unsafe { dq_blocks.gemm((n, d, n), qo, g.qw, dss, ks, scale, m > 0) }?;
+                // dK += s · dSᵀ Q, dV += Pᵀ dO
+                if m > 0 {
+                    let dst = p0 * d;
                     gemm(
-                        (n, d, n),
-                        dq,
-                        qo,
-                        g.qw,
-                        Mat::rows(&ds, m, w),
-                        ks,
-                        scale,
-                        m > 0,
-                    );
-                    // dK += s · dSᵀ Q, dV += Pᵀ dO
-                    if m > 0 {
-                        let dst = p0 * d;
-                        gemm(
-                            (m, d, n),
-                            &mut dk,
-                            dst,
-                            d,
-                            Mat::cols(&ds, 0, w),
-                            qm,
-                            scale,
-                            true,
-                        );
-                        gemm(
-                            (m, d, n),
-                            &mut dv,
-                            dst,
-                            d,
-                            Mat::cols(&p, 0, w),
-                            dom,
-                            T::one(),
-                            true,
-                        );
-                    }
-                    let dst = s.start * d;
-                    gemm(
-                        (n, d, n),
+                        (m, d, n),
                         &mut dk,
                         dst,
                         d,
-                        Mat::cols(&ds, m, w),
+                        Mat::cols(&ds, 0, w),
                         qm,
                         scale,
                         true,
-                    );
+                    )?;
                     gemm(
-                        (n, d, n),
+                        (m, d, n),
                         &mut dv,
                         dst,
                         d,
-                        Mat::cols(&p, m, w),
+                        Mat::cols(&p, 0, w),
                         dom,
                         T::one(),
                         true,
-                    );
+                    )?;
                 }
+                let dst = s.start * d;
+                gemm(
+                    (n, d, n),
+                    &mut dk,
+                    dst,
+                    d,
+                    Mat::cols(&ds, m, w),
+                    qm,
+                    scale,
+                    true,
+                )?;
+                gemm(
+                    (n, d, n),
+                    &mut dv,
+                    dst,
+                    d,
+                    Mat::cols(&p, m, w),
+                    dom,
+                    T::one(),
+                    true,
+                )?;
             }
-            (dk, dv)
+            Ok((dk, dv))
         })
-        .collect();
+        .collect::<candle_core::Result<_>>()?;
     let kvw = g.kw;
     let mut out = dq;
     out.resize(t * g.qw + 2 * t * kvw, T::zero());
@@ -453,13 +472,13 @@ fn bwd_kernel<T: Elem>(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 impl SegmentAttention {
     fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<Geometry> {
-        let g = Geometry::new(self.heads);
         let (t, qw) = l1.shape().dims2()?;
+        let g = Geometry::new(self.heads, t)?;
         let (t2, kw) = l2.shape().dims2()?;
         if qw != g.qw || kw != g.kw || t2 != t || l3.shape() != l2.shape() {
             candle_core::bail!(
@@ -490,7 +509,7 @@ impl CustomOp3 for SegmentAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.check(l1, l2, l3)?;
         let storage = float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 =>
-            |q, k, v| fwd_kernel(q, k, v, &self.segments, &g));
+            |q, k, v| fwd_kernel(q, k, v, &self.segments, &g)?);
         Ok((storage, l1.shape().clone()))
     }
 
@@ -533,7 +552,7 @@ impl SegmentAttentionGrad {
             cpu_slice::<T>(v, n)?,
             cpu_slice::<T>(o, n)?,
         );
-        Ok(bwd_kernel((&q, &k, &v), &o, dout, &self.segments, g))
+        bwd_kernel((&q, &k, &v), &o, dout, &self.segments, g)
     }
 }
 
@@ -543,9 +562,9 @@ impl candle_core::CustomOp1 for SegmentAttentionGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(self.heads);
-        let out = float_kernel!(self.name(); s: l => |dout| self.run(dout, &g)?);
         let [q, k, v, _] = &self.saved;
+        let g = Geometry::new(self.heads, q.dim(0)?)?;
+        let out = float_kernel!(self.name(); s: l => |dout| self.run(dout, &g)?);
         let len = q.elem_count() + k.elem_count() + v.elem_count();
         Ok((out, Shape::from(len)))
     }
@@ -555,6 +574,7 @@ impl candle_core::CustomOp1 for SegmentAttentionGrad {
 mod tests {
     use super::*;
     use crate::ops::tests::{check_against_composed, check_finite_differences};
+    use candle_core::Var;
 
     /// Two groups: a prompt of 3 shared by completions of 2 and 4 tokens, then a plain
     /// sequence of 3 — every case the kernel distinguishes.
@@ -638,5 +658,88 @@ mod tests {
         assert!(check_segments(&bad, 2).is_err());
         assert!(check_segments(&segments(), 11).is_err());
         assert!(check_segments(&segments(), 12).is_ok());
+    }
+
+    /// Segments whose ends wrap around `usize` (they passed the unchecked sums in a
+    /// release build and sent the kernel past its buffers): a segment of usize::MAX
+    /// tokens after which the sum comes back to the row's length, and a prefix that
+    /// starts near usize::MAX and "ends" before its segment.
+    fn wrapping_segments() -> [Vec<Segment>; 3] {
+        let seg = |start, len, prefix| Segment { start, len, prefix };
+        [
+            vec![seg(0, 2, None), seg(2, usize::MAX, None), seg(1, 3, None)],
+            vec![seg(0, 2, None), seg(2, 2, Some((usize::MAX, 2)))],
+            vec![
+                seg(0, 2, None),
+                seg(2, 2, Some((usize::MAX - 1, usize::MAX))),
+            ],
+        ]
+    }
+
+    #[test]
+    fn segments_that_overflow_usize_are_refused() {
+        let dev = candle_core::Device::Cpu;
+        let q = Tensor::ones((4, 12), DType::F32, &dev).unwrap();
+        let kv = Tensor::ones((4, 6), DType::F32, &dev).unwrap();
+        for segs in wrapping_segments() {
+            let err = check_segments(&segs, 4).unwrap_err().to_string();
+            assert!(err.contains("segment 1"), "{segs:?}: {err}");
+            let segs = Arc::new(segs);
+            assert!(attention(&q, &kv, &kv, &segs, HEADS).is_err(), "{segs:?}");
+        }
+    }
+
+    /// The kernels check the segments themselves: called without `attention`'s check,
+    /// crafted segments and buffers of the wrong length are errors, not reads or writes
+    /// out of bounds.
+    #[test]
+    fn kernels_refuse_unchecked_segments_and_short_buffers() {
+        let g = Geometry::new(HEADS, 4).unwrap();
+        let (q, kv) = (vec![1f64; 4 * 12], vec![1f64; 4 * 6]);
+        for segs in wrapping_segments() {
+            assert!(fwd_kernel(&q, &kv, &kv, &segs, &g).is_err(), "{segs:?}");
+            let r = bwd_kernel((&q, &kv, &kv), &q, &q, &segs, &g);
+            assert!(r.is_err(), "{segs:?}");
+        }
+        let one = [Segment {
+            start: 0,
+            len: 4,
+            prefix: None,
+        }];
+        assert_eq!(fwd_kernel(&q, &kv, &kv, &one, &g).unwrap().len(), 4 * 12);
+        assert!(fwd_kernel(&q[1..], &kv, &kv, &one, &g).is_err());
+        assert!(fwd_kernel(&q, &kv, &kv[1..], &one, &g).is_err());
+        assert!(bwd_kernel((&q, &kv, &kv), &q, &q[1..], &one, &g).is_err());
+        let big = Heads {
+            query: usize::MAX / 2,
+            kv: 1,
+            dim: 3,
+        };
+        assert!(Geometry::new(big, 4).is_err());
+        let uneven = Heads {
+            query: 3,
+            kv: 2,
+            dim: 3,
+        };
+        assert!(Geometry::new(uneven, 4).is_err());
+    }
+
+    /// A packed row of no tokens (no segments) gives an empty output and gradients.
+    #[test]
+    fn zero_tokens_give_an_empty_output() {
+        let dev = candle_core::Device::Cpu;
+        let q = Var::from_tensor(&Tensor::zeros((0, 12), DType::F32, &dev).unwrap()).unwrap();
+        let kv = Var::from_tensor(&Tensor::zeros((0, 6), DType::F32, &dev).unwrap()).unwrap();
+        let y = attention(
+            q.as_tensor(),
+            kv.as_tensor(),
+            kv.as_tensor(),
+            &Arc::new(vec![]),
+            HEADS,
+        )
+        .unwrap();
+        assert_eq!(y.dims(), [0, 12]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(&q).unwrap().dims(), [0, 12]);
     }
 }

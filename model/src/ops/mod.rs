@@ -10,7 +10,10 @@
 //! trains everywhere. Every op is checked against the composed formula and against
 //! f64 central differences.
 
+#[allow(unsafe_code)]
 pub mod attention;
+#[allow(unsafe_code)]
+mod gemm;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
@@ -68,92 +71,6 @@ pub(crate) fn split_flat(flat: &Tensor, shapes: &[&[usize]]) -> candle_core::Res
         offset += n;
     }
     Ok(out)
-}
-
-/// A strided matrix view for [`gemm`]: element (i, j) at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<T> {
-    pub ptr: *const T,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl<T> Mat<T> {
-    /// Row-major rows of `ld` elements starting at `data[offset]`.
-    pub fn rows(data: &[T], offset: usize, ld: usize) -> Self {
-        debug_assert!(offset <= data.len());
-        Mat {
-            ptr: data[offset..].as_ptr(),
-            rs: ld as isize,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of [`Mat::rows`]: element (i, j) is row j, column i.
-    pub fn cols(data: &[T], offset: usize, ld: usize) -> Self {
-        let m = Self::rows(data, offset, ld);
-        Mat {
-            ptr: m.ptr,
-            rs: m.cs,
-            cs: m.rs,
-        }
-    }
-}
-
-/// dst (m×n, row-major rows of `dst_ld` from `dst[dst_offset]`) = (dst if `accumulate`)
-/// + alpha · A (m×k) · B (k×n), on the calling thread.
-///
-/// # Safety
-/// Every element that A, B and dst address must lie inside their buffers; the callers
-/// derive the views from the shapes they allocate. dst must not alias A or B.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<T: Elem>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    dst_offset: usize,
-    dst_ld: usize,
-    a: Mat<T>,
-    b: Mat<T>,
-    alpha: T,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    debug_assert!(dst_offset + (m - 1) * dst_ld + n <= dst.len());
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[dst_offset + i * dst_ld..][..n].fill(T::zero());
-            }
-        }
-        return;
-    }
-    // SAFETY: the caller guarantees the bounds above; gemm only reads A, B and
-    // reads/writes dst inside m×n.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst[dst_offset..].as_mut_ptr(),
-            1,
-            dst_ld as isize,
-            accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            T::one(),
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 #[cfg(test)]
