@@ -1,4 +1,7 @@
 //! `tandem`: the one binary. Each subcommand wires library crates; the logic lives there.
+//! Its only `unsafe`: the allocator's settings at start-up and a child's death signal.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod certs;
 mod eval;

@@ -71,7 +71,9 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             tandem_coordinator::server::start(settings, dataset, &creds, Some(&state)).await?;
         tracing::info!(grpc = %running.grpc, http = %running.http, "coordinator serving");
         if let Some(path) = &a.addr_file {
-            let addrs = serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string()});
+            // `scheme`: the HTTP endpoints speak TLS when the run does.
+            let scheme = if creds.tls().server().is_some() { "https" } else { "http" };
+            let addrs = serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string(), "scheme": scheme});
             tandem_model::write_atomic(path, addrs.to_string())?;
         }
         running.wait_finished().await;

@@ -961,6 +961,7 @@ fn max_staleness_zero_is_on_policy() {
         "--tls-client-auth".into(),
     ];
     tls_refuses_strangers(&c.grpc, &certs, &other);
+    status_goes_over_tls(&c.http, &certs.join("ca.pem"));
     c.trainer();
     c.generator("gen-0");
     c.generator("gen-1");
@@ -1152,6 +1153,73 @@ fn tls_verdict(
             Err(_) => panic!("the server said nothing within 10 s"),
         }
     })
+}
+
+/// With TLS, the coordinator's HTTP port speaks TLS too (`/status` carries the run's
+/// token): `/status` answers over HTTPS with the token (401 without it), and a plaintext
+/// request gets no HTTP answer at all, so the token never crosses in the clear.
+fn status_goes_over_tls(addr: &str, ca: &Path) {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&std::fs::read(ca).unwrap()).unwrap())
+        .unwrap();
+    let config = Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    let get = |token: Option<&str>| {
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(ServerName::try_from(host.clone()).unwrap(), tcp)
+                .await
+                .expect("the HTTP port speaks TLS, with the run's certificate");
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            let req =
+                format!("GET /status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+            tls.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tls.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let ok = get(Some(TOKEN));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"workers\""), "{ok}");
+    let refused = get(None);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    // Plaintext: the server reads a TLS record that is not one and answers with an alert
+    // (or closes), never with HTTP.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "a plaintext request was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 /// Every byte the server at `addr` sends back to a plaintext HTTP/2 client preface

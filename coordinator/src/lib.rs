@@ -10,7 +10,8 @@
 //! - [`publish`] — the trainer's publish: checked whole, then applied
 //! - [`service`] — the Coordinator gRPC service over that state
 //! - [`export`] — gauges of the state and the series computed at scrape time
-//! - [`server`] — listeners, `/metrics` + `/status` + health endpoints, the reaper
+//! - [`server`] — listeners, `/metrics` + `/status` + health endpoints, the reaper;
+//!   [`https`] — those endpoints over TLS when the run uses TLS
 //! - [`metrics`] — the lag metrics' names and the Prometheus recorder
 //! - [`config`] — the `[run]` and `[coordinator]` sections
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod group;
+pub mod https;
 pub mod lease;
 pub mod membership;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Starting the coordinator: the gRPC service (token-checked), the HTTP endpoints
-//! (`/metrics`, `/status`, `/healthz`, `/readyz`) and the reaper that drops silent
+//! (`/metrics`, `/status`, `/healthz`, `/readyz`; HTTPS when the run has TLS) and the
+//! reaper that drops silent
 //! workers and re-issues their leases.
 
 use std::net::SocketAddr;
@@ -97,11 +98,26 @@ pub async fn start(
             handle: handle.clone(),
             bearer: format!("Bearer {}", creds.token()),
         });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app).await {
-            tracing::error!("coordinator HTTP server stopped: {e}");
+    // With TLS, the HTTP endpoints speak it too (`/status` carries the run's token).
+    match creds.tls().https() {
+        Some(config) => {
+            let config = config.map_err(Error::Invalid)?;
+            let listener = crate::https::TlsListener::new(http_listener, config)
+                .map_err(|e| Error::Io(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("coordinator HTTPS server stopped: {e}");
+                }
+            });
         }
-    });
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(http_listener, app).await {
+                    tracing::error!("coordinator HTTP server stopped: {e}");
+                }
+            });
+        }
+    }
 
     let reaper = core.clone();
     tokio::spawn(async move {

@@ -20,6 +20,8 @@
 //!   OpenAI-compatible endpoint they talk to; [`chat_episode`] — an agent's requests
 //!   merged into samples, the model's tokens as sampled
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod broadcast;
 pub mod calculator;

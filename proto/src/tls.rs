@@ -34,6 +34,8 @@ pub struct TlsFiles {
 pub struct Tls {
     ca: Option<Certificate>,
     identity: Option<Identity>,
+    /// The certificate chain and key as PEM, for the servers that are not gRPC.
+    pem: Option<(String, String)>,
     client_auth: bool,
 }
 
@@ -41,10 +43,12 @@ impl TlsFiles {
     /// Reads and checks the files. Errors name the key (`ca`, `cert`, `key`,
     /// `client_auth`) and, where a file is at fault, its path.
     pub fn load(&self) -> Result<Tls, String> {
+        let mut pem = None;
         let identity = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
                 let cert_pem = read_pem(cert, "cert", "CERTIFICATE")?;
                 let key_pem = read_pem(key, "key", "PRIVATE KEY")?;
+                pem = Some((cert_pem.clone(), key_pem.clone()));
                 Some(Identity::from_pem(cert_pem, key_pem))
             }
             (None, None) => None,
@@ -68,6 +72,7 @@ impl TlsFiles {
         Ok(Tls {
             ca,
             identity,
+            pem,
             client_auth: self.client_auth,
         })
     }
@@ -109,6 +114,36 @@ impl Tls {
             }
         }
         Some(cfg)
+    }
+
+    /// The server side of an HTTP endpoint (HTTP/1.1 over TLS with this process's
+    /// certificate; no client certificate is asked for: what needs protecting there
+    /// carries the run's token, which TLS keeps off the wire). `None` when this process
+    /// has no certificate.
+    pub fn https(
+        &self,
+    ) -> Option<Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, String>> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert_pem, key_pem) = self.pem.as_ref()?;
+        let build = || {
+            let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("tls cert: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| format!("tls key: {e}"))?;
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("tls: {e}"))?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("tls cert and key: {e}"))?;
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(std::sync::Arc::new(cfg))
+        };
+        Some(build())
     }
 
     /// The client side: `None` when this process has no CA to verify servers with.
