@@ -223,10 +223,12 @@ fn kubernetes_manifests_match_the_openapi_schemas() {
     kube_validate(&kv, &files);
 }
 
-/// What `kubectl kustomize` makes of the base and of base + autoscaling component.
+/// What `kubectl kustomize` makes of the base, of base + autoscaling component and of
+/// base + sandbox component.
 struct Rendered {
     base: String,
     autoscaled: String,
+    sandboxed: String,
 }
 
 fn render(kubectl: &Path) -> Rendered {
@@ -234,22 +236,26 @@ fn render(kubectl: &Path) -> Rendered {
     let base = ok(Command::new(kubectl).arg("kustomize").arg(&k8s));
     // An overlay outside the tree (one inside the base's folder would be a cycle);
     // kustomize wants relative paths.
-    let tmp = tempfile::tempdir().unwrap();
-    let up = "../".repeat(tmp.path().components().count() - 1);
-    let rel = |p: &Path| format!("{up}{}", p.strip_prefix("/").unwrap().display());
-    std::fs::write(
-        tmp.path().join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
-            rel(&k8s),
-            rel(&k8s.join("components/autoscaling"))
-        ),
-    )
-    .unwrap();
-    let autoscaled = ok(Command::new(kubectl).arg("kustomize").arg(tmp.path()));
+    let with = |component: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = "../".repeat(tmp.path().components().count() - 1);
+        let rel = |p: &Path| format!("{up}{}", p.strip_prefix("/").unwrap().display());
+        std::fs::write(
+            tmp.path().join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
+                rel(&k8s),
+                rel(&k8s.join(component))
+            ),
+        )
+        .unwrap();
+        let out = ok(Command::new(kubectl).arg("kustomize").arg(tmp.path()));
+        String::from_utf8(out.stdout).unwrap()
+    };
     Rendered {
         base: String::from_utf8(base.stdout).unwrap(),
-        autoscaled: String::from_utf8(autoscaled.stdout).unwrap(),
+        autoscaled: with("components/autoscaling"),
+        sandboxed: with("components/sandbox"),
     }
 }
 
@@ -263,13 +269,15 @@ fn kustomization_renders_and_validates() {
     let kv = common::require_program(Tool::KubernetesValidate);
     let r = render(&kubectl);
     let tmp = tempfile::tempdir().unwrap();
-    let (base, autoscaled) = (
+    let (base, autoscaled, sandboxed) = (
         tmp.path().join("base.yaml"),
         tmp.path().join("autoscaled.yaml"),
+        tmp.path().join("sandboxed.yaml"),
     );
     std::fs::write(&base, &r.base).unwrap();
     std::fs::write(&autoscaled, &r.autoscaled).unwrap();
-    kube_validate(&kv, &[base, autoscaled]);
+    std::fs::write(&sandboxed, &r.sandboxed).unwrap();
+    kube_validate(&kv, &[base, autoscaled, sandboxed]);
 
     // The documented way to make the real Secret (secret.yaml's comment) yields a
     // valid drop-in for the placeholder.
@@ -302,6 +310,48 @@ fn kustomization_renders_and_validates() {
     check_cluster(&base, false);
     check_cluster(&with_hpa, true);
     check_adapter_matches_hpa(&python, &with_hpa);
+    check_sandbox_component(&base, &yaml_docs(&python, &r.sandboxed));
+}
+
+/// The sandbox component lifts exactly what the generators' sandbox needs, on the
+/// generators only: a user namespace for the pod, an unmasked /proc, no seccomp or
+/// AppArmor profile; the rest of their security context stays as the base has it.
+fn check_sandbox_component(base: &[Value], sandboxed: &[Value]) {
+    let gen = |objs: &[Value]| find(objs, "Deployment", "tandem-generator").clone();
+    let (b, s) = (gen(base), gen(sandboxed));
+    let (bspec, sspec) = (
+        &b["spec"]["template"]["spec"],
+        &s["spec"]["template"]["spec"],
+    );
+    assert!(
+        bspec["hostUsers"].is_null(),
+        "the base keeps the host's users"
+    );
+    assert_eq!(sspec["hostUsers"], false);
+    assert_eq!(
+        bspec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(
+        sspec["securityContext"]["seccompProfile"]["type"],
+        "Unconfined"
+    );
+    let sc = &sspec["containers"][0]["securityContext"];
+    assert_eq!(sc["procMount"], "Unmasked");
+    assert_eq!(sc["appArmorProfile"]["type"], "Unconfined");
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sspec["securityContext"]["runAsNonRoot"], true);
+    // Nothing else changes.
+    for (kind, name) in base.iter().map(key) {
+        if name != "tandem-generator" {
+            assert_eq!(
+                find(base, &kind, &name),
+                find(sandboxed, &kind, &name),
+                "{kind} {name}"
+            );
+        }
+    }
 }
 
 fn key(o: &Value) -> (String, String) {
@@ -812,6 +862,42 @@ fn compose_file_is_valid_compose() {
         }
     }
     assert_eq!(generator_names.len(), 2);
+    for name in ["coordinator", "trainer", "gen-0", "gen-1"] {
+        // The base gives no Tandem service more than no-new-privileges.
+        let opts = strs(&services[name]["security_opt"]);
+        assert_eq!(opts, ["no-new-privileges:true"], "{name}");
+    }
+
+    // compose.sandbox.yaml: the generators, and only they, may build namespaces.
+    let o = ok(compose_cmd(&c)
+        .arg("-f")
+        .arg(deploy("compose.sandbox.yaml"))
+        .args(["config", "--format", "json"])
+        .env("TANDEM_TOKEN", "compose-test-token")
+        .env("TANDEM_GENERATOR_TOKEN", "compose-generator-token"));
+    let sandboxed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (name, s) in sandboxed["services"].as_object().unwrap() {
+        let opts: BTreeSet<String> = strs(&s["security_opt"]).into_iter().collect();
+        let want: BTreeSet<String> = if name.starts_with("gen-") {
+            [
+                "no-new-privileges:true",
+                "seccomp=unconfined",
+                "apparmor=unconfined",
+                "systempaths=unconfined",
+            ]
+            .map(String::from)
+            .into()
+        } else {
+            strs(&services[name.as_str()]["security_opt"])
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(opts, want, "{name}");
+        if name.starts_with("gen-") {
+            assert_eq!(strs(&s["cap_drop"]), ["ALL"], "{name}");
+            assert_eq!(s["read_only"], true, "{name}");
+        }
+    }
 
     // The coordinator serves where the scrape config looks and the healthcheck asks.
     let config = read(&deploy("config/tiny.toml"));

@@ -22,7 +22,7 @@ pub struct RewardConfig {
     /// An external reward service (`http://host:port`), scored per group.
     pub service: Option<String>,
     /// The reward service's own token (`TANDEM_REWARD_TOKEN` in the generator's
-    /// environment wins): the run's token never leaves the run.
+    /// environment wins): the token this generator holds is never sent to it.
     pub service_token: Option<String>,
     pub service_weight: f64,
     /// A reward model (`tandem rm` output: an HF folder with `reward_head.safetensors`)

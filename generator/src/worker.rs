@@ -56,7 +56,7 @@ pub struct Settings {
 /// A generator's side of `[trainer] broadcast`.
 #[derive(Clone)]
 pub struct BroadcastSettings {
-    /// The run's token.
+    /// The token this generator holds (the generator token under `tandem run`).
     pub token: String,
     /// How long to wait for a version before fetching it over gRPC.
     pub timeout: Duration,
@@ -137,7 +137,7 @@ impl Worker {
                     .ok_or_else(|| {
                         rpc(
                             "[reward] service",
-                            "needs its own token: set TANDEM_REWARD_TOKEN (or [reward] service_token); the run's token is not sent to it",
+                            "needs its own token: set TANDEM_REWARD_TOKEN (or [reward] service_token); the generator's token is not sent to it",
                         )
                     })?;
                 let service_creds =
@@ -178,7 +178,7 @@ impl Worker {
                 .ok_or_else(|| {
                     rpc(
                         "[env] service",
-                        "needs its own token: set TANDEM_ENV_TOKEN (or [env] service_token); the run's token is not sent to it",
+                        "needs its own token: set TANDEM_ENV_TOKEN (or [env] service_token); the generator's token is not sent to it",
                     )
                 })?;
             let env_creds = tandem_proto::auth::Credentials::new(&token, creds.tls().clone())

@@ -159,9 +159,12 @@ impl ParamStore {
         Ok(())
     }
 
-    /// How many times the values were replaced through this store. Code that changes a
-    /// parameter's `Var` directly (an optimizer) calls [`ParamStore::touch`] when
-    /// derived copies must follow.
+    /// How many times the values were replaced through [`ParamStore::assign`] (or
+    /// marked by [`ParamStore::touch`]); an engine's packed copies of the weights are
+    /// rebuilt when it changes. The optimizer updates the `Var`s in place without
+    /// counting, so code that samples after training steps builds a new engine (the
+    /// trainer's held-out evaluation and the offline stages do); code that changes the
+    /// `Var`s directly and keeps an engine must call [`ParamStore::touch`].
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
