@@ -1208,11 +1208,12 @@ fn status_goes_over_tls(addr: &str, ca: &Path) {
     // (or closes), never with HTTP.
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
+    // The server may close before the whole request is written (a broken pipe): what
+    // matters is what, if anything, comes back.
+    let _ = write!(
         s,
         "GET /status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    );
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     assert!(
