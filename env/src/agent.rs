@@ -348,7 +348,8 @@ impl Agents {
     }
 
     /// Counts a group that [`Ended::Failed`] (`why`); an error once
-    /// [`FAILURES_IN_A_ROW`] groups in a row have: the program, not one task, is broken.
+    /// `FAILURES_IN_A_ROW` (3) groups in a row have: the program, not one task, is
+    /// broken.
     pub fn failed(&mut self, why: &str) -> Result<()> {
         self.failures_in_a_row += 1;
         if self.failures_in_a_row >= FAILURES_IN_A_ROW {

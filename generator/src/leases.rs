@@ -121,7 +121,7 @@ impl LeaseClient {
 
 /// When the sampler asks for leases, and the leases that wait for the engine to drain.
 pub(crate) struct Leasing {
-    pub client: LeaseClient,
+    client: LeaseClient,
     /// No lease call before this.
     next: Instant,
     /// Leased under a version newer than the weights held while rows still run
@@ -168,6 +168,11 @@ impl Leasing {
     /// The deferred leases, when `drained`.
     pub fn take_deferred(&mut self, drained: bool) -> Option<(u64, Vec<PromptLease>)> {
         self.deferred.take_if(|_| drained)
+    }
+
+    /// Tells the coordinator this worker leaves.
+    pub fn leave(&self) {
+        self.client.leave();
     }
 
     /// How long until the next lease call may be made.

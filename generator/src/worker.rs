@@ -1,10 +1,11 @@
-//! The generator: a loop over components that each own their state. The [`Sampler`]
-//! (the engine driver) starts leased groups and steps the engine; [`Leasing`] asks the
-//! coordinator for groups ahead of it; [`WeightSync`] takes new versions between
-//! batches, or between decode steps (`in_flight`); finished groups go to the scorer
-//! stage ([`Scorer`], a thread of its own that scores, builds rollouts and pushes them
-//! through its outbox); the heartbeat task reports and learns through the [`Beat`].
-//! The loop sends finished groups and never waits for their scores or their pushes.
+//! The generator: a loop over components that each own their state. The `Sampler`
+//! (the engine driver, `sampler.rs`) starts leased groups and steps the engine;
+//! `Leasing` (`leases.rs`) asks the coordinator for groups ahead of it; `WeightSync`
+//! (`weight_sync.rs`) takes new versions between batches, or between decode steps
+//! (`in_flight`); finished groups go to the scorer stage (`scorer.rs`: a thread of its
+//! own that scores, builds rollouts and pushes them through its `Outbox`); the
+//! heartbeat task reports and learns through the `Beat` (`heartbeat.rs`). The loop
+//! hands finished groups over and never waits for their scores or their pushes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,7 +172,7 @@ impl Worker {
         let scored = scorer.finish();
         self.beat.stop();
         self.weights.stop();
-        self.leasing.client.leave();
+        self.leasing.leave();
         sampled.and(scored)
     }
 
