@@ -52,15 +52,15 @@ pub fn sft(a: StageArgs) -> Result<()> {
                 "[sft] tools: name one tool (transcripts call one tool each)".into(),
             ));
         }
-        tandem_generator::tool_call::transcript(&tools[0], "1 + 1", "2")
+        tandem_env::tool_call::transcript(&tools[0], "1 + 1", "2")
             .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?;
         let mut cfg = cfg.clone();
         cfg.data.system = Some(
-            tandem_generator::tool_call::system_prompt(cfg.data.system.as_deref(), &tools)
+            tandem_env::tool_call::system_prompt(cfg.data.system.as_deref(), &tools)
                 .map_err(|e| tandem_trainer::Error::Invalid(e.to_string()))?,
         );
         let transcript = |question: &str, answer: &str| {
-            tandem_generator::tool_call::transcript(&tools[0], question, answer).unwrap_or_default()
+            tandem_env::tool_call::transcript(&tools[0], question, answer).unwrap_or_default()
         };
         tandem_trainer::offline::sft::run_with(&cfg, Some(&transcript))
     })

@@ -292,7 +292,7 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
         model,
         rt.handle().clone(),
         creds,
-        tandem_generator::worker::Joined {
+        tandem_generator::worker::Registration {
             coordinator: coord,
             worker_id: reply.worker_id,
             policy_version: reply.policy_version,

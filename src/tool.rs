@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tandem_generator::env::{Act, Env};
-use tandem_generator::tool_call::Action;
+use tandem_env::tool_call::Action;
+use tandem_env::{Act, Env};
 
 use crate::run_config::RunConfig;
 

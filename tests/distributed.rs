@@ -1969,6 +1969,149 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     check_nothing_lost(&c.run, &trained, true);
 }
 
+/// Scoring never stalls sampling: with a reward service that takes 2 s a call, the
+/// generator's engine keeps stepping while a group waits for its rewards (the scorer
+/// stage calls the service on a thread of its own), and nothing is lost: the run
+/// finishes and every group is trained once. Two witnesses: the engine's own step
+/// count, which the generator logs around every slow call (`engine_steps=N`), and from
+/// outside, the tokens the generator reports to the coordinator (heartbeats every
+/// 100 ms): the first call holds on, past its 2 s, until more tokens are reported
+/// than 0.3 s into it (at most 30 s). When scoring ran on the engine's loop, nothing
+/// was sampled during a call, and the first call would wait its 30 s in vain.
+#[test]
+fn a_slow_reward_service_does_not_stall_the_engine() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tandem_proto::v1::reward_server::Reward;
+    use tandem_proto::v1::{ScoreReply, ScoreRequest};
+
+    /// Answers after 2 s (the first call: once the generator has reported tokens
+    /// sampled during it); records the generator's token count 0.3 s in and at the end.
+    #[derive(Clone, Default)]
+    struct Slow {
+        /// The coordinator's HTTP address, once it listens.
+        http: Arc<Mutex<String>>,
+        /// Set once the first call has come.
+        first_seen: Arc<AtomicBool>,
+        /// Per call: tokens reported 0.3 s into it and when it answers.
+        calls: Arc<Mutex<Vec<(f64, f64)>>>,
+    }
+
+    impl Slow {
+        async fn tokens(&self) -> Option<f64> {
+            let http = self.http.lock().unwrap().clone();
+            tokio::task::spawn_blocking(move || generated_tokens(&http, "gen-0"))
+                .await
+                .ok()
+                .flatten()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Reward for Slow {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            let t0 = tokio::time::Instant::now();
+            let first = !self.first_seen.swap(true, Ordering::SeqCst);
+            tokio::time::sleep_until(t0 + Duration::from_millis(300)).await;
+            let before = self.tokens().await.unwrap_or(0.0);
+            let mut after = before;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                after = self.tokens().await.unwrap_or(after);
+                let waited = t0.elapsed();
+                let enough = !first || after > before || waited >= Duration::from_secs(30);
+                if waited >= Duration::from_secs(2) && enough {
+                    break;
+                }
+            }
+            self.calls.lock().unwrap().push((before, after));
+            let n = req.into_inner().completions.len();
+            let rewards = (0..n).map(|i| i as f64 / 4.0).collect();
+            Ok(tonic::Response::new(ScoreReply { rewards }))
+        }
+    }
+
+    let service = Slow::default();
+    let (http, calls) = (service.http.clone(), service.calls.clone());
+    let (_rt, addr) = common::serve_reward(REWARD_TOKEN, service);
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let steps = 3;
+    // One generator decoding one sample at a time, long completions and six groups
+    // admitted at once: while the first group is scored, the other five (thousands of
+    // steps) are still to be sampled.
+    let text = reward_from_service(
+        &config(dir.path(), &model, steps, 2, ""),
+        &addr,
+        &[
+            "generator.max_new_tokens=400",
+            "generator.prompts_per_batch=4",
+            "generator.max_running=1",
+        ],
+    );
+    let mut c = Cluster::start(dir.path(), &text);
+    *http.lock().unwrap() = c.http.clone();
+    c.trainer();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(240));
+    let trained = check_trained(&c.run, steps, 2, 4, 2);
+    check_nothing_lost(&c.run, &trained, true);
+    let calls = calls.lock().unwrap().clone();
+    let log = c.log("gen-0");
+    let stepped: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("the reward service took"))
+        .map(|l| {
+            let at = l.find("engine_steps=").expect("engine_steps in the line") + 13;
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap()
+        })
+        .collect();
+    let sampled: Vec<f64> = calls.iter().map(|(b, a)| a - b).collect();
+    eprintln!(
+        "{} reward calls; engine steps during each: {stepped:?}; tokens reported from 0.3 s into each to its end: {sampled:?}",
+        calls.len()
+    );
+    assert!(
+        calls.len() >= (steps * 2) as usize,
+        "the service scored {} groups",
+        calls.len()
+    );
+    // Every call answered is logged (one cut by the end of the run may not be).
+    assert!(
+        stepped.len() + 1 >= calls.len(),
+        "{} slow calls logged for {} calls: {log}",
+        stepped.len(),
+        calls.len()
+    );
+    assert!(
+        stepped[0] > 0,
+        "the engine did not step during the first reward call: {stepped:?}"
+    );
+    assert!(
+        sampled[0] > 0.0,
+        "no token was sampled during the first reward call: {sampled:?}"
+    );
+}
+
+/// The tokens generator `name` has reported to the coordinator at `http`
+/// (`tandem_generated_tokens_total`); `None` when the coordinator does not answer or
+/// no longer lists the generator (the run is over).
+fn generated_tokens(http: &str, name: &str) -> Option<f64> {
+    std::net::TcpStream::connect(http).ok()?;
+    let (status, body) = http_status(http, "/metrics");
+    if status != 200 {
+        return None;
+    }
+    let series = format!("tandem_generated_tokens_total{{generator=\"{name}\"}}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// The chaos test. A `tandem run` whose generators reach the trainer through a proxy
 /// that delays chunks and cuts every connection every few seconds; at moments drawn
 /// from a seed (printed; `TANDEM_CHAOS_SEED` replays one) it kills -9 the coordinator,

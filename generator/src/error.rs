@@ -14,6 +14,8 @@ pub enum Error {
     #[error(transparent)]
     Data(#[from] tandem_data::Error),
     #[error(transparent)]
+    Env(#[from] tandem_env::Error),
+    #[error(transparent)]
     Context(#[from] tandem_model::error::Contextual),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -25,6 +27,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
+}
+
+/// A failed call or connection: `what` (the peer, the call) and why.
+pub(crate) fn rpc(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Rpc(format!("{what}: {e}"))
 }
 
 /// `return Err(invalid(format!(…)))`.

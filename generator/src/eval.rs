@@ -20,8 +20,8 @@ use tandem_data::{DataConfig, DataKind, Dataset, Prompt};
 use tandem_model::{Pretrained, RewardModel, SamplingParams};
 
 use crate::error::{bail, Result};
+use crate::offline::{render_all, sample_scored, Scored};
 use crate::reward::{final_answer, math_correct, RewardConfig};
-use crate::scored::{render_all, sample_scored, Scored};
 
 /// `[eval]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -245,7 +245,7 @@ pub struct Evaluation {
     params: SamplingParams,
     rm: Option<RewardModel>,
     /// Multi-turn episodes with tools (`[env]`), when the run has them.
-    env: Option<crate::env::Env>,
+    env: Option<tandem_env::Env>,
 }
 
 impl Evaluation {
@@ -256,7 +256,7 @@ impl Evaluation {
         section: &EvalSection,
         data: &DataConfig,
         reward: &RewardConfig,
-        env: &crate::env::EnvConfig,
+        env: &tandem_env::EnvConfig,
         max_new_tokens: usize,
     ) -> Result<Self> {
         section.validate()?;
@@ -267,7 +267,7 @@ impl Evaluation {
             bail!("[eval]: the evaluation runs episodes with tools only; an [env] service is not called (set eval.every = 0, or evaluate with `tandem eval` on a config without it)");
         }
         let env = if env.multi_turn() {
-            Some(crate::env::Env::new(
+            Some(tandem_env::Env::new(
                 env.clone(),
                 &p.tokenizer,
                 data.chat,
@@ -288,7 +288,7 @@ impl Evaluation {
         // The tools are announced as the generators announce them.
         let system = match &env {
             Some(e) if data.chat && !e.config.tools.is_empty() => Some(
-                crate::tool_call::system_prompt(data.system.as_deref(), &e.config.tools)?,
+                tandem_env::tool_call::system_prompt(data.system.as_deref(), &e.config.tools)?,
             ),
             _ => data.system.clone(),
         };

@@ -5,120 +5,222 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
-use tandem_proto::v1::{HeartbeatRequest, RegisterRequest, Role};
+use tandem_proto::v1::{HeartbeatReply, HeartbeatRequest, RegisterRequest, Role};
 use tokio::runtime::Handle;
 
 use crate::broadcast::Inbox;
-use crate::error::Result;
-use crate::worker::rpc;
+use crate::error::{rpc, Result};
 
-/// What the heartbeat task and the sampling loop share.
+/// What a generator's heartbeats report and learn. The components feed it (the
+/// sampler its tokens and waits, the weight sync the version held and its syncs) and
+/// read what the coordinator said (the published version, the trainer's address, the
+/// end of the run); only the heartbeat task sends it.
 #[derive(Default)]
 pub(crate) struct Beat {
-    pub worker_id: AtomicU64,
-    pub held: AtomicU64,
-    pub latest: AtomicU64,
-    pub tokens: AtomicU64,
-    pub wait_us: AtomicU64,
-    pub sync_bytes: AtomicU64,
-    pub sync_failures: AtomicU64,
-    pub syncs: Mutex<Vec<f64>>,
-    pub trainer: Mutex<String>,
-    pub stop: AtomicBool,
+    worker_id: AtomicU64,
+    held: AtomicU64,
+    latest: AtomicU64,
+    tokens: AtomicU64,
+    wait_us: AtomicU64,
+    sync_bytes: AtomicU64,
+    sync_failures: AtomicU64,
+    syncs: Mutex<Vec<f64>>,
+    trainer: Mutex<String>,
+    stop: AtomicBool,
 }
 
-/// Registers again after the coordinator dropped this worker; returns the new id (its
-/// session token goes with every later call of `creds`).
-async fn register_again(
-    coordinator: &mut CoordinatorClient<Authed>,
-    creds: &Credentials,
-    name: &str,
-) -> Result<u64> {
-    let r = coordinator
-        .register(client::unary(RegisterRequest {
-            role: Role::Generator as i32,
-            name: name.to_string(),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?
-        .into_inner();
-    creds.set_session(&r.session_token);
-    Ok(r.worker_id)
+impl Beat {
+    /// A registered worker's: its id, the version published when it registered and the
+    /// trainer's address then.
+    pub fn new(worker_id: u64, latest: u64, trainer: String) -> Self {
+        let b = Beat::default();
+        b.worker_id.store(worker_id, Ordering::SeqCst);
+        b.latest.store(latest, Ordering::SeqCst);
+        b.set_trainer(trainer);
+        b
+    }
+
+    /// This worker's id (a new one after registering again).
+    pub fn worker_id(&self) -> u64 {
+        self.worker_id.load(Ordering::SeqCst)
+    }
+
+    /// The version of the weights held: every token sampled now carries it.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// The version the coordinator last said is published.
+    pub fn latest(&self) -> u64 {
+        self.latest.load(Ordering::SeqCst)
+    }
+
+    /// Version `v` is published (it came by broadcast, after its publish), even if no
+    /// reply has said so yet.
+    pub fn published_at_least(&self, v: u64) {
+        self.latest.fetch_max(v, Ordering::SeqCst);
+    }
+
+    /// The trainer's address, once one has registered.
+    pub fn trainer(&self) -> Result<String> {
+        let t = self.trainer.lock().map(|t| t.clone()).unwrap_or_default();
+        if t.is_empty() {
+            return Err(rpc(
+                "trainer",
+                "no trainer has registered with the coordinator yet",
+            ));
+        }
+        Ok(t)
+    }
+
+    fn set_trainer(&self, address: String) {
+        if let Ok(mut t) = self.trainer.lock() {
+            *t = address;
+        }
+    }
+
+    /// Whether the run is over for this worker (the coordinator said so, or stayed
+    /// unreachable, or the worker is leaving).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// `n` completion tokens sampled.
+    pub fn generated(&self, n: u64) {
+        self.tokens.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// The sampler waited `d` with nothing to step.
+    pub fn waited(&self, d: Duration) {
+        self.wait_us
+            .fetch_add(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Version `version` is held from now on, after a sync of `bytes` that took
+    /// `seconds`.
+    pub fn synced(&self, version: u64, bytes: u64, seconds: f64) {
+        self.held.store(version, Ordering::SeqCst);
+        self.sync_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if let Ok(mut s) = self.syncs.lock() {
+            s.push(seconds);
+        }
+    }
+
+    /// A weight sync failed (it is retried).
+    pub fn sync_failed(&self) {
+        self.sync_failures.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The next heartbeat: what changed since the last one (the counters are taken).
+    fn report(&self, broadcast: bool) -> HeartbeatRequest {
+        HeartbeatRequest {
+            worker_id: self.worker_id(),
+            policy_version: self.held(),
+            generated_tokens: self.tokens.swap(0, Ordering::SeqCst),
+            wait_seconds: self.wait_us.swap(0, Ordering::SeqCst) as f64 / 1e6,
+            weight_sync_seconds: self
+                .syncs
+                .lock()
+                .map(|mut s| std::mem::take(&mut *s))
+                .unwrap_or_default(),
+            weight_sync_bytes: self.sync_bytes.swap(0, Ordering::SeqCst),
+            weight_sync_failures: self.sync_failures.swap(0, Ordering::SeqCst),
+            broadcast,
+            broadcast_address: String::new(),
+        }
+    }
 }
 
-/// Starts the heartbeat task on `rt`; it ends when `beat.stop` is set (by the run's end,
-/// or when heartbeats have failed for the reconnect timeout: the coordinator is gone).
-pub(crate) fn spawn(
-    rt: &Handle,
-    beat: Arc<Beat>,
-    mut coord: CoordinatorClient<Authed>,
-    creds: Credentials,
-    interval: Duration,
-    name: String,
-    inbox: Option<Arc<Inbox>>,
-) {
-    rt.spawn(async move {
+/// The heartbeat task: it owns its coordinator client and what it needs to register
+/// again.
+pub(crate) struct Heartbeat {
+    pub beat: Arc<Beat>,
+    pub coordinator: CoordinatorClient<Authed>,
+    pub creds: Credentials,
+    pub interval: Duration,
+    /// This generator's name (registering again).
+    pub name: String,
+    /// The broadcast receiver, told each new group.
+    pub inbox: Option<Arc<Inbox>>,
+}
+
+impl Heartbeat {
+    /// Starts the task on `rt`; it ends when the beat stops (by the run's end, or when
+    /// heartbeats have failed for the reconnect timeout: the coordinator is gone).
+    pub fn spawn(self, rt: &Handle) {
+        rt.spawn(self.run());
+    }
+
+    async fn run(mut self) {
         let mut failures = 0u32;
-        let mut failing_since: Option<std::time::Instant> = None;
-        while !beat.stop.load(Ordering::SeqCst) {
-            tokio::time::sleep(interval).await;
-            let req = HeartbeatRequest {
-                worker_id: beat.worker_id.load(Ordering::SeqCst),
-                policy_version: beat.held.load(Ordering::SeqCst),
-                generated_tokens: beat.tokens.swap(0, Ordering::SeqCst),
-                wait_seconds: beat.wait_us.swap(0, Ordering::SeqCst) as f64 / 1e6,
-                weight_sync_seconds: beat
-                    .syncs
-                    .lock()
-                    .map(|mut s| std::mem::take(&mut *s))
-                    .unwrap_or_default(),
-                weight_sync_bytes: beat.sync_bytes.swap(0, Ordering::SeqCst),
-                weight_sync_failures: beat.sync_failures.swap(0, Ordering::SeqCst),
-                broadcast: inbox.is_some(),
-                broadcast_address: String::new(),
-            };
-            match coord.heartbeat(client::unary(req)).await {
+        let mut failing_since: Option<Instant> = None;
+        while !self.beat.stopped() {
+            tokio::time::sleep(self.interval).await;
+            let req = self.beat.report(self.inbox.is_some());
+            match self.coordinator.heartbeat(client::unary(req)).await {
                 Ok(r) => {
                     failures = 0;
                     failing_since = None;
-                    let r = r.into_inner();
-                    if let Some(inbox) = &inbox {
-                        inbox.set_group(r.group.clone());
-                    }
-                    // The published version; it only goes back when a trainer resumed.
-                    beat.latest.store(r.policy_version, Ordering::SeqCst);
-                    if let Ok(mut t) = beat.trainer.lock() {
-                        *t = r.trainer_address;
-                    }
-                    if r.stop {
-                        beat.stop.store(true, Ordering::SeqCst);
-                    }
-                    if !r.known {
-                        tracing::warn!("the coordinator dropped this generator; registering again");
-                        if let Ok(id) = register_again(&mut coord, &creds, &name).await {
-                            beat.worker_id.store(id, Ordering::SeqCst);
-                        }
-                    }
+                    self.learn(r.into_inner()).await;
                 }
                 Err(e) => {
                     failures += 1;
-                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    let since = *failing_since.get_or_insert_with(Instant::now);
                     tracing::warn!("heartbeat failed ({failures}): {}", client::describe(&e));
                     if since.elapsed() >= tandem_proto::retry::patience() {
                         tracing::error!(
                             "the coordinator stayed unreachable for {:.0} s ([coordinator] reconnect_timeout_s); stopping",
                             since.elapsed().as_secs_f64()
                         );
-                        beat.stop.store(true, Ordering::SeqCst);
+                        self.beat.stop();
                     }
                 }
             }
         }
-    });
+    }
+
+    /// Takes in what a heartbeat's reply said.
+    async fn learn(&mut self, r: HeartbeatReply) {
+        if let Some(inbox) = &self.inbox {
+            inbox.set_group(r.group.clone());
+        }
+        // The published version; it only goes back when a trainer resumed.
+        self.beat.latest.store(r.policy_version, Ordering::SeqCst);
+        self.beat.set_trainer(r.trainer_address);
+        if r.stop {
+            self.beat.stop();
+        }
+        if !r.known {
+            tracing::warn!("the coordinator dropped this generator; registering again");
+            if let Ok(id) = self.register_again().await {
+                self.beat.worker_id.store(id, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Registers again after the coordinator dropped this worker; returns the new id (its
+    /// session token goes with every later call of `creds`).
+    async fn register_again(&mut self) -> Result<u64> {
+        let r = self
+            .coordinator
+            .register(client::unary(RegisterRequest {
+                role: Role::Generator as i32,
+                name: self.name.clone(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| rpc("registering with the coordinator", client::describe(&e)))?
+            .into_inner();
+        self.creds.set_session(&r.session_token);
+        Ok(r.worker_id)
+    }
 }

@@ -1,48 +1,46 @@
-//! `tandem-generator`: the rollout worker.
+//! `tandem-generator`: the rollout worker, and offline sampling on the same engine.
 //!
-//! - [`worker`] — leases, batched sampling with per-token versions and scoring; its
-//!   heartbeats (`heartbeat.rs`), the rollout stream to the trainer (`push.rs`) and
-//!   weight swaps between batches or in flight (`weight_sync.rs`, from the
-//!   [`broadcast`] inbox or the gRPC fetch)
-//! - [`reward`] — built-in verifiers (math final answer, format, exact match) and
-//!   the external reward service
+//! The worker is a loop over components that own their state:
+//! - [`worker`] — the loop and its wiring: lease groups ahead of the engine, step it,
+//!   hand finished groups to the scorer; `Settings`, `Registration`
+//! - `sampler.rs` — the engine driver: the `Engine`, the policy, the groups being
+//!   sampled as episodes ([`tandem_env`]) and agent programs, the leases in flight
+//! - `scorer.rs` — the scorer stage, a thread fed by a channel: verifiers, the judge
+//!   ([`judge`]), the reward service (`reward_service.rs`, retried, the lease given back
+//!   when it keeps failing), environment rewards and the reward model, then the push
+//!   through `outbox.rs` (the rollout stream: groups pending until acknowledged)
+//! - `leases.rs` — leasing, giving leases back, leaving; `weight_sync.rs` — versions
+//!   from the [`broadcast`] inbox or the gRPC fetch, assigned in place;
+//!   `heartbeat.rs` — the heartbeat task and the `Beat` the components report to
+//! - [`reward`] — the `[reward]` section and the built-in verifiers (math final answer,
+//!   format, exact match)
 //! - [`render`] — prompts to token ids (chat template or raw text)
 //! - [`config`] — the `[generator]` section
-//! - [`scored`] — offline sampling: N completions per prompt, decoded and scored
+//! - [`offline`] — offline sampling: N completions per prompt, decoded and scored
 //! - [`rejection`] — rejection sampling: N completions per prompt, the best kept as SFT
 //!   data
 //! - [`eval`] — held-out evaluation: accuracy, pass@k, maj@k, mean length
-//! - [`env`] — the `[env]` section: multi-turn episodes with tools; [`episode`] — one
-//!   sample's turns as sampled plus the environment's; [`tool_call`] — the Hermes
-//!   tool-call convention; [`calculator`] — the calculator tool; [`python`] — the
-//!   `python` tool, run in [`tandem_sandbox`]
-//! - [`agent`] — `[env] agent` programs, one process per episode; [`openai`] — the
-//!   OpenAI-compatible endpoint they talk to; [`chat_episode`] — an agent's requests
-//!   merged into samples, the model's tokens as sampled
+//!
+//! Environments (episodes, tools, the Environment service, agent programs and their
+//! OpenAI-compatible endpoint) live in [`tandem_env`].
 
 #![forbid(unsafe_code)]
 
-pub mod agent;
 pub mod broadcast;
-pub mod calculator;
-pub mod chat_episode;
 pub mod config;
-pub mod env;
-pub mod env_service;
-pub mod episode;
 pub mod error;
 pub mod eval;
-pub mod groups;
 mod heartbeat;
-pub mod openai;
-mod push;
-pub mod python;
+pub mod judge;
+mod leases;
+pub mod offline;
+mod outbox;
 pub mod rejection;
 pub mod render;
 pub mod reward;
-pub mod scored;
-mod scoring;
-pub mod tool_call;
+mod reward_service;
+mod sampler;
+mod scorer;
 mod weight_sync;
 pub mod worker;
 

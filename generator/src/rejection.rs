@@ -4,18 +4,18 @@
 //! names the SFT config the binary runs next).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tandem_data::{DataConfig, Dataset, PromptBody};
+use tandem_data::{DataConfig, Dataset, Prompt, PromptBody};
 use tandem_model::{ModelSection, RewardModel, SamplingParams};
 
 use crate::config::GeneratorConfig;
 use crate::error::{bail, Context, Result};
+use crate::offline::{render_all, sample_scored};
 use crate::reward::RewardConfig;
-use crate::scored::{render_all, sample_scored};
 
 /// What is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,18 +113,55 @@ impl RejectionConfig {
 pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
     cfg.validate()?;
     let r = &cfg.rejection;
+    let data = Dataset::load(&cfg.data)?;
+    let count = data.epoch_len().map_or(r.prompts, |n| n.min(r.prompts));
+    let prompts: Vec<_> = (0..count as u64).map(|i| data.get(i)).collect();
+    let samples = sample(cfg, &prompts)?;
+    let kept = select(r, &samples);
+    if kept.is_empty() {
+        bail!(
+            "no completion was kept ({} sampled; min_reward {:?}): nothing to write",
+            samples.len(),
+            r.min_reward
+        );
+    }
+    write_kept(&r.out, &kept, &prompts, cfg.data.chat)?;
+    let mean = |v: &mut dyn Iterator<Item = f64>| {
+        let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+        s / n.max(1) as f64
+    };
+    let summary = json!({
+        "prompts": count,
+        "samples": samples.len(),
+        "kept": kept.len(),
+        "mean_reward_sampled": mean(&mut samples.iter().map(|s| s.reward)),
+        "mean_reward_kept": mean(&mut kept.iter().map(|s| s.reward)),
+        "out": r.out,
+    });
+    let summary_path = r.out.with_extension("summary.json");
+    tandem_model::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?)?;
+    eprintln!(
+        "rejection-sample: kept {} of {} samples from {count} prompts (mean reward {:.3} → {:.3}); wrote {}",
+        kept.len(),
+        samples.len(),
+        summary["mean_reward_sampled"].as_f64().unwrap_or(f64::NAN),
+        summary["mean_reward_kept"].as_f64().unwrap_or(f64::NAN),
+        r.out.display()
+    );
+    Ok(summary)
+}
+
+/// `[rejection] n` scored completions of each prompt, with a progress bar.
+fn sample(cfg: &RejectionConfig, prompts: &[Prompt]) -> Result<Vec<Sample>> {
+    let r = &cfg.rejection;
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
     let rm = match &cfg.reward.model {
         Some(dir) => Some(RewardModel::load(dir, &p.model)?),
         None => None,
     };
-    let data = Dataset::load(&cfg.data)?;
-    let count = data.epoch_len().map_or(r.prompts, |n| n.min(r.prompts));
-    let prompts: Vec<_> = (0..count as u64).map(|i| data.get(i)).collect();
-    let ids = render_all(&p, &prompts, cfg.data.chat, cfg.data.system.as_deref())?;
+    let ids = render_all(&p, prompts, cfg.data.chat, cfg.data.system.as_deref())?;
     let answers: Vec<Option<String>> = prompts.iter().map(|pr| pr.answer.clone()).collect();
-
-    let bar = ProgressBar::new(count as u64);
+    let bar = ProgressBar::new(prompts.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] prompt {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -152,7 +189,7 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
         |done| bar.set_position(done as u64),
     )?;
     bar.finish();
-    let samples: Vec<Sample> = groups
+    Ok(groups
         .into_iter()
         .enumerate()
         .flat_map(|(prompt, group)| {
@@ -162,8 +199,11 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
                 reward: s.reward,
             })
         })
-        .collect();
+        .collect())
+}
 
+/// The samples `[rejection] keep` keeps (at least `min_reward`), in prompt order.
+fn select<'a>(r: &RejectionSection, samples: &'a [Sample]) -> Vec<&'a Sample> {
     let passes = |s: &&Sample| r.min_reward.is_none_or(|m| s.reward >= m);
     let mut kept: Vec<&Sample> = match r.keep {
         Keep::Best => samples
@@ -182,24 +222,22 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
         }
     };
     kept.sort_by_key(|s| s.prompt);
-    if kept.is_empty() {
-        bail!(
-            "no completion was kept ({} sampled; min_reward {:?}): nothing to write",
-            samples.len(),
-            r.min_reward
-        );
-    }
+    kept
+}
 
-    if let Some(dir) = r.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// Writes the kept samples to `out` as SFT records (`messages` with `chat`, else
+/// `prompt` / `completion`): into `OUT.jsonl.partial`, renamed when complete.
+fn write_kept(out: &Path, kept: &[&Sample], prompts: &[Prompt], chat: bool) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let partial = r.out.with_extension("jsonl.partial");
+    let partial = out.with_extension("jsonl.partial");
     {
         let mut f = std::fs::File::create(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
-        for s in &kept {
+        for s in kept {
             let pr = &prompts[s.prompt];
-            let line = match (&pr.body, cfg.data.chat) {
+            let line = match (&pr.body, chat) {
                 (PromptBody::Text(t), false) => json!({"prompt": t, "completion": s.text}),
                 (body, _) => {
                     let mut turns: Vec<serde_json::Value> = match body {
@@ -216,29 +254,6 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
             writeln!(f, "{line}")?;
         }
     }
-    std::fs::rename(&partial, &r.out)
-        .with_context(|| format!("renaming into {}", r.out.display()))?;
-    let mean = |v: &mut dyn Iterator<Item = f64>| {
-        let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-        s / n.max(1) as f64
-    };
-    let summary = json!({
-        "prompts": count,
-        "samples": samples.len(),
-        "kept": kept.len(),
-        "mean_reward_sampled": mean(&mut samples.iter().map(|s| s.reward)),
-        "mean_reward_kept": mean(&mut kept.iter().map(|s| s.reward)),
-        "out": r.out,
-    });
-    let summary_path = r.out.with_extension("summary.json");
-    tandem_model::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?)?;
-    eprintln!(
-        "rejection-sample: kept {} of {} samples from {count} prompts (mean reward {:.3} → {:.3}); wrote {}",
-        kept.len(),
-        samples.len(),
-        summary["mean_reward_sampled"].as_f64().unwrap_or(f64::NAN),
-        summary["mean_reward_kept"].as_f64().unwrap_or(f64::NAN),
-        r.out.display()
-    );
-    Ok(summary)
+    std::fs::rename(&partial, out).with_context(|| format!("renaming into {}", out.display()))?;
+    Ok(())
 }

@@ -3,69 +3,176 @@
 //! fetches it over gRPC as checksummed buckets, and assigns it in place — between
 //! batches, or between decode steps with in-flight updates.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_model::Model;
+use tandem_proto::auth::Credentials;
 use tandem_proto::client;
 use tandem_proto::v1::FetchWeightsRequest;
 use tandem_weights::bucket::Assembler;
+use tokio::runtime::Handle;
 
-use crate::error::Result;
-use crate::worker::{rpc, Worker};
+use crate::broadcast::Inbox;
+use crate::error::{rpc, Result};
+use crate::heartbeat::Beat;
+use crate::worker::BroadcastSettings;
 
-impl Worker {
-    pub(crate) fn trainer_address(&self) -> Result<String> {
-        let t = self
-            .beat
-            .trainer
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default();
-        if t.is_empty() {
-            return Err(rpc(
-                "trainer",
-                "no trainer has registered with the coordinator yet",
-            ));
+/// Weight syncs failed in a row after which the generator stops (each retried after
+/// 500 ms: half a minute of a trainer that cannot be reached).
+const FAILURES_IN_A_ROW: u32 = 60;
+
+/// The weight sync: where versions come from (the broadcast inbox, the trainer's
+/// `FetchWeights`) and what it has seen of them.
+pub(crate) struct WeightSync {
+    rt: Handle,
+    creds: Credentials,
+    /// The version held and published, the trainer's address; syncs are reported here.
+    beat: Arc<Beat>,
+    inbox: Option<Arc<Inbox>>,
+    /// How long a fetch may take before it is abandoned with an error.
+    timeout: Duration,
+    /// The highest version the coordinator has published, as far as this worker saw.
+    high_water: u64,
+    /// Syncs failed in a row.
+    failures: u32,
+}
+
+impl WeightSync {
+    /// The weight sync of a worker; with `broadcast`, its receiver is started (it joins
+    /// the groups the heartbeats announce) for a model of `elements` parameters.
+    pub fn new(
+        rt: Handle,
+        creds: Credentials,
+        beat: Arc<Beat>,
+        broadcast: Option<&BroadcastSettings>,
+        elements: u64,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let inbox = match broadcast {
+            Some(bs) => {
+                let inbox = Inbox::new(bs.timeout, bs.collective.clone());
+                let (b, c) = (beat.clone(), creds.clone());
+                inbox
+                    .spawn(bs.token.clone(), elements, move || {
+                        (b.worker_id(), c.session())
+                    })
+                    .map_err(|e| rpc("weight broadcast receiver", e))?;
+                Some(inbox)
+            }
+            None => None,
+        };
+        Ok(WeightSync {
+            rt,
+            creds,
+            high_water: beat.latest(),
+            beat,
+            inbox,
+            timeout,
+            failures: 0,
+        })
+    }
+
+    /// The broadcast receiver, when versions come by broadcast.
+    pub fn inbox(&self) -> Option<Arc<Inbox>> {
+        self.inbox.clone()
+    }
+
+    /// Stops the broadcast receiver.
+    pub fn stop(&self) {
+        if let Some(inbox) = &self.inbox {
+            inbox.stop();
         }
-        Ok(t)
+    }
+
+    /// Takes the published version (or `target`) into `model` when the weights held
+    /// differ from it — newer in a running run, older after the trainer resumed from a
+    /// checkpoint. A failed sync keeps the weights held (their tokens carry their true
+    /// version) and is retried on a later call, 500 ms on; an error after
+    /// [`FAILURES_IN_A_ROW`].
+    pub fn maybe_sync(&mut self, target: Option<u64>, model: &Model) -> Result<()> {
+        let want = target.unwrap_or_else(|| self.beat.latest());
+        let held = self.beat.held();
+        // Below the highest version ever published only after a rewind; a fetch may
+        // also return a version the coordinator has not announced yet (held > want).
+        let rewound = want < held && want < self.high_water;
+        self.high_water = self.high_water.max(want);
+        if want > held || rewound {
+            match self.sync(want, model) {
+                Ok(()) => {
+                    self.failures = 0;
+                    if rewound {
+                        self.high_water = want;
+                    }
+                }
+                Err(e) if self.failures < FAILURES_IN_A_ROW => {
+                    self.failures += 1;
+                    self.beat.sync_failed();
+                    tracing::warn!("weight sync failed ({}): {e}; retrying", self.failures);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes version `want` (or the newest) by broadcast or fetch and assigns it.
+    fn sync(&mut self, want: u64, model: &Model) -> Result<()> {
+        if self.take_broadcast(want, model) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let (version, dtype, chunks) = self.fetch(want, model.params().numel() as u64)?;
+        let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
+        self.install(
+            model,
+            version,
+            &slices,
+            &dtype,
+            t0.elapsed().as_secs_f64(),
+            "fetch",
+        )
     }
 
     /// Takes version `want` (or newer) from the broadcast when it arrives in time.
-    fn take_broadcast(&mut self, want: u64) -> Result<bool> {
-        let held = self.beat.held.load(Ordering::SeqCst);
-        let Some(inbox) = self.inbox.clone().filter(|_| want > held) else {
-            return Ok(false);
+    fn take_broadcast(&mut self, want: u64, model: &Model) -> bool {
+        let Some(inbox) = self.inbox.clone().filter(|_| want > self.beat.held()) else {
+            return false;
         };
         let Some((got, transfer_s)) = inbox.take(want) else {
-            return Ok(false);
+            return false;
         };
         // Bytes that do not fit this model are refused before they change anything;
         // the version is then fetched over gRPC.
-        if let Err(e) = self.install(
+        let installed = self.install(
+            model,
             got.version,
             &[&got.bytes],
             &got.dtype,
             transfer_s,
             "broadcast",
-        ) {
+        );
+        if let Err(e) = installed {
             tracing::warn!(
                 "the broadcast of v{} does not fit this model ({e}): fetching it over gRPC",
                 got.version
             );
-            return Ok(false);
+            return false;
         }
         // Broadcast after its publish: the coordinator has published this version even
         // if no reply has said so yet (not a version ahead of the run to undo).
-        self.beat.latest.fetch_max(got.version, Ordering::SeqCst);
+        self.beat.published_at_least(got.version);
         self.high_water = self.high_water.max(got.version);
         inbox.recycle(got.bytes);
-        Ok(true)
+        true
     }
 
     /// Assigns a version's bytes in place and records the sync for the heartbeat (the
     /// version held, bytes, and seconds: `before` spent getting them plus the assign).
     fn install(
-        &mut self,
+        &self,
+        model: &Model,
         version: u64,
         chunks: &[&[u8]],
         dtype: &str,
@@ -73,14 +180,10 @@ impl Worker {
         how: &str,
     ) -> Result<()> {
         let t0 = Instant::now();
-        self.model.model.params().assign_chunks(chunks, dtype)?;
+        model.params().assign_chunks(chunks, dtype)?;
         let n: usize = chunks.iter().map(|c| c.len()).sum();
-        self.beat.held.store(version, Ordering::SeqCst);
-        self.beat.sync_bytes.fetch_add(n as u64, Ordering::SeqCst);
         let secs = before + t0.elapsed().as_secs_f64();
-        if let Ok(mut s) = self.beat.syncs.lock() {
-            s.push(secs);
-        }
+        self.beat.synced(version, n as u64, secs);
         tracing::info!(
             version,
             mib = n as f64 / (1 << 20) as f64,
@@ -90,22 +193,18 @@ impl Worker {
         Ok(())
     }
 
-    /// Fetches version `want` (or the newest) and assigns it in place.
-    fn sync_weights(&mut self, want: u64) -> Result<()> {
-        if self.take_broadcast(want)? {
-            return Ok(());
-        }
-        let addr = self.trainer_address()?;
-        let t0 = Instant::now();
-        let creds = self.creds.clone();
-        let timeout = self.settings.weight_sync_timeout;
-        let elements = self.model.model.params().numel() as u64;
-        let fetched = self.rt.block_on(async {
+    /// Version `want` (or the newest) from the trainer's `FetchWeights`, every bucket
+    /// checked, for a model of `elements` parameters: (version, dtype, bytes).
+    fn fetch(&self, want: u64, elements: u64) -> Result<(u64, String, Vec<bytes::Bytes>)> {
+        let addr = self.beat.trainer()?;
+        let creds = &self.creds;
+        let timeout = self.timeout;
+        self.rt.block_on(async {
             let fetch = async {
-                let ch = client::connect(&addr, &creds)
+                let ch = client::connect(&addr, creds)
                     .await
                     .map_err(|e| rpc("weights", e))?;
-                let mut t = client::trainer(ch, &creds);
+                let mut t = client::trainer(ch, creds);
                 let mut stream = t
                     .fetch_weights(FetchWeightsRequest { version: want })
                     .await
@@ -137,46 +236,6 @@ impl Worker {
                     ),
                 )
             })?
-        })?;
-        let (version, dtype, chunks) = fetched;
-        let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
-        self.install(
-            version,
-            &slices,
-            &dtype,
-            t0.elapsed().as_secs_f64(),
-            "fetch",
-        )
-    }
-
-    /// Takes the published version (or `target`) when the weights held differ from it
-    /// — newer in a running run, older after the trainer resumed from a checkpoint.
-    pub(crate) fn maybe_sync(&mut self, target: Option<u64>) -> Result<()> {
-        let want = target.unwrap_or_else(|| self.beat.latest.load(Ordering::SeqCst));
-        let held = self.beat.held.load(Ordering::SeqCst);
-        // Below the highest version ever published only after a rewind; a fetch may
-        // also return a version the coordinator has not announced yet (held > want).
-        let rewound = want < held && want < self.high_water;
-        self.high_water = self.high_water.max(want);
-        if want > held || rewound {
-            match self.sync_weights(want) {
-                Ok(()) => {
-                    self.sync_failures = 0;
-                    if rewound {
-                        self.high_water = want;
-                    }
-                }
-                // The trainer may be restarting: keep the weights held (their tokens
-                // carry their true version) and try again shortly.
-                Err(e) if self.sync_failures < 60 => {
-                    self.sync_failures += 1;
-                    self.beat.sync_failures.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!("weight sync failed ({}): {e}; retrying", self.sync_failures);
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        })
     }
 }

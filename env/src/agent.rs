@@ -1,12 +1,12 @@
 //! Agent programs (`[env] agent`): one process per episode, talking to the policy
 //! through the generator's OpenAI-compatible endpoint ([`crate::openai`]).
 //!
-//! For each leased prompt the generator starts `group_size` agents. Each gets its task
-//! as one JSON object on stdin (`episode_id`, `messages`, `prompt`, `answer`,
-//! `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment, `OPENAI_BASE_URL`,
-//! `OPENAI_API_KEY` (its episode's own key: the endpoint serves an episode only to a
-//! request that carries it) and `TANDEM_EPISODE_ID`; the run's `TANDEM_*` secrets are
-//! not passed on.
+//! For each task (a leased prompt) the generator starts `group_size` agents. Each
+//! gets its task as one JSON object on stdin (`episode_id`, `messages`, `prompt`,
+//! `answer`, `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment,
+//! `OPENAI_BASE_URL`, `OPENAI_API_KEY` (its episode's own key: the endpoint serves an
+//! episode only to a request that carries it) and `TANDEM_EPISODE_ID`; the run's
+//! `TANDEM_*` secrets are not passed on.
 //!
 //! An agent runs in the sandbox of [`tandem_sandbox`] with the host's files and
 //! network (it is the user's program and reads the user's files) but its own PID,
@@ -31,19 +31,19 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tandem_model::{Completion, Engine, Finished, Model, Pretrained, Request, SamplingParams};
-use tandem_proto::v1::PromptLease;
 use tandem_sandbox::run::User;
 use tandem_sandbox::{Call, End, Keep, Limits, Network, Sandbox, View};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::chat_episode::ChatEpisode;
-use crate::env::EnvConfig;
+use crate::config::EnvConfig;
 use crate::error::{Error, Result};
-use crate::groups::{Done, Sampled};
 use crate::openai::{self, Endpoint, Held, Policy, Slot, TurnRequest};
+use crate::sample_groups::{FinishedGroup, GroupSamples};
+use crate::task::Task;
 
-/// Agent turns take engine request ids from here up, apart from leases and the
+/// Agent turns take engine request ids from here up, apart from groups and the
 /// built-in episodes' turns.
 const FIRST_AGENT_ID: u64 = 1 << 61;
 
@@ -70,21 +70,22 @@ pub struct Exit {
     pub failure: Option<String>,
 }
 
-/// An agent that ended: (lease, sample, how).
+/// An agent that ended: (group, sample, how).
 type Exited = (u64, usize, Exit);
 
 struct Live {
-    lease: PromptLease,
+    /// The group's id (its task's).
+    id: u64,
     params: SamplingParams,
     /// Episode ids, by sample.
     episodes: Vec<String>,
     exits: Vec<Option<Exit>>,
 }
 
-/// A group that ended: ready to score, or to give back (why).
+/// A group that ended: ready to score, or failed (its id, and why).
 pub enum Ended {
-    Done(Done),
-    Failed(PromptLease, String),
+    Done(FinishedGroup),
+    Failed(u64, String),
 }
 
 pub struct Agents {
@@ -96,7 +97,7 @@ pub struct Agents {
     turns: Receiver<TurnRequest>,
     exits: (Sender<Exited>, Receiver<Exited>),
     /// Engine request id → where its turn goes.
-    pending: HashMap<u64, oneshot::Sender<openai::Sampled>>,
+    pending: HashMap<u64, oneshot::Sender<openai::TurnResult>>,
     live: HashMap<u64, Live>,
     next_id: u64,
     /// Groups in a row whose agents all failed before their first turn.
@@ -207,11 +208,11 @@ impl Agents {
         )
     }
 
-    /// Starts `samples` agents on `lease`'s task: its conversation after the `system`
-    /// turn (`[data] system`), when there is one.
+    /// Starts `samples` agents on `task`: its conversation after the `system` turn
+    /// (`[data] system`), when there is one. The group is named by the task's id.
     pub fn start(
         &mut self,
-        lease: PromptLease,
+        task: &Task,
         system: Option<&str>,
         params: SamplingParams,
         samples: usize,
@@ -220,54 +221,37 @@ impl Agents {
             .map(|s| json!({"role": "system", "content": s}))
             .into_iter()
             .collect();
-        if lease.messages.is_empty() {
-            messages.push(json!({"role": "user", "content": lease.text}));
+        if task.messages.is_empty() {
+            messages.push(json!({"role": "user", "content": task.text}));
         }
-        for m in &lease.messages {
+        for m in &task.messages {
             messages.push(json!({"role": m.role, "content": m.content}));
         }
-        let prompt = crate::scoring::prompt_text(&lease);
+        let prompt = task.prompt_text();
         let mut episodes = Vec::with_capacity(samples);
         for j in 0..samples {
             // The id names the episode; the key, which only its agent holds, lets it in.
-            let id = format!("{}-{j}-{:016x}", lease.lease_id, rand::random::<u64>());
+            let id = format!("{}-{j}-{:016x}", task.id, rand::random::<u64>());
             let key = format!("tandem-{:032x}", rand::random::<u128>());
-            self.endpoint.insert(
-                id.clone(),
-                Slot::new(lease.lease_id, j, samples, key.clone()),
-            );
-            let task = json!({
+            self.endpoint
+                .insert(id.clone(), Slot::new(task.id, j, samples, key.clone()));
+            let input = json!({
                 "episode_id": id,
                 "messages": messages,
                 "prompt": prompt,
-                "answer": lease.answer,
-                "prompt_index": lease.prompt_index,
+                "answer": task.answer,
+                "prompt_index": task.prompt_index,
                 "sample": j,
                 "max_turns": self.config.max_turns,
                 "model": MODEL,
             });
-            let (argv, timeout) = (
-                self.config.agent.clone(),
-                Duration::from_secs_f64(self.config.agent_timeout_s),
-            );
-            let base_url = format!("http://{}/v1", self.addr);
-            let (tx, lease_id) = (self.exits.0.clone(), lease.lease_id);
-            let (episode, sandbox) = (id.clone(), self.sandbox.clone());
-            std::thread::spawn(move || {
-                let env = AgentEnv {
-                    base_url: &base_url,
-                    episode: &episode,
-                    key: &key,
-                };
-                let exit = run(&sandbox, &argv, &task, &env, timeout);
-                let _ = tx.send((lease_id, j, exit));
-            });
+            self.spawn(task.id, j, input, id.clone(), key);
             episodes.push(id);
         }
         self.live.insert(
-            lease.lease_id,
+            task.id,
             Live {
-                lease,
+                id: task.id,
                 params,
                 episodes,
                 exits: vec![None; samples],
@@ -275,11 +259,31 @@ impl Agents {
         );
     }
 
+    /// Runs sample `j`'s agent of group `group` on a thread of its own; its exit comes
+    /// back through `exits`.
+    fn spawn(&self, group: u64, j: usize, input: Value, episode: String, key: String) {
+        let (argv, timeout) = (
+            self.config.agent.clone(),
+            Duration::from_secs_f64(self.config.agent_timeout_s),
+        );
+        let base_url = format!("http://{}/v1", self.addr);
+        let (tx, sandbox) = (self.exits.0.clone(), self.sandbox.clone());
+        std::thread::spawn(move || {
+            let env = AgentEnv {
+                base_url: &base_url,
+                episode: &episode,
+                key: &key,
+            };
+            let exit = run(&sandbox, &argv, &input, &env, timeout);
+            let _ = tx.send((group, j, exit));
+        });
+    }
+
     /// Queues the agents' requested turns on the engine and collects the groups whose
     /// last agent exited.
     pub fn poll(&mut self, engine: &mut Engine, model: &Model) -> Vec<Ended> {
         while let Ok(t) = self.turns.try_recv() {
-            let Some(g) = self.live.get(&t.lease) else {
+            let Some(g) = self.live.get(&t.group) else {
                 continue; // The group ended; the handler answers 503.
             };
             let id = FIRST_AGENT_ID + self.next_id;
@@ -309,16 +313,18 @@ impl Agents {
             }
         }
         let mut ended = Vec::new();
-        while let Ok((lease, j, exit)) = self.exits.1.try_recv() {
+        while let Ok((group, j, exit)) = self.exits.1.try_recv() {
             if let Some(why) = &exit.failure {
-                tracing::warn!(lease, sample = j, "[env] agent: {why}");
+                tracing::warn!(group, sample = j, "[env] agent: {why}");
             }
-            let Some(g) = self.live.get_mut(&lease) else {
+            let Some(g) = self.live.get_mut(&group) else {
                 continue;
             };
             g.exits[j] = Some(exit);
             if g.exits.iter().all(Option::is_some) {
-                let g = self.live.remove(&lease).expect("live");
+                let Some(g) = self.live.remove(&group) else {
+                    continue;
+                };
                 ended.push(self.assemble(g));
             }
         }
@@ -342,7 +348,8 @@ impl Agents {
     }
 
     /// Counts a group that [`Ended::Failed`] (`why`); an error once
-    /// [`FAILURES_IN_A_ROW`] groups in a row have: the program, not one task, is broken.
+    /// `FAILURES_IN_A_ROW` (3) groups in a row have: the program, not one task, is
+    /// broken.
     pub fn failed(&mut self, why: &str) -> Result<()> {
         self.failures_in_a_row += 1;
         if self.failures_in_a_row >= FAILURES_IN_A_ROW {
@@ -372,12 +379,12 @@ impl Agents {
             .map(|e| e.as_ref().and_then(|e| e.reward).unwrap_or(0.0))
             .collect();
         match group(&episodes, &rewards) {
-            Some((prompt, sampled)) => {
+            Some((prompt, samples)) => {
                 self.failures_in_a_row = 0;
-                Ended::Done(Done {
-                    lease: g.lease,
+                Ended::Done(FinishedGroup {
+                    id: g.id,
                     prompt,
-                    sampled,
+                    samples,
                 })
             }
             None => {
@@ -388,7 +395,7 @@ impl Agents {
                     .find_map(|e| e.failure.clone())
                     .unwrap_or_else(|| "made no request".into());
                 Ended::Failed(
-                    g.lease,
+                    g.id,
                     format!("[env] agent: no episode of the group sampled a turn (an agent {why})"),
                 )
             }
@@ -399,7 +406,7 @@ impl Agents {
 /// A group's prompt and samples from its episodes (`rewards`: each agent's): the
 /// prompt is the longest token prefix the samples' first prompts share, each sample's
 /// completion the rest of its tokens. `None` when no episode sampled a turn.
-pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sampled)> {
+pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, GroupSamples)> {
     let samples: Vec<_> = episodes
         .iter()
         .zip(rewards)
@@ -419,23 +426,21 @@ pub fn group(episodes: &[ChatEpisode], rewards: &[f64]) -> Option<(Vec<u32>, Sam
     if shared == 0 {
         return None;
     }
-    let mut sampled = Sampled::empty(0);
+    let mut out = GroupSamples::default();
     for (e, s, reward) in samples {
         let s = &s.tokens;
-        sampled.finished.completions.push(Completion {
+        out.completions.push(Completion {
             tokens: s.ids[shared..].to_vec(),
             logprobs: s.logprobs[shared..].to_vec(),
             finish_reason: s.finish,
         });
-        sampled.finished.tags.push(s.versions[shared..].to_vec());
-        sampled.masks.push(s.mask[shared..].to_vec());
-        sampled.finals.push(e.final_turn().to_vec());
-        sampled
-            .episodes
-            .push((s.turns, s.tool_calls, s.tool_errors, s.tool_seconds));
-        sampled.env_rewards.push(reward);
+        out.versions.push(s.versions[shared..].to_vec());
+        out.masks.push(s.mask[shared..].to_vec());
+        out.finals.push(e.final_turn().to_vec());
+        out.stats.push(s.stats());
+        out.env_rewards.push(reward);
     }
-    Some((first.tokens.ids[..shared].to_vec(), sampled))
+    Some((first.tokens.ids[..shared].to_vec(), out))
 }
 
 /// What an agent finds in its environment beside the generator's own (less `TANDEM_*`).
@@ -539,7 +544,7 @@ mod tests {
     /// An episode of one sample: `prompt`, then one model turn `turn`.
     fn episode(tok: &tandem_model::Tokenizer, prompt: &[u32], turn: &[u32]) -> ChatEpisode {
         let mut e = ChatEpisode::default();
-        let plan = crate::chat_episode::Plan {
+        let plan = crate::chat_episode::TurnPlan {
             extends: None,
             text: String::new(),
             new_ids: prompt.to_vec(),
@@ -566,7 +571,7 @@ mod tests {
         let b = episode(&tok, &[5, 6, 9], &[30]);
         let (prompt, s) = group(&[a, b, ChatEpisode::default()], &[1.0, 0.0, 0.5]).unwrap();
         assert_eq!(prompt, [5, 6]);
-        let c = &s.finished.completions;
+        let c = &s.completions;
         assert_eq!(c.len(), 2, "an episode without a turn has no sample");
         assert_eq!(
             (c[0].tokens.as_slice(), s.masks[0].as_slice()),
@@ -577,7 +582,7 @@ mod tests {
             (&[9, 30][..], &[0, 1][..])
         );
         assert_eq!(c[0].logprobs, [0.0, 0.0, -1.0, -1.0]);
-        assert_eq!(s.finished.tags[1], [3, 4]);
+        assert_eq!(s.versions[1], [3, 4]);
         assert_eq!(s.finals, [vec![20, 21], vec![30]]);
         assert_eq!(s.env_rewards, [1.0, 0.0]);
         assert!(group(&[ChatEpisode::default()], &[0.0]).is_none());

@@ -34,21 +34,21 @@ use crate::chat_episode::{self, ChatEpisode};
 pub type Held = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// A sampled turn and each token's version, or why the engine refused it.
-pub type Sampled = Result<(Completion, Vec<u64>), String>;
+pub type TurnResult = Result<(Completion, Vec<u64>), String>;
 
 /// A turn for the worker's engine to sample: `max_new` tokens after `prompt`, from
-/// random stream `stream` of lease `lease`'s seed.
+/// random stream `stream` of group `group`'s seed.
 pub struct TurnRequest {
-    pub lease: u64,
+    pub group: u64,
     pub stream: u64,
     pub prompt: Vec<u32>,
     pub max_new: usize,
-    pub reply: oneshot::Sender<Sampled>,
+    pub reply: oneshot::Sender<TurnResult>,
 }
 
 /// A live episode: whose it is and what it has sampled.
 pub struct Slot {
-    pub lease: u64,
+    pub group: u64,
     /// The episode's index in its group.
     pub sample: usize,
     pub group_size: usize,
@@ -60,9 +60,9 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(lease: u64, sample: usize, group_size: usize, key: String) -> Self {
+    pub fn new(group: u64, sample: usize, group_size: usize, key: String) -> Self {
         Slot {
-            lease,
+            group,
             sample,
             group_size,
             episode: ChatEpisode::default(),
@@ -287,8 +287,8 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
         let (ep, shared) = (ep.clone(), shared.clone());
         tokio::task::spawn_blocking(move || plan_turn(&ep, &shared, &asked))
     };
-    let (plan, lease, stream) = match planning.await {
-        Ok(Planned::Turn(plan, lease, stream)) => (plan, lease, stream),
+    let (plan, group, stream) = match planning.await {
+        Ok(Planned::Turn(plan, group, stream)) => (plan, group, stream),
         Ok(Planned::Done(response)) => return response,
         Err(e) => {
             return error(
@@ -302,7 +302,7 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
     let _busy = Busy(&shared);
     let (tx, rx) = oneshot::channel();
     let sent = ep.turns.send(TurnRequest {
-        lease,
+        group,
         stream,
         prompt: plan.prompt.clone(),
         max_new: plan.max_new,
@@ -359,10 +359,10 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// What planning a request gave: a turn to sample (its plan, the lease and the random
+/// What planning a request gave: a turn to sample (its plan, the group and the random
 /// stream), or the reply already (an error, or an empty turn when the budget is spent).
 enum Planned {
-    Turn(chat_episode::Plan, u64, u64),
+    Turn(chat_episode::TurnPlan, u64, u64),
     Done(Response),
 }
 
@@ -441,7 +441,7 @@ fn plan_turn(ep: &Endpoint, shared: &Mutex<Slot>, asked: &Asked) -> Planned {
     slot.busy = true;
     let k = slot.group_size as u64;
     let stream = slot.sample as u64 + u64::from(slot.episode.turns) * k;
-    Planned::Turn(plan, slot.lease, stream)
+    Planned::Turn(plan, slot.group, stream)
 }
 
 /// A `chat.completion` reply: the message (none when the budget was spent: empty,

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use tandem_model::{Completion, FinishReason, Tokenizer};
 
-use crate::env::{Act, Env, Observation};
+use crate::environment::{Act, Env, Observation};
 use crate::error::Result;
 use crate::tool_call::{self, Action};
 
@@ -24,6 +24,26 @@ pub enum Next {
     /// episode), then [`Episode::observe`].
     Act(Act),
     Done,
+}
+
+/// What one sample's episode did: model turns and tool calls (failed ones too), and
+/// the seconds its tools took.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpisodeStats {
+    pub turns: u32,
+    pub tool_calls: u32,
+    pub tool_errors: u32,
+    pub tool_seconds: f64,
+}
+
+impl EpisodeStats {
+    /// One model turn, no tool.
+    pub fn single_turn() -> Self {
+        EpisodeStats {
+            turns: 1,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -144,6 +164,16 @@ impl Episode {
         &self.ids[self.last_turn.clone()]
     }
 
+    /// What the episode did.
+    pub fn stats(&self) -> EpisodeStats {
+        EpisodeStats {
+            turns: self.turns,
+            tool_calls: self.tool_calls,
+            tool_errors: self.tool_errors,
+            tool_seconds: self.tool_seconds,
+        }
+    }
+
     /// Whether any token is the environment's.
     pub fn has_environment_tokens(&self) -> bool {
         self.mask.contains(&0)
@@ -153,7 +183,7 @@ impl Episode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::EnvConfig;
+    use crate::config::EnvConfig;
     use crate::tool_call::TurnFormat;
     use tandem_model::preset::{tiny_tokenizer, EOS_ID};
 

@@ -1,29 +1,38 @@
-//! The groups a generator is sampling: each lease's `group_size` samples as episodes.
-//! A group's first turn is one engine request (its prompt prefilled once, the samples
-//! forked); each later turn of a sample is a request of its own, on the episode so far
-//! (a sample's turns draw from their own random streams). A group is done, and scored,
-//! when every one of its episodes has ended.
+//! The groups being sampled: each group's samples as episodes. A group's first turn is
+//! one engine request (its prompt prefilled once, the samples forked); each later turn
+//! of a sample is a request of its own, on the episode so far (a sample's turns draw
+//! from their own random streams). A group is finished when every one of its episodes
+//! has ended. Groups are named by the caller's id ([`GroupRequest`]): a lease online, a
+//! prompt's index offline.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams, Tokenizer};
-use tandem_proto::v1::PromptLease;
 
-use crate::env::{Act, Env, Observation};
-use crate::episode::{Episode, Next};
+use crate::environment::{Act, Env, Observation};
+use crate::episode::{Episode, EpisodeStats, Next};
 use crate::error::Result;
 
-/// The Environment service's name of sample `j`'s episode of lease `lease`.
-pub fn episode_id(lease: u64, j: usize) -> String {
-    format!("{lease}/{j}")
+/// The Environment service's name of sample `j`'s episode of group `group`.
+pub fn episode_id(group: u64, j: usize) -> String {
+    format!("{group}/{j}")
 }
 
-/// Continuation requests take ids from here up, far from lease ids.
+/// Continuation requests take ids from here up, far from group ids.
 const FIRST_TURN_ID: u64 = 1 << 62;
 
+/// A group to sample: `samples` samples of `prompt`, as engine request `id` (unique
+/// among the groups running; below 2^61, where turns' ids begin).
+#[derive(Clone, Debug)]
+pub struct GroupRequest {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub samples: usize,
+}
+
 struct Live {
-    lease: PromptLease,
     prompt: Vec<u32>,
     params: SamplingParams,
     episodes: Vec<Episode>,
@@ -31,39 +40,29 @@ struct Live {
 }
 
 /// A group's samples, ready to score: the completions (every turn, as the trainer
-/// sees them), their loss masks, and each one's final model turn.
-pub struct Sampled {
-    pub finished: Finished,
+/// sees them), each token's version and loss mask, and each one's final model turn.
+#[derive(Clone, Debug, Default)]
+pub struct GroupSamples {
+    pub completions: Vec<Completion>,
+    /// Per completion: the policy version that sampled each token (masked tokens: the
+    /// version held when they were added, never read).
+    pub versions: Vec<Vec<u64>>,
     /// Per completion: 1 on model tokens, 0 on the environment's.
     pub masks: Vec<Vec<u8>>,
     /// Per completion: the last model turn (what verifiers score).
     pub finals: Vec<Vec<u32>>,
-    /// Per completion: (turns, tool calls, tool errors, tool seconds).
-    pub episodes: Vec<(u32, u32, u32, f64)>,
-    /// Per completion: the Environment service's rewards, summed (0 without one).
+    /// Per completion: what its episode did.
+    pub stats: Vec<EpisodeStats>,
+    /// Per completion: the environment's rewards (an Environment service's, an agent
+    /// program's), summed (0 without one).
     pub env_rewards: Vec<f64>,
 }
 
-impl Sampled {
-    /// No samples yet, of engine request `id`.
-    pub fn empty(id: u64) -> Self {
-        Sampled {
-            finished: Finished {
-                id,
-                completions: Vec::new(),
-                tags: Vec::new(),
-            },
-            masks: Vec::new(),
-            finals: Vec::new(),
-            episodes: Vec::new(),
-            env_rewards: Vec::new(),
-        }
-    }
-
+impl GroupSamples {
     /// Single-turn samples: every token the model's.
     pub fn single_turn(finished: Finished) -> Self {
         let n = finished.completions.len();
-        Sampled {
+        GroupSamples {
             masks: finished
                 .completions
                 .iter()
@@ -74,26 +73,54 @@ impl Sampled {
                 .iter()
                 .map(|c| c.tokens.clone())
                 .collect(),
-            episodes: vec![(1, 0, 0, 0.0); n],
+            stats: vec![EpisodeStats::single_turn(); n],
             env_rewards: vec![0.0; n],
-            finished,
+            completions: finished.completions,
+            versions: finished.tags,
         }
+    }
+
+    /// Appends one sample: its episode as it ended.
+    pub fn push_episode(&mut self, e: Episode) {
+        self.env_rewards.push(e.env_reward);
+        self.finals.push(e.final_turn().to_vec());
+        self.stats.push(e.stats());
+        self.completions.push(Completion {
+            tokens: e.ids,
+            logprobs: e.logprobs,
+            finish_reason: e.finish,
+        });
+        self.versions.push(e.versions);
+        self.masks.push(e.mask);
+    }
+
+    /// Samples in the group.
+    pub fn len(&self) -> usize {
+        self.completions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.completions.is_empty()
     }
 }
 
 /// A group whose every episode ended.
-pub struct Done {
-    pub lease: PromptLease,
+#[derive(Debug)]
+pub struct FinishedGroup {
+    /// Its [`GroupRequest::id`].
+    pub id: u64,
+    /// The prompt its samples share.
     pub prompt: Vec<u32>,
-    pub sampled: Sampled,
+    pub samples: GroupSamples,
 }
 
-/// A tool call's result, from its thread: (lease, sample, observation).
+/// A tool call's result, from its thread: (group, sample, observation).
 type ToolResult = (u64, usize, Observation);
 
-pub struct Groups {
+/// The groups being sampled on one engine, and their tool calls in flight.
+pub struct SampleGroups {
     live: HashMap<u64, Live>,
-    /// Continuation request id → (lease id, sample).
+    /// Continuation request id → (group id, sample).
     turns: HashMap<u64, (u64, usize)>,
     next_id: u64,
     /// Tool calls run on threads of their own, so the engine goes on with other rows.
@@ -101,9 +128,9 @@ pub struct Groups {
     tools_running: usize,
 }
 
-impl Default for Groups {
+impl Default for SampleGroups {
     fn default() -> Self {
-        Groups {
+        SampleGroups {
             live: HashMap::new(),
             turns: HashMap::new(),
             next_id: 0,
@@ -113,21 +140,19 @@ impl Default for Groups {
     }
 }
 
-impl Groups {
-    /// Queues `samples` samples of `prompt` for `lease`.
-    pub fn start(
-        &mut self,
-        engine: &mut Engine,
-        model: &Model,
-        lease: PromptLease,
-        prompt: Vec<u32>,
-        params: SamplingParams,
-        samples: usize,
-    ) -> Result<()> {
+impl SampleGroups {
+    /// Queues the group's samples on `engine`.
+    pub fn start(&mut self, engine: &mut Engine, model: &Model, group: GroupRequest) -> Result<()> {
+        let GroupRequest {
+            id,
+            prompt,
+            params,
+            samples,
+        } = group;
         engine.add(
             model,
             Request {
-                id: lease.lease_id,
+                id,
                 prompt: prompt.clone(),
                 samples,
                 params: params.clone(),
@@ -135,9 +160,8 @@ impl Groups {
             },
         )?;
         self.live.insert(
-            lease.lease_id,
+            id,
             Live {
-                lease,
                 prompt,
                 params,
                 episodes: vec![Episode::default(); samples],
@@ -157,20 +181,22 @@ impl Groups {
         f: Finished,
         env: &Env,
         tokenizer: &Tokenizer,
-    ) -> Result<Option<Done>> {
-        let (lease_id, samples): (u64, Vec<usize>) = match self.turns.remove(&f.id) {
-            Some((lease, j)) => (lease, vec![j]),
+    ) -> Result<Option<FinishedGroup>> {
+        let (group, samples): (u64, Vec<usize>) = match self.turns.remove(&f.id) {
+            Some((group, j)) => (group, vec![j]),
             None => (f.id, (0..f.completions.len()).collect()),
         };
-        if !self.live.contains_key(&lease_id) {
+        let Some(g) = self.live.get_mut(&group) else {
             return Ok(None);
-        }
+        };
+        let mut next = Vec::with_capacity(samples.len());
         for ((turn, tags), j) in f.completions.into_iter().zip(f.tags).zip(samples) {
-            let g = self.live.get_mut(&lease_id).expect("live");
-            let next = g.episodes[j].model_turn(turn, tags, env, tokenizer)?;
-            self.advance(engine, model, lease_id, j, next, env)?;
+            next.push((j, g.episodes[j].model_turn(turn, tags, env, tokenizer)?));
         }
-        Ok(self.take_if_done(lease_id))
+        for (j, n) in next {
+            self.advance(engine, model, group, j, n, env)?;
+        }
+        Ok(self.take_if_done(group))
     }
 
     /// Answers the episodes whose tool calls have returned; returns the groups that
@@ -182,17 +208,17 @@ impl Groups {
         env: &Env,
         tokenizer: &Tokenizer,
         version: u64,
-    ) -> Result<Vec<Done>> {
+    ) -> Result<Vec<FinishedGroup>> {
         let mut done = Vec::new();
-        while let Ok((lease_id, j, obs)) = self.results.1.try_recv() {
+        while let Ok((group, j, obs)) = self.results.1.try_recv() {
             self.tools_running -= 1;
-            let Some(g) = self.live.get_mut(&lease_id) else {
+            let Some(g) = self.live.get_mut(&group) else {
                 continue;
             };
             let max_new = g.params.max_new_tokens;
             let next = g.episodes[j].observe(obs, env, tokenizer, &g.prompt, max_new, version)?;
-            self.advance(engine, model, lease_id, j, next, env)?;
-            done.extend(self.take_if_done(lease_id));
+            self.advance(engine, model, group, j, next, env)?;
+            done.extend(self.take_if_done(group));
         }
         Ok(done)
     }
@@ -207,22 +233,24 @@ impl Groups {
         &mut self,
         engine: &mut Engine,
         model: &Model,
-        lease_id: u64,
+        group: u64,
         j: usize,
         next: Next,
         env: &Env,
     ) -> Result<()> {
-        let g = self.live.get_mut(&lease_id).expect("live");
+        let Some(g) = self.live.get_mut(&group) else {
+            return Ok(());
+        };
         match next {
             Next::Done => g.running -= 1,
             Next::Act(mut act) => {
                 if let Act::Step { episode, .. } = &mut act {
-                    *episode = episode_id(lease_id, j);
+                    *episode = episode_id(group, j);
                 }
                 let (tx, env) = (self.results.0.clone(), env.clone());
                 self.tools_running += 1;
                 std::thread::spawn(move || {
-                    let _ = tx.send((lease_id, j, env.act(&act)));
+                    let _ = tx.send((group, j, env.act(&act)));
                 });
             }
             Next::Continue { prompt, budget } => {
@@ -243,37 +271,26 @@ impl Groups {
                         first_stream: j as u64 + u64::from(g.episodes[j].turns) * k,
                     },
                 )?;
-                self.turns.insert(id, (lease_id, j));
+                self.turns.insert(id, (group, j));
             }
         }
         Ok(())
     }
 
-    /// The group of `lease_id` when every episode of it has ended.
-    fn take_if_done(&mut self, lease_id: u64) -> Option<Done> {
-        if self.live.get(&lease_id)?.running > 0 {
+    /// The group `group` when every episode of it has ended.
+    fn take_if_done(&mut self, group: u64) -> Option<FinishedGroup> {
+        if self.live.get(&group)?.running > 0 {
             return None;
         }
-        let g = self.live.remove(&lease_id)?;
-        let mut sampled = Sampled::empty(lease_id);
+        let g = self.live.remove(&group)?;
+        let mut samples = GroupSamples::default();
         for e in g.episodes {
-            sampled.env_rewards.push(e.env_reward);
-            sampled.finals.push(e.final_turn().to_vec());
-            sampled
-                .episodes
-                .push((e.turns, e.tool_calls, e.tool_errors, e.tool_seconds));
-            sampled.finished.completions.push(Completion {
-                tokens: e.ids,
-                logprobs: e.logprobs,
-                finish_reason: e.finish,
-            });
-            sampled.finished.tags.push(e.versions);
-            sampled.masks.push(e.mask);
+            samples.push_episode(e);
         }
-        Some(Done {
-            lease: g.lease,
+        Some(FinishedGroup {
+            id: group,
             prompt: g.prompt,
-            sampled,
+            samples,
         })
     }
 
@@ -290,11 +307,10 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GeneratorConfig;
-    use crate::env::EnvConfig;
+    use crate::config::EnvConfig;
     use crate::tool_call::TurnFormat;
     use tandem_model::preset::EOS_ID;
-    use tandem_model::FinishReason;
+    use tandem_model::{EngineConfig, FinishReason};
 
     /// Through the real engine: a sample whose first turn called the calculator goes on
     /// from exactly its tokens plus the environment's, and its second turn is what the
@@ -323,16 +339,11 @@ mod tests {
             seed: 11,
         };
         let prompt = tok.encode("What is 347*86?").unwrap();
-        let mut engine = Engine::new(&m.model, GeneratorConfig::default().engine()).unwrap();
-        let mut groups = Groups::default();
-        let lease = PromptLease {
-            lease_id: 5,
-            ..Default::default()
-        };
+        let mut engine = Engine::new(&m.model, EngineConfig::default()).unwrap();
+        let mut groups = SampleGroups::default();
         groups.live.insert(
             5,
             Live {
-                lease,
                 prompt: prompt.clone(),
                 params: params.clone(),
                 episodes: vec![Episode::default(); 2],
@@ -378,11 +389,11 @@ mod tests {
         };
         assert_eq!(groups.tools_running(), 0);
         assert!(groups.is_empty());
-        let s = done.sampled;
+        let s = done.samples;
         let observed = tok.encode(&env.format.render("29842")).unwrap();
         let head = [call.tokens.clone(), observed.clone()].concat();
         // The same continuation, sampled alone: turn 1 of sample 0 of 2 → stream 2.
-        let mut alone = Engine::new(&m.model, GeneratorConfig::default().engine()).unwrap();
+        let mut alone = Engine::new(&m.model, EngineConfig::default()).unwrap();
         alone
             .add(
                 &m.model,
@@ -403,7 +414,7 @@ mod tests {
                 break f.completions[0].clone();
             }
         };
-        let c0 = &s.finished.completions[0];
+        let c0 = &s.completions[0];
         assert_eq!(c0.tokens, [head.clone(), second.tokens.clone()].concat());
         assert_eq!(&c0.logprobs[head.len()..], &second.logprobs[..]);
         assert_eq!(s.finals[0], second.tokens);
@@ -411,12 +422,11 @@ mod tests {
         assert!(mask[..call.tokens.len()].iter().all(|&x| x == 1));
         assert!(mask[call.tokens.len()..head.len()].iter().all(|&x| x == 0));
         assert!(mask[head.len()..].iter().all(|&x| x == 1));
-        assert!(s.finished.tags[0][head.len()..].iter().all(|&v| v == 1));
+        assert!(s.versions[0][head.len()..].iter().all(|&v| v == 1));
         assert!(c0.tokens.len() <= 200);
-        assert_eq!(s.episodes[0].0, 2);
-        assert_eq!(s.episodes[0].1, 1);
+        assert_eq!((s.stats[0].turns, s.stats[0].tool_calls), (2, 1));
         // The answering sample is its one turn.
-        assert_eq!(s.finished.completions[1].tokens, answer.tokens);
-        assert_eq!(s.episodes[1], (1, 0, 0, 0.0));
+        assert_eq!(s.completions[1].tokens, answer.tokens);
+        assert_eq!(s.stats[1], EpisodeStats::single_turn());
     }
 }

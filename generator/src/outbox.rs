@@ -1,6 +1,8 @@
 //! The rollout stream to the trainer: groups go out on one `PushRollouts` stream and
 //! stay pending until acknowledged, so a broken stream (a restarted trainer) resends
-//! what was not acknowledged on the next one.
+//! what was not acknowledged on the next one. The [`Outbox`] belongs to the scorer
+//! stage: a push that waits (the trainer's buffer is full, the stream broke) holds up
+//! scoring, never the engine.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +16,12 @@ use tokio::runtime::Handle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::error::Result;
-use crate::worker::{rpc, Worker};
+use crate::error::{rpc, Result};
+use crate::heartbeat::Beat;
 
 /// Streams groups to the trainer and keeps each until it is acknowledged, so a broken
 /// stream (a restarted trainer) resends what was not acknowledged.
-pub(crate) struct Pusher {
+struct Pusher {
     tx: tokio::sync::mpsc::Sender<RolloutGroup>,
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
     broken: Arc<AtomicBool>,
@@ -84,11 +86,17 @@ impl Pusher {
     }
 }
 
-/// What the worker has pushed and not yet seen acknowledged, and the stream it goes on.
-#[derive(Default)]
+/// The groups pushed and not yet acknowledged, the stream they go on and how to reopen
+/// it.
 pub(crate) struct Outbox {
+    rt: Handle,
+    creds: Credentials,
+    /// The trainer's address (learned from heartbeats) and the end of the run.
+    beat: Arc<Beat>,
     pusher: Option<Pusher>,
     pending: Arc<Mutex<BTreeMap<u64, RolloutGroup>>>,
+    /// The next group's number on the stream.
+    next_seq: u64,
     /// No attempt to reopen the stream before this.
     next_reopen: Option<Instant>,
     /// Since when the trainer could not be reached.
@@ -96,35 +104,39 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    pub fn new(rt: Handle, creds: Credentials, beat: Arc<Beat>) -> Self {
+        Outbox {
+            rt,
+            creds,
+            beat,
+            pusher: None,
+            pending: Arc::default(),
+            next_seq: 1,
+            next_reopen: None,
+            unreachable_since: None,
+        }
+    }
+
     fn live(&self) -> bool {
         self.pusher
             .as_ref()
             .is_some_and(|p| !p.broken.load(Ordering::SeqCst))
     }
 
-    fn waiting(&self) -> usize {
+    /// Groups waiting for their ack.
+    pub fn waiting(&self) -> usize {
         self.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
-}
 
-/// Hands `g` to the stream behind `tx`, waiting at most the deadline of a call (a stream
-/// nobody reads is as good as broken); whether it went.
-fn send(rt: &Handle, tx: &tokio::sync::mpsc::Sender<RolloutGroup>, g: RolloutGroup) -> bool {
-    rt.block_on(async { tokio::time::timeout(client::rpc_timeout(), tx.send(g)).await })
-        .is_ok_and(|r| r.is_ok())
-}
-
-impl Worker {
     /// Numbers `g`, keeps it until it is acknowledged, and sends it (reopening the
     /// stream if it broke).
-    pub(crate) fn push(&mut self, mut g: RolloutGroup) -> Result<()> {
+    pub fn push(&mut self, mut g: RolloutGroup) -> Result<()> {
         g.seq = self.next_seq;
         self.next_seq += 1;
-        if let Ok(mut p) = self.outbox.pending.lock() {
+        if let Ok(mut p) = self.pending.lock() {
             p.insert(g.seq, g.clone());
         }
         if let Some(p) = self
-            .outbox
             .pusher
             .as_ref()
             .filter(|p| !p.broken.load(Ordering::SeqCst))
@@ -134,64 +146,70 @@ impl Worker {
             }
             p.broken.store(true, Ordering::SeqCst);
         }
-        self.outbox.next_reopen = None;
+        self.next_reopen = None;
         self.redeliver()
     }
 
     /// With groups waiting for an ack and no live stream (the trainer restarted, the
     /// network cut it): opens a new one, which resends them all. At most one attempt a
-    /// second, so the sampling loop may call it on every turn; fails once the trainer
-    /// has been unreachable for `[coordinator] reconnect_timeout_s`.
-    pub(crate) fn redeliver(&mut self) -> Result<()> {
-        let o = &mut self.outbox;
-        if o.live() {
-            o.unreachable_since = None;
+    /// second, so it may be called often; fails once the trainer has been unreachable
+    /// for `[coordinator] reconnect_timeout_s`.
+    pub fn redeliver(&mut self) -> Result<()> {
+        if self.live() {
+            self.unreachable_since = None;
             return Ok(());
         }
-        let due = o.next_reopen.is_none_or(|t| Instant::now() >= t);
-        if o.waiting() == 0 || !due || self.beat.stop.load(Ordering::SeqCst) {
+        let due = self.next_reopen.is_none_or(|t| Instant::now() >= t);
+        if self.waiting() == 0 || !due || self.beat.stopped() {
             return Ok(());
         }
-        o.pusher = None;
-        let pending = o.pending.clone();
+        self.pusher = None;
         let opened = self
-            .trainer_address()
-            .and_then(|a| Pusher::open(&self.rt, &a, &self.creds, pending));
-        let o = &mut self.outbox;
+            .beat
+            .trainer()
+            .and_then(|a| Pusher::open(&self.rt, &a, &self.creds, self.pending.clone()));
         match opened {
             Ok(p) => {
-                o.pusher = Some(p);
-                o.unreachable_since = None;
+                self.pusher = Some(p);
+                self.unreachable_since = None;
                 Ok(())
             }
             Err(e) => {
-                let since = *o.unreachable_since.get_or_insert_with(Instant::now);
+                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= tandem_proto::retry::patience() {
                     return Err(rpc(
                         "trainer",
                         format!(
                             "unreachable for {:.0} s with {} groups to deliver ([coordinator] reconnect_timeout_s): {e}",
                             since.elapsed().as_secs_f64(),
-                            o.waiting()
+                            self.waiting()
                         ),
                     ));
                 }
                 tracing::warn!("cannot reach the trainer: {e}; retrying");
-                o.next_reopen = Some(Instant::now() + Duration::from_secs(1));
+                self.next_reopen = Some(Instant::now() + Duration::from_secs(1));
                 Ok(())
             }
         }
     }
 
-    /// Waits (up to 30 s) until every pushed group is acknowledged.
-    pub(crate) fn drain(&mut self) {
+    /// Waits (up to 30 s) until every pushed group is acknowledged, then closes the
+    /// stream.
+    pub fn drain(&mut self) {
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(30) && self.outbox.waiting() > 0 {
+        while t0.elapsed() < Duration::from_secs(30) && self.waiting() > 0 {
             if self.redeliver().is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.outbox.pusher = None;
+        self.pusher = None;
     }
+}
+
+/// Hands `g` to the stream behind `tx`, waiting at most the deadline of a call (a stream
+/// nobody reads is as good as broken); whether it went.
+fn send(rt: &Handle, tx: &tokio::sync::mpsc::Sender<RolloutGroup>, g: RolloutGroup) -> bool {
+    rt.block_on(async { tokio::time::timeout(client::rpc_timeout(), tx.send(g)).await })
+        .is_ok_and(|r| r.is_ok())
 }

@@ -1,9 +1,12 @@
 //! Offline sampling: `n` completions of each prompt from a policy, decoded and scored
 //! by `[reward]`'s verifiers and reward model — what rejection sampling and held-out
-//! evaluation both run.
+//! evaluation both run. Multi-turn episodes go through [`tandem_env`]'s sample groups,
+//! each named by its prompt's index.
 
 use tandem_data::{Prompt, PromptBody};
 use tandem_model::{ChatMessage, Pretrained, RewardModel, SamplingParams};
+
+use tandem_env::{Env, GroupRequest, SampleGroups};
 
 use crate::error::{Context, Result};
 use crate::render::{prompt_ids, PromptInput};
@@ -68,7 +71,7 @@ pub fn sample_scored(
     batch: usize,
     params: &SamplingParams,
     reward: &RewardConfig,
-    env: Option<&crate::env::Env>,
+    env: Option<&Env>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<Scored>>> {
     if let Some(env) = env {
@@ -135,11 +138,9 @@ pub fn sample_episodes(
     batch: usize,
     params: &SamplingParams,
     reward: &RewardConfig,
-    env: &crate::env::Env,
+    env: &Env,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<Scored>>> {
-    use crate::groups::Groups;
-    use tandem_proto::v1::PromptLease;
     let mut out: Vec<Option<Vec<Scored>>> = vec![None; ids.len()];
     let mut done_count = 0;
     for (b, chunk) in ids.chunks(batch.max(1)).enumerate() {
@@ -148,18 +149,20 @@ pub fn sample_episodes(
             &p.model,
             crate::config::GeneratorConfig::default().engine(),
         )?;
-        let mut groups = Groups::default();
+        let mut groups = SampleGroups::default();
         for (j, prompt) in chunk.iter().enumerate() {
             let i = first + j;
-            let lease = PromptLease {
-                lease_id: i as u64 + 1,
-                ..Default::default()
+            // The group of prompt i is named by i.
+            let group = GroupRequest {
+                id: i as u64,
+                prompt: prompt.clone(),
+                params: SamplingParams {
+                    seed: params.seed.wrapping_add(i as u64),
+                    ..params.clone()
+                },
+                samples: n,
             };
-            let params = SamplingParams {
-                seed: params.seed.wrapping_add(i as u64),
-                ..params.clone()
-            };
-            groups.start(&mut engine, &p.model, lease, prompt.clone(), params, n)?;
+            groups.start(&mut engine, &p.model, group)?;
         }
         while !groups.is_empty() {
             let mut finished = groups.poll_tools(&mut engine, &p.model, env, &p.tokenizer, 0)?;
@@ -176,12 +179,11 @@ pub fn sample_episodes(
                     )?);
                 }
             }
-            for d in finished {
-                let i = d.lease.lease_id as usize - 1;
+            for g in finished {
+                let i = g.id as usize;
                 let answer = answers[i].as_deref();
-                let s = d.sampled;
+                let s = g.samples;
                 let mut scored = s
-                    .finished
                     .completions
                     .into_iter()
                     .zip(&s.finals)
@@ -207,8 +209,8 @@ pub fn sample_episodes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::{Env, EnvConfig};
-    use crate::tool_call::TurnFormat;
+    use tandem_env::tool_call::TurnFormat;
+    use tandem_env::EnvConfig;
 
     /// Episodes through the engine: n scored samples per prompt, each within the token
     /// budget, the same for the same seed.

@@ -147,7 +147,7 @@ pub struct Sample {
 
 /// What a request asks the engine for: sample `max_new` tokens after `prompt`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
+pub struct TurnPlan {
     /// The sample the turn extends, or `None` for a new one.
     pub extends: Option<usize>,
     /// The new text after the sample so far (or the whole prompt) and its tokens.
@@ -224,12 +224,12 @@ impl ChatEpisode {
         text: &str,
         max_tokens: usize,
         budget: usize,
-    ) -> tandem_model::Result<Plan> {
+    ) -> tandem_model::Result<TurnPlan> {
         if let Some((k, s)) = self.samples.iter().enumerate().next_back() {
             if let Some(rest) = text.strip_prefix(s.text.as_str()) {
                 let new_ids = tokenizer.encode(rest)?;
                 let used = s.tokens.ids.len() + new_ids.len() - s.prompt_len;
-                return Ok(Plan {
+                return Ok(TurnPlan {
                     extends: Some(k),
                     text: rest.to_string(),
                     prompt: [s.tokens.ids.as_slice(), &new_ids].concat(),
@@ -239,7 +239,7 @@ impl ChatEpisode {
             }
         }
         let ids = tokenizer.encode(text)?;
-        Ok(Plan {
+        Ok(TurnPlan {
             extends: None,
             text: text.to_string(),
             prompt: ids.clone(),
@@ -254,7 +254,7 @@ impl ChatEpisode {
     /// turn (not part of the reply's text).
     pub fn record(
         &mut self,
-        plan: Plan,
+        plan: TurnPlan,
         turn: Completion,
         tags: Vec<u64>,
         held: u64,
@@ -378,7 +378,7 @@ mod tests {
         messages: &[Value],
         tools: &[Value],
         model: &str,
-    ) -> (Plan, Completion, Message) {
+    ) -> (TurnPlan, Completion, Message) {
         let text = e
             .render(tok, &parse_messages(messages).unwrap(), tools)
             .unwrap();
