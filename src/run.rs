@@ -4,11 +4,13 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use tandem_launch::{CoordinatorStatus, Event, Plan, Program, Supervisor};
+use tandem_coordinator::store::STATE_FILE;
+use tandem_launch::{CoordinatorStatus, Event, Outcome, Plan, Program, Supervisor};
 
 use crate::run_config::RunConfig;
 
@@ -50,33 +52,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     // Every process gets the token and the TLS files through its environment; the
     // flags of `tandem run` (or TANDEM_TLS_*) override `[tls]`.
     let creds = a.security.credentials(Some(&token), Some(&cfg.tls))?;
-    let plan = Plan {
-        run_dir: run_dir.clone(),
-        config_toml: cfg.to_toml()?,
-        token,
-        tls: a.security.tls_files(Some(&cfg.tls)),
-        generators: cfg.run.generators,
-        max_restarts: cfg.run.max_restarts,
-        trainer_listen: a.trainer_listen.clone(),
-        trainer_advertise: a.trainer_advertise.clone(),
-        // A new run's logs and the coordinator's saved state start empty.
-        fresh: [
-            "metrics.jsonl",
-            "eval.jsonl",
-            tandem_coordinator::store::STATE_FILE,
-        ]
-        .map(String::from)
-        .to_vec(),
-        poll: std::time::Duration::from_millis(500),
-    };
     let exe = std::env::current_exe().context("finding the tandem executable")?;
-    let mut supervisor = Supervisor::start(
-        plan,
-        Program {
-            configure: die_with_parent,
-            ..Program::new(exe)
-        },
-    )?;
+    let program = Program {
+        configure: die_with_parent,
+        ..Program::new(exe)
+    };
+    let mut supervisor = Supervisor::start(plan(&a, &cfg, token)?, program)?;
     eprintln!(
         "run: coordinator {}, trainer, {} generators; logs in {}",
         supervisor.coordinator(),
@@ -84,22 +65,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         supervisor.logs().display()
     );
     let mut status = CoordinatorStatus::connect(supervisor.coordinator(), &creds)?;
-    let bar = progress_bar(cfg.run.steps);
-    let watched = supervisor.watch(&mut status, &mut |event| match event {
-        Event::Progress(p) => {
-            bar.set_position(p.step);
-            bar.set_message(p.message());
-        }
-        Event::Restarting(r) => bar.suspend(|| eprintln!("{r}")),
-    });
-    let outcome = match watched {
-        Ok(o) => o,
-        Err(e) => {
-            bar.abandon();
-            return Err(e.into());
-        }
-    };
-    bar.finish();
+    let outcome = watch(&mut supervisor, &mut status, cfg.run.steps)?;
     eprintln!(
         "done: {} steps in {:.0} s, last reward {:.3}; model in {}, metrics in {}",
         cfg.run.steps,
@@ -109,12 +75,46 @@ pub fn run(a: RunArgs) -> Result<()> {
         run_dir.join("metrics.jsonl").display()
     );
     if let Some(h) = tandem_report::held_out::HeldOut::read(&run_dir) {
-        eprintln!(
-            "{}",
-            h.line(cfg.eval.prompts, cfg.eval.samples, cfg.eval.temperature)
-        );
+        let e = &cfg.eval;
+        eprintln!("{}", h.line(e.prompts, e.samples, e.temperature));
     }
     Ok(())
+}
+
+/// What the supervisor starts: the run's config (without its token) and settings.
+fn plan(a: &RunArgs, cfg: &RunConfig, token: String) -> Result<Plan> {
+    Ok(Plan {
+        run_dir: PathBuf::from(&cfg.run.run_dir),
+        config_toml: cfg.to_toml()?,
+        token,
+        tls: a.security.tls_files(Some(&cfg.tls)),
+        generators: cfg.run.generators,
+        max_restarts: cfg.run.max_restarts,
+        trainer_listen: a.trainer_listen.clone(),
+        trainer_advertise: a.trainer_advertise.clone(),
+        // A new run's logs and the coordinator's saved state start empty.
+        fresh: ["metrics.jsonl", "eval.jsonl", STATE_FILE]
+            .map(String::from)
+            .to_vec(),
+        poll: Duration::from_millis(500),
+    })
+}
+
+/// Watches the run with a progress bar of `steps` steps; restarts are printed above it.
+fn watch(s: &mut Supervisor, status: &mut CoordinatorStatus, steps: u64) -> Result<Outcome> {
+    let bar = progress_bar(steps);
+    let watched = s.watch(status, &mut |event| match event {
+        Event::Progress(p) => {
+            bar.set_position(p.step);
+            bar.set_message(p.message());
+        }
+        Event::Restarting(r) => bar.suspend(|| eprintln!("{r}")),
+    });
+    match &watched {
+        Ok(_) => bar.finish(),
+        Err(_) => bar.abandon(),
+    }
+    Ok(watched?)
 }
 
 fn progress_bar(steps: u64) -> ProgressBar {

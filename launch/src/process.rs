@@ -1,6 +1,6 @@
 //! One process of a run: a role of the `tandem` binary started as a child with its
 //! output in its own log, started again after it dies (the trainer with `--resume`),
-//! and killed when the supervisor goes.
+//! and killed when it is dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -149,16 +149,10 @@ fn start(
         .map_err(err)
 }
 
-/// The run's processes, coordinator first and trainer second; every one still running
-/// is killed when this is dropped (an error or Ctrl-C path).
-#[derive(Debug, Default)]
-pub struct Procs(pub Vec<Proc>);
-
-impl Drop for Procs {
+/// A process still running when its `Proc` goes (an error or Ctrl-C path) is killed.
+impl Drop for Proc {
     fn drop(&mut self) {
-        for p in &mut self.0 {
-            p.kill();
-        }
+        self.kill();
     }
 }
 
@@ -209,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn a_generator_restarts_as_it_was_and_procs_kill_what_runs() {
+    fn a_generator_restarts_as_it_was_and_a_dropped_proc_is_killed() {
         let d = tempfile::tempdir().unwrap();
         let program = Program::new("/bin/sh");
         let mut g = Proc::spawn(
@@ -240,7 +234,7 @@ mod tests {
         )
         .unwrap();
         let pid = sleeper.child.id();
-        drop(Procs(vec![sleeper]));
+        drop(sleeper);
         // Killed and reaped: no such process any more.
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::tls::TlsFiles;
 
-use crate::env::{new_token, role_envs};
-use crate::process::{Proc, Procs, Program, Role};
+use crate::env::{new_token, role_envs, Env};
+use crate::process::{Proc, Program, Role};
 use crate::status::{Progress, StatusSource};
 use crate::{run_dir, Error, Result};
 
@@ -95,105 +95,49 @@ pub struct Outcome {
 pub struct Supervisor {
     plan: Plan,
     program: Program,
-    procs: Procs,
+    /// Coordinator first, trainer second, then the generators.
+    procs: Vec<Proc>,
     grpc: String,
     started: Instant,
 }
 
 impl Supervisor {
-    /// Prepares the run folder (private, the earlier run's files in `plan.fresh`
-    /// removed, logs in `RUN_DIR/logs`), writes the tokens and `config.toml`, starts the
-    /// coordinator and waits for its address (`RUN_DIR/coordinator.json`), then starts
-    /// the trainer and the generators.
+    /// Prepares the run folder ([`prepare`]), starts the coordinator and waits for its
+    /// address (`RUN_DIR/coordinator.json`), then starts the trainer and the generators.
     pub fn start(plan: Plan, program: Program) -> Result<Self> {
-        let dir = plan.run_dir.clone();
-        // Ours alone: no other user can plant a link where a file is about to be written.
-        run_dir::prepare(&dir)?;
-        let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs)
-            .map_err(|e| Error::io(format!("creating {}", logs.display()), e))?;
-        for file in &plan.fresh {
-            remove_if_there(&dir.join(file))?;
-        }
-        let secret = |name: &str, text: &str| {
-            let path = dir.join(name);
-            tandem_proto::secret::write_private(&path, text)
-                .map_err(|e| Error::io(format!("writing {}", path.display()), e))
-        };
-        secret("token", &plan.token)?;
-        let generator_token = new_token();
-        secret("generator-token", &generator_token)?;
-        let (servers, generators) = role_envs(&plan.tls, &plan.token, &generator_token)?;
-        // It may hold secrets ([reward] service_token, the dataset's answers): this user's.
-        let config = dir.join("config.toml");
-        run_dir::write_private_atomic(&config, &plan.config_toml)?;
-        let addr_file = dir.join("coordinator.json");
-        remove_if_there(&addr_file)?;
-        let args = strings(&[
-            "coordinator",
-            "--config",
-            utf8(&config)?,
-            "--addr-file",
-            utf8(&addr_file)?,
-        ]);
-        let coordinator = Proc::spawn(
-            &program,
-            "coordinator",
-            Role::Coordinator,
-            args,
-            &logs,
-            &servers,
-        )?;
-        let mut procs = Procs(vec![coordinator]);
-        let (grpc, http) = wait_for_address(
-            &mut procs.0[0],
-            &addr_file,
-            plan.poll.min(Duration::from_millis(50)),
-        )?;
-        // Started again, it listens where the workers already dial, and continues the
-        // run from its saved state.
-        procs.0[0].args.extend(strings(&[
-            "--set",
-            &format!("coordinator.listen={grpc}"),
-            "--set",
-            &format!("coordinator.http_listen={http}"),
-        ]));
-        let mut trainer = strings(&["trainer", "--coordinator", &grpc, "--run-dir", utf8(&dir)?]);
-        if let Some(listen) = &plan.trainer_listen {
-            trainer.extend(strings(&["--listen", listen]));
-        }
-        if let Some(advertise) = &plan.trainer_advertise {
-            trainer.extend(strings(&["--advertise", advertise]));
-        }
-        procs.0.push(Proc::spawn(
-            &program,
-            "trainer",
-            Role::Trainer,
-            trainer,
-            &logs,
-            &servers,
-        )?);
-        for i in 0..plan.generators {
-            let name = format!("gen-{i}");
-            let args = strings(&["generator", "--coordinator", &grpc, "--name", &name]);
-            procs.0.push(Proc::spawn(
-                &program,
-                &name,
-                Role::Generator,
-                args,
-                &logs,
-                &generators,
-            )?);
-        }
-        let s = Supervisor {
+        let (servers, generators) = prepare(&plan)?;
+        let coordinator = start_coordinator(&plan, &program, &servers)?;
+        let mut s = Supervisor {
+            grpc: coordinator.1,
+            procs: vec![coordinator.0],
             plan,
             program,
-            procs,
-            grpc,
             started: Instant::now(),
         };
+        let (grpc, dir) = (s.grpc.clone(), s.plan.run_dir.clone());
+        let mut trainer = strings(&["trainer", "--coordinator", &grpc, "--run-dir", utf8(&dir)?]);
+        if let Some(listen) = &s.plan.trainer_listen {
+            trainer.extend(strings(&["--listen", listen]));
+        }
+        if let Some(advertise) = &s.plan.trainer_advertise {
+            trainer.extend(strings(&["--advertise", advertise]));
+        }
+        s.spawn("trainer", Role::Trainer, trainer, &servers)?;
+        for i in 0..s.plan.generators {
+            let name = format!("gen-{i}");
+            let args = strings(&["generator", "--coordinator", &grpc, "--name", &name]);
+            s.spawn(&name, Role::Generator, args, &generators)?;
+        }
+        s.started = Instant::now();
         s.write_pids()?;
         Ok(s)
+    }
+
+    fn spawn(&mut self, name: &str, role: Role, args: Vec<String>, env: &Env) -> Result<()> {
+        let logs = self.logs();
+        let p = Proc::spawn(&self.program, name, role, args, &logs, env)?;
+        self.procs.push(p);
+        Ok(())
     }
 
     /// The coordinator's gRPC address.
@@ -220,7 +164,7 @@ impl Supervisor {
             if self.restart_failed(on)? {
                 self.write_pids()?;
             }
-            let trainer_done = self.procs.0[1].exited()?.is_some();
+            let trainer_done = self.procs[1].exited()?.is_some();
             match status.status() {
                 Some(s) => {
                     let progress = Progress::of(&s);
@@ -246,7 +190,7 @@ impl Supervisor {
     fn restart_failed(&mut self, on: &mut dyn FnMut(Event<'_>)) -> Result<bool> {
         let max = self.plan.max_restarts;
         let mut restarted = false;
-        for p in self.procs.0.iter_mut() {
+        for p in self.procs.iter_mut() {
             let Some(st) = p.exited()? else { continue };
             if st.success() {
                 continue;
@@ -276,7 +220,7 @@ impl Supervisor {
     /// a failure is an error, one still running after [`EXIT_TIMEOUT`] is killed.
     fn wait_for_exits(&mut self) -> Result<()> {
         let deadline = Instant::now() + EXIT_TIMEOUT;
-        for p in self.procs.0.iter_mut() {
+        for p in self.procs.iter_mut() {
             loop {
                 match p.exited()? {
                     Some(st) if st.success() => break,
@@ -304,7 +248,6 @@ impl Supervisor {
     fn write_pids(&self) -> Result<()> {
         let pids: serde_json::Map<String, serde_json::Value> = self
             .procs
-            .0
             .iter()
             .map(|p| (p.name.clone(), p.child.id().into()))
             .collect();
@@ -313,6 +256,68 @@ impl Supervisor {
             &serde_json::Value::Object(pids).to_string(),
         )
     }
+}
+
+/// Makes the run folder ready: private (refused when another user controls it), the
+/// earlier run's files in `plan.fresh` removed, `logs/` made, the tokens and
+/// `config.toml` written (mode 0600). Returns the environments of the coordinator and
+/// trainer, and of the generators.
+fn prepare(plan: &Plan) -> Result<(Env, Env)> {
+    let dir = &plan.run_dir;
+    // Ours alone: no other user can plant a link where a file is about to be written.
+    run_dir::prepare(dir)?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)
+        .map_err(|e| Error::io(format!("creating {}", logs.display()), e))?;
+    for file in &plan.fresh {
+        remove_if_there(&dir.join(file))?;
+    }
+    let secret = |name: &str, text: &str| {
+        let path = dir.join(name);
+        tandem_proto::secret::write_private(&path, text)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    };
+    secret("token", &plan.token)?;
+    let generator_token = new_token();
+    secret("generator-token", &generator_token)?;
+    // It may hold secrets ([reward] service_token, the dataset's answers): this user's.
+    run_dir::write_private_atomic(&dir.join("config.toml"), &plan.config_toml)?;
+    role_envs(&plan.tls, &plan.token, &generator_token)
+}
+
+/// Starts the coordinator on `RUN_DIR/config.toml` and waits for its gRPC address.
+/// Started again later, it listens where the workers already dial (its arguments name
+/// the bound addresses) and continues the run from its saved state.
+fn start_coordinator(plan: &Plan, program: &Program, env: &Env) -> Result<(Proc, String)> {
+    let dir = &plan.run_dir;
+    let addr_file = dir.join("coordinator.json");
+    remove_if_there(&addr_file)?;
+    let config = dir.join("config.toml");
+    let args = [
+        "coordinator",
+        "--config",
+        utf8(&config)?,
+        "--addr-file",
+        utf8(&addr_file)?,
+    ];
+    let logs = dir.join("logs");
+    let mut p = Proc::spawn(
+        program,
+        "coordinator",
+        Role::Coordinator,
+        strings(&args),
+        &logs,
+        env,
+    )?;
+    let poll = plan.poll.min(Duration::from_millis(50));
+    let (grpc, http) = wait_for_address(&mut p, &addr_file, poll)?;
+    p.args.extend(strings(&[
+        "--set",
+        &format!("coordinator.listen={grpc}"),
+        "--set",
+        &format!("coordinator.http_listen={http}"),
+    ]));
+    Ok((p, grpc))
 }
 
 /// Waits for the coordinator to write its addresses to `file` ({"grpc", "http"}); an
@@ -523,7 +528,7 @@ esac
             r#"echo "out of memory"; exit 9"#,
         );
         let mut s = Supervisor::start(plan(&run, 1, 2), program).unwrap();
-        let pids: Vec<u32> = s.procs.0.iter().map(|p| p.child.id()).collect();
+        let pids: Vec<u32> = s.procs.iter().map(|p| p.child.id()).collect();
         let mut restarts = 0;
         let e = s
             .watch(&mut Markers(dir.to_path_buf()), &mut |e| {
