@@ -84,7 +84,7 @@ impl std::fmt::Display for Restart<'_> {
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
-    /// From the start of the trainer to the end.
+    /// From when the trainer and generators were started to the end.
     pub seconds: f64,
     /// The last step's mean reward the coordinator reported (NaN if none).
     pub last_reward: f64,
@@ -102,7 +102,8 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Prepares the run folder ([`prepare`]), starts the coordinator and waits for its
+    /// Prepares the run folder (private, the earlier run's files in `plan.fresh` gone,
+    /// tokens and `config.toml` written), starts the coordinator and waits for its
     /// address (`RUN_DIR/coordinator.json`), then starts the trainer and the generators.
     pub fn start(plan: Plan, program: Program) -> Result<Self> {
         let (servers, generators) = prepare(&plan)?;
