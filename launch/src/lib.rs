@@ -7,7 +7,7 @@
 //! also holds the run folder's checks every process that writes there makes.
 //!
 //! Modules: [`supervisor`] (the run's processes started, restarted and watched),
-//! [`process`] (one process: its role, log, restarts), [`env`] (tokens and TLS files
+//! [`process`] (one process: its role, log, restarts), [`mod@env`] (tokens and TLS files
 //! for the children), [`status`] (the progress line and `tandem status`'s lag table),
 //! [`run_dir`] (a run folder no other user controls; logs and private files written
 //! without following links).
