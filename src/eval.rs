@@ -130,25 +130,3 @@ impl tandem_trainer::evaluate::Evaluator for RunEvaluator {
         Ok(e.run(policy, |_| {}).map_err(err)?.0.metrics())
     }
 }
-
-/// "held-out accuracy A → B (N prompts, T = t)" from a run's `eval.jsonl`: its first
-/// and last evaluations; `None` without one.
-pub fn before_after(run_dir: &std::path::Path, cfg: &RunConfig) -> Option<String> {
-    let text = std::fs::read_to_string(run_dir.join("eval.jsonl")).ok()?;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let acc = |v: &serde_json::Value| v["eval_accuracy"].as_f64();
-    let (first, last) = (lines.first()?, lines.last()?);
-    Some(format!(
-        "held-out accuracy {:.2} (step {}) → {:.2} (step {}) on {} prompts × {} at T = {}",
-        acc(first)?,
-        first["step"],
-        acc(last)?,
-        last["step"],
-        cfg.eval.prompts,
-        cfg.eval.samples,
-        cfg.eval.temperature
-    ))
-}

@@ -14,7 +14,6 @@ mod offline;
 mod report;
 mod run;
 mod run_config;
-mod run_dir;
 mod score;
 mod security;
 mod serve;

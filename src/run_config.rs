@@ -81,7 +81,8 @@ pub struct RunConfig {
     pub env: EnvConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
-    pub tls: crate::security::TlsSection,
+    /// `[tls]`: TLS / mTLS on every gRPC endpoint.
+    pub tls: tandem_proto::tls::TlsFiles,
 }
 
 impl RunConfig {

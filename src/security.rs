@@ -4,29 +4,12 @@
 //! the coordinator, so `tandem trainer | generator | status` take them from flags or
 //! the environment only.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::Args;
-use serde::{Deserialize, Serialize};
-use tandem_proto::auth::Credentials;
+use tandem_proto::auth::{check_strength, Credentials};
 use tandem_proto::tls::TlsFiles;
-
-/// `[tls]`: TLS / mTLS on every gRPC endpoint (docs/config.md). Paths are on the host
-/// that reads the config (the coordinator's, or every process's under `tandem run`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsSection {
-    /// CA certificate (PEM): clients verify servers with it; with `client_auth`, servers
-    /// verify clients with it too.
-    pub ca: Option<PathBuf>,
-    /// This process's certificate chain (PEM); servers need one to speak TLS.
-    pub cert: Option<PathBuf>,
-    /// The private key (PEM) of `cert`.
-    pub key: Option<PathBuf>,
-    /// Mutual TLS: servers refuse clients without a certificate signed by `ca`.
-    pub client_auth: bool,
-}
 
 /// The flags every service and client command shares.
 #[derive(Args, Clone, Debug, Default)]
@@ -53,8 +36,8 @@ pub struct SecurityArgs {
 
 impl SecurityArgs {
     /// The TLS files: each flag (or its environment variable) overrides the config's
-    /// key; `client_auth` is on when either asks for it.
-    pub fn tls_files(&self, cfg: Option<&TlsSection>) -> TlsFiles {
+    /// `[tls]` key; `client_auth` is on when either asks for it.
+    pub fn tls_files(&self, cfg: Option<&TlsFiles>) -> TlsFiles {
         let cfg = cfg.cloned().unwrap_or_default();
         TlsFiles {
             ca: self.tls_ca.clone().or(cfg.ca),
@@ -69,7 +52,7 @@ impl SecurityArgs {
     pub fn credentials(
         &self,
         cfg_token: Option<&str>,
-        cfg_tls: Option<&TlsSection>,
+        cfg_tls: Option<&TlsFiles>,
     ) -> Result<Credentials> {
         let token = token(cfg_token)?;
         let tls = self
@@ -83,7 +66,7 @@ impl SecurityArgs {
             .filter(|t| !t.is_empty())
         {
             Some(g) => {
-                check_token(&g, "TANDEM_GENERATOR_TOKEN")?;
+                check_strength(&g, "TANDEM_GENERATOR_TOKEN").map_err(anyhow::Error::msg)?;
                 creds
                     .with_generator_token(&g)
                     .map_err(|e| anyhow!("TANDEM_GENERATOR_TOKEN: {e}"))
@@ -93,16 +76,8 @@ impl SecurityArgs {
     }
 }
 
-/// The shortest token a process accepts.
-pub const MIN_TOKEN_LEN: usize = 16;
-/// Tokens the project ships as placeholders (deploy/k8s/secret.yaml): refused as is.
-const PLACEHOLDER_TOKENS: &[&str] = &[
-    "change-me-to-a-random-secret",
-    "change-me-to-another-random-secret",
-];
-
 /// The shared token: TANDEM_TOKEN, else `[run] token`; refused when shorter than
-/// [`MIN_TOKEN_LEN`] or a shipped placeholder.
+/// `tandem_proto::auth::MIN_TOKEN_LEN` or a shipped placeholder.
 pub fn token(cfg_token: Option<&str>) -> Result<String> {
     let (token, from) = match std::env::var("TANDEM_TOKEN").ok().filter(|t| !t.is_empty()) {
         Some(t) => (t, "TANDEM_TOKEN"),
@@ -113,66 +88,6 @@ pub fn token(cfg_token: Option<&str>) -> Result<String> {
             "[run] token",
         ),
     };
-    check_token(&token, from)?;
+    check_strength(&token, from).map_err(anyhow::Error::msg)?;
     Ok(token)
-}
-
-/// Refuses a token shorter than [`MIN_TOKEN_LEN`] or a shipped placeholder; `from`
-/// names where it came from.
-fn check_token(token: &str, from: &str) -> Result<()> {
-    if PLACEHOLDER_TOKENS.contains(&token) {
-        anyhow::bail!(
-            "{from} is the placeholder shipped in deploy/k8s/secret.yaml: replace it with a random secret (openssl rand -hex 32)"
-        );
-    }
-    if token.chars().count() < MIN_TOKEN_LEN {
-        anyhow::bail!(
-            "{from} has {} characters: a token needs at least {MIN_TOKEN_LEN} (openssl rand -hex 32 makes one)",
-            token.chars().count()
-        );
-    }
-    Ok(())
-}
-
-/// The environment that hands `files` to a child process (absolute paths, so the child
-/// may run anywhere).
-pub fn tls_env(files: &TlsFiles) -> Result<Vec<(&'static str, String)>> {
-    let abs = |p: &Path| -> Result<String> {
-        let p = std::path::absolute(p).map_err(|e| anyhow!("{}: {e}", p.display()))?;
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
-    };
-    let mut env = Vec::new();
-    for (name, path) in [
-        ("TANDEM_TLS_CA", &files.ca),
-        ("TANDEM_TLS_CERT", &files.cert),
-        ("TANDEM_TLS_KEY", &files.key),
-    ] {
-        if let Some(p) = path {
-            env.push((name, abs(p)?));
-        }
-    }
-    if files.client_auth {
-        env.push(("TANDEM_TLS_CLIENT_AUTH", "true".to_string()));
-    }
-    Ok(env)
-}
-
-/// Writes a secret (a token, a private key): readable by this user only, replacing
-/// any older file.
-pub fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    o.mode(0o600);
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -61,7 +61,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
         .to_toml()?,
     };
-    crate::run_dir::prepare(Path::new(&cfg.run.run_dir))?;
+    tandem_launch::run_dir::prepare(Path::new(&cfg.run.run_dir))?;
     let rt = runtime()?;
     rt.block_on(async {
         // The state lives in the run folder: a coordinator started again on it (after a
@@ -175,7 +175,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         "trainer",
         &advertise,
     ))?;
-    crate::run_dir::prepare(&a.run_dir)?;
+    tandem_launch::run_dir::prepare(&a.run_dir)?;
     if a.run_dir != Path::new(&cfg.run.run_dir) {
         tracing::info!(
             run_dir = %a.run_dir.display(),

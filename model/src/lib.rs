@@ -10,6 +10,7 @@
 //! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
 //! - [`scalar_head`] — the value head (PPO's critic) and the reward head on the final
 //!   hidden state; [`reward_model`] scores completions with a trained reward model.
+//! - [`score`] — per-token logprobs and entropies of given completions (`tandem score`).
 //! - [`device`] — the process's device and dtype (`TANDEM_DEVICE`, `TANDEM_DTYPE`).
 //!
 //! Unsafe code lives in five modules, each allowed by name below: [`ops`]'s `gemm`
@@ -48,6 +49,7 @@ pub mod reward_model;
 pub mod rope;
 pub mod sampling;
 pub mod scalar_head;
+pub mod score;
 #[allow(unsafe_code)]
 pub mod simd;
 pub mod tokenizer;

@@ -252,6 +252,33 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The shortest token a process accepts.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Tokens the project ships as placeholders (deploy/k8s/secret.yaml): refused as is.
+pub const PLACEHOLDER_TOKENS: &[&str] = &[
+    "change-me-to-a-random-secret",
+    "change-me-to-another-random-secret",
+];
+
+/// Refuses a token shorter than [`MIN_TOKEN_LEN`] or a shipped placeholder; `from`
+/// names where it came from (`TANDEM_TOKEN`, `[run] token`), and the error says how to
+/// make a good one.
+pub fn check_strength(token: &str, from: &str) -> Result<(), String> {
+    if PLACEHOLDER_TOKENS.contains(&token) {
+        return Err(format!(
+            "{from} is the placeholder shipped in deploy/k8s/secret.yaml: replace it with a random secret (openssl rand -hex 32)"
+        ));
+    }
+    let n = token.chars().count();
+    if n < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{from} has {n} characters: a token needs at least {MIN_TOKEN_LEN} (openssl rand -hex 32 makes one)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +336,19 @@ mod tests {
             .call(WithToken::new(run).unwrap().call(Request::new(())).unwrap())
             .unwrap();
         assert!(check_request_session(&admin, run, 8, "Lease").is_ok());
+    }
+
+    #[test]
+    fn weak_tokens_are_refused_naming_where_they_came_from() {
+        let e = check_strength("short", "TANDEM_TOKEN").unwrap_err();
+        assert!(
+            e.starts_with("TANDEM_TOKEN has 5 characters") && e.contains("at least 16"),
+            "{e}"
+        );
+        let e = check_strength(PLACEHOLDER_TOKENS[1], "[run] token").unwrap_err();
+        assert!(e.starts_with("[run] token is the placeholder"), "{e}");
+        // Characters, not bytes: 15 two-byte letters are too few.
+        assert!(check_strength(&"é".repeat(15), "x").is_err());
+        assert_eq!(check_strength(&"é".repeat(16), "x"), Ok(()));
     }
 }

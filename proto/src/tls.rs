@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// Where this process's TLS material lies. All optional: nothing set = plaintext.
-#[derive(Clone, Debug, Default, PartialEq)]
+///
+/// Also the run config's `[tls]` section (docs/config.md): paths there are on the host
+/// that reads the config (the coordinator's, or every process's under `tandem run`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TlsFiles {
     /// The CA certificate (PEM) that signed the servers' (and, for mTLS, the clients')
     /// certificates.

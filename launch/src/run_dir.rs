@@ -14,7 +14,7 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::{Error, Result};
 
 /// Makes `dir` (mode 0700 when it is created) and checks that no other user controls it
 /// or a folder above it; the error names the folder and the fix.
@@ -24,7 +24,7 @@ pub fn prepare(dir: &Path) -> Result<()> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("creating the run folder {}", dir.display()))?;
+            .map_err(|e| Error::io(format!("creating the run folder {}", dir.display()), e))?;
     }
     check(dir)
 }
@@ -34,7 +34,7 @@ pub fn check(dir: &Path) -> Result<()> {
     // This process's effective uid and gid: the owners of its /proc entry.
     let (me, group) = std::fs::metadata("/proc/self")
         .map(|m| (m.uid(), m.gid()))
-        .context("reading this process's uid")?;
+        .map_err(|e| Error::io("reading this process's uid", e))?;
     // Writable by a user other than this one: by anyone, or by a group that is not this
     // process's own (a container's volume shared with its own group, `fsGroup`, is fine).
     let others_write = |m: &std::fs::Metadata| {
@@ -42,49 +42,51 @@ pub fn check(dir: &Path) -> Result<()> {
     };
     let real = dir
         .canonicalize()
-        .with_context(|| format!("the run folder {}", dir.display()))?;
-    let meta = std::fs::metadata(&real)?;
+        .map_err(|e| Error::io(format!("the run folder {}", dir.display()), e))?;
+    let meta = std::fs::metadata(&real).map_err(|e| Error::io(real.display().to_string(), e))?;
     if !meta.is_dir() {
-        bail!("[run] run_dir: {} is not a folder", dir.display());
+        return Err(Error::RunDir(format!(
+            "[run] run_dir: {} is not a folder",
+            dir.display()
+        )));
     }
     if meta.uid() != me {
-        bail!(
+        return Err(Error::RunDir(format!(
             "[run] run_dir: {} belongs to uid {}, not to this user (uid {me}): another user could plant links there that this process would write through; choose a run_dir of your own",
             real.display(),
             meta.uid()
-        );
+        )));
     }
     if others_write(&meta) {
-        bail!(
+        return Err(Error::RunDir(format!(
             "[run] run_dir: {} is writable by other users (mode {:o}): they could plant links there that this process would write through; `chmod go-w {}`",
             real.display(),
             meta.mode() & 0o7777,
             real.display()
-        );
+        )));
     }
     let mut above: Option<PathBuf> = real.parent().map(Path::to_path_buf);
     while let Some(p) = above {
-        let m = std::fs::metadata(&p).with_context(|| format!("{}", p.display()))?;
+        let m = std::fs::metadata(&p).map_err(|e| Error::io(p.display().to_string(), e))?;
         let owner_ok = m.uid() == me || m.uid() == 0;
-        let writable_by_others = others_write(&m);
         let sticky = m.mode() & 0o1000 != 0;
-        if !owner_ok || (writable_by_others && !sticky) {
-            bail!(
+        if !owner_ok || (others_write(&m) && !sticky) {
+            return Err(Error::RunDir(format!(
                 "[run] run_dir: {} lies below {}, which {} (mode {:o}, uid {}): another user could replace the run folder; choose a run_dir below folders only you or root can change",
                 real.display(),
                 p.display(),
                 if owner_ok { "other users may write in" } else { "another user owns" },
                 m.mode() & 0o7777,
                 m.uid()
-            );
+            )));
         }
         above = p.parent().map(Path::to_path_buf);
     }
     Ok(())
 }
 
-/// Opens `path` for appending (creating it, mode 0600) without following a symbolic
-/// link at its name.
+/// Opens `path` for writing (appending when `append`, else truncating; created with
+/// mode 0600) without following a symbolic link at its name.
 pub fn open_log(path: &Path, append: bool) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -94,7 +96,12 @@ pub fn open_log(path: &Path, append: bool) -> Result<std::fs::File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("opening {} (a link there is refused)", path.display()))
+        .map_err(|e| {
+            Error::io(
+                format!("opening {} (a link there is refused)", path.display()),
+                e,
+            )
+        })
 }
 
 /// Writes `text` to `path` readable by this user only, atomically: a new temporary file
@@ -108,11 +115,11 @@ pub fn write_private_atomic(path: &Path, text: &str) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
+        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
 }
 
 #[cfg(test)]
@@ -143,6 +150,11 @@ mod tests {
         // Sticky, like /tmp: fine.
         std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o1777)).unwrap();
         check(&run).unwrap();
+        // A file is not a run folder.
+        let file = d.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = check(&file).unwrap_err().to_string();
+        assert!(e.contains("is not a folder"), "{e}");
     }
 
     #[test]

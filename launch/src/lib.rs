@@ -1,0 +1,58 @@
+//! `tandem-launch`: the supervisor of `tandem run`. It runs a whole run on one machine
+//! as separate processes of the `tandem` binary — a coordinator, a trainer and N
+//! generators on loopback — and never calls into them: it prepares the private run
+//! folder, hands each role its token and TLS files through its environment, starts
+//! each process with its log, starts the ones that fail again (the trainer with
+//! `--resume`), and reads the run's progress from the coordinator's `Status` call. It
+//! also holds the run folder's checks every process that writes there makes.
+//!
+//! Modules: [`supervisor`] (the run's processes started, restarted and watched),
+//! [`process`] (one process: its role, log, restarts), [`mod@env`] (tokens and TLS files
+//! for the children), [`status`] (the progress line and `tandem status`'s lag table),
+//! [`run_dir`] (a run folder no other user controls; logs and private files written
+//! without following links).
+
+#![forbid(unsafe_code)]
+
+pub mod env;
+pub mod process;
+pub mod run_dir;
+pub mod status;
+pub mod supervisor;
+
+pub use process::Program;
+pub use status::{lag_table, CoordinatorStatus, Progress, StatusSource};
+pub use supervisor::{Event, Outcome, Plan, Restart, Supervisor};
+
+/// What can go wrong preparing or supervising a run; messages name the file, the
+/// process or the setting, and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The run folder (or a folder above it) is not this user's alone.
+    #[error("{0}")]
+    RunDir(String),
+    /// A file or process operation failed: what was being done, and why.
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
+    /// A process of the run failed or did not start; the message names it and ends
+    /// with the last lines of its log.
+    #[error("{0}")]
+    Process(String),
+    /// The coordinator could not be reached or asked.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+    /// A path or setting that cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, cause: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            cause,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
