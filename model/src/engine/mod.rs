@@ -26,7 +26,6 @@
 //!   [`Model::inference_weights`] anew, and every sampled token records the caller's
 //!   `tag` (the generator passes its weights' version).
 
-#[allow(unsafe_code)]
 pub mod attention;
 mod config;
 pub mod pages;
