@@ -180,30 +180,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let pad = meta
         .opt_u64("tokenizer.ggml.padding_token_id")
         .map(|x| x as u32);
-    let mut tensors = HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else {
-            if name == "rope_freqs.weight" {
-                continue;
-            }
-            return Err(Error::format(
-                path,
-                format!("unexpected GGUF tensor `{name}`"),
-            ));
-        };
-        let q = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-        let mut t = q.dequantize(&Device::Cpu)?;
-        if architecture == Architecture::Llama {
-            if name.contains("attn_q.") {
-                t = unpermute(&t, heads)?;
-            } else if name.contains("attn_k.") {
-                t = unpermute(&t, kv_heads)?;
-            }
-        }
-        tensors.insert(hf, t);
-    }
+    let tensors = read_tensors(&content, &mut reader, path, architecture, (heads, kv_heads))?;
     let tie = !tensors.contains_key("lm_head.weight");
     let vocab_size = tensors
         .get("model.embed_tokens.weight")
@@ -234,7 +211,59 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     config
         .validate()
         .map_err(|e| Error::format(path, e.to_string()))?;
+    let tokenizer = read_tokenizer(&meta, &tokens, bos, eos)?;
+    Ok(GgufModel {
+        config,
+        tensors,
+        tokenizer,
+    })
+}
 
+/// Every tensor of `content`, dequantized to f32 on the CPU under its HF name, with
+/// Llama's q and k projections (of `heads` and `kv_heads` heads) un-permuted.
+fn read_tensors(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    path: &Path,
+    architecture: Architecture,
+    (heads, kv_heads): (usize, usize),
+) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else {
+            if name == "rope_freqs.weight" {
+                continue;
+            }
+            return Err(Error::format(
+                path,
+                format!("unexpected GGUF tensor `{name}`"),
+            ));
+        };
+        let q = content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if architecture == Architecture::Llama {
+            if name.contains("attn_q.") {
+                t = unpermute(&t, heads)?;
+            } else if name.contains("attn_k.") {
+                t = unpermute(&t, kv_heads)?;
+            }
+        }
+        tensors.insert(hf, t);
+    }
+    Ok(tensors)
+}
+
+/// The byte-level BPE tokenizer of the file's vocabulary `tokens`, merges,
+/// pre-tokenizer, special tokens and chat template.
+fn read_tokenizer(
+    meta: &Meta,
+    tokens: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Tokenizer> {
+    let path = meta.path;
     let model_kind = meta.opt_str("tokenizer.ggml.model").unwrap_or("");
     if model_kind != "gpt2" {
         return Err(Error::format(
@@ -259,8 +288,8 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         PreTokenizer::Gpt2
     });
     // token_type 3 = control (special), 4 = user-defined.
-    let special: Vec<u32> = match content
-        .metadata
+    let special: Vec<u32> = match meta
+        .md
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok())
     {
@@ -272,20 +301,15 @@ pub fn load(path: &Path) -> Result<GgufModel> {
             .collect(),
         None => Vec::new(),
     };
-    let tokenizer = Tokenizer::from_vocab_and_merges(
-        &tokens,
+    Tokenizer::from_vocab_and_merges(
+        tokens,
         merges,
         &special,
         pre,
         meta.opt_str("tokenizer.chat_template").map(str::to_string),
         bos,
         eos,
-    )?;
-    Ok(GgufModel {
-        config,
-        tensors,
-        tokenizer,
-    })
+    )
 }
 
 #[cfg(test)]

@@ -13,12 +13,13 @@
 //! - [`score`] — per-token logprobs and entropies of given completions (`tandem score`).
 //! - [`device`] — the process's device and dtype (`TANDEM_DEVICE`, `TANDEM_DTYPE`).
 //!
-//! Unsafe code lives in five modules, each allowed by name below: [`ops`]'s `gemm`
-//! (the checked strided product and the disjoint-block output of the attention
-//! kernels) and [`ops::attention`] (its calls), [`packed_matmul`], [`decode_matmul`],
-//! [`simd`] and [`engine::attention`] (the AVX2 kernels). Every `unsafe fn` states its
-//! contract in a `# Safety` section and every `unsafe` block says, in a `SAFETY:`
-//! comment, which check makes it hold.
+//! Unsafe code lives in one module, `kernels`, the only one allowed it: the CPU
+//! kernels (the checked strided product and the segment attention on it, the paged
+//! attention, the packed and decode matmuls, the AVX2 helpers), each beside the safe
+//! wrapper that checks what its contract needs. Every `unsafe fn` states its contract in
+//! a `# Safety` section and every `unsafe` block says, in a `SAFETY:` comment, which
+//! check makes it hold. The rest of the crate is safe code that calls the wrappers
+//! (`tests/unsafe_confined.rs` checks that no other module allows `unsafe`).
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -26,7 +27,6 @@
 pub mod checkpoint;
 pub mod config;
 mod cpu_storage;
-#[allow(unsafe_code)]
 pub mod decode_matmul;
 pub mod decoder;
 pub mod device;
@@ -36,11 +36,12 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+#[allow(unsafe_code)]
+mod kernels;
 pub mod linear;
 pub mod logprob;
 pub mod ops;
 pub mod optim;
-#[allow(unsafe_code)]
 pub mod packed_matmul;
 pub mod packing;
 pub mod params;
@@ -50,8 +51,6 @@ pub mod rope;
 pub mod sampling;
 pub mod scalar_head;
 pub mod score;
-#[allow(unsafe_code)]
-pub mod simd;
 pub mod tokenizer;
 pub mod transformer;
 
@@ -61,6 +60,7 @@ pub use device::{load_model, process_device, process_dtype};
 pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};
 pub use error::{Error, Result};
 pub use generate::{generate, generate_groups, Completion, FinishReason};
+pub use kernels::simd;
 pub use reward_model::RewardModel;
 pub use sampling::SamplingParams;
 pub use scalar_head::{ScalarHead, REWARD_HEAD_FILE, VALUE_HEAD_FILE};

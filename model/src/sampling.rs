@@ -134,7 +134,7 @@ fn draw(
 ) -> (usize, f64) {
     let m = idx.clone().map(&z).fold(f64::NEG_INFINITY, f64::max);
     let mut w: Vec<f32> = idx.clone().map(|i| (z(i) - m) as f32).collect();
-    crate::simd::exp_in_place(&mut w);
+    crate::kernels::simd::exp_in_place(&mut w);
     let total: f64 = w.iter().map(|&x| x as f64).sum();
     let target = rng.random::<f64>() * total;
     let mut cum = 0.0;

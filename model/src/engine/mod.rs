@@ -8,6 +8,13 @@
 //! them in the same step, so the batch stays full while completions of very different
 //! lengths run.
 //!
+//! Three parts, as vLLM and mistral.rs keep them: the scheduler (`scheduler.rs`)
+//! decides which sequences run each step over slot and page accounting alone (no model,
+//! no tensors), the paged KV cache ([`pages`]) holds their keys and values, and the
+//! runner (`runner.rs`) executes one step for what the scheduler chose (one forward with
+//! the paged [`attention`]); this module checks requests, samples from the step's
+//! logits and collects the completions.
+//!
 //! - **A prompt is prefilled once per request.** Its samples fork from the prompt's
 //!   last logits: each sample draws its first token from them with its own random
 //!   stream, then shares the prompt's full pages (reference-counted) and gets a copy
@@ -18,6 +25,9 @@
 //!   preempts the most recently admitted sequence, which frees its pages and later
 //!   recomputes its tokens (its sampled tokens and random stream are kept, so the
 //!   result does not change).
+//! - **First come, first served.** Requests start in the order they were added: the
+//!   queue is admitted from its front and stops at the first sequence that does not
+//!   fit, and a preempted sequence goes back to the front (the scheduler's tests).
 //! - **Batch-independent results.** Every row's arithmetic is its own (the paged
 //!   attention reads only its sequence's keys), and sample j of a request draws from
 //!   random stream `first_stream + j` of the request's seed, so a completion does not
@@ -26,15 +36,14 @@
 //!   [`Model::inference_weights`] anew, and every sampled token records the caller's
 //!   `tag` (the generator passes its weights' version).
 
-#[allow(unsafe_code)]
 pub mod attention;
 mod config;
 pub mod pages;
+mod runner;
+mod scheduler;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -44,14 +53,12 @@ pub use attention::{paged_attention, PagedLayout};
 pub use config::EngineConfig;
 pub use pages::{KvPages, PagePool};
 
-use crate::decoder::decoder_block;
 use crate::error::{Error, Result};
 use crate::generate::{Completion, FinishReason};
-use crate::ops::attention::Heads;
-use crate::ops::rms_norm::rms_norm;
-use crate::packed_matmul::PackedWeights;
 use crate::sampling::{self, SamplingParams};
-use crate::transformer::{Model, Weights};
+use crate::transformer::Model;
+use runner::{Runner, StepRows};
+use scheduler::{Scheduler, Seq};
 
 /// A prompt to sample `samples` completions of.
 #[derive(Clone, Debug)]
@@ -97,72 +104,32 @@ pub struct EngineStats {
     pub peak_running: usize,
 }
 
-/// One sequence: a sample, or a prompt not yet forked into its samples.
-#[derive(Debug)]
-struct Seq {
-    request: u64,
-    /// The sample indices it stands for (several only before the fork).
-    samples: Vec<usize>,
-    /// One random stream per sample.
-    rngs: Vec<ChaCha8Rng>,
-    /// Prompt, then sampled tokens.
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    /// Tokens whose keys and values are in the cache.
-    computed: usize,
-    pages: Vec<u32>,
-    logprobs: Vec<f32>,
-    tags: Vec<u64>,
-}
-
-impl Seq {
-    fn unfed(&self) -> usize {
-        self.tokens.len() - self.computed
-    }
-}
-
 struct RequestState {
     params: SamplingParams,
     out: Vec<Option<(Completion, Vec<u64>)>>,
     left: usize,
 }
 
-/// Continuous batching over a paged KV cache (see the module doc).
+/// Continuous batching over a paged KV cache (see the module doc): the scheduler picks
+/// each step's work, the runner computes it, and the engine samples and collects the
+/// completions.
 pub struct Engine {
     cfg: EngineConfig,
-    pool: PagePool,
-    kv: KvPages,
-    heads: Heads,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
+    sched: Scheduler,
+    runner: Runner,
     requests: HashMap<u64, RequestState>,
-    stats: EngineStats,
-    /// The projections packed for the batch kernel (CPU f32, more than 16 slots).
-    packed: Option<PackedWeights>,
 }
 
 impl Engine {
     /// An engine for `model` with its KV pool allocated (lazily touched on CPU).
     pub fn new(model: &Model, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
-        let pages = cfg.kv_cache_tokens.div_ceil(cfg.kv_page_size);
-        let cfg_rows = cfg.max_running;
-        let mc = model.config();
+        let sched = Scheduler::new(&cfg);
         Ok(Engine {
-            kv: KvPages::new(mc, pages * cfg.kv_page_size, model.dtype(), model.device())?,
-            pool: PagePool::new(pages, cfg.kv_page_size),
-            heads: Heads {
-                query: mc.num_attention_heads,
-                kv: mc.num_key_value_heads,
-                dim: mc.head_dim,
-            },
+            runner: Runner::new(model, sched.pool(), cfg.max_running)?,
+            sched,
             cfg,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
             requests: HashMap::new(),
-            stats: EngineStats::default(),
-            // Small batches stay on the bandwidth-bound kernel: no packed copy.
-            packed: (cfg_rows > crate::decode_matmul::MAX_ROWS).then(PackedWeights::default),
         })
     }
 
@@ -170,7 +137,7 @@ impl Engine {
         &self.cfg
     }
     pub fn stats(&self) -> &EngineStats {
-        &self.stats
+        self.sched.stats()
     }
     /// Requests not finished yet.
     pub fn pending_requests(&self) -> usize {
@@ -178,16 +145,7 @@ impl Engine {
     }
     /// Requests none of whose sequences has started.
     pub fn queued_requests(&self) -> usize {
-        let started: std::collections::HashSet<u64> =
-            self.running.iter().map(|s| s.request).collect();
-        let mut queued: Vec<u64> = self
-            .waiting
-            .iter()
-            .map(|s| s.request)
-            .filter(|r| !started.contains(r))
-            .collect();
-        queued.dedup();
-        queued.len()
+        self.sched.queued_requests()
     }
     /// Whether no request is pending.
     pub fn is_idle(&self) -> bool {
@@ -195,7 +153,7 @@ impl Engine {
     }
     /// Pages in use now.
     pub fn used_pages(&self) -> usize {
-        self.pool.used_pages()
+        self.sched.pool().used_pages()
     }
 
     /// Checks and queues a request; nothing runs until [`Engine::step`].
@@ -237,37 +195,19 @@ impl Engine {
         } else {
             1
         };
-        let needed = self
-            .pool
-            .pages_for(longest)
-            .max(self.pool.pages_for(r.prompt.len()) + group);
-        if needed > self.pool.capacity() {
-            return Err(pages::too_small(
-                needed * self.cfg.kv_page_size,
-                self.pool.capacity(),
-                self.cfg.kv_page_size,
-            ));
-        }
+        self.sched.check_fits(r.prompt.len(), longest, group)?;
         let indices: Vec<usize> = (0..r.samples).collect();
         for chunk in indices.chunks(group) {
-            self.waiting.push_back(Seq {
-                request: r.id,
-                samples: chunk.to_vec(),
-                rngs: chunk
-                    .iter()
-                    .map(|&j| {
-                        let mut rng = ChaCha8Rng::seed_from_u64(r.params.seed);
-                        rng.set_stream(r.first_stream + j as u64);
-                        rng
-                    })
-                    .collect(),
-                tokens: r.prompt.clone(),
-                prompt_len: r.prompt.len(),
-                computed: 0,
-                pages: Vec::new(),
-                logprobs: Vec::new(),
-                tags: Vec::new(),
-            });
+            let rngs = chunk
+                .iter()
+                .map(|&j| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(r.params.seed);
+                    rng.set_stream(r.first_stream + j as u64);
+                    rng
+                })
+                .collect();
+            self.sched
+                .enqueue(Seq::prompt(r.id, &r.prompt, chunk.to_vec(), rngs));
         }
         self.requests.insert(
             r.id,
@@ -280,204 +220,34 @@ impl Engine {
         Ok(())
     }
 
-    fn running_slots(&self) -> usize {
-        self.running.iter().map(|s| s.samples.len()).sum()
-    }
-
-    /// Moves waiting sequences (oldest first) into the batch while slots and pages
-    /// allow: a sequence needs pages for all its tokens plus one per sample. Static
-    /// batching admits only into an empty batch.
-    fn admit(&mut self) {
-        if !self.cfg.continuous && !self.running.is_empty() {
-            return;
-        }
-        while let Some(s) = self.waiting.front() {
-            let slots = s.samples.len();
-            let pages = self.pool.pages_for(s.tokens.len()) + slots;
-            if self.running_slots() + slots > self.cfg.max_running || pages > self.pool.free_pages()
-            {
-                break;
-            }
-            let mut s = self.waiting.pop_front().expect("front exists");
-            for _ in 0..self.pool.pages_for(s.tokens.len()) {
-                s.pages.push(self.pool.alloc().expect("free pages counted"));
-            }
-            self.running.push(s);
-        }
-    }
-
-    /// Returns a running sequence's pages and queues it to recompute its tokens.
-    fn preempt(&mut self, mut s: Seq) {
-        self.pool.release(&s.pages);
-        s.pages.clear();
-        s.computed = 0;
-        self.stats.preemptions += 1;
-        tracing::debug!(
-            request = s.request,
-            tokens = s.tokens.len(),
-            "KV cache full: sequence preempted"
-        );
-        self.waiting.push_front(s);
-    }
-
-    /// Gives every decoding sequence whose next token starts a page a new page,
-    /// preempting the most recently admitted sequences while none is free.
-    fn grow(&mut self) {
-        let ps = self.cfg.kv_page_size;
-        let mut i = 0;
-        while i < self.running.len() {
-            let s = &self.running[i];
-            if s.unfed() == 1 && s.computed == s.pages.len() * ps {
-                match self.pool.alloc() {
-                    Some(p) => {
-                        self.running[i].pages.push(p);
-                        i += 1;
-                    }
-                    None => {
-                        let victim = self.running.pop().expect("i < len");
-                        self.preempt(victim);
-                    }
-                }
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// This step's work: (running index, tokens to feed). Every decoding sequence
-    /// feeds its one token; prefilling ones share `prefill_chunk` tokens, oldest first.
-    fn plan(&self) -> Vec<(usize, usize)> {
-        let mut plan: Vec<(usize, usize)> = self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.unfed() == 1)
-            .map(|(i, _)| (i, 1))
-            .collect();
-        let mut budget = self.cfg.prefill_chunk;
-        for (i, s) in self.running.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if s.unfed() > 1 {
-                let n = s.unfed().min(budget);
-                budget -= n;
-                plan.push((i, n));
-            }
-        }
-        plan.sort_unstable();
-        plan
-    }
-
-    /// Admits waiting requests, runs one forward over the planned tokens with the
-    /// model's current weights, samples where a sequence's tokens are all computed,
-    /// and retires finished sequences. `tag` is recorded with every sampled token.
+    /// Lets the scheduler pick this step's work (admitting waiting requests, preempting
+    /// where pages run out), runs one forward over it with the model's current weights,
+    /// samples where a sequence's tokens are all computed, and retires finished
+    /// sequences. `tag` is recorded with every sampled token.
     pub fn step(&mut self, model: &Model, tag: u64) -> Result<StepOutput> {
-        self.admit();
-        self.grow();
-        // Preemption may have freed room for someone else.
-        self.admit();
-        let plan = self.plan();
+        let plan = self.sched.schedule();
         let mut out = StepOutput {
-            running: self.running_slots(),
+            running: self.sched.running_slots(),
             ..Default::default()
         };
         if plan.is_empty() {
             return Ok(out);
         }
-        // The step's tokens as one row: ids, positions, cache slots, attention layout.
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut write = Vec::new();
-        let mut layout = PagedLayout::default();
-        let mut sample_rows = Vec::new();
-        for (li, &(i, n)) in plan.iter().enumerate() {
-            let s = &self.running[i];
-            let end = s.computed + n;
-            layout
-                .slots
-                .push((0..end).map(|t| self.pool.slot(&s.pages, t)).collect());
-            for t in s.computed..end {
-                ids.push(s.tokens[t]);
-                positions.push(t as u32);
-                write.push(self.pool.slot(&s.pages, t));
-                layout.queries.push((li as u32, t as u32 + 1));
-            }
-            if end == s.tokens.len() {
-                sample_rows.push((i, ids.len() - 1));
-            }
+        for &(_, n) in &plan {
             if n == 1 {
                 out.decoded += 1;
             } else {
                 out.prefilled += n;
             }
         }
-        let w = match self.packed.as_mut() {
-            Some(p) => p.attach(model, model.inference_weights())?,
-            None => model.inference_weights(),
-        };
-        let hidden = self.forward(model, &w, &ids, &positions, &write, Arc::new(layout))?;
-        for &(i, n) in &plan {
-            self.running[i].computed += n;
+        let rows = StepRows::new(&plan, self.sched.running(), self.sched.pool());
+        let logits = self.runner.run(model, &rows)?;
+        self.sched.advance(&plan);
+        if !rows.sample.is_empty() {
+            self.sample(&rows.sample, &logits, tag, &mut out)?;
         }
-        if !sample_rows.is_empty() {
-            let rows: Vec<u32> = sample_rows.iter().map(|&(_, r)| r as u32).collect();
-            let rows = Tensor::from_vec(rows, sample_rows.len(), model.device())?;
-            let logits = model
-                .logits(&w, &hidden.index_select(&rows, 0)?)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            self.sample(&sample_rows, &logits, tag, &mut out)?;
-        }
-        self.stats.steps += 1;
-        self.stats.decoded_tokens += out.decoded as u64;
-        self.stats.prefilled_tokens += out.prefilled as u64;
-        self.stats.peak_pages = self.stats.peak_pages.max(self.pool.used_pages());
-        self.stats.peak_running = self.stats.peak_running.max(out.running);
+        self.sched.record(&out);
         Ok(out)
-    }
-
-    /// Hidden states (N, d) of the step's tokens; their keys and values are written
-    /// to the cache at `write` before each layer's attention reads it.
-    fn forward(
-        &self,
-        model: &Model,
-        w: &Weights,
-        ids: &[u32],
-        positions: &[u32],
-        write: &[u32],
-        layout: Arc<PagedLayout>,
-    ) -> Result<Tensor> {
-        let mc = model.config();
-        let dev = model.device();
-        let n = ids.len();
-        let width = self.heads.kv * self.heads.dim;
-        let ids = Tensor::from_slice(ids, n, dev)?;
-        let pos = Tensor::from_slice(positions, (1, n), dev)?;
-        let (cos, sin) = model.rope.at(&pos)?;
-        let (cos, sin) = (cos.squeeze(0)?, sin.squeeze(0)?);
-        let slots: Vec<u32> = write
-            .iter()
-            .flat_map(|&s| std::iter::repeat_n(s, width))
-            .collect();
-        let slots = Tensor::from_vec(slots, (n, width), dev)?;
-        let mut x = w.embed.index_select(&ids, 0)?;
-        for (li, lw) in w.layers.iter().enumerate() {
-            x = decoder_block(
-                lw,
-                &x,
-                (&cos, &sin),
-                self.heads,
-                mc.rms_norm_eps,
-                true,
-                |q, k, v| {
-                    self.kv.write(li, &slots, k, v)?;
-                    let (kp, vp) = &self.kv.layers[li];
-                    paged_attention(q, kp, vp, &layout, self.heads)
-                },
-            )?;
-        }
-        rms_norm(&x, &w.norm, mc.rms_norm_eps, true)
     }
 
     /// Samples the next token of each (running index, hidden row) from `logits`,
@@ -489,15 +259,56 @@ impl Engine {
         tag: u64,
         out: &mut StepOutput,
     ) -> Result<()> {
-        let ps = self.cfg.kv_page_size;
-        // Every row's draws at once (each sequence owns its random streams).
-        let mut row_of = vec![None; self.running.len()];
+        let mut picked = self.draw(rows, logits);
+        let mut done = vec![false; self.sched.running().len()];
+        let mut forks = Vec::new();
+        for &(i, _) in rows {
+            let picks = std::mem::take(&mut picked[i]);
+            if picks.len() > 1 {
+                // Samples 1.. share the full pages and copy the partly filled last one,
+                // now, while the prompt still holds them (it may finish this step).
+                for f in self.sched.fork(i, &picks, tag) {
+                    if let Some(copy) = f.copy {
+                        self.runner.copy_page(copy)?;
+                    }
+                    forks.push(f);
+                }
+            }
+            let s = &mut self.sched.running_mut()[i];
+            s.push(picks[0], tag);
+            done[i] = finished(s, &self.requests[&s.request].params).is_some();
+        }
+        // Retire finished sequences (highest index first keeps indices valid).
+        for i in (0..done.len()).rev() {
+            if done[i] {
+                let s = self.sched.finish(i);
+                self.complete(s, out);
+            }
+        }
+        for f in forks {
+            if finished(&f.seq, &self.requests[&f.seq.request].params).is_some() {
+                self.sched.release(&f.seq);
+                self.complete(f.seq, out);
+            } else if f.whole {
+                self.sched.resume(f.seq);
+            } else {
+                // No page for the copy: recompute this sample later.
+                self.sched.preempt(f.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every row's draws at once (each sequence owns its random streams): per running
+    /// sequence, one (token, logprob) per sample for those with a row, none otherwise.
+    fn draw(&mut self, rows: &[(usize, usize)], logits: &[Vec<f32>]) -> Vec<Vec<(u32, f32)>> {
+        let running = self.sched.running_mut();
+        let mut row_of = vec![None; running.len()];
         for (&(i, _), row) in rows.iter().zip(logits) {
             row_of[i] = Some(row.as_slice());
         }
         let requests = &self.requests;
-        let mut picked: Vec<Vec<(u32, f32)>> = self
-            .running
+        running
             .par_iter_mut()
             .zip(row_of.par_iter())
             .map(|(s, row)| match row {
@@ -510,87 +321,12 @@ impl Engine {
                 }
                 None => Vec::new(),
             })
-            .collect();
-        let mut done = vec![false; self.running.len()];
-        // Forked samples, and whether each got its private copy of the partial page.
-        let mut forks = Vec::new();
-        let Engine {
-            running,
-            pool,
-            kv,
-            requests,
-            ..
-        } = self;
-        for &(i, _) in rows {
-            let s = &mut running[i];
-            let params = &requests[&s.request].params;
-            let picks = std::mem::take(&mut picked[i]);
-            if picks.len() > 1 {
-                // Samples 1.. share the full pages and copy the partly filled last one,
-                // now, while the prompt still holds them (it may finish this step).
-                let full = s.tokens.len() / ps;
-                let partial = s.tokens.len() % ps;
-                for (j, &(tok, lp)) in picks.iter().enumerate().skip(1) {
-                    let mut f = Seq {
-                        request: s.request,
-                        samples: vec![s.samples[j]],
-                        rngs: vec![s.rngs[j].clone()],
-                        tokens: s.tokens.clone(),
-                        prompt_len: s.prompt_len,
-                        computed: s.computed,
-                        pages: s.pages[..full].to_vec(),
-                        logprobs: vec![lp],
-                        tags: vec![tag],
-                    };
-                    f.tokens.push(tok);
-                    for &p in &f.pages {
-                        pool.share(p);
-                    }
-                    let mut copied = true;
-                    if partial > 0 {
-                        match pool.alloc() {
-                            Some(p) => {
-                                kv.copy_page(s.pages[full], p, partial, ps)?;
-                                f.pages.push(p);
-                            }
-                            None => copied = false,
-                        }
-                    }
-                    forks.push((f, copied));
-                }
-                s.samples.truncate(1);
-                s.rngs.truncate(1);
-            }
-            let (tok, lp) = picks[0];
-            s.tokens.push(tok);
-            s.logprobs.push(lp);
-            s.tags.push(tag);
-            done[i] = finished(s, params).is_some();
-        }
-        // Retire finished sequences (highest index first keeps indices valid).
-        for i in (0..self.running.len()).rev() {
-            if done[i] {
-                let s = self.running.remove(i);
-                self.retire(s, out);
-            }
-        }
-        for (f, copied) in forks {
-            if finished(&f, &self.requests[&f.request].params).is_some() {
-                self.retire(f, out);
-            } else if copied {
-                self.running.push(f);
-            } else {
-                // No page for the copy: recompute this sample later.
-                self.preempt(f);
-            }
-        }
-        Ok(())
+            .collect()
     }
 
-    /// Frees a finished sequence's pages and stores its completion; a request whose
-    /// samples are all done is returned.
-    fn retire(&mut self, s: Seq, out: &mut StepOutput) {
-        self.pool.release(&s.pages);
+    /// Stores a finished sequence's completion (its pages already freed); a request
+    /// whose samples are all done is returned.
+    fn complete(&mut self, s: Seq, out: &mut StepOutput) {
         let st = self.requests.get_mut(&s.request).expect("pending request");
         let reason = finished(&s, &st.params);
         st.out[s.samples[0]] = Some((

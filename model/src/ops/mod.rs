@@ -10,10 +10,7 @@
 //! trains everywhere. Every op is checked against the composed formula and against
 //! f64 central differences.
 
-#[allow(unsafe_code)]
 pub mod attention;
-#[allow(unsafe_code)]
-mod gemm;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;

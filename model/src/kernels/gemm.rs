@@ -1,5 +1,6 @@
-//! The strided matrix product of the CPU attention kernels, on the `gemm` crate candle
-//! itself uses, with every index checked once per call:
+//! The strided matrix product of the segment-attention kernels
+//! ([`super::segment_attention`]), on the `gemm` crate candle itself uses, with every
+//! index checked once per call:
 //!
 //!   dst (m × n) = (dst if `accumulate`) + alpha · A (m × k) · B (k × n)
 //!
@@ -13,7 +14,7 @@
 
 use std::marker::PhantomData;
 
-use super::Elem;
+use crate::ops::Elem;
 
 /// A strided matrix view into `data`: element (i, j) at `data[offset + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
