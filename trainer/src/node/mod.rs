@@ -3,6 +3,14 @@
 //! broadcast and checkpointed — until the run's last step. The binary joins the
 //! coordinator and hands over the settings it received; everything after is here.
 
+pub mod buffer;
+pub mod checkpoint;
+pub mod evaluate;
+pub mod ingest;
+pub mod learner;
+pub mod publisher;
+pub mod service;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,17 +27,16 @@ use tandem_proto::v1::{
 };
 use tandem_weights::{BroadcastPlane, Snapshot};
 
-use crate::advantage::Estimator;
-use crate::buffer::Buffer;
-use crate::checkpoint;
 use crate::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
 use crate::error::{invalid, Context, Result};
-use crate::evaluate::Evaluations;
-use crate::ingest::Limits;
-use crate::learner::{Learner, Plan, StepReport};
-use crate::publisher::{self, Pusher};
-use crate::service::{Shared, TrainerService};
-use crate::step::Optimizer;
+use crate::node::buffer::Buffer;
+use crate::node::evaluate::Evaluations;
+use crate::node::ingest::Limits;
+use crate::node::learner::{Learner, Plan, StepReport};
+use crate::node::publisher::Pusher;
+use crate::node::service::{Shared, TrainerService};
+use crate::optimizer::Optimizer;
+use crate::rl::advantage::Estimator;
 
 /// What the trainer needs of the run's config.
 #[derive(Clone, Debug)]
@@ -117,7 +124,7 @@ pub fn run(
         None
     };
     let teacher = match &s.algorithm.teacher {
-        Some(path) => Some(crate::distill::load_teacher(path, &policy)?.model),
+        Some(path) => Some(crate::rl::distill::load_teacher(path, &policy)?.model),
         None => None,
     };
     let critic = if s.algorithm.advantage == Estimator::Gae {
@@ -192,7 +199,7 @@ pub fn run(
     };
     let server_creds = creds.clone();
     rt.spawn(async move {
-        let r = crate::service::serve(svc, ends.listener, &server_creds).await;
+        let r = crate::node::service::serve(svc, ends.listener, &server_creds).await;
         if let Err(e) = r {
             tracing::error!("trainer gRPC server stopped: {e}");
         }

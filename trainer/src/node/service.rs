@@ -17,9 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::buffer::{Buffer, Group};
-use crate::ingest::{check_group, uninformative, Limits};
-use crate::rollout::{FinishReason, Rollout};
+use crate::node::buffer::{Buffer, Group};
+use crate::node::ingest::{check_group, uninformative, Limits};
+use crate::rl::rollout::{FinishReason, Rollout};
 use tandem_weights::Snapshot;
 
 /// What the service and the learner loop share.
@@ -256,8 +256,8 @@ impl TrainerService {
                 .completions
                 .into_iter()
                 .map(|c| Rollout {
-                    episode: crate::ingest::episode_of(&c),
-                    group: crate::buffer::group_key(g.prompt_index, g.lease_id, g.worker_id),
+                    episode: crate::node::ingest::episode_of(&c),
+                    group: crate::node::buffer::group_key(g.prompt_index, g.lease_id, g.worker_id),
                     prompt_ids: g.prompt_ids.clone(),
                     completion_ids: c.completion_ids,
                     behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),

@@ -162,9 +162,9 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
 }
 
 /// A completion's episode statistics (`None` when it reports none: one turn).
-pub fn episode_of(c: &Completion) -> Option<crate::rollout::EpisodeStats> {
+pub fn episode_of(c: &Completion) -> Option<crate::rl::rollout::EpisodeStats> {
     (c.turns > 0 || c.tool_calls > 0 || c.tool_errors > 0 || c.tool_seconds != 0.0).then_some(
-        crate::rollout::EpisodeStats {
+        crate::rl::rollout::EpisodeStats {
             turns: c.turns,
             tool_calls: c.tool_calls,
             tool_errors: c.tool_errors,

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use tandem_model::{Model, Pretrained};
 
-use crate::buffer::Group;
 use crate::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use crate::error::{invalid, Result};
-use crate::rollout::Rollout;
-use crate::service::Shared;
-use crate::step::{train_step, Frozen, Optimizer, StepMetrics};
+use crate::node::buffer::Group;
+use crate::node::service::Shared;
+use crate::optimizer::Optimizer;
+use crate::rl::rollout::Rollout;
+use crate::rl::step::{train_step, Frozen, StepMetrics};
 use tandem_model::ScalarHead;
 use tandem_weights::Snapshot;
 

@@ -21,93 +21,25 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use tandem_model::optim::{AdamW, AdamWConfig, Sgd, StepStats};
 use tandem_model::Model;
 
-use crate::advantage::{self, Estimator};
-use crate::aggregate::{aggregate_part, Denominators};
-use crate::config::{
-    AlgorithmConfig, Compute, CorrectionMode, KlIn, OptimizerConfig, OptimizerName,
-};
-use crate::correction::behaviour_weights;
+use crate::config::{AlgorithmConfig, Compute, CorrectionMode, KlIn, OptimizerConfig};
 use crate::error::{invalid, Result};
-use crate::gae;
-use crate::kl;
-use crate::overlong::overlong_penalty;
-use crate::policy_loss;
-use crate::proximal::{self, ProxLogp};
-use crate::rollout::FinishReason;
-use crate::rollout::Rollout;
-pub use crate::step_metrics::StepMetrics;
-use crate::step_metrics::WeightStats;
-use crate::tokens::Tokens;
+pub use crate::optimizer::Optimizer;
+use crate::rl::advantage::{self, Estimator};
+use crate::rl::aggregate::{aggregate_part, Denominators};
+use crate::rl::correction::behaviour_weights;
+use crate::rl::gae;
+use crate::rl::kl;
+use crate::rl::overlong::overlong_penalty;
+use crate::rl::policy_loss;
+use crate::rl::proximal::{self, ProxLogp};
+use crate::rl::rollout::FinishReason;
+use crate::rl::rollout::Rollout;
+pub use crate::rl::step_metrics::StepMetrics;
+use crate::rl::step_metrics::WeightStats;
+use crate::rl::tokens::Tokens;
 use tandem_model::ScalarHead;
-
-/// The configured optimizer.
-pub enum Optimizer {
-    AdamW(AdamW),
-    Sgd(Sgd),
-}
-
-impl Optimizer {
-    /// An optimizer over the model's parameters and `extra` ones (a value head).
-    pub fn new(cfg: &OptimizerConfig, model: &Model, extra: Vec<(String, Var)>) -> Result<Self> {
-        let mut params: Vec<(String, Var)> = model
-            .params()
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.clone()))
-            .collect();
-        params.extend(extra);
-        Ok(match cfg.name {
-            OptimizerName::Adamw => Optimizer::AdamW(AdamW::new(
-                params,
-                AdamWConfig {
-                    lr: cfg.lr,
-                    beta1: cfg.betas[0],
-                    beta2: cfg.betas[1],
-                    eps: cfg.eps,
-                    weight_decay: cfg.weight_decay,
-                },
-            )?),
-            OptimizerName::Sgd => Optimizer::Sgd(Sgd::new(params, cfg.lr)),
-        })
-    }
-
-    /// Saves the optimizer state into `dir` (SGD has none).
-    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
-        match self {
-            Optimizer::AdamW(o) => Ok(o.save(dir)?),
-            Optimizer::Sgd(_) => Ok(()),
-        }
-    }
-
-    /// Restores what [`Optimizer::save`] wrote.
-    pub fn load(&mut self, dir: &std::path::Path) -> Result<()> {
-        match self {
-            Optimizer::AdamW(o) => Ok(o.load(dir)?),
-            Optimizer::Sgd(_) => Ok(()),
-        }
-    }
-
-    /// One update with learning rate `lr`, clipping the global gradient norm first.
-    pub fn apply(
-        &mut self,
-        grads: &GradStore,
-        lr: f64,
-        max_grad_norm: Option<f64>,
-    ) -> Result<StepStats> {
-        Ok(match self {
-            Optimizer::AdamW(o) => {
-                o.config.lr = lr;
-                o.step(grads, max_grad_norm)?
-            }
-            Optimizer::Sgd(o) => {
-                o.lr = lr;
-                o.step(grads, max_grad_norm)?
-            }
-        })
-    }
-}
 
 /// The frozen models a step scores with.
 #[derive(Clone, Copy, Debug, Default)]
@@ -326,7 +258,7 @@ pub fn train_step(
             cfg.temperature,
             forward.packing,
         )?;
-        distill_reverse_kl = crate::distill::add_teacher_term(
+        distill_reverse_kl = crate::rl::distill::add_teacher_term(
             &mut adv_values,
             &host(&t.logprobs)?,
             &host(&mu)?,
