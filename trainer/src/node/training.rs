@@ -108,13 +108,16 @@ impl Training<'_> {
             resumable_from: self.resumable_from,
             ..Default::default()
         };
-        let published = self.rt.block_on(publish(self.coord, req)).map_err(|e| {
-            invalid(format!(
-                "publishing version {} to the coordinator: {}",
-                report.version,
-                client::describe(&e)
-            ))
-        })?;
+        let published = self
+            .rt
+            .block_on(publish_version(self.coord, req))
+            .map_err(|e| {
+                invalid(format!(
+                    "publishing version {} to the coordinator: {}",
+                    report.version,
+                    client::describe(&e)
+                ))
+            })?;
         Ok(published.into_inner().group)
     }
 
@@ -163,7 +166,7 @@ pub(super) fn announce_resume(
         buffer_groups: buffer_groups as u64,
         ..Default::default()
     };
-    rt.block_on(publish(coord, req)).map_err(|e| {
+    rt.block_on(publish_version(coord, req)).map_err(|e| {
         invalid(format!(
             "announcing the resumed version {}: {}",
             learner.version,
@@ -175,7 +178,7 @@ pub(super) fn announce_resume(
 
 /// Publishes a version, through a coordinator restart (a repeat of a publish that was
 /// applied changes nothing, so a retry is safe).
-async fn publish(
+async fn publish_version(
     coord: &CoordinatorClient<Authed>,
     req: PublishVersionRequest,
 ) -> std::result::Result<tonic::Response<tandem_proto::v1::PublishVersionReply>, tonic::Status> {

@@ -3,22 +3,27 @@
 //! [`StepPlan::run`] goes through the phases in the order of the algorithm, each in its
 //! own module with its formula in the doc comment of the function that computes it:
 //!
-//! 1. [`batch`] — the token layout, the loss mask m and the behaviour logprobs log μ.
-//! 2. [`prox`] — π_prox, the policy the ratios are taken against: recomputed without
-//!    gradient (`prox_logp = "recompute"`) or approximated per minibatch from the token
-//!    versions (`"loglinear"`); fixed over `ppo_epochs`. π_old = π_prox, or μ in bypass
-//!    mode. Also π_ref's logprobs (when `kl_coef` > 0).
-//! 3. [`rewards`] — rewards shaped: DAPO's overlong penalty, then the KL when it goes
-//!    into the reward.
-//! 4. [`advantages`] — one per completion shared by its tokens, or per token from GAE;
-//!    the distillation teacher's term added.
-//! 5. [`active`] — the active set: the completions that have a gradient (the others'
-//!    loss is exactly 0, so their forward, backward and π_prox pass are skipped).
-//! 6. [`minibatch`] — for each epoch and minibatch: behaviour weights w from π_prox / μ,
-//!    ℓ = agg(policy loss) + β·agg(KL) (KL in the loss) + c_v·agg(value loss)
-//!    − c_H·agg(entropy), backward, over micro-batches by token budget.
-//! 7. [`update`] — the optimizer step of each minibatch (skipped when a loss or the
-//!    gradient norm is not finite) and the step's metrics.
+//! 1. `batch::Batch::prepare` — the token layout, the loss mask m and the behaviour
+//!    logprobs log μ.
+//! 2. `prox::Proximal::before_rewards` (completed by `of_active` and
+//!    `ActiveProx::of_micro`) and `prox::reference_logprobs` — π_prox, the policy the
+//!    ratios are taken against: recomputed without gradient (`prox_logp = "recompute"`)
+//!    or approximated per minibatch from the token versions (`"loglinear"`); fixed over
+//!    `ppo_epochs`. π_old = π_prox, or μ in bypass mode. And π_ref's logprobs (when
+//!    `kl_coef` > 0).
+//! 3. `rewards::shaped` — rewards shaped: DAPO's overlong penalty, then the KL when it
+//!    goes into the reward.
+//! 4. `advantages::compute` — one per completion shared by its tokens, or per token
+//!    from GAE; the distillation teacher's term added.
+//! 5. `active::ActiveSet::select` — the active set: the completions that have a
+//!    gradient (the others' loss is exactly 0: their forward, backward and π_prox pass
+//!    are skipped).
+//! 6. `minibatch::loss_and_backward` (`micro_loss`, `old_and_weights`) — for each epoch
+//!    and minibatch, over micro-batches by token budget: behaviour weights w from
+//!    π_prox / μ, the loss and its backward,
+//!    ℓ = agg(policy loss) + β·agg(KL) (KL in the loss) + c_v·agg(value loss) − c_H·agg(H).
+//! 7. `update::apply` (then `Progress::finish`) — the optimizer step of each minibatch
+//!    (skipped when a loss or the gradient norm is not finite) and the step's metrics.
 //!
 //! Every term is masked by the tokens' loss mask m (the rollout's `loss_mask`, and 0
 //! for a completion that ended by length under `mask_truncated`): a token with m = 0
