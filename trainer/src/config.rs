@@ -3,13 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::advantage::Estimator;
-use crate::aggregate::LossAgg;
-use crate::correction::{Correction, Level};
 use crate::error::{invalid, Result};
-use crate::kl::KlEstimator;
-use crate::policy_loss::PolicyLoss;
-use crate::proximal::ProxLogp;
+use crate::rl::advantage::Estimator;
+use crate::rl::aggregate::LossAgg;
+use crate::rl::correction::{Correction, Level};
+use crate::rl::kl::KlEstimator;
+use crate::rl::policy_loss::PolicyLoss;
+use crate::rl::proximal::ProxLogp;
 use tandem_model::packing::{ForwardOptions, Packing};
 use tandem_weights::BroadcastPlane;
 

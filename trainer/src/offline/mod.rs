@@ -2,11 +2,17 @@
 //! split, epochs of shuffled batches, a metrics line per step, validation every N steps
 //! and at the end, checkpoints and the final model, a summary, a progress bar.
 //!
+//! Each stage is a folder holding its data, its loss and the stage itself:
+//!
 //! - [`sft`] — supervised fine-tuning on assistant tokens
 //! - [`rm`] — a reward model on preference records (and the records `dpo` reads too)
 //! - [`dpo`] — DPO / IPO against the starting model
+//!
+//! [`preference`] holds the pairwise and listwise losses `rm` and `dpo` share
+//! (Bradley–Terry, Plackett–Luce, DPO, IPO).
 
 pub mod dpo;
+pub mod preference;
 pub mod rm;
 pub mod sft;
 

@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
-use crate::tokens::Tokens;
+use crate::rl::tokens::Tokens;
 
 /// `[algorithm] correction`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

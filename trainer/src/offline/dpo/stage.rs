@@ -9,12 +9,13 @@ use serde_json::{Map, Value};
 use tandem_data::DataConfig;
 use tandem_model::ModelSection;
 
-use super::{save_model, Stage, TrainSection};
+use super::data::{self, Pair};
+use super::loss::{self, Settings};
 use crate::config::OptimizerConfig;
-use crate::dpo::{self, Pair, Settings};
 use crate::error::{bail, Result};
-use crate::preference::DirectLoss;
-use crate::step::Optimizer;
+use crate::offline::preference::DirectLoss;
+use crate::offline::{save_model, Stage, TrainSection};
+use crate::optimizer::Optimizer;
 
 /// `[dpo]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,7 +63,7 @@ impl Stage for Dpo {
     type Item = Pair;
 
     fn step(&mut self, batch: &[Pair], step: u64) -> Result<Value> {
-        let m = dpo::step(
+        let m = loss::step(
             &self.p.model,
             &mut self.opt,
             &self.opt_cfg,
@@ -78,7 +79,7 @@ impl Stage for Dpo {
         let mut sums: Map<String, Value> = Map::new();
         let mut n = 0usize;
         for chunk in items.chunks(16) {
-            let (_, m) = dpo::loss(&self.p.model, &w, self.settings, chunk)?;
+            let (_, m) = loss::loss(&self.p.model, &w, self.settings, chunk)?;
             let k = chunk.len() as f64;
             for (key, v) in [
                 ("loss", m.loss),
@@ -123,16 +124,16 @@ impl DpoConfig {
 pub fn run(cfg: &DpoConfig) -> Result<Value> {
     cfg.validate()?;
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
-    let records = super::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
+    let records = crate::offline::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
     if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {
         bail!(
             "record {}: DPO needs `chosen` and `rejected`, not a ranking",
             i + 1
         );
     }
-    let data = super::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
+    let data = crate::offline::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
     // The reference is the starting model; its log-probabilities are fixed up front.
-    let pairs = dpo::with_reference(&p.model, &data, cfg.train.batch_size)?;
+    let pairs = data::with_reference(&p.model, &data, cfg.train.batch_size)?;
     let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
     let mut stage = Dpo {
         p,
@@ -144,5 +145,5 @@ pub fn run(cfg: &DpoConfig) -> Result<Value> {
             nll_coef: cfg.dpo.nll_coef,
         },
     };
-    super::train(&mut stage, pairs, &cfg.train, "dpo")
+    crate::offline::train(&mut stage, pairs, &cfg.train, "dpo")
 }

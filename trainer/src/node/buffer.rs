@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::Rollout;
+use crate::rl::rollout::Rollout;
 
 /// One committed prompt group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

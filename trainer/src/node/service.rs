@@ -17,9 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::buffer::{Buffer, Group};
-use crate::ingest::{check_group, uninformative, Limits};
-use crate::rollout::{FinishReason, Rollout};
+use crate::node::buffer::Buffer;
+use crate::node::ingest::{check_group, into_group, uninformative, Limits};
 use tandem_weights::Snapshot;
 
 /// What the service and the learner loop share.
@@ -248,31 +247,7 @@ impl TrainerService {
                 )
             }
         }
-        let group = Group {
-            lease_id: g.lease_id,
-            prompt_index: g.prompt_index,
-            worker_id: g.worker_id,
-            rollouts: g
-                .completions
-                .into_iter()
-                .map(|c| Rollout {
-                    episode: crate::ingest::episode_of(&c),
-                    group: crate::buffer::group_key(g.prompt_index, g.lease_id, g.worker_id),
-                    prompt_ids: g.prompt_ids.clone(),
-                    completion_ids: c.completion_ids,
-                    behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),
-                    reward: c.reward,
-                    versions: Some(c.versions),
-                    loss_mask: (!c.loss_mask.is_empty())
-                        .then(|| c.loss_mask.iter().map(|&m| m as u8).collect()),
-                    finish_reason: match c.finish_reason.as_str() {
-                        "stop" => Some(FinishReason::Stop),
-                        "length" => Some(FinishReason::Length),
-                        _ => None,
-                    },
-                })
-                .collect(),
-        };
+        let group = into_group(g);
         let len = match self.shared.buffer.lock() {
             Ok(mut b) => {
                 b.push(group);

@@ -1,26 +1,17 @@
 //! Direct preference optimisation: the policy learns from chosen / rejected pairs
 //! against a frozen reference, with no reward model. The reference's log-probabilities
 //! are computed once, before training; the loss (DPO or IPO) is in
-//! [`crate::preference::direct`], plus an optional NLL term on the chosen response
+//! [`crate::offline::preference::direct`], plus an optional NLL term on the chosen response
 //! (RPO, Pang et al. 2024).
 
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use tandem_model::{Model, Weights};
 
-use crate::comparison::Tokens;
+use super::data::Pair;
 use crate::error::{invalid, Result};
-use crate::preference::{self, DirectLoss};
-use crate::sft::Tokenized;
-
-/// A pair with its reference log-probabilities.
-#[derive(Clone, Debug)]
-pub struct Pair {
-    pub chosen: Tokenized,
-    pub rejected: Tokenized,
-    pub ref_chosen: f64,
-    pub ref_rejected: f64,
-}
+use crate::offline::preference::{self, DirectLoss};
+use crate::offline::sft::data::Tokenized;
 
 /// Summed log-probabilities (N,) of each sequence's target tokens, and the tokens
 /// scored per sequence.
@@ -43,42 +34,6 @@ pub fn sequence_logps(
         counts.push(n);
     }
     Ok((Tensor::stack(&sums, 0)?, counts))
-}
-
-/// Pairs with reference log-probabilities from `reference` (detached weights), in
-/// batches of `batch`.
-pub fn with_reference(
-    reference: &Model,
-    comparisons: &[Tokens],
-    batch: usize,
-) -> Result<Vec<Pair>> {
-    let w = reference.inference_weights();
-    let mut out = Vec::with_capacity(comparisons.len());
-    for chunk in comparisons.chunks(batch.max(1)) {
-        let seqs: Vec<&Tokenized> = chunk
-            .iter()
-            .map(|c| match &c.responses[..] {
-                [a, b] => Ok([a, b]),
-                _ => Err(invalid(
-                    "DPO needs exactly two responses per record (chosen, rejected)",
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        let (lp, _) = sequence_logps(reference, &w, &seqs)?;
-        let lp = lp.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        for (i, c) in chunk.iter().enumerate() {
-            out.push(Pair {
-                chosen: c.responses[0].clone(),
-                rejected: c.responses[1].clone(),
-                ref_chosen: lp[2 * i],
-                ref_rejected: lp[2 * i + 1],
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// What one DPO step (or an evaluation) measured.
@@ -145,7 +100,7 @@ pub fn loss(model: &Model, w: &Weights, s: Settings, batch: &[Pair]) -> Result<(
 /// One optimizer step on `batch`.
 pub fn step(
     model: &Model,
-    opt: &mut crate::step::Optimizer,
+    opt: &mut crate::optimizer::Optimizer,
     opt_cfg: &crate::config::OptimizerConfig,
     s: Settings,
     batch: &[Pair],

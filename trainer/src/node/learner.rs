@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use tandem_model::{Model, Pretrained};
 
-use crate::buffer::Group;
 use crate::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use crate::error::{invalid, Result};
-use crate::rollout::Rollout;
-use crate::service::Shared;
-use crate::step::{train_step, Frozen, Optimizer, StepMetrics};
+use crate::node::buffer::Group;
+use crate::node::service::Shared;
+use crate::optimizer::Optimizer;
+use crate::rl::rollout::Rollout;
+use crate::rl::step::{Frozen, StepMetrics, StepPlan};
 use tandem_model::ScalarHead;
 use tandem_weights::Snapshot;
 
@@ -130,21 +131,21 @@ impl Learner {
                 ..Default::default()
             }
         } else {
-            train_step(
-                &self.policy.model,
-                Frozen {
+            StepPlan {
+                policy: &self.policy.model,
+                frozen: Frozen {
                     reference: self.reference.as_ref(),
                     teacher: self.teacher.as_ref(),
                 },
-                self.critic.as_ref(),
-                &rollouts,
-                &self.algorithm,
-                &self.optimizer,
-                &mut self.opt,
-                self.step,
-                Some(self.version),
-                &self.plan.compute,
-            )?
+                critic: self.critic.as_ref(),
+                rollouts: &rollouts,
+                algorithm: &self.algorithm,
+                optimizer: &self.optimizer,
+                step_index: self.step,
+                policy_version: Some(self.version),
+                compute: &self.plan.compute,
+            }
+            .run(&mut self.opt)?
         };
         self.step += 1;
         self.version += 1;

@@ -2,10 +2,14 @@
 //! text fields within `tandem_proto::limits`, token ids below the vocabulary, logprobs
 //! finite and ≤ 0, lengths consistent, versions not from the future, rewards finite
 //! and within `[reward] bound`, sizes bounded. The message names the field, and shows
-//! a peer's text only escaped and cut.
+//! a peer's text only escaped and cut. A group that passes becomes the buffer's
+//! [`Group`] ([`into_group`]).
 
 use tandem_proto::limits::{printable, Check};
 use tandem_proto::v1::{Completion, RolloutGroup};
+
+use crate::node::buffer::{group_key, Group};
+use crate::rl::rollout::{FinishReason, Rollout};
 
 /// What a group must satisfy.
 pub struct Limits {
@@ -72,99 +76,141 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
         ));
     }
     for (c, comp) in g.completions.iter().enumerate() {
-        let n = comp.completion_ids.len();
-        if n == 0 || n > l.max_completion_tokens {
-            return Err(format!(
-                "completions[{c}].completion_ids: {n} tokens, must be 1..={}",
-                l.max_completion_tokens
-            ));
-        }
-        if g.prompt_ids.len() + n > l.max_context_tokens {
-            return Err(format!(
-                "completions[{c}]: prompt + completion exceed the context of {}",
-                l.max_context_tokens
-            ));
-        }
-        if let Some((i, id)) = comp
-            .completion_ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= l.vocab_size)
-        {
-            return Err(format!(
-                "completions[{c}].completion_ids[{i}] = {id}: not below the vocabulary size {}",
-                l.vocab_size
-            ));
-        }
-        if comp.behavior_logprobs.len() != n {
-            return Err(format!(
-                "completions[{c}].behavior_logprobs: {} values for {n} tokens",
-                comp.behavior_logprobs.len()
-            ));
-        }
-        if !comp.loss_mask.is_empty() && comp.loss_mask.len() != n {
-            return Err(format!(
-                "completions[{c}].loss_mask: {} values for {n} tokens (send none to train every token)",
-                comp.loss_mask.len()
-            ));
-        }
-        if let Some((i, m)) = comp.loss_mask.iter().enumerate().find(|(_, &m)| m > 1) {
-            return Err(format!(
-                "completions[{c}].loss_mask[{i}] = {m}: must be 0 or 1"
-            ));
-        }
-        let trained = |t: usize| comp.loss_mask.get(t).is_none_or(|&m| m == 1);
-        if let Some((i, lp)) = comp
-            .behavior_logprobs
-            .iter()
-            .enumerate()
-            .find(|(i, lp)| lp.is_nan() || **lp > 0.0 || (trained(*i) && !lp.is_finite()))
-        {
-            return Err(format!(
-                "completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"
-            ));
-        }
-        if let Some(e) = episode_of(comp) {
-            e.validate()
-                .map_err(|why| format!("completions[{c}] episode: {why}"))?;
-        }
-        if !matches!(comp.finish_reason.as_str(), "" | "stop" | "length") {
-            return Err(format!(
-                "completions[{c}].finish_reason = {:?}: must be \"stop\", \"length\" or empty",
-                printable(&comp.finish_reason)
-            ));
-        }
-        if comp.versions.len() != n {
-            return Err(format!(
-                "completions[{c}].versions: {} values for {n} tokens",
-                comp.versions.len()
-            ));
-        }
-        if let Some((i, v)) = comp
-            .versions
-            .iter()
-            .enumerate()
-            .find(|(i, &v)| trained(*i) && v > policy_version)
-        {
-            return Err(format!(
-                "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
-                policy_version
-            ));
-        }
-        if !(comp.reward.is_finite() && comp.reward.abs() <= l.reward_bound) {
-            return Err(format!(
-                "completions[{c}].reward = {}: must be finite and within ±{} ([reward] bound)",
-                comp.reward, l.reward_bound
-            ));
-        }
+        check_completion(c, comp, g.prompt_ids.len(), l, policy_version)?;
     }
     Ok(())
 }
 
+/// The checks of completion `c` (of a group whose prompt has `prompt_len` tokens).
+fn check_completion(
+    c: usize,
+    comp: &Completion,
+    prompt_len: usize,
+    l: &Limits,
+    policy_version: u64,
+) -> Result<(), String> {
+    let n = comp.completion_ids.len();
+    if n == 0 || n > l.max_completion_tokens {
+        return Err(format!(
+            "completions[{c}].completion_ids: {n} tokens, must be 1..={}",
+            l.max_completion_tokens
+        ));
+    }
+    if prompt_len + n > l.max_context_tokens {
+        return Err(format!(
+            "completions[{c}]: prompt + completion exceed the context of {}",
+            l.max_context_tokens
+        ));
+    }
+    if let Some((i, id)) = comp
+        .completion_ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= l.vocab_size)
+    {
+        return Err(format!(
+            "completions[{c}].completion_ids[{i}] = {id}: not below the vocabulary size {}",
+            l.vocab_size
+        ));
+    }
+    if comp.behavior_logprobs.len() != n {
+        return Err(format!(
+            "completions[{c}].behavior_logprobs: {} values for {n} tokens",
+            comp.behavior_logprobs.len()
+        ));
+    }
+    if !comp.loss_mask.is_empty() && comp.loss_mask.len() != n {
+        return Err(format!(
+            "completions[{c}].loss_mask: {} values for {n} tokens (send none to train every token)",
+            comp.loss_mask.len()
+        ));
+    }
+    if let Some((i, m)) = comp.loss_mask.iter().enumerate().find(|(_, &m)| m > 1) {
+        return Err(format!(
+            "completions[{c}].loss_mask[{i}] = {m}: must be 0 or 1"
+        ));
+    }
+    let trained = |t: usize| comp.loss_mask.get(t).is_none_or(|&m| m == 1);
+    if let Some((i, lp)) = comp
+        .behavior_logprobs
+        .iter()
+        .enumerate()
+        .find(|(i, lp)| lp.is_nan() || **lp > 0.0 || (trained(*i) && !lp.is_finite()))
+    {
+        return Err(format!(
+            "completions[{c}].behavior_logprobs[{i}] = {lp}: must be finite and ≤ 0"
+        ));
+    }
+    if let Some(e) = episode_of(comp) {
+        e.validate()
+            .map_err(|why| format!("completions[{c}] episode: {why}"))?;
+    }
+    if !matches!(comp.finish_reason.as_str(), "" | "stop" | "length") {
+        return Err(format!(
+            "completions[{c}].finish_reason = {:?}: must be \"stop\", \"length\" or empty",
+            printable(&comp.finish_reason)
+        ));
+    }
+    if comp.versions.len() != n {
+        return Err(format!(
+            "completions[{c}].versions: {} values for {n} tokens",
+            comp.versions.len()
+        ));
+    }
+    if let Some((i, v)) = comp
+        .versions
+        .iter()
+        .enumerate()
+        .find(|(i, &v)| trained(*i) && v > policy_version)
+    {
+        return Err(format!(
+            "completions[{c}].versions[{i}] = {v}: newer than the published version {}",
+            policy_version
+        ));
+    }
+    if !(comp.reward.is_finite() && comp.reward.abs() <= l.reward_bound) {
+        return Err(format!(
+            "completions[{c}].reward = {}: must be finite and within ±{} ([reward] bound)",
+            comp.reward, l.reward_bound
+        ));
+    }
+    Ok(())
+}
+
+/// A checked group as the buffer holds it: one rollout per completion, the prompt
+/// repeated, the group keyed by prompt, lease and worker.
+pub fn into_group(g: RolloutGroup) -> Group {
+    Group {
+        lease_id: g.lease_id,
+        prompt_index: g.prompt_index,
+        worker_id: g.worker_id,
+        rollouts: g
+            .completions
+            .into_iter()
+            .map(|c| Rollout {
+                episode: episode_of(&c),
+                group: group_key(g.prompt_index, g.lease_id, g.worker_id),
+                prompt_ids: g.prompt_ids.clone(),
+                completion_ids: c.completion_ids,
+                behavior_logprobs: c.behavior_logprobs.iter().map(|&x| x as f64).collect(),
+                reward: c.reward,
+                versions: Some(c.versions),
+                loss_mask: (!c.loss_mask.is_empty())
+                    .then(|| c.loss_mask.iter().map(|&m| m as u8).collect()),
+                finish_reason: match c.finish_reason.as_str() {
+                    "stop" => Some(FinishReason::Stop),
+                    "length" => Some(FinishReason::Length),
+                    _ => None,
+                },
+            })
+            .collect(),
+    }
+}
+
 /// A completion's episode statistics (`None` when it reports none: one turn).
-pub fn episode_of(c: &Completion) -> Option<crate::rollout::EpisodeStats> {
+pub fn episode_of(c: &Completion) -> Option<crate::rl::rollout::EpisodeStats> {
     (c.turns > 0 || c.tool_calls > 0 || c.tool_errors > 0 || c.tool_seconds != 0.0).then_some(
-        crate::rollout::EpisodeStats {
+        crate::rl::rollout::EpisodeStats {
             turns: c.turns,
             tool_calls: c.tool_calls,
             tool_errors: c.tool_errors,

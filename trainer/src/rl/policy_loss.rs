@@ -21,7 +21,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
-pub use crate::tokens::Tokens;
+pub use crate::rl::tokens::Tokens;
 
 /// `[algorithm] policy_loss` with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

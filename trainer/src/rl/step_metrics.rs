@@ -4,10 +4,10 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::correction::BehaviourWeights;
 use crate::error::Result;
-use crate::rollout::{EpisodeStats, Rollout};
-use crate::step::host;
+use crate::rl::correction::BehaviourWeights;
+use crate::rl::rollout::{EpisodeStats, Rollout};
+use crate::rl::step::host;
 
 /// What one step measured (means over its optimizer updates where there are several).
 #[derive(Clone, Debug, Default, Serialize)]

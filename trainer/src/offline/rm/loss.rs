@@ -7,9 +7,9 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 use tandem_model::{Model, ScalarHead, Weights};
 
-use crate::comparison::Tokens;
+use super::data::Tokens;
 use crate::error::{invalid, Result};
-use crate::preference;
+use crate::offline::preference;
 
 /// The loss of a batch of comparisons (all with the same number K of responses) and
 /// the rewards (B, K), detached. K = 2 is Bradley–Terry (with margins when every record
@@ -77,7 +77,7 @@ pub struct StepMetrics {
 pub fn step(
     model: &Model,
     head: &ScalarHead,
-    opt: &mut crate::step::Optimizer,
+    opt: &mut crate::optimizer::Optimizer,
     opt_cfg: &crate::config::OptimizerConfig,
     batch: &[Tokens],
     step: u64,

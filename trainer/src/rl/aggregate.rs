@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
-use crate::tokens::Tokens;
+use crate::rl::tokens::Tokens;
 
 /// `[algorithm] loss_agg`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

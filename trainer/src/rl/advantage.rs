@@ -25,7 +25,7 @@ pub enum Estimator {
     /// REINFORCE++ with baseline (Hu 2025; OpenRLHF): aᵢ = rᵢ − mean_g, then whitened
     /// over the batch: Aᵢ = (aᵢ − mean(a)) / (std(a) + 1e-8), std biased.
     ReinforcePp,
-    /// PPO with a value head: per-token GAE(γ, λ), see [`crate::gae`]; computed by the
+    /// PPO with a value head: per-token GAE(γ, λ), see [`crate::rl::gae`]; computed by the
     /// train step from the critic's values, not by [`compute`].
     Gae,
 }

@@ -7,7 +7,7 @@
 use tandem_model::ChatMessage;
 
 use crate::error::{invalid, Result};
-use crate::sft::{Example, Render, Tokenized};
+use crate::offline::sft::data::{self, Example, Render, Tokenized};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
@@ -70,7 +70,7 @@ impl Comparison {
                 return Err(invalid(format!("{at}: `prompt` is empty")))
             }
             Some(p) => {
-                let turns = crate::sft::messages(p, at, "prompt")?;
+                let turns = data::messages(p, at, "prompt")?;
                 if turns.is_empty() {
                     return Err(invalid(format!("{at}: `prompt` has no turn")));
                 }

@@ -11,11 +11,12 @@ use tandem_data::{DataConfig, DataKind};
 use tandem_model::ChatMessage;
 use tandem_model::ModelSection;
 
-use super::{save_model, Stage, TrainSection};
+use super::data::{Example, Masking, Render, Tokenized};
+use super::loss;
 use crate::config::OptimizerConfig;
 use crate::error::{bail, Context, Result};
-use crate::sft::{self, Example, Masking, Render, Tokenized};
-use crate::step::Optimizer;
+use crate::offline::{save_model, Stage, TrainSection};
+use crate::optimizer::Optimizer;
 
 /// `[sft]` (docs/pipeline.md); the schedule is `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,7 +153,7 @@ impl Stage for Sft {
     type Item = Tokenized;
 
     fn step(&mut self, batch: &[Tokenized], step: u64) -> Result<Value> {
-        let m = sft::step(&self.p.model, &mut self.opt, &self.opt_cfg, batch, step)?;
+        let m = loss::step(&self.p.model, &mut self.opt, &self.opt_cfg, batch, step)?;
         Ok(serde_json::to_value(m)?)
     }
 
@@ -161,7 +162,7 @@ impl Stage for Sft {
         let w = model.inference_weights();
         let (mut nll, mut n) = (0.0, 0usize);
         for chunk in items.chunks(16) {
-            let (l, k) = sft::eval_nll(model, &w, chunk)?;
+            let (l, k) = loss::eval_nll(model, &w, chunk)?;
             nll += l;
             n += k;
         }
@@ -221,5 +222,5 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
-    super::train(&mut stage, data, &cfg.train, "sft")
+    crate::offline::train(&mut stage, data, &cfg.train, "sft")
 }

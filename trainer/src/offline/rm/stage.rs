@@ -10,13 +10,13 @@ use tandem_data::{DataConfig, DataKind};
 use tandem_model::ModelSection;
 use tandem_model::{ScalarHead, REWARD_HEAD_FILE};
 
-use super::{save_model, Stage, TrainSection};
-use crate::comparison::{Comparison, Prompt, Tokens};
+use super::data::{Comparison, Prompt, Tokens};
+use super::loss;
 use crate::config::OptimizerConfig;
 use crate::error::{bail, Context, Result};
-use crate::reward_model;
-use crate::sft::{Masking, Render};
-use crate::step::Optimizer;
+use crate::offline::sft::data::{Masking, Render};
+use crate::offline::{save_model, Stage, TrainSection};
+use crate::optimizer::Optimizer;
 
 /// `[rm]` (docs/pipeline.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,7 +126,7 @@ impl Stage for Rm {
     type Item = Tokens;
 
     fn step(&mut self, batch: &[Tokens], step: u64) -> Result<Value> {
-        let m = reward_model::step(
+        let m = loss::step(
             &self.p.model,
             &self.head,
             &mut self.opt,
@@ -139,17 +139,17 @@ impl Stage for Rm {
 
     fn evaluate(&mut self, items: &[Tokens]) -> Result<Map<String, Value>> {
         let w = self.p.model.inference_weights();
-        let (mut loss, mut hits, mut margin, mut n) = (0.0, 0.0, 0.0, 0usize);
+        let (mut loss_sum, mut hits, mut margin, mut n) = (0.0, 0.0, 0.0, 0usize);
         for chunk in items.chunks(16) {
-            let (l, r) = reward_model::loss(&self.p.model, &w, &self.head, chunk)?;
+            let (l, r) = loss::loss(&self.p.model, &w, &self.head, chunk)?;
             let k = chunk.len();
-            loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
-            hits += reward_model::top1_accuracy(&r)? * k as f64;
-            margin += reward_model::mean_margin(&r)? * k as f64;
+            loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
+            hits += loss::top1_accuracy(&r)? * k as f64;
+            margin += loss::mean_margin(&r)? * k as f64;
             n += k;
         }
         let mut m = Map::new();
-        m.insert("loss".into(), (loss / n as f64).into());
+        m.insert("loss".into(), (loss_sum / n as f64).into());
         m.insert("accuracy".into(), (hits / n as f64).into());
         m.insert("margin".into(), (margin / n as f64).into());
         Ok(m)
@@ -190,5 +190,5 @@ pub fn run(cfg: &RmConfig) -> Result<Value> {
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
-    super::train(&mut stage, data, &cfg.train, "rm")
+    crate::offline::train(&mut stage, data, &cfg.train, "rm")
 }

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::Buffer;
 use crate::error::{invalid, Result};
-use crate::learner::Learner;
+use crate::node::buffer::Buffer;
+use crate::node::learner::Learner;
 
 /// `trainer.json`.
 #[derive(Serialize, Deserialize)]

@@ -1,0 +1,155 @@
+//! Where the trainer starts: the run's starting model, or the newest checkpoint with
+//! `--resume` (its weights, optimizer state, step, version and buffered groups).
+
+use std::path::{Path, PathBuf};
+
+use tandem_model::{Model, Pretrained, ScalarHead};
+
+use super::buffer::Buffer;
+use super::checkpoint;
+use super::learner::{Learner, Plan};
+use super::Settings;
+use crate::error::{invalid, Context, Result};
+use crate::optimizer::Optimizer;
+use crate::rl::advantage::Estimator;
+
+/// The models, the optimizer and where the run stands.
+pub(super) struct Start {
+    pub policy: Pretrained,
+    /// The KL reference: always the run's starting model.
+    pub reference: Option<Model>,
+    pub teacher: Option<Model>,
+    pub critic: Option<ScalarHead>,
+    pub opt: Optimizer,
+    pub step: u64,
+    pub version: u64,
+    /// The groups buffered at the checkpoint (empty for a fresh run).
+    pub buffer: Buffer,
+    /// The checkpoint resumed from (`None`: a fresh run).
+    pub resumed: Option<PathBuf>,
+}
+
+impl Start {
+    /// Loads the policy from the run's model, or from the newest checkpoint when
+    /// `resume`; with a checkpoint, its optimizer state and trainer state too, and the
+    /// metric lines of the steps after it go (those steps are done again).
+    pub fn load(s: &Settings, resume: bool) -> Result<Self> {
+        let run_dir = &s.run_dir;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let resumed = if resume {
+            Some(checkpoint::latest(run_dir)?.ok_or_else(|| {
+                invalid(format!(
+                    "--resume: no checkpoint in {}",
+                    run_dir.join("checkpoints").display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        let start_path = match &resumed {
+            Some(d) => d
+                .to_str()
+                .ok_or_else(|| invalid(format!("{} is not UTF-8", d.display())))?
+                .to_string(),
+            None => s.model.clone(),
+        };
+        let mut start = Start::models(s, &start_path)?;
+        if let Some(dir) = &resumed {
+            start
+                .opt
+                .load(dir)
+                .with_context(|| format!("optimizer state in {}", dir.display()))?;
+            let st = checkpoint::load_state(dir)?;
+            tracing::info!(checkpoint = %dir.display(), step = st.step, version = st.version, buffered = st.buffer.len(), "resuming");
+            (start.step, start.version, start.buffer) = (st.step, st.version, st.buffer);
+            // Steps after the checkpoint are done again; their old lines go.
+            truncate_metrics(&run_dir.join("metrics.jsonl"), start.step)?;
+            truncate_metrics(&run_dir.join("eval.jsonl"), start.step)?;
+        }
+        start.resumed = resumed;
+        Ok(start)
+    }
+
+    /// The policy (and value head) from `start_path`, the frozen models the algorithm
+    /// asks for, and a fresh optimizer; at step 0, version 0.
+    fn models(s: &Settings, start_path: &str) -> Result<Self> {
+        let policy = tandem_model::load_model(start_path)?;
+        let reference = if s.algorithm.kl_coef > 0.0 {
+            Some(tandem_model::load_model(&s.model)?.model)
+        } else {
+            None
+        };
+        let teacher = match &s.algorithm.teacher {
+            Some(path) => Some(crate::rl::distill::load_teacher(path, &policy)?.model),
+            None => None,
+        };
+        let critic = if s.algorithm.advantage == Estimator::Gae {
+            Some(ScalarHead::load_or_zeros(
+                Path::new(start_path),
+                tandem_model::VALUE_HEAD_FILE,
+                &policy.model,
+            )?)
+        } else {
+            None
+        };
+        let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
+        let opt = Optimizer::new(&s.optimizer, &policy.model, extra)?;
+        Ok(Start {
+            policy,
+            reference,
+            teacher,
+            critic,
+            opt,
+            step: 0,
+            version: 0,
+            buffer: Buffer::default(),
+            resumed: None,
+        })
+    }
+
+    /// The learner that goes on from here (the buffer is the service's by now).
+    pub fn into_learner(self, s: &Settings) -> Learner {
+        Learner {
+            policy: self.policy,
+            reference: self.reference,
+            teacher: self.teacher,
+            critic: self.critic,
+            opt: self.opt,
+            algorithm: s.algorithm.clone(),
+            optimizer: s.optimizer.clone(),
+            plan: Plan {
+                steps: s.steps,
+                batch_groups: s.batch_groups as usize,
+                max_staleness: s.max_staleness,
+                run_dir: s.run_dir.clone(),
+                dump_batches: s.trainer.dump_batches,
+                mock_train_ms: s.trainer.mock_train_ms,
+                compute: s.trainer.compute(),
+            },
+            step: self.step,
+            version: self.version,
+        }
+    }
+}
+
+/// Keeps the lines of `metrics.jsonl` up to step `step`.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    tandem_model::write_atomic(
+        path,
+        kept.join("\n") + if kept.is_empty() { "" } else { "\n" },
+    )?;
+    Ok(())
+}
