@@ -108,7 +108,7 @@ impl RunEvaluator {
     }
 }
 
-impl tandem_trainer::evaluate::Evaluator for RunEvaluator {
+impl tandem_trainer::node::evaluate::Evaluator for RunEvaluator {
     fn evaluate(&mut self, policy: &Pretrained) -> tandem_trainer::Result<BTreeMap<String, f64>> {
         let err =
             |e: tandem_generator::Error| tandem_trainer::Error::Invalid(format!("[eval]: {e}"));

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tandem_coordinator::store::STATE_FILE;
-use tandem_launch::{CoordinatorStatus, Event, Outcome, Plan, Program, Supervisor};
+use tandem_launch::{CoordinatorStatus, Event, Outcome, Program, RunPlan, Supervisor};
 
 use crate::run_config::RunConfig;
 
@@ -82,8 +82,8 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 /// What the supervisor starts: the run's config (without its token) and settings.
-fn plan(a: &RunArgs, cfg: &RunConfig, token: String) -> Result<Plan> {
-    Ok(Plan {
+fn plan(a: &RunArgs, cfg: &RunConfig, token: String) -> Result<RunPlan> {
+    Ok(RunPlan {
         run_dir: PathBuf::from(&cfg.run.run_dir),
         config_toml: cfg.to_toml()?,
         token,

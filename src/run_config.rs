@@ -11,8 +11,8 @@ use tandem_generator::config::GeneratorConfig;
 use tandem_generator::eval::EvalSection;
 use tandem_generator::reward::RewardConfig;
 use tandem_model::ModelSection;
-use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
+use tandem_trainer::rl::advantage::Estimator;
 
 /// Reads the config file at `path` into `T` with `overrides` applied; errors name the
 /// file.

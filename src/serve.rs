@@ -214,7 +214,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     };
     let joined = node::Joined { coordinator, reply };
     // Held-out evaluation on the trainer's weights between steps (`[eval] every`).
-    let evals = (cfg.eval.every > 0).then(|| tandem_trainer::evaluate::Evaluations {
+    let evals = (cfg.eval.every > 0).then(|| tandem_trainer::node::evaluate::Evaluations {
         every: cfg.eval.every,
         evaluator: Box::new(crate::eval::RunEvaluator::new(&cfg)),
     });

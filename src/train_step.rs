@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use tandem_model::{ScalarHead, VALUE_HEAD_FILE};
-use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::TrainConfig;
-use tandem_trainer::rollout;
-use tandem_trainer::step::{train_step, Frozen, Optimizer};
+use tandem_trainer::rl::advantage::Estimator;
+use tandem_trainer::rl::rollout;
+use tandem_trainer::rl::step::{Frozen, Optimizer, StepPlan};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -52,7 +52,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         None
     };
     let teacher = match &cfg.algorithm.teacher {
-        Some(path) => Some(tandem_trainer::distill::load_teacher(path, &p)?),
+        Some(path) => Some(tandem_trainer::rl::distill::load_teacher(path, &p)?),
         None => None,
     };
     // PPO with GAE trains a value head that lives beside the model (zeros when new).
@@ -67,21 +67,21 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     };
     let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
     let mut opt = Optimizer::new(&cfg.optimizer, &p.model, extra)?;
-    let metrics = train_step(
-        &p.model,
-        Frozen {
+    let metrics = StepPlan {
+        policy: &p.model,
+        frozen: Frozen {
             reference: reference.as_ref().map(|r| &r.model),
             teacher: teacher.as_ref().map(|t| &t.model),
         },
-        critic.as_ref(),
-        &rollouts,
-        &cfg.algorithm,
-        &cfg.optimizer,
-        &mut opt,
-        0,
-        a.policy_version,
-        &cfg.trainer.compute(),
-    )?;
+        critic: critic.as_ref(),
+        rollouts: &rollouts,
+        algorithm: &cfg.algorithm,
+        optimizer: &cfg.optimizer,
+        step_index: 0,
+        policy_version: a.policy_version,
+        compute: &cfg.trainer.compute(),
+    }
+    .run(&mut opt)?;
     tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(c) = &critic {

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use proptest::prelude::*;
 use tandem_proto::v1::{Completion, RolloutGroup};
-use tandem_trainer::ingest::{check_group, Limits};
+use tandem_trainer::node::ingest::{check_group, Limits};
 
 /// Cases per property: enough to reach the odd corners, bounded for CI.
 fn cases(n: u32) -> ProptestConfig {
@@ -86,7 +86,7 @@ proptest! {
         let ok = r#"{"group":"g","prompt_ids":[1,2],"completion_ids":[3,4],"behavior_logprobs":[-0.5,-1.0],"reward":1.0,"loss_mask":[1,0],"finish_reason":"stop","versions":[0,1]}"#;
         let mutated = String::from_utf8_lossy(&corrupt(ok.as_bytes(), &flips, 0.5 + keep / 2.0)).into_owned();
         for text in [noise.as_str(), mutated.as_str()] {
-            let _ = tandem_trainer::rollout::parse_jsonl(text, "fuzz.jsonl", 10);
+            let _ = tandem_trainer::rl::rollout::parse_jsonl(text, "fuzz.jsonl", 10);
         }
     }
 

@@ -22,7 +22,7 @@
 //! prefilling its prompt, and one contiguous region of prompt + `max_new_tokens` per
 //! sequence instead of pages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -310,10 +310,8 @@ fn gemm_rate(n: usize, model: &tandem_model::Model) -> Result<()> {
     Ok(())
 }
 
-fn run_all(b: &GenerateBench) -> Result<()> {
-    if b.prompts == 0 || b.samples == 0 || b.max_new_tokens == 0 {
-        bail!("--prompts, --samples and --max-new-tokens must be ≥ 1");
-    }
+/// `--concurrency` and `--ablations`, checked.
+fn parse_lists(b: &GenerateBench) -> Result<(Vec<usize>, Vec<String>)> {
     let concurrency: Vec<usize> = b
         .concurrency
         .split(',')
@@ -332,6 +330,78 @@ fn run_all(b: &GenerateBench) -> Result<()> {
     for a in &ablations {
         variant(b, a)?;
     }
+    Ok((concurrency, ablations))
+}
+
+/// Every Tandem run of the bench, each in a child process of its own (`--variant`), in
+/// the order of `runs`; their printed results by name.
+fn measure_variants(
+    b: &GenerateBench,
+    runs: &[String],
+    workload: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<serde_json::Map<String, Value>> {
+    let exe = std::env::current_exe()?;
+    let mut measured = serde_json::Map::new();
+    for v in runs {
+        bar.set_message(format!("tandem {v}"));
+        let mut cmd = Command::new(&exe);
+        cmd.env("RAYON_NUM_THREADS", b.threads.to_string())
+            .args(["bench", "generate", "--model", &b.model, "--variant", v])
+            .arg("--workload")
+            .arg(workload)
+            .args(["--prompts", &b.prompts.to_string()])
+            .args(["--samples", &b.samples.to_string()])
+            .args(["--prompt-tokens", &b.prompt_tokens.to_string()])
+            .args(["--max-new-tokens", &b.max_new_tokens.to_string()])
+            .args(["--temperature", &b.temperature.to_string()])
+            .args(["--seed", &b.seed.to_string()])
+            .args(["--max-running", &b.max_running.to_string()])
+            .args(["--gemm-size", &b.gemm_size.to_string()]);
+        measured.insert(v.clone(), run_child(cmd, &format!("tandem {v}"))?);
+        bar.inc(1);
+    }
+    Ok(measured)
+}
+
+/// The reference script on the same workload (its first `prompts` prompts): its
+/// printed result, checked to have generated every sequence asked for.
+fn run_reference(
+    b: &GenerateBench,
+    script: &Path,
+    workload: &Path,
+    prompts: usize,
+) -> Result<Value> {
+    let gguf = tandem_model::fetch::resolve(&b.model)?;
+    let mut cmd = Command::new(&b.python);
+    cmd.arg(script)
+        .arg("--gguf")
+        .arg(&gguf)
+        .arg("--workload")
+        .arg(workload)
+        .args(["--prompts", &b.prompts.to_string()])
+        .args(["--threads", &b.threads.to_string()]);
+    // The reference runs where Tandem runs: CUDA in bf16, else the CPU in f32.
+    if tandem_model::process_device()?.is_cuda() {
+        cmd.args(["--device", "cuda", "--dtype", "bf16"]);
+    }
+    let (reference, printed) = crate::reference::run::<GenerateReference>(cmd)?;
+    let asked = prompts * b.samples;
+    if reference.sequences as usize != asked {
+        bail!(
+            "the reference script generated {} sequences, not the {asked} of the workload's first {prompts} prompts × {} samples",
+            reference.sequences,
+            b.samples
+        );
+    }
+    Ok(printed)
+}
+
+fn run_all(b: &GenerateBench) -> Result<()> {
+    if b.prompts == 0 || b.samples == 0 || b.max_new_tokens == 0 {
+        bail!("--prompts, --samples and --max-new-tokens must be ≥ 1");
+    }
+    let (concurrency, ablations) = parse_lists(b)?;
     let p = tandem_model::load_model(&b.model)?;
     let params: usize = p.model.params().iter().map(|(_, v)| v.elem_count()).sum();
     let most = concurrency.iter().copied().max().unwrap_or(0);
@@ -352,8 +422,6 @@ fn run_all(b: &GenerateBench) -> Result<()> {
             "seed": b.seed,
         }))?,
     )?;
-    let exe = std::env::current_exe()?;
-    let threads = b.threads.to_string();
     let mut runs: Vec<String> = vec!["gemm".into(), "default".into()];
     runs.extend(concurrency.iter().map(|c| format!("concurrency_{c}")));
     for a in &ablations {
@@ -366,25 +434,7 @@ fn run_all(b: &GenerateBench) -> Result<()> {
     // taken, so the ceiling is never understated.
     runs.push("gemm_after".into());
     let bar = indicatif::ProgressBar::new(runs.len() as u64 + u64::from(b.reference.is_some()));
-    let mut measured = serde_json::Map::new();
-    for v in &runs {
-        bar.set_message(format!("tandem {v}"));
-        let mut cmd = Command::new(&exe);
-        cmd.env("RAYON_NUM_THREADS", &threads)
-            .args(["bench", "generate", "--model", &b.model, "--variant", v])
-            .arg("--workload")
-            .arg(&workload)
-            .args(["--prompts", &b.prompts.to_string()])
-            .args(["--samples", &b.samples.to_string()])
-            .args(["--prompt-tokens", &b.prompt_tokens.to_string()])
-            .args(["--max-new-tokens", &b.max_new_tokens.to_string()])
-            .args(["--temperature", &b.temperature.to_string()])
-            .args(["--seed", &b.seed.to_string()])
-            .args(["--max-running", &b.max_running.to_string()])
-            .args(["--gemm-size", &b.gemm_size.to_string()]);
-        measured.insert(v.clone(), run_child(cmd, &format!("tandem {v}"))?);
-        bar.inc(1);
-    }
+    let measured = measure_variants(b, &runs, &workload, &bar)?;
     let rates: Vec<f64> = ["gemm", "gemm_after"]
         .iter()
         .filter_map(|g| measured[*g]["gemm_gflops"].as_f64())
@@ -415,30 +465,7 @@ fn run_all(b: &GenerateBench) -> Result<()> {
     }
     if let Some(script) = &b.reference {
         bar.set_message("reference");
-        let gguf = tandem_model::fetch::resolve(&b.model)?;
-        let mut cmd = Command::new(&b.python);
-        cmd.arg(script)
-            .arg("--gguf")
-            .arg(&gguf)
-            .arg("--workload")
-            .arg(&workload)
-            .args(["--prompts", &b.prompts.to_string()])
-            .args(["--threads", &threads]);
-        // The reference runs where Tandem runs: CUDA in bf16, else the CPU in f32.
-        if tandem_model::process_device()?.is_cuda() {
-            cmd.args(["--device", "cuda", "--dtype", "bf16"]);
-        }
-        let (reference, printed) = crate::reference::run::<GenerateReference>(cmd)?;
-        let asked = b.prompts.min(n_prompts) * b.samples;
-        if reference.sequences as usize != asked {
-            bail!(
-                "the reference script generated {} sequences, not the {asked} of the workload's first {} prompts × {} samples",
-                reference.sequences,
-                b.prompts.min(n_prompts),
-                b.samples
-            );
-        }
-        result["reference"] = printed;
+        result["reference"] = run_reference(b, script, &workload, b.prompts.min(n_prompts))?;
         bar.inc(1);
     }
     bar.finish_and_clear();

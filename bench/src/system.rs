@@ -22,9 +22,9 @@ use tandem_proto::tls::Tls;
 use tandem_proto::v1::{
     Completion, FetchWeightsRequest, LeaseRequest, RegisterRequest, Role, RolloutGroup,
 };
-use tandem_trainer::buffer::Buffer;
-use tandem_trainer::ingest::Limits;
-use tandem_trainer::service::{Shared, TrainerService};
+use tandem_trainer::node::buffer::Buffer;
+use tandem_trainer::node::ingest::Limits;
+use tandem_trainer::node::service::{Shared, TrainerService};
 use tandem_weights::bucket::Assembler;
 use tandem_weights::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -197,7 +197,7 @@ async fn start_services(shared: Arc<Shared>) -> Result<(String, String)> {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    tokio::spawn(async move { tandem_trainer::service::serve(svc, listener, &creds).await });
+    tokio::spawn(async move { tandem_trainer::node::service::serve(svc, listener, &creds).await });
     // The servers run on the runtime's tasks; `coord` only holds handles to them.
     Ok((coord.grpc.to_string(), addr))
 }
@@ -478,7 +478,7 @@ async fn ingest(
 
 /// Seconds of one real training step on a batch of the ingest shape.
 fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f64> {
-    use tandem_trainer::rollout::Rollout;
+    use tandem_trainer::rl::rollout::Rollout;
     let vocab = p.model.config().vocab_size;
     let rollouts: Vec<Rollout> = (0..a.batch_groups * a.group_size)
         .map(|i| Rollout {
@@ -498,20 +498,20 @@ fn train_step_seconds(p: &tandem_model::Pretrained, a: &SystemBench) -> Result<f
         })
         .collect();
     let cfg = tandem_trainer::config::TrainConfig::default();
-    let mut opt = tandem_trainer::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
+    let mut opt = tandem_trainer::rl::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
     let t0 = Instant::now();
-    tandem_trainer::step::train_step(
-        &p.model,
-        tandem_trainer::step::Frozen::default(),
-        None,
-        &rollouts,
-        &cfg.algorithm,
-        &cfg.optimizer,
-        &mut opt,
-        0,
-        None,
-        &cfg.trainer.compute(),
-    )?;
+    tandem_trainer::rl::step::StepPlan {
+        policy: &p.model,
+        frozen: tandem_trainer::rl::step::Frozen::default(),
+        critic: None,
+        rollouts: &rollouts,
+        algorithm: &cfg.algorithm,
+        optimizer: &cfg.optimizer,
+        step_index: 0,
+        policy_version: None,
+        compute: &cfg.trainer.compute(),
+    }
+    .run(&mut opt)?;
     Ok(t0.elapsed().as_secs_f64())
 }
 

@@ -22,7 +22,7 @@ use clap::Args;
 use serde_json::{json, Value};
 use tandem_model::packing::Packing;
 use tandem_trainer::config::{Compute, TrainConfig};
-use tandem_trainer::rollout::Rollout;
+use tandem_trainer::rl::rollout::Rollout;
 
 use crate::error::{bail, Context, Result};
 use crate::reference::TrainStepReference;
@@ -146,7 +146,7 @@ fn batch(b: &TrainStepBench, vocab: usize) -> Result<Vec<Rollout>> {
 fn config() -> TrainConfig {
     let mut cfg = TrainConfig::default();
     cfg.algorithm.correction_mode = tandem_trainer::config::CorrectionMode::Bypass;
-    cfg.algorithm.loss_agg = tandem_trainer::aggregate::LossAgg::TokenMean;
+    cfg.algorithm.loss_agg = tandem_trainer::rl::aggregate::LossAgg::TokenMean;
     cfg.algorithm.temperature = 1.0;
     cfg.optimizer.lr = 1e-6;
     cfg.optimizer.warmup_steps = 0;
@@ -198,20 +198,20 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
         for (name, var) in p.model.params().iter() {
             var.set(&snapshot[&name.to_string()])?;
         }
-        let mut opt = tandem_trainer::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
+        let mut opt = tandem_trainer::rl::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
         let t0 = Instant::now();
-        let m = tandem_trainer::step::train_step(
-            &p.model,
-            tandem_trainer::step::Frozen::default(),
-            None,
-            &rollouts,
-            &cfg.algorithm,
-            &cfg.optimizer,
-            &mut opt,
-            0,
-            None,
-            &compute,
-        )?;
+        let m = tandem_trainer::rl::step::StepPlan {
+            policy: &p.model,
+            frozen: tandem_trainer::rl::step::Frozen::default(),
+            critic: None,
+            rollouts: &rollouts,
+            algorithm: &cfg.algorithm,
+            optimizer: &cfg.optimizer,
+            step_index: 0,
+            policy_version: None,
+            compute: &compute,
+        }
+        .run(&mut opt)?;
         p.model.device().synchronize()?;
         if rep >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());

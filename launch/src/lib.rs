@@ -22,7 +22,7 @@ pub mod supervisor;
 
 pub use process::Program;
 pub use status::{lag_table, CoordinatorStatus, Progress, StatusSource};
-pub use supervisor::{Event, Outcome, Plan, Restart, Supervisor};
+pub use supervisor::{Event, Outcome, Restart, RunPlan, Supervisor};
 
 /// What can go wrong preparing or supervising a run; messages name the file, the
 /// process or the setting, and the fix.

@@ -23,7 +23,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a run starts: everything the supervisor needs, read from the run's config and
 /// the command line by the caller.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub struct RunPlan {
     /// The run folder (`[run] run_dir`).
     pub run_dir: PathBuf,
     /// The effective config as TOML, written to `RUN_DIR/config.toml` (mode 0600) for the
@@ -93,7 +93,7 @@ pub struct Outcome {
 /// A run's processes, started and watched.
 #[derive(Debug)]
 pub struct Supervisor {
-    plan: Plan,
+    plan: RunPlan,
     program: Program,
     /// Coordinator first, trainer second, then the generators.
     procs: Vec<Proc>,
@@ -105,7 +105,7 @@ impl Supervisor {
     /// Prepares the run folder (private, the earlier run's files in `plan.fresh` gone,
     /// tokens and `config.toml` written), starts the coordinator and waits for its
     /// address (`RUN_DIR/coordinator.json`), then starts the trainer and the generators.
-    pub fn start(plan: Plan, program: Program) -> Result<Self> {
+    pub fn start(plan: RunPlan, program: Program) -> Result<Self> {
         let (servers, generators) = prepare(&plan)?;
         let coordinator = start_coordinator(&plan, &program, &servers)?;
         let mut s = Supervisor {
@@ -263,7 +263,7 @@ impl Supervisor {
 /// earlier run's files in `plan.fresh` removed, `logs/` made, the tokens and
 /// `config.toml` written (mode 0600). Returns the environments of the coordinator and
 /// trainer, and of the generators.
-fn prepare(plan: &Plan) -> Result<(Env, Env)> {
+fn prepare(plan: &RunPlan) -> Result<(Env, Env)> {
     let dir = &plan.run_dir;
     // Ours alone: no other user can plant a link where a file is about to be written.
     run_dir::prepare(dir)?;
@@ -289,7 +289,7 @@ fn prepare(plan: &Plan) -> Result<(Env, Env)> {
 /// Starts the coordinator on `RUN_DIR/config.toml` and waits for its gRPC address.
 /// Started again later, it listens where the workers already dial (its arguments name
 /// the bound addresses) and continues the run from its saved state.
-fn start_coordinator(plan: &Plan, program: &Program, env: &Env) -> Result<(Proc, String)> {
+fn start_coordinator(plan: &RunPlan, program: &Program, env: &Env) -> Result<(Proc, String)> {
     let dir = &plan.run_dir;
     let addr_file = dir.join("coordinator.json");
     remove_if_there(&addr_file)?;
@@ -408,8 +408,8 @@ esac
         }
     }
 
-    fn plan(run_dir: &Path, generators: u32, max_restarts: u32) -> Plan {
-        Plan {
+    fn plan(run_dir: &Path, generators: u32, max_restarts: u32) -> RunPlan {
+        RunPlan {
             run_dir: run_dir.to_path_buf(),
             config_toml: "[run]\nsteps = 2\n".into(),
             token: "the-runs-token-0123456789".into(),

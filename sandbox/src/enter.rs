@@ -301,23 +301,7 @@ unsafe fn apply(step: &Step) -> io::Result<()> {
                 target,
                 set,
                 recursive,
-            } => {
-                let attr = MountAttr {
-                    attr_set: *set,
-                    attr_clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
-                let flags = if *recursive { libc::AT_RECURSIVE } else { 0 };
-                check(libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    target.as_ptr(),
-                    flags | libc::AT_SYMLINK_NOFOLLOW,
-                    &attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                ) as libc::c_int)
-            }
+            } => mount_setattr(target, *set, *recursive),
             Step::Unmount(target) => check(libc::umount2(target.as_ptr(), libc::MNT_DETACH)),
             Step::Mkdir { path, mode } => {
                 check(libc::mkdir(path.as_ptr(), *mode))?;
@@ -340,46 +324,14 @@ unsafe fn apply(step: &Step) -> io::Result<()> {
                 bytes,
             ),
             Step::Hostname(name) => check(libc::sethostname(name.as_ptr(), name.as_bytes().len())),
-            Step::PivotRoot(root) => {
-                check(libc::chdir(root.as_ptr()))?;
-                let dot = c".".as_ptr();
-                check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
-                // The old root is now stacked under the new one: detach it.
-                check(libc::umount2(dot, libc::MNT_DETACH))?;
-                check(libc::chdir(c"/".as_ptr()))
-            }
+            Step::PivotRoot(root) => pivot_root(root),
             Step::Chdir(path) => check(libc::chdir(path.as_ptr())),
             Step::SetIds { uid, gid } => {
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setresgid(*gid, *gid, *gid))?;
                 check(libc::setresuid(*uid, *uid, *uid))
             }
-            Step::DropCapabilities => {
-                for cap in 0..64 {
-                    // EINVAL past the last capability this kernel knows.
-                    libc::prctl(libc::PR_CAPBSET_DROP, cap);
-                }
-                check(libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                    0,
-                    0,
-                    0,
-                ))?;
-                let header = CapHeader {
-                    version: CAPABILITY_VERSION_3,
-                    pid: 0,
-                };
-                let data = [CapData {
-                    effective: 0,
-                    permitted: 0,
-                    inheritable: 0,
-                }; 2];
-                check(
-                    libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr())
-                        as libc::c_int,
-                )
-            }
+            Step::DropCapabilities => drop_capabilities(),
             Step::Limit { resource, value } => {
                 let r = libc::rlimit {
                     rlim_cur: *value,
@@ -394,5 +346,85 @@ unsafe fn apply(step: &Step) -> io::Result<()> {
                 libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
             )),
         }
+    }
+}
+
+/// `mount_setattr(2)` on `target` (not following a link), setting `set`, on the whole
+/// tree below it when `recursive`.
+///
+/// # Safety
+/// As [`apply`]'s.
+unsafe fn mount_setattr(target: &std::ffi::CStr, set: u64, recursive: bool) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 };
+    // SAFETY: `target` is NUL-terminated and `attr` lives for the call, with its size
+    // passed beside it; changing this process's mounts is allowed (contract).
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            flags | libc::AT_SYMLINK_NOFOLLOW,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    } as libc::c_int)
+}
+
+/// Makes `root` the root: `pivot_root(".", ".")` inside it stacks the old root under
+/// the new one, which is then detached.
+///
+/// # Safety
+/// As [`apply`]'s.
+unsafe fn pivot_root(root: &std::ffi::CStr) -> io::Result<()> {
+    let dot = c".".as_ptr();
+    // SAFETY: every path is NUL-terminated and alive for its call; changing this
+    // process's root and mounts is allowed (contract).
+    unsafe {
+        check(libc::chdir(root.as_ptr()))?;
+        check(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int)?;
+        check(libc::umount2(dot, libc::MNT_DETACH))?;
+        check(libc::chdir(c"/".as_ptr()))
+    }
+}
+
+/// Drops every capability: the bounding set, the ambient set, then the effective,
+/// permitted and inheritable sets.
+///
+/// # Safety
+/// As [`apply`]'s.
+unsafe fn drop_capabilities() -> io::Result<()> {
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: `header` and `data` live for the calls, `data` holds the two entries
+    // version 3 reads; changing this process's credentials is allowed (contract).
+    unsafe {
+        for cap in 0..64 {
+            // EINVAL past the last capability this kernel knows.
+            libc::prctl(libc::PR_CAPBSET_DROP, cap);
+        }
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ))?;
+        check(
+            libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr())
+                as libc::c_int,
+        )
     }
 }

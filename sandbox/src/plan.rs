@@ -390,159 +390,30 @@ pub fn prepare(r: &Request) -> Result<Plan, Error> {
     Ok(Plan { before, after })
 }
 
-/// A fresh root on `stage` holding only what a program needs to run.
+/// A fresh root on `stage` holding only what a program needs to run: the program
+/// folders read-only, a few devices, its own `/proc`, one writable tmpfs, the call's
+/// files, then `pivot_root` into it.
 fn minimal(r: &Request, read_only: &[PathBuf], steps: &mut Vec<Step>) -> Result<(), Error> {
     let stage = r
         .stage
         .ok_or_else(|| Error::Invalid("a minimal view needs a staging folder".into()))?;
-    let at = |p: &str| cstring(under(stage, Path::new(p)));
-    let tmpfs = |target: CString, size: u64, inodes: u64, mode: &str| Step::Mount {
-        source: Some(c"tandem-sandbox".to_owned()),
-        target,
-        fstype: Some(c"tmpfs".to_owned()),
-        flags: libc::MS_NOSUID | libc::MS_NODEV,
-        data: Some(
-            CString::new(format!("size={size},nr_inodes={inodes},mode={mode}"))
-                .expect("no NUL in numbers"),
-        ),
+    let mut root = Skeleton {
+        stage,
+        steps,
+        made: Vec::new(),
     };
-    steps.push(tmpfs(cstring(stage)?, 1 << 20, 1024, "0755"));
-    // The system's program folders, then the caller's paths, each read-only. A path
-    // inside one already shown is visible through it.
-    let mut shown: Vec<PathBuf> = Vec::new();
-    let mut made: Vec<PathBuf> = Vec::new();
-    for dir in SYSTEM {
-        let p = Path::new(dir);
-        match std::fs::symlink_metadata(p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let target = std::fs::read_link(p)
-                    .map_err(|e| Error::Invalid(format!("{dir}: reading the link: {e}")))?;
-                steps.push(Step::Symlink {
-                    target: cstring(&target)?,
-                    link: at(dir)?,
-                });
-            }
-            Ok(m) if m.is_dir() => {
-                bind_read_only(stage, p, true, steps, &mut made)?;
-                shown.push(p.to_path_buf());
-            }
-            _ => {}
-        }
-    }
-    let cache = Path::new("/etc/ld.so.cache");
-    if cache.is_file() {
-        bind_read_only(stage, cache, false, steps, &mut made)?;
-    }
-    for p in read_only {
-        let p = checked_host_path(p)?;
-        if shown.iter().any(|s| within(&p, s)) {
-            continue;
-        }
-        bind_read_only(stage, &p, p.is_dir(), steps, &mut made)?;
-        shown.push(p);
-    }
-    // Devices: the host's nodes, bound (a user namespace cannot make nodes).
-    mkdir_all(stage, Path::new("/dev"), steps, &mut made)?;
-    for d in DEVICES {
-        let host = Path::new("/dev").join(d);
-        if !host.exists() {
-            continue;
-        }
-        let target = at(&format!("/dev/{d}"))?;
-        steps.push(Step::Touch(target.clone()));
-        steps.push(Step::Mount {
-            source: Some(cstring(&host)?),
-            target: target.clone(),
-            fstype: None,
-            flags: libc::MS_BIND,
-            data: None,
-        });
-        steps.push(Step::SetAttr {
-            target,
-            set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
-            recursive: false,
-        });
-    }
-    for (link, target) in [
-        ("/dev/fd", "/proc/self/fd"),
-        ("/dev/stdin", "/proc/self/fd/0"),
-        ("/dev/stdout", "/proc/self/fd/1"),
-        ("/dev/stderr", "/proc/self/fd/2"),
-    ] {
-        steps.push(Step::Symlink {
-            target: cstring(target)?,
-            link: at(link)?,
-        });
-    }
-    // The call's own /proc (it is process 1 of its PID namespace).
-    mkdir_all(stage, Path::new("/proc"), steps, &mut made)?;
-    steps.push(Step::Mount {
-        source: Some(c"proc".to_owned()),
-        target: at("/proc")?,
-        fstype: Some(c"proc".to_owned()),
-        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        data: None,
-    });
-    // One writable tmpfs: the working directory, /tmp and /dev/shm share its size.
-    let scratch = at("/.scratch")?;
-    steps.push(Step::Mkdir {
-        path: scratch.clone(),
-        mode: 0o700,
-    });
-    let inodes = (r.limits.tmpfs / 4096).clamp(256, 1 << 16);
-    steps.push(tmpfs(scratch.clone(), r.limits.tmpfs, inodes, "0755"));
+    root.steps
+        .push(tmpfs(cstring(stage)?, 1 << 20, 1024, "0755"));
+    root.program_folders(read_only)?;
+    root.devices()?;
+    root.proc()?;
     let owner = match r.identity {
         Identity::Host { uid } => Some(uid),
         Identity::Namespace { .. } => None,
     };
-    for (name, mode, mount) in [
-        ("work", 0o755, "/work"),
-        ("tmp", 0o1777, "/tmp"),
-        ("shm", 0o1777, "/dev/shm"),
-    ] {
-        let inside = at(&format!("/.scratch/{name}"))?;
-        steps.push(Step::Mkdir {
-            path: inside.clone(),
-            mode,
-        });
-        if let (Some(uid), "work") = (owner, name) {
-            steps.push(Step::Chown {
-                path: inside.clone(),
-                uid,
-                gid: uid,
-            });
-        }
-        mkdir_all(stage, Path::new(mount), steps, &mut made)?;
-        steps.push(Step::Mount {
-            source: Some(inside),
-            target: at(mount)?,
-            fstype: None,
-            flags: libc::MS_BIND,
-            data: None,
-        });
-    }
-    steps.push(Step::Unmount(scratch.clone()));
-    steps.push(Step::Rmdir(scratch));
-    for (name, bytes) in r.files {
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(Error::Invalid(format!(
-                "{name:?}: a file of the working directory is a plain name"
-            )));
-        }
-        let path = at(&format!("/work/{name}"))?;
-        steps.push(Step::WriteNew {
-            path: path.clone(),
-            bytes: bytes.clone(),
-            mode: 0o644,
-        });
-        if let Some(uid) = owner {
-            steps.push(Step::Chown {
-                path,
-                uid,
-                gid: uid,
-            });
-        }
-    }
+    root.scratch(r.limits.tmpfs, owner)?;
+    root.work_files(r.files, owner)?;
+    let steps = root.steps;
     steps.push(Step::PivotRoot(cstring(stage)?));
     // The skeleton itself (mount points, links) becomes read-only too.
     steps.push(Step::SetAttr {
@@ -552,6 +423,201 @@ fn minimal(r: &Request, read_only: &[PathBuf], steps: &mut Vec<Step>) -> Result<
     });
     steps.push(Step::Chdir(cstring("/work")?));
     Ok(())
+}
+
+/// A tmpfs mount of `size` bytes and `inodes` inodes at `target`.
+fn tmpfs(target: CString, size: u64, inodes: u64, mode: &str) -> Step {
+    Step::Mount {
+        source: Some(c"tandem-sandbox".to_owned()),
+        target,
+        fstype: Some(c"tmpfs".to_owned()),
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some(
+            CString::new(format!("size={size},nr_inodes={inodes},mode={mode}"))
+                .expect("no NUL in numbers"),
+        ),
+    }
+}
+
+/// The steps that build a minimal root under `stage`, and the folders they made.
+struct Skeleton<'a> {
+    stage: &'a Path,
+    steps: &'a mut Vec<Step>,
+    made: Vec<PathBuf>,
+}
+
+impl Skeleton<'_> {
+    /// `p` (an absolute path of the new root) on the staging folder.
+    fn at(&self, p: &str) -> Result<CString, Error> {
+        cstring(under(self.stage, Path::new(p)))
+    }
+
+    fn bind_read_only(&mut self, path: &Path, is_dir: bool) -> Result<(), Error> {
+        bind_read_only(self.stage, path, is_dir, self.steps, &mut self.made)
+    }
+
+    fn mkdir_all(&mut self, path: &str) -> Result<(), Error> {
+        mkdir_all(self.stage, Path::new(path), self.steps, &mut self.made)
+    }
+
+    /// The system's program folders, then the caller's paths, each read-only. A path
+    /// inside one already shown is visible through it.
+    fn program_folders(&mut self, read_only: &[PathBuf]) -> Result<(), Error> {
+        let mut shown: Vec<PathBuf> = Vec::new();
+        for dir in SYSTEM {
+            let p = Path::new(dir);
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = std::fs::read_link(p)
+                        .map_err(|e| Error::Invalid(format!("{dir}: reading the link: {e}")))?;
+                    let link = self.at(dir)?;
+                    self.steps.push(Step::Symlink {
+                        target: cstring(&target)?,
+                        link,
+                    });
+                }
+                Ok(m) if m.is_dir() => {
+                    self.bind_read_only(p, true)?;
+                    shown.push(p.to_path_buf());
+                }
+                _ => {}
+            }
+        }
+        let cache = Path::new("/etc/ld.so.cache");
+        if cache.is_file() {
+            self.bind_read_only(cache, false)?;
+        }
+        for p in read_only {
+            let p = checked_host_path(p)?;
+            if shown.iter().any(|s| within(&p, s)) {
+                continue;
+            }
+            self.bind_read_only(&p, p.is_dir())?;
+            shown.push(p);
+        }
+        Ok(())
+    }
+
+    /// The host's device nodes of [`DEVICES`], bound (a user namespace cannot make
+    /// nodes) and not executable, and the `/dev/std*` links.
+    fn devices(&mut self) -> Result<(), Error> {
+        self.mkdir_all("/dev")?;
+        for d in DEVICES {
+            let host = Path::new("/dev").join(d);
+            if !host.exists() {
+                continue;
+            }
+            let target = self.at(&format!("/dev/{d}"))?;
+            self.steps.push(Step::Touch(target.clone()));
+            self.steps.push(Step::Mount {
+                source: Some(cstring(&host)?),
+                target: target.clone(),
+                fstype: None,
+                flags: libc::MS_BIND,
+                data: None,
+            });
+            self.steps.push(Step::SetAttr {
+                target,
+                set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+                recursive: false,
+            });
+        }
+        for (link, target) in [
+            ("/dev/fd", "/proc/self/fd"),
+            ("/dev/stdin", "/proc/self/fd/0"),
+            ("/dev/stdout", "/proc/self/fd/1"),
+            ("/dev/stderr", "/proc/self/fd/2"),
+        ] {
+            let link = self.at(link)?;
+            self.steps.push(Step::Symlink {
+                target: cstring(target)?,
+                link,
+            });
+        }
+        Ok(())
+    }
+
+    /// The call's own `/proc` (it is process 1 of its PID namespace).
+    fn proc(&mut self) -> Result<(), Error> {
+        self.mkdir_all("/proc")?;
+        let target = self.at("/proc")?;
+        self.steps.push(Step::Mount {
+            source: Some(c"proc".to_owned()),
+            target,
+            fstype: Some(c"proc".to_owned()),
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data: None,
+        });
+        Ok(())
+    }
+
+    /// One writable tmpfs of `size` bytes: the working directory `/work` (owned by
+    /// `owner` when the call runs as a host user), `/tmp` and `/dev/shm` share it.
+    fn scratch(&mut self, size: u64, owner: Option<u32>) -> Result<(), Error> {
+        let scratch = self.at("/.scratch")?;
+        self.steps.push(Step::Mkdir {
+            path: scratch.clone(),
+            mode: 0o700,
+        });
+        let inodes = (size / 4096).clamp(256, 1 << 16);
+        self.steps
+            .push(tmpfs(scratch.clone(), size, inodes, "0755"));
+        for (name, mode, mount) in [
+            ("work", 0o755, "/work"),
+            ("tmp", 0o1777, "/tmp"),
+            ("shm", 0o1777, "/dev/shm"),
+        ] {
+            let inside = self.at(&format!("/.scratch/{name}"))?;
+            self.steps.push(Step::Mkdir {
+                path: inside.clone(),
+                mode,
+            });
+            if let (Some(uid), "work") = (owner, name) {
+                self.steps.push(Step::Chown {
+                    path: inside.clone(),
+                    uid,
+                    gid: uid,
+                });
+            }
+            self.mkdir_all(mount)?;
+            let target = self.at(mount)?;
+            self.steps.push(Step::Mount {
+                source: Some(inside),
+                target,
+                fstype: None,
+                flags: libc::MS_BIND,
+                data: None,
+            });
+        }
+        self.steps.push(Step::Unmount(scratch.clone()));
+        self.steps.push(Step::Rmdir(scratch));
+        Ok(())
+    }
+
+    /// The call's files in `/work`, each a plain name.
+    fn work_files(&mut self, files: &[(String, Vec<u8>)], owner: Option<u32>) -> Result<(), Error> {
+        for (name, bytes) in files {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(Error::Invalid(format!(
+                    "{name:?}: a file of the working directory is a plain name"
+                )));
+            }
+            let path = self.at(&format!("/work/{name}"))?;
+            self.steps.push(Step::WriteNew {
+                path: path.clone(),
+                bytes: bytes.clone(),
+                mode: 0o644,
+            });
+            if let Some(uid) = owner {
+                self.steps.push(Step::Chown {
+                    path,
+                    uid,
+                    gid: uid,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Binds host `path` read-only at the same place under `stage`.

@@ -21,11 +21,3 @@ pub mod optimizer;
 pub mod rl;
 
 pub use error::{Error, Result};
-
-// The modules at the paths the binary, the bench and the tests import them by.
-pub use node::{buffer, evaluate, ingest, service};
-pub use offline::{preference, sft};
-pub use rl::{
-    advantage, aggregate, correction, distill, gae, kl, overlong, policy_loss, proximal, rollout,
-    step, tokens,
-};

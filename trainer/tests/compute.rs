@@ -5,10 +5,10 @@
 use candle_core::{DType, Device};
 use tandem_model::packing::Packing;
 use tandem_model::Model;
-use tandem_trainer::aggregate::LossAgg;
 use tandem_trainer::config::{AlgorithmConfig, Compute, OptimizerConfig};
-use tandem_trainer::rollout::Rollout;
-use tandem_trainer::step::{train_step, Frozen, Optimizer, StepMetrics};
+use tandem_trainer::rl::aggregate::LossAgg;
+use tandem_trainer::rl::rollout::Rollout;
+use tandem_trainer::rl::step::{Frozen, Optimizer, StepMetrics, StepPlan};
 
 /// Three groups of three; the middle group's rewards are all equal (zero advantage
 /// under GRPO), so with three minibatches one minibatch has nothing to compute.
@@ -48,18 +48,18 @@ fn step(algo: &AlgorithmConfig, compute: &Compute) -> (StepMetrics, Vec<(String,
         ..Default::default()
     };
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
-    let m = train_step(
-        &policy,
-        Frozen::default(),
-        None,
-        &rollouts(),
-        algo,
-        &opt_cfg,
-        &mut opt,
-        0,
-        None,
+    let m = StepPlan {
+        policy: &policy,
+        frozen: Frozen::default(),
+        critic: None,
+        rollouts: &rollouts(),
+        algorithm: algo,
+        optimizer: &opt_cfg,
+        step_index: 0,
+        policy_version: None,
         compute,
-    )
+    }
+    .run(&mut opt)
     .unwrap();
     let mut weights: Vec<(String, Vec<f64>)> = policy
         .params()

@@ -3,14 +3,14 @@
 
 use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
-use tandem_trainer::advantage::{self, Estimator};
-use tandem_trainer::aggregate::{aggregate, LossAgg};
-use tandem_trainer::correction::{behaviour_weights, Correction, Level};
-use tandem_trainer::kl::{self, KlEstimator};
-use tandem_trainer::overlong::overlong_penalty;
-use tandem_trainer::policy_loss::{self, PolicyLoss};
-use tandem_trainer::proximal;
-use tandem_trainer::tokens::Tokens;
+use tandem_trainer::rl::advantage::{self, Estimator};
+use tandem_trainer::rl::aggregate::{aggregate, LossAgg};
+use tandem_trainer::rl::correction::{behaviour_weights, Correction, Level};
+use tandem_trainer::rl::kl::{self, KlEstimator};
+use tandem_trainer::rl::overlong::overlong_penalty;
+use tandem_trainer::rl::policy_loss::{self, PolicyLoss};
+use tandem_trainer::rl::proximal;
+use tandem_trainer::rl::tokens::Tokens;
 
 const TOL: f64 = 1e-6;
 
@@ -464,7 +464,7 @@ fn gae_and_value_loss_match_reference() {
         .map(|x| x.as_u64().unwrap() as usize)
         .collect();
     let values = f64s(&c["values"]);
-    let (adv, ret) = tandem_trainer::gae::gae(
+    let (adv, ret) = tandem_trainer::rl::gae::gae(
         &values,
         &f64s(&c["rewards"]),
         &offsets(&lengths),
@@ -475,7 +475,7 @@ fn gae_and_value_loss_match_reference() {
     assert_close(&adv, &f64s(&c["advantages"]), "gae advantages");
     assert_close(&ret, &f64s(&c["returns"]), "gae returns");
     let new_values = Var::from_tensor(&t(&f64s(&c["new_values"]))).unwrap();
-    let vl = tandem_trainer::gae::value_loss(
+    let vl = tandem_trainer::rl::gae::value_loss(
         new_values.as_tensor(),
         &t(&values),
         &t(&ret),
@@ -586,7 +586,7 @@ fn distillation_advantage_matches_reference() {
     let g = golden();
     let (tok, d) = (&g["tokens"], &g["distill"]);
     let mut adv = f64s(&tok["advantages"]);
-    let kl = tandem_trainer::distill::add_teacher_term(
+    let kl = tandem_trainer::rl::distill::add_teacher_term(
         &mut adv,
         &f64s(&d["teacher_logp"]),
         &f64s(&tok["behaviour_logp_masked"]),

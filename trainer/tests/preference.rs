@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
-use tandem_trainer::preference::{self, DirectLoss};
+use tandem_trainer::offline::preference::{self, DirectLoss};
 
 fn fixture() -> Value {
     let path =

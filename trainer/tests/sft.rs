@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tandem_model::ChatMessage;
-use tandem_trainer::sft::{self, Example, Masking, Render, Tokenized};
+use tandem_trainer::offline::sft::{self, Example, Masking, Render, Tokenized};
 
 fn fixture() -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sft.json");

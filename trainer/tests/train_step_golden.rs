@@ -10,10 +10,10 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tandem_model::packing::Packing;
 use tandem_model::ScalarHead;
-use tandem_trainer::advantage::Estimator;
 use tandem_trainer::config::{AlgorithmConfig, Compute, OptimizerConfig, OptimizerName};
-use tandem_trainer::rollout::Rollout;
-use tandem_trainer::step::{train_step, Frozen, Optimizer};
+use tandem_trainer::rl::advantage::Estimator;
+use tandem_trainer::rl::rollout::Rollout;
+use tandem_trainer::rl::step::{Frozen, Optimizer, StepPlan};
 
 /// The value head's starting values, by the formula tools/train_step_reference.py uses.
 fn value_head(d: usize) -> ScalarHead {
@@ -37,7 +37,7 @@ fn sgd_step(
     lr: f64,
     case: &Value,
     compute: &Compute,
-) -> tandem_trainer::step::StepMetrics {
+) -> tandem_trainer::rl::step::StepMetrics {
     let opt_cfg = OptimizerConfig {
         name: OptimizerName::Sgd,
         lr,
@@ -46,21 +46,21 @@ fn sgd_step(
     };
     let extra = critic.map(|c| c.named_vars()).unwrap_or_default();
     let mut opt = Optimizer::new(&opt_cfg, policy, extra).unwrap();
-    train_step(
+    StepPlan {
         policy,
-        Frozen {
+        frozen: Frozen {
             reference: Some(reference),
             teacher,
         },
         critic,
         rollouts,
-        algo,
-        &opt_cfg,
-        &mut opt,
-        0,
-        case["policy_version"].as_u64(),
+        algorithm: algo,
+        optimizer: &opt_cfg,
+        step_index: 0,
+        policy_version: case["policy_version"].as_u64(),
         compute,
-    )
+    }
+    .run(&mut opt)
     .unwrap()
 }
 
@@ -268,38 +268,38 @@ fn epochs_and_minibatches_multiply_the_updates() {
         .unwrap()
         .model;
     let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
-    let m = train_step(
-        &policy,
-        Frozen::default(),
-        None,
-        &rollouts,
-        &algo,
-        &opt_cfg,
-        &mut opt,
-        0,
-        None,
-        &Compute::default(),
-    )
+    let m = StepPlan {
+        policy: &policy,
+        frozen: Frozen::default(),
+        critic: None,
+        rollouts: &rollouts,
+        algorithm: &algo,
+        optimizer: &opt_cfg,
+        step_index: 0,
+        policy_version: None,
+        compute: &Compute::default(),
+    }
+    .run(&mut opt)
     .unwrap();
     assert_eq!(m.optimizer_steps, 4);
     assert!(m.loss.is_finite() && m.grad_norm > 0.0);
     // The synthetic μ is not the model's own: weights spread, ESS is below 1.
     assert!(m.behaviour_weight_ess > 0.0 && m.behaviour_weight_ess < 1.0);
-    assert!(train_step(
-        &policy,
-        Frozen::default(),
-        None,
-        &rollouts,
-        &AlgorithmConfig {
+    assert!(StepPlan {
+        policy: &policy,
+        frozen: Frozen::default(),
+        critic: None,
+        rollouts: &rollouts,
+        algorithm: &AlgorithmConfig {
             kl_coef: 0.1,
             ..Default::default()
         },
-        &opt_cfg,
-        &mut opt,
-        1,
-        None,
-        &Compute::default(),
-    )
+        optimizer: &opt_cfg,
+        step_index: 1,
+        policy_version: None,
+        compute: &Compute::default(),
+    }
+    .run(&mut opt)
     .unwrap_err()
     .to_string()
     .contains("reference"));
@@ -328,23 +328,23 @@ fn loglinear_from_the_previous_version_is_the_bypass_update() {
             .unwrap()
             .model;
         let mut opt = Optimizer::new(&opt_cfg, &policy, vec![]).unwrap();
-        train_step(
-            &policy,
-            Frozen::default(),
-            None,
+        StepPlan {
+            policy: &policy,
+            frozen: Frozen::default(),
+            critic: None,
             rollouts,
-            &algo,
-            &opt_cfg,
-            &mut opt,
-            0,
-            Some(7),
-            &Compute::default(),
-        )
+            algorithm: &algo,
+            optimizer: &opt_cfg,
+            step_index: 0,
+            policy_version: Some(7),
+            compute: &Compute::default(),
+        }
+        .run(&mut opt)
         .map(|m| (m, policy.params().snapshot().unwrap()))
     };
     let (a, wa) = run(
         AlgorithmConfig {
-            prox_logp: tandem_trainer::proximal::ProxLogp::Loglinear,
+            prox_logp: tandem_trainer::rl::proximal::ProxLogp::Loglinear,
             ..Default::default()
         },
         &rollouts,
@@ -377,7 +377,7 @@ fn loglinear_from_the_previous_version_is_the_bypass_update() {
     }
     let e = run(
         AlgorithmConfig {
-            prox_logp: tandem_trainer::proximal::ProxLogp::Loglinear,
+            prox_logp: tandem_trainer::rl::proximal::ProxLogp::Loglinear,
             ..Default::default()
         },
         &rollouts,
@@ -478,18 +478,18 @@ fn a_non_finite_loss_skips_its_update_and_the_step_goes_on() {
             minibatches,
             ..Default::default()
         };
-        let m = train_step(
-            &policy,
-            Frozen::default(),
-            None,
-            &rollouts,
-            &algo,
-            &opt_cfg,
-            &mut opt,
-            0,
-            None,
-            &Compute::default(),
-        )
+        let m = StepPlan {
+            policy: &policy,
+            frozen: Frozen::default(),
+            critic: None,
+            rollouts: &rollouts,
+            algorithm: &algo,
+            optimizer: &opt_cfg,
+            step_index: 0,
+            policy_version: None,
+            compute: &Compute::default(),
+        }
+        .run(&mut opt)
         .unwrap();
         let moved = policy.params().snapshot().unwrap().iter().any(|(n, t)| {
             (t - &before[n])

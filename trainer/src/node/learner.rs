@@ -20,7 +20,7 @@ use tandem_model::ScalarHead;
 use tandem_weights::Snapshot;
 
 /// The run's shape as the learner needs it.
-pub struct Plan {
+pub struct RunShape {
     pub steps: u64,
     pub batch_groups: usize,
     pub max_staleness: u64,
@@ -60,7 +60,7 @@ pub struct Learner {
     pub opt: Optimizer,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
-    pub plan: Plan,
+    pub plan: RunShape,
     pub step: u64,
     pub version: u64,
 }

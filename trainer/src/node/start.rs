@@ -7,7 +7,7 @@ use tandem_model::{Model, Pretrained, ScalarHead};
 
 use super::buffer::Buffer;
 use super::checkpoint;
-use super::learner::{Learner, Plan};
+use super::learner::{Learner, RunShape};
 use super::Settings;
 use crate::error::{invalid, Context, Result};
 use crate::optimizer::Optimizer;
@@ -118,7 +118,7 @@ impl Start {
             opt: self.opt,
             algorithm: s.algorithm.clone(),
             optimizer: s.optimizer.clone(),
-            plan: Plan {
+            plan: RunShape {
                 steps: s.steps,
                 batch_groups: s.batch_groups as usize,
                 max_staleness: s.max_staleness,

@@ -17,7 +17,7 @@ use super::frame::{
     VERSION, WELCOME,
 };
 use crate::collective::{Collective, SharedBackend};
-use crate::error::{invalid, Result};
+use crate::error::{invalid, Error, Result};
 use tandem_proto::limits::{printable, DTYPE_BYTES};
 
 /// A version as a member received it.
@@ -148,116 +148,25 @@ impl Receiver {
     /// Waits up to `poll` for the start of the next version (`None` if none began),
     /// then receives it whole within `frame_timeout`, checks it and acknowledges it.
     pub fn recv(&mut self, poll: Duration, frame_timeout: Duration) -> Result<Option<Received>> {
-        let io = |e: std::io::Error| invalid(format!("weight broadcast from the trainer: {e}"));
-        self.stream
-            .set_read_timeout(Some(poll.max(Duration::from_millis(1))))
-            .map_err(io)?;
-        let mut first = [0u8; 1];
-        match self.stream.read(&mut first) {
-            Ok(0) => return Err(invalid("the trainer closed the weight broadcast")),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Ok(None)
-            }
-            Err(e) => return Err(io(e)),
-        }
+        let Some(first) = self.first_byte(poll)? else {
+            return Ok(None);
+        };
         let deadline = Instant::now() + frame_timeout;
         self.stream
             .set_read_timeout(Some(frame_timeout))
             .map_err(io)?;
-        let s = &mut self.stream;
-        let rest: [u8; 3] = read_array(s).map_err(io)?;
-        if first[0] != VERSION[0] || rest != VERSION[1..] {
-            return Err(invalid("weight broadcast: not a version frame"));
-        }
-        let epoch = u64::from_le_bytes(read_array(s).map_err(io)?);
-        let version = u64::from_le_bytes(read_array(s).map_err(io)?);
-        let refuse = |this: &mut Self, why: String| {
-            // The rest of the frame is not read: the connection cannot go on.
-            this.refused = Some(version);
-            let _ = this.stream.shutdown(std::net::Shutdown::Both);
-            invalid(format!(
-                "weight broadcast: refused the header of v{version}: {why}; fetching it over gRPC"
-            ))
-        };
-        let [plane, dlen] = read_array::<2>(s).map_err(io)?;
-        if dlen as usize > DTYPE_BYTES {
-            return Err(refuse(self, format!("a dtype of {dlen} bytes")));
-        }
-        let mut dtype = vec![0u8; dlen as usize];
-        s.read_exact(&mut dtype).map_err(io)?;
-        let dtype = String::from_utf8_lossy(&dtype).into_owned();
-        let Some(elem) = dtype_bytes(&dtype) else {
-            return Err(refuse(
-                self,
-                format!("dtype {:?} is not f32, bf16 or f16", printable(&dtype)),
-            ));
-        };
-        let bucket_bytes = u64::from_le_bytes(read_array(s).map_err(io)?);
-        let n = u32::from_le_bytes(read_array(s).map_err(io)?) as u64;
-        // What this model's parameters take in that dtype: the only length accepted.
-        let want = self.param_elements.saturating_mul(elem);
-        let buckets = crate::bucket::count(want as usize, bucket_bytes.max(1) as usize) as u64;
-        if bucket_bytes == 0 || n != buckets || n > MAX_BUCKETS {
-            return Err(refuse(
-                self,
-                format!(
-                    "{n} checksums of {bucket_bytes}-byte buckets, where this model's {want} bytes make {buckets}"
-                ),
-            ));
-        }
-        let mut sums = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            sums.push(u32::from_le_bytes(
-                read_array(&mut self.stream).map_err(io)?,
-            ));
-        }
-        let s = &mut self.stream;
-        let announced = u64::from_le_bytes(read_array(s).map_err(io)?);
-        if announced != want {
-            return Err(refuse(
-                self,
-                format!(
-                    "it announces {announced} bytes, this model's {} parameters in {dtype} are {want}",
-                    self.param_elements
-                ),
-            ));
-        }
-        let len = want as usize;
-        let s = &mut self.stream;
-        let mut bytes = std::mem::take(&mut self.spare);
-        // Same size as last time: no allocation, nothing zeroed.
-        bytes.resize(len, 0);
-        if plane == COLLECTIVE {
-            let got = match self.collective.as_mut() {
-                Some(c) => {
-                    s.write_all(&reply(READY, version, 0)).map_err(io)?;
-                    c.recv(&mut bytes, deadline)
-                }
-                None => Err("this member has no communicator for the epoch".into()),
-            };
-            if let Err(e) = got {
-                self.collective = None;
-                self.spare = bytes;
-                self.stream
-                    .write_all(&reply(ACK, version, COLLECTIVE_FAILED))
-                    .map_err(io)?;
-                return Err(invalid(format!(
-                    "weight broadcast: the collective receive of v{version} failed: {e}"
-                )));
-            }
-        } else {
-            s.read_exact(&mut bytes).map_err(io)?;
-        }
-        let intact = crate::bucket::checksums(&bytes, bucket_bytes as usize) == sums;
+        let header = self.read_header(first)?;
+        let version = header.version;
+        let bytes = self.read_body(&header, deadline)?;
+        let intact = crate::bucket::checksums(&bytes, header.bucket_bytes) == header.sums;
         let status = if intact { INTACT } else { CHECKSUM_DIFFERED };
         self.stream
             .write_all(&reply(ACK, version, status))
             .map_err(io)?;
-        if epoch != self.epoch {
+        if header.epoch != self.epoch {
             return Err(invalid(format!(
-                "weight broadcast: v{version} came for epoch {epoch}, this member is in {}",
-                self.epoch
+                "weight broadcast: v{version} came for epoch {}, this member is in {}",
+                header.epoch, self.epoch
             )));
         }
         if !intact {
@@ -267,10 +176,142 @@ impl Receiver {
         }
         Ok(Some(Received {
             version,
-            dtype,
+            dtype: header.dtype,
             bytes,
         }))
     }
+
+    /// The first byte of the next frame, if one begins within `poll`.
+    fn first_byte(&mut self, poll: Duration) -> Result<Option<u8>> {
+        self.stream
+            .set_read_timeout(Some(poll.max(Duration::from_millis(1))))
+            .map_err(io)?;
+        let mut first = [0u8; 1];
+        match self.stream.read(&mut first) {
+            Ok(0) => Err(invalid("the trainer closed the weight broadcast")),
+            Ok(_) => Ok(Some(first[0])),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Refuses the header of `version`: the rest of the frame is not read, so the
+    /// connection cannot go on.
+    fn refuse(&mut self, version: u64, why: String) -> Error {
+        self.refused = Some(version);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        invalid(format!(
+            "weight broadcast: refused the header of v{version}: {why}; fetching it over gRPC"
+        ))
+    }
+
+    /// A version frame's header after its first byte, checked against this model: the
+    /// only length accepted is what its parameters take in the announced dtype.
+    fn read_header(&mut self, first: u8) -> Result<Header> {
+        let s = &mut self.stream;
+        let rest: [u8; 3] = read_array(s).map_err(io)?;
+        if first != VERSION[0] || rest != VERSION[1..] {
+            return Err(invalid("weight broadcast: not a version frame"));
+        }
+        let epoch = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let version = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let [plane, dlen] = read_array::<2>(s).map_err(io)?;
+        if dlen as usize > DTYPE_BYTES {
+            return Err(self.refuse(version, format!("a dtype of {dlen} bytes")));
+        }
+        let mut dtype = vec![0u8; dlen as usize];
+        s.read_exact(&mut dtype).map_err(io)?;
+        let dtype = String::from_utf8_lossy(&dtype).into_owned();
+        let Some(elem) = dtype_bytes(&dtype) else {
+            let why = format!("dtype {:?} is not f32, bf16 or f16", printable(&dtype));
+            return Err(self.refuse(version, why));
+        };
+        let bucket_bytes = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let n = u32::from_le_bytes(read_array(s).map_err(io)?) as u64;
+        let want = self.param_elements.saturating_mul(elem);
+        let buckets = crate::bucket::count(want as usize, bucket_bytes.max(1) as usize) as u64;
+        if bucket_bytes == 0 || n != buckets || n > MAX_BUCKETS {
+            let why = format!(
+                "{n} checksums of {bucket_bytes}-byte buckets, where this model's {want} bytes make {buckets}"
+            );
+            return Err(self.refuse(version, why));
+        }
+        let mut sums = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            sums.push(u32::from_le_bytes(
+                read_array(&mut self.stream).map_err(io)?,
+            ));
+        }
+        let announced = u64::from_le_bytes(read_array(&mut self.stream).map_err(io)?);
+        if announced != want {
+            let why = format!(
+                "it announces {announced} bytes, this model's {} parameters in {dtype} are {want}",
+                self.param_elements
+            );
+            return Err(self.refuse(version, why));
+        }
+        Ok(Header {
+            epoch,
+            version,
+            plane,
+            dtype,
+            bucket_bytes: bucket_bytes as usize,
+            sums,
+            len: want as usize,
+        })
+    }
+
+    /// The version's bytes, inline on this connection or through the epoch's
+    /// collective (after telling the trainer this member is ready), into the spare
+    /// buffer (same size as last time: no allocation, nothing zeroed).
+    fn read_body(&mut self, header: &Header, deadline: Instant) -> Result<Vec<u8>> {
+        let version = header.version;
+        let mut bytes = std::mem::take(&mut self.spare);
+        bytes.resize(header.len, 0);
+        if header.plane != COLLECTIVE {
+            self.stream.read_exact(&mut bytes).map_err(io)?;
+            return Ok(bytes);
+        }
+        let got = match self.collective.as_mut() {
+            Some(c) => {
+                self.stream
+                    .write_all(&reply(READY, version, 0))
+                    .map_err(io)?;
+                c.recv(&mut bytes, deadline)
+            }
+            None => Err("this member has no communicator for the epoch".into()),
+        };
+        if let Err(e) = got {
+            self.collective = None;
+            self.spare = bytes;
+            self.stream
+                .write_all(&reply(ACK, version, COLLECTIVE_FAILED))
+                .map_err(io)?;
+            return Err(invalid(format!(
+                "weight broadcast: the collective receive of v{version} failed: {e}"
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+/// A version frame's header.
+struct Header {
+    epoch: u64,
+    version: u64,
+    /// Inline or [`COLLECTIVE`].
+    plane: u8,
+    dtype: String,
+    bucket_bytes: usize,
+    /// One checksum per bucket.
+    sums: Vec<u32>,
+    /// The version's bytes.
+    len: usize,
+}
+
+/// An I/O error of the broadcast connection.
+fn io(e: std::io::Error) -> Error {
+    invalid(format!("weight broadcast from the trainer: {e}"))
 }
 
 /// The most buckets a version may be cut into (4 MiB of checksums; the trainer's

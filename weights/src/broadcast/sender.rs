@@ -283,57 +283,13 @@ impl Broadcaster {
         timeout: Duration,
     ) -> Outcome {
         let t0 = Instant::now();
-        let join_deadline = t0 + join_wait;
-        // From now on hellos are checked against this group; members of older epochs
-        // that are still connected can receive nothing more and are let go.
-        if let Ok(mut current) = self.current.lock() {
-            if current.as_ref().is_none_or(|g| g.epoch <= group.epoch) {
-                *current = Some(group.clone());
-            }
-        }
-        if let Ok(mut peers) = self.peers.lock() {
-            peers.retain(|_, p| p.epoch >= group.epoch);
-        }
-        let joined = |m: &GroupMember, peers: &BTreeMap<u64, Peer>| {
-            peers
-                .get(&m.worker_id)
-                .is_some_and(|p| p.epoch == group.epoch && p.rank == m.rank)
-        };
-        // Members of a new epoch connect after they learn it from a heartbeat.
-        while Instant::now() < join_deadline {
-            let all = self
-                .peers
-                .lock()
-                .map(|p| group.members.iter().all(|m| joined(m, &p)))
-                .unwrap_or(false);
-            if all {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.enter_epoch(group);
+        self.wait_for_members(group, t0 + join_wait);
         let mut out = Outcome {
             plane: "tcp",
             ..Outcome::default()
         };
-        let mut sending = Vec::new();
-        if let Ok(mut peers) = self.peers.lock() {
-            for m in &group.members {
-                if joined(m, &peers) {
-                    if let Some(p) = peers.remove(&m.worker_id) {
-                        sending.push((m.clone(), p));
-                    }
-                } else {
-                    out.failed.push((
-                        m.clone(),
-                        format!(
-                            "did not join epoch {} within {:.1} s",
-                            group.epoch,
-                            join_wait.as_secs_f64()
-                        ),
-                    ));
-                }
-            }
-        }
+        let sending = self.take_joined(group, join_wait, &mut out);
         // One collective call needs every rank of the epoch, each with a communicator.
         let mut comm = match &self.plane {
             Some(plane)
@@ -381,11 +337,83 @@ impl Broadcaster {
             }
             _ => None,
         };
+        self.settle(results, root_failed, &mut out);
+        out.seconds = t0.elapsed().as_secs_f64();
+        out
+    }
+
+    /// From now on hellos are checked against `group`; members of older epochs that
+    /// are still connected can receive nothing more and are let go.
+    fn enter_epoch(&self, group: &BroadcastGroup) {
+        if let Ok(mut current) = self.current.lock() {
+            if current.as_ref().is_none_or(|g| g.epoch <= group.epoch) {
+                *current = Some(group.clone());
+            }
+        }
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|_, p| p.epoch >= group.epoch);
+        }
+    }
+
+    /// Waits until every member of `group` has joined its epoch, or `deadline`
+    /// (members of a new epoch connect after they learn it from a heartbeat).
+    fn wait_for_members(&self, group: &BroadcastGroup, deadline: Instant) {
+        while Instant::now() < deadline {
+            let all = self
+                .peers
+                .lock()
+                .map(|p| group.members.iter().all(|m| has_joined(group, m, &p)))
+                .unwrap_or(false);
+            if all {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Takes the connections of the members that joined; the others go to
+    /// `out.failed`.
+    fn take_joined(
+        &self,
+        group: &BroadcastGroup,
+        join_wait: Duration,
+        out: &mut Outcome,
+    ) -> Vec<(GroupMember, Peer)> {
+        let mut sending = Vec::new();
+        if let Ok(mut peers) = self.peers.lock() {
+            for m in &group.members {
+                if has_joined(group, m, &peers) {
+                    if let Some(p) = peers.remove(&m.worker_id) {
+                        sending.push((m.clone(), p));
+                    }
+                } else {
+                    out.failed.push((
+                        m.clone(),
+                        format!(
+                            "did not join epoch {} within {:.1} s",
+                            group.epoch,
+                            join_wait.as_secs_f64()
+                        ),
+                    ));
+                }
+            }
+        }
+        sending
+    }
+
+    /// Sorts each member's result into `out` and keeps the connections that still
+    /// work (unless the member joined again meanwhile): delivered; missed when the
+    /// member was ready but the collective's root failed; failed otherwise.
+    fn settle(
+        &self,
+        results: Vec<Served>,
+        root_failed: Option<String>,
+        out: &mut Outcome,
+    ) {
         for (m, p, (ready, r)) in results {
             match (r, &root_failed) {
                 (Ok(()), _) => {
                     if let Ok(mut peers) = self.peers.lock() {
-                        // Unless the member joined again meanwhile.
                         peers.entry(m.worker_id).or_insert(p);
                     }
                     out.delivered.push(m);
@@ -399,9 +427,18 @@ impl Broadcaster {
                 (Err(why), _) => out.failed.push((m, why)),
             }
         }
-        out.seconds = t0.elapsed().as_secs_f64();
-        out
     }
+}
+
+/// A member, its connection, and what serving it gave: whether it was ready for the
+/// collective, and the delivery's result.
+type Served = (GroupMember, Peer, (bool, std::result::Result<(), String>));
+
+/// Whether `m` joined `group`'s epoch at its rank.
+fn has_joined(group: &BroadcastGroup, m: &GroupMember, peers: &BTreeMap<u64, Peer>) -> bool {
+    peers
+        .get(&m.worker_id)
+        .is_some_and(|p| p.epoch == group.epoch && p.rank == m.rank)
 }
 
 /// Reads a member's hello by [`HELLO_TIMEOUT`], checks its token, its session and its

@@ -179,35 +179,6 @@ impl StepPlan<'_> {
     }
 }
 
-/// [`StepPlan::run`] with the plan's fields as arguments (the form the binary, the
-/// bench and the tests call).
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    policy: &Model,
-    frozen: Frozen,
-    critic: Option<&ScalarHead>,
-    rollouts: &[Rollout],
-    cfg: &AlgorithmConfig,
-    opt_cfg: &OptimizerConfig,
-    opt: &mut Optimizer,
-    step_index: u64,
-    policy_version: Option<u64>,
-    compute: &Compute,
-) -> Result<StepMetrics> {
-    StepPlan {
-        policy,
-        frozen,
-        critic,
-        rollouts,
-        algorithm: cfg,
-        optimizer: opt_cfg,
-        step_index,
-        policy_version,
-        compute,
-    }
-    .run(opt)
-}
-
 pub(crate) fn host(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
