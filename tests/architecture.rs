@@ -1,6 +1,8 @@
 //! The rules of the code map, checked against what Cargo resolves:
 //! - every dependency between Tandem crates goes downward (ARCHITECTURE.md's layers)
 //!   and none is one its crate's row forbids;
+//! - every library crate forbids `unsafe_code`, except the rooms ARCHITECTURE.md names
+//!   ("`unsafe` lives in a few rooms"), which deny it and allow it on named modules;
 //! - the workspace's `rust-version` is at least that of every locked dependency.
 
 use std::collections::BTreeMap;
@@ -103,6 +105,66 @@ fn crates_depend_only_downward() {
             "ARCHITECTURE.md names {name}, the workspace has no such crate"
         );
     }
+}
+
+/// The library crates that may hold `unsafe` code, each in the modules it allows by
+/// name (ARCHITECTURE.md, "`unsafe` lives in a few rooms").
+const UNSAFE_ROOMS: [(&str, &[&str]); 3] = [
+    ("tandem-model", &["kernels"]),
+    ("tandem-weights", &["nccl"]),
+    ("tandem-sandbox", &["enter", "run", "plan"]),
+];
+
+#[test]
+fn unsafe_stays_in_its_rooms() {
+    let meta = metadata(&["--no-deps"]);
+    let mut broken = Vec::new();
+    for p in meta["packages"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let Some(lib) = p["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "lib"))
+        else {
+            continue;
+        };
+        let path = lib["src_path"].as_str().unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
+        // The module each `#[allow(unsafe_code)]` stands on.
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let allowed: Vec<&str> = lines
+            .windows(2)
+            .filter(|w| w[0] == "#[allow(unsafe_code)]")
+            .filter_map(|w| {
+                let m = w[1].strip_prefix("pub ").unwrap_or(w[1]);
+                let m = m.strip_prefix("pub(crate) ").unwrap_or(m);
+                m.strip_prefix("mod ")?.strip_suffix(';')
+            })
+            .collect();
+        match UNSAFE_ROOMS.iter().find(|(n, _)| *n == name) {
+            None if !text.contains("#![forbid(unsafe_code)]") => {
+                broken.push(format!("{name}: {path} does not forbid unsafe_code"))
+            }
+            None => {}
+            Some((_, rooms)) => {
+                if !text.contains("#![deny(unsafe_code)]") {
+                    broken.push(format!("{name}: {path} does not deny unsafe_code"));
+                }
+                if text.matches("allow(unsafe_code)").count() != allowed.len() {
+                    broken.push(format!(
+                        "{name}: an allow(unsafe_code) that is not on a `mod` line"
+                    ));
+                }
+                for m in &allowed {
+                    if !rooms.contains(m) {
+                        broken.push(format!("{name}: allows unsafe in `{m}`, not a named room"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "unsafe outside its rooms:\n{}", broken.join("\n"));
 }
 
 /// `1.89` or `1.89.0` → (1, 89, 0).
