@@ -164,7 +164,11 @@ fn unsafe_stays_in_its_rooms() {
             }
         }
     }
-    assert!(broken.is_empty(), "unsafe outside its rooms:\n{}", broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "unsafe outside its rooms:\n{}",
+        broken.join("\n")
+    );
 }
 
 /// `1.89` or `1.89.0` → (1, 89, 0).

@@ -20,7 +20,7 @@ use tandem_data::{DataConfig, DataKind, Dataset, Prompt};
 use tandem_model::{Pretrained, RewardModel, SamplingParams};
 
 use crate::error::{bail, Result};
-use crate::offline::{render_all, sample_scored, Scored};
+use crate::offline::{render_all, OfflineSampler, Scored};
 use crate::reward::{final_answer, math_correct, RewardConfig};
 
 /// `[eval]`.
@@ -324,18 +324,16 @@ impl Evaluation {
     ) -> Result<(EvalReport, Vec<Vec<Scored>>)> {
         let t0 = Instant::now();
         let answers: Vec<Option<String>> = self.prompts.iter().map(|p| p.answer.clone()).collect();
-        let groups = sample_scored(
-            p,
-            self.rm.as_ref(),
-            &self.ids,
-            &answers,
-            self.section.samples,
-            self.section.batch_prompts,
-            &self.params,
-            &self.reward,
-            self.env.as_ref(),
-            progress,
-        )?;
+        let sampler = OfflineSampler {
+            model: p,
+            reward_model: self.rm.as_ref(),
+            samples: self.section.samples,
+            batch_prompts: self.section.batch_prompts,
+            params: &self.params,
+            reward: &self.reward,
+            env: self.env.as_ref(),
+        };
+        let groups = sampler.sample(&self.ids, &answers, progress)?;
         let report = summarise(
             &self.section,
             &self.reward,

@@ -1,6 +1,6 @@
 //! Offline sampling: `n` completions of each prompt from a policy, decoded and scored
 //! by `[reward]`'s verifiers and reward model — what rejection sampling and held-out
-//! evaluation both run. Multi-turn episodes go through [`tandem_env`]'s sample groups,
+//! evaluation both run ([`OfflineSampler`]). Multi-turn episodes go through [`tandem_env`]'s sample groups,
 //! each named by its prompt's index.
 
 use tandem_data::{Prompt, PromptBody};
@@ -55,155 +55,163 @@ pub fn render_all(
         .collect()
 }
 
-/// Samples `n` completions of each prompt `ids[i]` (answer `answers[i]`), `batch`
-/// prompts at a time (each prefilled once, its samples forked), and scores them:
-/// `reward.score` plus `model_weight`·RM when `rm` is given. Prompt i draws from the
-/// random streams of seed `params.seed + i`. `progress` is told how many prompts are
-/// done after each batch. With a multi-turn `env`, the samples are episodes
-/// ([`sample_episodes`]).
-#[allow(clippy::too_many_arguments)]
-pub fn sample_scored(
-    p: &Pretrained,
-    rm: Option<&RewardModel>,
-    ids: &[Vec<u32>],
-    answers: &[Option<String>],
-    n: usize,
-    batch: usize,
-    params: &SamplingParams,
-    reward: &RewardConfig,
-    env: Option<&Env>,
-    mut progress: impl FnMut(usize),
-) -> Result<Vec<Vec<Scored>>> {
-    if let Some(env) = env {
-        return sample_episodes(p, rm, ids, answers, n, batch, params, reward, env, progress);
-    }
-    let mut out = Vec::with_capacity(ids.len());
-    for (b, chunk) in ids.chunks(batch.max(1)).enumerate() {
-        let first = b * batch.max(1);
-        let params = SamplingParams {
-            seed: params.seed.wrapping_add(first as u64),
-            ..params.clone()
-        };
-        let groups = tandem_model::generate_groups(&p.model, chunk.to_vec(), n, params)?;
-        for (j, group) in groups.into_iter().enumerate() {
-            let i = first + j;
-            let answer = answers[i].as_deref();
-            let mut scored: Vec<Scored> = group
-                .into_iter()
-                .map(|c| {
-                    let text = p.tokenizer.decode(&c.tokens, true)?;
-                    Ok(Scored {
-                        reward: reward.score(&text, answer),
-                        tokens: c.tokens,
-                        text,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            add_model_rewards(rm, reward, &ids[i], &mut scored)?;
-            out.push(scored);
-        }
-        progress(out.len());
-    }
-    Ok(out)
+/// How offline sampling draws and scores: `samples` completions of each prompt from
+/// `model`, `batch_prompts` prompts at a time (each prefilled once, its samples
+/// forked), scored by `reward`'s verifiers plus `model_weight`·RM when `reward_model`
+/// is given. With a multi-turn `env`, the samples are episodes.
+pub struct OfflineSampler<'a> {
+    pub model: &'a Pretrained,
+    pub reward_model: Option<&'a RewardModel>,
+    pub samples: usize,
+    pub batch_prompts: usize,
+    pub params: &'a SamplingParams,
+    pub reward: &'a RewardConfig,
+    pub env: Option<&'a Env>,
 }
 
-/// Adds `model_weight`·RM(prompt + completion) to each sample's reward, with `rm`.
-fn add_model_rewards(
-    rm: Option<&RewardModel>,
-    reward: &RewardConfig,
-    prompt: &[u32],
-    scored: &mut [Scored],
-) -> Result<()> {
-    if let Some(rm) = rm {
-        let toks: Vec<Vec<u32>> = scored.iter().map(|s| s.tokens.clone()).collect();
-        for (s, r) in scored.iter_mut().zip(rm.score(prompt, &toks)?) {
-            s.reward += reward.model_weight * r;
+impl OfflineSampler<'_> {
+    /// The scored samples of each prompt `ids[i]` (answer `answers[i]`), in prompt
+    /// order. Prompt i draws from the random streams of seed `params.seed + i`.
+    /// `progress` is told how many prompts are done after each batch.
+    pub fn sample(
+        &self,
+        ids: &[Vec<u32>],
+        answers: &[Option<String>],
+        progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<Scored>>> {
+        match self.env {
+            Some(env) => self.episodes(ids, answers, env, progress),
+            None => self.single_turns(ids, answers, progress),
         }
     }
-    Ok(())
-}
 
-/// [`sample_scored`] for multi-turn episodes with tools (`env`): each prompt's `n`
-/// samples run as episodes through the sampling engine (tool calls on threads), and
-/// the verifiers score each episode's final model turn. `Scored::tokens` is the whole
-/// completion (every turn). Prompt i's samples draw from the streams of seed
-/// `params.seed + i`.
-#[allow(clippy::too_many_arguments)]
-pub fn sample_episodes(
-    p: &Pretrained,
-    rm: Option<&RewardModel>,
-    ids: &[Vec<u32>],
-    answers: &[Option<String>],
-    n: usize,
-    batch: usize,
-    params: &SamplingParams,
-    reward: &RewardConfig,
-    env: &Env,
-    mut progress: impl FnMut(usize),
-) -> Result<Vec<Vec<Scored>>> {
-    let mut out: Vec<Option<Vec<Scored>>> = vec![None; ids.len()];
-    let mut done_count = 0;
-    for (b, chunk) in ids.chunks(batch.max(1)).enumerate() {
-        let first = b * batch.max(1);
-        let mut engine = tandem_model::Engine::new(
-            &p.model,
-            crate::config::GeneratorConfig::default().engine(),
-        )?;
-        let mut groups = SampleGroups::default();
-        for (j, prompt) in chunk.iter().enumerate() {
-            let i = first + j;
-            // The group of prompt i is named by i.
-            let group = GroupRequest {
-                id: i as u64,
-                prompt: prompt.clone(),
-                params: SamplingParams {
-                    seed: params.seed.wrapping_add(i as u64),
-                    ..params.clone()
-                },
-                samples: n,
+    /// One turn per sample: each batch through `generate_groups`.
+    fn single_turns(
+        &self,
+        ids: &[Vec<u32>],
+        answers: &[Option<String>],
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<Scored>>> {
+        let batch = self.batch_prompts.max(1);
+        let mut out = Vec::with_capacity(ids.len());
+        for (b, chunk) in ids.chunks(batch).enumerate() {
+            let first = b * batch;
+            let params = SamplingParams {
+                seed: self.params.seed.wrapping_add(first as u64),
+                ..self.params.clone()
             };
-            groups.start(&mut engine, &p.model, group)?;
+            let groups = tandem_model::generate_groups(
+                &self.model.model,
+                chunk.to_vec(),
+                self.samples,
+                params,
+            )?;
+            for (j, group) in groups.into_iter().enumerate() {
+                let i = first + j;
+                let samples = group.into_iter().map(|c| {
+                    let text = self.model.tokenizer.decode(&c.tokens, true)?;
+                    Ok((c.tokens, text))
+                });
+                out.push(self.score(&ids[i], answers[i].as_deref(), samples)?);
+            }
+            progress(out.len());
         }
-        while !groups.is_empty() {
-            let mut finished = groups.poll_tools(&mut engine, &p.model, env, &p.tokenizer, 0)?;
-            if engine.is_idle() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            } else {
-                for f in engine.step(&p.model, 0)?.finished {
-                    finished.extend(groups.finished(
-                        &mut engine,
-                        &p.model,
-                        f,
-                        env,
-                        &p.tokenizer,
-                    )?);
+        Ok(out)
+    }
+
+    /// Multi-turn episodes with tools (`env`): each prompt's samples run as episodes
+    /// through the sampling engine (tool calls on threads), and the verifiers score each
+    /// episode's final model turn. `Scored::tokens` is the whole completion (every turn).
+    fn episodes(
+        &self,
+        ids: &[Vec<u32>],
+        answers: &[Option<String>],
+        env: &Env,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<Scored>>> {
+        let (p, batch) = (self.model, self.batch_prompts.max(1));
+        let mut out: Vec<Option<Vec<Scored>>> = vec![None; ids.len()];
+        let mut done_count = 0;
+        for (b, chunk) in ids.chunks(batch).enumerate() {
+            let first = b * batch;
+            let mut engine = tandem_model::Engine::new(
+                &p.model,
+                crate::config::GeneratorConfig::default().engine(),
+            )?;
+            let mut groups = SampleGroups::default();
+            for (j, prompt) in chunk.iter().enumerate() {
+                let i = first + j;
+                // The group of prompt i is named by i.
+                let group = GroupRequest {
+                    id: i as u64,
+                    prompt: prompt.clone(),
+                    params: SamplingParams {
+                        seed: self.params.seed.wrapping_add(i as u64),
+                        ..self.params.clone()
+                    },
+                    samples: self.samples,
+                };
+                groups.start(&mut engine, &p.model, group)?;
+            }
+            while !groups.is_empty() {
+                let mut finished =
+                    groups.poll_tools(&mut engine, &p.model, env, &p.tokenizer, 0)?;
+                if engine.is_idle() {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                } else {
+                    for f in engine.step(&p.model, 0)?.finished {
+                        finished.extend(groups.finished(
+                            &mut engine,
+                            &p.model,
+                            f,
+                            env,
+                            &p.tokenizer,
+                        )?);
+                    }
+                }
+                for g in finished {
+                    let i = g.id as usize;
+                    let s = g.samples;
+                    let samples = s
+                        .completions
+                        .into_iter()
+                        .zip(&s.finals)
+                        .map(|(c, last)| Ok((c.tokens, p.tokenizer.decode(last, true)?)));
+                    out[i] = Some(self.score(&ids[i], answers[i].as_deref(), samples)?);
+                    done_count += 1;
                 }
             }
-            for g in finished {
-                let i = g.id as usize;
-                let answer = answers[i].as_deref();
-                let s = g.samples;
-                let mut scored = s
-                    .completions
-                    .into_iter()
-                    .zip(&s.finals)
-                    .map(|(c, last)| {
-                        let text = p.tokenizer.decode(last, true)?;
-                        Ok(Scored {
-                            reward: reward.score(&text, answer),
-                            tokens: c.tokens,
-                            text,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                add_model_rewards(rm, reward, &ids[i], &mut scored)?;
-                out[i] = Some(scored);
-                done_count += 1;
+            progress(done_count);
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Scores one prompt's samples (their tokens and the text the verifiers read):
+    /// r = `reward.score(text, answer)` + `model_weight`·RM(prompt + completion).
+    fn score(
+        &self,
+        prompt: &[u32],
+        answer: Option<&str>,
+        samples: impl Iterator<Item = Result<(Vec<u32>, String)>>,
+    ) -> Result<Vec<Scored>> {
+        let mut scored = samples
+            .map(|s| {
+                let (tokens, text) = s?;
+                Ok(Scored {
+                    reward: self.reward.score(&text, answer),
+                    tokens,
+                    text,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(rm) = self.reward_model {
+            let toks: Vec<Vec<u32>> = scored.iter().map(|s| s.tokens.clone()).collect();
+            for (s, r) in scored.iter_mut().zip(rm.score(prompt, &toks)?) {
+                s.reward += self.reward.model_weight * r;
             }
         }
-        progress(done_count);
+        Ok(scored)
     }
-    Ok(out.into_iter().map(Option::unwrap_or_default).collect())
 }
 
 #[cfg(test)]
@@ -243,19 +251,16 @@ mod tests {
         let reward = RewardConfig::default();
         let run = || {
             let mut seen = Vec::new();
-            let out = sample_episodes(
-                &p,
-                None,
-                &ids,
-                &answers,
-                2,
-                2,
-                &params,
-                &reward,
-                &env,
-                |n| seen.push(n),
-            )
-            .unwrap();
+            let sampler = OfflineSampler {
+                model: &p,
+                reward_model: None,
+                samples: 2,
+                batch_prompts: 2,
+                params: &params,
+                reward: &reward,
+                env: Some(&env),
+            };
+            let out = sampler.sample(&ids, &answers, |n| seen.push(n)).unwrap();
             (out, seen)
         };
         let (a, seen) = run();

@@ -14,7 +14,7 @@ use tandem_model::{ModelSection, RewardModel, SamplingParams};
 
 use crate::config::GeneratorConfig;
 use crate::error::{bail, Context, Result};
-use crate::offline::{render_all, sample_scored};
+use crate::offline::{render_all, OfflineSampler};
 use crate::reward::RewardConfig;
 
 /// What is kept.
@@ -176,18 +176,16 @@ fn sample(cfg: &RejectionConfig, prompts: &[Prompt]) -> Result<Vec<Sample>> {
         stop_token_ids: p.stop_token_ids(),
         seed: r.seed,
     };
-    let groups = sample_scored(
-        &p,
-        rm.as_ref(),
-        &ids,
-        &answers,
-        r.n,
-        r.batch_prompts,
-        &params,
-        &cfg.reward,
-        None,
-        |done| bar.set_position(done as u64),
-    )?;
+    let sampler = OfflineSampler {
+        model: &p,
+        reward_model: rm.as_ref(),
+        samples: r.n,
+        batch_prompts: r.batch_prompts,
+        params: &params,
+        reward: &cfg.reward,
+        env: None,
+    };
+    let groups = sampler.sample(&ids, &answers, |done| bar.set_position(done as u64))?;
     bar.finish();
     Ok(groups
         .into_iter()

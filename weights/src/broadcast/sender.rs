@@ -404,12 +404,7 @@ impl Broadcaster {
     /// Sorts each member's result into `out` and keeps the connections that still
     /// work (unless the member joined again meanwhile): delivered; missed when the
     /// member was ready but the collective's root failed; failed otherwise.
-    fn settle(
-        &self,
-        results: Vec<Served>,
-        root_failed: Option<String>,
-        out: &mut Outcome,
-    ) {
+    fn settle(&self, results: Vec<Served>, root_failed: Option<String>, out: &mut Outcome) {
         for (m, p, (ready, r)) in results {
             match (r, &root_failed) {
                 (Ok(()), _) => {
