@@ -3,20 +3,24 @@
 //! evaluations). It draws the plots of `tandem report` (SVG), computes its summary
 //! (wall time, step times, time to a reward target, staleness, throughput) and the
 //! held-out line `tandem run` ends with. It reads files only: it knows no service and
-//! no role.
+//! no role. It also holds the two files a trainer writes for watching a run:
+//! `samples.jsonl` (the model's text) and TensorBoard's event files.
 //!
 //! Modules: [`log`] (the run's rows and the series drawn from them), [`stats`]
 //! (median, trailing means, time to target), [`summary`] (`summary.json`), [`plot`]
 //! (which plots a run gets, and SVG drawing), [`held_out`] (the first and last
-//! held-out evaluation).
+//! held-out evaluation), [`samples`] (`samples.jsonl`: a step's completions as text),
+//! [`tensorboard`] (event files: TFRecord framing around `tensorflow.Event`).
 
 #![forbid(unsafe_code)]
 
 pub mod held_out;
 pub mod log;
 pub mod plot;
+pub mod samples;
 pub mod stats;
 pub mod summary;
+pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
 
