@@ -29,7 +29,8 @@ pub struct EvalArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Also write every scored sample here (JSONL: prompt, sample, text, tokens, reward).
+    /// Also write every scored sample here (JSONL: prompt, prompt_text, sample, text,
+    /// tokens, reward).
     #[arg(long)]
     samples: Option<PathBuf>,
 }
@@ -56,14 +57,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (report, groups) = evaluation.run(&p, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     if let Some(path) = &a.samples {
-        let mut text = String::new();
-        for (i, g) in groups.iter().enumerate() {
-            for (j, s) in g.iter().enumerate() {
-                let line = serde_json::json!({"prompt": i, "sample": j, "text": s.text, "tokens": s.tokens.len(), "reward": s.reward});
-                text.push_str(&format!("{line}\n"));
-            }
-        }
-        tandem_model::write_atomic(path, text)?;
+        tandem_model::write_atomic(path, evaluation.samples_jsonl(&p, &groups))?;
     }
     print_table(&spec, &report);
     if let Some(path) = &a.json {

@@ -191,6 +191,8 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
         batch_groups: cfg.run.batch_groups,
         max_staleness: cfg.run.max_staleness,
         filter_zero_std: cfg.run.filter_zero_std,
+        log_samples: cfg.run.log_samples,
+        tensorboard: cfg.run.tensorboard,
         // An agent's sample also carries the part of its prompt past what its group
         // shares; the model's context bounds it.
         max_completion_tokens: if cfg.env.agent.is_empty() {

@@ -35,6 +35,11 @@ pub struct RunSection {
     /// the buffer and its lease closed; admission then leases another prompt, so every
     /// step still trains `batch_groups` informative groups.
     pub filter_zero_std: bool,
+    /// Steps between the few completions of a step the trainer writes, decoded, to
+    /// `RUN_DIR/samples.jsonl` (0 = none).
+    pub log_samples: u64,
+    /// The trainer writes TensorBoard event files under `RUN_DIR/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 impl Default for RunSection {
@@ -50,6 +55,8 @@ impl Default for RunSection {
             seed: 0,
             filter_zero_std: false,
             max_restarts: 3,
+            log_samples: 10,
+            tensorboard: false,
         }
     }
 }

@@ -348,6 +348,25 @@ impl Evaluation {
         self.prompts.len()
     }
 
+    /// Every scored sample of [`Self::run`]'s `groups` as a JSONL line: `prompt` (its
+    /// index), `prompt_text` (the prompt as the model saw it, rendered, decoded with
+    /// `p`'s tokenizer), `sample`, `text`, `tokens`, `reward` (serde escapes the text).
+    pub fn samples_jsonl(&self, p: &Pretrained, groups: &[Vec<Scored>]) -> String {
+        let mut text = String::new();
+        for (i, g) in groups.iter().enumerate() {
+            let ids = self.ids.get(i).map(Vec::as_slice).unwrap_or_default();
+            let prompt = p
+                .tokenizer
+                .decode(ids, false)
+                .unwrap_or_else(|e| format!("<not decodable: {e}>"));
+            for (j, s) in g.iter().enumerate() {
+                let line = serde_json::json!({"prompt": i, "prompt_text": prompt, "sample": j, "text": s.text, "tokens": s.tokens.len(), "reward": s.reward});
+                text.push_str(&format!("{line}\n"));
+            }
+        }
+        text
+    }
+
     pub fn is_empty(&self) -> bool {
         self.prompts.is_empty()
     }

@@ -37,8 +37,9 @@ pub struct Sample {
     /// Whether a text was cut to [`TEXT_BYTES`].
     pub truncated: bool,
     pub reward: f64,
-    /// The completion's advantage: the mean over its trained tokens.
-    pub advantage: f64,
+    /// The completion's advantage: the mean over its trained tokens (absent when the
+    /// step computed none).
+    pub advantage: Option<f64>,
     /// The oldest and newest policy version among its tokens.
     pub versions: [u64; 2],
     /// The step's version minus the oldest token version.
@@ -131,7 +132,7 @@ mod tests {
             completion_text: text.into(),
             truncated: false,
             reward: 1.0,
-            advantage: 0.5,
+            advantage: Some(0.5),
             versions: [step - 1, step - 1],
             staleness: 0,
             completion_tokens: 2,

@@ -15,7 +15,9 @@ use crate::node::buffer::Group;
 use crate::node::service::Shared;
 use crate::optimizer::Optimizer;
 use crate::rl::rollout::Rollout;
+use crate::node::watch;
 use crate::rl::step::{Frozen, StepMetrics, StepPlan};
+use tandem_report::samples::Sample;
 use tandem_model::ScalarHead;
 use tandem_weights::Snapshot;
 
@@ -26,6 +28,8 @@ pub struct RunShape {
     pub max_staleness: u64,
     pub run_dir: PathBuf,
     pub dump_batches: bool,
+    /// `[run] log_samples`: steps between the samples in `samples.jsonl` (0 = none).
+    pub log_samples: u64,
     /// Sleep instead of training (benchmarks of the control plane).
     pub mock_train_ms: u64,
     /// Layout and scheduling of the step's compute (`[trainer]`).
@@ -49,6 +53,8 @@ pub struct StepReport {
     pub filtered_groups: u64,
     /// The held-out evaluation after this step (`eval_*`), when one ran.
     pub eval: BTreeMap<String, f64>,
+    /// A few of the step's completions as text, every `log_samples` steps.
+    pub samples: Vec<Sample>,
 }
 
 pub struct Learner {
@@ -147,6 +153,13 @@ impl Learner {
             }
             .run(&mut self.opt)?
         };
+        let samples = match watch::samples_due(self.plan.log_samples, self.step + 1) {
+            true => {
+                let (adv, tok) = (&metrics.completion_advantages, &self.policy.tokenizer);
+                watch::pick(&rollouts, adv, tok, self.step + 1, self.version)
+            }
+            false => Vec::new(),
+        };
         self.step += 1;
         self.version += 1;
         let snap = Snapshot::of(&self.policy.model, self.version)?;
@@ -167,6 +180,7 @@ impl Learner {
             step_seconds: t0.elapsed().as_secs_f64(),
             filtered_groups: shared.filtered.load(Ordering::SeqCst),
             eval: BTreeMap::new(),
+            samples,
         })
     }
 
@@ -176,8 +190,16 @@ impl Learner {
             .map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(format!("step-{:06}.jsonl", self.step + 1));
         let mut text = String::new();
+        let decode = |ids: &[u32]| {
+            let t = self.policy.tokenizer.decode(ids, false);
+            t.unwrap_or_else(|e| format!("<not decodable: {e}>"))
+        };
         for r in rollouts {
-            text += &serde_json::to_string(r).map_err(|e| invalid(e.to_string()))?;
+            // The ids decoded beside them (`parse_jsonl` reads the ids, not the text).
+            let mut line = serde_json::to_value(r).map_err(|e| invalid(e.to_string()))?;
+            line["prompt_text"] = decode(&r.prompt_ids).into();
+            line["completion_text"] = decode(&r.completion_ids).into();
+            text += &line.to_string();
             text.push('\n');
         }
         // Whole or not at all: a reader (a test, `tandem train-step`) never sees half.
@@ -185,8 +207,8 @@ impl Learner {
             .map_err(|e| invalid(format!("writing {}: {e}", path.display())))
     }
 
-    /// Appends the step's line to `RUN_DIR/metrics.jsonl`.
-    pub fn log(&self, r: &StepReport) -> Result<()> {
+    /// Appends the step's line to `RUN_DIR/metrics.jsonl`; returns it.
+    pub fn log(&self, r: &StepReport) -> Result<serde_json::Value> {
         let path = self.plan.run_dir.join("metrics.jsonl");
         let mut line = serde_json::to_value(&r.metrics).map_err(|e| invalid(e.to_string()))?;
         if let Some(obj) = line.as_object_mut() {
@@ -205,10 +227,8 @@ impl Learner {
                     .into(),
             );
         }
-        Ok(tandem_model::durable::append_line(
-            &path,
-            &line.to_string(),
-        )?)
+        tandem_model::durable::append_line(&path, &line.to_string())?;
+        Ok(line)
     }
 }
 

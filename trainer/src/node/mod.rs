@@ -13,8 +13,9 @@
 //! and the parts they use: [`service`] (the Trainer gRPC service: rollouts in, weight
 //! buckets out), [`ingest`] (the checks an incoming group passes), [`buffer`] (the
 //! groups waiting for a step), [`learner`] (a batch into a step into a version),
-//! [`checkpoint`], [`evaluate`] (the held-out evaluation between steps) and
-//! [`publisher`] (each version pushed to the generators of the broadcast group).
+//! [`checkpoint`], [`evaluate`] (the held-out evaluation between steps),
+//! [`publisher`] (each version pushed to the generators of the broadcast group) and
+//! [`watch`] (`samples.jsonl` and TensorBoard's event files).
 
 pub mod buffer;
 pub mod checkpoint;
@@ -23,6 +24,7 @@ pub mod ingest;
 pub mod learner;
 pub mod publisher;
 pub mod service;
+pub mod watch;
 
 mod serve;
 mod start;
@@ -58,6 +60,10 @@ pub struct Settings {
     pub max_staleness: u64,
     /// `[run] filter_zero_std`: dynamic sampling drops groups whose rewards are all equal.
     pub filter_zero_std: bool,
+    /// `[run] log_samples`: steps between the samples in `samples.jsonl` (0 = none).
+    pub log_samples: u64,
+    /// `[run] tensorboard`: event files under `RUN_DIR/tensorboard/`.
+    pub tensorboard: bool,
     /// The longest completion a generator samples (`[generator] max_new_tokens`).
     pub max_completion_tokens: usize,
     /// Samples one episode may yield (`[env] agent`: one per turn; otherwise 1).
@@ -123,6 +129,7 @@ pub fn run(
         shared: &shared,
         pusher: pusher.as_ref(),
         evals,
+        watch: watch::Watch::open(&s.run_dir, s.tensorboard)?,
         resumable_from: checkpoint::resumable_from(&s.run_dir),
     }
     .run(&mut learner)?;

@@ -66,6 +66,7 @@ impl Start {
             // Steps after the checkpoint are done again; their old lines go.
             truncate_metrics(&run_dir.join("metrics.jsonl"), start.step)?;
             truncate_metrics(&run_dir.join("eval.jsonl"), start.step)?;
+            truncate_metrics(&run_dir.join(tandem_report::samples::FILE), start.step)?;
         }
         start.resumed = resumed;
         Ok(start)
@@ -124,6 +125,7 @@ impl Start {
                 max_staleness: s.max_staleness,
                 run_dir: s.run_dir.clone(),
                 dump_batches: s.trainer.dump_batches,
+                log_samples: s.log_samples,
                 mock_train_ms: s.trainer.mock_train_ms,
                 compute: s.trainer.compute(),
             },

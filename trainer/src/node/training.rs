@@ -15,6 +15,7 @@ use super::evaluate::Evaluations;
 use super::learner::{Learner, StepReport};
 use super::publisher::Pusher;
 use super::service::Shared;
+use super::watch::Watch;
 use super::Settings;
 use crate::error::{invalid, Context, Result};
 
@@ -26,6 +27,8 @@ pub(super) struct Training<'a> {
     pub shared: &'a Shared,
     pub pusher: Option<&'a Pusher>,
     pub evals: Option<Evaluations>,
+    /// `samples.jsonl` and TensorBoard's events.
+    pub watch: Watch,
     /// What no resume can go back past (sent with each publish: the coordinator
     /// forgets the leases trained before it).
     pub resumable_from: u64,
@@ -39,8 +42,10 @@ impl Training<'_> {
     pub fn run(&mut self, learner: &mut Learner) -> Result<()> {
         let run_dir = &self.s.run_dir;
         if let (Some(e), 0) = (&mut self.evals, learner.step) {
-            e.run(&learner.policy, 0, learner.version, run_dir)
+            let m = e
+                .run(&learner.policy, 0, learner.version, run_dir)
                 .context("the held-out evaluation before the first step")?;
+            self.watch.eval(0, &m);
         }
         while learner.step < self.s.steps {
             let report = self.train(learner)?;
@@ -71,7 +76,8 @@ impl Training<'_> {
                 )
                 .with_context(|| format!("the held-out evaluation after step {}", report.step))?;
         }
-        learner.log(&report)?;
+        let line = learner.log(&report)?;
+        self.watch.step(report.step, &line, &report.samples);
         Ok(report)
     }
 

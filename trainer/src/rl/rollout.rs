@@ -4,6 +4,9 @@
 //! `{"group": "g0", "prompt_ids": [...], "completion_ids": [...],
 //!   "behavior_logprobs": [...], "reward": 1.0, "versions": [...],
 //!   "loss_mask": [1, 1, 0, ...], "finish_reason": "stop"}` (the last three optional).
+//! A batch dump (`[trainer] dump_batches`) also carries `prompt_text` and
+//! `completion_text`, the ids decoded; [`parse_jsonl`] ignores them (the ids are what
+//! is trained).
 //!
 //! A token whose `loss_mask` entry is 0 (tool output inside a multi-turn episode, say)
 //! is context only: it gets no loss, counts in no denominator, and its
@@ -186,7 +189,14 @@ pub fn parse_jsonl(text: &str, source: &str, vocab_size: usize) -> Result<Vec<Ro
             continue;
         }
         let at = format!("{source}:{}", n + 1);
-        let r: Rollout = serde_json::from_str(line).map_err(|e| invalid(format!("{at}: {e}")))?;
+        let mut v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| invalid(format!("{at}: {e}")))?;
+        if let Some(o) = v.as_object_mut() {
+            // A batch dump's decoded text: the ids are what is trained.
+            o.remove("prompt_text");
+            o.remove("completion_text");
+        }
+        let r: Rollout = serde_json::from_value(v).map_err(|e| invalid(format!("{at}: {e}")))?;
         r.validate(vocab_size)
             .map_err(|e| invalid(format!("{at}: {e}")))?;
         out.push(r);

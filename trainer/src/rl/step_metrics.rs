@@ -66,6 +66,11 @@ pub struct StepMetrics {
     /// Optimizer updates skipped because a loss or the gradient norm was not finite
     /// (the weights stay as they were; alert on it).
     pub non_finite_updates_skipped: usize,
+    /// Each completion's advantage, the mean over its trained tokens (over all of
+    /// them when none is trained), in the rollouts' order: for `samples.jsonl`, not a
+    /// metric.
+    #[serde(skip)]
+    pub completion_advantages: Vec<f64>,
 }
 
 impl StepMetrics {

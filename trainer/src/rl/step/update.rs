@@ -76,10 +76,26 @@ pub(super) fn metrics_before(
         tokens: batch.tokens(),
         skipped_sequences: batch.sequences() - active.ids.len(),
         skipped_tokens: batch.tokens() - active.tokens(),
+        completion_advantages: completion_advantages(batch, &adv.values),
         ..Default::default()
     };
     m.count_episodes(plan.rollouts);
     m
+}
+
+/// Each completion's advantage: the mean of Aₜ over its trained tokens (mₜ = 1), or
+/// over all its tokens when none is trained.
+fn completion_advantages(batch: &Batch, values: &[f64]) -> Vec<f64> {
+    batch
+        .offsets
+        .windows(2)
+        .map(|w| {
+            let (a, m) = (&values[w[0]..w[1]], &batch.mask[w[0]..w[1]]);
+            let trained: Vec<f64> = a.iter().zip(m).filter(|(_, &m)| m > 0.0).map(|(&x, _)| x).collect();
+            let xs = if trained.is_empty() { a.to_vec() } else { trained };
+            xs.iter().sum::<f64>() / xs.len().max(1) as f64
+        })
+        .collect()
 }
 
 /// The minibatch's update,
