@@ -680,7 +680,8 @@ fn bad_preference_records_are_located() {
     }
 }
 
-/// `tandem eval` on the tiny model with four samples per held-out prompt: the
+/// `tandem eval` on the tiny model with four samples per held-out prompt (each line
+/// with its prompt's text): the
 /// report's accuracy, pass@1, pass@4 and mean length equal what the test computes by
 /// hand from the samples it wrote (pass@k from the binomial definition); bad `[eval]`
 /// values are refused by name.
@@ -719,6 +720,13 @@ fn eval_reports_pass_at_k_computed_from_its_samples() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 48);
+    // Each sample names its prompt by index and by text, as the model saw it rendered.
+    for x in &rows {
+        let text = x["prompt_text"].as_str().unwrap_or_else(|| panic!("{x}"));
+        assert!(text.ends_with(" =") && text.len() > 2, "{x}");
+    }
+    let first = |p: u64| rows.iter().find(|x| x["prompt"] == p).unwrap()["prompt_text"].clone();
+    assert!((1..12).any(|p| first(p) != first(0)), "{rows:?}");
     let choose =
         |n: u64, k: u64| -> f64 { (0..k).map(|i| (n - i) as f64 / (k - i) as f64).product() };
     let (mut pass1, mut pass4) = (0.0, 0.0);

@@ -62,7 +62,10 @@ fn jsonl(path: &Path) -> Vec<Value> {
 fn samples_are_the_best_and_worst_of_their_groups() {
     let run = run_dir();
     let samples = jsonl(&run.join("samples.jsonl"));
-    let steps: Vec<u64> = samples.iter().map(|s| s["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = samples
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .collect();
     assert!(steps.iter().all(|s| s % LOG_SAMPLES == 0), "{steps:?}");
     for step in (LOG_SAMPLES..=STEPS).step_by(LOG_SAMPLES as usize) {
         let of_step: Vec<&Value> = samples.iter().filter(|s| s["step"] == step).collect();
@@ -87,7 +90,10 @@ fn samples_are_the_best_and_worst_of_their_groups() {
             assert_eq!(s["reward"].as_f64(), Some(want), "{s}");
             assert_eq!(s["version"].as_u64(), Some(step - 1));
             let v = &s["versions"];
-            assert!(v[0].as_u64() <= v[1].as_u64() && v[1].as_u64() <= Some(step - 1), "{s}");
+            assert!(
+                v[0].as_u64() <= v[1].as_u64() && v[1].as_u64() <= Some(step - 1),
+                "{s}"
+            );
             assert!(s["advantage"].as_f64().unwrap().is_finite());
         }
     }
@@ -96,7 +102,10 @@ fn samples_are_the_best_and_worst_of_their_groups() {
     serde_json::from_slice::<Value>(&o.stdout).unwrap();
     let err = stderr(&o);
     assert_eq!(err.matches(&format!("step {STEPS} ")).count(), 4, "{err}");
-    assert!(err.contains("completion: ") && err.contains("prompt: "), "{err}");
+    assert!(
+        err.contains("completion: ") && err.contains("prompt: "),
+        "{err}"
+    );
 }
 
 /// What one TFRecord file holds, read by this test's own decoder.
@@ -142,7 +151,10 @@ fn event_files_hold_every_metric_and_the_samples() {
     assert_eq!(ev.scalars.get(&("eval_accuracy".into(), 0)), Some(&acc));
     let at_zero = ev.scalars.keys().filter(|(_, s)| *s == 0).count();
     assert_eq!(ev.scalars.len(), expected + at_zero);
-    assert!(ev.scalars.keys().all(|(k, _)| k != "step" && k != "unix_time"));
+    assert!(ev
+        .scalars
+        .keys()
+        .all(|(k, _)| k != "step" && k != "unix_time"));
     // The samples as text at their steps, each completion's lines in it.
     let samples = jsonl(&run.join("samples.jsonl"));
     let text_steps: Vec<i64> = ev.texts.keys().map(|(_, s)| *s).collect();
@@ -259,7 +271,11 @@ fn records(bytes: &[u8]) -> Vec<&[u8]> {
     while at < bytes.len() {
         assert!(at + 12 <= bytes.len(), "a torn header at byte {at}");
         let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-        assert_eq!(u32_at(at + 8), masked(&bytes[at..at + 8]), "length CRC at {at}");
+        assert_eq!(
+            u32_at(at + 8),
+            masked(&bytes[at..at + 8]),
+            "length CRC at {at}"
+        );
         let data = &bytes[at + 12..at + 12 + len];
         assert_eq!(u32_at(at + 12 + len), masked(data), "data CRC at {at}");
         out.push(data);
@@ -344,7 +360,10 @@ fn read_events(bytes: &[u8]) -> Events {
             Field::Fixed64(x) if *k == 1 => Some(f64::from_bits(*x)),
             _ => None,
         });
-        assert!(wall.is_some_and(|w| w > 1.6e9), "record {i}: wall_time {wall:?}");
+        assert!(
+            wall.is_some_and(|w| w > 1.6e9),
+            "record {i}: wall_time {wall:?}"
+        );
         let step = event
             .iter()
             .find_map(|(k, v)| match v {
@@ -372,7 +391,10 @@ fn read_events(bytes: &[u8]) -> Events {
                 continue;
             }
             let tensor = fields(bytes_of(&value, 8).expect("a scalar or a tensor"));
-            assert!(matches!(tensor.iter().find(|(k, _)| *k == 1), Some((_, Field::Varint(7)))));
+            assert!(matches!(
+                tensor.iter().find(|(k, _)| *k == 1),
+                Some((_, Field::Varint(7)))
+            ));
             let meta = fields(bytes_of(&value, 9).expect("a text's metadata"));
             let plugin = fields(bytes_of(&meta, 1).unwrap());
             assert_eq!(text_of(&plugin, 1).as_deref(), Some("text"));

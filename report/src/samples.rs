@@ -98,8 +98,10 @@ pub fn latest(run_dir: &Path) -> Result<Vec<Sample>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let rows = tandem_model::durable::read_jsonl(&path)
-        .map_err(|cause| Error::Read { path: path.clone(), cause })?;
+    let rows = tandem_model::durable::read_jsonl(&path).map_err(|cause| Error::Read {
+        path: path.clone(),
+        cause,
+    })?;
     let samples: Vec<Sample> = rows
         .into_iter()
         .enumerate()
@@ -165,7 +167,9 @@ mod tests {
         let target = dir.path().join("elsewhere");
         std::fs::write(&target, "").unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join(FILE)).unwrap();
-        let e = append(dir.path(), &[sample(1, "x")]).unwrap_err().to_string();
+        let e = append(dir.path(), &[sample(1, "x")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("samples.jsonl"), "{e}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
     }

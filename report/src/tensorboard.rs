@@ -324,7 +324,10 @@ mod tests {
         assert_eq!(events.len(), 3);
         assert_eq!(events[0].file_version.as_deref(), Some(FILE_VERSION));
         let v = &events[1].summary.as_ref().unwrap().value;
-        assert_eq!((v.len(), v[0].tag.as_str(), v[0].simple_value), (1, "loss", Some(0.5)));
+        assert_eq!(
+            (v.len(), v[0].tag.as_str(), v[0].simple_value),
+            (1, "loss", Some(0.5))
+        );
         assert_eq!(events[2].step, 3);
         // A second writer in the same second gets a file of its own.
         let second = EventWriter::create(&tb).unwrap();

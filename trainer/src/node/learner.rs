@@ -13,12 +13,12 @@ use crate::config::{AlgorithmConfig, Compute, OptimizerConfig};
 use crate::error::{invalid, Result};
 use crate::node::buffer::Group;
 use crate::node::service::Shared;
+use crate::node::watch;
 use crate::optimizer::Optimizer;
 use crate::rl::rollout::Rollout;
-use crate::node::watch;
 use crate::rl::step::{Frozen, StepMetrics, StepPlan};
-use tandem_report::samples::Sample;
 use tandem_model::ScalarHead;
+use tandem_report::samples::Sample;
 use tandem_weights::Snapshot;
 
 /// The run's shape as the learner needs it.

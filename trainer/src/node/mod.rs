@@ -129,7 +129,7 @@ pub fn run(
         shared: &shared,
         pusher: pusher.as_ref(),
         evals,
-        watch: watch::Watch::open(&s.run_dir, s.tensorboard)?,
+        watch: watch::Watch::open(&s.run_dir, s.tensorboard, !resumed)?,
         resumable_from: checkpoint::resumable_from(&s.run_dir),
     }
     .run(&mut learner)?;

@@ -16,6 +16,32 @@ use tandem_report::tensorboard::EventWriter;
 use crate::error::{Context, Result};
 use crate::rl::rollout::Rollout;
 
+/// Removes `samples.jsonl` and the event files in `tensorboard` (each name itself,
+/// never what a link there points at).
+fn remove_earlier(run_dir: &Path, tensorboard: &Path) -> Result<()> {
+    let mut old = vec![run_dir.join(samples::FILE)];
+    if let Ok(entries) = std::fs::read_dir(tensorboard) {
+        old.extend(
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("events.out.tfevents.")
+                })
+                .map(|e| e.path()),
+        );
+    }
+    for path in old {
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                Err::<(), _>(e).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether step `step` logs samples with `[run] log_samples = every`.
 pub fn samples_due(every: u64, step: u64) -> bool {
     every > 0 && step.is_multiple_of(every)
@@ -36,9 +62,14 @@ pub struct Watch {
 
 impl Watch {
     /// Opens a new event file when `tensorboard` (an error names the file and why).
-    pub fn open(run_dir: &Path, tensorboard: bool) -> Result<Self> {
+    /// A `fresh` trainer (not resumed) first removes an earlier run's `samples.jsonl`
+    /// and event files: the run's history starts anew.
+    pub fn open(run_dir: &Path, tensorboard: bool, fresh: bool) -> Result<Self> {
+        let dir = run_dir.join("tensorboard");
+        if fresh {
+            remove_earlier(run_dir, &dir)?;
+        }
         let events = if tensorboard {
-            let dir = run_dir.join("tensorboard");
             let w = EventWriter::create(&dir)
                 .with_context(|| "[run] tensorboard: the event file".to_string())?;
             tracing::info!(file = %w.path().display(), "TensorBoard events");
@@ -110,10 +141,14 @@ pub fn pick(
         let members: Vec<usize> = (0..rollouts.len())
             .filter(|&i| rollouts[i].group == g)
             .collect();
-        let by_reward = |a: &&usize, b: &&usize| rollouts[**a].reward.total_cmp(&rollouts[**b].reward);
+        let by_reward =
+            |a: &&usize, b: &&usize| rollouts[**a].reward.total_cmp(&rollouts[**b].reward);
         let best = members.iter().rev().max_by(by_reward).copied();
         let worst = members.iter().rev().min_by(by_reward).copied();
-        for (pick, i) in [("best", best), ("worst", worst.filter(|w| Some(*w) != best))] {
+        for (pick, i) in [
+            ("best", best),
+            ("worst", worst.filter(|w| Some(*w) != best)),
+        ] {
             if let Some(i) = i {
                 let adv = advantages.get(i).copied().filter(|a| a.is_finite());
                 out.push(sample(&rollouts[i], adv, pick, tokenizer, step, version));
@@ -234,7 +269,14 @@ mod tests {
         let got = pick(&rollouts, &adv, &tok, 5, 4);
         let summary: Vec<(&str, &str, f64, f64)> = got
             .iter()
-            .map(|s| (s.group.as_str(), s.pick.as_str(), s.reward, s.advantage.unwrap()))
+            .map(|s| {
+                (
+                    s.group.as_str(),
+                    s.pick.as_str(),
+                    s.reward,
+                    s.advantage.unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,
@@ -246,7 +288,27 @@ mod tests {
             ]
         );
         assert_eq!((got[1].versions, got[1].staleness), ([3, 4], 1));
-        assert!(got.iter().all(|s| s.step == 5 && !s.completion_text.is_empty()));
+        assert!(got
+            .iter()
+            .all(|s| s.step == 5 && !s.completion_text.is_empty()));
+    }
+
+    #[test]
+    fn a_fresh_trainer_removes_the_earlier_runs_files_and_a_resumed_one_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (run, tb) = (dir.path(), dir.path().join("tensorboard"));
+        std::fs::create_dir_all(&tb).unwrap();
+        let old = tb.join("events.out.tfevents.1.old");
+        let keep = tb.join("notes.txt");
+        for f in [&old, &keep, &run.join(samples::FILE)] {
+            std::fs::write(f, "x").unwrap();
+        }
+        let w = Watch::open(run, true, false).unwrap();
+        assert!(old.exists() && run.join(samples::FILE).exists());
+        let new = w.events.as_ref().unwrap().path().to_path_buf();
+        Watch::open(run, false, true).unwrap();
+        assert!(!old.exists() && !new.exists() && !run.join(samples::FILE).exists());
+        assert!(keep.exists());
     }
 
     #[test]
@@ -266,7 +328,10 @@ mod tests {
             completion_tokens: 3,
         };
         let md = markdown(&[s]);
-        assert!(md.contains("\n    <script>x</script>\n    # not a heading\n"), "{md}");
+        assert!(
+            md.contains("\n    <script>x</script>\n    # not a heading\n"),
+            "{md}"
+        );
         assert!(md.contains("\\<b\\>g\\</b\\>"), "{md}");
     }
 }

@@ -91,8 +91,17 @@ fn completion_advantages(batch: &Batch, values: &[f64]) -> Vec<f64> {
         .windows(2)
         .map(|w| {
             let (a, m) = (&values[w[0]..w[1]], &batch.mask[w[0]..w[1]]);
-            let trained: Vec<f64> = a.iter().zip(m).filter(|(_, &m)| m > 0.0).map(|(&x, _)| x).collect();
-            let xs = if trained.is_empty() { a.to_vec() } else { trained };
+            let trained: Vec<f64> = a
+                .iter()
+                .zip(m)
+                .filter(|(_, &m)| m > 0.0)
+                .map(|(&x, _)| x)
+                .collect();
+            let xs = if trained.is_empty() {
+                a.to_vec()
+            } else {
+                trained
+            };
             xs.iter().sum::<f64>() / xs.len().max(1) as f64
         })
         .collect()
