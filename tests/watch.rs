@@ -108,6 +108,30 @@ fn samples_are_the_best_and_worst_of_their_groups() {
     );
 }
 
+/// A batch dump carries the decoded text beside the ids and still replays through
+/// `tandem train-step` (which trains the ids).
+#[test]
+fn a_dump_with_its_text_replays() {
+    let run = run_dir();
+    let dump = run.join("batches/step-000001.jsonl");
+    let rows = jsonl(&dump);
+    assert!(rows
+        .iter()
+        .all(|r| r["completion_text"].is_string() && r["prompt_text"].is_string()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("step.toml");
+    std::fs::write(
+        &cfg,
+        "[algorithm]\nadvantage = \"grpo\"\ntemperature = 1.0\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    ok(train_step(&run.join("final"), &dump, &cfg, &out));
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["sequences"].as_u64(), Some(rows.len() as u64), "{m}");
+}
+
 /// What one TFRecord file holds, read by this test's own decoder.
 struct Events {
     file_version: Option<String>,
@@ -197,17 +221,18 @@ print(json.dumps({
     assert!(o.status.success(), "{}", stderr(&o));
     let got: Value = serde_json::from_slice(&o.stdout).unwrap();
     let metrics = jsonl(&run.join("metrics.jsonl"));
-    let reward: Vec<(u64, f64)> = got["scalars"]["reward_mean"]
+    // As f32, the scalars' type (the JSON between may round the last bit of an f64).
+    let reward: Vec<(u64, f32)> = got["scalars"]["reward_mean"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
         .collect();
-    let want: Vec<(u64, f64)> = metrics
+    let want: Vec<(u64, f32)> = metrics
         .iter()
         .map(|m| {
             let r = m["reward_mean"].as_f64().unwrap() as f32;
-            (m["step"].as_u64().unwrap(), f64::from(r))
+            (m["step"].as_u64().unwrap(), r)
         })
         .collect();
     assert_eq!(reward, want);
@@ -259,6 +284,8 @@ fn crc32c(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// TFRecord's mask, written as its documentation writes it.
+#[allow(clippy::manual_rotate)]
 fn masked(bytes: &[u8]) -> u32 {
     let c = crc32c(bytes);
     ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)

@@ -292,6 +292,7 @@ mod tests {
     /// TensorFlow's own example: the masked CRC of the 8-byte length of an empty
     /// record, and CRC-32C's check value.
     #[test]
+    #[allow(clippy::manual_rotate)] // the mask as TFRecord's documentation writes it
     fn the_framing_matches_tensorflow() {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         let r = record(b"");
