@@ -38,7 +38,7 @@ fn print_samples(run_dir: &std::path::Path) -> Result<()> {
         let (prompt, cut) = tandem_report::samples::cut(&s.prompt_text, 160, true);
         eprintln!(
             "step {} {} of group {}: reward {:.3} advantage {advantage} versions {}-{} staleness {}\n  prompt: {}{}\n  completion: {}",
-            s.step, s.pick, Printable(&s.group, 64), s.reward, s.versions[0], s.versions[1],
+            s.step, Printable(&s.pick, 16), Printable(&s.group, 64), s.reward, s.versions[0], s.versions[1],
             s.staleness, if cut { "…" } else { "" }, Printable(prompt, 160),
             Printable(&s.completion_text, 400)
         );
