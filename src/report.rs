@@ -24,16 +24,21 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let out = a.out.unwrap_or_else(|| a.run_dir.join("report"));
     let summary = tandem_report::write(&a.run_dir, &out, a.reward_target)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    print_samples(&a.run_dir)?;
+    print_samples(&a.run_dir);
     eprintln!("plots and summary in {}", out.display());
     Ok(())
 }
 
 /// The latest step's samples, the model's text with control characters escaped
-/// (`printable`), the prompt's end and the completion's start.
-fn print_samples(run_dir: &std::path::Path) -> Result<()> {
+/// (`printable`), the prompt's end and the completion's start; a file that cannot be
+/// read is a warning (the report stands without it).
+fn print_samples(run_dir: &std::path::Path) {
     use tandem_proto::limits::Printable;
-    for s in tandem_report::samples::latest(run_dir)? {
+    let samples = tandem_report::samples::latest(run_dir).unwrap_or_else(|e| {
+        eprintln!("warning: no samples shown: {e}");
+        Vec::new()
+    });
+    for s in samples {
         let advantage = s.advantage.map_or("-".into(), |a| format!("{a:+.3}"));
         let (prompt, cut) = tandem_report::samples::cut(&s.prompt_text, 160, true);
         eprintln!(
@@ -43,5 +48,4 @@ fn print_samples(run_dir: &std::path::Path) -> Result<()> {
             Printable(&s.completion_text, 400)
         );
     }
-    Ok(())
 }

@@ -106,6 +106,20 @@ fn samples_are_the_best_and_worst_of_their_groups() {
         err.contains("completion: ") && err.contains("prompt: "),
         "{err}"
     );
+    // A samples file that is not JSON leaves the report standing, with a warning.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        run.join("metrics.jsonl"),
+        other.path().join("metrics.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(other.path().join("samples.jsonl"), "not json\n{}\n").unwrap();
+    let o = ok(tandem(&["report", other.path().to_str().unwrap()]));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: no samples shown") && err.contains("samples.jsonl:1"),
+        "{err}"
+    );
 }
 
 /// A batch dump carries the decoded text beside the ids and still replays through
