@@ -811,6 +811,14 @@ fn killed_generator_loses_nothing_and_a_late_one_joins() {
         c.log("coordinator").contains("gen-0") && c.log("coordinator").contains("dropped"),
         "the killed generator was not dropped"
     );
+    // The rollout stream the kill cut is a disconnection, never a malformed group.
+    let dropped = &coordinator_status(&c.run)["dropped"];
+    assert!(dropped.get("malformed").is_none(), "{dropped}");
+    assert!(
+        !c.log("trainer").contains("reason=\"malformed\""),
+        "{}",
+        c.log("trainer")
+    );
     // gen-2 fetched weights newer than the start and its groups were trained.
     let log2 = c.log("gen-2");
     assert!(log2.contains("weights updated"), "{log2}");

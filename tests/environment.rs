@@ -408,3 +408,53 @@ dump_batches = true
         "{checked} turns checked, {multi_turn} multi-turn samples"
     );
 }
+
+/// The tiny tool demo as its header gives it: `tandem sft examples/tiny-tools-sft.toml`
+/// teaches the tiny model the Hermes tool-call format from synthetic calculator
+/// transcripts, and `tandem run examples/tiny-tools.toml` on that model makes tool
+/// calls (well-formed ones among them), so episodes have several turns and the report
+/// draws episodes.svg.
+#[test]
+fn the_tiny_tool_demo_calls_the_calculator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let sft = dir.path().join("sft");
+    let run = dir.path().join("run");
+    let example = |f: &str| root.join("examples").join(f).to_str().unwrap().to_string();
+    ok(tandem(&[
+        "sft",
+        &example("tiny-tools-sft.toml"),
+        "--set",
+        &format!("train.out_dir={}", sft.display()),
+    ]));
+    ok(tandem(&[
+        "run",
+        &example("tiny-tools.toml"),
+        "--set",
+        &format!("model.path={}", sft.join("final").display()),
+        "--set",
+        &format!("run.run_dir={}", run.display()),
+        "--set",
+        "run.steps=6",
+    ]));
+    let rows: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>();
+    // Per step: 2 groups × 4 episodes.
+    let calls = sum("tool_calls_per_episode") * 8.0;
+    let failed = sum("tool_errors");
+    assert!(
+        calls > 0.0,
+        "no tool call in {} steps: {rows:?}",
+        rows.len()
+    );
+    assert!(calls > failed, "{calls} calls, all {failed} failed");
+    assert!(sum("turns_per_episode") > rows.len() as f64, "{rows:?}");
+    ok(tandem(&["report", run.to_str().unwrap()]));
+    let svg = std::fs::read_to_string(run.join("report/episodes.svg")).unwrap();
+    assert!(svg.contains("tool calls"), "{svg}");
+}

@@ -44,13 +44,15 @@ impl Core {
         );
         // Name → (policy version, heartbeat age) of its newest live id.
         let mut live: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
-        for (_, w) in self
+        let mut lags: BTreeMap<&str, u64> = BTreeMap::new();
+        for (&id, w) in self
             .members
             .iter()
             .filter(|(_, w)| w.role == Role::Generator)
         {
             let age = now.saturating_duration_since(w.last_seen).as_secs_f64();
             live.insert(w.name.as_str(), (w.policy_version, age));
+            lags.insert(w.name.as_str(), self.lag(id, w));
         }
         if live.is_empty() {
             return out;
@@ -67,8 +69,8 @@ impl Core {
             (
                 m::GENERATOR_LAG,
                 "gauge",
-                "Published version minus the generator's version",
-                &|_, v, _| self.version.saturating_sub(v).to_string(),
+                "Published version minus the version at which the generator's oldest open lease was granted (0 with none)",
+                &|n, _, _| lags.get(n).copied().unwrap_or(0).to_string(),
             ),
             (
                 m::GENERATED_TOKENS,

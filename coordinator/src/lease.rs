@@ -99,6 +99,9 @@ pub struct Lease {
     /// restart).
     #[serde(skip, default = "Instant::now")]
     pub granted: Instant,
+    /// The published policy version when it was granted (the lag of its holder).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Why a commit was refused (also the `reason` label of `groups_dropped_total`).
@@ -200,6 +203,16 @@ impl Leases {
         self.open.len() as u64
     }
 
+    /// The version at which the oldest lease `worker` holds was granted (`None` when
+    /// it holds none).
+    pub fn oldest_version(&self, worker: u64) -> Option<u64> {
+        self.open
+            .values()
+            .filter(|l| l.worker == worker)
+            .map(|l| l.version)
+            .min()
+    }
+
     pub fn held_by(&self, worker: u64) -> usize {
         self.open.values().filter(|l| l.worker == worker).count()
     }
@@ -298,6 +311,11 @@ impl Leases {
 
     /// Grants up to `n` leases to `worker`: expired prompts first, then fresh ones.
     pub fn grant(&mut self, worker: u64, n: u64, now: Instant) -> Vec<(u64, u64)> {
+        self.grant_at(worker, n, now, 0)
+    }
+
+    /// [`Leases::grant`] at published policy `version`, which the leases keep.
+    pub fn grant_at(&mut self, worker: u64, n: u64, now: Instant, version: u64) -> Vec<(u64, u64)> {
         (0..n)
             .map(|_| {
                 let prompt_index = self.reissue.pop_front().unwrap_or_else(|| {
@@ -313,6 +331,7 @@ impl Leases {
                         prompt_index,
                         worker,
                         granted: now,
+                        version,
                     },
                 );
                 (id, prompt_index)

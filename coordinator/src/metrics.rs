@@ -43,13 +43,16 @@ pub const WEIGHT_SYNC_FAILURES: &str = "tandem_weight_sync_failures_total";
 pub const STALENESS_BOUND: &str = "tandem_staleness_bound";
 pub const RUN_FINISHED: &str = "tandem_run_finished";
 /// The `reason` labels of `GROUPS_DROPPED`: the trainer's ("stale": past η when taken,
-/// "invalid": failed the ingest checks, "malformed": undecodable, "zero_std": filtered
-/// out by dynamic sampling) and the coordinator's commit refusals (`Refusal::as_str`).
+/// "invalid": failed the ingest checks, "malformed": undecodable, "disconnected": the
+/// rollout stream was cut (a generator died or its connection was reset), "zero_std":
+/// filtered out by dynamic sampling) and the coordinator's commit refusals
+/// (`Refusal::as_str`).
 pub const DROP_REASONS: &[&str] = &[
     "stale",
     "zero_std",
     "invalid",
     "malformed",
+    "disconnected",
     "unknown_lease",
     "expired",
     "duplicate",

@@ -12,7 +12,7 @@ use tandem_proto::v1::{Role, StatusReply, WorkerStatus};
 use crate::config::{CoordinatorConfig, RunSection};
 use crate::group::Group;
 use crate::lease::{admission_capacity, fair_share, Leases};
-use crate::membership::Members;
+use crate::membership::{Members, Worker};
 use crate::metrics as m;
 use crate::store::Store;
 use tandem_proto::limits::printable;
@@ -194,7 +194,22 @@ impl Core {
             }
         }
         let n = want.min(room(self));
-        self.leases.grant(worker, n, now)
+        self.leases.grant_at(worker, n, now, self.version)
+    }
+
+    /// A worker's lag, the coordinator's own view: for a generator, the published
+    /// version − the version at which the oldest lease it holds was granted (0 while
+    /// it holds none), so exactly how many versions the oldest group it owes may be
+    /// behind if it landed now; for the trainer, the published version − the one it
+    /// reported.
+    pub fn lag(&self, id: u64, w: &Worker) -> u64 {
+        if w.role == Role::Generator {
+            self.leases
+                .oldest_version(id)
+                .map_or(0, |v| self.version.saturating_sub(v))
+        } else {
+            self.version.saturating_sub(w.policy_version)
+        }
     }
 
     /// Counts `n` tokens generated at `now` toward the throughput window.
@@ -237,7 +252,7 @@ impl Core {
                     name: w.name.clone(),
                     role: w.role as i32,
                     policy_version: w.policy_version,
-                    lag: self.version.saturating_sub(w.policy_version),
+                    lag: self.lag(id, w),
                     generated_tokens: w.generated_tokens,
                     last_seen_ms: now.duration_since(w.last_seen).as_millis() as u64,
                     leases: self.leases.held_by(id) as u32,
@@ -335,6 +350,39 @@ mod tests {
         c.leases.commit(one[0].0, one[0].1, hog, 0).unwrap();
         assert!(!c.leases.on_probation(hog));
         assert_eq!(c.leases.limit_for(hog, 3), 3);
+    }
+
+    /// A generator's lag is the published version − the grant version of the oldest
+    /// lease it holds, whatever version its last heartbeat reported; 0 with none.
+    #[test]
+    fn a_generators_lag_is_the_age_of_its_oldest_open_lease() {
+        let mut c = core();
+        let t0 = Instant::now();
+        let gen = c
+            .members
+            .register("gen".into(), Role::Generator, String::new(), t0);
+        let lag = |c: &Core| {
+            let st = c.status(t0);
+            st.workers.iter().find(|w| w.worker_id == gen).unwrap().lag
+        };
+        assert_eq!(lag(&c), 0, "no lease: no lag");
+        let first = c.grant_leases(gen, 1, t0);
+        c.version = 1;
+        let second = c.grant_leases(gen, 1, t0);
+        assert_eq!((first.len(), second.len()), (1, 1));
+        // A heartbeat's stale version does not count.
+        c.members.get_mut(gen).unwrap().policy_version = 0;
+        c.version = 2;
+        assert_eq!(lag(&c), 2, "the oldest lease was granted at v0");
+        c.leases.commit(first[0].0, first[0].1, gen, 0).unwrap();
+        assert_eq!(lag(&c), 1, "now the oldest open lease is v1's");
+        c.leases.commit(second[0].0, second[0].1, gen, 0).unwrap();
+        assert_eq!(lag(&c), 0);
+        let text = c.render_computed(t0);
+        assert!(
+            text.contains("tandem_generator_lag{generator=\"gen\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! Modules: [`supervisor`] (the run's processes started, restarted and watched),
 //! [`process`] (one process: its role, log, restarts), [`mod@env`] (tokens and TLS files
 //! for the children), [`status`] (the progress line and `tandem status`'s lag table),
+//! [`run_address`] (a run's coordinator address and token read from its folder; what a
+//! wrong port's refusal means),
 //! [`run_dir`] (a run folder no other user controls; logs and private files written
 //! without following links).
 
@@ -16,11 +18,13 @@
 
 pub mod env;
 pub mod process;
+pub mod run_address;
 pub mod run_dir;
 pub mod status;
 pub mod supervisor;
 
 pub use process::Program;
+pub use run_address::{read_token, RunAddress};
 pub use status::{lag_table, CoordinatorStatus, Progress, StatusSource};
 pub use supervisor::{Event, Outcome, Restart, RunPlan, Supervisor};
 

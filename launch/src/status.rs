@@ -47,11 +47,11 @@ impl CoordinatorStatus {
             .block_on(self.client.status(StatusRequest {}))
             .map(|r| r.into_inner())
             .map_err(|e| {
-                Error::Coordinator(format!(
-                    "status from {}: {}",
-                    self.addr,
-                    client::describe(&e)
-                ))
+                let code = format!("{:?}", e.code());
+                let hint = crate::run_address::wrong_port_hint(&self.addr, &code, e.message());
+                Error::Coordinator(hint.unwrap_or_else(|| {
+                    format!("status from {}: {}", self.addr, client::describe(&e))
+                }))
             })
     }
 }

@@ -115,7 +115,10 @@ mod tests {
                 "staleness.svg",
                 "throughput.svg",
                 "loss.svg",
+                "kl.svg",
+                "mismatch_kl.svg",
                 "episodes.svg",
+                "tool_errors.svg",
                 "eval.svg"
             ]
         );

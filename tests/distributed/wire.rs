@@ -311,6 +311,41 @@ fn forged_values_are_refused_by_the_running_services() {
             ack.reason.len()
         );
     }
+    // A stream cut mid-way, as a generator that dies leaves it, is `disconnected`, not
+    // `malformed`: one group acked, then the connection is cut with the stream open.
+    let (proxy, cut) = cutting_proxy(&beat.trainer_address);
+    rt.block_on(async {
+        let ch = client::connect(&proxy, &creds).await.unwrap();
+        let mut push = client::trainer(ch, &creds);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(group(5, &|c| c.reward = 1e308)).await.unwrap();
+        let mut acks = push
+            .push_rollouts(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let ack = acks.message().await.unwrap().unwrap();
+        assert!(!ack.accepted && ack.reason.contains("completions[0].reward"));
+        cut();
+        drop(tx);
+    });
+    let t0 = Instant::now();
+    while !c
+        .log("trainer")
+        .contains("a rollout stream ended in an error")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            c.log("trainer")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = c.log("trainer");
+    assert!(
+        log.contains("reason=\"disconnected\"") && !log.contains("malformed"),
+        "{log}"
+    );
     // Nothing forged reached a log whole, or as a line of its own, or the saved state.
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     for name in ["coordinator", "trainer"] {
@@ -329,6 +364,40 @@ fn forged_values_are_refused_by_the_running_services() {
 }
 
 /// The threads of process `pid` named `name` (as `/proc` shows it: 15 bytes at most).
+/// A loopback TCP proxy to `upstream` for one connection, and the function that cuts
+/// it (both sockets shut at once, as a process that dies leaves them).
+fn cutting_proxy(upstream: &str) -> (String, impl FnOnce()) {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let upstream = upstream.to_string();
+    let held: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+    let h = held.clone();
+    std::thread::spawn(move || {
+        let Ok((down, _)) = listener.accept() else {
+            return;
+        };
+        let up = TcpStream::connect(&upstream).unwrap();
+        h.lock()
+            .unwrap()
+            .extend([down.try_clone().unwrap(), up.try_clone().unwrap()]);
+        let pipe = |mut from: TcpStream, mut to: TcpStream| {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Both);
+            })
+        };
+        pipe(down.try_clone().unwrap(), up.try_clone().unwrap());
+        pipe(up, down);
+    });
+    let cut = move || {
+        for s in held.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    };
+    (addr, cut)
+}
+
 fn threads(pid: u32, name: &str) -> usize {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;

@@ -264,6 +264,22 @@ impl TrainerService {
     }
 }
 
+/// The drop reason of a rollout stream that ended in `status`: "malformed" when the
+/// bytes that arrived could not be a message (undecodable, an invalid frame, past the
+/// size limit), "disconnected" when the stream was cut (the generator died, its
+/// connection was reset or timed out: a transport error, or the stream ending inside a
+/// message).
+pub fn stream_drop_reason(status: &Status) -> &'static str {
+    use tonic::Code;
+    let transport = status.message().starts_with("h2 protocol error")
+        || status.message().starts_with("Unexpected EOF");
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument => "malformed",
+        Code::Internal if !transport => "malformed",
+        _ => "disconnected",
+    }
+}
+
 /// Serves the Trainer and Health services on `listener`, every call token-checked,
 /// with Tandem's message limits and transport settings, over TLS when `creds` hold a
 /// certificate.
@@ -309,7 +325,13 @@ impl Trainer for TrainerService {
                 let ack = match msg {
                     Ok(g) => Ok(this.ingest(g, caller).await),
                     Err(status) => {
-                        this.shared.count_dropped("malformed");
+                        let reason = stream_drop_reason(&status);
+                        tracing::warn!(
+                            reason,
+                            error = %tandem_proto::limits::printable(status.message()),
+                            "a rollout stream ended in an error"
+                        );
+                        this.shared.count_dropped(reason);
                         Err(status)
                     }
                 };
@@ -358,5 +380,60 @@ impl Trainer for TrainerService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+
+    use super::stream_drop_reason;
+
+    #[test]
+    fn a_cut_stream_is_disconnected_and_undecodable_bytes_malformed() {
+        let reason = |code, msg: &str| stream_drop_reason(&Status::new(code, msg));
+        // What tonic reports for a peer that died or a connection that was reset.
+        assert_eq!(
+            reason(
+                Code::Unknown,
+                "h2 protocol error: error reading a body from connection"
+            ),
+            "disconnected"
+        );
+        assert_eq!(
+            reason(Code::Internal, "h2 protocol error: stream error received"),
+            "disconnected"
+        );
+        assert_eq!(
+            reason(Code::Internal, "Unexpected EOF decoding stream."),
+            "disconnected"
+        );
+        assert_eq!(
+            reason(Code::Unavailable, "keep-alive timed out"),
+            "disconnected"
+        );
+        assert_eq!(
+            reason(Code::Cancelled, "operation was canceled"),
+            "disconnected"
+        );
+        // What it reports for bytes that are not a message.
+        assert_eq!(
+            reason(
+                Code::Internal,
+                "failed to decode Protobuf message: invalid wire type"
+            ),
+            "malformed"
+        );
+        assert_eq!(
+            reason(
+                Code::Internal,
+                "protocol error: received message with invalid compression flag: 7"
+            ),
+            "malformed"
+        );
+        assert_eq!(
+            reason(Code::OutOfRange, "Error, decoded message length too large"),
+            "malformed"
+        );
     }
 }
