@@ -35,6 +35,9 @@ pub struct RunSection {
     /// the buffer and its lease closed; admission then leases another prompt, so every
     /// step still trains `batch_groups` informative groups.
     pub filter_zero_std: bool,
+    /// `tandem run` without a terminal (piped, logged): a progress line every this many
+    /// steps (on a terminal the live line moves with every step).
+    pub log_every: u64,
 }
 
 impl Default for RunSection {
@@ -50,6 +53,7 @@ impl Default for RunSection {
             seed: 0,
             filter_zero_std: false,
             max_restarts: 3,
+            log_every: 10,
         }
     }
 }
@@ -110,6 +114,12 @@ impl RunSection {
         }
         if self.run_dir.trim().is_empty() {
             return bad("run_dir", "must name a folder");
+        }
+        if self.log_every == 0 {
+            return bad(
+                "log_every",
+                "must be ≥ 1 (a progress line every this many steps)",
+            );
         }
         Ok(())
     }

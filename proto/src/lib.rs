@@ -16,6 +16,7 @@ pub mod health;
 pub mod limits;
 pub mod retry;
 pub mod secret;
+pub mod shutdown;
 pub mod tls;
 
 /// A server builder with Tandem's transport settings (flow-control windows, nodelay)
