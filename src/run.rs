@@ -70,10 +70,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let decision = resume::decide(&run_dir, mode, &resume::outputs(STATE_FILE), &command)?;
     // Config, model and data errors once, here, before any process is started; the
     // model resolved once so the processes do not race to fetch it.
-    cfg.model.path = tandem_model::materialize(&cfg.model.path)
+    let spec = std::mem::take(&mut cfg.model.path);
+    cfg.model.path = tandem_model::materialize(&spec)
         .and_then(|p| tandem_model::check(&p).map(|()| p))
-        .with_context(|| format!("[model] path = {:?}: give an HF model folder, a .gguf file, `smollm2` or `preset:tiny`", cfg.model.path))?;
-    tandem_data::Dataset::load(&cfg.data).context("[data]: the run's prompts")?;
+        .map_err(|e| anyhow::anyhow!("[model] path = {spec:?}: {e}"))?;
+    tandem_data::Dataset::load(&cfg.data)?;
     let token = match (std::env::var("TANDEM_TOKEN").ok(), cfg.run.token.take()) {
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(t)) => t,

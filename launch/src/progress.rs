@@ -17,8 +17,8 @@ pub struct View {
     bar: Option<ProgressBar>,
     steps: u64,
     log_every: u64,
-    /// The step of the last log line (the first step seen, before any).
-    logged: Option<u64>,
+    /// The step of the last log line (0 before any).
+    logged: u64,
     out: Box<dyn Write + Send>,
     t0: Instant,
 }
@@ -45,14 +45,15 @@ impl View {
             bar: None,
             steps,
             log_every: log_every.max(1),
-            logged: None,
+            logged: 0,
             out,
             t0: Instant::now(),
         }
     }
 
     /// Shows `event`: the live line moves, or a log line is written when the step
-    /// crossed a multiple of `log_every`; restarts and stops are lines of their own.
+    /// crossed a multiple of `log_every` since the last line, and for the run's last
+    /// step; restarts and stops are lines of their own.
     pub fn show(&mut self, event: Event<'_>) {
         match event {
             Event::Progress(p) => {
@@ -61,9 +62,9 @@ impl View {
                     bar.set_message(p.message());
                     return;
                 }
-                let last = *self.logged.get_or_insert(p.step);
-                if p.step / self.log_every > last / self.log_every {
-                    self.logged = Some(p.step);
+                let crossed = p.step / self.log_every > self.logged / self.log_every;
+                if crossed || (p.finished && p.step > self.logged) {
+                    self.logged = p.step;
                     let line = format!(
                         "step {}/{} | {} | {:.0} s",
                         p.step,
@@ -158,7 +159,14 @@ mod tests {
         );
         assert!(lines[1].starts_with("step 23/30 | reward 0.750"), "{text}");
         assert!(lines[2].starts_with("stopping: the trainer"), "{text}");
-        // A resumed run logs from where it resumed; before the first step, `–`.
+        // The last step always has its line.
+        let mut done = progress(30, 0.5);
+        done.finished = true;
+        v.show(Event::Progress(&done));
+        v.show(Event::Progress(&done));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("step 30/30 | ").count(), 1, "{text}");
+        // Before the first step, `–`.
         let out = Shared::default();
         let mut v = View::log_to(Box::new(out.clone()), 30, 1);
         v.show(Event::Progress(&progress(0, f64::NAN)));

@@ -62,15 +62,19 @@ impl Training<'_> {
             let group = self.publish(&report, last)?;
             if !last {
                 self.broadcast(group);
+                if self.shared.stopping() {
+                    return self.stop(learner);
+                }
                 self.checkpoint(learner)?;
             }
         }
         Ok(Ended::Finished)
     }
 
-    /// After a stop was asked for: ingestion closed, then a checkpoint of the step the
-    /// learner finished, unless the newest checkpoint already is of it, so that
-    /// `--resume` continues exactly there (no step is done twice).
+    /// After a stop was asked for: ingestion closed (the groups committed by then are
+    /// in the buffer), then a checkpoint of the step the learner finished (published),
+    /// unless the newest checkpoint already is of it, so that `--resume` continues
+    /// exactly there: no step is done twice, no committed group is lost.
     fn stop(&mut self, learner: &Learner) -> Result<Ended> {
         self.shared.close(Duration::from_secs(10));
         let run_dir = &self.s.run_dir;
@@ -167,11 +171,11 @@ impl Training<'_> {
         }
     }
 
-    /// Every `checkpoint_every` steps, and after the step a stop interrupted, a
-    /// checkpoint (after the publish, so the coordinator knows what it has trained).
+    /// Every `checkpoint_every` steps, a checkpoint (after the publish, so the
+    /// coordinator knows what it has trained).
     fn checkpoint(&mut self, learner: &Learner) -> Result<()> {
         let every = self.s.trainer.checkpoint_every;
-        if (every > 0 && learner.step.is_multiple_of(every)) || self.shared.stopping() {
+        if every > 0 && learner.step.is_multiple_of(every) {
             self.save(learner)?;
         }
         Ok(())
