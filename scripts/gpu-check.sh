@@ -249,7 +249,7 @@ nccl_step() {
 
 run_step() {
     set -x
-    TANDEM_DEVICE="$DEV" "$BIN" run "$REPO/examples/smollm2-grpo.toml" --set run.steps=3 \
+    TANDEM_DEVICE="$DEV" "$BIN" run "$REPO/examples/smollm2-grpo.toml" --fresh --set run.steps=3 \
         --set run.generators=1 --set "run.run_dir=$WORK/run" --set "model.path=$WORK/models/smollm2"
     local rc=$?
     mkdir -p "$OUT/run"

@@ -1,23 +1,41 @@
-//! `tandem run CONFIG`: the whole loop on this machine — a coordinator, a trainer and
-//! N generators as separate processes on loopback (`tandem_launch`) — with a progress
-//! line, until the configured steps are done.
+//! `tandem run CONFIG`: the whole loop on this machine — a coordinator, a trainer and N
+//! generators as separate processes on loopback (`tandem_launch`) — with its progress,
+//! until the configured steps are done or Ctrl-C stops it (`--resume` continues).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use tandem_coordinator::store::STATE_FILE;
-use tandem_launch::{CoordinatorStatus, Event, Outcome, Program, RunPlan, Supervisor};
+use tandem_launch::resume::{self, Decision, Mode};
+use tandem_launch::{
+    progress::View, CoordinatorStatus, Ending, Program, RunPlan, Stop, Supervisor,
+};
 
 use crate::run_config::RunConfig;
 
 #[derive(Args)]
 pub struct RunArgs {
     /// The run's config file (see docs/config.md); examples/ has ready ones.
-    config: PathBuf,
+    #[arg(
+        value_name = "CONFIG",
+        required_unless_present = "config_flag",
+        conflicts_with = "config_flag"
+    )]
+    config: Option<PathBuf>,
+    /// The run's config file (the same as CONFIG).
+    #[arg(long = "config", value_name = "CONFIG")]
+    config_flag: Option<PathBuf>,
+    /// Continue the run in `[run] run_dir` (after Ctrl-C, a crash or a reboot): the
+    /// coordinator's saved state, the trainer's newest checkpoint; metrics appended.
+    #[arg(long, conflicts_with = "fresh")]
+    resume: bool,
+    /// Delete the earlier run in `[run] run_dir` (checkpoints, metrics, the
+    /// coordinator's state) and start over.
+    #[arg(long)]
+    fresh: bool,
     /// Config overrides, `section.key=value` (repeatable), e.g. --set run.steps=50.
     #[arg(long = "set")]
     overrides: Vec<String>,
@@ -34,16 +52,29 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let mut cfg = RunConfig::read(&a.config, &a.overrides)?;
+    let config = a
+        .config
+        .as_ref()
+        .or(a.config_flag.as_ref())
+        .context("CONFIG")?;
+    let mut cfg = RunConfig::read(config, &a.overrides)?;
     if let Some(why) = tandem_weights::plane::unsupported(cfg.trainer.broadcast) {
         bail!("{why}");
     }
     let run_dir = PathBuf::from(&cfg.run.run_dir);
     // Refused before anything is fetched or written when another user controls it.
     tandem_launch::run_dir::prepare(&run_dir)?;
-    // Resolve the model once, here, so the processes do not race to fetch or create it.
-    cfg.model.path = tandem_model::materialize(&cfg.model.path)
-        .with_context(|| format!("[model] path: {}", cfg.model.path))?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = |flag: &str| resume::command_line(&args, flag);
+    let mode = Mode::of(a.resume, a.fresh);
+    let decision = resume::decide(&run_dir, mode, &resume::outputs(STATE_FILE), &command)?;
+    // Config, model and data errors once, here, before any process is started; the
+    // model resolved once so the processes do not race to fetch it.
+    let spec = std::mem::take(&mut cfg.model.path);
+    cfg.model.path = tandem_model::materialize(&spec)
+        .and_then(|p| tandem_model::check(&p).map(|()| p))
+        .map_err(|e| anyhow::anyhow!("[model] path = {spec:?}: {e}"))?;
+    tandem_data::Dataset::load(&cfg.data)?;
     let token = match (std::env::var("TANDEM_TOKEN").ok(), cfg.run.token.take()) {
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(t)) => t,
@@ -57,15 +88,32 @@ pub fn run(a: RunArgs) -> Result<()> {
         configure: die_with_parent,
         ..Program::new(exe)
     };
-    let mut supervisor = Supervisor::start(plan(&a, &cfg, token)?, program)?;
+    let stop = Stop::on_signals()?;
+    let mut supervisor = Supervisor::start(plan(&a, &cfg, token, decision)?, program)?;
     eprintln!(
-        "run: coordinator {}, trainer, {} generators; logs in {}",
+        "run: coordinator {}, trainer, {} generators; logs in {}{}",
         supervisor.coordinator(),
         cfg.run.generators,
-        supervisor.logs().display()
+        supervisor.logs().display(),
+        if mode == Mode::Resume {
+            "; resumed"
+        } else {
+            ""
+        }
     );
     let mut status = CoordinatorStatus::connect(supervisor.coordinator(), &creds)?;
-    let outcome = watch(&mut supervisor, &mut status, cfg.run.steps)?;
+    let mut view = View::new(
+        cfg.run.steps,
+        cfg.run.log_every,
+        std::io::stderr().is_terminal(),
+    );
+    let watched = supervisor.watch(&mut status, &stop, &mut |e| view.show(e));
+    view.finish(matches!(&watched, Ok(o) if o.ending == Ending::Finished));
+    let outcome = watched?;
+    if outcome.ending != Ending::Finished {
+        eprintln!("{}", resume::kept(&run_dir, &outcome, &command("--resume")));
+        std::process::exit(130);
+    }
     eprintln!(
         "done: {} steps in {:.0} s, last reward {:.3}; model in {}, metrics in {}",
         cfg.run.steps,
@@ -82,7 +130,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 /// What the supervisor starts: the run's config (without its token) and settings.
-fn plan(a: &RunArgs, cfg: &RunConfig, token: String) -> Result<RunPlan> {
+fn plan(a: &RunArgs, cfg: &RunConfig, token: String, d: Decision) -> Result<RunPlan> {
     Ok(RunPlan {
         run_dir: PathBuf::from(&cfg.run.run_dir),
         config_toml: cfg.to_toml()?,
@@ -92,39 +140,10 @@ fn plan(a: &RunArgs, cfg: &RunConfig, token: String) -> Result<RunPlan> {
         max_restarts: cfg.run.max_restarts,
         trainer_listen: a.trainer_listen.clone(),
         trainer_advertise: a.trainer_advertise.clone(),
-        // A new run's logs and the coordinator's saved state start empty.
-        fresh: ["metrics.jsonl", "eval.jsonl", STATE_FILE]
-            .map(String::from)
-            .to_vec(),
-        poll: Duration::from_millis(500),
+        fresh: d.remove,
+        resume: d.resume,
+        poll: std::time::Duration::from_millis(500),
     })
-}
-
-/// Watches the run with a progress bar of `steps` steps; restarts are printed above it.
-fn watch(s: &mut Supervisor, status: &mut CoordinatorStatus, steps: u64) -> Result<Outcome> {
-    let bar = progress_bar(steps);
-    let watched = s.watch(status, &mut |event| match event {
-        Event::Progress(p) => {
-            bar.set_position(p.step);
-            bar.set_message(p.message());
-        }
-        Event::Restarting(r) => bar.suspend(|| eprintln!("{r}")),
-    });
-    match &watched {
-        Ok(_) => bar.finish(),
-        Err(_) => bar.abandon(),
-    }
-    Ok(watched?)
-}
-
-fn progress_bar(steps: u64) -> ProgressBar {
-    let bar = ProgressBar::new(steps);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar
 }
 
 /// A child outlives no `tandem run` (even one killed with -9): the kernel sends it

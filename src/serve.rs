@@ -76,7 +76,9 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             let addrs = serde_json::json!({"grpc": running.grpc.to_string(), "http": running.http.to_string(), "scheme": scheme});
             tandem_model::write_atomic(path, addrs.to_string())?;
         }
-        running.wait_finished().await;
+        if !running.wait_finished_or_stopped().await {
+            return Ok(());
+        }
         let out = Path::new(&cfg.run.run_dir).join("coordinator-status.json");
         tandem_model::write_atomic(&out, serde_json::to_string_pretty(&running.status_json())?)?;
         tracing::info!(status = %out.display(), "run finished; coordinator exits");

@@ -40,6 +40,9 @@ pub struct RunSection {
     pub log_samples: u64,
     /// The trainer writes TensorBoard event files under `RUN_DIR/tensorboard/`.
     pub tensorboard: bool,
+    /// `tandem run` without a terminal (piped, logged): a progress line every this many
+    /// steps (on a terminal the live line moves with every step).
+    pub log_every: u64,
 }
 
 impl Default for RunSection {
@@ -57,6 +60,7 @@ impl Default for RunSection {
             max_restarts: 3,
             log_samples: 10,
             tensorboard: false,
+            log_every: 10,
         }
     }
 }
@@ -117,6 +121,12 @@ impl RunSection {
         }
         if self.run_dir.trim().is_empty() {
             return bad("run_dir", "must name a folder");
+        }
+        if self.log_every == 0 {
+            return bad(
+                "log_every",
+                "must be ≥ 1 (a progress line every this many steps)",
+            );
         }
         Ok(())
     }

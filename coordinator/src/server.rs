@@ -154,6 +154,19 @@ impl Running {
             .unwrap_or_default()
     }
 
+    /// Waits until the run is finished (true) or this process is asked to stop by
+    /// SIGINT / SIGTERM (false: every change is already saved, so a coordinator started
+    /// again on the same state file continues the run).
+    pub async fn wait_finished_or_stopped(&self) -> bool {
+        tokio::select! {
+            () = self.wait_finished() => true,
+            () = tandem_proto::shutdown::requested() => {
+                tracing::info!("stopped before the run finished; its state is saved for --resume");
+                false
+            }
+        }
+    }
+
     /// Waits until the run is finished and every worker has left (or a 30 s grace).
     pub async fn wait_finished(&self) {
         loop {

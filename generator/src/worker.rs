@@ -148,6 +148,13 @@ impl Worker {
             inbox: weights.inbox(),
         }
         .spawn(&rt);
+        // SIGINT / SIGTERM: the loop ends, and leaving gives every open lease back.
+        let stop = beat.clone();
+        rt.spawn(async move {
+            tandem_proto::shutdown::requested().await;
+            tracing::info!("stopping: the open leases go back to the coordinator");
+            stop.stop();
+        });
         Ok(Worker {
             sampler,
             leasing: Leasing::new(leases, settings.heartbeat_interval),
@@ -159,10 +166,11 @@ impl Worker {
         })
     }
 
-    /// Runs until the coordinator says the run is over: leases groups ahead of the
-    /// engine, steps it, and hands each group to the scorer stage as its last sample
+    /// Runs until the coordinator says the run is over (or SIGINT / SIGTERM asks it to
+    /// stop): leases groups ahead of the engine, steps it, and hands each group to the scorer stage as its last sample
     /// finishes. Then the scorer drops what it still holds (the run is over), the
-    /// pushed groups' acknowledgements are awaited, and the worker leaves.
+    /// pushed groups' acknowledgements are awaited, and the worker leaves (the
+    /// coordinator re-issues the prompts of its open leases at once).
     pub fn run(mut self) -> Result<()> {
         let mut scorer = match self.scorer.take() {
             Some(s) => s.spawn()?,

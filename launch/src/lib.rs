@@ -12,21 +12,28 @@
 //! [`run_address`] (a run's coordinator address and token read from its folder; what a
 //! wrong port's refusal means),
 //! [`run_dir`] (a run folder no other user controls; logs and private files written
-//! without following links).
+//! without following links), [`stop`] (Ctrl-C: the run stopped in order, a checkpoint
+//! kept), [`resume`] (an earlier run in the folder: refused, continued with `--resume`
+//! or started over with `--fresh`), [`progress`] (the live line on a terminal, a log
+//! line every `[run] log_every` steps elsewhere).
 
 #![forbid(unsafe_code)]
 
 pub mod env;
 pub mod process;
 pub mod run_address;
+pub mod progress;
+pub mod resume;
 pub mod run_dir;
 pub mod status;
+pub mod stop;
 pub mod supervisor;
 
 pub use process::Program;
 pub use run_address::{read_token, RunAddress};
 pub use status::{lag_table, CoordinatorStatus, Progress, StatusSource};
-pub use supervisor::{Event, Outcome, Restart, RunPlan, Supervisor};
+pub use stop::Stop;
+pub use supervisor::{Ending, Event, Outcome, Restart, RunPlan, Supervisor};
 
 /// What can go wrong preparing or supervising a run; messages name the file, the
 /// process or the setting, and the fix.

@@ -56,20 +56,23 @@ pub struct Proc {
     env: Env,
     /// How often it has been started again.
     pub restarts: u32,
+    /// The coordinator has listed it (it listens, for the coordinator): it started.
+    /// One that fails before is a start-up failure, not restarted.
+    pub registered: bool,
 }
 
 impl Proc {
-    /// Starts `program ARGS` as `name`, its output in `logs/NAME.log` (a new log).
+    /// Starts `program ARGS` as `name`, its output in `logs/NAME.log` (a new log, or
+    /// the earlier one continued when `append`: a resumed run).
     pub fn spawn(
         program: &Program,
-        name: &str,
-        role: Role,
+        (name, role): (&str, Role),
         args: Vec<String>,
-        logs: &Path,
+        (logs, append): (&Path, bool),
         env: &Env,
     ) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
-        let child = start(program, name, &args, &log, env, false)?;
+        let child = start(program, name, &args, &log, env, append)?;
         Ok(Proc {
             name: name.to_string(),
             role,
@@ -78,6 +81,7 @@ impl Proc {
             args,
             env: env.clone(),
             restarts: 0,
+            registered: false,
         })
     }
 
@@ -117,6 +121,16 @@ impl Proc {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// Asks it to stop (SIGTERM) if it still runs: each role stops cleanly on it.
+    pub fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                tracing::warn!(process = %self.name, "SIGTERM: {e}");
+            }
+        }
+    }
+
     /// Kills it if it still runs, and reaps it.
     pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -126,7 +140,10 @@ impl Proc {
     }
 }
 
-/// Starts `program ARGS` with its output in `log` (appended to when `append`).
+/// Starts `program ARGS` with its output in `log` (appended to when `append`), in a
+/// process group of its own: a Ctrl-C at the terminal reaches `tandem run` alone, which
+/// stops the run's processes in order (trainer and generators first, the coordinator
+/// last).
 fn start(
     program: &Program,
     name: &str,
@@ -139,6 +156,7 @@ fn start(
     let err = |e| Error::io(format!("starting the {name} process"), e);
     let mut cmd = Command::new(&program.exe);
     (program.configure)(&mut cmd);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.args(&program.args)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -172,10 +190,9 @@ mod tests {
         // `sh -c SCRIPT --resume` runs SCRIPT with $0 = --resume.
         let mut p = Proc::spawn(
             &program,
-            "trainer",
-            Role::Trainer,
+            ("trainer", Role::Trainer),
             sh("echo $GREETING $0; exit 3"),
-            d.path(),
+            (d.path(), false),
             &env,
         )
         .unwrap();
@@ -208,10 +225,9 @@ mod tests {
         let program = Program::new("/bin/sh");
         let mut g = Proc::spawn(
             &program,
-            "gen-0",
-            Role::Generator,
+            ("gen-0", Role::Generator),
             sh("echo $0"),
-            d.path(),
+            (d.path(), false),
             &Env::new(),
         )
         .unwrap();
@@ -226,10 +242,9 @@ mod tests {
         );
         let sleeper = Proc::spawn(
             &program,
-            "sleeper",
-            Role::Generator,
+            ("sleeper", Role::Generator),
             sh("sleep 60"),
-            d.path(),
+            (d.path(), false),
             &Env::new(),
         )
         .unwrap();

@@ -97,15 +97,17 @@ impl Progress {
         }
     }
 
-    /// "reward R | staleness ≤S | T tok/s | vV | N generators".
+    /// "reward R | staleness ≤S | T tok/s | vV | N generators"; the reward is `–` before
+    /// the first step (never `NaN`).
     pub fn message(&self) -> String {
+        let reward = if self.reward_mean.is_finite() {
+            format!("{:.3}", self.reward_mean)
+        } else {
+            "–".to_string()
+        };
         format!(
-            "reward {:.3} | staleness ≤{} | {:.0} tok/s | v{} | {} generators",
-            self.reward_mean,
-            self.max_staleness,
-            self.tokens_per_second,
-            self.policy_version,
-            self.generators
+            "reward {reward} | staleness ≤{} | {:.0} tok/s | v{} | {} generators",
+            self.max_staleness, self.tokens_per_second, self.policy_version, self.generators
         )
     }
 }
@@ -214,7 +216,7 @@ mod tests {
             "reward 0.625 | staleness ≤1 | 1234 tok/s | v7 | 2 generators"
         );
         let none = Progress::of(&StatusReply::default());
-        assert!(none.reward_mean.is_nan() && none.message().starts_with("reward NaN"));
+        assert!(none.reward_mean.is_nan() && none.message().starts_with("reward – |"));
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! coordinator started and its address read, then the trainer and the generators;
 //! every process that fails started again (up to `[run] max_restarts` times each)
 //! while the run's progress is read from the coordinator, until the trainer has
-//! finished and every process has left.
+//! finished and every process has left, or a stop was asked for ([`crate::stop`]). A
+//! process that fails before the coordinator ever listed it failed at start-up (a
+//! bad file, a device it cannot get): that ends the run at once, with its log, and is
+//! not restarted; `[run] max_restarts` is for crashes after a healthy start.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -40,9 +43,12 @@ pub struct RunPlan {
     /// The trainer's `--listen` and `--advertise`, when given.
     pub trainer_listen: Option<String>,
     pub trainer_advertise: Option<String>,
-    /// Files of an earlier run in the folder that a new run starts without (its logs,
-    /// the coordinator's saved state).
+    /// Files and folders of an earlier run in the folder that this run starts without
+    /// (its logs, the coordinator's saved state, checkpoints): see [`crate::resume`].
     pub fresh: Vec<String>,
+    /// Continue the run in the folder: the trainer starts with `--resume` (from its
+    /// newest checkpoint), the coordinator from its saved state.
+    pub resume: bool,
     /// How often the processes and the coordinator are looked at.
     pub poll: Duration,
 }
@@ -54,6 +60,10 @@ pub enum Event<'a> {
     Restarting(Restart<'a>),
     /// The run's state, read from the coordinator.
     Progress(&'a Progress),
+    /// A stop was asked for: the processes are being stopped in order.
+    Stopping,
+    /// A second stop request: every process is killed now.
+    Killing,
 }
 
 /// A process that failed and is started again.
@@ -81,9 +91,23 @@ impl std::fmt::Display for Restart<'_> {
     }
 }
 
+/// Why the supervisor stopped watching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The trainer did the run's last step.
+    Finished,
+    /// A stop was asked for and every process stopped cleanly.
+    Stopped,
+    /// A second stop request killed the processes.
+    Killed,
+}
+
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
+    pub ending: Ending,
+    /// The last step the coordinator reported (0 if none).
+    pub step: u64,
     /// From when the trainer and generators were started to the end.
     pub seconds: f64,
     /// The last step's mean reward the coordinator reported (NaN if none).
@@ -96,7 +120,7 @@ pub struct Supervisor {
     plan: RunPlan,
     program: Program,
     /// Coordinator first, trainer second, then the generators.
-    procs: Vec<Proc>,
+    pub(crate) procs: Vec<Proc>,
     grpc: String,
     started: Instant,
 }
@@ -123,6 +147,9 @@ impl Supervisor {
         if let Some(advertise) = &s.plan.trainer_advertise {
             trainer.extend(strings(&["--advertise", advertise]));
         }
+        if s.plan.resume {
+            trainer.push("--resume".into());
+        }
         s.spawn("trainer", Role::Trainer, trainer, &servers)?;
         for i in 0..s.plan.generators {
             let name = format!("gen-{i}");
@@ -136,7 +163,13 @@ impl Supervisor {
 
     fn spawn(&mut self, name: &str, role: Role, args: Vec<String>, env: &Env) -> Result<()> {
         let logs = self.logs();
-        let p = Proc::spawn(&self.program, name, role, args, &logs, env)?;
+        let p = Proc::spawn(
+            &self.program,
+            (name, role),
+            args,
+            (&logs, self.plan.resume),
+            env,
+        )?;
         self.procs.push(p);
         Ok(())
     }
@@ -153,41 +186,64 @@ impl Supervisor {
 
     /// Watches the run until the trainer has finished: restarts what fails and reports
     /// each restart and the progress read from `status` to `on`; then waits for every
-    /// process to leave (killing what has not within a minute).
+    /// process to leave (killing what has not within a minute). A request on `stop`
+    /// stops the run's processes instead ([`crate::stop`]).
     pub fn watch(
         &mut self,
         status: &mut dyn StatusSource,
+        stop: &crate::stop::Stop,
         on: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome> {
-        let mut last_reward = f64::NAN;
-        loop {
+        let (mut last_reward, mut step) = (f64::NAN, 0);
+        let ending = loop {
             std::thread::sleep(self.plan.poll);
+            if stop.requests() > 0 {
+                break self.stop_all(stop, on)?;
+            }
+            let reply = status.status();
+            if let Some(s) = &reply {
+                self.mark_registered(s);
+            }
             if self.restart_failed(on)? {
                 self.write_pids()?;
             }
             let trainer_done = self.procs[1].exited()?.is_some();
-            match status.status() {
+            match reply {
                 Some(s) => {
                     let progress = Progress::of(&s);
-                    last_reward = progress.reward_mean;
+                    (last_reward, step) = (progress.reward_mean, progress.step);
                     on(Event::Progress(&progress));
                     if progress.finished && trainer_done {
-                        break;
+                        break Ending::Finished;
                     }
                 }
-                None if trainer_done => break,
+                None if trainer_done => break Ending::Finished,
                 None => {}
             }
+        };
+        if ending == Ending::Finished {
+            self.wait_for_exits()?;
         }
-        self.wait_for_exits()?;
         Ok(Outcome {
+            ending,
+            step,
             seconds: self.started.elapsed().as_secs_f64(),
             last_reward,
         })
     }
 
+    /// Marks the processes the coordinator lists (by name) as started.
+    fn mark_registered(&mut self, s: &tandem_proto::v1::StatusReply) {
+        for p in self.procs.iter_mut() {
+            if s.workers.iter().any(|w| w.name == p.name) {
+                p.registered = true;
+            }
+        }
+    }
+
     /// Starts every process that failed again; an error once one has used up
-    /// `max_restarts`. Returns whether any was restarted.
+    /// `max_restarts`, or when one failed before it ever registered (at start-up).
+    /// Returns whether any was restarted.
     fn restart_failed(&mut self, on: &mut dyn FnMut(Event<'_>)) -> Result<bool> {
         let max = self.plan.max_restarts;
         let mut restarted = false;
@@ -195,6 +251,14 @@ impl Supervisor {
             let Some(st) = p.exited()? else { continue };
             if st.success() {
                 continue;
+            }
+            if !p.registered {
+                return Err(Error::Process(format!(
+                    "the {} process failed at start-up ({st}), before it registered with the coordinator: not restarted ([run] max_restarts is for crashes after a healthy start); last lines of {}:\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.tail()
+                )));
             }
             if p.restarts >= max {
                 return Err(Error::Process(format!(
@@ -304,14 +368,14 @@ fn start_coordinator(plan: &RunPlan, program: &Program, env: &Env) -> Result<(Pr
     let logs = dir.join("logs");
     let mut p = Proc::spawn(
         program,
-        "coordinator",
-        Role::Coordinator,
+        ("coordinator", Role::Coordinator),
         strings(&args),
-        &logs,
+        (&logs, plan.resume),
         env,
     )?;
     let poll = plan.poll.min(Duration::from_millis(50));
     let (grpc, http) = wait_for_address(&mut p, &addr_file, poll)?;
+    p.registered = true;
     p.args.extend(strings(&[
         "--set",
         &format!("coordinator.listen={grpc}"),
@@ -353,8 +417,15 @@ fn wait_for_address(
     }
 }
 
+/// Removes the file or folder at `path` (a link itself, never what it points at).
 fn remove_if_there(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
+    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    let removed = if is_dir {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(Error::io(format!("removing {}", path.display()), e))
         }
@@ -378,6 +449,7 @@ mod tests {
     use tandem_proto::v1::StatusReply;
 
     use super::*;
+    use crate::stop::Stop;
 
     /// A stand-in for the `tandem` binary: a shell script (run by `/bin/sh`, so it is
     /// never executed while a file handle to it may be open) that logs its role, token
@@ -418,23 +490,38 @@ esac
             max_restarts,
             trainer_listen: None,
             trainer_advertise: Some("10.0.0.1:5000".into()),
-            fresh: vec!["metrics.jsonl".into()],
+            fresh: vec!["metrics.jsonl".into(), "checkpoints".into()],
+            resume: false,
             poll: Duration::from_millis(20),
         }
     }
 
     /// The coordinator's status as the test's folder says: finished once
-    /// `$D/finished` exists.
+    /// `$D/finished` exists; the trainer and generators `gen-0`, `gen-1` registered.
     struct Markers(PathBuf);
 
     impl StatusSource for Markers {
         fn status(&mut self) -> Option<StatusReply> {
+            let worker = |name: &str| tandem_proto::v1::WorkerStatus {
+                name: name.into(),
+                ..Default::default()
+            };
             Some(StatusReply {
                 step: 1,
                 finished: self.0.join("finished").exists(),
                 metrics: [("reward_mean".to_string(), 0.5)].into(),
+                workers: ["trainer", "gen-0", "gen-1"].map(worker).to_vec(),
                 ..Default::default()
             })
+        }
+    }
+
+    /// A coordinator that lists no worker: none ever registered.
+    struct Nobody;
+
+    impl StatusSource for Nobody {
+        fn status(&mut self) -> Option<StatusReply> {
+            Some(StatusReply::default())
         }
     }
 
@@ -448,6 +535,7 @@ esac
         let (dir, run) = (d.path(), d.path().join("run"));
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(run.join("metrics.jsonl"), "{\"step\":9}\n").unwrap();
+        std::fs::create_dir_all(run.join("checkpoints/step-000009")).unwrap();
         // The trainer dies once after its first checkpoint; each generator dies once.
         let program = fake(
             dir,
@@ -458,18 +546,24 @@ esac
         let mut s = Supervisor::start(plan(&run, 2, 1), program).unwrap();
         assert_eq!(s.coordinator(), "127.0.0.1:1");
         assert!(
-            !run.join("metrics.jsonl").exists(),
-            "an earlier run's log stayed"
+            !run.join("metrics.jsonl").exists() && !run.join("checkpoints").exists(),
+            "an earlier run's log or checkpoints stayed"
         );
         let mut restarts = Vec::new();
         let mut progress = 0;
         let outcome = s
-            .watch(&mut Markers(dir.to_path_buf()), &mut |e| match e {
-                Event::Restarting(r) => restarts.push(r.to_string()),
-                Event::Progress(_) => progress += 1,
-            })
+            .watch(
+                &mut Markers(dir.to_path_buf()),
+                &Stop::default(),
+                &mut |e| match e {
+                    Event::Restarting(r) => restarts.push(r.to_string()),
+                    Event::Progress(_) => progress += 1,
+                    _ => {}
+                },
+            )
             .unwrap();
         assert_eq!(outcome.last_reward, 0.5);
+        assert_eq!((outcome.ending, outcome.step), (Ending::Finished, 1));
         assert!(progress > 0);
         restarts.sort();
         assert_eq!(restarts.len(), 3, "{restarts:?}");
@@ -532,11 +626,15 @@ esac
         let pids: Vec<u32> = s.procs.iter().map(|p| p.child.id()).collect();
         let mut restarts = 0;
         let e = s
-            .watch(&mut Markers(dir.to_path_buf()), &mut |e| {
-                if let Event::Restarting(_) = e {
-                    restarts += 1
-                }
-            })
+            .watch(
+                &mut Markers(dir.to_path_buf()),
+                &Stop::default(),
+                &mut |e| {
+                    if let Event::Restarting(_) = e {
+                        restarts += 1
+                    }
+                },
+            )
             .unwrap_err()
             .to_string();
         assert_eq!(restarts, 2);
@@ -577,12 +675,113 @@ esac
         );
         let mut s = Supervisor::start(plan(&run, 1, 3), program).unwrap();
         let e = s
-            .watch(&mut Markers(dir.to_path_buf()), &mut |_| {})
+            .watch(
+                &mut Markers(dir.to_path_buf()),
+                &Stop::default(),
+                &mut |_| {},
+            )
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("the trainer died before its first checkpoint"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_process_that_fails_before_it_registered_is_not_restarted() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, run) = (d.path(), d.path().join("run"));
+        let program = fake(
+            dir,
+            r#"listen "$@"; wait_finished"#,
+            "wait_finished",
+            r#"echo "cannot open the model"; exit 3"#,
+        );
+        let mut s = Supervisor::start(plan(&run, 1, 3), program).unwrap();
+        let mut restarts = 0;
+        let e = s
+            .watch(&mut Nobody, &Stop::default(), &mut |e| {
+                if let Event::Restarting(_) = e {
+                    restarts += 1
+                }
+            })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(restarts, 0);
+        assert!(
+            e.contains(
+                "the gen-0 process failed at start-up (exit status: 3), before it registered"
+            ) && e.contains("not restarted")
+                && e.contains("cannot open the model"),
+            "{e}"
+        );
+    }
+
+    /// A stop request: the trainer and the generators get SIGTERM first, the
+    /// coordinator only once they are gone; nothing is restarted; a resumed run's
+    /// trainer starts with `--resume` and the logs go on.
+    #[test]
+    fn a_stop_request_stops_workers_then_the_coordinator_and_resume_continues() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, run) = (d.path(), d.path().join("run"));
+        // Each role notes its SIGTERM in $D/order and exits (the trainer with 5: a
+        // failure is not restarted while stopping).
+        let stopped = |role: &str, code: u32| {
+            format!(
+                r#"trap 'echo {role} >> "$D/order"; exit {code}' TERM; touch "$D/up-{role}"; while :; do sleep 0.02; done"#
+            )
+        };
+        let program = fake(
+            dir,
+            &format!(r#"listen "$@"; {}"#, stopped("coordinator", 0)),
+            &stopped("trainer", 5),
+            &stopped("generator", 0),
+        );
+        let mut p = plan(&run, 1, 3);
+        let mut s = Supervisor::start(p.clone(), program.clone()).unwrap();
+        let stop = Stop::default();
+        let mut events = Vec::new();
+        let outcome = s
+            .watch(&mut Markers(dir.to_path_buf()), &stop, &mut |e| match e {
+                Event::Progress(_)
+                    if ["trainer", "generator"]
+                        .iter()
+                        .all(|r| dir.join(format!("up-{r}")).exists()) =>
+                {
+                    stop.request()
+                }
+                Event::Progress(_) => {}
+                other => events.push(format!("{other:?}")),
+            })
+            .unwrap();
+        assert_eq!(outcome.ending, Ending::Stopped);
+        assert_eq!(events, ["Stopping"]);
+        let order = std::fs::read_to_string(dir.join("order")).unwrap();
+        let order: Vec<&str> = order.lines().collect();
+        assert_eq!(order.len(), 3, "{order:?}");
+        assert_eq!(order[2], "coordinator", "{order:?}");
+        for proc in s.procs.iter_mut() {
+            assert!(proc.exited().unwrap().is_some(), "{} still runs", proc.name);
+        }
+        drop(s);
+        // Resumed: the trainer continues from its checkpoint, the logs are appended to.
+        p.resume = true;
+        p.fresh.clear();
+        std::fs::remove_file(dir.join("order")).unwrap();
+        let mut s = Supervisor::start(p, program).unwrap();
+        let stop = Stop::default();
+        stop.request();
+        stop.request();
+        let outcome = s
+            .watch(&mut Markers(dir.to_path_buf()), &stop, &mut |_| {})
+            .unwrap();
+        assert_eq!(outcome.ending, Ending::Killed);
+        let trainer = std::fs::read_to_string(run.join("logs/trainer.log")).unwrap();
+        let lines: Vec<&str> = trainer.lines().collect();
+        assert!(
+            lines.len() == 2 && !lines[0].ends_with("--resume") && lines[1].ends_with("--resume"),
+            "{trainer}"
         );
     }
 }

@@ -80,6 +80,36 @@ pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
     }
 }
 
+/// Checks, without loading the weights, that [`load`] can load `spec`: a preset is
+/// known; a folder's `config.json` and tokenizer parse and its weight files exist; a
+/// `.gguf` file exists. A run checks its model this way before it starts any process.
+pub fn check(spec: &str) -> Result<()> {
+    if let Some(name) = spec.strip_prefix("preset:") {
+        return crate::preset::preset_config(name).map(|_| ());
+    }
+    let path = fetch::resolve(spec)?;
+    if path.is_dir() {
+        ModelConfig::from_hf_file(&path.join("config.json"))?;
+        for f in weight_files(&path)? {
+            if !f.exists() {
+                return Err(Error::io(
+                    &f,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "weight file listed but missing",
+                    ),
+                ));
+            }
+        }
+        Tokenizer::from_hf_dir(&path).map(|_| ())
+    } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        Ok(())
+    } else {
+        // The error `load` gives.
+        load(spec, DType::F32, &Device::Cpu).map(|_| ())
+    }
+}
+
 /// The safetensors files of a folder: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` names.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {

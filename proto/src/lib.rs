@@ -1,9 +1,10 @@
 //! `tandem-proto`: the only wire contract between Tandem's services. The `.proto`
 //! files under `proto/` are the source of truth; this crate is their generated code,
 //! plus the rules every endpoint shares: the shared-token check, TLS when configured,
-//! the message size limit, the limit of every field ([`limits`]) and health; and the
-//! private CA that issues a run's certificates ([`ca`]), with the secrets it writes
-//! ([`secret`]). It depends on no other Tandem crate.
+//! the message size limit, the limit of every field ([`limits`]), health and the
+//! signal a service stops on ([`shutdown`]); and the private CA that issues a run's
+//! certificates ([`ca`]), with the secrets it writes ([`secret`]). It depends on no
+//! other Tandem crate.
 
 // The generated tonic/prost code holds no `unsafe` either (checked), so the whole
 // crate forbids it.
@@ -16,6 +17,7 @@ pub mod health;
 pub mod limits;
 pub mod retry;
 pub mod secret;
+pub mod shutdown;
 pub mod tls;
 
 /// A server builder with Tandem's transport settings (flow-control windows, nodelay)

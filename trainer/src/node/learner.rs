@@ -72,9 +72,9 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// Waits (polling the buffer) for a batch; returns it, the groups dropped as stale
-    /// meanwhile, and the seconds waited.
-    fn next_batch(&self, shared: &Shared) -> Result<(Vec<Group>, Vec<Group>, f64)> {
+    /// Waits (polling the buffer) for a batch; returns it (`None` when a stop was asked
+    /// for meanwhile), the groups dropped as stale meanwhile, and the seconds waited.
+    fn next_batch(&self, shared: &Shared) -> Result<(Option<Vec<Group>>, Vec<Group>, f64)> {
         let t0 = Instant::now();
         let mut dropped_total = Vec::new();
         loop {
@@ -95,15 +95,23 @@ impl Learner {
             dropped_total.extend(dropped);
             if let Some(batch) = batch {
                 shared.space.notify_waiters();
-                return Ok((batch, dropped_total, t0.elapsed().as_secs_f64()));
+                return Ok((Some(batch), dropped_total, t0.elapsed().as_secs_f64()));
+            }
+            if shared.stopping() {
+                return Ok((None, dropped_total, t0.elapsed().as_secs_f64()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    /// Runs one step on the next batch; publishes the new version into `shared`.
-    pub fn step_once(&mut self, shared: &Shared) -> Result<StepReport> {
-        let (groups, stale_dropped, wait_seconds) = self.next_batch(shared)?;
+    /// Runs one step on the next batch; publishes the new version into `shared`. A stop
+    /// asked for while it waits for the batch ends it with `Err` of the groups dropped
+    /// as stale meanwhile (no step ran).
+    pub fn step_once(&mut self, shared: &Shared) -> Result<Result<StepReport, Vec<Group>>> {
+        let (groups, stale_dropped, wait_seconds) = match self.next_batch(shared)? {
+            (Some(groups), dropped, wait) => (groups, dropped, wait),
+            (None, dropped, _) => return Ok(Err(dropped)),
+        };
         let t0 = Instant::now();
         let rollouts: Vec<Rollout> = groups
             .iter()
@@ -169,7 +177,7 @@ impl Learner {
             *w = Arc::new(snap);
         }
         shared.version.store(self.version, Ordering::SeqCst);
-        Ok(StepReport {
+        Ok(Ok(StepReport {
             step: self.step,
             version: self.version,
             metrics,
@@ -181,7 +189,7 @@ impl Learner {
             filtered_groups: shared.filtered.load(Ordering::SeqCst),
             eval: BTreeMap::new(),
             samples,
-        })
+        }))
     }
 
     fn dump(&self, rollouts: &[Rollout]) -> Result<()> {

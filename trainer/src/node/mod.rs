@@ -8,7 +8,7 @@
 //! - `serve` — the shared state, the gRPC service, stale drops forwarded, the
 //!   broadcast pusher, heartbeats
 //! - `training` — the learner loop: train, publish, broadcast, checkpoint, the final
-//!   model
+//!   model; on SIGINT / SIGTERM a checkpoint of the step finished, then leave
 //!
 //! and the parts they use: [`service`] (the Trainer gRPC service: rollouts in, weight
 //! buckets out), [`ingest`] (the checks an incoming group passes), [`buffer`] (the
@@ -46,7 +46,7 @@ use crate::error::Result;
 use evaluate::Evaluations;
 use serve::{serve, Membership};
 use start::Start;
-use training::{announce_resume, Training};
+use training::{announce_resume, Ended, Training};
 
 /// What the trainer needs of the run's config.
 #[derive(Clone, Debug)]
@@ -116,13 +116,19 @@ pub fn run(
     let mut start = Start::load(s, ends.resume)?;
     let kept: Vec<u64> = start.buffer.groups().map(|g| g.lease_id).collect();
     let (shared, pusher) = serve(s, &mut start, ends, creds, rt, &member)?;
+    // SIGINT / SIGTERM: stop after the step being trained, its checkpoint written.
+    let stop = shared.clone();
+    rt.spawn(async move {
+        tandem_proto::shutdown::requested().await;
+        stop.stop.store(true, Ordering::SeqCst);
+    });
     readiness.set(Phase::Ready);
     let resumed = start.resumed.is_some();
     let mut learner = start.into_learner(s);
     if resumed {
         announce_resume(rt, &coordinator, &learner, kept, shared.buffer_len())?;
     }
-    Training {
+    let ended = Training {
         s,
         rt,
         coord: &coordinator,
@@ -133,7 +139,9 @@ pub fn run(
         resumable_from: checkpoint::resumable_from(&s.run_dir),
     }
     .run(&mut learner)?;
-    tracing::info!(final_model = %s.run_dir.join("final").display(), "training finished");
+    if ended == Ended::Finished {
+        tracing::info!(final_model = %s.run_dir.join("final").display(), "training finished");
+    }
     readiness.set(Phase::Stopping);
     leave(rt, &member);
     Ok(())

@@ -43,6 +43,9 @@ pub struct Shared {
     /// Where the leases of groups dropped as stale go, to be discarded at the
     /// coordinator at once (their admission slots free again); unset in benchmarks.
     pub discard: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
+    /// A stop was asked for (SIGINT / SIGTERM): the learner ends after the step it is
+    /// in, or at once while it waits for a batch.
+    pub stop: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -68,7 +71,13 @@ impl Shared {
             inflight: Default::default(),
             filtered: AtomicU64::new(0),
             discard: std::sync::OnceLock::new(),
+            stop: Default::default(),
         }
+    }
+
+    /// Whether a stop was asked for.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     pub fn count_dropped(&self, reason: &str) {

@@ -10,6 +10,7 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{BroadcastGroup, PublishVersionRequest};
 
+use super::buffer::Group;
 use super::checkpoint;
 use super::evaluate::Evaluations;
 use super::learner::{Learner, StepReport};
@@ -38,8 +39,9 @@ impl Training<'_> {
     /// Runs the steps from the learner's to the run's last: the held-out evaluation
     /// first on a fresh run, then per step train, publish, broadcast, checkpoint (the
     /// last step writes the final model before its publish, and neither broadcasts nor
-    /// checkpoints).
-    pub fn run(&mut self, learner: &mut Learner) -> Result<()> {
+    /// checkpoints). A stop asked for ends the loop after the step being trained, or at
+    /// once while it waits for a batch ([`Training::stop`]).
+    pub fn run(&mut self, learner: &mut Learner) -> Result<Ended> {
         let run_dir = &self.s.run_dir;
         if let (Some(e), 0) = (&mut self.evals, learner.step) {
             let m = e
@@ -48,7 +50,16 @@ impl Training<'_> {
             self.watch.eval(0, &m);
         }
         while learner.step < self.s.steps {
-            let report = self.train(learner)?;
+            if self.shared.stopping() {
+                return self.stop(learner);
+            }
+            let report = match self.train(learner)? {
+                Ok(report) => report,
+                Err(stale) => {
+                    record_stale(&stale, run_dir)?;
+                    return self.stop(learner);
+                }
+            };
             let last = learner.step == self.s.steps;
             if last {
                 finish(learner, self.shared, run_dir)?;
@@ -56,15 +67,45 @@ impl Training<'_> {
             let group = self.publish(&report, last)?;
             if !last {
                 self.broadcast(group);
+                if self.shared.stopping() {
+                    return self.stop(learner);
+                }
                 self.checkpoint(learner)?;
             }
         }
-        Ok(())
+        Ok(Ended::Finished)
     }
 
-    /// One step on the next batch, evaluated when due, its line logged.
-    fn train(&mut self, learner: &mut Learner) -> Result<StepReport> {
-        let mut report = learner.step_once(self.shared)?;
+    /// After a stop was asked for: ingestion closed (the groups committed by then are
+    /// in the buffer), then a checkpoint of the step the learner finished (published),
+    /// unless the newest checkpoint already is of it, so that `--resume` continues
+    /// exactly there: no step is done twice, no committed group is lost.
+    fn stop(&mut self, learner: &Learner) -> Result<Ended> {
+        self.shared.close(Duration::from_secs(10));
+        let run_dir = &self.s.run_dir;
+        let newest = checkpoint::latest(run_dir)
+            .ok()
+            .flatten()
+            .and_then(|d| checkpoint::load_state(&d).ok())
+            .map(|st| st.step);
+        if newest != Some(learner.step) {
+            self.save(learner)?;
+        }
+        tracing::info!(
+            step = learner.step,
+            "stopped: the checkpoint of step {} is kept; `--resume` continues from it",
+            learner.step
+        );
+        Ok(Ended::Stopped)
+    }
+
+    /// One step on the next batch, evaluated when due, its line logged; `Err` of the
+    /// groups dropped as stale while it waited when a stop was asked for meanwhile.
+    fn train(&mut self, learner: &mut Learner) -> Result<Result<StepReport, Vec<Group>>> {
+        let mut report = match learner.step_once(self.shared)? {
+            Ok(report) => report,
+            Err(stale) => return Ok(Err(stale)),
+        };
         let last = learner.step == self.s.steps;
         if let Some(e) = self.evals.as_mut().filter(|e| e.due(report.step, last)) {
             report.eval = e
@@ -78,7 +119,7 @@ impl Training<'_> {
         }
         let line = learner.log(&report)?;
         self.watch.step(report.step, &line, &report.samples);
-        Ok(report)
+        Ok(Ok(report))
     }
 
     /// Publishes the step's version to the coordinator, with what it consumed and what
@@ -139,20 +180,36 @@ impl Training<'_> {
     /// Every `checkpoint_every` steps, a checkpoint (after the publish, so the
     /// coordinator knows what it has trained).
     fn checkpoint(&mut self, learner: &Learner) -> Result<()> {
-        let t = &self.s.trainer;
-        if t.checkpoint_every > 0 && learner.step.is_multiple_of(t.checkpoint_every) {
-            let buffer = self
-                .shared
-                .buffer
-                .lock()
-                .map(|b| b.clone())
-                .unwrap_or_default();
-            let dir = checkpoint::save(&self.s.run_dir, learner, &buffer, t.keep_checkpoints)?;
-            tracing::info!(checkpoint = %dir.display(), "checkpoint written");
-            self.resumable_from = checkpoint::resumable_from(&self.s.run_dir);
+        let every = self.s.trainer.checkpoint_every;
+        if every > 0 && learner.step.is_multiple_of(every) {
+            self.save(learner)?;
         }
         Ok(())
     }
+
+    /// Writes a checkpoint of the learner and the buffer now.
+    fn save(&mut self, learner: &Learner) -> Result<()> {
+        let buffer = self
+            .shared
+            .buffer
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        let keep = self.s.trainer.keep_checkpoints;
+        let dir = checkpoint::save(&self.s.run_dir, learner, &buffer, keep)?;
+        tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+        self.resumable_from = checkpoint::resumable_from(&self.s.run_dir);
+        Ok(())
+    }
+}
+
+/// How the learner loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// The run's last step is done and the final model saved.
+    Finished,
+    /// A stop was asked for; the checkpoint of the step finished is written.
+    Stopped,
 }
 
 /// Announces the version a resumed trainer starts from, with the leases its buffer
@@ -230,19 +287,25 @@ fn dropped_since_last_publish(
     let mut dropped: HashMap<String, u64> = dropped.into_iter().collect();
     if !report.stale_dropped.is_empty() {
         *dropped.entry("stale".into()).or_default() += report.stale_dropped.len() as u64;
-        let keys: String = report
-            .stale_dropped
-            .iter()
-            .map(|g| format!("{}\n", g.key()))
-            .collect();
-        let path = run_dir.join("stale-groups.txt");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        std::io::Write::write_all(&mut f, keys.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        record_stale(&report.stale_dropped, run_dir)?;
     }
     Ok(dropped)
+}
+
+/// Appends the keys of groups dropped as stale to `RUN_DIR/stale-groups.txt` (across
+/// trainer restarts).
+fn record_stale(groups: &[Group], run_dir: &Path) -> Result<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let keys: String = groups.iter().map(|g| format!("{}\n", g.key())).collect();
+    let path = run_dir.join("stale-groups.txt");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    std::io::Write::write_all(&mut f, keys.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
