@@ -13,7 +13,8 @@ use tandem_trainer::offline::dpo::DpoConfig;
 use tandem_trainer::offline::rm::RmConfig;
 use tandem_trainer::offline::sft::SftConfig;
 
-use crate::run_config::{parse_with_overrides, RunConfig};
+use crate::run_config::RunConfig;
+use tandem_launch::config_file::parse_with_overrides;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

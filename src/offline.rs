@@ -11,7 +11,7 @@ use tandem_trainer::offline::dpo::DpoConfig;
 use tandem_trainer::offline::rm::RmConfig;
 use tandem_trainer::offline::sft::SftConfig;
 
-use crate::run_config::read_config;
+use tandem_launch::config_file::read_config;
 
 /// A stage's config file and its overrides.
 #[derive(Args)]
@@ -108,11 +108,13 @@ mod tests {
             ("sft.masking=\"first\"", "masking"),
             ("sft.epoch=3", "epoch"),
         ] {
-            let e =
-                crate::run_config::parse_with_overrides::<sft::SftConfig>("", &[set.to_string()])
-                    .and_then(|c| c.validate().map(|_| c).map_err(Into::into))
-                    .unwrap_err()
-                    .to_string();
+            let e = match tandem_launch::config_file::parse_with_overrides::<sft::SftConfig>(
+                "",
+                &[set.to_string()],
+            ) {
+                Ok(c) => c.validate().unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
             assert!(e.contains(needle), "{set}: {e}");
         }
     }

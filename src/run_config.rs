@@ -14,58 +14,7 @@ use tandem_model::ModelSection;
 use tandem_trainer::config::{AlgorithmConfig, OptimizerConfig, TrainerConfig};
 use tandem_trainer::rl::advantage::Estimator;
 
-/// Reads the config file at `path` into `T` with `overrides` applied; errors name the
-/// file.
-pub fn read_config<T: serde::de::DeserializeOwned>(
-    path: &std::path::Path,
-    overrides: &[String],
-) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_with_overrides(&text, overrides).with_context(|| format!("in {}", path.display()))
-}
-
-/// Parses a TOML config into `T` with `overrides` (`section.key=value`, the value in
-/// TOML syntax, or a bare string) applied; unknown keys are errors naming the key.
-pub fn parse_with_overrides<T: serde::de::DeserializeOwned>(
-    text: &str,
-    overrides: &[String],
-) -> Result<T> {
-    let mut doc: toml::Table = toml::from_str(text).context("config is not valid TOML")?;
-    for o in overrides {
-        let (key, value) = o
-            .split_once('=')
-            .with_context(|| format!("--set {o:?}: expected section.key=value"))?;
-        let parts: Vec<&str> = key.trim().split('.').collect();
-        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-            bail!("--set {o:?}: the key must be dotted, like run.steps");
-        }
-        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
-        let mut table = &mut doc;
-        for p in &parts[..parts.len() - 1] {
-            let entry = table
-                .entry(p.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .with_context(|| format!("--set {o:?}: `{p}` is not a section"))?;
-        }
-        table.insert(parts[parts.len() - 1].to_string(), value);
-    }
-    serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = inner.message().trim().to_string();
-        if path.is_empty() || path == "." || msg.contains(&path) {
-            anyhow::anyhow!("config: {msg}")
-        } else {
-            anyhow::anyhow!("config: {path}: {msg}")
-        }
-    })
-}
+use tandem_launch::config_file::{parse_with_overrides, read_config};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -6,7 +6,8 @@
 //! `--resume`), and reads the run's progress from the coordinator's `Status` call. It
 //! also holds the run folder's checks every process that writes there makes.
 //!
-//! Modules: [`supervisor`] (the run's processes started, restarted and watched),
+//! Modules: [`config_file`] (a config file with `--set` overrides, unknown keys
+//! refused by name), [`supervisor`] (the run's processes started, restarted and watched),
 //! [`process`] (one process: its role, log, restarts), [`mod@env`] (tokens and TLS files
 //! for the children), [`status`] (the progress line and `tandem status`'s lag table),
 //! [`run_address`] (a run's coordinator address and token read from its folder; what a
@@ -19,11 +20,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod env;
 pub mod process;
-pub mod run_address;
 pub mod progress;
 pub mod resume;
+pub mod run_address;
 pub mod run_dir;
 pub mod status;
 pub mod stop;
