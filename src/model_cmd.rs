@@ -45,7 +45,7 @@ pub fn run(args: ModelArgs) -> Result<()> {
         ModelCommand::Init { preset, out, seed } => {
             let device = tandem_model::process_device()?;
             let p = tandem_model::preset::init(&preset, seed, &device)?;
-            tandem_model::save_hf(&p.model, &p.tokenizer, &out)
+            tandem_model::save_hf(&p, &out, p.weights_dtype)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", out.display());
             tracing::info!(
@@ -60,7 +60,7 @@ pub fn run(args: ModelArgs) -> Result<()> {
                 anyhow::bail!("--input must be a .gguf file, got {}", input.display());
             }
             let p = tandem_model::load_model(&input.to_string_lossy())?;
-            tandem_model::save_hf(&p.model, &p.tokenizer, &out)
+            tandem_model::save_hf(&p, &out, p.weights_dtype)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", out.display());
         }

@@ -53,6 +53,7 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.run.validate()?;
+        self.model.validate()?;
         self.data.validate()?;
         self.coordinator.validate()?;
         self.trainer.validate()?;
@@ -134,6 +135,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("group_size"), "{e}");
+        let e = RunConfig::parse("[model]\nsave_dtype = \"fp8\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[model] save_dtype") && e.contains("bf16"),
+            "{e}"
+        );
+        let c = RunConfig::parse("", &["model.save_dtype=bf16".into()]).unwrap();
+        assert_eq!(c.model.save_dtype.as_deref(), Some("bf16"));
         let agent = "[env]\nagent = [\"python3\", \"agent.py\"]\nmax_turns = 2\n";
         let c = RunConfig::parse(agent, &[]).unwrap();
         assert_eq!(c.env.samples_per_episode(), 2);
@@ -243,6 +253,7 @@ mod doc {
                         ("algorithm", "clip_c") => "3.0".to_string(),
                         ("eval", "max_new_tokens") => "8".to_string(),
                         ("eval", "path") => "\"x.jsonl\"".to_string(),
+                        ("model", "save_dtype") => "\"bf16\"".to_string(),
                         ("env", "service") => "\"127.0.0.1:9\"".to_string(),
                         ("data", "path")
                         | ("data", "system")

@@ -82,7 +82,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         compute: &cfg.trainer.compute(),
     }
     .run(&mut opt)?;
-    tandem_model::save_hf(&p.model, &p.tokenizer, &a.out)
+    tandem_model::save_hf(&p, &a.out, p.weights_dtype)
         .with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(c) = &critic {
         c.save(&a.out, VALUE_HEAD_FILE)

@@ -127,7 +127,7 @@ proptest! {
 fn tiny_folder(dir: &Path) -> std::path::PathBuf {
     let p = tandem_model::preset::init("tiny", 0, &Device::Cpu).unwrap();
     let out = dir.join("tiny");
-    tandem_model::save_hf(&p.model, &p.tokenizer, &out).unwrap();
+    tandem_model::save_hf(&p, &out, DType::F32).unwrap();
     out
 }
 

@@ -54,7 +54,10 @@ pub mod score;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use checkpoint::{check, load, materialize, save_hf, write_atomic, ModelSection, Pretrained};
+pub use checkpoint::{
+    check, load, materialize, save_hf, save_hf_sharded, write_atomic, ModelSection, Pretrained,
+    MAX_SHARD_BYTES,
+};
 pub use config::{Architecture, ModelConfig};
 pub use device::{load_model, process_device, process_dtype};
 pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};

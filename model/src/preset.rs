@@ -92,6 +92,8 @@ pub fn init(name: &str, seed: u64, device: &Device) -> Result<Pretrained> {
         model,
         tokenizer,
         source: format!("preset:{name}").into(),
+        weights_dtype: candle_core::DType::F32,
+        generation_config: None,
     })
 }
 

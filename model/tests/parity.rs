@@ -29,7 +29,7 @@ fn preset_parity(preset: &str) {
     let fx = fixture(&format!("{preset}.json"));
     let dir = tempfile::tempdir().unwrap();
     let p = tiny(preset, 0);
-    tandem_model::save_hf(&p.model, &p.tokenizer, &dir.path().join("m")).unwrap();
+    tandem_model::save_hf(&p, &dir.path().join("m"), DType::F32).unwrap();
     let loaded = tandem_model::load(
         dir.path().join("m").to_str().unwrap(),
         DType::F32,
@@ -144,7 +144,7 @@ fn gradient_parity(preset: &str) {
     let fx = fixture(&format!("gradients-{preset}.json"));
     let dir = tempfile::tempdir().unwrap();
     let p = tiny(preset, 0);
-    tandem_model::save_hf(&p.model, &p.tokenizer, &dir.path().join("m")).unwrap();
+    tandem_model::save_hf(&p, &dir.path().join("m"), DType::F32).unwrap();
     let model = tandem_model::load(
         dir.path().join("m").to_str().unwrap(),
         DType::F64,

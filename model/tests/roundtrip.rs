@@ -21,7 +21,7 @@ fn save_then_load_gives_identical_logits() {
         let p = tiny(name, 11);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m");
-        tandem_model::save_hf(&p.model, &p.tokenizer, &path).unwrap();
+        tandem_model::save_hf(&p, &path, DType::F32).unwrap();
         let q = tandem_model::load(path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
         let ids = [1u32, 50, 60, 70, 2, 300];
         assert_eq!(logits(&p, &ids), logits(&q, &ids), "{name}");
@@ -35,7 +35,7 @@ fn save_then_load_gives_identical_logits() {
             p.tokenizer.encode("What is 3 + 4?").unwrap()
         );
         // Saving over an existing folder replaces it whole.
-        tandem_model::save_hf(&q.model, &q.tokenizer, &path).unwrap();
+        tandem_model::save_hf(&q, &path, DType::F32).unwrap();
     }
 }
 
@@ -44,7 +44,7 @@ fn sharded_safetensors_load() {
     let p = tiny("tiny", 12);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
-    tandem_model::save_hf(&p.model, &p.tokenizer, &path).unwrap();
+    tandem_model::save_hf(&p, &path, DType::F32).unwrap();
     // Split model.safetensors into two shards with an index, as large HF models ship.
     let all = candle_core::safetensors::load(path.join("model.safetensors"), &Device::Cpu).unwrap();
     std::fs::remove_file(path.join("model.safetensors")).unwrap();
@@ -76,7 +76,7 @@ fn smollm2_gguf_to_hf_folder_gives_identical_logits() {
     let g = tandem_model::load("smollm2", DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("smollm2-hf");
-    tandem_model::save_hf(&g.model, &g.tokenizer, &path).unwrap();
+    tandem_model::save_hf(&g, &path, DType::F32).unwrap();
     let h = tandem_model::load(path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let ids = [1u32, 9690, 198, 2683, 314, 216, 34, 30, 35, 47, 2];
     assert_eq!(logits(&g, &ids), logits(&h, &ids));

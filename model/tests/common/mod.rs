@@ -82,3 +82,90 @@ pub fn weights_hash(model: &Model) -> String {
     }
     hex::encode(h.finalize())
 }
+
+/// The tiny preset (`seed`) as a checkpoint the way large models ship: its weights
+/// rounded to bf16 and written with the `safetensors` crate (not Tandem's writer) as
+/// `shards` files `model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`,
+/// beside Tandem's `config.json` and tokenizer. Returns the bf16 bytes by tensor name.
+pub fn write_bf16_shards(
+    dir: &std::path::Path,
+    seed: u64,
+    shards: usize,
+) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let p = tiny("tiny", seed);
+    tandem_model::save_hf(&p, dir, DType::F32).expect("save the preset");
+    std::fs::remove_file(dir.join("model.safetensors")).expect("remove the f32 weights");
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, var) in p.model.params().iter() {
+        let bytes: Vec<u8> = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        tensors.insert(name.to_string(), (var.dims().to_vec(), bytes));
+    }
+    let names: Vec<&String> = tensors.keys().collect();
+    let per = names.len().div_ceil(shards);
+    let mut map = serde_json::Map::new();
+    for (k, chunk) in names.chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", k + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = chunk
+            .iter()
+            .map(|n| {
+                let (shape, bytes) = &tensors[*n];
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    shape.clone(),
+                    bytes,
+                )
+                .unwrap();
+                ((*n).clone(), view)
+            })
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in chunk {
+            map.insert((*n).clone(), Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    tensors
+}
+
+/// Every tensor of a folder's safetensors files as (dtype, shape, raw bytes).
+pub fn raw_tensors(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let prev = out.insert(
+                name.clone(),
+                (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+            );
+            assert!(prev.is_none(), "{name} in two files");
+        }
+    }
+    out
+}
+
+/// The logits of `ids` on the inference path, flattened.
+pub fn logits_of(p: &Pretrained, ids: &[u32]) -> Vec<f32> {
+    p.model
+        .sequence_logits(&p.model.inference_weights(), &[ids.to_vec()])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}

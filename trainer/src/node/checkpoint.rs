@@ -23,6 +23,10 @@ pub struct TrainerState {
     pub step: u64,
     pub version: u64,
     pub buffer: Buffer,
+    /// The dtype the run's `final/` model is saved in (`f32`, `bf16`, `f16`); absent in
+    /// checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_dtype: Option<String>,
 }
 
 fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> crate::Error {
@@ -40,8 +44,9 @@ pub fn save(run_dir: &Path, learner: &Learner, buffer: &Buffer, keep: usize) -> 
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io("removing", &tmp, e))?;
     }
-    // The model folder itself is written atomically by save_hf.
-    tandem_model::save_hf(&learner.policy.model, &learner.policy.tokenizer, &tmp)?;
+    // The model folder itself is written atomically by save_hf, in the dtype the weights
+    // are trained in, so that `--resume` goes on from exactly these weights.
+    tandem_model::save_hf(&learner.policy, &tmp, learner.policy.model.dtype())?;
     if let Some(c) = &learner.critic {
         c.save(&tmp, tandem_model::VALUE_HEAD_FILE)?;
     }
@@ -50,6 +55,7 @@ pub fn save(run_dir: &Path, learner: &Learner, buffer: &Buffer, keep: usize) -> 
         step: learner.step,
         version: learner.version,
         buffer: buffer.clone(),
+        save_dtype: Some(tandem_model::checkpoint::dtype_name(learner.save_dtype).into()),
     };
     let text = serde_json::to_string(&state).map_err(|e| invalid(e.to_string()))?;
     std::fs::write(tmp.join("trainer.json"), text).map_err(|e| io("writing", &tmp, e))?;

@@ -1,6 +1,7 @@
 //! The learner loop of the trainer service: wait for a batch of fresh-enough groups,
 //! run one step of the configured algorithm, publish the next version.
 
+use candle_core::DType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -69,6 +70,9 @@ pub struct Learner {
     pub plan: RunShape,
     pub step: u64,
     pub version: u64,
+    /// The dtype `final/` is saved in: `[model] save_dtype`, else the dtype the run's
+    /// starting model came in (kept through `--resume` in `trainer.json`).
+    pub save_dtype: DType,
 }
 
 impl Learner {

@@ -74,6 +74,8 @@ pub struct Settings {
     pub trainer: TrainerConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    /// `[model] save_dtype` (`None`: the dtype the starting model's weights came in).
+    pub save_dtype: Option<candle_core::DType>,
 }
 
 /// Where the trainer listens and what it was asked on its command line.

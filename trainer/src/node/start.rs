@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use tandem_model::{Model, Pretrained, ScalarHead};
 
 use super::buffer::Buffer;
@@ -27,6 +28,8 @@ pub(super) struct Start {
     pub buffer: Buffer,
     /// The checkpoint resumed from (`None`: a fresh run).
     pub resumed: Option<PathBuf>,
+    /// The dtype `final/` is saved in.
+    pub save_dtype: DType,
 }
 
 impl Start {
@@ -63,6 +66,16 @@ impl Start {
             let st = checkpoint::load_state(dir)?;
             tracing::info!(checkpoint = %dir.display(), step = st.step, version = st.version, buffered = st.buffer.len(), "resuming");
             (start.step, start.version, start.buffer) = (st.step, st.version, st.buffer);
+            // The checkpoint holds the weights as trained; `final/` keeps the dtype the
+            // run's starting model came in (or `[model] save_dtype`).
+            if let (None, Some(d)) = (s.save_dtype, st.save_dtype.as_deref()) {
+                start.save_dtype = tandem_model::checkpoint::parse_dtype(d).ok_or_else(|| {
+                    invalid(format!(
+                        "{}: save_dtype {d:?} is not f32, bf16 or f16",
+                        dir.join("trainer.json").display()
+                    ))
+                })?;
+            }
             // Steps after the checkpoint are done again; their old lines go.
             truncate_metrics(&run_dir.join("metrics.jsonl"), start.step)?;
             truncate_metrics(&run_dir.join("eval.jsonl"), start.step)?;
@@ -96,6 +109,7 @@ impl Start {
         };
         let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
         let opt = Optimizer::new(&s.optimizer, &policy.model, extra)?;
+        let save_dtype = s.save_dtype.unwrap_or(policy.weights_dtype);
         Ok(Start {
             policy,
             reference,
@@ -106,6 +120,7 @@ impl Start {
             version: 0,
             buffer: Buffer::default(),
             resumed: None,
+            save_dtype,
         })
     }
 
@@ -131,6 +146,7 @@ impl Start {
             },
             step: self.step,
             version: self.version,
+            save_dtype: self.save_dtype,
         }
     }
 }

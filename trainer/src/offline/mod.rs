@@ -20,6 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -214,8 +215,8 @@ pub fn train<S: Stage>(
     Ok(summary)
 }
 
-/// Saves a model (and its tokenizer) as an HF folder.
-pub fn save_model(p: &tandem_model::Pretrained, dir: &Path) -> Result<()> {
-    Ok(tandem_model::save_hf(&p.model, &p.tokenizer, dir)
+/// Saves a model (and its tokenizer) as an HF folder, its weights in `dtype`.
+pub fn save_model(p: &tandem_model::Pretrained, dir: &Path, dtype: DType) -> Result<()> {
+    Ok(tandem_model::save_hf(p, dir, dtype)
         .with_context(|| format!("saving the model into {}", dir.display()))?)
 }

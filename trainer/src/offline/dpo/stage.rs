@@ -54,6 +54,8 @@ pub struct DpoConfig {
 
 struct Dpo {
     p: tandem_model::Pretrained,
+    /// `[model] save_dtype`, else the dtype the weights came in.
+    save_dtype: candle_core::DType,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
     settings: Settings,
@@ -100,12 +102,13 @@ impl Stage for Dpo {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir)
+        save_model(&self.p, dir, self.save_dtype)
     }
 }
 
 impl DpoConfig {
     pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()?;
@@ -124,6 +127,7 @@ impl DpoConfig {
 pub fn run(cfg: &DpoConfig) -> Result<Value> {
     cfg.validate()?;
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
     let records = crate::offline::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
     if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {
         bail!(
@@ -137,6 +141,7 @@ pub fn run(cfg: &DpoConfig) -> Result<Value> {
     let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
     let mut stage = Dpo {
         p,
+        save_dtype,
         opt,
         opt_cfg: cfg.optimizer.clone(),
         settings: Settings {

@@ -117,6 +117,8 @@ pub fn tokenize(
 
 struct Rm {
     p: tandem_model::Pretrained,
+    /// `[model] save_dtype`, else the dtype the weights came in.
+    save_dtype: candle_core::DType,
     head: ScalarHead,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
@@ -156,7 +158,7 @@ impl Stage for Rm {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir)?;
+        save_model(&self.p, dir, self.save_dtype)?;
         self.head.save(dir, REWARD_HEAD_FILE)?;
         Ok(())
     }
@@ -164,6 +166,7 @@ impl Stage for Rm {
 
 impl RmConfig {
     pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()
@@ -175,6 +178,7 @@ impl RmConfig {
 pub fn run(cfg: &RmConfig) -> Result<Value> {
     cfg.validate()?;
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
     let records = comparisons(&cfg.data, cfg.rm.examples)?;
     let data = tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
     let k = data.first().map(|t| t.responses.len()).unwrap_or(2);
@@ -186,6 +190,7 @@ pub fn run(cfg: &RmConfig) -> Result<Value> {
     let opt = Optimizer::new(&cfg.optimizer, &p.model, head.named_vars())?;
     let mut stage = Rm {
         p,
+        save_dtype,
         head,
         opt,
         opt_cfg: cfg.optimizer.clone(),

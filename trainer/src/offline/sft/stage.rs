@@ -54,6 +54,7 @@ pub struct SftConfig {
 
 impl SftConfig {
     pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()?;
@@ -145,6 +146,8 @@ pub fn examples(
 
 struct Sft {
     p: tandem_model::Pretrained,
+    /// `[model] save_dtype`, else the dtype the weights came in.
+    save_dtype: candle_core::DType,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
 }
@@ -172,7 +175,7 @@ impl Stage for Sft {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir)
+        save_model(&self.p, dir, self.save_dtype)
     }
 }
 
@@ -189,6 +192,7 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
         bail!("[sft] tools: this build has no transcript for them");
     }
     let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
 
     // Read, check and tokenize everything before writing anything.
     let records = examples(&cfg.data, cfg.sft.examples, transcript)?;
@@ -219,6 +223,7 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
     let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
     let mut stage = Sft {
         p,
+        save_dtype,
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
