@@ -196,3 +196,49 @@ fn bad_records_name_the_line_and_field() {
         Example::Conversation(ref m) if m.len() == 2 && m[1].role == "assistant"
     ));
 }
+
+/// The stage saves its model as it came: a bf16 model (trained in f32 on the CPU) comes
+/// out in bf16; `[model] save_dtype = "f32"` asks for f32.
+#[test]
+fn the_trained_model_is_saved_in_the_dtype_it_came_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start");
+    let p = tandem_model::preset::init("tiny", 0, &Device::Cpu).unwrap();
+    tandem_model::save_hf(&p, &start, DType::BF16).unwrap();
+    for (save_dtype, torch, dtype) in [
+        ("", "bfloat16", DType::BF16),
+        ("save_dtype = \"f32\"\n", "float32", DType::F32),
+    ] {
+        let out = dir.path().join(format!("out-{torch}"));
+        let text = format!(
+            "[model]\npath = {:?}\n{save_dtype}\n[data]\nkind = \"arithmetic\"\n\n\
+             [sft]\nexamples = 8\n\n[train]\nepochs = 1\nbatch_size = 4\nmax_len = 64\n\
+             val_fraction = 0.25\nout_dir = {:?}\n",
+            start.to_str().unwrap(),
+            out.to_str().unwrap()
+        );
+        let cfg: sft::SftConfig = toml::from_str(&text).unwrap();
+        sft::run(&cfg).unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["torch_dtype"], torch);
+        let q = tandem_model::load(
+            out.join("final").to_str().unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(q.weights_dtype, dtype);
+    }
+    let text = format!(
+        "[model]\npath = {:?}\nsave_dtype = \"int8\"\n",
+        start.to_str().unwrap()
+    );
+    let cfg: sft::SftConfig = toml::from_str(&text).unwrap();
+    let e = sft::run(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("[model] save_dtype") && e.contains("\"int8\""),
+        "{e}"
+    );
+}
