@@ -171,3 +171,63 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn settings(model: &Path, run_dir: &Path, save_dtype: Option<DType>) -> Settings {
+        Settings {
+            model: model.to_str().unwrap().to_string(),
+            run_dir: run_dir.to_path_buf(),
+            steps: 1,
+            group_size: 2,
+            batch_groups: 1,
+            max_staleness: 0,
+            filter_zero_std: false,
+            log_samples: 0,
+            tensorboard: false,
+            max_completion_tokens: 8,
+            samples_per_episode: 1,
+            reward_bound: 1e6,
+            heartbeat_interval: Duration::from_secs(1),
+            trainer: Default::default(),
+            algorithm: Default::default(),
+            optimizer: Default::default(),
+            save_dtype,
+        }
+    }
+
+    /// A bf16 starting model trains in the process's dtype (f32 on the CPU): its
+    /// checkpoints hold those weights as they are (so `--resume` goes on from exactly
+    /// them), and `final/`'s dtype, bf16 as the model came, or `[model] save_dtype`,
+    /// survives the resume through `trainer.json`.
+    #[test]
+    fn checkpoints_keep_the_trained_weights_and_resume_keeps_the_save_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("start");
+        let p = tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu).unwrap();
+        tandem_model::save_hf(&p, &model, DType::BF16).unwrap();
+        for (explicit, want) in [(None, DType::BF16), (Some(DType::F16), DType::F16)] {
+            let run_dir = dir.path().join(format!("run-{want:?}"));
+            let s = settings(&model, &run_dir, explicit);
+            let start = Start::load(&s, false).unwrap();
+            assert_eq!(start.save_dtype, want);
+            let learner = start.into_learner(&s);
+            assert_eq!(learner.policy.model.dtype(), DType::F32);
+            let ckpt = checkpoint::save(&run_dir, &learner, &Buffer::default(), 2).unwrap();
+            let config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
+            assert_eq!(config["torch_dtype"], "float32", "checkpoints are lossless");
+            let resumed = Start::load(&s, true).unwrap();
+            assert_eq!(resumed.resumed.as_deref(), Some(ckpt.as_path()));
+            assert_eq!(resumed.policy.weights_dtype, DType::F32);
+            assert_eq!(
+                resumed.save_dtype, want,
+                "final/ keeps the dtype it came in"
+            );
+        }
+    }
+}
