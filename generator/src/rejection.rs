@@ -89,6 +89,7 @@ struct Sample {
 impl RejectionConfig {
     pub fn validate(&self) -> Result<()> {
         let r = &self.rejection;
+        self.model.validate()?;
         self.data.validate()?;
         self.generator.validate()?;
         self.reward.validate()?;

@@ -238,7 +238,10 @@ fn shard_path(dir: &Path, index: &Path, file: &str) -> Result<PathBuf> {
             &path,
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("shard listed in {INDEX_FILE} but missing"),
+                format!(
+                    "shard listed in {INDEX_FILE} but missing \
+                     (copy every shard the index names into the folder)"
+                ),
             ),
         ));
     }
@@ -266,7 +269,10 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
         if let Some(t) = listed.iter().find(|t| !part.contains_key(*t)) {
             return Err(Error::format(
                 &f,
-                format!("{INDEX_FILE} puts tensor `{t}` in this shard, but it does not hold it"),
+                format!(
+                    "{INDEX_FILE} puts tensor `{t}` in this shard, but it does not hold it \
+                     (the index and the shards disagree: fetch the model again)"
+                ),
             ));
         }
         tensors.extend(part);
