@@ -198,8 +198,9 @@ QWEN3_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
 
 
 def patch_qwen3_to_f64(modeling):
-    """transformers computes RMSNorm and the RoPE tables in f32 whatever the model's
-    dtype; the same formulas in the input's dtype make the reference f64 throughout."""
+    """transformers computes RMSNorm, the RoPE tables and the eager attention's softmax
+    in f32 whatever the model's dtype; the same formulas in the input's dtype make the
+    reference f64 throughout."""
     def norm_forward(self, h):
         variance = h.pow(2).mean(-1, keepdim=True)
         return self.weight * (h * torch.rsqrt(variance + self.variance_epsilon))
@@ -211,7 +212,17 @@ def patch_qwen3_to_f64(modeling):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        v = modeling.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
     modeling.Qwen3RMSNorm.forward = norm_forward
+    modeling.eager_attention_forward = attention
     modeling.Qwen3RotaryEmbedding.forward = rope_forward
 
 
