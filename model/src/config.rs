@@ -398,3 +398,44 @@ fn parse_rope_scaling(rs: &Value, path: &Path) -> Result<RopeScaling> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers ≥ 5 writes theta and scaling as `rope_parameters`.
+    #[test]
+    fn rope_parameters_give_theta_and_scaling() {
+        let base = json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        });
+        let parse = |extra: Value| {
+            let mut v = base.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json")).unwrap()
+        };
+        let plain = parse(json!({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}));
+        assert_eq!((plain.rope_theta, plain.rope_scaling), (5e5, None));
+        let scaled = parse(json!({"rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        }}));
+        assert_eq!(scaled.rope_theta, 5e5);
+        assert_eq!(
+            scaled.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        // The older top-level fields still win where both are present.
+        let legacy = parse(json!({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}));
+        assert_eq!(legacy.rope_theta, 1e4);
+        assert_eq!(parse(json!({})).rope_theta, 10_000.0);
+    }
+}
