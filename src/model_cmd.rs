@@ -15,7 +15,8 @@ pub struct ModelArgs {
 enum ModelCommand {
     /// Write a small random model with a real BPE tokenizer (for tests and demos).
     Init {
-        /// Preset name: tiny (Llama, untied head) or tiny-qwen2 (q/k/v biases, tied).
+        /// Preset name: tiny (Llama, untied head), tiny-qwen2 (q/k/v biases, tied) or
+        /// tiny-qwen3 (per-head q/k norms, head_dim ≠ hidden / heads, tied).
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Output folder (HF layout).

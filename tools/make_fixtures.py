@@ -6,16 +6,24 @@ PyTorch / transformers (an implementation independent of Tandem's).
         --gguf ~/.cache/tandem/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Fixtures (tests/fixtures/):
-- tiny.json, tiny-qwen2.json: `tandem model init --preset P --seed 0` written as an HF
+- tiny.json, tiny-qwen2.json, tiny-qwen3.json: `tandem model init --preset P --seed 0` written as an HF
   folder, loaded by `AutoModelForCausalLM.from_pretrained`; per-token logprobs and
   entropies of the next token at two temperatures, full logits of one sequence, the
   tokenizer's ids for a few texts and the chat template's rendering.
 - smollm2.json: SmolLM2-135M-Instruct loaded by transformers from the Q4_1 GGUF
   (dequantized to f32 by transformers/gguf-py); logprobs, entropies, tokenization.
-- gradients-tiny.json, gradients-tiny-qwen2.json: the preset in f64 (eager attention);
+- gradients-tiny.json, gradients-tiny-qwen2.json, gradients-tiny-qwen3.json: the preset in f64 (eager attention);
   one prompt with two completions of different lengths, loss Σ aₜ·logprobₜ + Σ bₜ·entropyₜ
   over the completion tokens at temperature 0.8; per parameter the first 16 entries of
   its gradient and the gradient's L2 norm (what the fused backward is checked against).
+- qwen3.json (`--only qwen3` writes it alone, without a tandem binary): tiny random
+  Qwen3ForCausalLM models built by transformers in f64 (eager attention), with
+  RMSNorm and the RoPE tables patched to compute in f64 too, in the awkward shapes:
+  head_dim ≠ hidden / heads, GQA 3:1 and 1:1, tied and untied embeddings. Their
+  weights come from a generator both sides compute exactly (`det_values`: splitmix64
+  over an FNV-1a seed of the name), so no weights are committed; each case holds the
+  config.json transformers saved, per-token logprobs and entropies, and the gradient
+  fixture's loss and per-parameter gradients (first 16 entries and L2 norm).
 - adamw.json: torch.optim.AdamW (two param groups, weight decay on the matrix only)
   with clip_grad_norm_, three steps on fixed gradients.
 The weights hash (sha256 of name + little-endian f32 bytes, names sorted) lets a test
@@ -103,6 +111,7 @@ def preset_fixture(tandem, preset, out_dir):
     write(out_dir, f"{preset}.json", fixture)
 
 
+PRESETS = ("tiny", "tiny-qwen2", "tiny-qwen3")
 GRAD_PROMPT = [5, 17, 99, 3, 250, 7, 8, 300, 41]
 GRAD_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
 GRAD_TEMPERATURE = 0.8
@@ -146,6 +155,126 @@ def gradient_fixture(tandem, preset, out_dir):
             "gradients": grads,
         }
     write(out_dir, f"gradients-{preset}.json", fixture)
+
+
+MASK64 = (1 << 64) - 1
+
+
+def fnv1a64(text):
+    h = 0xCBF29CE484222325
+    for b in text.encode():
+        h = ((h ^ b) * 0x100000001B3) & MASK64
+    return h
+
+
+def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def det_values(name, n):
+    """The n values of parameter `name`, exact in f64 on any machine: norms
+    1 + 0.4·(u − ½), everything else 0.5·(u − ½), u = splitmix64(seed + i) / 2⁶⁴
+    (53 bits), seed = FNV-1a-64(name). model/tests/qwen3.rs computes the same."""
+    seed = fnv1a64(name)
+    base, scale = (1.0, 0.4) if name.endswith("norm.weight") else (0.0, 0.5)
+    return [base + scale * ((splitmix64((seed + i) & MASK64) >> 11) / 2.0**53 - 0.5) for i in range(n)]
+
+
+QWEN3_CONFIGS = {
+    # head_dim 16 ≠ 48 / 6, GQA 3:1, tied embeddings.
+    "gqa3-tied": dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                      rope_theta=1_000_000.0, tie_word_embeddings=True),
+    # head_dim 8 ≠ 40 / 4, one KV head per query head, untied head.
+    "mha-untied": dict(vocab_size=96, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, rms_norm_eps=1e-5,
+                       rope_theta=10_000.0, tie_word_embeddings=False),
+}
+QWEN3_SEQS = [[5, 17, 90, 3, 25, 7, 8, 30, 41, 60, 2, 11], [44, 1, 95]]
+QWEN3_PROMPT = [5, 17, 90, 3, 25, 7, 8, 30, 41]
+QWEN3_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
+
+
+def patch_qwen3_to_f64(modeling):
+    """transformers computes RMSNorm, the RoPE tables and the eager attention's softmax
+    in f32 whatever the model's dtype; the same formulas in the input's dtype make the
+    reference f64 throughout."""
+    def norm_forward(self, h):
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(variance + self.variance_epsilon))
+
+    def rope_forward(self, x, position_ids):
+        dim = self.inv_freq.shape[0] * 2
+        inv = 1.0 / (self.config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = position_ids[..., None].to(torch.float64) * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        v = modeling.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+    modeling.Qwen3RMSNorm.forward = norm_forward
+    modeling.eager_attention_forward = attention
+    modeling.Qwen3RotaryEmbedding.forward = rope_forward
+
+
+def qwen3_case(name, kwargs):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(**kwargs, attn_implementation="eager")
+    model = Qwen3ForCausalLM(config).to(torch.float64)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(torch.tensor(det_values(pname, p.numel()), dtype=torch.float64).reshape(p.shape))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.json")) as f:
+            hf_config = json.load(f)
+    model.eval()
+    cases = cases_for(model, QWEN3_SEQS, [1.0, 0.7])
+    model.train()
+    total, offset = None, 0
+    for completion in QWEN3_COMPLETIONS:
+        ids = QWEN3_PROMPT + completion
+        logits = model(torch.tensor([ids])).logits[0]
+        z = logits[len(QWEN3_PROMPT) - 1:-1] / GRAD_TEMPERATURE
+        logp = torch.log_softmax(z, dim=-1)
+        lp = logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
+        ent = -(logp.exp() * logp).sum(-1)
+        idx = torch.arange(offset, offset + len(completion), dtype=torch.float64)
+        loss = (lp * (1.0 + 0.1 * idx)).sum() + (ent * (0.5 - 0.05 * idx)).sum()
+        total = loss if total is None else total + loss
+        offset += len(completion)
+    total.backward()
+    grads = {}
+    for pname, p in model.named_parameters():
+        g = p.grad.detach().flatten()
+        grads[pname] = {"head": g[:16].tolist(), "norm": g.norm().item()}
+    return {
+        "name": name,
+        "config": hf_config,
+        "cases": cases,
+        "prompt": QWEN3_PROMPT,
+        "completions": QWEN3_COMPLETIONS,
+        "temperature": GRAD_TEMPERATURE,
+        "loss": total.item(),
+        "gradients": grads,
+    }
+
+
+def qwen3_fixture(out_dir):
+    import transformers.models.qwen3.modeling_qwen3 as modeling
+    patch_qwen3_to_f64(modeling)
+    cases = [qwen3_case(name, kwargs) for name, kwargs in QWEN3_CONFIGS.items()]
+    write(out_dir, "qwen3.json", {"models": cases})
 
 
 def smollm2_fixture(gguf, out_dir):
@@ -197,10 +326,20 @@ def main():
     ap.add_argument("--tandem", default="target/release/tandem")
     ap.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (tandem model fetch smollm2)")
     ap.add_argument("--out", default="tests/fixtures")
+    ap.add_argument("--only", choices=["qwen3", *PRESETS],
+                    help="write only these fixtures: qwen3.json, or one preset's two files")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    for preset in ("tiny", "tiny-qwen2"):
+    if args.only == "qwen3":
+        qwen3_fixture(args.out)
+        return
+    if args.only:
+        preset_fixture(args.tandem, args.only, args.out)
+        gradient_fixture(args.tandem, args.only, args.out)
+        return
+    qwen3_fixture(args.out)
+    for preset in PRESETS:
         preset_fixture(args.tandem, preset, args.out)
         gradient_fixture(args.tandem, preset, args.out)
     adamw_fixture(args.out)

@@ -9,13 +9,18 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 
 /// The decoder families Tandem runs. All share the Llama block (RMSNorm, RoPE,
-/// SwiGLU MLP, grouped-query attention); they differ in biases and naming.
+/// SwiGLU MLP, grouped-query attention); they differ in biases and in Qwen3's
+/// per-head RMSNorm of q and k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     /// Llama 2/3, SmolLM2, Mistral (no sliding window): `LlamaForCausalLM`.
     Llama,
     /// Qwen2 / Qwen2.5: q/k/v projections carry a bias. `Qwen2ForCausalLM`.
     Qwen2,
+    /// Qwen3: an RMSNorm over each head of q and k (`q_norm`, `k_norm`, [head_dim])
+    /// after the projections, before RoPE; `head_dim` from the config; no q/k/v bias
+    /// unless `attention_bias`. `Qwen3ForCausalLM`.
+    Qwen3,
 }
 
 impl Architecture {
@@ -23,15 +28,27 @@ impl Architecture {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
+
+    /// Whether q and k are RMS-normalized per head before RoPE (Qwen3).
+    pub fn qk_norm(self) -> bool {
+        self == Architecture::Qwen3
+    }
 }
+
+/// The `architectures` classes (and `model_type`s) Tandem runs, for error messages.
+pub const KNOWN_ARCHITECTURES: &str =
+    "LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), \
+     Qwen3ForCausalLM (qwen3)";
 
 /// RoPE frequency scaling as found in `rope_scaling`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,12 +143,12 @@ impl ModelConfig {
         let architecture = match class {
             "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => Architecture::Llama,
             "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(Error::format(
                     path,
                     format!(
-                        "unsupported architecture `{other}`: Tandem runs LlamaForCausalLM, \
-                         MistralForCausalLM and Qwen2ForCausalLM"
+                        "unsupported architecture `{other}`: Tandem runs {KNOWN_ARCHITECTURES}"
                     ),
                 ))
             }
@@ -159,9 +176,16 @@ impl ModelConfig {
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
             None => 0,
         };
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(Value::Null) => None,
+        // transformers ≥ 5 writes `rope_parameters` (theta and scaling in one object).
+        let rope_scaling = match v.get("rope_scaling").filter(|x| !x.is_null()) {
             Some(rs) => Some(parse_rope_scaling(rs, path)?),
+            None => match rope_parameters(&v)
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+            {
+                None | Some("default") => None,
+                Some(_) => Some(parse_rope_scaling(rope_parameters(&v), path)?),
+            },
         };
         let cfg = ModelConfig {
             architecture,
@@ -176,7 +200,12 @@ impl ModelConfig {
             },
             head_dim,
             rms_norm_eps: f64_field_or(&v, "rms_norm_eps", 1e-6, path)?,
-            rope_theta: f64_field_or(&v, "rope_theta", 10_000.0, path)?,
+            rope_theta: match v.get("rope_theta") {
+                None | Some(Value::Null) => {
+                    f64_field_or(rope_parameters(&v), "rope_theta", 10_000.0, path)?
+                }
+                Some(_) => f64_field_or(&v, "rope_theta", 10_000.0, path)?,
+            },
             rope_scaling,
             max_position_embeddings: v
                 .get("max_position_embeddings")
@@ -292,7 +321,7 @@ impl ModelConfig {
             "initializer_range": 0.02,
             "use_cache": true,
         });
-        if self.architecture == Architecture::Llama {
+        if self.architecture != Architecture::Qwen2 {
             v["attention_bias"] = json!(self.attention_bias);
             v["mlp_bias"] = json!(false);
         }
@@ -329,6 +358,11 @@ impl ModelConfig {
     }
 }
 
+/// `rope_parameters` of a transformers ≥ 5 config (null when absent).
+fn rope_parameters(v: &Value) -> &Value {
+    v.get("rope_parameters").unwrap_or(&Value::Null)
+}
+
 fn parse_rope_scaling(rs: &Value, path: &Path) -> Result<RopeScaling> {
     let kind = rs
         .get("rope_type")
@@ -362,5 +396,46 @@ fn parse_rope_scaling(rs: &Value, path: &Path) -> Result<RopeScaling> {
             path,
             format!("unsupported `rope_scaling` type `{other}` (supported: linear, llama3)"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers ≥ 5 writes theta and scaling as `rope_parameters`.
+    #[test]
+    fn rope_parameters_give_theta_and_scaling() {
+        let base = json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        });
+        let parse = |extra: Value| {
+            let mut v = base.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json")).unwrap()
+        };
+        let plain = parse(json!({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}));
+        assert_eq!((plain.rope_theta, plain.rope_scaling), (5e5, None));
+        let scaled = parse(json!({"rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        }}));
+        assert_eq!(scaled.rope_theta, 5e5);
+        assert_eq!(
+            scaled.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        // The older top-level fields still win where both are present.
+        let legacy = parse(json!({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}));
+        assert_eq!(legacy.rope_theta, 1e4);
+        assert_eq!(parse(json!({})).rope_theta, 10_000.0);
     }
 }

@@ -34,9 +34,19 @@ fn decoder_layer(lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Te
     })
 }
 
+/// RMSNorm over each head of x (T, heads·head_dim) with weight w (head_dim): the
+/// fused op over the last dimension of the (T, heads, head_dim) view.
+fn head_norm(x: &Tensor, w: &Tensor, heads: usize, eps: f64, fused: bool) -> Result<Tensor> {
+    let (t, width) = x.dims2()?;
+    let y = rms_norm(&x.reshape((t, heads, width / heads))?, w, eps, fused)?;
+    Ok(y.reshape((t, width))?)
+}
+
 /// One decoder block on token rows x (T, d), `rope` = (cos, sin) at each row's
 /// position, with `attend(q, k, v)` the attention of the rotated rows:
-/// h = x + O·attn(rope(Q·n₁(x)), rope(K·n₁(x)), V·n₁(x)); y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)).
+/// h = x + O·attn(rope(ν_q(Q·n₁(x))), rope(ν_k(K·n₁(x))), V·n₁(x));
+/// y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)), where ν_q, ν_k are Qwen3's RMSNorm over each
+/// head (the identity for the other families).
 pub(crate) fn decoder_block(
     lw: &LayerWeights,
     x: &Tensor,
@@ -60,6 +70,13 @@ pub(crate) fn decoder_block(
         pk.map(|p| [&p.q, &p.k, &p.v]),
         f,
     )?;
+    let (q, k) = match &lw.qk_norm {
+        Some((qn, kn)) => (
+            head_norm(&q, qn, heads.query, eps, f)?,
+            head_norm(&k, kn, heads.kv, eps, f)?,
+        ),
+        None => (q, k),
+    };
     let q = rotary(&q, cos, sin, heads.query)?;
     let k = rotary(&k, cos, sin, heads.kv)?;
     let a = attend(&q, &k, &v)?;
@@ -113,6 +130,7 @@ impl Recompute {
                 k,
                 v,
                 qkv_bias,
+                qk_norm,
                 o,
                 post_norm,
                 gate,
@@ -123,6 +141,9 @@ impl Recompute {
             let mut params = vec![input_norm, q, k, v, o, post_norm, gate, up, down];
             if let Some((qb, kb, vb)) = qkv_bias {
                 params.extend([qb, kb, vb]);
+            }
+            if let Some((qn, kn)) = qk_norm {
+                params.extend([qn, kn]);
             }
             for p in params {
                 add_grad(grads, p, layer_grads.remove(p))?;

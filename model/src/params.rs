@@ -32,6 +32,10 @@ pub fn expected_params(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv_out]));
         }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q_out]));
+        if cfg.architecture.qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
         out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
         out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));

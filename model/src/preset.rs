@@ -1,5 +1,5 @@
-//! Small models Tandem creates itself, for tests and demos: a random Llama (or Qwen2)
-//! with a real byte-level BPE tokenizer trained on an embedded corpus.
+//! Small models Tandem creates itself, for tests and demos: a random Llama (or Qwen2,
+//! Qwen3) with a real byte-level BPE tokenizer trained on an embedded corpus.
 
 use std::collections::HashMap;
 
@@ -24,7 +24,7 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// Names of the presets `tandem model init --preset` accepts.
-pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2"];
+pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "tiny-qwen3"];
 
 /// The config of a preset.
 pub fn preset_config(name: &str) -> Result<ModelConfig> {
@@ -58,6 +58,16 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             rope_theta: 1_000_000.0,
             ..base
         }),
+        // Per-head q/k norms, head_dim ≠ hidden / heads, GQA 4:1, tied: the Qwen3 path.
+        "tiny-qwen3" => Ok(ModelConfig {
+            architecture: Architecture::Qwen3,
+            num_key_value_heads: 1,
+            head_dim: 32,
+            tie_word_embeddings: true,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            ..base
+        }),
         other => Err(Error::invalid(format!(
             "unknown preset `{other}` (known: {})",
             PRESETS.join(", ")
@@ -70,16 +80,25 @@ pub fn init(name: &str, seed: u64, device: &Device) -> Result<Pretrained> {
     let config = preset_config(name)?;
     let tokenizer = tiny_tokenizer(config.vocab_size)?;
     let model = Model::random(config, seed, DType::F32, device)?;
-    // Random init gives zero biases; make them non-zero so the bias path is exercised.
-    if model.config().attention_bias {
+    // Random init gives zero biases and unit norms; make the biases and the per-head
+    // q/k norms (whose scale changes the attention) other than that, so that their
+    // paths are exercised.
+    if model.config().attention_bias || model.config().architecture.qk_norm() {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xb1a5);
         let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::invalid(e.to_string()))?;
         let mut biases = HashMap::new();
-        for (name, var) in model.params().iter().filter(|(n, _)| n.ends_with(".bias")) {
+        let perturbed = |n: &str| n.ends_with(".bias") || n.ends_with("_norm.weight");
+        for (name, var) in model.params().iter().filter(|(n, _)| perturbed(n)) {
+            // Biases N(0, 0.02); norms 1 + N(0, 0.2).
+            let (base, scale) = if name.ends_with(".bias") {
+                (0.0, 1.0)
+            } else {
+                (1.0, 10.0)
+            };
             let data: Vec<f32> = (0..var.elem_count())
-                .map(|_| normal.sample(&mut rng))
+                .map(|_| base + scale * normal.sample(&mut rng))
                 .collect();
             biases.insert(
                 name.to_string(),

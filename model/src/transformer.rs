@@ -33,6 +33,8 @@ pub struct LayerWeights {
     pub k: Tensor,
     pub v: Tensor,
     pub qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// Qwen3's per-head RMSNorm weights of q and k, (head_dim) each.
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub o: Tensor,
     pub post_norm: Tensor,
     pub gate: Tensor,
@@ -220,6 +222,12 @@ impl Model {
                             get(&format!("{p}.self_attn.q_proj.bias")),
                             get(&format!("{p}.self_attn.k_proj.bias")),
                             get(&format!("{p}.self_attn.v_proj.bias")),
+                        )
+                    }),
+                    qk_norm: self.config.architecture.qk_norm().then(|| {
+                        (
+                            get(&format!("{p}.self_attn.q_norm.weight")),
+                            get(&format!("{p}.self_attn.k_norm.weight")),
                         )
                     }),
                     o: get(&format!("{p}.self_attn.o_proj.weight")),

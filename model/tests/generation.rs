@@ -55,7 +55,14 @@ fn greedy_batched_equals_alone() {
 
 #[test]
 fn recorded_logprobs_equal_scoring() {
-    let p = tiny("tiny", 6);
+    for name in tandem_model::preset::PRESETS {
+        recorded_equal_scored(name);
+    }
+}
+
+/// The engine's recorded logprobs of preset `name` equal the training forward's.
+fn recorded_equal_scored(name: &str) {
+    let p = tiny(name, 6);
     // Greedy records logprobs at temperature 1; sampling at its own temperature.
     for (gen_t, score_t) in [(0.0, 1.0), (0.7, 0.7), (1.3, 1.3)] {
         let out = generate(&p.model, prompts(), params(gen_t, 16)).unwrap();
@@ -77,7 +84,7 @@ fn recorded_logprobs_equal_scoring() {
                 &c.logprobs,
                 &lp,
                 1e-4,
-                &format!("T {gen_t}: recorded vs scored"),
+                &format!("{name} T {gen_t}: recorded vs scored"),
             );
         }
     }

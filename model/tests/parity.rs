@@ -98,6 +98,14 @@ fn tiny_qwen2_matches_transformers() {
     preset_parity("tiny-qwen2");
 }
 
+/// Qwen3 as Tandem saves it (config.json, weights with q_norm / k_norm), loaded by
+/// transformers' `Qwen3ForCausalLM`; the f64 models of every awkward shape are in
+/// tests/qwen3.rs.
+#[test]
+fn tiny_qwen3_matches_transformers() {
+    preset_parity("tiny-qwen3");
+}
+
 /// SmolLM2-135M-Instruct from its Q4_1 GGUF (fetched into the cache on first use),
 /// dequantized to f32, against transformers' own GGUF loader.
 #[test]
@@ -226,4 +234,9 @@ fn tiny_llama_gradients_match_transformers() {
 #[test]
 fn tiny_qwen2_gradients_match_transformers() {
     gradient_parity("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_gradients_match_transformers() {
+    gradient_parity("tiny-qwen3");
 }
