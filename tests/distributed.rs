@@ -2130,16 +2130,7 @@ fn generated_tokens(http: &str, name: &str) -> Option<f64> {
 #[test]
 fn chaos_kills_stops_and_a_faulty_network_lose_nothing() {
     use common::fault_proxy::{FaultProxy, Rng};
-    let seed = std::env::var("TANDEM_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("chaos seed {seed} (TANDEM_CHAOS_SEED={seed} replays it)");
+    let seed = Rng::replayable_seed("TANDEM_CHAOS_SEED", "chaos");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());

@@ -214,16 +214,7 @@ fn nothing_lost(run: &Path, trained: &BTreeSet<u64>) {
 /// once, no prompt or lease was trained twice, none was lost. `--fresh` starts over.
 #[test]
 fn ctrl_c_then_resume_and_a_reboot_then_resume_train_each_step_once() {
-    let seed = std::env::var("TANDEM_LIFECYCLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("lifecycle seed {seed} (TANDEM_LIFECYCLE_SEED={seed} replays it)");
+    let seed = Rng::replayable_seed("TANDEM_LIFECYCLE_SEED", "lifecycle");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
