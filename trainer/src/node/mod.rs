@@ -137,7 +137,7 @@ pub fn run(
         shared: &shared,
         pusher: pusher.as_ref(),
         evals,
-        watch: watch::Watch::open(&s.run_dir, s.tensorboard, !resumed)?,
+        watch: watch::Watch::open(&s.run_dir, s.tensorboard)?,
         resumable_from: checkpoint::resumable_from(&s.run_dir),
     }
     .run(&mut learner)?;

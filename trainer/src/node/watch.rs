@@ -16,32 +16,6 @@ use tandem_report::tensorboard::EventWriter;
 use crate::error::{Context, Result};
 use crate::rl::rollout::Rollout;
 
-/// Removes `samples.jsonl` and the event files in `tensorboard` (each name itself,
-/// never what a link there points at).
-fn remove_earlier(run_dir: &Path, tensorboard: &Path) -> Result<()> {
-    let mut old = vec![run_dir.join(samples::FILE)];
-    if let Ok(entries) = std::fs::read_dir(tensorboard) {
-        old.extend(
-            entries
-                .flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with("events.out.tfevents.")
-                })
-                .map(|e| e.path()),
-        );
-    }
-    for path in old {
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                Err::<(), _>(e).with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Whether step `step` logs samples with `[run] log_samples = every`.
 pub fn samples_due(every: u64, step: u64) -> bool {
     every > 0 && step.is_multiple_of(every)
@@ -62,13 +36,10 @@ pub struct Watch {
 
 impl Watch {
     /// Opens a new event file when `tensorboard` (an error names the file and why).
-    /// A `fresh` trainer (not resumed) first removes an earlier run's `samples.jsonl`
-    /// and event files: the run's history starts anew.
-    pub fn open(run_dir: &Path, tensorboard: bool, fresh: bool) -> Result<Self> {
+    /// Nothing earlier is deleted here: `tandem run --fresh` removes an earlier run's
+    /// `samples.jsonl` and `tensorboard/` with the rest of its outputs.
+    pub fn open(run_dir: &Path, tensorboard: bool) -> Result<Self> {
         let dir = run_dir.join("tensorboard");
-        if fresh {
-            remove_earlier(run_dir, &dir)?;
-        }
         let events = if tensorboard {
             let w = EventWriter::create(&dir)
                 .with_context(|| "[run] tensorboard: the event file".to_string())?;
@@ -294,21 +265,19 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_trainer_removes_the_earlier_runs_files_and_a_resumed_one_keeps_them() {
+    fn a_trainer_start_deletes_nothing_and_writes_a_file_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let (run, tb) = (dir.path(), dir.path().join("tensorboard"));
         std::fs::create_dir_all(&tb).unwrap();
         let old = tb.join("events.out.tfevents.1.old");
-        let keep = tb.join("notes.txt");
-        for f in [&old, &keep, &run.join(samples::FILE)] {
+        for f in [&old, &run.join(samples::FILE)] {
             std::fs::write(f, "x").unwrap();
         }
-        let w = Watch::open(run, true, false).unwrap();
-        assert!(old.exists() && run.join(samples::FILE).exists());
+        let w = Watch::open(run, true).unwrap();
         let new = w.events.as_ref().unwrap().path().to_path_buf();
-        Watch::open(run, false, true).unwrap();
-        assert!(!old.exists() && !new.exists() && !run.join(samples::FILE).exists());
-        assert!(keep.exists());
+        assert_ne!(new, old);
+        Watch::open(run, false).unwrap();
+        assert!(old.exists() && new.exists() && run.join(samples::FILE).exists());
     }
 
     #[test]
