@@ -463,7 +463,7 @@ role=$1
 echo "token=$TANDEM_TOKEN $*"
 wait_finished() {{ while [ ! -e "$D/finished" ]; do sleep 0.02; done; }}
 once() {{ if [ -e "$D/$1" ]; then return 1; fi; touch "$D/$1"; }}
-listen() {{ while [ $# -gt 0 ]; do if [ "$1" = --addr-file ]; then echo '{{"grpc":"127.0.0.1:1","http":"127.0.0.1:2"}}' > "$2"; fi; shift; done; }}
+listen() {{ while [ $# -gt 0 ]; do if [ "$1" = --addr-file ]; then echo '{{"grpc":"127.0.0.1:1","http":"127.0.0.1:2"}}' > "$2.tmp"; mv "$2.tmp" "$2"; fi; shift; done; }}
 case $role in
 coordinator) {coordinator} ;;
 trainer) {trainer} ;;
@@ -545,8 +545,10 @@ esac
         );
         let mut s = Supervisor::start(plan(&run, 2, 1), program).unwrap();
         assert_eq!(s.coordinator(), "127.0.0.1:1");
+        // The fake trainer may already have made `checkpoints/latest`: the earlier
+        // run's step is what must be gone.
         assert!(
-            !run.join("metrics.jsonl").exists() && !run.join("checkpoints").exists(),
+            !run.join("metrics.jsonl").exists() && !run.join("checkpoints/step-000009").exists(),
             "an earlier run's log or checkpoints stayed"
         );
         let mut restarts = Vec::new();
