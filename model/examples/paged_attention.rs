@@ -55,7 +55,7 @@ fn main() {
     let q = Tensor::randn(0f32, 1.0, (n, heads.query * heads.dim), &dev).unwrap();
     let step = || {
         for (k, v) in &pools {
-            paged_attention(&q, k, v, &layout, heads).unwrap();
+            paged_attention(&q, k, v, &layout, heads, None).unwrap();
         }
     };
     step();

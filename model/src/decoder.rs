@@ -5,6 +5,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
+use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention, Heads};
 use crate::ops::rms_norm::rms_norm;
@@ -16,48 +17,107 @@ use crate::transformer::{project, project_each, LayerWeights, Model, Weights};
 /// What every decoder layer of one packed forward shares.
 #[derive(Clone, Debug)]
 struct LayerContext {
-    /// cos and sin at each packed token's position, (T, head_dim / 2).
-    cos: Tensor,
-    sin: Tensor,
+    /// cos and sin at each packed token's position, (T, head_dim / 2): the global
+    /// layers' tables, then the local layers' (Gemma 3).
+    rope: (Tensor, Tensor),
+    local_rope: Option<(Tensor, Tensor)>,
     segments: std::sync::Arc<Vec<crate::ops::attention::Segment>>,
-    heads: Heads,
-    eps: f64,
-    fused: bool,
+    block: Block,
 }
 
 /// One decoder block on a packed row x (T, d) with the training attention over the
-/// row's segments.
-fn decoder_layer(lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-    let rope = (&ctx.cos, &ctx.sin);
-    decoder_block(lw, x, rope, ctx.heads, ctx.eps, ctx.fused, |q, k, v| {
-        attention(q, k, v, &ctx.segments, ctx.heads)
+/// row's segments (within its window when layer `li` is local).
+fn decoder_layer(li: usize, lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+    let window = ctx.block.windows.get(li).copied().flatten();
+    let (cos, sin) = match (window, &ctx.local_rope) {
+        (Some(_), Some(local)) => local,
+        _ => &ctx.rope,
+    };
+    let heads = ctx.block.heads;
+    decoder_block(lw, x, (cos, sin), &ctx.block, |q, k, v| {
+        attention(q, k, v, &ctx.segments, heads, window)
     })
+}
+
+/// The shape of a model's decoder blocks: what [`decoder_block`] needs besides the
+/// weights.
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub heads: Heads,
+    pub eps: f64,
+    pub fused: bool,
+    /// c in the RMSNorm's (c + w): 1 for Gemma 3.
+    pub norm_offset: f64,
+    pub activation: Activation,
+    /// √head_dim / √query_pre_attn_scalar: with the attention's 1/√head_dim, scores
+    /// are scaled by query_pre_attn_scalar^(−1/2); 1 for the other families.
+    pub q_scale: f64,
+    /// Each layer's attention window; `None`: global.
+    pub windows: Vec<Option<usize>>,
+}
+
+impl Block {
+    pub(crate) fn of(cfg: &ModelConfig, fused: bool) -> Self {
+        Block {
+            heads: Heads {
+                query: cfg.num_attention_heads,
+                kv: cfg.num_key_value_heads,
+                dim: cfg.head_dim,
+            },
+            eps: cfg.rms_norm_eps,
+            fused,
+            norm_offset: cfg.architecture.norm_offset(),
+            activation: cfg.architecture.activation(),
+            q_scale: cfg
+                .query_pre_attn_scalar
+                .map_or(1.0, |s| (cfg.head_dim as f64 / s).sqrt()),
+            windows: (0..cfg.num_hidden_layers).map(|l| cfg.window_of(l)).collect(),
+        }
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        offset_rms_norm(x, w, self.eps, self.norm_offset, self.fused)
+    }
+}
+
+/// RMSNorm of x's last dimension with weight (c + w): y = x / √(mean(x²) + ε) · (c + w).
+pub(crate) fn offset_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    offset: f64,
+    fused: bool,
+) -> Result<Tensor> {
+    if offset == 0.0 {
+        return rms_norm(x, w, eps, fused);
+    }
+    rms_norm(x, &w.affine(1.0, offset)?, eps, fused)
 }
 
 /// RMSNorm over each head of x (T, heads·head_dim) with weight w (head_dim): the
 /// fused op over the last dimension of the (T, heads, head_dim) view.
-fn head_norm(x: &Tensor, w: &Tensor, heads: usize, eps: f64, fused: bool) -> Result<Tensor> {
+fn head_norm(x: &Tensor, w: &Tensor, heads: usize, b: &Block) -> Result<Tensor> {
     let (t, width) = x.dims2()?;
-    let y = rms_norm(&x.reshape((t, heads, width / heads))?, w, eps, fused)?;
+    let y = b.norm(&x.reshape((t, heads, width / heads))?, w)?;
     Ok(y.reshape((t, width))?)
 }
 
 /// One decoder block on token rows x (T, d), `rope` = (cos, sin) at each row's
 /// position, with `attend(q, k, v)` the attention of the rotated rows:
-/// h = x + O·attn(rope(ν_q(Q·n₁(x))), rope(ν_k(K·n₁(x))), V·n₁(x));
-/// y = h + D·(silu(G·n₂(h)) ∘ U·n₂(h)), where ν_q, ν_k are Qwen3's RMSNorm over each
-/// head (the identity for the other families).
+/// h = x + ρ₁(O·attn(s · rope(ν_q(Q·n₁(x))), rope(ν_k(K·n₁(x))), V·n₁(x)));
+/// y = h + ρ₂(D·(act(G·n₂(h)) ∘ U·n₂(h))), where ν_q, ν_k are the RMSNorm over each
+/// head (Qwen3, Gemma 3), ρ₁, ρ₂ Gemma 3's norms of each branch's output, s its
+/// query scale (the identity and 1 for the families without them) and act silu or
+/// Gemma 3's tanh GELU.
 pub(crate) fn decoder_block(
     lw: &LayerWeights,
     x: &Tensor,
     (cos, sin): (&Tensor, &Tensor),
-    heads: Heads,
-    eps: f64,
-    fused: bool,
+    b: &Block,
     attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let f = fused;
-    let xn = rms_norm(x, &lw.input_norm, eps, f)?;
+    let (f, heads) = (b.fused, b.heads);
+    let xn = b.norm(x, &lw.input_norm)?;
     let (qb, kb, vb) = match &lw.qkv_bias {
         Some((q, k, v)) => (Some(q), Some(k), Some(v)),
         None => (None, None, None),
@@ -72,16 +132,25 @@ pub(crate) fn decoder_block(
     )?;
     let (q, k) = match &lw.qk_norm {
         Some((qn, kn)) => (
-            head_norm(&q, qn, heads.query, eps, f)?,
-            head_norm(&k, kn, heads.kv, eps, f)?,
+            head_norm(&q, qn, heads.query, b)?,
+            head_norm(&k, kn, heads.kv, b)?,
         ),
         None => (q, k),
     };
     let q = rotary(&q, cos, sin, heads.query)?;
+    let q = if b.q_scale == 1.0 {
+        q
+    } else {
+        q.affine(b.q_scale, 0.0)?
+    };
     let k = rotary(&k, cos, sin, heads.kv)?;
-    let a = attend(&q, &k, &v)?;
-    let h = (project(&a, &lw.o, None, pk.map(|p| &p.o), f)? + x)?;
-    let hn = rms_norm(&h, &lw.post_norm, eps, f)?;
+    let a = project(&attend(&q, &k, &v)?, &lw.o, None, pk.map(|p| &p.o), f)?;
+    let a = match &lw.sandwich {
+        Some((after_attention, _)) => b.norm(&a, after_attention)?,
+        None => a,
+    };
+    let h = (a + x)?;
+    let hn = b.norm(&h, &lw.post_norm)?;
     let [gate, up] = project_each(
         &hn,
         [&lw.gate, &lw.up],
@@ -89,13 +158,23 @@ pub(crate) fn decoder_block(
         pk.map(|p| [&p.gate, &p.up]),
         f,
     )?;
-    let mlp = swiglu(&gate, &up)?;
-    Ok((project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)? + h)?)
+    let mlp = match b.activation {
+        Activation::Silu => swiglu(&gate, &up)?,
+        Activation::GeluTanh => (gate.gelu()? * up)?,
+    };
+    let m = project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)?;
+    let m = match &lw.sandwich {
+        Some((_, after_mlp)) => b.norm(&m, after_mlp)?,
+        None => m,
+    };
+    Ok((m + h)?)
 }
 
 /// The decoder layers of a checkpointed forward, replayed during the backward.
 #[derive(Debug)]
 pub struct Recompute {
+    /// The model (its embedding scale).
+    model: Model,
     /// The tracked weights (gradients go to the model's parameters).
     weights: Weights,
     ids: Tensor,
@@ -117,9 +196,9 @@ impl Recompute {
             // The loss does not depend on the layers: nothing to add.
             None => return Ok(()),
         };
-        for (lw, x) in self.weights.layers.iter().zip(&self.inputs).rev() {
+        for (li, (lw, x)) in self.weights.layers.iter().zip(&self.inputs).enumerate().rev() {
             let xv = candle_core::Var::from_tensor(x)?;
-            let y = decoder_layer(lw, xv.as_tensor(), &self.ctx)?;
+            let y = decoder_layer(li, lw, xv.as_tensor(), &self.ctx)?;
             let mut layer_grads = (y * &g)?.sum_all()?.backward()?;
             g = layer_grads
                 .remove(xv.as_tensor())
@@ -133,6 +212,7 @@ impl Recompute {
                 qk_norm,
                 o,
                 post_norm,
+                sandwich,
                 gate,
                 up,
                 down,
@@ -145,11 +225,14 @@ impl Recompute {
             if let Some((qn, kn)) = qk_norm {
                 params.extend([qn, kn]);
             }
+            if let Some((a, m)) = sandwich {
+                params.extend([a, m]);
+            }
             for p in params {
                 add_grad(grads, p, layer_grads.remove(p))?;
             }
         }
-        let e = self.weights.embed.index_select(&self.ids, 0)?;
+        let e = self.model.embed(&self.weights.embed, &self.ids)?;
         let mut eg = (e * g)?.sum_all()?.backward()?;
         add_grad(grads, &self.weights.embed, eg.remove(&self.weights.embed))
     }
@@ -192,39 +275,37 @@ impl Model {
         }
         let ids = Tensor::from_vec(batch.ids.clone(), t, self.device())?;
         let positions = Tensor::from_vec(batch.positions.clone(), (1, t), self.device())?;
-        let (cos, sin) = self.rope.at(&positions)?;
+        let at = |rope: &crate::rope::Rope| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope.at(&positions)?;
+            Ok((cos.squeeze(0)?, sin.squeeze(0)?))
+        };
         let ctx = LayerContext {
-            cos: cos.squeeze(0)?,
-            sin: sin.squeeze(0)?,
+            rope: at(&self.rope)?,
+            local_rope: self.rope_local.as_ref().map(at).transpose()?,
             segments: batch.segments.clone(),
-            heads: Heads {
-                query: cfg.num_attention_heads,
-                kv: cfg.num_key_value_heads,
-                dim: cfg.head_dim,
-            },
-            eps: cfg.rms_norm_eps,
-            fused: w.fused,
+            block: Block::of(cfg, w.fused),
         };
         if !checkpoint {
-            let mut x = w.embed.index_select(&ids, 0)?;
-            for lw in &w.layers {
-                x = decoder_layer(lw, &x, &ctx)?;
+            let mut x = self.embed(&w.embed, &ids)?;
+            for (li, lw) in w.layers.iter().enumerate() {
+                x = decoder_layer(li, lw, &x, &ctx)?;
             }
-            return Ok((rms_norm(&x, &w.norm, ctx.eps, w.fused)?, None));
+            return Ok((self.norm(&x, &w.norm, w.fused)?, None));
         }
         // The same ops on detached views of the same weights: identical numbers, no graph.
         let detached = self.collect_weights(|t| t.detach(), w.fused);
-        let mut x = detached.embed.index_select(&ids, 0)?;
+        let mut x = self.embed(&detached.embed, &ids)?;
         let mut inputs = Vec::with_capacity(detached.layers.len());
-        for lw in &detached.layers {
+        for (li, lw) in detached.layers.iter().enumerate() {
             inputs.push(x.clone());
-            x = decoder_layer(lw, &x, &ctx)?;
+            x = decoder_layer(li, lw, &x, &ctx)?;
         }
         let top = candle_core::Var::from_tensor(&x)?;
-        let hidden = rms_norm(top.as_tensor(), &w.norm, ctx.eps, w.fused)?;
+        let hidden = self.norm(top.as_tensor(), &w.norm, w.fused)?;
         Ok((
             hidden,
             Some(Recompute {
+                model: self.clone(),
                 weights: w.clone(),
                 ids,
                 ctx,

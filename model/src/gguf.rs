@@ -207,6 +207,9 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
         pad_token_id: pad,
+        sliding_window: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
     };
     config
         .validate()

@@ -58,7 +58,7 @@ pub use checkpoint::{
     check, load, materialize, save_hf, save_hf_sharded, write_atomic, ModelSection, Pretrained,
     MAX_SHARD_BYTES,
 };
-pub use config::{Architecture, ModelConfig};
+pub use config::{Activation, Architecture, ModelConfig, SlidingWindow};
 pub use device::{load_model, process_device, process_dtype};
 pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};
 pub use error::{Error, Result};

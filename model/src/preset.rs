@@ -24,7 +24,7 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// Names of the presets `tandem model init --preset` accepts.
-pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "tiny-qwen3"];
+pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"];
 
 /// The config of a preset.
 pub fn preset_config(name: &str) -> Result<ModelConfig> {
@@ -46,6 +46,9 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
         bos_token_id: Some(BOS_ID),
         eos_token_ids: vec![EOS_ID],
         pad_token_id: Some(EOS_ID),
+        sliding_window: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
     };
     match name {
         // Untied head, no biases: the Llama path.
@@ -66,6 +69,23 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             tie_word_embeddings: true,
             rms_norm_eps: 1e-6,
             rope_theta: 1_000_000.0,
+            ..base
+        }),
+        // Gemma 3: local layers with a window of 16 around a global one, GeGLU, four
+        // norms per layer, √d embeddings, head_dim ≠ hidden / heads, GQA 2:1, tied.
+        "tiny-gemma3" => Ok(ModelConfig {
+            architecture: Architecture::Gemma3,
+            num_hidden_layers: 3,
+            head_dim: 32,
+            tie_word_embeddings: true,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            sliding_window: Some(crate::config::SlidingWindow {
+                size: 16,
+                local: vec![true, false, true],
+                rope_theta: 10_000.0,
+            }),
+            query_pre_attn_scalar: Some(24.0),
             ..base
         }),
         other => Err(Error::invalid(format!(
@@ -89,13 +109,17 @@ pub fn init(name: &str, seed: u64, device: &Device) -> Result<Pretrained> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xb1a5);
         let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::invalid(e.to_string()))?;
         let mut biases = HashMap::new();
-        let perturbed = |n: &str| n.ends_with(".bias") || n.ends_with("_norm.weight");
+        // Gemma 3's norms are offsets from one: all of them are perturbed.
+        let offset = model.config().architecture.norm_offset() as f32;
+        let perturbed = |n: &str| {
+            n.ends_with(".bias") || n.ends_with("_norm.weight") || (offset != 0.0 && n.ends_with("norm.weight"))
+        };
         for (name, var) in model.params().iter().filter(|(n, _)| perturbed(n)) {
-            // Biases N(0, 0.02); norms 1 + N(0, 0.2).
+            // Biases N(0, 0.02); norms (c + w) = 1 + N(0, 0.2).
             let (base, scale) = if name.ends_with(".bias") {
                 (0.0, 1.0)
             } else {
-                (1.0, 10.0)
+                (1.0 - offset, 10.0)
             };
             let data: Vec<f32> = (0..var.elem_count())
                 .map(|_| base + scale * normal.sample(&mut rng))

@@ -18,11 +18,15 @@ pub struct Rope {
 /// longer than `orig / low_freq_factor` are divided by `factor`, shorter than
 /// `orig / high_freq_factor` kept, and the band between interpolated smoothly.
 pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f64> {
-    let d = cfg.head_dim;
+    scaled_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref())
+}
+
+/// [`inverse_frequencies`] of head width `d`, base `theta` and `scaling`.
+fn scaled_frequencies(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
     let inv: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
         .collect();
-    match &cfg.rope_scaling {
+    match scaling {
         None | Some(RopeScaling::Linear { .. }) => inv,
         Some(RopeScaling::Llama3 {
             factor,
@@ -52,12 +56,33 @@ pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f64> {
 }
 
 impl Rope {
+    /// The tables of the global layers: the config's base and scaling.
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let inv = inverse_frequencies(cfg);
         let scale = match cfg.rope_scaling {
             Some(RopeScaling::Linear { factor }) => 1.0 / factor,
             _ => 1.0,
         };
+        Self::tables(cfg, inverse_frequencies(cfg), scale, dtype, device)
+    }
+
+    /// The tables of the local (sliding-window) layers: their own base, no scaling;
+    /// `None` when every layer is global.
+    pub fn local(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Option<Self>> {
+        let Some(sw) = &cfg.sliding_window else {
+            return Ok(None);
+        };
+        let inv = scaled_frequencies(cfg.head_dim, sw.rope_theta, None);
+        Ok(Some(Self::tables(cfg, inv, 1.0, dtype, device)?))
+    }
+
+    /// cos and sin of (p · scale) · θ_i for every position p < `max_position_embeddings`.
+    fn tables(
+        cfg: &ModelConfig,
+        inv: Vec<f64>,
+        scale: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let n = cfg.max_position_embeddings;
         let half = inv.len();
         let mut cos = Vec::with_capacity(n * half);

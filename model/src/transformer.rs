@@ -36,7 +36,12 @@ pub struct LayerWeights {
     /// Qwen3's per-head RMSNorm weights of q and k, (head_dim) each.
     pub qk_norm: Option<(Tensor, Tensor)>,
     pub o: Tensor,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma 3's
+    /// `pre_feedforward_layernorm`).
     pub post_norm: Tensor,
+    /// Gemma 3's norms of the attention and MLP outputs before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub sandwich: Option<(Tensor, Tensor)>,
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
@@ -72,6 +77,11 @@ pub struct Model {
     config: ModelConfig,
     params: ParamStore,
     pub(crate) rope: Rope,
+    /// The local layers' tables (Gemma 3), `None` when every layer is global.
+    pub(crate) rope_local: Option<Rope>,
+    /// Gemma 3's √hidden on the embeddings, rounded to f32 and then to the model's
+    /// dtype as transformers does (its scale is an f32 buffer).
+    embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
 }
@@ -155,17 +165,30 @@ impl Model {
         config.validate()?;
         let params = ParamStore::from_tensors(&config, tensors, dtype, device)?;
         let rope = Rope::new(&config, dtype, device)?;
+        let rope_local = Rope::local(&config, dtype, device)?;
+        let embed_scale = match config.architecture {
+            crate::config::Architecture::Gemma3 => Some(
+                Tensor::new(&[(config.hidden_size as f64).sqrt() as f32], &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?[0],
+            ),
+            _ => None,
+        };
         Ok(Model {
             config,
             params,
             rope,
+            rope_local,
+            embed_scale,
             dtype,
             device: device.clone(),
         })
     }
 
     /// Random initialisation as `transformers` does for Llama: N(0, 0.02) matrices,
-    /// norms at one, biases at zero. Deterministic for a seed on any machine.
+    /// norms at one (Gemma 3's offsets from one at zero), biases at zero.
+    /// Deterministic for a seed on any machine.
     pub fn random(config: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
@@ -175,7 +198,7 @@ impl Model {
         for (name, shape) in expected_params(&config) {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
+                vec![1.0 - config.architecture.norm_offset() as f32; n]
             } else if name.ends_with(".bias") {
                 vec![0.0; n]
             } else {
@@ -209,6 +232,7 @@ impl Model {
                     .as_tensor(),
             )
         };
+        let sandwich = self.config.architecture.sandwich_norms();
         let layers = (0..self.config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -231,7 +255,16 @@ impl Model {
                         )
                     }),
                     o: get(&format!("{p}.self_attn.o_proj.weight")),
-                    post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
+                    post_norm: match sandwich {
+                        true => get(&format!("{p}.pre_feedforward_layernorm.weight")),
+                        false => get(&format!("{p}.post_attention_layernorm.weight")),
+                    },
+                    sandwich: sandwich.then(|| {
+                        (
+                            get(&format!("{p}.post_attention_layernorm.weight")),
+                            get(&format!("{p}.post_feedforward_layernorm.weight")),
+                        )
+                    }),
                     gate: get(&format!("{p}.mlp.gate_proj.weight")),
                     up: get(&format!("{p}.mlp.up_proj.weight")),
                     down: get(&format!("{p}.mlp.down_proj.weight")),
@@ -276,9 +309,29 @@ impl Model {
         Ok(())
     }
 
-    /// Logits of hidden states (..., d) → (..., V).
+    /// Logits of hidden states (..., d) → (..., V), soft-capped as c · tanh(z / c)
+    /// when the config sets `final_logit_softcapping` c.
     pub fn logits(&self, w: &Weights, hidden: &Tensor) -> Result<Tensor> {
-        project(hidden, w.head(), None, w.head_packed.as_ref(), w.fused)
+        let z = project(hidden, w.head(), None, w.head_packed.as_ref(), w.fused)?;
+        match self.config.final_logit_softcapping {
+            Some(c) => Ok(z.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?),
+            None => Ok(z),
+        }
+    }
+
+    /// The embeddings of `ids` (N,) → (N, d), times √d for Gemma 3.
+    pub(crate) fn embed(&self, embed: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let e = embed.index_select(ids, 0)?;
+        match self.embed_scale {
+            Some(s) => Ok(e.affine(s, 0.0)?),
+            None => Ok(e),
+        }
+    }
+
+    /// RMSNorm with the family's weight offset: x / rms(x) · (c + w) (c = 1 for
+    /// Gemma 3, else 0).
+    pub(crate) fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+        crate::decoder::offset_rms_norm(x, w, self.config.rms_norm_eps, self.config.architecture.norm_offset(), fused)
     }
 
     /// Full logits (B, T, V) of `seqs`, right-padded with zeros to the longest (the

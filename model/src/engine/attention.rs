@@ -60,14 +60,19 @@ impl PagedLayout {
     }
 }
 
-/// q (N, H·D) over the pools k, v (slots, KV·D) → (N, H·D).
+/// q (N, H·D) over the pools k, v (slots, KV·D) → (N, H·D); with a `window`, query i
+/// sees only the last `window` of its `visible(i)` tokens (a local layer).
 pub fn paged_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     layout: &Arc<PagedLayout>,
     heads: Heads,
+    window: Option<usize>,
 ) -> Result<Tensor> {
+    if window == Some(0) {
+        return Err(Error::invalid("paged attention: the window must be positive"));
+    }
     widths(heads)?;
     if layout.queries.len() != q.dim(0)? {
         return Err(Error::invalid(format!(
@@ -83,10 +88,11 @@ pub fn paged_attention(
             &PagedAttention {
                 layout: layout.clone(),
                 heads,
+                window,
             },
         )?);
     }
-    composed(q, k, v, layout, heads)
+    composed(q, k, v, layout, heads, window)
 }
 
 /// The same attention from candle ops: each sequence's keys gathered, a mask for the
@@ -97,6 +103,7 @@ pub(crate) fn composed(
     v: &Tensor,
     layout: &PagedLayout,
     heads: Heads,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let Heads { query: h, kv, dim } = heads;
     let groups = h / kv;
@@ -128,6 +135,8 @@ pub(crate) fn composed(
             .transpose(0, 1)?;
         let mut mask = vec![0f32; n * width];
         for (r, &(_, vis)) in run.iter().enumerate() {
+            let first = window.map_or(0, |w| (vis as usize).saturating_sub(w));
+            mask[r * width..r * width + first].fill(MASKED as f32);
             mask[r * width + vis as usize..(r + 1) * width].fill(MASKED as f32);
         }
         let mask = Tensor::from_vec(mask, (n, width), q.device())?.to_dtype(compute)?;
@@ -162,6 +171,7 @@ pub(crate) fn composed(
 struct PagedAttention {
     layout: Arc<PagedLayout>,
     heads: Heads,
+    window: Option<usize>,
 }
 
 impl CustomOp3 for PagedAttention {
@@ -200,7 +210,7 @@ impl CustomOp3 for PagedAttention {
                 self.layout.queries.len()
             )
         }
-        let out = kernel::forward(q, k, v, slots_in_pool, &self.layout, heads)?;
+        let out = kernel::forward(q, k, v, slots_in_pool, &self.layout, heads, self.window)?;
         Ok((CpuStorage::F32(out), Shape::from((n, qw))))
     }
 }
@@ -235,8 +245,23 @@ mod tests {
                 ],
             });
             let q = Tensor::randn(0f32, 1.0, (5, heads.query * dim), &dev).unwrap();
-            let fast = paged_attention(&q, &k, &v, &layout, heads).unwrap();
-            let slow = composed(&q, &k, &v, &layout, heads).unwrap();
+            // Windows that cut the prefill chunk's keys, and a local layer's of 1.
+            for window in [Some(4), Some(1), Some(100)] {
+                let fast = paged_attention(&q, &k, &v, &layout, heads, window).unwrap();
+                let slow = composed(&q, &k, &v, &layout, heads, window).unwrap();
+                let d = max_abs(&fast, &slow);
+                assert!(d < 1e-5, "dim {dim}, window {window:?}: {d}");
+            }
+            // A window of one: each query returns its own (last) token's value rows.
+            let own = paged_attention(&q, &k, &v, &layout, heads, Some(1)).unwrap();
+            let v60 = v.narrow(0, 60, 1).unwrap().reshape((2, dim)).unwrap();
+            let third = own.narrow(0, 2, 1).unwrap().reshape((6, dim)).unwrap();
+            for h in 0..6 {
+                let d = max_abs(&third.narrow(0, h, 1).unwrap(), &v60.narrow(0, h / 3, 1).unwrap());
+                assert!(d < 1e-6, "dim {dim} head {h}: {d}");
+            }
+            let fast = paged_attention(&q, &k, &v, &layout, heads, None).unwrap();
+            let slow = composed(&q, &k, &v, &layout, heads, None).unwrap();
             let d = max_abs(&fast, &slow);
             assert!(d < 1e-5, "dim {dim}: {d}");
             // A query that sees one token returns that token's value rows.
@@ -265,7 +290,7 @@ mod tests {
             queries: vec![(0, 3)],
             slots: vec![vec![0, 1]],
         });
-        assert!(paged_attention(&q, &k, &k, &layout, heads).is_err());
+        assert!(paged_attention(&q, &k, &k, &layout, heads, None).is_err());
     }
 
     /// Slots outside the pool, a query naming no sequence, heads that do not share their
@@ -282,7 +307,7 @@ mod tests {
         let q = Tensor::ones((1, 16), DType::F32, &dev).unwrap();
         let run = |queries: Vec<(u32, u32)>, slots: Vec<Vec<u32>>, heads, k: &Tensor| {
             let layout = Arc::new(PagedLayout { queries, slots });
-            paged_attention(&q, k, k, &layout, heads)
+            paged_attention(&q, k, k, &layout, heads, None)
         };
         assert!(run(vec![(0, 2)], vec![vec![0, 3]], heads, &k).is_ok());
         for slot in [4, u32::MAX] {
@@ -316,7 +341,7 @@ mod tests {
         let k = Tensor::ones((4, 8), DType::F32, &dev).unwrap();
         let q = Tensor::ones((0, 16), DType::F32, &dev).unwrap();
         let none = Arc::new(PagedLayout::default());
-        let y = paged_attention(&q, &k, &k, &none, heads).unwrap();
+        let y = paged_attention(&q, &k, &k, &none, heads, None).unwrap();
         assert_eq!(y.dims(), [0, 16]);
         let flat = Heads { dim: 0, ..heads };
         let (q, k) = (
@@ -327,7 +352,7 @@ mod tests {
             queries: vec![(0, 2)],
             slots: vec![vec![1, 2]],
         });
-        let y = paged_attention(&q, &k, &k, &layout, flat).unwrap();
+        let y = paged_attention(&q, &k, &k, &layout, flat, None).unwrap();
         assert_eq!(y.dims(), [1, 0]);
     }
 }

@@ -12,10 +12,9 @@ use candle_core::{DType, Tensor};
 use super::attention::{paged_attention, PagedLayout};
 use super::pages::{KvPages, PagePool};
 use super::scheduler::Seq;
-use crate::decoder::decoder_block;
+use crate::decoder::{decoder_block, Block};
 use crate::error::Result;
 use crate::ops::attention::Heads;
-use crate::ops::rms_norm::rms_norm;
 use crate::packed_matmul::PackedWeights;
 use crate::transformer::{Model, Weights};
 
@@ -116,31 +115,33 @@ impl Runner {
         let width = self.heads.kv * self.heads.dim;
         let ids = Tensor::from_slice(&rows.ids, n, dev)?;
         let pos = Tensor::from_slice(&rows.positions, (1, n), dev)?;
-        let (cos, sin) = model.rope.at(&pos)?;
-        let (cos, sin) = (cos.squeeze(0)?, sin.squeeze(0)?);
+        let at = |rope: &crate::rope::Rope| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope.at(&pos)?;
+            Ok((cos.squeeze(0)?, sin.squeeze(0)?))
+        };
+        let global = at(&model.rope)?;
+        let local = model.rope_local.as_ref().map(at).transpose()?;
+        let block = Block::of(mc, true);
         let slots: Vec<u32> = rows
             .write
             .iter()
             .flat_map(|&s| std::iter::repeat_n(s, width))
             .collect();
         let slots = Tensor::from_vec(slots, (n, width), dev)?;
-        let mut x = w.embed.index_select(&ids, 0)?;
+        let mut x = model.embed(&w.embed, &ids)?;
         for (li, lw) in w.layers.iter().enumerate() {
-            x = decoder_block(
-                lw,
-                &x,
-                (&cos, &sin),
-                self.heads,
-                mc.rms_norm_eps,
-                true,
-                |q, k, v| {
-                    self.kv.write(li, &slots, k, v)?;
-                    let (kp, vp) = &self.kv.layers[li];
-                    paged_attention(q, kp, vp, &rows.layout, self.heads)
-                },
-            )?;
+            let window = block.windows[li];
+            let (cos, sin) = match (window, &local) {
+                (Some(_), Some(local)) => local,
+                _ => &global,
+            };
+            x = decoder_block(lw, &x, (cos, sin), &block, |q, k, v| {
+                self.kv.write(li, &slots, k, v)?;
+                let (kp, vp) = &self.kv.layers[li];
+                paged_attention(q, kp, vp, &rows.layout, self.heads, window)
+            })?;
         }
-        rms_norm(&x, &w.norm, mc.rms_norm_eps, true)
+        model.norm(&x, &w.norm, true)
     }
 
     /// Copies the first `tokens` slots of page `from` into page `to` in every layer (a

@@ -48,6 +48,7 @@ pub(crate) fn forward(
     pool: usize,
     layout: &PagedLayout,
     heads: Heads,
+    window: Option<usize>,
 ) -> candle_core::Result<Vec<f32>> {
     let msg = |e: Error| candle_core::Error::Msg(e.to_string());
     let (qw, kw) = widths(heads).map_err(msg)?;
@@ -84,7 +85,8 @@ pub(crate) fn forward(
         .for_each_init(Vec::new, |p, (task, o)| {
             let (i, kh) = (task / heads.kv, task % heads.kv);
             let (s, vis) = layout.queries[i];
-            let slots = &layout.slots[s as usize][..vis as usize];
+            let first = window.map_or(0, |w| (vis as usize).saturating_sub(w));
+            let slots = &layout.slots[s as usize][first..vis as usize];
             let qi = &q[i * qw + kh * gd..][..gd];
             #[cfg(target_arch = "x86_64")]
             if let Some(_cpu) = simd {
@@ -308,12 +310,12 @@ mod tests {
             slots: vec![vec![0, 3]],
         };
         let (q, kv) = (vec![1f32; 16], vec![1f32; 4 * 8]);
-        let out = forward(&q, &kv, &kv, 4, &layout, heads).unwrap();
+        let out = forward(&q, &kv, &kv, 4, &layout, heads, None).unwrap();
         assert!(out.iter().all(|&x| (x - 1.0).abs() < 1e-6), "{out:?}");
-        assert!(forward(&q[1..], &kv, &kv, 4, &layout, heads).is_err());
-        assert!(forward(&q, &kv[..24], &kv, 4, &layout, heads).is_err());
-        assert!(forward(&q, &kv, &kv[..24], 4, &layout, heads).is_err());
-        assert!(forward(&q, &kv, &kv, 5, &layout, heads).is_err());
-        assert!(forward(&q, &kv, &kv, usize::MAX, &layout, heads).is_err());
+        assert!(forward(&q[1..], &kv, &kv, 4, &layout, heads, None).is_err());
+        assert!(forward(&q, &kv[..24], &kv, 4, &layout, heads, None).is_err());
+        assert!(forward(&q, &kv, &kv[..24], 4, &layout, heads, None).is_err());
+        assert!(forward(&q, &kv, &kv, 5, &layout, heads, None).is_err());
+        assert!(forward(&q, &kv, &kv, usize::MAX, &layout, heads, None).is_err());
     }
 }

@@ -5,7 +5,8 @@
 //! Per segment and query head h (KV head h / (H / KV)), with the visible keys
 //! K = [K_prefix; K_self] and values V likewise, scale s = 1/√D:
 //!
-//!   S = s · Q Kᵀ (causal in the self block),  P = softmax_rows(S),  O = P V
+//!   S = s · Q Kᵀ (causal in the self block; in a local layer also only the last
+//!   `window` keys),  P = softmax_rows(S),  O = P V
 //!
 //!   dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − Δ),  dQ = s · dS K,  dK = s · dSᵀ Q
 //!
@@ -30,6 +31,8 @@ pub(crate) struct Geometry {
     /// KV row width KV·D.
     kw: usize,
     scale: f64,
+    /// A query sees only the last `window` keys up to itself (local attention).
+    window: Option<usize>,
 }
 
 impl Geometry {
@@ -49,7 +52,15 @@ impl Geometry {
             qw,
             kw,
             scale: 1.0 / (dim as f64).sqrt(),
+            window: None,
         })
+    }
+
+    /// The same geometry with a query seeing only its last `window` keys (itself
+    /// included): key column c of a segment's [prefix; self] block is position c, so
+    /// query r (position m + r) sees columns m + r + 1 − window ..= m + r.
+    pub(crate) fn windowed(self, window: Option<usize>) -> Self {
+        Geometry { window, ..self }
     }
 
     /// Query row width H·D.
@@ -88,8 +99,8 @@ impl Geometry {
 }
 
 /// P (n × (m + n)) of segment `s` and query head `h` into `p`: scaled scores against
-/// the prefix then the segment's own keys, causal in the latter, softmax per row
-/// (masked entries exactly 0).
+/// the prefix then the segment's own keys, causal in the latter and within the window
+/// when there is one, softmax per row (masked entries exactly 0).
 fn probabilities<T: Elem>(
     p: &mut Vec<T>,
     q: &[T],
@@ -116,18 +127,20 @@ fn probabilities<T: Elem>(
     for r in 0..n {
         let row = &mut p[r * w..(r + 1) * w];
         let visible = m + r + 1;
-        let mx = row[..visible]
+        let first = g.window.map_or(0, |w| visible.saturating_sub(w));
+        let mx = row[first..visible]
             .iter()
             .fold(T::neg_infinity(), |a, &b| Float::max(a, b));
         let mut sum = 0f64;
-        for x in &mut row[..visible] {
+        for x in &mut row[first..visible] {
             *x = (*x - mx).exp();
             sum += x.to_f64();
         }
         let inv = T::from_f64(1.0 / sum);
-        for x in &mut row[..visible] {
+        for x in &mut row[first..visible] {
             *x *= inv;
         }
+        row[..first].fill(T::zero());
         row[visible..].fill(T::zero());
     }
     Ok(())

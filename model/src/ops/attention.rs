@@ -95,7 +95,8 @@ pub fn check_segments(segments: &[Segment], t: usize) -> Result<()> {
     Ok(())
 }
 
-/// Attention of q (T, H·D) over k, v (T, KV·D), already rotated, → (T, H·D).
+/// Attention of q (T, H·D) over k, v (T, KV·D), already rotated, → (T, H·D), each
+/// query seeing only its last `window` keys when there is a window.
 /// Differentiable in q, k and v.
 pub fn attention(
     q: &Tensor,
@@ -103,7 +104,11 @@ pub fn attention(
     v: &Tensor,
     segments: &Arc<Vec<Segment>>,
     heads: Heads,
+    window: Option<usize>,
 ) -> Result<Tensor> {
+    if window == Some(0) {
+        return Err(Error::invalid("attention window must be positive"));
+    }
     if heads.kv == 0 || !heads.query.is_multiple_of(heads.kv) {
         return Err(Error::invalid(format!(
             "{} query heads cannot share {} KV heads",
@@ -118,22 +123,27 @@ pub fn attention(
             SegmentAttention {
                 segments: segments.clone(),
                 heads,
+                window,
             },
         )?);
     }
-    composed(q, k, v, segments, heads)
+    composed(q, k, v, segments, heads, window)
 }
 
 /// The additive (T, T) mask of the segments: 0 where query i sees key j, else
-/// [`MASKED`].
-pub fn dense_mask(segments: &[Segment], t: usize) -> Vec<f32> {
+/// [`MASKED`]; within the last `window` positions when there is a window.
+pub fn dense_mask(segments: &[Segment], t: usize, window: Option<usize>) -> Vec<f32> {
     let mut mask = vec![MASKED as f32; t * t];
     for s in segments {
         let (p0, m) = s.prefix_range();
-        for i in s.start..s.start + s.len {
+        for (r, i) in (s.start..s.start + s.len).enumerate() {
             let row = &mut mask[i * t..(i + 1) * t];
-            row[p0..p0 + m].fill(0.0);
-            row[s.start..=i].fill(0.0);
+            // Keys are the prefix's columns then the segment's: column c at position c.
+            let first = window.map_or(0, |w| (m + r + 1).saturating_sub(w));
+            if first < m {
+                row[p0 + first..p0 + m].fill(0.0);
+            }
+            row[s.start + first.saturating_sub(m)..=i].fill(0.0);
         }
     }
     mask
@@ -147,6 +157,7 @@ pub(crate) fn composed(
     v: &Tensor,
     segments: &[Segment],
     heads: Heads,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let t = q.dim(0)?;
     let Heads { query: h, kv, dim } = heads;
@@ -157,7 +168,7 @@ pub(crate) fn composed(
     } else {
         DType::F32
     };
-    let mask = Tensor::from_vec(dense_mask(segments, t), (t, t), q.device())?.to_dtype(compute)?;
+    let mask = Tensor::from_vec(dense_mask(segments, t, window), (t, t), q.device())?.to_dtype(compute)?;
     // (KV, groups·T, D): the query heads sharing a KV head stacked along the query axis.
     let qh = q
         .reshape((t, h, dim))?
@@ -184,12 +195,13 @@ pub(crate) fn composed(
 struct SegmentAttention {
     segments: Arc<Vec<Segment>>,
     heads: Heads,
+    window: Option<usize>,
 }
 
 impl SegmentAttention {
     fn check(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<Geometry> {
         let (t, qw) = l1.shape().dims2()?;
-        let g = Geometry::new(self.heads, t)?;
+        let g = Geometry::new(self.heads, t)?.windowed(self.window);
         let (t2, kw) = l2.shape().dims2()?;
         if qw != g.qw() || kw != g.kw() || t2 != t || l3.shape() != l2.shape() {
             candle_core::bail!(
@@ -235,6 +247,7 @@ impl CustomOp3 for SegmentAttention {
         let flat = grad.contiguous()?.apply_op1_no_bwd(&SegmentAttentionGrad {
             segments: self.segments.clone(),
             heads: self.heads,
+            window: self.window,
             saved: [q.clone(), k.clone(), v.clone(), res.clone()],
         })?;
         let parts = split_flat(&flat, &[q.dims(), k.dims(), v.dims()])?;
@@ -250,6 +263,7 @@ impl CustomOp3 for SegmentAttention {
 struct SegmentAttentionGrad {
     segments: Arc<Vec<Segment>>,
     heads: Heads,
+    window: Option<usize>,
     saved: [Tensor; 4],
 }
 
@@ -274,7 +288,7 @@ impl candle_core::CustomOp1 for SegmentAttentionGrad {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let [q, k, v, _] = &self.saved;
-        let g = Geometry::new(self.heads, q.dim(0)?)?;
+        let g = Geometry::new(self.heads, q.dim(0)?)?.windowed(self.window);
         let out = float_kernel!(self.name(); s: l => |dout| self.run(dout, &g)?);
         let len = q.elem_count() + k.elem_count() + v.elem_count();
         Ok((out, Shape::from(len)))
@@ -323,10 +337,45 @@ pub(crate) mod tests {
     #[test]
     fn matches_dense_masked_attention_and_finite_differences() {
         let segs = segments();
-        let f = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], &segs, HEADS);
-        let c = |xs: &[Tensor]| composed(&xs[0], &xs[1], &xs[2], &segs, HEADS);
-        check_against_composed(&[&[12, 12], &[12, 6], &[12, 6]], f, c);
-        check_finite_differences(&[&[12, 12], &[12, 6], &[12, 6]], f);
+        // Windows that cut into the prefix, into the segment itself, and none.
+        for window in [None, Some(1), Some(2), Some(4), Some(50)] {
+            let f = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], &segs, HEADS, window);
+            let c = |xs: &[Tensor]| composed(&xs[0], &xs[1], &xs[2], &segs, HEADS, window);
+            check_against_composed(&[&[12, 12], &[12, 6], &[12, 6]], f, c);
+            check_finite_differences(&[&[12, 12], &[12, 6], &[12, 6]], f);
+        }
+    }
+
+    /// The dense mask against the rule written out from positions: query i sees key j
+    /// when j is its segment's (up to itself) or its prefix's, and, with a window,
+    /// pos(i) − pos(j) < window, where a plain segment's or a prefix's positions start
+    /// at 0 and a segment with a prefix continues after it.
+    #[test]
+    fn the_windowed_mask_keeps_the_last_keys_by_position() {
+        let segs = segments();
+        let t = 12;
+        let mut pos = vec![0usize; t];
+        let mut seg_of = vec![0usize; t];
+        for (n, s) in segs.iter().enumerate() {
+            let base = s.prefix.map_or(0, |(_, m)| m);
+            for r in 0..s.len {
+                pos[s.start + r] = base + r;
+                seg_of[s.start + r] = n;
+            }
+        }
+        for window in [None, Some(1), Some(3), Some(5)] {
+            let mask = dense_mask(&segs, t, window);
+            for i in 0..t {
+                let s = segs[seg_of[i]];
+                for j in 0..t {
+                    let (p0, m) = s.prefix_range();
+                    let structural = (j >= s.start && j <= i) || (j >= p0 && j < p0 + m);
+                    let near = window.is_none_or(|w| pos[i] - pos[j] < w);
+                    let seen = mask[i * t + j] == 0.0;
+                    assert_eq!(seen, structural && near, "window {window:?}: query {i}, key {j}");
+                }
+            }
+        }
     }
 
     /// Segments of dozens to hundreds of tokens (prefix 70, self 150, a plain 64).
@@ -354,9 +403,11 @@ pub(crate) mod tests {
             kv: 1,
             dim: 4,
         };
-        let f = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], &segs, heads);
-        let c = |xs: &[Tensor]| composed(&xs[0], &xs[1], &xs[2], &segs, heads);
-        check_against_composed(&[&[284, 8], &[284, 4], &[284, 4]], f, c);
+        for window in [None, Some(100)] {
+            let f = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], &segs, heads, window);
+            let c = |xs: &[Tensor]| composed(&xs[0], &xs[1], &xs[2], &segs, heads, window);
+            check_against_composed(&[&[284, 8], &[284, 4], &[284, 4]], f, c);
+        }
     }
 
     #[test]
@@ -396,7 +447,7 @@ pub(crate) mod tests {
             let err = check_segments(&segs, 4).unwrap_err().to_string();
             assert!(err.contains("segment 1"), "{segs:?}: {err}");
             let segs = Arc::new(segs);
-            assert!(attention(&q, &kv, &kv, &segs, HEADS).is_err(), "{segs:?}");
+            assert!(attention(&q, &kv, &kv, &segs, HEADS, None).is_err(), "{segs:?}");
         }
     }
 
@@ -412,6 +463,7 @@ pub(crate) mod tests {
             kv.as_tensor(),
             &Arc::new(vec![]),
             HEADS,
+            None,
         )
         .unwrap();
         assert_eq!(y.dims(), [0, 12]);
