@@ -24,6 +24,11 @@ Fixtures (tests/fixtures/):
   over an FNV-1a seed of the name), so no weights are committed; each case holds the
   config.json transformers saved, per-token logprobs and entropies, and the gradient
   fixture's loss and per-parameter gradients (first 16 entries and L2 norm).
+- gemma3.json (`--only gemma3`): the same for tiny random Gemma3ForCausalLM models
+  (norms, RoPE tables and softmax patched to f64): local layers whose window is
+  shorter than every sequence around global ones, head_dim ≠ hidden / heads, GQA 3:1
+  and 1:1, query_pre_attn_scalar ≠ head_dim, tied and untied, a soft-capped output
+  and linear RoPE scaling on the global layers.
 - adamw.json: torch.optim.AdamW (two param groups, weight decay on the matrix only)
   with clip_grad_norm_, three steps on fixed gradients.
 The weights hash (sha256 of name + little-endian f32 bytes, names sorted) lets a test
@@ -230,7 +235,75 @@ def patch_qwen3_to_f64(modeling):
 def qwen3_case(name, kwargs):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     config = Qwen3Config(**kwargs, attn_implementation="eager")
-    model = Qwen3ForCausalLM(config).to(torch.float64)
+    return family_case(name, Qwen3ForCausalLM(config).to(torch.float64))
+
+
+def qwen3_fixture(out_dir):
+    import transformers.models.qwen3.modeling_qwen3 as modeling
+    patch_qwen3_to_f64(modeling)
+    cases = [qwen3_case(name, kwargs) for name, kwargs in QWEN3_CONFIGS.items()]
+    write(out_dir, "qwen3.json", {"models": cases})
+
+
+GEMMA3_CONFIGS = {
+    # Local layers (window 4, shorter than every sequence) around a global one,
+    # head_dim 16 ≠ 48 / 6, GQA 3:1, query_pre_attn_scalar ≠ head_dim, tied.
+    "local-global-gqa3-tied": dict(
+        vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        tie_word_embeddings=True),
+    # One KV head per query head, untied head, a soft-capped output, linear RoPE scaling
+    # on the global layer, the window of 3 crossing a shared prompt.
+    "mha-untied-softcap": dict(
+        vocab_size=96, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, rms_norm_eps=1e-5,
+        query_pre_attn_scalar=8, sliding_window=3, final_logit_softcapping=5.0,
+        layer_types=["full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}},
+        tie_word_embeddings=False),
+}
+
+
+def patch_gemma3_to_f64(modeling):
+    """Gemma 3's RMSNorm, RoPE tables and eager softmax computed in the input's dtype
+    (transformers forces f32 in each), so that the reference is f64 throughout."""
+    def norm_forward(self, h):
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return (h * torch.rsqrt(variance + self.eps)) * (1.0 + self.weight)
+
+    def rope_forward(self, x, position_ids, layer_type):
+        params = self.config.rope_parameters[layer_type]
+        dim = self.config.head_dim
+        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        if params["rope_type"] == "linear":
+            inv = inv / params["factor"]
+        freqs = position_ids[..., None].to(torch.float64) * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+        assert softcap is None
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        v = modeling.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+    modeling.Gemma3RMSNorm.forward = norm_forward
+    modeling.eager_attention_forward = attention
+    modeling.Gemma3RotaryEmbedding.forward = rope_forward
+
+
+def family_case(name, model):
+    """A model with `det_values` weights: its saved config, logprobs and entropies of
+    the shared sequences, and the gradient fixture's loss and gradients."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.copy_(torch.tensor(det_values(pname, p.numel()), dtype=torch.float64).reshape(p.shape))
@@ -270,11 +343,15 @@ def qwen3_case(name, kwargs):
     }
 
 
-def qwen3_fixture(out_dir):
-    import transformers.models.qwen3.modeling_qwen3 as modeling
-    patch_qwen3_to_f64(modeling)
-    cases = [qwen3_case(name, kwargs) for name, kwargs in QWEN3_CONFIGS.items()]
-    write(out_dir, "qwen3.json", {"models": cases})
+def gemma3_fixture(out_dir):
+    import transformers.models.gemma3.modeling_gemma3 as modeling
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    patch_gemma3_to_f64(modeling)
+    cases = []
+    for name, kwargs in GEMMA3_CONFIGS.items():
+        config = Gemma3TextConfig(**kwargs, attn_implementation="eager")
+        cases.append(family_case(name, Gemma3ForCausalLM(config).to(torch.float64)))
+    write(out_dir, "gemma3.json", {"models": cases})
 
 
 def smollm2_fixture(gguf, out_dir):
@@ -326,19 +403,23 @@ def main():
     ap.add_argument("--tandem", default="target/release/tandem")
     ap.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (tandem model fetch smollm2)")
     ap.add_argument("--out", default="tests/fixtures")
-    ap.add_argument("--only", choices=["qwen3", *PRESETS],
-                    help="write only these fixtures: qwen3.json, or one preset's two files")
+    ap.add_argument("--only", choices=["qwen3", "gemma3", *PRESETS],
+                    help="write only these fixtures: qwen3.json, gemma3.json, or one preset's two files")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     if args.only == "qwen3":
         qwen3_fixture(args.out)
         return
+    if args.only == "gemma3":
+        gemma3_fixture(args.out)
+        return
     if args.only:
         preset_fixture(args.tandem, args.only, args.out)
         gradient_fixture(args.tandem, args.only, args.out)
         return
     qwen3_fixture(args.out)
+    gemma3_fixture(args.out)
     for preset in PRESETS:
         preset_fixture(args.tandem, preset, args.out)
         gradient_fixture(args.tandem, preset, args.out)

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ops::attention::{attention, Heads};
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
-use crate::ops::swiglu::swiglu;
+use crate::ops::gated::gated;
 use crate::packing::{PackedBatch, Packing};
 use crate::transformer::{project, project_each, LayerWeights, Model, Weights};
 
@@ -158,10 +158,7 @@ pub(crate) fn decoder_block(
         pk.map(|p| [&p.gate, &p.up]),
         f,
     )?;
-    let mlp = match b.activation {
-        Activation::Silu => swiglu(&gate, &up)?,
-        Activation::GeluTanh => (gate.gelu()? * up)?,
-    };
+    let mlp = gated(&gate, &up, b.activation)?;
     let m = project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)?;
     let m = match &lw.sandwich {
         Some((_, after_mlp)) => b.norm(&m, after_mlp)?,
@@ -252,7 +249,7 @@ fn add_grad(grads: &mut GradStore, p: &Tensor, g: Option<Tensor>) -> Result<()> 
 impl Model {
     /// Hidden states after the final norm, (T, d), of a packed row (training and
     /// scoring). Every op is differentiable and fused (one autograd node each): RMSNorm,
-    /// rotary embeddings, attention over the row's segments, the SwiGLU gate.
+    /// rotary embeddings, attention over the row's segments, the gated MLP's activation.
     pub fn forward_packed(&self, w: &Weights, batch: &PackedBatch) -> Result<Tensor> {
         Ok(self.forward_packed_with(w, batch, false)?.0)
     }

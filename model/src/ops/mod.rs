@@ -1,5 +1,5 @@
 //! Fused training ops with hand-written backwards: RMSNorm, rotary embeddings, the
-//! SwiGLU gate and attention over packed segments.
+//! gated MLP's activation (SwiGLU, GeGLU) and attention over packed segments.
 //!
 //! candle's autograd records every elementary op of a composed layer: an output
 //! allocation per op, a zero-filled gradient buffer per input, and the backward of
@@ -13,7 +13,7 @@
 pub mod attention;
 pub mod rms_norm;
 pub mod rotary;
-pub mod swiglu;
+pub mod gated;
 
 use candle_core::{DType, Tensor, WithDType};
 use num_traits::Float;

@@ -1,12 +1,14 @@
-//! Qwen3 against transformers in f64 (tests/fixtures/qwen3.json, written by
-//! tools/make_fixtures.py): tiny random `Qwen3ForCausalLM` models in the awkward shapes
-//! (head_dim ≠ hidden / heads, GQA 3:1 and 1:1, tied and untied embeddings), their
-//! `config.json` as transformers saved it, weights from a generator both sides compute
-//! exactly. The reference is f64 throughout (the fixture script keeps transformers'
-//! RMSNorm, RoPE tables and softmax out of f32), so the bounds are tight: per-token
-//! logprobs and entropies to 1e-9, the gradient of every parameter to 1e-9 relative
-//! (measured: about 1e-15 for both), on every layout and with activation
-//! checkpointing. A misplaced ε in a norm moves them by about 1e-6.
+//! Qwen3 and Gemma 3 against transformers in f64 (tests/fixtures/qwen3.json and
+//! gemma3.json, written by tools/make_fixtures.py): tiny random `Qwen3ForCausalLM` and
+//! `Gemma3ForCausalLM` models in the awkward shapes (head_dim ≠ hidden / heads, GQA 3:1
+//! and 1:1, tied and untied embeddings; for Gemma 3 local layers whose window is
+//! shorter than the sequences, a shared prompt crossing it, a soft-capped output and
+//! linear RoPE scaling), their `config.json` as transformers saved it, weights from a
+//! generator both sides compute exactly. The reference is f64 throughout (the fixture
+//! script keeps transformers' RMSNorm, RoPE tables and softmax out of f32), so the
+//! bounds are tight: per-token logprobs and entropies to 1e-9, the gradient of every
+//! parameter to 1e-9 relative (measured: about 1e-15 for both), on every layout and
+//! with activation checkpointing. A misplaced ε in a norm moves them by about 1e-6.
 
 mod common;
 
@@ -60,18 +62,21 @@ fn build(case: &Value) -> Model {
     let cfg = ModelConfig::from_hf_json(&case["config"].to_string(), Path::new(name))
         .unwrap_or_else(|e| panic!("{name}: config.json: {e}"));
     let c = &case["config"];
-    assert_eq!(cfg.architecture, Architecture::Qwen3, "{name}");
     assert_eq!(
         cfg.head_dim as u64,
         c["head_dim"].as_u64().unwrap(),
         "{name}"
     );
     assert_ne!(cfg.head_dim * cfg.num_attention_heads, cfg.hidden_size);
-    assert_eq!(
-        cfg.rope_theta,
-        c["rope_parameters"]["rope_theta"].as_f64().unwrap(),
-        "{name}: rope_theta from rope_parameters"
-    );
+    match cfg.architecture {
+        Architecture::Qwen3 => assert_eq!(
+            cfg.rope_theta,
+            c["rope_parameters"]["rope_theta"].as_f64().unwrap(),
+            "{name}: rope_theta from rope_parameters"
+        ),
+        Architecture::Gemma3 => check_gemma3_config(&cfg, c, name),
+        other => panic!("{name}: {other:?} has no family fixture"),
+    }
     assert_eq!(cfg.rms_norm_eps, c["rms_norm_eps"].as_f64().unwrap());
     assert_eq!(
         cfg.tie_word_embeddings,
@@ -89,8 +94,45 @@ fn build(case: &Value) -> Model {
     Model::from_tensors(cfg, tensors, DType::F64, &Device::Cpu).unwrap()
 }
 
+/// Gemma 3's own fields as Tandem reads them from transformers' saved config.
+fn check_gemma3_config(cfg: &ModelConfig, c: &Value, name: &str) {
+    let rope = &c["rope_parameters"];
+    assert_eq!(cfg.rope_theta, rope["full_attention"]["rope_theta"].as_f64().unwrap(), "{name}");
+    let sw = cfg.sliding_window.as_ref().expect("local layers");
+    assert_eq!(sw.rope_theta, rope["sliding_attention"]["rope_theta"].as_f64().unwrap(), "{name}");
+    assert_eq!(sw.size as u64, c["sliding_window"].as_u64().unwrap(), "{name}");
+    let kinds: Vec<bool> = c["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t == "sliding_attention")
+        .collect();
+    assert_eq!(sw.local, kinds, "{name}: layer_types");
+    assert!(kinds.contains(&true) && kinds.contains(&false), "{name}: both kinds of layer");
+    assert_eq!(cfg.query_pre_attn_scalar, c["query_pre_attn_scalar"].as_f64(), "{name}");
+    assert_eq!(cfg.final_logit_softcapping, c["final_logit_softcapping"].as_f64(), "{name}");
+    // The sequences are longer than the window: local layers cut keys off.
+    assert!(sw.size < 9, "{name}: the window must be shorter than the shared prompt");
+}
+
+/// Each family's fixture: its models, with the awkward shapes all there.
 fn models() -> Vec<Value> {
-    let fx = fixture("qwen3.json");
+    let mut all = Vec::new();
+    for family in ["qwen3.json", "gemma3.json"] {
+        all.extend(family_models(family));
+    }
+    let gemma = |m: &&Value| m["config"]["model_type"] == "gemma3_text";
+    // Gemma 3: a soft-capped output, linear RoPE scaling on the global layers.
+    assert!(all.iter().filter(gemma).any(|m| m["config"]["final_logit_softcapping"].is_f64()));
+    assert!(all
+        .iter()
+        .filter(gemma)
+        .any(|m| m["config"]["rope_parameters"]["full_attention"]["rope_type"] == "linear"));
+    all
+}
+
+fn family_models(file: &str) -> Vec<Value> {
+    let fx = fixture(file);
     let models = fx["models"].as_array().unwrap().clone();
     let shapes: Vec<(u64, u64, bool)> = models
         .iter()
@@ -111,7 +153,7 @@ fn models() -> Vec<Value> {
 }
 
 #[test]
-fn qwen3_logprobs_and_entropies_match_transformers_in_f64() {
+fn family_logprobs_and_entropies_match_transformers_in_f64() {
     for case in models() {
         let name = case["name"].as_str().unwrap();
         let model = build(&case);
@@ -187,7 +229,7 @@ fn loss_and_grads(
 /// parity test checks them (norm and first 16 entries, relative to the norm),
 /// in every packing and with the layers checkpointed.
 #[test]
-fn qwen3_gradients_match_transformers_in_f64() {
+fn family_gradients_match_transformers_in_f64() {
     let layouts = [Packing::Padded, Packing::Packed, Packing::SharedPrefix];
     for case in models() {
         let name = case["name"].as_str().unwrap();
@@ -239,6 +281,7 @@ fn qwen3_gradients_match_transformers_in_f64() {
 fn an_unknown_architecture_is_refused_with_the_known_list() {
     for text in [
         r#"{"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64}"#,
+        r#"{"architectures": ["Gemma3nForCausalLM"], "hidden_size": 64}"#,
         r#"{"model_type": "qwen3_moe", "hidden_size": 64}"#,
     ] {
         let err = ModelConfig::from_hf_json(text, Path::new("config.json"))
@@ -250,6 +293,8 @@ fn an_unknown_architecture_is_refused_with_the_known_list() {
             "MistralForCausalLM",
             "Qwen2ForCausalLM",
             "Qwen3ForCausalLM",
+            "Gemma3ForCausalLM",
+            "Gemma3ForConditionalGeneration",
         ] {
             assert!(err.contains(known), "{err} should name {known}");
         }
@@ -266,4 +311,72 @@ fn a_qwen3_config_round_trips() {
     assert_eq!(v["attention_bias"], false);
     let back = ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json")).unwrap();
     assert_eq!(back, cfg);
+}
+
+/// A Gemma 3 config written by Tandem is read back the same and says `gemma3_text`.
+#[test]
+fn a_gemma3_config_round_trips() {
+    let cfg = tandem_model::preset::preset_config("tiny-gemma3").unwrap();
+    let v = cfg.to_hf_json();
+    assert_eq!(v["architectures"][0], "Gemma3ForCausalLM");
+    assert_eq!(v["model_type"], "gemma3_text");
+    assert_eq!(v["hidden_activation"], "gelu_pytorch_tanh");
+    let back = ModelConfig::from_hf_json(&v.to_string(), Path::new("config.json")).unwrap();
+    assert_eq!(back, cfg);
+}
+
+/// The multimodal checkpoint's config: the text model is read from `text_config`, with
+/// transformers' defaults for what it leaves out and the older `rope_scaling`,
+/// `rope_local_base_freq` and `sliding_window_pattern` fields.
+#[test]
+fn a_gemma3_multimodal_config_gives_its_text_model() {
+    let text = r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+          "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+          "sliding_window": 1024, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0},
+        "vision_config": {"hidden_size": 1152}}"#;
+    let cfg = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Gemma3);
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size), (2560, 34, 262_208));
+    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (8, 4, 256));
+    assert_eq!(cfg.rope_theta, 1_000_000.0);
+    assert_eq!(cfg.rope_scaling, Some(tandem_model::config::RopeScaling::Linear { factor: 8.0 }));
+    let sw = cfg.sliding_window.unwrap();
+    assert_eq!((sw.size, sw.rope_theta), (1024, 10_000.0));
+    let globals: Vec<usize> = (0..34).filter(|&l| !sw.local[l]).collect();
+    assert_eq!(globals, [5, 11, 17, 23, 29]);
+    assert!(cfg.tie_word_embeddings);
+}
+
+/// What Tandem cannot run is refused by name: attention soft-capping (Gemma 2),
+/// bidirectional attention (an embedding model), a `layer_types` of the wrong length
+/// or kind, another activation, a missing `text_config`.
+#[test]
+fn gemma3_configs_tandem_cannot_run_are_refused_by_field() {
+    let base = tandem_model::preset::preset_config("tiny-gemma3").unwrap().to_hf_json();
+    let with = |k: &str, v: Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        ModelConfig::from_hf_json(&c.to_string(), Path::new("config.json"))
+            .unwrap_err()
+            .to_string()
+    };
+    let cases = [
+        ("attn_logit_softcapping", serde_json::json!(50.0)),
+        ("use_bidirectional_attention", serde_json::json!(true)),
+        ("layer_types", serde_json::json!(["sliding_attention"])),
+        ("layer_types", serde_json::json!(["sliding_attention", "chunked", "full_attention"])),
+        ("hidden_activation", serde_json::json!("silu")),
+        ("sliding_window", serde_json::json!(0)),
+        ("query_pre_attn_scalar", serde_json::json!(-1.0)),
+    ];
+    for (key, value) in cases {
+        let err = with(key, value.clone());
+        let named = key.split('_').next().unwrap();
+        assert!(err.contains(named), "{key} = {value}: {err}");
+    }
+    let err = ModelConfig::from_hf_json(r#"{"architectures": ["Gemma3ForConditionalGeneration"]}"#, Path::new("c.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("text_config"), "{err}");
 }
