@@ -6,13 +6,13 @@ PyTorch / transformers (an implementation independent of Tandem's).
         --gguf ~/.cache/tandem/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Fixtures (tests/fixtures/):
-- tiny.json, tiny-qwen2.json, tiny-qwen3.json: `tandem model init --preset P --seed 0` written as an HF
+- tiny.json, tiny-qwen2.json, tiny-qwen3.json, tiny-gemma3.json: `tandem model init --preset P --seed 0` written as an HF
   folder, loaded by `AutoModelForCausalLM.from_pretrained`; per-token logprobs and
   entropies of the next token at two temperatures, full logits of one sequence, the
   tokenizer's ids for a few texts and the chat template's rendering.
 - smollm2.json: SmolLM2-135M-Instruct loaded by transformers from the Q4_1 GGUF
   (dequantized to f32 by transformers/gguf-py); logprobs, entropies, tokenization.
-- gradients-tiny.json, gradients-tiny-qwen2.json, gradients-tiny-qwen3.json: the preset in f64 (eager attention);
+- gradients-tiny.json, gradients-tiny-qwen2.json, gradients-tiny-qwen3.json, gradients-tiny-gemma3.json: the preset in f64 (eager attention);
   one prompt with two completions of different lengths, loss Σ aₜ·logprobₜ + Σ bₜ·entropyₜ
   over the completion tokens at temperature 0.8; per parameter the first 16 entries of
   its gradient and the gradient's L2 norm (what the fused backward is checked against).
@@ -116,7 +116,7 @@ def preset_fixture(tandem, preset, out_dir):
     write(out_dir, f"{preset}.json", fixture)
 
 
-PRESETS = ("tiny", "tiny-qwen2", "tiny-qwen3")
+PRESETS = ("tiny", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3")
 GRAD_PROMPT = [5, 17, 99, 3, 250, 7, 8, 300, 41]
 GRAD_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
 GRAD_TEMPERATURE = 0.8

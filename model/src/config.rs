@@ -484,7 +484,13 @@ impl ModelConfig {
             o.remove("hidden_act");
         }
         v["hidden_activation"] = json!("gelu_pytorch_tanh");
-        v["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64));
+        // transformers checks that it is an integer, as every published config has it.
+        let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 && scalar < u32::MAX as f64 {
+            json!(scalar as u64)
+        } else {
+            json!(scalar)
+        };
         v["final_logit_softcapping"] = json!(self.final_logit_softcapping);
         v["attn_logit_softcapping"] = Value::Null;
         let (window, local, theta) = match &self.sliding_window {

@@ -106,6 +106,14 @@ fn tiny_qwen3_matches_transformers() {
     preset_parity("tiny-qwen3");
 }
 
+/// Gemma 3 as Tandem saves it (config.json with `layer_types`, `query_pre_attn_scalar`,
+/// `rope_local_base_freq`; the four norms per layer), loaded by transformers'
+/// `Gemma3ForCausalLM`; sequences longer than the preset's window of 16.
+#[test]
+fn tiny_gemma3_matches_transformers() {
+    preset_parity("tiny-gemma3");
+}
+
 /// SmolLM2-135M-Instruct from its Q4_1 GGUF (fetched into the cache on first use),
 /// dequantized to f32, against transformers' own GGUF loader.
 #[test]
@@ -239,4 +247,9 @@ fn tiny_qwen2_gradients_match_transformers() {
 #[test]
 fn tiny_qwen3_gradients_match_transformers() {
     gradient_parity("tiny-qwen3");
+}
+
+#[test]
+fn tiny_gemma3_gradients_match_transformers() {
+    gradient_parity("tiny-gemma3");
 }
