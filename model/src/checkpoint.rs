@@ -280,6 +280,34 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(tensors)
 }
 
+/// The text model's tensors under their causal-LM names: a multimodal checkpoint
+/// (`Gemma3ForConditionalGeneration`) stores them as `language_model.model.…` (older
+/// transformers) or `model.language_model.…` with `lm_head.weight`; its vision tower
+/// and projector are dropped. Other checkpoints are returned as they are.
+fn text_model_tensors(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let multimodal = tensors
+        .keys()
+        .any(|k| k.starts_with("language_model.") || k.starts_with("model.language_model."));
+    if !multimodal {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let text = if let Some(rest) = name.strip_prefix("model.language_model.") {
+                format!("model.{rest}")
+            } else if let Some(rest) = name.strip_prefix("language_model.") {
+                rest.to_string()
+            } else if name == "lm_head.weight" {
+                name
+            } else {
+                return None;
+            };
+            Some((text, t))
+        })
+        .collect()
+}
+
 /// The dtype the weights are stored in: the embedding's (f32 unless bf16 or f16).
 fn stored_dtype(tensors: &HashMap<String, Tensor>) -> DType {
     match tensors.get("model.embed_tokens.weight").map(|t| t.dtype()) {
@@ -317,7 +345,7 @@ fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Pretrained> 
             .validate()
             .map_err(|e| Error::format(&gen_path, e.to_string()))?;
     }
-    let tensors = load_weights(dir)?;
+    let tensors = text_model_tensors(load_weights(dir)?);
     let weights_dtype = stored_dtype(&tensors);
     let model = Model::from_tensors(config, tensors, dtype, device)
         .map_err(|e| Error::format(dir, e.to_string()))?;

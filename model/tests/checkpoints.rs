@@ -439,3 +439,40 @@ fn write_checkpoint_for_transformers() {
     });
     write_json(&target.join("tandem.json"), &meta);
 }
+
+/// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`: the text config
+/// under `text_config`, the text weights under `language_model.model.…` or, from newer
+/// transformers, `model.language_model.…`, beside a vision tower) loads as its text
+/// model: the same logits as the text-only save.
+#[test]
+fn the_text_model_of_a_multimodal_gemma3_checkpoint_loads() {
+    let p = tiny("tiny-gemma3", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let text_only = dir.path().join("text");
+    tandem_model::save_hf(&p, &text_only, DType::F32).unwrap();
+    let expected = logits_of(&load(&text_only).unwrap(), &IDS);
+    let weights = candle_core::safetensors::load(text_only.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (style, prefix) in [("old", "language_model.model."), ("new", "model.language_model.")] {
+        let mm = dir.path().join(style);
+        std::fs::create_dir_all(&mm).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(text_only.join(f), mm.join(f)).unwrap();
+        }
+        let text_config = read_json(&text_only.join("config.json"));
+        let config = json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": text_config, "vision_config": {"hidden_size": 8},
+        });
+        write_json(&mm.join("config.json"), &config);
+        let mut renamed: std::collections::HashMap<String, candle_core::Tensor> = weights
+            .iter()
+            .map(|(n, t)| (format!("{prefix}{}", n.strip_prefix("model.").unwrap()), t.clone()))
+            .collect();
+        let vision = candle_core::Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
+        renamed.insert("vision_tower.vision_model.embeddings.patch_embedding.weight".into(), vision.clone());
+        renamed.insert("multi_modal_projector.mm_input_projection_weight".into(), vision);
+        candle_core::safetensors::save(&renamed, mm.join("model.safetensors")).unwrap();
+        let loaded = load(&mm).unwrap_or_else(|e| panic!("{style}: {e}"));
+        assert_eq!(logits_of(&loaded, &IDS), expected, "{style} names");
+    }
+}
