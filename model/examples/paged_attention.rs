@@ -1,8 +1,9 @@
 //! Times the engine's paged-attention kernel on a decode step shaped like the
 //! `bench generate` workload: 8 prompts of 128 tokens × 8 samples that share their
 //! prompt's pages, `OWN` tokens of their own, SmolLM2-135M's heads (9 query, 3 KV,
-//! 64 wide), one pool per layer for 30 layers (so the keys come from memory, as in a
-//! real step). Prints the median step time and the attention's FLOP rate.
+//! 64 wide; `HEADS`, `KV_HEADS`, `HEAD_DIM` set others), one pool per layer for 30
+//! layers (`LAYERS`; so the keys come from memory, as in a real step). Prints the
+//! median step time and the attention's FLOP rate.
 //!
 //!   RAYON_NUM_THREADS=2 cargo run --release -p tandem-model --example paged_attention
 use std::sync::Arc;
@@ -12,11 +13,19 @@ use candle_core::{Device, Tensor};
 use tandem_model::engine::{paged_attention, PagedLayout};
 use tandem_model::ops::attention::Heads;
 
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
+    // HEADS=4 KV_HEADS=1 HEAD_DIM=256 gives Gemma 3 270M's heads.
     let heads = Heads {
-        query: 9,
-        kv: 3,
-        dim: 64,
+        query: env("HEADS", 9),
+        kv: env("KV_HEADS", 3),
+        dim: env("HEAD_DIM", 64),
     };
     let (groups, samples, prompt) = (8usize, 8usize, 128usize);
     let layers: usize = std::env::var("LAYERS")

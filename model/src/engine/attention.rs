@@ -223,8 +223,8 @@ mod tests {
 
     #[test]
     fn kernel_matches_the_composed_formula_on_scattered_pages() {
-        // Head widths on the portable kernel (20) and on the vector one (16, 64).
-        for dim in [20, 16, 64] {
+        // Head widths on the portable kernel (20) and on the vector one (16, 64, 256).
+        for dim in [20, 16, 64, 256] {
             let heads = Heads {
                 query: 6,
                 kv: 2,

@@ -73,7 +73,7 @@ pub(crate) fn forward(
         return Ok(out);
     }
     let simd = Avx2Fma::detect();
-    // The vector kernel's head widths: 16, 32, 64, 128.
+    // The vector kernel's head widths: 16, 32, 64, 128, 256 (Gemma 3).
     let chunks = if heads.dim.is_multiple_of(8) {
         heads.dim / 8
     } else {
@@ -100,6 +100,7 @@ pub(crate) fn forward(
                         4 => return attend_avx2::<4>(o, qi, k, v, slots, kh, heads, p),
                         8 => return attend_avx2::<8>(o, qi, k, v, slots, kh, heads, p),
                         16 => return attend_avx2::<16>(o, qi, k, v, slots, kh, heads, p),
+                        32 => return attend_avx2::<32>(o, qi, k, v, slots, kh, heads, p),
                         _ => {}
                     }
                 }
