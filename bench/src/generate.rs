@@ -247,8 +247,12 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
         .map(|c| c.tokens.len())
         .sum();
     let st = engine.stats();
-    let kv_token_bytes =
-        tandem_model::engine::KvPages::bytes_per_token(p.model.config(), p.model.dtype());
+    let kv_peak_bytes = tandem_model::engine::KvPages::bytes_in_pages(
+        p.model.config(),
+        p.model.dtype(),
+        cfg.kv_page_size,
+        (st.peak_pages, st.peak_local_pages),
+    );
     println!(
         "{}",
         json!({
@@ -261,7 +265,7 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
             "prefilled_tokens": st.prefilled_tokens,
             "preemptions": st.preemptions,
             "peak_running": st.peak_running,
-            "kv_peak_mib": (st.peak_pages * cfg.kv_page_size * kv_token_bytes) as f64 / (1 << 20) as f64,
+            "kv_peak_mib": kv_peak_bytes as f64 / (1 << 20) as f64,
             "peak_rss_mib": peak_rss_mib(),
         })
     );

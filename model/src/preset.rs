@@ -112,7 +112,9 @@ pub fn init(name: &str, seed: u64, device: &Device) -> Result<Pretrained> {
         // Gemma 3's norms are offsets from one: all of them are perturbed.
         let offset = model.config().architecture.norm_offset() as f32;
         let perturbed = |n: &str| {
-            n.ends_with(".bias") || n.ends_with("_norm.weight") || (offset != 0.0 && n.ends_with("norm.weight"))
+            n.ends_with(".bias")
+                || n.ends_with("_norm.weight")
+                || (offset != 0.0 && n.ends_with("norm.weight"))
         };
         for (name, var) in model.params().iter().filter(|(n, _)| perturbed(n)) {
             // Biases N(0, 0.02); norms (c + w) = 1 + N(0, 0.2).

@@ -331,7 +331,13 @@ impl Model {
     /// RMSNorm with the family's weight offset: x / rms(x) · (c + w) (c = 1 for
     /// Gemma 3, else 0).
     pub(crate) fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
-        crate::decoder::offset_rms_norm(x, w, self.config.rms_norm_eps, self.config.architecture.norm_offset(), fused)
+        crate::decoder::offset_rms_norm(
+            x,
+            w,
+            self.config.rms_norm_eps,
+            self.config.architecture.norm_offset(),
+            fused,
+        )
     }
 
     /// Full logits (B, T, V) of `seqs`, right-padded with zeros to the longest (the
@@ -566,7 +572,10 @@ mod tests {
         let m32 = crate::preset::init(preset, 3, d).unwrap().model;
         let m16 = Model::from_tensors(
             m32.config().clone(),
-            m32.params().iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect(),
+            m32.params()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+                .collect(),
             DType::BF16,
             d,
         )
@@ -585,7 +594,11 @@ mod tests {
                 .zip(&got)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(max < 0.1, "{preset} fused {}: max |Δ logprob| {max}", w.fused);
+            assert!(
+                max < 0.1,
+                "{preset} fused {}: max |Δ logprob| {max}",
+                w.fused
+            );
         }
         let out = m16
             .completion_logprobs(&m16.weights(), &seqs, &starts, 1.0)

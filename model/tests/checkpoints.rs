@@ -451,8 +451,12 @@ fn the_text_model_of_a_multimodal_gemma3_checkpoint_loads() {
     let text_only = dir.path().join("text");
     tandem_model::save_hf(&p, &text_only, DType::F32).unwrap();
     let expected = logits_of(&load(&text_only).unwrap(), &IDS);
-    let weights = candle_core::safetensors::load(text_only.join("model.safetensors"), &Device::Cpu).unwrap();
-    for (style, prefix) in [("old", "language_model.model."), ("new", "model.language_model.")] {
+    let weights =
+        candle_core::safetensors::load(text_only.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (style, prefix) in [
+        ("old", "language_model.model."),
+        ("new", "model.language_model."),
+    ] {
         let mm = dir.path().join(style);
         std::fs::create_dir_all(&mm).unwrap();
         for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -466,11 +470,22 @@ fn the_text_model_of_a_multimodal_gemma3_checkpoint_loads() {
         write_json(&mm.join("config.json"), &config);
         let mut renamed: std::collections::HashMap<String, candle_core::Tensor> = weights
             .iter()
-            .map(|(n, t)| (format!("{prefix}{}", n.strip_prefix("model.").unwrap()), t.clone()))
+            .map(|(n, t)| {
+                (
+                    format!("{prefix}{}", n.strip_prefix("model.").unwrap()),
+                    t.clone(),
+                )
+            })
             .collect();
         let vision = candle_core::Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
-        renamed.insert("vision_tower.vision_model.embeddings.patch_embedding.weight".into(), vision.clone());
-        renamed.insert("multi_modal_projector.mm_input_projection_weight".into(), vision);
+        renamed.insert(
+            "vision_tower.vision_model.embeddings.patch_embedding.weight".into(),
+            vision.clone(),
+        );
+        renamed.insert(
+            "multi_modal_projector.mm_input_projection_weight".into(),
+            vision,
+        );
         candle_core::safetensors::save(&renamed, mm.join("model.safetensors")).unwrap();
         let loaded = load(&mm).unwrap_or_else(|e| panic!("{style}: {e}"));
         assert_eq!(logits_of(&loaded, &IDS), expected, "{style} names");

@@ -218,6 +218,87 @@ fn the_pool_holds_its_budget_and_a_starved_sequence_completes() {
     assert_same(&out, &reference, "preempted and recomputed");
 }
 
+/// A model with local layers (tiny-gemma3: window 16) gives back the local pages its
+/// window has passed: long samples hold a bounded number of local pages while their
+/// global pages grow, and what they sample still equals scoring (which has no pages).
+#[test]
+fn local_layers_hold_only_their_window_and_sample_as_scoring_does() {
+    let p = tiny("tiny-gemma3", 4);
+    let model = &p.model;
+    let reqs: Vec<Request> = (0..2).map(|i| request(i, 3, params(1.0, 120, 5))).collect();
+    let cfg = EngineConfig {
+        kv_page_size: 4,
+        prefill_chunk: 8,
+        ..Default::default()
+    };
+    let mut e = Engine::new(model, cfg).unwrap();
+    for r in &reqs {
+        e.add(model, r.clone()).unwrap();
+    }
+    let done = e.run_to_completion(model, 0).unwrap();
+    let st = e.stats();
+    // Six sequences of up to 9 + 120 tokens: 33 global pages each at the end, local
+    // pages at most ⌈(16 + 8) / 4⌉ + 1 = 7 each.
+    assert!(st.peak_pages >= 6 * 30, "global pages {}", st.peak_pages);
+    assert!(
+        st.peak_local_pages > 0 && st.peak_local_pages <= 6 * 7,
+        "local pages {}",
+        st.peak_local_pages
+    );
+    assert_eq!(e.used_pages(), 0, "every page given back");
+    for f in done {
+        let prompt = prompt(f.id as usize);
+        for c in &f.completions {
+            assert_eq!(c.tokens.len(), 120);
+            let seq = [prompt.as_slice(), &c.tokens].concat();
+            let scored = model
+                .completion_logprobs(&model.weights(), &[seq], &[prompt.len()], 1.0)
+                .unwrap();
+            let lp: Vec<f64> = scored
+                .logprobs
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let rec: Vec<f64> = c.logprobs.iter().map(|&v| v as f64).collect();
+            let d = max_abs_diff(&rec, &lp);
+            assert!(
+                d < 1e-4,
+                "request {}: recorded vs scored differ by {d}",
+                f.id
+            );
+        }
+    }
+}
+
+/// With local layers and a budget of about two sequences, both pools bind: sequences
+/// are preempted and recompute, and every completion equals its request run alone.
+#[test]
+fn a_starved_model_with_local_layers_completes_as_alone() {
+    let model = tiny("tiny-gemma3", 5).model;
+    let reqs: Vec<Request> = (0..6).map(|i| request(i, 2, params(0.0, 30, 2))).collect();
+    let reference = alone(&model, &reqs);
+    let cfg = EngineConfig {
+        max_running: 12,
+        kv_page_size: 4,
+        kv_cache_tokens: 64,
+        prefill_chunk: 8,
+        ..Default::default()
+    };
+    let mut e = Engine::new(&model, cfg).unwrap();
+    for r in &reqs {
+        e.add(&model, r.clone()).unwrap();
+    }
+    let out = e
+        .run_to_completion(&model, 0)
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.id, f.completions))
+        .collect();
+    assert!(e.stats().preemptions > 0, "the budget never bit");
+    assert_same(&out, &reference, "local pages under a tight budget");
+}
+
 #[test]
 fn weights_replaced_between_steps_apply_to_every_running_row() {
     let b = tiny("tiny", 9).model;

@@ -97,10 +97,22 @@ fn build(case: &Value) -> Model {
 /// Gemma 3's own fields as Tandem reads them from transformers' saved config.
 fn check_gemma3_config(cfg: &ModelConfig, c: &Value, name: &str) {
     let rope = &c["rope_parameters"];
-    assert_eq!(cfg.rope_theta, rope["full_attention"]["rope_theta"].as_f64().unwrap(), "{name}");
+    assert_eq!(
+        cfg.rope_theta,
+        rope["full_attention"]["rope_theta"].as_f64().unwrap(),
+        "{name}"
+    );
     let sw = cfg.sliding_window.as_ref().expect("local layers");
-    assert_eq!(sw.rope_theta, rope["sliding_attention"]["rope_theta"].as_f64().unwrap(), "{name}");
-    assert_eq!(sw.size as u64, c["sliding_window"].as_u64().unwrap(), "{name}");
+    assert_eq!(
+        sw.rope_theta,
+        rope["sliding_attention"]["rope_theta"].as_f64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        sw.size as u64,
+        c["sliding_window"].as_u64().unwrap(),
+        "{name}"
+    );
     let kinds: Vec<bool> = c["layer_types"]
         .as_array()
         .unwrap()
@@ -108,11 +120,25 @@ fn check_gemma3_config(cfg: &ModelConfig, c: &Value, name: &str) {
         .map(|t| t == "sliding_attention")
         .collect();
     assert_eq!(sw.local, kinds, "{name}: layer_types");
-    assert!(kinds.contains(&true) && kinds.contains(&false), "{name}: both kinds of layer");
-    assert_eq!(cfg.query_pre_attn_scalar, c["query_pre_attn_scalar"].as_f64(), "{name}");
-    assert_eq!(cfg.final_logit_softcapping, c["final_logit_softcapping"].as_f64(), "{name}");
+    assert!(
+        kinds.contains(&true) && kinds.contains(&false),
+        "{name}: both kinds of layer"
+    );
+    assert_eq!(
+        cfg.query_pre_attn_scalar,
+        c["query_pre_attn_scalar"].as_f64(),
+        "{name}"
+    );
+    assert_eq!(
+        cfg.final_logit_softcapping,
+        c["final_logit_softcapping"].as_f64(),
+        "{name}"
+    );
     // The sequences are longer than the window: local layers cut keys off.
-    assert!(sw.size < 9, "{name}: the window must be shorter than the shared prompt");
+    assert!(
+        sw.size < 9,
+        "{name}: the window must be shorter than the shared prompt"
+    );
 }
 
 /// Each family's fixture: its models, with the awkward shapes all there.
@@ -123,7 +149,10 @@ fn models() -> Vec<Value> {
     }
     let gemma = |m: &&Value| m["config"]["model_type"] == "gemma3_text";
     // Gemma 3: a soft-capped output, linear RoPE scaling on the global layers.
-    assert!(all.iter().filter(gemma).any(|m| m["config"]["final_logit_softcapping"].is_f64()));
+    assert!(all
+        .iter()
+        .filter(gemma)
+        .any(|m| m["config"]["final_logit_softcapping"].is_f64()));
     assert!(all
         .iter()
         .filter(gemma)
@@ -337,10 +366,23 @@ fn a_gemma3_multimodal_config_gives_its_text_model() {
         "vision_config": {"hidden_size": 1152}}"#;
     let cfg = ModelConfig::from_hf_json(text, Path::new("config.json")).unwrap();
     assert_eq!(cfg.architecture, Architecture::Gemma3);
-    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size), (2560, 34, 262_208));
-    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (8, 4, 256));
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size),
+        (2560, 34, 262_208)
+    );
+    assert_eq!(
+        (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim
+        ),
+        (8, 4, 256)
+    );
     assert_eq!(cfg.rope_theta, 1_000_000.0);
-    assert_eq!(cfg.rope_scaling, Some(tandem_model::config::RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!(
+        cfg.rope_scaling,
+        Some(tandem_model::config::RopeScaling::Linear { factor: 8.0 })
+    );
     let sw = cfg.sliding_window.unwrap();
     assert_eq!((sw.size, sw.rope_theta), (1024, 10_000.0));
     let globals: Vec<usize> = (0..34).filter(|&l| !sw.local[l]).collect();
@@ -353,7 +395,9 @@ fn a_gemma3_multimodal_config_gives_its_text_model() {
 /// or kind, another activation, a missing `text_config`.
 #[test]
 fn gemma3_configs_tandem_cannot_run_are_refused_by_field() {
-    let base = tandem_model::preset::preset_config("tiny-gemma3").unwrap().to_hf_json();
+    let base = tandem_model::preset::preset_config("tiny-gemma3")
+        .unwrap()
+        .to_hf_json();
     let with = |k: &str, v: Value| {
         let mut c = base.clone();
         c[k] = v;
@@ -365,7 +409,10 @@ fn gemma3_configs_tandem_cannot_run_are_refused_by_field() {
         ("attn_logit_softcapping", serde_json::json!(50.0)),
         ("use_bidirectional_attention", serde_json::json!(true)),
         ("layer_types", serde_json::json!(["sliding_attention"])),
-        ("layer_types", serde_json::json!(["sliding_attention", "chunked", "full_attention"])),
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "chunked", "full_attention"]),
+        ),
         ("hidden_activation", serde_json::json!("silu")),
         ("sliding_window", serde_json::json!(0)),
         ("query_pre_attn_scalar", serde_json::json!(-1.0)),
@@ -375,8 +422,11 @@ fn gemma3_configs_tandem_cannot_run_are_refused_by_field() {
         let named = key.split('_').next().unwrap();
         assert!(err.contains(named), "{key} = {value}: {err}");
     }
-    let err = ModelConfig::from_hf_json(r#"{"architectures": ["Gemma3ForConditionalGeneration"]}"#, Path::new("c.json"))
-        .unwrap_err()
-        .to_string();
+    let err = ModelConfig::from_hf_json(
+        r#"{"architectures": ["Gemma3ForConditionalGeneration"]}"#,
+        Path::new("c.json"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("text_config"), "{err}");
 }

@@ -38,6 +38,7 @@
 
 pub mod attention;
 mod config;
+pub mod local;
 pub mod pages;
 mod runner;
 mod scheduler;
@@ -101,6 +102,8 @@ pub struct EngineStats {
     pub prefilled_tokens: u64,
     pub preemptions: u64,
     pub peak_pages: usize,
+    /// Peak pages of the local layers' pool (0 without local layers).
+    pub peak_local_pages: usize,
     pub peak_running: usize,
 }
 
@@ -124,9 +127,9 @@ impl Engine {
     /// An engine for `model` with its KV pool allocated (lazily touched on CPU).
     pub fn new(model: &Model, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
-        let sched = Scheduler::new(&cfg);
+        let sched = Scheduler::with_local(&cfg, local::LocalLayers::of(model.config()));
         Ok(Engine {
-            runner: Runner::new(model, sched.pool(), cfg.max_running)?,
+            runner: Runner::new(model, sched.pool(), sched.local(), cfg.max_running)?,
             sched,
             cfg,
             requests: HashMap::new(),
@@ -240,7 +243,12 @@ impl Engine {
                 out.prefilled += n;
             }
         }
-        let rows = StepRows::new(&plan, self.sched.running(), self.sched.pool());
+        let rows = StepRows::new(
+            &plan,
+            self.sched.running(),
+            self.sched.pool(),
+            self.sched.local(),
+        );
         let logits = self.runner.run(model, &rows)?;
         self.sched.advance(&plan);
         if !rows.sample.is_empty() {
@@ -269,7 +277,10 @@ impl Engine {
                 // now, while the prompt still holds them (it may finish this step).
                 for f in self.sched.fork(i, &picks, tag) {
                     if let Some(copy) = f.copy {
-                        self.runner.copy_page(copy)?;
+                        self.runner.copy_page(copy, false)?;
+                    }
+                    if let Some(copy) = f.local_copy {
+                        self.runner.copy_page(copy, true)?;
                     }
                     forks.push(f);
                 }
@@ -287,8 +298,9 @@ impl Engine {
         }
         for f in forks {
             if finished(&f.seq, &self.requests[&f.seq.request].params).is_some() {
-                self.sched.release(&f.seq);
-                self.complete(f.seq, out);
+                let mut seq = f.seq;
+                self.sched.release(&mut seq);
+                self.complete(seq, out);
             } else if f.whole {
                 self.sched.resume(f.seq);
             } else {

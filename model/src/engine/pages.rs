@@ -12,6 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
+/// A partly filled page's copy for a fork: (from, to, the tokens it holds).
+pub type PageCopy = (u32, u32, usize);
+
 /// Which pages are free and how many sequences hold each page.
 #[derive(Debug)]
 pub struct PagePool {
@@ -80,31 +83,71 @@ impl PagePool {
     }
 }
 
-/// Every layer's key and value pool, (slots, KV·D) each.
+/// Every layer's key and value pool, (slots, KV·D) each: the global layers' over the
+/// global pool's slots, the local (sliding-window) layers' over the local pool's.
 #[derive(Debug)]
 pub struct KvPages {
     pub(crate) layers: Vec<(Tensor, Tensor)>,
+    /// Whether layer l keeps its keys in the local pool.
+    local: Vec<bool>,
 }
 
 impl KvPages {
-    /// Pools of `slots` token slots for every layer of `cfg`: views of one allocation,
-    /// which the OS zeroes lazily on CPU (a large zeroed allocation is mapped, not
-    /// written), so untouched pages cost no resident memory.
-    pub fn new(cfg: &ModelConfig, slots: usize, dtype: DType, device: &Device) -> Result<Self> {
+    /// Pools of `slots` = (global, local) token slots for the layers of `cfg`: views
+    /// of one allocation per kind, which the OS zeroes lazily on CPU (a large zeroed
+    /// allocation is mapped, not written), so untouched pages cost no resident memory.
+    /// Without a local pool (0 local slots) every layer uses the global one.
+    pub fn new(
+        cfg: &ModelConfig,
+        (slots, local_slots): (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let width = cfg.num_key_value_heads * cfg.head_dim;
-        let all = Tensor::zeros((cfg.num_hidden_layers, 2, slots, width), dtype, device)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| {
-                let layer = all.get(l)?;
+        let n = cfg.num_hidden_layers;
+        let local: Vec<bool> = (0..n)
+            .map(|l| local_slots > 0 && cfg.window_of(l).is_some())
+            .collect();
+        let n_local = local.iter().filter(|&&l| l).count();
+        let global_all = Tensor::zeros((n - n_local, 2, slots, width), dtype, device)?;
+        let local_all = Tensor::zeros((n_local, 2, local_slots, width), dtype, device)?;
+        let (mut g, mut lo) = (0, 0);
+        let layers = local
+            .iter()
+            .map(|&is_local| {
+                let layer = if is_local {
+                    lo += 1;
+                    local_all.get(lo - 1)?
+                } else {
+                    g += 1;
+                    global_all.get(g - 1)?
+                };
                 Ok((layer.get(0)?, layer.get(1)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvPages { layers })
+        Ok(KvPages { layers, local })
     }
 
-    /// Bytes one token occupies across every layer (keys and values).
-    pub fn bytes_per_token(cfg: &ModelConfig, dtype: DType) -> usize {
-        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes()
+    /// Whether layer `l`'s keys live in the local pool.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.local.get(l).copied().unwrap_or(false)
+    }
+
+    /// Bytes of KV memory in use at `global` pages of the global pool and `local` of
+    /// the local one (local layers keep theirs in the local pool).
+    pub fn bytes_in_pages(
+        cfg: &ModelConfig,
+        dtype: DType,
+        page_size: usize,
+        (global, local): (usize, usize),
+    ) -> usize {
+        let per_layer =
+            2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes() * page_size;
+        let n_local = match &cfg.sliding_window {
+            Some(sw) => sw.local.iter().filter(|&&l| l).count(),
+            None => 0,
+        };
+        per_layer * (global * (cfg.num_hidden_layers - n_local) + local * n_local)
     }
 
     /// Writes rows of k and v (N, KV·D) of `layer` at `slots` (N·KV·D indices, each
@@ -116,10 +159,16 @@ impl KvPages {
         Ok(())
     }
 
-    /// Copies the first `tokens` slots of page `from` into page `to` in every layer
-    /// (a forked sequence's private copy of a partly filled shared page). Only those
-    /// rows are read (a gather), never the pool's whole allocation.
-    pub fn copy_page(&self, from: u32, to: u32, tokens: usize, page_size: usize) -> Result<()> {
+    /// Copies the first `tokens` slots of page `from` into page `to` in every layer of
+    /// the global pool, or of the local one when `local` (a forked sequence's private
+    /// copy of a partly filled shared page). Only those rows are read (a gather),
+    /// never the pool's whole allocation.
+    pub fn copy_page(
+        &self,
+        (from, to, tokens): PageCopy,
+        page_size: usize,
+        local: bool,
+    ) -> Result<()> {
         if tokens == 0 {
             return Ok(());
         }
@@ -130,7 +179,10 @@ impl KvPages {
         let idx: Vec<u32> = (src..src + tokens).map(|i| i as u32).collect();
         let idx = Tensor::from_vec(idx, tokens, first.device())?;
         let dst = to as usize * page_size;
-        for (k, v) in &self.layers {
+        for (l, (k, v)) in self.layers.iter().enumerate() {
+            if self.is_local(l) != local {
+                continue;
+            }
             for t in [k, v] {
                 t.slice_set(&t.index_select(&idx, 0)?, 0, dst)?;
             }

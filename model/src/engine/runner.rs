@@ -10,7 +10,8 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use super::attention::{paged_attention, PagedLayout};
-use super::pages::{KvPages, PagePool};
+use super::local::LocalPool;
+use super::pages::{KvPages, PageCopy, PagePool};
 use super::scheduler::Seq;
 use crate::decoder::{decoder_block, Block};
 use crate::error::Result;
@@ -26,6 +27,11 @@ pub(crate) struct StepRows {
     /// The cache slot each token's key and value are written to.
     pub write: Vec<u32>,
     pub layout: Arc<PagedLayout>,
+    /// The same in the local layers' pool (models with local layers): the slot each
+    /// token is written to, and the slots of every token a local query may read (a
+    /// released token's entry is never read: its query's window starts after it).
+    pub local_write: Vec<u32>,
+    pub local_layout: Arc<PagedLayout>,
     /// (running index, row) of each sequence whose tokens are all computed after the
     /// step: it samples from that row's logits.
     pub sample: Vec<(usize, usize)>,
@@ -34,15 +40,26 @@ pub(crate) struct StepRows {
 impl StepRows {
     /// The rows of `plan` ((running index, tokens to feed), by index) over the running
     /// sequences, whose tokens live in `pool`'s pages.
-    pub fn new(plan: &[(usize, usize)], running: &[Seq], pool: &PagePool) -> Self {
+    pub fn new(
+        plan: &[(usize, usize)],
+        running: &[Seq],
+        pool: &PagePool,
+        local: Option<&LocalPool>,
+    ) -> Self {
         let mut r = StepRows::default();
         let mut layout = PagedLayout::default();
+        let mut local_layout = PagedLayout::default();
         for (li, &(i, n)) in plan.iter().enumerate() {
             let s = &running[i];
             let end = s.computed + n;
             layout
                 .slots
                 .push((0..end).map(|t| pool.slot(&s.pages, t)).collect());
+            if let Some(l) = local {
+                let slot = |t| l.slot(&s.local, t).unwrap_or(0);
+                local_layout.slots.push((0..end).map(slot).collect());
+                r.local_write.extend((s.computed..end).map(slot));
+            }
             for t in s.computed..end {
                 r.ids.push(s.tokens[t]);
                 r.positions.push(t as u32);
@@ -53,7 +70,11 @@ impl StepRows {
                 r.sample.push((i, r.ids.len() - 1));
             }
         }
+        if local.is_some() {
+            local_layout.queries = layout.queries.clone();
+        }
         r.layout = Arc::new(layout);
+        r.local_layout = Arc::new(local_layout);
         r
     }
 }
@@ -70,12 +91,18 @@ pub(crate) struct Runner {
 impl Runner {
     /// A runner for `model` with a KV pool for every page of `pool` (lazily touched on
     /// CPU), for batches of up to `max_running` decoding sequences.
-    pub fn new(model: &Model, pool: &PagePool, max_running: usize) -> Result<Self> {
+    pub fn new(
+        model: &Model,
+        pool: &PagePool,
+        local: Option<&LocalPool>,
+        max_running: usize,
+    ) -> Result<Self> {
         let mc = model.config();
         let page_size = pool.page_size();
         let slots = pool.capacity() * page_size;
+        let local_slots = local.map_or(0, |l| l.pool.capacity() * page_size);
         Ok(Runner {
-            kv: KvPages::new(mc, slots, model.dtype(), model.device())?,
+            kv: KvPages::new(mc, (slots, local_slots), model.dtype(), model.device())?,
             page_size,
             heads: Heads {
                 query: mc.num_attention_heads,
@@ -128,6 +155,12 @@ impl Runner {
             .flat_map(|&s| std::iter::repeat_n(s, width))
             .collect();
         let slots = Tensor::from_vec(slots, (n, width), dev)?;
+        let local_slots: Vec<u32> = rows
+            .local_write
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, width))
+            .collect();
+        let local_slots = Tensor::from_vec(local_slots, (rows.local_write.len(), width), dev)?;
         let mut x = model.embed(&w.embed, &ids)?;
         for (li, lw) in w.layers.iter().enumerate() {
             let window = block.windows[li];
@@ -135,18 +168,24 @@ impl Runner {
                 (Some(_), Some(local)) => local,
                 _ => &global,
             };
+            // A local layer's keys live in the local pool (when the model has one).
+            let (slots, layout) = match self.kv.is_local(li) {
+                true => (&local_slots, &rows.local_layout),
+                false => (&slots, &rows.layout),
+            };
             x = decoder_block(lw, &x, (cos, sin), &block, |q, k, v| {
-                self.kv.write(li, &slots, k, v)?;
+                self.kv.write(li, slots, k, v)?;
                 let (kp, vp) = &self.kv.layers[li];
-                paged_attention(q, kp, vp, &rows.layout, self.heads, window)
+                paged_attention(q, kp, vp, layout, self.heads, window)
             })?;
         }
         model.norm(&x, &w.norm, true)
     }
 
-    /// Copies the first `tokens` slots of page `from` into page `to` in every layer (a
-    /// fork's own copy of its prompt's partly filled last page).
-    pub fn copy_page(&self, (from, to, tokens): (u32, u32, usize)) -> Result<()> {
-        self.kv.copy_page(from, to, tokens, self.page_size)
+    /// Copies the first `tokens` slots of page `from` into page `to` in every layer of
+    /// the global pool, or of the `local` one (a fork's own copy of its prompt's partly
+    /// filled last page).
+    pub fn copy_page(&self, copy: PageCopy, local: bool) -> Result<()> {
+        self.kv.copy_page(copy, self.page_size, local)
     }
 }

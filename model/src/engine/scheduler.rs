@@ -25,12 +25,18 @@
 //! Pages are reference-counted ([`PagePool`]): a prompt's samples share its full pages
 //! ([`Scheduler::fork`]), and a page returns to the pool when its last holder finishes
 //! or is preempted.
+//!
+//! A model with local (sliding-window) layers keeps their keys in a second pool
+//! ([`super::local`]): before each step every running sequence gives back the local
+//! pages its window has passed and takes those of the tokens it may feed, preempting
+//! like growth when none is free.
 
 use std::collections::{HashSet, VecDeque};
 
 use rand_chacha::ChaCha8Rng;
 
-use super::pages::{self, PagePool};
+use super::local::{LocalHold, LocalLayers, LocalPool, PoolSizes};
+use super::pages::{self, PageCopy, PagePool};
 use super::{EngineConfig, EngineStats, StepOutput};
 use crate::error::Result;
 
@@ -48,6 +54,8 @@ pub(crate) struct Seq {
     /// Tokens whose keys and values are in the cache.
     pub computed: usize,
     pub pages: Vec<u32>,
+    /// Its pages of the local layers' pool (models with sliding windows).
+    pub local: LocalHold,
     pub logprobs: Vec<f32>,
     pub tags: Vec<u64>,
 }
@@ -69,6 +77,7 @@ impl Seq {
             prompt_len: prompt.len(),
             computed: 0,
             pages: Vec::new(),
+            local: LocalHold::default(),
             logprobs: Vec::new(),
             tags: Vec::new(),
         }
@@ -92,7 +101,9 @@ pub(crate) struct Fork {
     pub seq: Seq,
     /// The prompt's partly filled last page to copy into the fork's own last page:
     /// (from, to, tokens).
-    pub copy: Option<(u32, u32, usize)>,
+    pub copy: Option<PageCopy>,
+    /// The same for its page of the local layers' pool.
+    pub local_copy: Option<PageCopy>,
     /// Whether the fork holds every page of its tokens: false when no page was free for
     /// its copy of the partial page (it must be preempted, to recompute).
     pub whole: bool,
@@ -105,6 +116,8 @@ pub(crate) struct Scheduler {
     prefill_chunk: usize,
     continuous: bool,
     pool: PagePool,
+    /// The local layers' pool, for a model that has local layers.
+    local: Option<LocalPool>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     stats: EngineStats,
@@ -112,15 +125,33 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     /// An empty scheduler over ⌈kv_cache_tokens / kv_page_size⌉ free pages.
+    #[cfg(test)]
     pub fn new(cfg: &EngineConfig) -> Self {
+        Self::with_local(cfg, None)
+    }
+
+    /// An empty scheduler for a model with `local` layers (or none): the budget of
+    /// ⌈kv_cache_tokens / kv_page_size⌉ pages of every layer shared out between the
+    /// global and the local pool ([`PoolSizes::split`]).
+    pub fn with_local(cfg: &EngineConfig, local: Option<LocalLayers>) -> Self {
+        let ps = cfg.kv_page_size;
+        let budget = cfg.kv_cache_tokens.div_ceil(ps);
+        let (pool, local) = match local {
+            None => (PagePool::new(budget, ps), None),
+            Some(l) => {
+                let sizes = PoolSizes::split(budget, l, (cfg.max_running, cfg.prefill_chunk, ps));
+                (
+                    PagePool::new(sizes.global, ps),
+                    Some(LocalPool::new(sizes.local, ps, l.window)),
+                )
+            }
+        };
         Scheduler {
             max_running: cfg.max_running,
             prefill_chunk: cfg.prefill_chunk,
             continuous: cfg.continuous,
-            pool: PagePool::new(
-                cfg.kv_cache_tokens.div_ceil(cfg.kv_page_size),
-                cfg.kv_page_size,
-            ),
+            pool,
+            local,
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
@@ -129,6 +160,9 @@ impl Scheduler {
 
     pub fn pool(&self) -> &PagePool {
         &self.pool
+    }
+    pub fn local(&self) -> Option<&LocalPool> {
+        self.local.as_ref()
     }
     pub fn stats(&self) -> &EngineStats {
         &self.stats
@@ -172,6 +206,17 @@ impl Scheduler {
                 pool.page_size(),
             ));
         }
+        if let Some(l) = &self.local {
+            let c = self.prefill_chunk;
+            let needed = l.most_for(longest, c).max(l.most_for(prompt, c) + group);
+            if needed > l.pool.capacity() {
+                return Err(pages::too_small(
+                    needed * l.pool.page_size(),
+                    l.pool.capacity(),
+                    l.pool.page_size(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -186,6 +231,7 @@ impl Scheduler {
         self.admit();
         self.grow();
         self.admit();
+        self.fit_local();
         self.plan()
     }
 
@@ -199,7 +245,15 @@ impl Scheduler {
         while let Some(s) = self.waiting.front() {
             let slots = s.samples.len();
             let pages = self.pool.pages_for(s.tokens.len()) + slots;
-            if self.running_slots() + slots > self.max_running || pages > self.pool.free_pages() {
+            // Its first chunk's local pages, and one per sample for the fork's copy.
+            let local_short = self.local.as_ref().is_some_and(|l| {
+                l.pool.pages_for(s.tokens.len().min(self.prefill_chunk)) + slots
+                    > l.pool.free_pages()
+            });
+            if self.running_slots() + slots > self.max_running
+                || pages > self.pool.free_pages()
+                || local_short
+            {
                 break;
             }
             let mut s = self.waiting.pop_front().expect("front exists");
@@ -214,6 +268,9 @@ impl Scheduler {
     pub fn preempt(&mut self, mut s: Seq) {
         self.pool.release(&s.pages);
         s.pages.clear();
+        if let Some(l) = &mut self.local {
+            l.release(&mut s.local);
+        }
         s.computed = 0;
         self.stats.preemptions += 1;
         tracing::debug!(
@@ -244,6 +301,29 @@ impl Scheduler {
                 }
             } else {
                 i += 1;
+            }
+        }
+    }
+
+    /// Fits every running sequence's local pages to the tokens it may feed this step
+    /// (its next token, or up to a prefill chunk), preempting the most recently
+    /// admitted sequences while the local pool has none free.
+    fn fit_local(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let Some(l) = &mut self.local else { return };
+            let s = &mut self.running[i];
+            let feed = if s.unfed() == 1 {
+                1
+            } else {
+                s.unfed().min(self.prefill_chunk)
+            };
+            let end = s.computed + feed;
+            if l.fit(s, end) {
+                i += 1;
+            } else {
+                let victim = self.running.pop().expect("i < len");
+                self.preempt(victim);
             }
         }
     }
@@ -288,7 +368,12 @@ impl Scheduler {
     /// caller copies now, while the prompt still holds it).
     pub fn fork(&mut self, i: usize, picks: &[(u32, f32)], tag: u64) -> Vec<Fork> {
         let ps = self.pool.page_size();
-        let Scheduler { running, pool, .. } = self;
+        let Scheduler {
+            running,
+            pool,
+            local,
+            ..
+        } = self;
         let s = &mut running[i];
         let full = s.tokens.len() / ps;
         let partial = s.tokens.len() % ps;
@@ -302,6 +387,7 @@ impl Scheduler {
                 prompt_len: s.prompt_len,
                 computed: s.computed,
                 pages: s.pages[..full].to_vec(),
+                local: LocalHold::default(),
                 logprobs: Vec::new(),
                 tags: Vec::new(),
             };
@@ -319,7 +405,19 @@ impl Scheduler {
                     None => whole = false,
                 }
             }
-            forks.push(Fork { seq, copy, whole });
+            let mut local_copy = None;
+            if let Some(l) = local.as_mut().filter(|_| whole) {
+                match l.fork(&s.local, s.tokens.len()) {
+                    Some((hold, c)) => (seq.local, local_copy) = (hold, c),
+                    None => whole = false,
+                }
+            }
+            forks.push(Fork {
+                seq,
+                copy,
+                local_copy,
+                whole,
+            });
         }
         s.samples.truncate(1);
         s.rngs.truncate(1);
@@ -328,14 +426,18 @@ impl Scheduler {
 
     /// Removes the running sequence at index `i` and frees its pages.
     pub fn finish(&mut self, i: usize) -> Seq {
-        let s = self.running.remove(i);
-        self.pool.release(&s.pages);
+        let mut s = self.running.remove(i);
+        self.release(&mut s);
         s
     }
 
     /// Frees the pages of a sequence that is not running (a fork finished at once).
-    pub fn release(&mut self, s: &Seq) {
+    pub fn release(&mut self, s: &mut Seq) {
         self.pool.release(&s.pages);
+        s.pages.clear();
+        if let Some(l) = &mut self.local {
+            l.release(&mut s.local);
+        }
     }
 
     /// Runs a fork that holds all its pages, after every running sequence.
@@ -350,6 +452,9 @@ impl Scheduler {
         st.decoded_tokens += out.decoded as u64;
         st.prefilled_tokens += out.prefilled as u64;
         st.peak_pages = st.peak_pages.max(self.pool.used_pages());
+        if let Some(l) = &self.local {
+            st.peak_local_pages = st.peak_local_pages.max(l.pool.used_pages());
+        }
         st.peak_running = st.peak_running.max(out.running);
     }
 }
@@ -413,8 +518,9 @@ mod tests {
         let mut finished: Vec<Seq> = done.iter().rev().map(|&i| s.finish(i)).collect();
         for f in forks {
             if f.seq.tokens.len() - f.seq.prompt_len >= max_new(f.seq.request) {
-                s.release(&f.seq);
-                finished.push(f.seq);
+                let mut seq = f.seq;
+                s.release(&mut seq);
+                finished.push(seq);
             } else if f.whole {
                 s.resume(f.seq);
             } else {

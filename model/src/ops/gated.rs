@@ -165,8 +165,7 @@ impl CustomOp3 for GatedGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let storage =
-            float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 => |a, b, g| bwd_kernel(self.0, a, b, g));
+        let storage = float_kernel!(self.name(); s1: l1, s2: l2, s3: l3 => |a, b, g| bwd_kernel(self.0, a, b, g));
         Ok((storage, Shape::from(2 * l1.shape().elem_count())))
     }
 }

@@ -11,9 +11,9 @@
 //! f64 central differences.
 
 pub mod attention;
+pub mod gated;
 pub mod rms_norm;
 pub mod rotary;
-pub mod gated;
 
 use candle_core::{DType, Tensor, WithDType};
 use num_traits::Float;
