@@ -528,6 +528,11 @@ fn check_tensor(
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| corrupt("its element count overflows".into()))?;
+    // candle views an empty buffer as a slice of blocks at a dangling, unaligned
+    // address (an abort in debug builds, undefined behaviour otherwise).
+    if elems == 0 {
+        return Err(corrupt("it has no elements".into()));
+    }
     let block = dtype.block_size();
     if !elems.is_multiple_of(block) {
         return Err(corrupt(format!(
