@@ -201,6 +201,52 @@ fn check_merges(vocab: &ahash::AHashMap<String, u32>, merges: &[(String, String)
     Ok(())
 }
 
+/// The normalizer, pre-tokenizer and decoder around a SentencePiece BPE, as
+/// transformers' `GemmaTokenizer` and `LlamaTokenizer` set them: `▁` for spaces (a
+/// normalizer for Gemma; Metaspace, with a prefix `▁` when `add_space_prefix`, for
+/// Llama), decoded back with the byte-fallback tokens joined into UTF-8.
+fn sentencepiece_pipeline(
+    inner: &mut tokenizers::Tokenizer,
+    flavor: SentencePieceFlavor,
+    add_space_prefix: bool,
+) -> Result<()> {
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if flavor == SentencePieceFlavor::Gemma {
+        let spaces = Replace::new(" ", "\u{2581}").map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner
+            .with_normalizer(Some(NormalizerWrapper::Replace(spaces)))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let split = Split::new(
+            SplitPattern::String(" ".into()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
+    } else {
+        let prepend = match add_space_prefix {
+            true => PrependScheme::First,
+            false => PrependScheme::Never,
+        };
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
+            '\u{2581}', prepend, false,
+        ))));
+        if add_space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+    }
+    inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
+        decoders,
+    ))));
+    Ok(())
+}
+
 /// A tokenizer with its special tokens and chat template.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -370,41 +416,7 @@ impl Tokenizer {
             .build()
             .map_err(|e| Error::Tokenizer(format!("building the SentencePiece BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let mut decoders: Vec<DecoderWrapper> = vec![
-            Replace::new("\u{2581}", " ")
-                .map_err(|e| Error::Tokenizer(e.to_string()))?
-                .into(),
-            ByteFallback::new().into(),
-            Fuse::new().into(),
-        ];
-        if gemma {
-            let spaces =
-                Replace::new(" ", "\u{2581}").map_err(|e| Error::Tokenizer(e.to_string()))?;
-            inner
-                .with_normalizer(Some(NormalizerWrapper::Replace(spaces)))
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            let split = Split::new(
-                SplitPattern::String(" ".into()),
-                SplitDelimiterBehavior::MergedWithPrevious,
-                false,
-            )
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
-        } else {
-            let prepend = match sp.add_space_prefix {
-                true => PrependScheme::First,
-                false => PrependScheme::Never,
-            };
-            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
-                '\u{2581}', prepend, false,
-            ))));
-            if sp.add_space_prefix {
-                decoders.push(Strip::new(' ', 1, 0).into());
-            }
-        }
-        inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
-            decoders,
-        ))));
+        sentencepiece_pipeline(&mut inner, sp.flavor, sp.add_space_prefix)?;
         // The file's own spellings, as transformers adds them: a user-defined token only
         // when the vocabulary has it so spelled (not Gemma's runs of spaces).
         let of_type = |kind: u64| {
