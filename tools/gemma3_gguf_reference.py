@@ -5,6 +5,9 @@ as `gemma3-270m`) as transformers loads it, for model/tests/gemma3_gguf.rs.
     tandem model fetch gemma3-270m          # prints the GGUF's path
     python tools/gemma3_gguf_reference.py --gguf PATH
 
+Needs torch, transformers 5 (it reads the config's `rope_parameters`; written with
+5.25.0) and gguf (pip install -r tools/requirements.txt). About 4 minutes on two cores.
+
 transformers reads the GGUF itself (`from_pretrained(folder, gguf_file=name)`): its own
 reader and dequantization to float32, llama.cpp's +1 on every Gemma norm weight taken
 off, the tokenizer rebuilt from the file's vocabulary (GemmaTokenizer: merges recovered
