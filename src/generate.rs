@@ -6,7 +6,7 @@ use tandem_model::SamplingParams;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// HF model folder, .gguf file, or `smollm2` (fetched on first use).
+    /// HF model folder, .gguf file, or `smollm2` / `gemma3-270m` (fetched on first use).
     #[arg(long)]
     model: String,
     /// The prompt text.

@@ -35,7 +35,7 @@ enum ModelCommand {
     },
     /// Fetch a named model into the cache and print its path.
     Fetch {
-        /// Model name (known: smollm2).
+        /// Model name (known: smollm2, gemma3-270m).
         #[arg(default_value = "smollm2")]
         name: String,
     },
@@ -69,7 +69,12 @@ pub fn run(args: ModelArgs) -> Result<()> {
             let known = tandem_model::fetch::KNOWN
                 .iter()
                 .find(|k| k.name == name)
-                .with_context(|| format!("unknown model `{name}` (known: smollm2)"))?;
+                .with_context(|| {
+                    format!(
+                        "unknown model `{name}` (known: {})",
+                        tandem_model::fetch::known_names()
+                    )
+                })?;
             let path = tandem_model::fetch::fetch(known, &tandem_model::fetch::cache_dir())?;
             println!("{}", path.display());
         }

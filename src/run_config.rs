@@ -90,7 +90,10 @@ impl RunConfig {
             );
         }
         if self.model.path.trim().is_empty() {
-            bail!("[model] path: give an HF folder, a .gguf file, `smollm2` or `preset:tiny`");
+            bail!(
+                "[model] path: give an HF folder, a .gguf file, a fetchable model ({}) or `preset:tiny`",
+                tandem_model::fetch::known_names()
+            );
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use tandem_model::score;
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// HF model folder, .gguf file, or `smollm2`.
+    /// HF model folder, .gguf file, or `smollm2` / `gemma3-270m` (fetched on first use).
     #[arg(long)]
     model: String,
     /// Records: `{"prompt_ids", "completion_ids"}` or `{"prompt", "completion"}` lines.

@@ -39,7 +39,8 @@ impl Pretrained {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// HF folder, .gguf file, `smollm2` (fetched), or `preset:tiny` (a random tiny model).
+    /// HF folder, .gguf file, a fetchable name (`smollm2`, `gemma3-270m`), or
+    /// `preset:tiny` (a random tiny model).
     pub path: String,
     /// The dtype saved models are written in: `f32`, `bf16` or `f16`; unset: the dtype
     /// the weights were loaded in.
@@ -101,7 +102,7 @@ pub fn dtype_name(d: DType) -> &'static str {
 }
 
 /// Loads `spec`: an HF model folder, a `.gguf` file, the name of a model Tandem can
-/// fetch (`smollm2`, see [`fetch::resolve`]) or `preset:NAME` (a seeded random model,
+/// fetch (`smollm2`, `gemma3-270m`: see [`fetch::resolve`]) or `preset:NAME` (a seeded random model,
 /// always f32: [`crate::preset`]).
 pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
     if let Some(name) = spec.strip_prefix("preset:") {
@@ -131,7 +132,10 @@ pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
             &path,
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "no such file or folder (give an HF model folder, a .gguf file, or `smollm2`)",
+                format!(
+                    "no such file or folder (give an HF model folder, a .gguf file, or a model Tandem fetches: {})",
+                    fetch::known_names()
+                ),
             ),
         ))
     }

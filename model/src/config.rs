@@ -500,13 +500,15 @@ impl ModelConfig {
             o.remove("hidden_act");
         }
         v["hidden_activation"] = json!("gelu_pytorch_tanh");
-        // transformers checks that it is an integer, as every published config has it.
+        // An integer where it is one: transformers 5's strict `Gemma3TextConfig` refuses
+        // 256.0 for its `int` field.
         let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
-        v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 && scalar < u32::MAX as f64 {
-            json!(scalar as u64)
-        } else {
-            json!(scalar)
-        };
+        v["query_pre_attn_scalar"] =
+            if scalar.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(&scalar) {
+                json!(scalar as u64)
+            } else {
+                json!(scalar)
+            };
         v["final_logit_softcapping"] = json!(self.final_logit_softcapping);
         v["attn_logit_softcapping"] = Value::Null;
         let (window, local, theta) = match &self.sliding_window {
@@ -708,5 +710,18 @@ mod tests {
         let legacy = parse(json!({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}));
         assert_eq!(legacy.rope_theta, 1e4);
         assert_eq!(parse(json!({})).rope_theta, 10_000.0);
+    }
+
+    /// transformers 5 reads `query_pre_attn_scalar` as an integer and refuses 256.0.
+    #[test]
+    fn gemma3_query_scalar_is_written_as_an_integer() {
+        let mut cfg = crate::preset::preset_config("tiny-gemma3").unwrap();
+        assert_eq!(cfg.to_hf_json()["query_pre_attn_scalar"], json!(24));
+        cfg.query_pre_attn_scalar = Some(24.5);
+        assert_eq!(cfg.to_hf_json()["query_pre_attn_scalar"], json!(24.5));
+        cfg.query_pre_attn_scalar = Some(256.0);
+        let back =
+            ModelConfig::from_hf_json(&cfg.to_hf_json().to_string(), Path::new("c")).unwrap();
+        assert_eq!(back.query_pre_attn_scalar, Some(256.0));
     }
 }

@@ -5,7 +5,7 @@
 //!   gradients to every weight ([`Model::completion_logprobs`]).
 //! - [`engine`] — the sampling engine: continuous batching over a paged KV cache,
 //!   prompts prefilled once per request; [`generate`] runs it to completion.
-//! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2).
+//! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2, Gemma 3 270M).
 //! - [`optim`] — AdamW (fused, state saved and restored), SGD, gradient clipping.
 //! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
 //! - [`scalar_head`] — the value head (PPO's critic) and the reward head on the final

@@ -1,17 +1,26 @@
 //! Text ↔ token ids, and the chat template.
 //!
 //! One tokenizer type for every source: an HF `tokenizer.json` (+ `tokenizer_config.json`
-//! for the chat template and special tokens), or a byte-level BPE built from a vocabulary
-//! and merges (GGUF files and the tiny preset take that path).
+//! for the chat template and special tokens), a byte-level BPE built from a vocabulary
+//! and merges (GGUF files and the tiny preset take that path), or a SentencePiece BPE
+//! vocabulary with byte fallback as GGUF stores it (Gemma, Llama 2).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -86,6 +95,156 @@ impl PreTokenizer {
             PreTokenizer::Qwen2 => regex_then_bytes(QWEN2_REGEX)?,
         })
     }
+}
+
+/// Which SentencePiece pipeline a GGUF vocabulary (`tokenizer.ggml.model = "llama"`)
+/// needs, as transformers rebuilds it from the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SentencePieceFlavor {
+    /// Gemma: spaces become `▁` in a normalizer, never a prefix space; merges ranked by
+    /// the tokens' order in the file (Gemma's scores do not follow its merge order);
+    /// tokens made only of spaces are stored as spaces and looked up as `▁`s.
+    Gemma,
+    /// Llama 2 style: `▁` for spaces and a prefix `▁` before the text when
+    /// `add_space_prefix`, merges ranked by score.
+    Llama,
+}
+
+/// A SentencePiece BPE vocabulary as a GGUF file stores it.
+pub struct SentencePiece<'a> {
+    /// Token strings, id = index.
+    pub tokens: &'a [String],
+    /// `tokenizer.ggml.scores` (needed by [`SentencePieceFlavor::Llama`]).
+    pub scores: Option<&'a [f32]>,
+    /// `tokenizer.ggml.token_type` (3 control → special token, 4 user-defined → matched
+    /// whole), or empty.
+    pub token_types: &'a [u64],
+    pub flavor: SentencePieceFlavor,
+    pub add_space_prefix: bool,
+    pub unk_id: Option<u32>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub chat_template: Option<String>,
+}
+
+/// The merges a SentencePiece BPE vocabulary implies (transformers' `generate_merges`):
+/// every split of a token into two tokens of the vocabulary, ranked by `priority` of the
+/// token they make (higher first), then by the longer left piece, then the longer right
+/// piece (lengths in characters). A token listed twice counts once, with its last id.
+fn merges_from_vocab(
+    tokens: &[String],
+    vocab: &ahash::AHashMap<String, u32>,
+    priority: impl Fn(u32) -> f64,
+) -> Vec<(String, String)> {
+    struct Split<'a> {
+        priority: f64,
+        left_chars: usize,
+        right_chars: usize,
+        left: &'a str,
+        right: &'a str,
+    }
+    let mut seen = ahash::AHashSet::new();
+    let mut splits: Vec<Split> = Vec::new();
+    for token in tokens {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let Some(&id) = vocab.get(token) else {
+            continue;
+        };
+        let mut local: Vec<(u32, u32, Split)> = token
+            .char_indices()
+            .skip(1)
+            .enumerate()
+            .filter_map(|(k, (at, _))| {
+                let (left, right) = token.split_at(at);
+                let (&l, &r) = (vocab.get(left)?, vocab.get(right)?);
+                let left_chars = k + 1;
+                let split = Split {
+                    priority: priority(id),
+                    left_chars,
+                    right_chars: token.chars().count() - left_chars,
+                    left,
+                    right,
+                };
+                Some((l, r, split))
+            })
+            .collect();
+        local.sort_by_key(|(l, r, _)| (*l, *r));
+        splits.extend(local.into_iter().map(|(_, _, s)| s));
+    }
+    // Stable, so equal keys keep the order above (as Python's `sorted(reverse=True)`).
+    splits.sort_by(|a, b| {
+        b.priority
+            .total_cmp(&a.priority)
+            .then(b.left_chars.cmp(&a.left_chars))
+            .then(b.right_chars.cmp(&a.right_chars))
+    });
+    splits
+        .into_iter()
+        .map(|s| (s.left.to_string(), s.right.to_string()))
+        .collect()
+}
+
+/// Checks that every merge joins two tokens of `vocab` into a third: the `tokenizers`
+/// crate panics on some merges that do not.
+fn check_merges(vocab: &ahash::AHashMap<String, u32>, merges: &[(String, String)]) -> Result<()> {
+    for (a, b) in merges {
+        for piece in [a.as_str(), b.as_str(), &format!("{a}{b}")] {
+            if !vocab.contains_key(piece) {
+                return Err(Error::Tokenizer(format!(
+                    "merge `{a} {b}`: `{piece}` is not in the vocabulary; the tokenizer data is corrupt"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The normalizer, pre-tokenizer and decoder around a SentencePiece BPE, as
+/// transformers' `GemmaTokenizer` and `LlamaTokenizer` set them: `▁` for spaces (a
+/// normalizer for Gemma; Metaspace, with a prefix `▁` when `add_space_prefix`, for
+/// Llama), decoded back with the byte-fallback tokens joined into UTF-8.
+fn sentencepiece_pipeline(
+    inner: &mut tokenizers::Tokenizer,
+    flavor: SentencePieceFlavor,
+    add_space_prefix: bool,
+) -> Result<()> {
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if flavor == SentencePieceFlavor::Gemma {
+        let spaces = Replace::new(" ", "\u{2581}").map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner
+            .with_normalizer(Some(NormalizerWrapper::Replace(spaces)))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let split = Split::new(
+            SplitPattern::String(" ".into()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
+    } else {
+        let prepend = match add_space_prefix {
+            true => PrependScheme::First,
+            false => PrependScheme::Never,
+        };
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
+            '\u{2581}', prepend, false,
+        ))));
+        if add_space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+    }
+    inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
+        decoders,
+    ))));
+    Ok(())
 }
 
 /// A tokenizer with its special tokens and chat template.
@@ -182,6 +341,7 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
+        check_merges(&vocab, &merges)?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -203,6 +363,87 @@ impl Tokenizer {
             chat_template,
             bos_token: name(bos_id),
             eos_token: name(eos_id),
+        })
+    }
+
+    /// A SentencePiece BPE with byte fallback (`<0xNN>` tokens for what the vocabulary
+    /// lacks), built as transformers builds it from a GGUF file: merges recovered from
+    /// the vocabulary (no merges are stored), control tokens special, user-defined
+    /// tokens matched whole.
+    pub fn from_sentencepiece(sp: SentencePiece<'_>) -> Result<Self> {
+        let gemma = sp.flavor == SentencePieceFlavor::Gemma;
+        let tokens: Vec<String> = sp
+            .tokens
+            .iter()
+            .map(|t| {
+                let spaces_only = !t.is_empty() && t.chars().all(|c| c == ' ');
+                if gemma && spaces_only {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = match (sp.flavor, sp.scores) {
+            (SentencePieceFlavor::Gemma, _) => {
+                merges_from_vocab(&tokens, &vocab, |id| -f64::from(id))
+            }
+            (SentencePieceFlavor::Llama, Some(scores)) => {
+                merges_from_vocab(&tokens, &vocab, |id| {
+                    scores.get(id as usize).copied().map_or(f64::MIN, f64::from)
+                })
+            }
+            (SentencePieceFlavor::Llama, None) => {
+                return Err(Error::Tokenizer(
+                    "a SentencePiece vocabulary needs its scores to rank its merges".into(),
+                ))
+            }
+        };
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab.clone(), merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = name(sp.unk_id) {
+            builder = builder.unk_token(unk);
+        }
+        let bpe = builder
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("building the SentencePiece BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        sentencepiece_pipeline(&mut inner, sp.flavor, sp.add_space_prefix)?;
+        // The file's own spellings, as transformers adds them: a user-defined token only
+        // when the vocabulary has it so spelled (not Gemma's runs of spaces).
+        let of_type = |kind: u64| {
+            sp.token_types
+                .iter()
+                .zip(sp.tokens)
+                .filter(move |(&t, _)| t == kind)
+                .map(|(_, token)| token)
+        };
+        let special: Vec<AddedToken> = of_type(3)
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| Error::Tokenizer(format!("adding special tokens: {e}")))?;
+        let user: Vec<AddedToken> = of_type(4)
+            .filter(|t| vocab.contains_key(t.as_str()))
+            .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+            .collect();
+        inner
+            .add_tokens(user)
+            .map_err(|e| Error::Tokenizer(format!("adding user-defined tokens: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            chat_template: sp.chat_template,
+            bos_token: name(sp.bos_id),
+            eos_token: name(sp.eos_id),
         })
     }
 
@@ -342,5 +583,92 @@ mod tests {
             .vocabulary_difference(&bpe(&["a", "b"]))
             .unwrap()
             .contains("3 tokens against 2"));
+    }
+
+    /// A small SentencePiece vocabulary: control tokens, a user-defined newline and
+    /// double space, the 256 byte tokens, then pieces in merge order.
+    fn sentencepiece_vocab() -> (Vec<String>, Vec<f32>, Vec<u64>) {
+        let mut tokens: Vec<String> = [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_turn>",
+            "\n",
+            "  ",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        let mut types = vec![3, 3, 3, 3, 3, 4, 4];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        for piece in ["\u{2581}", "a", "b", "ab", "\u{2581}a", "\u{2581}ab", "ba"] {
+            tokens.push(piece.to_string());
+            types.push(1);
+        }
+        let scores = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        (tokens, scores, types)
+    }
+
+    fn sentencepiece(flavor: SentencePieceFlavor, scores: Option<&[f32]>) -> Tokenizer {
+        let (tokens, _, types) = sentencepiece_vocab();
+        Tokenizer::from_sentencepiece(SentencePiece {
+            tokens: &tokens,
+            scores,
+            token_types: &types,
+            flavor,
+            add_space_prefix: flavor == SentencePieceFlavor::Llama,
+            unk_id: Some(3),
+            bos_id: Some(2),
+            eos_id: Some(1),
+            chat_template: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn gemma_sentencepiece_merges_in_vocabulary_order_with_byte_fallback() {
+        let tok = sentencepiece(SentencePieceFlavor::Gemma, None);
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        let (a, b, ab, sp_ab) = (id("a"), id("b"), id("ab"), id("\u{2581}ab"));
+        // "ab" (earlier) merges before "ba"; no prefix space.
+        assert_eq!(tok.encode("ab ab").unwrap(), vec![ab, sp_ab]);
+        assert_eq!(tok.encode("aba").unwrap(), vec![ab, a]);
+        // Unknown characters fall back to their UTF-8 bytes, and decode back.
+        let e_acute = tok.encode("bé").unwrap();
+        assert_eq!(e_acute, vec![b, id("<0xC3>"), id("<0xA9>")]);
+        assert_eq!(tok.decode(&e_acute, false).unwrap(), "bé");
+        // A run of spaces is looked up as `▁`s (the file spells it with spaces): the
+        // user-defined "  " is not matched whole in the text.
+        let spaces = id("\u{2581}\u{2581}");
+        assert_eq!(spaces, 6);
+        assert_eq!(tok.encode("a  b").unwrap(), vec![a, spaces, b]);
+        // Control tokens are special and the user-defined newline is matched whole.
+        assert_eq!(
+            tok.encode("<start_of_turn>a\nb<eos>").unwrap(),
+            vec![4, a, 5, b, 1]
+        );
+        assert_eq!(tok.decode(&[4, ab, 5, sp_ab], true).unwrap(), "ab\n ab");
+        assert_eq!(tok.eos_token(), Some("<eos>"));
+    }
+
+    #[test]
+    fn llama_sentencepiece_adds_a_prefix_space_and_ranks_by_score() {
+        let (_, mut scores, _) = sentencepiece_vocab();
+        let tok = sentencepiece(SentencePieceFlavor::Llama, Some(&scores));
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        assert_eq!(tok.encode("ab").unwrap(), vec![id("\u{2581}ab")]);
+        assert_eq!(
+            tok.decode(&tok.encode("ab ab").unwrap(), false).unwrap(),
+            "ab ab"
+        );
+        // Scores, not positions, rank the merges: make "ba" outrank "ab".
+        let n = scores.len();
+        scores[n - 1] = 0.0;
+        let tok = sentencepiece(SentencePieceFlavor::Llama, Some(&scores));
+        assert_eq!(tok.encode("aba").unwrap(), vec![id("\u{2581}a"), id("ba")]);
     }
 }
