@@ -650,7 +650,10 @@ fn read_tokenizer(meta: &Meta, arch: &str) -> Result<Tokenizer> {
         .per_token("tokenizer.ggml.token_type", tokens.len(), value_u64)?
         .unwrap_or_default();
     let model_kind = meta.opt_str("tokenizer.ggml.model").unwrap_or("");
-    match model_kind {
+    let add_bos = meta
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let tokenizer = match model_kind {
         "gpt2" => {
             let merges = meta
                 .strings("tokenizer.ggml.merges")?
@@ -701,7 +704,11 @@ fn read_tokenizer(meta: &Meta, arch: &str) -> Result<Tokenizer> {
         other => Err(meta.err(format!(
             "tokenizer model `{other}` (`tokenizer.ggml.model`) is not supported (supported: gpt2 — byte-level BPE, llama — SentencePiece BPE)"
         ))),
+    }?;
+    if add_bos {
+        return tokenizer.with_bos_on_prompts();
     }
+    Ok(tokenizer)
 }
 
 #[cfg(test)]

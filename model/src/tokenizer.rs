@@ -254,6 +254,9 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Whether a raw prompt starts with the BOS token ([`Tokenizer::encode_prompt`]):
+    /// `add_bos_token` of a GGUF or an HF tokenizer's post-processor (Gemma, Llama).
+    add_bos: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -322,7 +325,9 @@ impl Tokenizer {
             chat_template,
             bos_token: token_string(cfg.get("bos_token")),
             eos_token: token_string(cfg.get("eos_token")),
-        })
+            add_bos: false,
+        }
+        .with_add_bos_from_post_processor())
     }
 
     /// A byte-level BPE from `tokens` (id = index), `merges` (in rank order) and the ids
@@ -363,6 +368,7 @@ impl Tokenizer {
             chat_template,
             bos_token: name(bos_id),
             eos_token: name(eos_id),
+            add_bos: false,
         })
     }
 
@@ -444,6 +450,7 @@ impl Tokenizer {
             chat_template: sp.chat_template,
             bos_token: name(sp.bos_id),
             eos_token: name(sp.eos_id),
+            add_bos: false,
         })
     }
 
@@ -477,6 +484,53 @@ impl Tokenizer {
 
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// The same tokenizer with a raw prompt starting with its BOS token (a GGUF's
+    /// `tokenizer.ggml.add_bos_token`): a post-processor as transformers' tokenizers
+    /// carry, kept in the `tokenizer.json` Tandem saves. An error when it has no BOS.
+    pub fn with_bos_on_prompts(mut self) -> Result<Self> {
+        let bos = self.bos_token.clone().ok_or_else(|| {
+            Error::Tokenizer("add_bos_token is set but the tokenizer has no BOS token".into())
+        })?;
+        let id = self.inner.token_to_id(&bos).ok_or_else(|| {
+            Error::Tokenizer(format!("the BOS token {bos:?} is not in the vocabulary"))
+        })?;
+        let template = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(format!("{bos} $A"))
+            .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+            .map_err(|e| Error::Tokenizer(format!("BOS template: {e}")))?
+            .special_tokens(vec![(bos.clone(), id)])
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("BOS template: {e}")))?;
+        self.inner.with_post_processor(Some(template));
+        self.add_bos = true;
+        Ok(self)
+    }
+
+    /// Whether an HF tokenizer's post-processor puts a special token before the text
+    /// (Gemma's and Llama's put BOS there).
+    fn with_add_bos_from_post_processor(mut self) -> Self {
+        self.add_bos = match self.inner.encode("a", true) {
+            Ok(with) => match self.inner.encode("a", false) {
+                Ok(without) => with.get_ids().len() > without.get_ids().len(),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        self
+    }
+
+    /// Token ids of a raw prompt as transformers' `tokenizer(text)` gives them: the
+    /// text's ids after the BOS token when the model's tokenizer adds one (Gemma,
+    /// Llama), else [`Tokenizer::encode`]'s. A chat template writes BOS itself: its
+    /// rendering goes through `encode`.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, self.add_bos)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of `text`; special-token strings in it become their ids.
@@ -540,7 +594,7 @@ impl Tokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": false,
-            "add_bos_token": false,
+            "add_bos_token": self.add_bos,
             "add_eos_token": false,
         });
         if let Some(t) = &self.chat_template {

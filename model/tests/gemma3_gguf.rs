@@ -108,6 +108,8 @@ fn check_tokenizer(p: &Pretrained, fx: &Value) {
     let text = t["with_special_tokens"]["text"].as_str().unwrap();
     assert_eq!(with[0], 2);
     assert_eq!(p.tokenizer.encode(text).unwrap(), with[1..]);
+    // A raw prompt starts with <bos>, as transformers' tokenizer(text) gives it.
+    assert_eq!(p.tokenizer.encode_prompt(text).unwrap(), with);
     assert_eq!(p.tokenizer.chat_template(), t["chat_template"].as_str());
 }
 
