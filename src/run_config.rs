@@ -116,7 +116,10 @@ mod tests {
         let names: Vec<&str> = k.0.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["enable_thinking", "tools", "documents"]);
         let tool = format!("{:?}", k.0[1].1);
-        assert!(tool.find("name") < tool.find("\"b\""), "a table's keys in order: {tool}");
+        assert!(
+            tool.find("name") < tool.find("\"b\""),
+            "a table's keys in order: {tool}"
+        );
         assert_eq!(
             RunConfig::parse(&c.to_toml().unwrap(), &[]).unwrap(),
             c,
@@ -129,13 +132,23 @@ mod tests {
             e.contains("[data] chat_template_kwargs.messages") && e.contains("reserved"),
             "{e}"
         );
-        let e = RunConfig::parse("", &["data.chat_template_kwargs.add_generation_prompt=true".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("chat_template_kwargs.add_generation_prompt"), "{e}");
-        let c = RunConfig::parse("[data]\nchat_template_kwargs = { day = 2024-01-01 }\n", &[]).unwrap();
+        let e = RunConfig::parse(
+            "",
+            &["data.chat_template_kwargs.add_generation_prompt=true".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("chat_template_kwargs.add_generation_prompt"),
+            "{e}"
+        );
+        let c =
+            RunConfig::parse("[data]\nchat_template_kwargs = { day = 2024-01-01 }\n", &[]).unwrap();
         let day = &c.data.chat_template_kwargs.unwrap().0[0].1;
-        assert_eq!(day, &tandem_data::TemplateValue::String("2024-01-01".into()));
+        assert_eq!(
+            day,
+            &tandem_data::TemplateValue::String("2024-01-01".into())
+        );
     }
 
     #[test]

@@ -217,7 +217,10 @@ mod tests {
 
     #[test]
     fn every_toml_value_is_read_in_order() {
-        let k = parse("k = { z = true, a = 3, m = 0.5, s = \"x\", xs = [1, \"two\"], t = { b = 1, a = 2 } }").unwrap();
+        let k = parse(
+            "k = { z = true, a = 3, m = 0.5, s = \"x\", xs = [1, \"two\"], t = { b = 1, a = 2 } }",
+        )
+        .unwrap();
         let keys: Vec<&str> = k.0.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["z", "a", "m", "s", "xs", "t"], "document order");
         assert_eq!(k.0[0].1, TemplateValue::Bool(true));

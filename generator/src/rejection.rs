@@ -161,7 +161,12 @@ fn sample(cfg: &RejectionConfig, prompts: &[Prompt]) -> Result<Vec<Sample>> {
         Some(dir) => Some(RewardModel::load(dir, &p.model)?),
         None => None,
     };
-    let ids = render_all(&p.tokenizer, prompts, cfg.data.chat, cfg.data.system.as_deref())?;
+    let ids = render_all(
+        &p.tokenizer,
+        prompts,
+        cfg.data.chat,
+        cfg.data.system.as_deref(),
+    )?;
     let answers: Vec<Option<String>> = prompts.iter().map(|pr| pr.answer.clone()).collect();
     let bar = ProgressBar::new(prompts.len() as u64);
     bar.set_style(

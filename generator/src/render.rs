@@ -72,7 +72,8 @@ mod tests {
     fn template_kwargs_from_the_config_reach_every_render() {
         let mut tok = tandem_model::preset::preset_tokenizer("qwen3-0.6b", 512).unwrap();
         let text = |tok: &Tokenizer| {
-            let ids = prompt_ids(tok, PromptInput::Text("2 + 2?"), true, Some("Be brief.")).unwrap();
+            let ids =
+                prompt_ids(tok, PromptInput::Text("2 + 2?"), true, Some("Be brief.")).unwrap();
             tok.decode(&ids, false).unwrap()
         };
         let plain = text(&tok);
@@ -95,7 +96,9 @@ mod tests {
             "messages".into(),
             TemplateValue::Int(1),
         )]));
-        let e = set_template_kwargs(&mut tok, &data).unwrap_err().to_string();
+        let e = set_template_kwargs(&mut tok, &data)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("[data] chat_template_kwargs.messages"), "{e}");
         assert_eq!(text(&tok), plain);
     }

@@ -209,9 +209,12 @@ impl ModelConfig {
             "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
             "Gemma3ForCausalLM" | "gemma3_text" => Architecture::Gemma3,
             "Gemma3ForConditionalGeneration" | "gemma3" => {
-                let text = v.get("text_config").filter(|t| t.is_object()).ok_or_else(|| {
-                    Error::format(path, "a `gemma3` config needs its `text_config` object")
-                })?;
+                let text = v
+                    .get("text_config")
+                    .filter(|t| t.is_object())
+                    .ok_or_else(|| {
+                        Error::format(path, "a `gemma3` config needs its `text_config` object")
+                    })?;
                 return Self::parse(Architecture::Gemma3, &gemma3_defaults(text), path);
             }
             other => {
@@ -281,7 +284,9 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: f64_field_or(v, "rms_norm_eps", 1e-6, path)?,
             rope_theta: match v.get("rope_theta") {
-                None | Some(Value::Null) => f64_field_or(global_rope, "rope_theta", 10_000.0, path)?,
+                None | Some(Value::Null) => {
+                    f64_field_or(global_rope, "rope_theta", 10_000.0, path)?
+                }
                 Some(_) => f64_field_or(v, "rope_theta", 10_000.0, path)?,
             },
             rope_scaling,
@@ -316,7 +321,10 @@ impl ModelConfig {
                 if act != wanted {
                     return Err(Error::format(
                         path,
-                        format!("`{key}` = \"{act}\" is not supported for {} (only \"{wanted}\")", architecture.hf_class()),
+                        format!(
+                            "`{key}` = \"{act}\" is not supported for {} (only \"{wanted}\")",
+                            architecture.hf_class()
+                        ),
                     ));
                 }
             }
@@ -363,7 +371,10 @@ impl ModelConfig {
         if local.len() != n {
             return Err(Error::format(
                 path,
-                format!("`layer_types` names {} layers, the model has {n} (`num_hidden_layers`)", local.len()),
+                format!(
+                    "`layer_types` names {} layers, the model has {n} (`num_hidden_layers`)",
+                    local.len()
+                ),
             ));
         }
         let local_rope = &rope_parameters(v)["sliding_attention"];
@@ -383,13 +394,18 @@ impl ModelConfig {
             None | Some(Value::Null) => None,
             Some(_) => Some(f64_field_or(v, "final_logit_softcapping", 0.0, path)?),
         };
-        if v.get("attn_logit_softcapping").is_some_and(|c| !c.is_null()) {
+        if v.get("attn_logit_softcapping")
+            .is_some_and(|c| !c.is_null())
+        {
             return Err(Error::format(
                 path,
                 "`attn_logit_softcapping` is not supported (Gemma 3 checkpoints set it to null; Gemma 2 is not a family Tandem runs)",
             ));
         }
-        if v.get("use_bidirectional_attention").and_then(|b| b.as_bool()) == Some(true) {
+        if v.get("use_bidirectional_attention")
+            .and_then(|b| b.as_bool())
+            == Some(true)
+        {
             return Err(Error::format(
                 path,
                 "`use_bidirectional_attention = true` (an embedding model) is not supported: Tandem runs causal decoders",
@@ -484,16 +500,32 @@ impl ModelConfig {
             o.remove("hidden_act");
         }
         v["hidden_activation"] = json!("gelu_pytorch_tanh");
-        v["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64));
+        // An integer in Gemma3TextConfig (transformers 5 refuses 256.0); a fraction kept.
+        let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 && scalar.abs() < 1e15 {
+            json!(scalar as i64)
+        } else {
+            json!(scalar)
+        };
         v["final_logit_softcapping"] = json!(self.final_logit_softcapping);
         v["attn_logit_softcapping"] = Value::Null;
         let (window, local, theta) = match &self.sliding_window {
             Some(sw) => (sw.size, sw.local.clone(), sw.rope_theta),
-            None => (self.max_position_embeddings, vec![false; self.num_hidden_layers], 10_000.0),
+            None => (
+                self.max_position_embeddings,
+                vec![false; self.num_hidden_layers],
+                10_000.0,
+            ),
         };
         v["sliding_window"] = json!(window);
         v["rope_local_base_freq"] = json!(theta);
-        let kind = |l: &bool| if *l { "sliding_attention" } else { "full_attention" };
+        let kind = |l: &bool| {
+            if *l {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        };
         v["layer_types"] = json!(local.iter().map(kind).collect::<Vec<_>>());
     }
 
@@ -501,6 +533,14 @@ impl ModelConfig {
     pub fn window_of(&self, l: usize) -> Option<usize> {
         let sw = self.sliding_window.as_ref()?;
         sw.local.get(l).copied().unwrap_or(false).then_some(sw.size)
+    }
+
+    /// The number of parameters a model of this shape has (the tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        crate::params::expected_params(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
     }
 
     pub fn num_kv_groups(&self) -> usize {
@@ -589,7 +629,9 @@ fn gemma3_defaults(text: &Value) -> Value {
             }
         }
     }
-    if v.get("rope_theta").is_none() && v["rope_parameters"]["full_attention"]["rope_theta"].is_null() {
+    if v.get("rope_theta").is_none()
+        && v["rope_parameters"]["full_attention"]["rope_theta"].is_null()
+    {
         v["rope_theta"] = json!(1_000_000.0);
     }
     v

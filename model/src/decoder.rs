@@ -71,7 +71,9 @@ impl Block {
             q_scale: cfg
                 .query_pre_attn_scalar
                 .map_or(1.0, |s| (cfg.head_dim as f64 / s).sqrt()),
-            windows: (0..cfg.num_hidden_layers).map(|l| cfg.window_of(l)).collect(),
+            windows: (0..cfg.num_hidden_layers)
+                .map(|l| cfg.window_of(l))
+                .collect(),
         }
     }
 
@@ -196,7 +198,14 @@ impl Recompute {
             // The loss does not depend on the layers: nothing to add.
             None => return Ok(()),
         };
-        for (li, (lw, x)) in self.weights.layers.iter().zip(&self.inputs).enumerate().rev() {
+        for (li, (lw, x)) in self
+            .weights
+            .layers
+            .iter()
+            .zip(&self.inputs)
+            .enumerate()
+            .rev()
+        {
             let xv = candle_core::Var::from_tensor(x)?;
             let y = decoder_layer(li, lw, xv.as_tensor(), &self.ctx)?;
             let mut layer_grads = (y * &g)?.sum_all()?.backward()?;

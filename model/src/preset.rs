@@ -161,7 +161,10 @@ pub fn preset_tokenizer(name: &str, vocab_size: usize) -> Result<Tokenizer> {
         _ => CHATML_TEMPLATE,
     };
     let (mut tokens, merges) = tiny_vocab(vocab_size.min(TINY_VOCAB))?;
-    let mut reserved = tokens.iter().filter(|t| t.starts_with("<|reserved_")).count();
+    let mut reserved = tokens
+        .iter()
+        .filter(|t| t.starts_with("<|reserved_"))
+        .count();
     while tokens.len() < vocab_size {
         tokens.push(format!("<|reserved_{reserved}|>"));
         reserved += 1;
@@ -186,7 +189,9 @@ pub fn init(name: &str, seed: u64, device: &Device) -> Result<Pretrained> {
         // Gemma 3's norms are offsets from one: all of them are perturbed.
         let offset = model.config().architecture.norm_offset() as f32;
         let perturbed = |n: &str| {
-            n.ends_with(".bias") || n.ends_with("_norm.weight") || (offset != 0.0 && n.ends_with("norm.weight"))
+            n.ends_with(".bias")
+                || n.ends_with("_norm.weight")
+                || (offset != 0.0 && n.ends_with("norm.weight"))
         };
         for (name, var) in model.params().iter().filter(|(n, _)| perturbed(n)) {
             // Biases N(0, 0.02); norms (c + w) = 1 + N(0, 0.2).
@@ -340,33 +345,60 @@ mod tests {
         let q = preset_config("qwen3-0.6b").unwrap();
         assert_eq!(q.architecture, Architecture::Qwen3);
         assert_eq!(
-            (q.vocab_size, q.hidden_size, q.intermediate_size, q.num_hidden_layers),
+            (
+                q.vocab_size,
+                q.hidden_size,
+                q.intermediate_size,
+                q.num_hidden_layers
+            ),
             (151_936, 1024, 3072, 28)
         );
-        assert_eq!((q.num_attention_heads, q.num_key_value_heads, q.head_dim), (16, 8, 128));
+        assert_eq!(
+            (q.num_attention_heads, q.num_key_value_heads, q.head_dim),
+            (16, 8, 128)
+        );
         assert_eq!((q.rope_theta, q.rms_norm_eps), (1e6, 1e-6));
         assert_eq!(q.max_position_embeddings, 40_960);
         assert!(q.tie_word_embeddings && !q.attention_bias && q.sliding_window.is_none());
+        // Qwen3-0.6B's 596M parameters (0.44B without the embedding).
+        assert_eq!(q.num_parameters(), 596_049_920);
         q.validate().unwrap();
 
         let g = preset_config("gemma3-270m").unwrap();
         assert_eq!(g.architecture, Architecture::Gemma3);
         assert_eq!(
-            (g.vocab_size, g.hidden_size, g.intermediate_size, g.num_hidden_layers),
+            (
+                g.vocab_size,
+                g.hidden_size,
+                g.intermediate_size,
+                g.num_hidden_layers
+            ),
             (262_144, 640, 2048, 18)
         );
-        assert_eq!((g.num_attention_heads, g.num_key_value_heads, g.head_dim), (4, 1, 256));
-        assert_eq!((g.rope_theta, g.rms_norm_eps, g.max_position_embeddings), (1e6, 1e-6, 32_768));
+        assert_eq!(
+            (g.num_attention_heads, g.num_key_value_heads, g.head_dim),
+            (4, 1, 256)
+        );
+        assert_eq!(
+            (g.rope_theta, g.rms_norm_eps, g.max_position_embeddings),
+            (1e6, 1e-6, 32_768)
+        );
         assert_eq!(g.query_pre_attn_scalar, Some(256.0));
         let sw = g.sliding_window.as_ref().unwrap();
         assert_eq!((sw.size, sw.rope_theta), (512, 10_000.0));
         let global: Vec<usize> = (0..18).filter(|&l| !sw.local[l]).collect();
         assert_eq!(global, [5, 11, 17], "every 6th layer global");
         assert!(g.tie_word_embeddings && g.final_logit_softcapping.is_none());
+        // Gemma-3-270M's 268M parameters (170M of them the embedding).
+        assert_eq!(g.num_parameters(), 268_098_176);
         g.validate().unwrap();
         // As transformers reads it: sliding_window, layer_types and the local base.
         let hf = g.to_hf_json();
         assert_eq!(hf["sliding_window"], 512);
+        assert!(
+            hf["query_pre_attn_scalar"].is_u64(),
+            "an int, as transformers 5 wants"
+        );
         assert_eq!(hf["layer_types"][5], "full_attention");
         assert_eq!(hf["layer_types"][0], "sliding_attention");
     }
@@ -390,7 +422,11 @@ mod tests {
                 .map(|i| tok.decode(&[i], false).unwrap())
                 .filter(|t| t.starts_with("<|reserved_"))
                 .collect();
-            assert_eq!(tokens.len(), vocab - TINY_VOCAB + tiny_reserved(), "{name}: unique");
+            assert_eq!(
+                tokens.len(),
+                vocab - TINY_VOCAB + tiny_reserved(),
+                "{name}: unique"
+            );
         }
         let q = preset_tokenizer("qwen3-0.6b", 151_936).unwrap();
         assert_eq!(q.chat_template(), Some(QWEN3_TEMPLATE));

@@ -282,7 +282,10 @@ impl Tokenizer {
 
     /// The names of the extra template variables set.
     pub fn chat_template_kwargs(&self) -> Vec<&str> {
-        self.template_kwargs.iter().map(|(k, _)| k.as_str()).collect()
+        self.template_kwargs
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect()
     }
 
     /// Renders `messages` with the model's chat template (Jinja, as `transformers`'

@@ -331,7 +331,13 @@ impl Model {
     /// RMSNorm with the family's weight offset: x / rms(x) · (c + w) (c = 1 for
     /// Gemma 3, else 0).
     pub(crate) fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
-        crate::decoder::offset_rms_norm(x, w, self.config.rms_norm_eps, self.config.architecture.norm_offset(), fused)
+        crate::decoder::offset_rms_norm(
+            x,
+            w,
+            self.config.rms_norm_eps,
+            self.config.architecture.norm_offset(),
+            fused,
+        )
     }
 
     /// Full logits (B, T, V) of `seqs`, right-padded with zeros to the longest (the

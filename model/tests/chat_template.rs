@@ -12,7 +12,8 @@ use tandem_model::{ChatMessage, Tokenizer};
 
 /// The fixture, its objects' keys in the order written (as Python's dicts keep them).
 fn fixture() -> minijinja::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-chat-template.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/qwen3-chat-template.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
@@ -82,7 +83,12 @@ fn qwen3_template_renders_as_transformers_renders_it() {
         assert_eq!(ours, text(case, "text"), "case {name}");
         seen.push(name);
     }
-    for needed in ["user_no_thinking", "history_with_thinking", "tools_variable", "variables"] {
+    for needed in [
+        "user_no_thinking",
+        "history_with_thinking",
+        "tools_variable",
+        "variables",
+    ] {
         assert!(seen.iter().any(|s| s == needed), "no case {needed}");
     }
 }
@@ -94,8 +100,12 @@ fn enable_thinking_false_opens_an_empty_thinking_block() {
     let mut tok = tokenizer(QWEN3_TEMPLATE);
     let chat = [ChatMessage::user("hi")];
     let open = tok.apply_chat_template(&chat, true).unwrap();
-    assert_eq!(open, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
-    tok.set_chat_template_kwargs([("enable_thinking", false)]).unwrap();
+    assert_eq!(
+        open,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    tok.set_chat_template_kwargs([("enable_thinking", false)])
+        .unwrap();
     let closed = tok.apply_chat_template(&chat, true).unwrap();
     assert_eq!(closed, format!("{open}<think>\n\n</think>\n\n"));
     assert_eq!(tok.chat_template_kwargs(), ["enable_thinking"]);
@@ -107,5 +117,9 @@ fn enable_thinking_false_opens_an_empty_thinking_block() {
             .to_string();
         assert!(e.contains(name) && e.contains("reserved"), "{e}");
     }
-    assert_eq!(tok.chat_template_kwargs(), ["enable_thinking"], "a refused set changes nothing");
+    assert_eq!(
+        tok.chat_template_kwargs(),
+        ["enable_thinking"],
+        "a refused set changes nothing"
+    );
 }

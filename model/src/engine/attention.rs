@@ -71,7 +71,9 @@ pub fn paged_attention(
     window: Option<usize>,
 ) -> Result<Tensor> {
     if window == Some(0) {
-        return Err(Error::invalid("paged attention: the window must be positive"));
+        return Err(Error::invalid(
+            "paged attention: the window must be positive",
+        ));
     }
     widths(heads)?;
     if layout.queries.len() != q.dim(0)? {
@@ -257,7 +259,10 @@ mod tests {
             let v60 = v.narrow(0, 60, 1).unwrap().reshape((2, dim)).unwrap();
             let third = own.narrow(0, 2, 1).unwrap().reshape((6, dim)).unwrap();
             for h in 0..6 {
-                let d = max_abs(&third.narrow(0, h, 1).unwrap(), &v60.narrow(0, h / 3, 1).unwrap());
+                let d = max_abs(
+                    &third.narrow(0, h, 1).unwrap(),
+                    &v60.narrow(0, h / 3, 1).unwrap(),
+                );
                 assert!(d < 1e-6, "dim {dim} head {h}: {d}");
             }
             let fast = paged_attention(&q, &k, &v, &layout, heads, None).unwrap();

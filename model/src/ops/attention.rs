@@ -168,7 +168,8 @@ pub(crate) fn composed(
     } else {
         DType::F32
     };
-    let mask = Tensor::from_vec(dense_mask(segments, t, window), (t, t), q.device())?.to_dtype(compute)?;
+    let mask =
+        Tensor::from_vec(dense_mask(segments, t, window), (t, t), q.device())?.to_dtype(compute)?;
     // (KV, groups·T, D): the query heads sharing a KV head stacked along the query axis.
     let qh = q
         .reshape((t, h, dim))?
@@ -372,7 +373,11 @@ pub(crate) mod tests {
                     let structural = (j >= s.start && j <= i) || (j >= p0 && j < p0 + m);
                     let near = window.is_none_or(|w| pos[i] - pos[j] < w);
                     let seen = mask[i * t + j] == 0.0;
-                    assert_eq!(seen, structural && near, "window {window:?}: query {i}, key {j}");
+                    assert_eq!(
+                        seen,
+                        structural && near,
+                        "window {window:?}: query {i}, key {j}"
+                    );
                 }
             }
         }
@@ -447,7 +452,10 @@ pub(crate) mod tests {
             let err = check_segments(&segs, 4).unwrap_err().to_string();
             assert!(err.contains("segment 1"), "{segs:?}: {err}");
             let segs = Arc::new(segs);
-            assert!(attention(&q, &kv, &kv, &segs, HEADS, None).is_err(), "{segs:?}");
+            assert!(
+                attention(&q, &kv, &kv, &segs, HEADS, None).is_err(),
+                "{segs:?}"
+            );
         }
     }
 

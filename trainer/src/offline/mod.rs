@@ -243,10 +243,8 @@ mod tests {
     /// The stages' model gets `[data] chat_template_kwargs` on its tokenizer.
     #[test]
     fn the_stages_model_renders_with_the_template_kwargs() {
-        let data: tandem_data::DataConfig = toml::from_str(
-            "chat_template_kwargs = { enable_thinking = false, n = 1 }",
-        )
-        .unwrap();
+        let data: tandem_data::DataConfig =
+            toml::from_str("chat_template_kwargs = { enable_thinking = false, n = 1 }").unwrap();
         let model = tandem_model::ModelSection {
             path: "preset:tiny".into(),
             ..Default::default()
@@ -256,6 +254,9 @@ mod tests {
         let bad: tandem_data::DataConfig =
             toml::from_str("chat_template_kwargs = { add_generation_prompt = true }").unwrap();
         let e = load_policy(&model, &bad).unwrap_err().to_string();
-        assert!(e.contains("chat_template_kwargs.add_generation_prompt"), "{e}");
+        assert!(
+            e.contains("chat_template_kwargs.add_generation_prompt"),
+            "{e}"
+        );
     }
 }
