@@ -18,6 +18,10 @@ pub struct GenerateArgs {
     /// Optional system message (with --chat).
     #[arg(long)]
     system: Option<String>,
+    /// Extra chat template variables as a JSON object (with --chat), e.g.
+    /// '{"enable_thinking": false}' for Qwen3; as `[data] chat_template_kwargs`.
+    #[arg(long, value_name = "JSON")]
+    chat_template_kwargs: Option<String>,
     /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.7)]
     temperature: f64,
@@ -38,7 +42,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.samples == 0 {
         anyhow::bail!("-n/--samples must be at least 1");
     }
-    let p = tandem_model::load_model(&a.model)?;
+    let mut p = tandem_model::load_model(&a.model)?;
+    if let Some(json) = &a.chat_template_kwargs {
+        let kwargs: tandem_data::TemplateKwargs = serde_json::from_str(json)
+            .context("--chat-template-kwargs: expected a JSON object of variables")?;
+        kwargs.validate_as("--chat-template-kwargs")?;
+        p.tokenizer.set_chat_template_kwargs(kwargs.0)?;
+    }
     let ids = tandem_generator::render::prompt_ids(
         &p.tokenizer,
         tandem_generator::render::PromptInput::Text(&a.prompt),

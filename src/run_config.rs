@@ -108,6 +108,52 @@ impl RunConfig {
 mod tests {
     use super::*;
 
+    /// `[data] chat_template_kwargs`: read in order, set by `--set`, written back to the
+    /// TOML workers receive unchanged; reserved names and dates refused by key.
+    #[test]
+    fn chat_template_kwargs_are_read_checked_and_handed_on() {
+        let text = "[data]\nchat_template_kwargs = { enable_thinking = false, tools = [{ name = \"f\", b = 1 }] }\n";
+        let set = "data.chat_template_kwargs.documents=[{ title = \"t\", text = \"x\" }]";
+        let c = RunConfig::parse(text, &[set.into()]).unwrap();
+        let k = c.data.chat_template_kwargs.as_ref().unwrap();
+        let names: Vec<&str> = k.0.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["enable_thinking", "tools", "documents"]);
+        let tool = format!("{:?}", k.0[1].1);
+        assert!(
+            tool.find("name") < tool.find("\"b\""),
+            "a table's keys in order: {tool}"
+        );
+        assert_eq!(
+            RunConfig::parse(&c.to_toml().unwrap(), &[]).unwrap(),
+            c,
+            "the workers' copy"
+        );
+        let e = RunConfig::parse("[data]\nchat_template_kwargs = { messages = [] }\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[data] chat_template_kwargs.messages") && e.contains("reserved"),
+            "{e}"
+        );
+        let e = RunConfig::parse(
+            "",
+            &["data.chat_template_kwargs.add_generation_prompt=true".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("chat_template_kwargs.add_generation_prompt"),
+            "{e}"
+        );
+        let c =
+            RunConfig::parse("[data]\nchat_template_kwargs = { day = 2024-01-01 }\n", &[]).unwrap();
+        let day = &c.data.chat_template_kwargs.unwrap().0[0].1;
+        assert_eq!(
+            day,
+            &tandem_data::TemplateValue::String("2024-01-01".into())
+        );
+    }
+
     #[test]
     fn overrides_and_errors() {
         let c = RunConfig::parse(
@@ -257,6 +303,9 @@ mod doc {
                         ("eval", "max_new_tokens") => "8".to_string(),
                         ("eval", "path") => "\"x.jsonl\"".to_string(),
                         ("model", "save_dtype") => "\"bf16\"".to_string(),
+                        ("data", "chat_template_kwargs") => {
+                            "{ enable_thinking = false }".to_string()
+                        }
                         ("env", "service") => "\"127.0.0.1:9\"".to_string(),
                         ("data", "path")
                         | ("data", "system")

@@ -267,7 +267,8 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
     let creds = a.security.credentials(None, None)?;
     let (coord, reply, cfg) =
         rt.block_on(join(&a.coordinator, &creds, Role::Generator, &a.name, ""))?;
-    let model = tandem_model::load_model(&cfg.model.path)?;
+    let mut model = tandem_model::load_model(&cfg.model.path)?;
+    tandem_generator::render::set_template_kwargs(&mut model.tokenizer, &cfg.data)?;
     let seed = cfg.run.seed ^ reply.worker_id.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let settings = tandem_generator::worker::Settings {
         name: a.name.clone(),

@@ -223,6 +223,120 @@ fn bench_train_step_reads_its_reference_through_the_protocol() {
     assert!(tandem[4].ends_with('×'), "reference / variant: {table}");
 }
 
+/// With `--preset NAME` the script is given `--config DIR` (no `--gguf`), DIR holding
+/// the preset's config.json exactly as `tandem model init` writes it, and Tandem's side
+/// measures `preset:NAME`: both sides build the same shape. Checked for both benchmarks
+/// that take a preset, on a Qwen3 and a Gemma 3 shape.
+#[test]
+fn a_preset_gives_both_sides_the_same_shape() {
+    let cases: [(&str, &str, Vec<&str>); 2] = [
+        (
+            "model",
+            "tiny-qwen3",
+            vec![
+                "--new-tokens",
+                "2",
+                "--decode-batches",
+                "1",
+                "--train-batch",
+                "1",
+                "--train-len",
+                "8",
+                "--reps",
+                "1",
+                "--threads",
+                "1",
+            ],
+        ),
+        (
+            "generate",
+            "tiny-gemma3",
+            vec![
+                "--prompts",
+                "1",
+                "--samples",
+                "2",
+                "--prompt-tokens",
+                "16",
+                "--max-new-tokens",
+                "4",
+                "--max-running",
+                "2",
+                "--concurrency",
+                "1",
+                "--ablations=",
+                "--gemm-size",
+                "32",
+                "--threads",
+                "1",
+            ],
+        ),
+    ];
+    for (kind, preset, rest) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![kind, "--preset", preset];
+        args.extend(rest);
+        let (out, _, _) = run_against_stub(dir.path(), &args, kind, &[("--threads", "1")]);
+        assert_eq!(out["model"], format!("preset:{preset}"), "{kind}");
+        let log = read_json(&dir.path().join("stub.json"));
+        let argv = log["argv"].to_string();
+        assert!(
+            argv.contains("\"--config\"") && !argv.contains("--gguf"),
+            "{kind}: {argv}"
+        );
+        assert_eq!(log["source"]["kind"], "config", "{kind}: {log}");
+        let want = tandem_model::preset::preset_config(preset)
+            .unwrap()
+            .to_hf_json();
+        assert_eq!(
+            log["source"]["config"], want,
+            "{kind}: the script's config.json"
+        );
+        if kind == "model" {
+            assert!(
+                out["tandem"]["phases"]["fwd_bwd"]["tokens_per_s"].is_number(),
+                "{out}"
+            );
+        } else {
+            assert!(out["tandem"]["tok_per_s"].is_number(), "{out}");
+            assert_eq!(out["parameters"], want_params(preset), "{out}");
+        }
+    }
+}
+
+fn want_params(preset: &str) -> u64 {
+    tandem_model::preset::preset_config(preset)
+        .unwrap()
+        .num_parameters() as u64
+}
+
+/// A preset the benchmark does not know is refused naming the flag and the known ones,
+/// before anything runs; --preset and --model together are refused.
+#[test]
+fn a_bad_preset_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["model", "generate"] {
+        let o = bench(dir.path(), &[kind, "--preset", "qwen9"], None);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{kind}: accepted");
+        assert!(!err.contains("panicked"), "{kind}: {err}");
+        assert!(
+            err.contains("--preset") && err.contains("qwen9") && err.contains("qwen3-0.6b"),
+            "{kind}: {err}"
+        );
+        let o = bench(
+            dir.path(),
+            &[kind, "--preset", "tiny", "--model", "x"],
+            None,
+        );
+        assert!(
+            !o.status.success(),
+            "{kind}: --preset with --model accepted"
+        );
+        assert!(stderr(&o).contains("--model"), "{kind}: {}", stderr(&o));
+    }
+}
+
 fn train_step_args(model: &str) -> Vec<&str> {
     vec![
         "train-step",
@@ -301,6 +415,10 @@ for path in sys.argv[1:]:
             assert any(k.arg == "file" for k in c.keywords), f"{path}:{c.lineno}: print to stdout"
         assert name not in ("argparse.ArgumentParser", "json.dump", "json.dumps", "sys.stdout.write"), f"{path}:{c.lineno}: {name}"
     assert "protocol.emit" in called, f"{path}: never calls protocol.emit"
+    if not path.endswith("bench_train_step.py"):
+        # The model comes from the protocol (a file, or a preset's --config), never loaded by hand.
+        assert "protocol.load_model" in called, f"{path}: does not build its model with protocol.load_model"
+        assert not any(n.endswith(".from_pretrained") or n.endswith(".from_config") for n in called), f"{path}: loads a model itself"
     assert any(n.endswith("_parser") and n.startswith("protocol.") for n in called), f"{path}: no protocol parser"
 print("checked", len(sys.argv) - 1)
 "#;

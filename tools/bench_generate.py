@@ -4,7 +4,8 @@
 Reads the workload `tandem bench generate` wrote (--workload JSON: prompts as token
 ids, stop_token_ids, samples per prompt, max_new_tokens, temperature, seed), loads
 SmolLM2 with transformers from the GGUF (dequantized to f32) with a fixed thread
-count, and samples `samples` completions of each of the first --prompts prompts in one
+count (with --config DIR instead, a random model of the shape of DIR's config.json:
+what `tandem bench generate --preset NAME` passes), and samples `samples` completions of each of the first --prompts prompts in one
 `generate` call (num_return_sequences, prompts left-padded to the longest, KV cache,
 temperature as given, top_k 0, top_p 1, stopping at the stop tokens or
 max_new_tokens).
@@ -15,12 +16,11 @@ tokens, sequences, max_running, peak_rss_mib (ru_maxrss of the process, model lo
 included). tools/bench_protocol.py parses the arguments, reads the workload and writes
 the result.
 
-  python3 tools/bench_generate.py --gguf PATH --workload workload.json \
+  python3 tools/bench_generate.py --gguf PATH | --config DIR --workload workload.json \
       [--prompts 8] [--threads 2] [--device cpu|cuda] [--dtype f32|bf16]
 
 --gguf also takes an HF model folder (as on the GPU machine).
 """
-import os
 import resource
 import sys
 import time
@@ -37,19 +37,11 @@ def log(*a):
 def main():
     args = protocol.generate_parser(description=__doc__).parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
     w = protocol.read_workload(args.workload)
     prompts = w["prompts"][: args.prompts]
     stop = w["stop_token_ids"]
-    path = os.path.abspath(args.gguf)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if os.path.isdir(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
-    model = model.to(args.device).eval()
+    model = protocol.load_model(args, dtype).to(args.device).eval()
     pad = stop[0] if stop else 0
     longest = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=args.device)

@@ -1,7 +1,10 @@
 """The protocol between `tandem bench` and its reference scripts.
 
 `tandem bench model|generate|train-step --reference SCRIPT --python PY` runs
-`PY SCRIPT --gguf MODEL ...` with the arguments the parsers below accept, and reads the
+`PY SCRIPT --gguf MODEL ...` with the arguments the parsers below accept (for `model`
+and `generate` with `--preset NAME`: `--config DIR` instead of `--gguf`, DIR holding the
+preset's config.json, so the script builds the same shape with random weights:
+`model_source` reads it, `load_model` builds it), and reads the
 script's result from its standard output: the last non-empty line, which must be one
 JSON object on one line (`emit` writes it; bench/src/timing.rs `run_child` reads it,
 bench/src/reference.rs checks its fields). Progress and logs go to standard error.
@@ -15,6 +18,7 @@ either side fails a test. Standard library only: it is imported without torch.
 import argparse
 import json
 import math
+import os
 import sys
 
 
@@ -39,13 +43,64 @@ def _count(name, x):
 
 
 # ---------------------------------------------------------------------------------
+# The model: a file or folder (--gguf), or a preset's shape (--config)
+
+# The fields of a preset's config.json the reference needs to build the same shape.
+CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")
+
+
+def _model_arguments(ap):
+    """--gguf PATH (a GGUF file or an HF folder) or --config DIR (a preset's
+    config.json: its shape, random weights); one of them."""
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gguf")
+    which.add_argument("--config")
+
+
+def model_source(args):
+    """What to load: {"kind": "file", "path": PATH} for --gguf, or {"kind": "config",
+    "config": the dict of DIR/config.json} for --config (checked to have CONFIG_KEYS)."""
+    if args.gguf:
+        return {"kind": "file", "path": os.path.abspath(args.gguf)}
+    path = os.path.join(args.config, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{path}: the config lacks {missing}")
+    return {"kind": "config", "config": config}
+
+
+def load_model(args, dtype):
+    """The model of `model_source(args)` with transformers, in `dtype`: the GGUF file
+    dequantized, the HF folder, or for a preset's config a model of that shape with
+    transformers' random initialization (seed 0), as Tandem's preset is a random model
+    of it. Imports torch and transformers only when called."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = model_source(args)
+    if source["kind"] == "config":
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(args.config)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    path = source["path"]
+    if os.path.isdir(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------
 # tandem bench model <-> tools/bench_transformers.py
 
 
 def model_parser(description=None):
     """The arguments `tandem bench model` passes (bench/src/model.rs `run_all`)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--gguf", required=True)
+    _model_arguments(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--decode-batches", default="1,8")
@@ -98,7 +153,7 @@ def generate_parser(description=None):
     """The arguments `tandem bench generate` passes (bench/src/generate.rs `run_all`)."""
     ap = argparse.ArgumentParser(description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
+    _model_arguments(ap)
     ap.add_argument("--workload", required=True)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

@@ -2,7 +2,9 @@
 """PyTorch/transformers reference numbers for the side-by-side model benchmark.
 
 Measures SmolLM2-135M-Instruct (loaded from a GGUF file and dequantized by
-transformers to f32) on the CPU, with a fixed thread count, in four phases:
+transformers to f32), or with --config DIR a random model of the shape of DIR's
+config.json (what `tandem bench model --preset NAME` passes: the preset's shape, e.g.
+Qwen3-0.6B's), on the CPU, with a fixed thread count, in four phases:
 
   decode_bB       greedy model.generate() of --new-tokens tokens with the KV cache
                   for B identical rows of a fixed 16-token prompt (one phase per B in
@@ -28,7 +30,7 @@ The result is the last line of stdout, one line of JSON (tools/bench_protocol.py
 parses the arguments and writes it, for this script and its phases); progress goes
 to stderr.
 
-  /root/refvenv/bin/python tools/bench_transformers.py --gguf PATH [--threads 2] \
+  /root/refvenv/bin/python tools/bench_transformers.py --gguf PATH | --config DIR [--threads 2] \
       [--new-tokens 64] [--decode-batches 1,8] [--train-batch 4] [--train-len 128] \
       [--reps 3] [--phase NAME]
 """
@@ -123,12 +125,8 @@ def next_token_loss(model, ids):
 
 def run_phase(args):
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
     t = time.perf_counter()
-    path = os.path.abspath(args.gguf)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    model = protocol.load_model(args, torch.float32)
     load_peak = rss_mib()
     out = {"load_seconds": round(time.perf_counter() - t, 3),
            "load_peak_rss_mib": round(load_peak, 1)}

@@ -21,6 +21,12 @@
 //! `max_new_tokens`, beside continuous batching on the same queue), every sample
 //! prefilling its prompt, and one contiguous region of prompt + `max_new_tokens` per
 //! sequence instead of pages.
+//!
+//! With `--preset NAME` the model is a random one of the preset's shape (Tandem's
+//! `preset:NAME`; the reference script builds it from the preset's `config.json`):
+//! `qwen3-0.6b` measures at Qwen3-0.6B's size without its weights (its prompts from the
+//! preset's tokenizer, a random model's completions running to `max_new_tokens` on
+//! both sides).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +45,10 @@ pub struct GenerateBench {
     /// Model: `smollm2`, a .gguf file or an HF folder.
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// Instead of --model, a random model of a preset's shape (`tandem model init
+    /// --preset`: qwen3-0.6b, gemma3-270m, tiny, …), the reference the same shape.
+    #[arg(long, conflicts_with = "model")]
+    preset: Option<String>,
     #[arg(long, default_value_t = 8)]
     prompts: usize,
     /// Samples per prompt (a group).
@@ -136,7 +146,9 @@ fn prompts(tok: &tandem_model::Tokenizer, n: usize, target: usize) -> Result<Vec
 }
 
 /// Runs the benchmark, or (with the hidden `--variant`) one measurement here.
-pub fn run(b: GenerateBench) -> Result<()> {
+pub fn run(mut b: GenerateBench) -> Result<()> {
+    // From here on the model is its spec: `preset:NAME` for --preset.
+    b.model = crate::reference::model_spec(&b.model, b.preset.take().as_deref())?;
     match (&b.variant, &b.workload) {
         (Some(v), Some(w)) => run_variant(&b, v, w),
         _ => run_all(&b),
@@ -376,11 +388,10 @@ fn run_reference(
     workload: &Path,
     prompts: usize,
 ) -> Result<Value> {
-    let gguf = tandem_model::fetch::resolve(&b.model)?;
+    let (model_args, _config_dir) = crate::reference::model_args(&b.model)?;
     let mut cmd = Command::new(&b.python);
     cmd.arg(script)
-        .arg("--gguf")
-        .arg(&gguf)
+        .args(&model_args)
         .arg("--workload")
         .arg(workload)
         .args(["--prompts", &b.prompts.to_string()])

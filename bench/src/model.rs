@@ -1,6 +1,9 @@
 //! `tandem bench model`: decode, fwd+bwd and optimizer-step speed of the model engine,
 //! side by side with the transformers reference (tools/bench_transformers.py) in the
-//! same run, on the same GGUF, thread count, prompt, lengths and batch sizes.
+//! same run, on the same GGUF, thread count, prompt, lengths and batch sizes. With
+//! `--preset NAME` both sides measure a random model of the preset's shape (Tandem's
+//! `preset:NAME`; the script builds it from the preset's `config.json`), e.g.
+//! `qwen3-0.6b` for Qwen3-0.6B's speed and memory without its weights.
 //!
 //! Each phase runs in its own child process so that its peak RSS is its own. The
 //! device and dtype are the binary's (`TANDEM_DEVICE`, `TANDEM_DTYPE`, inherited by the
@@ -25,6 +28,10 @@ pub struct ModelBench {
     /// Model: `smollm2`, a .gguf file or an HF folder.
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// Instead of --model, a random model of a preset's shape (`tandem model init
+    /// --preset`: qwen3-0.6b, gemma3-270m, tiny, …), the reference the same shape.
+    #[arg(long, conflicts_with = "model")]
+    preset: Option<String>,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
     /// Decode batch sizes, comma-separated.
@@ -185,6 +192,7 @@ fn run_phase(m: &ModelBench, phase: &str) -> Result<()> {
 
 fn run_all(m: &ModelBench) -> Result<()> {
     let phases = phases(m)?;
+    let model = crate::reference::model_spec(&m.model, m.preset.as_deref())?;
     let exe = std::env::current_exe()?;
     let threads = m.threads.to_string();
     let bar = indicatif::ProgressBar::new(
@@ -195,7 +203,7 @@ fn run_all(m: &ModelBench) -> Result<()> {
         bar.set_message(format!("tandem {ph}"));
         let mut cmd = Command::new(&exe);
         cmd.env("RAYON_NUM_THREADS", &threads)
-            .args(["bench", "model", "--model", &m.model, "--phase", ph]);
+            .args(["bench", "model", "--model", &model, "--phase", ph]);
         cmd.args([
             "--new-tokens",
             &m.new_tokens.to_string(),
@@ -211,12 +219,12 @@ fn run_all(m: &ModelBench) -> Result<()> {
         tandem.insert(ph.clone(), run_child(cmd, &format!("tandem phase {ph}"))?);
         bar.inc(1);
     }
-    let mut result = json!({"threads": m.threads, "model": m.model, "tandem": {"engine": "tandem", "phases": tandem}});
+    let mut result = json!({"threads": m.threads, "model": model, "tandem": {"engine": "tandem", "phases": tandem}});
     if let Some(script) = &m.reference {
-        let gguf = tandem_model::fetch::resolve(&m.model)?;
+        let (model_args, _config_dir) = crate::reference::model_args(&model)?;
         bar.set_message("transformers (all phases)");
         let mut cmd = Command::new(&m.python);
-        cmd.arg(script).arg("--gguf").arg(&gguf);
+        cmd.arg(script).args(&model_args);
         cmd.args([
             "--threads",
             &threads,

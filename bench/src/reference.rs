@@ -2,8 +2,8 @@
 //! (tools/bench_transformers.py, bench_generate.py, bench_train_step.py) that measure
 //! the same work with PyTorch.
 //!
-//! The protocol: the benchmark runs `PYTHON SCRIPT --gguf MODEL …` with the arguments
-//! each benchmark passes, and reads the script's result from its standard output: the
+//! The protocol: the benchmark runs `PYTHON SCRIPT --gguf MODEL …` (or, for a preset,
+//! `--config DIR`: [`model_args`]) with the arguments each benchmark passes, and reads the script's result from its standard output: the
 //! last non-empty line, one JSON object on one line ([`crate::timing::run_child`]).
 //! tools/bench_protocol.py parses those arguments and writes that line for every
 //! script. The result must carry the fields of the types below, which the benchmarks'
@@ -13,6 +13,7 @@
 //! a test.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::process::Command;
 
 use serde::de::DeserializeOwned;
@@ -21,6 +22,44 @@ use serde_json::Value;
 
 use crate::error::{bail, invalid, Result};
 use crate::timing::run_child;
+
+/// The model a benchmark measures: `--preset NAME` (a random model of the preset's
+/// shape, `preset:NAME` to Tandem) or `--model SPEC`.
+pub fn model_spec(model: &str, preset: Option<&str>) -> Result<String> {
+    match preset {
+        Some(name) => {
+            tandem_model::preset::preset_config(name)
+                .map_err(|e| invalid(format!("--preset: {e}")))?;
+            Ok(format!("preset:{name}"))
+        }
+        None => Ok(model.to_string()),
+    }
+}
+
+/// The reference script's model arguments for the model `spec` names: `--gguf PATH` (the
+/// file or folder), or for `preset:NAME` `--config DIR`, DIR a new folder holding the
+/// preset's `config.json` (what `tandem model init` writes), from which the script builds
+/// a model of the same shape with random weights. The folder lives as long as the
+/// returned guard.
+pub fn model_args(spec: &str) -> Result<(Vec<OsString>, Option<tempfile::TempDir>)> {
+    match spec.strip_prefix("preset:") {
+        Some(name) => {
+            let config = tandem_model::preset::preset_config(name)
+                .map_err(|e| invalid(format!("--preset: {e}")))?;
+            let dir = tempfile::tempdir()?;
+            let text = serde_json::to_string_pretty(&config.to_hf_json())?;
+            std::fs::write(dir.path().join("config.json"), text)?;
+            Ok((
+                vec!["--config".into(), dir.path().as_os_str().to_owned()],
+                Some(dir),
+            ))
+        }
+        None => {
+            let path = tandem_model::fetch::resolve(spec)?;
+            Ok((vec!["--gguf".into(), path.into_os_string()], None))
+        }
+    }
+}
 
 /// One phase of `tandem bench model`'s reference.
 #[derive(Debug, Deserialize)]

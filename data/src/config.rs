@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
+use crate::template_kwargs::TemplateKwargs;
 
 /// `[data]`: where prompts come from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub struct DataConfig {
     pub chat: bool,
     /// An optional system turn before each prompt (chat only).
     pub system: Option<String>,
+    /// Extra variables for the chat template (Qwen3's `enable_thinking`, …), as
+    /// transformers' `apply_chat_template(**kwargs)`.
+    pub chat_template_kwargs: Option<TemplateKwargs>,
     /// Seed of the arithmetic draws and of the per-epoch order of a file.
     pub seed: u64,
     /// Visit a file's rows in a new random order each epoch.
@@ -48,6 +52,7 @@ impl Default for DataConfig {
             template: "What is {question}? Answer with the number only.".into(),
             chat: true,
             system: None,
+            chat_template_kwargs: None,
             seed: 0,
             shuffle: true,
         }
@@ -78,6 +83,9 @@ impl DataConfig {
         }
         if self.kind != DataKind::Arithmetic && self.path.is_none() {
             return bad("path", "required with kind = \"jsonl\" or \"parquet\"");
+        }
+        if let Some(k) = &self.chat_template_kwargs {
+            k.validate()?;
         }
         Ok(())
     }

@@ -8,6 +8,8 @@
 //!   each epoch)
 //! - [`arithmetic`] — the built-in synthetic task
 //! - [`file`] — JSONL and Parquet records with TRL's fields, checked as they are read
+//! - [`template_kwargs`] — `[data] chat_template_kwargs`, the chat template's extra
+//!   variables
 //! - [`permutation`] — a keyed random permutation evaluated one position at a time
 //!   (each epoch's order of a file, O(1) per prompt)
 #![forbid(unsafe_code)]
@@ -18,9 +20,11 @@ pub mod error;
 pub mod file;
 pub mod permutation;
 pub mod prompt;
+pub mod template_kwargs;
 
 pub use arithmetic::Arithmetic;
 pub use config::{DataConfig, DataKind};
 pub use error::{Error, Result};
 pub use file::{read_prompts, read_records, read_rows, Row};
 pub use prompt::{Dataset, Message, Prompt, PromptBody};
+pub use template_kwargs::{TemplateKwargs, TemplateValue};

@@ -266,10 +266,14 @@ impl Evaluation {
         if env.service.is_some() {
             bail!("[eval]: the evaluation runs episodes with tools only; an [env] service is not called (set eval.every = 0, or evaluate with `tandem eval` on a config without it)");
         }
+        // The policy's tokenizer with the run's template variables (the trainer hands its
+        // own policy in).
+        let mut tokenizer = p.tokenizer.clone();
+        crate::render::set_template_kwargs(&mut tokenizer, data)?;
         let env = if env.multi_turn() {
             Some(tandem_env::Env::new(
                 env.clone(),
-                &p.tokenizer,
+                &tokenizer,
                 data.chat,
                 &p.stop_token_ids(),
             )?)
@@ -292,7 +296,7 @@ impl Evaluation {
             ),
             _ => data.system.clone(),
         };
-        let ids = render_all(p, &prompts, data.chat, system.as_deref())?;
+        let ids = render_all(&tokenizer, &prompts, data.chat, system.as_deref())?;
         let rm = match &reward.model {
             Some(dir) => Some(RewardModel::load(dir, &p.model)?),
             None => None,

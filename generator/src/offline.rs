@@ -38,7 +38,7 @@ impl<'a> From<&'a PromptBody> for PromptInput<'a> {
 
 /// The token ids of every prompt (chat template or raw text); errors name the prompt.
 pub fn render_all(
-    p: &Pretrained,
+    tokenizer: &tandem_model::Tokenizer,
     prompts: &[Prompt],
     chat: bool,
     system: Option<&str>,
@@ -48,7 +48,7 @@ pub fn render_all(
         .enumerate()
         .map(|(i, pr)| {
             Ok(
-                prompt_ids(&p.tokenizer, PromptInput::from(&pr.body), chat, system)
+                prompt_ids(tokenizer, PromptInput::from(&pr.body), chat, system)
                     .with_context(|| format!("prompt {}", i + 1))?,
             )
         })

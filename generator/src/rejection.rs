@@ -155,12 +155,18 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
 /// `[rejection] n` scored completions of each prompt, with a progress bar.
 fn sample(cfg: &RejectionConfig, prompts: &[Prompt]) -> Result<Vec<Sample>> {
     let r = &cfg.rejection;
-    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let mut p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    crate::render::set_template_kwargs(&mut p.tokenizer, &cfg.data)?;
     let rm = match &cfg.reward.model {
         Some(dir) => Some(RewardModel::load(dir, &p.model)?),
         None => None,
     };
-    let ids = render_all(&p, prompts, cfg.data.chat, cfg.data.system.as_deref())?;
+    let ids = render_all(
+        &p.tokenizer,
+        prompts,
+        cfg.data.chat,
+        cfg.data.system.as_deref(),
+    )?;
     let answers: Vec<Option<String>> = prompts.iter().map(|pr| pr.answer.clone()).collect();
     let bar = ProgressBar::new(prompts.len() as u64);
     bar.set_style(

@@ -537,6 +537,14 @@ impl ModelConfig {
         sw.local.get(l).copied().unwrap_or(false).then_some(sw.size)
     }
 
+    /// The number of parameters a model of this shape has (the tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        crate::params::expected_params(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
+    }
+
     pub fn num_kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }

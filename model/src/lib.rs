@@ -24,6 +24,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 mod cpu_storage;

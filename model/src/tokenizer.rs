@@ -252,6 +252,9 @@ fn sentencepiece_pipeline(
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// Extra variables every render of the chat template gets (`[data]
+    /// chat_template_kwargs`), in order.
+    template_kwargs: Vec<(String, minijinja::Value)>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     /// Whether a raw prompt starts with the BOS token ([`Tokenizer::encode_prompt`]):
@@ -323,6 +326,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             chat_template,
+            template_kwargs: Vec::new(),
             bos_token: token_string(cfg.get("bos_token")),
             eos_token: token_string(cfg.get("eos_token")),
             add_bos: false,
@@ -366,6 +370,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             chat_template,
+            template_kwargs: Vec::new(),
             bos_token: name(bos_id),
             eos_token: name(eos_id),
             add_bos: false,
@@ -450,6 +455,7 @@ impl Tokenizer {
             chat_template: sp.chat_template,
             bos_token: name(sp.bos_id),
             eos_token: name(sp.eos_id),
+            template_kwargs: Vec::new(),
             add_bos: false,
         })
     }
@@ -548,9 +554,40 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Sets the extra variables every render of the chat template gets, as
+    /// transformers' `apply_chat_template(messages, **kwargs)` (Qwen3's
+    /// `enable_thinking`, a template's `tools`); they replace any set before. Tables keep
+    /// the order their serialization gives. `messages` and `add_generation_prompt` are
+    /// refused: Tandem sets them.
+    pub fn set_chat_template_kwargs<K, V>(
+        &mut self,
+        kwargs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()>
+    where
+        K: Into<String>,
+        V: Serialize,
+    {
+        let kwargs: Vec<(String, minijinja::Value)> = kwargs
+            .into_iter()
+            .map(|(k, v)| (k.into(), minijinja::Value::from_serialize(&v)))
+            .collect();
+        crate::chat_template::check_names(kwargs.iter().map(|(k, _)| k.as_str()))?;
+        self.template_kwargs = kwargs;
+        Ok(())
+    }
+
+    /// The names of the extra template variables set.
+    pub fn chat_template_kwargs(&self) -> Vec<&str> {
+        self.template_kwargs
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
     /// Renders `messages` with the model's chat template (Jinja, as `transformers`'
-    /// `apply_chat_template`), ending with the assistant's turn header when
-    /// `add_generation_prompt`.
+    /// `apply_chat_template`: see [`crate::chat_template`]), ending with the assistant's
+    /// turn header when `add_generation_prompt`; the extra variables of
+    /// [`Tokenizer::set_chat_template_kwargs`] are passed along.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
@@ -559,29 +596,23 @@ impl Tokenizer {
         let source = self.chat_template.as_deref().ok_or_else(|| {
             Error::Template("this model has no chat template; drop --chat or add one".into())
         })?;
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", source)
-            .map_err(|e| Error::Template(e.to_string()))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        let mut vars = vec![
+            (
+                "bos_token".to_string(),
+                minijinja::Value::from(self.bos_token.clone().unwrap_or_default()),
+            ),
+            (
+                "eos_token".to_string(),
+                minijinja::Value::from(self.eos_token.clone().unwrap_or_default()),
+            ),
+        ];
+        vars.extend(self.template_kwargs.iter().cloned());
+        crate::chat_template::render(
+            source,
+            &vars,
+            minijinja::Value::from_serialize(messages),
+            add_generation_prompt,
+        )
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.

@@ -216,7 +216,47 @@ pub fn train<S: Stage>(
 }
 
 /// Saves a model (and its tokenizer) as an HF folder, its weights in `dtype`.
+/// The model a stage starts from (`[model] path`, fetched if named), its tokenizer
+/// given `[data] chat_template_kwargs` for every render of its chat template.
+pub fn load_policy(
+    model: &tandem_model::ModelSection,
+    data: &tandem_data::DataConfig,
+) -> Result<tandem_model::Pretrained> {
+    let mut p = tandem_model::load_model(&tandem_model::materialize(&model.path)?)?;
+    let kwargs = data.chat_template_kwargs.clone().unwrap_or_default();
+    kwargs.validate()?;
+    p.tokenizer
+        .set_chat_template_kwargs(kwargs.0)
+        .with_context(|| "[data] chat_template_kwargs".to_string())?;
+    Ok(p)
+}
+
 pub fn save_model(p: &tandem_model::Pretrained, dir: &Path, dtype: DType) -> Result<()> {
     Ok(tandem_model::save_hf(p, dir, dtype)
         .with_context(|| format!("saving the model into {}", dir.display()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stages' model gets `[data] chat_template_kwargs` on its tokenizer.
+    #[test]
+    fn the_stages_model_renders_with_the_template_kwargs() {
+        let data: tandem_data::DataConfig =
+            toml::from_str("chat_template_kwargs = { enable_thinking = false, n = 1 }").unwrap();
+        let model = tandem_model::ModelSection {
+            path: "preset:tiny".into(),
+            ..Default::default()
+        };
+        let p = load_policy(&model, &data).unwrap();
+        assert_eq!(p.tokenizer.chat_template_kwargs(), ["enable_thinking", "n"]);
+        let bad: tandem_data::DataConfig =
+            toml::from_str("chat_template_kwargs = { add_generation_prompt = true }").unwrap();
+        let e = load_policy(&model, &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("chat_template_kwargs.add_generation_prompt"),
+            "{e}"
+        );
+    }
 }

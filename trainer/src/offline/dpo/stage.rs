@@ -126,7 +126,7 @@ impl DpoConfig {
 /// `[train] out_dir/summary.json`.
 pub fn run(cfg: &DpoConfig) -> Result<Value> {
     cfg.validate()?;
-    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
     let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
     let records = crate::offline::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
     if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {

@@ -177,7 +177,7 @@ impl RmConfig {
 /// `[train] out_dir/summary.json`.
 pub fn run(cfg: &RmConfig) -> Result<Value> {
     cfg.validate()?;
-    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
     let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
     let records = comparisons(&cfg.data, cfg.rm.examples)?;
     let data = tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;

@@ -191,7 +191,7 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
     if !cfg.sft.tools.is_empty() && transcript.is_none() {
         bail!("[sft] tools: this build has no transcript for them");
     }
-    let p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
     let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
 
     // Read, check and tokenize everything before writing anything.
