@@ -371,7 +371,7 @@ pub(crate) mod tests {
                 for j in 0..t {
                     let (p0, m) = s.prefix_range();
                     let structural = (j >= s.start && j <= i) || (j >= p0 && j < p0 + m);
-                    let near = window.is_none_or(|w| pos[i] - pos[j] < w);
+                    let near = window.is_none_or(|w| pos[i] < pos[j] + w);
                     let seen = mask[i * t + j] == 0.0;
                     assert_eq!(
                         seen,
