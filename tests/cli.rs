@@ -239,6 +239,32 @@ fn bad_arguments_are_errors() {
         &tandem(&["generate", "--model", m, "--prompt", "hi", "-n", "0"]),
         &["--samples"],
     );
+    // Template variables: a reserved name, and something that is not an object.
+    assert_clean_failure(
+        &tandem(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--chat",
+            "--chat-template-kwargs",
+            r#"{"enable_thinking": false, "messages": []}"#,
+        ]),
+        &["--chat-template-kwargs.messages", "reserved"],
+    );
+    assert_clean_failure(
+        &tandem(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--chat-template-kwargs",
+            "[1]",
+        ]),
+        &["--chat-template-kwargs", "JSON object"],
+    );
     assert_clean_failure(
         &tandem(&[
             "model",

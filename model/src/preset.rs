@@ -245,8 +245,11 @@ pub fn tiny_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     bpe_tokenizer(&tokens, merges, CHATML_TEMPLATE)
 }
 
-/// The tokens (id = index) and merges of [`tiny_tokenizer`].
-fn tiny_vocab(vocab_size: usize) -> Result<(Vec<String>, Vec<(String, String)>)> {
+/// A byte-level BPE's tokens (id = index) and merges (in rank order).
+type Vocab = (Vec<String>, Vec<(String, String)>);
+
+/// The tokens and merges of [`tiny_tokenizer`].
+fn tiny_vocab(vocab_size: usize) -> Result<Vocab> {
     let base = SPECIAL_TOKENS.len() + 256;
     if vocab_size < base {
         return Err(Error::invalid(format!(
