@@ -54,7 +54,13 @@ pub fn prompt_ids(
             tokenizer.apply_chat_template(&messages, true)?
         }
     };
-    let ids = tokenizer.encode(&text)?;
+    // A raw prompt starts with BOS where the model's tokenizer adds one (Gemma); a
+    // chat template writes its own.
+    let ids = if chat {
+        tokenizer.encode(&text)?
+    } else {
+        tokenizer.encode_prompt(&text)?
+    };
     if ids.is_empty() {
         return Err(invalid("the prompt is empty after tokenization"));
     }
@@ -101,5 +107,27 @@ mod tests {
             .to_string();
         assert!(e.contains("[data] chat_template_kwargs.messages"), "{e}");
         assert_eq!(text(&tok), plain);
+    }
+
+    /// A raw prompt starts with BOS where the model's tokenizer adds one (a Gemma GGUF's
+    /// `add_bos_token`), and only then; a chat prompt is the template's rendering alone.
+    #[test]
+    fn raw_prompts_start_with_bos_where_the_tokenizer_adds_one() {
+        let plain = tandem_model::preset::preset_tokenizer("tiny", 512).unwrap();
+        let text = "3 + 4 =";
+        let raw = |tok: &Tokenizer| prompt_ids(tok, PromptInput::Text(text), false, None).unwrap();
+        assert_eq!(raw(&plain), plain.encode(text).unwrap());
+        let with_bos = plain.clone().with_bos_on_prompts().unwrap();
+        let bos = tandem_model::preset::BOS_ID;
+        assert_eq!(
+            raw(&with_bos),
+            [vec![bos], plain.encode(text).unwrap()].concat()
+        );
+        let chat = |tok: &Tokenizer| prompt_ids(tok, PromptInput::Text(text), true, None).unwrap();
+        assert_eq!(
+            chat(&with_bos),
+            chat(&plain),
+            "the template writes its own tokens"
+        );
     }
 }

@@ -187,7 +187,8 @@ impl<'a> Render<'a> {
     pub fn tokenize(&self, ex: &Example) -> Result<Option<Tokenized>> {
         let (mut ids, mut targets) = match ex {
             Example::Text { prompt, completion } => {
-                let mut ids = self.tokenizer.encode(prompt)?;
+                // BOS first where the model's tokenizer adds one, as transformers' SFT.
+                let mut ids = self.tokenizer.encode_prompt(prompt)?;
                 if ids.is_empty() {
                     return Err(invalid("`prompt` is empty after tokenization"));
                 }
