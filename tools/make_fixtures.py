@@ -203,6 +203,21 @@ QWEN3_PROMPT = [5, 17, 90, 3, 25, 7, 8, 30, 41]
 QWEN3_COMPLETIONS = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
 
 
+def f64_eager_attention(modeling):
+    """transformers' eager attention with the softmax in the scores' dtype (it forces
+    f32), for a `modeling` module's `repeat_kv`."""
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+        assert softcap is None, "attention soft-capping is not part of these references"
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        v = modeling.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+    return attention
+
+
 def patch_qwen3_to_f64(modeling):
     """transformers computes RMSNorm, the RoPE tables and the eager attention's softmax
     in f32 whatever the model's dtype; the same formulas in the input's dtype make the
@@ -218,17 +233,8 @@ def patch_qwen3_to_f64(modeling):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        k = modeling.repeat_kv(key, module.num_key_value_groups)
-        v = modeling.repeat_kv(value, module.num_key_value_groups)
-        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
-
     modeling.Qwen3RMSNorm.forward = norm_forward
-    modeling.eager_attention_forward = attention
+    modeling.eager_attention_forward = f64_eager_attention(modeling)
     modeling.Qwen3RotaryEmbedding.forward = rope_forward
 
 
@@ -286,18 +292,8 @@ def patch_gemma3_to_f64(modeling):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
-        assert softcap is None
-        k = modeling.repeat_kv(key, module.num_key_value_groups)
-        v = modeling.repeat_kv(value, module.num_key_value_groups)
-        scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
-
     modeling.Gemma3RMSNorm.forward = norm_forward
-    modeling.eager_attention_forward = attention
+    modeling.eager_attention_forward = f64_eager_attention(modeling)
     modeling.Gemma3RotaryEmbedding.forward = rope_forward
 
 
