@@ -642,6 +642,92 @@ fn sft_reward_model_dpo_and_rlhf_on_the_tiny_pipeline() {
     assert!(scores.iter().any(|&r| r != scores[0]), "{scores:?}");
 }
 
+/// Every stage on a Gemma 3 model (tiny-gemma3: local layers around a global one):
+/// SFT, a reward model of that family on the SFT model, DPO, and `tandem run` with the
+/// Gemma reward model scoring the Gemma policy's completions. Each stage's output is a
+/// Gemma 3 checkpoint; the reward model's scores are real numbers.
+#[test]
+fn every_stage_runs_on_a_gemma3_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let example = |name: &str| format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let run = |args: &[&str]| {
+        let o = tandem(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    let is_gemma3 = |folder: &std::path::Path| {
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(c["model_type"], "gemma3_text", "{}", folder.display());
+    };
+    let (sft, rm, dpo, rl) = (
+        dir.path().join("sft"),
+        dir.path().join("rm"),
+        dir.path().join("dpo"),
+        dir.path().join("rl"),
+    );
+    run(&[
+        "sft",
+        &example("tiny-sft.toml"),
+        "--set",
+        "model.path=\"preset:tiny-gemma3\"",
+        "--set",
+        "sft.examples=600",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        &format!("train.out_dir={}", path(&sft)),
+    ]);
+    is_gemma3(&sft.join("final"));
+    let sft_model = format!("model.path={}", path(&sft.join("final")));
+    run(&[
+        "rm",
+        &example("tiny-rm.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        "rm.examples=300",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        &format!("train.out_dir={}", path(&rm)),
+    ]);
+    is_gemma3(&rm.join("final"));
+    assert!(rm.join("final/reward_head.safetensors").exists());
+    run(&[
+        "dpo",
+        &example("tiny-dpo.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        "dpo.examples=200",
+        "--set",
+        &format!("train.out_dir={}", path(&dpo)),
+    ]);
+    is_gemma3(&dpo.join("final"));
+    run(&[
+        "run",
+        &example("tiny-rlhf.toml"),
+        "--set",
+        &sft_model,
+        "--set",
+        &format!("reward.model={}", path(&rm.join("final"))),
+        "--set",
+        "run.steps=3",
+        "--set",
+        "trainer.dump_batches=true",
+        "--set",
+        &format!("run.run_dir={}", path(&rl)),
+    ]);
+    is_gemma3(&rl.join("final"));
+    let rewards = batch_rewards(&rl);
+    assert!(
+        !rewards.is_empty() && rewards.iter().any(|r| r.fract() != 0.0),
+        "{rewards:?}"
+    );
+}
+
 /// The rewards of every trained rollout of a run (its batch dumps).
 fn batch_rewards(run_dir: &std::path::Path) -> Vec<f64> {
     std::fs::read_dir(run_dir.join("batches"))
