@@ -148,7 +148,8 @@ fn every_example_parses_and_names_what_it_needs() {
         }
         for p in read {
             let named = e.needs.iter().any(|(n, _)| n == p);
-            let builtin = p == "smollm2" || p.starts_with("preset:");
+            let fetchable = tandem_model::fetch::KNOWN.iter().any(|k| k.name == p);
+            let builtin = fetchable || p.starts_with("preset:");
             assert!(
                 builtin || named || repo().join(p).exists(),
                 "{}: reads `{p}`, which is not in the repository: name the stage that writes it on a `# needs:` line",
