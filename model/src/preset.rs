@@ -30,7 +30,12 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
-/// Names of the presets `tandem model init --preset` accepts.
+/// The small presets, a few hundred thousand parameters each: every family's path in
+/// the tests.
+pub const TINY_PRESETS: &[&str] = &["tiny", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"];
+
+/// Names of the presets `tandem model init --preset` accepts: the tiny ones and the
+/// real shapes (for speed and memory figures, never looped over by tests).
 pub const PRESETS: &[&str] = &[
     "tiny",
     "tiny-qwen2",
@@ -340,6 +345,20 @@ fn bpe_tokenizer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests loop over the tiny presets: each is one of `PRESETS` and small.
+    #[test]
+    fn the_tiny_presets_are_presets_and_tiny() {
+        for name in TINY_PRESETS {
+            assert!(PRESETS.contains(name), "{name}");
+            let cfg = preset_config(name).unwrap();
+            let params: usize = crate::params::expected_params(&cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert!(params < 1_000_000, "{name}: {params} parameters");
+        }
+    }
 
     /// The real-size presets have their model's published shape (config.json of
     /// Qwen3-0.6B and of Gemma-3-270M).

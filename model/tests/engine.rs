@@ -77,7 +77,7 @@ fn assert_same(a: &BTreeMap<u64, Vec<Completion>>, b: &BTreeMap<u64, Vec<Complet
 
 #[test]
 fn batched_shared_and_paged_output_equals_each_request_alone() {
-    for name in tandem_model::preset::PRESETS {
+    for name in tandem_model::preset::TINY_PRESETS {
         let model = tiny(name, 5).model;
         for t in [0.0, 1.0] {
             let reqs: Vec<Request> = (0..6).map(|i| request(i, 3, params(t, 14, 11))).collect();

@@ -35,7 +35,7 @@ fn loss(model: &Model, w: &tandem_model::Weights) -> Tensor {
 
 #[test]
 fn every_parameter_gets_a_nonzero_gradient() {
-    for name in preset::PRESETS {
+    for name in preset::TINY_PRESETS {
         let p = tiny(name, 3);
         let grads = loss(&p.model, &p.model.weights()).backward().unwrap();
         for (pname, var) in p.model.params().iter() {
@@ -61,7 +61,7 @@ fn every_parameter_gets_a_nonzero_gradient() {
 /// parameter tensor: relative error below 1e-5 (absolute below 1e-8 for tiny gradients).
 #[test]
 fn gradients_match_finite_differences_in_f64() {
-    for name in preset::PRESETS {
+    for name in preset::TINY_PRESETS {
         let cfg = preset::preset_config(name).unwrap();
         let model = Model::random(cfg, 4, DType::F64, &Device::Cpu).unwrap();
         // Non-trivial norms and biases, so their gradients are not special cases.

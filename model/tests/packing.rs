@@ -90,7 +90,7 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn layouts_agree_in_f32_and_f64() {
     let (seqs, starts) = batch();
-    for name in preset::PRESETS {
+    for name in preset::TINY_PRESETS {
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-10)] {
             let cfg = preset::preset_config(name).unwrap();
             let model = Model::random(cfg, 5, dtype, &Device::Cpu).unwrap();
@@ -117,7 +117,7 @@ fn layouts_agree_in_f32_and_f64() {
 #[test]
 fn shared_prompts_equal_each_sequence_alone_in_f64() {
     let (seqs, starts) = batch();
-    for name in preset::PRESETS {
+    for name in preset::TINY_PRESETS {
         let cfg = preset::preset_config(name).unwrap();
         let model = Model::random(cfg, 6, DType::F64, &Device::Cpu).unwrap();
         let (values, shared) = run(&model, &seqs, &starts, Packing::SharedPrefix);
@@ -176,7 +176,7 @@ fn shared_prompts_equal_each_sequence_alone_in_f64() {
 #[test]
 fn checkpointed_layers_give_the_same_gradients() {
     let (seqs, starts) = batch();
-    for name in preset::PRESETS {
+    for name in preset::TINY_PRESETS {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
             let cfg = preset::preset_config(name).unwrap();
             let model = Model::random(cfg, 7, dtype, &Device::Cpu).unwrap();
