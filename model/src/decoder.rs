@@ -12,15 +12,13 @@ use crate::ops::gated::gated;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
 use crate::packing::{PackedBatch, Packing};
-use crate::transformer::{project, project_each, LayerWeights, Model, Weights};
+use crate::transformer::{project, project_each, LayerWeights, Model, Rotations, Weights};
 
 /// What every decoder layer of one packed forward shares.
 #[derive(Clone, Debug)]
 struct LayerContext {
-    /// cos and sin at each packed token's position, (T, head_dim / 2): the global
-    /// layers' tables, then the local layers' (Gemma 3).
-    rope: (Tensor, Tensor),
-    local_rope: Option<(Tensor, Tensor)>,
+    /// cos and sin at each packed token's position, per kind of layer.
+    rotations: Rotations,
     segments: std::sync::Arc<Vec<crate::ops::attention::Segment>>,
     block: Block,
 }
@@ -29,10 +27,7 @@ struct LayerContext {
 /// row's segments (within its window when layer `li` is local).
 fn decoder_layer(li: usize, lw: &LayerWeights, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
     let window = ctx.block.windows.get(li).copied().flatten();
-    let (cos, sin) = match (window, &ctx.local_rope) {
-        (Some(_), Some(local)) => local,
-        _ => &ctx.rope,
-    };
+    let (cos, sin) = ctx.rotations.of(window);
     let heads = ctx.block.heads;
     decoder_block(lw, x, (cos, sin), &ctx.block, |q, k, v| {
         attention(q, k, v, &ctx.segments, heads, window)
@@ -281,13 +276,8 @@ impl Model {
         }
         let ids = Tensor::from_vec(batch.ids.clone(), t, self.device())?;
         let positions = Tensor::from_vec(batch.positions.clone(), (1, t), self.device())?;
-        let at = |rope: &crate::rope::Rope| -> Result<(Tensor, Tensor)> {
-            let (cos, sin) = rope.at(&positions)?;
-            Ok((cos.squeeze(0)?, sin.squeeze(0)?))
-        };
         let ctx = LayerContext {
-            rope: at(&self.rope)?,
-            local_rope: self.rope_local.as_ref().map(at).transpose()?,
+            rotations: self.rotations(&positions)?,
             segments: batch.segments.clone(),
             block: Block::of(cfg, w.fused),
         };

@@ -49,6 +49,25 @@ pub struct LayerWeights {
     pub packed: Option<Arc<PackedLayer>>,
 }
 
+/// The RoPE tables gathered at a forward's positions: (cos, sin) of the global layers
+/// and of the local ones.
+#[derive(Clone, Debug)]
+pub(crate) struct Rotations {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl Rotations {
+    /// (cos, sin) of a layer with attention `window` (a local layer's own tables).
+    pub(crate) fn of(&self, window: Option<usize>) -> (&Tensor, &Tensor) {
+        let (cos, sin) = match (window, &self.local) {
+            (Some(_), Some(local)) => local,
+            _ => &self.global,
+        };
+        (cos, sin)
+    }
+}
+
 /// Views of the parameters for one forward pass: tracked (training) or detached
 /// (inference). Cheap to build: tensors share storage with the parameters.
 #[derive(Clone, Debug)]
@@ -317,6 +336,19 @@ impl Model {
             Some(c) => Ok(z.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?),
             None => Ok(z),
         }
+    }
+
+    /// cos and sin, (T, head_dim / 2) each, at `positions` (1, T) for the global layers
+    /// and, when the model has them, for the local ones (their own RoPE base).
+    pub(crate) fn rotations(&self, positions: &Tensor) -> Result<Rotations> {
+        let at = |rope: &Rope| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope.at(positions)?;
+            Ok((cos.squeeze(0)?, sin.squeeze(0)?))
+        };
+        Ok(Rotations {
+            global: at(&self.rope)?,
+            local: self.rope_local.as_ref().map(at).transpose()?,
+        })
     }
 
     /// The embeddings of `ids` (N,) → (N, d), times √d for Gemma 3.

@@ -143,10 +143,7 @@ impl KvPages {
     ) -> usize {
         let per_layer =
             2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size_in_bytes() * page_size;
-        let n_local = match &cfg.sliding_window {
-            Some(sw) => sw.local.iter().filter(|&&l| l).count(),
-            None => 0,
-        };
+        let n_local = super::local::LocalLayers::of(cfg).map_or(0, |l| l.local);
         per_layer * (global * (cfg.num_hidden_layers - n_local) + local * n_local)
     }
 

@@ -142,12 +142,7 @@ impl Runner {
         let width = self.heads.kv * self.heads.dim;
         let ids = Tensor::from_slice(&rows.ids, n, dev)?;
         let pos = Tensor::from_slice(&rows.positions, (1, n), dev)?;
-        let at = |rope: &crate::rope::Rope| -> Result<(Tensor, Tensor)> {
-            let (cos, sin) = rope.at(&pos)?;
-            Ok((cos.squeeze(0)?, sin.squeeze(0)?))
-        };
-        let global = at(&model.rope)?;
-        let local = model.rope_local.as_ref().map(at).transpose()?;
+        let rotations = model.rotations(&pos)?;
         let block = Block::of(mc, true);
         let slots: Vec<u32> = rows
             .write
@@ -164,10 +159,7 @@ impl Runner {
         let mut x = model.embed(&w.embed, &ids)?;
         for (li, lw) in w.layers.iter().enumerate() {
             let window = block.windows[li];
-            let (cos, sin) = match (window, &local) {
-                (Some(_), Some(local)) => local,
-                _ => &global,
-            };
+            let (cos, sin) = rotations.of(window);
             // A local layer's keys live in the local pool (when the model has one).
             let (slots, layout) = match self.kv.is_local(li) {
                 true => (&local_slots, &rows.local_layout),
