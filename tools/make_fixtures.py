@@ -297,19 +297,25 @@ def patch_gemma3_to_f64(modeling):
     modeling.Gemma3RotaryEmbedding.forward = rope_forward
 
 
-def family_case(name, model):
-    """A model with `det_values` weights: its saved config, logprobs and entropies of
-    the shared sequences, and the gradient fixture's loss and gradients."""
+def set_det_weights(model):
+    """Every parameter of `model` (f64) set to `det_values` of its name."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.copy_(torch.tensor(det_values(pname, p.numel()), dtype=torch.float64).reshape(p.shape))
+
+
+def saved_config(model):
+    """The config.json transformers writes for `model`."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json")) as f:
-            hf_config = json.load(f)
-    model.eval()
-    cases = cases_for(model, QWEN3_SEQS, [1.0, 0.7])
-    model.train()
+            return json.load(f)
+
+
+def completion_loss(model):
+    """The gradient fixtures' loss: Σ aₜ·logprobₜ + Σ bₜ·entropyₜ over the completion
+    tokens of QWEN3_COMPLETIONS after QWEN3_PROMPT at GRAD_TEMPERATURE, a = 1 + 0.1·t,
+    b = 0.5 − 0.05·t, t counting the tokens of both completions."""
     total, offset = None, 0
     for completion in QWEN3_COMPLETIONS:
         ids = QWEN3_PROMPT + completion
@@ -322,6 +328,18 @@ def family_case(name, model):
         loss = (lp * (1.0 + 0.1 * idx)).sum() + (ent * (0.5 - 0.05 * idx)).sum()
         total = loss if total is None else total + loss
         offset += len(completion)
+    return total
+
+
+def family_case(name, model):
+    """A model with `det_values` weights: its saved config, logprobs and entropies of
+    the shared sequences, and the gradient fixture's loss and gradients."""
+    set_det_weights(model)
+    hf_config = saved_config(model)
+    model.eval()
+    cases = cases_for(model, QWEN3_SEQS, [1.0, 0.7])
+    model.train()
+    total = completion_loss(model)
     total.backward()
     grads = {}
     for pname, p in model.named_parameters():
