@@ -7,6 +7,8 @@ use candle_core::Tensor;
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
+use crate::lora::layer::adapted;
+use crate::lora::Target;
 use crate::ops::attention::{attention, Heads};
 use crate::ops::gated::gated;
 use crate::ops::rms_norm::rms_norm;
@@ -120,6 +122,7 @@ pub(crate) fn decoder_block(
         None => (None, None, None),
     };
     let pk = lw.packed.as_deref();
+    let ad = lw.lora.as_ref();
     let [q, k, v] = project_each(
         &xn,
         [&lw.q, &lw.k, &lw.v],
@@ -127,6 +130,9 @@ pub(crate) fn decoder_block(
         pk.map(|p| [&p.q, &p.k, &p.v]),
         f,
     )?;
+    let q = adapted(q, &xn, ad, Target::Q, f)?;
+    let k = adapted(k, &xn, ad, Target::K, f)?;
+    let v = adapted(v, &xn, ad, Target::V, f)?;
     let (q, k) = match &lw.qk_norm {
         Some((qn, kn)) => (
             head_norm(&q, qn, heads.query, b)?,
@@ -141,7 +147,9 @@ pub(crate) fn decoder_block(
         q.affine(b.q_scale, 0.0)?
     };
     let k = rotary(&k, cos, sin, heads.kv)?;
-    let a = project(&attend(&q, &k, &v)?, &lw.o, None, pk.map(|p| &p.o), f)?;
+    let attended = attend(&q, &k, &v)?;
+    let a = project(&attended, &lw.o, None, pk.map(|p| &p.o), f)?;
+    let a = adapted(a, &attended, ad, Target::O, f)?;
     let a = match &lw.sandwich {
         Some((after_attention, _)) => b.norm(&a, after_attention)?,
         None => a,
@@ -155,8 +163,11 @@ pub(crate) fn decoder_block(
         pk.map(|p| [&p.gate, &p.up]),
         f,
     )?;
+    let gate = adapted(gate, &hn, ad, Target::Gate, f)?;
+    let up = adapted(up, &hn, ad, Target::Up, f)?;
     let mlp = gated(&gate, &up, b.activation)?;
     let m = project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)?;
+    let m = adapted(m, &mlp, ad, Target::Down, f)?;
     let m = match &lw.sandwich {
         Some((_, after_mlp)) => b.norm(&m, after_mlp)?,
         None => m,
@@ -218,6 +229,7 @@ impl Recompute {
                 up,
                 down,
                 packed: _,
+                lora,
             } = lw;
             let mut params = vec![input_norm, q, k, v, o, post_norm, gate, up, down];
             if let Some((qb, kb, vb)) = qkv_bias {
@@ -228,6 +240,9 @@ impl Recompute {
             }
             if let Some((a, m)) = sandwich {
                 params.extend([a, m]);
+            }
+            if let Some(l) = lora {
+                params.extend(l.pairs.iter().flatten().flat_map(|(a, b)| [a, b]));
             }
             for p in params {
                 add_grad(grads, p, layer_grads.remove(p))?;
@@ -289,7 +304,7 @@ impl Model {
             return Ok((self.norm(&x, &w.norm, w.fused)?, None));
         }
         // The same ops on detached views of the same weights: identical numbers, no graph.
-        let detached = self.collect_weights(|t| t.detach(), w.fused);
+        let detached = self.collect_weights(false, w.fused);
         let mut x = self.embed(&detached.embed, &ids)?;
         let mut inputs = Vec::with_capacity(detached.layers.len());
         for (li, lw) in detached.layers.iter().enumerate() {

@@ -6,6 +6,8 @@
 //! - [`engine`] — the sampling engine: continuous batching over a paged KV cache,
 //!   prompts prefilled once per request; [`generate`] runs it to completion.
 //! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2, Gemma 3 270M).
+//! - [`lora`] — low-rank adapters on a frozen base: trained, sent and saved alone (PEFT's
+//!   format), applied unmerged or merged.
 //! - [`optim`] — AdamW (fused, state saved and restored), SGD, gradient clipping.
 //! - [`preset`] — tiny random models with a real BPE tokenizer for tests and demos.
 //! - [`scalar_head`] — the value head (PPO's critic) and the reward head on the final
@@ -41,6 +43,7 @@ pub mod gguf;
 mod kernels;
 pub mod linear;
 pub mod logprob;
+pub mod lora;
 pub mod ops;
 pub mod optim;
 pub mod packed_matmul;
@@ -65,6 +68,7 @@ pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutpu
 pub use error::{Error, Result};
 pub use generate::{generate, generate_groups, Completion, FinishReason};
 pub use kernels::simd;
+pub use lora::{Adapter, LoraSection};
 pub use reward_model::RewardModel;
 pub use sampling::SamplingParams;
 pub use scalar_head::{ScalarHead, REWARD_HEAD_FILE, VALUE_HEAD_FILE};

@@ -85,10 +85,13 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // A frozen weight (a LoRA base) or an input off the graph gets no gradient:
+        // neither product is computed for it.
+        let (need_x, need_w) = (x.track_op(), w.track_op());
         let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        let grad_x = g.matmul(&w)?;
-        let grad_w = g.t()?.matmul(&x)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        let grad_x = need_x.then(|| g.matmul(&w)).transpose()?;
+        let grad_w = need_w.then(|| g.t()?.matmul(&x)).transpose()?;
+        Ok((grad_x, grad_w))
     }
 }
 

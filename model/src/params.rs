@@ -74,16 +74,33 @@ impl ParamStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let expected = expected_params(cfg);
+        if cfg.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        // Rotary caches some exporters include are derived, not parameters.
+        tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        Self::from_expected(&expected_params(cfg), tensors, dtype, device, "weights")
+    }
+
+    /// Builds a store holding exactly the `expected` (name, shape) tensors of
+    /// `tensors`, in that order, converted to `dtype` on `device`; `what` names the set
+    /// in errors (a missing, misshapen or unexpected tensor).
+    pub(crate) fn from_expected(
+        expected: &[(String, Vec<usize>)],
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        what: &str,
+    ) -> Result<Self> {
         let mut names = Vec::with_capacity(expected.len());
         let mut vars = Vec::with_capacity(expected.len());
-        for (name, shape) in &expected {
+        for (name, shape) in expected {
             let t = tensors
                 .remove(name)
-                .ok_or_else(|| Error::invalid(format!("weights: missing tensor `{name}`")))?;
+                .ok_or_else(|| Error::invalid(format!("{what}: missing tensor `{name}`")))?;
             if t.dims() != shape.as_slice() {
                 return Err(Error::invalid(format!(
-                    "weights: tensor `{name}` has shape {:?}, the config implies {:?}",
+                    "{what}: tensor `{name}` has shape {:?}, the config implies {:?}",
                     t.dims(),
                     shape
                 )));
@@ -92,14 +109,9 @@ impl ParamStore {
             names.push(name.clone());
             vars.push(Var::from_tensor(&t)?);
         }
-        if cfg.tie_word_embeddings {
-            tensors.remove("lm_head.weight");
-        }
-        // Rotary caches some exporters include are derived, not parameters.
-        tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
         if let Some(extra) = tensors.keys().min() {
             return Err(Error::invalid(format!(
-                "weights: unexpected tensor `{extra}` ({} unexpected in all); does the config match the weights?",
+                "{what}: unexpected tensor `{extra}` ({} unexpected in all); does the config match the weights?",
                 tensors.len()
             )));
         }

@@ -16,6 +16,8 @@ use crate::decode_matmul;
 use crate::decoder::Recompute;
 use crate::error::{Error, Result};
 use crate::logprob;
+use crate::lora::adapter::module_name;
+use crate::lora::{Adapter, LayerLora, Target};
 use crate::packed_matmul::{PackedLayer, PackedMatrix};
 use crate::packing::{ForwardOptions, Packing};
 use crate::params::{expected_params, ParamStore};
@@ -47,6 +49,8 @@ pub struct LayerWeights {
     pub down: Tensor,
     /// The projections packed for the batch decode kernel (inference on CPU, f32).
     pub packed: Option<Arc<PackedLayer>>,
+    /// The layer's LoRA adapters, applied unmerged beside the projections.
+    pub lora: Option<LayerLora>,
 }
 
 /// The RoPE tables gathered at a forward's positions: (cos, sin) of the global layers
@@ -103,6 +107,8 @@ pub struct Model {
     embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
+    /// LoRA adapters on the (then frozen) parameters.
+    adapter: Option<Adapter>,
 }
 
 /// x (..., d) @ wᵀ (+ b): on the packed batch kernel when `packed` (W packed) is
@@ -202,6 +208,7 @@ impl Model {
             embed_scale,
             dtype,
             device: device.clone(),
+            adapter: None,
         })
     }
 
@@ -231,8 +238,63 @@ impl Model {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
+    /// The base parameters (every weight of the model; frozen under an adapter).
     pub fn params(&self) -> &ParamStore {
         &self.params
+    }
+
+    /// What training updates and a version carries: the adapter's A and B under LoRA,
+    /// else every parameter.
+    pub fn trainable(&self) -> &ParamStore {
+        self.adapter.as_ref().map_or(&self.params, Adapter::params)
+    }
+
+    /// This model with `adapter` applied (its base frozen from now on); the adapter
+    /// must be built for this model's config.
+    pub fn with_adapter(mut self, adapter: Adapter) -> Result<Self> {
+        if adapter.layers() != self.config.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "adapter covers {} layers, the model has {}",
+                adapter.layers(),
+                self.config.num_hidden_layers
+            )));
+        }
+        self.adapter = Some(adapter);
+        Ok(self)
+    }
+
+    /// The LoRA adapter, if one is applied.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// The base model without its adapter (the same parameters, no copy): LoRA's
+    /// reference model.
+    pub fn without_adapter(&self) -> Model {
+        Model {
+            adapter: None,
+            ..self.clone()
+        }
+    }
+
+    /// A model whose weights are the base's with the adapter folded in, W + s·B·A on
+    /// every targeted projection (new storage; no adapter). Without an adapter, a copy.
+    pub fn merged(&self) -> Result<Model> {
+        let mut tensors = self.params.snapshot()?;
+        if let Some(a) = &self.adapter {
+            for layer in 0..a.layers() {
+                for t in Target::ALL {
+                    if let Some(d) = a.delta(layer, t)? {
+                        let name = format!("{}.weight", module_name(layer, t));
+                        let w = tensors.remove(&name).ok_or_else(|| {
+                            Error::invalid(format!("merging the adapter: no tensor `{name}`"))
+                        })?;
+                        tensors.insert(name, (w + d.to_dtype(self.dtype)?)?);
+                    }
+                }
+            }
+        }
+        Model::from_tensors(self.config.clone(), tensors, self.dtype, &self.device)
     }
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -241,7 +303,14 @@ impl Model {
         &self.device
     }
 
-    pub(crate) fn collect_weights(&self, view: impl Fn(&Tensor) -> Tensor, fused: bool) -> Weights {
+    /// Views of the parameters: `track`ed ones record the autograd graph, except the
+    /// base's under an adapter (frozen: no gradient is computed for them).
+    pub(crate) fn collect_weights(&self, track: bool, fused: bool) -> Weights {
+        let view = |t: &Tensor, trainable: bool| match track && trainable {
+            true => t.clone(),
+            false => t.detach(),
+        };
+        let base_trainable = self.adapter.is_none();
         let get = |name: &str| -> Tensor {
             // Every expected name is present: `ParamStore::from_tensors` checked it.
             view(
@@ -249,7 +318,17 @@ impl Model {
                     .get(name)
                     .expect("parameter checked at load")
                     .as_tensor(),
+                base_trainable,
             )
+        };
+        let lora = |layer: usize| {
+            self.adapter.as_ref().map(|a| LayerLora {
+                scale: a.scale(),
+                pairs: Target::ALL.map(|t| {
+                    a.pair(layer, t)
+                        .map(|(x, y)| (view(x.as_tensor(), true), view(y.as_tensor(), true)))
+                }),
+            })
         };
         let sandwich = self.config.architecture.sandwich_norms();
         let layers = (0..self.config.num_hidden_layers)
@@ -288,6 +367,7 @@ impl Model {
                     up: get(&format!("{p}.mlp.up_proj.weight")),
                     down: get(&format!("{p}.mlp.down_proj.weight")),
                     packed: None,
+                    lora: lora(i),
                 }
             })
             .collect();
@@ -303,14 +383,14 @@ impl Model {
 
     /// Weights whose use records the autograd graph (for training).
     pub fn weights(&self) -> Weights {
-        self.collect_weights(|t| t.clone(), false)
+        self.collect_weights(true, false)
     }
 
     /// Detached weights and fused kernels (for sampling and scoring without gradients).
     /// They share storage with the parameters: an in-place weight update is visible to
     /// the next forward that builds its views again.
     pub fn inference_weights(&self) -> Weights {
-        self.collect_weights(|t| t.detach(), true)
+        self.collect_weights(false, true)
     }
 
     /// Every id below the vocabulary size; `what` names the sequence in the error.

@@ -9,6 +9,10 @@
 //! bounds are tight: per-token logprobs and entropies to 1e-9, the gradient of every
 //! parameter to 1e-9 relative (measured: about 1e-15 for both), on every layout and
 //! with activation checkpointing. A misplaced ε in a norm moves them by about 1e-6.
+//!
+//! LoRA against PEFT (tests/fixtures/lora.json, tools/lora_reference.py): the same
+//! models with adapters on all or some projections, with and without rsLoRA; the
+//! adapted logprobs, the gradients of A and B (the base frozen) and one AdamW step.
 
 mod common;
 
@@ -238,7 +242,7 @@ fn loss_and_grads(
     .unwrap();
     let grads = out.backward(&loss).unwrap();
     let by_name = model
-        .params()
+        .trainable()
         .iter()
         .map(|(name, var)| {
             let g = grads
@@ -429,4 +433,165 @@ fn gemma3_configs_tandem_cannot_run_are_refused_by_field() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("text_config"), "{err}");
+}
+
+/// The fixture's adapter on its base: A and B from `det_values` of PEFT's names.
+fn build_adapted(case: &Value) -> Model {
+    use tandem_model::lora::{self, Adapter, LoraSpec};
+    let base = build(case);
+    let l = &case["lora"];
+    let names: Vec<String> = l["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let spec = LoraSpec {
+        rank: l["r"].as_u64().unwrap() as usize,
+        alpha: l["lora_alpha"].as_f64().unwrap(),
+        rslora: l["use_rslora"].as_bool().unwrap(),
+        targets: lora::config::parse_targets(&names).unwrap(),
+    };
+    let tensors = lora::expected_adapter_params(base.config(), &spec)
+        .into_iter()
+        .map(|(n, shape)| {
+            let count = shape.iter().product();
+            let t = Tensor::from_vec(det_values(&n, count), shape, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    let a = Adapter::from_tensors(base.config(), spec, tensors, DType::F64, &Device::Cpu).unwrap();
+    base.with_adapter(a).unwrap()
+}
+
+/// LoRA against PEFT + transformers in f64: the adapted model's logprobs, the loss, the
+/// gradients of every A and B (and none of the frozen base), in every layout and
+/// checkpointed, then one AdamW step over the adapter only.
+#[test]
+fn lora_gradients_and_update_match_peft_in_f64() {
+    use tandem_model::optim::{AdamW, AdamWConfig};
+    let fx = fixture("lora.json");
+    let cases = fx["models"].as_array().unwrap();
+    assert!(cases.iter().any(|c| c["lora"]["use_rslora"] == true));
+    assert!(
+        cases.iter().any(|c| c["family"] == "gemma3")
+            && cases.iter().any(|c| c["family"] == "qwen3")
+    );
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let model = build_adapted(case);
+        for sc in case["cases"].as_array().unwrap() {
+            let ids = u32s(&sc["ids"]);
+            let t = sc["temperature"].as_f64().unwrap();
+            for w in [model.weights(), model.inference_weights()] {
+                let out = model
+                    .completion_logprobs(&w, std::slice::from_ref(&ids), &[1], t)
+                    .unwrap();
+                let lp: Vec<f64> = out.logprobs.to_vec1().unwrap();
+                let d = max_abs_diff(&lp, &f64s(&sc["logprobs"]));
+                assert!(d <= TOL, "{name}: adapted logprobs differ by {d}");
+            }
+        }
+        let reference = case["gradients"].as_object().unwrap();
+        assert_eq!(
+            reference.len(),
+            model.trainable().len(),
+            "{name}: adapter tensors"
+        );
+        for packing in [Packing::Packed, Packing::SharedPrefix] {
+            for checkpoint_layers in [false, true] {
+                let what = format!("{name} {packing:?} checkpointed {checkpoint_layers}");
+                let options = ForwardOptions {
+                    packing,
+                    checkpoint_layers,
+                };
+                let (value, grads) = loss_and_grads(&model, case, options);
+                let expect = case["loss"].as_f64().unwrap();
+                assert!(
+                    (value - expect).abs() < TOL * expect.abs().max(1.0),
+                    "{what}: loss {value} vs {expect}"
+                );
+                for (pname, g) in &grads {
+                    let r = &reference[pname];
+                    let r_norm = r["norm"].as_f64().unwrap();
+                    let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    assert!(
+                        r_norm > 0.0 && (norm - r_norm).abs() <= TOL * r_norm,
+                        "{what} {pname}: norm {norm} vs {r_norm}"
+                    );
+                    let head = f64s(&r["head"]);
+                    let d = max_abs_diff(&g[..head.len()], &head);
+                    assert!(d <= TOL * r_norm, "{what} {pname}: entries differ by {d}");
+                }
+            }
+        }
+        // One AdamW step over the adapter, on the gradients of the same loss.
+        let h = &case["adamw"];
+        let betas = f64s(&h["betas"]);
+        let config = AdamWConfig {
+            lr: h["lr"].as_f64().unwrap(),
+            beta1: betas[0],
+            beta2: betas[1],
+            eps: h["eps"].as_f64().unwrap(),
+            weight_decay: h["weight_decay"].as_f64().unwrap(),
+        };
+        let params = model
+            .trainable()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
+        let mut opt = AdamW::new(params, config).unwrap();
+        let seqs: Vec<Vec<u32>> = case["completions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| [u32s(&case["prompt"]), u32s(c)].concat())
+            .collect();
+        let starts = vec![u32s(&case["prompt"]).len(); seqs.len()];
+        let out = model
+            .completion_logprobs(
+                &model.weights(),
+                &seqs,
+                &starts,
+                case["temperature"].as_f64().unwrap(),
+            )
+            .unwrap();
+        let n = out.logprobs.dim(0).unwrap();
+        let a = Tensor::from_vec(
+            (0..n).map(|i| 1.0 + 0.1 * i as f64).collect::<Vec<_>>(),
+            n,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = Tensor::from_vec(
+            (0..n).map(|i| 0.5 - 0.05 * i as f64).collect::<Vec<_>>(),
+            n,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let loss = ((&out.logprobs * a).unwrap().sum_all().unwrap()
+            + (&out.entropy * b).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = out.backward(&loss).unwrap();
+        let before = model.params().snapshot().unwrap();
+        opt.step(&grads, None).unwrap();
+        for (pname, v) in model.trainable().iter() {
+            let r = &case["updated"][pname];
+            let vals: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
+            let norm = vals.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let r_norm = r["norm"].as_f64().unwrap();
+            assert!(
+                (norm - r_norm).abs() <= 1e-9 * r_norm,
+                "{name} {pname}: updated norm {norm} vs {r_norm}"
+            );
+            let d = max_abs_diff(&vals[..16.min(vals.len())], &f64s(&r["head"]));
+            assert!(d <= 1e-9, "{name} {pname}: updated entries differ by {d}");
+        }
+        // The base did not move.
+        for (pname, v) in model.params().iter() {
+            let now: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
+            let was: Vec<f64> = before[pname].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(now, was, "{name}: frozen {pname} changed");
+        }
+    }
 }

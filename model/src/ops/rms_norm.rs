@@ -133,7 +133,9 @@ impl CustomOp2 for RmsNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let flat = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let parts = split_flat(&flat, &[x.dims(), w.dims()])?;
-        Ok((Some(parts[0].clone()), Some(parts[1].clone())))
+        // A frozen weight (a LoRA base) gets no gradient.
+        let dw = w.track_op().then(|| parts[1].clone());
+        Ok((Some(parts[0].clone()), dw))
     }
 }
 
