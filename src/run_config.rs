@@ -30,6 +30,9 @@ pub struct RunConfig {
     pub env: EnvConfig,
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
+    /// `[lora]`: train LoRA adapters on a frozen base (present = on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<tandem_model::LoraSection>,
     /// `[tls]`: TLS / mTLS on every gRPC endpoint.
     pub tls: tandem_proto::tls::TlsFiles,
 }
@@ -67,6 +70,9 @@ impl RunConfig {
         self.optimizer.validate()?;
         self.eval.validate()?;
         self.env.validate()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         if self.eval.every > 0 && !self.env.agent.is_empty() {
             bail!(
                 "[eval] every: the held-out evaluation runs the built-in episodes and starts no [env] agent program; set eval.every = 0 (or evaluate with `tandem eval` on a config without the agent)"
@@ -238,7 +244,12 @@ mod doc {
 
     /// The default config's sections, a nested table (`[env.python]`) as its own.
     fn sections() -> BTreeMap<String, toml::Table> {
-        let defaults = toml::Value::try_from(RunConfig::default()).unwrap();
+        // `[lora]` is off unless present: its keys' defaults are those of an empty one.
+        let defaults = toml::Value::try_from(RunConfig {
+            lora: Some(Default::default()),
+            ..Default::default()
+        })
+        .unwrap();
         let mut out = BTreeMap::new();
         for (section, table) in defaults.as_table().unwrap() {
             let mut top = toml::Table::new();
@@ -318,7 +329,8 @@ mod doc {
                         | ("algorithm", "teacher")
                         | ("tls", "ca")
                         | ("tls", "cert")
-                        | ("tls", "key") => "\"x\"".into(),
+                        | ("tls", "key")
+                        | ("lora", "from") => "\"x\"".into(),
                         other => panic!("a new optional key {other:?}: add it here"),
                     };
                     set.push(format!("{section}.{key}={value}"));
@@ -329,5 +341,6 @@ mod doc {
         let c = RunConfig::parse(text, &set).unwrap();
         assert_eq!(c.algorithm.clip_c, Some(3.0));
         assert_eq!(c.run.token.as_deref(), Some("x"));
+        assert_eq!(c.lora.unwrap().from.as_deref(), Some("x"));
     }
 }

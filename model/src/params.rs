@@ -225,6 +225,28 @@ impl ParamStore {
         Ok((out, dtype_name(dtype)))
     }
 
+    /// A fingerprint of the parameters (which model, which values): the CRC-32 of
+    /// every name, shape and dtype in the high 32 bits, the CRC-32 of every value's
+    /// little-endian bytes (in [`Self::to_bytes`]'s order) in the low 32. Two processes
+    /// that loaded the same base the same way agree on it; a LoRA version names its base
+    /// by it. One pass over the values, one tensor's copy at a time.
+    pub fn fingerprint(&self) -> Result<u64> {
+        let (mut shape, mut values) = (crc32fast::Hasher::new(), crc32fast::Hasher::new());
+        for (name, v) in self.iter() {
+            shape.update(name.as_bytes());
+            shape.update(format!("{:?}{:?}", v.dims(), v.dtype()).as_bytes());
+            let flat = v.as_tensor().flatten_all()?;
+            match v.dtype() {
+                DType::F32 => flat.to_vec1::<f32>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
+                DType::F64 => flat.to_vec1::<f64>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
+                DType::BF16 => flat.to_vec1::<half::bf16>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
+                DType::F16 => flat.to_vec1::<half::f16>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
+                other => return Err(Error::invalid(format!("fingerprint: parameters of dtype {other:?}"))),
+            }
+        }
+        Ok(((shape.finalize() as u64) << 32) | values.finalize() as u64)
+    }
+
     /// Assigns weights from [`Self::to_bytes`]'s form in place. The length must match
     /// this model's parameters exactly; nothing is written otherwise.
     pub fn assign_bytes(&self, bytes: &[u8], dtype: &str) -> Result<()> {

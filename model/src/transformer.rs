@@ -249,8 +249,8 @@ impl Model {
         self.adapter.as_ref().map_or(&self.params, Adapter::params)
     }
 
-    /// This model with `adapter` applied (its base frozen from now on); the adapter
-    /// must be built for this model's config.
+    /// This model with `adapter` applied (its base frozen from now on, its fingerprint
+    /// taken); the adapter must be built for this model's config.
     pub fn with_adapter(mut self, adapter: Adapter) -> Result<Self> {
         if adapter.layers() != self.config.num_hidden_layers {
             return Err(Error::invalid(format!(
@@ -259,6 +259,8 @@ impl Model {
                 self.config.num_hidden_layers
             )));
         }
+        let mut adapter = adapter;
+        adapter.set_base(self.params.fingerprint()?);
         self.adapter = Some(adapter);
         Ok(self)
     }

@@ -61,6 +61,9 @@ pub struct Adapter {
     params: ParamStore,
     /// (A, B) index in `params` per layer and target (`None`: not targeted).
     pairs: Vec<[Option<usize>; 7]>,
+    /// The fingerprint of the base it is applied to ([`ParamStore::fingerprint`]),
+    /// set when it is attached (the base is frozen from then on).
+    base: Option<u64>,
 }
 
 impl Adapter {
@@ -135,6 +138,7 @@ impl Adapter {
             spec,
             params,
             pairs,
+            base: None,
         })
     }
 
@@ -165,6 +169,16 @@ impl Adapter {
         };
         let d = b.as_tensor().detach().matmul(&a.as_tensor().detach())?;
         Ok(Some(d.affine(self.scale(), 0.0)?))
+    }
+
+    /// The fingerprint of the base this adapter is attached to (`None` before it is):
+    /// a LoRA version names its base by it.
+    pub fn base_fingerprint(&self) -> Option<u64> {
+        self.base
+    }
+
+    pub(crate) fn set_base(&mut self, fingerprint: u64) {
+        self.base = Some(fingerprint);
     }
 
     /// The number of layers the adapter covers.

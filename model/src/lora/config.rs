@@ -197,6 +197,30 @@ impl LoraSection {
         Ok(spec)
     }
 
+    /// `model` with this section's adapter: the PEFT adapter in `from`, else a fresh one
+    /// (step 0 is the base). Trainer, generators and the offline stages all start here,
+    /// so they hold the same adapter at version 0.
+    pub fn attach(&self, model: crate::Model) -> Result<crate::Model> {
+        let adapter = match &self.from {
+            Some(dir) => crate::lora::load_peft(
+                std::path::Path::new(dir),
+                model.config(),
+                model.dtype(),
+                model.device(),
+            )
+            .map_err(|e| Error::invalid(format!("[lora] from = {dir:?}: {e}")))?,
+            None => crate::lora::Adapter::init(
+                model.config(),
+                self.spec()?,
+                self.init,
+                self.seed,
+                model.dtype(),
+                model.device(),
+            )?,
+        };
+        model.with_adapter(adapter)
+    }
+
     /// Checks every field.
     pub fn validate(&self) -> Result<()> {
         self.spec()?;
