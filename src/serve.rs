@@ -188,6 +188,7 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     let settings = node::Settings {
         model: cfg.model.path.clone(),
         save_dtype: cfg.model.explicit_save_dtype()?,
+        lora: cfg.lora.clone(),
         run_dir: a.run_dir.clone(),
         steps: cfg.run.steps,
         group_size: cfg.run.group_size,

@@ -13,9 +13,14 @@ use tandem_trainer::rl::step::{Frozen, Optimizer, StepPlan};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
-    /// The policy to start from (HF folder or .gguf); also the KL reference.
+    /// The policy to start from (HF folder or .gguf); also the KL reference. With
+    /// `[lora]` in the config, the frozen base the adapter is trained on.
     #[arg(long)]
     model: String,
+    /// With `[lora]`: the PEFT adapter folder to go on from (a run's checkpoint or
+    /// `final/`, or an earlier `train-step --out`); else the section's adapter.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Rollout JSONL: {"group", "prompt_ids", "completion_ids", "behavior_logprobs", "reward"[, "versions"]}.
     #[arg(long)]
     rollouts: PathBuf,
@@ -23,7 +28,8 @@ pub struct TrainStepArgs {
     /// [trainer] sets the step's layout: packing, max_tokens_per_microbatch, …).
     #[arg(long)]
     config: PathBuf,
-    /// Output HF folder; metrics go to OUT/metrics.json.
+    /// Output HF folder (with `[lora]`, the adapter in PEFT's format); metrics go to
+    /// OUT/metrics.json.
     #[arg(long)]
     out: PathBuf,
     /// The policy version the model holds, for `prox_logp = "loglinear"`
@@ -37,7 +43,10 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.config.display()))?;
     let cfg =
         TrainConfig::from_toml(&text).with_context(|| format!("in {}", a.config.display()))?;
-    let p = tandem_model::load_model(&a.model)?;
+    if a.adapter.is_some() && cfg.lora.is_none() {
+        anyhow::bail!("--adapter: the config has no [lora]; add one (its keys may stay at their defaults)");
+    }
+    let p = tandem_model::load_policy(&a.model, cfg.lora.as_ref(), a.adapter.as_deref())?;
     let text = std::fs::read_to_string(&a.rollouts)
         .with_context(|| format!("reading {}", a.rollouts.display()))?;
     let rollouts = rollout::parse_jsonl(
@@ -45,11 +54,12 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         &a.rollouts.display().to_string(),
         p.model.config().vocab_size,
     )?;
-    // The reference is a frozen copy of the starting weights.
-    let reference = if cfg.algorithm.kl_coef > 0.0 {
-        Some(tandem_model::load_model(&a.model)?)
-    } else {
-        None
+    // The reference is a frozen copy of the starting weights (under LoRA the base
+    // itself: the same weights without the adapter).
+    let reference = match (cfg.algorithm.kl_coef > 0.0, p.model.adapter()) {
+        (false, _) => None,
+        (true, Some(_)) => Some(p.model.without_adapter()),
+        (true, None) => Some(tandem_model::load_model(&a.model)?.model),
     };
     let teacher = match &cfg.algorithm.teacher {
         Some(path) => Some(tandem_trainer::rl::distill::load_teacher(path, &p)?),
@@ -57,8 +67,10 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     };
     // PPO with GAE trains a value head that lives beside the model (zeros when new).
     let critic = if cfg.algorithm.advantage == Estimator::Gae {
+        // Under LoRA it goes on from the adapter's folder when one is given.
+        let beside = a.adapter.clone().unwrap_or_else(|| a.model.clone().into());
         Some(ScalarHead::load_or_zeros(
-            std::path::Path::new(&a.model),
+            &beside,
             VALUE_HEAD_FILE,
             &p.model,
         )?)
@@ -70,7 +82,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     let metrics = StepPlan {
         policy: &p.model,
         frozen: Frozen {
-            reference: reference.as_ref().map(|r| &r.model),
+            reference: reference.as_ref(),
             teacher: teacher.as_ref().map(|t| &t.model),
         },
         critic: critic.as_ref(),
@@ -82,7 +94,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
         compute: &cfg.trainer.compute(),
     }
     .run(&mut opt)?;
-    tandem_model::save_hf(&p, &a.out, p.weights_dtype)
+    tandem_model::save_policy(&p, &a.out, p.trained_dtype(), &a.model)
         .with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(c) = &critic {
         c.save(&a.out, VALUE_HEAD_FILE)

@@ -28,6 +28,16 @@ pub struct Pretrained {
 }
 
 impl Pretrained {
+    /// The dtype what is trained on this model is saved in unless one is asked for:
+    /// the dtype the weights came in, or under LoRA the compute dtype the adapter is
+    /// trained in (an adapter is small, and `[lora] from` goes on from it exactly).
+    pub fn trained_dtype(&self) -> DType {
+        match self.model.adapter() {
+            Some(_) => self.model.dtype(),
+            None => self.weights_dtype,
+        }
+    }
+
     /// Token ids that end a completion: the config's eos ids (from `config.json`,
     /// `generation_config.json` or GGUF metadata).
     pub fn stop_token_ids(&self) -> Vec<u32> {
@@ -366,6 +376,22 @@ fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Pretrained> 
 /// [`save_hf_sharded`] with shards of at most [`MAX_SHARD_BYTES`].
 pub fn save_hf(p: &Pretrained, dir: &Path, dtype: DType) -> Result<()> {
     save_hf_sharded(p, dir, dtype, MAX_SHARD_BYTES)
+}
+
+/// Saves what a run trained into `dir`, atomically: under LoRA the adapter alone in
+/// PEFT's format (`adapter_config.json` naming `base`, `adapter_model.safetensors` in
+/// `dtype`), else the whole model as [`save_hf`] writes it.
+pub fn save_policy(p: &Pretrained, dir: &Path, dtype: DType, base: &str) -> Result<()> {
+    let Some(adapter) = p.model.adapter() else {
+        return save_hf(p, dir, dtype);
+    };
+    let tmp = fresh_temp_dir(dir)?;
+    crate::lora::save_peft(adapter, &tmp, base, dtype)?;
+    crate::durable::sync_tree(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    crate::durable::publish(&tmp, dir)
 }
 
 /// Writes an HF folder that `transformers` and vLLM load: `config.json` (its

@@ -90,3 +90,25 @@ pub fn load_model(spec: &str) -> Result<Pretrained> {
     let dtype = process_dtype(&device)?;
     crate::load(spec, dtype, &device).map_err(|e| Error::invalid(format!("model `{spec}`: {e}")))
 }
+
+/// The policy a run trains, on the process's device: `base` alone, or under `[lora]`
+/// `base` with its adapter: the one saved in `adapter_dir` (a checkpoint, PEFT's
+/// format) when given, else the section's (`from`, or a fresh one).
+pub fn load_policy(
+    base: &str,
+    lora: Option<&crate::LoraSection>,
+    adapter_dir: Option<&std::path::Path>,
+) -> Result<Pretrained> {
+    let mut p = load_model(base)?;
+    let Some(section) = lora else {
+        return Ok(p);
+    };
+    p.model = match adapter_dir {
+        Some(dir) => {
+            let a = crate::lora::load_peft(dir, p.model.config(), p.model.dtype(), p.model.device())?;
+            p.model.with_adapter(a)?
+        }
+        None => section.attach(p.model)?,
+    };
+    Ok(p)
+}

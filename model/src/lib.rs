@@ -59,11 +59,11 @@ pub mod tokenizer;
 pub mod transformer;
 
 pub use checkpoint::{
-    check, load, materialize, save_hf, save_hf_sharded, write_atomic, ModelSection, Pretrained,
+    check, load, materialize, save_hf, save_hf_sharded, save_policy, write_atomic, ModelSection, Pretrained,
     MAX_SHARD_BYTES,
 };
 pub use config::{Activation, Architecture, ModelConfig, SlidingWindow};
-pub use device::{load_model, process_device, process_dtype};
+pub use device::{load_model, load_policy, process_device, process_dtype};
 pub use engine::{Engine, EngineConfig, EngineStats, Finished, Request, StepOutput};
 pub use error::{Error, Result};
 pub use generate::{generate, generate_groups, Completion, FinishReason};

@@ -521,6 +521,9 @@ pub struct TrainConfig {
     pub algorithm: AlgorithmConfig,
     pub optimizer: OptimizerConfig,
     pub trainer: TrainerConfig,
+    /// `[lora]`: the step trains adapters on the frozen model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<tandem_model::LoraSection>,
 }
 
 impl TrainConfig {
@@ -530,6 +533,9 @@ impl TrainConfig {
         cfg.algorithm.validate()?;
         cfg.optimizer.validate()?;
         cfg.trainer.validate()?;
+        if let Some(l) = &cfg.lora {
+            l.validate()?;
+        }
         Ok(cfg)
     }
 }

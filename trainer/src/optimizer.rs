@@ -16,10 +16,11 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// An optimizer over the model's parameters and `extra` ones (a value head).
+    /// An optimizer over the model's trainable parameters (every one, or a LoRA
+    /// adapter's A and B: a frozen base has no state) and `extra` ones (a value head).
     pub fn new(cfg: &OptimizerConfig, model: &Model, extra: Vec<(String, Var)>) -> Result<Self> {
         let mut params: Vec<(String, Var)> = model
-            .params()
+            .trainable()
             .iter()
             .map(|(n, v)| (n.to_string(), v.clone()))
             .collect();

@@ -1,5 +1,6 @@
 //! Trainer checkpoints (ARCHITECTURE.md, "Checkpoints are atomic and complete"): the model as an HF folder (loadable by
-//! transformers), the value head, the optimizer state, and `trainer.json` with the
+//! transformers; under LoRA the adapter alone in PEFT's format, its base the run's
+//! `[model] path`), the value head, the optimizer state, and `trainer.json` with the
 //! step, the version and the rollout buffer. Written into a temporary folder, flushed
 //! to disk (fsync of every file and folder) and renamed, the rename flushed too;
 //! `RUN_DIR/checkpoints/latest` names the newest complete one. Pruning keeps the
@@ -44,9 +45,10 @@ pub fn save(run_dir: &Path, learner: &Learner, buffer: &Buffer, keep: usize) -> 
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io("removing", &tmp, e))?;
     }
-    // The model folder itself is written atomically by save_hf, in the dtype the weights
-    // are trained in, so that `--resume` goes on from exactly these weights.
-    tandem_model::save_hf(&learner.policy, &tmp, learner.policy.model.dtype())?;
+    // The model folder itself (under LoRA the adapter alone) is written atomically, in
+    // the dtype the weights are trained in, so that `--resume` goes on from exactly them.
+    let dtype = learner.policy.model.dtype();
+    tandem_model::save_policy(&learner.policy, &tmp, dtype, &learner.base)?;
     if let Some(c) = &learner.critic {
         c.save(&tmp, tandem_model::VALUE_HEAD_FILE)?;
     }

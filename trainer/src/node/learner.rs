@@ -56,6 +56,8 @@ pub struct StepReport {
     pub eval: BTreeMap<String, f64>,
     /// A few of the step's completions as text, every `log_samples` steps.
     pub samples: Vec<Sample>,
+    /// The bytes of the version this step published (under LoRA the adapter's only).
+    pub version_bytes: u64,
 }
 
 pub struct Learner {
@@ -73,6 +75,8 @@ pub struct Learner {
     /// The dtype `final/` is saved in: `[model] save_dtype`, else the dtype the run's
     /// starting model came in (kept through `--resume` in `trainer.json`).
     pub save_dtype: DType,
+    /// The run's starting model as configured (`[model] path`): a LoRA adapter's base.
+    pub base: String,
 }
 
 impl Learner {
@@ -175,6 +179,7 @@ impl Learner {
         self.step += 1;
         self.version += 1;
         let snap = Snapshot::of(&self.policy.model, self.version)?;
+        let version_bytes = snap.bytes.len() as u64;
         // Checksummed here, off the RPC path, before any receiver asks.
         snap.checksums(shared.bucket_bytes);
         if let Ok(mut w) = shared.weights.write() {
@@ -193,6 +198,7 @@ impl Learner {
             filtered_groups: shared.filtered.load(Ordering::SeqCst),
             eval: BTreeMap::new(),
             samples,
+            version_bytes,
         }))
     }
 
@@ -247,8 +253,8 @@ impl Learner {
 impl StepReport {
     /// What the step measured about its batch beside the training metrics: step,
     /// version, staleness max and mean, stale drops, the wait and step seconds, and the
-    /// groups dynamic sampling filtered out so far.
-    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 8] {
+    /// groups dynamic sampling filtered out so far, and the published version's bytes.
+    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 9] {
         let s = &self.staleness;
         [
             ("step", self.step.into()),
@@ -262,6 +268,7 @@ impl StepReport {
             ("wait_seconds", self.wait_seconds.into()),
             ("step_seconds", self.step_seconds.into()),
             ("filtered_groups", self.filtered_groups.into()),
+            ("version_bytes", self.version_bytes.into()),
         ]
     }
 

@@ -76,6 +76,8 @@ pub struct Settings {
     pub optimizer: OptimizerConfig,
     /// `[model] save_dtype` (`None`: the dtype the starting model's weights came in).
     pub save_dtype: Option<candle_core::DType>,
+    /// `[lora]`: train adapters on the frozen `model` (`None`: every parameter).
+    pub lora: Option<tandem_model::LoraSection>,
 }
 
 /// Where the trainer listens and what it was asked on its command line.

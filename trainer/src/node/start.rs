@@ -57,7 +57,10 @@ impl Start {
                 .to_string(),
             None => s.model.clone(),
         };
-        let mut start = Start::models(s, &start_path)?;
+        if let Some(dir) = &resumed {
+            check_lora_matches(s, dir)?;
+        }
+        let mut start = Start::models(s, &start_path, resumed.as_deref())?;
         if let Some(dir) = &resumed {
             start
                 .opt
@@ -86,13 +89,18 @@ impl Start {
     }
 
     /// The policy (and value head) from `start_path`, the frozen models the algorithm
-    /// asks for, and a fresh optimizer; at step 0, version 0.
-    fn models(s: &Settings, start_path: &str) -> Result<Self> {
-        let policy = tandem_model::load_model(start_path)?;
-        let reference = if s.algorithm.kl_coef > 0.0 {
-            Some(tandem_model::load_model(&s.model)?.model)
-        } else {
-            None
+    /// asks for, and a fresh optimizer; at step 0, version 0. Under `[lora]` the policy
+    /// is the run's base with the adapter of the checkpoint `resumed` (else the
+    /// section's), and the KL reference is that base itself (no second copy).
+    fn models(s: &Settings, start_path: &str, resumed: Option<&Path>) -> Result<Self> {
+        let policy = match &s.lora {
+            Some(l) => tandem_model::load_policy(&s.model, Some(l), resumed)?,
+            None => tandem_model::load_model(start_path)?,
+        };
+        let reference = match (s.algorithm.kl_coef > 0.0, policy.model.adapter()) {
+            (false, _) => None,
+            (true, Some(_)) => Some(policy.model.without_adapter()),
+            (true, None) => Some(tandem_model::load_model(&s.model)?.model),
         };
         let teacher = match &s.algorithm.teacher {
             Some(path) => Some(crate::rl::distill::load_teacher(path, &policy)?.model),
@@ -109,7 +117,7 @@ impl Start {
         };
         let extra = critic.as_ref().map(|c| c.named_vars()).unwrap_or_default();
         let opt = Optimizer::new(&s.optimizer, &policy.model, extra)?;
-        let save_dtype = s.save_dtype.unwrap_or(policy.weights_dtype);
+        let save_dtype = s.save_dtype.unwrap_or(policy.trained_dtype());
         Ok(Start {
             policy,
             reference,
@@ -147,7 +155,25 @@ impl Start {
             step: self.step,
             version: self.version,
             save_dtype: self.save_dtype,
+            base: s.model.clone(),
         }
+    }
+}
+
+/// A checkpoint holds an adapter exactly when the run trains one: resuming a LoRA
+/// checkpoint without `[lora]` (or the reverse) is refused with the fix.
+fn check_lora_matches(s: &Settings, dir: &Path) -> Result<()> {
+    let has_adapter = dir.join(tandem_model::lora::ADAPTER_CONFIG_FILE).is_file();
+    match (has_adapter, s.lora.is_some()) {
+        (true, false) => Err(invalid(format!(
+            "--resume: {} holds a LoRA adapter, but the config has no [lora]: resume with the run's config (its [lora] section)",
+            dir.display()
+        ))),
+        (false, true) => Err(invalid(format!(
+            "--resume: {} holds a full model, but the config has [lora]: resume with the run's config (without [lora]), or start a new run",
+            dir.display()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -197,6 +223,7 @@ mod tests {
             algorithm: Default::default(),
             optimizer: Default::default(),
             save_dtype,
+            lora: None,
         }
     }
 

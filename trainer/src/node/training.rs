@@ -257,7 +257,7 @@ async fn publish_version(
 fn finish(learner: &Learner, shared: &Shared, run_dir: &Path) -> Result<()> {
     shared.close(Duration::from_secs(10));
     let out = run_dir.join("final");
-    tandem_model::save_hf(&learner.policy, &out, learner.save_dtype)
+    tandem_model::save_policy(&learner.policy, &out, learner.save_dtype, &learner.base)
         .with_context(|| format!("writing {}", out.display()))?;
     if let Some(c) = &learner.critic {
         c.save(&out, tandem_model::VALUE_HEAD_FILE)?;

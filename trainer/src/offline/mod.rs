@@ -215,14 +215,15 @@ pub fn train<S: Stage>(
     Ok(summary)
 }
 
-/// Saves a model (and its tokenizer) as an HF folder, its weights in `dtype`.
-/// The model a stage starts from (`[model] path`, fetched if named), its tokenizer
-/// given `[data] chat_template_kwargs` for every render of its chat template.
+/// The model a stage starts from (`[model] path`, fetched if named; under `[lora]`
+/// with its adapter), its tokenizer given `[data] chat_template_kwargs` for every
+/// render of its chat template.
 pub fn load_policy(
     model: &tandem_model::ModelSection,
     data: &tandem_data::DataConfig,
+    lora: Option<&tandem_model::LoraSection>,
 ) -> Result<tandem_model::Pretrained> {
-    let mut p = tandem_model::load_model(&tandem_model::materialize(&model.path)?)?;
+    let mut p = tandem_model::load_policy(&tandem_model::materialize(&model.path)?, lora, None)?;
     let kwargs = data.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.validate()?;
     p.tokenizer
@@ -231,8 +232,10 @@ pub fn load_policy(
     Ok(p)
 }
 
-pub fn save_model(p: &tandem_model::Pretrained, dir: &Path, dtype: DType) -> Result<()> {
-    Ok(tandem_model::save_hf(p, dir, dtype)
+/// Saves what a stage trained: the model (and its tokenizer) as an HF folder, its
+/// weights in `dtype`, or under LoRA the adapter in PEFT's format naming `base`.
+pub fn save_model(p: &tandem_model::Pretrained, dir: &Path, dtype: DType, base: &str) -> Result<()> {
+    Ok(tandem_model::save_policy(p, dir, dtype, base)
         .with_context(|| format!("saving the model into {}", dir.display()))?)
 }
 
@@ -249,11 +252,11 @@ mod tests {
             path: "preset:tiny".into(),
             ..Default::default()
         };
-        let p = load_policy(&model, &data).unwrap();
+        let p = load_policy(&model, &data, None).unwrap();
         assert_eq!(p.tokenizer.chat_template_kwargs(), ["enable_thinking", "n"]);
         let bad: tandem_data::DataConfig =
             toml::from_str("chat_template_kwargs = { add_generation_prompt = true }").unwrap();
-        let e = load_policy(&model, &bad).unwrap_err().to_string();
+        let e = load_policy(&model, &bad, None).unwrap_err().to_string();
         assert!(
             e.contains("chat_template_kwargs.add_generation_prompt"),
             "{e}"

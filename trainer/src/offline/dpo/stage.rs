@@ -50,12 +50,17 @@ pub struct DpoConfig {
     pub train: TrainSection,
     pub dpo: DpoSection,
     pub optimizer: OptimizerConfig,
+    /// `[lora]`: train adapters on the frozen model (`None`: every parameter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<tandem_model::LoraSection>,
 }
 
 struct Dpo {
     p: tandem_model::Pretrained,
     /// `[model] save_dtype`, else the dtype the weights came in.
     save_dtype: candle_core::DType,
+    /// `[model] path`: under LoRA the saved adapter's base.
+    base: String,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
     settings: Settings,
@@ -102,13 +107,16 @@ impl Stage for Dpo {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir, self.save_dtype)
+        save_model(&self.p, dir, self.save_dtype, &self.base)
     }
 }
 
 impl DpoConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()?;
@@ -126,8 +134,8 @@ impl DpoConfig {
 /// `[train] out_dir/summary.json`.
 pub fn run(cfg: &DpoConfig) -> Result<Value> {
     cfg.validate()?;
-    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
-    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data, cfg.lora.as_ref())?;
+    let save_dtype = cfg.model.save_dtype_or(p.trained_dtype())?;
     let records = crate::offline::rm::comparisons(&cfg.data, cfg.dpo.examples)?;
     if let Some(i) = records.iter().position(|c| c.responses.len() != 2) {
         bail!(
@@ -136,12 +144,14 @@ pub fn run(cfg: &DpoConfig) -> Result<Value> {
         );
     }
     let data = crate::offline::rm::tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
-    // The reference is the starting model; its log-probabilities are fixed up front.
-    let pairs = data::with_reference(&p.model, &data, cfg.train.batch_size)?;
+    // The reference is the starting model (under LoRA its base: the same weights, no
+    // copy); its log-probabilities are fixed up front.
+    let pairs = data::with_reference(&p.model.without_adapter(), &data, cfg.train.batch_size)?;
     let opt = Optimizer::new(&cfg.optimizer, &p.model, Vec::new())?;
     let mut stage = Dpo {
         p,
         save_dtype,
+        base: cfg.model.path.clone(),
         opt,
         opt_cfg: cfg.optimizer.clone(),
         settings: Settings {

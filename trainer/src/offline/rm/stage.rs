@@ -40,6 +40,9 @@ pub struct RmConfig {
     pub train: TrainSection,
     pub rm: RmSection,
     pub optimizer: OptimizerConfig,
+    /// `[lora]`: train adapters on the frozen model (`None`: every parameter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<tandem_model::LoraSection>,
 }
 
 /// Preference records from a file (TRL's `prompt` / `chosen` / `rejected` [/ `margin`],
@@ -119,6 +122,8 @@ struct Rm {
     p: tandem_model::Pretrained,
     /// `[model] save_dtype`, else the dtype the weights came in.
     save_dtype: candle_core::DType,
+    /// `[model] path`: under LoRA the saved adapter's base.
+    base: String,
     head: ScalarHead,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
@@ -158,7 +163,7 @@ impl Stage for Rm {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir, self.save_dtype)?;
+        save_model(&self.p, dir, self.save_dtype, &self.base)?;
         self.head.save(dir, REWARD_HEAD_FILE)?;
         Ok(())
     }
@@ -167,6 +172,9 @@ impl Stage for Rm {
 impl RmConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()
@@ -177,8 +185,8 @@ impl RmConfig {
 /// `[train] out_dir/summary.json`.
 pub fn run(cfg: &RmConfig) -> Result<Value> {
     cfg.validate()?;
-    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
-    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data, cfg.lora.as_ref())?;
+    let save_dtype = cfg.model.save_dtype_or(p.trained_dtype())?;
     let records = comparisons(&cfg.data, cfg.rm.examples)?;
     let data = tokenize(&records, &p, &cfg.data, cfg.train.max_len)?;
     let k = data.first().map(|t| t.responses.len()).unwrap_or(2);
@@ -191,6 +199,7 @@ pub fn run(cfg: &RmConfig) -> Result<Value> {
     let mut stage = Rm {
         p,
         save_dtype,
+        base: cfg.model.path.clone(),
         head,
         opt,
         opt_cfg: cfg.optimizer.clone(),

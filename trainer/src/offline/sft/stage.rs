@@ -50,11 +50,17 @@ pub struct SftConfig {
     pub train: TrainSection,
     pub sft: SftSection,
     pub optimizer: OptimizerConfig,
+    /// `[lora]`: train adapters on the frozen model (`None`: every parameter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<tandem_model::LoraSection>,
 }
 
 impl SftConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         self.data.validate()?;
         self.optimizer.validate()?;
         self.train.validate()?;
@@ -148,6 +154,8 @@ struct Sft {
     p: tandem_model::Pretrained,
     /// `[model] save_dtype`, else the dtype the weights came in.
     save_dtype: candle_core::DType,
+    /// `[model] path`: under LoRA the saved adapter's base.
+    base: String,
     opt: Optimizer,
     opt_cfg: OptimizerConfig,
 }
@@ -175,7 +183,7 @@ impl Stage for Sft {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.p, dir, self.save_dtype)
+        save_model(&self.p, dir, self.save_dtype, &self.base)
     }
 }
 
@@ -191,8 +199,8 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
     if !cfg.sft.tools.is_empty() && transcript.is_none() {
         bail!("[sft] tools: this build has no transcript for them");
     }
-    let p = crate::offline::load_policy(&cfg.model, &cfg.data)?;
-    let save_dtype = cfg.model.save_dtype_or(p.weights_dtype)?;
+    let p = crate::offline::load_policy(&cfg.model, &cfg.data, cfg.lora.as_ref())?;
+    let save_dtype = cfg.model.save_dtype_or(p.trained_dtype())?;
 
     // Read, check and tokenize everything before writing anything.
     let records = examples(&cfg.data, cfg.sft.examples, transcript)?;
@@ -224,6 +232,7 @@ pub fn run_with(cfg: &SftConfig, transcript: Option<Transcript<'_>>) -> Result<V
     let mut stage = Sft {
         p,
         save_dtype,
+        base: cfg.model.path.clone(),
         opt,
         opt_cfg: cfg.optimizer.clone(),
     };
