@@ -1,4 +1,5 @@
-//! `tandem model …`: init a preset, convert GGUF → HF, fetch a named model.
+//! `tandem model …`: init a preset, convert GGUF → HF, fetch a named model, merge a
+//! LoRA adapter into its base.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,23 @@ enum ModelCommand {
         input: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Fold a LoRA adapter (PEFT's format: a run's `final/` or a checkpoint) into its
+    /// base, W + s·B·A, and write the merged HF model (a value or reward head beside
+    /// the adapter is copied along).
+    Merge {
+        /// The base model (as `[model] path`: HF folder, .gguf, fetchable name, preset).
+        #[arg(long)]
+        base: String,
+        /// The adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (HF layout).
+        #[arg(long)]
+        out: PathBuf,
+        /// The merged weights' dtype: f32, bf16 or f16 (default: the base's).
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Fetch a named model into the cache and print its path.
     Fetch {
@@ -74,6 +92,31 @@ fn init(preset: &str, out: &std::path::Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// `tandem model merge`: the base with the adapter folded in, as an HF folder.
+fn merge(base: &str, adapter: &std::path::Path, out: &std::path::Path, dtype: Option<&str>) -> Result<()> {
+    let mut p = tandem_model::load_model(&tandem_model::materialize(base)?)?;
+    let dtype = match dtype {
+        Some(d) => tandem_model::checkpoint::parse_dtype(d)
+            .with_context(|| format!("--dtype {d:?}: expected f32, bf16 or f16"))?,
+        None => p.weights_dtype,
+    };
+    let a = tandem_model::lora::load_peft(adapter, p.model.config(), p.model.dtype(), p.model.device())
+        .with_context(|| format!("--adapter {}", adapter.display()))?;
+    let (rank, targets) = (a.spec().rank, a.spec().targets.len());
+    p.model = p.model.with_adapter(a)?.merged()?;
+    tandem_model::save_hf(&p, out, dtype).with_context(|| format!("writing {}", out.display()))?;
+    for head in [tandem_model::VALUE_HEAD_FILE, tandem_model::REWARD_HEAD_FILE] {
+        let from = adapter.join(head);
+        if from.is_file() {
+            std::fs::copy(&from, out.join(head))
+                .with_context(|| format!("copying {} into {}", from.display(), out.display()))?;
+        }
+    }
+    tracing::info!(base, adapter = %adapter.display(), rank, targets, out = %out.display(), "merged");
+    println!("{}", out.display());
+    Ok(())
+}
+
 pub fn run(args: ModelArgs) -> Result<()> {
     match args.command {
         ModelCommand::Init { preset, out, seed } => init(&preset, &out, seed)?,
@@ -86,6 +129,12 @@ pub fn run(args: ModelArgs) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", out.display());
         }
+        ModelCommand::Merge {
+            base,
+            adapter,
+            out,
+            dtype,
+        } => merge(&base, &adapter, &out, dtype.as_deref())?,
         ModelCommand::Fetch { name } => {
             let known = tandem_model::fetch::KNOWN
                 .iter()

@@ -12,7 +12,9 @@
 //!
 //! Tandem runs its default layout (packed, prompts shared, zero-gradient completions
 //! skipped) and, each in its own process so that its peak RSS is its own, the same
-//! step with one of them switched off, and with activation checkpointing on.
+//! step with one of them switched off, and with activation checkpointing on; with
+//! `--lora`, the default layout again training LoRA adapters (rank `--lora-rank`, every
+//! projection) on the frozen model: its step time and peak RSS beside the full step's.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -64,12 +66,18 @@ pub struct TrainStepBench {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Tandem variants to run, comma-separated (default, no_packing,
-    /// no_prefix_sharing, no_skipping, checkpointing).
+    /// no_prefix_sharing, no_skipping, checkpointing, lora).
     #[arg(
         long,
         default_value = "default,no_packing,no_prefix_sharing,no_skipping,checkpointing"
     )]
     variants: String,
+    /// Add the `lora` variant: the default layout training LoRA adapters only.
+    #[arg(long)]
+    lora: bool,
+    /// The `lora` variant's rank (α = 2·rank, every projection targeted).
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
     /// Reference script to run side by side (tools/bench_train_step.py; its output
     /// format: tools/bench_protocol.py).
     #[arg(long)]
@@ -159,7 +167,7 @@ fn compute_of(variant: &str, budget: usize) -> Result<Compute> {
         ..Compute::default()
     };
     Ok(match variant {
-        "default" => base,
+        "default" | "lora" => base,
         "no_packing" => Compute {
             packing: Packing::Padded,
             ..base
@@ -177,25 +185,30 @@ fn compute_of(variant: &str, budget: usize) -> Result<Compute> {
             ..base
         },
         other => bail!(
-            "unknown variant `{other}` (default, no_packing, no_prefix_sharing, no_skipping, checkpointing)"
+            "unknown variant `{other}` (default, no_packing, no_prefix_sharing, no_skipping, checkpointing, lora)"
         ),
     })
 }
 
 fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Result<()> {
     let compute = compute_of(variant, b.max_tokens_per_microbatch)?;
-    let p = tandem_model::load_model(&b.model)?;
+    let lora = (variant == "lora").then(|| tandem_model::LoraSection {
+        rank: b.lora_rank,
+        alpha: 2.0 * b.lora_rank as f64,
+        ..Default::default()
+    });
+    let p = tandem_model::load_policy(&b.model, lora.as_ref(), None)?;
     let text = std::fs::read_to_string(batch_file)
         .with_context(|| format!("reading {}", batch_file.display()))?;
     let batch: Value = serde_json::from_str(&text)?;
     let rollouts: Vec<Rollout> = serde_json::from_value(batch["rollouts"].clone())?;
     let cfg = config();
-    let snapshot = p.model.params().snapshot()?;
+    let snapshot = p.model.trainable().snapshot()?;
     let mut times = Vec::new();
     let mut metrics = None;
     for rep in 0..b.warmup + b.reps.max(1) {
         // Every repetition starts from the same weights and a fresh optimizer.
-        for (name, var) in p.model.params().iter() {
+        for (name, var) in p.model.trainable().iter() {
             var.set(&snapshot[&name.to_string()])?;
         }
         let mut opt = tandem_trainer::rl::step::Optimizer::new(&cfg.optimizer, &p.model, vec![])?;
@@ -229,18 +242,22 @@ fn run_variant(b: &TrainStepBench, variant: &str, batch_file: &PathBuf) -> Resul
             "loss": m.loss,
             "grad_norm": m.grad_norm,
             "peak_rss_mib": peak_rss_mib(),
+            "trainable_parameters": p.model.trainable().numel(),
         })
     );
     Ok(())
 }
 
 fn run_all(b: &TrainStepBench) -> Result<()> {
-    let variants: Vec<String> = b
+    let mut variants: Vec<String> = b
         .variants
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
+    if b.lora && !variants.iter().any(|v| v == "lora") {
+        variants.push("lora".into());
+    }
     for v in &variants {
         compute_of(v, 1)?;
     }
@@ -281,6 +298,7 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
             .arg(&batch_file)
             .args(["--reps", &b.reps.to_string()])
             .args(["--warmup", &b.warmup.to_string()])
+            .args(["--lora-rank", &b.lora_rank.to_string()])
             .args([
                 "--max-tokens-per-microbatch",
                 &b.max_tokens_per_microbatch.to_string(),
@@ -394,6 +412,7 @@ mod tests {
             "no_prefix_sharing",
             "no_skipping",
             "checkpointing",
+            "lora",
         ] {
             compute_of(v, 8).unwrap();
         }
