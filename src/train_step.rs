@@ -68,7 +68,12 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     // PPO with GAE trains a value head that lives beside the model (zeros when new).
     let critic = if cfg.algorithm.advantage == Estimator::Gae {
         // Under LoRA it goes on from the adapter's folder when one is given.
-        let beside = a.adapter.clone().unwrap_or_else(|| a.model.clone().into());
+        let from = cfg.lora.as_ref().and_then(|l| l.from.as_ref());
+        let beside = match (&a.adapter, from) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) => dir.into(),
+            (None, None) => a.model.clone().into(),
+        };
         Some(ScalarHead::load_or_zeros(
             &beside,
             VALUE_HEAD_FILE,

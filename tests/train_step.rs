@@ -136,3 +136,76 @@ fn bad_rollouts_and_configs_are_located() {
         assert_clean_failure(&o, needles);
     }
 }
+
+fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let t = candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    t.into_iter()
+        .map(|(n, v)| (n, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// With `[lora]` a step trains the adapter alone: the output is a PEFT folder (no
+/// model weights), the base folder is untouched; a step from the saved adapter
+/// (`--adapter`, or `[lora] from`) goes on from exactly it: both give the same bits;
+/// PPO's value head is trained beside it and saved with it; bad combinations are
+/// refused.
+#[test]
+fn lora_steps_train_the_adapter_alone_and_go_on_from_it_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let rollouts = dir.path().join("r.jsonl");
+    write_rollouts(&rollouts);
+    let base_before = weights(&model);
+    let cfg = dir.path().join("lora.toml");
+    let text = "[algorithm]\nadvantage = \"gae\"\nkl_coef = 0.05\n\n[optimizer]\nlr = 0.01\n\n[lora]\nrank = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+    std::fs::write(&cfg, text).unwrap();
+    let one = dir.path().join("one");
+    ok(train_step(&model, &rollouts, &cfg, &one));
+    assert!(one.join("adapter_config.json").exists() && one.join("value_head.safetensors").exists());
+    assert!(!one.join("model.safetensors").exists(), "a LoRA step saves the adapter only");
+    assert_eq!(weights(&model), base_before, "the base folder is untouched");
+    let first = adapter_tensors(&one);
+    assert_eq!(first.len(), 2 * 3 * 2, "A and B of 3 projections in 2 layers");
+    let b_moved = first
+        .iter()
+        .filter(|(n, _)| n.ends_with("lora_B.weight"))
+        .all(|(_, v)| v.iter().any(|x| *x != 0.0));
+    assert!(b_moved, "every B left zero after one step");
+    // Go on from the saved adapter, two ways: the same bits.
+    let via_flag = dir.path().join("two-flag");
+    let o = common::tandem(&[
+        "train-step", "--model", model.to_str().unwrap(), "--adapter", one.to_str().unwrap(),
+        "--rollouts", rollouts.to_str().unwrap(), "--config", cfg.to_str().unwrap(),
+        "--out", via_flag.to_str().unwrap(),
+    ]);
+    ok(o);
+    let from_cfg = dir.path().join("from.toml");
+    std::fs::write(&from_cfg, format!("{text}from = \"{}\"\n", one.display())).unwrap();
+    let via_from = dir.path().join("two-from");
+    // The value head beside the adapter is read by both routes.
+    ok(train_step(&model, &rollouts, &from_cfg, &via_from));
+    let (a, b) = (adapter_tensors(&via_flag), adapter_tensors(&via_from));
+    assert!(a == b, "a step from the saved adapter depends on how it was named");
+    assert!(a != first, "the second step did not move the adapter");
+    // The first step from the saved adapter equals one from the adapter in memory:
+    // same metrics line (loss, KL to the base, clip fraction) for both routes.
+    let (ma, mb) = (metrics(&via_flag), metrics(&via_from));
+    assert_eq!(ma["kl"], mb["kl"]);
+    assert!(ma["kl"].as_f64().unwrap() > 0.0, "the adapted policy differs from the base");
+    // Refusals.
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, "[optimizer]\nlr = 0.01\n").unwrap();
+    let o = common::tandem(&[
+        "train-step", "--model", model.to_str().unwrap(), "--adapter", one.to_str().unwrap(),
+        "--rollouts", rollouts.to_str().unwrap(), "--config", plain.to_str().unwrap(),
+        "--out", dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, &["--adapter", "[lora]"]);
+    std::fs::write(&cfg, "[lora]\ntarget_modules = [\"qkv\"]\n").unwrap();
+    let o = train_step(&model, &rollouts, &cfg, &dir.path().join("y"));
+    assert_clean_failure(&o, &["target_modules", "qkv", "q_proj"]);
+}

@@ -106,9 +106,16 @@ impl Start {
             Some(path) => Some(crate::rl::distill::load_teacher(path, &policy)?.model),
             None => None,
         };
+        // The value head beside what the policy starts from (under `[lora] from`, the
+        // adapter's folder).
+        let from = s.lora.as_ref().and_then(|l| l.from.as_deref());
+        let beside = match (resumed, from) {
+            (None, Some(dir)) => Path::new(dir),
+            _ => Path::new(start_path),
+        };
         let critic = if s.algorithm.advantage == Estimator::Gae {
             Some(ScalarHead::load_or_zeros(
-                Path::new(start_path),
+                beside,
                 tandem_model::VALUE_HEAD_FILE,
                 &policy.model,
             )?)

@@ -164,11 +164,12 @@ impl StepPlan<'_> {
         self.algorithm.minibatches.min(self.rollouts.len())
     }
 
-    /// The variables the optimizer updates: the policy's, then the critic's.
+    /// The variables the optimizer updates: the policy's trainable ones (every
+    /// parameter, or a LoRA adapter's A and B), then the critic's.
     fn trained_vars(&self) -> Vec<Var> {
         let mut vars: Vec<Var> = self
             .policy
-            .params()
+            .trainable()
             .iter()
             .map(|(_, v)| v.clone())
             .collect();
