@@ -264,4 +264,55 @@ mod tests {
             );
         }
     }
+
+    /// Under `[lora]` the trainer holds the base once (the KL reference is the same
+    /// weights), its optimizer holds the adapter alone, a checkpoint holds the adapter
+    /// (PEFT's format) and its moments, and `--resume` goes on from exactly them; a
+    /// checkpoint of the other kind is refused with the fix.
+    #[test]
+    fn lora_checkpoints_hold_the_adapter_and_resume_from_it_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("start");
+        let p = tandem_model::preset::init("tiny", 0, &candle_core::Device::Cpu).unwrap();
+        tandem_model::save_hf(&p, &model, DType::F32).unwrap();
+        let run_dir = dir.path().join("run");
+        let mut s = settings(&model, &run_dir, None);
+        s.algorithm.kl_coef = 0.1;
+        s.lora = Some(tandem_model::LoraSection {
+            rank: 2,
+            target_modules: vec!["q_proj".into(), "up_proj".into()],
+            ..Default::default()
+        });
+        let start = Start::load(&s, false).unwrap();
+        let adapter = start.policy.model.adapter().expect("an adapter");
+        assert_eq!(adapter.params().len(), 2 * 2 * 2);
+        assert!(start.reference.as_ref().unwrap().adapter().is_none());
+        let learner = start.into_learner(&s);
+        // A trained adapter: B moved off zero.
+        let mut moved = std::collections::HashMap::new();
+        for (n, v) in learner.policy.model.trainable().iter() {
+            moved.insert(n.to_string(), (v.as_tensor() + 0.25).unwrap());
+        }
+        learner.policy.model.trainable().assign(&moved).unwrap();
+        let ckpt = checkpoint::save(&run_dir, &learner, &Buffer::default(), 2).unwrap();
+        assert!(ckpt.join(tandem_model::lora::ADAPTER_WEIGHTS_FILE).exists());
+        assert!(!ckpt.join("model.safetensors").exists(), "the base is not copied");
+        let resumed = Start::load(&s, true).unwrap();
+        let (a, b) = (
+            learner.policy.model.trainable().snapshot().unwrap(),
+            resumed.policy.model.trainable().snapshot().unwrap(),
+        );
+        for (n, t) in &a {
+            let (x, y) = (
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b[n].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(x == y, "{n} differs after the resume");
+        }
+        // The other kind of checkpoint is refused by name.
+        let mut full = settings(&model, &run_dir, None);
+        full.lora = None;
+        let e = Start::load(&full, true).err().unwrap().to_string();
+        assert!(e.contains("LoRA adapter") && e.contains("[lora]"), "{e}");
+    }
 }
