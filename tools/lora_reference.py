@@ -3,7 +3,7 @@
 
     python tools/lora_reference.py [fixture] [--out tests/fixtures]
     python tools/lora_reference.py check-saved --base BASE_DIR --adapter ADAPTER_DIR \\
-        --merged MERGED_DIR --ids 1,2,3,...
+        --merged MERGED_DIR --ids 1,2,3,... [--tandem target/release/tandem]
 
 Needs torch, transformers 5 and peft (pip install -r tools/requirements.txt; written
 with torch 2.15.0, transformers 5.25.0, peft 0.22.0, the versions are in the fixture).
@@ -33,13 +33,21 @@ Each case holds:
 `PeftModel.from_pretrained(base, ADAPTER_DIR)` and `AutoModelForCausalLM.from_pretrained
 (MERGED_DIR)` give the per-token logprobs (temperature 1) of the ids; it prints
 {"peft_logprobs", "merged_logprobs", "max_abs_diff"} as one JSON line and exits 1 when
-max_abs_diff > 1e-4.
+max_abs_diff > 1e-4. With --tandem, `tandem score` on the merged model too
+("tandem_logprobs", "tandem_max_abs_diff", in the same bound). A Tandem-trained adapter:
+
+    tandem sft examples/tiny-sft.toml --set train.out_dir='"base"'
+    tandem sft examples/tiny-sft.toml --set model.path='"base/final"' \\
+        --set train.out_dir='"ad"' --set lora.rank=8 --set lora.rslora=true
+    tandem model merge --base base/final --adapter ad/final --out merged
 """
 import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import peft
 import torch
@@ -187,7 +195,20 @@ def check_saved(args):
     merged = AutoModelForCausalLM.from_pretrained(args.merged, dtype=torch.float32).eval()
     merged_lp, _, _ = token_stats(merged, ids, 1.0)
     diff = max(abs(a - b) for a, b in zip(peft_lp, merged_lp, strict=True))
-    print(json.dumps({"peft_logprobs": peft_lp, "merged_logprobs": merged_lp, "max_abs_diff": diff}))
+    out = {"peft_logprobs": peft_lp, "merged_logprobs": merged_lp, "max_abs_diff": diff}
+    if args.tandem:
+        # `tandem score` on the merged model, the same ids.
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "in.jsonl"), os.path.join(tmp, "out.jsonl")
+            with open(src, "w") as f:
+                f.write(json.dumps({"prompt_ids": ids[:1], "completion_ids": ids[1:]}) + "\n")
+            subprocess.run([args.tandem, "score", "--model", args.merged, "--input", src, "--output", dst], check=True)
+            with open(dst) as f:
+                tandem_lp = json.loads(f.readline())["logprobs"]
+        out["tandem_logprobs"] = tandem_lp
+        out["tandem_max_abs_diff"] = max(abs(a - b) for a, b in zip(peft_lp, tandem_lp, strict=True))
+        diff = max(diff, out["tandem_max_abs_diff"])
+    print(json.dumps(out))
     if diff > SAVED_TOLERANCE:
         print(f"max_abs_diff {diff} > {SAVED_TOLERANCE}", file=sys.stderr)
         sys.exit(1)
@@ -204,6 +225,7 @@ def main():
     cs.add_argument("--adapter", required=True, help="the adapter's folder in PEFT's format")
     cs.add_argument("--merged", required=True, help="the merged model's HF folder")
     cs.add_argument("--ids", required=True, help="token ids, comma separated")
+    cs.add_argument("--tandem", help="a tandem binary: also compare `tandem score` on the merged model")
     args = ap.parse_args()
     if args.command == "check-saved":
         check_saved(args)
