@@ -555,7 +555,8 @@ mod tests {
         .check()
         .unwrap_err();
         assert!(
-            e.to_string().starts_with("base_fingerprint: 0x000000000000abcd"),
+            e.to_string()
+                .starts_with("base_fingerprint: 0x000000000000abcd"),
             "{e}"
         );
         let e = WeightBucket {
