@@ -16,7 +16,7 @@ use crate::run_config::RunConfig;
 #[derive(Args)]
 pub struct EvalArgs {
     /// The model to evaluate (HF folder, .gguf, a fetchable name or `preset:NAME`;
-    /// default: the config's `[model] path`).
+    /// default: the config's `[model] path`, with its `[lora]` adapter when it has one).
     #[arg(long)]
     model: Option<String>,
     /// A run config: its `[eval]` (held-out prompts, samples, temperature), `[data]`
@@ -38,8 +38,14 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let cfg = RunConfig::read(&a.config, &a.set)?;
     let spec = a.model.clone().unwrap_or_else(|| cfg.model.path.clone());
-    let p = tandem_model::load_model(&tandem_model::materialize(&spec)?)
+    let mut p = tandem_model::load_model(&tandem_model::materialize(&spec)?)
         .with_context(|| format!("--model {spec}"))?;
+    // The run's policy: the base with the run's adapter (a `--model` is taken as is).
+    if let (None, Some(lora)) = (&a.model, &cfg.lora) {
+        p.model = lora
+            .attach(p.model)
+            .with_context(|| format!("[lora]: attaching the adapter to {spec}"))?;
+    }
     let evaluation = Evaluation::new(
         &p,
         &cfg.eval,

@@ -269,6 +269,14 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
     let (coord, reply, cfg) =
         rt.block_on(join(&a.coordinator, &creds, Role::Generator, &a.name, ""))?;
     let mut model = tandem_model::load_model(&cfg.model.path)?;
+    // Under [lora] the generator samples the base with the run's adapter (version 0 is
+    // the same fresh or `from` adapter the trainer starts from); each version then
+    // carries only the adapter, for this base.
+    if let Some(lora) = &cfg.lora {
+        model.model = lora
+            .attach(model.model)
+            .with_context(|| format!("[lora]: attaching the adapter to {}", cfg.model.path))?;
+    }
     tandem_generator::render::set_template_kwargs(&mut model.tokenizer, &cfg.data)?;
     let seed = cfg.run.seed ^ reply.worker_id.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let settings = tandem_generator::worker::Settings {

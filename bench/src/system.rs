@@ -246,6 +246,7 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
                     token,
                     session: &session,
                     param_elements: elements,
+                    base: None,
                 };
                 let mut r = Receiver::connect(&j, second * 5, None)?;
                 let mut got = 0;

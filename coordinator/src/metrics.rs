@@ -33,6 +33,8 @@ pub const LEASES_EXTRA: &str = "tandem_leases_extra_total";
 pub const INFORMATIVE_SHARE: &str = "tandem_informative_group_share";
 pub const WEIGHT_SYNC_SECONDS: &str = "tandem_weight_sync_seconds";
 pub const WEIGHT_SYNC_BYTES: &str = "tandem_weight_sync_bytes_total";
+/// Bytes of the latest published version (a LoRA run's are only the adapter's).
+pub const WEIGHT_VERSION_BYTES: &str = "tandem_weight_version_bytes";
 pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
 pub const TRAINER_WAIT: &str = "tandem_trainer_wait_seconds_total";
 pub const GENERATOR_WAIT: &str = "tandem_generator_wait_seconds_total";
@@ -144,6 +146,10 @@ pub fn describe() {
         "Duration of a generator's weight fetch"
     );
     describe_counter!(WEIGHT_SYNC_BYTES, "Bytes of weights fetched by generators");
+    describe_gauge!(
+        WEIGHT_VERSION_BYTES,
+        "Bytes of the latest published version as generators receive it (under [lora] only the adapter's A and B; 0 until the trainer reports one)"
+    );
     describe_gauge!(WORKERS, "Registered workers by role");
     describe_counter!(
         WORKERS_DROPPED,
@@ -172,6 +178,7 @@ pub fn initialise(max_staleness: u64) {
     metrics::counter!(PERMISSION_DENIED).absolute(0);
     metrics::gauge!(INFORMATIVE_SHARE).set(1.0);
     metrics::counter!(WEIGHT_SYNC_BYTES).absolute(0);
+    metrics::gauge!(WEIGHT_VERSION_BYTES).set(0.0);
     for role in ["generator", "trainer"] {
         metrics::counter!(WORKERS_DROPPED, "role" => role).absolute(0);
     }

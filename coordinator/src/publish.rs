@@ -44,6 +44,9 @@ impl Core {
         self.version = r.version;
         self.step = r.step;
         self.buffer_groups = r.buffer_groups;
+        if r.version_bytes > 0 {
+            self.version_bytes = r.version_bytes;
+        }
         for (k, v) in &r.metrics {
             let name = m::train_metric_name(k);
             if !self.train_metrics.contains_key(k) {
@@ -153,7 +156,7 @@ mod tests {
         // What a generator would be granted next shows any rewind or re-issue.
         let next = c.leases.grant(1, 8, Instant::now());
         format!(
-            "v{} s{} buf{} acc{} run{} reissue{:?} wait{} drop{:?} metrics{:?} fin{} stale{} | next grant {:?}",
+            "v{} s{} buf{} acc{} run{} reissue{:?} wait{} drop{:?} metrics{:?} fin{} stale{} bytes{} | next grant {:?}",
             c.version,
             c.step,
             c.buffer_groups,
@@ -165,6 +168,7 @@ mod tests {
             c.train_metrics,
             c.finished(),
             c.max_staleness_seen,
+            c.version_bytes,
             next,
         )
     }
@@ -199,6 +203,13 @@ mod tests {
                 buffer_groups: 7,
                 ..Default::default()
             },
+            PublishVersionRequest {
+                version: 4,
+                step: 4,
+                trained_leases: leases.clone(),
+                version_bytes: tandem_proto::limits::WEIGHT_VERSION_BYTES + 1,
+                ..Default::default()
+            },
         ];
         for r in bad {
             let (mut before, _) = core();
@@ -225,11 +236,21 @@ mod tests {
             trained_leases: leases.clone(),
             wait_seconds: 0.5,
             metrics: HashMap::from([("loss".to_string(), 0.25)]),
+            version_bytes: 1 << 20,
             ..Default::default()
         })
         .unwrap();
         assert_eq!((c.version, c.step, c.trainer_wait_s), (4, 4, 0.5));
+        assert_eq!(c.version_bytes, 1 << 20);
         assert_ne!(observe(&mut c), fresh);
+        // A publish that does not report the bytes keeps the last reported.
+        c.publish(&PublishVersionRequest {
+            version: 5,
+            step: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.version_bytes, 1 << 20);
         // A trainer that resumed from version 1 rewinds: what was committed since and
         // not buffered is leased again.
         let (mut c, _) = core();

@@ -58,6 +58,9 @@ pub struct Core {
     pub generator_series: BTreeMap<String, GeneratorSeries>,
     /// Bytes of weights generators reported receiving (saturating).
     pub weight_sync_bytes: u64,
+    /// Bytes of the latest published version as generators receive it (every
+    /// parameter, or only a LoRA adapter's A and B); 0 until the trainer reports one.
+    pub version_bytes: u64,
     /// Where the state is saved (none in unit tests and embedded uses).
     pub(crate) store: Option<Store>,
 }
@@ -81,6 +84,7 @@ impl Core {
             trainer_wait_s: 0.0,
             generator_series: BTreeMap::new(),
             weight_sync_bytes: 0,
+            version_bytes: 0,
             store: None,
         }
     }

@@ -59,6 +59,9 @@ struct Saved<'a> {
     max_staleness_seen: u32,
     trainer_wait_s: f64,
     finished: bool,
+    /// Absent in a state saved before it was kept (0: not reported).
+    #[serde(default)]
+    version_bytes: u64,
 }
 
 impl Store {
@@ -166,6 +169,7 @@ impl Core {
             max_staleness_seen: self.max_staleness_seen,
             trainer_wait_s: self.trainer_wait_s,
             finished: self.finished(),
+            version_bytes: self.version_bytes,
         }
     }
 
@@ -208,6 +212,7 @@ impl Core {
         self.buffer_groups = s.buffer_groups;
         self.max_staleness_seen = s.max_staleness_seen;
         self.trainer_wait_s = s.trainer_wait_s;
+        self.version_bytes = s.version_bytes;
         let now = Instant::now();
         for (_, w) in self.members.iter_mut() {
             w.last_seen = now;
@@ -276,6 +281,7 @@ mod tests {
                 step: 1,
                 trained_leases: vec![leases[0].0],
                 metrics: [("loss".to_string(), 0.5)].into(),
+                version_bytes: 4096,
                 ..Default::default()
             })
             .unwrap();
@@ -287,6 +293,7 @@ mod tests {
         let mut c = opened(&path, "a").unwrap();
         assert_eq!((c.version, c.step), (1, 1));
         assert_eq!(c.train_metrics["loss"], 0.5);
+        assert_eq!(c.version_bytes, 4096);
         assert_eq!(c.members.trainer_address(), Some("127.0.0.1:9"));
         assert_eq!(c.members.get(gen).map(|w| w.name.as_str()), Some("gen-0"));
         assert_eq!((c.leases.accepted, c.leases.running()), (2, 1));

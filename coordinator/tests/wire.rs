@@ -265,11 +265,29 @@ async fn every_forged_value_is_refused_naming_its_field() {
             .await,
         "metrics",
     );
+    refused(
+        admin
+            .publish_version(PublishVersionRequest {
+                version: 1,
+                step: 1,
+                version_bytes: limits::WEIGHT_VERSION_BYTES + 1,
+                ..Default::default()
+            })
+            .await,
+        "version_bytes",
+    );
+    // The version's bytes are a gauge from the start (0 until the trainer reports them).
+    assert!(
+        http_get(&c, "/metrics")
+            .lines()
+            .any(|l| l.starts_with("tandem_weight_version_bytes ")),
+        "no tandem_weight_version_bytes"
+    );
     let refusals = http_get(&c, "/metrics")
         .lines()
         .find(|l| l.starts_with("tandem_requests_refused_total "))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
-    assert!(refusals.is_some_and(|n| n >= 17.0), "{refusals:?}");
+    assert!(refusals.is_some_and(|n| n >= 18.0), "{refusals:?}");
 }
 
 /// Past `limits::WORKERS` live workers, Register is refused.

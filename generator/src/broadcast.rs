@@ -7,8 +7,10 @@
 //! come (the trainer excluded this generator, or the broadcast stalled), the caller
 //! fetches the version over gRPC, so generation never waits on a stalled broadcast for
 //! longer than that. A version whose header this member refused (it announced other
-//! than the model's size: see `tandem_weights::broadcast`) is fetched over gRPC at
-//! once.
+//! than the model's size, or another kind: a full version to a model with a LoRA
+//! adapter, an adapter version to one without, an adapter of another base; see
+//! `tandem_weights::broadcast`) is fetched over gRPC at once, where the weight sync
+//! refuses a version of another kind for good.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,22 +70,29 @@ impl Inbox {
     }
 
     /// Starts the receiving thread; `who` gives this generator's current id and session
-    /// token, `param_elements` its model's parameter count (the only size of version
-    /// it takes).
+    /// token, `param_elements` its model's trainable parameter count (the only size of
+    /// version it takes) and `base` the base its adapter is on (`None`: no adapter; the
+    /// only kind of version it takes).
     pub fn spawn(
         self: &Arc<Self>,
         token: String,
         param_elements: u64,
+        base: Option<u64>,
         who: impl Fn() -> (u64, String) + Send + 'static,
     ) -> std::io::Result<()> {
         let inbox = self.clone();
         std::thread::Builder::new()
             .name("broadcast-recv".into())
-            .spawn(move || inbox.receive(&token, param_elements, who))
+            .spawn(move || inbox.receive(&token, (param_elements, base), who))
             .map(|_| ())
     }
 
-    fn receive(&self, token: &str, param_elements: u64, who: impl Fn() -> (u64, String)) {
+    fn receive(
+        &self,
+        token: &str,
+        (param_elements, base): (u64, Option<u64>),
+        who: impl Fn() -> (u64, String),
+    ) {
         let mut rx: Option<Receiver> = None;
         while !self.stop.load(Ordering::SeqCst) {
             let Some(group) = self.membership() else {
@@ -105,6 +114,7 @@ impl Inbox {
                     token,
                     session: &session,
                     param_elements,
+                    base,
                 };
                 rx = match Receiver::connect(&join, CONNECT_TIMEOUT, self.collective.as_ref()) {
                     Ok(r) => {
@@ -173,7 +183,7 @@ impl Inbox {
             if self.refused.load(Ordering::SeqCst) >= want {
                 tracing::warn!(
                     want,
-                    "the broadcast of v{want} was refused (its header did not fit this model): fetching it over gRPC"
+                    "the broadcast of v{want} was refused (its header did not fit this model's size or kind): fetching it over gRPC"
                 );
                 return None;
             }
@@ -229,6 +239,8 @@ mod tests {
             h.extend_from_slice(&5u64.to_le_bytes());
             h.extend_from_slice(&[0, 3]);
             h.extend_from_slice(b"f32");
+            h.push(0); // a full model's
+            h.extend_from_slice(&0u64.to_le_bytes()); // no base
             h.extend_from_slice(&(8u64 << 20).to_le_bytes());
             h.extend_from_slice(&1u32.to_le_bytes());
             h.extend_from_slice(&0u32.to_le_bytes());
@@ -255,7 +267,7 @@ mod tests {
             members: vec![],
         }));
         inbox
-            .spawn("gen-token".into(), 1000, || (9, "s".repeat(64)))
+            .spawn("gen-token".into(), 1000, None, || (9, "s".repeat(64)))
             .unwrap();
         let t0 = Instant::now();
         assert!(inbox.take(5).is_none(), "a forged version was taken");

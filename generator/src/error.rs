@@ -9,6 +9,11 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     Rpc(String),
+    /// A weight version of another kind than this generator's model (an adapter version
+    /// without an adapter, a full one with one, an adapter of another base): retrying
+    /// cannot help, so the generator stops with it.
+    #[error("{0}")]
+    Incompatible(String),
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
     #[error(transparent)]

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tandem_data::{DataConfig, Dataset, Prompt, PromptBody};
-use tandem_model::{ModelSection, RewardModel, SamplingParams};
+use tandem_model::{LoraSection, ModelSection, RewardModel, SamplingParams};
 
 use crate::config::GeneratorConfig;
 use crate::error::{bail, Context, Result};
@@ -74,6 +74,10 @@ impl Default for RejectionSection {
 #[serde(default, deny_unknown_fields)]
 pub struct RejectionConfig {
     pub model: ModelSection,
+    /// `[lora]`: sample the base of `[model]` with this adapter (its `from` folder, e.g.
+    /// a LoRA run's `final/`); absent = the model alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
     pub data: DataConfig,
     pub generator: GeneratorConfig,
     pub reward: RewardConfig,
@@ -90,6 +94,9 @@ impl RejectionConfig {
     pub fn validate(&self) -> Result<()> {
         let r = &self.rejection;
         self.model.validate()?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         self.data.validate()?;
         self.generator.validate()?;
         self.reward.validate()?;
@@ -156,6 +163,11 @@ pub fn run(cfg: &RejectionConfig) -> Result<serde_json::Value> {
 fn sample(cfg: &RejectionConfig, prompts: &[Prompt]) -> Result<Vec<Sample>> {
     let r = &cfg.rejection;
     let mut p = tandem_model::load_model(&tandem_model::materialize(&cfg.model.path)?)?;
+    if let Some(lora) = &cfg.lora {
+        p.model = lora
+            .attach(p.model)
+            .with_context(|| format!("[lora]: attaching the adapter to {}", cfg.model.path))?;
+    }
     crate::render::set_template_kwargs(&mut p.tokenizer, &cfg.data)?;
     let rm = match &cfg.reward.model {
         Some(dir) => Some(RewardModel::load(dir, &p.model)?),
@@ -261,4 +273,82 @@ fn write_kept(out: &Path, kept: &[&Sample], prompts: &[Prompt], chat: bool) -> R
     }
     std::fs::rename(&partial, out).with_context(|| format!("renaming into {}", out.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    fn config(lora: Option<LoraSection>) -> RejectionConfig {
+        let mut cfg = RejectionConfig {
+            lora,
+            ..Default::default()
+        };
+        cfg.generator.max_new_tokens = 8;
+        cfg.generator.temperature = 1.0;
+        cfg.rejection.n = 2;
+        cfg
+    }
+
+    /// `[lora] from` is the policy rejection sampling draws from: a trained PEFT
+    /// adapter changes the samples; a folder that is not one is refused naming `[lora]`.
+    #[test]
+    fn rejection_sampling_samples_the_lora_adapter_it_is_given() {
+        let dir =
+            std::env::temp_dir().join(format!("tandem-rejection-lora-{}", std::process::id()));
+        let p = tandem_model::preset::init("tiny", 0, &Device::Cpu).unwrap();
+        let m = LoraSection {
+            rank: 4,
+            ..Default::default()
+        }
+        .attach(p.model)
+        .unwrap();
+        let mut t = HashMap::new();
+        for (name, v) in m.trainable().iter() {
+            t.insert(
+                name.to_string(),
+                Tensor::randn(0f32, 0.3, v.dims(), &Device::Cpu).unwrap(),
+            );
+        }
+        m.trainable().assign(&t).unwrap();
+        tandem_model::lora::save_peft(m.adapter().unwrap(), &dir, "preset:tiny", DType::F32)
+            .unwrap();
+
+        let data = Dataset::load(&DataConfig::default()).unwrap();
+        let prompts: Vec<_> = (0..3).map(|i| data.get(i)).collect();
+        let texts = |cfg: &RejectionConfig| -> Vec<String> {
+            sample(cfg, &prompts)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.text)
+                .collect()
+        };
+        let base = texts(&config(None));
+        let fresh = texts(&config(Some(LoraSection::default())));
+        assert_eq!(base, fresh, "a fresh adapter is the base");
+        let from = LoraSection {
+            from: Some(dir.to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        assert_ne!(
+            base,
+            texts(&config(Some(from))),
+            "the adapter was not applied"
+        );
+
+        let missing = LoraSection {
+            from: Some(dir.join("nothing").to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        let e = match sample(&config(Some(missing)), &prompts) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a missing adapter folder was taken"),
+        };
+        assert!(e.contains("[lora]"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

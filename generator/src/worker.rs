@@ -28,7 +28,7 @@ use crate::reward::RewardConfig;
 use crate::reward_service::RewardService;
 use crate::sampler::{Sampler, StepCount};
 use crate::scorer::{Job, Scorer, ScorerHandle};
-use crate::weight_sync::WeightSync;
+use crate::weight_sync::{Takes, WeightSync};
 
 /// Everything a generator needs besides its model.
 #[derive(Clone)]
@@ -129,14 +129,16 @@ impl Worker {
             beat: beat.clone(),
             engine_steps: steps.clone(),
         };
-        let elements = model.model.params().numel() as u64;
+        // Versions carry the model's trainable parameters: a LoRA adapter's A and B for
+        // its base, else every parameter.
+        let takes = Takes::of(&model);
         let sampler = Sampler::new(model, &settings, &rt, &creds, beat.clone(), steps)?;
         let weights = WeightSync::new(
             rt.clone(),
             creds.clone(),
             beat.clone(),
             settings.broadcast.as_ref(),
-            elements,
+            takes,
             settings.weight_sync_timeout,
         )?;
         Heartbeat {

@@ -13,7 +13,7 @@
 
 use crate::v1::{
     DiscardRequest, ExcludeRequest, HeartbeatRequest, LeaseRequest, PublishVersionRequest,
-    RegisterRequest, ReleaseRequest, RolloutGroup,
+    RegisterRequest, ReleaseRequest, RolloutGroup, WeightBucket,
 };
 
 /// `RegisterRequest.name`: a worker's name ("gen-0"), a label of every per-generator
@@ -72,6 +72,10 @@ pub const TOOL_SECONDS: f64 = 604_800.0;
 
 /// `WeightBucket.dtype` and the broadcast header's dtype: "f32", "bf16" or "f16".
 pub const DTYPE_BYTES: usize = 8;
+
+/// `WeightBucket.total_bytes` and `PublishVersionRequest.version_bytes`: the bytes of one
+/// version, which a generator assembles in memory (16 G parameters in f32).
+pub const WEIGHT_VERSION_BYTES: u64 = 64 << 30;
 
 /// `ResetReply.observation`, `StepReply.observation`: an environment's message to the
 /// model (it is tokenized into the context, which is far smaller).
@@ -365,6 +369,45 @@ impl Check for PublishVersionRequest {
                 "use a shorter metric name",
             )?;
         }
+        check_bytes("version_bytes", self.version_bytes)
+    }
+}
+
+/// `value` bytes of one version at most [`WEIGHT_VERSION_BYTES`].
+fn check_bytes(field: &str, value: u64) -> Result<(), LimitError> {
+    if value > WEIGHT_VERSION_BYTES {
+        return Err(LimitError::OutOfRange {
+            field: field.into(),
+            value: format!("{value} bytes"),
+            bound: format!(
+                "at most {WEIGHT_VERSION_BYTES} (tandem_proto::limits::WEIGHT_VERSION_BYTES)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A bucket of a version a generator fetches (the trainer's reply, checked by the
+/// receiver before it allocates anything): the dtype's length, the version's size, and
+/// the kind (a base fingerprint only on an adapter version). The receiver's assembler
+/// checks the rest (order, offsets, checksums, the model's size and kind).
+impl Check for WeightBucket {
+    fn check(&self) -> Result<(), LimitError> {
+        check_text(
+            "dtype",
+            &self.dtype,
+            DTYPE_BYTES,
+            "DTYPE_BYTES",
+            "send \"f32\", \"bf16\" or \"f16\"",
+        )?;
+        check_bytes("total_bytes", self.total_bytes)?;
+        if !self.adapter && self.base_fingerprint != 0 {
+            return Err(LimitError::OutOfRange {
+                field: "base_fingerprint".into(),
+                value: format!("{:#018x}", self.base_fingerprint),
+                bound: "0 when adapter is false (only an adapter version names a base)".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -476,5 +519,59 @@ mod tests {
         }
         .check()
         .is_err());
+        let e = PublishVersionRequest {
+            version_bytes: WEIGHT_VERSION_BYTES + 1,
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("version_bytes:")
+                && e.to_string().contains("WEIGHT_VERSION_BYTES"),
+            "{e}"
+        );
+    }
+
+    /// A bucket names a base only as an adapter's, within the dtype's and the version's
+    /// limits.
+    #[test]
+    fn a_weight_bucket_names_a_base_only_as_an_adapter() {
+        let ok = WeightBucket {
+            dtype: "bf16".into(),
+            total_bytes: 1 << 20,
+            ..Default::default()
+        };
+        assert!(ok.check().is_ok());
+        let adapter = WeightBucket {
+            adapter: true,
+            base_fingerprint: 0xabcd,
+            ..ok.clone()
+        };
+        assert!(adapter.check().is_ok());
+        let e = WeightBucket {
+            adapter: false,
+            ..adapter.clone()
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("base_fingerprint: 0x000000000000abcd"),
+            "{e}"
+        );
+        let e = WeightBucket {
+            total_bytes: WEIGHT_VERSION_BYTES + 1,
+            ..ok.clone()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().starts_with("total_bytes:"), "{e}");
+        let e = WeightBucket {
+            dtype: "float32-but-long".into(),
+            ..ok
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().starts_with("dtype:"), "{e}");
     }
 }

@@ -470,6 +470,7 @@ fn the_broadcast_refuses_impostors_and_bounds_slow_connections() {
                 token: GEN_TOKEN,
                 session: s,
                 param_elements: 0,
+                base: None,
             };
             let e = Receiver::connect(&j, Duration::from_secs(5), None)
                 .err()
@@ -584,7 +585,7 @@ impl tandem_proto::v1::trainer_server::Trainer for FakeTrainer {
         let buckets: Vec<Result<WeightBucket, tonic::Status>> = checksums(&s.bytes, size)
             .into_iter()
             .enumerate()
-            .map(|(i, crc)| Ok(bucket(s.version, s.dtype, &s.bytes, size, i, crc)))
+            .map(|(i, crc)| Ok(bucket(s.version, s.dtype, s.base, &s.bytes, size, i, crc)))
             .collect();
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(buckets))))
     }
@@ -620,6 +621,8 @@ fn forging_listener() -> (String, Arc<AtomicU64>) {
                 f.extend_from_slice(&1u64.to_le_bytes()); // version 1
                 f.extend_from_slice(&[0, 3]);
                 f.extend_from_slice(b"f32");
+                f.push(0); // a full model's
+                f.extend_from_slice(&0u64.to_le_bytes()); // no base
                 f.extend_from_slice(&(8u64 << 20).to_le_bytes());
                 f.extend_from_slice(&1u32.to_le_bytes());
                 f.extend_from_slice(&0u32.to_le_bytes());
@@ -813,4 +816,161 @@ fn rewards_beyond_the_bound_never_reach_the_trainer() {
         "no lease was given back: {status}"
     );
     check_nothing_lost(&c.run, &trained, true);
+}
+
+/// A generator of a `[lora]` run (its model carries the run's adapter) against a
+/// stand-in trainer serving `snap` as version 1: the cluster, with gen-0 started and
+/// version 1 published, and the thread that keeps the trainer registered (stopped by
+/// setting the flag).
+fn lora_generator_fetching(
+    dir: &Path,
+    model: &Path,
+    snap: tandem_weights::Snapshot,
+) -> (
+    Cluster,
+    tokio::runtime::Runtime,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+    CoordinatorClient<Authed>,
+) {
+    use tandem_proto::v1::trainer_server::TrainerServer;
+    let text = with_set(
+        &config(dir, model, 2, 1, "[lora]\nrank = 4\n"),
+        &["trainer.broadcast=\"off\""],
+    );
+    let mut c = Cluster::start(dir, &text);
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let trainer_addr = listener.local_addr().unwrap().to_string();
+    server_rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                TrainerServer::new(FakeTrainer {
+                    snap: Arc::new(snap),
+                })
+                .max_decoding_message_size(tandem_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(tandem_proto::MAX_MESSAGE_BYTES),
+                tandem_proto::auth::RequireToken::new(TOKEN).with_generator(Some(GEN_TOKEN)),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let (mut admin, _) = coordinator_client(&server_rt, &c.grpc, TOKEN);
+    let trainer_id = server_rt
+        .block_on(admin.register(RegisterRequest {
+            role: Role::Trainer as i32,
+            name: "trainer".into(),
+            address: trainer_addr,
+        }))
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (beating, grpc) = (stop.clone(), c.grpc.clone());
+    let beats = std::thread::spawn(move || {
+        let rt = runtime();
+        let (mut admin, _) = coordinator_client(&rt, &grpc, TOKEN);
+        while !beating.load(Ordering::SeqCst) {
+            let _ = rt.block_on(admin.heartbeat(HeartbeatRequest {
+                worker_id: trainer_id,
+                ..Default::default()
+            }));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    c.generator("gen-0");
+    server_rt
+        .block_on(admin.publish_version(PublishVersionRequest {
+            version: 1,
+            step: 1,
+            ..Default::default()
+        }))
+        .unwrap();
+    (c, server_rt, stop, beats, admin)
+}
+
+/// `[lora]` end to end at a real generator: it samples the base with the run's
+/// adapter, so a full version (a trainer without `[lora]`) is refused naming both sides
+/// and the fix, and the generator stops at once (no sampling on under v1's number);
+/// an adapter version for its base is fetched and assigned.
+#[test]
+fn a_lora_generator_takes_adapter_versions_of_its_base_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let tiny = tandem_model::load_model(model.to_str().unwrap()).unwrap();
+
+    let full = tandem_weights::Snapshot::of(&tiny.model, 1).unwrap();
+    let (mut c, _rt, stop, beats, _) = lora_generator_fetching(dir.path(), &model, full);
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = c.child("gen-0").try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", c.report());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = c.log("gen-0");
+    assert!(!st.success(), "gen-0 took a full version: {log}");
+    for needle in [
+        "weights v1 are a full model's parameters",
+        "carries a LoRA adapter for base 0x",
+        "start the trainer with the same [lora] section",
+    ] {
+        assert!(log.contains(needle), "no {needle:?} in {log}");
+    }
+    assert!(!log.contains("weights updated"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    stop.store(true, Ordering::SeqCst);
+    beats.join().unwrap();
+    drop(c);
+
+    // The same base, another run folder.
+    let dir = tempfile::tempdir().unwrap();
+    let lora = tandem_model::LoraSection {
+        rank: 4,
+        seed: 7,
+        ..Default::default()
+    };
+    let adapted = lora.attach(tiny.model.clone()).unwrap();
+    let snap = tandem_weights::Snapshot::of(&adapted, 1).unwrap();
+    assert!(snap.base.is_some());
+    let (mut c, rt, stop, beats, mut admin) = lora_generator_fetching(dir.path(), &model, snap);
+    let t0 = Instant::now();
+    while !c.log("gen-0").contains("weights updated by fetch") {
+        assert!(
+            c.child("gen-0").try_wait().unwrap().is_none(),
+            "gen-0 died: {}",
+            c.log("gen-0")
+        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", c.log("gen-0"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.log("gen-0").contains("adapter=true"),
+        "{}",
+        c.log("gen-0")
+    );
+    rt.block_on(admin.publish_version(PublishVersionRequest {
+        version: 1,
+        step: 2,
+        finished: true,
+        ..Default::default()
+    }))
+    .unwrap();
+    let t1 = Instant::now();
+    let st = loop {
+        if let Some(st) = c.child("gen-0").try_wait().unwrap() {
+            break st;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(60), "{}", c.log("gen-0"));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "gen-0: {st}: {}", c.log("gen-0"));
+    stop.store(true, Ordering::SeqCst);
+    beats.join().unwrap();
 }

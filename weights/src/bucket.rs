@@ -1,10 +1,12 @@
-//! Weight buckets: a policy version's parameters, concatenated in the model's stable
-//! parameter order, travel as a sequence of checksummed slices. The receiver checks
-//! every slice (version, position, CRC-32) and only a complete, verified sequence
+//! Weight buckets: a policy version's parameters (a full model's, or a LoRA adapter's A
+//! and B with the base they apply to), concatenated in the model's stable parameter
+//! order, travel as a sequence of checksummed slices. The receiver checks every slice
+//! (its limits, version, kind, position, CRC-32) and only a complete, verified sequence
 //! becomes new weights.
 
 use bytes::Bytes;
 
+use tandem_proto::limits::{Check, WEIGHT_VERSION_BYTES};
 use tandem_proto::v1::WeightBucket;
 
 /// How many buckets `total` bytes make (at least one, even when empty).
@@ -24,11 +26,13 @@ pub fn checksums(bytes: &[u8], bucket_bytes: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Bucket `index` of `bytes` for version `version` (its payload shares `bytes`' memory);
-/// `crc32` is that bucket's entry of [`checksums`].
+/// Bucket `index` of `bytes` for version `version` (its payload shares `bytes`' memory),
+/// an adapter of base `base` when given (`Snapshot::base`); `crc32` is that bucket's
+/// entry of [`checksums`].
 pub fn bucket(
     version: u64,
     dtype: &str,
+    base: Option<u64>,
     bytes: &Bytes,
     bucket_bytes: usize,
     index: usize,
@@ -46,7 +50,25 @@ pub fn bucket(
         dtype: dtype.to_string(),
         crc32,
         data,
+        adapter: base.is_some(),
+        base_fingerprint: base.unwrap_or(0),
     }
+}
+
+/// The base a bucket's version is an adapter of (`None`: a full model's parameters).
+pub fn base_of(b: &WeightBucket) -> Option<u64> {
+    b.adapter.then_some(b.base_fingerprint)
+}
+
+/// A version assembled from its buckets.
+#[derive(Debug)]
+pub struct Assembled {
+    pub version: u64,
+    pub dtype: String,
+    /// The base it is an adapter of (`None`: a full model's parameters).
+    pub base: Option<u64>,
+    /// The verified payloads, in order.
+    pub chunks: Vec<Bytes>,
 }
 
 /// Reassembles one version; every error names what did not match. Built with
@@ -61,14 +83,16 @@ pub struct Assembler {
     received: u64,
     version: u64,
     dtype: String,
+    base: Option<u64>,
     count: u32,
     next: u32,
     total: u64,
 }
 
 impl Assembler {
-    /// The largest concatenation accepted (refuses a bucket header that would allocate more).
-    pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
+    /// The largest concatenation accepted (refuses a bucket header that would allocate
+    /// more): `tandem_proto::limits::WEIGHT_VERSION_BYTES`.
+    pub const MAX_TOTAL_BYTES: u64 = WEIGHT_VERSION_BYTES;
 
     /// An assembler for a model of `elements` parameters.
     pub fn expecting(elements: u64) -> Self {
@@ -78,7 +102,11 @@ impl Assembler {
         }
     }
 
+    /// Takes the next bucket: checked against its limits, the first bucket's header
+    /// (version, count, size, dtype, kind) and its position, and its CRC-32.
     pub fn push(&mut self, b: WeightBucket) -> Result<(), String> {
+        b.check()
+            .map_err(|e| format!("weights v{} bucket {}/{}: {e}", b.version, b.index, b.count))?;
         if self.next == 0 {
             if b.index != 0 {
                 return Err(format!(
@@ -116,6 +144,7 @@ impl Assembler {
             }
             self.version = b.version;
             self.dtype = b.dtype.clone();
+            self.base = base_of(&b);
             self.count = b.count;
             self.total = b.total_bytes;
             // Grown as buckets arrive, not reserved from a count a peer sent.
@@ -127,6 +156,7 @@ impl Assembler {
             || b.count != self.count
             || b.total_bytes != self.total
             || b.dtype != self.dtype
+            || base_of(&b) != self.base
         {
             return Err(format!("{at}: header differs from the first bucket's"));
         }
@@ -155,15 +185,21 @@ impl Assembler {
         Ok(())
     }
 
-    /// The version, dtype and the payloads in order, once every bucket has arrived.
-    pub fn finish(self) -> Result<(u64, String, Vec<Bytes>), String> {
+    /// The version, dtype, kind and the payloads in order, once every bucket has
+    /// arrived.
+    pub fn finish(self) -> Result<Assembled, String> {
         if self.next == 0 || self.next != self.count || self.received != self.total {
             return Err(format!(
                 "weights v{}: stream ended after {} of {} buckets ({} of {} bytes)",
                 self.version, self.next, self.count, self.received, self.total
             ));
         }
-        Ok((self.version, self.dtype, self.chunks))
+        Ok(Assembled {
+            version: self.version,
+            dtype: self.dtype,
+            base: self.base,
+            chunks: self.chunks,
+        })
     }
 }
 
@@ -179,16 +215,19 @@ mod tests {
             .into();
         let parts: Vec<WeightBucket> = (0..count(bytes.len(), 300))
             .zip(checksums(&bytes, 300))
-            .map(|(i, crc)| bucket(3, "f32", &bytes, 300, i, crc))
+            .map(|(i, crc)| bucket(3, "f32", None, &bytes, 300, i, crc))
             .collect();
         assert_eq!(parts.len(), 4);
         let mut a = Assembler::default();
         for p in parts.clone() {
             a.push(p).unwrap();
         }
-        let (v, dtype, chunks) = a.finish().unwrap();
-        assert_eq!((v, dtype.as_str()), (3, "f32"));
-        assert_eq!(chunks.concat(), bytes.to_vec());
+        let done = a.finish().unwrap();
+        assert_eq!(
+            (done.version, done.dtype.as_str(), done.base),
+            (3, "f32", None)
+        );
+        assert_eq!(done.chunks.concat(), bytes.to_vec());
 
         let mut bad = parts.clone();
         let mut corrupt = bad[2].data.to_vec();
@@ -240,5 +279,52 @@ mod tests {
             .push(odd)
             .unwrap_err()
             .contains("\"f64\" is not"));
+    }
+
+    /// An adapter version's buckets keep its kind and base end to end; a bucket that
+    /// changes them mid-version, or names a base without being an adapter's, is refused.
+    #[test]
+    fn an_adapter_version_keeps_its_base_and_may_not_change_it() {
+        let bytes: Bytes = (0..1000u32).map(|i| i as u8).collect::<Vec<u8>>().into();
+        let base = Some(0x1234_5678_9abc_def0);
+        let parts: Vec<WeightBucket> = (0..count(bytes.len(), 300))
+            .zip(checksums(&bytes, 300))
+            .map(|(i, crc)| bucket(9, "f32", base, &bytes, 300, i, crc))
+            .collect();
+        assert!(parts.iter().all(|p| p.adapter && base_of(p) == base));
+        let mut a = Assembler::expecting(250);
+        for p in parts.clone() {
+            a.push(p).unwrap();
+        }
+        let done = a.finish().unwrap();
+        assert_eq!((done.version, done.base), (9, base));
+        assert_eq!(done.chunks.concat(), bytes.to_vec());
+
+        for (i, forged) in [
+            WeightBucket {
+                base_fingerprint: 1,
+                ..parts[1].clone()
+            },
+            WeightBucket {
+                adapter: false,
+                base_fingerprint: 0,
+                ..parts[1].clone()
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut a = Assembler::expecting(250);
+            a.push(parts[0].clone()).unwrap();
+            let e = a.push(forged).unwrap_err();
+            assert!(e.contains("header differs"), "{i}: {e}");
+        }
+        let e = Assembler::expecting(250)
+            .push(WeightBucket {
+                adapter: false,
+                ..parts[0].clone()
+            })
+            .unwrap_err();
+        assert!(e.contains("base_fingerprint"), "{e}");
     }
 }

@@ -2,7 +2,9 @@
 //! The trainer and the generators both use it; it depends only on `tandem-model` (the
 //! parameters' bytes) and `tandem-proto` (the wire messages).
 //!
-//! - [`snapshot`] — a published version as bytes in the model's parameter order
+//! - [`snapshot`] — a published version as bytes in the model's parameter order (a
+//!   full model's, or a LoRA adapter's with the base it applies to), and the check
+//!   that a receiver's model is of the version's kind
 //! - [`bucket`] — CRC-32-checked slices of those bytes for the gRPC fetch, and the
 //!   [`bucket::Assembler`] that verifies order, size and checksums
 //! - [`broadcast`] — the push to every member of the broadcast group (frames, the
@@ -30,4 +32,4 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use plane::BroadcastPlane;
-pub use snapshot::Snapshot;
+pub use snapshot::{check_base, BaseMismatch, Snapshot};

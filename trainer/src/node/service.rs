@@ -378,6 +378,7 @@ impl Trainer for TrainerService {
                 let b = tandem_weights::bucket::bucket(
                     snap.version,
                     snap.dtype,
+                    snap.base,
                     &snap.bytes,
                     bucket_bytes,
                     i,

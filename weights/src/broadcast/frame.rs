@@ -7,15 +7,17 @@
 //! - welcome `TNDW` ok:u8 len:u16 message id_len:u16 id (the epoch's collective id,
 //!   empty for none)
 //! - version `TNDV` epoch:u64 version:u64 plane:u8 (0 = bytes follow, 1 = collective)
-//!   dtype_len:u8 dtype bucket_bytes:u64 n:u32 crc:u32×n len:u64 [bytes]
+//!   dtype_len:u8 dtype adapter:u8 (0 = a full model's parameters, 1 = a LoRA
+//!   adapter's A and B only) base:u64 (with adapter = 1 the fingerprint of the frozen
+//!   base they apply to, else 0) bucket_bytes:u64 n:u32 crc:u32×n len:u64 [bytes]
 //! - ready `TNDR` version:u64 0:u8 (collective plane: the header arrived)
 //! - ack `TNDA` version:u64 status:u8 (0 = intact, 1 = a checksum differed, 2 = the
 //!   collective receive failed)
 //!
 //! Every length read is bounded before anything is allocated for it: the hello's token
 //! and session by `tandem_proto::limits::{TOKEN_BYTES, SESSION_TOKEN_BYTES}`, a
-//! version's dtype by `DTYPE_BYTES`, its bytes by what the member's model holds (see
-//! [`super::receiver`]).
+//! version's dtype by `DTYPE_BYTES`, its kind and base by what the member's model is,
+//! its bytes by what the member's model holds (see [`super::receiver`]).
 
 use std::io::Read;
 
@@ -29,6 +31,9 @@ pub(super) const ACK: &[u8; 4] = b"TNDA";
 /// `plane` in a version frame.
 pub(super) const INLINE: u8 = 0;
 pub(super) const COLLECTIVE: u8 = 1;
+/// `adapter` in a version frame.
+pub(super) const FULL: u8 = 0;
+pub(super) const ADAPTER: u8 = 1;
 /// `status` in an acknowledgement.
 pub(super) const INTACT: u8 = 0;
 pub(super) const CHECKSUM_DIFFERED: u8 = 1;
@@ -75,8 +80,8 @@ pub(super) fn welcome(ok: bool, message: &[u8], id: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A version's header: its epoch, version, plane, dtype, bucket size, the buckets'
-/// CRC-32s and its length (the bytes follow on the inline plane).
+/// A version's header: its epoch, version, plane, dtype, kind and base, bucket size,
+/// the buckets' CRC-32s and its length (the bytes follow on the inline plane).
 pub(super) fn header(
     epoch: u64,
     snap: &Snapshot,
@@ -84,13 +89,15 @@ pub(super) fn header(
     collective: bool,
 ) -> Vec<u8> {
     let sums = snap.checksums(bucket_bytes);
-    let mut h = Vec::with_capacity(49 + 4 * sums.len());
+    let mut h = Vec::with_capacity(58 + 4 * sums.len());
     h.extend_from_slice(VERSION);
     h.extend_from_slice(&epoch.to_le_bytes());
     h.extend_from_slice(&snap.version.to_le_bytes());
     h.push(if collective { COLLECTIVE } else { INLINE });
     h.push(snap.dtype.len() as u8);
     h.extend_from_slice(snap.dtype.as_bytes());
+    h.push(if snap.base.is_some() { ADAPTER } else { FULL });
+    h.extend_from_slice(&snap.base.unwrap_or(0).to_le_bytes());
     h.extend_from_slice(&(bucket_bytes as u64).to_le_bytes());
     h.extend_from_slice(&(sums.len() as u32).to_le_bytes());
     for c in sums {

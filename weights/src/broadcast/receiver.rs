@@ -2,19 +2,22 @@
 //! the receipt, check and acknowledgement of each version.
 //!
 //! A version's header is checked whole before a byte is allocated for it: its dtype is
-//! one the model can take, its length is exactly the member's parameter count times
-//! that dtype's size, and its bucket size and checksum count agree with that length.
-//! A header that fails is refused: the connection is closed (the trainer names the
+//! one the model can take, its kind is the member's (a LoRA adapter's A and B for the
+//! base the member's adapter is on, or a full model's parameters to a member without an
+//! adapter), its length is exactly the member's trainable parameter count times that
+//! dtype's size, and its bucket size and checksum count agree with that length. A
+//! header that fails is refused: the connection is closed (the trainer names the
 //! member and excludes it), and [`Receiver::refused`] says which version, so the
-//! member fetches it over gRPC at once.
+//! member fetches it over gRPC at once (where a version of the wrong kind is refused
+//! again, for good: see the generator's weight sync).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::frame::{
-    self, read_array, reply, ACK, CHECKSUM_DIFFERED, COLLECTIVE, COLLECTIVE_FAILED, INTACT, READY,
-    VERSION, WELCOME,
+    self, read_array, reply, ACK, ADAPTER, CHECKSUM_DIFFERED, COLLECTIVE, COLLECTIVE_FAILED, FULL,
+    INTACT, READY, VERSION, WELCOME,
 };
 use crate::collective::{Collective, SharedBackend};
 use crate::error::{invalid, Error, Result};
@@ -25,6 +28,9 @@ use tandem_proto::limits::{printable, DTYPE_BYTES};
 pub struct Received {
     pub version: u64,
     pub dtype: String,
+    /// The base it is an adapter of (`None`: a full model's parameters); the member's
+    /// own, as the header was checked.
+    pub base: Option<u64>,
     pub bytes: Vec<u8>,
 }
 
@@ -41,8 +47,12 @@ pub struct Join<'a> {
     pub token: &'a str,
     /// The session token the coordinator gave `worker_id`.
     pub session: &'a str,
-    /// Parameters (elements) of the member's model: a version must carry exactly these.
+    /// Trainable parameters (elements) of the member's model (its adapter's A and B
+    /// under LoRA, else every parameter): a version must carry exactly these.
     pub param_elements: u64,
+    /// The base the member's adapter is on (`None`: no adapter): a version must be an
+    /// adapter of this base, or a full model's parameters when `None`.
+    pub base: Option<u64>,
 }
 
 /// A generator's side: its connection to the trainer for one epoch.
@@ -57,6 +67,7 @@ pub struct Receiver {
     /// same-sized version costs no allocation and no page faults.
     spare: Vec<u8>,
     param_elements: u64,
+    base: Option<u64>,
     /// The version of the last header refused.
     refused: Option<u64>,
 }
@@ -128,6 +139,7 @@ impl Receiver {
             collective,
             spare: Vec::new(),
             param_elements: j.param_elements,
+            base: j.base,
             refused: None,
         })
     }
@@ -177,6 +189,7 @@ impl Receiver {
         Ok(Some(Received {
             version,
             dtype: header.dtype,
+            base: header.base,
             bytes,
         }))
     }
@@ -206,7 +219,8 @@ impl Receiver {
     }
 
     /// A version frame's header after its first byte, checked against this model: the
-    /// only length accepted is what its parameters take in the announced dtype.
+    /// only kind accepted is the model's (an adapter of its base, or full without one),
+    /// the only length what its trainable parameters take in the announced dtype.
     fn read_header(&mut self, first: u8) -> Result<Header> {
         let s = &mut self.stream;
         let rest: [u8; 3] = read_array(s).map_err(io)?;
@@ -226,6 +240,24 @@ impl Receiver {
             let why = format!("dtype {:?} is not f32, bf16 or f16", printable(&dtype));
             return Err(self.refuse(version, why));
         };
+        let [adapter] = read_array::<1>(s).map_err(io)?;
+        let fingerprint = u64::from_le_bytes(read_array(s).map_err(io)?);
+        let base = match (adapter, fingerprint) {
+            (ADAPTER, b) => Some(b),
+            (FULL, 0) => None,
+            (FULL, b) => {
+                let why = format!("a base {b:#018x} on a full model's parameters");
+                return Err(self.refuse(version, why));
+            }
+            (a, _) => {
+                let why = format!("adapter = {a} (0 = a full model, 1 = a LoRA adapter)");
+                return Err(self.refuse(version, why));
+            }
+        };
+        if let Err(m) = crate::snapshot::check_base(version, base, self.base) {
+            return Err(self.refuse(version, m.to_string()));
+        }
+        let s = &mut self.stream;
         let bucket_bytes = u64::from_le_bytes(read_array(s).map_err(io)?);
         let n = u32::from_le_bytes(read_array(s).map_err(io)?) as u64;
         let want = self.param_elements.saturating_mul(elem);
@@ -255,6 +287,7 @@ impl Receiver {
             version,
             plane,
             dtype,
+            base,
             bucket_bytes: bucket_bytes as usize,
             sums,
             len: want as usize,
@@ -302,6 +335,8 @@ struct Header {
     /// Inline or [`COLLECTIVE`].
     plane: u8,
     dtype: String,
+    /// The base it is an adapter of (`None`: a full model's parameters).
+    base: Option<u64>,
     bucket_bytes: usize,
     /// One checksum per bucket.
     sums: Vec<u32>,

@@ -43,6 +43,7 @@ fn join(addr: &str, epoch: u64, rank: u32, worker_id: u64) -> Join<'_> {
         token: RUN,
         session: session(worker_id),
         param_elements: LEN as u64 / 4,
+        base: None,
     }
 }
 
@@ -100,16 +101,29 @@ fn member_of(
 /// [`member_of`] expecting versions of `len` bytes.
 fn member_sized(
     addr: SocketAddr,
+    who: (u64, u32, u32, u64),
+    backend: Option<SharedBackend>,
+    last: u64,
+    len: usize,
+) -> std::thread::JoinHandle<(Vec<Received>, Vec<String>)> {
+    member_on(addr, who, backend, last, len, None)
+}
+
+/// [`member_sized`] whose model carries an adapter on base `base` (`None`: none).
+fn member_on(
+    addr: SocketAddr,
     (epoch, rank, world_size, id): (u64, u32, u32, u64),
     backend: Option<SharedBackend>,
     last: u64,
     len: usize,
+    base: Option<u64>,
 ) -> std::thread::JoinHandle<(Vec<Received>, Vec<String>)> {
     std::thread::spawn(move || {
         let addr = addr.to_string();
         let j = Join {
             world_size,
             param_elements: len as u64 / 4,
+            base,
             ..join(&addr, epoch, rank, id)
         };
         let mut r = Receiver::connect(&j, SECOND * 5, backend.as_ref()).unwrap();
@@ -420,15 +434,28 @@ fn forging_trainer(frame: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<Vec<u
     (addr, t)
 }
 
-/// A version header: epoch 1, version 5, inline, `dtype`, `bucket_bytes`, `sums`
-/// checksums (zeros) and an announced length of `len`.
+/// A version header: epoch 1, version 5, inline, `dtype`, a full model's (adapter 0,
+/// base 0), `bucket_bytes`, `sums` checksums (zeros) and an announced length of `len`.
 fn forged_header(dtype: &str, bucket_bytes: u64, sums: u32, len: u64) -> Vec<u8> {
+    forged_kind(dtype, (0, 0), bucket_bytes, sums, len)
+}
+
+/// [`forged_header`] with the kind `(adapter, base)` given.
+fn forged_kind(
+    dtype: &str,
+    (adapter, base): (u8, u64),
+    bucket_bytes: u64,
+    sums: u32,
+    len: u64,
+) -> Vec<u8> {
     let mut h = b"TNDV".to_vec();
     h.extend_from_slice(&1u64.to_le_bytes());
     h.extend_from_slice(&5u64.to_le_bytes());
     h.push(0);
     h.push(dtype.len() as u8);
     h.extend_from_slice(dtype.as_bytes());
+    h.push(adapter);
+    h.extend_from_slice(&base.to_le_bytes());
     h.extend_from_slice(&bucket_bytes.to_le_bytes());
     h.extend_from_slice(&sums.to_le_bytes());
     h.extend(std::iter::repeat_n(0u8, 4 * sums.min(16) as usize));
@@ -489,6 +516,117 @@ fn a_header_announcing_more_than_the_model_holds_is_refused_without_allocating()
     let got = r.recv(SECOND * 5, SECOND * 5).unwrap().unwrap();
     assert_eq!((got.version, got.bytes.len()), (5, 100));
     assert_eq!(r.refused(), None);
+    drop(r);
+    assert_eq!(&trainer.join().unwrap()[..4], ACK);
+}
+
+/// The base fingerprint of the adapter versions in these tests.
+const BASE: u64 = 0x0123_4567_89ab_cdef;
+
+/// An adapter version reaches members whose adapter is on its base with its kind and
+/// base, over TCP and over the collective alike (the header, which carries them, goes
+/// on TCP either way).
+#[test]
+fn an_adapter_version_keeps_its_kind_and_base_on_either_plane() {
+    for backend in [None, Some(stand_in())] {
+        let b = Broadcaster::bind("127.0.0.1:0", access(), backend.clone()).unwrap();
+        let members = vec![member(11, 1), member(12, 2)];
+        let g = group(1, members.clone(), b.local_addr());
+        let threads: Vec<_> = members
+            .iter()
+            .map(|m| {
+                let who = (1, m.rank, 3, m.worker_id);
+                member_on(b.local_addr(), who, backend.clone(), 2, LEN, Some(BASE))
+            })
+            .collect();
+        for v in 1..=2 {
+            let snap = snapshot(v, LEN).with_base(Some(BASE));
+            let out = b.send(&g, &snap, 1000, SECOND * 5, SECOND * 10);
+            assert!(out.failed.is_empty(), "{}", out.describe_failures());
+            let plane = if backend.is_some() { "stand-in" } else { "tcp" };
+            assert_eq!((out.plane, ranks(&out.delivered)), (plane, vec![1, 2]));
+        }
+        for t in threads {
+            let (got, errors) = t.join().unwrap();
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(got.iter().map(|r| r.version).collect::<Vec<_>>(), [1, 2]);
+            assert!(got.iter().all(|r| r.base == Some(BASE)));
+            assert_eq!(got[1].bytes, &snapshot(2, LEN).bytes[..]);
+        }
+    }
+}
+
+/// A header of another kind than the member's model (an adapter version to a member
+/// without an adapter, a full one to a member with one, an adapter of another base), or
+/// a kind that is neither, is refused by name before its length is looked at: the
+/// member closes the connection unacknowledged and fetches the version over gRPC, where
+/// the generator refuses it for good.
+#[test]
+fn a_header_of_another_kind_or_base_is_refused_before_its_length() {
+    // The member's model: 25 trainable f32 parameters, 100 bytes in buckets of 64; the
+    // forged lengths fit it, so only the kind can refuse them.
+    let adapter_of = |base| forged_kind("f32", (1, base), 64, 2, 100);
+    let cases = [
+        (
+            adapter_of(BASE),
+            None,
+            "are a LoRA adapter for base 0x0123456789abcdef; this generator's model (this member's model) has no adapter",
+        ),
+        (
+            forged_header("f32", 64, 2, 100),
+            Some(BASE),
+            "are a full model's parameters",
+        ),
+        (
+            adapter_of(0xfeed),
+            Some(BASE),
+            "adapter for base 0x000000000000feed; this generator's base is 0x0123456789abcdef",
+        ),
+        (
+            forged_kind("f32", (2, BASE), 64, 2, 100),
+            Some(BASE),
+            "adapter = 2",
+        ),
+        (
+            forged_kind("f32", (0, 5), 64, 2, 100),
+            None,
+            "a base 0x0000000000000005 on a full model's parameters",
+        ),
+    ];
+    for (frame, base, needle) in cases {
+        let (addr, trainer) = forging_trainer(frame);
+        let addr = addr.to_string();
+        let j = Join {
+            param_elements: 25,
+            base,
+            ..join(&addr, 1, 1, 9)
+        };
+        let mut r = Receiver::connect(&j, SECOND * 5, None).unwrap();
+        let e = r.recv(SECOND * 5, SECOND * 5).unwrap_err().to_string();
+        assert!(
+            e.contains("refused the header of v5") && e.contains(needle),
+            "{needle}: {e}"
+        );
+        assert_eq!(r.refused(), Some(5));
+        assert!(trainer.join().unwrap().is_empty(), "{needle}");
+    }
+    // The adapter of the member's own base is taken.
+    let snap = snapshot(5, 100).with_base(Some(BASE));
+    let mut frame = header(1, &snap, 64, false);
+    frame.extend_from_slice(&snap.bytes);
+    let (addr, trainer) = forging_trainer(frame);
+    let addr = addr.to_string();
+    let j = Join {
+        param_elements: 25,
+        base: Some(BASE),
+        ..join(&addr, 1, 1, 9)
+    };
+    let mut r = Receiver::connect(&j, SECOND * 5, None).unwrap();
+    let got = r.recv(SECOND * 5, SECOND * 5).unwrap().unwrap();
+    assert_eq!(
+        (got.version, got.base, got.bytes.len()),
+        (5, Some(BASE), 100)
+    );
     drop(r);
     assert_eq!(&trainer.join().unwrap()[..4], ACK);
 }
