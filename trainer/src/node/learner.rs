@@ -273,8 +273,8 @@ impl StepReport {
     }
 
     /// Every metric of the step as name → value (the coordinator's `tandem_train_*`
-    /// gauges): the training metrics and the batch's (step and version travel in
-    /// their own fields).
+    /// gauges): the training metrics and the batch's (step, version and the version's
+    /// bytes travel in their own fields).
     pub fn metric_map(&self) -> HashMap<String, f64> {
         let mut out: HashMap<String, f64> = match serde_json::to_value(&self.metrics) {
             Ok(serde_json::Value::Object(o)) => o
@@ -284,7 +284,10 @@ impl StepReport {
             _ => HashMap::new(),
         };
         for (k, v) in self.batch_metrics() {
-            if let (false, Some(x)) = (k == "step" || k == "version", v.as_f64()) {
+            // Step, version and the version's bytes travel in their own fields (the
+            // last as the coordinator's `tandem_weight_version_bytes`).
+            let own_field = matches!(k, "step" | "version" | "version_bytes");
+            if let (false, Some(x)) = (own_field, v.as_f64()) {
                 out.insert(k.to_string(), x);
             }
         }

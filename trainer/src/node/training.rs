@@ -143,6 +143,7 @@ impl Training<'_> {
             dropped,
             buffer_groups: self.shared.buffer_len() as u64,
             wait_seconds: report.wait_seconds,
+            version_bytes: report.version_bytes,
             finished: last,
             // Consumed: trained, or dropped as stale (either way done with; a rewind
             // past this step re-issues them, one before it does not).
