@@ -93,19 +93,28 @@ fn init(preset: &str, out: &std::path::Path, seed: u64) -> Result<()> {
 }
 
 /// `tandem model merge`: the base with the adapter folded in, as an HF folder.
-fn merge(base: &str, adapter: &std::path::Path, out: &std::path::Path, dtype: Option<&str>) -> Result<()> {
+fn merge(
+    base: &str,
+    adapter: &std::path::Path,
+    out: &std::path::Path,
+    dtype: Option<&str>,
+) -> Result<()> {
     let mut p = tandem_model::load_model(&tandem_model::materialize(base)?)?;
     let dtype = match dtype {
         Some(d) => tandem_model::checkpoint::parse_dtype(d)
             .with_context(|| format!("--dtype {d:?}: expected f32, bf16 or f16"))?,
         None => p.weights_dtype,
     };
-    let a = tandem_model::lora::load_peft(adapter, p.model.config(), p.model.dtype(), p.model.device())
-        .with_context(|| format!("--adapter {}", adapter.display()))?;
+    let a =
+        tandem_model::lora::load_peft(adapter, p.model.config(), p.model.dtype(), p.model.device())
+            .with_context(|| format!("--adapter {}", adapter.display()))?;
     let (rank, targets) = (a.spec().rank, a.spec().targets.len());
     p.model = p.model.with_adapter(a)?.merged()?;
     tandem_model::save_hf(&p, out, dtype).with_context(|| format!("writing {}", out.display()))?;
-    for head in [tandem_model::VALUE_HEAD_FILE, tandem_model::REWARD_HEAD_FILE] {
+    for head in [
+        tandem_model::VALUE_HEAD_FILE,
+        tandem_model::REWARD_HEAD_FILE,
+    ] {
         let from = adapter.join(head);
         if from.is_file() {
             std::fs::copy(&from, out.join(head))

@@ -44,7 +44,9 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     let cfg =
         TrainConfig::from_toml(&text).with_context(|| format!("in {}", a.config.display()))?;
     if a.adapter.is_some() && cfg.lora.is_none() {
-        anyhow::bail!("--adapter: the config has no [lora]; add one (its keys may stay at their defaults)");
+        anyhow::bail!(
+            "--adapter: the config has no [lora]; add one (its keys may stay at their defaults)"
+        );
     }
     let p = tandem_model::load_policy(&a.model, cfg.lora.as_ref(), a.adapter.as_deref())?;
     let text = std::fs::read_to_string(&a.rollouts)

@@ -953,51 +953,142 @@ fn offline_stages_train_lora_adapters_and_merge_writes_the_model() {
     );
     // A base that has learned something (a random tiny model's frozen head caps what
     // an adapter can do), then adapters on it.
-    run(&["sft", &example("tiny-sft.toml"), "--set", "sft.examples=600", "--set", "train.epochs=1",
-        "--set", &format!("train.out_dir={}", path(&base))]);
+    run(&[
+        "sft",
+        &example("tiny-sft.toml"),
+        "--set",
+        "sft.examples=600",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        &format!("train.out_dir={}", path(&base)),
+    ]);
     let base_model = base.join("final");
     let on_base = format!("model.path={}", path(&base_model));
     let lora = ["--set", "lora.rank=8", "--set", "lora.alpha=16.0"];
     let stage = |cmd: &str, file: &str, out: &std::path::Path, extra: &[&str]| {
         let out_dir = format!("train.out_dir={}", path(out));
-        let mut args = vec![cmd, file, "--set", on_base.as_str(), "--set", out_dir.as_str()];
+        let mut args = vec![
+            cmd,
+            file,
+            "--set",
+            on_base.as_str(),
+            "--set",
+            out_dir.as_str(),
+        ];
         args.extend(lora);
         args.extend(extra);
         run(&args);
         let f = out.join("final");
-        assert!(f.join("adapter_config.json").exists() && f.join("adapter_model.safetensors").exists());
-        assert!(!f.join("model.safetensors").exists(), "{cmd}: saves the adapter alone");
+        assert!(
+            f.join("adapter_config.json").exists() && f.join("adapter_model.safetensors").exists()
+        );
+        assert!(
+            !f.join("model.safetensors").exists(),
+            "{cmd}: saves the adapter alone"
+        );
     };
     let sft_file = example("tiny-sft.toml");
-    stage("sft", &sft_file, &sft, &["--set", "sft.examples=600", "--set", "train.epochs=1", "--set", "optimizer.lr=1e-2"]);
+    stage(
+        "sft",
+        &sft_file,
+        &sft,
+        &[
+            "--set",
+            "sft.examples=600",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "optimizer.lr=1e-2",
+        ],
+    );
     let s = summary(&sft);
-    let (before, after) = (s["before"]["val_loss"].as_f64().unwrap(), s["after"]["val_loss"].as_f64().unwrap());
+    let (before, after) = (
+        s["before"]["val_loss"].as_f64().unwrap(),
+        s["after"]["val_loss"].as_f64().unwrap(),
+    );
     assert!(after < before, "the SFT adapter learns: {before} → {after}");
-    stage("rm", &example("tiny-rm.toml"), &rm, &["--set", "rm.examples=300", "--set", "train.epochs=1"]);
+    stage(
+        "rm",
+        &example("tiny-rm.toml"),
+        &rm,
+        &["--set", "rm.examples=300", "--set", "train.epochs=1"],
+    );
     assert!(rm.join("final/reward_head.safetensors").exists());
-    stage("dpo", &example("tiny-dpo.toml"), &dpo, &["--set", "dpo.examples=200"]);
+    stage(
+        "dpo",
+        &example("tiny-dpo.toml"),
+        &dpo,
+        &["--set", "dpo.examples=200"],
+    );
     // Merge the SFT adapter: a plain HF folder.
     let merged = dir.path().join("merged");
-    run(&["model", "merge", "--base", &path(&base_model), "--adapter", &path(&sft.join("final")), "--out", &path(&merged)]);
+    run(&[
+        "model",
+        "merge",
+        "--base",
+        &path(&base_model),
+        "--adapter",
+        &path(&sft.join("final")),
+        "--out",
+        &path(&merged),
+    ]);
     assert!(merged.join("model.safetensors").exists() && merged.join("config.json").exists());
     let input = dir.path().join("in.jsonl");
     std::fs::write(&input, "{\"prompt\": \"3 + 4 =\", \"completion\": \" 7\"}\n{\"prompt\": \"2 + 5 =\", \"completion\": \" 7\"}\n").unwrap();
     let score = |model: &std::path::Path| -> f64 {
         let out = dir.path().join("scored.jsonl");
-        run(&["score", "--model", &path(model), "--input", &path(&input), "--output", &path(&out)]);
-        std::fs::read_to_string(&out).unwrap().lines().map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum::<f64>()
-        }).sum()
+        run(&[
+            "score",
+            "--model",
+            &path(model),
+            "--input",
+            &path(&input),
+            "--output",
+            &path(&out),
+        ]);
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .sum::<f64>()
+            })
+            .sum()
     };
     let (b, m) = (score(&base_model), score(&merged));
     assert!(m != b, "the merged model scores as the base: {b}");
     // The reward model's head comes along.
     let rm_merged = dir.path().join("rm-merged");
-    run(&["model", "merge", "--base", &path(&base_model), "--adapter", &path(&rm.join("final")), "--out", &path(&rm_merged), "--dtype", "bf16"]);
+    run(&[
+        "model",
+        "merge",
+        "--base",
+        &path(&base_model),
+        "--adapter",
+        &path(&rm.join("final")),
+        "--out",
+        &path(&rm_merged),
+        "--dtype",
+        "bf16",
+    ]);
     assert!(rm_merged.join("reward_head.safetensors").exists());
     // Onto another base (other shapes): refused, naming the adapter.
-    let o = tandem(&["model", "merge", "--base", "preset:tiny-gemma3", "--adapter", &path(&sft.join("final")), "--out", &path(&dir.path().join("x"))]);
+    let o = tandem(&[
+        "model",
+        "merge",
+        "--base",
+        "preset:tiny-gemma3",
+        "--adapter",
+        &path(&sft.join("final")),
+        "--out",
+        &path(&dir.path().join("x")),
+    ]);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("--adapter") && e.contains("base model"), "{e}");

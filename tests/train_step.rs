@@ -165,11 +165,20 @@ fn lora_steps_train_the_adapter_alone_and_go_on_from_it_bit_exactly() {
     std::fs::write(&cfg, text).unwrap();
     let one = dir.path().join("one");
     ok(train_step(&model, &rollouts, &cfg, &one));
-    assert!(one.join("adapter_config.json").exists() && one.join("value_head.safetensors").exists());
-    assert!(!one.join("model.safetensors").exists(), "a LoRA step saves the adapter only");
+    assert!(
+        one.join("adapter_config.json").exists() && one.join("value_head.safetensors").exists()
+    );
+    assert!(
+        !one.join("model.safetensors").exists(),
+        "a LoRA step saves the adapter only"
+    );
     assert_eq!(weights(&model), base_before, "the base folder is untouched");
     let first = adapter_tensors(&one);
-    assert_eq!(first.len(), 2 * 3 * 2, "A and B of 3 projections in 2 layers");
+    assert_eq!(
+        first.len(),
+        2 * 3 * 2,
+        "A and B of 3 projections in 2 layers"
+    );
     let b_moved = first
         .iter()
         .filter(|(n, _)| n.ends_with("lora_B.weight"))
@@ -178,9 +187,17 @@ fn lora_steps_train_the_adapter_alone_and_go_on_from_it_bit_exactly() {
     // Go on from the saved adapter, two ways: the same bits.
     let via_flag = dir.path().join("two-flag");
     let o = common::tandem(&[
-        "train-step", "--model", model.to_str().unwrap(), "--adapter", one.to_str().unwrap(),
-        "--rollouts", rollouts.to_str().unwrap(), "--config", cfg.to_str().unwrap(),
-        "--out", via_flag.to_str().unwrap(),
+        "train-step",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        one.to_str().unwrap(),
+        "--rollouts",
+        rollouts.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        via_flag.to_str().unwrap(),
     ]);
     ok(o);
     let from_cfg = dir.path().join("from.toml");
@@ -189,20 +206,34 @@ fn lora_steps_train_the_adapter_alone_and_go_on_from_it_bit_exactly() {
     // The value head beside the adapter is read by both routes.
     ok(train_step(&model, &rollouts, &from_cfg, &via_from));
     let (a, b) = (adapter_tensors(&via_flag), adapter_tensors(&via_from));
-    assert!(a == b, "a step from the saved adapter depends on how it was named");
+    assert!(
+        a == b,
+        "a step from the saved adapter depends on how it was named"
+    );
     assert!(a != first, "the second step did not move the adapter");
     // The first step from the saved adapter equals one from the adapter in memory:
     // same metrics line (loss, KL to the base, clip fraction) for both routes.
     let (ma, mb) = (metrics(&via_flag), metrics(&via_from));
     assert_eq!(ma["kl"], mb["kl"]);
-    assert!(ma["kl"].as_f64().unwrap() > 0.0, "the adapted policy differs from the base");
+    assert!(
+        ma["kl"].as_f64().unwrap() > 0.0,
+        "the adapted policy differs from the base"
+    );
     // Refusals.
     let plain = dir.path().join("plain.toml");
     std::fs::write(&plain, "[optimizer]\nlr = 0.01\n").unwrap();
     let o = common::tandem(&[
-        "train-step", "--model", model.to_str().unwrap(), "--adapter", one.to_str().unwrap(),
-        "--rollouts", rollouts.to_str().unwrap(), "--config", plain.to_str().unwrap(),
-        "--out", dir.path().join("x").to_str().unwrap(),
+        "train-step",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        one.to_str().unwrap(),
+        "--rollouts",
+        rollouts.to_str().unwrap(),
+        "--config",
+        plain.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
     ]);
     assert_clean_failure(&o, &["--adapter", "[lora]"]);
     std::fs::write(&cfg, "[lora]\ntarget_modules = [\"qkv\"]\n").unwrap();

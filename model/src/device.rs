@@ -105,7 +105,8 @@ pub fn load_policy(
     };
     p.model = match adapter_dir {
         Some(dir) => {
-            let a = crate::lora::load_peft(dir, p.model.config(), p.model.dtype(), p.model.device())?;
+            let a =
+                crate::lora::load_peft(dir, p.model.config(), p.model.dtype(), p.model.device())?;
             p.model.with_adapter(a)?
         }
         None => section.attach(p.model)?,

@@ -59,8 +59,8 @@ pub mod tokenizer;
 pub mod transformer;
 
 pub use checkpoint::{
-    check, load, materialize, save_hf, save_hf_sharded, save_policy, write_atomic, ModelSection, Pretrained,
-    MAX_SHARD_BYTES,
+    check, load, materialize, save_hf, save_hf_sharded, save_policy, write_atomic, ModelSection,
+    Pretrained, MAX_SHARD_BYTES,
 };
 pub use config::{Activation, Architecture, ModelConfig, SlidingWindow};
 pub use device::{load_model, load_policy, process_device, process_dtype};

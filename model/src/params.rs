@@ -237,11 +237,27 @@ impl ParamStore {
             shape.update(format!("{:?}{:?}", v.dims(), v.dtype()).as_bytes());
             let flat = v.as_tensor().flatten_all()?;
             match v.dtype() {
-                DType::F32 => flat.to_vec1::<f32>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
-                DType::F64 => flat.to_vec1::<f64>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
-                DType::BF16 => flat.to_vec1::<half::bf16>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
-                DType::F16 => flat.to_vec1::<half::f16>()?.iter().for_each(|x| values.update(&x.to_le_bytes())),
-                other => return Err(Error::invalid(format!("fingerprint: parameters of dtype {other:?}"))),
+                DType::F32 => flat
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .for_each(|x| values.update(&x.to_le_bytes())),
+                DType::F64 => flat
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .for_each(|x| values.update(&x.to_le_bytes())),
+                DType::BF16 => flat
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .for_each(|x| values.update(&x.to_le_bytes())),
+                DType::F16 => flat
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .for_each(|x| values.update(&x.to_le_bytes())),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "fingerprint: parameters of dtype {other:?}"
+                    )))
+                }
             }
         }
         Ok(((shape.finalize() as u64) << 32) | values.finalize() as u64)

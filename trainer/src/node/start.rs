@@ -296,7 +296,10 @@ mod tests {
         learner.policy.model.trainable().assign(&moved).unwrap();
         let ckpt = checkpoint::save(&run_dir, &learner, &Buffer::default(), 2).unwrap();
         assert!(ckpt.join(tandem_model::lora::ADAPTER_WEIGHTS_FILE).exists());
-        assert!(!ckpt.join("model.safetensors").exists(), "the base is not copied");
+        assert!(
+            !ckpt.join("model.safetensors").exists(),
+            "the base is not copied"
+        );
         let resumed = Start::load(&s, true).unwrap();
         let (a, b) = (
             learner.policy.model.trainable().snapshot().unwrap(),

@@ -234,7 +234,12 @@ pub fn load_policy(
 
 /// Saves what a stage trained: the model (and its tokenizer) as an HF folder, its
 /// weights in `dtype`, or under LoRA the adapter in PEFT's format naming `base`.
-pub fn save_model(p: &tandem_model::Pretrained, dir: &Path, dtype: DType, base: &str) -> Result<()> {
+pub fn save_model(
+    p: &tandem_model::Pretrained,
+    dir: &Path,
+    dtype: DType,
+    base: &str,
+) -> Result<()> {
     Ok(tandem_model::save_policy(p, dir, dtype, base)
         .with_context(|| format!("saving the model into {}", dir.display()))?)
 }
