@@ -2,7 +2,10 @@
 //! next to its reference in the same run:
 //!
 //! - weight sync: a policy version's bytes fetched over gRPC by 1 and by N concurrent
-//!   receivers, next to the same bytes over raw loopback TCP;
+//!   receivers, next to the same bytes over raw loopback TCP; with `--lora R`, a
+//!   version of the whole model next to a LoRA version (rank R, every projection):
+//!   bytes, fetch and broadcast seconds, and the seconds a generator takes to install
+//!   it;
 //! - rollout ingest: groups/s and MB/s the trainer service accepts (checked and
 //!   committed at a real coordinator) from N streaming clients, next to the time of
 //!   one training step of the same batch shape;
@@ -64,6 +67,9 @@ pub struct SystemBench {
     /// Steps per async-vs-sync run.
     #[arg(long, default_value_t = 12)]
     steps: u64,
+    /// Also measure a LoRA version of this rank beside the full one (0 = no).
+    #[arg(long, default_value_t = 0)]
+    lora: usize,
     /// Skip parts: any of weights, ingest, async.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -129,6 +135,9 @@ pub fn run(a: SystemBench) -> Result<()> {
                 "broadcast_gbps": b, "ratio": g / r, "ratio_new_buffer": g / f,
                 "broadcast_ratio": b / r, "broadcast_ratio_new_buffer": b / f});
         }
+    }
+    if a.lora > 0 {
+        out["versions"] = versions(&a, &p, &shared, &rt, &trainer_addr, &creds)?;
     }
     if want("ingest") {
         let r = rt.block_on(ingest(&a, &coord_addr, &trainer_addr, &creds, vocab))?;
@@ -221,6 +230,7 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
     };
     let b = Broadcaster::bind("127.0.0.1:0", access, None)?;
     let elements = (snap.bytes.len() / if snap.dtype == "f32" { 4 } else { 2 }) as u64;
+    let base = snap.base;
     let addr = b.local_addr().to_string();
     let members: Vec<GroupMember> = (1..=n as u32)
         .map(|rank| GroupMember {
@@ -246,7 +256,7 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
                     token,
                     session: &session,
                     param_elements: elements,
-                    base: None,
+                    base,
                 };
                 let mut r = Receiver::connect(&j, second * 5, None)?;
                 let mut got = 0;
@@ -279,6 +289,60 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
         r.join().map_err(|_| invalid("a receiver panicked"))??;
     }
     Ok(best)
+}
+
+/// A full version and a LoRA version (rank `a.lora`) side by side, each made the
+/// trainer's current one in turn: bytes, gRPC fetch by 1 and by `clients`, the
+/// broadcast to `clients`, and a generator's install (`trainable().assign_bytes`: the
+/// whole model's storage, or the adapter's) — best of 3 for the install.
+fn versions(
+    a: &SystemBench,
+    p: &tandem_model::Pretrained,
+    shared: &Arc<Shared>,
+    rt: &tokio::runtime::Runtime,
+    trainer_addr: &str,
+    creds: &Credentials,
+) -> Result<Value> {
+    let section = tandem_model::LoraSection {
+        rank: a.lora,
+        alpha: 2.0 * a.lora as f64,
+        ..Default::default()
+    };
+    let adapted = section.attach(p.model.clone())?;
+    let mut out = json!({"lora_rank": a.lora});
+    for (name, model) in [("full", &p.model), ("lora", &adapted)] {
+        let snap = Snapshot::of(model, 1)?;
+        let bytes = snap.bytes.clone();
+        let dtype = snap.dtype;
+        *shared
+            .weights
+            .write()
+            .map_err(|_| invalid("the weights lock was poisoned"))? = Arc::new(snap);
+        let one = rt.block_on(fetch_all(trainer_addr, creds, 1))?;
+        let many = rt.block_on(fetch_all(trainer_addr, creds, a.clients))?;
+        let pushed = broadcast(shared, a.clients)?;
+        let mut install = f64::INFINITY;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            model.trainable().assign_bytes(&bytes, dtype)?;
+            install = install.min(t0.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "{name} version: {} bytes; gRPC fetch {one:.4} s (1), {many:.4} s ({}); broadcast {pushed:.4} s; install {install:.4} s",
+            bytes.len(),
+            a.clients
+        );
+        out[name] = json!({"bytes": bytes.len(), "grpc_seconds_1": one,
+            "grpc_seconds_clients": many, "broadcast_seconds_clients": pushed,
+            "install_seconds": install,
+            "version_seconds": one + install});
+    }
+    // The full weights again for the parts that follow.
+    *shared
+        .weights
+        .write()
+        .map_err(|_| invalid("the weights lock was poisoned"))? = Arc::new(Snapshot::of(&p.model, 1)?);
+    Ok(out)
 }
 
 /// n concurrent receivers each fetch and verify the whole version; seconds (best of 2).
