@@ -341,7 +341,8 @@ fn versions(
     *shared
         .weights
         .write()
-        .map_err(|_| invalid("the weights lock was poisoned"))? = Arc::new(Snapshot::of(&p.model, 1)?);
+        .map_err(|_| invalid("the weights lock was poisoned"))? =
+        Arc::new(Snapshot::of(&p.model, 1)?);
     Ok(out)
 }
 

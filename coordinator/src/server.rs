@@ -19,7 +19,6 @@ use tandem_proto::v1::coordinator_server::CoordinatorServer;
 use tandem_proto::v1::health_server::HealthServer;
 use tandem_proto::v1::Role;
 use tandem_proto::MAX_MESSAGE_BYTES;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
 use crate::metrics;
@@ -81,7 +80,7 @@ pub async fn start(
         let r = grpc_server
             .add_service(health)
             .add_service(svc)
-            .serve_with_incoming(TcpListenerStream::new(grpc_listener))
+            .serve_with_incoming(tandem_proto::incoming(grpc_listener))
             .await;
         if let Err(e) = r {
             tracing::error!("coordinator gRPC server stopped: {e}");

@@ -592,7 +592,7 @@ mod tests {
                 .add_service(tandem_proto::v1::trainer_server::TrainerServer::new(
                     trainer,
                 ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(tandem_proto::incoming(listener)),
         );
         let creds = Credentials::new("test-token", tandem_proto::tls::Tls::none()).unwrap();
         let beat = Arc::new(Beat::new(1, 1, addr));

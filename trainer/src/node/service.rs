@@ -311,7 +311,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             creds.require_token(),
         ))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(tandem_proto::incoming(listener))
         .await
         .map_err(|e| tandem_proto::error_chain(&e))
 }
