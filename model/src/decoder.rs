@@ -7,14 +7,14 @@ use candle_core::Tensor;
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
-use crate::lora::layer::adapted;
+use crate::lora::layer::project_adapted;
 use crate::lora::Target;
 use crate::ops::attention::{attention, Heads};
 use crate::ops::gated::gated;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rotary::rotary;
 use crate::packing::{PackedBatch, Packing};
-use crate::transformer::{project, project_each, LayerWeights, Model, Rotations, Weights};
+use crate::transformer::{LayerWeights, Model, Rotations, Weights};
 
 /// What every decoder layer of one packed forward shares.
 #[derive(Clone, Debug)]
@@ -123,16 +123,15 @@ pub(crate) fn decoder_block(
     };
     let pk = lw.packed.as_deref();
     let ad = lw.lora.as_ref();
-    let [q, k, v] = project_each(
+    let [q, k, v] = project_adapted(
         &xn,
         [&lw.q, &lw.k, &lw.v],
         [qb, kb, vb],
         pk.map(|p| [&p.q, &p.k, &p.v]),
         f,
+        ad,
+        [Target::Q, Target::K, Target::V],
     )?;
-    let q = adapted(q, &xn, ad, Target::Q, f)?;
-    let k = adapted(k, &xn, ad, Target::K, f)?;
-    let v = adapted(v, &xn, ad, Target::V, f)?;
     let (q, k) = match &lw.qk_norm {
         Some((qn, kn)) => (
             head_norm(&q, qn, heads.query, b)?,
@@ -148,26 +147,40 @@ pub(crate) fn decoder_block(
     };
     let k = rotary(&k, cos, sin, heads.kv)?;
     let attended = attend(&q, &k, &v)?;
-    let a = project(&attended, &lw.o, None, pk.map(|p| &p.o), f)?;
-    let a = adapted(a, &attended, ad, Target::O, f)?;
+    let [a] = project_adapted(
+        &attended,
+        [&lw.o],
+        [None],
+        pk.map(|p| [&p.o]),
+        f,
+        ad,
+        [Target::O],
+    )?;
     let a = match &lw.sandwich {
         Some((after_attention, _)) => b.norm(&a, after_attention)?,
         None => a,
     };
     let h = (a + x)?;
     let hn = b.norm(&h, &lw.post_norm)?;
-    let [gate, up] = project_each(
+    let [gate, up] = project_adapted(
         &hn,
         [&lw.gate, &lw.up],
         [None, None],
         pk.map(|p| [&p.gate, &p.up]),
         f,
+        ad,
+        [Target::Gate, Target::Up],
     )?;
-    let gate = adapted(gate, &hn, ad, Target::Gate, f)?;
-    let up = adapted(up, &hn, ad, Target::Up, f)?;
     let mlp = gated(&gate, &up, b.activation)?;
-    let m = project(&mlp, &lw.down, None, pk.map(|p| &p.down), f)?;
-    let m = adapted(m, &mlp, ad, Target::Down, f)?;
+    let [m] = project_adapted(
+        &mlp,
+        [&lw.down],
+        [None],
+        pk.map(|p| [&p.down]),
+        f,
+        ad,
+        [Target::Down],
+    )?;
     let m = match &lw.sandwich {
         Some((_, after_mlp)) => b.norm(&m, after_mlp)?,
         None => m,

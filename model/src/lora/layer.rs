@@ -4,7 +4,9 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::lora::config::Target;
-use crate::transformer::project;
+use crate::lora::op::lora_linear;
+use crate::packed_matmul::PackedMatrix;
+use crate::transformer::{project, project_each};
 
 /// One decoder layer's adapters: (A, B) per targeted projection, and their scale s.
 #[derive(Clone, Debug)]
@@ -38,4 +40,50 @@ pub(crate) fn adapted(
     let low = project(x, a, None, None, fused)?;
     let delta = project(&low, b, None, None, fused)?.affine(l.scale, 0.0)?;
     Ok((y + delta)?)
+}
+
+/// The projections of one input x by the weights `ws` (biases `bs`, targets `ts`) with
+/// their adapters: for inference (`fused`), the base's products (on the packed kernel
+/// when `packed`) and then each adapter's delta ([`adapted`]); for training, each
+/// adapted projection as one autograd node ([`lora_linear`]), so that an adapter adds
+/// no (rows, out) activation to the graph. Without adapters, [`project_each`].
+pub(crate) fn project_adapted<const N: usize>(
+    x: &Tensor,
+    ws: [&Tensor; N],
+    bs: [Option<&Tensor>; N],
+    packed: Option<[&PackedMatrix; N]>,
+    fused: bool,
+    lora: Option<&LayerLora>,
+    ts: [Target; N],
+) -> Result<[Tensor; N]> {
+    let Some(l) = lora.filter(|_| !fused) else {
+        let ys = project_each(x, ws, bs, packed, fused)?;
+        let mut out = Vec::with_capacity(N);
+        for (y, t) in ys.into_iter().zip(ts) {
+            out.push(adapted(y, x, lora, t, fused)?);
+        }
+        return Ok(out.try_into().expect("one output per weight"));
+    };
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((rows, d))?.contiguous()?;
+    let mut out = Vec::with_capacity(N);
+    for ((w, b), t) in ws.into_iter().zip(bs).zip(ts) {
+        let y = match l.pair(t) {
+            Some((a, bb)) => {
+                let y = lora_linear(&x2, w, a, bb, l.scale)?;
+                let y = match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let mut shape = dims.clone();
+                *shape.last_mut().expect("x has a feature axis") = w.dim(0)?;
+                y.reshape(shape)?
+            }
+            None => project(x, w, b, None, false)?,
+        };
+        out.push(y);
+    }
+    Ok(out.try_into().expect("one output per weight"))
 }

@@ -12,11 +12,14 @@
 //! - `adapter.rs`: `Adapter`, the (A, B) pairs as a `ParamStore` under PEFT's names.
 //! - `layer.rs`: `LayerLora`, a layer's adapters in a forward, and `adapted`, the
 //!   projection with its adapter added.
+//! - `op.rs`: `lora_linear`, a projection with its adapter as one autograd node (the
+//!   training path: no (rows, out) activations of its own).
 //! - `peft.rs`: PEFT's `adapter_config.json` and `adapter_model.safetensors`.
 
 pub mod adapter;
 pub mod config;
 pub mod layer;
+pub mod op;
 pub mod peft;
 
 pub use adapter::{expected_adapter_params, Adapter, PEFT_PREFIX};
