@@ -271,10 +271,12 @@ pub fn generator(a: GeneratorArgs) -> Result<()> {
     let mut model = tandem_model::load_model(&cfg.model.path)?;
     // Under [lora] the generator samples the base with the run's adapter (version 0 is
     // the same fresh or `from` adapter the trainer starts from); each version then
-    // carries only the adapter, for this base.
+    // carries only the adapter, for this base. The adapter is folded into the weights
+    // (refolded at each version), so the engine runs the base's kernels alone.
     if let Some(lora) = &cfg.lora {
         model.model = lora
             .attach(model.model)
+            .and_then(|m| m.fold_adapter())
             .with_context(|| format!("[lora]: attaching the adapter to {}", cfg.model.path))?;
     }
     tandem_generator::render::set_template_kwargs(&mut model.tokenizer, &cfg.data)?;

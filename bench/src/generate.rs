@@ -70,7 +70,9 @@ pub struct GenerateBench {
     #[arg(long, default_value = "1,8,64,256")]
     concurrency: String,
     /// Pieces to switch off in turn (no_continuous_batching, no_shared_prefill,
-    /// no_paging); empty for none.
+    /// no_paging), or `lora` / `lora_unmerged` (a rank-16 adapter on every projection,
+    /// folded into the weights as a generator holds it, or applied beside each
+    /// projection); empty for none.
     #[arg(
         long,
         default_value = "no_continuous_batching,no_shared_prefill,no_paging"
@@ -167,7 +169,10 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
         (cfg.with_room(prompts, samples, longest), prompts, samples)
     };
     Ok(match name {
-        "default" => sized(base, b.prompts, b.samples),
+        // `lora`: the default run with a rank-16 adapter on every projection folded into
+        // the weights, as a generator holds it; `lora_unmerged`: applied beside each
+        // projection instead.
+        "default" | "lora" | "lora_unmerged" => sized(base, b.prompts, b.samples),
         // A queue of twice the slots: static batches idle the slots of finished rows.
         "no_continuous_batching" | "continuous_batching_queue" => {
             let cfg = EngineConfig {
@@ -205,14 +210,24 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
                 sized(cfg, prompts, samples)
             }
             _ => bail!(
-                "unknown variant `{other}` (default, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N)"
+                "unknown variant `{other}` (default, lora, lora_unmerged, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N)"
             ),
         },
     })
 }
 
 fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> {
-    let p = tandem_model::load_model(&b.model)?;
+    let mut p = tandem_model::load_model(&b.model)?;
+    if name.starts_with("lora") {
+        let section = tandem_model::LoraSection {
+            rank: 16,
+            ..Default::default()
+        };
+        p.model = section.attach(p.model)?;
+        if name == "lora" {
+            p.model = p.model.fold_adapter()?;
+        }
+    }
     if name.starts_with("gemm") {
         return gemm_rate(b.gemm_size, &p.model);
     }

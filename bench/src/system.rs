@@ -294,7 +294,8 @@ fn broadcast(shared: &Shared, n: usize) -> Result<f64> {
 /// A full version and a LoRA version (rank `a.lora`) side by side, each made the
 /// trainer's current one in turn: bytes, gRPC fetch by 1 and by `clients`, the
 /// broadcast to `clients`, and a generator's install (`trainable().assign_bytes`: the
-/// whole model's storage, or the adapter's) — best of 3 for the install.
+/// whole model's storage, or the adapter's, then folded into the weights) — best of 3
+/// for the install.
 fn versions(
     a: &SystemBench,
     p: &tandem_model::Pretrained,
@@ -308,7 +309,10 @@ fn versions(
         alpha: 2.0 * a.lora as f64,
         ..Default::default()
     };
-    let adapted = section.attach(p.model.clone())?;
+    // Its own copy of the base: a generator folds the adapter into its weights.
+    let adapted = section
+        .attach(tandem_model::load_model(&a.model)?.model)?
+        .fold_adapter()?;
     let mut out = json!({"lora_rank": a.lora});
     for (name, model) in [("full", &p.model), ("lora", &adapted)] {
         let snap = Snapshot::of(model, 1)?;
@@ -325,6 +329,7 @@ fn versions(
         for _ in 0..3 {
             let t0 = Instant::now();
             model.trainable().assign_bytes(&bytes, dtype)?;
+            model.refold()?;
             install = install.min(t0.elapsed().as_secs_f64());
         }
         eprintln!(

@@ -81,6 +81,7 @@ pub(crate) fn apply(
     model
         .trainable()
         .assign_chunks(chunks, dtype)
+        .and_then(|()| model.refold())
         .map_err(|e| crate::error::invalid(format!("weights v{version}: {e}")))
 }
 

@@ -109,6 +109,9 @@ pub struct Model {
     device: Device,
     /// LoRA adapters on the (then frozen) parameters.
     adapter: Option<Adapter>,
+    /// For inference with the adapter folded into the parameters: the targeted
+    /// projections' base values W₀ by name ([`Model::fold_adapter`]).
+    folded: Option<Arc<HashMap<String, Tensor>>>,
 }
 
 /// x (..., d) @ wᵀ (+ b): on the packed batch kernel when `packed` (W packed) is
@@ -209,6 +212,7 @@ impl Model {
             dtype,
             device: device.clone(),
             adapter: None,
+            folded: None,
         })
     }
 
@@ -279,11 +283,64 @@ impl Model {
         }
     }
 
+    /// For inference (a generator): the adapter folded into the parameters,
+    /// W = W₀ + s·B·A on every targeted projection, so that the forward runs the
+    /// base's kernels alone (the engine's packed matmuls; applied unmerged, the
+    /// adapter's small products cost SmolLM2's batch engine 29 % of its tok/s). The
+    /// base values W₀ of those projections are kept (their size again in memory) so
+    /// that [`Model::refold`] writes each new adapter version from them, without
+    /// drift. Not for training: the forward no longer sees the adapter. The parameters
+    /// are written in place: every clone of this model sees the folded weights.
+    pub fn fold_adapter(mut self) -> Result<Self> {
+        let Some(a) = &self.adapter else {
+            return Err(Error::invalid("fold_adapter: the model has no adapter"));
+        };
+        let mut originals = HashMap::new();
+        for layer in 0..a.layers() {
+            for t in a.spec().targets.iter().copied() {
+                let name = format!("{}.weight", module_name(layer, t));
+                let w = self
+                    .params
+                    .get(&name)
+                    .ok_or_else(|| Error::invalid(format!("fold_adapter: no tensor `{name}`")))?;
+                originals.insert(name, w.as_tensor().detach().copy()?);
+            }
+        }
+        self.folded = Some(Arc::new(originals));
+        self.refold()?;
+        Ok(self)
+    }
+
+    /// Writes W₀ + s·B·A into the parameters from the adapter's current values (after
+    /// a new adapter version was assigned to [`Model::trainable`]); a no-op unless the
+    /// adapter is folded. The parameters' generation is bumped, so the engine repacks.
+    pub fn refold(&self) -> Result<()> {
+        let (Some(a), Some(originals)) = (&self.adapter, &self.folded) else {
+            return Ok(());
+        };
+        let mut merged = HashMap::with_capacity(originals.len());
+        for layer in 0..a.layers() {
+            for t in a.spec().targets.iter().copied() {
+                let name = format!("{}.weight", module_name(layer, t));
+                if let (Some(d), Some(w0)) = (a.delta(layer, t)?, originals.get(&name)) {
+                    merged.insert(name, (w0 + d.to_dtype(w0.dtype())?)?);
+                }
+            }
+        }
+        self.params.assign(&merged)
+    }
+
+    /// Whether the adapter is folded into the parameters ([`Model::fold_adapter`]).
+    pub fn is_folded(&self) -> bool {
+        self.folded.is_some()
+    }
+
     /// A model whose weights are the base's with the adapter folded in, W + s·B·A on
-    /// every targeted projection (new storage; no adapter). Without an adapter, a copy.
+    /// every targeted projection (new storage; no adapter). Without an adapter, a copy
+    /// (so too when it is folded in already).
     pub fn merged(&self) -> Result<Model> {
         let mut tensors = self.params.snapshot()?;
-        if let Some(a) = &self.adapter {
+        if let Some(a) = self.adapter.as_ref().filter(|_| self.folded.is_none()) {
             for layer in 0..a.layers() {
                 for t in Target::ALL {
                     if let Some(d) = a.delta(layer, t)? {
@@ -323,8 +380,10 @@ impl Model {
                 base_trainable,
             )
         };
+        // A folded adapter is in the parameters already.
         let lora = |layer: usize| {
-            self.adapter.as_ref().map(|a| LayerLora {
+            let unfolded = self.adapter.as_ref().filter(|_| self.folded.is_none());
+            unfolded.map(|a| LayerLora {
                 scale: a.scale(),
                 pairs: Target::ALL.map(|t| {
                     a.pair(layer, t)

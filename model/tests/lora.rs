@@ -276,3 +276,88 @@ fn peft_format_round_trips_exactly_and_refuses_what_it_cannot_apply() {
         .to_string();
     assert!(e.contains(lora::ADAPTER_WEIGHTS_FILE), "{e}");
 }
+
+/// A generator folds its adapter into the weights (W₀ + s·B·A) and refolds it at each
+/// new adapter version: it samples exactly what the merged model samples, before and
+/// after a new version, and the new version is folded from W₀ (no drift).
+#[test]
+fn a_folded_adapter_samples_the_merged_model_and_refolds_each_version() {
+    let run = |model: &Model| {
+        let mut e = Engine::new(model, EngineConfig::default()).unwrap();
+        for i in 0..4u64 {
+            let prompt: Vec<u32> = (0..(5 + 3 * i as usize))
+                .map(|j| (j * 11 + 7) as u32 % 400 + 3)
+                .collect();
+            let params = SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: 10,
+                seed: 9 + i,
+                ..Default::default()
+            };
+            e.add(
+                model,
+                Request {
+                    id: i,
+                    prompt,
+                    samples: 20,
+                    params,
+                    first_stream: 0,
+                },
+            )
+            .unwrap();
+        }
+        let mut out: Vec<_> = e
+            .run_to_completion(model, 0)
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                (
+                    f.id,
+                    f.completions
+                        .into_iter()
+                        .map(|c| c.tokens)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    for name in preset::TINY_PRESETS {
+        let p = tiny(name, 6);
+        let unfolded = adapted(
+            &p.model,
+            spec(4, &[Target::Q, Target::Up, Target::Down], false),
+            2,
+        );
+        let merged = unfolded.merged().unwrap();
+        let folded = unfolded.clone().fold_adapter().unwrap();
+        assert!(folded.is_folded());
+        // The folded model shares the adapter's storage with `unfolded`, not the base's.
+        assert_eq!(run(&folded), run(&merged), "{name}: folded vs merged");
+        // A new version: new adapter values, refolded from W₀. (Folding wrote into the
+        // parameters every clone of `p.model` shares: the reference loads the base again.)
+        let fresh = tiny(name, 6);
+        let next = adapted(
+            &fresh.model,
+            spec(4, &[Target::Q, Target::Up, Target::Down], false),
+            3,
+        );
+        let bytes = next.trainable().to_bytes().unwrap();
+        folded.trainable().assign_bytes(&bytes.0, bytes.1).unwrap();
+        folded.refold().unwrap();
+        let next_merged = next.merged().unwrap();
+        assert_eq!(
+            run(&folded),
+            run(&next_merged),
+            "{name}: after a new version"
+        );
+        let (lf, _) = score(&folded, &IDS, 1.0);
+        let (lm, _) = score(&next_merged, &IDS, 1.0);
+        assert!(
+            max_abs_diff(&lf, &lm) < 1e-5,
+            "{name}: drift {}",
+            max_abs_diff(&lf, &lm)
+        );
+    }
+}
