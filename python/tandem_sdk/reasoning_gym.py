@@ -10,6 +10,8 @@ own scorer as a `tandem.v1.Reward` service.
 `export` writes one record per entry: `prompt` (the entry's question, then the
 instruction on how to answer), `answer` (the entry's answer) and `info` (the entry's
 `metadata`, made JSON: tuples and sets become lists, other objects their text).
+`--exclude FILE.jsonl` leaves out the prompts of another export (a training file that
+excludes its held-out set), `--unique` any prompt already written.
 `serve` scores each completion with the task's own `score_answer(answer, entry)`,
 the entry rebuilt as reasoning-gym's scorers read it: `{"question": prompt, "answer":
 answer, "metadata": info}` (scorers read `entry["answer"]` and `entry["metadata"]`).
@@ -127,6 +129,10 @@ def record(entry: Dict[str, Any], instruction: str = INSTRUCTION) -> Dict[str, A
     return out
 
 
+#: With `exclude` or `unique`, entries are drawn from a dataset this many times `size`.
+DRAW_FACTOR = 20
+
+
 def export(
     task: str,
     size: int,
@@ -134,13 +140,35 @@ def export(
     out: str,
     config: Optional[Dict[str, Any]] = None,
     instruction: str = INSTRUCTION,
+    exclude: Iterable[str] = (),
+    unique: bool = False,
 ) -> int:
     """Writes `size` records of `task` (seed `seed`) to `out` (JSONL; `-`: stdout),
-    whole or not at all; returns how many."""
+    whole or not at all; returns how many. `exclude`: JSONL files whose prompts are
+    left out (a held-out set: the training file excludes the evaluation's); `unique`:
+    no prompt twice. Either draws the entries in order from a dataset of
+    `DRAW_FACTOR` × `size` entries, and fails when too few are left."""
     if size < 1:
         raise _server.SdkError(f"--size must be ≥ 1, got {size}")
-    ds = dataset(task, dict(config or {}), size=size, seed=seed)
-    lines = [json.dumps(record(ds[i], instruction), ensure_ascii=False, allow_nan=False) for i in range(size)]
+    excluded = set(load_prompts(exclude))
+    filtered = bool(excluded) or unique
+    pool = size * DRAW_FACTOR if filtered else size
+    ds = dataset(task, dict(config or {}), size=pool, seed=seed)
+    lines: List[str] = []
+    seen: set = set()
+    for i in range(pool):
+        r = record(ds[i], instruction)
+        if r["prompt"] in excluded or (unique and r["prompt"] in seen):
+            continue
+        seen.add(r["prompt"])
+        lines.append(json.dumps(r, ensure_ascii=False, allow_nan=False))
+        if len(lines) == size:
+            break
+    if len(lines) < size:
+        raise _server.SdkError(
+            f"only {len(lines)} of {pool} entries of {task} are left after --exclude / --unique; "
+            f"ask for fewer than {size}, or widen the task's config"
+        )
     text = "".join(line + "\n" for line in lines)
     if out == "-":
         sys.stdout.write(text)
@@ -177,6 +205,23 @@ def extract(completion: str, mode: str = "lenient") -> Optional[str]:
     text = completion[marks[-1].end():] if marks else completion
     text = text.strip()
     return text or None
+
+
+def load_prompts(paths: Iterable[str]) -> List[str]:
+    """The `prompt` of every record of the JSONL files."""
+    prompts: List[str] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            prompts.append(json.loads(line)["prompt"])
+                        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                            raise _server.SdkError(f"{path}:{n}: not a record with a prompt: {e}") from e
+        except OSError as e:
+            raise _server.SdkError(f"--exclude {path}: {e}") from e
+    return prompts
 
 
 def load_records(paths: Iterable[str]) -> Dict[str, Dict[str, Any]]:
@@ -243,6 +288,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     ex.add_argument("--seed", type=int, default=0, help="the task's seed (default %(default)s)")
     ex.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a task config field (repeatable)")
     ex.add_argument("--instruction", default=INSTRUCTION, help="what each prompt ends with (default: %(default)r; '' for none)")
+    ex.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="leave out the prompts of these records (the held-out set; repeatable)",
+    )
+    ex.add_argument("--unique", action="store_true", help="no prompt twice")
     ex.add_argument("out", metavar="OUT.jsonl", help="where to write (- for stdout)")
     sv = sub.add_parser("serve", help="serve a task's scorer as a tandem.v1.Reward service")
     sv.add_argument("--task", required=True)
@@ -268,7 +321,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.command == "list":
             print("\n".join(sorted(_rg().factory.DATASETS)))
         elif args.command == "export":
-            n = export(args.task, args.size, args.seed, args.out, parse_config(args.config), args.instruction)
+            n = export(
+                args.task,
+                args.size,
+                args.seed,
+                args.out,
+                parse_config(args.config),
+                args.instruction,
+                exclude=args.exclude,
+                unique=args.unique,
+            )
             if args.out != "-":
                 print(f"wrote {n} records of {args.task} (seed {args.seed}) to {args.out}", file=sys.stderr)
         else:

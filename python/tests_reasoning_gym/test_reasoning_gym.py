@@ -63,6 +63,21 @@ class Export(unittest.TestCase):
         other = self.export("--task", "chain_sum", "--size", "20", "--seed", "4", *cfg)
         self.assertNotEqual([r["prompt"] for r in records], [r["prompt"] for r in other])
 
+    def test_a_held_out_set_and_its_training_set_share_no_prompt(self) -> None:
+        cfg = [a for c in ("min_terms=2", "max_terms=2", "max_digits=1") for a in ("--config", c)]
+        held_out = self.export("--task", "chain_sum", "--size", "50", "--seed", "2", "--unique", *cfg)
+        prompts = [r["prompt"] for r in held_out]
+        self.assertEqual(len(set(prompts)), 50)
+        path = os.path.join(self.dir.name, "held-out.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in held_out)
+        train = self.export("--task", "chain_sum", "--size", "300", "--seed", "1", "--exclude", path, *cfg)
+        self.assertEqual(len(train), 300)
+        self.assertFalse(set(prompts) & {r["prompt"] for r in train})
+        # 200 problems in all: 151 distinct ones cannot be found.
+        with self.assertRaisesRegex(trg._server.SdkError, "are left"):
+            trg.export("chain_sum", 151, 1, os.path.join(self.dir.name, "x.jsonl"), trg.parse_config(CHAIN[:0] + ["min_terms=2", "max_terms=2", "max_digits=1"]), exclude=[path], unique=True)
+
     def test_metadata_becomes_json(self) -> None:
         self.assertEqual(
             trg.jsonable({"t": (1, 2), "s": {3, 1}, 4: Fraction(1, 3), "f": float("nan"), "n": [None, True]}),
