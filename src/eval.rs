@@ -46,6 +46,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .attach(p.model)
             .with_context(|| format!("[lora]: attaching the adapter to {spec}"))?;
     }
+    // `[reward] service` scores the held-out samples too: the calls need a runtime and
+    // the config's TLS material (the service's own token comes from the environment or
+    // `[reward] service_token`).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let tls = cfg.tls.load().map_err(anyhow::Error::msg)?;
     let evaluation = Evaluation::new(
         &p,
         &cfg.eval,
@@ -53,7 +62,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &cfg.reward,
         &cfg.env,
         cfg.generator.max_new_tokens,
-    )?;
+    )?
+    .with_reward_service(&tls, rt.handle().clone())?;
     let bar = ProgressBar::new(evaluation.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] prompt {pos}/{len}")
@@ -93,17 +103,22 @@ fn print_table(model: &str, r: &EvalReport) {
 }
 
 /// The trainer's evaluator in `tandem run`: the held-out set of the run's config,
-/// rendered on first use with the trainer's tokenizer, sampled with its current weights.
+/// rendered on first use with the trainer's tokenizer, sampled with its current weights
+/// and scored as the generators score (`[reward] service` reached with `tls` on `rt`).
 pub struct RunEvaluator {
     cfg: RunConfig,
     evaluation: Option<Evaluation>,
+    tls: tandem_proto::tls::Tls,
+    rt: tokio::runtime::Handle,
 }
 
 impl RunEvaluator {
-    pub fn new(cfg: &RunConfig) -> Self {
+    pub fn new(cfg: &RunConfig, tls: &tandem_proto::tls::Tls, rt: tokio::runtime::Handle) -> Self {
         RunEvaluator {
             cfg: cfg.clone(),
             evaluation: None,
+            tls: tls.clone(),
+            rt,
         }
     }
 }
@@ -123,6 +138,7 @@ impl tandem_trainer::node::evaluate::Evaluator for RunEvaluator {
                     &c.env,
                     c.generator.max_new_tokens,
                 )
+                .and_then(|e| e.with_reward_service(&self.tls, self.rt.clone()))
                 .map_err(err)?,
             );
         }

@@ -92,7 +92,7 @@ fn inspect(e: &Example) -> (Vec<String>, String) {
         "tandem run" => {
             let c = RunConfig::parse(&e.text, &[]).unwrap_or_else(|err| invalid(&err));
             let mut read = vec![c.model.path.clone()];
-            read.extend(paths([&c.data.path]));
+            read.extend(paths([&c.data.path, &c.eval.path]));
             read.extend(c.reward.model.clone());
             read.extend(c.reward.judge.clone());
             // An agent program's script (an argument naming a file).

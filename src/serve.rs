@@ -222,7 +222,11 @@ pub fn trainer(a: TrainerArgs) -> Result<()> {
     // Held-out evaluation on the trainer's weights between steps (`[eval] every`).
     let evals = (cfg.eval.every > 0).then(|| tandem_trainer::node::evaluate::Evaluations {
         every: cfg.eval.every,
-        evaluator: Box::new(crate::eval::RunEvaluator::new(&cfg)),
+        evaluator: Box::new(crate::eval::RunEvaluator::new(
+            &cfg,
+            creds.tls(),
+            rt.handle().clone(),
+        )),
     });
     node::run(&settings, endpoints, joined, &creds, &rt, &readiness, evals)?;
     Ok(())

@@ -1,9 +1,10 @@
 //! The Environment service from another language: `examples/envs/guess_number.py`
-//! (Python; its gRPC stubs generated from the `.proto` at start) plays multi-turn
-//! episodes with a `tandem run` of the tiny model. Needs a Python with grpcio and
-//! grpcio-tools, and one with httpx for the agent test (`$TANDEM_TEST_PYTHON`:
-//! scripts/test.sh makes a venv with tests/requirements.txt); without it the tests
-//! fail, or with TANDEM_SKIP_MISSING_TOOLS=1 are reported as ignored.
+//! (Python, on the SDK of python/, built from this checkout: tests/common/python_sdk.rs)
+//! plays multi-turn episodes with a `tandem run` of the tiny model. Needs a Python with
+//! grpcio, grpcio-tools and setuptools, and one with httpx for the agent test
+//! (`$TANDEM_TEST_PYTHON`: scripts/test.sh makes a venv with tests/requirements.txt);
+//! without it the tests fail, or with TANDEM_SKIP_MISSING_TOOLS=1 are reported as
+//! ignored.
 
 mod common;
 
@@ -28,7 +29,8 @@ impl Drop for EnvServer {
 
 fn start_env(python: &Path) -> EnvServer {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envs/guess_number.py");
-    let mut child = Command::new(python)
+    let mut child = common::python_sdk::build(python)
+        .command()
         .arg(script)
         .args(["--port", "0"])
         .env("TANDEM_ENV_TOKEN", ENV_TOKEN)
@@ -70,11 +72,11 @@ fn completion_ids(r: &Value) -> Vec<u32> {
 
 #[test]
 #[cfg_attr(
-    missing_python_grpc,
-    ignore = "no Python with grpcio and grpcio-tools (TANDEM_SKIP_MISSING_TOOLS=1)"
+    missing_python_sdk,
+    ignore = "no Python with grpcio, grpcio-tools and setuptools (TANDEM_SKIP_MISSING_TOOLS=1)"
 )]
 fn a_python_environment_plays_multi_turn_episodes() {
-    let python = require_program(Tool::PythonGrpc);
+    let python = require_program(Tool::PythonSdk);
     let env = start_env(&python);
 
     // Token-checked like every Tandem service: another token is refused.

@@ -9,7 +9,9 @@
 //!   mean_length  = mean completion tokens
 //!
 //! `tandem eval` runs it on a model; `tandem run` runs it on the trainer's weights
-//! every `[eval] every` steps (and before the first step and after the last).
+//! every `[eval] every` steps (and before the first step and after the last). With
+//! `[reward] service` the held-out samples are scored by that service too, one `Score`
+//! call per prompt as in training ([`Evaluation::with_reward_service`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use tandem_model::{Pretrained, RewardModel, SamplingParams};
 use crate::error::{bail, Result};
 use crate::offline::{render_all, OfflineSampler, Scored};
 use crate::reward::{final_answer, math_correct, RewardConfig};
+use crate::reward_service::RewardService;
 
 /// `[eval]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -246,6 +249,8 @@ pub struct Evaluation {
     rm: Option<RewardModel>,
     /// Multi-turn episodes with tools (`[env]`), when the run has them.
     env: Option<tandem_env::Env>,
+    /// `[reward] service`'s client, once connected ([`Self::with_reward_service`]).
+    service: Option<std::sync::Mutex<RewardService>>,
 }
 
 impl Evaluation {
@@ -280,8 +285,8 @@ impl Evaluation {
         } else {
             None
         };
-        if reward.service.is_some() || reward.judge.is_some() {
-            bail!("[eval]: the evaluation scores with the verifiers and [reward] model; a reward service or judge is not called");
+        if reward.judge.is_some() {
+            bail!("[eval]: the evaluation scores with the verifiers, the [reward] model and the reward service; a judge is not called");
         }
         let data = section.data(data);
         let set = Dataset::load(&data)?;
@@ -316,7 +321,22 @@ impl Evaluation {
             },
             rm,
             env,
+            service: None,
         })
+    }
+
+    /// Connects `[reward] service` (when the config sets one; its own token,
+    /// `TANDEM_REWARD_TOKEN` or `[reward] service_token`, and the process's TLS
+    /// material `tls`): [`Self::run`] then adds `service_weight` × its score to each
+    /// sample's reward, as the generators do. Without it, a config with a service is
+    /// refused by `run`.
+    pub fn with_reward_service(
+        mut self,
+        tls: &tandem_proto::tls::Tls,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self> {
+        self.service = RewardService::connect(&self.reward, tls, rt)?.map(std::sync::Mutex::new);
+        Ok(self)
     }
 
     /// Samples and scores the held-out set with `p`'s current weights: the report,
@@ -327,6 +347,9 @@ impl Evaluation {
         progress: impl FnMut(usize),
     ) -> Result<(EvalReport, Vec<Vec<Scored>>)> {
         let t0 = Instant::now();
+        if self.reward.service.is_some() && self.service.is_none() {
+            bail!("[eval]: [reward] service is set but not connected (Evaluation::with_reward_service)");
+        }
         let answers: Vec<Option<String>> = self.prompts.iter().map(|p| p.answer.clone()).collect();
         let sampler = OfflineSampler {
             model: p,
@@ -337,7 +360,8 @@ impl Evaluation {
             reward: &self.reward,
             env: self.env.as_ref(),
         };
-        let groups = sampler.sample(&self.ids, &answers, progress)?;
+        let mut groups = sampler.sample(&self.ids, &answers, progress)?;
+        self.add_service_scores(&mut groups)?;
         let report = summarise(
             &self.section,
             &self.reward,
@@ -346,6 +370,32 @@ impl Evaluation {
             t0.elapsed().as_secs_f64(),
         );
         Ok((report, groups))
+    }
+
+    /// `service_weight` × the reward service's score added to every sample's reward:
+    /// one `Score` call per prompt (its text, reference answer and samples), retried as
+    /// the generators retry; a prompt the service keeps failing fails the evaluation.
+    fn add_service_scores(&self, groups: &mut [Vec<Scored>]) -> Result<()> {
+        let Some(service) = &self.service else {
+            return Ok(());
+        };
+        let mut service = service.lock().map_err(|_| {
+            crate::error::invalid("[eval]: the reward service's client was poisoned")
+        })?;
+        for (g, p) in groups.iter_mut().zip(&self.prompts) {
+            let req = tandem_proto::v1::ScoreRequest {
+                prompt: prompt_text(&p.body),
+                answer: p.answer.clone().unwrap_or_default(),
+                completions: g.iter().map(|s| s.text.clone()).collect(),
+            };
+            let scores = service
+                .score(req)
+                .map_err(|why| crate::error::invalid(format!("[eval]: {why}")))?;
+            for (s, x) in g.iter_mut().zip(scores) {
+                s.reward += self.reward.service_weight * x;
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -373,6 +423,19 @@ impl Evaluation {
 
     pub fn is_empty(&self) -> bool {
         self.prompts.is_empty()
+    }
+}
+
+/// A held-out prompt as text, as the generators send it to the reward service: the
+/// text, or a conversation's messages joined by newlines.
+fn prompt_text(body: &tandem_data::PromptBody) -> String {
+    match body {
+        tandem_data::PromptBody::Text(t) => t.clone(),
+        tandem_data::PromptBody::Messages(m) => m
+            .iter()
+            .map(|t| t.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
     }
 }
 

@@ -1,12 +1,13 @@
 //! The external reward service's client (`[reward] service`): one `Score` call per
 //! group, with the service's own token, retried with backoff; its scores are checked
-//! against `[reward] bound`. Called from the scorer stage only, never from the engine's
-//! loop.
+//! against `[reward] bound`. Called from the scorer stage (never from the engine's
+//! loop) and by the held-out evaluation (`eval.rs`).
 
 use std::time::Duration;
 
 use tandem_proto::auth::Credentials;
 use tandem_proto::client::{self, Authed};
+use tandem_proto::tls::Tls;
 use tandem_proto::v1::reward_client::RewardClient;
 use tandem_proto::v1::ScoreRequest;
 use tokio::runtime::Handle;
@@ -26,9 +27,9 @@ pub(crate) struct RewardService {
 
 impl RewardService {
     /// The service of `[reward] service` (`None` when unset), reached with its own token
-    /// (`TANDEM_REWARD_TOKEN`, else `[reward] service_token`) and `creds`' TLS material:
-    /// the generator's token is never sent to it.
-    pub fn connect(cfg: &RewardConfig, creds: &Credentials, rt: Handle) -> Result<Option<Self>> {
+    /// (`TANDEM_REWARD_TOKEN`, else `[reward] service_token`) and the process's TLS
+    /// material `tls`: the run's and the generators' tokens are never sent to it.
+    pub fn connect(cfg: &RewardConfig, tls: &Tls, rt: Handle) -> Result<Option<Self>> {
         let Some(addr) = &cfg.service else {
             return Ok(None);
         };
@@ -42,8 +43,8 @@ impl RewardService {
                     "needs its own token: set TANDEM_REWARD_TOKEN (or [reward] service_token); the generator's token is not sent to it",
                 )
             })?;
-        let service_creds = Credentials::new(&token, creds.tls().clone())
-            .map_err(|e| rpc("[reward] service_token", e))?;
+        let service_creds =
+            Credentials::new(&token, tls.clone()).map_err(|e| rpc("[reward] service_token", e))?;
         let ch = rt
             .block_on(client::connect(addr, &service_creds))
             .map_err(|e| rpc("[reward] service", e))?;

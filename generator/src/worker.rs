@@ -122,7 +122,7 @@ impl Worker {
                 Some(dir) => Some(tandem_model::RewardModel::load(dir, &model.model)?),
                 None => None,
             },
-            service: RewardService::connect(&settings.reward, &creds, rt.clone())?,
+            service: RewardService::connect(&settings.reward, creds.tls(), rt.clone())?,
             leases: leases.clone(),
             outbox: Outbox::new(rt.clone(), creds.clone(), beat.clone()),
             creds: creds.clone(),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod python_sdk;
 pub mod tools;
 
 pub use tools::Tool;

