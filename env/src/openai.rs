@@ -239,31 +239,59 @@ async fn models(State(ep): State<Arc<Endpoint>>) -> Response {
     .into_response()
 }
 
+/// A refusal: its status and message (made into the reply by [`error`]).
+type Refused = (StatusCode, String);
+
+fn refused(status: StatusCode, message: impl Into<String>) -> Refused {
+    (status, message.into())
+}
+
 /// The request's body as a JSON object.
-fn read_body(body: &[u8]) -> Result<Value, Response> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+fn read_body(body: &[u8]) -> Result<Value, Refused> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
     if !v.is_object() {
-        return Err(bad("the body must be a JSON object"));
+        return Err(refused(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        ));
     }
     Ok(v)
 }
 
+/// The body read and the key checked ([`read_body`], [`authorize`]).
+fn admit(
+    ep: &Endpoint,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Value, String, Shared), Refused> {
+    let v = read_body(body)?;
+    let (episode, shared) = authorize(ep, headers, &v)?;
+    Ok((v, episode, shared))
+}
+
 /// The episode a request names (its slot) once its key is checked: 400 without an
 /// episode, 404 for one not running here, 401 without its key.
-fn authorize(ep: &Endpoint, headers: &HeaderMap, v: &Value) -> Result<(String, Shared), Response> {
+fn authorize(ep: &Endpoint, headers: &HeaderMap, v: &Value) -> Result<(String, Shared), Refused> {
     let episode = match headers.get("x-episode-id") {
         Some(h) => h
             .to_str()
-            .map_err(|_| bad("X-Episode-Id: not text"))?
+            .map_err(|_| refused(StatusCode::BAD_REQUEST, "X-Episode-Id: not text"))?
             .to_string(),
         None => v
             .get("user")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| bad(
-                "no episode: send the TANDEM_EPISODE_ID the agent was started with as header X-Episode-Id or as \"user\"",
-            ))?,
+            .ok_or_else(|| {
+                refused(
+                    StatusCode::BAD_REQUEST,
+                    "no episode: send the TANDEM_EPISODE_ID the agent was started with as header X-Episode-Id or as \"user\"",
+                )
+            })?,
     };
     let key = match headers.get("authorization") {
         None => None,
@@ -271,13 +299,18 @@ fn authorize(ep: &Endpoint, headers: &HeaderMap, v: &Value) -> Result<(String, S
             h.to_str()
                 .ok()
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or_else(|| bad("Authorization: expected \"Bearer <OPENAI_API_KEY>\""))?
+                .ok_or_else(|| {
+                    refused(
+                        StatusCode::BAD_REQUEST,
+                        "Authorization: expected \"Bearer <OPENAI_API_KEY>\"",
+                    )
+                })?
                 .trim()
                 .to_string(),
         ),
     };
     let Some(shared) = ep.slot(&episode) else {
-        return Err(error(
+        return Err(refused(
             StatusCode::NOT_FOUND,
             format!(
                 "episode {:?} is not running on this generator (it ended, or was never started here)",
@@ -288,14 +321,14 @@ fn authorize(ep: &Endpoint, headers: &HeaderMap, v: &Value) -> Result<(String, S
     let allowed = match &key {
         Some(k) => same_key(k, &lock(&shared).key),
         None => {
-            return Err(error(
+            return Err(refused(
                 StatusCode::UNAUTHORIZED,
                 "Authorization: missing; send \"Bearer <OPENAI_API_KEY>\" (the key the agent was started with)",
             ))
         }
     };
     if !allowed {
-        return Err(error(
+        return Err(refused(
             StatusCode::UNAUTHORIZED,
             "Authorization: not this episode's key (send the OPENAI_API_KEY the agent was started with)",
         ));
@@ -524,13 +557,9 @@ async fn completions(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: 
 
 /// A turn request: the body read, the key checked, the fields checked, then the turn.
 async fn turn_endpoint(ep: Arc<Endpoint>, headers: HeaderMap, body: Bytes, text: bool) -> Response {
-    let v = match read_body(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let (episode, shared) = match authorize(&ep, &headers, &v) {
+    let (v, episode, shared) = match admit(&ep, &headers, &body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let read = if text {
         read_completions(&v, ep.policy.vocab, ep.policy.context)
@@ -978,13 +1007,9 @@ fn text_reply(
 /// → `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` when
 /// `return_token_strs`).
 async fn tokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
-    let v = match read_body(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let (_, shared) = match authorize(&ep, &headers, &v) {
+    let (v, _, shared) = match admit(&ep, &headers, &body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let work = tokio::task::spawn_blocking(move || tokenize_request(&ep, &shared, &v));
     match work.await {
@@ -1060,13 +1085,10 @@ fn tokenize_request(ep: &Endpoint, shared: &Mutex<Slot>, v: &Value) -> Result<Va
 /// `POST /detokenize`: vLLM's. `{"tokens"}` (each below the vocabulary size, at most
 /// the model's context of them) → `{"prompt": text}`.
 async fn detokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
-    let v = match read_body(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
+    let v = match admit(&ep, &headers, &body) {
+        Ok((v, _, _)) => v,
+        Err((status, why)) => return error(status, why),
     };
-    if let Err(r) = authorize(&ep, &headers, &v) {
-        return r;
-    }
     let ids = match token_ids(&v, "tokens", ep.policy.vocab, ep.policy.context) {
         Ok(ids) => ids,
         Err(why) => return bad(why),
