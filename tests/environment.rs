@@ -460,3 +460,192 @@ fn the_tiny_tool_demo_calls_the_calculator() {
     let svg = std::fs::read_to_string(run.join("report/episodes.svg")).unwrap();
     assert!(svg.contains("tool calls"), "{svg}");
 }
+
+/// examples/agents/verifiers_agent.py runs a verifiers environment as an agent: here a
+/// FAKE one (tests/fixtures/fake_vf_env.py, through the FAKE `verifiers` package of
+/// tests/fixtures/fake_verifiers, since verifiers' ~700 MB of dependencies are not in
+/// the test tools) whose rollout sends what verifiers 0.3.1's clients send: a chat turn
+/// with `logprobs` and `return_token_ids`, then the same sample continued by token ids
+/// on `/v1/completions` (its new text from `/tokenize`), and `/detokenize`. Each
+/// episode is one sample, and the trainer trains exactly the tokens the agent was
+/// answered with: the group's prompt and the completion are the last reply's
+/// `prompt_token_ids` and `token_ids`, the loss mask is 1 on the sampled tokens alone
+/// and their behaviour logprobs are the ones the replies carried; the reward is the
+/// environment's.
+#[test]
+#[cfg_attr(
+    missing_python_httpx,
+    ignore = "no Python with httpx (TANDEM_SKIP_MISSING_TOOLS=1)"
+)]
+fn a_verifiers_environment_trains_through_the_adapter() {
+    let python = require_program(Tool::PythonHttpx);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = root.join("tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let run = dir.path().join("run");
+    let traces = dir.path().join("traces");
+    std::fs::create_dir_all(&traces).unwrap();
+    let steps = 2;
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[run]
+steps = {steps}
+batch_groups = 2
+group_size = 2
+max_staleness = 1
+generators = 1
+run_dir = "{run}"
+
+[model]
+path = "{model}"
+
+[data]
+kind = "arithmetic"
+chat = true
+
+[generator]
+temperature = 1.0
+max_new_tokens = 160
+prompts_per_batch = 2
+
+[reward]
+math = 0.0
+format = 0.0
+
+[env]
+agent = ["{python}", "{adapter}", "--env", "fake_vf_env", "--env-path", "{fixtures}", "--max-tokens", "24"]
+max_turns = 2
+
+[algorithm]
+temperature = 1.0
+
+[trainer]
+dump_batches = true
+"#,
+            run = run.display(),
+            model = model.display(),
+            python = python.display(),
+            adapter = root.join("examples/agents/verifiers_agent.py").display(),
+            fixtures = fixtures.display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", cfg.to_str().unwrap()])
+        .env("TANDEM_LOG", "warn")
+        .env("PYTHONPATH", fixtures.join("fake_verifiers"))
+        .env("AGENT_TRACE_DIR", &traces)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let log = std::fs::read_to_string(run.join("logs/gen-0.log")).unwrap();
+    assert!(!log.contains("[env] agent:"), "{log}");
+
+    // Each episode's trace by (lease, sample): its episode id is "<lease>-<sample>-<hex>".
+    let mut traces_of: std::collections::HashMap<(u64, u64), Value> = Default::default();
+    for entry in std::fs::read_dir(&traces).unwrap() {
+        let t: Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+        let id = t["episode"].as_str().unwrap().to_string();
+        let mut parts = id.split('-');
+        let lease: u64 = parts.next().unwrap().parse().unwrap();
+        let sample: u64 = parts.next().unwrap().parse().unwrap();
+        traces_of.insert((lease, sample), t);
+    }
+    let u32s = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let f64s = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let mut checked = 0;
+    for step in 1..=steps {
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        for r in dumped_batch(&run, step) {
+            let group = r["group"].as_str().unwrap().to_string();
+            let lease: u64 = group
+                .split("-l")
+                .nth(1)
+                .unwrap()
+                .split('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let counter = seen.entry(group).or_default();
+            let sample = *counter;
+            *counter += 1;
+            let t = &traces_of[&(lease, sample)];
+            assert_eq!(r["reward"].as_f64(), t["reward"].as_f64(), "{r}");
+            let (chat, text) = (&t["replies"][0], &t["replies"][1]);
+            let chat_ids = u32s(&chat["choices"][0]["token_ids"]);
+            let chat_lp: Vec<f64> = chat["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["logprob"].as_f64().unwrap())
+                .collect();
+            let text_prompt = u32s(&text["choices"][0]["prompt_token_ids"]);
+            let text_ids = u32s(&text["choices"][0]["token_ids"]);
+            let text_lp = f64s(&text["choices"][0]["logprobs"]["token_logprobs"]);
+            // The trained tokens are the last reply's prompt and tokens, exactly.
+            let prompt = u32s(&r["prompt_ids"]);
+            let completion = completion_ids(&r);
+            assert_eq!(
+                [prompt.clone(), completion.clone()].concat(),
+                [text_prompt.clone(), text_ids.clone()].concat(),
+                "the trained sample is the tokens the agent was answered with"
+            );
+            // The chat reply sits right after the chat prompt within it.
+            let chat_prompt = u32s(&chat["prompt_token_ids"]);
+            let at = chat_prompt.len();
+            assert_eq!(&text_prompt[..at], &chat_prompt[..]);
+            assert_eq!(&text_prompt[at..at + chat_ids.len()], &chat_ids[..]);
+            let mask: Vec<u64> = r["loss_mask"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let behaviour = f64s(&r["behavior_logprobs"]);
+            let p = prompt.len();
+            let mut want_mask = vec![0u64; completion.len()];
+            let mut want_lp = vec![None; completion.len()];
+            for (j, lp) in chat_lp.iter().enumerate() {
+                want_mask[at + j - p] = 1;
+                want_lp[at + j - p] = Some(*lp);
+            }
+            let start = text_prompt.len() - p;
+            for (j, lp) in text_lp.iter().enumerate() {
+                want_mask[start + j] = 1;
+                want_lp[start + j] = Some(*lp);
+            }
+            assert_eq!(mask, want_mask, "only the sampled tokens train");
+            for (j, want) in want_lp.iter().enumerate() {
+                if let Some(want) = want {
+                    assert!(
+                        (behaviour[j] - want).abs() < 1e-5,
+                        "token {j}: behaviour logprob {} against the reply's {want}",
+                        behaviour[j]
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, steps * 2 * 2, "every episode's sample was checked");
+}

@@ -145,6 +145,11 @@ impl Agents {
             max_turns: config.max_turns,
             budget: max_new_tokens,
             context: model.model.config().max_position_embeddings,
+            vocab: model
+                .model
+                .config()
+                .vocab_size
+                .min(model.tokenizer.vocab_size()),
             held,
             model: MODEL.into(),
         };
@@ -288,7 +293,7 @@ impl Agents {
             };
             let id = FIRST_AGENT_ID + self.next_id;
             self.next_id += 1;
-            let added = engine.add(
+            let added = engine.add_with_top_logprobs(
                 model,
                 Request {
                     id,
@@ -300,6 +305,7 @@ impl Agents {
                     },
                     first_stream: t.stream,
                 },
+                t.top_logprobs,
             );
             match added {
                 Ok(()) => {
@@ -337,9 +343,14 @@ impl Agents {
             Some(reply) => {
                 let turn = f.completions.into_iter().next();
                 let tags = f.tags.into_iter().next().unwrap_or_default();
-                if let Some(turn) = turn {
+                let tops = f.top_logprobs.into_iter().next().unwrap_or_default();
+                if let Some(completion) = turn {
                     // The agent may have gone (killed at its timeout): nothing to answer.
-                    let _ = reply.send(Ok((turn, tags)));
+                    let _ = reply.send(Ok(openai::Turn {
+                        completion,
+                        tags,
+                        tops,
+                    }));
                 }
                 None
             }

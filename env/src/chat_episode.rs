@@ -132,6 +132,14 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<Value>, String> {
     Ok(tools.to_vec())
 }
 
+/// A `/v1/completions` request's prompt: text, or token ids (checked against the
+/// vocabulary).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
 /// One sample: its first prompt, then every turn since (the model's as sampled, the
 /// rest tokenized once and masked).
 #[derive(Clone, Debug, Default)]
@@ -180,6 +188,18 @@ impl ChatEpisode {
         messages: &[Message],
         tools: &[Value],
     ) -> tandem_model::Result<String> {
+        self.render_with(tokenizer, messages, tools, true)
+    }
+
+    /// [`ChatEpisode::render`], the assistant's header after the conversation only when
+    /// `add_generation_prompt` (`/tokenize`'s field).
+    pub fn render_with(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        tools: &[Value],
+        add_generation_prompt: bool,
+    ) -> tandem_model::Result<String> {
         let mut chat: Vec<ChatMessage> = messages
             .iter()
             .map(|m| {
@@ -212,7 +232,7 @@ impl ChatEpisode {
                 },
             );
         }
-        tokenizer.apply_chat_template(&chat, true)
+        tokenizer.apply_chat_template(&chat, add_generation_prompt)
     }
 
     /// The turn for a request whose rendered conversation is `text`: the last sample
@@ -225,27 +245,85 @@ impl ChatEpisode {
         max_tokens: usize,
         budget: usize,
     ) -> tandem_model::Result<TurnPlan> {
-        if let Some((k, s)) = self.samples.iter().enumerate().next_back() {
-            if let Some(rest) = text.strip_prefix(s.text.as_str()) {
-                let new_ids = tokenizer.encode(rest)?;
-                let used = s.tokens.ids.len() + new_ids.len() - s.prompt_len;
-                return Ok(TurnPlan {
-                    extends: Some(k),
-                    text: rest.to_string(),
-                    prompt: [s.tokens.ids.as_slice(), &new_ids].concat(),
-                    new_ids,
-                    max_new: max_tokens.min(budget.saturating_sub(used)),
-                });
-            }
+        if let Some(plan) = self.extend_text(tokenizer, text, max_tokens, budget)? {
+            return Ok(plan);
         }
         let ids = tokenizer.encode(text)?;
-        Ok(TurnPlan {
+        Ok(Self::new_sample(text.to_string(), ids, max_tokens, budget))
+    }
+
+    /// The turn for a `/v1/completions` request: a text prompt that starts with the
+    /// last sample's text (its prompts and the model's turns as decoded) extends it,
+    /// only the rest tokenized; a token prompt that starts with the last sample's tokens
+    /// extends it, the rest taken as given. Anything else starts a new sample (a text
+    /// prompt tokenized as a raw prompt: with BOS where the model's tokenizer adds one).
+    pub fn plan_prompt(
+        &self,
+        tokenizer: &Tokenizer,
+        prompt: &Prompt,
+        max_tokens: usize,
+        budget: usize,
+    ) -> tandem_model::Result<TurnPlan> {
+        match prompt {
+            Prompt::Text(text) => {
+                if let Some(plan) = self.extend_text(tokenizer, text, max_tokens, budget)? {
+                    return Ok(plan);
+                }
+                let ids = tokenizer.encode_prompt(text)?;
+                Ok(Self::new_sample(text.clone(), ids, max_tokens, budget))
+            }
+            Prompt::Tokens(ids) => {
+                if let Some((k, s)) = self.samples.iter().enumerate().next_back() {
+                    if let Some(rest) = ids.strip_prefix(s.tokens.ids.as_slice()) {
+                        let used = s.tokens.ids.len() + rest.len() - s.prompt_len;
+                        return Ok(TurnPlan {
+                            extends: Some(k),
+                            text: tokenizer.decode(rest, false)?,
+                            prompt: ids.clone(),
+                            new_ids: rest.to_vec(),
+                            max_new: max_tokens.min(budget.saturating_sub(used)),
+                        });
+                    }
+                }
+                let text = tokenizer.decode(ids, false)?;
+                Ok(Self::new_sample(text, ids.clone(), max_tokens, budget))
+            }
+        }
+    }
+
+    /// The turn that extends the last sample when `text` starts with its text.
+    fn extend_text(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        max_tokens: usize,
+        budget: usize,
+    ) -> tandem_model::Result<Option<TurnPlan>> {
+        let Some((k, s)) = self.samples.iter().enumerate().next_back() else {
+            return Ok(None);
+        };
+        let Some(rest) = text.strip_prefix(s.text.as_str()) else {
+            return Ok(None);
+        };
+        let new_ids = tokenizer.encode(rest)?;
+        let used = s.tokens.ids.len() + new_ids.len() - s.prompt_len;
+        Ok(Some(TurnPlan {
+            extends: Some(k),
+            text: rest.to_string(),
+            prompt: [s.tokens.ids.as_slice(), &new_ids].concat(),
+            new_ids,
+            max_new: max_tokens.min(budget.saturating_sub(used)),
+        }))
+    }
+
+    fn new_sample(text: String, ids: Vec<u32>, max_tokens: usize, budget: usize) -> TurnPlan {
+        TurnPlan {
             extends: None,
-            text: text.to_string(),
+            text,
             prompt: ids.clone(),
             new_ids: ids,
             max_new: max_tokens.min(budget),
-        })
+        }
     }
 
     /// Records a sampled turn on its plan (`tags`: each token's version; `held` tags the
@@ -261,27 +339,13 @@ impl ChatEpisode {
         tokenizer: &Tokenizer,
         stop: &[u32],
     ) -> tandem_model::Result<Message> {
-        let k = match plan.extends {
-            Some(k) => k,
-            None => {
-                self.samples.push(Sample {
-                    prompt_len: plan.new_ids.len(),
-                    ..Default::default()
-                });
-                self.samples.len() - 1
-            }
-        };
+        let k = self.push_turn(plan, &turn, tags, held, tokenizer)?;
         let s = &mut self.samples[k];
-        s.tokens.push_context(&plan.new_ids, held);
-        s.text.push_str(&plan.text);
-        s.tokens.push_model(&turn, tags);
-        self.turns += 1;
         let body = match turn.tokens.split_last() {
             Some((last, body)) if stop.contains(last) => body,
             _ => &turn.tokens[..],
         };
         let sampled = tokenizer.decode(body, false)?;
-        s.text.push_str(&tokenizer.decode(&turn.tokens, false)?);
         let reply = match tool_call::parse(&sampled) {
             Action::Call { name, arguments } => {
                 s.tokens.tool_calls += 1;
@@ -309,6 +373,49 @@ impl ChatEpisode {
         };
         self.replies.push((reply.clone(), sampled));
         Ok(reply)
+    }
+
+    /// Records a `/v1/completions` turn on its plan: its tokens exactly as given (the
+    /// caller has cut them where a stop string ended), as [`ChatEpisode::record`] does.
+    pub fn record_text(
+        &mut self,
+        plan: TurnPlan,
+        turn: Completion,
+        tags: Vec<u64>,
+        held: u64,
+        tokenizer: &Tokenizer,
+    ) -> tandem_model::Result<()> {
+        self.push_turn(plan, &turn, tags, held, tokenizer)?;
+        Ok(())
+    }
+
+    /// Appends the plan's new tokens (masked) and the turn (as sampled) to its sample,
+    /// a new one when it extends none; the sample's index.
+    fn push_turn(
+        &mut self,
+        plan: TurnPlan,
+        turn: &Completion,
+        tags: Vec<u64>,
+        held: u64,
+        tokenizer: &Tokenizer,
+    ) -> tandem_model::Result<usize> {
+        let k = match plan.extends {
+            Some(k) => k,
+            None => {
+                self.samples.push(Sample {
+                    prompt_len: plan.new_ids.len(),
+                    ..Default::default()
+                });
+                self.samples.len() - 1
+            }
+        };
+        let s = &mut self.samples[k];
+        s.tokens.push_context(&plan.new_ids, held);
+        s.text.push_str(&plan.text);
+        s.tokens.push_model(turn, tags);
+        self.turns += 1;
+        s.text.push_str(&tokenizer.decode(&turn.tokens, false)?);
+        Ok(k)
     }
 
     /// The episode's final model turn (what verifiers score): the last turn of its last
@@ -491,6 +598,51 @@ mod tests {
         let tight = e.plan(&tok, &text, 1000, c.tokens.len()).unwrap();
         assert_eq!(tight.max_new, 0);
         m.pop();
+    }
+
+    /// A completions prompt continues the last sample when it starts with its text (or
+    /// its tokens), only the rest tokenized; any other starts a new sample, a raw text
+    /// prompt tokenized as one (BOS rules).
+    #[test]
+    fn completion_prompts_extend_the_sample_they_start_with() {
+        let tok = tokenizer();
+        let mut e = ChatEpisode::default();
+        let first = e
+            .plan_prompt(&tok, &Prompt::Text("3*4=".into()), 16, 64)
+            .unwrap();
+        assert_eq!(
+            (first.extends, first.prompt.clone()),
+            (None, tok.encode_prompt("3*4=").unwrap())
+        );
+        let c = sampled(&tok, "12");
+        e.record_text(first.clone(), c.clone(), vec![1; c.tokens.len()], 0, &tok)
+            .unwrap();
+        let so_far = [first.prompt.clone(), c.tokens.clone()].concat();
+        let text = format!("3*4={} 5*5=", tok.decode(&c.tokens, false).unwrap());
+        let by_text = e.plan_prompt(&tok, &Prompt::Text(text), 16, 64).unwrap();
+        assert_eq!(by_text.extends, Some(0));
+        assert_eq!(by_text.new_ids, tok.encode(" 5*5=").unwrap());
+        assert_eq!(
+            by_text.prompt,
+            [so_far.clone(), by_text.new_ids.clone()].concat()
+        );
+        let more = [so_far.clone(), vec![7, 8]].concat();
+        let by_ids = e
+            .plan_prompt(&tok, &Prompt::Tokens(more.clone()), 16, 64)
+            .unwrap();
+        assert_eq!(
+            (by_ids.extends, by_ids.new_ids.as_slice()),
+            (Some(0), &[7, 8][..])
+        );
+        assert_eq!(by_ids.max_new, 16.min(64 - c.tokens.len() - 2));
+        let other = e
+            .plan_prompt(&tok, &Prompt::Tokens(vec![9, 9]), 16, 64)
+            .unwrap();
+        assert_eq!((other.extends, other.prompt), (None, vec![9, 9]));
+        let rewritten = e
+            .plan_prompt(&tok, &Prompt::Text("5*5=".into()), 16, 64)
+            .unwrap();
+        assert_eq!(rewritten.extends, None);
     }
 
     #[test]

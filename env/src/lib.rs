@@ -17,8 +17,9 @@
 //!   [`python`] — the `python` tool, run in [`tandem_sandbox`]
 //! - [`service`] — the Environment service's client (`Reset`, `Step`)
 //! - [`agent`] — `[env] agent` programs, one process per episode; [`openai`] — the
-//!   OpenAI-compatible endpoint they talk to; [`chat_episode`] — an agent's requests
-//!   merged into samples, the model's tokens as sampled
+//!   OpenAI-compatible endpoint they talk to (chat and completions with vLLM's
+//!   token-level fields, `/tokenize`, `/detokenize`); [`chat_episode`] — an agent's
+//!   requests merged into samples, the model's tokens as sampled
 
 #![forbid(unsafe_code)]
 

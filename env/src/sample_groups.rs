@@ -366,6 +366,7 @@ mod tests {
             id: 5,
             tags: vec![vec![0; call.tokens.len()], vec![0; answer.tokens.len()]],
             completions: vec![call.clone(), answer.clone()],
+            top_logprobs: vec![Vec::new(); 2],
         };
         let none = groups.finished(&mut engine, &m.model, first, &env, tok);
         assert!(none.unwrap().is_none());

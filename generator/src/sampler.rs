@@ -287,6 +287,7 @@ impl Sampler {
                     k
                 ],
                 tags: vec![vec![held; n]; k],
+                top_logprobs: vec![Vec::new(); k],
             };
             jobs.push(Job::Score {
                 lease: l,

@@ -95,11 +95,26 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f
     }
     let inv_t = 1.0 / p.temperature;
     let z = |i: usize| logits[i] as f64 * inv_t;
-    if p.top_k == 0 && p.top_p >= 1.0 {
-        let (i, lp) = draw(0..logits.len(), z, rng);
-        return (i as u32, lp as f32);
+    match candidates(logits, p) {
+        None => {
+            let (i, lp) = draw(0..logits.len(), z, rng);
+            (i as u32, lp as f32)
+        }
+        Some(idx) => {
+            let (i, lp) = draw(idx.iter().copied(), z, rng);
+            (i as u32, lp as f32)
+        }
     }
-    // The candidate set, most likely first.
+}
+
+/// The top-k / top-p candidate set of a temperature draw, most likely first (ties by
+/// the lower id); `None` when neither is on (every token is a candidate).
+fn candidates(logits: &[f32], p: &SamplingParams) -> Option<Vec<usize>> {
+    if p.top_k == 0 && p.top_p >= 1.0 {
+        return None;
+    }
+    let inv_t = 1.0 / p.temperature;
+    let z = |i: usize| logits[i] as f64 * inv_t;
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     if p.top_k > 0 && p.top_k < idx.len() {
         idx.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
@@ -119,8 +134,45 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f
         }
         idx.truncate(keep);
     }
-    let (i, lp) = draw(idx.iter().copied(), z, rng);
-    (i as u32, lp as f32)
+    Some(idx)
+}
+
+/// The `k` most likely tokens of one row of `logits` with their logprobs under the
+/// distribution [`sample`] draws from and records: log softmax(logits / τ) over the
+/// top-k / top-p set (renormalised there; tokens outside it have probability 0 and are
+/// never listed), and log softmax(logits) (τ = 1, untruncated) when greedy. Most likely
+/// first, ties by the lower id; fewer than `k` when the set is smaller. The sampled
+/// token's recorded logprob equals its entry here when it is listed.
+pub fn top_logprobs(logits: &[f32], p: &SamplingParams, k: usize) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let (inv_t, set) = if p.is_greedy() {
+        (1.0, None)
+    } else {
+        (1.0 / p.temperature, candidates(logits, p))
+    };
+    let z = |i: usize| logits[i] as f64 * inv_t;
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let (lse, mut top) = match set {
+        Some(idx) => {
+            let lse = logsumexp(idx.iter().map(|&i| z(i)));
+            (lse, idx.into_iter().take(k).collect::<Vec<_>>())
+        }
+        None => {
+            let lse = logsumexp((0..logits.len()).map(z));
+            let mut idx: Vec<usize> = (0..logits.len()).collect();
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, by_logit);
+                idx.truncate(k);
+            }
+            (lse, idx)
+        }
+    };
+    top.sort_unstable_by(by_logit);
+    top.into_iter()
+        .map(|i| (i as u32, (z(i) - lse) as f32))
+        .collect()
 }
 
 /// Draws from softmax(z) over the candidates `idx` in one pass of exponentials:
@@ -218,6 +270,43 @@ mod tests {
         for i in 0..3 {
             assert!((seen[i] as f64 / n as f64 - z[i] / s).abs() < 0.03);
         }
+    }
+
+    /// The listed logprobs are those `sample` records: at τ over the whole vocabulary,
+    /// renormalised over the top-k / top-p set, at τ = 1 when greedy.
+    #[test]
+    fn top_logprobs_are_the_recorded_distribution() {
+        let logits = [3.0f32, 2.0, 1.0, 0.0, 2.0];
+        let lse = |t: f64, ids: &[usize]| {
+            ids.iter()
+                .map(|&i| (logits[i] as f64 / t).exp())
+                .sum::<f64>()
+                .ln()
+        };
+        let all = [0, 1, 2, 3, 4];
+        let top = top_logprobs(&logits, &params(0.5, 0, 1.0), 3);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [0, 1, 4], "most likely first, ties by the lower id");
+        for &(i, lp) in &top {
+            let want = logits[i as usize] as f64 / 0.5 - lse(0.5, &all);
+            assert!((lp as f64 - want).abs() < 1e-6);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for t in [0.0, 0.7] {
+            for (k, p) in [(0, 1.0), (2, 1.0), (0, 0.6)] {
+                let sp = params(t, k, p);
+                let listed = top_logprobs(&logits, &sp, 10);
+                for _ in 0..50 {
+                    let (tok, lp) = sample(&logits, &sp, &mut rng);
+                    let entry = listed.iter().find(|e| e.0 == tok).unwrap();
+                    assert!((entry.1 - lp).abs() < 1e-5, "{t} {k} {p}: {entry:?} {lp}");
+                }
+                if k == 2 && t > 0.0 {
+                    assert_eq!(listed.len(), 2, "only the top-k set");
+                }
+            }
+        }
+        assert!(top_logprobs(&logits, &params(1.0, 0, 1.0), 0).is_empty());
     }
 
     #[test]

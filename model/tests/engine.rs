@@ -420,3 +420,49 @@ fn samples_that_end_at_their_first_token_give_back_every_page() {
         assert_eq!(e.used_pages(), 0, "round {round}: pages still held");
     }
 }
+
+/// Top logprobs asked with a request come with every sampled token of every sample
+/// (forked samples too), most likely first, under the distribution the token was drawn
+/// from: the sampled token's recorded logprob is its entry whenever it is listed, and
+/// asking for them changes no token. More than `MAX_TOP_LOGPROBS` is refused.
+#[test]
+fn top_logprobs_come_with_each_sampled_token() {
+    let model = tiny("tiny", 6).model;
+    let p = SamplingParams {
+        top_k: 8,
+        ..params(0.8, 7, 11)
+    };
+    let reqs: Vec<Request> = (0..3).map(|i| request(i, 3, p.clone())).collect();
+    let mut e = Engine::new(&model, EngineConfig::default()).unwrap();
+    for r in &reqs {
+        e.add_with_top_logprobs(&model, r.clone(), 5).unwrap();
+    }
+    let done = e.run_to_completion(&model, 0).unwrap();
+    let plain = run(&model, EngineConfig::default(), &reqs);
+    let mut listed = 0;
+    for f in &done {
+        assert_eq!(f.completions, plain[&f.id], "request {}", f.id);
+        assert_eq!(f.top_logprobs.len(), f.completions.len());
+        for (c, tops) in f.completions.iter().zip(&f.top_logprobs) {
+            assert_eq!(tops.len(), c.tokens.len());
+            for ((tok, lp), top) in c.tokens.iter().zip(&c.logprobs).zip(tops) {
+                assert_eq!(top.len(), 5);
+                assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
+                if let Some(entry) = top.iter().find(|t| t.0 == *tok) {
+                    assert!((entry.1 - lp).abs() < 1e-4, "{entry:?} against {lp}");
+                    listed += 1;
+                }
+            }
+        }
+    }
+    assert!(listed > 0);
+    let too_many = Engine::new(&model, EngineConfig::default())
+        .unwrap()
+        .add_with_top_logprobs(
+            &model,
+            reqs[0].clone(),
+            tandem_model::engine::MAX_TOP_LOGPROBS + 1,
+        )
+        .unwrap_err();
+    assert!(too_many.to_string().contains("top logprobs"), "{too_many}");
+}

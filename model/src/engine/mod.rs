@@ -61,6 +61,10 @@ use crate::transformer::Model;
 use runner::{Runner, StepRows};
 use scheduler::{Scheduler, Seq};
 
+/// Top logprobs a request may ask to be recorded per token at most (vLLM's default
+/// `max_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// A prompt to sample `samples` completions of.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -80,6 +84,10 @@ pub struct Finished {
     pub completions: Vec<Completion>,
     /// Per completion: the `tag` of the step that sampled each token.
     pub tags: Vec<Vec<u64>>,
+    /// Per completion, per token: the most likely tokens and their logprobs under the
+    /// distribution it was drawn from ([`sampling::top_logprobs`]); empty unless the
+    /// request was added with [`Engine::add_with_top_logprobs`].
+    pub top_logprobs: Vec<Vec<Vec<(u32, f32)>>>,
 }
 
 /// What one step did.
@@ -107,9 +115,14 @@ pub struct EngineStats {
     pub peak_running: usize,
 }
 
+/// A finished sample: its completion, tags and top logprobs.
+type SampleOut = (Completion, Vec<u64>, Vec<Vec<(u32, f32)>>);
+
 struct RequestState {
     params: SamplingParams,
-    out: Vec<Option<(Completion, Vec<u64>)>>,
+    /// Top logprobs recorded per token (0: none).
+    top: usize,
+    out: Vec<Option<SampleOut>>,
     left: usize,
 }
 
@@ -161,7 +174,19 @@ impl Engine {
 
     /// Checks and queues a request; nothing runs until [`Engine::step`].
     pub fn add(&mut self, model: &Model, r: Request) -> Result<()> {
+        self.add_with_top_logprobs(model, r, 0)
+    }
+
+    /// [`Engine::add`], recording with every sampled token its `top` most likely tokens
+    /// and their logprobs ([`Finished::top_logprobs`]; at most [`MAX_TOP_LOGPROBS`]).
+    pub fn add_with_top_logprobs(&mut self, model: &Model, r: Request, top: usize) -> Result<()> {
         r.params.validate()?;
+        if top > MAX_TOP_LOGPROBS {
+            return Err(Error::invalid(format!(
+                "request {}: {top} top logprobs asked, at most {MAX_TOP_LOGPROBS}",
+                r.id
+            )));
+        }
         let cfg = model.config();
         if r.prompt.is_empty() {
             return Err(Error::invalid(format!(
@@ -216,6 +241,7 @@ impl Engine {
             r.id,
             RequestState {
                 params: r.params,
+                top,
                 out: vec![None; r.samples],
                 left: r.samples,
             },
@@ -271,22 +297,28 @@ impl Engine {
         let mut done = vec![false; self.sched.running().len()];
         let mut forks = Vec::new();
         for &(i, _) in rows {
-            let picks = std::mem::take(&mut picked[i]);
+            let (picks, tops) = std::mem::take(&mut picked[i]);
             if picks.len() > 1 {
                 // Samples 1.. share the full pages and copy the partly filled last one,
                 // now, while the prompt still holds them (it may finish this step).
-                for f in self.sched.fork(i, &picks, tag) {
+                for mut f in self.sched.fork(i, &picks, tag) {
                     if let Some(copy) = f.copy {
                         self.runner.copy_page(copy, false)?;
                     }
                     if let Some(copy) = f.local_copy {
                         self.runner.copy_page(copy, true)?;
                     }
+                    if let Some(t) = &tops {
+                        f.seq.tops.push(t.clone());
+                    }
                     forks.push(f);
                 }
             }
             let s = &mut self.sched.running_mut()[i];
             s.push(picks[0], tag);
+            if let Some(t) = tops {
+                s.tops.push(t);
+            }
             done[i] = finished(s, &self.requests[&s.request].params).is_some();
         }
         // Retire finished sequences (highest index first keeps indices valid).
@@ -312,8 +344,15 @@ impl Engine {
     }
 
     /// Every row's draws at once (each sequence owns its random streams): per running
-    /// sequence, one (token, logprob) per sample for those with a row, none otherwise.
-    fn draw(&mut self, rows: &[(usize, usize)], logits: &[Vec<f32>]) -> Vec<Vec<(u32, f32)>> {
+    /// sequence, one (token, logprob) per sample for those with a row, none otherwise,
+    /// and the row's top logprobs when its request asked for them (the same for every
+    /// sample: they depend on the row's logits alone).
+    #[allow(clippy::type_complexity)]
+    fn draw(
+        &mut self,
+        rows: &[(usize, usize)],
+        logits: &[Vec<f32>],
+    ) -> Vec<(Vec<(u32, f32)>, Option<Vec<(u32, f32)>>)> {
         let running = self.sched.running_mut();
         let mut row_of = vec![None; running.len()];
         for (&(i, _), row) in rows.iter().zip(logits) {
@@ -325,13 +364,17 @@ impl Engine {
             .zip(row_of.par_iter())
             .map(|(s, row)| match row {
                 Some(row) => {
-                    let params = &requests[&s.request].params;
-                    s.rngs
+                    let st = &requests[&s.request];
+                    let picks = s
+                        .rngs
                         .iter_mut()
-                        .map(|rng| sampling::sample(row, params, rng))
-                        .collect()
+                        .map(|rng| sampling::sample(row, &st.params, rng))
+                        .collect();
+                    let tops =
+                        (st.top > 0).then(|| sampling::top_logprobs(row, &st.params, st.top));
+                    (picks, tops)
                 }
-                None => Vec::new(),
+                None => (Vec::new(), None),
             })
             .collect()
     }
@@ -348,15 +391,23 @@ impl Engine {
                 finish_reason: reason,
             },
             s.tags,
+            s.tops,
         ));
         st.left -= 1;
         if st.left == 0 {
             let st = self.requests.remove(&s.request).expect("pending request");
-            let (completions, tags) = st.out.into_iter().map(|o| o.expect("all done")).unzip();
+            let (mut completions, mut tags, mut top_logprobs) =
+                (Vec::new(), Vec::new(), Vec::new());
+            for (c, t, tops) in st.out.into_iter().map(|o| o.expect("all done")) {
+                completions.push(c);
+                tags.push(t);
+                top_logprobs.push(tops);
+            }
             out.finished.push(Finished {
                 id: s.request,
                 completions,
                 tags,
+                top_logprobs,
             });
         }
     }

@@ -58,6 +58,9 @@ pub(crate) struct Seq {
     pub local: LocalHold,
     pub logprobs: Vec<f32>,
     pub tags: Vec<u64>,
+    /// Per sampled token, the most likely tokens and their logprobs (empty unless the
+    /// request asked for them: [`super::Engine::add_with_top_logprobs`]).
+    pub tops: Vec<Vec<(u32, f32)>>,
 }
 
 impl Seq {
@@ -80,6 +83,7 @@ impl Seq {
             local: LocalHold::default(),
             logprobs: Vec::new(),
             tags: Vec::new(),
+            tops: Vec::new(),
         }
     }
 
@@ -390,6 +394,7 @@ impl Scheduler {
                 local: LocalHold::default(),
                 logprobs: Vec::new(),
                 tags: Vec::new(),
+                tops: Vec::new(),
             };
             seq.push(pick, tag);
             for &p in &seq.pages {
