@@ -12,6 +12,9 @@
 //! - `adapter.rs`: `Adapter`, the (A, B) pairs as a `ParamStore` under PEFT's names.
 //! - `layer.rs`: `LayerLora`, a layer's adapters in a forward, and `adapted`, the
 //!   projection with its adapter added.
+//! - `model.rs`: `Model`'s LoRA methods: `with_adapter` (the base frozen, its
+//!   fingerprint taken), `trainable`, `without_adapter`, `merged`, `fold_adapter` /
+//!   `refold` (generators).
 //! - `op.rs`: `lora_linear`, a projection with its adapter as one autograd node (the
 //!   training path: no (rows, out) activations of its own).
 //! - `peft.rs`: PEFT's `adapter_config.json` and `adapter_model.safetensors`.
@@ -19,6 +22,7 @@
 pub mod adapter;
 pub mod config;
 pub mod layer;
+mod model;
 pub mod op;
 pub mod peft;
 
