@@ -42,6 +42,55 @@ fn adapted(model: &Model, spec: LoraSpec, seed: u64) -> Model {
     model.clone().with_adapter(a).unwrap()
 }
 
+/// `requests` prompts of different lengths, `samples` completions each of at most
+/// `max_new` tokens, seeded, on one engine; the tokens by request id.
+fn sample(
+    model: &Model,
+    requests: u64,
+    samples: usize,
+    max_new: usize,
+) -> Vec<(u64, Vec<Vec<u32>>)> {
+    let mut e = Engine::new(model, EngineConfig::default()).unwrap();
+    for i in 0..requests {
+        let prompt: Vec<u32> = (0..(3 + 4 * i as usize))
+            .map(|j| (j * 13 + i as usize * 7) as u32 % 400 + 3)
+            .collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            max_new_tokens: max_new,
+            seed: 40 + i,
+            ..Default::default()
+        };
+        e.add(
+            model,
+            Request {
+                id: i,
+                prompt,
+                samples,
+                params,
+                first_stream: 0,
+            },
+        )
+        .unwrap();
+    }
+    let mut out: Vec<_> = e
+        .run_to_completion(model, 0)
+        .unwrap()
+        .into_iter()
+        .map(|f| {
+            (
+                f.id,
+                f.completions
+                    .into_iter()
+                    .map(|c| c.tokens)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 const IDS: [u32; 12] = [5, 17, 99, 3, 250, 7, 8, 300, 41, 2, 11, 60];
 
 #[test]
@@ -120,47 +169,7 @@ fn the_engine_samples_the_same_with_the_adapter_unmerged_or_merged() {
         let p = tiny(name, 2);
         let m = adapted(&p.model, spec(4, &Target::ALL, false), 9);
         let merged = m.merged().unwrap();
-        let run = |model: &Model| {
-            let mut e = Engine::new(model, EngineConfig::default()).unwrap();
-            for i in 0..6u64 {
-                let prompt: Vec<u32> = (0..(3 + 4 * i as usize))
-                    .map(|j| (j * 13 + i as usize * 7) as u32 % 400 + 3)
-                    .collect();
-                let params = SamplingParams {
-                    temperature: 1.0,
-                    max_new_tokens: 12,
-                    seed: 40 + i,
-                    ..Default::default()
-                };
-                e.add(
-                    model,
-                    Request {
-                        id: i,
-                        prompt,
-                        samples: 4,
-                        params,
-                        first_stream: 0,
-                    },
-                )
-                .unwrap();
-            }
-            let mut out: Vec<_> = e
-                .run_to_completion(model, 0)
-                .unwrap()
-                .into_iter()
-                .map(|f| {
-                    (
-                        f.id,
-                        f.completions
-                            .into_iter()
-                            .map(|c| c.tokens)
-                            .collect::<Vec<_>>(),
-                    )
-                })
-                .collect();
-            out.sort();
-            out
-        };
+        let run = |model: &Model| sample(model, 6, 4, 12);
         let (a, b) = (run(&m), run(&merged));
         assert_eq!(a, b, "{name}");
         assert_ne!(
@@ -282,47 +291,7 @@ fn peft_format_round_trips_exactly_and_refuses_what_it_cannot_apply() {
 /// after a new version, and the new version is folded from W₀ (no drift).
 #[test]
 fn a_folded_adapter_samples_the_merged_model_and_refolds_each_version() {
-    let run = |model: &Model| {
-        let mut e = Engine::new(model, EngineConfig::default()).unwrap();
-        for i in 0..4u64 {
-            let prompt: Vec<u32> = (0..(5 + 3 * i as usize))
-                .map(|j| (j * 11 + 7) as u32 % 400 + 3)
-                .collect();
-            let params = SamplingParams {
-                temperature: 1.0,
-                max_new_tokens: 10,
-                seed: 9 + i,
-                ..Default::default()
-            };
-            e.add(
-                model,
-                Request {
-                    id: i,
-                    prompt,
-                    samples: 20,
-                    params,
-                    first_stream: 0,
-                },
-            )
-            .unwrap();
-        }
-        let mut out: Vec<_> = e
-            .run_to_completion(model, 0)
-            .unwrap()
-            .into_iter()
-            .map(|f| {
-                (
-                    f.id,
-                    f.completions
-                        .into_iter()
-                        .map(|c| c.tokens)
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect();
-        out.sort();
-        out
-    };
+    let run = |model: &Model| sample(model, 4, 20, 10);
     for name in preset::TINY_PRESETS {
         let p = tiny(name, 6);
         let unfolded = adapted(
