@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use candle_core::Tensor;
+
 use crate::error::{Error, Result};
 use crate::lora::adapter::module_name;
 use crate::lora::{Adapter, Target};
@@ -60,15 +62,12 @@ impl Model {
             return Err(Error::invalid("fold_adapter: the model has no adapter"));
         };
         let mut originals = HashMap::new();
-        for layer in 0..a.layers() {
-            for t in a.spec().targets.iter().copied() {
-                let name = format!("{}.weight", module_name(layer, t));
-                let w = self
-                    .params
-                    .get(&name)
-                    .ok_or_else(|| Error::invalid(format!("fold_adapter: no tensor `{name}`")))?;
-                originals.insert(name, w.as_tensor().detach().copy()?);
-            }
+        for (_, _, name) in targeted(a) {
+            let w = self
+                .params
+                .get(&name)
+                .ok_or_else(|| Error::invalid(format!("fold_adapter: no tensor `{name}`")))?;
+            originals.insert(name, w.as_tensor().detach().copy()?);
         }
         self.folded = Some(Arc::new(originals));
         self.refold()?;
@@ -82,16 +81,7 @@ impl Model {
         let (Some(a), Some(originals)) = (&self.adapter, &self.folded) else {
             return Ok(());
         };
-        let mut merged = HashMap::with_capacity(originals.len());
-        for layer in 0..a.layers() {
-            for t in a.spec().targets.iter().copied() {
-                let name = format!("{}.weight", module_name(layer, t));
-                if let (Some(d), Some(w0)) = (a.delta(layer, t)?, originals.get(&name)) {
-                    merged.insert(name, (w0 + d.to_dtype(w0.dtype())?)?);
-                }
-            }
-        }
-        self.params.assign(&merged)
+        self.params.assign(&with_deltas(a, originals)?)
     }
 
     /// Whether the adapter is folded into the parameters ([`Model::fold_adapter`]).
@@ -105,18 +95,34 @@ impl Model {
     pub fn merged(&self) -> Result<Model> {
         let mut tensors = self.params.snapshot()?;
         if let Some(a) = self.adapter.as_ref().filter(|_| self.folded.is_none()) {
-            for layer in 0..a.layers() {
-                for t in Target::ALL {
-                    if let Some(d) = a.delta(layer, t)? {
-                        let name = format!("{}.weight", module_name(layer, t));
-                        let w = tensors.remove(&name).ok_or_else(|| {
-                            Error::invalid(format!("merging the adapter: no tensor `{name}`"))
-                        })?;
-                        tensors.insert(name, (w + d.to_dtype(self.dtype)?)?);
-                    }
-                }
-            }
+            let merged = with_deltas(a, &tensors)?;
+            tensors.extend(merged);
         }
         Model::from_tensors(self.config.clone(), tensors, self.dtype, &self.device)
     }
+}
+
+/// (layer, target, HF weight name) of every projection `a` targets.
+fn targeted(a: &Adapter) -> impl Iterator<Item = (usize, Target, String)> + '_ {
+    (0..a.layers()).flat_map(move |layer| {
+        a.spec()
+            .targets
+            .iter()
+            .map(move |&t| (layer, t, format!("{}.weight", module_name(layer, t))))
+    })
+}
+
+/// W + s·B·A of every projection `a` targets, W taken from `base` by name: what merging
+/// and folding write.
+fn with_deltas(a: &Adapter, base: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(a.layers() * a.spec().targets.len());
+    for (layer, t, name) in targeted(a) {
+        let w = base
+            .get(&name)
+            .ok_or_else(|| Error::invalid(format!("the adapter's base has no tensor `{name}`")))?;
+        if let Some(d) = a.delta(layer, t)? {
+            out.insert(name, (w + d.to_dtype(w.dtype())?)?);
+        }
+    }
+    Ok(out)
 }
