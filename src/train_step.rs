@@ -58,11 +58,7 @@ pub fn run(a: TrainStepArgs) -> Result<()> {
     )?;
     // The reference is a frozen copy of the starting weights (under LoRA the base
     // itself: the same weights without the adapter).
-    let reference = match (cfg.algorithm.kl_coef > 0.0, p.model.adapter()) {
-        (false, _) => None,
-        (true, Some(_)) => Some(p.model.without_adapter()),
-        (true, None) => Some(tandem_model::load_model(&a.model)?.model),
-    };
+    let reference = tandem_trainer::rl::kl::reference(&p.model, &a.model, cfg.algorithm.kl_coef)?;
     let teacher = match &cfg.algorithm.teacher {
         Some(path) => Some(tandem_trainer::rl::distill::load_teacher(path, &p)?),
         None => None,

@@ -97,11 +97,7 @@ impl Start {
             Some(l) => tandem_model::load_policy(&s.model, Some(l), resumed)?,
             None => tandem_model::load_model(start_path)?,
         };
-        let reference = match (s.algorithm.kl_coef > 0.0, policy.model.adapter()) {
-            (false, _) => None,
-            (true, Some(_)) => Some(policy.model.without_adapter()),
-            (true, None) => Some(tandem_model::load_model(&s.model)?.model),
-        };
+        let reference = crate::rl::kl::reference(&policy.model, &s.model, s.algorithm.kl_coef)?;
         let teacher = match &s.algorithm.teacher {
             Some(path) => Some(crate::rl::distill::load_teacher(path, &policy)?.model),
             None => None,

@@ -11,6 +11,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+/// The frozen reference the KL is taken to when `kl_coef` > 0: under LoRA the
+/// policy's base itself (the same weights, no copy), else the starting model `base`
+/// loaded again.
+pub fn reference(
+    policy: &tandem_model::Model,
+    base: &str,
+    kl_coef: f64,
+) -> Result<Option<tandem_model::Model>> {
+    Ok(match (kl_coef > 0.0, policy.adapter()) {
+        (false, _) => None,
+        (true, Some(_)) => Some(policy.without_adapter()),
+        (true, None) => Some(tandem_model::load_model(base)?.model),
+    })
+}
+
 /// `[algorithm] kl_estimator`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
