@@ -53,7 +53,7 @@ pub fn task_input(
     system: Option<&str>,
     episode_id: &str,
     sample: usize,
-    max_turns: usize,
+    max_turns: u32,
 ) -> Value {
     let mut messages: Vec<Value> = system
         .map(|s| json!({"role": "system", "content": s}))
