@@ -934,8 +934,14 @@ fn eval_reads_the_held_out_split_of_a_file() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["held_out"].as_u64(), Some(held.len() as u64), "{r}");
-    assert_eq!(r["metrics"]["eval_held_out"].as_f64(), Some(held.len() as f64));
-    assert_eq!(r["metrics"]["eval_prompts"].as_f64(), Some(held.len() as f64));
+    assert_eq!(
+        r["metrics"]["eval_held_out"].as_f64(),
+        Some(held.len() as f64)
+    );
+    assert_eq!(
+        r["metrics"]["eval_prompts"].as_f64(),
+        Some(held.len() as f64)
+    );
     let texts: Vec<String> = std::fs::read_to_string(&samples)
         .unwrap()
         .lines()
@@ -946,7 +952,10 @@ fn eval_reads_the_held_out_split_of_a_file() {
         .collect();
     assert_eq!(texts.len(), held.len());
     for (t, i) in texts.iter().zip(&held) {
-        assert!(t.ends_with(&format!("r{i} =")), "{t:?} is not held-out record {i}");
+        assert!(
+            t.ends_with(&format!("r{i} =")),
+            "{t:?} is not held-out record {i}"
+        );
     }
     // Neither a split nor a path: the training prompts would be evaluated.
     assert_clean_failure(

@@ -1857,7 +1857,10 @@ fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
             let info: Value = serde_json::from_str(&r.info_json)
                 .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
             let level = info["level"].as_f64().unwrap_or(-1.0);
-            self.0.lock().unwrap().push((r.prompt, r.answer, r.info_json));
+            self.0
+                .lock()
+                .unwrap()
+                .push((r.prompt, r.answer, r.info_json));
             Ok(tonic::Response::new(ScoreReply {
                 rewards: vec![level; r.completions.len()],
             }))
@@ -1874,7 +1877,10 @@ fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
             req: tonic::Request<ResetRequest>,
         ) -> Result<tonic::Response<ResetReply>, tonic::Status> {
             let r = req.into_inner();
-            self.0.lock().unwrap().push((r.prompt, r.answer, r.info_json));
+            self.0
+                .lock()
+                .unwrap()
+                .push((r.prompt, r.answer, r.info_json));
             Ok(tonic::Response::new(ResetReply::default()))
         }
 
@@ -1912,9 +1918,8 @@ fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
         .collect();
     std::fs::write(&data, records).unwrap();
     // The info record `id` has, through the mapping.
-    let expected = |id: u64| {
-        serde_json::json!({"id": id, "level": id % 3, "reward_model": {"style": "rule"}})
-    };
+    let expected =
+        |id: u64| serde_json::json!({"id": id, "level": id % 3, "reward_model": {"style": "rule"}});
     let steps = 3;
     let path = format!("data.path={:?}", data.display().to_string());
     let env_service = format!("env.service={env_addr:?}");
@@ -1938,7 +1943,11 @@ fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
 
     // Each service call carries its record's info, prompt and answer.
     let check = |who: &str, calls: &[(String, String, String)]| {
-        assert!(calls.len() >= (steps * 2) as usize, "{who}: {} calls", calls.len());
+        assert!(
+            calls.len() >= (steps * 2) as usize,
+            "{who}: {} calls",
+            calls.len()
+        );
         for (prompt, answer, info_json) in calls {
             let info: Value = serde_json::from_str(info_json).unwrap();
             let id = info["id"].as_u64().unwrap();
@@ -1960,7 +1969,10 @@ fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
             let id = r["info"]["id"].as_u64().unwrap_or_else(|| panic!("{r}"));
             assert_eq!(r["info"], expected(id));
             let prompt = r["prompt_text"].as_str().unwrap();
-            assert!(prompt.contains(&format!("q{id} =")), "{prompt:?} is not record {id}'s");
+            assert!(
+                prompt.contains(&format!("q{id} =")),
+                "{prompt:?} is not record {id}'s"
+            );
             assert_eq!(r["reward"].as_f64(), Some((id % 3) as f64), "{r}");
             rows += 1;
         }

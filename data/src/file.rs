@@ -243,19 +243,18 @@ fn parse_record(
         }
         (None, None) => return Err(invalid(format!("{at}: needs `prompt` or `messages`"))),
         (Some(Value::String(s)), None) => PromptBody::Text(s),
-        (Some(v @ Value::Array(_)), None) => {
-            PromptBody::Messages(serde_json::from_value(v).map_err(|e| {
-                invalid(format!("{at}: `{prompt_name}` as a conversation: {e}"))
-            })?)
-        }
+        (Some(v @ Value::Array(_)), None) => PromptBody::Messages(
+            serde_json::from_value(v)
+                .map_err(|e| invalid(format!("{at}: `{prompt_name}` as a conversation: {e}")))?,
+        ),
         (Some(_), None) => {
             return Err(invalid(format!(
                 "{at}: `{prompt_name}` must be a string or a list of {{role, content}} messages"
             )))
         }
         (None, Some(v)) => {
-            let mut m: Vec<Message> = serde_json::from_value(v)
-                .map_err(|e| invalid(format!("{at}: `messages`: {e}")))?;
+            let mut m: Vec<Message> =
+                serde_json::from_value(v).map_err(|e| invalid(format!("{at}: `messages`: {e}")))?;
             if m.last().is_some_and(|t| t.role == "assistant") {
                 m.pop();
             }
@@ -288,10 +287,7 @@ fn parse_record(
     // The answer: the mapped field, else `answer`, else `ground_truth` (a
     // `ground_truth` beside an `answer` rides in info).
     let (answer, answer_name) = match &columns.answer {
-        Some(c) => (
-            Some(take_mapped(&mut fields, "answer", c, at)?),
-            c.as_str(),
-        ),
+        Some(c) => (Some(take_mapped(&mut fields, "answer", c, at)?), c.as_str()),
         None => match take(&mut fields, "answer") {
             Some(v) => (Some(v), "answer"),
             None => (take(&mut fields, "ground_truth"), "ground_truth"),

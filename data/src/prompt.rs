@@ -58,11 +58,8 @@ impl Dataset {
                 let path = cfg.path.as_deref().ok_or_else(|| {
                     invalid("[data] path: required with kind = \"jsonl\" or \"parquet\"")
                 })?;
-                let all = read_prompts_with(
-                    path,
-                    cfg.kind == DataKind::Parquet,
-                    cfg.columns.as_ref(),
-                )?;
+                let all =
+                    read_prompts_with(path, cfg.kind == DataKind::Parquet, cfg.columns.as_ref())?;
                 let (rows, held_out) = split(all, cfg, path)?;
                 Dataset::Rows {
                     rows,
@@ -117,7 +114,11 @@ impl Dataset {
 
 /// `cfg.split`'s side of `records` under `[data] eval_fraction` ([`crate::split`]) and
 /// the number held out; a split that leaves either side empty is refused.
-fn split(records: Vec<Prompt>, cfg: &DataConfig, path: &std::path::Path) -> Result<(Vec<Prompt>, usize)> {
+fn split(
+    records: Vec<Prompt>,
+    cfg: &DataConfig,
+    path: &std::path::Path,
+) -> Result<(Vec<Prompt>, usize)> {
     let f = cfg.eval_fraction;
     let n = records.len();
     if f <= 0.0 {
@@ -128,10 +129,13 @@ fn split(records: Vec<Prompt>, cfg: &DataConfig, path: &std::path::Path) -> Resu
             )),
         };
     }
-    let (held, train): (Vec<(usize, Prompt)>, Vec<(usize, Prompt)>) = records
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| crate::split::held_out(*i as u64, f));
+    let (mut held, mut train) = (Vec::new(), Vec::new());
+    for (i, p) in records.into_iter().enumerate() {
+        match crate::split::held_out(i as u64, f) {
+            true => held.push(p),
+            false => train.push(p),
+        }
+    }
     let file = path.display();
     if held.is_empty() {
         return Err(invalid(format!(
@@ -148,5 +152,5 @@ fn split(records: Vec<Prompt>, cfg: &DataConfig, path: &std::path::Path) -> Resu
         Split::Train => train,
         Split::HeldOut => held,
     };
-    Ok((side.into_iter().map(|(_, p)| p).collect(), held_out))
+    Ok((side, held_out))
 }

@@ -54,7 +54,10 @@ fn info_and_extra_fields_ride_along() {
     assert_eq!(info(&rows[1]), json!({"tests": [1, 2]}));
     // `answer` wins; `ground_truth` beside it, and `completion`, ride in info.
     assert_eq!(rows[2].answer.as_deref(), Some("a"));
-    assert_eq!(info(&rows[2]), json!({"ground_truth": "g", "completion": "c"}));
+    assert_eq!(
+        info(&rows[2]),
+        json!({"ground_truth": "g", "completion": "c"})
+    );
     // A field that copies an info key with the same value is fine.
     assert_eq!(info(&rows[3]), json!({"source": "s"}));
     // Nulls are absent: no info at all.
@@ -162,7 +165,10 @@ fn every_refusal_names_the_line_and_the_field() {
         ("{ prompt = \"a..b\" }", "columns.prompt"),
         ("{ answer = \"\" }", "columns.answer"),
         ("{ prompt = \"q\", answer = \"q\" }", "read the same field"),
-        ("{ answer = \"rm\", info = \"rm.extra\" }", "read the same field"),
+        (
+            "{ answer = \"rm\", info = \"rm.extra\" }",
+            "read the same field",
+        ),
     ] {
         let cfg = data(&format!(
             "[data]\nkind = \"jsonl\"\npath = \"{}\"\ncolumns = {columns}\n",
@@ -213,7 +219,10 @@ fn columns_map_a_file_s_own_names_and_dotted_paths() {
     assert_eq!(info(&p), json!({"index": 1}));
     let p = d.get(2);
     assert_eq!(p.answer.as_deref(), Some("top"));
-    assert_eq!(info(&p), json!({"reward_model": {"ground_truth": "nested"}}));
+    assert_eq!(
+        info(&p),
+        json!({"reward_model": {"ground_truth": "nested"}})
+    );
     // Only the answer mapped: `prompt` is still read by its own name.
     let only = Columns {
         answer: Some("reward_model.ground_truth".into()),
@@ -394,7 +403,10 @@ fn the_eval_split_is_disjoint_and_complete() {
             let mut epoch: Vec<usize> = (0..t as u64).map(|i| id(&train.get(i))).collect();
             epoch.sort();
             let expected: Vec<usize> = (0..n).filter(|i| !rule.contains(i)).collect();
-            assert_eq!(epoch, expected, "{fraction}: an epoch visits each training record once");
+            assert_eq!(
+                epoch, expected,
+                "{fraction}: an epoch visits each training record once"
+            );
             assert!(
                 (0..(3 * t) as u64).all(|i| !rule.contains(&id(&train.get(i)))),
                 "{fraction}: no epoch reaches a held-out record"
@@ -459,7 +471,10 @@ fn a_split_that_empties_a_side_or_a_bad_fraction_is_refused() {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("[data] eval_fraction") && e.contains(needle), "{e}");
+        assert!(
+            e.contains("[data] eval_fraction") && e.contains(needle),
+            "{e}"
+        );
     }
     let e = Dataset::load(&DataConfig {
         eval_fraction: 0.1,
@@ -468,5 +483,8 @@ fn a_split_that_empties_a_side_or_a_bad_fraction_is_refused() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("eval_fraction") && e.contains("[eval] seed"), "{e}");
+    assert!(
+        e.contains("eval_fraction") && e.contains("[eval] seed"),
+        "{e}"
+    );
 }

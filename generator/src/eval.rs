@@ -475,7 +475,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Dataset::load(&own.data(&data).unwrap()).unwrap().epoch_len(),
+            Dataset::load(&own.data(&data).unwrap())
+                .unwrap()
+                .epoch_len(),
             Some(40)
         );
         // The synthetic task: drawn with [eval] seed.

@@ -609,9 +609,16 @@ mod tests {
                 && e.contains("drop large fields"),
             "{e}"
         );
-        for (bad, why) in [("[1, 2]", "not a JSON object"), ("{oops", "not JSON"), ("\"s\"", "not a JSON object")] {
+        for (bad, why) in [
+            ("[1, 2]", "not a JSON object"),
+            ("{oops", "not JSON"),
+            ("\"s\"", "not a JSON object"),
+        ] {
             let e = lease(bad).check().unwrap_err().to_string();
-            assert!(e.starts_with(&format!("info_json: {why}")) && e.contains("[data] columns"), "{e}");
+            assert!(
+                e.starts_with(&format!("info_json: {why}")) && e.contains("[data] columns"),
+                "{e}"
+            );
         }
         let e = RolloutGroup {
             info_json: "[]".into(),
