@@ -90,6 +90,9 @@ fn print_table(model: &str, r: &EvalReport) {
         "{model}: {} held-out prompts × {} samples at T = {}",
         r.prompts, r.samples, r.temperature
     );
+    if let Some(n) = r.held_out {
+        println!("(the first {} of {n} held-out records)", r.prompts);
+    }
     println!("| metric | value |\n|---|---|");
     println!("| accuracy (mean reward) | {:.4} |", r.accuracy);
     for (k, v) in &r.pass_at {

@@ -73,6 +73,16 @@ impl RunConfig {
         if let Some(l) = &self.lora {
             l.validate()?;
         }
+        if self.eval.every > 0
+            && self.eval.path.is_none()
+            && self.data.kind != tandem_data::DataKind::Arithmetic
+            && self.data.eval_fraction == 0.0
+        {
+            bail!(
+                "[eval] every: {}",
+                tandem_generator::eval::NO_TRAINING_PROMPTS
+            );
+        }
         if self.eval.every > 0 && !self.env.agent.is_empty() {
             bail!(
                 "[eval] every: the held-out evaluation runs the built-in episodes and starts no [env] agent program; set eval.every = 0 (or evaluate with `tandem eval` on a config without the agent)"
@@ -317,6 +327,10 @@ mod doc {
                         ("data", "chat_template_kwargs") => {
                             "{ enable_thinking = false }".to_string()
                         }
+                        ("data", "columns") => {
+                            "{ prompt = \"question\", answer = \"reward_model.ground_truth\" }"
+                                .to_string()
+                        }
                         ("env", "service") => "\"127.0.0.1:9\"".to_string(),
                         ("data", "path")
                         | ("data", "system")
@@ -342,5 +356,46 @@ mod doc {
         assert_eq!(c.algorithm.clip_c, Some(3.0));
         assert_eq!(c.run.token.as_deref(), Some("x"));
         assert_eq!(c.lora.unwrap().from.as_deref(), Some("x"));
+        assert_eq!(
+            c.data.columns.unwrap().answer.as_deref(),
+            Some("reward_model.ground_truth")
+        );
+    }
+
+    /// `[eval] every` on a file dataset needs a held-out set that is not the training
+    /// file: `[data] eval_fraction` or `[eval] path`; `[data] columns` reaches the
+    /// workers' copy of the config.
+    #[test]
+    fn a_file_dataset_is_never_evaluated_on_its_training_prompts() {
+        let text = "[data]\nkind = \"jsonl\"\npath = \"p.jsonl\"\n[eval]\nevery = 5\n";
+        let e = format!("{:#}", RunConfig::parse(text, &[]).unwrap_err());
+        assert!(
+            e.contains("[eval] every")
+                && e.contains("set [data] eval_fraction = 0.05 or [eval] path"),
+            "{e}"
+        );
+        RunConfig::parse(text, &["data.eval_fraction=0.05".into()]).unwrap();
+        RunConfig::parse(text, &["eval.path=\"held.jsonl\"".into()]).unwrap();
+        RunConfig::parse(text, &["eval.every=0".into()]).unwrap();
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(text, &["data.eval_fraction=1.5".into()]).unwrap_err()
+        );
+        assert!(e.contains("[data] eval_fraction"), "{e}");
+        let c = RunConfig::parse(
+            text,
+            &[
+                "data.eval_fraction=0.1".into(),
+                "data.columns={ prompt = \"question\", info = \"extra_info\" }".into(),
+            ],
+        )
+        .unwrap();
+        let back = RunConfig::parse(&c.to_toml().unwrap(), &[]).unwrap();
+        assert_eq!(back.data, c.data);
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(text, &["data.columns={ question = \"q\" }".into()]).unwrap_err()
+        );
+        assert!(e.contains("question"), "{e}");
     }
 }

@@ -47,6 +47,15 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .security
         .credentials(cfg.run.token.as_deref(), Some(&cfg.tls))?;
     let dataset = tandem_data::Dataset::load(&cfg.data)?;
+    if let Some(n) = dataset.epoch_len() {
+        tracing::info!(
+            records = n,
+            held_out = dataset.held_out(),
+            "dataset: {n} records to train on, {} held out for evaluation ([data] eval_fraction = {})",
+            dataset.held_out(),
+            cfg.data.eval_fraction
+        );
+    }
     let settings = tandem_coordinator::service::Settings {
         run: cfg.run.clone(),
         coordinator: cfg.coordinator.clone(),

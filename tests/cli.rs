@@ -875,6 +875,95 @@ fn eval_reports_pass_at_k_computed_from_its_samples() {
     );
 }
 
+/// `tandem eval` on a file dataset with `[data] eval_fraction`: it evaluates exactly
+/// the records the split holds out (none it trains on), reports their number, and
+/// without a split or `[eval] path` it is refused with the fix.
+#[test]
+fn eval_reads_the_held_out_split_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    let data = dir.path().join("prompts.jsonl");
+    let n = 30u64;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"prompt\": \"r{i} =\", \"answer\": {i}}}\n"))
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let cfg = dir.path().join("eval.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[data]\nkind = \"jsonl\"\npath = {:?}\nchat = false\neval_fraction = 0.2\n\n\
+             [generator]\nmax_new_tokens = 3\n\n[eval]\nprompts = 100\nsamples = 1\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let held: Vec<u64> = (0..n)
+        .filter(|&i| tandem_data::split::held_out(i, 0.2))
+        .collect();
+    assert!(!held.is_empty() && held.len() < n as usize);
+    let (json, samples) = (dir.path().join("r.json"), dir.path().join("s.jsonl"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--samples",
+            samples.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        tandem(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = ok(run(&[]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("of {} held-out records", held.len())),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["held_out"].as_u64(), Some(held.len() as u64), "{r}");
+    assert_eq!(
+        r["metrics"]["eval_held_out"].as_f64(),
+        Some(held.len() as f64)
+    );
+    assert_eq!(
+        r["metrics"]["eval_prompts"].as_f64(),
+        Some(held.len() as f64)
+    );
+    let texts: Vec<String> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["prompt_text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(texts.len(), held.len());
+    for (t, i) in texts.iter().zip(&held) {
+        assert!(
+            t.ends_with(&format!("r{i} =")),
+            "{t:?} is not held-out record {i}"
+        );
+    }
+    // Neither a split nor a path: the training prompts would be evaluated.
+    assert_clean_failure(
+        &run(&["--set", "data.eval_fraction=0.0"]),
+        &["set [data] eval_fraction = 0.05 or [eval] path"],
+    );
+}
+
 /// `[sft] tools`: the synthetic task as tool-use transcripts teaches the tiny model the
 /// call format (the loss falls); without the chat template it is refused by name.
 #[test]

@@ -42,6 +42,7 @@ fn a_peer_that_never_answers_fails_the_call_at_the_deadline() {
                 prompt: "1 + 1".into(),
                 answer: "2".into(),
                 completions: vec!["2".into()],
+                info_json: String::new(),
             }))
             .await
             .expect_err("a reply from a service that sleeps 30 s")

@@ -1530,6 +1530,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 };
                 4
             ],
+            info_json: String::new(),
         };
         edit(&mut g);
         g
@@ -1823,6 +1824,160 @@ fn external_reward_service_scores_the_groups() {
             );
         }
     }
+}
+
+/// A dataset record's info (its `info` object and its extra columns, the file read
+/// through `[data] columns` with a dotted path) reaches the reward service's `Score`,
+/// the Environment service's `Reset` and the trainer's batch dump, each time with the
+/// record it belongs to; the reward service's score, computed from the info, is what
+/// the trainer trains on.
+#[test]
+fn a_record_s_info_reaches_the_services_and_the_batch_dump() {
+    use std::sync::{Arc, Mutex};
+    use tandem_proto::v1::environment_server::Environment;
+    use tandem_proto::v1::reward_server::Reward;
+    use tandem_proto::v1::{
+        ResetReply, ResetRequest, ScoreReply, ScoreRequest, StepReply, StepRequest,
+    };
+
+    /// What a service was sent: (prompt, answer, info_json).
+    type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+    #[derive(Clone, Default)]
+    struct ByLevel(Seen);
+
+    #[tonic::async_trait]
+    impl Reward for ByLevel {
+        async fn score(
+            &self,
+            req: tonic::Request<ScoreRequest>,
+        ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
+            let r = req.into_inner();
+            // The score is the record's level, read from its info.
+            let info: Value = serde_json::from_str(&r.info_json)
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            let level = info["level"].as_f64().unwrap_or(-1.0);
+            self.0
+                .lock()
+                .unwrap()
+                .push((r.prompt, r.answer, r.info_json));
+            Ok(tonic::Response::new(ScoreReply {
+                rewards: vec![level; r.completions.len()],
+            }))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct OneTurn(Seen);
+
+    #[tonic::async_trait]
+    impl Environment for OneTurn {
+        async fn reset(
+            &self,
+            req: tonic::Request<ResetRequest>,
+        ) -> Result<tonic::Response<ResetReply>, tonic::Status> {
+            let r = req.into_inner();
+            self.0
+                .lock()
+                .unwrap()
+                .push((r.prompt, r.answer, r.info_json));
+            Ok(tonic::Response::new(ResetReply::default()))
+        }
+
+        async fn step(
+            &self,
+            _req: tonic::Request<StepRequest>,
+        ) -> Result<tonic::Response<StepReply>, tonic::Status> {
+            Ok(tonic::Response::new(StepReply {
+                observation: String::new(),
+                reward: 0.0,
+                done: true,
+            }))
+        }
+    }
+
+    const ENV_TOKEN: &str = "environment-service-token-89";
+    let (reward, environment) = (ByLevel::default(), OneTurn::default());
+    let (scored, reset) = (reward.0.clone(), environment.0.clone());
+    let (_rt, reward_addr) = common::serve_reward(REWARD_TOKEN, reward);
+    let (_rt_env, env_addr) = common::serve_environment(ENV_TOKEN, environment);
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = init_tiny(dir.path());
+    // verl's names: the answer nested in `reward_model`; `level` an extra column.
+    let data = dir.path().join("prompts.jsonl");
+    let records: String = (0..12)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"question": format!("q{i} ="),
+                    "reward_model": {"ground_truth": format!("{i}"), "style": "rule"},
+                    "info": {"id": i}, "level": i % 3})
+            )
+        })
+        .collect();
+    std::fs::write(&data, records).unwrap();
+    // The info record `id` has, through the mapping.
+    let expected =
+        |id: u64| serde_json::json!({"id": id, "level": id % 3, "reward_model": {"style": "rule"}});
+    let steps = 3;
+    let path = format!("data.path={:?}", data.display().to_string());
+    let env_service = format!("env.service={env_addr:?}");
+    let env_token = format!("env.service_token={ENV_TOKEN:?}");
+    let text = reward_from_service(
+        &config(dir.path(), &model, steps, 1, ""),
+        &reward_addr,
+        &[
+            "data.kind=\"jsonl\"",
+            &path,
+            "data.columns={ prompt = \"question\", answer = \"reward_model.ground_truth\" }",
+            &env_service,
+            &env_token,
+            "env.max_turns=2",
+        ],
+    );
+    let mut c = Cluster::start(dir.path(), &text);
+    c.trainer();
+    c.generator("gen-0");
+    c.wait_all(Duration::from_secs(120));
+
+    // Each service call carries its record's info, prompt and answer.
+    let check = |who: &str, calls: &[(String, String, String)]| {
+        assert!(
+            calls.len() >= (steps * 2) as usize,
+            "{who}: {} calls",
+            calls.len()
+        );
+        for (prompt, answer, info_json) in calls {
+            let info: Value = serde_json::from_str(info_json).unwrap();
+            let id = info["id"].as_u64().unwrap();
+            assert_eq!(info, expected(id), "{who}");
+            assert_eq!(
+                (prompt.as_str(), answer.as_str()),
+                (format!("q{id} =").as_str(), id.to_string().as_str()),
+                "{who}: the info of another record"
+            );
+        }
+    };
+    check("Score", &scored.lock().unwrap());
+    check("Reset", &reset.lock().unwrap());
+    // Every dumped completion carries its record's info; its reward is the level the
+    // service read from it.
+    let mut rows = 0;
+    for (_, batch) in batches(&c.run) {
+        for r in batch {
+            let id = r["info"]["id"].as_u64().unwrap_or_else(|| panic!("{r}"));
+            assert_eq!(r["info"], expected(id));
+            let prompt = r["prompt_text"].as_str().unwrap();
+            assert!(
+                prompt.contains(&format!("q{id} =")),
+                "{prompt:?} is not record {id}'s"
+            );
+            assert_eq!(r["reward"].as_f64(), Some((id % 3) as f64), "{r}");
+            rows += 1;
+        }
+    }
+    assert_eq!(rows, (steps * 2 * 4) as usize);
 }
 
 /// `text` (a [`config`]) with the reward coming from the service at `addr` alone, with

@@ -512,6 +512,7 @@ async fn ingest(
                         };
                         a.group_size
                     ],
+                    info_json: String::new(),
                 })
                 .collect();
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();

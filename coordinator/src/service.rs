@@ -251,6 +251,9 @@ impl Coordinator for CoordinatorService {
                     text,
                     messages,
                     answer: p.answer.unwrap_or_default(),
+                    // Kept nowhere: a restarted coordinator reads it again from the
+                    // record at `prompt_index`.
+                    info_json: p.info.unwrap_or_default(),
                 }
             })
             .collect::<Vec<_>>();

@@ -34,6 +34,7 @@ impl Arithmetic {
         Prompt {
             body: PromptBody::Text(self.template.replace("{question}", &question)),
             answer: Some(answer),
+            info: None,
         }
     }
 

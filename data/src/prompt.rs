@@ -1,12 +1,13 @@
 //! A prompt as a dataset gives it (text or a conversation, with an optional reference
-//! answer), and [`Dataset`]: the configured prompts as a stream indexed from 0.
+//! answer and info), and [`Dataset`]: the configured prompts as a stream indexed from
+//! 0 (with `[data] eval_fraction`, a file's training side or its held-out side).
 
 use serde::{Deserialize, Serialize};
 
 use crate::arithmetic::Arithmetic;
-use crate::config::{DataConfig, DataKind};
+use crate::config::{DataConfig, DataKind, Split};
 use crate::error::{invalid, Result};
-use crate::file::read_prompts;
+use crate::file::read_prompts_with;
 use crate::permutation::Permutation;
 
 /// One turn of a prompt conversation.
@@ -28,15 +29,22 @@ pub struct Prompt {
     pub body: PromptBody,
     /// Reference answer for verifiers.
     pub answer: Option<String>,
+    /// The record's info (its `info` object and its extra fields) as the compact JSON
+    /// text of one object, at most [`crate::file::INFO_BYTES`]; `None` when it has none.
+    /// What reward services, environments and agents read beside the prompt.
+    pub info: Option<String>,
 }
 
 /// A prompt stream indexed from 0.
 pub enum Dataset {
     Arithmetic(Arithmetic),
     Rows {
+        /// The records of the side loaded ([`Split`]), in file order.
         rows: Vec<Prompt>,
         shuffle: bool,
         seed: u64,
+        /// Records of the file held out for evaluation (0 without a split).
+        held_out: usize,
     },
 }
 
@@ -50,10 +58,14 @@ impl Dataset {
                 let path = cfg.path.as_deref().ok_or_else(|| {
                     invalid("[data] path: required with kind = \"jsonl\" or \"parquet\"")
                 })?;
+                let all =
+                    read_prompts_with(path, cfg.kind == DataKind::Parquet, cfg.columns.as_ref())?;
+                let (rows, held_out) = split(all, cfg, path)?;
                 Dataset::Rows {
-                    rows: read_prompts(path, cfg.kind == DataKind::Parquet)?,
+                    rows,
                     shuffle: cfg.shuffle,
                     seed: cfg.seed,
+                    held_out,
                 }
             }
         })
@@ -67,6 +79,7 @@ impl Dataset {
                 rows,
                 shuffle,
                 seed,
+                ..
             } => {
                 let n = rows.len() as u64;
                 let (epoch, pos) = (index / n, (index % n) as usize);
@@ -88,4 +101,56 @@ impl Dataset {
             Dataset::Rows { rows, .. } => Some(rows.len()),
         }
     }
+
+    /// Records of the file held out for evaluation by `[data] eval_fraction` (0: no
+    /// split), whichever side was loaded.
+    pub fn held_out(&self) -> usize {
+        match self {
+            Dataset::Arithmetic(_) => 0,
+            Dataset::Rows { held_out, .. } => *held_out,
+        }
+    }
+}
+
+/// `cfg.split`'s side of `records` under `[data] eval_fraction` ([`crate::split`]) and
+/// the number held out; a split that leaves either side empty is refused.
+fn split(
+    records: Vec<Prompt>,
+    cfg: &DataConfig,
+    path: &std::path::Path,
+) -> Result<(Vec<Prompt>, usize)> {
+    let f = cfg.eval_fraction;
+    let n = records.len();
+    if f <= 0.0 {
+        return match cfg.split {
+            Split::Train => Ok((records, 0)),
+            Split::HeldOut => Err(invalid(
+                "[data] eval_fraction is 0: no record of the file is held out; set [data] eval_fraction = 0.05 or [eval] path",
+            )),
+        };
+    }
+    let (mut held, mut train) = (Vec::new(), Vec::new());
+    for (i, p) in records.into_iter().enumerate() {
+        match crate::split::held_out(i as u64, f) {
+            true => held.push(p),
+            false => train.push(p),
+        }
+    }
+    let file = path.display();
+    if held.is_empty() {
+        return Err(invalid(format!(
+            "[data] eval_fraction = {f} holds out none of the {n} records of {file}; raise it, or set it to 0 and give [eval] path"
+        )));
+    }
+    if train.is_empty() {
+        return Err(invalid(format!(
+            "[data] eval_fraction = {f} holds out all {n} records of {file}, leaving none to train on; lower it"
+        )));
+    }
+    let held_out = held.len();
+    let side = match cfg.split {
+        Split::Train => train,
+        Split::HeldOut => held,
+    };
+    Ok((side, held_out))
 }

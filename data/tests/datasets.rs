@@ -81,7 +81,10 @@ fn jsonl_fields_and_errors() {
         (r#"{"answer": 3}"#, "needs `prompt` or `messages`"),
         (r#"{"prompt": 5}"#, "`prompt` must be"),
         (r#"{"prompt": "x", "answer": [1]}"#, "`answer`"),
-        (r#"{"prompt": "x", "colour": 1}"#, "colour"),
+        (
+            r#"{"prompt": "x", "info": [1]}"#,
+            "`info` (the info) must be a JSON object",
+        ),
         (
             r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
             "robot",

@@ -2,8 +2,9 @@
 //! through the generator's OpenAI-compatible endpoint ([`crate::openai`]).
 //!
 //! For each task (a leased prompt) the generator starts `group_size` agents. Each
-//! gets its task as one JSON object on stdin (`episode_id`, `messages`, `prompt`,
-//! `answer`, `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment,
+//! gets its task as one JSON object on stdin ([`task_input`]: `episode_id`, `messages`,
+//! `prompt`, `answer`, `info` (the dataset record's info as an object, `{}` when it has
+//! none), `prompt_index`, `sample`, `max_turns`, `model`) and, in its environment,
 //! `OPENAI_BASE_URL`, `OPENAI_API_KEY` (its episode's own key: the endpoint serves an
 //! episode only to a request that carries it) and `TANDEM_EPISODE_ID`; the run's
 //! `TANDEM_*` secrets are not passed on.
@@ -42,6 +43,40 @@ use crate::error::{Error, Result};
 use crate::openai::{self, Endpoint, Held, Policy, Slot, TurnRequest};
 use crate::sample_groups::{FinishedGroup, GroupSamples};
 use crate::task::Task;
+
+/// The JSON object sample `sample`'s agent reads on stdin for episode `episode_id` of
+/// `task`: `episode_id`, `messages` (the `system` turn, then the task's conversation or
+/// its text as a user turn), `prompt`, `answer`, `info` (the dataset record's info, an
+/// object: `{}` when it has none), `prompt_index`, `sample`, `max_turns`, `model`.
+pub fn task_input(
+    task: &Task,
+    system: Option<&str>,
+    episode_id: &str,
+    sample: usize,
+    max_turns: u32,
+) -> Value {
+    let mut messages: Vec<Value> = system
+        .map(|s| json!({"role": "system", "content": s}))
+        .into_iter()
+        .collect();
+    if task.messages.is_empty() {
+        messages.push(json!({"role": "user", "content": task.text}));
+    }
+    for m in &task.messages {
+        messages.push(json!({"role": m.role, "content": m.content}));
+    }
+    json!({
+        "episode_id": episode_id,
+        "messages": messages,
+        "prompt": task.prompt_text(),
+        "answer": task.answer,
+        "info": task.info(),
+        "prompt_index": task.prompt_index,
+        "sample": sample,
+        "max_turns": max_turns,
+        "model": MODEL,
+    })
+}
 
 /// Agent turns take engine request ids from here up, apart from groups and the
 /// built-in episodes' turns.
@@ -222,17 +257,6 @@ impl Agents {
         params: SamplingParams,
         samples: usize,
     ) {
-        let mut messages: Vec<Value> = system
-            .map(|s| json!({"role": "system", "content": s}))
-            .into_iter()
-            .collect();
-        if task.messages.is_empty() {
-            messages.push(json!({"role": "user", "content": task.text}));
-        }
-        for m in &task.messages {
-            messages.push(json!({"role": m.role, "content": m.content}));
-        }
-        let prompt = task.prompt_text();
         let mut episodes = Vec::with_capacity(samples);
         for j in 0..samples {
             // The id names the episode; the key, which only its agent holds, lets it in.
@@ -240,16 +264,7 @@ impl Agents {
             let key = format!("tandem-{:032x}", rand::random::<u128>());
             self.endpoint
                 .insert(id.clone(), Slot::new(task.id, j, samples, key.clone()));
-            let input = json!({
-                "episode_id": id,
-                "messages": messages,
-                "prompt": prompt,
-                "answer": task.answer,
-                "prompt_index": task.prompt_index,
-                "sample": j,
-                "max_turns": self.config.max_turns,
-                "model": MODEL,
-            });
+            let input = task_input(task, system, &id, j, self.config.max_turns);
             self.spawn(task.id, j, input, id.clone(), key);
             episodes.push(id);
         }
@@ -602,6 +617,35 @@ mod tests {
             group(&[c, episode(&tok, &[5], &[3])], &[0.0, 0.0]).is_none(),
             "nothing shared"
         );
+    }
+
+    /// The task an agent reads: the record's info as an object beside the prompt and
+    /// the answer (`{}` without one).
+    #[test]
+    fn an_agent_s_task_carries_the_record_s_info() {
+        let task = Task {
+            id: 7,
+            prompt_index: 3,
+            text: "2 + 2 =".into(),
+            answer: "4".into(),
+            info_json: r#"{"level":3,"tests":[1,2]}"#.into(),
+            ..Default::default()
+        };
+        let input = task_input(&task, Some("be brief"), "7-0-ab", 1, 4);
+        assert_eq!(input["info"], json!({"level": 3, "tests": [1, 2]}));
+        assert_eq!(
+            (&input["prompt"], &input["answer"], &input["sample"]),
+            (&json!("2 + 2 ="), &json!("4"), &json!(1))
+        );
+        assert_eq!(
+            input["messages"],
+            json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ="}])
+        );
+        let none = Task {
+            info_json: String::new(),
+            ..task
+        };
+        assert_eq!(task_input(&none, None, "e", 0, 1)["info"], json!({}));
     }
 
     fn sh(script: &str) -> Vec<String> {

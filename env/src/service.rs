@@ -37,17 +37,21 @@ impl EnvService {
         })
     }
 
-    /// Starts episode `episode`; its first observation (empty = the prompt as it is).
+    /// Starts episode `episode` on `prompt`, its reference answer and its record's info
+    /// (`info_json`, the text of one JSON object; empty = none); its first observation
+    /// (empty = the prompt as it is).
     pub fn reset(
         &self,
         episode: &str,
         prompt: &str,
         answer: &str,
+        info_json: &str,
     ) -> std::result::Result<String, String> {
         let req = ResetRequest {
             episode_id: episode.to_string(),
             prompt: prompt.to_string(),
             answer: answer.to_string(),
+            info_json: info_json.to_string(),
         };
         let client = &self.client;
         self.rt

@@ -3,8 +3,8 @@
 
 use tandem_model::ChatMessage;
 
-/// A prompt and its reference answer: what agent programs are given, what an
-/// Environment service's `Reset` reads.
+/// A prompt, its reference answer and its record's info: what agent programs are given,
+/// what an Environment service's `Reset` reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Task {
     /// The id of the group sampled on it (unique among the groups running at once).
@@ -17,6 +17,20 @@ pub struct Task {
     pub messages: Vec<ChatMessage>,
     /// The reference answer (empty when there is none).
     pub answer: String,
+    /// The dataset record's info as the text of one JSON object (empty when it has
+    /// none): `PromptLease.info_json`.
+    pub info_json: String,
+}
+
+impl Task {
+    /// The info as a JSON object (`{}` when the record has none, or, which the lease's
+    /// check rules out, when it is not an object).
+    pub fn info(&self) -> serde_json::Value {
+        match serde_json::from_str(&self.info_json) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            _ => serde_json::Value::Object(Default::default()),
+        }
+    }
 }
 
 impl Task {

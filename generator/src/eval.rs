@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tandem_data::{DataConfig, DataKind, Dataset, Prompt};
+use tandem_data::{DataConfig, DataKind, Dataset, Prompt, Split};
 use tandem_model::{Pretrained, RewardModel, SamplingParams};
 
 use crate::error::{bail, Result};
@@ -33,7 +33,8 @@ pub struct EvalSection {
     /// `tandem run`: evaluate every this many steps (and before the first step and
     /// after the last); 0 = off.
     pub every: u64,
-    /// Held-out prompts: the first this many of `path`, or of the synthetic task.
+    /// Held-out prompts: the first this many of `path`, of `[data] eval_fraction`'s
+    /// held-out records, or of the synthetic task.
     pub prompts: usize,
     /// Samples per prompt (n of pass@k and maj@n).
     pub samples: usize,
@@ -41,8 +42,9 @@ pub struct EvalSection {
     pub temperature: f64,
     /// Longest completion (unset = `[generator] max_new_tokens`).
     pub max_new_tokens: Option<usize>,
-    /// A held-out prompt file (JSONL or Parquet, as `[data] path`); unset = `[data]`'s
-    /// synthetic task drawn with `seed`.
+    /// A held-out prompt file (JSONL or Parquet, as `[data] path`); unset = the records
+    /// `[data] eval_fraction` holds out of a file dataset, or `[data]`'s synthetic task
+    /// drawn with `seed`.
     pub path: Option<PathBuf>,
     /// Seed of the synthetic held-out prompts and of sampling.
     pub seed: u64,
@@ -93,23 +95,36 @@ impl EvalSection {
         Ok(())
     }
 
-    /// The held-out prompts' data config: `path` with `data`'s rendering, or `data`'s
-    /// synthetic task with this section's seed.
-    pub fn data(&self, data: &DataConfig) -> DataConfig {
-        match &self.path {
-            Some(p) => DataConfig {
+    /// The held-out prompts' data config: `path` with `data`'s rendering (and
+    /// columns), the held-out side of `data`'s file under `[data] eval_fraction`, or
+    /// `data`'s synthetic task with this section's seed. A file dataset without either
+    /// is refused: the evaluation would read the training prompts.
+    pub fn data(&self, data: &DataConfig) -> Result<DataConfig> {
+        Ok(match (&self.path, data.kind) {
+            (Some(p), _) => DataConfig {
                 kind: data_kind(p).unwrap_or(DataKind::Jsonl),
                 path: Some(p.clone()),
                 shuffle: false,
+                eval_fraction: 0.0,
+                split: Split::Train,
                 ..data.clone()
             },
-            None => DataConfig {
+            (None, DataKind::Arithmetic) => DataConfig {
                 seed: self.seed,
                 ..data.clone()
             },
-        }
+            (None, _) if data.eval_fraction > 0.0 => DataConfig {
+                shuffle: false,
+                split: Split::HeldOut,
+                ..data.clone()
+            },
+            (None, _) => bail!("[eval]: {NO_TRAINING_PROMPTS}"),
+        })
     }
 }
+
+/// The refusal of an evaluation that would read the training file.
+pub const NO_TRAINING_PROMPTS: &str = "without [eval] path the evaluation of a file dataset would read the prompts it trains on; set [data] eval_fraction = 0.05 or [eval] path";
 
 fn data_kind(p: &std::path::Path) -> Option<DataKind> {
     match p.extension().and_then(|e| e.to_str()) {
@@ -134,13 +149,22 @@ pub struct EvalReport {
     /// Mean completion length, tokens.
     pub mean_length: f64,
     pub seconds: f64,
+    /// Records of the held-out set the prompts are the first of (`[data]
+    /// eval_fraction`'s held-out side, or `[eval] path`'s records); `None` for the
+    /// synthetic task.
+    pub held_out: Option<usize>,
 }
 
 impl EvalReport {
     /// The report as `eval_*` metrics: `eval_accuracy`, `eval_pass_at_K`,
-    /// `eval_maj_at_N`, `eval_mean_length`.
+    /// `eval_maj_at_N`, `eval_mean_length`, `eval_prompts` (prompts evaluated) and
+    /// `eval_held_out` (records of the held-out set, when it is a file's).
     pub fn metrics(&self) -> BTreeMap<String, f64> {
         let mut m = BTreeMap::new();
+        m.insert("eval_prompts".into(), self.prompts as f64);
+        if let Some(n) = self.held_out {
+            m.insert("eval_held_out".into(), n as f64);
+        }
         m.insert("eval_accuracy".into(), self.accuracy);
         for (k, v) in &self.pass_at {
             m.insert(format!("eval_pass_at_{k}"), *v);
@@ -236,6 +260,7 @@ pub fn summarise(
         maj,
         mean_length: all.iter().map(|s| s.tokens.len() as f64).sum::<f64>() / count,
         seconds,
+        held_out: None,
     }
 }
 
@@ -244,6 +269,8 @@ pub struct Evaluation {
     section: EvalSection,
     reward: RewardConfig,
     prompts: Vec<Prompt>,
+    /// Records of the held-out set (`None`: the synthetic task).
+    held_out: Option<usize>,
     ids: Vec<Vec<u32>>,
     params: SamplingParams,
     rm: Option<RewardModel>,
@@ -288,12 +315,27 @@ impl Evaluation {
         if reward.judge.is_some() {
             bail!("[eval]: the evaluation scores with the verifiers, the [reward] model and the reward service; a judge is not called");
         }
-        let data = section.data(data);
+        let data = section.data(data)?;
         let set = Dataset::load(&data)?;
-        let count = set
-            .epoch_len()
-            .map_or(section.prompts, |n| n.min(section.prompts));
+        let held_out = set.epoch_len();
+        let count = held_out.map_or(section.prompts, |n| n.min(section.prompts));
         let prompts: Vec<Prompt> = (0..count as u64).map(|i| set.get(i)).collect();
+        match (held_out, &section.path) {
+            (Some(n), None) => tracing::info!(
+                prompts = count,
+                held_out = n,
+                "held-out evaluation: the first {count} of the {n} records [data] eval_fraction = {} holds out of {} (never trained on)",
+                data.eval_fraction,
+                data.path.as_deref().unwrap_or(std::path::Path::new("?")).display()
+            ),
+            (Some(n), Some(file)) => tracing::info!(
+                prompts = count,
+                held_out = n,
+                "held-out evaluation: the first {count} of the {n} records of {}",
+                file.display()
+            ),
+            (None, _) => {}
+        }
         // The tools are announced as the generators announce them.
         let system = match &env {
             Some(e) if data.chat && !e.config.tools.is_empty() => Some(
@@ -310,6 +352,7 @@ impl Evaluation {
             section: section.clone(),
             reward: reward.clone(),
             prompts,
+            held_out,
             ids,
             params: SamplingParams {
                 temperature: section.temperature,
@@ -362,13 +405,16 @@ impl Evaluation {
         };
         let mut groups = sampler.sample(&self.ids, &answers, progress)?;
         self.add_service_scores(&mut groups)?;
-        let report = summarise(
-            &self.section,
-            &self.reward,
-            &self.prompts,
-            &groups,
-            t0.elapsed().as_secs_f64(),
-        );
+        let report = EvalReport {
+            held_out: self.held_out,
+            ..summarise(
+                &self.section,
+                &self.reward,
+                &self.prompts,
+                &groups,
+                t0.elapsed().as_secs_f64(),
+            )
+        };
         Ok((report, groups))
     }
 
@@ -387,6 +433,7 @@ impl Evaluation {
                 prompt: prompt_text(&p.body),
                 answer: p.answer.clone().unwrap_or_default(),
                 completions: g.iter().map(|s| s.text.clone()).collect(),
+                info_json: p.info.clone().unwrap_or_default(),
             };
             let scores = service
                 .score(req)
@@ -443,6 +490,67 @@ fn prompt_text(body: &tandem_data::PromptBody) -> String {
 mod tests {
     use super::*;
 
+    /// Without `[eval] path` a file dataset is evaluated on exactly the records
+    /// `[data] eval_fraction` holds out (in file order), never on one it trains on; with
+    /// neither, the evaluation is refused with the fix; `path` is read whole.
+    #[test]
+    fn the_held_out_set_is_the_split_s_other_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.jsonl");
+        let text: String = (0..40)
+            .map(|i| format!("{{\"prompt\": \"p{i}\", \"answer\": {i}}}\n"))
+            .collect();
+        std::fs::write(&file, text).unwrap();
+        let data = DataConfig {
+            kind: DataKind::Jsonl,
+            path: Some(file.clone()),
+            eval_fraction: 0.25,
+            ..Default::default()
+        };
+        let section = EvalSection::default();
+        let held = Dataset::load(&section.data(&data).unwrap()).unwrap();
+        let train = Dataset::load(&data).unwrap();
+        let answer = |p: Prompt| p.answer.unwrap().parse::<u64>().unwrap();
+        let evaluated: Vec<u64> = (0..held.epoch_len().unwrap() as u64)
+            .map(|i| answer(held.get(i)))
+            .collect();
+        let rule: Vec<u64> = (0..40)
+            .filter(|&i| tandem_data::split::held_out(i, 0.25))
+            .collect();
+        assert_eq!(evaluated, rule);
+        let trained: Vec<u64> = (0..train.epoch_len().unwrap() as u64)
+            .map(|i| answer(train.get(i)))
+            .collect();
+        assert!(trained.iter().all(|i| !rule.contains(i)));
+        assert_eq!(trained.len() + evaluated.len(), 40);
+        // Neither a split nor a path: refused with the fix.
+        let whole = DataConfig {
+            eval_fraction: 0.0,
+            ..data.clone()
+        };
+        let e = section.data(&whole).unwrap_err().to_string();
+        assert!(
+            e.contains("set [data] eval_fraction = 0.05 or [eval] path"),
+            "{e}"
+        );
+        // A path is its own held-out set, read whole, whatever the split.
+        let own = EvalSection {
+            path: Some(file.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Dataset::load(&own.data(&data).unwrap())
+                .unwrap()
+                .epoch_len(),
+            Some(40)
+        );
+        // The synthetic task: drawn with [eval] seed.
+        assert_eq!(
+            section.data(&DataConfig::default()).unwrap().seed,
+            section.seed
+        );
+    }
+
     /// pass@k against values computed by hand from the binomial definition.
     #[test]
     fn pass_at_k_is_the_unbiased_estimator() {
@@ -481,10 +589,12 @@ mod tests {
             Prompt {
                 body: tandem_data::PromptBody::Text("1 + 1".into()),
                 answer: Some("2".into()),
+                info: None,
             },
             Prompt {
                 body: tandem_data::PromptBody::Text("2 + 2".into()),
                 answer: Some("4".into()),
+                info: None,
             },
         ];
         let groups = vec![

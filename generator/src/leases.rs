@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tandem_env::Task;
 use tandem_model::ChatMessage;
 use tandem_proto::client::{self, Authed};
+use tandem_proto::limits::Check;
 use tandem_proto::retry;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
 use tandem_proto::v1::{LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest};
@@ -71,6 +72,17 @@ impl LeaseClient {
                 } else if r.leases.is_empty() {
                     Leased::Wait(Duration::from_millis(r.retry_after_ms.clamp(5, 1000)))
                 } else {
+                    // A lease's info goes on to the reward service, the environment and
+                    // agents: bounded and an object (the coordinator's dataset refused
+                    // any other when it was loaded).
+                    for l in &r.leases {
+                        l.check().map_err(|e| {
+                            crate::error::invalid(format!(
+                                "the coordinator's lease {} (prompt {}): {e}",
+                                l.lease_id, l.prompt_index
+                            ))
+                        })?;
+                    }
                     Leased::Granted {
                         version: r.policy_version,
                         leases: r.leases,
@@ -196,5 +208,6 @@ pub(crate) fn task(l: &PromptLease) -> Task {
             })
             .collect(),
         answer: l.answer.clone(),
+        info_json: l.info_json.clone(),
     }
 }

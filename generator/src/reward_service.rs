@@ -1,7 +1,8 @@
 //! The external reward service's client (`[reward] service`): one `Score` call per
-//! group, with the service's own token, retried with backoff; its scores are checked
-//! against `[reward] bound`. Called from the scorer stage (never from the engine's
-//! loop) and by the held-out evaluation (`eval.rs`).
+//! group (the prompt, the reference answer, the record's `info_json` and the
+//! completions), with the service's own token, retried with backoff; its scores are
+//! checked against `[reward] bound`. Called from the scorer stage (never from the
+//! engine's loop) and by the held-out evaluation (`eval.rs`).
 
 use std::time::Duration;
 

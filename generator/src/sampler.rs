@@ -309,7 +309,7 @@ impl Sampler {
         let mut first: Option<String> = None;
         for j in 0..self.group_size {
             let episode = tandem_env::sample_groups::episode_id(l.lease_id, j);
-            let obs = service.reset(&episode, &prompt, &l.answer)?;
+            let obs = service.reset(&episode, &prompt, &l.answer, &l.info_json)?;
             match &first {
                 Some(f) if *f != obs => {
                     return Err(format!(

@@ -139,6 +139,8 @@ impl Scorer {
             worker_id: self.beat.worker_id(),
             prompt_ids,
             completions: completions(s, rewards),
+            // For the trainer's batch dumps.
+            info_json: l.info_json.clone(),
         }))
     }
 
@@ -172,6 +174,7 @@ impl Scorer {
                 prompt,
                 answer: l.answer.clone(),
                 completions: texts,
+                info_json: l.info_json.clone(),
             };
             let scored = match self.service_scores(l, req) {
                 Ok(scored) => scored,

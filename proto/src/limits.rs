@@ -6,14 +6,15 @@
 //! (control characters escaped, cut with a marker past [`LOG_BYTES`]).
 //!
 //! Not limited here: what a worker reads from the coordinator's replies (the run's own
-//! config, dataset prompts, the trainer's address), which the run's operator wrote, and
+//! config, dataset prompts, the trainer's address), which the run's operator wrote
+//! (but a lease's `info_json`, bounded because it travels on to other services), and
 //! lists of ids from the trainer (the only holder of the run's token): those are bounded
 //! by [`crate::MAX_MESSAGE_BYTES`] like every message. Counts a peer reports (tokens,
 //! bytes, failures) are any `u64`; whoever sums them saturates instead of wrapping.
 
 use crate::v1::{
-    DiscardRequest, ExcludeRequest, HeartbeatRequest, LeaseRequest, PublishVersionRequest,
-    RegisterRequest, ReleaseRequest, RolloutGroup, WeightBucket,
+    DiscardRequest, ExcludeRequest, HeartbeatRequest, LeaseRequest, PromptLease,
+    PublishVersionRequest, RegisterRequest, ReleaseRequest, RolloutGroup, WeightBucket,
 };
 
 /// `RegisterRequest.name`: a worker's name ("gen-0"), a label of every per-generator
@@ -81,6 +82,16 @@ pub const WEIGHT_VERSION_BYTES: u64 = 64 << 30;
 /// model (it is tokenized into the context, which is far smaller).
 pub const OBSERVATION_BYTES: usize = 1 << 20;
 
+/// `PromptLease.info_json`, `RolloutGroup.info_json` (and what the generator hands on
+/// as `ScoreRequest.info_json`, `ResetRequest.info_json` and an agent's `info`): a
+/// dataset record's info as JSON, which travels with every lease of the record and
+/// every group, so a lease reply of a few hundred groups stays far below
+/// [`crate::MAX_MESSAGE_BYTES`]. Metadata fits (a task name, a level, ids, a few tests);
+/// large data (files, test suites) belongs in a store the service reads by a key kept in
+/// the info. `tandem_data::INFO_BYTES` is the same number: a dataset with a larger info
+/// is refused when it is loaded.
+pub const INFO_BYTES: usize = 64 << 10;
+
 /// The default `[reward] bound`: a completion's reward must satisfy |r| ≤ this (the
 /// trainer refuses the group otherwise). Generous for any reward scale in use; small
 /// enough that a sum of squares over a batch stays far from f64's and f32's range.
@@ -113,6 +124,12 @@ pub enum LimitError {
         field: String,
         value: String,
         bound: String,
+    },
+    #[error("{field}: {why}; {fix}")]
+    Malformed {
+        field: String,
+        why: String,
+        fix: &'static str,
     },
 }
 
@@ -249,6 +266,27 @@ pub fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
     })
+}
+
+/// `value` is empty (no info) or the text of one JSON object of at most [`INFO_BYTES`].
+pub fn check_info(field: &str, value: &str, fix: &'static str) -> Result<(), LimitError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_len(field, value, INFO_BYTES, "INFO_BYTES", fix)?;
+    match serde_json::from_str::<serde_json::Value>(value) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(LimitError::Malformed {
+            field: field.to_string(),
+            why: "not a JSON object".into(),
+            fix,
+        }),
+        Err(e) => Err(LimitError::Malformed {
+            field: field.to_string(),
+            why: format!("not JSON ({e})"),
+            fix,
+        }),
+    }
 }
 
 fn address(field: &str, value: &str) -> Result<(), LimitError> {
@@ -412,6 +450,18 @@ impl Check for WeightBucket {
     }
 }
 
+/// A lease as a generator receives it: its info (the coordinator's dataset refuses a
+/// larger one when it is loaded; a generator checks before it hands it on).
+impl Check for PromptLease {
+    fn check(&self) -> Result<(), LimitError> {
+        check_info(
+            "info_json",
+            &self.info_json,
+            "the dataset record's info must be one JSON object of at most INFO_BYTES as JSON: drop large fields from the file ([data] columns, docs/config.md)",
+        )
+    }
+}
+
 /// The group's text fields; the trainer's ingest checks the rest (token ids, logprobs,
 /// versions, rewards against `[reward] bound`).
 impl Check for RolloutGroup {
@@ -422,6 +472,11 @@ impl Check for RolloutGroup {
             SESSION_TOKEN_BYTES,
             "SESSION_TOKEN_BYTES",
             "send the `session_token` Register returned",
+        )?;
+        check_info(
+            "info_json",
+            &self.info_json,
+            "send the lease's info_json as it came, or nothing",
         )?;
         for (i, c) in self.completions.iter().enumerate() {
             check_len(
@@ -530,6 +585,54 @@ mod tests {
                 && e.to_string().contains("WEIGHT_VERSION_BYTES"),
             "{e}"
         );
+    }
+
+    /// A record's info on the wire: empty or one JSON object, at most INFO_BYTES; a
+    /// refusal names the field and the fix.
+    #[test]
+    fn info_is_one_bounded_json_object() {
+        let lease = |info: &str| PromptLease {
+            info_json: info.into(),
+            ..Default::default()
+        };
+        assert!(lease("").check().is_ok());
+        assert!(lease(r#"{"level": 3, "tests": [1, 2]}"#).check().is_ok());
+        let pad = "x".repeat(INFO_BYTES - 11);
+        assert!(lease(&format!(r#"{{"pad": "{pad}"}}"#)).check().is_ok());
+        let e = lease(&format!(r#"{{"pad": "{pad}x"}}"#))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("info_json: {} bytes", INFO_BYTES + 1))
+                && e.contains("INFO_BYTES")
+                && e.contains("drop large fields"),
+            "{e}"
+        );
+        for (bad, why) in [
+            ("[1, 2]", "not a JSON object"),
+            ("{oops", "not JSON"),
+            ("\"s\"", "not a JSON object"),
+        ] {
+            let e = lease(bad).check().unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("info_json: {why}")) && e.contains("[data] columns"),
+                "{e}"
+            );
+        }
+        let e = RolloutGroup {
+            info_json: "[]".into(),
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("info_json: not a JSON object") && e.contains("as it came"),
+            "{e}"
+        );
+        let s: tonic::Status = lease("7").check().unwrap_err().into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
     }
 
     /// A bucket names a base only as an adapter's, within the dtype's and the version's

@@ -99,7 +99,7 @@ mod tests {
         std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
         std::fs::write(
             run.join("eval.jsonl"),
-            "{\"step\":0,\"eval_accuracy\":0.25,\"eval_pass_at_1\":0.25,\"eval_pass_at_4\":0.5}\n{\"step\":6,\"eval_accuracy\":0.75,\"eval_pass_at_1\":0.75,\"eval_pass_at_4\":1.0}\n",
+            "{\"step\":0,\"eval_accuracy\":0.25,\"eval_pass_at_1\":0.25,\"eval_pass_at_4\":0.5}\n{\"step\":6,\"eval_accuracy\":0.75,\"eval_pass_at_1\":0.75,\"eval_pass_at_4\":1.0,\"eval_held_out\":40}\n",
         )
         .unwrap();
         let out = run.join("report");
@@ -129,6 +129,7 @@ mod tests {
         assert_eq!(s.steps, Some(6.0));
         assert_eq!(s.eval_accuracy_first, Some(0.25));
         assert_eq!(s.eval_accuracy_last, Some(0.75));
+        assert_eq!(s.eval_held_out, Some(40.0));
         // 500 tokens every 10 s.
         assert!((s.tokens_per_second_mean - 50.0).abs() < 1e-9);
     }

@@ -43,6 +43,10 @@ pub struct Summary {
     pub tokens_per_second_mean: f64,
     pub eval_accuracy_first: Option<f64>,
     pub eval_accuracy_last: Option<f64>,
+    /// Records of the held-out set of the last evaluation (`eval_held_out`: `[data]
+    /// eval_fraction`'s held-out side or `[eval] path`'s records; none for the synthetic
+    /// task).
+    pub eval_held_out: Option<f64>,
     /// The plots' file names.
     pub plots: Vec<&'static str>,
 }
@@ -86,6 +90,7 @@ impl Summary {
             tokens_per_second_mean: mean(&throughput).unwrap_or(0.0),
             eval_accuracy_first: accuracy(run.evals.first()),
             eval_accuracy_last: accuracy(run.evals.last()),
+            eval_held_out: run.evals.last().and_then(|r| field(r, "eval_held_out")),
             plots,
         }
     }

@@ -191,3 +191,31 @@ pub fn serve_reward<R: tandem_proto::v1::reward_server::Reward>(
     );
     (rt, addr)
 }
+
+/// Serves `service` as an Environment service that requires `token`, on a loopback
+/// port of its own runtime (kept alive by the caller); returns the runtime and the
+/// address.
+pub fn serve_environment<E: tandem_proto::v1::environment_server::Environment>(
+    token: &str,
+    service: E,
+) -> (tokio::runtime::Runtime, String) {
+    use tandem_proto::v1::environment_server::EnvironmentServer;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                EnvironmentServer::new(service),
+                tandem_proto::auth::RequireToken::new(token),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (rt, addr)
+}

@@ -274,6 +274,7 @@ fn forged_values_are_refused_by_the_running_services() {
             worker_id: id,
             prompt_ids: vec![1, 2, 3],
             completions,
+            info_json: String::new(),
         }
     };
     let forged = vec![

@@ -14,6 +14,11 @@ pub struct Group {
     pub lease_id: u64,
     pub prompt_index: u64,
     pub worker_id: u64,
+    /// The dataset record's info (`RolloutGroup.info_json`: the text of one JSON
+    /// object, checked at ingest), for the batch dumps; absent in a checkpoint written
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
     pub rollouts: Vec<Rollout>,
 }
 
@@ -94,6 +99,7 @@ mod tests {
             lease_id: lease,
             prompt_index: lease,
             worker_id: 1,
+            info: None,
             rollouts: vec![Rollout {
                 group: lease.to_string(),
                 prompt_ids: vec![1],

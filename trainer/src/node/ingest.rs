@@ -184,6 +184,7 @@ pub fn into_group(g: RolloutGroup) -> Group {
         lease_id: g.lease_id,
         prompt_index: g.prompt_index,
         worker_id: g.worker_id,
+        info: (!g.info_json.is_empty()).then(|| g.info_json.clone()),
         rollouts: g
             .completions
             .into_iter()
@@ -247,6 +248,7 @@ mod tests {
                 };
                 2
             ],
+            info_json: r#"{"level": 3}"#.into(),
         }
     }
 
@@ -361,6 +363,14 @@ mod tests {
                 "session_token: 1048576 bytes",
             ),
             (
+                Box::new(|g| g.info_json = "[1]".into()),
+                "info_json: not a JSON object",
+            ),
+            (
+                Box::new(|g| g.info_json = format!("{{\"x\": \"{}\"}}", "x".repeat(1 << 16))),
+                "info_json: 65545 bytes",
+            ),
+            (
                 Box::new(|g| g.completions[0].tool_seconds = 1e300),
                 "completions[0] episode: tool_seconds",
             ),
@@ -397,5 +407,17 @@ mod tests {
             let e = check_group(&g, &l, 3).unwrap_err();
             assert!(e.contains(needle), "{needle}: {e}");
         }
+    }
+
+    /// The lease's info goes with the group into the buffer (and its checkpoints), for
+    /// the batch dumps; none stays none.
+    #[test]
+    fn a_group_keeps_its_record_s_info() {
+        assert_eq!(into_group(good()).info.as_deref(), Some(r#"{"level": 3}"#));
+        let none = RolloutGroup {
+            info_json: String::new(),
+            ..good()
+        };
+        assert_eq!(into_group(none).info, None);
     }
 }

@@ -141,7 +141,7 @@ impl Learner {
             }
         }
         if self.plan.dump_batches {
-            self.dump(&rollouts)?;
+            self.dump(&groups)?;
         }
         let metrics = if self.plan.mock_train_ms > 0 {
             // Benchmarks of the control plane: wait instead of training.
@@ -202,7 +202,10 @@ impl Learner {
         }))
     }
 
-    fn dump(&self, rollouts: &[Rollout]) -> Result<()> {
+    /// `RUN_DIR/batches/step-N.jsonl`: each rollout of `groups` as a line, with its
+    /// ids decoded beside them and its group's `info` (the dataset record's) when the
+    /// record has one.
+    fn dump(&self, groups: &[Group]) -> Result<()> {
         let dir = self.plan.run_dir.join("batches");
         std::fs::create_dir_all(&dir)
             .map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
@@ -212,13 +215,21 @@ impl Learner {
             let t = self.policy.tokenizer.decode(ids, false);
             t.unwrap_or_else(|e| format!("<not decodable: {e}>"))
         };
-        for r in rollouts {
-            // The ids decoded beside them (`parse_jsonl` reads the ids, not the text).
-            let mut line = serde_json::to_value(r).map_err(|e| invalid(e.to_string()))?;
-            line["prompt_text"] = decode(&r.prompt_ids).into();
-            line["completion_text"] = decode(&r.completion_ids).into();
-            text += &line.to_string();
-            text.push('\n');
+        for g in groups {
+            // Checked to be one JSON object at ingest.
+            let info: Option<serde_json::Value> =
+                g.info.as_deref().and_then(|t| serde_json::from_str(t).ok());
+            for r in &g.rollouts {
+                // The ids decoded beside them (`parse_jsonl` reads the ids, not the text).
+                let mut line = serde_json::to_value(r).map_err(|e| invalid(e.to_string()))?;
+                line["prompt_text"] = decode(&r.prompt_ids).into();
+                line["completion_text"] = decode(&r.completion_ids).into();
+                if let Some(info) = &info {
+                    line["info"] = info.clone();
+                }
+                text += &line.to_string();
+                text.push('\n');
+            }
         }
         // Whole or not at all: a reader (a test, `tandem train-step`) never sees half.
         tandem_model::write_atomic(&path, text)

@@ -5,8 +5,8 @@
 //!   "behavior_logprobs": [...], "reward": 1.0, "versions": [...],
 //!   "loss_mask": [1, 1, 0, ...], "finish_reason": "stop"}` (the last three optional).
 //! A batch dump (`[trainer] dump_batches`) also carries `prompt_text` and
-//! `completion_text`, the ids decoded; [`parse_jsonl`] ignores them (the ids are what
-//! is trained).
+//! `completion_text`, the ids decoded, and `info`, the dataset record's info (when it
+//! has one); [`parse_jsonl`] ignores them (the ids are what is trained).
 //!
 //! A token whose `loss_mask` entry is 0 (tool output inside a multi-turn episode, say)
 //! is context only: it gets no loss, counts in no denominator, and its
@@ -192,9 +192,10 @@ pub fn parse_jsonl(text: &str, source: &str, vocab_size: usize) -> Result<Vec<Ro
         let mut v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| invalid(format!("{at}: {e}")))?;
         if let Some(o) = v.as_object_mut() {
-            // A batch dump's decoded text: the ids are what is trained.
+            // A batch dump's decoded text and record info: the ids are what is trained.
             o.remove("prompt_text");
             o.remove("completion_text");
+            o.remove("info");
         }
         let r: Rollout = serde_json::from_value(v).map_err(|e| invalid(format!("{at}: {e}")))?;
         r.validate(vocab_size)
@@ -212,6 +213,19 @@ mod tests {
     use super::*;
 
     const OK: &str = r#"{"group":"g0","prompt_ids":[1,2],"completion_ids":[3,4],"behavior_logprobs":[-0.5,-1.0],"reward":1.0}"#;
+
+    /// A batch dump's line (decoded text, the record's info) replays as its rollout.
+    #[test]
+    fn a_dumped_line_replays() {
+        let dumped = OK.replace(
+            "1.0}",
+            "1.0,\"prompt_text\":\"a\",\"completion_text\":\"b\",\"info\":{\"level\":3}}",
+        );
+        assert_eq!(
+            parse_jsonl(&dumped, "d.jsonl", 10).unwrap(),
+            parse_jsonl(OK, "r.jsonl", 10).unwrap()
+        );
+    }
 
     #[test]
     fn parses_and_locates_errors() {
