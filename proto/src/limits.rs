@@ -81,6 +81,13 @@ pub const WEIGHT_VERSION_BYTES: u64 = 64 << 30;
 /// model (it is tokenized into the context, which is far smaller).
 pub const OBSERVATION_BYTES: usize = 1 << 20;
 
+/// `RolloutGroup.retries`: times a generator ran a group again after a failed episode
+/// before the group it sends, and the most `[env] max_retries` may be (each re-run costs
+/// a whole group's sampling; past a few, the environment is broken, not unlucky).
+/// `RolloutGroup.episodes_failed` is at most `retries` × the run's group size (checked
+/// by the trainer, which knows it).
+pub const GROUP_RETRIES: u32 = 100;
+
 /// The default `[reward] bound`: a completion's reward must satisfy |r| ≤ this (the
 /// trainer refuses the group otherwise). Generous for any reward scale in use; small
 /// enough that a sum of squares over a batch stays far from f64's and f32's range.
@@ -328,6 +335,13 @@ impl Check for LeaseRequest {
 
 impl Check for ReleaseRequest {
     fn check(&self) -> Result<(), LimitError> {
+        if crate::v1::GroupFailure::try_from(self.failure).is_err() {
+            return Err(LimitError::OutOfRange {
+                field: "failure".into(),
+                value: self.failure.to_string(),
+                bound: "a GroupFailure value (0 to 5)".into(),
+            });
+        }
         reason("reason", &self.reason)
     }
 }
@@ -423,6 +437,20 @@ impl Check for RolloutGroup {
             "SESSION_TOKEN_BYTES",
             "send the `session_token` Register returned",
         )?;
+        if self.retries > GROUP_RETRIES {
+            return Err(LimitError::OutOfRange {
+                field: "retries".into(),
+                value: self.retries.to_string(),
+                bound: format!("at most {GROUP_RETRIES} (tandem_proto::limits::GROUP_RETRIES)"),
+            });
+        }
+        if self.retries == 0 && self.episodes_failed > 0 {
+            return Err(LimitError::OutOfRange {
+                field: "episodes_failed".into(),
+                value: self.episodes_failed.to_string(),
+                bound: "0 when retries is 0 (only a failed run has failed episodes)".into(),
+            });
+        }
         for (i, c) in self.completions.iter().enumerate() {
             check_len(
                 &format!("completions[{i}].finish_reason"),
@@ -507,6 +535,32 @@ mod tests {
         );
         let s: tonic::Status = e.into();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        for (g, field) in [
+            (
+                RolloutGroup {
+                    retries: GROUP_RETRIES + 1,
+                    ..Default::default()
+                },
+                "retries:",
+            ),
+            (
+                RolloutGroup {
+                    episodes_failed: 1,
+                    ..Default::default()
+                },
+                "episodes_failed:",
+            ),
+        ] {
+            let e = g.check().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let e = ReleaseRequest {
+            failure: 99,
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().starts_with("failure: 99"), "{e}");
         assert!(ReleaseRequest {
             reason: "x".repeat(REASON_BYTES),
             ..Default::default()

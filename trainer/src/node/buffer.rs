@@ -15,6 +15,13 @@ pub struct Group {
     pub prompt_index: u64,
     pub worker_id: u64,
     pub rollouts: Vec<Rollout>,
+    /// Times the generator ran the group again before these rollouts (its earlier runs
+    /// failed through no doing of the model), and the episodes of those runs that
+    /// failed: reported per step, never trained.
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub episodes_failed: u32,
 }
 
 /// The key a group is known by in rollouts, dumps and summaries.
@@ -94,6 +101,8 @@ mod tests {
             lease_id: lease,
             prompt_index: lease,
             worker_id: 1,
+            retries: 0,
+            episodes_failed: 0,
             rollouts: vec![Rollout {
                 group: lease.to_string(),
                 prompt_ids: vec![1],
