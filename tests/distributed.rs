@@ -1530,6 +1530,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 };
                 4
             ],
+            ..Default::default()
         };
         edit(&mut g);
         g
@@ -1929,18 +1930,13 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
 #[test]
 fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use tandem_proto::v1::reward_server::Reward;
     use tandem_proto::v1::{ScoreReply, ScoreRequest};
 
-    /// Fails its first 5 calls; records the coordinator's /metrics once it has answered
-    /// (the re-run is reported by then).
+    /// Fails its first 5 calls.
     #[derive(Clone, Default)]
-    struct Flaky {
-        calls: Arc<AtomicUsize>,
-        http: Arc<Mutex<String>>,
-        scraped: Arc<Mutex<String>>,
-    }
+    struct Flaky(Arc<AtomicUsize>);
 
     #[tonic::async_trait]
     impl Reward for Flaky {
@@ -1948,21 +1944,9 @@ fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
             &self,
             req: tonic::Request<ScoreRequest>,
         ) -> Result<tonic::Response<ScoreReply>, tonic::Status> {
-            if self.calls.fetch_add(1, Ordering::SeqCst) < 5 {
+            if self.0.fetch_add(1, Ordering::SeqCst) < 5 {
                 return Err(tonic::Status::unavailable("warming up"));
             }
-            let http = self.http.lock().unwrap().clone();
-            let scraped = self.scraped.clone();
-            // Heartbeats come every 100 ms: a few later, the re-run is counted.
-            tokio::task::spawn_blocking(move || {
-                std::thread::sleep(Duration::from_millis(500));
-                // Not once the run is over and the coordinator gone.
-                if std::net::TcpStream::connect(&http).is_ok() {
-                    if let (200, body) = http_status(&http, "/metrics") {
-                        *scraped.lock().unwrap() = body;
-                    }
-                }
-            });
             let n = req.into_inner().completions.len();
             let rewards = (0..n).map(|i| i as f64 / 4.0).collect();
             Ok(tonic::Response::new(ScoreReply { rewards }))
@@ -1970,20 +1954,27 @@ fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
     }
 
     let service = Flaky::default();
-    let (calls, http, scraped) = (
-        service.calls.clone(),
-        service.http.clone(),
-        service.scraped.clone(),
-    );
+    let calls = service.0.clone();
     let (_rt, addr) = common::serve_reward(REWARD_TOKEN, service);
     let dir = tempfile::tempdir().unwrap();
     let model = init_tiny(dir.path());
     let steps = 3;
     let text = reward_from_service(&config(dir.path(), &model, steps, 1, ""), &addr, &[]);
     let mut c = Cluster::start(dir.path(), &text);
-    *http.lock().unwrap() = c.http.clone();
     c.trainer();
     c.generator("gen-0");
+    // /metrics while the run goes (heartbeats report the re-run within 100 ms).
+    let (t0, mut scraped) = (Instant::now(), String::new());
+    while c.child("trainer").try_wait().unwrap().is_none()
+        && t0.elapsed() < Duration::from_secs(120)
+    {
+        if std::net::TcpStream::connect(&c.http).is_ok() {
+            if let (200, body) = http_status(&c.http, "/metrics") {
+                scraped = body;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.wait_all(Duration::from_secs(120));
     assert!(calls.load(Ordering::SeqCst) > 5);
     let trained = check_trained(&c.run, steps, 2, 4, 1);
@@ -2003,7 +1994,11 @@ fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
         }
         for (g, mut rewards) in by_group {
             rewards.sort_by(f64::total_cmp);
-            assert_eq!(rewards, [0.0, 0.25, 0.5, 0.75], "{g}: not the service's scores");
+            assert_eq!(
+                rewards,
+                [0.0, 0.25, 0.5, 0.75],
+                "{g}: not the service's scores"
+            );
         }
     }
     let lines = metrics_lines(&c.run);
@@ -2013,7 +2008,6 @@ fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
         (1, 4),
         "one group ran again, its 4 episodes failed: {lines:?}"
     );
-    let scraped = scraped.lock().unwrap().clone();
     for series in [
         "tandem_groups_retried_total 1",
         "tandem_episodes_failed_total 4",

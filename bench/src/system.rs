@@ -512,6 +512,7 @@ async fn ingest(
                         };
                         a.group_size
                     ],
+                    ..Default::default()
                 })
                 .collect();
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();

@@ -163,7 +163,11 @@ impl Env {
 
     /// The tool's output and whether it failed (a program that raised or was killed
     /// still shows its output).
-    fn call(&self, name: &str, arguments: &Value) -> std::result::Result<(String, bool), CallError> {
+    fn call(
+        &self,
+        name: &str,
+        arguments: &Value,
+    ) -> std::result::Result<(String, bool), CallError> {
         if !self.config.tools.iter().any(|t| t == name) {
             return Err(format!(
                 "unknown tool {name:?}; available: {}",
@@ -184,9 +188,10 @@ impl Env {
                     .get("code")
                     .and_then(Value::as_str)
                     .ok_or("python needs {\"code\": \"...\"}")?;
-                let tool = self.python.as_ref().ok_or(CallError::Infrastructure(
-                    "the tool was not set up".into(),
-                ))?;
+                let tool = self
+                    .python
+                    .as_ref()
+                    .ok_or(CallError::Infrastructure("the tool was not set up".into()))?;
                 // The sandbox itself failed: not the program's doing.
                 let ran = tool.run(code).map_err(CallError::Infrastructure)?;
                 Ok((ran.observation(), ran.failure.is_some()))

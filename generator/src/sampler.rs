@@ -180,7 +180,12 @@ impl Sampler {
                         let max = self.max_retries;
                         match failure::retry(l.lease_id, attempts, &f, max, &self.beat) {
                             Some(next) => attempts = next,
-                            None => return Ok(Some(Job::GiveBack { lease: l, failure: f })),
+                            None => {
+                                return Ok(Some(Job::GiveBack {
+                                    lease: l,
+                                    failure: f,
+                                }))
+                            }
                         }
                     }
                 }

@@ -701,11 +701,15 @@ esac
         let mut s = Supervisor::start(plan(&run, 1, 5), program).unwrap();
         let mut events = Vec::new();
         let e = s
-            .watch(&mut Markers(dir.to_path_buf()), &Stop::default(), &mut |e| {
-                if !matches!(e, Event::Progress(_)) {
-                    events.push(format!("{e:?}"))
-                }
-            })
+            .watch(
+                &mut Markers(dir.to_path_buf()),
+                &Stop::default(),
+                &mut |e| {
+                    if !matches!(e, Event::Progress(_)) {
+                        events.push(format!("{e:?}"))
+                    }
+                },
+            )
             .unwrap_err()
             .to_string();
         assert_eq!(events, ["Stopping"], "never restarted");
@@ -717,7 +721,10 @@ esac
             "{e}"
         );
         let order = std::fs::read_to_string(dir.join("order")).unwrap();
-        assert_eq!(order.lines().collect::<Vec<_>>(), ["trainer", "coordinator"]);
+        assert_eq!(
+            order.lines().collect::<Vec<_>>(),
+            ["trainer", "coordinator"]
+        );
     }
 
     #[test]

@@ -220,6 +220,9 @@ pub fn serve_environment<E: tandem_proto::v1::environment_server::Environment>(
     (rt, addr)
 }
 
+/// Whether a call ("Reset", "Step") of an episode (its id) fails.
+pub type FailsWhen = dyn Fn(&str, &str) -> bool + Send + Sync;
+
 /// An Environment service for failure tests: every episode ends at its first `Step`
 /// with reward 1 (so a trained completion's reward is 1, never a made-up 0), and the
 /// calls of each episode are recorded. `fails` says which calls fail (with
@@ -227,7 +230,7 @@ pub fn serve_environment<E: tandem_proto::v1::environment_server::Environment>(
 /// episode id (`LEASE/SAMPLE`, `LEASE/SAMPLE/RETRY` when the group runs again).
 #[derive(Clone)]
 pub struct FlakyEnvironment {
-    pub fails: std::sync::Arc<dyn Fn(&str, &str) -> bool + Send + Sync>,
+    pub fails: std::sync::Arc<FailsWhen>,
     /// (call, episode id) of every call, in order.
     pub calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
@@ -246,7 +249,9 @@ impl FlakyEnvironment {
             .unwrap()
             .push((call.to_string(), episode.to_string()));
         if (self.fails)(call, episode) {
-            return Err(tonic::Status::internal(format!("{call} broke for {episode}")));
+            return Err(tonic::Status::internal(format!(
+                "{call} broke for {episode}"
+            )));
         }
         Ok(())
     }
