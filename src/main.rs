@@ -123,6 +123,18 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A generator whose groups keep failing through no doing of the model: its
+        // environment is broken, and `tandem run` must stop rather than restart it.
+        let broken = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<tandem_generator::Error>(),
+                Some(tandem_generator::Error::Failing(_))
+            )
+        });
+        std::process::exit(if broken {
+            tandem_launch::EXIT_DO_NOT_RESTART
+        } else {
+            1
+        });
     }
 }

@@ -82,6 +82,10 @@ pub fn run(a: ToolArgs) -> Result<()> {
         name: name.into(),
         arguments,
     }));
+    // The tool's infrastructure failed: no observation the model would read.
+    if let Some(f) = obs.failure {
+        anyhow::bail!("{}", f.why);
+    }
     print!("{}", obs.text);
     if !obs.text.ends_with('\n') {
         println!();

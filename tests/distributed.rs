@@ -1530,7 +1530,7 @@ fn wrong_token_is_refused_and_bad_rollouts_never_reach_the_buffer() {
                 };
                 4
             ],
-            info_json: String::new(),
+            ..Default::default()
         };
         edit(&mut g);
         g
@@ -2075,17 +2075,20 @@ fn filter_zero_std_drops_uninformative_groups_and_keeps_batches_full() {
     check_nothing_lost(&c.run, &trained, true);
 }
 
-/// Skip instead of stop: a reward service that fails its first 5 calls. The generator
-/// retries with backoff (4 attempts), then gives that lease back; the prompt is
-/// re-issued and trained once, later groups score normally and the run finishes with
-/// nothing lost.
+/// Failures are retried, never zeroed: a reward service that fails its first 5 calls.
+/// The generator calls it 4 times with backoff, then runs that group again with new
+/// samples (its next scoring's first call fails too, the second answers); no lease is
+/// given back, every trained group carries the service's scores (never a made-up 0),
+/// the re-run and its group's 4 failed episodes are counted in metrics.jsonl and at
+/// /metrics, and the run finishes with nothing lost.
 #[test]
-fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
+fn a_failing_reward_service_runs_the_group_again_and_the_run_goes_on() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tandem_proto::v1::reward_server::Reward;
     use tandem_proto::v1::{ScoreReply, ScoreRequest};
 
+    /// Fails its first 5 calls.
     #[derive(Clone, Default)]
     struct Flaky(Arc<AtomicUsize>);
 
@@ -2114,21 +2117,58 @@ fn a_failing_reward_service_releases_the_lease_and_the_run_goes_on() {
     let mut c = Cluster::start(dir.path(), &text);
     c.trainer();
     c.generator("gen-0");
+    // /metrics while the run goes (heartbeats report the re-run within 100 ms).
+    let (t0, mut scraped) = (Instant::now(), String::new());
+    while c.child("trainer").try_wait().unwrap().is_none()
+        && t0.elapsed() < Duration::from_secs(120)
+    {
+        if std::net::TcpStream::connect(&c.http).is_ok() {
+            if let (200, body) = http_status(&c.http, "/metrics") {
+                scraped = body;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.wait_all(Duration::from_secs(120));
     assert!(calls.load(Ordering::SeqCst) > 5);
     let trained = check_trained(&c.run, steps, 2, 4, 1);
     let status = coordinator_status(&c.run);
-    let reissued: Vec<u64> = status["reissued_prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
-    assert!(!reissued.is_empty(), "no lease was given back: {status}");
-    assert!(
-        reissued.iter().all(|p| trained.values().any(|t| t == p)),
-        "a given-back prompt was not trained: {reissued:?}"
+    assert_eq!(
+        status["reissued_prompts"].as_array().map(Vec::len),
+        Some(0),
+        "a lease was given back: {status}"
     );
+    for (_, rows) in batches(&c.run) {
+        let mut by_group: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in rows {
+            by_group
+                .entry(r["group"].as_str().unwrap().to_string())
+                .or_default()
+                .push(r["reward"].as_f64().unwrap());
+        }
+        for (g, mut rewards) in by_group {
+            rewards.sort_by(f64::total_cmp);
+            assert_eq!(
+                rewards,
+                [0.0, 0.25, 0.5, 0.75],
+                "{g}: not the service's scores"
+            );
+        }
+    }
+    let lines = metrics_lines(&c.run);
+    let sum = |k: &str| lines.iter().map(|l| l[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        (sum("groups_retried"), sum("episodes_failed")),
+        (1, 4),
+        "one group ran again, its 4 episodes failed: {lines:?}"
+    );
+    for series in [
+        "tandem_groups_retried_total 1",
+        "tandem_episodes_failed_total 4",
+        "tandem_groups_failed_total{reason=\"reward_service\"} 0",
+    ] {
+        assert!(scraped.contains(series), "{series}: {scraped}");
+    }
     check_nothing_lost(&c.run, &trained, true);
 }
 

@@ -65,7 +65,7 @@ proptest! {
         completions in proptest::collection::vec(completion(), 0..4),
         version in 0u64..4,
     ) {
-        let g = RolloutGroup { seq: 1, lease_id: lease, prompt_index: 0, worker_id: 1, prompt_ids: prompt, completions, session_token: String::new(), info_json: String::new() };
+        let g = RolloutGroup { seq: 1, lease_id: lease, prompt_index: 0, worker_id: 1, prompt_ids: prompt, completions, session_token: String::new(), ..Default::default() };
         let limits = Limits { vocab_size: 100, group_size: 2, samples_per_episode: 1, max_completion_tokens: 5, max_context_tokens: 12, filter_zero_std: false, reward_bound: 1e6 };
         if check_group(&g, &limits, version).is_ok() {
             for c in &g.completions {

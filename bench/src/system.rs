@@ -512,7 +512,7 @@ async fn ingest(
                         };
                         a.group_size
                     ],
-                    info_json: String::new(),
+                    ..Default::default()
                 })
                 .collect();
             let bytes: usize = groups.iter().map(prost::Message::encoded_len).sum();

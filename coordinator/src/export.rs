@@ -25,6 +25,11 @@ impl Core {
             .count();
         metrics::gauge!(m::WORKERS, "role" => "trainer").set(trainers as f64);
         metrics::counter!(m::WEIGHT_SYNC_BYTES).absolute(self.weight_sync_bytes);
+        metrics::counter!(m::EPISODES_FAILED).absolute(self.episodes_failed);
+        metrics::counter!(m::GROUPS_RETRIED).absolute(self.groups_retried);
+        for (reason, n) in &self.groups_failed {
+            metrics::counter!(m::GROUPS_FAILED, "reason" => *reason).absolute(*n);
+        }
         metrics::gauge!(m::WEIGHT_VERSION_BYTES).set(self.version_bytes as f64);
         for (k, v) in &self.train_metrics {
             metrics::gauge!(m::train_metric_name(k)).set(*v);

@@ -61,6 +61,37 @@ pub const DROP_REASONS: &[&str] = &[
     "mismatch",
     "not_holder",
 ];
+/// Episodes that failed through no doing of the model (an agent program, the
+/// Environment service, a tool's infrastructure, the reward service), as generators
+/// report them in heartbeats: never trained, their groups run again.
+pub const EPISODES_FAILED: &str = "tandem_episodes_failed_total";
+/// Groups a generator ran again after a failed run (heartbeats).
+pub const GROUPS_RETRIED: &str = "tandem_groups_retried_total";
+/// Groups given back after `[env] max_retries` failed re-runs, by `reason`
+/// ([`FAILURE_REASONS`], from the generator's `Release`).
+pub const GROUPS_FAILED: &str = "tandem_groups_failed_total";
+/// The `reason` labels of `GROUPS_FAILED`, by `GroupFailure`.
+pub const FAILURE_REASONS: &[&str] = &[
+    "agent",
+    "environment",
+    "tool",
+    "reward_service",
+    "reward_bound",
+];
+
+/// The `reason` label of a group's failure (`None`: not a failure).
+pub fn failure_reason(f: tandem_proto::v1::GroupFailure) -> Option<&'static str> {
+    use tandem_proto::v1::GroupFailure as F;
+    match f {
+        F::Unspecified => None,
+        F::Agent => Some("agent"),
+        F::Environment => Some("environment"),
+        F::Tool => Some("tool"),
+        F::RewardService => Some("reward_service"),
+        F::RewardBound => Some("reward_bound"),
+    }
+}
+
 /// Per-step training metrics become `tandem_train_<name>` gauges.
 pub const TRAIN_PREFIX: &str = "tandem_train_";
 
@@ -163,6 +194,18 @@ pub fn describe() {
         RUN_FINISHED,
         "1 once the trainer has published its last step"
     );
+    describe_counter!(
+        EPISODES_FAILED,
+        "Episodes that failed through no doing of the model (agent program, Environment service, tool infrastructure, reward service): never trained"
+    );
+    describe_counter!(
+        GROUPS_RETRIED,
+        "Groups a generator ran again with new episodes after a failed run"
+    );
+    describe_counter!(
+        GROUPS_FAILED,
+        "Groups given back after [env] max_retries failed re-runs, by what failed"
+    );
 }
 
 /// Gives every series whose absence would read as "no data" a first value, so
@@ -184,6 +227,11 @@ pub fn initialise(max_staleness: u64) {
     }
     for reason in DROP_REASONS {
         metrics::counter!(GROUPS_DROPPED, "reason" => *reason).absolute(0);
+    }
+    metrics::counter!(EPISODES_FAILED).absolute(0);
+    metrics::counter!(GROUPS_RETRIED).absolute(0);
+    for reason in FAILURE_REASONS {
+        metrics::counter!(GROUPS_FAILED, "reason" => *reason).absolute(0);
     }
     // A histogram handle registers the series; its buckets read 0 until a sample.
     let _ = metrics::histogram!(ROLLOUT_STALENESS);
@@ -213,6 +261,23 @@ pub fn train_metric_name(name: &str) -> String {
 mod tests {
     use super::*;
     use crate::lease::Refusal;
+
+    #[test]
+    fn every_group_failure_is_a_known_reason() {
+        use tandem_proto::v1::GroupFailure as F;
+        let reasons: Vec<_> = [
+            F::Agent,
+            F::Environment,
+            F::Tool,
+            F::RewardService,
+            F::RewardBound,
+        ]
+        .into_iter()
+        .map(|f| failure_reason(f).unwrap())
+        .collect();
+        assert_eq!(reasons, FAILURE_REASONS);
+        assert_eq!(failure_reason(F::Unspecified), None);
+    }
 
     #[test]
     fn every_refusal_is_a_known_drop_reason() {

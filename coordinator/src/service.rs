@@ -167,6 +167,10 @@ impl Coordinator for CoordinatorService {
             }
             core.weight_sync_bytes = core.weight_sync_bytes.saturating_add(r.weight_sync_bytes);
             metrics::counter!(m::WEIGHT_SYNC_BYTES).absolute(core.weight_sync_bytes);
+            core.episodes_failed = core.episodes_failed.saturating_add(r.episodes_failed);
+            metrics::counter!(m::EPISODES_FAILED).absolute(core.episodes_failed);
+            core.groups_retried = core.groups_retried.saturating_add(r.groups_retried);
+            metrics::counter!(m::GROUPS_RETRIED).absolute(core.groups_retried);
             if r.generated_tokens > 0 {
                 core.record_tokens(now, r.generated_tokens);
             }
@@ -374,6 +378,12 @@ impl Coordinator for CoordinatorService {
         if released {
             core.persist()?;
             metrics::counter!(m::LEASES_REISSUED).increment(1);
+            // A group that failed for good (the check refused unknown values).
+            if let Some(reason) = m::failure_reason(r.failure()) {
+                let n = core.groups_failed.entry(reason).or_default();
+                *n = n.saturating_add(1);
+                metrics::counter!(m::GROUPS_FAILED, "reason" => reason).absolute(*n);
+            }
             metrics::gauge!(m::LEASES_RUNNING).set(core.leases.running() as f64);
             tracing::warn!(
                 lease = r.lease_id,

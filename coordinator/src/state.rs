@@ -58,6 +58,12 @@ pub struct Core {
     pub generator_series: BTreeMap<String, GeneratorSeries>,
     /// Bytes of weights generators reported receiving (saturating).
     pub weight_sync_bytes: u64,
+    /// Episodes that failed and groups run again, as generators reported them, and the
+    /// groups given back as failed, by reason (saturating; not saved, like every
+    /// Prometheus counter).
+    pub episodes_failed: u64,
+    pub groups_retried: u64,
+    pub groups_failed: BTreeMap<&'static str, u64>,
     /// Bytes of the latest published version as generators receive it (every
     /// parameter, or only a LoRA adapter's A and B); 0 until the trainer reports one.
     pub version_bytes: u64,
@@ -84,6 +90,9 @@ impl Core {
             trainer_wait_s: 0.0,
             generator_series: BTreeMap::new(),
             weight_sync_bytes: 0,
+            episodes_failed: 0,
+            groups_retried: 0,
+            groups_failed: BTreeMap::new(),
             version_bytes: 0,
             store: None,
         }

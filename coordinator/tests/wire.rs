@@ -161,9 +161,20 @@ async fn every_forged_value_is_refused_naming_its_field() {
             worker_id: id,
             lease_id: lease.lease_id,
             reason: "r".repeat(8 << 20),
+            failure: 0,
         })
         .await,
         "reason",
+    );
+    refused(
+        me.release(ReleaseRequest {
+            worker_id: id,
+            lease_id: lease.lease_id,
+            reason: "a failure of no known kind".into(),
+            failure: 99,
+        })
+        .await,
+        "failure",
     );
     // The lease is still this generator's: the refused release changed nothing.
     assert!(
@@ -171,6 +182,7 @@ async fn every_forged_value_is_refused_naming_its_field() {
             worker_id: id,
             lease_id: lease.lease_id,
             reason: "a reason\nwith a forged line".into(),
+            failure: tandem_proto::v1::GroupFailure::Environment.into(),
         })
         .await
         .unwrap()
@@ -184,6 +196,8 @@ async fn every_forged_value_is_refused_naming_its_field() {
             b.generated_tokens = u64::MAX;
             b.weight_sync_bytes = u64::MAX;
             b.weight_sync_failures = u64::MAX;
+            b.episodes_failed = u64::MAX;
+            b.groups_retried = u64::MAX;
         }))
         .await
         .unwrap();
@@ -204,6 +218,15 @@ async fn every_forged_value_is_refused_naming_its_field() {
         scrape.contains(&format!("tandem_weight_sync_bytes_total {}", u64::MAX)),
         "{scrape}"
     );
+    for line in [
+        format!("tandem_episodes_failed_total {}", u64::MAX),
+        format!("tandem_groups_retried_total {}", u64::MAX),
+        // The released group that failed, by what failed; the other reasons start at 0.
+        "tandem_groups_failed_total{reason=\"environment\"} 1".into(),
+        "tandem_groups_failed_total{reason=\"agent\"} 0".into(),
+    ] {
+        assert!(scrape.contains(&line), "{line}: {scrape}");
+    }
 
     // The trainer's calls, with the run's token, are bounded too.
     let admin_creds = Credentials::new(RUN_TOKEN, Tls::none()).unwrap();

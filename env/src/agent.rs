@@ -16,10 +16,12 @@
 //! (the run folder, the model cache, the credentials: [`Agents::new`]'s `private`) are
 //! hidden from it, and whatever it starts ends with it. It may print `{"reward": r}` as
 //! its last line. When the
-//! last agent of a group has exited (or was killed at `[env] agent_timeout_s`), the
-//! group's samples (all its episodes' turns, [`crate::chat_episode`]) are scored like
-//! any other group: verifiers on each episode's final model turn, plus
-//! `[env] reward_weight` × the agent's reward.
+//! last agent of a group has exited, the group's samples (all its episodes' turns,
+//! [`crate::chat_episode`]) are scored like any other group: verifiers on each
+//! episode's final model turn, plus `[env] reward_weight` × the agent's reward. An
+//! agent that exited non-zero, was killed at `[env] agent_timeout_s` or printed a
+//! reward that is not a number failed ([`crate::failure`]): its group is not scored
+//! but [`Ended::Failed`], for the generator to run again.
 //!
 //! The group's prompt is the longest token prefix its samples' first prompts share;
 //! the rest of each sample's prompt is part of its completion, with loss mask 0.
@@ -40,6 +42,7 @@ use tokio::sync::oneshot;
 use crate::chat_episode::ChatEpisode;
 use crate::config::EnvConfig;
 use crate::error::{Error, Result};
+use crate::failure::{Failed, Failure, FailureKind};
 use crate::openai::{self, Endpoint, Held, Policy, Slot, TurnRequest};
 use crate::sample_groups::{FinishedGroup, GroupSamples};
 use crate::task::Task;
@@ -82,10 +85,6 @@ pub fn task_input(
 /// built-in episodes' turns.
 const FIRST_AGENT_ID: u64 = 1 << 61;
 
-/// Groups in a row whose agents all failed before their first turn, after which the
-/// generator stops.
-const FAILURES_IN_A_ROW: u32 = 3;
-
 /// The model's name on the endpoint (`/v1/models`, the task's `model`).
 const MODEL: &str = "tandem";
 
@@ -101,7 +100,7 @@ pub struct Exit {
     /// The reward it printed as its last line.
     pub reward: Option<f64>,
     /// Why it failed (exit status, killed at the timeout, a last line that is not a
-    /// reward), with the end of its stderr; its turns still count.
+    /// reward), with the end of its stderr: its group is not trained.
     pub failure: Option<String>,
 }
 
@@ -117,10 +116,11 @@ struct Live {
     exits: Vec<Option<Exit>>,
 }
 
-/// A group that ended: ready to score, or failed (its id, and why).
+/// A group that ended: ready to score, or failed (its id, and its failed episodes: an
+/// agent failed, or none sampled a turn).
 pub enum Ended {
     Done(FinishedGroup),
-    Failed(u64, String),
+    Failed(u64, Failed),
 }
 
 pub struct Agents {
@@ -135,8 +135,6 @@ pub struct Agents {
     pending: HashMap<u64, oneshot::Sender<openai::TurnResult>>,
     live: HashMap<u64, Live>,
     next_id: u64,
-    /// Groups in a row whose agents all failed before their first turn.
-    failures_in_a_row: u32,
 }
 
 impl Agents {
@@ -210,7 +208,6 @@ impl Agents {
             pending: HashMap::new(),
             live: HashMap::new(),
             next_id: 0,
-            failures_in_a_row: 0,
         };
         // The sandbox is tried once here: a clear error at start-up, not per episode.
         let probe = agents.run_one(
@@ -373,58 +370,56 @@ impl Agents {
         }
     }
 
-    /// Counts a group that [`Ended::Failed`] (`why`); an error once
-    /// `FAILURES_IN_A_ROW` (3) groups in a row have: the program, not one task, is
-    /// broken.
-    pub fn failed(&mut self, why: &str) -> Result<()> {
-        self.failures_in_a_row += 1;
-        if self.failures_in_a_row >= FAILURES_IN_A_ROW {
-            return Err(Error::Invalid(format!(
-                "{why}; {} groups in a row had no turn: check [env] agent",
-                self.failures_in_a_row
-            )));
-        }
-        Ok(())
-    }
-
     /// Groups whose agents are running.
     pub fn groups(&self) -> usize {
         self.live.len()
     }
 
-    /// The group of `g`, from its episodes' samples.
+    /// The group of `g`, from its episodes' samples; failed when an agent failed (its
+    /// turns are not trained on a reward it never gave) or no episode sampled a turn.
     fn assemble(&mut self, g: Live) -> Ended {
         let episodes: Vec<ChatEpisode> = g
             .episodes
             .iter()
             .map(|id| self.endpoint.remove(id).unwrap_or_default())
             .collect();
+        let failures: Vec<Option<Failure>> = g
+            .exits
+            .iter()
+            .map(|e| {
+                let why = e.as_ref().and_then(|e| e.failure.as_ref())?;
+                Some(Failure {
+                    kind: FailureKind::Agent,
+                    why: format!("[env] agent: an agent {why}"),
+                })
+            })
+            .collect();
+        if let Some(failed) = Failed::of(failures.iter().map(Option::as_ref)) {
+            return Ended::Failed(g.id, failed);
+        }
+        // An agent that exited 0 without a reward line leaves the score to the verifiers.
         let rewards: Vec<f64> = g
             .exits
             .iter()
             .map(|e| e.as_ref().and_then(|e| e.reward).unwrap_or(0.0))
             .collect();
         match group(&episodes, &rewards) {
-            Some((prompt, samples)) => {
-                self.failures_in_a_row = 0;
-                Ended::Done(FinishedGroup {
-                    id: g.id,
-                    prompt,
-                    samples,
-                })
-            }
-            None => {
-                let why = g
-                    .exits
-                    .iter()
-                    .flatten()
-                    .find_map(|e| e.failure.clone())
-                    .unwrap_or_else(|| "made no request".into());
-                Ended::Failed(
-                    g.id,
-                    format!("[env] agent: no episode of the group sampled a turn (an agent {why})"),
-                )
-            }
+            Some((prompt, samples)) => Ended::Done(FinishedGroup {
+                id: g.id,
+                prompt,
+                samples,
+                failed: None,
+            }),
+            None => Ended::Failed(
+                g.id,
+                Failed {
+                    episodes: g.exits.len() as u32,
+                    first: Failure {
+                        kind: FailureKind::Agent,
+                        why: "[env] agent: no episode of the group sampled a turn (every agent exited without a request)".into(),
+                    },
+                },
+            ),
         }
     }
 }

@@ -34,8 +34,13 @@ pub struct EnvConfig {
     /// (`OPENAI_BASE_URL`, the episode id in `TANDEM_EPISODE_ID`) and may print
     /// `{"reward": r}` as its last line. Unset = Tandem runs the episodes itself.
     pub agent: Vec<String>,
-    /// Seconds an agent program may run before it is killed (its turns so far count).
+    /// Seconds an agent program may run before it is killed (a failure: its group is
+    /// run again).
     pub agent_timeout_s: f64,
+    /// Times a group with a failed episode (agent program, Environment service, a
+    /// tool's infrastructure, the reward service) is run again, with new episodes,
+    /// before its lease is given back; a failure is never trained as a reward.
+    pub max_retries: u32,
 }
 
 impl Default for EnvConfig {
@@ -50,6 +55,7 @@ impl Default for EnvConfig {
             python: PythonLimits::default(),
             agent: Vec::new(),
             agent_timeout_s: 600.0,
+            max_retries: 2,
         }
     }
 }
@@ -91,6 +97,13 @@ impl EnvConfig {
             return Err(invalid(
                 "[env] agent_timeout_s: must be a number of seconds > 0",
             ));
+        }
+        if self.max_retries > tandem_proto::limits::GROUP_RETRIES {
+            return Err(invalid(format!(
+                "[env] max_retries: {} is more than {} (tandem_proto::limits::GROUP_RETRIES)",
+                self.max_retries,
+                tandem_proto::limits::GROUP_RETRIES
+            )));
         }
         if let Some(s) = &self.service {
             if !s.contains(':') {
@@ -173,6 +186,13 @@ mod tests {
                     ..Default::default()
                 },
                 "agent_timeout_s",
+            ),
+            (
+                EnvConfig {
+                    max_retries: 1000,
+                    ..Default::default()
+                },
+                "max_retries",
             ),
         ] {
             let e = c.validate().unwrap_err().to_string();

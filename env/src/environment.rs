@@ -9,6 +9,7 @@ use tandem_model::Tokenizer;
 use crate::calculator;
 use crate::config::EnvConfig;
 use crate::error::{invalid, Result};
+use crate::failure::{Failure, FailureKind};
 use crate::python::PythonTool;
 use crate::tool_call::{self, TurnFormat};
 
@@ -35,6 +36,9 @@ pub struct Observation {
     pub done: bool,
     /// A tool answered (counted as a tool call), not the service.
     pub tool: bool,
+    /// Not the model's doing: the service failed, or the tool's infrastructure (its
+    /// sandbox, its interpreter). The episode ends and its group is not trained.
+    pub failure: Option<Failure>,
 }
 
 /// The environment of a run: its tools or its service, and how its turns are written.
@@ -86,8 +90,9 @@ impl Env {
         })
     }
 
-    /// Answers what a model turn asked for. Never fails: a failing tool or service is an
-    /// observation with `error` (a failed `Step` also ends the episode).
+    /// Answers what a model turn asked for. Never fails: a failing call is an
+    /// observation with `error`; a failed `Step` or a tool whose infrastructure failed
+    /// also ends the episode, as a `failure` (never trained).
     pub fn act(&self, act: &Act) -> Observation {
         let t0 = Instant::now();
         let mut obs = Observation {
@@ -97,6 +102,7 @@ impl Env {
             reward: 0.0,
             done: false,
             tool: true,
+            failure: None,
         };
         match act {
             Act::Tool(tool_call::Action::Answer) => {
@@ -110,7 +116,17 @@ impl Env {
             Act::Tool(tool_call::Action::Call { name, arguments }) => {
                 (obs.text, obs.error) = match self.call(name, arguments) {
                     Ok(out) => out,
-                    Err(e) => (format!("error: {e}"), true),
+                    Err(CallError::Model(e)) => (format!("error: {e}"), true),
+                    Err(CallError::Infrastructure(e)) => {
+                        let why = format!("[env] tools: {name}: {e}");
+                        tracing::warn!("{why}: the episode fails");
+                        obs.failure = Some(Failure {
+                            kind: FailureKind::Tool,
+                            why: why.clone(),
+                        });
+                        obs.done = true;
+                        (format!("error: {why}"), true)
+                    }
                 };
             }
             Act::Step { episode, text } => {
@@ -122,13 +138,21 @@ impl Env {
                         obs.done = r.done;
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(episode = %episode, "{e}: the episode ends");
+                        tracing::warn!(episode = %episode, "{e}: the episode fails");
                         obs.text = format!("error: {e}");
                         (obs.error, obs.done) = (true, true);
+                        obs.failure = Some(Failure {
+                            kind: FailureKind::Environment,
+                            why: e,
+                        });
                     }
                     None => {
                         obs.text = "error: no [env] service".into();
                         (obs.error, obs.done) = (true, true);
+                        obs.failure = Some(Failure {
+                            kind: FailureKind::Environment,
+                            why: "no [env] service".into(),
+                        });
                     }
                 }
             }
@@ -139,12 +163,17 @@ impl Env {
 
     /// The tool's output and whether it failed (a program that raised or was killed
     /// still shows its output).
-    fn call(&self, name: &str, arguments: &Value) -> std::result::Result<(String, bool), String> {
+    fn call(
+        &self,
+        name: &str,
+        arguments: &Value,
+    ) -> std::result::Result<(String, bool), CallError> {
         if !self.config.tools.iter().any(|t| t == name) {
             return Err(format!(
                 "unknown tool {name:?}; available: {}",
                 self.config.tools.join(", ")
-            ));
+            )
+            .into());
         }
         match name {
             "calculator" => {
@@ -152,7 +181,7 @@ impl Env {
                     .get("expression")
                     .and_then(Value::as_str)
                     .ok_or("calculator needs {\"expression\": \"...\"}")?;
-                calculator::evaluate(expr).map(|v| (calculator::format(v), false))
+                Ok(calculator::evaluate(expr).map(|v| (calculator::format(v), false))?)
             }
             "python" => {
                 let code = arguments
@@ -162,12 +191,32 @@ impl Env {
                 let tool = self
                     .python
                     .as_ref()
-                    .ok_or("python: the tool was not set up")?;
-                let ran = tool.run(code)?;
+                    .ok_or(CallError::Infrastructure("the tool was not set up".into()))?;
+                // The sandbox itself failed: not the program's doing.
+                let ran = tool.run(code).map_err(CallError::Infrastructure)?;
                 Ok((ran.observation(), ran.failure.is_some()))
             }
-            other => Err(format!("tool {other:?} is not built in")),
+            other => Err(format!("tool {other:?} is not built in").into()),
         }
+    }
+}
+
+/// Why a tool call failed: the model's call (an observation it reads), or the tool's
+/// infrastructure (a failure of the episode).
+enum CallError {
+    Model(String),
+    Infrastructure(String),
+}
+
+impl From<String> for CallError {
+    fn from(e: String) -> Self {
+        CallError::Model(e)
+    }
+}
+
+impl From<&str> for CallError {
+    fn from(e: &str) -> Self {
+        CallError::Model(e.into())
     }
 }
 
@@ -252,5 +301,45 @@ mod tests {
             .act(&call("python", json!({"source": "1"})))
             .text
             .contains("needs"));
+        // The model's doing, however it failed: never a failure of the episode.
+        let o = e.act(&call("python", json!({"code": "raise SystemExit(127)"})));
+        assert!(o.error && o.failure.is_none() && !o.done, "{o:?}");
+    }
+
+    /// Not the model's doing: a tool whose sandbox cannot be set up, a service that
+    /// failed (or is missing) end the episode as a failure, never as an observation
+    /// the model is scored on.
+    #[test]
+    fn infrastructure_failures_end_the_episode_as_failures() {
+        let call = Act::Tool(tool_call::Action::Call {
+            name: "python".into(),
+            arguments: json!({"code": "print(1)"}),
+        });
+        // A folder shown to every call, gone after the tool was tried: the sandbox
+        // cannot be set up any more.
+        let data = tempfile::tempdir().unwrap();
+        let mounted = data.path().join("data");
+        std::fs::create_dir(&mounted).unwrap();
+        let tool = PythonTool::new(&PythonLimits {
+            mounts: vec![mounted.to_str().unwrap().to_string()],
+            ..Default::default()
+        })
+        .expect("the sandbox runs here");
+        std::fs::remove_dir(&mounted).unwrap();
+        let mut e = env(&["python"]);
+        e.python = Some(tool);
+        let o = e.act(&call);
+        let f = o.failure.clone().unwrap_or_else(|| panic!("{o:?}"));
+        assert_eq!(f.kind, FailureKind::Tool);
+        assert!(f.why.contains("python") && o.done, "{o:?}");
+        e.python = None;
+        let o = e.act(&call);
+        assert_eq!(o.failure.map(|f| f.kind), Some(FailureKind::Tool));
+        let o = env(&[]).act(&Act::Step {
+            episode: "1/0".into(),
+            text: "x".into(),
+        });
+        assert_eq!(o.failure.map(|f| f.kind), Some(FailureKind::Environment));
+        assert!(o.done);
     }
 }

@@ -9,6 +9,7 @@ use tandem_model::{Completion, FinishReason, Tokenizer};
 
 use crate::environment::{Act, Env, Observation};
 use crate::error::Result;
+use crate::failure::Failure;
 use crate::tool_call::{self, Action};
 
 /// What to do after a model turn.
@@ -64,6 +65,9 @@ pub struct Episode {
     last_turn: Range<usize>,
     /// The environment's rewards (the service's), summed.
     pub env_reward: f64,
+    /// The episode failed through no doing of the model (the service's error, a tool's
+    /// infrastructure): it ended there, and its group is not trained.
+    pub failure: Option<Failure>,
 }
 
 impl Episode {
@@ -101,7 +105,7 @@ impl Episode {
     /// Appends the environment's answer to the last turn's call, tokenized once and
     /// masked, and says what to sample next (the end when it leaves no room for another
     /// model token in `max_new_tokens`). `version` tags the environment's tokens (never
-    /// read: masked).
+    /// read: masked). An observation that is a failure ends the episode as failed.
     pub fn observe(
         &mut self,
         obs: Observation,
@@ -111,6 +115,10 @@ impl Episode {
         max_new_tokens: usize,
         version: u64,
     ) -> Result<Next> {
+        if let Some(f) = obs.failure {
+            self.failure = Some(f);
+            return Ok(Next::Done);
+        }
         self.env_reward += obs.reward;
         if obs.tool {
             self.tool_calls += 1;

@@ -10,6 +10,8 @@
 //! - [`sample_groups`] — the groups being sampled as episodes: a group's first turn is
 //!   one engine request, each later turn of a sample its own; tool calls on threads
 //! - [`episode`] — one sample's turns as sampled plus the environment's
+//! - [`failure`] — episodes that failed through no doing of the model (agent program,
+//!   Environment service, a tool's infrastructure): never trained, run again
 //! - [`environment`] — [`Env`]: the run's tools or service and how its turns are
 //!   written; [`Env::act`] answers a model turn
 //! - [`tool_call`] — the Hermes tool-call convention, the tool list in the system turn,
@@ -30,6 +32,7 @@ pub mod config;
 pub mod environment;
 pub mod episode;
 pub mod error;
+pub mod failure;
 pub mod openai;
 pub mod python;
 pub mod sample_groups;
@@ -41,5 +44,6 @@ pub use config::EnvConfig;
 pub use environment::{Act, Env, Observation};
 pub use episode::EpisodeStats;
 pub use error::{Error, Result};
+pub use failure::{Failed, Failure, FailureKind};
 pub use sample_groups::{FinishedGroup, GroupRequest, GroupSamples, SampleGroups};
 pub use task::Task;

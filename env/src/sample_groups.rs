@@ -13,26 +13,35 @@ use tandem_model::{Completion, Engine, Finished, Model, Request, SamplingParams,
 use crate::environment::{Act, Env, Observation};
 use crate::episode::{Episode, EpisodeStats, Next};
 use crate::error::Result;
+use crate::failure::Failed;
 
-/// The Environment service's name of sample `j`'s episode of group `group`.
-pub fn episode_id(group: u64, j: usize) -> String {
-    format!("{group}/{j}")
+/// The Environment service's name of sample `j`'s episode of group `group`: `GROUP/J`,
+/// and `GROUP/J/R` when the group is run again after a failure (`retry` R ≥ 1), so a
+/// re-run's episodes are new ones.
+pub fn episode_id(group: u64, retry: u32, j: usize) -> String {
+    match retry {
+        0 => format!("{group}/{j}"),
+        r => format!("{group}/{j}/{r}"),
+    }
 }
 
 /// Continuation requests take ids from here up, far from group ids.
 const FIRST_TURN_ID: u64 = 1 << 62;
 
 /// A group to sample: `samples` samples of `prompt`, as engine request `id` (unique
-/// among the groups running; below 2^61, where turns' ids begin).
+/// among the groups running; below 2^61, where turns' ids begin). `retry`: how often
+/// the group was run before (its episodes failed); it names the episodes.
 #[derive(Clone, Debug)]
 pub struct GroupRequest {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub samples: usize,
+    pub retry: u32,
 }
 
 struct Live {
+    retry: u32,
     prompt: Vec<u32>,
     params: SamplingParams,
     episodes: Vec<Episode>,
@@ -112,6 +121,9 @@ pub struct FinishedGroup {
     /// The prompt its samples share.
     pub prompt: Vec<u32>,
     pub samples: GroupSamples,
+    /// Its episodes that failed through no doing of the model (`None`: none did): the
+    /// group must not be trained.
+    pub failed: Option<Failed>,
 }
 
 /// A tool call's result, from its thread: (group, sample, observation).
@@ -148,6 +160,7 @@ impl SampleGroups {
             prompt,
             params,
             samples,
+            retry,
         } = group;
         engine.add(
             model,
@@ -162,6 +175,7 @@ impl SampleGroups {
         self.live.insert(
             id,
             Live {
+                retry,
                 prompt,
                 params,
                 episodes: vec![Episode::default(); samples],
@@ -245,7 +259,7 @@ impl SampleGroups {
             Next::Done => g.running -= 1,
             Next::Act(mut act) => {
                 if let Act::Step { episode, .. } = &mut act {
-                    *episode = episode_id(group, j);
+                    *episode = episode_id(group, g.retry, j);
                 }
                 let (tx, env) = (self.results.0.clone(), env.clone());
                 self.tools_running += 1;
@@ -283,6 +297,7 @@ impl SampleGroups {
             return None;
         }
         let g = self.live.remove(&group)?;
+        let failed = Failed::of(g.episodes.iter().map(|e| e.failure.as_ref()));
         let mut samples = GroupSamples::default();
         for e in g.episodes {
             samples.push_episode(e);
@@ -291,6 +306,7 @@ impl SampleGroups {
             id: group,
             prompt: g.prompt,
             samples,
+            failed,
         })
     }
 
@@ -344,6 +360,7 @@ mod tests {
         groups.live.insert(
             5,
             Live {
+                retry: 0,
                 prompt: prompt.clone(),
                 params: params.clone(),
                 episodes: vec![Episode::default(); 2],

@@ -14,6 +14,11 @@ pub enum Error {
     /// cannot help, so the generator stops with it.
     #[error("{0}")]
     Incompatible(String),
+    /// Most of the generator's recent groups failed through no doing of the model, after
+    /// their re-runs (`failure.rs`): its environment is broken, so restarting cannot
+    /// help; the generator stops with it (`tandem run` stops the run).
+    #[error("{0}")]
+    Failing(String),
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
     #[error(transparent)]

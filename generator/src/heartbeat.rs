@@ -1,5 +1,6 @@
 //! A generator's heartbeats: every interval it reports the version it holds, the tokens
-//! it generated, the time it waited and its weight syncs, and learns the published
+//! it generated, the time it waited, its weight syncs and its failed episodes and
+//! re-run groups, and learns the published
 //! version, the trainer's address, the broadcast group and whether the run is over. A
 //! generator the coordinator dropped registers again.
 
@@ -29,6 +30,8 @@ pub(crate) struct Beat {
     wait_us: AtomicU64,
     sync_bytes: AtomicU64,
     sync_failures: AtomicU64,
+    episodes_failed: AtomicU64,
+    groups_retried: AtomicU64,
     syncs: Mutex<Vec<f64>>,
     trainer: Mutex<String>,
     stop: AtomicBool,
@@ -120,6 +123,26 @@ impl Beat {
         self.sync_failures.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// `n` episodes failed through no doing of the model (`failure.rs`).
+    pub fn episodes_failed(&self, n: u32) {
+        self.episodes_failed
+            .fetch_add(u64::from(n), Ordering::SeqCst);
+    }
+
+    /// A group runs again after a failed run.
+    pub fn group_retried(&self) {
+        self.groups_retried.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The failed episodes and the re-runs not yet reported.
+    #[cfg(test)]
+    pub fn failures(&self) -> (u64, u64) {
+        (
+            self.episodes_failed.load(Ordering::SeqCst),
+            self.groups_retried.load(Ordering::SeqCst),
+        )
+    }
+
     /// The next heartbeat: what changed since the last one (the counters are taken).
     fn report(&self, broadcast: bool) -> HeartbeatRequest {
         HeartbeatRequest {
@@ -136,6 +159,8 @@ impl Beat {
             weight_sync_failures: self.sync_failures.swap(0, Ordering::SeqCst),
             broadcast,
             broadcast_address: String::new(),
+            episodes_failed: self.episodes_failed.swap(0, Ordering::SeqCst),
+            groups_retried: self.groups_retried.swap(0, Ordering::SeqCst),
         }
     }
 }

@@ -11,7 +11,7 @@ use tandem_proto::client::{self, Authed};
 use tandem_proto::limits::Check;
 use tandem_proto::retry;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
-use tandem_proto::v1::{LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest};
+use tandem_proto::v1::{GroupFailure, LeaseRequest, LeaveRequest, PromptLease, ReleaseRequest};
 use tokio::runtime::Handle;
 
 use crate::error::{rpc, Result};
@@ -94,9 +94,10 @@ impl LeaseClient {
         }
     }
 
-    /// Gives lease `l` back to the coordinator (its prompt is re-issued at once); when
-    /// that fails, the lease expires with the lease timeout instead.
-    pub fn release(&self, l: &PromptLease, why: &str) {
+    /// Gives lease `l` back to the coordinator (its prompt is re-issued at once), its
+    /// group failed by `failure`; when that fails, the lease expires with the lease
+    /// timeout instead.
+    pub fn release(&self, l: &PromptLease, why: &str, failure: GroupFailure) {
         tracing::warn!(
             lease = l.lease_id,
             "{}: giving the lease back",
@@ -107,6 +108,7 @@ impl LeaseClient {
             lease_id: l.lease_id,
             // The coordinator takes a reason of REASON_BYTES at most.
             reason: tandem_proto::limits::cut(why, tandem_proto::limits::REASON_BYTES).to_string(),
+            failure: failure.into(),
         };
         let coordinator = &self.coordinator;
         if let Err(e) = self.rt.block_on(retry::retry("giving a lease back", || {

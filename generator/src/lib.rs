@@ -9,6 +9,10 @@
 //!   ([`judge`]), the reward service (`reward_service.rs`, retried, the lease given back
 //!   when it keeps failing), environment rewards and the reward model, then the push
 //!   through `outbox.rs` (the rollout stream: groups pending until acknowledged)
+//! - `failure.rs` — failures are retried, never zeroed: a group whose episode failed
+//!   through no doing of the model (or whose scoring failed) runs again up to
+//!   `[env] max_retries` times, then its lease is given back; most of the recent groups
+//!   given back stops the generator
 //! - `leases.rs` — leasing, giving leases back, leaving; `weight_sync.rs` — versions
 //!   from the [`broadcast`] inbox or the gRPC fetch, assigned in place;
 //!   `heartbeat.rs` — the heartbeat task and the `Beat` the components report to
@@ -30,6 +34,7 @@ pub mod broadcast;
 pub mod config;
 pub mod error;
 pub mod eval;
+mod failure;
 mod heartbeat;
 pub mod judge;
 mod leases;

@@ -150,6 +150,7 @@ impl OfflineSampler<'_> {
                         ..self.params.clone()
                     },
                     samples: self.samples,
+                    retry: 0,
                 };
                 groups.start(&mut engine, &p.model, group)?;
             }

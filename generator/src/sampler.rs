@@ -3,7 +3,8 @@
 //! leases of everything in flight. It starts leased groups, steps the engine with the
 //! held version as each token's tag, and turns each group whose episodes all ended
 //! into a [`Job`] for the scorer stage; it never scores, calls a reward service or
-//! pushes.
+//! pushes. A group whose episode failed through no doing of the model runs again with
+//! new episodes, or its lease goes back ([`crate::failure`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,11 +16,12 @@ use tandem_env::service::EnvService;
 use tandem_env::{Env, FinishedGroup, GroupRequest, GroupSamples, SampleGroups};
 use tandem_model::{ChatMessage, Engine, Finished, Model, Pretrained, SamplingParams};
 use tandem_proto::auth::Credentials;
-use tandem_proto::v1::PromptLease;
+use tandem_proto::v1::{GroupFailure, PromptLease};
 use tokio::runtime::Handle;
 
 use crate::config::GeneratorConfig;
 use crate::error::{rpc, Result};
+use crate::failure::{self, Attempts, Failure};
 use crate::heartbeat::Beat;
 use crate::leases::task;
 use crate::render::{prompt_ids, PromptInput};
@@ -53,8 +55,11 @@ pub(crate) struct Sampler {
     /// The system turn of every prompt: `[data] system`, and the tools announced in it
     /// (chat models), written once.
     system: Option<String>,
-    /// The lease of each group being sampled, by group id (its lease id).
-    leases: HashMap<u64, PromptLease>,
+    /// The lease of each group being sampled, by group id (its lease id), and the
+    /// group's failed runs before this one.
+    leases: HashMap<u64, (PromptLease, Attempts)>,
+    /// `[env] max_retries`.
+    max_retries: u32,
     config: GeneratorConfig,
     group_size: usize,
     seed: u64,
@@ -109,6 +114,7 @@ impl Sampler {
             env,
             system,
             leases: HashMap::new(),
+            max_retries: settings.env.max_retries,
             config: settings.generator.clone(),
             group_size: settings.group_size as usize,
             seed: settings.seed,
@@ -142,32 +148,71 @@ impl Sampler {
         }
         let mut jobs = Vec::new();
         for l in leases {
-            let p = self.params(&l);
-            if let Some(agents) = self.agents.as_mut() {
-                agents.start(&task(&l), self.system.as_deref(), p, self.group_size);
-                self.leases.insert(l.lease_id, l);
-                continue;
-            }
-            let prompt = match self.reset_episodes(&l) {
-                Ok(Some(first)) => self.render(PromptInput::Text(&first))?,
-                Ok(None) => self.prompt_of(&l)?,
-                Err(why) => {
-                    // Skip instead of stop: another generator (or this one) retries it.
-                    jobs.push(Job::GiveBack { lease: l, why });
-                    continue;
+            jobs.extend(self.launch(l, Attempts::default())?);
+        }
+        Ok(jobs)
+    }
+
+    /// Runs again the groups whose scoring failed (the scorer's re-runs), each after
+    /// its failed runs so far.
+    pub fn restart(&mut self, groups: Vec<(PromptLease, Attempts)>) -> Result<Vec<Job>> {
+        let mut jobs = Vec::new();
+        for (l, attempts) in groups {
+            jobs.extend(self.launch(l, attempts)?);
+        }
+        Ok(jobs)
+    }
+
+    /// Starts lease `l`'s group after `attempts` failed runs, with new episodes: its
+    /// agents, or its episodes (with an Environment service, each `Reset` first). A
+    /// failed `Reset` runs the group again at once; once `[env] max_retries` re-runs
+    /// failed, the lease goes back (the job).
+    fn launch(&mut self, l: PromptLease, mut attempts: Attempts) -> Result<Option<Job>> {
+        if let Some(agents) = self.agents.as_mut() {
+            let p = params(&self.config, self.seed, &self.policy, &l, attempts.retries);
+            agents.start(&task(&l), self.system.as_deref(), p, self.group_size);
+        } else {
+            let prompt = loop {
+                match self.reset_episodes(&l, attempts.retries) {
+                    Ok(Some(first)) => break self.render(PromptInput::Text(&first))?,
+                    Ok(None) => break self.prompt_of(&l)?,
+                    Err(f) => {
+                        let max = self.max_retries;
+                        match failure::retry(l.lease_id, attempts, &f, max, &self.beat) {
+                            Some(next) => attempts = next,
+                            None => {
+                                return Ok(Some(Job::GiveBack {
+                                    lease: l,
+                                    failure: f,
+                                }))
+                            }
+                        }
+                    }
                 }
             };
             let group = GroupRequest {
                 id: l.lease_id,
                 prompt,
-                params: p,
+                params: params(&self.config, self.seed, &self.policy, &l, attempts.retries),
                 samples: self.group_size,
+                retry: attempts.retries,
             };
             self.groups
                 .start(&mut self.engine, &self.policy.model, group)?;
-            self.leases.insert(l.lease_id, l);
         }
-        Ok(jobs)
+        self.leases.insert(l.lease_id, (l, attempts));
+        Ok(None)
+    }
+
+    /// The group of lease `id` failed with `f`: it runs again, or its lease goes back.
+    fn failed(&mut self, id: u64, f: Failure) -> Result<Option<Job>> {
+        let Some((lease, attempts)) = self.leases.remove(&id) else {
+            return Ok(None);
+        };
+        match failure::retry(id, attempts, &f, self.max_retries, &self.beat) {
+            Some(next) => self.launch(lease, next),
+            None => Ok(Some(Job::GiveBack { lease, failure: f })),
+        }
     }
 
     /// Episodes whose tool calls returned go on (or end, and their group with them);
@@ -178,21 +223,19 @@ impl Sampler {
         let answered =
             self.groups
                 .poll_tools(&mut self.engine, &p.model, &self.env, &p.tokenizer, held)?;
-        let mut jobs: Vec<Job> = answered.into_iter().filter_map(|g| self.ended(g)).collect();
+        let mut jobs = Vec::new();
+        for g in answered {
+            jobs.extend(self.ended(g)?);
+        }
         let ended = match self.agents.as_mut() {
             Some(a) => a.poll(&mut self.engine, &self.policy.model),
             None => Vec::new(),
         };
         for e in ended {
             match e {
-                Ended::Done(g) => jobs.extend(self.ended(g)),
-                Ended::Failed(id, why) => {
-                    if let Some(a) = self.agents.as_mut() {
-                        a.failed(&why)?;
-                    }
-                    if let Some(lease) = self.leases.remove(&id) {
-                        jobs.push(Job::GiveBack { lease, why });
-                    }
+                Ended::Done(g) => jobs.extend(self.ended(g)?),
+                Ended::Failed(id, failed) => {
+                    jobs.extend(self.failed(id, Failure::of_episodes(failed))?)
                 }
             }
         }
@@ -219,7 +262,7 @@ impl Sampler {
                 self.groups
                     .finished(&mut self.engine, &p.model, f, &self.env, &p.tokenizer)?;
             if let Some(g) = done {
-                jobs.extend(self.ended(g));
+                jobs.extend(self.ended(g)?);
             }
         }
         Ok(jobs)
@@ -235,31 +278,22 @@ impl Sampler {
         self.beat.waited(wait);
     }
 
-    /// The scorer's job for a group whose episodes all ended.
-    fn ended(&mut self, g: FinishedGroup) -> Option<Job> {
-        let Some(lease) = self.leases.remove(&g.id) else {
+    /// The scorer's job for a group whose episodes all ended; a group with a failed
+    /// episode runs again instead (or its lease goes back).
+    fn ended(&mut self, g: FinishedGroup) -> Result<Option<Job>> {
+        if let Some(failed) = g.failed {
+            return self.failed(g.id, Failure::of_episodes(failed));
+        }
+        let Some((lease, attempts)) = self.leases.remove(&g.id) else {
             tracing::warn!(group = g.id, "a group ended that no lease holds; dropped");
-            return None;
+            return Ok(None);
         };
-        Some(Job::Score {
+        Ok(Some(Job::Score {
             lease,
+            attempts,
             prompt: g.prompt,
             samples: g.samples,
-        })
-    }
-
-    /// The sampling settings of lease `l`'s group: the run's, with a seed derived from
-    /// the lease.
-    fn params(&self, l: &PromptLease) -> SamplingParams {
-        let g = &self.config;
-        SamplingParams {
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            max_new_tokens: g.max_new_tokens,
-            stop_token_ids: self.policy.stop_token_ids(),
-            seed: self.seed ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        }
+        }))
     }
 
     /// Benchmarks of the control plane (`mock_generate_ms`): one wait per lease reply
@@ -291,6 +325,7 @@ impl Sampler {
             };
             jobs.push(Job::Score {
                 lease: l,
+                attempts: Attempts::default(),
                 prompt,
                 samples: GroupSamples::single_turn(finished),
             });
@@ -298,24 +333,36 @@ impl Sampler {
         Ok(jobs)
     }
 
-    /// With an Environment service: `Reset` of each sample's episode. Their first
-    /// observation is the group's prompt (`None`: the dataset's prompt), so it must
-    /// not differ between the samples of one prompt.
-    fn reset_episodes(&self, l: &PromptLease) -> std::result::Result<Option<String>, String> {
+    /// With an Environment service: `Reset` of each sample's episode (named for the
+    /// group's run `retry`). Their first observation is the group's prompt (`None`: the
+    /// dataset's prompt), so it must not differ between the samples of one prompt. A
+    /// failed `Reset` fails one episode.
+    fn reset_episodes(
+        &self,
+        l: &PromptLease,
+        retry: u32,
+    ) -> std::result::Result<Option<String>, Failure> {
         let Some(service) = &self.env.service else {
             return Ok(None);
+        };
+        let fail = |why: String| Failure {
+            kind: GroupFailure::Environment,
+            episodes: 1,
+            why,
         };
         let prompt = task(l).prompt_text();
         let mut first: Option<String> = None;
         for j in 0..self.group_size {
-            let episode = tandem_env::sample_groups::episode_id(l.lease_id, j);
-            let obs = service.reset(&episode, &prompt, &l.answer, &l.info_json)?;
+            let episode = tandem_env::sample_groups::episode_id(l.lease_id, retry, j);
+            let obs = service
+                .reset(&episode, &prompt, &l.answer, &l.info_json)
+                .map_err(fail)?;
             match &first {
                 Some(f) if *f != obs => {
-                    return Err(format!(
+                    return Err(fail(format!(
                         "[env] service: Reset gave the samples of prompt {} different first observations; it must depend on the prompt only (keep per-episode randomness for Step)",
                         l.prompt_index
-                    ))
+                    )))
                 }
                 _ => first = Some(obs),
             }
@@ -350,6 +397,27 @@ impl Sampler {
             self.chat,
             self.system.as_deref(),
         )
+    }
+}
+
+/// The sampling settings of lease `l`'s group: `config`'s, with a seed derived from the
+/// run's `seed` and the lease (and from `retry`, the group's run, when it runs again).
+fn params(
+    config: &GeneratorConfig,
+    seed: u64,
+    policy: &Pretrained,
+    l: &PromptLease,
+    retry: u32,
+) -> SamplingParams {
+    SamplingParams {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: config.top_p,
+        max_new_tokens: config.max_new_tokens,
+        stop_token_ids: policy.stop_token_ids(),
+        seed: seed
+            ^ l.lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ u64::from(retry).wrapping_mul(0xD1B5_4A32_D192_ED03),
     }
 }
 

@@ -1,9 +1,12 @@
 //! The scorer stage: finished groups come in on a channel and are scored on a thread
-//! of their own — the verifiers, the judge, the reward service (retried, the lease given
-//! back when it keeps failing), the environment's and agent's rewards and the reward
-//! model, summed with their `[reward]` weights — built into rollouts and pushed through
-//! the [`Outbox`]. The engine's loop only sends: it never waits on a reward, a judge or
-//! a push.
+//! of their own — the verifiers, the judge, the reward service (retried), the
+//! environment's and agent's rewards and the reward model, summed with their `[reward]`
+//! weights — built into rollouts and pushed through the [`Outbox`]. A group whose
+//! scoring failed (the reward service kept failing, a reward beyond `[reward] bound`)
+//! goes back to the engine's loop to run again, or its lease is given back
+//! ([`crate::failure`]); the stage gives back the leases of every group that failed
+//! for good, and ends with [`Error::Failing`] when most of the recent ones did. The
+//! engine's loop only sends: it never waits on a reward, a judge or a push.
 //!
 //! The judge and the reward model are models of their own (loaded beside the policy,
 //! never updated by weight syncs), so the scorer owns them outright and runs their
@@ -18,9 +21,10 @@ use std::time::{Duration, Instant};
 use tandem_env::GroupSamples;
 use tandem_model::{RewardModel, Tokenizer};
 use tandem_proto::auth::Credentials;
-use tandem_proto::v1::{Completion, PromptLease, RolloutGroup, ScoreRequest};
+use tandem_proto::v1::{Completion, GroupFailure, PromptLease, RolloutGroup, ScoreRequest};
 
 use crate::error::{Error, Result};
+use crate::failure::{self, Attempts, Failure, Window};
 use crate::heartbeat::Beat;
 use crate::judge::Judge;
 use crate::leases::{task, LeaseClient};
@@ -31,16 +35,24 @@ use crate::sampler::StepCount;
 
 /// What the engine's loop hands the scorer.
 pub(crate) enum Job {
-    /// A group whose episodes all ended, sampled on `prompt`: score it, build its
-    /// rollout, push it.
+    /// A group whose episodes all ended, sampled on `prompt` after `attempts` failed
+    /// runs: score it, build its rollout, push it.
     Score {
         lease: PromptLease,
+        attempts: Attempts,
         prompt: Vec<u32>,
         samples: GroupSamples,
     },
-    /// A group that cannot be trained (its environment failed): give its lease back.
-    GiveBack { lease: PromptLease, why: String },
+    /// A group that failed `[env] max_retries` + 1 times, the last with `failure`: give
+    /// its lease back.
+    GiveBack {
+        lease: PromptLease,
+        failure: Failure,
+    },
 }
+
+/// A group to run again (its scoring failed), after its failed runs so far.
+pub(crate) type Again = (PromptLease, Attempts);
 
 /// How often the scorer looks at the stream when no group comes (a broken stream is
 /// reopened and resent even while nothing new finishes).
@@ -69,19 +81,27 @@ pub(crate) struct Scorer {
     pub beat: Arc<Beat>,
     /// The engine's steps, read to log what it did during a slow reward call.
     pub engine_steps: StepCount,
+    /// `[env] max_retries`.
+    pub max_retries: u32,
+    /// `[run] group_size`: episodes of a group whose scoring failed.
+    pub group_size: u32,
+    /// The outcomes of the last groups: most given back stops the generator.
+    pub window: Window,
 }
 
 impl Scorer {
     /// Starts the stage on a thread of its own.
     pub fn spawn(self) -> Result<ScorerHandle> {
         let (tx, rx) = channel();
+        let (again_tx, again) = channel();
         let abandon = Arc::new(AtomicBool::new(false));
         let a = abandon.clone();
         let thread = std::thread::Builder::new()
             .name("scorer".into())
-            .spawn(move || self.run(rx, &a))?;
+            .spawn(move || self.run(rx, &a, &again_tx))?;
         Ok(ScorerHandle {
             jobs: Some(tx),
+            again,
             abandon,
             thread: Some(thread),
         })
@@ -89,21 +109,37 @@ impl Scorer {
 
     /// Takes jobs until the channel closes (the jobs left then are dropped when
     /// `abandon` is set: the run is over), keeping the stream delivered meanwhile; then
-    /// waits for the acknowledgements.
-    fn run(mut self, jobs: Receiver<Job>, abandon: &AtomicBool) -> Result<()> {
+    /// waits for the acknowledgements. A group whose scoring failed goes to `again`
+    /// to run again, or is given back.
+    fn run(
+        mut self,
+        jobs: Receiver<Job>,
+        abandon: &AtomicBool,
+        again: &Sender<Again>,
+    ) -> Result<()> {
         loop {
             match jobs.recv_timeout(IDLE_TICK) {
                 Ok(_) if abandon.load(Ordering::SeqCst) => {}
                 Ok(Job::Score {
                     lease,
+                    attempts,
                     prompt,
                     samples,
-                }) => {
-                    if let Some(g) = self.score(&lease, prompt, samples)? {
+                }) => match self.score(&lease, attempts, prompt, samples)? {
+                    Ok(g) => {
                         self.outbox.push(g)?;
+                        self.window.pushed();
                     }
-                }
-                Ok(Job::GiveBack { lease, why }) => self.leases.release(&lease, &why),
+                    Err(f) => {
+                        let (id, max) = (lease.lease_id, self.max_retries);
+                        match failure::retry(id, attempts, &f, max, &self.beat) {
+                            // The engine's loop has gone when the run is over.
+                            Some(next) => drop(again.send((lease, next))),
+                            None => self.give_back(&lease, &f)?,
+                        }
+                    }
+                },
+                Ok(Job::GiveBack { lease, failure }) => self.give_back(&lease, &failure)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -113,25 +149,34 @@ impl Scorer {
         Ok(())
     }
 
-    /// Scores a finished group and builds its rollout; each token carries the version it
-    /// was sampled with. `None` when the lease was given back (the reward service kept
-    /// failing, or a reward is beyond `[reward] bound`).
+    /// Gives lease `l` back: its group failed `[env] max_retries` + 1 times, the last
+    /// with `f`. An error ([`Error::Failing`]) once most of the recent groups were.
+    fn give_back(&mut self, l: &PromptLease, f: &Failure) -> Result<()> {
+        let why = format!(
+            "{} (the group failed {} times: [env] max_retries = {})",
+            f.why,
+            self.max_retries + 1,
+            self.max_retries
+        );
+        self.leases.release(l, &why, f.kind);
+        self.window.given_back(f, self.max_retries)
+    }
+
+    /// Scores a finished group (after `attempts` failed runs) and builds its rollout;
+    /// each token carries the version it was sampled with. `Err` when its scoring
+    /// failed (the reward service kept failing, or a reward is beyond `[reward] bound`).
     fn score(
         &mut self,
         l: &PromptLease,
+        attempts: Attempts,
         prompt_ids: Vec<u32>,
         s: GroupSamples,
-    ) -> Result<Option<RolloutGroup>> {
+    ) -> Result<std::result::Result<RolloutGroup, Failure>> {
         let rewards = match self.rewards(l, &prompt_ids, &s)? {
             Ok(r) => r,
-            Err(why) => {
-                // Skip instead of stop: the lease goes back, another generator (or this
-                // one, later) takes the prompt.
-                self.leases.release(l, &why);
-                return Ok(None);
-            }
+            Err(f) => return Ok(Err(f)),
         };
-        Ok(Some(RolloutGroup {
+        Ok(Ok(RolloutGroup {
             seq: 0,
             session_token: self.creds.session(),
             lease_id: l.lease_id,
@@ -141,18 +186,20 @@ impl Scorer {
             completions: completions(s, rewards),
             // For the trainer's batch dumps.
             info_json: l.info_json.clone(),
+            retries: attempts.retries,
+            episodes_failed: attempts.episodes_failed,
         }))
     }
 
     /// Each completion's reward: the verifiers on its final model turn, then the judge,
     /// the reward service, the environment's reward and the reward model, each with its
-    /// weight. `Err(why)` when the group must be given back.
+    /// weight. `Err` when the group's scoring failed: it is not trained.
     fn rewards(
         &mut self,
         l: &PromptLease,
         prompt_ids: &[u32],
         s: &GroupSamples,
-    ) -> Result<std::result::Result<Vec<f64>, String>> {
+    ) -> Result<std::result::Result<Vec<f64>, Failure>> {
         let texts: Vec<String> = s
             .finals
             .iter()
@@ -178,7 +225,13 @@ impl Scorer {
             };
             let scored = match self.service_scores(l, req) {
                 Ok(scored) => scored,
-                Err(why) => return Ok(Err(why)),
+                Err(why) => {
+                    return Ok(Err(Failure {
+                        kind: GroupFailure::RewardService,
+                        episodes: self.group_size,
+                        why,
+                    }))
+                }
             };
             for (r, x) in rewards.iter_mut().zip(scored) {
                 *r += self.reward.service_weight * x;
@@ -193,17 +246,17 @@ impl Scorer {
                 *r += self.reward.model_weight * x;
             }
         }
-        // The trainer refuses a group with a reward beyond `[reward] bound`: skip it
-        // instead, the lease goes back (one bad score never stops the run).
+        // The trainer refuses a group with a reward beyond `[reward] bound`: the group
+        // fails instead (one bad score never stops the run).
         let bound = self.reward.bound;
-        if let Some((i, r)) = rewards
-            .iter()
-            .enumerate()
-            .find(|(_, r)| !(r.is_finite() && r.abs() <= bound))
-        {
-            return Ok(Err(format!(
-                "completion {i}'s reward {r} is beyond [reward] bound ±{bound}"
-            )));
+        let beyond = |r: &f64| !(r.is_finite() && r.abs() <= bound);
+        if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| beyond(r)) {
+            let n = rewards.iter().filter(|r| beyond(r)).count() as u32;
+            return Ok(Err(Failure {
+                kind: GroupFailure::RewardBound,
+                episodes: n.clamp(1, self.group_size.max(1)),
+                why: format!("completion {i}'s reward {r} is beyond [reward] bound ±{bound}"),
+            }));
         }
         Ok(Ok(rewards))
     }
@@ -277,6 +330,8 @@ fn completions(s: GroupSamples, rewards: Vec<f64>) -> Vec<Completion> {
 /// The engine loop's end of the scorer stage.
 pub(crate) struct ScorerHandle {
     jobs: Option<Sender<Job>>,
+    /// The groups to run again (their scoring failed).
+    again: Receiver<Again>,
     /// Set when the worker stops: jobs still queued are dropped.
     abandon: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
@@ -291,6 +346,11 @@ impl ScorerHandle {
         } else {
             self.join()
         }
+    }
+
+    /// The groups the stage sent back to run again since the last call.
+    pub fn again(&self) -> Vec<Again> {
+        self.again.try_iter().collect()
     }
 
     /// The stage's error, once it has ended by itself (it ends only with an error, or

@@ -128,6 +128,9 @@ impl Worker {
             creds: creds.clone(),
             beat: beat.clone(),
             engine_steps: steps.clone(),
+            max_retries: settings.env.max_retries,
+            group_size: settings.group_size,
+            window: Default::default(),
         };
         // Versions carry the model's trainable parameters: a LoRA adapter's A and B for
         // its base, else every parameter.
@@ -209,6 +212,12 @@ impl Worker {
                 Some(Leased::Wait(_)) | None => {}
             }
             send(scorer, self.sampler.poll()?)?;
+            // Groups whose scoring failed run again.
+            let again = scorer.again();
+            if !again.is_empty() {
+                let jobs = self.sampler.restart(again)?;
+                send(scorer, jobs)?;
+            }
             if self.sampler.is_idle() {
                 self.sampler.idle_wait(self.leasing.until_next());
                 continue;

@@ -31,7 +31,7 @@ pub mod status;
 pub mod stop;
 pub mod supervisor;
 
-pub use process::Program;
+pub use process::{Program, EXIT_DO_NOT_RESTART};
 pub use run_address::{read_token, RunAddress};
 pub use status::{lag_table, CoordinatorStatus, Progress, StatusSource};
 pub use stop::Stop;

@@ -8,6 +8,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use crate::env::Env;
 use crate::{run_dir, Error, Result};
 
+/// The exit status with which a process says that starting it again cannot help (a
+/// generator most of whose groups failed through no doing of the model: its
+/// environment is broken). The supervisor stops the run instead of restarting it.
+/// 78 is `EX_CONFIG` of sysexits.h: something is misconfigured.
+pub const EXIT_DO_NOT_RESTART: i32 = 78;
+
 /// How a run's processes are started: an executable that takes the role as its first
 /// argument (`tandem coordinator …`), and a setup of each child's `Command`.
 #[derive(Clone, Debug)]

@@ -5,7 +5,10 @@
 //! finished and every process has left, or a stop was asked for ([`crate::stop`]). A
 //! process that fails before the coordinator ever listed it failed at start-up (a
 //! bad file, a device it cannot get): that ends the run at once, with its log, and is
-//! not restarted; `[run] max_restarts` is for crashes after a healthy start.
+//! not restarted; `[run] max_restarts` is for crashes after a healthy start. A process
+//! that exits with [`EXIT_DO_NOT_RESTART`] (a generator whose groups keep failing
+//! through no doing of the model) says restarting cannot help: the run is stopped in
+//! order (so `--resume` continues it once the cause is fixed) and ends with its log.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 use tandem_proto::tls::TlsFiles;
 
 use crate::env::{new_token, role_envs, Env};
-use crate::process::{Proc, Program, Role};
+use crate::process::{Proc, Program, Role, EXIT_DO_NOT_RESTART};
 use crate::status::{Progress, StatusSource};
 use crate::{run_dir, Error, Result};
 
@@ -204,6 +207,11 @@ impl Supervisor {
             if let Some(s) = &reply {
                 self.mark_registered(s);
             }
+            if let Some(why) = self.not_restartable() {
+                // Stopped in order: the trainer checkpoints, so the run can go on once fixed.
+                self.stop_all(&crate::stop::Stop::default(), on)?;
+                return Err(Error::Process(why));
+            }
             if self.restart_failed(on)? {
                 self.write_pids()?;
             }
@@ -239,6 +247,23 @@ impl Supervisor {
                 p.registered = true;
             }
         }
+    }
+
+    /// Why the run must stop: a process exited with [`EXIT_DO_NOT_RESTART`] (restarting it
+    /// cannot help), with the end of its log.
+    fn not_restartable(&mut self) -> Option<String> {
+        for p in self.procs.iter_mut() {
+            let Ok(Some(st)) = p.exited() else { continue };
+            if st.code() == Some(EXIT_DO_NOT_RESTART) {
+                return Some(format!(
+                    "the {} process stopped the run ({st}): restarting it cannot help, so it was not restarted and the run was stopped in order; fix the cause its log names, then continue with `tandem run … --resume`; last lines of {}:\n{}",
+                    p.name,
+                    p.log.display(),
+                    p.tail()
+                ));
+            }
+        }
+        None
     }
 
     /// Starts every process that failed again; an error once one has used up
@@ -653,6 +678,53 @@ esac
                 "process {pid} outlived the supervisor: {stat}"
             );
         }
+    }
+
+    /// A generator that exits with EXIT_DO_NOT_RESTART (its groups keep failing) is not
+    /// restarted, whatever `max_restarts`: the others are stopped in order (SIGTERM, the
+    /// coordinator last) and the run ends with its log.
+    #[test]
+    fn a_process_that_says_restarting_cannot_help_stops_the_run() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, run) = (d.path(), d.path().join("run"));
+        let stopped = |role: &str| {
+            format!(
+                r#"trap 'echo {role} >> "$D/order"; exit 0' TERM; while :; do sleep 0.02; done"#
+            )
+        };
+        let program = fake(
+            dir,
+            &format!(r#"listen "$@"; {}"#, stopped("coordinator")),
+            &stopped("trainer"),
+            r#"sleep 0.3; echo "error: 11 of this generator's last 20 groups failed"; exit 78"#,
+        );
+        let mut s = Supervisor::start(plan(&run, 1, 5), program).unwrap();
+        let mut events = Vec::new();
+        let e = s
+            .watch(
+                &mut Markers(dir.to_path_buf()),
+                &Stop::default(),
+                &mut |e| {
+                    if !matches!(e, Event::Progress(_)) {
+                        events.push(format!("{e:?}"))
+                    }
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert_eq!(events, ["Stopping"], "never restarted");
+        assert!(
+            e.contains("the gen-0 process stopped the run (exit status: 78)")
+                && e.contains("not restarted")
+                && e.contains("11 of this generator's last 20 groups failed")
+                && e.contains("--resume"),
+            "{e}"
+        );
+        let order = std::fs::read_to_string(dir.join("order")).unwrap();
+        assert_eq!(
+            order.lines().collect::<Vec<_>>(),
+            ["trainer", "coordinator"]
+        );
     }
 
     #[test]

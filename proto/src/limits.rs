@@ -91,6 +91,12 @@ pub const OBSERVATION_BYTES: usize = 1 << 20;
 /// the info. `tandem_data::INFO_BYTES` is the same number: a dataset with a larger info
 /// is refused when it is loaded.
 pub const INFO_BYTES: usize = 64 << 10;
+/// `RolloutGroup.retries`: times a generator ran a group again after a failed episode
+/// before the group it sends, and the most `[env] max_retries` may be (each re-run costs
+/// a whole group's sampling; past a few, the environment is broken, not unlucky).
+/// `RolloutGroup.episodes_failed` is at most `retries` × the run's group size (checked
+/// by the trainer, which knows it).
+pub const GROUP_RETRIES: u32 = 100;
 
 /// The default `[reward] bound`: a completion's reward must satisfy |r| ≤ this (the
 /// trainer refuses the group otherwise). Generous for any reward scale in use; small
@@ -366,6 +372,13 @@ impl Check for LeaseRequest {
 
 impl Check for ReleaseRequest {
     fn check(&self) -> Result<(), LimitError> {
+        if crate::v1::GroupFailure::try_from(self.failure).is_err() {
+            return Err(LimitError::OutOfRange {
+                field: "failure".into(),
+                value: self.failure.to_string(),
+                bound: "a GroupFailure value (0 to 5)".into(),
+            });
+        }
         reason("reason", &self.reason)
     }
 }
@@ -478,6 +491,20 @@ impl Check for RolloutGroup {
             &self.info_json,
             "send the lease's info_json as it came, or nothing",
         )?;
+        if self.retries > GROUP_RETRIES {
+            return Err(LimitError::OutOfRange {
+                field: "retries".into(),
+                value: self.retries.to_string(),
+                bound: format!("at most {GROUP_RETRIES} (tandem_proto::limits::GROUP_RETRIES)"),
+            });
+        }
+        if self.retries == 0 && self.episodes_failed > 0 {
+            return Err(LimitError::OutOfRange {
+                field: "episodes_failed".into(),
+                value: self.episodes_failed.to_string(),
+                bound: "0 when retries is 0 (only a failed run has failed episodes)".into(),
+            });
+        }
         for (i, c) in self.completions.iter().enumerate() {
             check_len(
                 &format!("completions[{i}].finish_reason"),
@@ -562,6 +589,32 @@ mod tests {
         );
         let s: tonic::Status = e.into();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        for (g, field) in [
+            (
+                RolloutGroup {
+                    retries: GROUP_RETRIES + 1,
+                    ..Default::default()
+                },
+                "retries:",
+            ),
+            (
+                RolloutGroup {
+                    episodes_failed: 1,
+                    ..Default::default()
+                },
+                "episodes_failed:",
+            ),
+        ] {
+            let e = g.check().unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let e = ReleaseRequest {
+            failure: 99,
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().starts_with("failure: 99"), "{e}");
         assert!(ReleaseRequest {
             reason: "x".repeat(REASON_BYTES),
             ..Default::default()

@@ -219,3 +219,65 @@ pub fn serve_environment<E: tandem_proto::v1::environment_server::Environment>(
     );
     (rt, addr)
 }
+
+/// Whether a call ("Reset", "Step") of an episode (its id) fails.
+pub type FailsWhen = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+/// An Environment service for failure tests: every episode ends at its first `Step`
+/// with reward 1 (so a trained completion's reward is 1, never a made-up 0), and the
+/// calls of each episode are recorded. `fails` says which calls fail (with
+/// `INTERNAL`, which no client retries): given the call ("Reset" or "Step") and the
+/// episode id (`LEASE/SAMPLE`, `LEASE/SAMPLE/RETRY` when the group runs again).
+#[derive(Clone)]
+pub struct FlakyEnvironment {
+    pub fails: std::sync::Arc<FailsWhen>,
+    /// (call, episode id) of every call, in order.
+    pub calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl FlakyEnvironment {
+    pub fn new(fails: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> Self {
+        FlakyEnvironment {
+            fails: std::sync::Arc::new(fails),
+            calls: Default::default(),
+        }
+    }
+
+    fn call(&self, call: &str, episode: &str) -> Result<(), tonic::Status> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((call.to_string(), episode.to_string()));
+        if (self.fails)(call, episode) {
+            return Err(tonic::Status::internal(format!(
+                "{call} broke for {episode}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl tandem_proto::v1::environment_server::Environment for FlakyEnvironment {
+    async fn reset(
+        &self,
+        req: tonic::Request<tandem_proto::v1::ResetRequest>,
+    ) -> Result<tonic::Response<tandem_proto::v1::ResetReply>, tonic::Status> {
+        self.call("Reset", &req.get_ref().episode_id)?;
+        Ok(tonic::Response::new(tandem_proto::v1::ResetReply {
+            observation: String::new(),
+        }))
+    }
+
+    async fn step(
+        &self,
+        req: tonic::Request<tandem_proto::v1::StepRequest>,
+    ) -> Result<tonic::Response<tandem_proto::v1::StepReply>, tonic::Status> {
+        self.call("Step", &req.get_ref().episode_id)?;
+        Ok(tonic::Response::new(tandem_proto::v1::StepReply {
+            observation: String::new(),
+            reward: 1.0,
+            done: true,
+        }))
+    }
+}

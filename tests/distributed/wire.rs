@@ -246,8 +246,18 @@ fn forged_values_are_refused_by_the_running_services() {
             worker_id: id,
             lease_id: lease.lease_id,
             reason: "r".repeat(8 << 20),
+            failure: 0,
         })),
         "reason: 8388608 bytes",
+    );
+    invalid(
+        rt.block_on(me.release(ReleaseRequest {
+            worker_id: id,
+            lease_id: lease.lease_id,
+            reason: "a failure of no known kind".into(),
+            failure: 1 << 20,
+        })),
+        "failure: 1048576",
     );
 
     // Groups for that lease: each refused by its ack, naming the field.
@@ -274,7 +284,7 @@ fn forged_values_are_refused_by_the_running_services() {
             worker_id: id,
             prompt_ids: vec![1, 2, 3],
             completions,
-            info_json: String::new(),
+            ..Default::default()
         }
     };
     let forged = vec![
@@ -287,6 +297,21 @@ fn forged_values_are_refused_by_the_running_services() {
         (
             group(4, &|c| c.finish_reason = "eos\nINFO forged".into()),
             "completions[0].finish_reason = \"eos\\nINFO forged\"",
+        ),
+        (
+            RolloutGroup {
+                retries: u32::MAX,
+                ..group(5, &|_| {})
+            },
+            "retries: 4294967295",
+        ),
+        (
+            RolloutGroup {
+                retries: 1,
+                episodes_failed: u32::MAX,
+                ..group(6, &|_| {})
+            },
+            "episodes_failed: 4294967295",
         ),
     ];
     let acks: Vec<PushAck> = rt.block_on(async {
@@ -319,7 +344,7 @@ fn forged_values_are_refused_by_the_running_services() {
         let ch = client::connect(&proxy, &creds).await.unwrap();
         let mut push = client::trainer(ch, &creds);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(group(5, &|c| c.reward = 1e308)).await.unwrap();
+        tx.send(group(7, &|c| c.reward = 1e308)).await.unwrap();
         let mut acks = push
             .push_rollouts(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -759,9 +784,9 @@ fn a_forged_broadcast_header_makes_the_generator_fetch_over_grpc() {
     beats.join().unwrap();
 }
 
-/// A reward service that scores the first groups 1e308: the generator does not push
-/// them (the trainer would refuse them), it gives their leases back, and the run goes
-/// on with every reward within `[reward] bound`.
+/// A reward service that scores the first group 1e308: the generator does not push it
+/// (the trainer would refuse it), it runs the group again (failures are retried, never
+/// zeroed), and the run goes on with every reward within `[reward] bound`.
 #[test]
 fn rewards_beyond_the_bound_never_reach_the_trainer() {
     use tandem_proto::v1::reward_server::Reward;
@@ -812,9 +837,10 @@ fn rewards_beyond_the_bound_never_reach_the_trainer() {
         status["dropped"]["invalid"].as_u64().unwrap_or(0) == 0,
         "{status}"
     );
+    assert!(gen.contains("the group runs again"), "{gen}");
     assert!(
-        !status["reissued_prompts"].as_array().unwrap().is_empty(),
-        "no lease was given back: {status}"
+        status["reissued_prompts"].as_array().unwrap().is_empty(),
+        "a lease was given back: {status}"
     );
     check_nothing_lost(&c.run, &trained, true);
 }

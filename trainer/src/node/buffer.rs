@@ -20,6 +20,13 @@ pub struct Group {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<String>,
     pub rollouts: Vec<Rollout>,
+    /// Times the generator ran the group again before these rollouts (its earlier runs
+    /// failed through no doing of the model), and the episodes of those runs that
+    /// failed: reported per step, never trained.
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub episodes_failed: u32,
 }
 
 /// The key a group is known by in rollouts, dumps and summaries.
@@ -100,6 +107,8 @@ mod tests {
             prompt_index: lease,
             worker_id: 1,
             info: None,
+            retries: 0,
+            episodes_failed: 0,
             rollouts: vec![Rollout {
                 group: lease.to_string(),
                 prompt_ids: vec![1],

@@ -61,6 +61,13 @@ pub fn check_group(g: &RolloutGroup, l: &Limits, policy_version: u64) -> Result<
             l.vocab_size
         ));
     }
+    let most_failed = u64::from(g.retries) * l.group_size as u64;
+    if u64::from(g.episodes_failed) > most_failed {
+        return Err(format!(
+            "episodes_failed: {}, more than retries × group_size = {} × {}",
+            g.episodes_failed, g.retries, l.group_size
+        ));
+    }
     let n = g.completions.len();
     if l.samples_per_episode > 1 {
         let most = l.group_size * l.samples_per_episode;
@@ -185,6 +192,8 @@ pub fn into_group(g: RolloutGroup) -> Group {
         prompt_index: g.prompt_index,
         worker_id: g.worker_id,
         info: (!g.info_json.is_empty()).then(|| g.info_json.clone()),
+        retries: g.retries,
+        episodes_failed: g.episodes_failed,
         rollouts: g
             .completions
             .into_iter()
@@ -249,6 +258,8 @@ mod tests {
                 2
             ],
             info_json: r#"{"level": 3}"#.into(),
+            retries: 1,
+            episodes_failed: 2,
         }
     }
 
@@ -289,6 +300,9 @@ mod tests {
         type Case<'a> = (Box<dyn Fn(&mut RolloutGroup)>, &'a str);
         let cases: Vec<Case> = vec![
             (Box::new(|g| g.lease_id = 0), "lease_id"),
+            (Box::new(|g| g.episodes_failed = 3), "episodes_failed"),
+            (Box::new(|g| g.retries = 0), "episodes_failed"),
+            (Box::new(|g| g.retries = 101), "retries"),
             (
                 Box::new(|g| g.completions[0].tool_errors = 2),
                 "completions[0] episode: tool_errors",

@@ -58,6 +58,10 @@ pub struct StepReport {
     pub samples: Vec<Sample>,
     /// The bytes of the version this step published (under LoRA the adapter's only).
     pub version_bytes: u64,
+    /// Over the step's groups: the episodes of their failed runs that failed, and the
+    /// times they were run again (failures are retried, never trained).
+    pub episodes_failed: u64,
+    pub groups_retried: u64,
 }
 
 pub struct Learner {
@@ -199,6 +203,8 @@ impl Learner {
             eval: BTreeMap::new(),
             samples,
             version_bytes,
+            episodes_failed: groups.iter().map(|g| u64::from(g.episodes_failed)).sum(),
+            groups_retried: groups.iter().map(|g| u64::from(g.retries)).sum(),
         }))
     }
 
@@ -264,8 +270,9 @@ impl Learner {
 impl StepReport {
     /// What the step measured about its batch beside the training metrics: step,
     /// version, staleness max and mean, stale drops, the wait and step seconds, and the
-    /// groups dynamic sampling filtered out so far, and the published version's bytes.
-    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 9] {
+    /// groups dynamic sampling filtered out so far, the published version's bytes, and
+    /// the failed episodes and re-runs of the step's groups.
+    fn batch_metrics(&self) -> [(&'static str, serde_json::Value); 11] {
         let s = &self.staleness;
         [
             ("step", self.step.into()),
@@ -280,6 +287,8 @@ impl StepReport {
             ("step_seconds", self.step_seconds.into()),
             ("filtered_groups", self.filtered_groups.into()),
             ("version_bytes", self.version_bytes.into()),
+            ("episodes_failed", self.episodes_failed.into()),
+            ("groups_retried", self.groups_retried.into()),
         ]
     }
 
