@@ -182,6 +182,8 @@ async fn every_forged_value_is_refused_naming_its_field() {
     for _ in 0..2 {
         me.heartbeat(beat(&|b| {
             b.generated_tokens = u64::MAX;
+            b.prefill_tokens = u64::MAX;
+            b.prefix_cache_hit_tokens = u64::MAX;
             b.weight_sync_bytes = u64::MAX;
             b.weight_sync_failures = u64::MAX;
         }))
@@ -200,6 +202,15 @@ async fn every_forged_value_is_refused_naming_its_field() {
         )),
         "{scrape}"
     );
+    for family in [
+        "tandem_generator_prefill_tokens_total",
+        "tandem_generator_prefix_cache_hit_tokens_total",
+    ] {
+        assert!(
+            scrape.contains(&format!("{family}{{generator=\"gen-0\"}} {}", u64::MAX)),
+            "{family}: {scrape}"
+        );
+    }
     assert!(
         scrape.contains(&format!("tandem_weight_sync_bytes_total {}", u64::MAX)),
         "{scrape}"
