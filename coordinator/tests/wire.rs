@@ -379,8 +379,9 @@ async fn departed_generators_take_their_series_with_them() {
             .map(String::from)
             .collect()
     };
-    // Six per-generator families: version, lag, tokens, wait, sync failures, age.
-    assert_eq!(series(&http_get(&c, "/metrics")).len(), 6 * 300);
+    // Eight per-generator families: version, lag, tokens, prefill tokens, prefix-cache
+    // hits, wait, sync failures, age.
+    assert_eq!(series(&http_get(&c, "/metrics")).len(), 8 * 300);
     for &id in &ids[..298] {
         admin.leave(LeaveRequest { worker_id: id }).await.unwrap();
     }
@@ -395,12 +396,12 @@ async fn departed_generators_take_their_series_with_them() {
             .await
             .unwrap();
         let s = series(&http_get(&c, "/metrics"));
-        if s.len() <= 6 || t0.elapsed() > Duration::from_secs(20) {
+        if s.len() <= 8 || t0.elapsed() > Duration::from_secs(20) {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(live.len(), 6, "{live:#?}");
+    assert_eq!(live.len(), 8, "{live:#?}");
     assert!(
         live.iter().all(|l| l.contains("generator=\"gen-299\"")),
         "{live:#?}"
