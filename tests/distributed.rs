@@ -587,6 +587,8 @@ fn tandem_run_trains_each_group_once_within_the_staleness_bound() {
         "tandem_leases_running",
         "tandem_groups_accepted_total",
         "tandem_generated_tokens_total",
+        "tandem_generator_prefill_tokens_total",
+        "tandem_generator_prefix_cache_hit_tokens_total",
         "tandem_trainer_wait_seconds_total",
         "tandem_train_loss",
         "tandem_train_reward_mean",

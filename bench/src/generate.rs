@@ -22,6 +22,13 @@
 //! prefilling its prompt, and one contiguous region of prompt + `max_new_tokens` per
 //! sequence instead of pages.
 //!
+//! With `--turns K` (K > 1) it also runs multi-turn episodes, as an environment's
+//! are sampled, with the prefix cache on (`--prefix-cache-tokens`) and off: each
+//! prompt's `samples` samples start as one request, and each sample's turn k + 1 is a
+//! request of its own whose prompt is turn k's prompt, its completion and
+//! `--turn-tokens` new tokens (a tool's answer); it reports the prompt tokens computed
+//! per turn (`prefill_tokens_per_turn`), those the cache served, and tok/s.
+//!
 //! With `--preset NAME` the model is a random one of the preset's shape (Tandem's
 //! `preset:NAME`; the reference script builds it from the preset's `config.json`):
 //! `qwen3-0.6b` measures at Qwen3-0.6B's size without its weights (its prompts from the
@@ -78,6 +85,17 @@ pub struct GenerateBench {
         default_value = "no_continuous_batching,no_shared_prefill,no_paging"
     )]
     ablations: String,
+    /// Model turns per episode of the multi-turn runs (prefix cache on and off); 1 =
+    /// no multi-turn runs.
+    #[arg(long, default_value_t = 1)]
+    turns: usize,
+    /// New tokens (a tool's answer) between two turns of the multi-turn runs.
+    #[arg(long, default_value_t = 16)]
+    turn_tokens: usize,
+    /// `[generator] prefix_cache_tokens` of every run but the multi-turn one without
+    /// the cache.
+    #[arg(long, default_value_t = EngineConfig::default().prefix_cache_tokens)]
+    prefix_cache_tokens: usize,
     /// Side of the square f32 GEMM that measures the machine's FLOP/s.
     #[arg(long, default_value_t = 2048)]
     gemm_size: usize,
@@ -157,12 +175,23 @@ pub fn run(mut b: GenerateBench) -> Result<()> {
     }
 }
 
+/// A tool's answer between two turns of the multi-turn runs: `n` token ids.
+fn turn_ids(tok: &tandem_model::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(tok.encode("\nThe calculator answered 4096. Continue.\n")?);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
 /// The engine's settings and the workload's shape (prompts, samples) for a variant.
 fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)> {
     // Prompts are about `prompt_tokens` long: room for twice that.
     let longest = b.prompt_tokens * 2 + b.max_new_tokens;
     let base = EngineConfig {
         max_running: b.max_running,
+        prefix_cache_tokens: b.prefix_cache_tokens,
         ..EngineConfig::default()
     };
     let sized = |cfg: EngineConfig, prompts: usize, samples: usize| {
@@ -173,6 +202,18 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
         // the weights, as a generator holds it; `lora_unmerged`: applied beside each
         // projection instead.
         "default" | "lora" | "lora_unmerged" => sized(base, b.prompts, b.samples),
+        // Every episode's whole conversation fits at once.
+        "turns_prefix_cache" | "turns_no_prefix_cache" => {
+            let cfg = EngineConfig {
+                prefix_cache_tokens: match name {
+                    "turns_prefix_cache" => b.prefix_cache_tokens,
+                    _ => 0,
+                },
+                ..base
+            };
+            let longest = b.prompt_tokens * 2 + b.turns * (b.max_new_tokens + b.turn_tokens);
+            (cfg.with_room(b.prompts, b.samples, longest), b.prompts, b.samples)
+        }
         // A queue of twice the slots: static batches idle the slots of finished rows.
         "no_continuous_batching" | "continuous_batching_queue" => {
             let cfg = EngineConfig {
@@ -210,7 +251,7 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
                 sized(cfg, prompts, samples)
             }
             _ => bail!(
-                "unknown variant `{other}` (default, lora, lora_unmerged, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N)"
+                "unknown variant `{other}` (default, lora, lora_unmerged, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N, turns_prefix_cache, turns_no_prefix_cache)"
             ),
         },
     })
@@ -238,6 +279,27 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
     let all: Vec<Vec<u32>> = serde_json::from_value(w["prompts"].clone())?;
     let stop: Vec<u32> = serde_json::from_value(w["stop_token_ids"].clone())?;
     let mut engine = Engine::new(&p.model, cfg.clone())?;
+    if name.starts_with("turns_") {
+        let between: Vec<u32> = serde_json::from_value(w["turn_ids"].clone())?;
+        let params = SamplingParams {
+            temperature: b.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: b.max_new_tokens,
+            stop_token_ids: stop,
+            seed: b.seed,
+        };
+        let r = run_turns(
+            b,
+            &p.model,
+            &mut engine,
+            (&all[..n_prompts], samples),
+            &between,
+            params,
+        )?;
+        println!("{r}");
+        return Ok(());
+    }
     // The queue runs of continuous vs static batching give requests uneven lengths,
     // as RL completions are: request i stops by (1 + 5i mod 8)/8 of max_new_tokens.
     let uneven = matches!(name, "no_continuous_batching" | "continuous_batching_queue");
@@ -290,6 +352,7 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
             "max_running": cfg.max_running,
             "steps": st.steps,
             "prefilled_tokens": st.prefilled_tokens,
+            "prefix_cache_hit_tokens": st.prefix_cache_hit_tokens,
             "preemptions": st.preemptions,
             "peak_running": st.peak_running,
             "kv_peak_mib": kv_peak_bytes as f64 / (1 << 20) as f64,
@@ -297,6 +360,94 @@ fn run_variant(b: &GenerateBench, name: &str, workload: &PathBuf) -> Result<()> 
         })
     );
     Ok(())
+}
+
+/// Multi-turn episodes on `engine`: `samples` samples of each of `prompts` as one
+/// request each (prefilled once, forked), then each sample's next turn a request of its
+/// own (its stream: sample j of turn t draws from stream j + t · samples), whose prompt
+/// is the previous turn's, its completion and `between`, for `--turns` turns. Reports
+/// the tokens generated per second and the prompt tokens computed and cached per turn
+/// request.
+fn run_turns(
+    b: &GenerateBench,
+    model: &tandem_model::Model,
+    engine: &mut Engine,
+    (prompts, samples): (&[Vec<u32>], usize),
+    between: &[u32],
+    params: SamplingParams,
+) -> Result<Value> {
+    // Request id → (its prompt, its turn (1 = the first), its sample index).
+    let mut live = std::collections::HashMap::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let params = SamplingParams {
+            seed: b.seed.wrapping_add(i as u64),
+            ..params.clone()
+        };
+        let id = i as u64;
+        engine.add(
+            model,
+            Request {
+                id,
+                prompt: prompt.clone(),
+                samples,
+                params,
+                first_stream: 0,
+            },
+        )?;
+        live.insert(id, (prompt.clone(), 1usize, i, 0usize));
+    }
+    let (mut next_id, mut requests, mut tokens) = (prompts.len() as u64, prompts.len(), 0usize);
+    let t0 = Instant::now();
+    while !engine.is_idle() {
+        for f in engine.step(model, 0)?.finished {
+            let (prompt, turn, group, sample) = live.remove(&f.id).expect("a live request");
+            for (j, c) in f.completions.iter().enumerate() {
+                tokens += c.tokens.len();
+                if turn >= b.turns {
+                    continue;
+                }
+                let j = if f.completions.len() > 1 { j } else { sample };
+                let next = [prompt.as_slice(), &c.tokens, between].concat();
+                let r = Request {
+                    id: next_id,
+                    prompt: next.clone(),
+                    samples: 1,
+                    params: SamplingParams {
+                        seed: b.seed.wrapping_add(group as u64),
+                        ..params.clone()
+                    },
+                    first_stream: (j + turn * samples) as u64,
+                };
+                engine
+                    .add(model, r)
+                    .with_context(|| format!("turn {} of episode {group}/{j}", turn + 1))?;
+                live.insert(next_id, (next, turn + 1, group, j));
+                next_id += 1;
+                requests += 1;
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let st = engine.stats();
+    let per = |n: u64| n as f64 / requests as f64;
+    Ok(json!({
+        "tok_per_s": tokens as f64 / secs,
+        "seconds": secs,
+        "tokens": tokens,
+        "sequences": prompts.len() * samples,
+        "turn_requests": requests,
+        "max_running": engine.config().max_running,
+        "prefix_cache_tokens": engine.config().prefix_cache_tokens,
+        "steps": st.steps,
+        "prefill_tokens": st.prefilled_tokens,
+        "prefix_cache_hit_tokens": st.prefix_cache_hit_tokens,
+        "prefill_tokens_per_turn": per(st.prefilled_tokens),
+        "prefix_cache_hit_tokens_per_turn": per(st.prefix_cache_hit_tokens),
+        "prefix_cache_evictions": st.prefix_cache_evictions,
+        "preemptions": st.preemptions,
+        "peak_running": st.peak_running,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
 }
 
 /// The machine's GEMM rate on an n×n×n product in the model's dtype (f32 on CPU,
@@ -388,6 +539,9 @@ fn measure_variants(
             .args(["--temperature", &b.temperature.to_string()])
             .args(["--seed", &b.seed.to_string()])
             .args(["--max-running", &b.max_running.to_string()])
+            .args(["--turns", &b.turns.to_string()])
+            .args(["--turn-tokens", &b.turn_tokens.to_string()])
+            .args(["--prefix-cache-tokens", &b.prefix_cache_tokens.to_string()])
             .args(["--gemm-size", &b.gemm_size.to_string()]);
         measured.insert(v.clone(), run_child(cmd, &format!("tandem {v}"))?);
         bar.inc(1);
@@ -428,8 +582,8 @@ fn run_reference(
 }
 
 fn run_all(b: &GenerateBench) -> Result<()> {
-    if b.prompts == 0 || b.samples == 0 || b.max_new_tokens == 0 {
-        bail!("--prompts, --samples and --max-new-tokens must be ≥ 1");
+    if b.prompts == 0 || b.samples == 0 || b.max_new_tokens == 0 || b.turns == 0 {
+        bail!("--prompts, --samples, --max-new-tokens and --turns must be ≥ 1");
     }
     let (concurrency, ablations) = parse_lists(b)?;
     let p = tandem_model::load_model(&b.model)?;
@@ -438,6 +592,7 @@ fn run_all(b: &GenerateBench) -> Result<()> {
     let n_prompts = (b.prompts * 2).max(most.div_ceil(b.samples));
     let prompts = prompts(&p.tokenizer, n_prompts, b.prompt_tokens)?;
     let stop = p.stop_token_ids();
+    let between = turn_ids(&p.tokenizer, b.turn_tokens)?;
     drop(p);
     let dir = tempfile::tempdir()?;
     let workload = dir.path().join("workload.json");
@@ -446,6 +601,7 @@ fn run_all(b: &GenerateBench) -> Result<()> {
         serde_json::to_string(&json!({
             "prompts": prompts,
             "stop_token_ids": stop,
+            "turn_ids": between,
             "samples": b.samples,
             "max_new_tokens": b.max_new_tokens,
             "temperature": b.temperature,
@@ -459,6 +615,10 @@ fn run_all(b: &GenerateBench) -> Result<()> {
             runs.push("continuous_batching_queue".into());
         }
         runs.push(a.clone());
+    }
+    let turns = ["turns_prefix_cache", "turns_no_prefix_cache"];
+    if b.turns > 1 {
+        runs.extend(turns.map(String::from));
     }
     // The machine's rate drifts (a shared VM): measured before and after, the higher
     // taken, so the ceiling is never understated.
@@ -489,6 +649,14 @@ fn run_all(b: &GenerateBench) -> Result<()> {
         "concurrency": concurrency.iter().map(|c| (c.to_string(), measured[&format!("concurrency_{c}")].clone())).collect::<serde_json::Map<_, _>>(),
         "ablations": ablations.iter().map(|a| (a.clone(), measured[a].clone())).collect::<serde_json::Map<_, _>>(),
     });
+    if b.turns > 1 {
+        result["turns"] = json!({
+            "turns": b.turns,
+            "turn_tokens": b.turn_tokens,
+            "prefix_cache": measured["turns_prefix_cache"],
+            "no_prefix_cache": measured["turns_no_prefix_cache"],
+        });
+    }
     if ablations.iter().any(|a| a == "no_continuous_batching") {
         result["ablations"]["continuous_batching_queue"] =
             measured["continuous_batching_queue"].clone();
@@ -556,6 +724,30 @@ fn print_table(r: &Value) {
     if !r["reference"].is_null() {
         row("transformers generate", &r["reference"]);
     }
+    if r["turns"].is_object() {
+        println!(
+            "\nmulti-turn: {} turns, {} new tokens between turns",
+            r["turns"]["turns"], r["turns"]["turn_tokens"]
+        );
+        println!("| run | turn requests | prefill tok/turn | cached tok/turn | tok/s | steps | preemptions |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, key) in [
+            ("prefix cache", "prefix_cache"),
+            ("no prefix cache", "no_prefix_cache"),
+        ] {
+            let v = &r["turns"][key];
+            let f = |k: &str, d: usize| v[k].as_f64().map_or("–".into(), |x| format!("{x:.d$}"));
+            println!(
+                "| {name} | {} | {} | {} | {} | {} | {} |",
+                f("turn_requests", 0),
+                f("prefill_tokens_per_turn", 1),
+                f("prefix_cache_hit_tokens_per_turn", 1),
+                f("tok_per_s", 1),
+                f("steps", 0),
+                f("preemptions", 0),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -580,6 +772,17 @@ mod tests {
         assert_eq!(p, 16, "a queue of twice the slots");
         assert!(!variant(&b, "no_shared_prefill").unwrap().0.share_prefix);
         assert_eq!(variant(&b, "no_paging").unwrap().0.kv_page_size, 512);
+        let (cfg, p, s) = variant(&b, "turns_prefix_cache").unwrap();
+        assert_eq!((p, s), (8, 8));
+        assert_eq!(cfg.prefix_cache_tokens, b.prefix_cache_tokens);
+        assert!(b.prefix_cache_tokens > 0);
+        assert_eq!(
+            variant(&b, "turns_no_prefix_cache")
+                .unwrap()
+                .0
+                .prefix_cache_tokens,
+            0
+        );
         assert_eq!(variant(&b, "concurrency_1").unwrap().1, 1);
         let (cfg, p, s) = variant(&b, "concurrency_256").unwrap();
         assert_eq!((cfg.max_running, p, s), (256, 32, 8));

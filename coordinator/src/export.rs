@@ -37,8 +37,8 @@ impl Core {
     }
 
     /// The series computed at scrape time, in Prometheus text format: the float-valued
-    /// counters, and every per-generator series (version, lag, tokens, wait, sync
-    /// failures, heartbeat age) of each live generator: a generator that left or was
+    /// counters, and every per-generator series (version, lag, tokens, prefill and
+    /// prefix-cache tokens, wait, sync failures, heartbeat age) of each live generator: a generator that left or was
     /// dropped has no series, rather than a frozen one. Two live workers with one name
     /// (a generator registered again before its old id was dropped) share a series:
     /// the newest id's version, the name's counters.
@@ -65,7 +65,7 @@ impl Core {
         }
         let none = GeneratorSeries::default();
         let series = |name: &str| self.generator_series.get(name).unwrap_or(&none);
-        let families: [Family<'_>; 6] = [
+        let families: [Family<'_>; 8] = [
             (
                 m::GENERATOR_POLICY_VERSION,
                 "gauge",
@@ -83,6 +83,18 @@ impl Core {
                 "counter",
                 "Completion tokens generated, per generator",
                 &|n, _, _| series(n).generated_tokens.to_string(),
+            ),
+            (
+                m::PREFILL_TOKENS,
+                "counter",
+                "Prompt tokens each generator's engine computed (prefix-cache hits not included)",
+                &|n, _, _| series(n).prefill_tokens.to_string(),
+            ),
+            (
+                m::PREFIX_CACHE_HIT_TOKENS,
+                "counter",
+                "Prompt tokens each generator's engine took from its prefix cache instead of computing them",
+                &|n, _, _| series(n).prefix_cache_hit_tokens.to_string(),
             ),
             (
                 m::GENERATOR_WAIT,

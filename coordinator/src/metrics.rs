@@ -36,6 +36,10 @@ pub const WEIGHT_SYNC_BYTES: &str = "tandem_weight_sync_bytes_total";
 /// Bytes of the latest published version (a LoRA run's are only the adapter's).
 pub const WEIGHT_VERSION_BYTES: &str = "tandem_weight_version_bytes";
 pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
+/// Prompt tokens a generator's engine computed (its prefix cache's hits not included).
+pub const PREFILL_TOKENS: &str = "tandem_generator_prefill_tokens_total";
+/// Prompt tokens a generator's engine took from its prefix cache.
+pub const PREFIX_CACHE_HIT_TOKENS: &str = "tandem_generator_prefix_cache_hit_tokens_total";
 pub const TRAINER_WAIT: &str = "tandem_trainer_wait_seconds_total";
 pub const GENERATOR_WAIT: &str = "tandem_generator_wait_seconds_total";
 pub const WORKERS: &str = "tandem_workers";

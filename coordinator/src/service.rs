@@ -162,6 +162,10 @@ impl Coordinator for CoordinatorService {
             g.weight_sync_failures = g
                 .weight_sync_failures
                 .saturating_add(r.weight_sync_failures);
+            g.prefill_tokens = g.prefill_tokens.saturating_add(r.prefill_tokens);
+            g.prefix_cache_hit_tokens = g
+                .prefix_cache_hit_tokens
+                .saturating_add(r.prefix_cache_hit_tokens);
             for s in &r.weight_sync_seconds {
                 metrics::histogram!(m::WEIGHT_SYNC_SECONDS).record(*s);
             }

@@ -32,6 +32,9 @@ pub struct GeneratorSeries {
     pub wait_s: f64,
     pub generated_tokens: u64,
     pub weight_sync_failures: u64,
+    /// Prompt tokens its engine computed, and those its prefix cache served instead.
+    pub prefill_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
 }
 
 /// The mutable state behind the service.

@@ -194,6 +194,8 @@ async fn every_forged_value_is_refused_naming_its_field() {
     for _ in 0..2 {
         me.heartbeat(beat(&|b| {
             b.generated_tokens = u64::MAX;
+            b.prefill_tokens = u64::MAX;
+            b.prefix_cache_hit_tokens = u64::MAX;
             b.weight_sync_bytes = u64::MAX;
             b.weight_sync_failures = u64::MAX;
             b.episodes_failed = u64::MAX;
@@ -214,6 +216,15 @@ async fn every_forged_value_is_refused_naming_its_field() {
         )),
         "{scrape}"
     );
+    for family in [
+        "tandem_generator_prefill_tokens_total",
+        "tandem_generator_prefix_cache_hit_tokens_total",
+    ] {
+        assert!(
+            scrape.contains(&format!("{family}{{generator=\"gen-0\"}} {}", u64::MAX)),
+            "{family}: {scrape}"
+        );
+    }
     assert!(
         scrape.contains(&format!("tandem_weight_sync_bytes_total {}", u64::MAX)),
         "{scrape}"
@@ -391,8 +402,9 @@ async fn departed_generators_take_their_series_with_them() {
             .map(String::from)
             .collect()
     };
-    // Six per-generator families: version, lag, tokens, wait, sync failures, age.
-    assert_eq!(series(&http_get(&c, "/metrics")).len(), 6 * 300);
+    // Eight per-generator families: version, lag, tokens, prefill tokens, prefix-cache
+    // hits, wait, sync failures, age.
+    assert_eq!(series(&http_get(&c, "/metrics")).len(), 8 * 300);
     for &id in &ids[..298] {
         admin.leave(LeaveRequest { worker_id: id }).await.unwrap();
     }
@@ -407,12 +419,12 @@ async fn departed_generators_take_their_series_with_them() {
             .await
             .unwrap();
         let s = series(&http_get(&c, "/metrics"));
-        if s.len() <= 6 || t0.elapsed() > Duration::from_secs(20) {
+        if s.len() <= 8 || t0.elapsed() > Duration::from_secs(20) {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(live.len(), 6, "{live:#?}");
+    assert_eq!(live.len(), 8, "{live:#?}");
     assert!(
         live.iter().all(|l| l.contains("generator=\"gen-299\"")),
         "{live:#?}"

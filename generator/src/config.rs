@@ -34,6 +34,11 @@ pub struct GeneratorConfig {
     /// Prefill each group's prompt once and fork its samples (off: every sample
     /// prefills the prompt; for measurements).
     pub share_prefix: bool,
+    /// Tokens of KV pages kept for prefixes of finished sequences (whole pages, out of
+    /// `kv_cache_tokens`, given back when a sequence needs a page; 0 = off): a request
+    /// (an episode's next turn, an agent's next call) starts from its longest cached
+    /// prefix and prefills only the rest. New weights empty the cache.
+    pub prefix_cache_tokens: usize,
     /// between_batches: take new weights when no sequence is running; in_flight: also
     /// between decode steps (PipelineRL), applied to every running row, so later
     /// tokens of a sequence carry the new version.
@@ -64,6 +69,7 @@ impl Default for GeneratorConfig {
             kv_page_size: d.kv_page_size,
             prefill_chunk: d.prefill_chunk,
             share_prefix: d.share_prefix,
+            prefix_cache_tokens: d.prefix_cache_tokens,
             weight_update: WeightUpdate::BetweenBatches,
             mock_generate_ms: 0,
         }
@@ -108,6 +114,7 @@ impl GeneratorConfig {
             kv_page_size: self.kv_page_size,
             prefill_chunk: self.prefill_chunk,
             share_prefix: self.share_prefix,
+            prefix_cache_tokens: self.prefix_cache_tokens,
             continuous: true,
         }
     }
@@ -130,5 +137,13 @@ mod tests {
         assert!(bad(|c| c.kv_cache_tokens = 8).starts_with("[generator] kv_cache_tokens:"));
         assert!(bad(|c| c.kv_cache_tokens = 40).contains("max_new_tokens"));
         GeneratorConfig::default().validate().unwrap();
+        // The prefix cache reaches the engine, and 0 (off) is a valid setting.
+        let off = GeneratorConfig {
+            prefix_cache_tokens: 0,
+            ..Default::default()
+        };
+        off.validate().unwrap();
+        assert_eq!(off.engine().prefix_cache_tokens, 0);
+        assert!(GeneratorConfig::default().engine().prefix_cache_tokens > 0);
     }
 }

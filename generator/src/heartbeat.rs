@@ -27,6 +27,8 @@ pub(crate) struct Beat {
     held: AtomicU64,
     latest: AtomicU64,
     tokens: AtomicU64,
+    prefill_tokens: AtomicU64,
+    prefix_cache_hit_tokens: AtomicU64,
     wait_us: AtomicU64,
     sync_bytes: AtomicU64,
     sync_failures: AtomicU64,
@@ -102,6 +104,14 @@ impl Beat {
         self.tokens.fetch_add(n, Ordering::SeqCst);
     }
 
+    /// The engine computed `prefilled` prompt tokens and took `cached` from its prefix
+    /// cache.
+    pub fn prefilled(&self, prefilled: u64, cached: u64) {
+        self.prefill_tokens.fetch_add(prefilled, Ordering::SeqCst);
+        self.prefix_cache_hit_tokens
+            .fetch_add(cached, Ordering::SeqCst);
+    }
+
     /// The sampler waited `d` with nothing to step.
     pub fn waited(&self, d: Duration) {
         self.wait_us
@@ -157,6 +167,8 @@ impl Beat {
                 .unwrap_or_default(),
             weight_sync_bytes: self.sync_bytes.swap(0, Ordering::SeqCst),
             weight_sync_failures: self.sync_failures.swap(0, Ordering::SeqCst),
+            prefill_tokens: self.prefill_tokens.swap(0, Ordering::SeqCst),
+            prefix_cache_hit_tokens: self.prefix_cache_hit_tokens.swap(0, Ordering::SeqCst),
             broadcast,
             broadcast_address: String::new(),
             episodes_failed: self.episodes_failed.swap(0, Ordering::SeqCst),

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_env::agent::{Agents, Ended};
 use tandem_env::service::EnvService;
@@ -68,7 +68,14 @@ pub(crate) struct Sampler {
     /// The version held (each token's tag); tokens and waits are reported here.
     beat: Arc<Beat>,
     steps: StepCount,
+    /// The engine's prompt counters already reported: (prefilled, cached).
+    reported: (u64, u64),
+    /// When the prompt counters were last logged.
+    logged: Instant,
 }
+
+/// How often the engine's prompt counters are logged.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Sampler {
     /// The driver of `policy`'s engine for `settings`: its environment (tools, the
@@ -121,7 +128,32 @@ impl Sampler {
             chat: settings.chat,
             beat,
             steps,
+            reported: (0, 0),
+            logged: Instant::now(),
         })
+    }
+
+    /// Reports the prompt tokens the engine computed and those its prefix cache served
+    /// since the last call (heartbeats carry them to the coordinator's `/metrics`), and
+    /// logs the totals every minute (and when `now`).
+    pub fn report_prefill(&mut self, now: bool) {
+        let st = self.engine.stats();
+        let (prefilled, cached) = (st.prefilled_tokens, st.prefix_cache_hit_tokens);
+        self.beat
+            .prefilled(prefilled - self.reported.0, cached - self.reported.1);
+        self.reported = (prefilled, cached);
+        if now || self.logged.elapsed() >= LOG_EVERY {
+            self.logged = Instant::now();
+            let share = cached as f64 / (prefilled + cached).max(1) as f64;
+            tracing::info!(
+                prefill_tokens = prefilled,
+                prefix_cache_hit_tokens = cached,
+                prefix_cache_evictions = st.prefix_cache_evictions,
+                preemptions = st.preemptions,
+                "engine: {prefilled} prompt tokens computed, {cached} from the prefix cache ({:.0} %)",
+                100.0 * share
+            );
+        }
     }
 
     /// The policy the engine samples (weight syncs assign into it in place).
@@ -248,6 +280,7 @@ impl Sampler {
         let out = self.engine.step(&self.policy.model, self.beat.held())?;
         self.steps.set(self.engine.stats().steps);
         self.beat.generated(out.decoded as u64);
+        self.report_prefill(false);
         let mut jobs = Vec::new();
         for f in out.finished {
             let f = match self.agents.as_mut() {

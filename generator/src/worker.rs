@@ -182,6 +182,7 @@ impl Worker {
             None => return Ok(()),
         };
         let sampled = self.sample(&mut scorer);
+        self.sampler.report_prefill(true);
         let scored = scorer.finish();
         self.beat.stop();
         self.weights.stop();

@@ -4,7 +4,8 @@
 //! - [`Model`] — parameters, training forward, per-token logprobs and entropies with
 //!   gradients to every weight ([`Model::completion_logprobs`]).
 //! - [`engine`] — the sampling engine: continuous batching over a paged KV cache,
-//!   prompts prefilled once per request; [`generate`] runs it to completion.
+//!   prompts prefilled once per request, a prefix cache across requests; [`generate`]
+//!   runs it to completion.
 //! - [`load`] / [`save_hf`] — HF folders, GGUF files, fetchable models (SmolLM2, Gemma 3 270M).
 //! - [`lora`] — low-rank adapters on a frozen base: trained, sent and saved alone (PEFT's
 //!   format), applied unmerged or merged.

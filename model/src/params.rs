@@ -189,6 +189,16 @@ impl ParamStore {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Which store this is (clones share it) and its [`ParamStore::generation`]: equal
+    /// across two calls only when no value was assigned in between. An engine's prefix
+    /// cache is keyed on it.
+    pub fn identity(&self) -> (usize, u64) {
+        (
+            std::sync::Arc::as_ptr(&self.generation) as usize,
+            self.generation(),
+        )
+    }
+
     /// Marks the values as changed.
     pub fn touch(&self) {
         self.generation

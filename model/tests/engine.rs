@@ -119,6 +119,308 @@ fn batched_shared_and_paged_output_equals_each_request_alone() {
     }
 }
 
+/// Requests over prompts that share prefixes of many lengths with a base text (pages of
+/// 4): ending on a page's end and mid-page, the same prompt twice (whole prompt cached:
+/// its last page is computed again for the logits), a prompt one token past cached
+/// pages (only its last token fed), a single token, and a prompt whose cached prefix
+/// another request computed.
+fn shared_prefix_requests(t: f64) -> Vec<Request> {
+    let base: Vec<u32> = (0..40).map(|j| ((j * 29 + 7) % 480 + 3) as u32).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        base[..16].to_vec(),
+        base[..16].to_vec(),
+        base[..17].to_vec(),
+        [&base[..10], &[490, 491, 492][..]].concat(),
+        [&base[..13], &[493; 6][..]].concat(),
+        [&base[..8], &[494][..]].concat(),
+        base[..1].to_vec(),
+        base[..40].to_vec(),
+        base[..24].to_vec(),
+    ];
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| Request {
+            id: i as u64,
+            prompt,
+            samples: 2,
+            params: params(t, 10, 3 + i as u64),
+            first_stream: 0,
+        })
+        .collect()
+}
+
+/// Each request added when the one before it has finished, through one engine (so each
+/// finds the cached pages of those before it); completions by id.
+fn one_after_another(
+    e: &mut Engine,
+    model: &Model,
+    reqs: &[Request],
+) -> BTreeMap<u64, Vec<Completion>> {
+    let mut out = BTreeMap::new();
+    for r in reqs {
+        e.add(model, r.clone()).unwrap();
+        for f in e.run_to_completion(model, 0).unwrap() {
+            out.insert(f.id, f.completions);
+        }
+    }
+    out
+}
+
+fn has_local_layers(model: &Model) -> bool {
+    tandem_model::engine::local::LocalLayers::of(model.config()).is_some()
+}
+
+/// A completion does not depend on whether its prefix came from the prefix cache: the
+/// same tokens (greedy and T = 1) and logprobs as the request run alone, cache on or
+/// off, one request after another or all at once through a pool so small that cached
+/// pages are evicted and sequences preempted. Models with local layers cache nothing.
+#[test]
+fn a_completion_does_not_depend_on_the_prefix_cache() {
+    for name in tandem_model::preset::TINY_PRESETS {
+        let model = tiny(name, 5).model;
+        let local = has_local_layers(&model);
+        for t in [0.0, 1.0] {
+            let reqs = shared_prefix_requests(t);
+            let reference = alone(&model, &reqs);
+            let what = format!("{name} T {t}");
+            let cfg = |prefix_cache_tokens| EngineConfig {
+                kv_page_size: 4,
+                prefill_chunk: 8,
+                prefix_cache_tokens,
+                ..Default::default()
+            };
+            let mut e = Engine::new(&model, cfg(4096)).unwrap();
+            assert_same(
+                &one_after_another(&mut e, &model, &reqs),
+                &reference,
+                &format!("{what} cached"),
+            );
+            let st = e.stats().clone();
+            let prompt_tokens: u64 = reqs.iter().map(|r| r.prompt.len() as u64).sum();
+            assert_eq!(st.preemptions, 0);
+            assert_eq!(
+                st.prefilled_tokens + st.prefix_cache_hit_tokens,
+                prompt_tokens,
+                "{what}: every prompt token computed or cached, once per request"
+            );
+            // Pages of 4 cached from earlier requests: 12 + 16 + 8 + 12 + 8 + 0 + 16 + 20.
+            let hits = if local { 0 } else { 92 };
+            assert_eq!(st.prefix_cache_hit_tokens, hits, "{what}");
+            assert_eq!(e.used_pages(), 0, "{what}: no sequence holds a page");
+            assert_eq!(e.cached_pages() > 0, !local, "{what}");
+
+            let mut off = Engine::new(&model, cfg(0)).unwrap();
+            assert_same(
+                &one_after_another(&mut off, &model, &reqs),
+                &reference,
+                &format!("{what} uncached"),
+            );
+            assert_eq!(off.stats().prefix_cache_hit_tokens, 0);
+            assert_eq!(off.stats().prefilled_tokens, prompt_tokens);
+            assert_eq!(off.cached_pages(), 0);
+
+            // All at once, with few slots and a pool of 24 pages: requests start from
+            // pages others are still computing, cached pages are evicted for room.
+            let tight = EngineConfig {
+                max_running: 4,
+                kv_cache_tokens: 96,
+                ..cfg(4096)
+            };
+            let mut e = Engine::new(&model, tight).unwrap();
+            for r in &reqs {
+                e.add(&model, r.clone()).unwrap();
+            }
+            let out = e
+                .run_to_completion(&model, 0)
+                .unwrap()
+                .into_iter()
+                .map(|f| (f.id, f.completions))
+                .collect();
+            assert_same(&out, &reference, &format!("{what} tight"));
+            if !local {
+                let st = e.stats();
+                assert!(st.prefix_cache_hit_tokens > 0, "{what}: no hit");
+                assert!(st.prefix_cache_evictions > 0, "{what}: no eviction");
+            }
+        }
+    }
+}
+
+/// A conversation's next turn (the previous turn's prompt, its completion and new
+/// tokens, ending mid-page) computes only what the cache does not hold: the tokens
+/// after the previous turn's last full page. Its completions equal each turn run alone.
+#[test]
+fn a_next_turn_prefills_only_its_new_tokens() {
+    let model = tiny("tiny-qwen3", 3).model;
+    let ps = 4;
+    let mut e = Engine::new(
+        &model,
+        EngineConfig {
+            kv_page_size: ps,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut conversation = prompt(2);
+    for turn in 0..4u64 {
+        let r = Request {
+            id: turn,
+            prompt: conversation.clone(),
+            samples: 1,
+            params: params(1.0, 9 + turn as usize, 8 + turn),
+            first_stream: 0,
+        };
+        let before = e.stats().clone();
+        let got = one_after_another(&mut e, &model, std::slice::from_ref(&r));
+        assert_same(
+            &got,
+            &alone(&model, std::slice::from_ref(&r)),
+            &format!("turn {turn}"),
+        );
+        let st = e.stats();
+        let prefilled = st.prefilled_tokens - before.prefilled_tokens;
+        let cached = st.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens;
+        assert_eq!(prefilled + cached, conversation.len() as u64);
+        if turn > 0 {
+            // Everything but the new tokens and at most one page before them.
+            assert!(
+                prefilled as usize <= 3 + turn as usize + ps,
+                "turn {turn}: {prefilled} of {} tokens computed",
+                conversation.len()
+            );
+        }
+        let completion = &got[&turn][0].tokens;
+        conversation.extend(completion);
+        conversation.extend((0..3 + turn as u32).map(|k| 400 + k));
+    }
+}
+
+/// A new version assigned into a model in place.
+type Update = dyn Fn(&Model);
+
+/// Weights assigned in place (a full version, or a LoRA adapter's version) are never
+/// served keys and values of the old ones: the next request computes its whole prompt
+/// and samples exactly what a fresh engine on the new weights samples; the same
+/// weights again hit.
+#[test]
+fn new_weights_are_never_served_from_the_cache() {
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+    use tandem_model::LoraSection;
+
+    for name in tandem_model::preset::TINY_PRESETS {
+        if has_local_layers(&tiny(name, 1).model) {
+            continue; // nothing cached (tested above)
+        }
+        let full = tiny(name, 5).model;
+        let lora = LoraSection::default().attach(tiny(name, 5).model).unwrap();
+        let versions: [(&str, Model, Box<Update>); 2] = [
+            (
+                "full",
+                full,
+                Box::new(|m: &Model| {
+                    m.params()
+                        .assign(&tiny(name, 9).model.params().snapshot().unwrap())
+                        .unwrap()
+                }),
+            ),
+            (
+                "lora",
+                lora,
+                Box::new(|m: &Model| {
+                    let donor = LoraSection::default().attach(tiny(name, 5).model).unwrap();
+                    let mut b = HashMap::new();
+                    for (n, v) in donor.trainable().iter() {
+                        if n.ends_with("lora_B.weight") {
+                            let t = Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap();
+                            b.insert(n.to_string(), t);
+                        }
+                    }
+                    donor.trainable().assign(&b).unwrap();
+                    let (bytes, dtype) = donor.trainable().to_bytes().unwrap();
+                    m.trainable().assign_bytes(&bytes, dtype).unwrap();
+                }),
+            ),
+        ];
+        for (kind, model, update) in versions {
+            let what = format!("{name} {kind}");
+            let req = |id: u64| Request {
+                id,
+                prompt: prompt(2),
+                samples: 2,
+                params: params(1.0, 8, 4),
+                first_stream: 0,
+            };
+            let cfg = EngineConfig {
+                kv_page_size: 4,
+                ..Default::default()
+            };
+            let mut e = Engine::new(&model, cfg).unwrap();
+            let old = one_after_another(&mut e, &model, &[req(0)]);
+            let cached = |e: &Engine| e.stats().prefix_cache_hit_tokens;
+            assert_same(&one_after_another(&mut e, &model, &[req(0)]), &old, &what);
+            let hit = cached(&e);
+            assert!(hit > 0, "{what}: the same weights hit");
+            update(&model);
+            let new = one_after_another(&mut e, &model, &[req(0)]);
+            assert_same(
+                &new,
+                &alone(&model, &[req(0)]),
+                &format!("{what} new weights"),
+            );
+            assert_eq!(cached(&e), hit, "{what}: new weights hit the cache");
+            let lp = |c: &BTreeMap<u64, Vec<Completion>>| -> Vec<f64> {
+                c[&0][0].logprobs.iter().map(|&v| v as f64).collect()
+            };
+            assert!(
+                max_abs_diff(&lp(&old), &lp(&new)) > 1e-3,
+                "{what}: the new version changed nothing"
+            );
+            assert_same(&one_after_another(&mut e, &model, &[req(0)]), &new, &what);
+            assert!(cached(&e) > hit, "{what}: the new weights' pages hit again");
+        }
+    }
+}
+
+/// Cached pages make way for running sequences: a batch that needs the whole pool
+/// after earlier requests filled it with cached pages evicts them and preempts nothing.
+#[test]
+fn cached_pages_are_evicted_before_a_sequence_is_preempted() {
+    let model = tiny("tiny", 5).model;
+    let cfg = EngineConfig {
+        kv_page_size: 4,
+        kv_cache_tokens: 64,
+        prefix_cache_tokens: 64,
+        ..Default::default()
+    };
+    let mut e = Engine::new(&model, cfg).unwrap();
+    one_after_another(&mut e, &model, &[request(2, 1, params(0.0, 30, 1))]);
+    assert!(e.cached_pages() >= 12, "{} pages cached", e.cached_pages());
+    // Sequences of 9 + 24 and 5 + 24 tokens: 8 and 7 pages, 15 of the 16 (13 cached).
+    let reqs: Vec<Request> = [0, 4]
+        .into_iter()
+        .map(|i| Request {
+            id: 10 + i as u64,
+            ..request(i, 1, params(0.0, 24, 1))
+        })
+        .collect();
+    for r in &reqs {
+        e.add(&model, r.clone()).unwrap();
+    }
+    let out: BTreeMap<u64, Vec<Completion>> = e
+        .run_to_completion(&model, 0)
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.id, f.completions))
+        .collect();
+    let st = e.stats();
+    assert_eq!(st.preemptions, 0, "a running sequence was preempted");
+    assert!(st.prefix_cache_evictions > 0);
+    assert_eq!(st.peak_pages, 15);
+    assert_same(&out, &alone(&model, &reqs), "after evictions");
+}
+
 #[test]
 fn a_prompt_is_prefilled_once_per_request() {
     let model = tiny("tiny", 5).model;
@@ -139,14 +441,8 @@ fn a_prompt_is_prefilled_once_per_request() {
         e.run_to_completion(&model, 0).unwrap();
         e.stats().prefilled_tokens
     };
-    // Single-token prompts are fed as decode rows, not prefill.
-    let multi: u64 = (0..4)
-        .map(|i| prompt(i).len() as u64)
-        .filter(|&n| n > 1)
-        .sum();
-    assert!(prompt_tokens >= multi);
-    assert_eq!(count(true), multi, "one prefill per request");
-    assert_eq!(count(false), 8 * multi, "one prefill per sample");
+    assert_eq!(count(true), prompt_tokens, "one prefill per request");
+    assert_eq!(count(false), 8 * prompt_tokens, "one prefill per sample");
 }
 
 #[test]

@@ -19,6 +19,11 @@ pub struct EngineConfig {
     /// Prefill a request's prompt once and fork its samples; off, every sample
     /// prefills the prompt itself.
     pub share_prefix: bool,
+    /// Tokens of KV pages the prefix cache keeps after the sequences that computed them
+    /// are done (whole pages; 0 = no prefix cache): a request starts from its longest
+    /// cached prefix. These pages come out of `kv_cache_tokens` and are given back
+    /// whenever a sequence needs one.
+    pub prefix_cache_tokens: usize,
     /// Admit new sequences as soon as slots free up; off, a batch runs until its last
     /// sequence finishes before the next is admitted (static batching, for
     /// measurements).
@@ -33,6 +38,7 @@ impl Default for EngineConfig {
             kv_page_size: 16,
             prefill_chunk: 256,
             share_prefix: true,
+            prefix_cache_tokens: 8192,
             continuous: true,
         }
     }

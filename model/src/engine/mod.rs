@@ -25,6 +25,13 @@
 //!   preempts the most recently admitted sequence, which frees its pages and later
 //!   recomputes its tokens (its sampled tokens and random stream are kept, so the
 //!   result does not change).
+//! - **Prefix cache** (`prefix.rs`): the full pages sequences computed stay indexed by
+//!   their tokens (a hash chain) and the weights they were computed under, up to
+//!   `prefix_cache_tokens` of them held by no sequence; a request starts from its
+//!   longest cached prefix in whole pages (never its last token), so a conversation's
+//!   next turn prefills only its new tokens. New weights (a full or adapter version)
+//!   empty it; its idle pages are given back before a running sequence is preempted.
+//!   Models with local layers cache nothing.
 //! - **First come, first served.** Requests start in the order they were added: the
 //!   queue is admitted from its front and stops at the first sequence that does not
 //!   fit, and a preempted sequence goes back to the front (the scheduler's tests).
@@ -40,6 +47,7 @@ pub mod attention;
 mod config;
 pub mod local;
 pub mod pages;
+mod prefix;
 mod runner;
 mod scheduler;
 
@@ -94,9 +102,10 @@ pub struct Finished {
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
     pub finished: Vec<Finished>,
-    /// Sequences that decoded one token this step.
+    /// Sequences that fed a token they sampled this step.
     pub decoded: usize,
-    /// Prompt (or recomputed) tokens fed this step.
+    /// Context tokens fed this step: prompts (or a preempted sequence's tokens,
+    /// recomputed), their last token included.
     pub prefilled: usize,
     /// Slots in use while the step ran (samples of unforked prompts counted).
     pub running: usize,
@@ -107,8 +116,16 @@ pub struct StepOutput {
 pub struct EngineStats {
     pub steps: u64,
     pub decoded_tokens: u64,
+    /// Context tokens computed: each admitted sequence's tokens up to its first new
+    /// sample (a request's prompt, once for its samples when they share it; a
+    /// preempted sequence's tokens again), less those the prefix cache served.
     pub prefilled_tokens: u64,
+    /// Context tokens admitted sequences took from the prefix cache instead.
+    pub prefix_cache_hit_tokens: u64,
+    /// Idle pages the prefix cache gave back (for room, or to stay within its bound).
+    pub prefix_cache_evictions: u64,
     pub preemptions: u64,
+    /// Peak pages held by sequences (the prefix cache's idle pages not counted).
     pub peak_pages: usize,
     /// Peak pages of the local layers' pool (0 without local layers).
     pub peak_local_pages: usize,
@@ -167,9 +184,14 @@ impl Engine {
     pub fn is_idle(&self) -> bool {
         self.requests.is_empty()
     }
-    /// Pages in use now.
+    /// Pages held by sequences now (the prefix cache's idle pages, given back on
+    /// demand, not counted).
     pub fn used_pages(&self) -> usize {
-        self.sched.pool().used_pages()
+        self.sched.pool().held_pages()
+    }
+    /// Pages the prefix cache keeps that no sequence holds.
+    pub fn cached_pages(&self) -> usize {
+        self.sched.pool().idle_cached()
     }
 
     /// Checks and queues a request; nothing runs until [`Engine::step`].
@@ -254,6 +276,9 @@ impl Engine {
     /// samples where a sequence's tokens are all computed, and retires finished
     /// sequences. `tag` is recorded with every sampled token.
     pub fn step(&mut self, model: &Model, tag: u64) -> Result<StepOutput> {
+        // Keys and values cached under other weights are never read again.
+        self.sched
+            .set_weights([model.params().identity(), model.trainable().identity()]);
         let plan = self.sched.schedule();
         let mut out = StepOutput {
             running: self.sched.running_slots(),
@@ -262,13 +287,7 @@ impl Engine {
         if plan.is_empty() {
             return Ok(out);
         }
-        for &(_, n) in &plan {
-            if n == 1 {
-                out.decoded += 1;
-            } else {
-                out.prefilled += n;
-            }
-        }
+        (out.prefilled, out.decoded) = self.sched.fed(&plan);
         let rows = StepRows::new(
             &plan,
             self.sched.running(),

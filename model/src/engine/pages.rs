@@ -15,12 +15,18 @@ use crate::error::{Error, Result};
 /// A partly filled page's copy for a fork: (from, to, the tokens it holds).
 pub type PageCopy = (u32, u32, usize);
 
-/// Which pages are free and how many sequences hold each page.
+/// Which pages are free and how many holders each page has: sequences, and the
+/// prefix cache (`prefix.rs`), which holds each page it indexes once.
 #[derive(Debug)]
 pub struct PagePool {
     page_size: usize,
     refs: Vec<u32>,
     free: Vec<u32>,
+    /// Whether the prefix cache holds the page.
+    cached: Vec<bool>,
+    /// Cached pages no sequence holds (the cache's hold is their only one): the cache
+    /// gives them back on demand.
+    idle: usize,
 }
 
 impl PagePool {
@@ -31,6 +37,8 @@ impl PagePool {
             refs: vec![0; pages],
             // Popped from the end: low page ids first.
             free: (0..pages as u32).rev().collect(),
+            cached: vec![false; pages],
+            idle: 0,
         }
     }
 
@@ -43,8 +51,25 @@ impl PagePool {
     pub fn free_pages(&self) -> usize {
         self.free.len()
     }
+    /// Pages not free: held by sequences or by the prefix cache.
     pub fn used_pages(&self) -> usize {
         self.capacity() - self.free_pages()
+    }
+    /// Cached pages that no sequence holds (given back when a page is needed).
+    pub fn idle_cached(&self) -> usize {
+        self.idle
+    }
+    /// Pages some sequence holds.
+    pub fn held_pages(&self) -> usize {
+        self.used_pages() - self.idle
+    }
+    /// Pages a sequence can get: the free ones and the idle cached ones.
+    pub fn available(&self) -> usize {
+        self.free_pages() + self.idle
+    }
+    /// Whether `page` is cached and held by no sequence.
+    pub fn is_idle(&self, page: u32) -> bool {
+        self.cached[page as usize] && self.refs[page as usize] == 1
     }
 
     /// Pages needed to hold `tokens` tokens: ⌈tokens / P⌉.
@@ -59,10 +84,15 @@ impl PagePool {
         Some(p)
     }
 
-    /// One more holder of `page` (a forked sequence sharing it).
+    /// One more holder of `page` (a forked sequence sharing it, a sequence starting
+    /// from a cached prefix).
     pub fn share(&mut self, page: u32) {
-        debug_assert!(self.refs[page as usize] > 0, "sharing a free page");
-        self.refs[page as usize] += 1;
+        let p = page as usize;
+        debug_assert!(self.refs[p] > 0, "sharing a free page");
+        if self.cached[p] && self.refs[p] == 1 {
+            self.idle -= 1;
+        }
+        self.refs[p] += 1;
     }
 
     /// Drops one hold of each page; a page nobody holds returns to the pool.
@@ -72,9 +102,30 @@ impl PagePool {
             debug_assert!(*r > 0, "releasing a free page");
             *r -= 1;
             if *r == 0 {
+                debug_assert!(!self.cached[p as usize], "the cache's hold released");
                 self.free.push(p);
+            } else if *r == 1 && self.cached[p as usize] {
+                self.idle += 1;
             }
         }
+    }
+
+    /// The prefix cache takes its hold of `page` (held by the sequence that computed it).
+    pub fn cache(&mut self, page: u32) {
+        debug_assert!(!self.cached[page as usize], "cached twice");
+        self.share(page);
+        self.cached[page as usize] = true;
+    }
+
+    /// The prefix cache drops its hold of `page`: freed if no sequence holds it.
+    pub fn uncache(&mut self, page: u32) {
+        let p = page as usize;
+        debug_assert!(self.cached[p], "not cached");
+        if self.refs[p] == 1 {
+            self.idle -= 1;
+        }
+        self.cached[p] = false;
+        self.release(&[page]);
     }
 
     /// The slot of token `t` of a sequence holding `pages`.
@@ -215,5 +266,28 @@ mod tests {
         assert_eq!(pool.slot(&[2, 0], 5), 1);
         let _ = (pool.alloc(), pool.alloc(), pool.alloc());
         assert!(pool.alloc().is_none(), "an exhausted pool says so");
+    }
+
+    /// A cached page is idle while only the cache holds it, and free once the cache
+    /// drops it too.
+    #[test]
+    fn cached_pages_count_as_idle_when_no_sequence_holds_them() {
+        let mut pool = PagePool::new(4, 4);
+        let a = pool.alloc().unwrap();
+        pool.cache(a);
+        assert_eq!((pool.idle_cached(), pool.held_pages()), (0, 1));
+        pool.share(a); // a second sequence
+        pool.release(&[a]);
+        assert_eq!(pool.idle_cached(), 0, "still held by a sequence");
+        pool.release(&[a]);
+        assert!(pool.is_idle(a));
+        assert_eq!((pool.idle_cached(), pool.held_pages()), (1, 0));
+        assert_eq!((pool.free_pages(), pool.available()), (3, 4));
+        pool.share(a); // a sequence starts from the cached page
+        assert_eq!(pool.idle_cached(), 0);
+        pool.uncache(a);
+        assert_eq!(pool.free_pages(), 3, "the sequence still holds it");
+        pool.release(&[a]);
+        assert_eq!((pool.free_pages(), pool.idle_cached()), (4, 0));
     }
 }

@@ -30,6 +30,15 @@
 //! ([`super::local`]): before each step every running sequence gives back the local
 //! pages its window has passed and takes those of the tokens it may feed, preempting
 //! like growth when none is free.
+//!
+//! The prefix cache ([`super::prefix`]) keeps the full pages sequences computed: an
+//! admitted sequence takes the longest cached prefix of its tokens (whole pages, never
+//! its last token) and computes from there; its own pages are indexed as they fill.
+//! Admission counts the cache's idle pages as available, and every page a sequence
+//! needs is taken from the free ones first, then from the cache's least recently used
+//! idle ones, so cached pages go before any running sequence is preempted. Models with
+//! local layers cache nothing: a cached prefix would need the local layers' keys of
+//! its last window too, which their pool gives back as the window passes.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -37,6 +46,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::local::{LocalHold, LocalLayers, LocalPool, PoolSizes};
 use super::pages::{self, PageCopy, PagePool};
+use super::prefix::{self, page_hash, PrefixCache, WeightsKey, ROOT};
 use super::{EngineConfig, EngineStats, StepOutput};
 use crate::error::Result;
 
@@ -61,6 +71,13 @@ pub(crate) struct Seq {
     /// Per sampled token, the most likely tokens and their logprobs (empty unless the
     /// request asked for them: [`super::Engine::add_with_top_logprobs`]).
     pub tops: Vec<Vec<(u32, f32)>>,
+    /// The prefix-cache hashes of its first full computed pages (the hash chain).
+    pub hashes: Vec<u64>,
+    /// The cache epoch (weights) it was admitted under: its pages are indexed only
+    /// while it lasts.
+    pub epoch: u64,
+    /// Its tokens when it was admitted: those it computes below this are prefill.
+    pub fresh: usize,
 }
 
 impl Seq {
@@ -84,6 +101,9 @@ impl Seq {
             logprobs: Vec::new(),
             tags: Vec::new(),
             tops: Vec::new(),
+            hashes: Vec::new(),
+            epoch: 0,
+            fresh: prompt.len(),
         }
     }
 
@@ -122,6 +142,8 @@ pub(crate) struct Scheduler {
     pool: PagePool,
     /// The local layers' pool, for a model that has local layers.
     local: Option<LocalPool>,
+    /// The prefix cache over `pool` (off for models with local layers).
+    cache: PrefixCache,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     stats: EngineStats,
@@ -136,7 +158,8 @@ impl Scheduler {
 
     /// An empty scheduler for a model with `local` layers (or none): the budget of
     /// ⌈kv_cache_tokens / kv_page_size⌉ pages of every layer shared out between the
-    /// global and the local pool ([`PoolSizes::split`]).
+    /// global and the local pool ([`PoolSizes::split`]), and a prefix cache of
+    /// ⌊prefix_cache_tokens / kv_page_size⌋ idle pages (none with local layers).
     pub fn with_local(cfg: &EngineConfig, local: Option<LocalLayers>) -> Self {
         let ps = cfg.kv_page_size;
         let budget = cfg.kv_cache_tokens.div_ceil(ps);
@@ -150,12 +173,17 @@ impl Scheduler {
                 )
             }
         };
+        let cached = match local {
+            Some(_) => 0,
+            None => cfg.prefix_cache_tokens / ps,
+        };
         Scheduler {
             max_running: cfg.max_running,
             prefill_chunk: cfg.prefill_chunk,
             continuous: cfg.continuous,
             pool,
             local,
+            cache: PrefixCache::new(cached),
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
@@ -229,9 +257,17 @@ impl Scheduler {
         self.waiting.push_back(s);
     }
 
-    /// This step's work: admits, grows (preempting where pages run out), admits again
-    /// (preemption may have freed room) and returns [`Scheduler::plan`].
+    /// The weights the next step runs under: others than the last step's empty the
+    /// prefix cache.
+    pub fn set_weights(&mut self, key: WeightsKey) {
+        self.cache.set_weights(key, &mut self.pool);
+    }
+
+    /// This step's work: trims the prefix cache to its bound, admits, grows
+    /// (preempting where pages run out), admits again (preemption may have freed room)
+    /// and returns [`Scheduler::plan`].
     pub fn schedule(&mut self) -> Vec<(usize, usize)> {
+        self.cache.trim(&mut self.pool);
         self.admit();
         self.grow();
         self.admit();
@@ -240,41 +276,67 @@ impl Scheduler {
     }
 
     /// Moves waiting sequences (oldest first) into the batch while slots and pages
-    /// allow: a sequence needs pages for all its tokens plus one per sample. Static
-    /// batching admits only into an empty batch.
+    /// allow: a sequence needs pages for all its tokens plus one per sample, less the
+    /// cached pages of its prefix, which it takes (the cache's idle pages count as
+    /// available). Static batching admits only into an empty batch.
     fn admit(&mut self) {
         if !self.continuous && !self.running.is_empty() {
             return;
         }
+        let ps = self.pool.page_size();
         while let Some(s) = self.waiting.front() {
             let slots = s.samples.len();
-            let pages = self.pool.pages_for(s.tokens.len()) + slots;
+            let hit = self.cache.lookup(&s.tokens, ps);
+            // Idle pages of its own prefix stop being available once it takes them.
+            let idle_hit = hit.iter().filter(|&&(_, p)| self.pool.is_idle(p)).count();
+            let pages = self.pool.pages_for(s.tokens.len()) - hit.len() + slots;
             // Its first chunk's local pages, and one per sample for the fork's copy.
             let local_short = self.local.as_ref().is_some_and(|l| {
                 l.pool.pages_for(s.tokens.len().min(self.prefill_chunk)) + slots
                     > l.pool.free_pages()
             });
             if self.running_slots() + slots > self.max_running
-                || pages > self.pool.free_pages()
+                || pages > self.pool.available() - idle_hit
                 || local_short
             {
                 break;
             }
             let mut s = self.waiting.pop_front().expect("front exists");
-            for _ in 0..self.pool.pages_for(s.tokens.len()) {
-                s.pages.push(self.pool.alloc().expect("free pages counted"));
+            for &(h, p) in &hit {
+                self.pool.share(p);
+                s.pages.push(p);
+                s.hashes.push(h);
+            }
+            self.cache.touch(&s.hashes);
+            s.computed = hit.len() * ps;
+            s.epoch = self.cache.epoch();
+            s.fresh = s.tokens.len();
+            self.stats.prefix_cache_hit_tokens += s.computed as u64;
+            for _ in hit.len()..self.pool.pages_for(s.tokens.len()) {
+                let p = prefix::alloc(&mut self.pool, &mut self.cache);
+                s.pages.push(p.expect("available pages counted"));
             }
             self.running.push(s);
         }
     }
 
-    /// Returns a sequence's pages and queues it, first, to recompute its tokens.
-    pub fn preempt(&mut self, mut s: Seq) {
+    /// Gives back a sequence's pages (and local pages); its cached prefix counts as
+    /// used now.
+    fn give_back(&mut self, s: &mut Seq) {
+        if s.epoch == self.cache.epoch() {
+            self.cache.touch(&s.hashes);
+        }
+        s.hashes.clear();
         self.pool.release(&s.pages);
         s.pages.clear();
         if let Some(l) = &mut self.local {
             l.release(&mut s.local);
         }
+    }
+
+    /// Returns a sequence's pages and queues it, first, to recompute its tokens.
+    pub fn preempt(&mut self, mut s: Seq) {
+        self.give_back(&mut s);
         s.computed = 0;
         self.stats.preemptions += 1;
         tracing::debug!(
@@ -293,7 +355,7 @@ impl Scheduler {
         while i < self.running.len() {
             let s = &self.running[i];
             if s.unfed() == 1 && s.computed == s.pages.len() * ps {
-                match self.pool.alloc() {
+                match prefix::alloc(&mut self.pool, &mut self.cache) {
                     Some(p) => {
                         self.running[i].pages.push(p);
                         i += 1;
@@ -358,10 +420,42 @@ impl Scheduler {
         plan
     }
 
-    /// Marks the planned tokens computed (their keys and values are in the cache).
+    /// The tokens `plan` feeds: (context, sampled). A sequence's tokens below its
+    /// length at admission are context (its prompt, or what a preempted one
+    /// recomputes), the others tokens it sampled.
+    pub fn fed(&self, plan: &[(usize, usize)]) -> (usize, usize) {
+        plan.iter().fold((0, 0), |(context, sampled), &(i, n)| {
+            let s = &self.running[i];
+            let c = (s.computed + n).min(s.fresh) - s.computed.min(s.fresh);
+            (context + c, sampled + n - c)
+        })
+    }
+
+    /// Marks the planned tokens computed (their keys and values are in the cache) and
+    /// indexes the pages they filled in the prefix cache (unless the weights changed
+    /// since the sequence was admitted: its pages are mixed).
     pub fn advance(&mut self, plan: &[(usize, usize)]) {
+        let ps = self.pool.page_size();
+        let Scheduler {
+            running,
+            pool,
+            cache,
+            ..
+        } = self;
         for &(i, n) in plan {
-            self.running[i].computed += n;
+            let s = &mut running[i];
+            s.computed += n;
+            if !cache.enabled() || s.epoch != cache.epoch() {
+                continue;
+            }
+            while (s.hashes.len() + 1) * ps <= s.computed {
+                let k = s.hashes.len();
+                let parent = s.hashes.last().copied().unwrap_or(ROOT);
+                let tokens = &s.tokens[k * ps..(k + 1) * ps];
+                let h = page_hash(parent, tokens);
+                cache.insert((h, parent), tokens, s.pages[k], pool);
+                s.hashes.push(h);
+            }
         }
     }
 
@@ -376,6 +470,7 @@ impl Scheduler {
             running,
             pool,
             local,
+            cache,
             ..
         } = self;
         let s = &mut running[i];
@@ -395,6 +490,9 @@ impl Scheduler {
                 logprobs: Vec::new(),
                 tags: Vec::new(),
                 tops: Vec::new(),
+                hashes: s.hashes.clone(),
+                epoch: s.epoch,
+                fresh: s.fresh,
             };
             seq.push(pick, tag);
             for &p in &seq.pages {
@@ -402,7 +500,7 @@ impl Scheduler {
             }
             let (mut copy, mut whole) = (None, true);
             if partial > 0 {
-                match pool.alloc() {
+                match prefix::alloc(pool, cache) {
                     Some(p) => {
                         copy = Some((s.pages[full], p, partial));
                         seq.pages.push(p);
@@ -438,11 +536,7 @@ impl Scheduler {
 
     /// Frees the pages of a sequence that is not running (a fork finished at once).
     pub fn release(&mut self, s: &mut Seq) {
-        self.pool.release(&s.pages);
-        s.pages.clear();
-        if let Some(l) = &mut self.local {
-            l.release(&mut s.local);
-        }
+        self.give_back(s);
     }
 
     /// Runs a fork that holds all its pages, after every running sequence.
@@ -456,7 +550,8 @@ impl Scheduler {
         st.steps += 1;
         st.decoded_tokens += out.decoded as u64;
         st.prefilled_tokens += out.prefilled as u64;
-        st.peak_pages = st.peak_pages.max(self.pool.used_pages());
+        st.peak_pages = st.peak_pages.max(self.pool.held_pages());
+        st.prefix_cache_evictions = self.cache.evictions;
         if let Some(l) = &self.local {
             st.peak_local_pages = st.peak_local_pages.max(l.pool.used_pages());
         }
@@ -482,6 +577,7 @@ mod tests {
             kv_cache_tokens: pages * page_size,
             kv_page_size: page_size,
             prefill_chunk,
+            prefix_cache_tokens: 0,
             ..EngineConfig::default()
         }
     }
@@ -771,6 +867,75 @@ mod tests {
         assert_eq!(step(&mut s, |_| 100).0, [(0, 2), (1, 6)]);
         assert_eq!(step(&mut s, |_| 100).0, [(0, 1), (1, 4)]);
         assert_eq!(step(&mut s, |_| 100).0, [(0, 1), (1, 1)]);
+    }
+
+    /// A finished sequence's full pages stay in the prefix cache, idle; a later request
+    /// takes the whole pages of its prefix (never its last token) and computes only the
+    /// rest; a running sequence's pages are found too, and stay its own.
+    #[test]
+    fn a_request_starts_from_the_cached_pages_of_earlier_ones() {
+        let mut s = Scheduler::new(&EngineConfig {
+            prefix_cache_tokens: 64,
+            ..cfg(4, 16, 4, 256)
+        });
+        // Ten tokens of 1, then 7, 7, 7: 12 computed, three full pages indexed.
+        s.enqueue(seq(0, 10, 1));
+        while !s.running().is_empty() || !s.waiting.is_empty() {
+            step(&mut s, |_| 3);
+        }
+        assert_eq!((s.pool().held_pages(), s.pool().idle_cached()), (0, 3));
+        // Nine tokens of 1 then one more: two cached pages, two tokens to feed.
+        s.enqueue(seq(1, 10, 1));
+        assert_eq!(s.schedule(), [(0, 2)]);
+        let q = &s.running()[0];
+        assert_eq!((q.computed, q.pages.len()), (8, 3));
+        assert_eq!(s.stats().prefix_cache_hit_tokens, 8);
+        assert_eq!(
+            s.pool().idle_cached(),
+            1,
+            "the third page is not its prefix"
+        );
+        // Exactly two pages of 1: the second is computed again for the last token's
+        // logits. The first is shared with the running request.
+        s.enqueue(seq(2, 8, 1));
+        let plan = s.schedule();
+        assert_eq!(plan, [(0, 2), (1, 4)]);
+        let (a, b) = (&s.running()[0], &s.running()[1]);
+        assert_eq!(a.pages[0], b.pages[0]);
+        assert_ne!(a.pages[1], b.pages[1]);
+        assert_eq!(s.stats().prefix_cache_hit_tokens, 12);
+        assert_eq!(s.fed(&plan), (6, 0), "context only");
+        assert_eq!(step(&mut s, |_| 3).0, plan);
+        // Nine tokens of 1: two cached pages, its one other token fed as context beside
+        // the others' sampled tokens.
+        s.enqueue(seq(3, 9, 1));
+        let plan = s.schedule();
+        assert_eq!(plan, [(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(s.running()[2].computed, 8);
+        assert_eq!(s.fed(&plan), (1, 2));
+    }
+
+    /// Admission counts the cache's idle pages as available and takes them, least
+    /// recently used first, instead of preempting; pages a sequence holds stay.
+    #[test]
+    fn idle_cached_pages_are_taken_before_a_sequence_is_preempted() {
+        let mut s = Scheduler::new(&EngineConfig {
+            prefix_cache_tokens: 64,
+            ..cfg(4, 8, 4, 256)
+        });
+        s.enqueue(seq(0, 17, 1));
+        while !s.running().is_empty() || !s.waiting.is_empty() {
+            step(&mut s, |_| 4);
+        }
+        // 20 computed: five pages idle, three free.
+        assert_eq!((s.pool().idle_cached(), s.pool().free_pages()), (5, 3));
+        // A prompt of 25 different tokens needs 7 + 1 pages: all of them.
+        let rngs = vec![ChaCha8Rng::seed_from_u64(1)];
+        s.enqueue(Seq::prompt(1, &[2; 25], vec![0], rngs));
+        assert_eq!(s.schedule(), [(0, 25)]);
+        assert_eq!(s.stats().preemptions, 0);
+        assert_eq!(s.cache.evictions, 4);
+        assert_eq!(s.pool().idle_cached(), 1);
     }
 
     /// Static batching admits only into an empty batch.
