@@ -15,8 +15,7 @@ excludes its held-out set), `--unique` any prompt already written.
 `serve` scores each completion with the task's own `score_answer(answer, entry)`,
 the entry rebuilt as reasoning-gym's scorers read it: `{"question": prompt, "answer":
 answer, "metadata": info}` (scorers read `entry["answer"]` and `entry["metadata"]`).
-`info` comes with the request from a Tandem that forwards each record's `info`; with
-one that does not yet, `--records FILE.jsonl` (the exported files) gives it by prompt.
+`info` comes with each request: Tandem sends the record's `info` (`info_json`).
 
 The answer is extracted from the completion as reasoning-gym expects it, bare:
 `--extract tags` takes the text inside the last `<answer>…</answer>` (reasoning-gym's
@@ -224,50 +223,27 @@ def load_prompts(paths: Iterable[str]) -> List[str]:
     return prompts
 
 
-def load_records(paths: Iterable[str]) -> Dict[str, Dict[str, Any]]:
-    """`info` of every record of the JSONL files, by prompt."""
-    by_prompt: Dict[str, Dict[str, Any]] = {}
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise _server.SdkError(f"{path}:{n}: not JSON: {e}") from e
-                    if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("info"), dict):
-                        by_prompt[r["prompt"]] = r["info"]
-        except OSError as e:
-            raise _server.SdkError(f"--records {path}: {e}") from e
-    return by_prompt
-
-
 def scorer(
     task: str,
     config: Optional[Dict[str, Any]] = None,
     extract_mode: str = "lenient",
-    records: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> Callable[[str, str, str, Dict[str, Any]], float]:
     """The reward function of `task`: the completion's extracted answer scored by the
     task's `score_answer` against the entry rebuilt from prompt, answer and info."""
     if extract_mode not in EXTRACT_MODES:
         raise _server.SdkError(f"--extract {extract_mode!r}: one of {', '.join(EXTRACT_MODES)}")
     ds = dataset(task, dict(config or {}))
-    records = records or {}
 
     def score(prompt: str, completion: str, answer: str, info: Dict[str, Any]) -> float:
-        metadata = info or records.get(prompt) or {}
-        entry = {"question": prompt, "answer": answer, "metadata": metadata}
+        entry = {"question": prompt, "answer": answer, "metadata": info}
         try:
             value = ds.score_answer(extract(completion, extract_mode), entry)
         except (KeyError, TypeError) as e:
-            if not metadata:
+            if not info:
                 raise ValueError(
                     f"{task}'s score_answer needs the record's info (its metadata), and this request "
-                    "carries none: serve with --records FILE.jsonl (the exported records), or use a "
-                    f"Tandem that forwards each record's info ({type(e).__name__}: {e})"
+                    "carries none: train on records written by `export` (their `info`), with "
+                    f"`[data] kind` jsonl or parquet ({type(e).__name__}: {e})"
                 ) from e
             raise
         return float(value)
@@ -306,13 +282,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         default="lenient",
         help="how the answer is read from a completion (default %(default)s; see the module's doc)",
     )
-    sv.add_argument(
-        "--records",
-        action="append",
-        default=[],
-        metavar="FILE.jsonl",
-        help="exported records whose info is used, by prompt, when a request carries none",
-    )
     _cli.add_service_options(sv, TOKEN_ENV)
     sub.add_parser("list", help="the tasks reasoning-gym has")
 
@@ -335,7 +304,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 print(f"wrote {n} records of {args.task} (seed {args.seed}) to {args.out}", file=sys.stderr)
         else:
             options = _cli.service_options(args)
-            fn = scorer(args.task, parse_config(args.config), args.extract, load_records(args.records))
+            fn = scorer(args.task, parse_config(args.config), args.extract)
             serve_reward(fn, **options)
 
     _cli.run(go)

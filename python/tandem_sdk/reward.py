@@ -14,8 +14,7 @@ A generator makes one `Score` call per group (its prompt, reference answer, `inf
 every completion); the function is called once per completion, or once per group with
 `batched=True` (then it takes `completions` and returns one reward each). Parameters are
 matched by name, any subset of `prompt`, `completion` (`completions` when batched),
-`answer` and `info` (the dataset record's `info` object, `{}` when the record or this
-Tandem carries none).
+`answer` and `info` (the dataset record's `info` object, `{}` when the record has none).
 
 A function that raises, returns something that is not a finite number (NaN, None, a
 string) or the wrong number of rewards makes the call fail with that message (INTERNAL),

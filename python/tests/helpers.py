@@ -45,9 +45,9 @@ def env_stub(address: str) -> Any:
     return environment_pb2_grpc.EnvironmentStub(grpc.insecure_channel(address))
 
 
-def score(stub: Any, completions: list, prompt: str = "2 + 2 =", answer: str = "4", timeout: float = 10.0, **kw: Any) -> list:
+def score(stub: Any, completions: list, prompt: str = "2 + 2 =", answer: str = "4", timeout: float = 10.0, info_json: str = "", **kw: Any) -> list:
     reply = stub.Score(
-        reward_pb2.ScoreRequest(prompt=prompt, answer=answer, completions=completions),
+        reward_pb2.ScoreRequest(prompt=prompt, answer=answer, completions=completions, info_json=info_json),
         metadata=kw.pop("metadata", AUTH),
         timeout=timeout,
         **kw,
@@ -55,9 +55,9 @@ def score(stub: Any, completions: list, prompt: str = "2 + 2 =", answer: str = "
     return list(reply.rewards)
 
 
-def reset(stub: Any, episode: str, prompt: str = "p", answer: str = "", timeout: float = 10.0) -> str:
+def reset(stub: Any, episode: str, prompt: str = "p", answer: str = "", timeout: float = 10.0, info_json: str = "") -> str:
     return stub.Reset(
-        environment_pb2.ResetRequest(episode_id=episode, prompt=prompt, answer=answer),
+        environment_pb2.ResetRequest(episode_id=episode, prompt=prompt, answer=answer, info_json=info_json),
         metadata=AUTH,
         timeout=timeout,
     ).observation

@@ -63,6 +63,30 @@ class Episodes(unittest.TestCase):
         self.assertTrue(step(self.stub, "7/1", "x").done)
         self.assertFalse(step(self.stub, "7/0", "x").done)
 
+    def test_the_records_info_reaches_reset(self) -> None:
+        seen = []
+
+        class Leveled(Environment):
+            def reset(self, prompt, info):
+                seen.append(info)
+                return f"level {info.get('level', '?')}"
+
+            def step(self, action):
+                return StepResult("", reward=1.0, done=True)
+
+        server = environment_server(Leveled, token=TOKEN)
+        try:
+            stub = env_stub(server.address)
+            self.assertEqual(reset(stub, "9/0", info_json='{"level": 4}'), "level 4")
+            self.assertEqual(reset(stub, "9/1"), "level ?")
+            with self.assertRaises(grpc.RpcError) as e:
+                reset(stub, "9/2", info_json='"four"')
+            self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn("info_json", e.exception.details())
+            self.assertEqual(seen, [{"level": 4}, {}])
+        finally:
+            server.stop(0)
+
     def test_a_step_without_reset(self) -> None:
         with self.assertRaises(grpc.RpcError) as e:
             step(self.stub, "never", "x")

@@ -30,9 +30,26 @@ class Scoring(unittest.TestCase):
 
         with reward_server(f, token=TOKEN) as s:
             self.assertEqual(score(reward_stub(s.address), ["4", " 4 ", "5"]), [1.0, 1.0, 0.0])
-        # No `info` on the wire (this Tandem's ScoreRequest has none, or the record had
-        # none): the function gets an empty object.
+        # A record without info: the function gets an empty object.
         self.assertEqual(seen[0], ("2 + 2 =", "4", "4", {}))
+
+    def test_the_records_info_reaches_the_function(self) -> None:
+        seen = []
+
+        def f(completion: str, info: dict) -> float:
+            seen.append(info)
+            return float(info["level"])
+
+        with reward_server(f, token=TOKEN) as s:
+            stub = reward_stub(s.address)
+            self.assertEqual(score(stub, ["a", "b"], info_json='{"level": 3, "tags": ["x"]}'), [3.0, 3.0])
+            self.assertEqual(seen, [{"level": 3, "tags": ["x"]}] * 2)
+            # Not one JSON object: refused by name, the function never called.
+            with self.assertRaises(grpc.RpcError) as e:
+                score(stub, ["a"], info_json="[3]")
+            self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn("info_json", e.exception.details())
+            self.assertEqual(len(seen), 2)
 
     def test_parameters_are_matched_by_name(self) -> None:
         def f(answer, completion):  # any subset, any order

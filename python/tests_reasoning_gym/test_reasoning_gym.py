@@ -1,7 +1,6 @@
 """`python -m tandem_sdk.reasoning_gym`: export writes records Tandem reads (prompt,
 answer, info as JSON), and serve scores completions with the task's own score_answer
-over the SDK's Reward service, the entry rebuilt from the request (or from the records
-when the request carries no info). Needs reasoning-gym (the SDK's extra)."""
+over the SDK's Reward service, the entry rebuilt from the request (its info_json). Needs reasoning-gym (the SDK's extra)."""
 
 from __future__ import annotations
 
@@ -143,20 +142,18 @@ class Serve(unittest.TestCase):
         records = read(out)
         r = records[0]
         right = f"<answer>{r['answer']}</answer>"
-        # Without info and without records: an error that says what is missing.
         with reward_server(trg.scorer("number_format"), token=TOKEN) as s:
             import grpc
 
+            stub = reward_stub(s.address)
+            # The record's info on the request, as Tandem sends it: the task's scorer reads it.
+            got = score(stub, [right, "<answer>1</answer>"], prompt=r["prompt"], answer=r["answer"], info_json=json.dumps(r["info"]))
+            self.assertEqual(got, [1.0, 0.0])
+            # Without it: an error that says what is missing.
             with self.assertRaises(grpc.RpcError) as e:
-                score(reward_stub(s.address), [right], prompt=r["prompt"], answer=r["answer"])
+                score(stub, [right], prompt=r["prompt"], answer=r["answer"])
             self.assertEqual(e.exception.code(), grpc.StatusCode.INTERNAL)
-            self.assertIn("--records", e.exception.details())
-        # With the records: the info by prompt.
-        f = trg.scorer("number_format", records=trg.load_records([out]))
-        with reward_server(f, token=TOKEN) as s:
-            self.assertEqual(score(reward_stub(s.address), [right, "<answer>1</answer>"], prompt=r["prompt"], answer=r["answer"]), [1.0, 0.0])
-        # With info in the request (a Tandem that forwards it): the function's info.
-        self.assertEqual(trg.scorer("number_format")(r["prompt"], right, r["answer"], r["info"]), 1.0)
+            self.assertIn("needs the record's info", e.exception.details())
 
     def test_the_command(self) -> None:
         p = subprocess.Popen(
