@@ -8,7 +8,11 @@ use super::*;
 /// (default true)}` rendered as the chat endpoint renders this episode's conversation
 /// → `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` when
 /// `return_token_strs`).
-pub(super) async fn tokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn tokenize(
+    State(ep): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (v, _, shared) = match admit(&ep, &headers, &body) {
         Ok(a) => a,
         Err((status, why)) => return error(status, why),
@@ -24,7 +28,11 @@ pub(super) async fn tokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderMap
     }
 }
 
-pub(super) fn tokenize_request(ep: &Endpoint, shared: &Mutex<Slot>, v: &Value) -> Result<Value, String> {
+pub(super) fn tokenize_request(
+    ep: &Endpoint,
+    shared: &Mutex<Slot>,
+    v: &Value,
+) -> Result<Value, String> {
     let tok = &ep.policy.tokenizer;
     let strs = flag(v, "return_token_strs")?;
     let ids = match (
@@ -86,7 +94,11 @@ pub(super) fn tokenize_request(ep: &Endpoint, shared: &Mutex<Slot>, v: &Value) -
 
 /// `POST /detokenize`: vLLM's. `{"tokens"}` (each below the vocabulary size, at most
 /// the model's context of them) → `{"prompt": text}`.
-pub(super) async fn detokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn detokenize(
+    State(ep): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let v = match admit(&ep, &headers, &body) {
         Ok((v, _, _)) => v,
         Err((status, why)) => return error(status, why),
@@ -102,7 +114,12 @@ pub(super) async fn detokenize(State(ep): State<Arc<Endpoint>>, headers: HeaderM
 }
 
 /// A list of token ids in `field`: each below `vocab`, at most `most` of them.
-pub(super) fn token_ids(v: &Value, field: &str, vocab: usize, most: usize) -> Result<Vec<u32>, String> {
+pub(super) fn token_ids(
+    v: &Value,
+    field: &str,
+    vocab: usize,
+    most: usize,
+) -> Result<Vec<u32>, String> {
     let items = v
         .get(field)
         .and_then(Value::as_array)

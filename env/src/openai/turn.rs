@@ -3,16 +3,29 @@
 
 use super::*;
 
-pub(super) async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn chat(
+    State(ep): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     turn_endpoint(ep, headers, body, false).await
 }
 
-pub(super) async fn completions(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn completions(
+    State(ep): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     turn_endpoint(ep, headers, body, true).await
 }
 
 /// A turn request: the body read, the key checked, the fields checked, then the turn.
-pub(super) async fn turn_endpoint(ep: Arc<Endpoint>, headers: HeaderMap, body: Bytes, text: bool) -> Response {
+pub(super) async fn turn_endpoint(
+    ep: Arc<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+    text: bool,
+) -> Response {
     let (v, episode, shared) = match admit(&ep, &headers, &body) {
         Ok(a) => a,
         Err((status, why)) => return error(status, why),
