@@ -145,12 +145,18 @@ impl Sampler {
         if now || self.logged.elapsed() >= LOG_EVERY {
             self.logged = Instant::now();
             let share = cached as f64 / (prefilled + cached).max(1) as f64;
+            let per = |t: u64| t as f64 / st.prompts.max(1) as f64;
             tracing::info!(
+                prompts = st.prompts,
                 prefill_tokens = prefilled,
                 prefix_cache_hit_tokens = cached,
                 prefix_cache_evictions = st.prefix_cache_evictions,
                 preemptions = st.preemptions,
-                "engine: {prefilled} prompt tokens computed, {cached} from the prefix cache ({:.0} %)",
+                decoded_tokens = st.decoded_tokens,
+                "engine: {} prompts, {prefilled} prompt tokens computed ({:.1} a prompt), \
+                 {cached} from the prefix cache ({:.0} %)",
+                st.prompts,
+                per(prefilled),
                 100.0 * share
             );
         }

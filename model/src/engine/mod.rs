@@ -116,6 +116,9 @@ pub struct StepOutput {
 pub struct EngineStats {
     pub steps: u64,
     pub decoded_tokens: u64,
+    /// Prompts queued: each request's, once per group of its samples that share the
+    /// prefill (an episode's later turn is a request of its own).
+    pub prompts: u64,
     /// Context tokens computed: each admitted sequence's tokens up to its first new
     /// sample (a request's prompt, once for its samples when they share it; a
     /// preempted sequence's tokens again), less those the prefix cache served.

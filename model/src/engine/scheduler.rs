@@ -254,6 +254,7 @@ impl Scheduler {
 
     /// Queues a sequence behind every waiting one.
     pub fn enqueue(&mut self, s: Seq) {
+        self.stats.prompts += 1;
         self.waiting.push_back(s);
     }
 
