@@ -79,7 +79,8 @@ pub struct GenerateBench {
     /// Pieces to switch off in turn (no_continuous_batching, no_shared_prefill,
     /// no_paging), or `lora` / `lora_unmerged` (a rank-16 adapter on every projection,
     /// folded into the weights as a generator holds it, or applied beside each
-    /// projection); empty for none.
+    /// projection), or `kernels_avx2` / `kernels_portable` (the CPU kernels' lower
+    /// builds, `TANDEM_CPU_KERNELS`); empty for none.
     #[arg(
         long,
         default_value = "no_continuous_batching,no_shared_prefill,no_paging"
@@ -201,7 +202,11 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
         // `lora`: the default run with a rank-16 adapter on every projection folded into
         // the weights, as a generator holds it; `lora_unmerged`: applied beside each
         // projection instead.
-        "default" | "lora" | "lora_unmerged" => sized(base, b.prompts, b.samples),
+        // `kernels_avx2`, `kernels_portable`: the default run on a lower build of the
+        // CPU kernels (`TANDEM_CPU_KERNELS` in the child).
+        "default" | "lora" | "lora_unmerged" | "kernels_avx2" | "kernels_portable" => {
+            sized(base, b.prompts, b.samples)
+        }
         // Every episode's whole conversation fits at once.
         "turns_prefix_cache" | "turns_no_prefix_cache" => {
             let cfg = EngineConfig {
@@ -251,7 +256,7 @@ fn variant(b: &GenerateBench, name: &str) -> Result<(EngineConfig, usize, usize)
                 sized(cfg, prompts, samples)
             }
             _ => bail!(
-                "unknown variant `{other}` (default, lora, lora_unmerged, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N, turns_prefix_cache, turns_no_prefix_cache)"
+                "unknown variant `{other}` (default, lora, lora_unmerged, kernels_avx2, kernels_portable, no_continuous_batching, no_shared_prefill, no_paging, concurrency_N, turns_prefix_cache, turns_no_prefix_cache)"
             ),
         },
     })
@@ -511,6 +516,10 @@ fn parse_lists(b: &GenerateBench) -> Result<(Vec<usize>, Vec<String>)> {
         .collect();
     for a in &ablations {
         variant(b, a)?;
+        if let Some(kind) = a.strip_prefix("kernels_") {
+            tandem_model::simd::Isa::choose(kind, tandem_model::simd::Isa::best())
+                .map_err(|why| crate::error::Error::Invalid(format!("--ablations {a}: {why}")))?;
+        }
     }
     Ok((concurrency, ablations))
 }
@@ -543,6 +552,9 @@ fn measure_variants(
             .args(["--turn-tokens", &b.turn_tokens.to_string()])
             .args(["--prefix-cache-tokens", &b.prefix_cache_tokens.to_string()])
             .args(["--gemm-size", &b.gemm_size.to_string()]);
+        if let Some(kind) = v.strip_prefix("kernels_") {
+            cmd.env("TANDEM_CPU_KERNELS", kind);
+        }
         measured.insert(v.clone(), run_child(cmd, &format!("tandem {v}"))?);
         bar.inc(1);
     }
@@ -668,6 +680,7 @@ fn run_all(b: &GenerateBench) -> Result<()> {
     }
     bar.finish_and_clear();
     print_table(&result);
+    result["cpu"] = crate::timing::cpu();
     if let Some(path) = &b.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -248,6 +248,7 @@ fn run_all(m: &ModelBench) -> Result<()> {
     }
     bar.finish_and_clear();
     print_table(&result, &phases);
+    result["cpu"] = crate::timing::cpu();
     if let Some(path) = &m.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -109,6 +109,7 @@ pub fn run(a: NcclBench) -> Result<()> {
     let gbs = |s: f64| total as f64 / s / 1e9;
     let out = json!({
         "model": a.model,
+        "cpu": crate::timing::cpu(),
         "bytes": total,
         "tensors": sizes.len(),
         "world_size": 1,

@@ -169,6 +169,7 @@ pub fn run(a: SystemBench) -> Result<()> {
         out["async"] = json!({"runs": runs, "async_over_sync": s1 / s0, "ideal": ideal,
             "mock_generate_ms": a.mock_generate_ms, "mock_train_ms": a.mock_train_ms});
     }
+    out["cpu"] = crate::timing::cpu();
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");
     if let Some(p) = &a.json {

@@ -5,6 +5,18 @@ use std::time::Instant;
 
 use crate::error::{Context, Result};
 
+/// The machine a figure was measured on, as every bench JSON records it (`cpu`): the
+/// CPU's model name, its vector features and the kernel build in use
+/// (`TANDEM_CPU_KERNELS` picks a lower one).
+pub fn cpu() -> serde_json::Value {
+    use tandem_model::simd;
+    serde_json::json!({
+        "model": simd::cpu_model(),
+        "features": simd::cpu_features(),
+        "kernels": simd::isa().name(),
+    })
+}
+
 /// The median (upper middle for an even count).
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);

@@ -345,6 +345,7 @@ fn run_all(b: &TrainStepBench) -> Result<()> {
     }
     bar.finish_and_clear();
     print_table(&result, &variants);
+    result["cpu"] = crate::timing::cpu();
     if let Some(path) = &b.json {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", path.display()))?;

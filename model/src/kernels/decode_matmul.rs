@@ -2,15 +2,26 @@
 //! decode step ([`crate::decode_matmul`]), where the work is reading the weights. Each
 //! weight row is streamed once and dotted with every activation row while it is in L1;
 //! the weight rows are split across threads. The only `unsafe` is the call of the
-//! AVX2 + FMA build of the dot product, made with an [`Avx2Fma`] token.
+//! AVX2 + FMA or AVX-512 build of the dot product, made with the token of its kind
+//! ([`Simd`]).
 
 use rayon::prelude::*;
 
-use super::simd::Avx2Fma;
+use super::simd::Simd;
 
 /// y (rows × n) = x (rows × k) · wᵀ with w (n × k), both row-major. An error, and
 /// nothing read, when x or w does not hold its rows.
 pub(crate) fn matmul_t(
+    x: &[f32],
+    w: &[f32],
+    shape: (usize, usize, usize),
+) -> candle_core::Result<Vec<f32>> {
+    matmul_t_on(Simd::detect(), x, w, shape)
+}
+
+/// [`matmul_t`] on the build `simd`.
+fn matmul_t_on(
+    simd: Simd,
     x: &[f32],
     w: &[f32],
     (rows, n, k): (usize, usize, usize),
@@ -30,7 +41,6 @@ pub(crate) fn matmul_t(
     if len == 0 || k == 0 {
         return Ok(vec![0f32; len]);
     }
-    let simd = Avx2Fma::detect();
     // Output transposed (n, rows) so each task writes one contiguous block.
     const BLOCK: usize = 64;
     let mut yt = vec![0f32; len];
@@ -97,13 +107,91 @@ fn dot4_avx2(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
     dot4_portable(w, xs, n, out)
 }
 
+/// [`dot4_portable`] with 16-lane AVX-512 registers: two accumulators per row (32
+/// weights a step) so the four rows keep eight independent FMA chains in flight.
+///
+/// # Safety
+/// The CPU must support AVX-512F. (Every row of `xs` is at least as long as `w`; the
+/// loads are within `w.len()`.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(xs.iter().all(|x| x.len() >= w.len()) && out.len() >= n && n <= 4);
+    let k = w.len();
+    let body = k - k % 32;
+    let mut lo = [_mm512_setzero_ps(); 4];
+    let mut hi = [_mm512_setzero_ps(); 4];
+    let wp = w.as_ptr();
+    let mut c = 0;
+    while c < body {
+        // SAFETY: c + 32 ≤ body ≤ k = w.len() ≤ every row's length (asserted above).
+        unsafe {
+            let w0 = _mm512_loadu_ps(wp.add(c));
+            let w1 = _mm512_loadu_ps(wp.add(c + 16));
+            for r in 0..4 {
+                let xp = xs[r].as_ptr();
+                lo[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c)), w0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c + 16)), w1, hi[r]);
+            }
+        }
+        c += 32;
+    }
+    for r in 0..n {
+        let tail: f32 = w[body..]
+            .iter()
+            .zip(&xs[r][body..k])
+            .map(|(a, b)| a * b)
+            .sum();
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) + tail;
+    }
+}
+
 /// out[r] = w · x_r for the (up to four) rows in `xs`; `n` of them are real.
-fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], simd: Option<Avx2Fma>) {
+fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(_cpu) = simd {
+    match simd {
+        // SAFETY: an `Avx512` exists: the CPU reports AVX-512F.
+        Simd::Avx512(_) => return unsafe { dot4_avx512(w, xs, n, out) },
         // SAFETY: an `Avx2Fma` exists: the CPU reports AVX2 and FMA.
-        return unsafe { dot4_avx2(w, xs, n, out) };
+        Simd::Avx2(_) => return unsafe { dot4_avx2(w, xs, n, out) },
+        Simd::Portable => {}
     }
     let _ = simd;
     dot4_portable(w, xs, n, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every build this CPU runs gives the f64 product, for 1 to 9 rows and widths with
+    /// and without a tail past the vector body.
+    #[test]
+    fn every_build_matches_the_exact_product() {
+        for (rows, n, k) in [(1, 70, 576), (3, 65, 100), (4, 9, 31), (9, 64, 1536)] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            for simd in Simd::available() {
+                let y = matmul_t_on(simd, &x, &w, (rows, n, k)).unwrap();
+                for r in 0..rows {
+                    for j in 0..n {
+                        let e: f64 = (0..k)
+                            .map(|c| x[r * k + c] as f64 * w[j * k + c] as f64)
+                            .sum();
+                        let g = y[r * n + j] as f64;
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{:?} ({rows}, {n}, {k}) [{r}][{j}]: {g} vs {e}",
+                            simd.isa()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,13 +1,14 @@
 //! The CPU kernel of the packed matmul: y = x·Wᵀ for the engine's batches (tens to
 //! hundreds of rows, [`crate::packed_matmul`]) over W packed once into panels of 16
 //! output columns, k-major: panel p holds W[16p + c][k] at `(p·K + k)·16 + c`. The
-//! kernel keeps a 6 × 16 block of y in registers and, for each k, loads the panel's 16
+//! kernel keeps an R × 16 block of y in registers and, for each k, loads the panel's 16
 //! weights once and broadcasts one x element per row:
 //!
 //!   y[r][16p + c] = Σ_k x[r][k] · W[16p + c][k]
 //!
-//! so every weight loaded feeds six rows, and x (rows × K) stays in cache while the
-//! panels stream. Panels are split across threads; each task writes its own panel's
+//! so every weight loaded feeds R rows, and x (rows × K) stays in cache while the
+//! panels stream. R is 6 with AVX2 (two 8-lane registers a row: 12 of the 16
+//! registers) and 12 with AVX-512 (one 16-lane register a row: 12 of the 32). Panels are split across threads; each task writes its own panel's
 //! columns of y through [`PanelOut`], which hands out no reference to y.
 
 use std::marker::PhantomData;
@@ -15,13 +16,18 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::simd::Avx2Fma;
+use super::simd::Simd;
 use crate::error::{Error, Result};
 
 /// Output columns per panel.
 const NR: usize = 16;
-/// Rows per register block.
-const MR: usize = 6;
+/// Rows per register block of each build.
+fn rows_per_block(simd: Simd) -> usize {
+    match simd {
+        Simd::Avx512(_) => 12,
+        Simd::Avx2(_) | Simd::Portable => 6,
+    }
+}
 
 /// A weight matrix W (N × K) packed into 16-column panels (columns past N are zero).
 #[derive(Clone, Debug)]
@@ -119,7 +125,7 @@ impl<'a> PanelOut<'a> {
     #[inline(always)]
     unsafe fn block<const R: usize>(
         &self,
-        simd: Option<Avx2Fma>,
+        simd: Simd,
         (x, panel, k): (&[f32], &[f32], usize),
         r0: usize,
         p: usize,
@@ -233,14 +239,53 @@ unsafe fn block_avx2<const R: usize>(
     }
 }
 
-/// One register block of `R` rows, on the best kernel the CPU has.
+/// [`block_portable`] with AVX-512F: the 16 weights of each k in one register, one x
+/// element broadcast per row; a short last panel stored through a lane mask.
 ///
 /// # Safety
-/// As for [`block_avx2`] (the CPU's support is the `Avx2Fma` token).
+/// The CPU must support AVX-512F; `x`, `panel`, `y` and `cols` as for [`block_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<const R: usize>(
+    x: &[f32],
+    ldx: usize,
+    panel: &[f32],
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= (R - 1) * ldx + k && panel.len() >= k * NR && cols <= NR);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+    for kk in 0..k {
+        // SAFETY: kk < k, the panel holds k·16 values and x R rows of k at stride ldx
+        // (the caller's contract).
+        unsafe {
+            let w = _mm512_loadu_ps(wp.add(kk * NR));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(r * ldx + kk)), w, *a);
+            }
+        }
+    }
+    // Lanes 0..cols (cols ≤ 16).
+    let mask: __mmask16 = if cols >= NR { !0 } else { (1u16 << cols) - 1 };
+    for (r, a) in acc.iter().enumerate() {
+        // SAFETY: the caller makes y + r·ldy valid for `cols ≤ 16` writes this call
+        // alone makes; the masked store writes lanes 0..cols only.
+        unsafe { _mm512_mask_storeu_ps(y.add(r * ldy), mask, *a) };
+    }
+}
+
+/// One register block of `R` rows, on the build `simd` names.
+///
+/// # Safety
+/// As for [`block_avx2`] (the CPU's support is the token `simd` holds).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block<const R: usize>(
-    simd: Option<Avx2Fma>,
+    simd: Simd,
     x: &[f32],
     ldx: usize,
     panel: &[f32],
@@ -250,10 +295,14 @@ unsafe fn block<const R: usize>(
     cols: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(_cpu) = simd {
+    match simd {
+        // SAFETY: an `Avx512` exists, so the CPU has AVX-512F; x, the panel and y meet
+        // the caller's contract, which is block_avx512's.
+        Simd::Avx512(_) => return unsafe { block_avx512::<R>(x, ldx, panel, k, y, ldy, cols) },
         // SAFETY: an `Avx2Fma` exists, so the CPU has AVX2 and FMA; x, the panel and y
         // meet the caller's contract, which is block_avx2's.
-        return unsafe { block_avx2::<R>(x, ldx, panel, k, y, ldy, cols) };
+        Simd::Avx2(_) => return unsafe { block_avx2::<R>(x, ldx, panel, k, y, ldy, cols) },
+        Simd::Portable => {}
     }
     let _ = simd;
     // SAFETY: y and cols meet the caller's contract, which includes block_portable's.
@@ -261,8 +310,19 @@ unsafe fn block<const R: usize>(
 }
 
 /// y_m = x·W_mᵀ for each matrix m (all of width K) over `rows` rows of x: every
-/// matrix's panels split across threads together.
+/// matrix's panels split across threads together, on the build [`Simd::detect`] picks.
 pub(crate) fn multiply(
+    mats: &[&Panels],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    multiply_on(Simd::detect(), mats, x, rows, k)
+}
+
+/// [`multiply`] on the build `simd`.
+fn multiply_on(
+    simd: Simd,
     mats: &[&Panels],
     x: &[f32],
     rows: usize,
@@ -277,7 +337,7 @@ pub(crate) fn multiply(
             x.len()
         )
     }
-    let simd = Avx2Fma::detect();
+    let mr = rows_per_block(simd);
     let mut ys = Vec::with_capacity(mats.len());
     for m in mats {
         let Some(len) = rows.checked_mul(m.n) else {
@@ -304,11 +364,17 @@ pub(crate) fn multiply(
         let mut r = 0;
         while r < rows {
             let xs = (&x[r * k..], panel, k);
-            let take = MR.min(rows - r);
+            let take = mr.min(rows - r);
             // SAFETY: task (i, p) alone writes panel p of output i: `tasks` lists each
             // (matrix, panel) once, and this task's blocks are different rows.
             unsafe {
                 match take {
+                    12 => out.block::<12>(simd, xs, r, p),
+                    11 => out.block::<11>(simd, xs, r, p),
+                    10 => out.block::<10>(simd, xs, r, p),
+                    9 => out.block::<9>(simd, xs, r, p),
+                    8 => out.block::<8>(simd, xs, r, p),
+                    7 => out.block::<7>(simd, xs, r, p),
                     6 => out.block::<6>(simd, xs, r, p),
                     5 => out.block::<5>(simd, xs, r, p),
                     4 => out.block::<4>(simd, xs, r, p),
@@ -337,6 +403,43 @@ mod tests {
         assert!(multiply(&[&p], &x[1..], 3, 8).is_err());
         assert!(multiply(&[&p], &x, 4, 8).is_err());
         assert!(multiply(&[&p], &x, usize::MAX, 8).is_err());
+    }
+
+    /// Every build this CPU runs gives the portable build's product (the same sums in
+    /// another rounding: FMA), for row counts across every block size and a width that
+    /// ends in a short panel.
+    #[test]
+    fn every_build_matches_the_portable_one() {
+        let (n, k) = (40, 67);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let p = Panels::pack(&w, n, k).unwrap();
+        let builds = Simd::available();
+        assert!(!builds.is_empty());
+        for rows in [1, 5, 6, 7, 12, 13, 25, 64] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
+                .collect();
+            let want: Vec<f64> = (0..rows * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|j| x[r * k + j] as f64 * w[c * k + j] as f64)
+                        .sum()
+                })
+                .collect();
+            for &simd in &builds {
+                let got = multiply_on(simd, &[&p], &x, rows, k).unwrap().remove(0);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{:?}, {rows} rows: {g} vs {e}",
+                        simd.isa()
+                    );
+                }
+            }
+        }
     }
 
     /// A weight that does not hold N × K values is refused.
