@@ -51,6 +51,7 @@ pub mod packed_matmul;
 pub mod packing;
 pub mod params;
 pub mod preset;
+pub mod product;
 pub mod reward_model;
 pub mod rope;
 pub mod sampling;

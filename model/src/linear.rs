@@ -8,11 +8,13 @@
 //!   ∂L/∂W = gᵀ·x         (out, rows)·(rows, in), contiguous (out, in)
 //!
 //! The forward is the backend's own matmul on the storages, so every device candle
-//! supports runs it.
+//! supports runs it; on a CPU with AVX-512 kernels, f32 products (forward and both
+//! gradients) run on the packed-panel kernel instead ([`crate::product`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
+use crate::cpu_storage::contiguous;
 use crate::error::Result;
 
 /// x (rows, in) · wᵀ with w (out, in) → (rows, out), differentiable in x and w.
@@ -44,6 +46,14 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out, k, wt) = dims(l1, l2)?;
+        if let (CpuStorage::F32(_), CpuStorage::F32(_), true) =
+            (s1, s2, crate::simd::isa() == crate::simd::Isa::Avx512)
+        {
+            let x = contiguous::<f32>(s1, l1, "linear")?;
+            let w = contiguous::<f32>(s2, l2, "linear")?;
+            let y = crate::product::x_wt_slices(x, rows, k, w, out)?;
+            return Ok((CpuStorage::F32(y), Shape::from((rows, out))));
+        }
         Ok((
             s1.matmul(s2, (1, rows, out, k), l1, &wt)?,
             Shape::from((rows, out)),
@@ -89,8 +99,8 @@ impl CustomOp2 for Linear {
         // neither product is computed for it.
         let (need_x, need_w) = (x.track_op(), w.track_op());
         let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        let grad_x = need_x.then(|| g.matmul(&w)).transpose()?;
-        let grad_w = need_w.then(|| g.t()?.matmul(&x)).transpose()?;
+        let grad_x = need_x.then(|| crate::product::a_b(&g, &w)).transpose()?;
+        let grad_w = need_w.then(|| crate::product::at_b(&g, &x)).transpose()?;
         Ok((grad_x, grad_w))
     }
 }

@@ -199,7 +199,11 @@ fn a_completion_does_not_depend_on_the_prefix_cache() {
             let st = e.stats().clone();
             let prompt_tokens: u64 = reqs.iter().map(|r| r.prompt.len() as u64).sum();
             assert_eq!(st.preemptions, 0);
-            assert_eq!(st.prompts, reqs.len() as u64, "{what}: one prompt a request");
+            assert_eq!(
+                st.prompts,
+                reqs.len() as u64,
+                "{what}: one prompt a request"
+            );
             assert_eq!(
                 st.prefilled_tokens + st.prefix_cache_hit_tokens,
                 prompt_tokens,

@@ -107,43 +107,55 @@ fn dot4_avx2(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
     dot4_portable(w, xs, n, out)
 }
 
-/// [`dot4_portable`] with 16-lane AVX-512 registers: two accumulators per row (32
-/// weights a step) so the four rows keep eight independent FMA chains in flight.
+/// [`dot4_portable`] with 16-lane AVX-512 registers over the `N` real rows only (at
+/// batch 1 the weights stream past one row), two accumulators per row (32 weights a
+/// step) and, for one row, four (64 a step), so at least four FMA chains are in flight.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. (Every row of `xs` is at least as long as `w`; the
 /// loads are within `w.len()`.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot4_avx512(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
+unsafe fn dot_avx512<const N: usize>(w: &[f32], xs: [&[f32]; 4], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(xs.iter().all(|x| x.len() >= w.len()) && out.len() >= n && n <= 4);
+    assert!(N <= 4 && xs.iter().all(|x| x.len() >= w.len()) && out.len() >= N);
+    // Registers per row a step: 4 for one row, 2 otherwise.
+    const fn lanes(n: usize) -> usize {
+        if n == 1 {
+            4
+        } else {
+            2
+        }
+    }
+    let per = lanes(N);
     let k = w.len();
-    let body = k - k % 32;
-    let mut lo = [_mm512_setzero_ps(); 4];
-    let mut hi = [_mm512_setzero_ps(); 4];
+    let step = 16 * per;
+    let body = k - k % step;
+    let mut acc = [[_mm512_setzero_ps(); 4]; N];
     let wp = w.as_ptr();
     let mut c = 0;
     while c < body {
-        // SAFETY: c + 32 ≤ body ≤ k = w.len() ≤ every row's length (asserted above).
-        unsafe {
-            let w0 = _mm512_loadu_ps(wp.add(c));
-            let w1 = _mm512_loadu_ps(wp.add(c + 16));
-            for r in 0..4 {
-                let xp = xs[r].as_ptr();
-                lo[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c)), w0, lo[r]);
-                hi[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(c + 16)), w1, hi[r]);
+        for u in 0..per {
+            // SAFETY: c + 16·(u + 1) ≤ c + step ≤ body ≤ k = w.len() ≤ every row's length
+            // (asserted above).
+            unsafe {
+                let wv = _mm512_loadu_ps(wp.add(c + 16 * u));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(xs[r].as_ptr().add(c + 16 * u));
+                    a[u] = _mm512_fmadd_ps(xv, wv, a[u]);
+                }
             }
         }
-        c += 32;
+        c += step;
     }
-    for r in 0..n {
+    for (r, a) in acc.iter().enumerate() {
         let tail: f32 = w[body..]
             .iter()
             .zip(&xs[r][body..k])
             .map(|(a, b)| a * b)
             .sum();
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r])) + tail;
+        let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        out[r] = _mm512_reduce_add_ps(sum) + tail;
     }
 }
 
@@ -151,8 +163,17 @@ unsafe fn dot4_avx512(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32]) {
 fn dot4(w: &[f32], xs: [&[f32]; 4], n: usize, out: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
     match simd {
-        // SAFETY: an `Avx512` exists: the CPU reports AVX-512F.
-        Simd::Avx512(_) => return unsafe { dot4_avx512(w, xs, n, out) },
+        Simd::Avx512(_) => {
+            // SAFETY: an `Avx512` exists: the CPU reports AVX-512F.
+            return unsafe {
+                match n {
+                    1 => dot_avx512::<1>(w, xs, out),
+                    2 => dot_avx512::<2>(w, xs, out),
+                    3 => dot_avx512::<3>(w, xs, out),
+                    _ => dot_avx512::<4>(w, xs, out),
+                }
+            };
+        }
         // SAFETY: an `Avx2Fma` exists: the CPU reports AVX2 and FMA.
         Simd::Avx2(_) => return unsafe { dot4_avx2(w, xs, n, out) },
         Simd::Portable => {}

@@ -74,6 +74,41 @@ impl Panels {
         })
     }
 
+    /// Packs the transpose of `src` (K × N, row-major), so that the product is x·src:
+    /// panel p takes row k's 16 values from column 16p, a contiguous read. An error
+    /// when src does not hold K rows of N or the panels overflow `usize`.
+    pub(crate) fn pack_transposed(src: &[f32], k: usize, n: usize) -> Result<Self> {
+        if k.checked_mul(n) != Some(src.len()) {
+            return Err(Error::invalid(format!(
+                "packed matmul: a matrix of {} values is not {k} × {n}",
+                src.len()
+            )));
+        }
+        let panels = n.div_ceil(NR);
+        let Some(len) = panels.checked_mul(k).and_then(|x| x.checked_mul(NR)) else {
+            return Err(Error::invalid(format!(
+                "packed matmul: a {k} × {n} matrix overflows the packed panels"
+            )));
+        };
+        let mut data = vec![0f32; len];
+        if len > 0 {
+            data.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let cols = NR.min(n - p * NR);
+                    for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        let row = &src[kk * n + p * NR..kk * n + p * NR + cols];
+                        dst[..cols].copy_from_slice(row);
+                    }
+                });
+        }
+        Ok(Panels {
+            n,
+            k,
+            data: Arc::new(data),
+        })
+    }
+
     /// Output width N.
     pub(crate) fn out_dim(&self) -> usize {
         self.n
@@ -440,6 +475,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Packing a matrix's transpose gives the panels of packing the transposed copy.
+    #[test]
+    fn packing_the_transpose_is_packing_the_transposed_copy() {
+        let (k, n) = (7, 37);
+        let src: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let mut t = vec![0f32; n * k];
+        for i in 0..k {
+            for j in 0..n {
+                t[j * k + i] = src[i * n + j];
+            }
+        }
+        let a = Panels::pack_transposed(&src, k, n).unwrap();
+        let b = Panels::pack(&t, n, k).unwrap();
+        assert_eq!((a.n, a.k), (b.n, b.k));
+        assert_eq!(a.data, b.data);
+        assert!(Panels::pack_transposed(&src[1..], k, n).is_err());
     }
 
     /// A weight that does not hold N × K values is refused.
