@@ -41,36 +41,13 @@ impl Panels {
     /// Packs w (N × K, row-major); an error when w does not hold N rows of K or the
     /// panels overflow `usize`.
     pub(crate) fn pack(src: &[f32], n: usize, k: usize) -> Result<Self> {
-        if n.checked_mul(k) != Some(src.len()) {
-            return Err(Error::invalid(format!(
-                "packed matmul: a weight of {} values is not {n} × {k}",
-                src.len()
-            )));
-        }
-        let panels = n.div_ceil(NR);
-        let Some(len) = panels.checked_mul(k).and_then(|x| x.checked_mul(NR)) else {
-            return Err(Error::invalid(format!(
-                "packed matmul: a {n} × {k} weight overflows the packed panels"
-            )));
-        };
-        let mut data = vec![0f32; len];
-        // Zero rows or columns: no panel holds a value (and chunks of zero would panic).
-        if len > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for c in 0..NR.min(n - p * NR) {
-                        let row = &src[(p * NR + c) * k..(p * NR + c + 1) * k];
-                        for (kk, &v) in row.iter().enumerate() {
-                            panel[kk * NR + c] = v;
-                        }
-                    }
-                });
-        }
-        Ok(Panels {
-            n,
-            k,
-            data: Arc::new(data),
+        Self::fill(src, n, k, "a weight", |p, panel| {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &src[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * NR + c] = v;
+                }
+            }
         })
     }
 
@@ -78,29 +55,42 @@ impl Panels {
     /// panel p takes row k's 16 values from column 16p, a contiguous read. An error
     /// when src does not hold K rows of N or the panels overflow `usize`.
     pub(crate) fn pack_transposed(src: &[f32], k: usize, n: usize) -> Result<Self> {
-        if k.checked_mul(n) != Some(src.len()) {
+        Self::fill(src, n, k, "a transposed matrix", |p, panel| {
+            let cols = NR.min(n - p * NR);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..cols].copy_from_slice(&src[kk * n + p * NR..kk * n + p * NR + cols]);
+            }
+        })
+    }
+
+    /// The panels of an N-column, K-deep product, each (its index, its k·16 values)
+    /// filled by `panel` in parallel; an error when `src` does not hold N·K values or
+    /// the panels overflow `usize`.
+    fn fill(
+        src: &[f32],
+        n: usize,
+        k: usize,
+        what: &str,
+        panel: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<Self> {
+        if n.checked_mul(k) != Some(src.len()) {
             return Err(Error::invalid(format!(
-                "packed matmul: a matrix of {} values is not {k} × {n}",
+                "packed matmul: {what} of {} values is not {n} × {k}",
                 src.len()
             )));
         }
         let panels = n.div_ceil(NR);
         let Some(len) = panels.checked_mul(k).and_then(|x| x.checked_mul(NR)) else {
             return Err(Error::invalid(format!(
-                "packed matmul: a {k} × {n} matrix overflows the packed panels"
+                "packed matmul: {what} of {n} × {k} overflows the packed panels"
             )));
         };
         let mut data = vec![0f32; len];
+        // Zero rows or columns: no panel holds a value (and chunks of zero would panic).
         if len > 0 {
             data.par_chunks_mut(k * NR)
                 .enumerate()
-                .for_each(|(p, panel)| {
-                    let cols = NR.min(n - p * NR);
-                    for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                        let row = &src[kk * n + p * NR..kk * n + p * NR + cols];
-                        dst[..cols].copy_from_slice(row);
-                    }
-                });
+                .for_each(|(p, values)| panel(p, values));
         }
         Ok(Panels {
             n,
