@@ -46,9 +46,10 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out, k, wt) = dims(l1, l2)?;
-        if let (CpuStorage::F32(_), CpuStorage::F32(_), true) =
-            (s1, s2, crate::simd::isa() == crate::simd::Isa::Avx512)
-        {
+        let panels = crate::simd::isa() == crate::simd::Isa::Avx512
+            && l1.is_contiguous()
+            && l2.is_contiguous();
+        if let (CpuStorage::F32(_), CpuStorage::F32(_), true) = (s1, s2, panels) {
             let x = contiguous::<f32>(s1, l1, "linear")?;
             let w = contiguous::<f32>(s2, l2, "linear")?;
             let y = crate::product::x_wt_slices(x, rows, k, w, out)?;
