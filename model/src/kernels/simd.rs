@@ -77,11 +77,6 @@ impl Avx512 {
     pub fn detect() -> Option<Self> {
         (isa() == Isa::Avx512).then_some(Avx512(()))
     }
-
-    /// Its AVX2 + FMA token: a CPU with AVX-512F here also reported AVX2 and FMA.
-    pub fn avx2(self) -> Avx2Fma {
-        Avx2Fma(())
-    }
 }
 
 /// The kernel build a call runs, with the token that proves the CPU runs it.
