@@ -59,9 +59,10 @@ fn exp_in_place_avx2(xs: &mut [f32]) {
 pub struct Avx2Fma(());
 
 impl Avx2Fma {
-    /// The token when [`isa`] chose AVX2 + FMA or better (the CPU reports both).
+    /// The token when [`isa`] chose AVX2 + FMA or better (it never chooses above what
+    /// the CPU reports: [`Isa::best`]).
     pub fn detect() -> Option<Self> {
-        (avx2_fma() && avx2_fma_reported()).then_some(Avx2Fma(()))
+        (isa() >= Isa::Avx2Fma).then_some(Avx2Fma(()))
     }
 }
 
@@ -243,11 +244,6 @@ pub fn cpu_features() -> Vec<&'static str> {
         .map(|(_, v)| v.split_whitespace().collect())
         .unwrap_or_default();
     WATCHED.into_iter().filter(|f| flags.contains(f)).collect()
-}
-
-/// Whether this CPU runs the AVX2 + FMA kernels (and [`isa`] chose them or better).
-pub fn avx2_fma() -> bool {
-    isa() >= Isa::Avx2Fma
 }
 
 /// Whether the CPU reports AVX2 and FMA; the answer is cached by the standard library.
